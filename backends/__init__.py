@@ -1,0 +1,1 @@
+"""Backend drivers (blkback, netback) and the services they sit on (storage, switch)."""

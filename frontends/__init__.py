@@ -1,0 +1,1 @@
+"""Frontend drivers (blkfront, netfront)."""

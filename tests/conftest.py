@@ -1,0 +1,80 @@
+"""Test-wide fixtures and the machine-requirement policy.
+
+Tests that need something from the machine carry a marker:
+- `tools`: Debian's xenstore-utils (xenstore-read, ...);
+- `headers`: gcc and the Xen public headers from libxen-dev;
+- `root`: root privileges plus iproute2 (network namespaces, TAP).
+Without the requirement they skip with a reason; with XENPV_REQUIRE_SYSTEM=1 (CI) they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from xenpv import log
+
+REQUIRE_SYSTEM = os.environ.get("XENPV_REQUIRE_SYSTEM") == "1"
+
+XENSTORE_TOOLS = (
+    "xenstore-read",
+    "xenstore-write",
+    "xenstore-ls",
+    "xenstore-list",
+    "xenstore-rm",
+    "xenstore-chmod",
+    "xenstore-exists",
+    "xenstore-watch",
+)
+XEN_HEADERS = Path("/usr/include/xen/io")
+
+
+def _missing_tools() -> list[str]:
+    return [tool for tool in XENSTORE_TOOLS if shutil.which(tool) is None]
+
+
+def _missing_headers() -> list[str]:
+    missing = [] if shutil.which("gcc") else ["gcc"]
+    for header in ("ring.h", "blkif.h", "netif.h", "xs_wire.h"):
+        if not (XEN_HEADERS / header).exists():
+            missing.append(str(XEN_HEADERS / header))
+    return missing
+
+
+def _missing_root() -> list[str]:
+    missing = [] if os.geteuid() == 0 else ["root privileges"]
+    if shutil.which("ip") is None:
+        missing.append("ip (iproute2)")
+    return missing
+
+
+_REQUIREMENTS = {
+    "tools": (_missing_tools, "apt-get install xenstore-utils"),
+    "headers": (_missing_headers, "apt-get install gcc libxen-dev"),
+    "root": (_missing_root, "run as root with iproute2 installed"),
+}
+
+
+def require(marker: str) -> None:
+    """Skip (or, under XENPV_REQUIRE_SYSTEM=1, fail) unless the marker's requirement is met."""
+    check, hint = _REQUIREMENTS[marker]
+    missing = check()
+    if not missing:
+        return
+    reason = f"[{marker}] missing {', '.join(missing)} ({hint})"
+    if REQUIRE_SYSTEM:
+        pytest.fail(f"{reason}; XENPV_REQUIRE_SYSTEM=1 forbids skipping", pytrace=False)
+    pytest.skip(reason)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    log.configure("warning", json=True)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for marker in _REQUIREMENTS:
+        if item.get_closest_marker(marker) is not None:
+            require(marker)

@@ -1,0 +1,5 @@
+import sys
+
+from xenpv.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""`xenpv` subcommands, one module each."""

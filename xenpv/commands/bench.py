@@ -1,0 +1,32 @@
+"""`xenpv bench NAME`: run one benchmark from the `benchmarks` package.
+
+Each benchmark module exposes `register(subparsers)`; it prints a table on stderr and one
+JSON object as the last line of stdout (see `benchmarks.report`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from typing import Any
+
+BENCH_MODULES: tuple[str, ...] = (
+    "benchmarks.xenstore",
+    "benchmarks.ring",
+    "benchmarks.link",
+)
+
+
+def register(sub: Any) -> None:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "bench", help="run a benchmark (table on stderr, JSON on the last line of stdout)"
+    )
+    benches = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    for name in BENCH_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue  # not written yet
+        module.register(benches)

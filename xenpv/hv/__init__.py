@@ -1,0 +1,1 @@
+"""The emulated hypervisor: domains, memory, grant tables, event channels, domain links."""
