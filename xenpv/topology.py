@@ -1,0 +1,416 @@
+"""Topology files (TOML): which domains run, with which page sizes, and which devices join them.
+
+Validation is strict and every error names the field and the reason, e.g.
+`vbd[0].frontend: no domain named 'guest9'`. The embedded `DEFAULT_TOPOLOGY` is what
+`xenpv demo` runs: one backend domain and three guests with 4 KiB, 16 KiB and 64 KiB pages,
+each with a vbd and a vif.
+
+```toml
+transport = "auto"            # auto | shm | socket | tcp (socket copy over TCP, any host)
+
+[xenstore]
+tcp = "127.0.0.1:0"           # optional TCP listener for domains (port 0: pick one)
+
+[[domain]]
+name = "backend"
+role = "backend"              # backend | guest
+page_size = "4K"              # 4K | 16K | 64K (or bytes)
+memory = "64M"
+
+[[vbd]]
+frontend = "guest4k"
+backend = "backend"
+image = "guest4k.img"         # relative paths are under the cluster's state directory
+size = "64M"
+read_only = false
+sector_size = 512             # 512 | 4096
+[vbd.features]                # all on by default; switch any off
+ring_page_order = 4           # max-ring-page-order offered, 0..4
+queues = 4                    # multi-queue-max-queues, 1..4
+indirect_segments = 256       # feature-max-indirect-segments, 0 = off
+persistent = true
+flush = true
+barrier = true
+discard = true
+
+[[vif]]
+frontend = "guest4k"
+backend = "backend"
+mac = "00:16:3e:00:00:01"
+tap = "xvif0"                 # optional: attach a host TAP device to the guest's netfront
+```
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from xenpv.errors import UsageError
+
+Transport = Literal["auto", "shm", "socket", "tcp"]
+TRANSPORTS: tuple[Transport, ...] = ("auto", "shm", "socket", "tcp")
+PAGE_SIZES = (4096, 16384, 65536)
+SECTOR_SIZES = (512, 4096)
+MAX_RING_PAGE_ORDER = 4
+MAX_QUEUES = 4
+MAX_INDIRECT_SEGMENTS = 256
+
+
+class TopologyError(UsageError):
+    """A topology file is malformed; the message names the field and the reason."""
+
+    def __init__(self, where: str, reason: str) -> None:
+        self.where = where
+        self.reason = reason
+        super().__init__(f"{where}: {reason}")
+
+
+@dataclass(frozen=True, slots=True)
+class DomainSpec:
+    name: str
+    role: Literal["backend", "guest"]
+    page_size: int
+    memory: int
+
+
+@dataclass(frozen=True, slots=True)
+class VbdFeatures:
+    ring_page_order: int = MAX_RING_PAGE_ORDER
+    queues: int = MAX_QUEUES
+    indirect_segments: int = MAX_INDIRECT_SEGMENTS
+    persistent: bool = True
+    flush: bool = True
+    barrier: bool = True
+    discard: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class VbdSpec:
+    frontend: str
+    backend: str
+    image: str | None  # None: an in-memory disk
+    size: int
+    read_only: bool = False
+    sector_size: int = 512
+    features: VbdFeatures = field(default_factory=VbdFeatures)
+
+
+@dataclass(frozen=True, slots=True)
+class VifSpec:
+    frontend: str
+    backend: str
+    mac: str
+    tap: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    domains: tuple[DomainSpec, ...]
+    vbds: tuple[VbdSpec, ...] = ()
+    vifs: tuple[VifSpec, ...] = ()
+    transport: Transport = "auto"
+    xenstore_tcp: str | None = None
+
+    def domain(self, name: str) -> DomainSpec:
+        for spec in self.domains:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+    @property
+    def guests(self) -> tuple[DomainSpec, ...]:
+        return tuple(d for d in self.domains if d.role == "guest")
+
+    @property
+    def backends(self) -> tuple[DomainSpec, ...]:
+        return tuple(d for d in self.domains if d.role == "backend")
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]?)(?:i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+_TAP_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # IFNAMSIZ - 1
+
+
+def parse_size(value: object, where: str) -> int:
+    """`4096`, `"4K"`, `"64M"`, `"1GiB"` → bytes."""
+    if isinstance(value, bool):
+        raise TopologyError(where, "expected a size like 4096, '16K' or '64M'")
+    if isinstance(value, int):
+        if value <= 0:
+            raise TopologyError(where, "must be positive")
+        return value
+    if isinstance(value, str) and (m := _SIZE_RE.match(value)):
+        size = int(m.group(1)) * _UNITS[m.group(2).upper()]
+        if size <= 0:
+            raise TopologyError(where, "must be positive")
+        return size
+    raise TopologyError(where, f"expected a size like 4096, '16K' or '64M', got {value!r}")
+
+
+class _Table:
+    """Typed access to one TOML table that reports unknown and mistyped keys by name."""
+
+    def __init__(self, raw: object, where: str) -> None:
+        if not isinstance(raw, Mapping):
+            raise TopologyError(where, "expected a table")
+        self.raw: Mapping[str, Any] = raw
+        self.where = where
+        self.used: set[str] = set()
+
+    def _get(self, key: str, default: object) -> object:
+        self.used.add(key)
+        if key not in self.raw:
+            if default is _REQUIRED:
+                raise TopologyError(f"{self.where}.{key}", "missing")
+            return default
+        return self.raw[key]
+
+    def at(self, key: str) -> str:
+        return f"{self.where}.{key}"
+
+    def string(self, key: str, default: object = None) -> str:
+        value = self._get(key, default)
+        if not isinstance(value, str):
+            raise TopologyError(self.at(key), f"expected a string, got {value!r}")
+        return value
+
+    def opt_string(self, key: str) -> str | None:
+        value = self._get(key, None)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise TopologyError(self.at(key), f"expected a string, got {value!r}")
+        return value
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self._get(key, default)
+        if not isinstance(value, bool):
+            raise TopologyError(self.at(key), f"expected true or false, got {value!r}")
+        return value
+
+    def integer(self, key: str, default: int, lo: int, hi: int) -> int:
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TopologyError(self.at(key), f"expected an integer, got {value!r}")
+        if not lo <= value <= hi:
+            raise TopologyError(self.at(key), f"must be between {lo} and {hi}, got {value}")
+        return value
+
+    def size(self, key: str, default: object = None) -> int:
+        return parse_size(self._get(key, default), self.at(key))
+
+    def choice(self, key: str, default: object, choices: tuple[object, ...]) -> Any:
+        value = self._get(key, default)
+        if value not in choices:
+            listed = ", ".join(repr(c) for c in choices)
+            raise TopologyError(self.at(key), f"must be one of {listed}, got {value!r}")
+        return value
+
+    def done(self) -> None:
+        unknown = sorted(set(self.raw) - self.used)
+        if unknown:
+            raise TopologyError(f"{self.where}.{unknown[0]}", "unknown key")
+
+
+_REQUIRED = object()
+
+
+def _list(raw: Mapping[str, Any], key: str) -> list[object]:
+    value = raw.get(key, [])
+    if not isinstance(value, list):
+        raise TopologyError(key, "expected an array of tables ([[" + key + "]])")
+    return value
+
+
+def _domain(raw: object, where: str) -> DomainSpec:
+    t = _Table(raw, where)
+    name = t.string("name", _REQUIRED)
+    if not _NAME_RE.match(name):
+        raise TopologyError(t.at("name"), "use letters, digits, '-' and '_' (at most 64)")
+    role = t.choice("role", "guest", ("backend", "guest"))
+    page_size = t.size("page_size", 4096)
+    if page_size not in PAGE_SIZES:
+        raise TopologyError(t.at("page_size"), f"must be 4K, 16K or 64K, got {page_size}")
+    memory = t.size("memory", "64M")
+    if memory % page_size:
+        raise TopologyError(t.at("memory"), f"must be a multiple of the page size {page_size}")
+    t.done()
+    return DomainSpec(name, role, page_size, memory)
+
+
+def _vbd_features(raw: object, where: str) -> VbdFeatures:
+    t = _Table(raw, where)
+    d = VbdFeatures()
+    features = VbdFeatures(
+        ring_page_order=t.integer("ring_page_order", d.ring_page_order, 0, MAX_RING_PAGE_ORDER),
+        queues=t.integer("queues", d.queues, 1, MAX_QUEUES),
+        indirect_segments=t.integer("indirect_segments", d.indirect_segments, 0, 512),
+        persistent=t.flag("persistent", d.persistent),
+        flush=t.flag("flush", d.flush),
+        barrier=t.flag("barrier", d.barrier),
+        discard=t.flag("discard", d.discard),
+    )
+    t.done()
+    return features
+
+
+def _ends(t: _Table, domains: Mapping[str, DomainSpec]) -> tuple[str, str]:
+    frontend = t.string("frontend", _REQUIRED)
+    backend = t.string("backend", _REQUIRED)
+    for key, name, role in (("frontend", frontend, "guest"), ("backend", backend, "backend")):
+        if name not in domains:
+            raise TopologyError(t.at(key), f"no domain named {name!r}")
+        if domains[name].role != role:
+            raise TopologyError(t.at(key), f"domain {name!r} has role {domains[name].role!r}")
+    return frontend, backend
+
+
+def _vbd(raw: object, where: str, domains: Mapping[str, DomainSpec]) -> VbdSpec:
+    t = _Table(raw, where)
+    frontend, backend = _ends(t, domains)
+    sector_size = t.choice("sector_size", 512, SECTOR_SIZES)
+    size = t.size("size", "64M")
+    if size % sector_size:
+        raise TopologyError(t.at("size"), f"must be a multiple of sector_size {sector_size}")
+    features = _vbd_features(t._get("features", {}), t.at("features"))
+    spec = VbdSpec(
+        frontend=frontend,
+        backend=backend,
+        image=t.opt_string("image"),
+        size=size,
+        read_only=t.flag("read_only", False),
+        sector_size=sector_size,
+        features=features,
+    )
+    t.done()
+    return spec
+
+
+def _vif(raw: object, where: str, domains: Mapping[str, DomainSpec], index: int) -> VifSpec:
+    t = _Table(raw, where)
+    frontend, backend = _ends(t, domains)
+    mac = t.string("mac", f"00:16:3e:00:00:{index + 1:02x}").lower()
+    if not _MAC_RE.match(mac):
+        raise TopologyError(t.at("mac"), f"expected a MAC like 00:16:3e:00:00:01, got {mac!r}")
+    if int(mac[:2], 16) & 1:
+        raise TopologyError(t.at("mac"), "must be a unicast address (low bit of the first byte 0)")
+    tap = t.opt_string("tap")
+    if tap is not None and not _TAP_RE.match(tap):
+        raise TopologyError(t.at("tap"), "interface names are 1-15 of [A-Za-z0-9_.-]")
+    t.done()
+    return VifSpec(frontend, backend, mac, tap)
+
+
+def parse(raw: Mapping[str, Any]) -> Topology:
+    """Validate a decoded TOML document."""
+    top = _Table(raw, "topology")
+    transport = top.choice("transport", "auto", TRANSPORTS)
+    xs = _Table(top._get("xenstore", {}), "xenstore")
+    xenstore_tcp = xs.opt_string("tcp")
+    xs.done()
+    domains_raw = _list(raw, "domain")
+    top.used.add("domain")
+    if not domains_raw:
+        raise TopologyError("domain", "at least one [[domain]] is required")
+    domains: dict[str, DomainSpec] = {}
+    for i, item in enumerate(domains_raw):
+        spec = _domain(item, f"domain[{i}]")
+        if spec.name in domains:
+            raise TopologyError(f"domain[{i}].name", f"duplicate domain name {spec.name!r}")
+        domains[spec.name] = spec
+    vbds = tuple(_vbd(item, f"vbd[{i}]", domains) for i, item in enumerate(_list(raw, "vbd")))
+    vifs = tuple(_vif(item, f"vif[{i}]", domains, i) for i, item in enumerate(_list(raw, "vif")))
+    top.used.update(("vbd", "vif"))
+    macs = [v.mac for v in vifs]
+    for i, mac in enumerate(macs):
+        if mac in macs[:i]:
+            raise TopologyError(f"vif[{i}].mac", f"duplicate MAC {mac}")
+    top.done()
+    return Topology(tuple(domains.values()), vbds, vifs, transport, xenstore_tcp)
+
+
+def loads(text: str, source: str = "<topology>") -> Topology:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise TopologyError(source, f"not valid TOML: {exc}") from None
+    return parse(raw)
+
+
+def load(path: Path) -> Topology:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise TopologyError(str(path), f"cannot read: {exc.strerror}") from None
+    return loads(text, str(path))
+
+
+DEFAULT_TOPOLOGY_TOML = """\
+# xenpv demo: one backend domain, three guests with 4 KiB, 16 KiB and 64 KiB pages.
+transport = "auto"
+
+[[domain]]
+name = "backend"
+role = "backend"
+page_size = "4K"
+memory = "64M"
+
+[[domain]]
+name = "guest4k"
+page_size = "4K"
+memory = "32M"
+
+[[domain]]
+name = "guest16k"
+page_size = "16K"
+memory = "32M"
+
+[[domain]]
+name = "guest64k"
+page_size = "64K"
+memory = "32M"
+
+[[vbd]]
+frontend = "guest4k"
+backend = "backend"
+image = "guest4k.img"
+size = "16M"
+
+[[vbd]]
+frontend = "guest16k"
+backend = "backend"
+image = "guest16k.img"
+size = "16M"
+
+[[vbd]]
+frontend = "guest64k"
+backend = "backend"
+image = "guest64k.img"
+size = "16M"
+
+[[vif]]
+frontend = "guest4k"
+backend = "backend"
+mac = "00:16:3e:00:00:01"
+
+[[vif]]
+frontend = "guest16k"
+backend = "backend"
+mac = "00:16:3e:00:00:02"
+
+[[vif]]
+frontend = "guest64k"
+backend = "backend"
+mac = "00:16:3e:00:00:03"
+"""
+
+
+def default_topology() -> Topology:
+    return loads(DEFAULT_TOPOLOGY_TOML, "<default topology>")
