@@ -149,7 +149,7 @@ async def test_every_io_policy_moves_the_same_bytes(
 ) -> None:
     with trio.fail_after(30):
         path = tmp_path / "d.img"
-        policy = IoPolicy(mode=mode, inline_max=inline_max)  # type: ignore[arg-type]
+        policy = IoPolicy(mode=mode, inline_read_max=inline_max, inline_write_max=inline_max)  # type: ignore[arg-type]
         disk = RawImage(path, size=4 * MiB, create=True, policy=policy)
         rng = random.Random(mode)
         for length in (512, 4096, 65536, MiB):

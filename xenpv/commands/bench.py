@@ -14,6 +14,7 @@ BENCH_MODULES: tuple[str, ...] = (
     "benchmarks.xenstore",
     "benchmarks.ring",
     "benchmarks.link",
+    "benchmarks.storage",
 )
 
 
