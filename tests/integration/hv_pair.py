@@ -1,0 +1,120 @@
+"""Helpers for the hypervisor integration tests: domain pairs and domain processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from xenpv.hv import Domain, LinkFaults, StaticDirectory, open_domain
+from xenpv.identity import DomainKey
+
+REPO = Path(__file__).resolve().parents[2]
+PEER_SCRIPT = Path(__file__).with_name("hv_peer.py")
+
+# (transport setting, endpoint kind): the same tests run on every row.
+TRANSPORTS = [("socket", "unix"), ("shm", "unix"), ("socket", "tcp")]
+TRANSPORT_IDS = ["socket-unix", "shm", "socket-tcp"]
+
+
+def endpoint_for(tmp: Path, domid: int, kind: str) -> str:
+    return f"unix:{tmp}/dom{domid}.sock" if kind == "unix" else "tcp:127.0.0.1:0"
+
+
+@asynccontextmanager
+async def domains(
+    tmp: Path,
+    transport: str,
+    kind: str,
+    domids: tuple[int, ...] = (0, 1),
+    *,
+    faults: LinkFaults | None = None,
+    **options: Any,
+) -> AsyncIterator[list[Domain]]:
+    """Open domains in this process, all registered in one static directory."""
+    directory = StaticDirectory()
+    opened: list[Domain] = []
+    async with AsyncExitStack() as stack:
+        for domid in domids:
+            key = DomainKey.generate(domid)
+            dom = await stack.enter_async_context(
+                open_domain(
+                    domid=domid,
+                    key=key,
+                    directory=directory,
+                    endpoint=endpoint_for(tmp, domid, kind),
+                    transport=transport,
+                    faults=faults,
+                    memory_bytes=8 << 20,
+                    **options,
+                )
+            )
+            directory.register(domid, dom.endpoint, key.public_hex())
+            opened.append(dom)
+        yield opened
+
+
+class PeerProcess:
+    """A domain in a child process (tests/integration/hv_peer.py), read line by line."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        assert process.stdout is not None
+        self._stdout = process.stdout
+        self._buffer = b""
+
+    async def line(self) -> dict[str, Any]:
+        while b"\n" not in self._buffer:
+            chunk = await self._stdout.receive_some(65536)
+            if not chunk:
+                raise AssertionError(f"peer process exited (rc={self.process.poll()})")
+            self._buffer += chunk
+        raw, _, self._buffer = self._buffer.partition(b"\n")
+        result: dict[str, Any] = json.loads(raw)
+        return result
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+
+
+@asynccontextmanager
+async def peer_process(
+    role: str,
+    domid: int,
+    key: DomainKey,
+    endpoint: str,
+    transport: str,
+    peer: Domain,
+    *args: Any,
+) -> AsyncIterator[PeerProcess]:
+    command = [
+        sys.executable,
+        str(PEER_SCRIPT),
+        role,
+        str(domid),
+        key.seed_hex(),
+        endpoint,
+        transport,
+        str(peer.domid),
+        peer.endpoint,
+        peer.key.public_hex(),
+        *(str(a) for a in args),
+    ]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE, env=env)
+    try:
+        yield PeerProcess(process)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
+            await process.aclose()

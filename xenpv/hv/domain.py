@@ -1,0 +1,691 @@
+"""A domain's slice of the hypervisor, in the process hosting it.
+
+`open_domain(...)` starts a domain runtime: its memory, grant table and event-channel ports,
+and a listener on its link endpoint. Links to other domains are dialed on demand (the first
+map, copy or bind towards a peer) and authenticated both ways (handshake.py). Every handler
+of a peer's message is synchronous and runs in link order, so a message's effects are
+atomic with respect to this domain's tasks.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+import trio
+
+from xenpv.hv import handshake
+from xenpv.hv.buffer import XEN_PAGE_SIZE
+from xenpv.hv.directory import PeerDirectory
+from xenpv.hv.errors import EventChannelClosed, GrantError, HvError, LinkError, PeerGone
+from xenpv.hv.evtchn import EventChannel
+from xenpv.hv.faults import LinkFaults
+from xenpv.hv.gntst import GNTST
+from xenpv.hv.grant import GrantTable, check_entry
+from xenpv.hv.link import Link, ProtocolViolation
+from xenpv.hv.mapping import FixedRegion, GrantMapping
+from xenpv.hv.memory import DomainMemory, Page
+from xenpv.hv.messages import Msg, Whose
+from xenpv.identity import DomainKey
+
+log = structlog.get_logger()
+
+DEFAULT_MEMORY = 64 << 20
+DEFAULT_MAX_GRANTS = 8192  # 16 grant frames of v1 entries
+DEFAULT_MAX_MAPS = 4096  # maptrack entries per domain
+MAX_PORTS = 4096  # the 2-level event channel ABI on 64-bit guests
+TRANSPORTS = ("auto", "shm", "socket")
+DIAL_TIMEOUT = 10.0
+
+_OK = int(GNTST.GNTST_okay)
+_BAD_COPY = int(GNTST.GNTST_bad_copy_arg)
+_EINVAL = -22
+
+
+class CopyDirection(enum.IntEnum):
+    """Which way a grant-copy segment moves bytes, seen from the local domain."""
+
+    FROM_REMOTE = 0  # the remote grant is the source, the local view the destination
+    TO_REMOTE = 1  # the local view is the source, the remote grant the destination
+
+
+@dataclass(slots=True)
+class CopyOp:
+    """One GNTTABOP_copy segment between a local buffer and a remote domain's grant."""
+
+    direction: CopyDirection
+    remote: int
+    gref: int
+    offset: int
+    length: int
+    local: memoryview
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, str, int]:
+    """`unix:PATH` → ("unix", PATH, 0); `tcp:HOST:PORT` → ("tcp", HOST, PORT)."""
+    kind, _, rest = endpoint.partition(":")
+    if kind == "unix" and rest:
+        return "unix", rest, 0
+    if kind == "tcp":
+        host, _, port = rest.rpartition(":")
+        if host and port.isdigit():
+            return "tcp", host.strip("[]"), int(port)
+    raise HvError(f"bad link endpoint {endpoint!r} (want unix:PATH or tcp:HOST:PORT)")
+
+
+class Domain:
+    """One domain: memory, grant table, ports, and links to its peers."""
+
+    def __init__(
+        self,
+        *,
+        domid: int,
+        key: DomainKey,
+        directory: PeerDirectory,
+        name: str = "",
+        page_size: int = XEN_PAGE_SIZE,
+        memory_bytes: int = DEFAULT_MEMORY,
+        transport: str = "auto",
+        faults: LinkFaults | None = None,
+        max_grants: int = DEFAULT_MAX_GRANTS,
+        max_maps: int = DEFAULT_MAX_MAPS,
+        coherence_events: bool = True,
+    ) -> None:
+        if key.domid != domid:
+            raise HvError(f"key is for domain {key.domid}, not {domid}")
+        if transport not in TRANSPORTS:
+            raise HvError(f"transport {transport!r} not one of {TRANSPORTS}")
+        self.domid = domid
+        self.name = name or f"dom{domid}"
+        self.key = key
+        self.directory = directory
+        self.page_size = page_size
+        self.transport = transport
+        self.faults = faults
+        self.max_maps = max_maps
+        # Test switch only: without it the socket transport can deadlock (docs/hypervisor.md).
+        self.coherence_events = coherence_events
+        self.memory = DomainMemory(domid, memory_bytes, page_size, max_grants)
+        self.grants = GrantTable(domid, self.memory.table, max_grants, self.memory.nr_frames)
+        self._layout = handshake.Layout(self.memory.nr_frames, max_grants, self.memory.size)
+        self._ports: dict[int, EventChannel] = {}
+        self._ports_by_peer: dict[int, set[EventChannel]] = {}
+        self._links: dict[int, Link] = {}
+        self._dialing: dict[int, trio.Event] = {}
+        self._accepting: set[int] = set()
+        self._link_ready: dict[int, trio.Event] = {}
+        self._maps_in_use = 0
+        self._nursery: trio.Nursery | None = None
+        self.endpoint = ""
+        self._unix_path: str | None = None
+
+    # -- memory ------------------------------------------------------------------------------
+
+    def alloc_pages(self, n: int) -> list[Page]:
+        return self.memory.alloc_pages(n)
+
+    def alloc_buffer(self, nframes: int) -> Page:
+        return self.memory.alloc_buffer(nframes)
+
+    def free_pages(self, pages: Sequence[Page]) -> None:
+        self.memory.free_pages(pages)
+
+    # -- links ---------------------------------------------------------------------------------
+
+    def link_to(self, peer: int) -> Link | None:
+        """The live link to `peer`, if any (for inspection: transport, counters)."""
+        link = self._links.get(peer)
+        return link if link is not None and link.dead is None else None
+
+    async def connect(self, peer: int) -> Link:
+        """The live link to `peer`, dialing it if needed."""
+        if peer == self.domid:
+            raise HvError(f"domain {peer} cannot link to itself")
+        while True:
+            link = self.link_to(peer)
+            if link is not None:
+                return link
+            dialing = self._dialing.get(peer)
+            if dialing is not None:
+                await dialing.wait()
+                continue
+            done = self._dialing[peer] = trio.Event()
+            try:
+                return await self._dial(peer)
+            finally:
+                del self._dialing[peer]
+                done.set()
+
+    async def _dial(self, peer: int) -> Link:
+        endpoint, pubkey = await self.directory.lookup(peer)
+        kind, where, port = parse_endpoint(endpoint)
+        try:
+            with trio.fail_after(DIAL_TIMEOUT):
+                if kind == "unix":
+                    stream = await trio.open_unix_socket(where)
+                else:
+                    stream = await trio.open_tcp_stream(where, port)
+        except (OSError, trio.TooSlowError) as exc:
+            raise PeerGone(f"cannot reach domain {peer} at {endpoint}: {exc}") from None
+        try:
+            established = await handshake.dial(
+                stream,
+                key=self.key,
+                peer=peer,
+                peer_pubkey=pubkey,
+                transport=self.transport,
+                memory_fd=self.memory.fd,
+                layout=self._layout,
+            )
+        except handshake.Duplicate:
+            await stream.aclose()
+            return await self._await_accepted(peer)
+        except (LinkError, OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+            await stream.aclose()
+            if isinstance(exc, LinkError):
+                raise
+            raise LinkError(f"handshake with domain {peer} failed: {exc}") from None
+        return self._register(stream, established)
+
+    async def _await_accepted(self, peer: int) -> Link:
+        with trio.move_on_after(DIAL_TIMEOUT):
+            while True:
+                link = self.link_to(peer)
+                if link is not None:
+                    return link
+                await self._link_ready.setdefault(peer, trio.Event()).wait()
+        raise LinkError(f"lost the link race with domain {peer}")
+
+    def _register(self, stream: trio.SocketStream, est: handshake.Established) -> Link:
+        assert self._nursery is not None
+        link = Link(self, est.peer, stream, shared=est.shared, faults=self.faults)
+        self._links[est.peer] = link
+        if est.shared is not None:
+            self.memory.shm_peers += 1
+        ready = self._link_ready.pop(est.peer, None)
+        if ready is not None:
+            ready.set()
+        self._nursery.start_soon(link.run)
+        log.debug("link up", domid=self.domid, peer=est.peer, transport=link.transport)
+        return link
+
+    async def _serve(self, listener: trio.abc.Listener[trio.SocketStream]) -> None:
+        assert self._nursery is not None
+        async with listener:
+            while True:
+                stream = await listener.accept()
+                self._nursery.start_soon(self._accept, stream)
+
+    async def _accept(self, stream: trio.SocketStream) -> None:
+        domain = self
+
+        class Policy(handshake.AcceptPolicy):
+            async def pubkey(self, domid: int) -> str:
+                return (await domain.directory.lookup(domid))[1]
+
+            def admit(self, domid: int) -> bool:
+                if domain.link_to(domid) is not None or domid in domain._accepting:
+                    return False
+                if domid in domain._dialing and domain.domid < domid:
+                    return False  # our dial wins the tie
+                domain._accepting.add(domid)
+                return True
+
+        peer: int | None = None
+        try:
+            est = await handshake.accept(
+                stream,
+                key=self.key,
+                policy=Policy(),
+                transport=self.transport,
+                memory_fd=self.memory.fd,
+                layout=self._layout,
+            )
+            peer = est.peer
+        except handshake.Duplicate:
+            await stream.aclose()
+            return
+        except (LinkError, OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+            log.warning("link refused", domid=self.domid, error=str(exc))
+            await stream.aclose()
+            return
+        finally:
+            if peer is not None:
+                self._accepting.discard(peer)
+        self._register(stream, est)
+
+    def disconnect(self, peer: int, reason: str = "disconnected") -> None:
+        """Break the link to `peer` (e.g. the toolstack released it): as if it had died."""
+        link = self._links.get(peer)
+        if link is not None:
+            link.close(reason)
+
+    # -- event channels --------------------------------------------------------------------------
+
+    def _alloc_port(self) -> int:
+        for port in range(1, MAX_PORTS):
+            if port not in self._ports:
+                return port
+        raise HvError(f"domain {self.domid}: all {MAX_PORTS} event channel ports in use")
+
+    def _add_port(self, channel: EventChannel) -> EventChannel:
+        self._ports[channel.port] = channel
+        self._ports_by_peer.setdefault(channel.remote_domid, set()).add(channel)
+        return channel
+
+    async def alloc_unbound(self, remote: int) -> EventChannel:
+        """EVTCHNOP_alloc_unbound: a port that domain `remote` may bind to."""
+        if remote == self.domid:
+            raise HvError("an interdomain port needs another domain")
+        return self._add_port(EventChannel(self, self._alloc_port(), remote, None))
+
+    async def bind_interdomain(self, remote: int, remote_port: int) -> EventChannel:
+        """EVTCHNOP_bind_interdomain: bind a new local port to `remote`'s unbound port."""
+        link = await self.connect(remote)
+        port = self._alloc_port()
+        channel = EventChannel(self, port, remote, None)
+        self._ports[port] = channel  # reserve the number while the peer answers
+        try:
+            (status,) = await link.call([Msg.BIND, 0, remote_port, port])
+        except BaseException:
+            self._ports.pop(port, None)
+            raise
+        if status != 0:
+            self._ports.pop(port, None)
+            raise HvError(
+                f"domain {remote} port {remote_port} is not an unbound port for domain "
+                f"{self.domid} (status {status})"
+            )
+        if link.dead is not None:
+            self._ports.pop(port, None)
+            raise PeerGone(f"domain {remote}: {link.dead}")
+        channel.remote_port = remote_port
+        return self._add_port(channel)
+
+    def send_event(self, channel: EventChannel) -> None:
+        link = self._links.get(channel.remote_domid)
+        if link is None or link.dead is not None:
+            channel.peer_closed(f"no link to domain {channel.remote_domid}")
+            raise EventChannelClosed(f"port {channel.port}: domain {channel.remote_domid} is gone")
+        link.send([Msg.EVENT, channel.remote_port])
+
+    def close_port(self, channel: EventChannel) -> None:
+        if self._ports.get(channel.port) is channel:
+            del self._ports[channel.port]
+        peers = self._ports_by_peer.get(channel.remote_domid)
+        if peers is not None:
+            peers.discard(channel)
+        if channel.remote_port is not None and not channel.closed:
+            link = self._links.get(channel.remote_domid)
+            if link is not None and link.dead is None:
+                link.send([Msg.CLOSE, channel.remote_port, channel.port])
+
+    # -- grants: mapping -----------------------------------------------------------------------
+
+    async def map_grants(
+        self, remote: int, grefs: Sequence[int], *, readonly: bool = False
+    ) -> GrantMapping:
+        """Map `remote`'s grants side by side (GNTTABOP_map_grant_ref for each).
+
+        All or nothing: a failing reference unmaps the others and raises GrantError with its
+        status. Peer death while waiting raises PeerGone.
+        """
+        grefs = [int(g) for g in grefs]
+        if not grefs:
+            raise GrantError(GNTST.GNTST_general_error, "no grant references to map")
+        if self._maps_in_use + len(grefs) > self.max_maps:
+            raise GrantError(GNTST.GNTST_no_space, f"maptrack full ({self.max_maps} entries)")
+        link = await self.connect(remote)
+        self._maps_in_use += len(grefs)
+        try:
+            statuses, details = await link.call([Msg.MAP, 0, grefs, readonly])
+            for gref, status in zip(grefs, statuses, strict=True):
+                if status != _OK:
+                    raise GrantError(status, f"map of domain {remote} grant {gref}")
+        except BaseException:
+            self._maps_in_use -= len(grefs)
+            raise
+        try:
+            mapping = self._make_mapping(link, grefs, details, readonly)
+        except BaseException:
+            self._maps_in_use -= len(grefs)
+            if link.dead is None:
+                link.send([Msg.UNMAP, 0, grefs, readonly])
+            raise
+        link.mappings.add(mapping)
+        return mapping
+
+    def _make_mapping(
+        self, link: Link, grefs: list[int], details: list[Any], readonly: bool
+    ) -> GrantMapping:
+        if link.dead is not None:
+            raise PeerGone(f"domain {link.peer}: {link.dead}")
+        shared = link.shared
+        if shared is None:
+            sizes = [len(data) for data in details]
+            view = memoryview(bytearray(sum(sizes)))
+            offset = 0
+            mapping = GrantMapping(link, grefs, sizes, view, readonly, None, self._release_maps)
+            for gref, data in zip(grefs, details, strict=True):
+                view[offset : offset + len(data)] = data
+                link.replicas.setdefault(gref, []).append((mapping, offset))
+                offset += len(data)
+            return mapping
+        runs = [(int(frame), int(nframes)) for frame, nframes in details]
+        sizes = [n * XEN_PAGE_SIZE for _f, n in runs]
+        consecutive = all(runs[i][0] + runs[i][1] == runs[i + 1][0] for i in range(len(runs) - 1))
+        if consecutive:
+            start = runs[0][0] * XEN_PAGE_SIZE
+            view = shared.view[start : start + sum(sizes)]
+            return GrantMapping(link, grefs, sizes, view, readonly, None, self._release_maps)
+        region = FixedRegion(shared.fd, runs, readonly)
+        return GrantMapping(link, grefs, sizes, region.view(), readonly, region, self._release_maps)
+
+    def _release_maps(self, count: int) -> None:
+        self._maps_in_use -= count
+
+    # -- grants: copy ------------------------------------------------------------------------
+
+    async def grant_copy(self, ops: Sequence[CopyOp]) -> list[int]:
+        """GNTTABOP_copy: a GNTST status per segment; one link round trip per remote domain."""
+        results = [_OK] * len(ops)
+        by_remote: dict[int, list[int]] = {}
+        for index, op in enumerate(ops):
+            if op.length < 0 or op.offset < 0 or len(op.local) != op.length:
+                results[index] = _BAD_COPY
+            else:
+                by_remote.setdefault(op.remote, []).append(index)
+        if len(by_remote) == 1:
+            ((remote, indexes),) = by_remote.items()
+            await self._copy_with(remote, ops, indexes, results)
+        elif by_remote:
+            async with trio.open_nursery() as nursery:
+                for remote, indexes in by_remote.items():
+                    nursery.start_soon(self._copy_with, remote, ops, indexes, results)
+        return results
+
+    async def _copy_with(
+        self, remote: int, ops: Sequence[CopyOp], indexes: list[int], results: list[int]
+    ) -> None:
+        link = await self.connect(remote)
+        shared = link.shared
+        if shared is not None:
+            table, nr, view, me = shared.table, shared.nr_grants, shared.view, self.domid
+            for index in indexes:
+                op = ops[index]
+                write = op.direction == CopyDirection.TO_REMOTE
+                status, frame, nframes = check_entry(table, nr, op.gref, me, write)
+                if status != _OK:
+                    results[index] = status
+                    continue
+                if op.offset + op.length > nframes << 12 or frame + nframes > shared.nr_frames:
+                    results[index] = _BAD_COPY
+                    continue
+                start = (frame << 12) + op.offset
+                if write:
+                    view[start : start + op.length] = op.local
+                else:
+                    op.local[:] = view[start : start + op.length]
+            if link.dead is not None:
+                raise PeerGone(f"domain {remote}: {link.dead}")
+            return
+        wire = []
+        for index in indexes:
+            op = ops[index]
+            if op.direction == CopyDirection.TO_REMOTE:
+                wire.append([True, op.gref, op.offset, op.length, bytes(op.local)])
+            else:
+                wire.append([False, op.gref, op.offset, op.length, None])
+        statuses, datas = await link.call([Msg.COPY, 0, wire])
+        for index, status, data in zip(indexes, statuses, datas, strict=True):
+            results[index] = status
+            if status == _OK and data is not None:
+                ops[index].local[:] = data
+
+    # -- incoming messages -----------------------------------------------------------------------
+
+    def handle_message(self, link: Link, message: list[Any]) -> None:
+        try:
+            kind = message[0]
+            if kind == Msg.EVENT:
+                channel = self._ports.get(message[1])
+                if (
+                    channel is not None
+                    and channel.remote_domid == link.peer
+                    and channel.remote_port is not None
+                ):
+                    channel.raise_event()
+            elif kind == Msg.UPDATE:
+                self._on_update(link, message[1])
+            elif kind == Msg.COPY:
+                self._on_copy(link, message[1], message[2])
+            elif kind == Msg.MAP:
+                self._on_map(link, message[1], message[2], bool(message[3]))
+            elif kind == Msg.UNMAP:
+                for gref in message[2]:
+                    self._unpin(link, int(gref), bool(message[3]))
+                if message[1]:
+                    link.reply(message[1])
+            elif kind == Msg.BIND:
+                self._on_bind(link, message[1], message[2], message[3])
+            elif kind == Msg.CLOSE:
+                channel = self._ports.get(message[1])
+                if (
+                    channel is not None
+                    and channel.remote_domid == link.peer
+                    and channel.remote_port == message[2]
+                ):
+                    channel.peer_closed(f"domain {link.peer} closed its port {message[2]}")
+            else:
+                raise ProtocolViolation(f"unknown message type {kind!r}")
+        except (IndexError, TypeError, ValueError, KeyError) as exc:
+            raise ProtocolViolation(f"malformed message {message!r:.80}: {exc}") from None
+
+    def _on_bind(self, link: Link, request_id: int, port: int, binder_port: int) -> None:
+        channel = self._ports.get(port)
+        if (
+            channel is None
+            or channel.closed
+            or channel.remote_domid != link.peer
+            or channel.remote_port is not None
+            or not isinstance(binder_port, int)
+        ):
+            link.reply(request_id, _EINVAL)
+            return
+        channel.remote_port = binder_port
+        link.reply(request_id, 0)
+
+    def _on_map(self, link: Link, request_id: int, grefs: list[int], readonly: bool) -> None:
+        statuses: list[int] = []
+        details: list[Any] = []
+        pinned: list[int] = []
+        for gref in grefs:
+            status, frame, nframes = self.grants.pin(int(gref), link.peer, readonly)
+            statuses.append(status)
+            if status != _OK:
+                break
+            pinned.append(gref)
+            if link.shared is not None:
+                details.append([frame, nframes])
+            else:
+                details.append(bytes(self.memory.frame_view(frame, nframes)))
+        if len(pinned) != len(grefs):
+            for gref in pinned:
+                self.grants.unpin(gref, readonly)
+            statuses += [int(GNTST.GNTST_general_error)] * (len(grefs) - len(statuses))
+            link.reply(request_id, statuses, None)
+            return
+        for gref, detail in zip(grefs, details, strict=True):
+            pins = link.pins.setdefault(gref, [0, 0])
+            if pins == [0, 0] and link.shared is None:
+                entry = self.grants.entry(gref)
+                self.memory.watch(entry.frame, 1 << entry.order, link, gref)
+            pins[0 if readonly else 1] += 1
+            del detail
+        link.reply(request_id, statuses, details)
+
+    def _unpin(self, link: Link, gref: int, readonly: bool) -> None:
+        pins = link.pins.get(gref)
+        index = 0 if readonly else 1
+        if pins is None or pins[index] == 0:
+            return  # unknown or duplicate unmap: ignore, as Xen ignores a stale handle
+        pins[index] -= 1
+        self.grants.unpin(gref, readonly)
+        if pins == [0, 0]:
+            del link.pins[gref]
+            if link.shared is None:
+                entry = self.grants.entry(gref)
+                self.memory.unwatch(entry.frame, 1 << entry.order, link, gref)
+
+    def _on_copy(self, link: Link, request_id: int, ops: list[list[Any]]) -> None:
+        statuses: list[int] = []
+        datas: list[bytes | None] = []
+        memory = self.memory
+        for to_granter, gref, offset, length, data in ops:
+            status, frame, nframes = self.grants.check(int(gref), link.peer, bool(to_granter))
+            if status == _OK and (
+                offset < 0
+                or length < 0
+                or offset + length > nframes << 12
+                or (to_granter and (not isinstance(data, bytes) or len(data) != length))
+            ):
+                status = _BAD_COPY
+            statuses.append(status)
+            if status != _OK:
+                datas.append(None)
+                continue
+            start = (frame << 12) + offset
+            if to_granter:
+                memory.view[start : start + length] = data
+                memory.written(start, length, exclude=link)
+                datas.append(None)
+            else:
+                datas.append(bytes(memory.view[start : start + length]))
+        link.reply(request_id, statuses, datas)
+
+    def _on_update(self, link: Link, entries: list[list[Any]]) -> None:
+        link.updates_received += 1
+        memory = self.memory
+        for whose, gref, offset, data in entries:
+            if whose == Whose.SENDER:
+                # The granter changed memory we replicate.
+                for mapping, base in link.replicas.get(gref, ()):
+                    mapping.apply(base, offset, data)
+            else:
+                # A mapper wrote to our grant: it must hold a writable pin on it.
+                pins = link.pins.get(gref)
+                if pins is None or pins[1] == 0:
+                    raise ProtocolViolation(f"update of grant {gref} not mapped writable")
+                entry = self.grants.entry(gref)
+                if offset < 0 or offset + len(data) > (1 << entry.order) << 12:
+                    raise ProtocolViolation(f"update outside grant {gref}")
+                start = (entry.frame << 12) + offset
+                memory.view[start : start + len(data)] = data
+                memory.written(start, len(data), exclude=link)
+        if self.coherence_events:
+            # The Dekker rule: new shared bytes from the peer may be an index we decided not
+            # to wait for; every port bound to the peer re-checks (a spurious event).
+            for channel in self._ports_by_peer.get(link.peer, ()):
+                if channel.remote_port is not None and not channel.pending:
+                    channel.raise_event()
+
+    def link_died(self, link: Link) -> None:
+        if self._links.get(link.peer) is link:
+            del self._links[link.peer]
+        if link.shared is not None:
+            self.memory.shm_peers -= 1
+            with suppress(OSError):
+                os.close(link.shared.fd)
+        reason = f"domain {link.peer} is gone ({link.dead})"
+        for channel in list(self._ports_by_peer.get(link.peer, ())):
+            if channel.remote_port is not None:
+                channel.peer_closed(reason)
+        for mapping in list(link.mappings):
+            mapping.kill(reason)
+        link.mappings.clear()
+        link.replicas.clear()
+        for gref, (reads, writes) in list(link.pins.items()):
+            for _ in range(reads):
+                self.grants.unpin(gref, True)
+            for _ in range(writes):
+                self.grants.unpin(gref, False)
+            if link.shared is None:
+                entry = self.grants.entry(gref)
+                self.memory.unwatch(entry.frame, 1 << entry.order, link, gref)
+        link.pins.clear()
+        log.info("link down", domid=self.domid, peer=link.peer, reason=link.dead)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def _listen(self, endpoint: str) -> trio.abc.Listener[trio.SocketStream]:
+        kind, where, port = parse_endpoint(endpoint)
+        if kind == "unix":
+            with suppress(FileNotFoundError):
+                os.unlink(where)
+            sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+            await sock.bind(where)
+            os.chmod(where, 0o600)
+            sock.listen(128)
+            self._unix_path = where
+            self.endpoint = endpoint
+            return trio.SocketListener(sock)
+        listeners = await trio.open_tcp_listeners(port, host=where)
+        listener = listeners[0]
+        for extra in listeners[1:]:
+            await extra.aclose()
+        bound = listener.socket.getsockname()
+        self.endpoint = f"tcp:{where}:{bound[1]}"
+        return listener
+
+
+@asynccontextmanager
+async def open_domain(
+    *,
+    domid: int,
+    key: DomainKey,
+    directory: PeerDirectory,
+    endpoint: str,
+    name: str = "",
+    page_size: int = XEN_PAGE_SIZE,
+    memory_bytes: int = DEFAULT_MEMORY,
+    transport: str = "auto",
+    faults: LinkFaults | None = None,
+    max_grants: int = DEFAULT_MAX_GRANTS,
+    max_maps: int = DEFAULT_MAX_MAPS,
+    coherence_events: bool = True,
+) -> AsyncIterator[Domain]:
+    """Run a domain: listen on `endpoint` (`unix:PATH` or `tcp:HOST:PORT`, port 0 = any;
+    `domain.endpoint` is the bound address). Leaving the block closes every link."""
+    domain = Domain(
+        domid=domid,
+        key=key,
+        directory=directory,
+        name=name,
+        page_size=page_size,
+        memory_bytes=memory_bytes,
+        transport=transport,
+        faults=faults,
+        max_grants=max_grants,
+        max_maps=max_maps,
+        coherence_events=coherence_events,
+    )
+    listener = await domain._listen(endpoint)
+    try:
+        async with trio.open_nursery() as nursery:
+            domain._nursery = nursery
+            nursery.start_soon(domain._serve, listener)
+            try:
+                yield domain
+            finally:
+                for link in list(domain._links.values()):
+                    link.close("domain shut down")
+                nursery.cancel_scope.cancel()
+    finally:
+        if domain._unix_path is not None:
+            with suppress(OSError):
+                os.unlink(domain._unix_path)

@@ -1,0 +1,300 @@
+"""One authenticated domain link: an ordered message stream with one batching writer.
+
+A `Link` carries every message between two domain runtimes. `send` is synchronous and never
+blocks: it appends to the output queue and wakes the writer task, which drains the whole
+queue with one `send_all` (STYLE.md: per-call overhead dominates small messages). Replica
+writes (`add_dirty`) are queued as ranges and turned into one UPDATE message whenever another
+message is queued and at the end of every drain, so they travel in program order, before any
+later notification, and eagerly (the Dekker rule in docs/hypervisor.md). The reader task
+decodes the stream and hands each message to the domain synchronously, in order.
+
+When the stream ends or fails, the link dies once: pending calls fail with `PeerGone`, and
+the domain is told (ports close, mappings die, the peer's pins are dropped).
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import TYPE_CHECKING, Any, Protocol
+
+import msgpack
+import structlog
+import trio
+
+from xenpv.hv.errors import PeerGone
+from xenpv.hv.faults import LinkFaults, Message
+from xenpv.hv.messages import Msg, Whose
+
+if TYPE_CHECKING:
+    from xenpv.hv.mapping import GrantMapping
+
+log = structlog.get_logger()
+
+RECEIVE_SIZE = 1 << 18
+MAX_MESSAGE = 64 << 20
+
+
+class ProtocolViolation(Exception):
+    """The peer sent a message that does not follow the link protocol."""
+
+
+class LinkHost(Protocol):
+    domid: int
+
+    def handle_message(self, link: Link, message: list[Any]) -> None: ...
+
+    def link_died(self, link: Link) -> None: ...
+
+
+class _Call:
+    __slots__ = ("done", "error", "result")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.result: list[Any] = []
+        self.error: Exception | None = None
+
+
+class SharedPeerMemory:
+    """The peer's memory file mapped here (shared-memory transport)."""
+
+    __slots__ = ("fd", "nr_frames", "nr_grants", "table", "view")
+
+    def __init__(self, fd: int, view: memoryview, nr_frames: int, nr_grants: int) -> None:
+        self.fd = fd
+        self.view = view
+        self.nr_frames = nr_frames
+        self.nr_grants = nr_grants
+        table_offset = nr_frames << 12
+        self.table = view[table_offset : table_offset + nr_grants * 8]
+
+
+class Link:
+    """The link from this domain to domain `peer`."""
+
+    def __init__(
+        self,
+        host: LinkHost,
+        peer: int,
+        stream: trio.SocketStream,
+        *,
+        shared: SharedPeerMemory | None,
+        faults: LinkFaults | None,
+    ) -> None:
+        self.host = host
+        self.peer = peer
+        self.shared = shared
+        self.dead: str | None = None
+        self._stream = stream
+        self._faults = faults
+        self._out: list[bytes | float] = []
+        self._dirty: list[list[Any]] = []  # [whose, gref, offset, length, source, start]
+        self._idle: trio.Event | None = None
+        self._pending: dict[int, _Call] = {}
+        self._next_id = 1
+        self._pack = msgpack.Packer(use_bin_type=True).pack
+        self._scope = trio.CancelScope()
+        # Granter side: the peer's pins on our grants, gref -> [read pins, write pins].
+        self.pins: dict[int, list[int]] = {}
+        # Mapper side: our mappings of the peer's grants, gref -> [(mapping, offset in view)].
+        self.replicas: dict[int, list[tuple[GrantMapping, int]]] = {}
+        self.mappings: set[GrantMapping] = set()
+        self.messages_received = 0
+        self._died = False
+        self.updates_received = 0
+
+    @property
+    def transport(self) -> str:
+        return "shm" if self.shared is not None else "socket"
+
+    # -- sending ----------------------------------------------------------------------------
+
+    def send(self, message: Message) -> None:
+        """Queue `message` (after any pending replica writes); never blocks."""
+        if self.dead is not None:
+            raise PeerGone(f"link to domain {self.peer} is dead: {self.dead}")
+        if self._dirty:
+            self._queue_update()
+        self._enqueue(message)
+
+    def _enqueue(self, message: Message) -> None:
+        if self._faults is None:
+            self._out.append(self._pack(message))
+        else:
+            verdict = self._faults.on_send(self.host.domid, self.peer, message)
+            if verdict is None:
+                self._out.append(self._pack(message))
+            else:
+                if verdict.fail is not None:
+                    self.close(f"injected fault: {verdict.fail}")
+                    return
+                if verdict.delay > 0:
+                    self._out.append(float(verdict.delay))
+                for m in verdict.send:
+                    self._out.append(self._pack(m))
+        idle = self._idle
+        if idle is not None:
+            self._idle = None
+            idle.set()
+
+    def add_dirty(
+        self, whose: int, gref: int, offset: int, length: int, source: memoryview, start: int
+    ) -> None:
+        """Record a replica write; shipped at the end of this batch, before the next message."""
+        if self.dead is not None:
+            return
+        dirty = self._dirty
+        if dirty:
+            last = dirty[-1]
+            if (
+                last[1] == gref
+                and last[0] == whose
+                and last[4] is source
+                and last[2] + last[3] == offset
+                and last[5] + last[3] == start
+            ):
+                last[3] += length
+                return
+        else:
+            idle = self._idle
+            if idle is not None:
+                self._idle = None
+                idle.set()
+        dirty.append([whose, gref, offset, length, source, start])
+
+    def frame_written(
+        self, gref: int, offset: int, length: int, source: memoryview, start: int
+    ) -> None:
+        """FrameWatcher: our memory under a grant the peer replicates changed."""
+        self.add_dirty(Whose.SENDER, gref, offset, length, source, start)
+
+    def _queue_update(self) -> None:
+        entries = [
+            [whose, gref, offset, bytes(source[start : start + length])]
+            for whose, gref, offset, length, source, start in self._dirty
+        ]
+        self._dirty = []
+        self._enqueue([Msg.UPDATE, entries])
+
+    async def call(self, message: Message) -> list[Any]:
+        """Send a request (`message[1]` is filled with a fresh id) and await its REPLY."""
+        if self.dead is not None:
+            raise PeerGone(f"link to domain {self.peer} is dead: {self.dead}")
+        request_id = self._next_id
+        self._next_id += 1
+        message[1] = request_id
+        call = _Call()
+        self._pending[request_id] = call
+        try:
+            self.send(message)
+            await call.done.wait()
+        finally:
+            self._pending.pop(request_id, None)
+        if call.error is not None:
+            raise call.error
+        return call.result
+
+    def reply(self, request_id: int, *result: Any) -> None:
+        if self.dead is None:
+            self.send([Msg.REPLY, request_id, *result])
+
+    # -- running ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run the reader and the writer until the link dies; then clean up (once)."""
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer)
+                    await self._reader()
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._die(self.dead or "link closed")
+            with trio.CancelScope(shield=True):
+                await self._stream.aclose()
+
+    def close(self, reason: str) -> None:
+        """Break the link (the peer sees EOF and treats this domain as gone)."""
+        if self.dead is None:
+            self.dead = reason
+        self._scope.cancel()
+
+    async def _writer(self) -> None:
+        try:
+            while True:
+                if not self._out and not self._dirty:
+                    idle = self._idle = trio.Event()
+                    await idle.wait()
+                if self._dirty:
+                    self._queue_update()
+                out, self._out = self._out, []
+                chunk: list[bytes] = []
+                for item in out:
+                    if isinstance(item, float):
+                        if chunk:
+                            await self._stream.send_all(b"".join(chunk))
+                            chunk = []
+                        await trio.sleep(item)
+                    else:
+                        chunk.append(item)
+                if chunk:
+                    await self._stream.send_all(chunk[0] if len(chunk) == 1 else b"".join(chunk))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self.close(f"send failed: {exc}")
+
+    async def _reader(self) -> None:
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_MESSAGE)
+        handle = self.host.handle_message
+        try:
+            while True:
+                data = await self._stream.receive_some(RECEIVE_SIZE)
+                if not data:
+                    self.dead = self.dead or f"domain {self.peer} closed the link"
+                    return
+                unpacker.feed(data)
+                for message in unpacker:
+                    self.messages_received += 1
+                    if type(message) is not list or not message:
+                        raise ProtocolViolation(f"not a message: {message!r:.80}")
+                    if message[0] == Msg.REPLY:
+                        self._on_reply(message)
+                    else:
+                        handle(self, message)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self.dead = self.dead or f"receive failed: {exc}"
+        except (ProtocolViolation, msgpack.UnpackException, ValueError) as exc:
+            log.warning("link protocol violation", peer=self.peer, error=str(exc))
+            self.dead = self.dead or f"protocol violation by domain {self.peer}: {exc}"
+
+    def _on_reply(self, message: list[Any]) -> None:
+        if len(message) < 2 or not isinstance(message[1], int):
+            raise ProtocolViolation("malformed reply")
+        call = self._pending.get(message[1])
+        if call is None or call.done.is_set():
+            return  # a duplicate or a reply to a cancelled call
+        call.result = message[2:]
+        call.done.set()
+
+    def _die(self, reason: str) -> None:
+        if self.dead is None or self.dead == reason:
+            self.dead = reason
+        else:
+            reason = self.dead
+        if self._died:
+            return
+        self._died = True
+        error = PeerGone(f"domain {self.peer}: {reason}")
+        for call in self._pending.values():
+            if not call.done.is_set():
+                call.error = error
+                call.done.set()
+        self._dirty = []
+        self._out = []
+        self.host.link_died(self)
+
+
+def socket_family(stream: trio.SocketStream) -> int:
+    return int(stream.socket.family)
+
+
+AF_UNIX = int(socket.AF_UNIX)
