@@ -18,7 +18,7 @@ import structlog
 from xenpv import __version__, log
 from xenpv.errors import XenpvError
 
-COMMAND_MODULES: tuple[str, ...] = ("xenpv.commands.bench",)
+COMMAND_MODULES: tuple[str, ...] = ("xenpv.commands.bench", "xenpv.commands.xenstored")
 
 
 def build_parser() -> argparse.ArgumentParser:

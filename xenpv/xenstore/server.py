@@ -1,0 +1,420 @@
+"""xenstored's trio edge: listeners, per-connection reader/writer, durable group commit.
+
+The sans-IO `Store` decides everything; this module moves bytes and makes changes durable.
+
+Connections. The Unix socket is dom0 (privileged). TCP connections first prove their domid
+(`xenpv.xenstore.auth`). Each connection has one reader task (FrameReader: a framing error or
+a header announcing more than 4096 bytes drops that connection and is logged) and one writer
+task that sends everything queued with a single `send_all`.
+
+Durability. Every Outcome's `changes` are written to the journal and fdatasynced BEFORE any of
+its replies or events is queued to a socket. Outcomes with changes go to a pending list; one
+committer task takes the whole list, writes it as one journal record with one fsync (group
+commit across every connection), then delivers the replies in order. While a commit is in
+flight or pending, even outcomes without changes (reads) wait behind it, so no client ever
+observes state that is not yet durable and replies keep the order requests were handled in.
+With nothing pending, a read is answered immediately. When the journal grows past
+max(4 MiB, 2 x last snapshot), the committer instead writes a full snapshot that already
+contains the batch (compaction; see `journal.py`). A journal I/O error is fatal: the server
+stops rather than acknowledge something it could not make durable.
+
+Flow control and hostile clients (the XSA-349 approach of C xenstored):
+- watch events queued for one connection and not yet written are bounded
+  (`max_queued_events`, default 1024); events beyond the bound are dropped for that connection
+  only, counted and logged;
+- replies are never dropped. A connection with `max_outstanding` requests whose replies are
+  not yet written is not read from until its writer catches up (backpressure), so a client
+  that does not read its replies only stalls itself; if a write stays blocked for
+  `write_stall_timeout` seconds, the connection is closed.
+Errors inside one connection's tasks are caught and logged; they never end the server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgpack
+import structlog
+import trio
+
+from xenpv import identity
+from xenpv.errors import XenpvError
+from xenpv.xenstore import auth
+from xenpv.xenstore.journal import Journal, JournalError
+from xenpv.xenstore.store import Change, ConnId, Quotas, Store
+from xenpv.xenstore.wire import FrameReader, Message, XsProtocolError, XsType
+
+log = structlog.get_logger()
+
+DEFAULT_SOCKET = "/var/run/xenstored/socket"
+DEFAULT_COMPACT_BYTES = 4 << 20
+
+
+def default_socket_path() -> str:
+    """`$XENSTORED_PATH`, else C xenstored's default socket path."""
+    return os.environ.get("XENSTORED_PATH") or DEFAULT_SOCKET
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    socket_path: str
+    data_dir: Path
+    tcp: tuple[str, int] | None = None
+    quotas: Quotas | None = None
+    max_queued_events: int = 1024
+    max_outstanding: int = 256
+    write_stall_timeout: float = 30.0
+    handshake_timeout: float = 10.0
+    compact_min_bytes: int = DEFAULT_COMPACT_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    """Where the server actually listens (the TCP port is resolved when 0 was asked)."""
+
+    socket_path: str
+    tcp: tuple[str, int] | None
+
+
+Replies = list[tuple[ConnId, Message]]
+
+
+@dataclass(slots=True, eq=False)
+class _Conn:
+    cid: ConnId
+    domid: int
+    stream: trio.abc.Stream
+    queue: list[bytes] = field(default_factory=list)
+    queued_replies: int = 0
+    queued_events: int = 0
+    outstanding: int = 0
+    dropped_events: int = 0
+    closing: bool = False
+    wake: trio.Event = field(default_factory=trio.Event)
+    space: trio.Event = field(default_factory=trio.Event)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
+def encode_changes(changes: Iterable[Change]) -> bytes:
+    return msgpack.packb([c.to_wire() for c in changes], use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def decode_changes(records: Iterable[bytes]) -> list[Change]:
+    out: list[Change] = []
+    for record in records:
+        for obj in msgpack.unpackb(record, raw=False, strict_map_key=False):
+            out.append(Change.from_wire(obj))
+    return out
+
+
+def open_store(data_dir: Path, quotas: Quotas | None = None) -> tuple[Store, Journal]:
+    """Lock `data_dir`, recover snapshot + journal and rebuild the store."""
+    journal, recovered = Journal.open(data_dir)
+    try:
+        changes = decode_changes(recovered.records)
+        store = Store.restore(recovered.snapshot, changes, quotas)
+    except JournalError:
+        journal.close()
+        raise
+    except Exception as exc:
+        journal.close()
+        raise JournalError(f"cannot rebuild the store from {data_dir}: {exc}") from None
+    log.info(
+        "store recovered",
+        data_dir=str(data_dir),
+        snapshot=recovered.snapshot is not None,
+        changes=len(changes),
+        nodes=store.node_count(),
+        torn_bytes=recovered.torn_bytes,
+    )
+    return store, journal
+
+
+class XenstoreServer:
+    """Serves a `Store` over the Unix socket and optional TCP listener."""
+
+    def __init__(self, store: Store, journal: Journal, config: ServerConfig) -> None:
+        self.store = store
+        self.journal = journal
+        self.config = config
+        self._conns: dict[ConnId, _Conn] = {}
+        self._pending: list[tuple[Replies, list[Change], list[ConnId]]] = []
+        self._committing = False
+        self._commit_wake = trio.Event()
+        self._compact_threshold = config.compact_min_bytes
+        self.dropped_events = 0
+
+    # -- listeners ---------------------------------------------------------------------------
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        unix = await open_unix_listener(self.config.socket_path)
+        listeners: list[trio.SocketListener] = []
+        tcp_bound: tuple[str, int] | None = None
+        try:
+            if self.config.tcp is not None:
+                host, port = self.config.tcp
+                try:
+                    listeners = await trio.open_tcp_listeners(port, host=host)
+                except OSError as exc:
+                    raise XenpvError(
+                        f"cannot listen on tcp:{host}:{port}: {exc.strerror}"
+                    ) from None
+                name = listeners[0].socket.getsockname()
+                tcp_bound = (host, int(name[1]))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._committer)
+                nursery.start_soon(trio.serve_listeners, self._serve_unix, [unix])
+                if listeners:
+                    nursery.start_soon(trio.serve_listeners, self._serve_tcp, listeners)
+                task_status.started(Bound(self.config.socket_path, tcp_bound))
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(self.config.socket_path)
+
+    async def _serve_unix(self, stream: trio.SocketStream) -> None:
+        await self._serve_conn(stream, 0, b"")
+
+    async def _serve_tcp(self, stream: trio.SocketStream) -> None:
+        with contextlib.suppress(OSError):
+            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        peer = _peer(stream)
+        domid: int | None = None
+        leftover = b""
+        with trio.move_on_after(self.config.handshake_timeout) as scope:
+            try:
+                domid, leftover = await auth.server_handshake(stream, self._pubkey)
+            except (
+                auth.AuthError,
+                trio.BrokenResourceError,
+                trio.ClosedResourceError,
+                OSError,
+            ) as exc:
+                log.info("tcp handshake failed", peer=peer, error=str(exc))
+        if scope.cancelled_caught:
+            log.info("tcp handshake timed out", peer=peer)
+        if domid is None:
+            if not scope.cancelled_caught:
+                log.info("tcp connection refused", peer=peer)
+            await trio.aclose_forcefully(stream)
+            return
+        await self._serve_conn(stream, domid, leftover)
+
+    def _pubkey(self, domid: int) -> str | None:
+        value = self.store.get(identity.pubkey_path(domid))
+        if value is None:
+            return None
+        try:
+            return value.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+
+    # -- one connection ----------------------------------------------------------------------
+
+    async def _serve_conn(self, stream: trio.abc.Stream, domid: int, leftover: bytes) -> None:
+        cid = self.store.connect(domid)
+        conn = _Conn(cid, domid, stream)
+        self._conns[cid] = conn
+        clog = log.bind(conn=cid, domid=domid)
+        clog.debug("connection opened")
+        try:
+            with conn.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer, conn, clog)
+                    await self._reader(conn, leftover, clog)
+                    nursery.cancel_scope.cancel()
+        except Exception:
+            clog.exception("connection handler failed")
+        finally:
+            del self._conns[cid]
+            try:
+                self._submit(self.store.disconnect(cid), [], [])
+            except Exception:
+                clog.exception("store failed to disconnect a connection")
+            await trio.aclose_forcefully(stream)
+            if conn.dropped_events:
+                clog.warning("watch events dropped for slow client", count=conn.dropped_events)
+            clog.debug("connection closed")
+
+    async def _reader(
+        self, conn: _Conn, data: bytes, clog: structlog.typing.FilteringBoundLogger
+    ) -> None:
+        frames = FrameReader()
+        while True:
+            if data:
+                try:
+                    messages = frames.feed(data)
+                except XsProtocolError as exc:
+                    clog.warning("framing error, dropping connection", error=str(exc))
+                    return
+                for msg in messages:
+                    if conn.closing:
+                        return
+                    self._handle(conn, msg, clog)
+            while conn.outstanding >= self.config.max_outstanding and not conn.closing:
+                conn.space = trio.Event()
+                await conn.space.wait()
+            if conn.closing:
+                return
+            try:
+                data = bytes(await conn.stream.receive_some(65536))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                return
+            if not data:
+                if frames.pending:
+                    clog.info("connection closed inside a frame", bytes=frames.pending)
+                return
+
+    def _handle(
+        self, conn: _Conn, msg: Message, clog: structlog.typing.FilteringBoundLogger
+    ) -> None:
+        conn.outstanding += 1
+        try:
+            outcome = self.store.handle(conn.cid, msg)
+        except Exception:
+            # Store.handle must not raise; if it does, answer EIO and keep serving.
+            clog.exception("store failed on a request", type=msg.type)
+            self._submit([(conn.cid, msg.error("EIO"))], [], [])
+            return
+        self._submit(outcome.replies, outcome.changes, outcome.drop)
+
+    async def _writer(self, conn: _Conn, clog: structlog.typing.FilteringBoundLogger) -> None:
+        while True:
+            if not conn.queue:
+                if conn.closing:
+                    conn.scope.cancel()
+                    return
+                conn.wake = trio.Event()
+                await conn.wake.wait()
+                continue
+            data = b"".join(conn.queue)
+            conn.queue.clear()
+            replies = conn.queued_replies
+            conn.queued_replies = conn.queued_events = 0
+            with trio.move_on_after(self.config.write_stall_timeout) as scope:
+                try:
+                    await conn.stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    conn.scope.cancel()
+                    return
+            if scope.cancelled_caught:
+                clog.warning("client does not read its replies, disconnecting")
+                conn.scope.cancel()
+                return
+            conn.outstanding -= replies
+            if conn.outstanding < self.config.max_outstanding:
+                conn.space.set()
+
+    # -- durability and delivery ------------------------------------------------------------
+
+    def _submit(self, replies: Replies, changes: list[Change], drop: list[ConnId]) -> None:
+        if not changes and not self._pending and not self._committing:
+            self._deliver(replies, drop)
+            return
+        self._pending.append((replies, changes, drop))
+        self._commit_wake.set()
+
+    async def _committer(self) -> None:
+        while True:
+            if not self._pending:
+                self._commit_wake = trio.Event()
+                await self._commit_wake.wait()
+                continue
+            batch = self._pending
+            self._pending = []
+            self._committing = True
+            changes = [c for _, cs, _ in batch for c in cs]
+            if changes:
+                if self.journal.size >= self._compact_threshold:
+                    # The store holds exactly journal + this batch: nothing else was handled
+                    # since the batch was taken (no await in between).
+                    snapshot = self.store.snapshot()
+                    await trio.to_thread.run_sync(self.journal.compact, snapshot)
+                    self._compact_threshold = max(self.config.compact_min_bytes, 2 * len(snapshot))
+                    log.info("journal compacted", snapshot_bytes=len(snapshot))
+                else:
+                    await trio.to_thread.run_sync(self.journal.append, encode_changes(changes))
+            for replies, _, drop in batch:
+                self._deliver(replies, drop)
+            self._committing = False
+
+    def _deliver(self, replies: Replies, drop: list[ConnId]) -> None:
+        limit = self.config.max_queued_events
+        for cid, msg in replies:
+            conn = self._conns.get(cid)
+            if conn is None:
+                continue
+            if msg.type == XsType.XS_WATCH_EVENT:
+                if conn.queued_events >= limit:
+                    if not conn.dropped_events:
+                        log.warning("watch event queue full, dropping events", conn=cid)
+                    conn.dropped_events += 1
+                    self.dropped_events += 1
+                    continue
+                conn.queued_events += 1
+            else:
+                conn.queued_replies += 1
+            conn.queue.append(msg.encode())
+            conn.wake.set()
+        for cid in drop:
+            conn = self._conns.get(cid)
+            if conn is not None:
+                conn.closing = True
+                conn.wake.set()
+                conn.space.set()
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        name = stream.socket.getpeername()
+    except OSError:
+        return "?"
+    return f"{name[0]}:{name[1]}" if isinstance(name, tuple) else str(name)
+
+
+async def open_unix_listener(path: str) -> trio.SocketListener:
+    """Bind `path` mode 0600, removing a stale socket; refuse if a server answers on it."""
+    p = Path(path)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise XenpvError(f"cannot create {p.parent}: {exc.strerror}") from None
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise XenpvError(f"{path} exists and is not a socket")
+        probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await probe.connect(path)
+        except OSError as exc:
+            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+                raise XenpvError(f"cannot probe {path}: {exc.strerror}") from None
+        else:
+            raise XenpvError(f"another xenstored is serving {path}")
+        finally:
+            probe.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)  # no window where the socket is reachable by others
+    try:
+        await sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        raise XenpvError(f"cannot bind {path}: {exc.strerror}") from None
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(128)
+    return trio.SocketListener(sock)
