@@ -117,4 +117,5 @@ async def peer_process(
             process.kill()
         with trio.CancelScope(shield=True):
             await process.wait()
-            await process.aclose()
+            if process.stdout is not None:
+                await process.stdout.aclose()

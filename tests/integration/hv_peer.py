@@ -23,10 +23,10 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.integration import hv_ring  # noqa: E402
-from xenpv import log  # noqa: E402
-from xenpv.hv import Msg, StaticDirectory, Verdict, open_domain  # noqa: E402
-from xenpv.identity import DomainKey  # noqa: E402
+from tests.integration import hv_ring
+from xenpv import log
+from xenpv.hv import Msg, StaticDirectory, Verdict, open_domain
+from xenpv.identity import DomainKey
 
 
 def say(obj: dict[str, Any]) -> None:

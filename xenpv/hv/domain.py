@@ -189,7 +189,7 @@ class Domain:
             await stream.aclose()
             if isinstance(exc, LinkError):
                 raise
-            raise LinkError(f"handshake with domain {peer} failed: {exc}") from None
+            raise PeerGone(f"domain {peer} dropped the link handshake: {exc}") from None
         return self._register(stream, established)
 
     async def _await_accepted(self, peer: int) -> Link:

@@ -1,0 +1,87 @@
+"""The coherence rule on the socket transport, including the ring.h Dekker race.
+
+A consumer re-arms its event index then re-checks the producer index; the producer publishes
+its index then reads the event index. With replicas, both reads can be stale and nobody
+notifies: a deadlock. The runtime's rule: replica writes ship at the end of the current
+batch, and a page update arriving from a peer raises every port bound to that peer that is not
+already pending (a spurious event; drivers always re-check). These tests build the stale
+interleaving deterministically in one process.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.integration.hv_pair import domains
+
+PROD, EVENT = 0, 4
+
+
+def put(buf: object, off: int, value: int) -> None:
+    view = buf.view  # type: ignore[attr-defined]
+    struct.pack_into("<I", view, off, value)
+    buf.written(off, 4)  # type: ignore[attr-defined]
+
+
+def get(buf: object, off: int) -> int:
+    return int(struct.unpack_from("<I", buf.view, off)[0])  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("coherence_events", [True, False], ids=["rule", "without-rule"])
+async def test_dekker_race_needs_update_events(tmp_path: Path, coherence_events: bool) -> None:
+    with trio.fail_after(20):
+        async with domains(
+            tmp_path, "socket", "unix", coherence_events=coherence_events
+        ) as (back, front):
+            page = front.alloc_pages(1)[0]  # producer (frontend) owns the page
+            gref = front.grants.grant_access(0, page.frame)
+            producer_port = await front.alloc_unbound(0)
+            ring = await back.map_grants(1, [gref])  # consumer (backend) maps it
+            consumer_port = await back.bind_interdomain(1, producer_port.port)
+            link = back.link_to(1)
+            assert link is not None
+            updates_before = link.updates_received
+
+            # No checkpoint between these lines: every read below sees a stale replica.
+            put(ring, EVENT, 1)  # consumer: wake me when prod reaches 1
+            assert get(ring, PROD) == 0  # consumer re-checks: nothing yet -> will sleep
+            put(page, PROD, 1)  # producer publishes a request
+            assert get(page, EVENT) == 0  # producer reads a stale event index: no notify
+
+            # Wait (by watching the counter, not the clock) until the producer's write arrived.
+            while link.updates_received == updates_before:
+                await trio.testing.wait_all_tasks_blocked()
+            assert get(ring, PROD) == 1
+            if coherence_events:
+                # The update raised the consumer's port: it wakes and re-checks the ring.
+                await consumer_port.wait()
+            else:
+                # Nothing will ever wake the consumer: this is the deadlock the rule prevents.
+                assert not consumer_port.pending
+            await ring.unmap()
+
+
+async def test_writes_arrive_in_order_before_notify(tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        async with domains(tmp_path, "socket", "unix") as (back, front):
+            page = front.alloc_pages(1)[0]
+            gref = front.grants.grant_access(0, page.frame)
+            port = await front.alloc_unbound(0)
+            ring = await back.map_grants(1, [gref])
+            channel = await back.bind_interdomain(1, port.port)
+            for value in range(1, 200):
+                put(page, 100, value)  # payload first
+                put(page, PROD, value)  # then the index
+                port.notify()
+                await channel.wait()
+                # the index is never ahead of the payload
+                assert get(ring, PROD) <= get(ring, 100)
+            # the mapper's writes travel back the same way
+            put(ring, 200, 7)
+            channel.notify()
+            await port.wait()
+            assert get(page, 200) == 7

@@ -1,0 +1,153 @@
+"""Domain links: mutual proof of domid, hostile dialers, transports, and the fault seam."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from tests.integration.hv_pair import domains
+from xenpv.hv import (
+    GNTST,
+    CopyDirection,
+    CopyOp,
+    LinkError,
+    Msg,
+    PeerGone,
+    StaticDirectory,
+    Verdict,
+    open_domain,
+)
+from xenpv.identity import DomainKey
+
+
+async def test_wrong_key_and_wrong_domid_are_refused(tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        directory = StaticDirectory()
+        k0, k1, impostor = (DomainKey.generate(0), DomainKey.generate(1), DomainKey.generate(1))
+        async with (
+            open_domain(domid=0, key=k0, directory=directory, endpoint=f"unix:{tmp_path}/0") as d0,
+            open_domain(
+                domid=1, key=impostor, directory=directory, endpoint=f"unix:{tmp_path}/1"
+            ) as d1,
+        ):
+            directory.register(0, d0.endpoint, k0.public_hex())
+            directory.register(1, d1.endpoint, k1.public_hex())  # d1 holds the wrong secret
+            with pytest.raises(LinkError, match="prove"):
+                await d0.bind_interdomain(1, 1)
+            with pytest.raises(LinkError):
+                await d1.bind_interdomain(0, 1)  # d0 refuses d1's proof
+            directory.register(2, d1.endpoint, k1.public_hex())  # domain 2's endpoint is d1's
+            with pytest.raises(LinkError):
+                await d0.bind_interdomain(2, 1)
+            assert d0.link_to(1) is None and d1.link_to(0) is None
+
+
+async def test_garbage_dialer_does_not_hurt_the_listener(tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        async with domains(tmp_path, "socket", "unix") as (back, front):
+            for junk in (b"\xff\xff\xff\xff", b"\x00\x00\x00\x03abc", b"GET / HTTP/1.0\r\n\r\n"):
+                stream = await trio.open_unix_socket(str(tmp_path / "dom1.sock"))
+                await stream.send_all(junk)
+                # the listener drops the connection (EOF or reset), nothing else
+                with contextlib.suppress(trio.BrokenResourceError):
+                    assert await stream.receive_some(100) == b""
+                await stream.aclose()
+            unbound = await front.alloc_unbound(0)
+            await back.bind_interdomain(1, unbound.port)  # still serving
+
+
+async def test_transport_choice(tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        async with domains(tmp_path, "auto", "unix") as (back, front):
+            await back.connect(1)
+            assert back.link_to(1).transport == "shm"  # type: ignore[union-attr]
+        async with domains(tmp_path, "auto", "tcp") as (back, front):
+            await back.connect(1)
+            assert back.link_to(1).transport == "socket"  # type: ignore[union-attr]
+        async with domains(tmp_path, "shm", "tcp") as (back, _front):
+            with pytest.raises(LinkError, match="shm"):
+                await back.connect(1)
+
+
+async def test_simultaneous_dials_make_one_link(tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        async with domains(tmp_path, "socket", "unix") as (a, b):
+            links: list[Any] = []
+
+            async def dial(dom: Any, peer: int) -> None:
+                links.append(await dom.connect(peer))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(dial, a, 1)
+                nursery.start_soon(dial, b, 0)
+            assert a.link_to(1) is not None and b.link_to(0) is not None
+            unbound = await b.alloc_unbound(0)
+            bound = await a.bind_interdomain(1, unbound.port)
+            bound.notify()
+            await unbound.wait()
+
+
+class Double:
+    """A fault double: per message type, drop / duplicate / delay / fail."""
+
+    def __init__(self) -> None:
+        self.rules: dict[int, str] = {}
+        self.seen: list[int] = []
+
+    def on_send(self, src: int, dst: int, message: list[Any]) -> Verdict | None:
+        self.seen.append(message[0])
+        rule = self.rules.get(message[0])
+        if rule == "drop":
+            return Verdict(send=[])
+        if rule == "duplicate":
+            return Verdict(send=[message, list(message)])
+        if rule == "delay":
+            return Verdict(send=[message], delay=0.2)
+        if rule == "fail":
+            return Verdict(fail="test")
+        return None
+
+
+async def test_fault_seam_drop_duplicate_delay_fail(tmp_path: Path) -> None:
+    double = Double()
+    with trio.fail_after(20):
+        async with domains(tmp_path, "socket", "unix", faults=double) as (back, front):
+            page = front.alloc_pages(1)[0]
+            page.view[:3] = b"abc"
+            gref = front.grants.grant_access(0, page.frame)
+            unbound = await front.alloc_unbound(0)
+            bound = await back.bind_interdomain(1, unbound.port)
+            buf = bytearray(3)
+            copy = [CopyOp(CopyDirection.FROM_REMOTE, 1, gref, 0, 3, memoryview(buf))]
+
+            # drop: the event never arrives (a copy round trip later proves it was not late)
+            double.rules[Msg.EVENT] = "drop"
+            bound.notify()
+            assert await back.grant_copy(copy) == [GNTST.GNTST_okay]
+            assert not unbound.pending
+
+            # duplicate: the granter answers the copy twice; the second reply is ignored
+            double.rules = {Msg.COPY: "duplicate"}
+            link = front.link_to(0)
+            assert link is not None
+            before = link.messages_received
+            assert await back.grant_copy(copy) == [GNTST.GNTST_okay]
+            assert bytes(buf) == b"abc"
+            assert link.messages_received - before == 2
+
+            # delay: the event arrives, later
+            double.rules = {Msg.EVENT: "delay"}
+            start = trio.current_time()
+            bound.notify()
+            await unbound.wait()
+            assert trio.current_time() - start >= 0.2
+
+            # fail: the link breaks like a dead peer
+            double.rules = {Msg.COPY: "fail"}
+            with pytest.raises(PeerGone):
+                await back.grant_copy(copy)
+            assert Msg.EVENT in double.seen and Msg.BIND in double.seen

@@ -1,0 +1,146 @@
+"""Domains in two processes: peer death during map and copy, and the ring property test."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.integration import hv_ring
+from tests.integration.hv_pair import TRANSPORT_IDS, TRANSPORTS, endpoint_for, peer_process
+from xenpv.hv import (
+    CopyDirection,
+    CopyOp,
+    EventChannelClosed,
+    PeerGone,
+    StaticDirectory,
+    open_domain,
+)
+from xenpv.identity import DomainKey
+
+pytestmark = pytest.mark.parametrize(("transport", "kind"), TRANSPORTS, ids=TRANSPORT_IDS)
+
+
+async def test_peer_killed_during_map(tmp_path: Path, transport: str, kind: str) -> None:
+    with trio.fail_after(30):
+        directory = StaticDirectory()
+        key = DomainKey.generate(0)
+        async with open_domain(
+            domid=0,
+            key=key,
+            directory=directory,
+            endpoint=endpoint_for(tmp_path, 0, kind),
+            transport=transport,
+        ) as back:
+            directory.register(0, back.endpoint, key.public_hex())
+            child_key = DomainKey.generate(1)
+            endpoint = endpoint_for(tmp_path, 1, kind)
+            async with peer_process("stall", 1, child_key, endpoint, transport, back, 0) as peer:
+                ready = await peer.line()
+                directory.register(1, ready["ready"], child_key.public_hex())
+                grant = await peer.line()
+                outcome: list[BaseException] = []
+
+                async def map_it() -> None:
+                    try:
+                        await back.map_grants(1, [grant["gref"]])
+                    except PeerGone as exc:
+                        outcome.append(exc)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(map_it)
+                    assert await peer.line() == {"stalled": True}  # the request is pending
+                    peer.kill()
+                assert len(outcome) == 1 and isinstance(outcome[0], PeerGone)
+                with pytest.raises(PeerGone):  # and the peer is gone for new operations too
+                    await back.map_grants(1, [grant["gref"]])
+
+
+async def test_peer_killed_during_copy(tmp_path: Path, transport: str, kind: str) -> None:
+    with trio.fail_after(30):
+        directory = StaticDirectory()
+        key = DomainKey.generate(0)
+        async with open_domain(
+            domid=0,
+            key=key,
+            directory=directory,
+            endpoint=endpoint_for(tmp_path, 0, kind),
+            transport=transport,
+        ) as back:
+            directory.register(0, back.endpoint, key.public_hex())
+            child_key = DomainKey.generate(1)
+            endpoint = endpoint_for(tmp_path, 1, kind)
+            # two replies get through (map, bind), everything after stalls
+            async with peer_process("stall", 1, child_key, endpoint, transport, back, 2) as peer:
+                ready = await peer.line()
+                directory.register(1, ready["ready"], child_key.public_hex())
+                grant = await peer.line()
+                mapping = await back.map_grants(1, [grant["gref"]])
+                assert bytes(mapping.view[:4]) == b"live"
+                channel = await back.bind_interdomain(1, grant["port"])
+                buf = bytearray(4)
+                copy = [CopyOp(CopyDirection.FROM_REMOTE, 1, grant["gref"], 0, 4, memoryview(buf))]
+                outcome: list[BaseException] = []
+
+                async def copy_it() -> None:
+                    try:
+                        while True:  # on shm copies need no round trip: stall on an unmap
+                            await back.grant_copy(copy)
+                            if mapping.shared:
+                                await mapping.unmap()
+                    except PeerGone as exc:
+                        outcome.append(exc)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(copy_it)
+                    assert await peer.line() == {"stalled": True}
+                    peer.kill()
+                assert len(outcome) == 1
+                with pytest.raises(EventChannelClosed):
+                    await channel.wait()
+                if not mapping.shared:
+                    with pytest.raises(PeerGone):
+                        mapping.view  # noqa: B018 (a dead mapping refuses use)
+                with pytest.raises(PeerGone):
+                    await back.grant_copy(copy)
+
+
+@settings(
+    max_examples=2,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(seed=st.integers(min_value=0, max_value=2**32))
+async def test_ring_of_records_between_processes(seed: int, transport: str, kind: str) -> None:
+    count = 3000
+    with trio.fail_after(60), tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        directory = StaticDirectory()
+        key = DomainKey.generate(1)
+        async with open_domain(
+            domid=1,
+            key=key,
+            directory=directory,
+            endpoint=endpoint_for(tmp_path, 1, kind),
+            transport=transport,
+        ) as front:
+            directory.register(1, front.endpoint, key.public_hex())
+            page = front.alloc_pages(1)[0]
+            hv_ring.init(page)
+            gref = front.grants.grant_access(2, page.frame)
+            channel = await front.alloc_unbound(2)
+            child_key = DomainKey.generate(2)
+            endpoint = endpoint_for(tmp_path, 2, kind)
+            args = (gref, channel.port, seed, count)
+            async with peer_process(
+                "consumer", 2, child_key, endpoint, transport, front, *args
+            ) as consumer:
+                ready = await consumer.line()
+                directory.register(2, ready["ready"], child_key.public_hex())
+                await hv_ring.produce(page, channel, seed, count)
+                result = await consumer.line()
+                assert result == {"consumed": count, "transport": transport}
