@@ -34,9 +34,10 @@ def get(buf: object, off: int) -> int:
 @pytest.mark.parametrize("coherence_events", [True, False], ids=["rule", "without-rule"])
 async def test_dekker_race_needs_update_events(tmp_path: Path, coherence_events: bool) -> None:
     with trio.fail_after(20):
-        async with domains(
-            tmp_path, "socket", "unix", coherence_events=coherence_events
-        ) as (back, front):
+        async with domains(tmp_path, "socket", "unix", coherence_events=coherence_events) as (
+            back,
+            front,
+        ):
             page = front.alloc_pages(1)[0]  # producer (frontend) owns the page
             gref = front.grants.grant_access(0, page.frame)
             producer_port = await front.alloc_unbound(0)

@@ -62,10 +62,10 @@ async def test_garbage_dialer_does_not_hurt_the_listener(tmp_path: Path) -> None
 
 async def test_transport_choice(tmp_path: Path) -> None:
     with trio.fail_after(20):
-        async with domains(tmp_path, "auto", "unix") as (back, front):
+        async with domains(tmp_path, "auto", "unix") as (back, _front):
             await back.connect(1)
             assert back.link_to(1).transport == "shm"  # type: ignore[union-attr]
-        async with domains(tmp_path, "auto", "tcp") as (back, front):
+        async with domains(tmp_path, "auto", "tcp") as (back, _front):
             await back.connect(1)
             assert back.link_to(1).transport == "socket"  # type: ignore[union-attr]
         async with domains(tmp_path, "shm", "tcp") as (back, _front):
