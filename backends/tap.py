@@ -12,6 +12,8 @@ partial-checksum metadata whatever we offered: the kernel always accepts them.
 Every frame read or written is preceded by the virtio-net header (`VirtioNetHdr`), whose
 16-bit fields use the host's byte order, as the TAP driver's legacy (default) setting does.
 I/O is non-blocking: trio waits for readability / writability on the descriptor.
+`run_tap_port()` plugs a TAP into the backend's switch, carrying each frame's header as the
+switch metadata, so GSO and checksum state cross the switch untouched.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from types import TracebackType
 import structlog
 import trio
 
+from backends.switch import SwitchError, SwitchPort
 from xenpv.errors import XenpvError
 
 log = structlog.get_logger()
@@ -252,3 +255,31 @@ class Tap:
     def _check_open(self) -> None:
         if self._closed:
             raise TapError(f"TAP {self.name} is closed")
+
+
+async def run_tap_port(tap: Tap, port: SwitchPort[VirtioNetHdr]) -> None:
+    """Plug `tap` into a switch: frames the kernel sends go into `port`, frames the switch
+    sends out of `port` go to the kernel, each with its virtio-net header as the switch's
+    metadata. Runs until cancelled, the port is detached or the TAP fails to read. A frame the
+    kernel refuses (bad offload metadata from some guest) is logged and dropped."""
+
+    async def kernel_to_switch() -> None:
+        while True:
+            hdr, frame = await tap.read_frame()
+            try:
+                port.send(frame, hdr)
+            except SwitchError:  # detached
+                nursery.cancel_scope.cancel()
+                return
+
+    async def switch_to_kernel() -> None:
+        async for frame, hdr in port:
+            try:
+                await tap.write_frame(hdr or NO_OFFLOAD, frame)
+            except TapError as exc:
+                log.warning("tap.frame_refused", tap=tap.name, length=len(frame), error=str(exc))
+        nursery.cancel_scope.cancel()  # detached
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(kernel_to_switch)
+        nursery.start_soon(switch_to_kernel)
