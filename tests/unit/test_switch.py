@@ -169,6 +169,7 @@ event = st.one_of(
     ),
     st.tuples(st.just("remove"), st.sampled_from(PORTS), st.just(0), st.just(None)),
     st.tuples(st.just("add"), st.sampled_from(PORTS), st.just(0), st.just(None)),
+    st.tuples(st.just("tick"), st.just(""), st.sampled_from([1, 100, 299, 300]), st.just(None)),
 )
 
 
@@ -177,10 +178,18 @@ event = st.one_of(
 def test_forwarding_matches_a_model_and_never_reflects(
     events: list[tuple[str, str, int, int | None]],
 ) -> None:
-    sw: Switch[str] = Switch(clock=Clock())
+    clock = Clock()
+    sw: Switch[str] = Switch(clock=clock)
     ports: list[str] = []
-    model: dict[bytes, str] = {}  # no ageing within one run: the clock never moves
+    learned: dict[bytes, tuple[str, float]] = {}  # mac -> (port, last seen)
+
+    def model() -> dict[bytes, str]:
+        return {m: p for m, (p, t) in learned.items() if t + DEFAULT_AGEING_TIME > clock.now}
+
     for kind, port, src, dst in events:
+        if kind == "tick":
+            clock.now += src
+            continue
         if kind == "add":
             if port not in ports:
                 sw.add_port(port)
@@ -191,11 +200,11 @@ def test_forwarding_matches_a_model_and_never_reflects(
         if kind == "remove":
             sw.remove_port(port)
             ports.remove(port)
-            model = {m: p for m, p in model.items() if p != port}
+            learned = {m: v for m, v in learned.items() if v[0] != port}
             continue
         dst_mac = BCAST if dst is None else mac(dst)
         f = frame(dst_mac, mac(src), bytes([src]) * 50)
-        model[mac(src)] = port
+        learned[mac(src)] = (port, clock.now)
         before = sum(sw.counters(p).tx_frames for p in ports)
         out = sw.receive(port, f)
         assert sum(sw.counters(p).tx_frames for p in ports) == before + len(out)
@@ -203,14 +212,14 @@ def test_forwarding_matches_a_model_and_never_reflects(
         assert port not in out_ports
         assert all(g is f for _, g in out)
         assert len(set(out_ports)) == len(out_ports)
-        owner = model.get(dst_mac)
+        owner = model().get(dst_mac)
         if dst is None or owner is None:
             assert out_ports == [p for p in ports if p != port]
         elif owner == port:
             assert out_ports == []
         else:
             assert out_ports == [owner]  # exactly one port for a learned address
-        assert {e.mac: e.port for e in sw.fdb()} == model
+        assert {e.mac: e.port for e in sw.fdb()} == model()
 
 
 @settings(max_examples=200)
