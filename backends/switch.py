@@ -25,7 +25,6 @@ travel with an opaque `meta` value (e.g. GSO and checksum state) that the switch
 
 from __future__ import annotations
 
-import enum
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -54,12 +53,15 @@ class SwitchError(XenpvError):
     """A switch was used wrongly (unknown or duplicate port, bad configuration)."""
 
 
-class DropReason(enum.Enum):
-    RUNT = "shorter than an Ethernet header"
-    BAD_SOURCE = "multicast or zero source address"
-    LINK_LOCAL = "802.1D link-local destination"
-    SAME_PORT = "destination is on the ingress port"
-    QUEUE_FULL = "egress queue full"
+@dataclass(slots=True)
+class DropCounters:
+    """Frames the switch dropped, by reason."""
+
+    runt: int = 0  # shorter than an Ethernet header
+    bad_source: int = 0  # multicast or all-zero source address
+    link_local: int = 0  # 802.1D link-local destination (not forwarded)
+    same_port: int = 0  # the destination lives on the ingress port
+    queue_full: int = 0  # a destination port's egress queue was full (trio edge)
 
 
 @dataclass(slots=True)
@@ -81,11 +83,6 @@ class FdbEntry(Generic[P]):
 
 def format_mac(mac: bytes) -> str:
     return ":".join(f"{b:02x}" for b in mac)
-
-
-def is_multicast(mac: bytes) -> bool:
-    """True for group addresses (broadcast included): the I/G bit of the first octet."""
-    return bool(mac[0] & 1)
 
 
 @dataclass(slots=True)
@@ -112,7 +109,7 @@ class Switch(Generic[P]):
         # Ordered by last sighting, oldest first: ageing and eviction both pop from the front.
         self._fdb: OrderedDict[bytes, _Entry[P]] = OrderedDict()
         self._ports: dict[P, PortCounters] = {}
-        self.drops: dict[DropReason, int] = dict.fromkeys(DropReason, 0)
+        self.drops = DropCounters()
 
     # --- ports ---------------------------------------------------------------------------
 
@@ -139,28 +136,48 @@ class Switch(Generic[P]):
 
     def receive(self, port: P, frame: bytes) -> list[tuple[P, bytes]]:
         """A frame entered on `port`: learn from it and say where copies of it go."""
-        rx = self._counters(port)
+        rx = self._ports.get(port)
+        if rx is None:
+            raise SwitchError(f"no port {port!r} on this switch")
+        size = len(frame)
         rx.rx_frames += 1
-        rx.rx_bytes += len(frame)
-        if len(frame) < ETH_HLEN:
-            return self._drop(rx, DropReason.RUNT)
+        rx.rx_bytes += size
+        drops = self.drops
+        if size < ETH_HLEN:
+            drops.runt += 1
+            rx.rx_dropped += 1
+            return []
         dst = bytes(frame[0:ETH_ALEN])
-        src = bytes(frame[ETH_ALEN : ETH_HLEN - 2])
-        if is_multicast(src) or src == ZERO_MAC:
-            return self._drop(rx, DropReason.BAD_SOURCE)
+        src = bytes(frame[ETH_ALEN : 2 * ETH_ALEN])
+        if src[0] & 1 or src == ZERO_MAC:
+            drops.bad_source += 1
+            rx.rx_dropped += 1
+            return []
         now = self._clock()
-        self._learn(src, port, now)
-        if is_multicast(dst):
-            if dst[:5] == LINK_LOCAL_PREFIX and dst[5] <= 0x0F and dst[5] != 0:
-                return self._drop(rx, DropReason.LINK_LOCAL)
+        entry = self._fdb.get(src)
+        if entry is not None and entry.port == port:  # the common case: a refresh
+            entry.updated = now
+            self._fdb.move_to_end(src)
+        else:
+            self._learn(src, port, now)
+        if dst[0] & 1:  # group address
+            if dst[:5] == LINK_LOCAL_PREFIX and 0 < dst[5] <= 0x0F:
+                drops.link_local += 1
+                rx.rx_dropped += 1
+                return []
             return self._flood(port, frame)
         entry = self._fdb.get(dst)
-        if entry is None or self._expired(entry, now):
+        if entry is None or entry.updated + self.ageing_time <= now:
             return self._flood(port, frame)
-        if entry.port == port:
-            return self._drop(rx, DropReason.SAME_PORT)
-        self._sent(entry.port, frame)
-        return [(entry.port, frame)]
+        out = entry.port
+        if out == port:
+            drops.same_port += 1
+            rx.rx_dropped += 1
+            return []
+        tx = self._ports[out]
+        tx.tx_frames += 1
+        tx.tx_bytes += size
+        return [(out, frame)]
 
     # --- forwarding database --------------------------------------------------------------
 
@@ -231,16 +248,6 @@ class Switch(Generic[P]):
                 out.append((port, frame))
         return out
 
-    def _sent(self, port: P, frame: bytes) -> None:
-        counters = self._ports[port]
-        counters.tx_frames += 1
-        counters.tx_bytes += len(frame)
-
-    def _drop(self, rx: PortCounters, reason: DropReason) -> list[tuple[P, bytes]]:
-        rx.rx_dropped += 1
-        self.drops[reason] += 1
-        return []
-
 
 # --- trio edge -----------------------------------------------------------------------------
 
@@ -260,6 +267,17 @@ class SwitchPort(Generic[M]):
     async def receive(self) -> tuple[bytes, M | None]:
         """The next frame for this port; trio.EndOfChannel once the port is detached."""
         return await self._rx.receive()
+
+    async def receive_batch(self, limit: int = 64) -> list[tuple[bytes, M | None]]:
+        """Wait for one frame, then take up to `limit` that are already queued, so a driver
+        can fill its ring and notify once per batch (trio.EndOfChannel once detached)."""
+        batch = [await self._rx.receive()]
+        while len(batch) < limit:
+            try:
+                batch.append(self._rx.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+        return batch
 
     def __aiter__(self) -> SwitchPort[M]:
         return self
@@ -315,5 +333,5 @@ class LiveSwitch(Generic[M]):
                 counters.tx_frames -= 1
                 counters.tx_bytes -= len(out)
                 counters.tx_dropped += 1
-                self.core.drops[DropReason.QUEUE_FULL] += 1
+                self.core.drops.queue_full += 1
         return queued
