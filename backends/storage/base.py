@@ -9,6 +9,11 @@ Checks happen before any byte moves, so a refused call never changes the disk. E
 then passes one interposition point, `StorageFaults.before(op, offset, length)`, which a fault
 plan may use to fail (raise) or delay (await) that call; it runs after validation, so a plan
 only ever sees well-formed calls, and before any I/O, so a failed call changes nothing.
+It is told (op, offset, length) in bytes; FLUSH passes (0, 0) and RESIZE (new size, 0).
+
+Calls may run concurrently (the backend keeps a queue depth); like a real disk, the order in
+which overlapping requests in flight reach the medium is not defined, and shrinking a disk
+under requests in flight makes those that end past the new size fail with an I/O error.
 """
 
 from __future__ import annotations
@@ -92,6 +97,9 @@ class Storage(Protocol):
     """A disk as the block backend sees it. Implementations: `RawImage`, `MemoryDisk`."""
 
     def info(self) -> StorageInfo: ...
+
+    @property
+    def closed(self) -> bool: ...
 
     async def readinto(self, offset: int, buffers: Sequence[ReadBuffer]) -> None:
         """Fill `buffers` in order (scatter) from the disk starting at `offset`."""
