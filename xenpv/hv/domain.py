@@ -312,7 +312,7 @@ class Domain:
         if link is None or link.dead is not None:
             channel.peer_closed(f"no link to domain {channel.remote_domid}")
             raise EventChannelClosed(f"port {channel.port}: domain {channel.remote_domid} is gone")
-        link.send([Msg.EVENT, channel.remote_port])
+        link.send_now([Msg.EVENT, channel.remote_port])
 
     def close_port(self, channel: EventChannel) -> None:
         if self._ports.get(channel.port) is channel:

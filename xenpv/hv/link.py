@@ -14,6 +14,7 @@ the domain is told (ports close, mappings die, the peer's pins are dropped).
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -86,10 +87,12 @@ class Link:
         self.shared = shared
         self.dead: str | None = None
         self._stream = stream
+        self._fd = stream.socket.fileno()
         self._faults = faults
         self._out: list[bytes | float] = []
         self._dirty: list[list[Any]] = []  # [whose, gref, offset, length, source, start]
         self._idle: trio.Event | None = None
+        self._sending = False
         self._pending: dict[int, _Call] = {}
         self._next_id = 1
         self._pack = msgpack.Packer(use_bin_type=True).pack
@@ -109,33 +112,58 @@ class Link:
 
     # -- sending ----------------------------------------------------------------------------
 
-    def send(self, message: Message) -> None:
+    def send(self, message: Message, *, wake: bool = True) -> None:
         """Queue `message` (after any pending replica writes); never blocks."""
         if self.dead is not None:
             raise PeerGone(f"link to domain {self.peer} is dead: {self.dead}")
         if self._dirty:
             self._queue_update()
         self._enqueue(message)
+        if wake:
+            self._wake_writer()
 
-    def _enqueue(self, message: Message) -> None:
-        if self._faults is None:
-            self._out.append(self._pack(message))
-        else:
-            verdict = self._faults.on_send(self.host.domid, self.peer, message)
-            if verdict is None:
-                self._out.append(self._pack(message))
-            else:
-                if verdict.fail is not None:
-                    self.close(f"injected fault: {verdict.fail}")
-                    return
-                if verdict.delay > 0:
-                    self._out.append(float(verdict.delay))
-                for m in verdict.send:
-                    self._out.append(self._pack(m))
+    def send_now(self, message: Message) -> None:
+        """`send`, then write the queue to the socket at once unless the writer is mid-send.
+
+        Used for notifications (a doorbell, like the EVTCHNOP_send hypercall): it saves the
+        writer task's wake-up on the latency path. Bytes the socket does not take at once are
+        left to the writer, so order is kept and nothing blocks.
+        """
+        self.send(message, wake=False)
+        out = self._out
+        if self._sending or not out or any(type(item) is float for item in out):
+            self._wake_writer()
+            return
+        data: bytes = out[0] if len(out) == 1 else b"".join(out)  # type: ignore[arg-type]
+        try:
+            sent = os.write(self._fd, data)
+        except OSError:  # would block, or broken (the writer will report it)
+            sent = 0
+        self._out = [] if sent == len(data) else [data[sent:]]
+        if self._out:
+            self._wake_writer()
+
+    def _wake_writer(self) -> None:
         idle = self._idle
         if idle is not None:
             self._idle = None
             idle.set()
+
+    def _enqueue(self, message: Message) -> None:
+        if self._faults is None:
+            self._out.append(self._pack(message))
+            return
+        verdict = self._faults.on_send(self.host.domid, self.peer, message)
+        if verdict is None:
+            self._out.append(self._pack(message))
+            return
+        if verdict.fail is not None:
+            self.close(f"injected fault: {verdict.fail}")
+            return
+        if verdict.delay > 0:
+            self._out.append(float(verdict.delay))
+        for m in verdict.send:
+            self._out.append(self._pack(m))
 
     def add_dirty(
         self, whose: int, gref: int, offset: int, length: int, source: memoryview, start: int
@@ -156,10 +184,7 @@ class Link:
                 last[3] += length
                 return
         else:
-            idle = self._idle
-            if idle is not None:
-                self._idle = None
-                idle.set()
+            self._wake_writer()
         dirty.append([whose, gref, offset, length, source, start])
 
     def frame_written(
@@ -174,7 +199,7 @@ class Link:
             for whose, gref, offset, length, source, start in self._dirty
         ]
         self._dirty = []
-        self._enqueue([Msg.UPDATE, entries])
+        self._enqueue([Msg.UPDATE, entries])  # the caller wakes the writer (or is the writer)
 
     async def call(self, message: Message) -> list[Any]:
         """Send a request (`message[1]` is filled with a fresh id) and await its REPLY."""
@@ -228,6 +253,9 @@ class Link:
                 if self._dirty:
                     self._queue_update()
                 out, self._out = self._out, []
+                if not out:
+                    continue
+                self._sending = True
                 chunk: list[bytes] = []
                 for item in out:
                     if isinstance(item, float):
@@ -239,6 +267,7 @@ class Link:
                         chunk.append(item)
                 if chunk:
                     await self._stream.send_all(chunk[0] if len(chunk) == 1 else b"".join(chunk))
+                self._sending = False
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.close(f"send failed: {exc}")
 
