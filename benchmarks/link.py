@@ -277,7 +277,8 @@ def _child_main(argv: list[str]) -> None:
     if argv[0] == "echo":
         trio.run(_echo, argv[1])
     else:
-        trio.run(_domain, *argv[1:6])
+        transport, endpoint, seed, peer_endpoint, pubkey = argv[1:6]
+        trio.run(_domain, transport, endpoint, seed, peer_endpoint, pubkey)
 
 
 if __name__ == "__main__":

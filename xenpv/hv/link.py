@@ -134,7 +134,7 @@ class Link:
         if self._sending or not out or any(type(item) is float for item in out):
             self._wake_writer()
             return
-        data: bytes = out[0] if len(out) == 1 else b"".join(out)  # type: ignore[arg-type]
+        data = b"".join(out)  # type: ignore[arg-type]  # no floats: checked above
         try:
             sent = os.write(self._fd, data)
         except OSError:  # would block, or broken (the writer will report it)
