@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from xenpv.hv.errors import LinkError
 from xenpv.identity import link_path, pubkey_path
+from xenpv.xenstore.wire import XsError
 
 if TYPE_CHECKING:
     from xenpv.xenstore.client import XenstoreClient
@@ -40,8 +41,11 @@ class XenstoreDirectory:
         self._xs = xs
 
     async def lookup(self, domid: int) -> tuple[str, str]:
-        endpoint = await self._xs.try_read(link_path(domid))
-        pubkey = await self._xs.try_read(pubkey_path(domid))
+        try:
+            endpoint = await self._xs.try_read(link_path(domid))
+            pubkey = await self._xs.try_read(pubkey_path(domid))
+        except XsError as exc:
+            raise LinkError(f"cannot look up domain {domid} in xenstore: {exc}") from None
         if endpoint is None or pubkey is None:
             raise LinkError(f"domain {domid} has no published link endpoint or key")
         return endpoint.decode(), pubkey.decode()

@@ -259,6 +259,9 @@ class Domain:
                 self._accepting.discard(peer)
         self._register(stream, est)
 
+    def linked_peers(self) -> list[int]:
+        return [peer for peer, link in self._links.items() if link.dead is None]
+
     def disconnect(self, peer: int, reason: str = "disconnected") -> None:
         """Break the link to `peer` (e.g. the toolstack released it): as if it had died."""
         link = self._links.get(peer)
