@@ -407,14 +407,14 @@ class BlkifProtocol:
                     id=self._rw.unpack_from(data)[3],
                     operation=operation,
                 )
-            seg_struct = self._seg_structs[nr_segments]
-            if len(data) < seg_struct.size:
+            try:
+                values = self._seg_structs[nr_segments].unpack_from(data)
+            except struct.error:
                 raise BlkifError(
                     f"{len(data)}-byte request cannot hold {nr_segments} segments",
                     id=self._rw.unpack_from(data)[3],
                     operation=operation,
-                )
-            values = seg_struct.unpack_from(data)
+                ) from None
             max_sect = _MAX_SECT_4K if granule == XEN_PAGE_SIZE else max_sector_in_frame(granule)
             if nr_segments == 1 and values[6] <= values[7] <= max_sect:  # a 4 KiB request
                 segment = BlkifSegment(values[5], values[6], values[7])
@@ -488,10 +488,12 @@ class BlkifProtocol:
 
     def decode_response(self, data: bytes) -> BlkifResponse:
         """Decode one response copied out of the ring (every field value is representable)."""
-        if len(data) < self._response.size:
-            raise BlkifError(f"{len(data)}-byte blkif response, need {self._response.size}")
-        id, operation, status = self._response.unpack_from(data)
-        return BlkifResponse(id, operation, status)
+        try:
+            return BlkifResponse(*self._response.unpack_from(data))
+        except struct.error:
+            raise BlkifError(
+                f"{len(data)}-byte blkif response, need {self._response.size}"
+            ) from None
 
 
 BLKIF_X86_64: Final = BlkifProtocol(XEN_IO_PROTO_ABI_X86_64, packed=False)

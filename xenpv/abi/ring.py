@@ -16,9 +16,20 @@ to a power of two. Indexes are free-running 32-bit counters (`RING_IDX`) that wr
 `SharedBuffer.written` in order keeps a socket-copy replica coherent (ARCHITECTURE.md).
 
 The front and back private states (`struct <name>_front_ring` / `_back_ring`) are the
-attributes `req_prod_pvt` / `rsp_cons` and `rsp_prod_pvt` / `req_cons`. Methods map one to one
-to the macros, named after them; every notify decision and every shared byte is the one the C
-macros produce (checked against the installed headers by tests/interop/test_headers_ring.py).
+attributes `req_prod_pvt` / `rsp_cons` and `rsp_prod_pvt` / `req_cons`. Each method's
+docstring names the macro it implements; every notify decision and every shared byte is the
+one the C macros produce (checked against the installed headers, step by step, by
+tests/interop/test_headers_ring.py).
+
+Typical use, a backend woken by an event:
+
+    while True:
+        while (data := back.take_request()) is not None:
+            ...decode, start the I/O, later back.put_response(...)
+        if not back.final_check_for_requests():
+            break                     # idle: the front will notify on its next push
+    if back.push_responses():
+        notify the front
 
 What we add to the macros (C leaves these to each driver):
 - an entry is copied out of the shared page once, as bytes, before anyone decodes it
@@ -133,9 +144,6 @@ class _Ring:
         self.nr_ents = layout.nr_ents(len(view))  # RING_SIZE
         self._mask = self.nr_ents - 1
         self.broken: str | None = None  # why the peer broke the ring, once it has
-
-    def _offset(self, index: int) -> int:
-        return SRING_HEADER_SIZE + (index & self._mask) * self.entry_size
 
     def _break(self, reason: str) -> RingError:
         self.broken = reason
