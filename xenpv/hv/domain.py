@@ -47,6 +47,43 @@ _BAD_COPY = int(GNTST.GNTST_bad_copy_arg)
 _EINVAL = -22
 
 
+_GNTST_VALUES = frozenset(int(s) for s in GNTST)
+_GRANULE_FRAMES = (1, 2, 4, 8, 16)
+
+
+def _violation(link: Link, what: str) -> PeerGone:
+    """A peer broke the link protocol: drop the link (as if it died) and say why."""
+    link.close(f"protocol violation: {what}")
+    return PeerGone(f"domain {link.peer} broke the link protocol: {what}")
+
+
+def _checked_map_reply(link: Link, reply: list[Any], count: int) -> tuple[list[int], list[Any]]:
+    try:
+        statuses, details = reply
+        if len(statuses) != count or any(s not in _GNTST_VALUES for s in statuses):
+            raise ValueError("bad statuses")
+        if all(s == _OK for s in statuses):
+            if len(details) != count:
+                raise ValueError("bad details")
+            for detail in details:
+                if link.shared is None:
+                    if not isinstance(detail, bytes) or len(detail) // 4096 not in _GRANULE_FRAMES:
+                        raise ValueError("bad replica contents")
+                    if len(detail) % 4096:
+                        raise ValueError("bad replica contents")
+                else:
+                    frame, nframes = detail
+                    if (
+                        type(frame) is not int
+                        or nframes not in _GRANULE_FRAMES
+                        or not 0 <= frame <= link.shared.nr_frames - nframes
+                    ):
+                        raise ValueError("frames outside the granter's memory")
+    except (ValueError, TypeError) as exc:
+        raise _violation(link, f"malformed map reply: {exc}") from None
+    return statuses, details
+
+
 class CopyDirection(enum.IntEnum):
     """Which way a grant-copy segment moves bytes, seen from the local domain."""
 
@@ -294,7 +331,10 @@ class Domain:
         channel = EventChannel(self, port, remote, None)
         self._ports[port] = channel  # reserve the number while the peer answers
         try:
-            (status,) = await link.call([Msg.BIND, 0, remote_port, port])
+            reply = await link.call([Msg.BIND, 0, remote_port, port])
+            if len(reply) != 1 or type(reply[0]) is not int:
+                raise _violation(link, "malformed bind reply")
+            status = reply[0]
         except BaseException:
             self._ports.pop(port, None)
             raise
@@ -346,7 +386,8 @@ class Domain:
         link = await self.connect(remote)
         self._maps_in_use += len(grefs)
         try:
-            statuses, details = await link.call([Msg.MAP, 0, grefs, readonly])
+            reply = await link.call([Msg.MAP, 0, grefs, readonly])
+            statuses, details = _checked_map_reply(link, reply, len(grefs))
             for gref, status in zip(grefs, statuses, strict=True):
                 if status != _OK:
                     raise GrantError(status, f"map of domain {remote} grant {gref}")
@@ -444,11 +485,20 @@ class Domain:
                 wire.append([True, op.gref, op.offset, op.length, bytes(op.local)])
             else:
                 wire.append([False, op.gref, op.offset, op.length, None])
-        statuses, datas = await link.call([Msg.COPY, 0, wire])
-        for index, status, data in zip(indexes, statuses, datas, strict=True):
-            results[index] = status
-            if status == _OK and data is not None:
-                ops[index].local[:] = data
+        reply = await link.call([Msg.COPY, 0, wire])
+        try:
+            statuses, datas = reply
+            for index, status, data in zip(indexes, statuses, datas, strict=True):
+                op = ops[index]
+                if status not in _GNTST_VALUES:
+                    raise ValueError(f"status {status!r}")
+                if status == _OK and op.direction == CopyDirection.FROM_REMOTE:
+                    if not isinstance(data, bytes) or len(data) != op.length:
+                        raise ValueError("copy data of the wrong size")
+                    op.local[:] = data
+                results[index] = status
+        except (ValueError, TypeError) as exc:
+            raise _violation(link, f"malformed copy reply: {exc}") from None
 
     # -- incoming messages -----------------------------------------------------------------------
 
