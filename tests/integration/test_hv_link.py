@@ -6,6 +6,7 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 import trio
 
@@ -19,6 +20,7 @@ from xenpv.hv import (
     PeerGone,
     StaticDirectory,
     Verdict,
+    handshake,
     open_domain,
 )
 from xenpv.identity import DomainKey
@@ -151,3 +153,41 @@ async def test_fault_seam_drop_duplicate_delay_fail(tmp_path: Path) -> None:
             with pytest.raises(PeerGone):
                 await back.grant_copy(copy)
             assert Msg.EVENT in double.seen and Msg.BIND in double.seen
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\xc1",  # a byte msgpack never uses
+        msgpack.packb("not a list"),
+        msgpack.packb([99, 1]),  # unknown message type
+        msgpack.packb([Msg.UPDATE, [[1, 8, 0, b"x"]]]),  # writes a grant it never mapped
+        msgpack.packb([Msg.MAP, 1, "grefs", False]),
+        msgpack.packb([Msg.COPY, 1, [[True, 8, 0]]]),
+    ],
+)
+async def test_authenticated_peer_sending_garbage_loses_its_link(
+    tmp_path: Path, garbage: bytes
+) -> None:
+    with trio.fail_after(20):
+        async with domains(tmp_path, "socket", "unix", (0, 1, 2)) as (back, front, hostile):
+            front.grants.grant_access(2, front.alloc_pages(1)[0].frame)
+            stream = await trio.open_unix_socket(str(tmp_path / "dom1.sock"))
+            await handshake.dial(
+                stream,
+                key=hostile.key,
+                peer=1,
+                peer_pubkey=front.key.public_hex(),
+                transport="socket",
+                memory_fd=hostile.memory.fd,
+                layout=handshake.Layout(hostile.memory.nr_frames, 16, hostile.memory.size),
+            )
+            await stream.send_all(garbage)
+            with contextlib.suppress(trio.BrokenResourceError):
+                while await stream.receive_some(65536):
+                    pass  # until the domain drops the link
+            await stream.aclose()
+            unbound = await front.alloc_unbound(0)
+            bound = await back.bind_interdomain(1, unbound.port)  # still serving others
+            bound.notify()
+            await unbound.wait()
