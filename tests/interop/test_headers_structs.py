@@ -62,9 +62,14 @@ PROGRAMS = ("abi_layout", "abi_encode", "ring_ops")
 VARIANTS = {"native": BLKIF_X86_64, "x86_32": BLKIF_X86_32}
 
 
+_BUILT: dict[tuple[str, str], Path] = {}  # shared by every module that uses the fixture
+
+
 @pytest.fixture(scope="session")
 def c_programs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
     """Every C program of tests/interop/c, built once per session, native and x86_32."""
+    if _BUILT:
+        return _BUILT
     out = tmp_path_factory.mktemp("xen-abi-c")
     built = {}
     for name in PROGRAMS:
@@ -77,7 +82,8 @@ def c_programs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str]
             result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
             assert result.returncode == 0, f"{' '.join(cmd)}:\n{result.stderr}"
             built[name, variant] = exe
-    return built
+    _BUILT.update(built)
+    return _BUILT
 
 
 def run_c(exe: Path, stdin: str) -> list[str]:
