@@ -26,12 +26,13 @@ class XsPerm(IntFlag):
     XS_PERM_OWNER = 8
 
 
-READ = XsPerm.XS_PERM_READ
-WRITE = XsPerm.XS_PERM_WRITE
-OWNER = XsPerm.XS_PERM_OWNER
+# Plain ints on the hot path (IntFlag arithmetic is slow).
+READ = int(XsPerm.XS_PERM_READ)
+WRITE = int(XsPerm.XS_PERM_WRITE)
+OWNER = int(XsPerm.XS_PERM_OWNER)
 ALL = READ | WRITE | OWNER
 
-_LETTER_TO_BITS = {"n": 0, "r": int(READ), "w": int(WRITE), "b": int(READ | WRITE)}
+_LETTER_TO_BITS = {"n": 0, "r": READ, "w": WRITE, "b": READ | WRITE}
 _BITS_TO_LETTER = {bits: letter for letter, bits in _LETTER_TO_BITS.items()}
 
 
@@ -78,7 +79,7 @@ def perm_for(perms: Perms, domid: int, privileged: bool, target: int | None) -> 
     """Access bits a connection of `domid` has on a node with `perms` (C `perm_for_conn`)."""
     owner = perms[0].domid
     if privileged or owner == domid or (target is not None and owner == target):
-        return int(ALL)
+        return ALL
     for entry in perms[1:]:
         if entry.domid == domid or (target is not None and entry.domid == target):
             return entry.bits

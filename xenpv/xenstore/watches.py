@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from xenpv.xenstore.paths import ancestors_or_self
-
 ConnId = int
 
 
@@ -81,16 +79,23 @@ class WatchIndex:
 
     def matching(self, path: str) -> list[Watch]:
         """Watches on `path` or any ancestor (exactly `path` for a special `@` path)."""
+        by_path = self._by_path
+        if not by_path:
+            return []
         if path.startswith("@"):
             return self.exact(path)
         found: list[Watch] = []
         buckets = 0
-        by_path = self._by_path
-        for candidate in ancestors_or_self(path):
+        candidate = path
+        while True:  # path, its parent, ..., "/" (inlined ancestors_or_self: hot path)
             bucket = by_path.get(candidate)
             if bucket:
                 found.extend(bucket.values())
                 buckets += 1
+            if candidate == "/":
+                break
+            cut = candidate.rfind("/")
+            candidate = candidate[:cut] if cut > 0 else "/"
         if buckets > 1:
             found.sort(key=lambda w: w.seq)
         return found
