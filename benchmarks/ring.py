@@ -118,23 +118,21 @@ def bench_cycles(
         notifies += front.push_requests()
         # back: drain, decode, answer, one push, re-arm
         while True:
-            data = back.take_request()
-            if data is None:
-                if not back.final_check_for_requests():
-                    break
-                continue
-            request = decode_req(data)
-            back.put_response(encode_rsp(BlkifResponse(request.id, BLKIF_OP_READ, BLKIF_RSP_OKAY)))
+            for data in back.take_requests():
+                request = decode_req(data)
+                back.put_response(
+                    encode_rsp(BlkifResponse(request.id, BLKIF_OP_READ, BLKIF_RSP_OKAY))
+                )
+            if not back.final_check_for_requests():
+                break
         notifies += back.push_responses()
         # front: drain responses, re-arm
         while True:
-            data = front.take_response()
-            if data is None:
-                if not front.final_check_for_responses():
-                    break
-                continue
-            decode_rsp(data)
-            cycles += 1
+            for data in front.take_responses():
+                decode_rsp(data)
+                cycles += 1
+            if not front.final_check_for_responses():
+                break
         if time.perf_counter() >= deadline:
             break
     elapsed = time.perf_counter() - start

@@ -110,6 +110,26 @@ def test_request_response_cycle_and_notify_holdoff() -> None:
     assert back.take_request() == b"c" * 50 + bytes(62)  # slot 2 was still zero
 
 
+def test_batch_takes_copy_in_order_and_respect_the_limit() -> None:
+    buffer = LocalBuffer(PAGE)
+    start = MASK - 2  # the batch crosses the 2**32 wrap
+    _set_indexes(buffer, start)
+    front = FrontRing(buffer, BLKIF_RING, attach=True, index=start)
+    back = BackRing(buffer, BLKIF_RING, attach=True, index=start)
+    for i in range(6):
+        front.put_request(bytes([i]) * 112)
+    front.push_requests()
+    assert back.take_requests(limit=2) == [bytes([0]) * 112, bytes([1]) * 112]
+    assert back.take_requests() == [bytes([i]) * 112 for i in range(2, 6)]
+    assert back.take_requests() == []
+    for i in range(6):
+        back.put_response(bytes([i]) * 16)
+    back.push_responses()
+    assert front.take_responses(limit=0) == []
+    assert front.take_responses() == [bytes([i]) * 16 for i in range(6)]
+    assert front.rsp_cons == back.req_cons == (start + 6) & MASK
+
+
 def test_final_check_finds_work_that_raced_in() -> None:
     _, front, back = _pair()
     assert back.final_check_for_requests() is False
@@ -252,6 +272,8 @@ def test_hostile_headers_only_ever_raise_ring_errors(
             if op == "take":
                 back.take_request()
                 front.take_response()
+                back.take_requests()
+                front.take_responses(limit=3)
             elif op == "final":
                 back.final_check_for_requests()
                 front.final_check_for_responses()
@@ -334,6 +356,15 @@ class RingPair(RuleBasedStateMachine):
             assert data == self.sent.pop(0)
             self.to_answer.append(data)
 
+    @rule(limit=st.one_of(st.none(), st.integers(0, 40)))
+    def take_request_batch(self, limit: int | None) -> None:
+        pushed = len(self.sent) - self.unpushed_requests
+        expected = pushed if limit is None else min(pushed, limit)
+        taken = self._op(lambda: self.back.take_requests(limit))
+        assert taken == self.sent[:expected]
+        del self.sent[:expected]
+        self.to_answer += taken
+
     @rule()
     def back_final_check(self) -> None:
         work = self._op(self.back.final_check_for_requests)
@@ -367,6 +398,14 @@ class RingPair(RuleBasedStateMachine):
                 assert len(self.answers) == self.unpushed_responses
                 break
             assert data == self.answers.pop(0)
+
+    @rule(limit=st.one_of(st.none(), st.integers(0, 40)))
+    def take_response_batch(self, limit: int | None) -> None:
+        pushed = len(self.answers) - self.unpushed_responses
+        expected = pushed if limit is None else min(pushed, limit)
+        taken = self._op(lambda: self.front.take_responses(limit))
+        assert taken == self.answers[:expected]
+        del self.answers[:expected]
 
     @rule()
     def front_final_check(self) -> None:

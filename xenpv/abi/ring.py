@@ -24,8 +24,8 @@ tests/interop/test_headers_ring.py).
 Typical use, a backend woken by an event:
 
     while True:
-        while (data := back.take_request()) is not None:
-            ...decode, start the I/O, later back.put_response(...)
+        for data in back.take_requests():   # or take_request() one at a time
+            ...decode, start the I/O; later back.put_response(...)
         if not back.final_check_for_requests():
             break                     # idle: the front will notify on its next push
     if back.push_responses():
@@ -149,6 +149,15 @@ class _Ring:
         self.broken = reason
         return RingError(reason)
 
+    def _copy_out(self, first: int, count: int, size: int) -> list[bytes]:
+        """Copies of `count` entries (their first `size` bytes) from index `first` on."""
+        view, mask, entry_size = self._view, self._mask, self.entry_size
+        out = []
+        for index in range(first, first + count):
+            offset = SRING_HEADER_SIZE + (index & mask) * entry_size
+            out.append(bytes(view[offset : offset + size]))
+        return out
+
     def _push(self, prod: int, event: int, new: int) -> bool:
         """RING_PUSH_*_AND_CHECK_NOTIFY on the header's `prod` / `event` uint32 fields."""
         idx = self._idx
@@ -255,6 +264,15 @@ class FrontRing(_Ring):
         self.rsp_cons = (cons + 1) & RING_IDX_MASK
         return data
 
+    def take_responses(self, limit: int | None = None) -> list[bytes]:
+        """Copy out every available response (at most `limit`), in order, and advance."""
+        count = self.unconsumed_responses()
+        if limit is not None:
+            count = min(count, limit)
+        taken = self._copy_out(self.rsp_cons, count, self._rsp_size)
+        self.rsp_cons = (self.rsp_cons + count) & RING_IDX_MASK
+        return taken
+
     def final_check_for_responses(self) -> bool:
         """RING_FINAL_CHECK_FOR_RESPONSES: re-arm rsp_event, re-check; True = more work."""
         if self.unconsumed_responses():
@@ -335,6 +353,15 @@ class BackRing(_Ring):
         data = bytes(self._view[offset : offset + self._req_size])
         self.req_cons = (cons + 1) & RING_IDX_MASK
         return data
+
+    def take_requests(self, limit: int | None = None) -> list[bytes]:
+        """Copy out every available request (at most `limit`), in order, and advance."""
+        count = self.unconsumed_requests()
+        if limit is not None:
+            count = min(count, limit)
+        taken = self._copy_out(self.req_cons, count, self._req_size)
+        self.req_cons = (self.req_cons + count) & RING_IDX_MASK
+        return taken
 
     def put_response(self, data: bytes) -> None:
         """Write one response (at most `layout.rsp_size` bytes) at `rsp_prod_pvt`, unpushed.
