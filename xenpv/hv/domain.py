@@ -103,6 +103,27 @@ class CopyOp:
     local: memoryview
 
 
+class _AcceptPolicy(handshake.AcceptPolicy):
+    """Identity lookups and the tie-break for one incoming link."""
+
+    def __init__(self, domain: Domain) -> None:
+        self.domain = domain
+        self.admitted: int | None = None
+
+    async def pubkey(self, domid: int) -> str:
+        return (await self.domain.directory.lookup(domid))[1]
+
+    def admit(self, domid: int) -> bool:
+        domain = self.domain
+        if domain.link_to(domid) is not None or domid in domain._accepting:
+            return False
+        if domid in domain._dialing and domain.domid < domid:
+            return False  # our own dial wins the tie
+        domain._accepting.add(domid)
+        self.admitted = domid
+        return True
+
+
 def parse_endpoint(endpoint: str) -> tuple[str, str, int]:
     """`unix:PATH` → ("unix", PATH, 0); `tcp:HOST:PORT` → ("tcp", HOST, PORT)."""
     kind, _, rest = endpoint.partition(":")
@@ -259,31 +280,16 @@ class Domain:
                 self._nursery.start_soon(self._accept, stream)
 
     async def _accept(self, stream: trio.SocketStream) -> None:
-        domain = self
-
-        class Policy(handshake.AcceptPolicy):
-            async def pubkey(self, domid: int) -> str:
-                return (await domain.directory.lookup(domid))[1]
-
-            def admit(self, domid: int) -> bool:
-                if domain.link_to(domid) is not None or domid in domain._accepting:
-                    return False
-                if domid in domain._dialing and domain.domid < domid:
-                    return False  # our dial wins the tie
-                domain._accepting.add(domid)
-                return True
-
-        peer: int | None = None
+        policy = _AcceptPolicy(self)
         try:
             est = await handshake.accept(
                 stream,
                 key=self.key,
-                policy=Policy(),
+                policy=policy,
                 transport=self.transport,
                 memory_fd=self.memory.fd,
                 layout=self._layout,
             )
-            peer = est.peer
         except handshake.Duplicate:
             await stream.aclose()
             return
@@ -292,8 +298,8 @@ class Domain:
             await stream.aclose()
             return
         finally:
-            if peer is not None:
-                self._accepting.discard(peer)
+            if policy.admitted is not None:
+                self._accepting.discard(policy.admitted)
         self._register(stream, est)
 
     def linked_peers(self) -> list[int]:
