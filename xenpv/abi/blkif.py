@@ -305,7 +305,7 @@ class BlkifProtocol:
             for n in range(BLKIF_MAX_SEGMENTS_PER_REQUEST + 1)
         )
         request_size = self._rw_full[0].size
-        self.ring_layout = RingLayout(f"blkif[{name}]", request_size, self._response.size)
+        self.ring_layout = RingLayout(request_size, self._response.size, f"blkif[{name}]")
 
     def __repr__(self) -> str:
         return f"BlkifProtocol({self.name!r})"

@@ -119,8 +119,8 @@ XEN_NETIF_MAX_TX_SIZE: Final = 0xFFFF
 XEN_NETIF_NR_SLOTS_MIN: Final = 18
 ETH_ALEN: Final = 6
 
-NETIF_TX_RING: Final = RingLayout("netif_tx", 12, 4)  # 256 slots in 4 KiB
-NETIF_RX_RING: Final = RingLayout("netif_rx", 8, 8)  # 256 slots in 4 KiB
+NETIF_TX_RING: Final = RingLayout(12, 4, "netif_tx")  # 256 slots in 4 KiB
+NETIF_RX_RING: Final = RingLayout(8, 8, "netif_rx")  # 256 slots in 4 KiB
 EXTRA_INFO_SIZE: Final = 8
 
 _TX_REQUEST = struct.Struct("<IHHHH")  # gref, offset, flags, id, size

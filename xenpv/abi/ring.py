@@ -81,9 +81,9 @@ def rd32(x: int) -> int:
 class RingLayout:
     """The entry sizes of one ring type (`DEFINE_RING_TYPES(name, req_t, rsp_t)`)."""
 
-    name: str
     req_size: int  # sizeof(req_t)
     rsp_size: int  # sizeof(rsp_t)
+    name: str = "ring"  # for messages
 
     @property
     def entry_size(self) -> int:
