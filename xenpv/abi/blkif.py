@@ -274,7 +274,6 @@ class BlkifProtocol:
         "_rw",
         "_rw_full",
         "_seg_structs",
-        "id_offset",
         "name",
         "ring_layout",
     )
@@ -283,7 +282,6 @@ class BlkifProtocol:
         self.name = name
         # packed (x86_32): the native structs under #pragma pack(4): no hole before `id`.
         hole = "" if packed else "xxxx"
-        self.id_offset = 4 if packed else 8
         self._rw = struct.Struct(f"<BBH{hole}QQ")  # op, nr_segments, handle, id, sector
         self._discard = struct.Struct(f"<BBH{hole}QQQ")  # op, flag, handle, id, sector, nr
         # op, indirect_op, nr_segments, id, sector, handle, grefs[8], tail padding to 64
@@ -416,20 +414,12 @@ class BlkifProtocol:
                     operation=operation,
                 ) from None
             max_sect = _MAX_SECT_4K if granule == XEN_PAGE_SIZE else max_sector_in_frame(granule)
-            if nr_segments == 1 and values[6] <= values[7] <= max_sect:  # a 4 KiB request
+            if nr_segments == 1 and values[6] <= values[7] <= max_sect:  # one segment: fast path
                 segment = BlkifSegment(values[5], values[6], values[7])
                 return BlkifRequest(operation, values[3], values[4], (segment,), values[2])
-            segments: list[BlkifSegment] = []
             fields = iter(values[5:])
-            for gref, first, last in zip(fields, fields, fields, strict=True):
-                if first > last or last > max_sect:
-                    raise BlkifError(
-                        f"segment {len(segments)}: sectors {first}..{last} outside "
-                        f"0..{max_sect} of its frame",
-                        id=values[3],
-                        operation=operation,
-                    )
-                segments.append(BlkifSegment(gref, first, last))
+            segments = [BlkifSegment(*seg) for seg in zip(fields, fields, fields, strict=True)]
+            _check_segments(segments, max_sect, values[3], operation)
             return BlkifRequest(operation, values[3], values[4], tuple(segments), values[2])
         id = self._rw.unpack_from(data)[3]
         if operation == BLKIF_OP_DISCARD:
