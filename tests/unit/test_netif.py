@@ -28,6 +28,8 @@ from xenpv.abi.netif import (
     NETTXF_csum_blank,
     NETTXF_extra_info,
     NETTXF_more_data,
+    TxPacket,
+    parse_tx_packet,
     tx_fragment_sizes,
 )
 from xenpv.abi.ring import BackRing, FrontRing
@@ -175,11 +177,66 @@ def test_a_packet_with_a_gso_extra_through_the_tx_ring() -> None:
     assert front.push_requests()
     slots = [back.take_request() for _ in range(3)]
     assert all(slot is not None and len(slot) == 12 for slot in slots)
-    requests = [netif.decode_tx_request(slots[0]), netif.decode_tx_request(slots[2])]  # type: ignore[arg-type]
-    assert netif.decode_extra(slots[1]) == NetifGsoExtra(1448, XEN_NETIF_GSO_TYPE_TCPV4)  # type: ignore[arg-type]
-    assert tx_fragment_sizes(requests) == [2048, 952]
+    packet = parse_tx_packet(slots)  # type: ignore[arg-type]
+    assert packet is not None
+    assert packet.extras == [NetifGsoExtra(1448, XEN_NETIF_GSO_TYPE_TCPV4)]
+    assert [r.id for r in packet.requests] == [1, 2]
+    assert (packet.size, packet.sizes, packet.slots) == (3000, [2048, 952], 3)
     for status in (0, NETIF_RSP_NULL, 0):  # the extra slot gets a NULL response
         back.put_response(netif.encode_tx_response(NetifTxResponse(1, status)))
     back.push_responses()
     got = [netif.decode_tx_response(front.take_response() or b"") for _ in range(3)]
     assert [r.status for r in got] == [0, 1, 0]
+
+
+def _slot(r: NetifTxRequest) -> bytes:
+    return netif.encode_tx_request(r)
+
+
+def test_parse_tx_packet_waits_for_the_whole_packet() -> None:
+    first = NetifTxRequest(1, 0, NETTXF_more_data | NETTXF_extra_info, 7, 5000)
+    gso = netif.encode_extra(NetifGsoExtra(1448, 1, flags=XEN_NETIF_EXTRA_FLAG_MORE))
+    mcast = netif.encode_extra(NetifMcastExtra(XEN_NETIF_EXTRA_TYPE_MCAST_ADD, bytes(6)))
+    last = NetifTxRequest(2, 0, 0, 8, 1000)
+    slots = [_slot(first), gso, mcast, _slot(last), _slot(NetifTxRequest(3, 0, 0, 9, 60))]
+    for n in range(4):
+        assert parse_tx_packet(slots[:n]) is None
+    packet = parse_tx_packet(slots)
+    assert packet == TxPacket(
+        [first, last], [netif.decode_extra(gso), netif.decode_extra(mcast)], [4000, 1000], 4
+    )
+    assert parse_tx_packet(slots[4:]) == TxPacket([netif.decode_tx_request(slots[4])], [], [60], 1)
+
+
+def test_parse_tx_packet_errors_say_how_many_slots_to_answer() -> None:
+    crossing = [
+        _slot(NetifTxRequest(1, 4000, NETTXF_more_data, 1, 200)),
+        _slot(NetifTxRequest(1, 0, 0, 2, 50)),
+    ]
+    with pytest.raises(NetifError, match="crosses its frame") as info:
+        parse_tx_packet(crossing)
+    assert info.value.slots == 2
+    chain = [_slot(NetifTxRequest(1, 0, NETTXF_more_data, i, 100)) for i in range(19)]
+    with pytest.raises(NetifError, match="more than 18 slots") as info:
+        parse_tx_packet(chain)
+    assert info.value.slots is None  # cannot find the packet's end: fatal
+    bad_extra = [_slot(NetifTxRequest(1, 0, NETTXF_extra_info, 1, 100)), bytes(12)]
+    with pytest.raises(NetifError, match="invalid extra-info type 0") as info:
+        parse_tx_packet(bad_extra)
+    assert info.value.slots is None
+
+
+@given(st.lists(st.binary(min_size=12, max_size=12), max_size=24))
+@settings(max_examples=200)
+def test_parse_tx_packet_on_garbage(slots: list[bytes]) -> None:
+    try:
+        packet = parse_tx_packet(slots)
+    except NetifError as exc:
+        assert exc.slots is None or 1 <= exc.slots <= len(slots)
+        return
+    if packet is not None:
+        assert 1 <= packet.slots <= len(slots)
+        assert sum(packet.sizes) == packet.size
+        assert all(
+            r.offset + size <= 4096 for r, size in zip(packet.requests, packet.sizes, strict=True)
+        )

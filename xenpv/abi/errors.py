@@ -48,4 +48,15 @@ class BlkifUnsupportedOp(BlkifError):
 
 
 class NetifError(AbiError):
-    """A netif slot or packet the headers forbid (bad extra type, slot crossing a page, ...)."""
+    """A netif slot or packet the headers forbid (bad extra type, slot crossing a page, ...).
+
+    `slots` is how many tx ring slots the offending packet occupies when that is known: a
+    backend can then answer them (NETIF_RSP_ERROR, NETIF_RSP_NULL for extras) and carry on,
+    as Linux netback does when it drops a packet; None means the ring cannot be parsed
+    further (netback's xenvif_fatal_tx_err).
+    """
+
+    def __init__(self, reason: str, *, slots: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.slots = slots

@@ -9,7 +9,8 @@ encoders below return the struct's own bytes, and the ring writes only those (th
 Packet framing (netif.h "Guest transmit"): the first tx slot's `size` is the whole packet;
 later fragments carry their own size, chained by NETTXF_more_data; NETTXF_extra_info (and
 then XEN_NETIF_EXTRA_FLAG_MORE) announces extra-info slots right after the first request.
-`tx_fragment_sizes` checks a packet's chain the way Linux netback does
+`parse_tx_packet` groups tx slots into packets and `tx_fragment_sizes` checks a packet's chain
+the way Linux netback does
 (xenvif_count_requests + xenvif_tx_build_gops): no fragment may cross the end of its granted
 frame (`offset + size <= granule`, 4 KiB unless a larger grant was negotiated), and the later
 fragments cannot add up to more than the first slot announced. On receive, a response's
@@ -270,6 +271,62 @@ def tx_fragment_sizes(
                 f"+ size {size} > {granule}"
             )
     return sizes
+
+
+@dataclass(slots=True)
+class TxPacket:
+    """One guest packet as it sits on the tx ring (see `parse_tx_packet`)."""
+
+    requests: list[NetifTxRequest]  # the data slots; the first one's size is the packet's
+    extras: list[NetifExtraInfo]
+    sizes: list[int]  # each data slot's own length (`tx_fragment_sizes`)
+    slots: int  # ring slots used: data slots + extra-info slots
+
+    @property
+    def size(self) -> int:
+        return self.requests[0].size
+
+
+def parse_tx_packet(
+    slots: Sequence[bytes],
+    *,
+    granule: int = XEN_PAGE_SIZE,
+    max_slots: int = XEN_NETIF_NR_SLOTS_MIN,
+) -> TxPacket | None:
+    """The packet at the head of `slots` (copies of consecutive tx ring slots), validated.
+
+    Returns None when the packet continues past the slots given (a frontend pushes whole
+    packets, so a backend that sees this after draining the ring may call it fatal, as Linux
+    netback does). A packet of more than `max_slots` data slots is refused, as are bad extras
+    and everything `tx_fragment_sizes` refuses.
+    """
+    if not slots:
+        return None
+    first = decode_tx_request(slots[0])
+    extras: list[NetifExtraInfo] = []
+    position = 1
+    more = bool(first.flags & NETTXF_extra_info)
+    while more:
+        if position >= len(slots):
+            return None
+        extra = decode_extra(slots[position])
+        extras.append(extra)
+        position += 1
+        more = bool(extra.flags & XEN_NETIF_EXTRA_FLAG_MORE)
+    requests = [first]
+    while requests[-1].flags & NETTXF_more_data:
+        if len(requests) >= max_slots:
+            raise NetifError(f"tx packet (id {first.id}) uses more than {max_slots} slots")
+        if position >= len(slots):
+            return None
+        requests.append(decode_tx_request(slots[position]))
+        position += 1
+    try:
+        sizes = tx_fragment_sizes(requests, granule)
+    except NetifError as exc:
+        exc.slots = position
+        raise
+    return TxPacket(requests, extras, sizes, position)
 
 
 # -- rx ----------------------------------------------------------------------------------
