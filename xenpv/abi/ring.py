@@ -113,7 +113,11 @@ def shared_indexes(buffer: SharedBuffer) -> tuple[int, int, int, int]:
 
 
 class _Ring:
-    """State and checks common to both ends."""
+    """State and checks common to both ends.
+
+    A ring keeps the `buffer.view` it was built with: a transport that remaps the shared
+    memory builds new ring objects (with attach=True).
+    """
 
     __slots__ = (
         "_idx",
