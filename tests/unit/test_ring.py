@@ -8,6 +8,8 @@ wake-ups and "every changed byte was reported to `written`".
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -33,6 +35,7 @@ from xenpv.errors import XenpvError
 from xenpv.hv.buffer import LocalBuffer
 
 PAGE = 4096
+T = TypeVar("T")
 MASK = 0xFFFFFFFF
 
 
@@ -323,7 +326,7 @@ class RingPair(RuleBasedStateMachine):
         changed = [i for i in range(len(after)) if after[i] != before[i] and not covered[i]]
         assert not changed, f"bytes changed without written(): {changed[:8]}"
 
-    def _op(self, fn):  # type: ignore[no-untyped-def]
+    def _op(self, fn: Callable[[], T]) -> T:
         before, mark = bytes(self.buffer.view), len(self.buffer.dirty)
         result = fn()
         self._changes_reported(before, mark)
