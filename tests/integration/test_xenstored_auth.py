@@ -126,3 +126,20 @@ async def test_client_rejects_a_server_that_is_not_xenstored() -> None:
                 async with connect(f"tcp:127.0.0.1:{port}", key=DomainKey.generate(3)):
                     pass
             nursery.cancel_scope.cancel()
+
+
+async def test_release_drops_the_domains_connections(xenstored: Xenstored) -> None:
+    key = DomainKey.generate(5)
+    with trio.fail_after(TIMEOUT):
+        async with connect(xenstored.unix) as dom0:
+            await _publish(dom0, key)
+            await dom0.introduce(5, 1, 1)
+            stream = await _tcp_stream(xenstored)
+            await auth.client_handshake(stream, key)
+            # The guest is served...
+            await stream.send_all(Message(XsType.XS_READ, 1, 0, b"/local/domain/5\0").encode())
+            first = await stream.receive_some(65536)
+            assert first[:4] == struct.pack("<I", XsType.XS_READ)
+            # ...until the toolstack releases the domain: then its connection is closed.
+            await dom0.release(5)
+            assert await _receive_until_eof(stream) == b""
