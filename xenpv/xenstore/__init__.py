@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from xenpv.xenstore.changes import Change, ChangeFormatError
+from xenpv.xenstore.client import Transaction, XenstoreClient, XenstoreConnectionError, connect
 from xenpv.xenstore.quotas import Quotas
 from xenpv.xenstore.store import ConnId, Outcome, Store
 from xenpv.xenstore.wire import Message, XsError, XsProtocolError, XsType
@@ -15,7 +16,11 @@ __all__ = [
     "Outcome",
     "Quotas",
     "Store",
+    "Transaction",
+    "XenstoreClient",
+    "XenstoreConnectionError",
     "XsError",
     "XsProtocolError",
     "XsType",
+    "connect",
 ]
