@@ -10,7 +10,6 @@ import trio
 
 from tests.integration.conftest import Xenstored
 from xenpv.hv import EventChannelClosed, LinkError, PeerGone, XenstoreDirectory, open_domain
-from xenpv.hv.lifecycle import watch_releases
 from xenpv.identity import DomainKey, link_path, pubkey_path
 from xenpv.toolstack import ToolstackError, create_domain, destroy_domain, publish_link
 from xenpv.xenstore.client import connect
@@ -78,6 +77,7 @@ async def test_domains_link_through_xenstore_and_see_release(
                     key=back_key,
                     directory=XenstoreDirectory(dom0_xs),
                     endpoint=f"unix:{tmp_path}/dom0.sock",
+                    release_watch=dom0_xs,
                 ) as back,
                 open_domain(
                     domid=guest.domid,
@@ -86,9 +86,7 @@ async def test_domains_link_through_xenstore_and_see_release(
                     endpoint=await guest_xs.read_text(link_path(guest.domid)),
                     memory_bytes=4 << 20,
                 ) as front,
-                trio.open_nursery() as nursery,
             ):
-                nursery.start_soon(watch_releases, back, dom0_xs)
                 page = front.alloc_pages(1)[0]
                 gref = front.grants.grant_access(0, page.frame)
                 port = await front.alloc_unbound(0)
@@ -107,4 +105,3 @@ async def test_domains_link_through_xenstore_and_see_release(
                 # the released guest cannot be linked again: its key is no longer published
                 with pytest.raises(LinkError, match="no published"):
                     await back.connect(guest.domid)
-                nursery.cancel_scope.cancel()

@@ -14,7 +14,7 @@ import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
@@ -32,6 +32,9 @@ from xenpv.hv.mapping import FixedRegion, GrantMapping
 from xenpv.hv.memory import DomainMemory, Page
 from xenpv.hv.messages import Msg, Whose
 from xenpv.identity import DomainKey
+
+if TYPE_CHECKING:
+    from xenpv.xenstore.client import XenstoreClient
 
 log = structlog.get_logger()
 
@@ -717,9 +720,13 @@ async def open_domain(
     max_grants: int = DEFAULT_MAX_GRANTS,
     max_maps: int = DEFAULT_MAX_MAPS,
     coherence_events: bool = True,
+    release_watch: XenstoreClient | None = None,
 ) -> AsyncIterator[Domain]:
     """Run a domain: listen on `endpoint` (`unix:PATH` or `tcp:HOST:PORT`, port 0 = any;
-    `domain.endpoint` is the bound address). Leaving the block closes every link."""
+    `domain.endpoint` is the bound address). Leaving the block closes every link.
+
+    With `release_watch` (this domain's xenstore client) the runtime follows `@releaseDomain`
+    and drops links to released peers (`hv.lifecycle.watch_releases`)."""
     domain = Domain(
         domid=domid,
         key=key,
@@ -738,6 +745,10 @@ async def open_domain(
         async with trio.open_nursery() as nursery:
             domain._nursery = nursery
             nursery.start_soon(domain._serve, listener)
+            if release_watch is not None:
+                from xenpv.hv.lifecycle import watch_releases
+
+                nursery.start_soon(watch_releases, domain, release_watch)
             try:
                 yield domain
             finally:

@@ -233,6 +233,9 @@ class Link:
                     nursery.start_soon(self._writer)
                     await self._reader()
                     nursery.cancel_scope.cancel()
+        except Exception as exc:  # e.g. a fault hook raising: this link dies, not the domain
+            log.error("link failed", peer=self.peer, exc_info=True)
+            self.dead = self.dead or f"internal error: {exc!r}"
         finally:
             self._die(self.dead or "link closed")
             with trio.CancelScope(shield=True):
@@ -291,9 +294,12 @@ class Link:
                         handle(self, message)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.dead = self.dead or f"receive failed: {exc}"
-        except (ProtocolViolation, msgpack.UnpackException, ValueError) as exc:
+        except (ProtocolViolation, msgpack.UnpackException, ValueError, TypeError) as exc:
             log.warning("link protocol violation", peer=self.peer, error=str(exc))
             self.dead = self.dead or f"protocol violation by domain {self.peer}: {exc}"
+        except Exception as exc:  # a bug handling one peer's message must not end the domain
+            log.error("link handler failed", peer=self.peer, exc_info=True)
+            self.dead = self.dead or f"internal error handling domain {self.peer}: {exc!r}"
 
     def _on_reply(self, message: list[Any]) -> None:
         if len(message) < 2 or not isinstance(message[1], int):
