@@ -89,6 +89,7 @@ XEN_IO_PROTO_ABI_ARM: Final = "arm-abi"
 _OP_WRITE: Final = 1
 _OP_FLUSH_DISKCACHE: Final = 3
 _DATA_OPS = frozenset((BLKIF_OP_READ, BLKIF_OP_WRITE))  # INDIRECT wraps only these
+_OPS: Final = tuple(BlkifOp)  # value -> member, cheaper than BlkifOp(value)
 
 _SEGMENT = struct.Struct("<IBBxx")
 
@@ -110,7 +111,7 @@ class BlkifSegment:
 class BlkifRequest:
     """struct blkif_request: READ, WRITE, WRITE_BARRIER or FLUSH_DISKCACHE."""
 
-    operation: int
+    operation: int  # a BlkifOp member when decoded
     id: int
     sector_number: int = 0
     segments: tuple[BlkifSegment, ...] = ()
@@ -144,7 +145,7 @@ class BlkifIndirectRequest:
     the remaining entries of the 8-entry array are zero on the wire and ignored on decode.
     """
 
-    indirect_op: int  # BLKIF_OP_READ or BLKIF_OP_WRITE
+    indirect_op: int  # BLKIF_OP_READ or BLKIF_OP_WRITE (a BlkifOp member when decoded)
     id: int
     sector_number: int
     nr_segments: int
@@ -416,11 +417,11 @@ class BlkifProtocol:
             max_sect = _MAX_SECT_4K if granule == XEN_PAGE_SIZE else max_sector_in_frame(granule)
             if nr_segments == 1 and values[6] <= values[7] <= max_sect:  # one segment: fast path
                 segment = BlkifSegment(values[5], values[6], values[7])
-                return BlkifRequest(operation, values[3], values[4], (segment,), values[2])
+                return BlkifRequest(_OPS[operation], values[3], values[4], (segment,), values[2])
             fields = iter(values[5:])
             segments = [BlkifSegment(*seg) for seg in zip(fields, fields, fields, strict=True)]
             _check_segments(segments, max_sect, values[3], operation)
-            return BlkifRequest(operation, values[3], values[4], tuple(segments), values[2])
+            return BlkifRequest(_OPS[operation], values[3], values[4], tuple(segments), values[2])
         id = self._rw.unpack_from(data)[3]
         if operation == BLKIF_OP_DISCARD:
             if len(data) < self._discard.size:
@@ -464,7 +465,7 @@ class BlkifProtocol:
             )
         pages = indirect_pages(nr_segments, granule)
         return BlkifIndirectRequest(
-            indirect_op, id, sector, nr_segments, tuple(grefs[:pages]), handle
+            _OPS[indirect_op], id, sector, nr_segments, tuple(grefs[:pages]), handle
         )
 
     # -- responses --------------------------------------------------------------------

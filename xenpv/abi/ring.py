@@ -217,7 +217,7 @@ class FrontRing(_Ring):
         """RING_FULL."""
         return (self.req_prod_pvt - self.rsp_cons) & RING_IDX_MASK >= self.nr_ents
 
-    def put_request(self, data: bytes) -> None:
+    def put_request(self, data: bytes | bytearray | memoryview) -> None:
         """Write one request (at most `layout.req_size` bytes) at `req_prod_pvt`, unpushed."""
         if self.broken is not None:
             raise RingError(self.broken)
@@ -367,7 +367,7 @@ class BackRing(_Ring):
         self.req_cons = (self.req_cons + count) & RING_IDX_MASK
         return taken
 
-    def put_response(self, data: bytes) -> None:
+    def put_response(self, data: bytes | bytearray | memoryview) -> None:
         """Write one response (at most `layout.rsp_size` bytes) at `rsp_prod_pvt`, unpushed.
 
         Responses overwrite the slots of consumed requests, so there must be a consumed,
