@@ -7,6 +7,9 @@ response; both sides run their RING_FINAL_CHECK when they find the ring empty. B
 this one process on one core, on a buffer whose `written` only counts ranges (the cost a
 transport's bookkeeping adds is the transport benchmark's business).
 
+Throughput is reported per CPU-second of this process (`time.process_time`), which is what
+"on one core" means on a machine other work shares, and per wall-clock second.
+
 "batched" keeps N requests in flight (put N, push once, drain, answer all, push once);
 "one-at-a-time" does a single request per push, so every cycle pays the notify checks.
 """
@@ -73,21 +76,39 @@ def run(args: argparse.Namespace) -> int:
     for name, batch in (("one-at-a-time", 1), ("batched", args.batch)):
         r = bench_cycles(BLKIF_NATIVE, batch=batch, pages=args.pages, seconds=seconds)
         results[name] = r
-        rows.append([name, batch, r["cycles_per_s"], r["us_per_cycle"], r["notifies_per_cycle"]])
-    best = max(r["cycles_per_s"] for r in results.values())
+        rows.append(
+            [
+                name,
+                batch,
+                r["cycles_per_cpu_s"],
+                r["cycles_per_s"],
+                r["us_per_cycle"],
+                r["notifies_per_cycle"],
+            ]
+        )
+    best = max(r["cycles_per_cpu_s"] for r in results.values())
     emit(
         {
             "ring": results,
             "cycles_per_s": {name: r["cycles_per_s"] for name, r in results.items()},
+            "cycles_per_cpu_s": {name: r["cycles_per_cpu_s"] for name, r in results.items()},
             "goal_cycles_per_s": GOAL_CYCLES_PER_S,
             "goal_met": best >= GOAL_CYCLES_PER_S,
         },
         title="blkif ring: 4 KiB read request/response cycles (one core)",
-        columns=["scenario", "in flight", "cycles/s", "µs/cycle", "notifies/cycle"],
+        columns=[
+            "scenario",
+            "in flight",
+            "cycles/CPU s",
+            "cycles/wall s",
+            "CPU µs/cycle",
+            "notifies/cycle",
+        ],
         rows=rows,
         notes=[
-            f"{args.pages}-page ring, {seconds:.1f} s per scenario, "
-            f"goal {GOAL_CYCLES_PER_S:,} cycles/s"
+            f"{args.pages}-page ring, {seconds:.1f} s per scenario, goal "
+            f"{GOAL_CYCLES_PER_S:,} cycles per CPU-second (process time: a shared machine's "
+            "other load does not count against the ring; wall-clock rate shown too)"
         ],
     )
     return 0
@@ -108,6 +129,7 @@ def bench_cycles(
     next_id = 0
     deadline = time.perf_counter() + seconds
     start = time.perf_counter()
+    cpu_start = time.process_time()
     while True:
         # front: queue a batch of 4 KiB reads, one push
         for _ in range(batch):
@@ -136,11 +158,14 @@ def bench_cycles(
         if time.perf_counter() >= deadline:
             break
     elapsed = time.perf_counter() - start
+    cpu = time.process_time() - cpu_start
     return {
         "cycles": cycles,
         "seconds": round(elapsed, 3),
+        "cpu_seconds": round(cpu, 3),
         "cycles_per_s": round(cycles / elapsed),
-        "us_per_cycle": round(elapsed / cycles * 1e6, 3),
+        "cycles_per_cpu_s": round(cycles / cpu),
+        "us_per_cycle": round(cpu / cycles * 1e6, 3),
         "notifies_per_cycle": round(notifies / cycles, 3),
         "in_flight": batch,
         "ring_pages": pages,
