@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import trio
 
 from tests.integration.conftest import Xenstored
-from xenpv.xenstore.client import Transaction, connect
+from xenpv.xenstore.client import Transaction, XenstoreConnectionError, connect
 
 
 async def _wait_for(events: object, wanted: tuple[str, str]) -> None:
@@ -84,3 +85,53 @@ async def test_sigkill_loses_no_acknowledged_write(xs_workdir: Path) -> None:
         assert "journal compacted" in server.log()
     finally:
         server.stop()
+
+
+async def test_transaction_open_across_a_restart_is_retried(xs_workdir: Path) -> None:
+    server = Xenstored(xs_workdir, tcp=False)
+    server.start()
+    try:
+        with trio.fail_after(60):
+            async with connect(server.unix) as xs:
+                await xs.write("/tx/n", "1")
+                attempts = 0
+                inside = trio.Event()
+                restarted = trio.Event()
+
+                async def body(tx: Transaction) -> str:
+                    nonlocal attempts
+                    attempts += 1
+                    value = await tx.read_text("/tx/n")
+                    if attempts == 1:
+                        inside.set()
+                        await restarted.wait()  # the server dies with this transaction open
+                    await tx.write("/tx/n", str(int(value) + 1))
+                    return value
+
+                async def restart() -> None:
+                    await inside.wait()
+                    server.kill()
+                    await trio.to_thread.run_sync(server.start)
+                    restarted.set()
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(restart)
+                    assert await xs.transact(body) == "1"
+                assert attempts == 2
+                assert await xs.read_text("/tx/n") == "2"
+    finally:
+        server.stop()
+
+
+async def test_client_gives_up_after_the_reconnect_timeout(xs_workdir: Path) -> None:
+    server = Xenstored(xs_workdir, tcp=False)
+    server.start()
+    with trio.fail_after(30):
+        async with connect(server.unix, reconnect_timeout=0.5) as xs:
+            async with xs.watch("/gone", "t") as events:
+                assert await events.__anext__() == ("/gone", "t")
+                server.kill()  # and never restarted
+                with pytest.raises(XenstoreConnectionError, match="gave up"):
+                    await events.__anext__()
+            with pytest.raises(XenstoreConnectionError):
+                await xs.read("/gone")

@@ -197,3 +197,14 @@ async def test_connect_to_missing_server_is_a_clear_error(xs_workdir: Path) -> N
     with trio.fail_after(TIMEOUT), pytest.raises(XenstoreConnectionError, match="cannot connect"):
         async with connect(f"unix:{xs_workdir}/nothing"):
             pass
+
+
+async def test_errors_leave_the_client_context_unwrapped(xenstored: Xenstored) -> None:
+    with trio.fail_after(TIMEOUT):
+        with pytest.raises(XsError) as info:
+            async with connect(xenstored.unix) as xs:
+                await xs.read("/missing")
+        assert info.value.errno_name == "ENOENT"
+        with pytest.raises(KeyError):
+            async with connect(xenstored.unix):
+                raise KeyError("mine")

@@ -431,6 +431,12 @@ class XenstoreClient(_Ops):
     async def _request(
         self, type_: XsType, payload: bytes, tx: Transaction | None = None
     ) -> Message:
+        return (await self._request_on(type_, payload, tx))[0]
+
+    async def _request_on(
+        self, type_: XsType, payload: bytes, tx: Transaction | None = None
+    ) -> tuple[Message, int]:
+        """Send one request; the reply and the connection epoch it came back on."""
         if self._dead is not None:
             raise self._dead
         if self._closed:
@@ -453,7 +459,7 @@ class XenstoreClient(_Ops):
         if p.error is not None:
             raise p.error
         assert p.reply is not None
-        return _raise_for(p.reply)
+        return _raise_for(p.reply), p.epoch
 
     async def _call(self, type_: XsType, payload: bytes) -> Message:
         return await self._request(type_, payload)
@@ -503,10 +509,9 @@ class XenstoreClient(_Ops):
         for attempt in range(_MAX_TRANSACTION_ATTEMPTS):
             if attempt:
                 await trio.sleep(random.uniform(0, min(0.1, 0.001 * 2**attempt)))  # backoff
-            p_epoch = self._epoch
-            reply = await self._request(XsType.XS_TRANSACTION_START, b"\0")
+            reply, epoch = await self._request_on(XsType.XS_TRANSACTION_START, b"\0")
             tx_id = int(reply.payload.rstrip(b"\0") or b"0")
-            tx = Transaction(self, tx_id, p_epoch)
+            tx = Transaction(self, tx_id, epoch)
             try:
                 result = await fn(tx)
             except XsError as exc:
@@ -564,10 +569,27 @@ async def connect(
     """
     client = XenstoreClient(parse_address(address), key, reconnect_timeout)
     stream = await client._open_stream()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(client._run, stream)
-        try:
-            yield client
-        finally:
-            client._closed = True
-            nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client._run, stream)
+            try:
+                yield client
+            finally:
+                client._closed = True
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The nursery only runs the connection task, which handles its own errors: give
+        # the caller back the exception its own code raised, not a group around it.
+        leaf = _single_leaf(group)
+        if leaf is None:
+            raise
+        raise leaf from None
+
+
+def _single_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    while len(group.exceptions) == 1:
+        only = group.exceptions[0]
+        if not isinstance(only, BaseExceptionGroup):
+            return only
+        group = only
+    return None
