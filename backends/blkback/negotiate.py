@@ -1,0 +1,209 @@
+"""The vbd handshake's xenstore keys, backend side, as pure functions.
+
+ADVERTISE (backend → InitWait), in xen_blkbk_probe's order: `feature-max-indirect-segments`
+(only when indirect requests are offered: blkif.h says a backend that does not recognise
+BLKIF_OP_INDIRECT must not create it), `multi-queue-max-queues`, `max-ring-page-order`, and
+`feature-persistent` (recent Linux writes it again at connect; we write it at both steps).
+
+CONNECT reads the frontend's keys as `connect_ring` / `read_per_ring_refs` do:
+- `protocol`: missing → native (x86_64-abi); unknown → fatal;
+- `feature-persistent`: read as xenbus_read_unsigned (missing or junk → 0);
+- `multi-queue-num-queues`: default 1; 0 or above what we offered → fatal;
+- `ring-page-order` from the frontend's top directory (also with several queues): present →
+  `ring-ref0..N-1` in each queue's directory, above what we offered → fatal; absent → a
+  single `ring-ref`;
+- `event-channel` in each queue's directory (`queue-N/` when there are several queues).
+and then publishes, in `connect()`'s order: `feature-flush-cache`, the discard keys,
+`feature-barrier`, `feature-persistent`, `sectors` (512-byte units, whatever the sector
+size, as `vbd_sz`), `info`, `sector-size`, `physical-sector-size`. Features that are off are
+written as 0 rather than left out, so a key left by a previous backend instance with another
+configuration cannot mislead the frontend; frontends treat 0 and absent alike.
+
+`feature-large-sector-size` is a *frontend* key (blkif.h); like Linux blkback we neither
+require nor read it: sector-based quantities on the ring stay in 512-byte units and requests
+on a 4096-byte-sector disk must be aligned to 8 of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from backends.blkback.config import BackendConfig
+from backends.storage import StorageInfo
+from xenpv.abi.blkif import BlkifProtocol, VdiskInfo, blkif_protocol
+from xenpv.abi.errors import BlkifError
+from xenpv.errors import XenpvError
+
+FrontendKeys = Mapping[str, str | None]
+KeyValues = dict[str, str | int | bytes]
+
+
+class NegotiationError(XenpvError):
+    """The frontend published keys a backend cannot connect with (Linux: xenbus_dev_fatal)."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueParams:
+    """One queue's ring: its grant references (one per 4 KiB ring page) and event channel."""
+
+    ring_refs: tuple[int, ...]
+    event_channel: int
+
+
+@dataclass(frozen=True, slots=True)
+class FrontendParams:
+    """What the frontend asked for, validated against what the backend offered."""
+
+    protocol: BlkifProtocol
+    ring_page_order: int
+    persistent: bool  # both ends want persistent grants
+    queues: tuple[QueueParams, ...]
+    cdrom: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceFeatures:
+    """What the backend publishes at connect and then enforces on every request."""
+
+    flush: bool
+    barrier: bool
+    discard: bool
+    discard_secure: bool
+    persistent: bool
+
+
+def advertise_keys(config: BackendConfig) -> KeyValues:
+    """The keys written with InitWait."""
+    keys: KeyValues = {}
+    if config.max_indirect_segments > 0:
+        keys["feature-max-indirect-segments"] = config.max_indirect_segments
+    keys["multi-queue-max-queues"] = config.max_queues
+    keys["max-ring-page-order"] = config.max_ring_page_order
+    keys["feature-persistent"] = int(config.persistent)
+    return keys
+
+
+def device_features(config: BackendConfig, info: StorageInfo) -> DeviceFeatures:
+    """The device's features: the toolstack's offer intersected with the disk's abilities."""
+    flush = config.flush and info.flush and not info.read_only
+    discard = config.discard and info.discard and not info.read_only
+    return DeviceFeatures(
+        flush=flush,
+        # Linux: feature-barrier = flush support; a barrier is drain + write + fdatasync.
+        barrier=config.barrier and flush,
+        discard=discard,
+        discard_secure=discard and info.discard_secure,
+        persistent=config.persistent,
+    )
+
+
+def connect_keys(info: StorageInfo, features: DeviceFeatures, *, cdrom: bool = False) -> KeyValues:
+    """The keys written with Connected (and again, `sectors`, on a capacity change)."""
+    keys: KeyValues = {"feature-flush-cache": int(features.flush)}
+    if features.discard:
+        keys["discard-granularity"] = info.discard_granularity
+        keys["discard-alignment"] = info.discard_alignment
+        keys["discard-secure"] = int(features.discard_secure)
+    keys["feature-discard"] = int(features.discard)
+    keys["feature-barrier"] = int(features.barrier)
+    keys["feature-persistent"] = int(features.persistent)
+    keys["sectors"] = info.sectors
+    vdisk = VdiskInfo(0)
+    if cdrom:
+        vdisk |= VdiskInfo.VDISK_CDROM
+    if info.read_only:
+        vdisk |= VdiskInfo.VDISK_READONLY
+    keys["info"] = int(vdisk)
+    keys["sector-size"] = info.sector_size
+    keys["physical-sector-size"] = info.physical_sector_size
+    return keys
+
+
+def _uint(raw: str | None, what: str) -> int:
+    """`%u` as xenbus_scanf reads it, but strict: decimal digits fitting 32 bits."""
+    if raw is None:
+        raise NegotiationError(f"reading {what}: missing")
+    text = raw.strip()
+    if not text.isdigit() or int(text) > 0xFFFFFFFF:
+        raise NegotiationError(f"reading {what}: {raw[:40]!r} is not a 32-bit unsigned integer")
+    return int(text)
+
+
+def _read_unsigned(raw: str | None, default: int) -> int:
+    """xenbus_read_unsigned: missing or unparsable → the default."""
+    if raw is None:
+        return default
+    text = raw.strip()
+    return int(text) if text.isdigit() and int(text) <= 0xFFFFFFFF else default
+
+
+def queue_dirs(num_queues: int) -> list[str]:
+    """Where each queue's keys live, relative to the frontend directory ("" = the top)."""
+    return [""] if num_queues == 1 else [f"queue-{i}/" for i in range(num_queues)]
+
+
+def requested_queues(keys: FrontendKeys, config: BackendConfig) -> int:
+    """`multi-queue-num-queues` (default 1), checked against what we offered."""
+    n = _read_unsigned(keys.get("multi-queue-num-queues"), 1)
+    if n == 0 or n > config.max_queues:
+        raise NegotiationError(
+            f"guest requested {n} queues, exceeding the maximum of {config.max_queues}"
+        )
+    return n
+
+
+def frontend_key_names(num_queues: int, ring_page_order: int | None) -> list[str]:
+    """Every key `parse_frontend` may need, relative to the frontend directory."""
+    names = ["protocol", "feature-persistent", "multi-queue-num-queues", "ring-page-order"]
+    names.append("device-type")
+    for prefix in queue_dirs(num_queues):
+        names.append(f"{prefix}event-channel")
+        if ring_page_order is None:
+            names.append(f"{prefix}ring-ref")
+        else:
+            names += [f"{prefix}ring-ref{i}" for i in range(1 << ring_page_order)]
+    return names
+
+
+def requested_order(keys: FrontendKeys, config: BackendConfig) -> int | None:
+    """`ring-page-order` (None when absent: a single `ring-ref`), checked against our offer."""
+    raw = keys.get("ring-page-order")
+    if raw is None:
+        return None
+    order = _uint(raw, "ring-page-order")
+    if order > config.max_ring_page_order:
+        raise NegotiationError(
+            f"requested ring page order {order} exceeds max:{config.max_ring_page_order}"
+        )
+    return order
+
+
+def parse_frontend(keys: FrontendKeys, config: BackendConfig) -> FrontendParams:
+    """Validate the frontend's keys (as read from its directory) into connection parameters."""
+    raw_protocol = keys.get("protocol")
+    try:
+        protocol = blkif_protocol((raw_protocol or "").strip() or None)
+    except BlkifError:
+        raise NegotiationError(f"unknown fe protocol {raw_protocol!r:.60}") from None
+    persistent = _read_unsigned(keys.get("feature-persistent"), 0) != 0
+    num_queues = requested_queues(keys, config)
+    order = requested_order(keys, config)
+    queues = []
+    for prefix in queue_dirs(num_queues):
+        evtchn = _uint(keys.get(f"{prefix}event-channel"), f"{prefix}event-channel")
+        if order is None:
+            refs: tuple[int, ...] = (_uint(keys.get(f"{prefix}ring-ref"), f"{prefix}ring-ref"),)
+        else:
+            refs = tuple(
+                _uint(keys.get(f"{prefix}ring-ref{i}"), f"{prefix}ring-ref{i}")
+                for i in range(1 << order)
+            )
+        queues.append(QueueParams(refs, evtchn))
+    return FrontendParams(
+        protocol=protocol,
+        ring_page_order=order or 0,
+        persistent=persistent and config.persistent,
+        queues=tuple(queues),
+        cdrom=(keys.get("device-type") or "").strip() == "cdrom",
+    )

@@ -1,0 +1,78 @@
+"""Persistent grants: a ring's cache of the frontend's data pages, mapped once and kept.
+
+When both ends set `feature-persistent`, blkfront reuses a fixed pool of granted pages, so
+the backend maps each grant the first time it sees it and keeps the mapping until the ring
+disconnects (Linux: the per-ring `persistent_gnts` tree). Like Linux we cap the cache at
+`xen_blkif_max_pgrants` (1056) mappings per ring; past the cap, or when a map fails (a bad or
+read-only grant, maptrack full), the segment simply goes through grant copy, which reports
+the grant's own status. Linux also purges least-recently-used entries in the background;
+we keep every mapping until disconnect (the frontend's pool is bounded anyway).
+
+Grants missing from the cache are mapped in one `map_grants` call per request (one link
+round trip); that call maps them side by side, and the cache remembers each gref's offset
+in it. Mappings are writable: blkif.h note 8 requires a persistent frontend to allow it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import structlog
+
+from xenpv.hv import Domain, GrantMapping, HvError
+
+log = structlog.get_logger()
+
+
+class PersistentGrants:
+    """gref → (mapping, byte offset of that grant's page in the mapping), for one ring."""
+
+    __slots__ = ("_dom", "_entries", "_granule", "_mappings", "_pending", "limit", "remote")
+
+    def __init__(self, dom: Domain, remote: int, limit: int, granule: int) -> None:
+        self._dom = dom
+        self.remote = remote
+        self.limit = limit
+        self._granule = granule
+        self._entries: dict[int, tuple[GrantMapping, int]] = {}
+        self._mappings: list[GrantMapping] = []
+        self._pending: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, gref: int) -> tuple[GrantMapping, int] | None:
+        return self._entries.get(gref)
+
+    async def map_missing(self, grefs: Iterable[int]) -> None:
+        """Map the grants not cached yet (up to the cap); failures leave them uncached."""
+        missing = []
+        for gref in grefs:
+            if gref not in self._entries and gref not in self._pending and gref not in missing:
+                missing.append(gref)
+        room = self.limit - len(self._entries) - len(self._pending)
+        missing = missing[: max(room, 0)]
+        if not missing:
+            return
+        self._pending.update(missing)
+        try:
+            mapping = await self._dom.map_grants(self.remote, missing)
+        except HvError as exc:
+            log.debug("persistent map failed", remote=self.remote, error=str(exc))
+            return
+        finally:
+            self._pending.difference_update(missing)
+        if len(mapping.view) != len(missing) * self._granule:
+            # A grant of another size than the negotiated granule: don't cache it.
+            await mapping.unmap()
+            return
+        self._mappings.append(mapping)
+        for i, gref in enumerate(missing):
+            self._entries[gref] = (mapping, i * self._granule)
+
+    async def release(self) -> None:
+        """Unmap everything (once no request uses the cache any more)."""
+        mappings, self._mappings = self._mappings, []
+        self._entries.clear()
+        for mapping in mappings:
+            await mapping.unmap()
