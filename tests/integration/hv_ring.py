@@ -85,10 +85,13 @@ async def produce(buf: SharedBuffer, channel: EventChannel, seed: int, count: in
     for seq in range(count):
         data = record(seed, seq)
         need = 2 + len(data)
-        while size - ((prod - _get(buf, 8)) & MASK) < need:
-            _put(buf, 12, _get(buf, 8) + 1)  # cons_event: wake me on progress
-            if size - ((prod - _get(buf, 8)) & MASK) >= need:
+        while True:
+            cons = _get(buf, 8)
+            if size - ((prod - cons) & MASK) >= need:
                 break
+            _put(buf, 12, cons + 1)  # cons_event: wake me when cons moves past `cons`
+            if _get(buf, 8) != cons:
+                continue  # it moved meanwhile: re-evaluate (and re-arm) instead of sleeping
             await channel.wait()
         _copy_in(buf, prod, len(data).to_bytes(2, "little") + data)
         old, prod = prod, (prod + need) & MASK
