@@ -55,7 +55,11 @@ class Layout:
         if not (isinstance(value, list) and len(value) == 3 and all(type(v) is int for v in value)):
             raise LinkError("malformed memory layout in handshake")
         layout = cls(*value)
-        if layout.size < (layout.nr_frames << 12) + layout.nr_grants * 8 or layout.nr_frames < 0:
+        if (
+            layout.nr_frames < 0
+            or layout.nr_grants < 0
+            or layout.size < (layout.nr_frames << 12) + layout.nr_grants * 8
+        ):
             raise LinkError("inconsistent memory layout in handshake")
         return layout
 
