@@ -1,0 +1,408 @@
+"""The sans-IO netfront: what goes on the tx and rx rings, and what comes back.
+
+`TxCore` turns a frame into tx slots the way Linux netfront's `xennet_start_xmit` does: the
+frame is cut at every granule boundary (4 KiB baseline, never crossing one), the first slot's
+`size` is the whole packet, NETTXF_more_data chains the fragments, a GSO frame gets an
+extra-info slot right after the first request (NETTXF_extra_info), and a partial checksum is
+NETTXF_csum_blank | NETTXF_data_validated. Every data slot has its own id (0..ring size - 1):
+it names the granule of the per-queue tx arena that holds the fragment, so a free id is always
+a free buffer. `collect()` matches responses to ids (skipping NETIF_RSP_NULL, the answers to
+extra-info slots) and hands back the grant references to end.
+
+`RxCore` keeps every rx ring slot posted with a buffer (`xennet_alloc_rx_buffers`): request
+`i` uses buffer `i & (size - 1)`, and since netback answers rx requests in ring order, the
+response at index `i` is about that same buffer (Linux reads it by index too). `take()`
+reassembles NETRXF_more_data chains and their extra-info slots into `RxFrame`s. A packet that
+breaks a rule (error status, a fragment outside its granule, a response id that is not its
+slot's, a bad extra, more than `MAX_RX_SLOTS` fragments) is dropped whole and counted, as
+`xennet_get_responses` does; its slots are still consumed and reposted. Unlike Linux, a chain
+cut short by the end of the pushed responses is kept until the rest arrives (Linux drops it
+with "Need more slots"): a backend may legally push mid-packet.
+
+Ring-level violations (more responses than requests, an unknown tx id) raise `RingError` /
+`NetfrontProtocolError`: the queue is unusable until the next connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from xenpv.abi.errors import NetifError, RingUsageError
+from xenpv.abi.netif import (
+    NETIF_RSP_NULL,
+    NETIF_RSP_OKAY,
+    XEN_NETIF_EXTRA_FLAG_MORE,
+    XEN_NETIF_GSO_TYPE_TCPV4,
+    XEN_NETIF_GSO_TYPE_TCPV6,
+    XEN_NETIF_MAX_TX_SIZE,
+    XEN_NETIF_NR_SLOTS_MIN,
+    NetifGsoExtra,
+    NetifRxRequest,
+    NetifTxRequest,
+    NETRXF_csum_blank,
+    NETRXF_data_validated,
+    NETRXF_extra_info,
+    NETRXF_more_data,
+    NETTXF_csum_blank,
+    NETTXF_data_validated,
+    NETTXF_extra_info,
+    NETTXF_more_data,
+    decode_extra,
+    decode_rx_response,
+    decode_tx_response,
+    encode_extra,
+    encode_rx_request,
+    encode_tx_request,
+)
+from xenpv.abi.ring import FrontRing
+from xenpv.errors import XenpvError
+
+# xennet_get_responses: XEN_NETIF_NR_SLOTS_MIN fragments, one more for a small first slot.
+MAX_RX_SLOTS: Final = XEN_NETIF_NR_SLOTS_MIN + 1
+# netback accepts up to XEN_NETIF_NR_SLOTS_MIN data slots per tx packet without complaint.
+MAX_TX_SLOTS: Final = XEN_NETIF_NR_SLOTS_MIN
+
+
+class NetfrontError(XenpvError):
+    """A caller asked netfront for something impossible (frame too large, offload not offered)."""
+
+
+class NetfrontProtocolError(XenpvError):
+    """The backend broke the netif protocol on a ring: the queue stops until reconnection."""
+
+
+@dataclass(slots=True)
+class RxFrame:
+    """A received frame and its offload metadata (`csum_blank`: the checksum is partial and
+    must be completed, `data_validated`: already verified; `gso`: a TCP segmentation request)."""
+
+    frame: bytes
+    gso: NetifGsoExtra | None = None
+    csum_blank: bool = False
+    data_validated: bool = False
+    queue: int = 0
+
+
+@dataclass(slots=True)
+class Counters:
+    """Per-queue statistics (Linux's netfront_stats plus the error counters)."""
+
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    tx_errors: int = 0  # tx responses with a status other than OKAY
+    tx_dropped: int = 0  # packets lost in flight at a reconnect
+    rx_packets: int = 0
+    rx_bytes: int = 0
+    rx_errors: int = 0  # rx packets dropped for breaking a rule
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def error(self, reason: str) -> None:
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+
+
+def split(offset: int, length: int, granule: int) -> list[tuple[int, int, int]]:
+    """Cut `length` bytes starting `offset` bytes into a buffer of granules into pieces that
+    never cross a granule boundary: (granule index, offset inside it, size) each."""
+    if length <= 0:
+        raise NetfrontError(f"cannot split {length} bytes")
+    pieces = []
+    position = offset
+    end = offset + length
+    while position < end:
+        index, inside = divmod(position, granule)
+        size = min(granule - inside, end - position)
+        pieces.append((index, inside, size))
+        position += size
+    return pieces
+
+
+def check_gso(gso: NetifGsoExtra | None, length: int) -> None:
+    if gso is None:
+        return
+    if gso.gso_type not in (XEN_NETIF_GSO_TYPE_TCPV4, XEN_NETIF_GSO_TYPE_TCPV6):
+        raise NetfrontError(f"GSO type {gso.gso_type} is not TCPv4/TCPv6")
+    if not 0 < gso.size <= 0xFFFF:
+        raise NetfrontError(f"GSO segment size {gso.size} not in 1..65535")
+
+
+class TxCore:
+    """Slots, ids and responses of one tx ring."""
+
+    __slots__ = ("_free", "_grefs", "_heads", "counters", "granule", "ring")
+
+    def __init__(self, ring: FrontRing, granule: int) -> None:
+        self.ring = ring
+        self.granule = granule
+        self._free = list(range(ring.nr_ents - 1, -1, -1))  # a stack: low ids first
+        self._grefs: list[int | None] = [None] * ring.nr_ents
+        self._heads = bytearray(ring.nr_ents)  # 1: the id of a packet's first slot
+        self.counters = Counters()
+
+    def plan(self, length: int, gso: NetifGsoExtra | None) -> list[tuple[int, int, int]]:
+        """The fragments (granule index, offset, size) of a `length`-byte frame, validated."""
+        if not 0 < length <= XEN_NETIF_MAX_TX_SIZE:
+            raise NetfrontError(
+                f"a {length}-byte frame does not fit netif (1..{XEN_NETIF_MAX_TX_SIZE} bytes)"
+            )
+        check_gso(gso, length)
+        pieces = split(0, length, self.granule)
+        if len(pieces) > MAX_TX_SLOTS:  # cannot happen at offset 0; kept as a guard
+            raise NetfrontError(f"{len(pieces)} tx slots for one frame (max {MAX_TX_SLOTS})")
+        return pieces
+
+    def room(self, data_slots: int, gso: bool) -> bool:
+        """Whether a packet of `data_slots` fragments (+ a GSO extra) fits right now."""
+        return len(self._free) >= data_slots and self.ring.free_requests() >= data_slots + gso
+
+    def in_flight(self) -> int:
+        """Data slots in flight."""
+        return self.ring.nr_ents - len(self._free)
+
+    def packets_in_flight(self) -> int:
+        return sum(self._heads)
+
+    def alloc_ids(self, count: int) -> list[int]:
+        if count > len(self._free):
+            raise RingUsageError(f"{count} tx ids wanted, {len(self._free)} free")
+        return [self._free.pop() for _ in range(count)]
+
+    def put_packet(
+        self,
+        ids: Sequence[int],
+        grefs: Sequence[int],
+        pieces: Sequence[tuple[int, int, int]],
+        *,
+        gso: NetifGsoExtra | None = None,
+        csum_blank: bool = False,
+        data_validated: bool = False,
+    ) -> None:
+        """Put one packet's slots (unpushed). `pieces[i]` (offset, size) lives in grant
+        `grefs[i]` under id `ids[i]`."""
+        if not (len(ids) == len(grefs) == len(pieces)) or not ids:
+            raise RingUsageError("one id and one grant per fragment")
+        if self.ring.free_requests() < len(ids) + (gso is not None):
+            raise RingUsageError("tx ring has no room for this packet")
+        total = sum(size for _i, _o, size in pieces)
+        flags = 0
+        if csum_blank:
+            flags |= NETTXF_csum_blank | NETTXF_data_validated
+        elif data_validated:
+            flags |= NETTXF_data_validated
+        last = len(ids) - 1
+        ring = self.ring
+        for i, (slot_id, gref, (_index, offset, size)) in enumerate(
+            zip(ids, grefs, pieces, strict=True)
+        ):
+            slot_flags = flags if i == 0 else 0
+            if i < last:
+                slot_flags |= NETTXF_more_data
+            if i == 0 and gso is not None:
+                slot_flags |= NETTXF_extra_info
+            request = NetifTxRequest(gref, offset, slot_flags, slot_id, total if i == 0 else size)
+            ring.put_request(encode_tx_request(request))
+            self._grefs[slot_id] = gref
+            self._heads[slot_id] = i == 0
+            if i == 0 and gso is not None:
+                extra = NetifGsoExtra(gso.size, gso.gso_type, gso.features, 0)
+                ring.put_request(encode_extra(extra))
+        self.counters.tx_packets += 1
+        self.counters.tx_bytes += total
+
+    def push(self) -> bool:
+        """Publish the slots put so far; True = notify the backend."""
+        return self.ring.push_requests()
+
+    def collect(self) -> list[int]:
+        """Consume the responses available; the grant references of finished slots.
+
+        Raises `NetfrontProtocolError` for a response to an id that is not in flight (Linux:
+        "Response has incorrect id"), `RingError` for an impossible rsp_prod.
+        """
+        done: list[int] = []
+        for data in self.ring.take_responses():
+            response = decode_tx_response(data)
+            if response.status == NETIF_RSP_NULL:
+                continue  # the answer to an extra-info slot
+            slot_id = response.id
+            gref = self._grefs[slot_id] if slot_id < len(self._grefs) else None
+            if gref is None:
+                raise NetfrontProtocolError(f"tx response for id {slot_id}, which is not in flight")
+            self._grefs[slot_id] = None
+            self._heads[slot_id] = 0
+            self._free.append(slot_id)
+            if response.status != NETIF_RSP_OKAY:
+                self.counters.tx_errors += 1
+                self.counters.error(f"tx status {response.status}")
+            done.append(gref)
+        return done
+
+    def abandon(self) -> list[int]:
+        """Forget every slot in flight (the connection is gone); their grant references."""
+        grefs = [g for g in self._grefs if g is not None]
+        self.counters.tx_dropped += sum(self._heads)
+        self._heads = bytearray(self.ring.nr_ents)
+        self._grefs = [None] * self.ring.nr_ents
+        self._free = list(range(self.ring.nr_ents - 1, -1, -1))
+        return grefs
+
+
+class RxCore:
+    """Buffers, reassembly and refill of one rx ring."""
+
+    __slots__ = (
+        "_buffers",
+        "_ended",
+        "_extras",
+        "_failed",
+        "_flags",
+        "_fragments",
+        "_grefs",
+        "_gso",
+        "_in_packet",
+        "_slots",
+        "counters",
+        "granule",
+        "queue",
+        "ring",
+    )
+
+    def __init__(
+        self,
+        ring: FrontRing,
+        buffers: Sequence[memoryview],
+        grefs: Sequence[int],
+        granule: int,
+        queue: int = 0,
+    ) -> None:
+        if len(buffers) != ring.nr_ents or len(grefs) != ring.nr_ents:
+            raise RingUsageError(f"need {ring.nr_ents} rx buffers and grants")
+        self.ring = ring
+        self._buffers = list(buffers)
+        self._grefs = list(grefs)
+        self.granule = granule
+        self.queue = queue
+        self.counters = Counters()
+        self._reset_packet()
+
+    def _reset_packet(self) -> None:
+        self._in_packet = False
+        self._ended = False
+        self._extras = False
+        self._fragments: list[bytes] = []
+        self._flags = 0
+        self._gso: NetifGsoExtra | None = None
+        self._failed: str | None = None
+        self._slots = 0
+
+    def post(self) -> bool:
+        """Fill every free ring slot with its buffer and push; True = notify the backend."""
+        ring = self.ring
+        mask = ring.nr_ents - 1
+        free = ring.free_requests()
+        if not free:
+            return False
+        for _ in range(free):
+            slot_id = ring.req_prod_pvt & mask
+            ring.put_request(encode_rx_request(NetifRxRequest(slot_id, self._grefs[slot_id])))
+        return ring.push_requests()
+
+    def take(self, emit: Callable[[RxFrame], None]) -> int:
+        """Consume the available responses, calling `emit` for each complete good frame.
+
+        Returns the number of responses consumed (their slots are free to `post` again).
+        """
+        ring = self.ring
+        mask = ring.nr_ents - 1
+        index = ring.rsp_cons
+        responses = ring.take_responses()
+        for data in responses:
+            self._one(index & mask, data, emit)
+            index += 1
+        return len(responses)
+
+    def _fail(self, reason: str) -> None:
+        if self._failed is None:
+            self._failed = reason
+
+    def _one(self, slot: int, data: bytes, emit: Callable[[RxFrame], None]) -> None:
+        if self._extras:
+            try:
+                extra = decode_extra(data)
+            except NetifError as exc:
+                self._fail(f"bad extra: {exc}")
+                self._extras = False  # cannot trust its MORE flag: the chain decides
+                if self._ended:
+                    self._finish(emit)
+                return
+            if isinstance(extra, NetifGsoExtra):
+                self._gso = NetifGsoExtra(extra.size, extra.gso_type, extra.features)
+            self._extras = bool(extra.flags & XEN_NETIF_EXTRA_FLAG_MORE)
+            if self._ended and not self._extras:
+                self._finish(emit)
+            return
+        first = not self._in_packet
+        try:
+            response = decode_rx_response(data, self.granule)
+        except NetifError as exc:
+            self._fail(str(exc))
+            flags = int.from_bytes(data[4:6], "little")
+            status = -1
+            offset = 0
+            slot_id = slot
+        else:
+            flags, status, offset, slot_id = (
+                response.flags,
+                response.status,
+                response.offset,
+                response.id,
+            )
+        self._in_packet = True
+        self._slots += 1
+        if first:
+            self._flags = flags
+            if flags & NETRXF_extra_info:
+                self._extras = True
+        if slot_id != slot:
+            self._fail(f"rx response id {slot_id} in slot {slot}")
+        elif status < 0:
+            self._fail(f"rx status {status}")
+        elif self._slots > MAX_RX_SLOTS:
+            self._fail(f"more than {MAX_RX_SLOTS} rx slots")
+        elif self._failed is None and status:
+            self._fragments.append(bytes(self._buffers[slot][offset : offset + status]))
+        if flags & NETRXF_more_data:
+            return
+        self._ended = True
+        if not self._extras:  # the extras of a one-slot packet follow its only response
+            self._finish(emit)
+
+    def _finish(self, emit: Callable[[RxFrame], None]) -> None:
+        counters = self.counters
+        if self._failed is not None:
+            counters.rx_errors += 1
+            counters.error(self._failed)
+        else:
+            frame = b"".join(self._fragments) if len(self._fragments) != 1 else self._fragments[0]
+            if not frame:
+                counters.rx_errors += 1
+                counters.error("empty rx packet")
+            else:
+                counters.rx_packets += 1
+                counters.rx_bytes += len(frame)
+                flags = self._flags
+                emit(
+                    RxFrame(
+                        frame,
+                        self._gso,
+                        bool(flags & NETRXF_csum_blank),
+                        bool(flags & NETRXF_data_validated),
+                        self.queue,
+                    )
+                )
+        self._reset_packet()
+
+    def pending_partial(self) -> bool:
+        """A packet's chain has started but not ended (more responses must follow)."""
+        return self._in_packet or self._extras

@@ -1,0 +1,587 @@
+"""The trio edge of netfront: rings, grants and event channels of each queue, the handshake,
+and the `send` / `receive` API.
+
+One `Netfront` per vif. Each connection (one run of the handshake) owns its queues; a queue
+is a tx ring and an rx ring (one 4 KiB frame each, granted to the backend), one event channel
+or two (`feature-split-event-channels`), a tx arena of one granule per tx slot id, and one
+rx buffer page per rx slot, of which only the first granule is granted (Linux netfront
+grants only the first 4 KiB of a 16K/64K page). Queue tasks sleep on their event channel and
+run the sans-IO cores (core.py) when woken.
+
+Reconnect, like Linux netfront: when the backend closes, the connection's tasks stop, packets
+still on the tx ring are dropped (counted in `tx_dropped`), grants are ended (those the
+backend still maps are retried later, their pages kept until then), and `send()` waits for the
+next connection. Frames already received stay readable through `receive()`.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+import trio
+
+from backends.tap import Tap
+from frontends.netfront.core import (
+    Counters,
+    NetfrontError,
+    NetfrontProtocolError,
+    RxCore,
+    RxFrame,
+    TxCore,
+)
+from frontends.netfront.flowhash import select_queue
+from frontends.netfront.keys import (
+    BACKEND_FEATURE_KEYS,
+    MAX_QUEUES,
+    BackendFeatures,
+    HandshakeError,
+    QueueKeys,
+    frontend_keys,
+    negotiate_queues,
+    parse_features,
+    parse_mac,
+    stale_keys,
+)
+from xenpv.abi.errors import RingError
+from xenpv.abi.netif import (
+    NETIF_RX_RING,
+    NETIF_TX_RING,
+    XEN_NETIF_GSO_TYPE_TCPV4,
+    NetifGsoExtra,
+)
+from xenpv.abi.ring import FrontRing
+from xenpv.errors import XenpvError
+from xenpv.hv import XEN_PAGE_SIZE, Domain, EventChannel, EventChannelClosed, GrantError, Page
+from xenpv.hv.errors import HvError
+from xenpv.xenbus import Action, Closed, Closing, Connected, DeviceId, Role, Unknown
+from xenpv.xenbus_io import KeyValues, read_keys, read_state
+from xenpv.xenstore.client import XenstoreClient
+from xenpv.xenstore.wire import XsError
+
+log = structlog.get_logger()
+
+RX_CHANNEL_DEPTH = 1024  # received frames waiting for receive() before rx stops refilling
+SHUTDOWN_TIMEOUT = 5.0
+
+
+def default_max_queues() -> int:
+    """Linux: xennet_max_queues defaults to the number of online CPUs, capped at 8."""
+    return max(1, min(os.cpu_count() or 1, MAX_QUEUES))
+
+
+@dataclass(eq=False)
+class _Queue:
+    index: int
+    tx: TxCore
+    rx: RxCore
+    arena: Page
+    ring_pages: list[Page]
+    rx_pages: list[Page]
+    tx_ring_gref: int
+    rx_ring_gref: int
+    evtchn_tx: EventChannel
+    evtchn_rx: EventChannel
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    space: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
+    broken: str | None = None
+
+    @property
+    def split(self) -> bool:
+        return self.evtchn_rx is not self.evtchn_tx
+
+
+@dataclass(eq=False)
+class _Connection:
+    generation: int
+    features: BackendFeatures
+    queues: list[_Queue]
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    dead: bool = False
+    backend_connected: bool = False
+
+
+@dataclass(eq=False)
+class _Deferred:
+    """Grants the backend still maps, and the pages to free once they have all ended."""
+
+    grefs: list[int]
+    pages: list[Page]
+
+
+class Netfront:
+    """A vif frontend. Create with `attach()`; `send`, `receive`, `wait_connected`."""
+
+    role: Role = "frontend"
+
+    def __init__(
+        self,
+        dom: Domain,
+        xs: XenstoreClient,
+        device: DeviceId,
+        *,
+        granule_order: int | None = None,
+        max_queues: int | None = None,
+    ) -> None:
+        if device.cls != "vif":
+            raise NetfrontError(f"netfront drives vifs, not {device}")
+        self.dom = dom
+        self.xs = xs
+        self.device = device
+        self.granule_order = granule_order or 0
+        self.granule = XEN_PAGE_SIZE << self.granule_order  # the negotiated grant size
+        self.max_queues = max_queues if max_queues is not None else default_max_queues()
+        self.mac = b""
+        self.info: dict[str, Any] = {}
+        self._conn: _Connection | None = None
+        self._generation = 0
+        self._changed = trio.Event()
+        self._rx_send, self._rx_recv = trio.open_memory_channel[RxFrame](RX_CHANNEL_DEPTH)
+        self._nursery: trio.Nursery | None = None
+        self._deferred: list[_Deferred] = []
+        self._wanted = True
+        self._closed = False
+        self._totals = Counters()
+        self.tap: Tap | None = None  # the attached TAP device (`xenpv-tap`), if any
+
+    # -- public API -------------------------------------------------------------------------
+
+    async def send(
+        self,
+        frame: bytes | bytearray | memoryview,
+        *,
+        gso: NetifGsoExtra | None = None,
+        csum_blank: bool = False,
+        data_validated: bool = False,
+    ) -> None:
+        """Queue one Ethernet frame for transmission (returns once it is on a tx ring).
+
+        Waits for ring space (backpressure) and, while disconnected, for the next connection.
+        `gso`: a TCP segmentation request (the frame is one big TCP packet, `gso.size` the
+        MSS); `csum_blank`: the L4 checksum field holds only the pseudo-header sum.
+        """
+        view = memoryview(frame).cast("B")
+        length = len(view)
+        while True:
+            conn = await self._usable()
+            self._check_offloads(conn.features, length, gso)
+            queue = conn.queues[select_queue(view, len(conn.queues))]
+            pieces = queue.tx.plan(length, gso)
+            need = len(pieces)
+            if queue.lock.locked() or not queue.tx.room(need, gso is not None):
+                async with queue.lock:
+                    while not queue.tx.room(need, gso is not None):
+                        if conn.dead or queue.broken is not None:
+                            break
+                        await queue.space.park()
+                    if conn.dead:
+                        continue
+                    self._post(conn, queue, view, pieces, gso, csum_blank, data_validated)
+            elif not conn.dead:
+                self._post(conn, queue, view, pieces, gso, csum_blank, data_validated)
+            else:
+                continue
+            await trio.lowlevel.checkpoint()
+            return
+
+    async def receive(self) -> RxFrame:
+        """The next received frame (`.frame` bytes, plus offload metadata)."""
+        return await self._rx_recv.receive()
+
+    def receive_nowait(self) -> RxFrame:
+        """A frame already received, or trio.WouldBlock."""
+        return self._rx_recv.receive_nowait()
+
+    async def wait_connected(self) -> None:
+        """Wait until rings are set up and the backend is Connected."""
+        while True:
+            conn = self._conn
+            if conn is not None and not conn.dead and conn.backend_connected:
+                return
+            if self._closed:
+                raise NetfrontError("netfront is closed")
+            await self._changed.wait()
+
+    async def wait_disconnected(self) -> None:
+        """Wait until the current connection (if any) is gone."""
+        while self.connected:
+            await self._changed.wait()
+
+    @property
+    def connected(self) -> bool:
+        conn = self._conn
+        return conn is not None and not conn.dead and conn.backend_connected
+
+    def stats(self) -> dict[str, int]:
+        """Counters summed over every queue of every connection so far."""
+        totals = Counters(**{k: getattr(self._totals, k) for k in _COUNTER_FIELDS})
+        conn = self._conn
+        if conn is not None:
+            for queue in conn.queues:
+                _add(totals, queue.tx.counters)
+                _add(totals, queue.rx.counters)
+        return {k: getattr(totals, k) for k in _COUNTER_FIELDS}
+
+    # -- handshake driver (xenpv.xenbus_io.HandshakeDriver) ------------------------------------
+
+    async def perform(self, action: Action) -> KeyValues | None:
+        if action is Action.SETUP:
+            return await self._setup()
+        if action is Action.CLOSE:
+            self._teardown("backend closed the device")
+            return {}
+        if action is Action.REINIT:
+            if not self._wanted:
+                return None
+            self._retry_deferred()
+            return {}
+        return {}
+
+    # -- connection life cycle ---------------------------------------------------------------
+
+    async def _setup(self) -> KeyValues | None:
+        self._teardown("new connection")
+        self._retry_deferred()
+        xs, device = self.xs, self.device
+        try:
+            self.mac = parse_mac((await read_keys(xs, device.frontend, ["mac"]))["mac"])
+            features = parse_features(
+                await read_keys(xs, device.backend, list(BACKEND_FEATURE_KEYS))
+            )
+            if not features.rx_copy:
+                raise HandshakeError("backend does not offer feature-rx-copy")
+        except HandshakeError as exc:
+            log.error("netfront.setup_failed", device=str(device), error=str(exc))
+            return None
+        nr_queues = negotiate_queues(self.max_queues, features)
+        queues: list[_Queue] = []
+        try:
+            for index in range(nr_queues):
+                queues.append(await self._make_queue(index, features))
+        except HvError as exc:
+            log.error("netfront.setup_failed", device=str(device), error=str(exc))
+            for queue in queues:
+                self._release_queue(queue)
+            return None
+        for name in stale_keys(MAX_QUEUES):
+            with suppress(XsError):
+                await xs.rm(f"{device.frontend}/{name}")
+        self._generation += 1
+        conn = _Connection(self._generation, features, queues)
+        for queue in queues:
+            queue.rx.post()  # the backend sees them when it connects; nobody to notify yet
+        assert self._nursery is not None
+        await self._nursery.start(self._run_connection, conn)
+        self._conn = conn
+        self.info = {
+            "mac": ":".join(f"{b:02x}" for b in self.mac),
+            "queues": nr_queues,
+            "split_event_channels": features.split_event_channels,
+            "sg": features.sg,
+            "gso_tcpv4": features.gso_tcpv4,
+            "gso_tcpv6": features.gso_tcpv6,
+            "ipv6_csum_offload": features.ipv6_csum_offload,
+            "rx_copy": features.rx_copy,
+            "grant_size": self.granule,
+            "page_size": self.dom.page_size,
+            "backend_id": device.backend_domid,
+            "generation": conn.generation,
+        }
+        self._set_changed()
+        log.info("netfront.setup", device=str(device), **self.info)
+        keys = [
+            QueueKeys(q.tx_ring_gref, q.rx_ring_gref, q.evtchn_tx.port, q.evtchn_rx.port)
+            for q in queues
+        ]
+        return frontend_keys(keys, split_event_channels=features.split_event_channels)
+
+    async def _make_queue(self, index: int, features: BackendFeatures) -> _Queue:
+        dom = self.dom
+        backend = self.device.backend_domid
+        granule = self.granule
+        granted: list[int] = []
+        pages: list[Page] = []
+        channels: list[EventChannel] = []
+        try:
+            tx_page = dom.alloc_buffer(1)
+            pages.append(tx_page)
+            rx_page = dom.alloc_buffer(1)
+            pages.append(rx_page)
+            tx_ring = FrontRing(tx_page, NETIF_TX_RING)
+            rx_ring = FrontRing(rx_page, NETIF_RX_RING)
+            tx_gref = dom.grants.grant_access(backend, tx_page.frame)
+            granted.append(tx_gref)
+            rx_gref = dom.grants.grant_access(backend, rx_page.frame)
+            granted.append(rx_gref)
+            frames = self.granule // XEN_PAGE_SIZE
+            arena = dom.alloc_buffer(tx_ring.nr_ents * frames)
+            pages.append(arena)
+            if self.granule <= dom.page_size:
+                buffers = dom.alloc_pages(rx_ring.nr_ents)
+            else:
+                buffers = [dom.alloc_buffer(frames) for _ in range(rx_ring.nr_ents)]
+            pages.extend(buffers)
+            rx_grefs = []
+            for page in buffers:
+                gref = dom.grants.grant_access(backend, page.frame, order=self.granule_order)
+                granted.append(gref)
+                rx_grefs.append(gref)
+            evtchn_tx = await dom.alloc_unbound(backend)
+            channels.append(evtchn_tx)
+            evtchn_rx = evtchn_tx
+            if features.split_event_channels:
+                evtchn_rx = await dom.alloc_unbound(backend)
+                channels.append(evtchn_rx)
+        except BaseException:
+            for channel in channels:
+                channel.close()
+            self._end_grants(granted, pages)
+            raise
+        return _Queue(
+            index,
+            TxCore(tx_ring, self.granule),
+            RxCore(rx_ring, [p.view[:granule] for p in buffers], rx_grefs, granule, index),
+            arena,
+            [tx_page, rx_page],
+            buffers,
+            tx_gref,
+            rx_gref,
+            evtchn_tx,
+            evtchn_rx,
+        )
+
+    async def _run_connection(
+        self, conn: _Connection, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        with conn.scope:
+            async with trio.open_nursery() as nursery:
+                for queue in conn.queues:
+                    if queue.split:
+                        nursery.start_soon(self._service, queue, queue.evtchn_tx, True, False)
+                        nursery.start_soon(self._service, queue, queue.evtchn_rx, False, True)
+                    else:
+                        nursery.start_soon(self._service, queue, queue.evtchn_tx, True, True)
+                task_status.started()
+
+    async def _service(self, queue: _Queue, channel: EventChannel, tx: bool, rx: bool) -> None:
+        """One event channel's handler: tx completions and/or rx work, then sleep."""
+        try:
+            while True:
+                await channel.wait()
+                if tx:
+                    self._tx_gc(queue)
+                if rx:
+                    await self._rx_work(queue)
+        except EventChannelClosed as exc:
+            log.info("netfront.evtchn_closed", device=str(self.device), why=str(exc))
+        except (RingError, NetfrontProtocolError) as exc:
+            # Linux netfront marks the device broken; traffic resumes after a reconnect.
+            queue.broken = str(exc)
+            queue.space.unpark_all()
+            log.error("netfront.broken", device=str(self.device), queue=queue.index, error=str(exc))
+
+    def _tx_gc(self, queue: _Queue) -> None:
+        """xennet_tx_buf_gc: end the grants of answered slots, wake senders."""
+        tx = queue.tx
+        while True:
+            for gref in tx.collect():
+                self._end_grant(gref)
+            if not tx.ring.final_check_for_responses():
+                break
+        queue.space.unpark_all()
+
+    async def _rx_work(self, queue: _Queue) -> None:
+        """xennet_poll: reassemble, hand frames on, refill the ring."""
+        rx = queue.rx
+        out = self._rx_send
+        frames: list[RxFrame] = []
+        while True:
+            rx.take(frames.append)
+            for frame in frames:
+                await out.send(frame)  # a slow reader stops the refill: backpressure
+            frames.clear()
+            if rx.post():
+                with suppress(EventChannelClosed):
+                    queue.evtchn_rx.notify()
+            if not rx.ring.final_check_for_responses():
+                break
+
+    def _post(
+        self,
+        conn: _Connection,
+        queue: _Queue,
+        view: memoryview,
+        pieces: list[tuple[int, int, int]],
+        gso: NetifGsoExtra | None,
+        csum_blank: bool,
+        data_validated: bool,
+    ) -> None:
+        if queue.broken is not None:
+            queue.tx.counters.tx_dropped += 1
+            return
+        tx = queue.tx
+        granule = self.granule
+        order = self.granule_order
+        frames = granule // XEN_PAGE_SIZE
+        arena = queue.arena
+        arena_view = arena.view
+        backend = self.device.backend_domid
+        grant = self.dom.grants.grant_access
+        ids = tx.alloc_ids(len(pieces))
+        grefs = []
+        position = 0
+        for slot_id, (_index, offset, size) in zip(ids, pieces, strict=True):
+            start = slot_id * granule + offset
+            arena_view[start : start + size] = view[position : position + size]
+            arena.written(start, size)
+            position += size
+            grefs.append(grant(backend, arena.frame + slot_id * frames, readonly=True, order=order))
+        tx.put_packet(
+            ids, grefs, pieces, gso=gso, csum_blank=csum_blank, data_validated=data_validated
+        )
+        if tx.push():
+            with suppress(EventChannelClosed):
+                queue.evtchn_tx.notify()
+
+    def _check_offloads(
+        self, features: BackendFeatures, length: int, gso: NetifGsoExtra | None
+    ) -> None:
+        if gso is not None:
+            offered = (
+                features.gso_tcpv4
+                if gso.gso_type == XEN_NETIF_GSO_TYPE_TCPV4
+                else features.gso_tcpv6
+            )
+            if not offered:
+                raise NetfrontError(f"the backend does not offer GSO type {gso.gso_type}")
+        if length > self.granule and not features.sg:
+            raise NetfrontError(
+                f"a {length}-byte frame needs several slots; the backend has no feature-sg"
+            )
+
+    async def _usable(self) -> _Connection:
+        while True:
+            conn = self._conn
+            if conn is not None and not conn.dead:
+                return conn
+            if self._closed:
+                raise NetfrontError("netfront is closed")
+            await self._changed.wait()
+
+    def _set_changed(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _teardown(self, reason: str) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        self._conn = None
+        conn.dead = True
+        conn.scope.cancel()
+        for queue in conn.queues:
+            self._release_queue(queue)
+            _add(self._totals, queue.tx.counters)
+            _add(self._totals, queue.rx.counters)
+            queue.space.unpark_all()
+        self._set_changed()
+        log.info("netfront.teardown", device=str(self.device), reason=reason)
+
+    def _release_queue(self, queue: _Queue) -> None:
+        """Close the channels, end every grant, free the pages (later, if still mapped)."""
+        queue.evtchn_tx.close()
+        queue.evtchn_rx.close()
+        self._end_grants([queue.tx_ring_gref, queue.rx_ring_gref], queue.ring_pages)
+        in_flight = queue.tx.abandon()  # packets on the tx ring are dropped (counted)
+        self._end_grants([*in_flight, *queue.rx._grefs], [queue.arena, *queue.rx_pages])
+
+    def _end_grant(self, gref: int) -> None:
+        try:
+            self.dom.grants.end_access(gref)
+        except GrantError:
+            self._deferred.append(_Deferred([gref], []))
+
+    def _end_grants(self, grefs: list[int], pages: list[Page]) -> None:
+        """End grants; free `pages` once every one of them has ended (maybe later)."""
+        self._deferred.append(_Deferred(list(grefs), list(pages)))
+        self._retry_deferred()
+
+    def _retry_deferred(self) -> None:
+        still: list[_Deferred] = []
+        for item in self._deferred:
+            left = []
+            for gref in item.grefs:
+                try:
+                    self.dom.grants.end_access(gref)
+                except GrantError as exc:
+                    if exc.status == -12:  # GNTST_eagain: the backend still maps it
+                        left.append(gref)
+            item.grefs = left
+            if left:
+                still.append(item)
+            elif item.pages:
+                with suppress(HvError):
+                    self.dom.free_pages(item.pages)
+        self._deferred = still
+
+    async def _watch_backend(self) -> None:
+        """Notice the backend reaching Connected (the handshake table has no reaction to it)."""
+        path = f"{self.device.backend}/state"
+        async with self.xs.watch(path) as events:
+            async for _event in events:
+                conn = self._conn
+                state = await read_state(self.xs, self.device.backend)
+                fresh = conn is not None and conn is self._conn and not conn.backend_connected
+                if fresh and state == Connected:
+                    assert conn is not None
+                    conn.backend_connected = True
+                    self._set_changed()
+
+    async def _shutdown(self) -> None:
+        """Leave the device like Linux netfront's remove: Closing, wait, Closed."""
+        self._wanted = False
+        xs, device = self.xs, self.device
+        with trio.move_on_after(SHUTDOWN_TIMEOUT), suppress(XenpvError):
+            if await xs.try_read(f"{device.frontend}/state") is not None:
+                await xs.write(f"{device.frontend}/state", str(int(Closing)))
+                async with xs.watch(f"{device.backend}/state") as events:
+                    async for _event in events:
+                        if await read_state(xs, device.backend) in (Closing, Closed, Unknown):
+                            break
+                self._teardown("frontend detached")
+                if await xs.try_read(f"{device.frontend}/state") is not None:
+                    await xs.write(f"{device.frontend}/state", str(int(Closed)))
+                async with xs.watch(f"{device.backend}/state") as events:
+                    async for _event in events:
+                        self._retry_deferred()
+                        if not self._deferred:
+                            break
+                        if await read_state(xs, device.backend) in (Closed, Unknown):
+                            self._retry_deferred()
+                            break
+        self._teardown("frontend detached")
+        self._retry_deferred()
+        self._closed = True
+        self._set_changed()
+        self._rx_send.close()
+
+
+_COUNTER_FIELDS = (
+    "tx_packets",
+    "tx_bytes",
+    "tx_errors",
+    "tx_dropped",
+    "rx_packets",
+    "rx_bytes",
+    "rx_errors",
+)
+
+
+def _add(total: Counters, part: Counters) -> None:
+    for name in _COUNTER_FIELDS:
+        setattr(total, name, getattr(total, name) + getattr(part, name))
+    for reason, count in part.reasons.items():
+        total.reasons[reason] = total.reasons.get(reason, 0) + count

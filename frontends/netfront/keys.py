@@ -1,0 +1,139 @@
+"""The xenstore keys of the vif handshake, frontend side (pure: dicts in, dicts out).
+
+What Linux netfront's `talk_to_netback` reads from the backend directory and writes into its
+own. One queue: `tx-ring-ref`, `rx-ring-ref` and `event-channel` (or `event-channel-tx` /
+`event-channel-rx` when the backend offers `feature-split-event-channels`) at the top of the
+frontend directory; several queues: `multi-queue-num-queues` at the top and those keys under
+`queue-N/`. Then the frontend's features: `request-rx-copy`, `feature-rx-notify`,
+`feature-sg`, `feature-gso-tcpv4`, `feature-gso-tcpv6`, `feature-ipv6-csum-offload`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from xenpv.errors import XenpvError
+
+BACKEND_FEATURE_KEYS: Final = (
+    "feature-rx-copy",
+    "feature-sg",
+    "feature-gso-tcpv4",
+    "feature-gso-tcpv6",
+    "feature-ipv6-csum-offload",
+    "feature-split-event-channels",
+    "multi-queue-max-queues",
+)
+# Linux netfront's xennet_max_queues is capped at 8 by default (num_online_cpus otherwise).
+MAX_QUEUES: Final = 8
+
+
+class HandshakeError(XenpvError):
+    """The backend's keys make a connection impossible (e.g. no rx-copy support)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BackendFeatures:
+    """What the backend offers, as read from its directory (missing key = not offered)."""
+
+    rx_copy: bool = False
+    sg: bool = False
+    gso_tcpv4: bool = False
+    gso_tcpv6: bool = False
+    ipv6_csum_offload: bool = False
+    split_event_channels: bool = False
+    max_queues: int = 1
+
+
+def _flag(raw: str | None) -> bool:
+    """xenbus_read_unsigned(..., 0) != 0: junk reads as 0."""
+    return _unsigned(raw, 0) != 0
+
+
+def _unsigned(raw: str | None, default: int) -> int:
+    if raw is None:
+        return default
+    text = raw.strip()
+    return int(text) if text.isdigit() else default
+
+
+def parse_features(keys: Mapping[str, str | None]) -> BackendFeatures:
+    return BackendFeatures(
+        rx_copy=_flag(keys.get("feature-rx-copy")),
+        sg=_flag(keys.get("feature-sg")),
+        gso_tcpv4=_flag(keys.get("feature-gso-tcpv4")),
+        gso_tcpv6=_flag(keys.get("feature-gso-tcpv6")),
+        ipv6_csum_offload=_flag(keys.get("feature-ipv6-csum-offload")),
+        split_event_channels=_flag(keys.get("feature-split-event-channels")),
+        max_queues=max(1, _unsigned(keys.get("multi-queue-max-queues"), 1)),
+    )
+
+
+def negotiate_queues(wanted: int, features: BackendFeatures) -> int:
+    """`min(xennet_max_queues, multi-queue-max-queues)`, at least one."""
+    return max(1, min(wanted, features.max_queues, MAX_QUEUES))
+
+
+@dataclass(frozen=True, slots=True)
+class QueueKeys:
+    tx_ring_ref: int
+    rx_ring_ref: int
+    evtchn_tx: int
+    evtchn_rx: int  # equal to evtchn_tx without split event channels
+
+
+def frontend_keys(
+    queues: Sequence[QueueKeys], *, split_event_channels: bool
+) -> dict[str, str | int]:
+    """Everything the frontend publishes with its switch to Connected."""
+    if not queues:
+        raise HandshakeError("a vif needs at least one queue")
+    keys: dict[str, str | int] = {}
+
+    def queue(prefix: str, q: QueueKeys) -> None:
+        keys[f"{prefix}tx-ring-ref"] = q.tx_ring_ref
+        keys[f"{prefix}rx-ring-ref"] = q.rx_ring_ref
+        if split_event_channels:
+            keys[f"{prefix}event-channel-tx"] = q.evtchn_tx
+            keys[f"{prefix}event-channel-rx"] = q.evtchn_rx
+        else:
+            keys[f"{prefix}event-channel"] = q.evtchn_tx
+
+    if len(queues) == 1:
+        queue("", queues[0])
+    else:
+        keys["multi-queue-num-queues"] = len(queues)
+        for n, q in enumerate(queues):
+            queue(f"queue-{n}/", q)
+    keys.update(
+        {
+            "request-rx-copy": 1,
+            "feature-rx-notify": 1,
+            "feature-sg": 1,
+            "feature-gso-tcpv4": 1,
+            "feature-gso-tcpv6": 1,
+            "feature-ipv6-csum-offload": 1,
+        }
+    )
+    return keys
+
+
+def stale_keys(max_queues: int) -> list[str]:
+    """Keys a previous connection may have left that the new one might not overwrite."""
+    names = ["multi-queue-num-queues", "event-channel", "event-channel-tx", "event-channel-rx"]
+    names += [f"queue-{n}" for n in range(max_queues)]
+    return names
+
+
+def parse_mac(raw: str | None) -> bytes:
+    """The `mac` key ("00:16:3e:xx:xx:xx") as 6 bytes; HandshakeError if malformed."""
+    if raw is None:
+        raise HandshakeError("the frontend directory has no `mac` key")
+    parts = raw.strip().split(":")
+    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+        raise HandshakeError(f"malformed mac {raw!r}")
+    try:
+        return bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raise HandshakeError(f"malformed mac {raw!r}") from None

@@ -1,0 +1,187 @@
+"""A Linux TAP device on a netfront: real network stacks over the PV path.
+
+The guest side of `--tap NAME` (the `xenpv-tap` frontend key): frames the kernel sends out
+of the TAP go to `Netfront.send`, frames netfront receives go to the kernel. Offloads are
+carried through both ways, as Linux netfront maps its skb state onto netif:
+
+    virtio-net header (TAP)                       netif
+    VIRTIO_NET_HDR_F_NEEDS_CSUM        <->  NETTXF_csum_blank (+data_validated) / NETRXF_csum_blank
+    VIRTIO_NET_HDR_F_DATA_VALID        <->  NETTXF_data_validated / NETRXF_data_validated
+    VIRTIO_NET_HDR_GSO_TCPV4/6 + size  <->  GSO extra-info, XEN_NETIF_GSO_TYPE_TCPV4/6 + size
+
+On receive, `csum_start`, `csum_offset` and `hdr_len` are recomputed from the frame's
+headers (netif does not carry them: Linux netfront runs `skb_checksum_setup`); a partial-
+checksum frame whose headers cannot be parsed is dropped, as netfront drops it.
+
+The TAP offers the kernel only what the backend negotiated (TUNSETOFFLOAD after each
+connection), and its `gso_max_size` is lowered to what netif can carry
+(XEN_NETIF_MAX_TX_SIZE minus header room, Linux netfront's `netif_set_tso_max_size`), so a
+TSO frame always fits one netif packet: that is how the PV path reaches multi-gigabit rates.
+"""
+
+from __future__ import annotations
+
+import fcntl
+from contextlib import suppress
+
+import structlog
+import trio
+
+from backends.tap import (
+    TUNSETOFFLOAD,
+    Tap,
+    TapError,
+    TunOffload,
+    VirtioNetHdr,
+    VirtioNetHdrFlags,
+    VirtioNetHdrGso,
+)
+from frontends.netfront.core import NetfrontError, RxFrame
+from frontends.netfront.device import Netfront
+from frontends.netfront.headers import parse
+from xenpv.abi.netif import (
+    XEN_NETIF_GSO_TYPE_TCPV4,
+    XEN_NETIF_GSO_TYPE_TCPV6,
+    XEN_NETIF_MAX_TX_SIZE,
+    NetifGsoExtra,
+)
+
+log = structlog.get_logger()
+
+MAX_TCP_HEADER = 320  # Linux: L1_CACHE_ALIGN(128 + MAX_HEADER) on x86-64
+TAP_GSO_MAX_SIZE = XEN_NETIF_MAX_TX_SIZE - MAX_TCP_HEADER
+NEEDS_CSUM = VirtioNetHdrFlags.VIRTIO_NET_HDR_F_NEEDS_CSUM
+DATA_VALID = VirtioNetHdrFlags.VIRTIO_NET_HDR_F_DATA_VALID
+_TO_NETIF_GSO: dict[int, int] = {
+    VirtioNetHdrGso.VIRTIO_NET_HDR_GSO_TCPV4: XEN_NETIF_GSO_TYPE_TCPV4,
+    VirtioNetHdrGso.VIRTIO_NET_HDR_GSO_TCPV6: XEN_NETIF_GSO_TYPE_TCPV6,
+}
+_TO_VIRTIO_GSO: dict[int, int] = {v: k for k, v in _TO_NETIF_GSO.items()}
+
+
+class OffloadError(NetfrontError):
+    """A frame's offload state cannot cross (unparsable headers, unsupported GSO type)."""
+
+
+def to_netif(hdr: VirtioNetHdr) -> tuple[NetifGsoExtra | None, bool, bool]:
+    """(gso, csum_blank, data_validated) for a frame the kernel wrote to the TAP."""
+    gso = None
+    kind = hdr.gso
+    if kind != VirtioNetHdrGso.VIRTIO_NET_HDR_GSO_NONE:
+        netif_type = _TO_NETIF_GSO.get(kind)
+        if netif_type is None or not hdr.gso_size:
+            raise OffloadError(
+                f"virtio GSO type {hdr.gso_type} size {hdr.gso_size} has no netif form"
+            )
+        gso = NetifGsoExtra(hdr.gso_size, netif_type)
+    return gso, hdr.needs_csum, hdr.data_valid
+
+
+def to_virtio(rx: RxFrame) -> VirtioNetHdr:
+    """The virtio-net header that hands a received frame's offload state to the kernel."""
+    if not rx.csum_blank and rx.gso is None:
+        return VirtioNetHdr(flags=DATA_VALID if rx.data_validated else 0)
+    headers = parse(rx.frame)
+    if headers is None or not headers.csum_offset:
+        raise OffloadError("partial checksum or GSO on a frame without a TCP/UDP header")
+    flags = NEEDS_CSUM if rx.csum_blank else (DATA_VALID if rx.data_validated else 0)
+    gso_type: int = VirtioNetHdrGso.VIRTIO_NET_HDR_GSO_NONE
+    gso_size = hdr_len = 0
+    if rx.gso is not None:
+        gso_type = _TO_VIRTIO_GSO[rx.gso.gso_type]
+        gso_size = rx.gso.size
+        hdr_len = headers.header_len
+    return VirtioNetHdr(
+        flags=flags,
+        gso_type=gso_type,
+        hdr_len=hdr_len,
+        gso_size=gso_size,
+        csum_start=headers.l4_offset if rx.csum_blank else 0,
+        csum_offset=headers.csum_offset if rx.csum_blank else 0,
+    )
+
+
+def open_tap(name: str) -> Tap:
+    """Open the TAP (before any connection: no offloads until the backend's are known)."""
+    return Tap.open(name, offloads=0)
+
+
+async def limit_gso(tap: Tap) -> None:
+    """Best effort: make the kernel build TSO frames netif can carry in one packet."""
+    try:
+        result = await trio.run_process(
+            ["ip", "link", "set", "dev", tap.name, "gso_max_size", str(TAP_GSO_MAX_SIZE)],
+            check=False,
+            capture_stdout=True,
+            capture_stderr=True,
+        )
+    except OSError as exc:
+        log.warning("netfront.tap_gso_limit_failed", tap=tap.name, error=str(exc))
+        return
+    if result.returncode:
+        log.warning(
+            "netfront.tap_gso_limit_failed", tap=tap.name, error=result.stderr.decode().strip()
+        )
+
+
+def set_offloads(tap: Tap, front: Netfront) -> int:
+    """TUNSETOFFLOAD to what the current connection carries; returns the flags set."""
+    info = front.info
+    offloads = TunOffload.TUN_F_CSUM
+    if info.get("sg"):
+        if info.get("gso_tcpv4"):
+            offloads |= TunOffload.TUN_F_TSO4
+        if info.get("gso_tcpv6"):
+            offloads |= TunOffload.TUN_F_TSO6
+    try:
+        fcntl.ioctl(tap.fileno(), TUNSETOFFLOAD, int(offloads))
+    except OSError as exc:
+        raise TapError(f"cannot set offloads on TAP {tap.name}: {exc.strerror}") from None
+    return int(offloads)
+
+
+async def run_tap(front: Netfront, tap: Tap) -> None:
+    """Pump frames between `tap` and `front` until cancelled (the TAP stays open)."""
+    await limit_gso(tap)
+    dropped = 0
+
+    async def offloads() -> None:
+        generation = None
+        while True:
+            await front.wait_connected()
+            if front.info.get("generation") != generation:
+                generation = front.info.get("generation")
+                flags = set_offloads(tap, front)
+                log.info("netfront.tap_offloads", tap=tap.name, offloads=flags)
+            await front.wait_disconnected()
+
+    async def kernel_to_front() -> None:
+        nonlocal dropped
+        while True:
+            hdr, frame = await tap.read_frame()
+            try:
+                gso, csum_blank, data_validated = to_netif(hdr)
+                await front.send(
+                    frame, gso=gso, csum_blank=csum_blank, data_validated=data_validated
+                )
+            except NetfrontError as exc:
+                dropped += 1
+                log.warning("netfront.tap_tx_drop", tap=tap.name, length=len(frame), error=str(exc))
+
+    async def front_to_kernel() -> None:
+        nonlocal dropped
+        while True:
+            rx = await front.receive()
+            try:
+                await tap.write_frame(to_virtio(rx), rx.frame)
+            except (OffloadError, TapError) as exc:
+                dropped += 1
+                log.warning(
+                    "netfront.tap_rx_drop", tap=tap.name, length=len(rx.frame), error=str(exc)
+                )
+
+    with suppress(trio.EndOfChannel):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(offloads)
+            nursery.start_soon(kernel_to_front)
+            nursery.start_soon(front_to_kernel)
