@@ -1,0 +1,608 @@
+"""The blkfront engine, sans-IO: I/Os in, ring requests out, responses in, completions out.
+
+It owns everything Linux's `struct blkfront_info` / `blkfront_ring_info` hold between two
+interrupts: the queue of I/Os not yet on a ring, a per-ring `shadow[]` table (request id =
+shadow index, as in Linux), the grants of each request and the persistent-grant pool. It never
+waits: the trio layer (device.py) calls `dispatch()` after `submit()`, `poll(q)` when queue `q`'s
+event channel fires, and turns the completed I/Os it gets back into woken tasks.
+
+Connections. `connect()` starts a connection on freshly initialised rings with what was
+negotiated; `disconnect()` ends it (backend gone, closed, or broken): every I/O that has not
+completed goes back to the pending queue, in submission order, with its per-connection state
+dropped, and is re-split to the next connection's limits when it is re-issued (Linux
+`blkif_recover`). Because an I/O completes only from a response of the connection it was
+issued on, and its state is reset when that connection ends, nothing completes twice; because
+an I/O leaves the engine only through a response, no acknowledged write is ever dropped.
+
+Responses (Linux `blkif_interrupt`): an id outside the shadow table or naming a free slot is a
+protocol error (`BlkfrontProtocolError`); the ring is unusable from then on. BLKIF_RSP_EOPNOTSUPP
+to a flush or discard turns that feature off for the rest of the connection, as Linux does.
+
+Grants. Without persistent grants, each I/O's data lives in guest pages allocated for it (its
+"bio", data at `start` bytes into the first page) and each used grant frame is granted for the
+request and revoked at completion. With persistent grants (negotiated), data is copied into
+frames of a pool that stay granted for the whole connection, and out of them for reads (Linux
+`blkif_setup_rw_req_grant` / `blkif_completion` with `info->bounce`). A grant the backend
+still maps when it should not is kept aside (never reused, its page never freed) and retried.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import structlog
+
+from frontends.blkfront.errors import BlkfrontProtocolError
+from frontends.blkfront.split import Chunk, Limits, Part, chunks, plan
+from xenpv.abi.blkif import (
+    BLKIF_OP_DISCARD,
+    BLKIF_OP_FLUSH_DISKCACHE,
+    BLKIF_OP_READ,
+    BLKIF_OP_WRITE,
+    BLKIF_OP_WRITE_BARRIER,
+    BLKIF_RSP_EOPNOTSUPP,
+    BLKIF_RSP_OKAY,
+    SECTOR_SIZE,
+    BlkifDiscardRequest,
+    BlkifIndirectRequest,
+    BlkifProtocol,
+    BlkifRequest,
+    BlkifSegment,
+    encode_indirect_pages,
+    indirect_pages,
+)
+from xenpv.abi.errors import AbiError
+from xenpv.abi.ring import FrontRing
+from xenpv.hv.errors import GrantError
+from xenpv.hv.gntst import GNTST
+from xenpv.hv.memory import OutOfMemory, Page
+
+log = structlog.get_logger()
+
+FLUSH_OPS = (int(BLKIF_OP_FLUSH_DISKCACHE), int(BLKIF_OP_WRITE_BARRIER))
+
+
+class Memory(Protocol):
+    """What the engine needs of the guest's memory (`xenpv.hv.DomainMemory`)."""
+
+    page_size: int
+    view: memoryview
+
+    def alloc_pages(self, n: int) -> list[Page]: ...
+
+    def free_pages(self, pages: Sequence[Page]) -> None: ...
+
+    def written(self, offset: int, length: int, exclude: object = None) -> None: ...
+
+
+class Grants(Protocol):
+    """What the engine needs of the guest's grant table (`xenpv.hv.GrantTable`)."""
+
+    def grant_access(
+        self, remote: int, frame: int, *, readonly: bool = False, order: int = 0
+    ) -> int: ...
+
+    def end_access(self, gref: int) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Negotiated:
+    """One connection's parameters, as the frontend read them from both ends' keys."""
+
+    protocol: BlkifProtocol
+    queues: int
+    ring_page_order: int
+    sectors: int  # capacity in 512-byte units (the `sectors` key)
+    sector_size: int = SECTOR_SIZE
+    physical_sector_size: int = SECTOR_SIZE
+    read_only: bool = False
+    persistent: bool = False
+    indirect_segments: int = 0  # 0: no indirect requests
+    flush_op: int | None = None  # FLUSH_DISKCACHE, WRITE_BARRIER, or None (flush is a no-op)
+    discard: bool = False
+    discard_granularity: int = 0
+    discard_alignment: int = 0
+    discard_secure: bool = False
+    grant_size: int = 4096
+    handle: int = 0
+
+    @property
+    def limits(self) -> Limits:
+        segments = self.indirect_segments if self.indirect_segments > 11 else 11
+        return Limits(segments, self.sector_size, self.grant_size)
+
+
+@dataclass(slots=True, eq=False)
+class BlkIo:
+    """One user I/O: read/write of `length` bytes at `sector`, a flush, or a discard."""
+
+    operation: int  # BLKIF_OP_READ / WRITE / FLUSH_DISKCACHE (any flush) / DISCARD
+    sector: int
+    length: int  # bytes (0 for a flush)
+    start: int = 0  # where the data begins in its first guest page
+    data: bytes | bytearray = b""  # the payload of a write; the result of a read
+    seq: int = 0
+    status: int | None = None  # set once, at completion
+    reason: str = ""
+    waiter: Any = None  # the trio layer's wake-up handle
+    # per connection: reset by Engine.disconnect()
+    parts: list[Part] | None = None
+    pieces: list[Chunk] = field(default_factory=list)
+    next_part: int = 0
+    outstanding: int = 0
+    queue: int = -1
+    failure: int = BLKIF_RSP_OKAY
+    pages: list[Page] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return self.status is not None
+
+    def reset(self) -> None:
+        self.parts = None
+        self.next_part = 0
+        self.outstanding = 0
+        self.queue = -1
+        self.failure = BLKIF_RSP_OKAY
+
+
+@dataclass(slots=True, eq=False)
+class _Issued:
+    """What one ring request holds until its response: Linux's `struct blk_shadow`."""
+
+    io: BlkIo
+    part: Part
+    operation: int
+    grefs: list[int] = field(default_factory=list)  # ended at completion
+    pooled: list[tuple[int, int]] = field(default_factory=list)  # persistent (frame, gref)
+    frames: list[int] = field(default_factory=list)  # frame of each chunk, in order
+    scratch: list[int] = field(default_factory=list)  # non-persistent indirect frames
+
+
+class _Queue:
+    __slots__ = ("free", "index", "ring", "shadow")
+
+    def __init__(self, index: int, ring: FrontRing) -> None:
+        self.index = index
+        self.ring = ring
+        self.shadow: list[_Issued | None] = [None] * ring.nr_ents
+        self.free = list(range(ring.nr_ents - 1, -1, -1))
+
+
+class Engine:
+    """The state of one blkfront device across connections (see the module docstring)."""
+
+    def __init__(
+        self, memory: Memory, grants: Grants, backend_domid: int, *, grant_size: int = 4096
+    ) -> None:
+        self.memory = memory
+        self.grants = grants
+        self.backend = backend_domid
+        self.grant_size = grant_size
+        self.page_size = memory.page_size
+        self.pending: collections.deque[BlkIo] = collections.deque()
+        self.active: dict[int, BlkIo] = {}  # seq -> issued (fully or partly), not completed
+        self.negotiated: Negotiated | None = None
+        self.queues: list[_Queue] = []
+        self._rr = 0
+        self._seq = 0
+        self._pool: list[tuple[int, int]] = []  # persistent (frame, gref), free
+        self._pool_all: list[tuple[int, int]] = []
+        self._pool_pages: list[Page] = []
+        self._scratch: list[int] = []  # free frames for non-persistent indirect pages
+        self._scratch_pages: list[Page] = []
+        self._stuck: list[tuple[int, list[Page]]] = []  # grants the backend would not release
+        self._stuck_grefs: list[int] = []
+        self._finished: list[BlkIo] = []  # completed inside dispatch(), not by a response
+        self.flush_op: int | None = None
+        self.discard = False
+        self.requests_issued = 0
+        self.reissued = 0  # I/Os that a connection ended before they completed
+
+    # -- the user side ----------------------------------------------------------------------
+
+    def submit(self, io: BlkIo) -> None:
+        self._seq += 1
+        io.seq = self._seq
+        self.pending.append(io)
+
+    @property
+    def connected(self) -> bool:
+        return self.negotiated is not None
+
+    def unfinished(self) -> int:
+        return len(self.pending) + sum(1 for io in self.active.values() if io not in self.pending)
+
+    # -- connections ---------------------------------------------------------------------
+
+    def connect(self, negotiated: Negotiated, rings: Sequence[FrontRing]) -> None:
+        if self.negotiated is not None:
+            self.disconnect()
+        if len(rings) != negotiated.queues:
+            raise ValueError(f"{negotiated.queues} queues but {len(rings)} rings")
+        self.negotiated = negotiated
+        self.queues = [_Queue(i, ring) for i, ring in enumerate(rings)]
+        self.flush_op = negotiated.flush_op
+        self.discard = negotiated.discard
+        self._rr = 0
+
+    def disconnect(self) -> None:
+        """End the connection: unfinished I/Os go back to the pending queue, in order."""
+        for queue in self.queues:
+            for issued in queue.shadow:
+                if issued is not None:
+                    self._release(issued)
+        self.queues = []
+        self.negotiated = None
+        back = sorted(
+            {io.seq: io for io in (*self.active.values(), *self.pending)}.values(),
+            key=lambda io: io.seq,
+        )
+        self.reissued += len(self.active)
+        self.active.clear()
+        for io in back:
+            self._drop_bio(io)
+            io.reset()
+        self.pending = collections.deque(back)
+        self._drop_pool()
+        self._retry_stuck()
+
+    def fail_pending(self, status: int, reason: str) -> list[BlkIo]:
+        """Fail every I/O not on a ring (e.g. the device is detached)."""
+        failed = []
+        for io in self.pending:
+            if io.seq in self.active:
+                continue
+            self._drop_bio(io)
+            io.status, io.reason = status, reason
+            failed.append(io)
+        self.pending = collections.deque(io for io in self.pending if io.seq in self.active)
+        return failed
+
+    # -- issuing -------------------------------------------------------------------------
+
+    def dispatch(self) -> list[int]:
+        """Put pending I/Os on the rings while there is room; the queues to notify."""
+        neg = self.negotiated
+        if neg is None or not self.pending:
+            return []
+        touched: set[int] = set()
+        nqueues = len(self.queues)
+        while self.pending:
+            io = self.pending[0]
+            if io.parts is None:
+                early = self._settle_early(io)
+                if early is not None:
+                    self.pending.popleft()
+                    io.status, io.reason = early
+                    self._finished.append(io)
+                    continue
+                self._plan(io, neg)
+                assert io.parts is not None
+                queue = self.queues[self._rr % nqueues]
+                self._rr += 1
+                for _ in range(nqueues):
+                    if queue.free:
+                        break
+                    queue = self.queues[(queue.index + 1) % nqueues]
+                io.queue = queue.index
+            queue = self.queues[io.queue]
+            parts = io.parts
+            assert parts is not None
+            starved: Exception | None = None
+            while io.next_part < len(parts) and queue.free and not queue.ring.full():
+                try:
+                    self._issue(queue, io, parts[io.next_part], neg)
+                except (OutOfMemory, GrantError) as exc:
+                    if isinstance(exc, GrantError) and exc.status != GNTST.GNTST_no_space:
+                        raise
+                    starved = exc
+                    break
+                touched.add(queue.index)
+                io.next_part += 1
+            if starved is not None and not io.outstanding and len(self.active) == 1:
+                # Nothing in flight will ever free memory or grants: fail this I/O.
+                self.pending.popleft()
+                del self.active[io.seq]
+                self._drop_bio(io)
+                io.status, io.reason = -1, f"out of guest memory or grants: {starved}"
+                self._finished.append(io)
+                continue
+            if io.next_part < len(parts):
+                break  # ring full or resources short: keep order, wait for responses
+            self.pending.popleft()
+        notify = []
+        for index in sorted(touched):
+            if self.queues[index].ring.push_requests():
+                notify.append(index)
+        return notify
+
+    def take_finished(self) -> list[BlkIo]:
+        """I/Os that dispatch() settled without the backend (see `_settle_early`)."""
+        out, self._finished = self._finished, []
+        return out
+
+    def _settle_early(self, io: BlkIo) -> tuple[int, str] | None:
+        """A flush without flush support completes at once (Linux: no REQ_PREFLUSH queue
+        flag, the block layer completes it); a discard without support fails."""
+        if io.operation in FLUSH_OPS and self.flush_op is None:
+            return int(BLKIF_RSP_OKAY), ""
+        if io.operation == BLKIF_OP_DISCARD and not self.discard:
+            return int(BLKIF_RSP_EOPNOTSUPP), "the backend does not support discard"
+        return None
+
+    def _plan(self, io: BlkIo, neg: Negotiated) -> None:
+        if io.operation in (BLKIF_OP_READ, BLKIF_OP_WRITE):
+            io.pieces = chunks(io.start, io.length, self.grant_size)
+            io.parts = plan(io.pieces, io.sector, neg.limits)
+        else:
+            io.pieces = []
+            io.parts = [Part(0, 0, io.sector, False)]
+        self.active[io.seq] = io
+
+    def _issue(self, queue: _Queue, io: BlkIo, part: Part, neg: Negotiated) -> None:
+        op = io.operation
+        if op in FLUSH_OPS:
+            op = self.flush_op if self.flush_op is not None else op
+        issued = _Issued(io, part, op)
+        try:
+            request = self._build(issued, neg)
+        except BaseException:
+            self._release(issued)
+            raise
+        request_id = queue.free.pop()
+        queue.shadow[request_id] = issued
+        request.id = request_id
+        queue.ring.put_request(neg.protocol.encode_request(request))
+        io.outstanding += 1
+        self.requests_issued += 1
+
+    def _build(
+        self, issued: _Issued, neg: Negotiated
+    ) -> BlkifRequest | BlkifIndirectRequest | BlkifDiscardRequest:
+        io, part = issued.io, issued.part
+        if io.operation == BLKIF_OP_DISCARD:
+            return BlkifDiscardRequest(0, io.sector, io.length // SECTOR_SIZE, 0, neg.handle)
+        if io.operation in FLUSH_OPS:
+            return BlkifRequest(issued.operation, 0, 0, (), neg.handle)
+        pieces = io.pieces[part.first : part.first + part.count]
+        write = io.operation == BLKIF_OP_WRITE
+        segments = []
+        gsize = self.grant_size
+        if neg.persistent:
+            for piece in pieces:
+                frame, gref = self._pool_get()
+                issued.pooled.append((frame, gref))
+                issued.frames.append(frame)
+                if write:
+                    inside = piece.offset % gsize
+                    at = frame * 4096 + inside
+                    src = piece.offset - io.start
+                    self.memory.view[at : at + piece.length] = io.data[src : src + piece.length]
+                    self.memory.written(at, piece.length)
+                first, last = piece.sectors(gsize)
+                segments.append(BlkifSegment(gref, first, last))
+        else:
+            if not io.pages:
+                self._fill_bio(io)
+            psize = self.page_size
+            for piece in pieces:
+                page = io.pages[piece.offset // psize]
+                frame = page.frame + (piece.offset % psize) // 4096
+                gref = self.grants.grant_access(self.backend, frame)
+                issued.grefs.append(gref)
+                issued.frames.append(frame)
+                first, last = piece.sectors(gsize)
+                segments.append(BlkifSegment(gref, first, last))
+        if not part.indirect:
+            return BlkifRequest(io.operation, 0, part.sector, tuple(segments), neg.handle)
+        grefs = []
+        for content in encode_indirect_pages(segments, gsize)[
+            : indirect_pages(len(segments), gsize)
+        ]:
+            if neg.persistent:
+                frame, gref = self._pool_get()
+                issued.pooled.append((frame, gref))
+            else:
+                frame = self._scratch_get()
+                issued.scratch.append(frame)
+                gref = self.grants.grant_access(self.backend, frame)
+                issued.grefs.append(gref)
+            at = frame * 4096
+            self.memory.view[at : at + gsize] = content
+            self.memory.written(at, gsize)
+            grefs.append(gref)
+        return BlkifIndirectRequest(
+            io.operation, 0, part.sector, len(segments), tuple(grefs), neg.handle
+        )
+
+    def _fill_bio(self, io: BlkIo) -> None:
+        """Allocate the I/O's guest pages; a write's data is copied in once per connection."""
+        psize = self.page_size
+        io.pages = self.memory.alloc_pages(-(-(io.start + io.length) // psize))
+        if io.operation == BLKIF_OP_WRITE:
+            data = memoryview(io.data)
+            done = 0
+            position = io.start
+            for page in io.pages[: len(io.pages)]:
+                inside = position % psize
+                take = min(psize - inside, io.length - done)
+                if take <= 0:
+                    break
+                at = page.frame * 4096 + inside
+                self.memory.view[at : at + take] = data[done : done + take]
+                self.memory.written(at, take)
+                done += take
+                position += take
+
+    # -- responses -----------------------------------------------------------------------
+
+    def poll(self, index: int) -> list[BlkIo]:
+        """Take every response on queue `index` (re-arming rsp_event); the completed I/Os."""
+        neg = self.negotiated
+        if neg is None or index >= len(self.queues):
+            return []
+        queue = self.queues[index]
+        ring = queue.ring
+        completed: list[BlkIo] = []
+        try:
+            while True:
+                while (raw := ring.take_response()) is not None:
+                    response = neg.protocol.decode_response(raw)
+                    io = self._complete(queue, response.id, response.status)
+                    if io is not None:
+                        completed.append(io)
+                if not ring.final_check_for_responses():
+                    break
+        except AbiError as exc:
+            raise BlkfrontProtocolError(f"queue {index}: {exc}") from None
+        return completed
+
+    def _complete(self, queue: _Queue, request_id: int, status: int) -> BlkIo | None:
+        if not 0 <= request_id < len(queue.shadow):
+            queue.ring.broken = f"response has incorrect id ({request_id})"
+            raise BlkfrontProtocolError(f"queue {queue.index}: {queue.ring.broken}")
+        issued = queue.shadow[request_id]
+        if issued is None:
+            queue.ring.broken = f"response {request_id} references no pending request"
+            raise BlkfrontProtocolError(f"queue {queue.index}: {queue.ring.broken}")
+        queue.shadow[request_id] = None
+        queue.free.append(request_id)
+        io = issued.io
+        if status == BLKIF_RSP_OKAY and io.operation == BLKIF_OP_READ and issued.pooled:
+            self._copy_out(issued)
+        self._release(issued)
+        if status != BLKIF_RSP_OKAY:
+            if status == BLKIF_RSP_EOPNOTSUPP and issued.operation in FLUSH_OPS:
+                log.warning("backend refused flush: flush disabled", op=issued.operation)
+                self.flush_op = None
+            elif status == BLKIF_RSP_EOPNOTSUPP and issued.operation == BLKIF_OP_DISCARD:
+                log.warning("backend refused discard: discard disabled")
+                self.discard = False
+            if io.failure == BLKIF_RSP_OKAY:
+                io.failure = status
+        io.outstanding -= 1
+        if io.outstanding or io.parts is None or io.next_part < len(io.parts):
+            return None
+        if io.failure == BLKIF_RSP_OKAY and io.operation == BLKIF_OP_READ and io.pages:
+            self._copy_bio_out(io)
+        self._drop_bio(io)
+        del self.active[io.seq]
+        io.status = io.failure
+        if io.status != BLKIF_RSP_OKAY:
+            io.reason = "the backend failed the request"
+        return io
+
+    def _copy_out(self, issued: _Issued) -> None:
+        io = issued.io
+        assert isinstance(io.data, bytearray)
+        gsize = self.grant_size
+        view = self.memory.view
+        part = issued.part
+        for piece, frame in zip(
+            io.pieces[part.first : part.first + part.count], issued.frames, strict=False
+        ):
+            at = frame * 4096 + piece.offset % gsize
+            dst = piece.offset - io.start
+            io.data[dst : dst + piece.length] = view[at : at + piece.length]
+
+    def _copy_bio_out(self, io: BlkIo) -> None:
+        assert isinstance(io.data, bytearray)
+        psize = self.page_size
+        view = self.memory.view
+        done = 0
+        position = io.start
+        for page in io.pages:
+            inside = position % psize
+            take = min(psize - inside, io.length - done)
+            if take <= 0:
+                break
+            at = page.frame * 4096 + inside
+            io.data[done : done + take] = view[at : at + take]
+            done += take
+            position += take
+
+    # -- resources -----------------------------------------------------------------------
+
+    def _release(self, issued: _Issued) -> None:
+        stuck = []
+        for gref in issued.grefs:
+            try:
+                self.grants.end_access(gref)
+            except GrantError:
+                stuck.append(gref)
+        if stuck:
+            # Linux (XSA-396): a backend that keeps a grant mapped after answering is
+            # misbehaving; the page must not be reused while it can still write it.
+            log.warning("backend still maps grants", grefs=stuck)
+            pages = issued.io.pages
+            issued.io.pages = []
+            self._stuck.append((len(stuck), pages))
+            self._stuck_grefs.extend(stuck)
+        self._scratch.extend(issued.scratch)
+        self._pool.extend(issued.pooled)
+        issued.grefs = []
+        issued.scratch = []
+        issued.pooled = []
+
+    def _retry_stuck(self) -> None:
+        if not self._stuck_grefs:
+            return
+        left = []
+        for gref in self._stuck_grefs:
+            try:
+                self.grants.end_access(gref)
+            except GrantError:
+                left.append(gref)
+        self._stuck_grefs = left
+        if not left:
+            for _, pages in self._stuck:
+                self.memory.free_pages(pages)
+            self._stuck = []
+
+    def _drop_bio(self, io: BlkIo) -> None:
+        if io.pages:
+            self.memory.free_pages(io.pages)
+            io.pages = []
+
+    def _pool_get(self) -> tuple[int, int]:
+        if not self._pool:
+            (page,) = self.memory.alloc_pages(1)
+            self._pool_pages.append(page)
+            fresh = []
+            try:
+                for frame in range(page.frame, page.frame + page.nframes):
+                    fresh.append((frame, self.grants.grant_access(self.backend, frame)))
+            finally:
+                self._pool.extend(reversed(fresh))
+                self._pool_all.extend(fresh)
+        return self._pool.pop()
+
+    def _scratch_get(self) -> int:
+        if not self._scratch:
+            (page,) = self.memory.alloc_pages(1)
+            self._scratch_pages.append(page)
+            self._scratch.extend(range(page.frame + page.nframes - 1, page.frame - 1, -1))
+        return self._scratch.pop()
+
+    def _drop_pool(self) -> None:
+        """End the persistent grants (the backend unmapped them on disconnect, or died)."""
+        stuck = []
+        for _, gref in self._pool_all:
+            try:
+                self.grants.end_access(gref)
+            except GrantError:
+                stuck.append(gref)
+        if stuck:
+            log.warning("backend still maps persistent grants", count=len(stuck))
+            self._stuck_grefs.extend(stuck)
+            self._stuck.append((len(stuck), self._pool_pages))
+        elif self._pool_pages:
+            self.memory.free_pages(self._pool_pages)
+        self._pool, self._pool_all, self._pool_pages = [], [], []
+
+    def persistent_grants(self) -> int:
+        return len(self._pool_all)

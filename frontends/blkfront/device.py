@@ -1,0 +1,363 @@
+"""Blkfront at the edge: the xenbus handshake, event-channel waits, and the async I/O API.
+
+`Blkfront` is the `HandshakeDriver` that `xenpv.xenbus_io.run_handshake` drives, and the object
+users call. Per connection it owns the ring pages (granted per 4 KiB frame), one unbound event
+channel per queue and one task per queue that waits for the backend's notifications and hands
+the ring to the engine (core.py). Everything between two awaits is synchronous engine work, so
+no locks are needed.
+
+Recovery: a queue task that finds the backend gone (`EventChannelClosed`, `PeerGone`) or
+broken (`BlkfrontProtocolError`) ends the connection in the engine (unfinished I/Os go back
+to the pending queue) and waits; a protocol error also switches the frontend to Closing, as
+Linux's `xenbus_dev_fatal` does. The xenbus rules then close and re-run the handshake
+(a restarted backend writes Closed first), and CONNECT re-issues everything pending.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+import trio
+
+from frontends.blkfront import negotiate
+from frontends.blkfront.core import BlkIo, Engine
+from frontends.blkfront.errors import BlkError, BlkfrontProtocolError, io_error, not_supported
+from frontends.blkfront.negotiate import Geometry, Wishes
+from xenpv import xenbus
+from xenpv.abi.blkif import (
+    BLKIF_OP_DISCARD,
+    BLKIF_OP_FLUSH_DISKCACHE,
+    BLKIF_OP_READ,
+    BLKIF_OP_WRITE,
+    BLKIF_RSP_ERROR,
+    BLKIF_RSP_OKAY,
+    SECTOR_SIZE,
+    blkif_protocol,
+)
+from xenpv.abi.ring import FrontRing
+from xenpv.hv import Domain, EventChannel, GrantError, HvError, Page
+from xenpv.hv.errors import EventChannelClosed, PeerGone
+from xenpv.xenbus import Action, DeviceId
+from xenpv.xenbus_io import KeyValues, read_keys, read_state
+from xenpv.xenstore.client import XenstoreClient
+from xenpv.xenstore.wire import XsError
+
+log = structlog.get_logger()
+
+DETACH_TIMEOUT = 5.0
+
+
+@dataclass(eq=False)
+class _Connection:
+    """The resources of one handshake: ring pages, their grants, the event channels."""
+
+    geometry: Geometry
+    pages: list[Page]
+    grefs: list[list[int]]
+    channels: list[EventChannel]
+    rings: list[FrontRing]
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    live: bool = False
+
+
+class Blkfront:
+    """One virtual block device of a guest (see `frontends.blkfront.attach`)."""
+
+    role: xenbus.Role = "frontend"
+
+    def __init__(
+        self,
+        dom: Domain,
+        xs: XenstoreClient,
+        device: DeviceId,
+        *,
+        queue_depth: int,
+        grant_size: int,
+        wishes: Wishes,
+    ) -> None:
+        if queue_depth < 1:
+            raise ValueError("queue_depth must be at least 1")
+        self.dom = dom
+        self.xs = xs
+        self.device = device
+        self.wishes = wishes
+        self.grant_size = grant_size
+        self.queue_depth = queue_depth
+        self.engine = Engine(dom.memory, dom.grants, device.backend_domid, grant_size=grant_size)
+        self.info: dict[str, Any] = {}
+        self.connections = 0  # handshakes completed (1 + reconnects)
+        self._depth = trio.Semaphore(queue_depth)
+        self._connected = trio.Event()
+        self._closed = trio.Event()
+        self._conn: _Connection | None = None
+        self._wanted = True
+        self._nursery: trio.Nursery | None = None
+        self._log = log.bind(device=str(device), domid=dom.domid)
+
+    # -- the API ------------------------------------------------------------------------------
+
+    async def wait_connected(self) -> None:
+        """Return once the device is connected (at once if it is)."""
+        while not self.engine.connected:
+            await self._connected.wait()
+
+    async def read(self, offset: int, length: int) -> bytes:
+        sector = await self._check(offset, length, write=False)
+        io = BlkIo(
+            int(BLKIF_OP_READ),
+            sector,
+            length,
+            offset % self.dom.page_size,
+            bytearray(length),
+        )
+        await self._run(io)
+        return bytes(io.data)
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        payload = bytes(data)
+        sector = await self._check(offset, len(payload), write=True)
+        io = BlkIo(int(BLKIF_OP_WRITE), sector, len(payload), offset % self.dom.page_size, payload)
+        await self._run(io)
+
+    async def flush(self) -> None:
+        """Flush the backend's cache (FLUSH_DISKCACHE, or WRITE_BARRIER); a no-op when the
+        backend offers neither, as for a Linux disk without a write cache."""
+        await self.wait_connected()
+        if self._read_only():
+            return
+        await self._run(BlkIo(int(BLKIF_OP_FLUSH_DISKCACHE), 0, 0))
+
+    async def discard(self, offset: int, length: int) -> None:
+        sector = await self._check(offset, length, write=True)
+        if not self.engine.discard:
+            raise not_supported("the backend does not support discard")
+        await self._run(BlkIo(int(BLKIF_OP_DISCARD), sector, length))
+
+    @property
+    def capacity(self) -> int:
+        """The disk size in bytes (0 before the first connection)."""
+        return int(self.info.get("sectors", 0)) * SECTOR_SIZE
+
+    def _read_only(self) -> bool:
+        return bool(self.info.get("read_only"))
+
+    async def _check(self, offset: int, length: int, *, write: bool) -> int:
+        if not self.info:
+            await self.wait_connected()
+        block = int(self.info["sector_size"])
+        if offset < 0 or length <= 0 or offset % block or length % block:
+            raise io_error(
+                f"I/O of {length} bytes at {offset}: both must be positive multiples of the "
+                f"{block}-byte sector size"
+            )
+        if offset + length > self.capacity:
+            raise io_error(f"I/O at {offset}+{length} beyond the end of the disk ({self.capacity})")
+        if write and self._read_only():
+            raise io_error("the disk is read-only")
+        return offset // SECTOR_SIZE
+
+    async def _run(self, io: BlkIo) -> None:
+        if not self._wanted:
+            raise io_error("the device is detached")
+        async with self._depth:
+            done = trio.Event()
+            io.waiter = done
+            self.engine.submit(io)
+            self._kick()
+            await done.wait()
+        if io.status != BLKIF_RSP_OKAY:
+            assert io.status is not None
+            raise BlkError(io.status, io.reason or "I/O failed")
+
+    # -- engine plumbing ------------------------------------------------------------------
+
+    def _wake(self, ios: list[BlkIo]) -> None:
+        for io in ios:
+            if io.waiter is not None:
+                io.waiter.set()
+
+    def _kick(self) -> None:
+        """Put what fits on the rings and notify the backend."""
+        conn = self._conn
+        if conn is None or not conn.live:
+            return
+        try:
+            notify = self.engine.dispatch()
+        except GrantError as exc:  # a grant table fault, not exhaustion: a local bug
+            self._log.error("cannot grant I/O buffers", error=str(exc))
+            raise
+        self._wake(self.engine.take_finished())
+        for index in notify:
+            try:
+                conn.channels[index].notify()
+            except EventChannelClosed as exc:
+                self._lost(conn, f"event channel closed: {exc}")
+                return
+
+    def _lost(self, conn: _Connection, reason: str) -> None:
+        """The connection is unusable: keep every unfinished I/O for the next one."""
+        if not conn.live:
+            return
+        conn.live = False
+        conn.scope.cancel()
+        self._log.warning(
+            "blkfront connection lost", reason=reason, unfinished=self.engine.unfinished()
+        )
+        self.engine.disconnect()
+        self._connected = trio.Event()
+
+    async def _queue_task(self, conn: _Connection, index: int) -> None:
+        channel = conn.channels[index]
+        try:
+            while True:
+                self._wake(self.engine.poll(index))
+                self._kick()
+                if not conn.live:
+                    return
+                await channel.wait()
+        except (EventChannelClosed, PeerGone) as exc:
+            self._lost(conn, f"backend gone: {exc}")
+        except BlkfrontProtocolError as exc:
+            self._log.error("backend broke the blkif protocol", error=str(exc))
+            self._lost(conn, str(exc))
+            if self._nursery is not None:
+                self._nursery.start_soon(self._close_on_error)
+
+    async def _close_on_error(self) -> None:
+        state = await read_state(self.xs, self.device.frontend)
+        if state in (xenbus.Initialised, xenbus.Connected):
+            await self.xs.write(f"{self.device.frontend}/state", str(int(xenbus.Closing)))
+
+    # -- xenbus actions -------------------------------------------------------------------
+
+    async def perform(self, action: Action) -> KeyValues | None:
+        if action is Action.SETUP:
+            if not self._wanted:
+                return None
+            return await self._setup()
+        if action is Action.CONNECT:
+            return await self._connect()
+        if action is Action.CAPACITY:
+            await self._capacity()
+            return {}
+        if action is Action.CLOSE:
+            self._teardown("closed through xenbus")
+            self._closed.set()
+            return {}
+        if action is Action.REINIT:
+            if not self._wanted:
+                return None
+            self._closed = trio.Event()
+            return {}
+        return {}
+
+    async def _setup(self) -> KeyValues:
+        self._teardown("new handshake")
+        await self._remove_stale_keys()
+        backend = await read_keys(self.xs, self.device.backend, negotiate.SETUP_KEYS)
+        geo = negotiate.geometry(self.wishes, backend)
+        nframes = 1 << geo.ring_page_order
+        layout = blkif_protocol(self.wishes.protocol).ring_layout
+        conn = _Connection(geo, [], [], [], [])
+        self._conn = conn
+        remote = self.device.backend_domid
+        for _ in range(geo.queues):
+            page = self.dom.alloc_buffer(nframes)
+            conn.pages.append(page)
+            ring = FrontRing(page, layout)  # SHARED_RING_INIT
+            conn.rings.append(ring)
+            conn.grefs.append(
+                [self.dom.grants.grant_access(remote, page.frame + i) for i in range(nframes)]
+            )
+            conn.channels.append(await self.dom.alloc_unbound(remote))
+        keys = negotiate.setup_keys(geo, conn.grefs, [c.port for c in conn.channels], self.wishes)
+        self._log.info("blkfront setup", order=geo.ring_page_order, queues=geo.queues)
+        return keys
+
+    async def _remove_stale_keys(self) -> None:
+        """Drop a previous connection's ring keys: a backend must not read `queue-3/...` or
+        `ring-page-order` left over when this connection uses fewer queues or pages."""
+        try:
+            names = await self.xs.directory(self.device.frontend)
+        except XsError:
+            return
+        for name in names:
+            if negotiate.is_ring_key(name):
+                with contextlib.suppress(XsError):
+                    await self.xs.rm(f"{self.device.frontend}/{name}")
+
+    async def _connect(self) -> KeyValues | None:
+        conn = self._conn
+        if conn is None:  # Connected without our rings (e.g. we restarted): start over
+            return None
+        backend = await read_keys(self.xs, self.device.backend, negotiate.CONNECT_KEYS)
+        neg = negotiate.negotiated(
+            self.wishes,
+            conn.geometry,
+            backend,
+            grant_size=self.grant_size,
+            handle=self.device.devid,
+        )
+        self.engine.connect(neg, conn.rings)
+        self.info = negotiate.describe(neg)
+        self.connections += 1
+        conn.live = True
+        assert self._nursery is not None
+        self._nursery.start_soon(self._run_queues, conn)
+        self._log.info("blkfront connected", **self.info, pending=len(self.engine.pending))
+        self._kick()
+        self._connected.set()
+        return {}
+
+    async def _run_queues(self, conn: _Connection) -> None:
+        with conn.scope:
+            async with trio.open_nursery() as nursery:
+                for index in range(len(conn.rings)):
+                    nursery.start_soon(self._queue_task, conn, index)
+
+    async def _capacity(self) -> None:
+        backend = await read_keys(self.xs, self.device.backend, ["sectors"])
+        sectors = negotiate.number(backend, "sectors", -1)
+        if sectors < 0 or self.engine.negotiated is None:
+            return
+        self.engine.negotiated = dataclasses.replace(self.engine.negotiated, sectors=sectors)
+        self.info["sectors"] = sectors
+        self._log.info("blkfront capacity change", sectors=sectors)
+
+    def _teardown(self, reason: str) -> None:
+        """Drop the connection's rings and channels (unfinished I/Os stay in the engine)."""
+        conn = self._conn
+        if conn is None:
+            return
+        self._lost(conn, reason)
+        conn.scope.cancel()
+        for channel in conn.channels:
+            channel.close()
+        stuck = False
+        for grefs in conn.grefs:
+            for gref in grefs:
+                try:
+                    self.dom.grants.end_access(gref)
+                except (GrantError, HvError):
+                    stuck = True
+        if stuck:  # the backend still maps a ring page: never reuse it
+            self._log.warning("backend still maps the ring; ring pages leaked")
+        else:
+            self.dom.free_pages(conn.pages)
+        self._conn = None
+
+    async def detach(self) -> None:
+        """Close the device through xenbus (Closing → Closed) and fail unsent I/Os."""
+        self._wanted = False
+        self._wake(self.engine.fail_pending(int(BLKIF_RSP_ERROR), "the device is detached"))
+        state = await read_state(self.xs, self.device.frontend)
+        if state in (xenbus.Initialised, xenbus.Connected, xenbus.InitWait):
+            await self.xs.write(f"{self.device.frontend}/state", str(int(xenbus.Closing)))
+            with trio.move_on_after(DETACH_TIMEOUT):
+                await self._closed.wait()
+        self._teardown("detached")
+        self._wake(self.engine.fail_pending(int(BLKIF_RSP_ERROR), "the device is detached"))

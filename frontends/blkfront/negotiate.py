@@ -1,0 +1,209 @@
+"""What blkfront writes and reads in xenstore, as pure functions of the keys.
+
+SETUP (backend in InitWait), Linux `talk_to_blkback` / `setup_blkring`:
+- ring order = min(own maximum (4), backend `max-ring-page-order`, 0 if absent);
+  queues = min(own maximum (4), backend `multi-queue-max-queues`, 1 if absent);
+- order 0 writes `ring-ref`; order > 0 writes `ring-page-order` and `ring-ref0..N-1`;
+- one queue: `ring-ref*` and `event-channel` in the device directory; several queues:
+  `multi-queue-num-queues` there and `queue-N/{ring-ref*,event-channel}` per queue
+  (`ring-page-order` stays at the top, as Linux writes it);
+- `protocol` (the ABI of the guest: `arm-abi` for 16/64 KiB guests, as arm64 is the
+  platform with those page sizes, `x86_64-abi` for 4 KiB guests, unless told otherwise) and
+  `feature-persistent`.
+CONNECT (backend Connected), Linux `blkfront_connect` / `blkfront_gather_backend_features`:
+`sectors` (512-byte units, required), `info`, `sector-size`, `physical-sector-size`,
+flush (`feature-flush-cache` → FLUSH_DISKCACHE, else `feature-barrier` → WRITE_BARRIER),
+`feature-discard` (+ granularity, alignment, secure), `feature-persistent` (used only when
+both ends offer it), `feature-max-indirect-segments` (used when > 11, capped at our own
+maximum and at what 8 indirect pages describe).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from frontends.blkfront.core import Negotiated
+from frontends.blkfront.errors import BlkfrontProtocolError
+from xenpv.abi.blkif import (
+    BLKIF_MAX_SEGMENTS_PER_REQUEST,
+    BLKIF_OP_FLUSH_DISKCACHE,
+    BLKIF_OP_WRITE_BARRIER,
+    SECTOR_SIZE,
+    XEN_IO_PROTO_ABI_ARM,
+    XEN_IO_PROTO_ABI_X86_64,
+    VdiskInfo,
+    blkif_protocol,
+    max_indirect_segments_limit,
+)
+
+MAX_RING_PAGE_ORDER = 4
+MAX_QUEUES = 4
+MAX_INDIRECT_SEGMENTS = 256
+
+SETUP_KEYS = ["max-ring-page-order", "multi-queue-max-queues"]
+CONNECT_KEYS = [
+    "sectors",
+    "info",
+    "sector-size",
+    "physical-sector-size",
+    "feature-flush-cache",
+    "feature-barrier",
+    "feature-discard",
+    "discard-granularity",
+    "discard-alignment",
+    "discard-secure",
+    "feature-persistent",
+    "feature-max-indirect-segments",
+]
+
+Keys = Mapping[str, str | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Wishes:
+    """The frontend's own maxima (Linux module parameters)."""
+
+    max_ring_page_order: int = MAX_RING_PAGE_ORDER
+    max_queues: int = MAX_QUEUES
+    max_indirect_segments: int = MAX_INDIRECT_SEGMENTS
+    persistent: bool = True
+    protocol: str = XEN_IO_PROTO_ABI_X86_64
+
+
+def default_protocol(page_size: int) -> str:
+    """The ABI a guest of this page size names: 16/64 KiB pages exist on arm64 only."""
+    return XEN_IO_PROTO_ABI_X86_64 if page_size == 4096 else XEN_IO_PROTO_ABI_ARM
+
+
+def number(keys: Keys, name: str, default: int = 0) -> int:
+    """`xenbus_read_unsigned`: a missing or malformed key reads as `default`."""
+    raw = keys.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        return default
+    return value if value >= 0 else default
+
+
+@dataclass(frozen=True, slots=True)
+class Geometry:
+    ring_page_order: int
+    queues: int
+
+
+def geometry(wishes: Wishes, backend: Keys) -> Geometry:
+    order = min(wishes.max_ring_page_order, number(backend, "max-ring-page-order", 0))
+    queues = max(1, min(wishes.max_queues, number(backend, "multi-queue-max-queues", 1)))
+    return Geometry(order, queues)
+
+
+def is_ring_key(name: str) -> bool:
+    """A key of the frontend directory that describes one connection's rings."""
+    return name.startswith(("ring-ref", "queue-")) or name in (
+        "ring-page-order",
+        "multi-queue-num-queues",
+        "event-channel",
+    )
+
+
+def setup_keys(
+    geo: Geometry,
+    ring_grefs: Sequence[Sequence[int]],
+    ports: Sequence[int],
+    wishes: Wishes,
+) -> dict[str, str | int]:
+    """The keys published with Initialised."""
+    keys: dict[str, str | int] = {}
+    if geo.ring_page_order:
+        keys["ring-page-order"] = geo.ring_page_order
+
+    def ring(prefix: str, grefs: Sequence[int], port: int) -> None:
+        if geo.ring_page_order == 0:
+            keys[f"{prefix}ring-ref"] = grefs[0]
+        else:
+            for i, gref in enumerate(grefs):
+                keys[f"{prefix}ring-ref{i}"] = gref
+        keys[f"{prefix}event-channel"] = port
+
+    if geo.queues == 1:
+        ring("", ring_grefs[0], ports[0])
+    else:
+        keys["multi-queue-num-queues"] = geo.queues
+        for q in range(geo.queues):
+            ring(f"queue-{q}/", ring_grefs[q], ports[q])
+    keys["protocol"] = wishes.protocol
+    keys["feature-persistent"] = int(wishes.persistent)
+    return keys
+
+
+def negotiated(
+    wishes: Wishes, geo: Geometry, backend: Keys, *, grant_size: int, handle: int
+) -> Negotiated:
+    """Everything a connection uses, from the backend's Connected keys."""
+    raw_sectors = backend.get("sectors")
+    try:
+        sectors = int((raw_sectors or "").strip())
+    except ValueError:
+        sectors = -1
+    if sectors < 0:
+        raise BlkfrontProtocolError(f"backend wrote no usable 'sectors' ({raw_sectors!r})")
+    sector_size = number(backend, "sector-size", SECTOR_SIZE)
+    if sector_size < SECTOR_SIZE or sector_size & (sector_size - 1) or sector_size > grant_size:
+        raise BlkfrontProtocolError(f"backend sector-size {sector_size} is not usable")
+    physical = number(backend, "physical-sector-size", sector_size) or sector_size
+    info = VdiskInfo(number(backend, "info", 0) & 0x7)
+    flush_op: int | None = None
+    if number(backend, "feature-flush-cache"):
+        flush_op = int(BLKIF_OP_FLUSH_DISKCACHE)
+    elif number(backend, "feature-barrier"):
+        flush_op = int(BLKIF_OP_WRITE_BARRIER)
+    indirect = min(
+        number(backend, "feature-max-indirect-segments"),
+        wishes.max_indirect_segments,
+        max_indirect_segments_limit(grant_size),
+    )
+    if indirect <= BLKIF_MAX_SEGMENTS_PER_REQUEST:
+        indirect = 0
+    return Negotiated(
+        protocol=blkif_protocol(wishes.protocol),
+        queues=geo.queues,
+        ring_page_order=geo.ring_page_order,
+        sectors=sectors,
+        sector_size=sector_size,
+        physical_sector_size=physical,
+        read_only=bool(info & VdiskInfo.VDISK_READONLY),
+        persistent=wishes.persistent and bool(number(backend, "feature-persistent")),
+        indirect_segments=indirect,
+        flush_op=flush_op,
+        discard=bool(number(backend, "feature-discard")),
+        discard_granularity=number(backend, "discard-granularity"),
+        discard_alignment=number(backend, "discard-alignment"),
+        discard_secure=bool(number(backend, "discard-secure")),
+        grant_size=grant_size,
+        handle=handle & 0xFFFF,
+    )
+
+
+def describe(neg: Negotiated) -> dict[str, object]:
+    """The `Blkfront.info` dictionary."""
+    return {
+        "sectors": neg.sectors,
+        "sector_size": neg.sector_size,
+        "physical_sector_size": neg.physical_sector_size,
+        "ring_page_order": neg.ring_page_order,
+        "queues": neg.queues,
+        "indirect_segments": neg.indirect_segments,
+        "persistent": neg.persistent,
+        "flush": neg.flush_op is not None,
+        "flush_op": neg.flush_op,
+        "discard": neg.discard,
+        "discard_granularity": neg.discard_granularity,
+        "discard_alignment": neg.discard_alignment,
+        "discard_secure": neg.discard_secure,
+        "grant_size": neg.grant_size,
+        "read_only": neg.read_only,
+        "protocol": neg.protocol.name,
+    }
