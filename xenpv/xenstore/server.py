@@ -234,7 +234,10 @@ class XenstoreServer:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._writer, conn, clog)
                     await self._reader(conn, leftover, clog)
-                    nursery.cancel_scope.cancel()
+                    if not conn.closing:
+                        nursery.cancel_scope.cancel()
+                    # else: dropped by the store; the writer sends what is queued, then
+                    # cancels conn.scope (or gives up after write_stall_timeout).
         except Exception:
             clog.exception("connection handler failed")
         finally:
