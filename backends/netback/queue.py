@@ -1,0 +1,256 @@
+"""One netback queue at the trio edge: event channels, grant copies, the switch.
+
+A queue owns a tx ring and an rx ring (each a single 4 KiB page the frontend granted) and one
+or two event channels (`feature-split-event-channels`). Tasks:
+- event dispatch: each event on the tx (rx) channel rings the tx (rx) doorbell; a shared
+  channel rings both;
+- tx: drain the ring with `TxCore` (budgeted batches), grant-copy every accepted packet of the
+  batch in one `grant_copy` call, answer, notify once per batch, then hand each frame with its
+  `VirtioNetHdr` metadata to the vif's switch port;
+- rx: frames the vif's switch port receives are spread over queues by flow hash and kept in a
+  per-queue backlog bounded like Linux's `rx_queue_max` (half a ring of pages: 512 KiB; beyond
+  it frames are dropped and counted). Whenever enough rx requests are posted, a batch of frames
+  is placed, copied in one `grant_copy`, answered and notified once. When they are not, the
+  queue sets `req_event` to `req_cons + needed` (as `xenvif_rx_ring_slots_available` does) and
+  waits for the frontend's event; a frontend without `feature-rx-notify` is polled every 30 ms
+  (Linux's drain timeout for such frontends).
+Frontend faults surface as `TxFatal` / `RxFatal`; a vanished peer as `PeerGone` /
+`EventChannelClosed`. The vif stops the whole data path on any of them.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from collections.abc import Callable
+from typing import Final
+
+import trio
+
+from backends.netback.offload import OffloadError, RxOffload, rx_metadata, tx_metadata
+from backends.netback.rx import RxCore, RxFrame, RxPlacement
+from backends.netback.tx import TxCore, TxFatal, TxPacket
+from backends.switch import SwitchError, SwitchPort
+from backends.tap import VirtioNetHdr
+from xenpv.abi.errors import RingError
+from xenpv.abi.ring import OFF_REQ_EVENT, RING_IDX_MASK
+from xenpv.hv import CopyDirection, CopyOp, Domain, EventChannel
+
+TX_BUDGET: Final = 64  # packets per tx round (Linux: NAPI weight 64)
+RX_BATCH: Final = 64  # frames per rx round
+RX_QUEUE_MAX: Final = 128 * 4096  # XENVIF_RX_QUEUE_BYTES: half an rx ring of pages
+RX_POLL_NO_NOTIFY: Final = 0.03  # seconds, netback's drain timeout without feature-rx-notify
+_U32 = struct.Struct("<I")
+
+
+class Doorbell:
+    """A sticky wake-up flag: `ring()` never blocks; `wait()` returns once per ring burst."""
+
+    __slots__ = ("_event", "_flag")
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._event = trio.Event()
+
+    def ring(self) -> None:
+        self._flag = True
+        self._event.set()
+
+    async def wait(self) -> None:
+        while not self._flag:
+            await self._event.wait()
+        self._flag = False
+        self._event = trio.Event()
+
+
+class NetbackQueue:
+    """The data path of one queue; `run()` until cancelled or a fault is raised."""
+
+    def __init__(
+        self,
+        *,
+        index: int,
+        dom: Domain,
+        frontend: int,
+        tx: TxCore,
+        rx: RxCore,
+        tx_channel: EventChannel,
+        rx_channel: EventChannel,
+        port: SwitchPort[VirtioNetHdr],
+        offload: RxOffload,
+        rx_notify: bool,
+        on_progress: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.index = index
+        self.dom = dom
+        self.frontend = frontend
+        self.tx = tx
+        self.rx = rx
+        self.tx_channel = tx_channel
+        self.rx_channel = rx_channel
+        self.port = port
+        self.offload = offload
+        self.rx_notify = rx_notify
+        self.on_progress = on_progress
+        self.tx_bell = Doorbell()
+        self.rx_bell = Doorbell()
+        self.backlog: deque[RxFrame] = deque()
+        self.backlog_bytes = 0
+        self.tx_dropped_offload = 0  # answered OKAY but dropped: checksum setup impossible
+
+    # --- rx backlog (called by the vif's switch reader) ------------------------------------
+
+    def enqueue(self, frame: bytes, meta: VirtioNetHdr | None) -> None:
+        stats = self.rx.stats
+        try:
+            data, flags, gso = rx_metadata(frame, meta, self.offload)
+        except OffloadError:
+            stats.dropped_offload += 1
+            return
+        item = RxFrame(data, flags, gso)
+        if not self.rx.fits_ever(item):
+            stats.dropped_too_big += 1
+            return
+        if self.backlog_bytes >= RX_QUEUE_MAX:
+            stats.dropped_no_buffers += 1
+            return
+        self.backlog.append(item)
+        self.backlog_bytes += len(data)
+        self.rx_bell.ring()
+
+    # --- tasks -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        # Requests may already be waiting (netfront posts rx buffers as it connects).
+        self.tx_bell.ring()
+        self.rx_bell.ring()
+        async with trio.open_nursery() as nursery:
+            if self.tx_channel is self.rx_channel:
+                nursery.start_soon(self._dispatch, self.tx_channel, (self.tx_bell, self.rx_bell))
+            else:
+                nursery.start_soon(self._dispatch, self.tx_channel, (self.tx_bell,))
+                nursery.start_soon(self._dispatch, self.rx_channel, (self.rx_bell,))
+            nursery.start_soon(self._tx_loop)
+            nursery.start_soon(self._rx_loop)
+
+    async def _dispatch(self, channel: EventChannel, bells: tuple[Doorbell, ...]) -> None:
+        while True:
+            await channel.wait()
+            for bell in bells:
+                bell.ring()
+
+    async def _tx_loop(self) -> None:
+        tx = self.tx
+        while True:
+            await self.tx_bell.wait()
+            while True:
+                packets = tx.take(TX_BUDGET)
+                if packets:
+                    await self._copy_tx(packets)
+                else:
+                    await trio.lowlevel.checkpoint()
+                if tx.push():
+                    self.tx_channel.notify()
+                self.on_progress()
+                if len(packets) == TX_BUDGET:
+                    continue
+                try:
+                    if not tx.ring.final_check_for_requests():
+                        break
+                except RingError as exc:
+                    raise TxFatal(f"Impossible number of requests: {exc}") from None
+
+    async def _copy_tx(self, packets: list[TxPacket]) -> None:
+        ops: list[CopyOp] = []
+        frames: list[bytearray] = []
+        frontend = self.frontend
+        from_remote = CopyDirection.FROM_REMOTE
+        for packet in packets:
+            frame = bytearray(packet.size)
+            view = memoryview(frame)
+            frames.append(frame)
+            for s in packet.segments:
+                ops.append(
+                    CopyOp(
+                        from_remote,
+                        frontend,
+                        s.gref,
+                        s.offset,
+                        s.length,
+                        view[s.at : s.at + s.length],
+                    )
+                )
+        statuses = await self.dom.grant_copy(ops)
+        position = 0
+        deliver: list[tuple[bytearray, TxPacket]] = []
+        for packet, frame in zip(packets, frames, strict=True):
+            count = len(packet.segments)
+            ok = not any(statuses[position : position + count])
+            position += count
+            self.tx.complete(packet, ok)
+            if ok:
+                deliver.append((frame, packet))
+        for frame, packet in deliver:
+            try:
+                meta = tx_metadata(frame, packet.flags, packet.gso)
+            except OffloadError:
+                self.tx_dropped_offload += 1  # "Can't setup checksum in net_tx_action"
+                continue
+            try:
+                self.port.send(bytes(frame), meta)
+            except SwitchError:
+                return  # carrier off: the vif is going down
+
+    async def _rx_loop(self) -> None:
+        rx = self.rx
+        backlog = self.backlog
+        to_remote = CopyDirection.TO_REMOTE
+        frontend = self.frontend
+        while True:
+            if not backlog:
+                await self.rx_bell.wait()
+                continue
+            placements: list[RxPlacement] = []
+            ops: list[CopyOp] = []
+            available = rx.available()
+            while backlog and len(placements) < RX_BATCH:
+                needed = rx.slots_needed(backlog[0])
+                if available < needed:
+                    break
+                item = backlog.popleft()
+                self.backlog_bytes -= len(item.data)
+                available -= needed
+                placement = rx.place(item)
+                placements.append(placement)
+                data = memoryview(item.data)
+                for s in placement.segments:
+                    ops.append(
+                        CopyOp(
+                            to_remote, frontend, s.gref, 0, s.length, data[s.at : s.at + s.length]
+                        )
+                    )
+            if placements:
+                statuses = await self.dom.grant_copy(ops)
+                position = 0
+                for placement in placements:
+                    count = len(placement.segments)
+                    rx.complete(placement, statuses[position : position + count])
+                    position += count
+                if rx.push():
+                    self.rx_channel.notify()
+                self.on_progress()
+                continue
+            # Not enough buffers for the head frame: ask to be woken when there are.
+            ring = rx.ring
+            needed = rx.slots_needed(backlog[0])
+            _U32.pack_into(
+                ring.buffer.view, OFF_REQ_EVENT, (ring.req_cons + needed) & RING_IDX_MASK
+            )
+            ring.buffer.written(OFF_REQ_EVENT, 4)
+            if rx.available() >= needed:
+                continue
+            if self.rx_notify:
+                await self.rx_bell.wait()
+            else:
+                with trio.move_on_after(RX_POLL_NO_NOTIFY):
+                    await self.rx_bell.wait()

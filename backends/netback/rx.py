@@ -1,0 +1,161 @@
+"""The guest-receive half of a netback queue, sans-IO: frames in, rx responses out.
+
+Modelled on Linux netback's rx.c (the "always fully coalesce" rx path, 4.11+):
+- a frame needs `ceil(len / granule)` rx requests, plus one per extra-info slot (GSO); it is
+  only started when that many requests are posted (`xenvif_rx_ring_slots_available`);
+- each data slot receives up to one granule at offset 0 of the posted buffer; every slot but
+  the last has NETRXF_more_data; the first carries the checksum flags, and NETRXF_extra_info
+  when extras follow; extras go in the slot(s) right after the first data slot
+  ("Extras must go after the first data slot"); responses sit at the index of the request
+  they consume, so an extra's response simply replaces its request;
+- a data slot's status is its length; when its grant copy fails the status is overwritten with
+  the (negative) GNTST code, as `xenvif_rx_copy_flush` does, and the frontend drops the packet;
+- without `feature-sg` a frame must fit in one slot; frames that do not are dropped and
+  counted (Linux caps the vif's MTU instead).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+from xenpv.abi.errors import RingError
+from xenpv.abi.netif import (
+    XEN_NETIF_EXTRA_FLAG_MORE,
+    NetifGsoExtra,
+    NETRXF_extra_info,
+    NETRXF_more_data,
+    decode_rx_request,
+    encode_extra,
+)
+from xenpv.abi.ring import BackRing
+from xenpv.errors import XenpvError
+from xenpv.hv.buffer import XEN_PAGE_SIZE
+
+_RX_RESPONSE = struct.Struct("<HHHh")  # id, offset, flags, status
+_GNTST_OKAY: Final = 0
+
+
+class RxFatal(XenpvError):
+    """The frontend broke the rx ring (an impossible req_prod)."""
+
+
+@dataclass(slots=True)
+class RxFrame:
+    """A frame ready for the guest: bytes plus what goes in its first response / extras."""
+
+    data: bytes
+    flags: int  # NETRXF_csum_blank / NETRXF_data_validated
+    gso: NetifGsoExtra | None = None
+
+
+@dataclass(slots=True)
+class RxSegment:
+    """Copy frame[`at`:`at`+`length`] to offset 0 of grant `gref`; answer slot `slot`."""
+
+    gref: int
+    at: int
+    length: int
+    slot: int  # index into RxPlacement.responses
+
+
+@dataclass(slots=True)
+class RxPlacement:
+    """A frame whose rx requests are consumed; `responses` are put by `RxCore.complete`."""
+
+    frame: RxFrame
+    responses: list[bytes]
+    segments: list[RxSegment]
+
+
+@dataclass(slots=True)
+class RxStats:
+    packets: int = 0
+    bytes: int = 0
+    dropped_no_buffers: int = 0  # backlog full while the frontend posted no buffers
+    dropped_too_big: int = 0  # needs more slots than the frontend can ever give
+    dropped_offload: int = 0  # offload state this frontend cannot take
+    copy_errors: int = 0  # slots whose grant copy failed (bad gref...)
+
+
+class RxCore:
+    """The rx ring of one queue. Single-threaded: the trio layer owns it."""
+
+    def __init__(self, ring: BackRing, *, can_sg: bool, granule: int = XEN_PAGE_SIZE) -> None:
+        self.ring = ring
+        self.can_sg = can_sg
+        self.granule = granule  # the negotiated grant size (4 KiB baseline)
+        self.stats = RxStats()
+
+    def slots_needed(self, frame: RxFrame) -> int:
+        data = max(1, -(-len(frame.data) // self.granule))
+        return data + (1 if frame.gso is not None else 0)
+
+    def fits_ever(self, frame: RxFrame) -> bool:
+        """Can this frame be delivered at all (ring size, feature-sg)?"""
+        needed = self.slots_needed(frame)
+        data_slots = needed - (1 if frame.gso is not None else 0)
+        return needed <= self.ring.nr_ents and (self.can_sg or data_slots == 1)
+
+    def available(self) -> int:
+        """Posted rx requests not consumed yet. Raises RxFatal on a broken ring."""
+        try:
+            return self.ring.unconsumed_requests()
+        except RingError as exc:
+            raise RxFatal(str(exc)) from None
+
+    def place(self, frame: RxFrame) -> RxPlacement:
+        """Consume the requests for `frame` (the caller checked `available()` first)."""
+        ring = self.ring
+        data = frame.data
+        total = len(data)
+        granule = self.granule
+        responses: list[bytes] = []
+        segments: list[RxSegment] = []
+        extras = [frame.gso] if frame.gso is not None else []
+        at = 0
+        first = True
+        while first or at < total or extras:
+            raw = ring.take_request()
+            if raw is None:
+                raise RxFatal("rx requests vanished while placing a frame")
+            if not first and extras:
+                extra = extras.pop(0)
+                if extras:
+                    extra.flags |= XEN_NETIF_EXTRA_FLAG_MORE
+                responses.append(encode_extra(extra))
+                continue
+            request = decode_rx_request(raw)
+            length = min(granule, total - at)
+            flags = 0
+            if first:
+                flags = frame.flags | (NETRXF_extra_info if extras else 0)
+            if at + length < total:
+                flags |= NETRXF_more_data
+            segments.append(RxSegment(request.gref, at, length, len(responses)))
+            responses.append(_RX_RESPONSE.pack(request.id, 0, flags, length))
+            at += length
+            first = False
+        return RxPlacement(frame, responses, segments)
+
+    def complete(self, placement: RxPlacement, statuses: list[int]) -> None:
+        """Put the frame's responses; `statuses` are the GNTST codes of its segments."""
+        responses = placement.responses
+        ok = True
+        for segment, status in zip(placement.segments, statuses, strict=True):
+            if status != _GNTST_OKAY:
+                ok = False
+                self.stats.copy_errors += 1
+                patched = bytearray(responses[segment.slot])
+                struct.pack_into("<h", patched, 6, status)
+                responses[segment.slot] = bytes(patched)
+        for response in responses:
+            self.ring.put_response(response)
+        if ok:
+            self.stats.packets += 1
+            self.stats.bytes += len(placement.frame.data)
+
+    def push(self) -> bool:
+        """Publish the responses put so far; True = notify the frontend."""
+        return self.ring.push_responses()

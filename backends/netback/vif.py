@@ -1,0 +1,379 @@
+"""One vif in the backend domain: the xenbus driver, its connection, and its data path.
+
+`Vif` implements `xenpv.xenbus_io.HandshakeDriver` for the backend role:
+- ADVERTISE / RESET: tear down whatever is left and return the feature keys (features.py);
+- CONNECT: read and validate the frontend's keys, map each queue's tx and rx ring (one page
+  each, attached at the shared `rsp_prod` and refused if `req_prod` is more than a ring ahead,
+  as `xenvif_map_data_rings`), bind the event channel(s), attach the vif to the switch as
+  port `vif<domid>.<devid>` ("carrier on") and start the queues. A refusal is Linux's
+  `xenbus_dev_fatal`: the reason is written to `/local/domain/<be>/error/<backend path>/error`
+  and the backend switches to Closing (the frontend then closes and may start over);
+- CLOSE: tear the data path down.
+
+A fatal frontend error on any queue (`xenvif_fatal_tx_err`: bad slot layout, broken ring...)
+disables the vif: every queue stops, the port leaves the switch (carrier off), the rings stay
+as they are and the xenbus state stays Connected until the frontend reconnects. Nothing the
+frontend does reaches another vif: each vif has its own tasks, rings, backlog and error
+handling, and the switch isolates ports with per-port tail-drop queues.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+import trio
+
+from backends.netback.features import (
+    DEFAULT_MAX_QUEUES,
+    FRONTEND_FLAGS,
+    MAX_QUEUES_KEY,
+    QUEUE_KEYS,
+    FrontendConfig,
+    NetbackConfigError,
+    advertise_keys,
+    parse_frontend,
+    parse_num_queues,
+    queue_dirs,
+    unsigned,
+)
+from backends.netback.offload import flow_hash
+from backends.netback.queue import NetbackQueue
+from backends.netback.rx import RxCore, RxFatal
+from backends.netback.tx import FATAL_SKB_SLOTS_DEFAULT, TxCore, TxFatal
+from backends.switch import LiveSwitch, SwitchError, SwitchPort
+from backends.tap import VirtioNetHdr
+from xenpv import xenbus
+from xenpv.abi.errors import RingError
+from xenpv.abi.netif import NETIF_RX_RING, NETIF_TX_RING
+from xenpv.abi.ring import BackRing
+from xenpv.hv import XEN_PAGE_SIZE, Domain, EventChannel, EventChannelClosed, GrantMapping, HvError
+from xenpv.xenbus import Action, Closing, DeviceId
+from xenpv.xenbus_io import KeyValues, publish, read_keys, run_handshake
+from xenpv.xenstore.client import XenstoreClient
+from xenpv.xenstore.wire import XsError
+
+log = structlog.get_logger()
+
+
+@dataclass(slots=True)
+class VifStats:
+    """Counters of one vif, summed over its queues (tx = from the guest, rx = to it)."""
+
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    tx_errors: int = 0  # packets answered NETIF_RSP_ERROR
+    tx_too_many_slots: int = 0
+    tx_copy_errors: int = 0
+    tx_dropped_offload: int = 0
+    rx_packets: int = 0
+    rx_bytes: int = 0
+    rx_dropped_no_buffers: int = 0
+    rx_dropped_too_big: int = 0
+    rx_dropped_offload: int = 0
+    rx_copy_errors: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Connection:
+    config: FrontendConfig
+    mappings: list[GrantMapping]
+    channels: list[EventChannel]
+    queues: list[NetbackQueue]
+    port: SwitchPort[VirtioNetHdr] | None = None
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+class Vif:
+    """A vif's backend. `await Vif(...).run()` is `serve()`; tests use the object directly."""
+
+    role: xenbus.Role = "backend"
+
+    def __init__(
+        self,
+        dom: Domain,
+        xs: XenstoreClient,
+        device: DeviceId,
+        switch: LiveSwitch[Any],
+        *,
+        max_queues: int | None = None,
+        fatal_skb_slots: int = FATAL_SKB_SLOTS_DEFAULT,
+    ) -> None:
+        if device.cls != "vif":
+            raise ValueError(f"not a vif: {device}")
+        self.dom = dom
+        self.xs = xs
+        self.device = device
+        self.switch = switch
+        self.port_name = f"vif{device.frontend_domid}.{device.devid}"
+        self.max_queues = max_queues
+        self.fatal_skb_slots = fatal_skb_slots
+        self.granule = XEN_PAGE_SIZE  # the negotiated grant size (issue 8 may enlarge it)
+        self.fatal: str | None = None  # why the data path was disabled, until reconnect
+        self.connections = 0  # successful CONNECTs so far
+        self.mcast: set[bytes] = set()
+        self._conn: _Connection | None = None
+        self._nursery: trio.Nursery | None = None
+        self._changed = trio.Event()
+        self._retired = VifStats()  # counters of earlier connections
+        self.log = log.bind(device=str(device), vif=self.port_name)
+
+    # --- observing -------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """Rings mapped and the data path running (carrier on)."""
+        return self._conn is not None and self.fatal is None
+
+    def stats(self) -> VifStats:
+        out = VifStats(**{name: getattr(self._retired, name) for name in VifStats.__slots__})
+        out.warnings = list(self._retired.warnings)
+        if self._conn is not None:
+            _add_queue_stats(out, self._conn.queues)
+        return out
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_until(self, predicate: Callable[[Vif], bool]) -> None:
+        """Return once `predicate(self)` holds (re-checked on every state or counter change)."""
+        while not predicate(self):
+            await self._changed.wait()
+
+    # --- life ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the vif until its backend directory is removed (cancel to stop early)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(run_handshake, self.xs, self)
+                await self._wait_removed()
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._disconnect()
+            self._nursery = None
+
+    async def _wait_removed(self) -> None:
+        async with self.xs.watch(self.device.backend) as events:
+            async for _event in events:
+                if await self.xs.try_read(self.device.backend) is None:
+                    self.log.info("netback.device_removed")
+                    return
+
+    async def perform(self, action: Action) -> KeyValues | None:
+        if action in (Action.ADVERTISE, Action.RESET):
+            await self._disconnect()
+            return advertise_keys(await self._max_queues())
+        if action is Action.CLOSE:
+            await self._disconnect()
+            return {}
+        if action is Action.CONNECT:
+            await self._disconnect()
+            try:
+                await self._connect()
+            except NetbackConfigError as exc:
+                await self._refuse(str(exc))
+                return None
+            return {}
+        return {}
+
+    async def _max_queues(self) -> int:
+        if self.max_queues is not None:
+            return self.max_queues
+        raw = await self.xs.try_read(f"{self.device.backend}/{MAX_QUEUES_KEY}")
+        value = unsigned(None if raw is None else raw.decode("ascii", "replace"), 0)
+        return value if value > 0 else DEFAULT_MAX_QUEUES
+
+    async def _refuse(self, reason: str) -> None:
+        """xenbus_dev_fatal: record the reason, switch to Closing."""
+        self.log.warning("netback.connect_refused", reason=reason)
+        domain = xenbus.domain_path(self.device.backend_domid)
+        relative = self.device.backend.removeprefix(domain + "/")
+        with suppress(XsError):
+            await self.xs.write(f"{domain}/error/{relative}/error", reason)
+        await publish(self.xs, self.device.backend, {}, state=Closing)
+
+    # --- connecting ------------------------------------------------------------------------
+
+    async def _read_config(self) -> FrontendConfig:
+        frontend = self.device.frontend
+        flags = await read_keys(self.xs, frontend, list(FRONTEND_FLAGS))
+        num_queues = parse_num_queues(flags["multi-queue-num-queues"], await self._max_queues())
+        dirs = queue_dirs(frontend, num_queues)
+        queues = [await read_keys(self.xs, where, list(QUEUE_KEYS)) for where in dirs]
+        return parse_frontend(flags, list(queues), dirs)
+
+    async def _connect(self) -> None:
+        config = await self._read_config()
+        fe = self.device.frontend_domid
+        mappings: list[GrantMapping] = []
+        channels: list[EventChannel] = []
+        rings: list[tuple[BackRing, BackRing, EventChannel, EventChannel]] = []
+        try:
+            for q in config.queues:
+                tx_map = await self.dom.map_grants(fe, [q.tx_ring_ref])
+                mappings.append(tx_map)
+                rx_map = await self.dom.map_grants(fe, [q.rx_ring_ref])
+                mappings.append(rx_map)
+                tx_ring = BackRing(tx_map, NETIF_TX_RING, attach=True)
+                rx_ring = BackRing(rx_map, NETIF_RX_RING, attach=True)
+                tx_channel = await self.dom.bind_interdomain(fe, q.evtchn_tx)
+                channels.append(tx_channel)
+                rx_channel = tx_channel
+                if q.split:
+                    rx_channel = await self.dom.bind_interdomain(fe, q.evtchn_rx)
+                    channels.append(rx_channel)
+                rings.append((tx_ring, rx_ring, tx_channel, rx_channel))
+        except (HvError, RingError) as exc:
+            await _release(mappings, channels)
+            raise NetbackConfigError(f"mapping the rings: {exc}") from None
+        try:
+            port: SwitchPort[VirtioNetHdr] = self.switch.attach(self.port_name)
+        except SwitchError as exc:
+            await _release(mappings, channels)
+            raise NetbackConfigError(str(exc)) from None
+        queues = [
+            NetbackQueue(
+                index=n,
+                dom=self.dom,
+                frontend=fe,
+                tx=TxCore(
+                    tx_ring,
+                    granule=self.granule,
+                    fatal_skb_slots=self.fatal_skb_slots,
+                    mcast=self.mcast,
+                ),
+                rx=RxCore(rx_ring, can_sg=config.can_sg, granule=self.granule),
+                tx_channel=tx_channel,
+                rx_channel=rx_channel,
+                port=port,
+                offload=config.offload,
+                rx_notify=config.rx_notify,
+                on_progress=self._notify,
+            )
+            for n, (tx_ring, rx_ring, tx_channel, rx_channel) in enumerate(rings)
+        ]
+        conn = _Connection(config, mappings, channels, queues, port)
+        self._conn = conn
+        self.fatal = None
+        self.connections += 1
+        assert self._nursery is not None
+        self._nursery.start_soon(self._run_datapath, conn)
+        self.log.info(
+            "netback.connected",
+            queues=len(queues),
+            split=[q.split for q in config.queues],
+            sg=config.can_sg,
+            offload=str(config.offload),
+        )
+        self._notify()
+
+    async def _run_datapath(self, conn: _Connection) -> None:
+        reason: str | None = None
+        fatal = False
+        try:
+            with conn.scope:
+                try:
+                    async with trio.open_nursery() as nursery:
+                        for queue in conn.queues:
+                            nursery.start_soon(queue.run)
+                        nursery.start_soon(self._switch_reader, conn)
+                except* (TxFatal, RxFatal) as group:
+                    reason, fatal = str(group.exceptions[0]), True
+                except* (EventChannelClosed, HvError) as group:
+                    reason = f"frontend gone: {group.exceptions[0]}"
+                except* Exception as group:  # a bug here must not take other vifs down
+                    self.log.error("netback.datapath_crashed", exc_info=group)
+                    reason, fatal = f"internal error: {group.exceptions[0]!r}", True
+        finally:
+            conn.done.set()
+        if reason is not None:
+            self._carrier_off(conn, reason, fatal=fatal)
+
+    async def _switch_reader(self, conn: _Connection) -> None:
+        """Spread frames the switch sends to this vif over its queues (by flow hash)."""
+        port = conn.port
+        assert port is not None
+        queues = conn.queues
+        count = len(queues)
+        try:
+            while True:
+                batch = await port.receive_batch(64)
+                for frame, meta in batch:
+                    queue = queues[flow_hash(frame) % count] if count > 1 else queues[0]
+                    queue.enqueue(frame, meta)
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            return
+
+    def _carrier_off(self, conn: _Connection, reason: str, *, fatal: bool) -> None:
+        """xenvif_fatal_tx_err / carrier off: the data path stops, the vif leaves the switch."""
+        if fatal:
+            self.fatal = reason
+            self.log.error("netback.fatal", reason=reason)
+        else:
+            self.log.info("netback.carrier_off", reason=reason)
+        if conn.port is not None:
+            with suppress(SwitchError):
+                self.switch.detach(self.port_name)
+            conn.port = None
+        self._notify()
+
+    async def _disconnect(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        conn.scope.cancel()
+        await conn.done.wait()
+        self._retire(conn)
+        if conn.port is not None:
+            with suppress(SwitchError):
+                self.switch.detach(self.port_name)
+        await _release(conn.mappings, conn.channels)
+        self.fatal = None
+        self.log.info("netback.disconnected")
+        self._notify()
+
+    def _retire(self, conn: _Connection) -> None:
+        _add_queue_stats(self._retired, conn.queues)
+        self._retired.warnings = self._retired.warnings[-16:]
+
+
+def _add_queue_stats(out: VifStats, queues: list[NetbackQueue]) -> None:
+    for queue in queues:
+        tx, rx = queue.tx.stats, queue.rx.stats
+        out.tx_packets += tx.packets
+        out.tx_bytes += tx.bytes
+        out.tx_errors += tx.errors
+        out.tx_too_many_slots += tx.too_many_slots
+        out.tx_copy_errors += tx.copy_errors
+        out.tx_dropped_offload += queue.tx_dropped_offload
+        out.rx_packets += rx.packets
+        out.rx_bytes += rx.bytes
+        out.rx_dropped_no_buffers += rx.dropped_no_buffers
+        out.rx_dropped_too_big += rx.dropped_too_big
+        out.rx_dropped_offload += rx.dropped_offload
+        out.rx_copy_errors += rx.copy_errors
+        out.warnings.extend(tx.warnings)
+
+
+async def _release(mappings: list[GrantMapping], channels: list[EventChannel]) -> None:
+    for channel in channels:
+        with suppress(EventChannelClosed):
+            channel.close()
+    for mapping in mappings:
+        with suppress(HvError):
+            await mapping.unmap()
+
+
+async def serve(dom: Domain, xs: XenstoreClient, device: DeviceId, switch: LiveSwitch[Any]) -> None:
+    """Serve one vif for its whole life (handshake, reconnects, backend restarts); return when
+    the device directories are removed; cancel to stop. Frontend misbehaviour never raises."""
+    await Vif(dom, xs, device, switch).run()
