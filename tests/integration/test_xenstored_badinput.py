@@ -155,6 +155,24 @@ async def test_client_not_reading_replies_only_stalls_itself(xenstored: Xenstore
         assert xenstored.alive()
 
 
+async def test_client_that_never_reads_is_eventually_disconnected(xs_workdir: Path) -> None:
+    server = Xenstored(xs_workdir, tcp=False, extra=("--write-stall-timeout", "1"))
+    server.start()
+    try:
+        with trio.fail_after(TIMEOUT):
+            hog = await Raw.open(server)
+            read = Message(XsType.XS_READ, 1, 0, b"/tool\0").encode()
+            # The server stops reading once too many replies are unwritten, its write then
+            # stalls for the timeout and it closes the connection: our send fails.
+            with pytest.raises(trio.BrokenResourceError):
+                while True:
+                    await hog.send(read * 10000)
+            await _still_serving(server)
+        assert "client does not read its replies" in server.log()
+    finally:
+        server.stop()
+
+
 async def test_slow_watcher_has_events_dropped_not_the_writer_stalled(xenstored: Xenstored) -> None:
     deep = "/flood/" + "/".join(["d" * 60] * 30)  # ~1.8 KB paths: fill socket buffers fast
     writes = 3000

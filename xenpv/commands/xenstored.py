@@ -56,6 +56,12 @@ def register(sub: Any) -> None:
         default=DEFAULT_COMPACT_BYTES,
         help=argparse.SUPPRESS,  # testing: journal size that triggers a snapshot
     )
+    parser.add_argument(
+        "--write-stall-timeout",
+        type=float,
+        default=30.0,
+        help=argparse.SUPPRESS,  # testing: seconds a blocked write may last before the close
+    )
     defaults = Quotas()
     for name in (
         "nodes_per_domain",
@@ -95,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         tcp=parse_hostport(args.tcp) if args.tcp else None,
         quotas=quotas,
         compact_min_bytes=args.compact_bytes,
+        write_stall_timeout=args.write_stall_timeout,
     )
     try:
         trio.run(_main, config, args.ready_fd)
