@@ -158,7 +158,7 @@ class _Watch:
     async def __anext__(self) -> tuple[str, str]:
         while not self._events:
             if self.failed is not None:
-                raise self.failed
+                raise XenstoreConnectionError(str(self.failed))
             self._wake = trio.Event()
             await self._wake.wait()
         return self._events.popleft()
@@ -363,7 +363,7 @@ class XenstoreClient(_Ops):
     def _die(self, error: BaseException) -> None:
         self._dead = error
         for p in self._pending.values():
-            p.finish(error=error)
+            p.finish(error=XenstoreConnectionError(str(error)))
         self._pending.clear()
         for w in self._watches.values():
             w.fail(error)
@@ -438,7 +438,7 @@ class XenstoreClient(_Ops):
     ) -> tuple[Message, int]:
         """Send one request; the reply and the connection epoch it came back on."""
         if self._dead is not None:
-            raise self._dead
+            raise XenstoreConnectionError(str(self._dead))
         if self._closed:
             raise XenstoreConnectionError("the xenstore client is closed")
         tx_id = 0
