@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 from tests.integration.hv_pair import domains
+from xenpv.hv import CopyDirection, CopyOp, Msg, Verdict
 
 PROD, EVENT = 0, 4
 
@@ -86,3 +88,34 @@ async def test_writes_arrive_in_order_before_notify(tmp_path: Path) -> None:
             channel.notify()
             await port.wait()
             assert get(page, 200) == 7
+
+
+class WriteAfterMapReply:
+    """Fault-seam spy: the granter writes its page right after sending a MAP reply, so the
+    UPDATE travels in the same batch as the reply."""
+
+    def __init__(self) -> None:
+        self.page: Any = None
+
+    def on_send(self, src: int, dst: int, message: list[Any]) -> Verdict | None:
+        if src == 1 and message[0] == Msg.REPLY and self.page is not None:
+            page, self.page = self.page, None
+            page.view[0] = 0x5A
+            page.written(0, 1)
+        return None
+
+
+async def test_update_right_after_map_reply_reaches_the_new_mapping(tmp_path: Path) -> None:
+    spy = WriteAfterMapReply()
+    with trio.fail_after(20):
+        async with domains(tmp_path, "socket", "unix", faults=spy) as (back, front):
+            page = front.alloc_pages(1)[0]
+            gref = front.grants.grant_access(0, page.frame)
+            await back.connect(1)
+            spy.page = page
+            mapping = await back.map_grants(1, [gref])
+            buf = bytearray(1)
+            copy = CopyOp(CopyDirection.FROM_REMOTE, 1, gref, 0, 1, memoryview(buf))
+            await back.grant_copy([copy])  # a round trip: the UPDATE has been applied
+            assert bytes(buf) == b"\x5a"
+            assert mapping.view[0] == 0x5A

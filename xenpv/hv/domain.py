@@ -393,24 +393,40 @@ class Domain:
         if self._maps_in_use + len(grefs) > self.max_maps:
             raise GrantError(GNTST.GNTST_no_space, f"maptrack full ({self.max_maps} entries)")
         link = await self.connect(remote)
-        self._maps_in_use += len(grefs)
-        try:
-            reply = await link.call([Msg.MAP, 0, grefs, readonly])
-            statuses, details = _checked_map_reply(link, reply, len(grefs))
+
+        def on_reply(result: list[Any]) -> list[Any]:
+            # Runs in the link reader: the mapping exists before the next UPDATE is applied.
+            statuses, details = _checked_map_reply(link, result, len(grefs))
             for gref, status in zip(grefs, statuses, strict=True):
                 if status != _OK:
                     raise GrantError(status, f"map of domain {remote} grant {gref}")
-        except BaseException:
+            try:
+                mapping = self._make_mapping(link, grefs, details, readonly)
+            except BaseException:
+                if link.dead is None:
+                    link.send([Msg.UNMAP, 0, grefs, readonly])
+                raise
+            link.mappings.add(mapping)
+            return [mapping]
+
+        def on_abandoned(result: list[Any]) -> list[Any]:
             self._maps_in_use -= len(grefs)
-            raise
-        try:
-            mapping = self._make_mapping(link, grefs, details, readonly)
-        except BaseException:
-            self._maps_in_use -= len(grefs)
-            if link.dead is None:
+            statuses = result[0] if result and isinstance(result[0], list) else []
+            if statuses and all(s == _OK for s in statuses) and link.dead is None:
                 link.send([Msg.UNMAP, 0, grefs, readonly])
+            return result
+
+        self._maps_in_use += len(grefs)
+        try:
+            (mapping,) = await link.call(
+                [Msg.MAP, 0, grefs, readonly], on_reply=on_reply, on_abandoned=on_abandoned
+            )
+        except trio.Cancelled:
+            raise  # on_abandoned gives the maptrack entries back when the reply comes
+        except BaseException:
+            self._maps_in_use -= len(grefs)
             raise
-        link.mappings.add(mapping)
+        assert isinstance(mapping, GrantMapping)
         return mapping
 
     def _make_mapping(

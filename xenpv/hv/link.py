@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import msgpack
@@ -47,13 +48,19 @@ class LinkHost(Protocol):
     def link_died(self, link: Link) -> None: ...
 
 
-class _Call:
-    __slots__ = ("done", "error", "result")
+ReplyHook = Callable[[list[Any]], list[Any]]
 
-    def __init__(self) -> None:
+
+class _Call:
+    __slots__ = ("abandoned", "done", "error", "on_abandoned", "on_reply", "result")
+
+    def __init__(self, on_reply: ReplyHook | None, on_abandoned: ReplyHook | None) -> None:
         self.done = trio.Event()
         self.result: list[Any] = []
         self.error: Exception | None = None
+        self.on_reply = on_reply
+        self.on_abandoned = on_abandoned
+        self.abandoned = False
 
 
 class SharedPeerMemory:
@@ -201,20 +208,37 @@ class Link:
         self._dirty = []
         self._enqueue([Msg.UPDATE, entries])  # the caller wakes the writer (or is the writer)
 
-    async def call(self, message: Message) -> list[Any]:
-        """Send a request (`message[1]` is filled with a fresh id) and await its REPLY."""
+    async def call(
+        self,
+        message: Message,
+        *,
+        on_reply: ReplyHook | None = None,
+        on_abandoned: ReplyHook | None = None,
+    ) -> list[Any]:
+        """Send a request (`message[1]` is filled with a fresh id) and await its REPLY.
+
+        `on_reply(result)` runs in the reader, in link order, before any later message is
+        handled (a mapping must exist before the granter's next UPDATE); its return value or
+        exception becomes the call's. If the caller is cancelled first, `on_abandoned(result)`
+        runs instead when the reply comes (e.g. to unmap what nobody will use).
+        """
         if self.dead is not None:
             raise PeerGone(f"link to domain {self.peer} is dead: {self.dead}")
         request_id = self._next_id
         self._next_id += 1
         message[1] = request_id
-        call = _Call()
+        call = _Call(on_reply, on_abandoned)
         self._pending[request_id] = call
         try:
             self.send(message)
             await call.done.wait()
-        finally:
-            self._pending.pop(request_id, None)
+        except BaseException:
+            if call.on_abandoned is not None and not call.done.is_set():
+                call.abandoned = True  # keep it pending: the reply still needs undoing
+            else:
+                self._pending.pop(request_id, None)
+            raise
+        self._pending.pop(request_id, None)
         if call.error is not None:
             raise call.error
         return call.result
@@ -307,7 +331,19 @@ class Link:
         call = self._pending.get(message[1])
         if call is None or call.done.is_set():
             return  # a duplicate or a reply to a cancelled call
-        call.result = message[2:]
+        result = message[2:]
+        if call.abandoned:
+            del self._pending[message[1]]
+            if call.on_abandoned is not None:
+                call.on_abandoned(result)
+            return
+        if call.on_reply is None:
+            call.result = result
+        else:
+            try:
+                call.result = call.on_reply(result)
+            except Exception as exc:
+                call.error = exc
         call.done.set()
 
     def _die(self, reason: str) -> None:
@@ -319,8 +355,11 @@ class Link:
             return
         self._died = True
         error = PeerGone(f"domain {self.peer}: {reason}")
-        for call in self._pending.values():
-            if not call.done.is_set():
+        for call in list(self._pending.values()):
+            if call.abandoned:
+                if call.on_abandoned is not None:
+                    call.on_abandoned([])  # no reply will come: just release local state
+            elif not call.done.is_set():
                 call.error = error
                 call.done.set()
         self._dirty = []
