@@ -67,7 +67,7 @@ def direct_requests(draw: st.DrawFn) -> BlkifRequest:
 
 @pytest.mark.parametrize("p", PROTOCOLS, ids=str)
 @given(data=st.data())
-@settings(max_examples=150)
+@settings(max_examples=150, deadline=None)
 def test_requests_round_trip(p: BlkifProtocol, data: st.DataObject) -> None:
     request = data.draw(
         st.one_of(
@@ -92,7 +92,7 @@ def test_requests_round_trip(p: BlkifProtocol, data: st.DataObject) -> None:
     handle=u16,
     data=st.data(),
 )
-@settings(max_examples=100)
+@settings(max_examples=100, deadline=None)
 def test_indirect_requests_round_trip(
     p: BlkifProtocol, nr: int, op: int, id: int, sector: int, handle: int, data: st.DataObject
 ) -> None:
@@ -104,7 +104,7 @@ def test_indirect_requests_round_trip(
 
 
 @given(granule=GRANULES, data=st.data())
-@settings(max_examples=60)
+@settings(max_examples=60, deadline=None)
 def test_indirect_pages_round_trip(granule: int, data: st.DataObject) -> None:
     segs = data.draw(segment_lists(1, 700, granule))
     pages = encode_indirect_pages(segs, granule)
@@ -116,6 +116,7 @@ def test_indirect_pages_round_trip(granule: int, data: st.DataObject) -> None:
 
 @pytest.mark.parametrize("p", PROTOCOLS, ids=str)
 @given(id=u64, op=u8, status=st.integers(-(2**15), 2**15 - 1))
+@settings(deadline=None)
 def test_responses_round_trip(p: BlkifProtocol, id: int, op: int, status: int) -> None:
     response = BlkifResponse(id, op, status)
     encoded = p.encode_response(response)
@@ -259,7 +260,7 @@ def test_short_data_is_a_typed_error() -> None:
     max_indirect=st.integers(0, 5000),
     granule=GRANULES,
 )
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 def test_garbage_raises_only_typed_errors(
     p: BlkifProtocol, data: bytes, max_indirect: int, granule: int
 ) -> None:

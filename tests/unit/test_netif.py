@@ -47,6 +47,7 @@ extras = st.one_of(
 
 
 @given(st.builds(NetifTxRequest, u32, u16, u16, u16, u16))
+@settings(deadline=None)
 def test_tx_request_round_trip(request: NetifTxRequest) -> None:
     encoded = netif.encode_tx_request(request)
     assert len(encoded) == 12
@@ -54,6 +55,7 @@ def test_tx_request_round_trip(request: NetifTxRequest) -> None:
 
 
 @given(st.builds(NetifTxResponse, u16, i16))
+@settings(deadline=None)
 def test_tx_response_round_trip(response: NetifTxResponse) -> None:
     encoded = netif.encode_tx_response(response)
     assert len(encoded) == 4
@@ -61,6 +63,7 @@ def test_tx_response_round_trip(response: NetifTxResponse) -> None:
 
 
 @given(st.builds(NetifRxRequest, u16, u32))
+@settings(deadline=None)
 def test_rx_request_round_trip(request: NetifRxRequest) -> None:
     encoded = netif.encode_rx_request(request)
     assert len(encoded) == 8 and encoded[2:4] == b"\0\0"
@@ -72,6 +75,7 @@ def test_rx_request_round_trip(request: NetifRxRequest) -> None:
         lambda off: st.tuples(st.just(off), u16, u16, st.integers(-2, 4096 - off))
     )
 )
+@settings(deadline=None)
 def test_rx_response_round_trip(fields: tuple[int, int, int, int]) -> None:
     offset, id, flags, status = fields
     response = NetifRxResponse(id, offset, flags, status)
@@ -79,6 +83,7 @@ def test_rx_response_round_trip(fields: tuple[int, int, int, int]) -> None:
 
 
 @given(extras)
+@settings(deadline=None)
 def test_extra_info_round_trip(extra: netif.NetifExtraInfo) -> None:
     encoded = netif.encode_extra(extra)
     assert len(encoded) == 8
@@ -145,7 +150,7 @@ def test_rx_response_must_stay_inside_its_frame() -> None:
 
 
 @given(data=st.binary(max_size=16))
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 def test_garbage_raises_only_typed_errors(data: bytes) -> None:
     decoders = (
         netif.decode_tx_request,
@@ -227,7 +232,7 @@ def test_parse_tx_packet_errors_say_how_many_slots_to_answer() -> None:
 
 
 @given(st.lists(st.binary(min_size=12, max_size=12), max_size=24))
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 def test_parse_tx_packet_on_garbage(slots: list[bytes]) -> None:
     try:
         packet = parse_tx_packet(slots)

@@ -73,6 +73,7 @@ def test_too_small_buffer_is_a_usage_error() -> None:
 
 
 @given(st.integers(min_value=0, max_value=MASK))
+@settings(deadline=None)
 def test_rd32_is_the_largest_power_of_two_below(x: int) -> None:
     r = rd32(x)
     if x == 0:
@@ -261,7 +262,7 @@ def test_attach_refuses_inconsistent_rings() -> None:
     index=st.integers(0, MASK),
     ops=st.lists(st.sampled_from(["take", "final", "respond", "push"]), max_size=40),
 )
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 def test_hostile_headers_only_ever_raise_ring_errors(
     req_prod: int, rsp_prod: int, req_event: int, rsp_event: int, index: int, ops: list[str]
 ) -> None:
