@@ -211,9 +211,9 @@ class RequestCore:
                 f"access denied: sectors [{sector}, {sector + nr_sects}) beyond the "
                 f"{limits.size // SECTOR_SIZE}-sector device",
             )
-        return IoRequest(
-            id, operation, kind, sector * SECTOR_SIZE, nr_sects * SECTOR_SIZE, tuple(planned)
-        )
+        # A flush/barrier without data has no range (Linux skips the bounds check for it).
+        offset = sector * SECTOR_SIZE if nr_sects else 0
+        return IoRequest(id, operation, kind, offset, nr_sects * SECTOR_SIZE, tuple(planned))
 
     def _discard(self, request: BlkifDiscardRequest) -> IoRequest | Rejected:
         limits = self.limits
