@@ -1,0 +1,499 @@
+"""netfront against a stand-in backend (real xenstored, two domains, both transports).
+
+`StubBackend` is the smallest netback that speaks the protocol: it advertises features,
+maps the rings, binds the event channels, grant-copies tx packets out of the guest and
+rx frames into its posted buffers (4 KiB per slot, more_data chains, GSO extras). The real
+netback is tested end to end in test_net_integrity.py; this file pins netfront's side.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import trio
+
+from frontends.netfront import attach
+from tests.integration.conftest import Xenstored
+from xenpv.abi.netif import (
+    NETIF_RSP_NULL,
+    NETIF_RSP_OKAY,
+    NETIF_RX_RING,
+    NETIF_TX_RING,
+    XEN_NETIF_GSO_TYPE_TCPV4,
+    NetifGsoExtra,
+    NetifRxResponse,
+    NetifTxResponse,
+    NETRXF_csum_blank,
+    NETRXF_data_validated,
+    NETRXF_extra_info,
+    NETRXF_more_data,
+    NETTXF_csum_blank,
+    decode_rx_request,
+    encode_extra,
+    encode_rx_response,
+    encode_tx_response,
+    parse_tx_packet,
+)
+from xenpv.abi.ring import BackRing
+from xenpv.devices import create_vif
+from xenpv.hv import (
+    XEN_PAGE_SIZE,
+    CopyDirection,
+    CopyOp,
+    Domain,
+    EventChannel,
+    EventChannelClosed,
+    GrantMapping,
+    StaticDirectory,
+    open_domain,
+)
+from xenpv.identity import DomainKey
+from xenpv.xenbus import Action, Connected, DeviceId, Role
+from xenpv.xenbus_io import KeyValues, read_keys, read_state, run_handshake
+from xenpv.xenstore.client import XenstoreClient, connect
+
+TRANSPORTS = ["socket", "shm"]
+MAC = "00:16:3e:00:00:01"
+
+
+@dataclass(eq=False)
+class StubQueue:
+    tx: BackRing
+    rx: BackRing
+    maps: list[GrantMapping]
+    evtchn_tx: EventChannel
+    evtchn_rx: EventChannel
+    rx_space: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
+    pending: list[bytes] = field(default_factory=list)
+
+    def split_rx(self) -> bool:
+        return self.evtchn_rx is not self.evtchn_tx
+
+
+@dataclass
+class Received:
+    frame: bytes
+    gso: NetifGsoExtra | None
+    flags: int
+    queue: int
+
+
+class StubBackend:
+    role: Role = "backend"
+
+    def __init__(
+        self,
+        dom: Domain,
+        xs: XenstoreClient,
+        device: DeviceId,
+        nursery: trio.Nursery,
+        *,
+        split: bool = True,
+        max_queues: int = 1,
+        echo: bool = True,
+    ) -> None:
+        self.dom, self.xs, self.device, self.nursery = dom, xs, device, nursery
+        self.split, self.max_queues, self.echo = split, max_queues, echo
+        self.queues: list[StubQueue] = []
+        self.scope: trio.CancelScope | None = None
+        self.received_send, self.received = trio.open_memory_channel[Received](100000)
+        self.connects = 0
+        self.hold_tx = False  # True: take tx requests but never answer them
+        self.took = trio.lowlevel.ParkingLot()  # unparked whenever tx requests were taken
+
+    async def perform(self, action: Action) -> KeyValues | None:
+        if action in (Action.ADVERTISE, Action.RESET):
+            await self.close()
+            return {
+                "feature-sg": 1,
+                "feature-gso-tcpv4": 1,
+                "feature-gso-tcpv6": 1,
+                "feature-rx-copy": 1,
+                "feature-ipv6-csum-offload": 1,
+                "feature-split-event-channels": int(self.split),
+                "multi-queue-max-queues": self.max_queues,
+            }
+        if action is Action.CONNECT:
+            await self.connect()
+        elif action is Action.CLOSE:
+            await self.close()
+        return {}
+
+    async def connect(self) -> None:
+        fe = self.device.frontend_domid
+        top = await read_keys(self.xs, self.device.frontend, ["multi-queue-num-queues"])
+        count = int(top["multi-queue-num-queues"] or 1)
+        for n in range(count):
+            prefix = f"{self.device.frontend}/queue-{n}" if count > 1 else self.device.frontend
+            names = ["tx-ring-ref", "rx-ring-ref", "event-channel"]
+            names += ["event-channel-tx", "event-channel-rx"]
+            keys = await read_keys(self.xs, prefix, names)
+            tx_map = await self.dom.map_grants(fe, [int(keys["tx-ring-ref"] or -1)])
+            rx_map = await self.dom.map_grants(fe, [int(keys["rx-ring-ref"] or -1)])
+            if keys["event-channel-tx"] is not None:
+                assert self.split
+                ev_tx = await self.dom.bind_interdomain(fe, int(keys["event-channel-tx"]))
+                ev_rx = await self.dom.bind_interdomain(fe, int(keys["event-channel-rx"] or 0))
+            else:
+                ev_tx = ev_rx = await self.dom.bind_interdomain(fe, int(keys["event-channel"] or 0))
+            self.queues.append(
+                StubQueue(
+                    BackRing(tx_map, NETIF_TX_RING),
+                    BackRing(rx_map, NETIF_RX_RING),
+                    [tx_map, rx_map],
+                    ev_tx,
+                    ev_rx,
+                )
+            )
+        self.connects += 1
+        self.scope = trio.CancelScope()
+        self.nursery.start_soon(self._run, self.scope)
+
+    async def _run(self, scope: trio.CancelScope) -> None:
+        with scope:
+            async with trio.open_nursery() as nursery:
+                for index, queue in enumerate(self.queues):
+                    nursery.start_soon(self._service, index, queue, queue.evtchn_tx)
+                    if queue.split_rx():
+                        nursery.start_soon(self._rx_events, queue)
+
+    async def close(self) -> None:
+        if self.scope is not None:
+            self.scope.cancel()
+            self.scope = None
+        for queue in self.queues:
+            queue.evtchn_tx.close()
+            queue.evtchn_rx.close()
+            queue.rx_space.unpark_all()
+            for mapping in queue.maps:
+                await mapping.unmap()
+        self.queues = []
+
+    async def _rx_events(self, queue: StubQueue) -> None:
+        while True:
+            await queue.evtchn_rx.wait()
+            queue.rx_space.unpark_all()
+
+    async def _service(self, index: int, queue: StubQueue, channel: EventChannel) -> None:
+        fe = self.device.frontend_domid
+        try:
+            while True:
+                await channel.wait()
+                queue.rx_space.unpark_all()
+                while True:
+                    queue.pending += queue.tx.take_requests()
+                    self.took.unpark_all()
+                    while queue.pending and not self.hold_tx:
+                        packet = parse_tx_packet(queue.pending)
+                        assert packet is not None, "netfront pushed half a packet"
+                        del queue.pending[: packet.slots]
+                        data = bytearray(packet.size)
+                        ops = []
+                        position = 0
+                        for request, size in zip(packet.requests, packet.sizes, strict=True):
+                            view = memoryview(data)[position : position + size]
+                            ops.append(
+                                CopyOp(
+                                    CopyDirection.FROM_REMOTE,
+                                    fe,
+                                    request.gref,
+                                    request.offset,
+                                    size,
+                                    view,
+                                )
+                            )
+                            position += size
+                        assert all(s == 0 for s in await self.dom.grant_copy(ops))
+                        first = packet.requests[0]
+                        put = queue.tx.put_response
+                        put(encode_tx_response(NetifTxResponse(first.id, NETIF_RSP_OKAY)))
+                        for _extra in packet.extras:
+                            put(encode_tx_response(NetifTxResponse(0, NETIF_RSP_NULL)))
+                        for request in packet.requests[1:]:
+                            put(encode_tx_response(NetifTxResponse(request.id, NETIF_RSP_OKAY)))
+                        gso = next((e for e in packet.extras if isinstance(e, NetifGsoExtra)), None)
+                        got = Received(bytes(data), gso, first.flags, index)
+                        self.received_send.send_nowait(got)
+                        if self.echo:
+                            self.nursery.start_soon(self._echo, index, got)
+                    if queue.tx.push_responses():
+                        channel.notify()
+                    if not queue.tx.final_check_for_requests():
+                        break
+        except EventChannelClosed:
+            pass
+
+    async def _echo(self, index: int, got: Received) -> None:
+        csum = bool(got.flags & NETTXF_csum_blank)
+        with trio.move_on_after(10):
+            await self.inject(got.frame, gso=got.gso, csum_blank=csum, queue=index)
+
+    async def inject(
+        self,
+        frame: bytes,
+        *,
+        gso: NetifGsoExtra | None = None,
+        csum_blank: bool = False,
+        queue: int = 0,
+    ) -> None:
+        """Deliver a frame to the guest: one 4 KiB chunk per rx request."""
+        q = self.queues[queue]
+        chunks = [frame[i : i + XEN_PAGE_SIZE] for i in range(0, len(frame), XEN_PAGE_SIZE)]
+        need = len(chunks) + (gso is not None)
+        while q.rx.unconsumed_requests() < need:
+            q.rx.final_check_for_requests()
+            if q.rx.unconsumed_requests() >= need:
+                break
+            await q.rx_space.park()
+        requests = [decode_rx_request(r) for r in q.rx.take_requests(need)]
+        data_requests = [requests[0], *requests[1 + (gso is not None) :]]
+        ops = [
+            CopyOp(
+                CopyDirection.TO_REMOTE,
+                self.device.frontend_domid,
+                r.gref,
+                0,
+                len(c),
+                memoryview(c),
+            )
+            for r, c in zip(data_requests, chunks, strict=True)
+        ]
+        assert all(s == 0 for s in await self.dom.grant_copy(ops))
+        for n, (request, chunk) in enumerate(zip(data_requests, chunks, strict=True)):
+            flags = NETRXF_more_data if n < len(chunks) - 1 else 0
+            if n == 0:
+                if csum_blank:
+                    flags |= NETRXF_csum_blank | NETRXF_data_validated
+                if gso is not None:
+                    flags |= NETRXF_extra_info
+            q.rx.put_response(encode_rx_response(NetifRxResponse(request.id, 0, flags, len(chunk))))
+            if n == 0 and gso is not None:
+                q.rx.put_response(encode_extra(NetifGsoExtra(gso.size, gso.gso_type)))
+        if q.rx.push_responses():
+            q.evtchn_rx.notify()
+
+
+@dataclass
+class Setup:
+    xs: XenstoreClient
+    backend_dom: Domain
+    front_dom: Domain
+    device: DeviceId
+    stub: StubBackend
+    nursery: trio.Nursery
+    backend_scope: trio.CancelScope
+
+
+@asynccontextmanager
+async def setup(
+    tmp: Path,
+    xenstored: Xenstored,
+    transport: str,
+    *,
+    page_size: int = XEN_PAGE_SIZE,
+    max_queues: int = 1,
+    split: bool = True,
+    echo: bool = True,
+) -> AsyncIterator[Setup]:
+    directory = StaticDirectory()
+    async with AsyncExitStack() as stack:
+        doms = []
+        for domid, size, memory in ((0, XEN_PAGE_SIZE, 16 << 20), (1, page_size, 64 << 20)):
+            key = DomainKey.generate(domid)
+            dom = await stack.enter_async_context(
+                open_domain(
+                    domid=domid,
+                    key=key,
+                    directory=directory,
+                    endpoint=f"unix:{tmp}/d{domid}.sock",
+                    transport=transport,
+                    page_size=size,
+                    memory_bytes=memory,
+                )
+            )
+            directory.register(domid, dom.endpoint, key.public_hex())
+            doms.append(dom)
+        xs = await stack.enter_async_context(connect(xenstored.unix))
+        device = DeviceId("vif", 1, 0, 0)
+        await create_vif(xs, device, mac=MAC)
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        stub = StubBackend(
+            doms[0], xs, device, nursery, split=split, max_queues=max_queues, echo=echo
+        )
+        scope = trio.CancelScope()
+
+        async def backend() -> None:
+            with scope:
+                await run_handshake(xs, stub)
+
+        nursery.start_soon(backend)
+        try:
+            yield Setup(xs, doms[0], doms[1], device, stub, nursery, scope)
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+def frame_of(size: int, seq: int, rng: random.Random, sport: int = 1000) -> bytes:
+    """An Ethernet/IPv4/TCP-looking frame (so flow hashing sees ports) with a sequence tag."""
+    head = bytes.fromhex("00163e00000200163e0000010800")
+    ip = bytes([0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2])
+    tcp = sport.to_bytes(2, "big") + (80).to_bytes(2, "big") + bytes(8) + b"\x50" + bytes(7)
+    body = seq.to_bytes(4, "big") + rng.randbytes(max(0, size - 58))
+    return (head + ip + tcp + body)[:size]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize(("queues", "split"), [(1, False), (1, True), (2, True)])
+async def test_handshake_keys_and_echo(
+    tmp_path: Path, xenstored: Xenstored, transport: str, queues: int, split: bool
+) -> None:
+    rng = random.Random(queues * 2 + split)
+    with trio.fail_after(40):
+        async with (
+            setup(
+                tmp_path, xenstored, transport, max_queues=4 if queues > 1 else 1, split=split
+            ) as s,
+            attach(s.front_dom, s.xs, s.device, max_queues=queues) as front,
+        ):
+            await front.wait_connected()
+            assert await read_state(s.xs, s.device.frontend) == Connected
+            fe = s.device.frontend
+            if queues == 1:
+                keys = await read_keys(
+                    s.xs,
+                    fe,
+                    ["tx-ring-ref", "event-channel", "event-channel-tx", "multi-queue-num-queues"],
+                )
+                assert keys["tx-ring-ref"] is not None and keys["multi-queue-num-queues"] is None
+                assert (keys["event-channel"] is None) == split
+            else:
+                keys = await read_keys(s.xs, fe, ["multi-queue-num-queues"])
+                assert keys["multi-queue-num-queues"] == str(queues)
+                assert await s.xs.try_read(f"{fe}/queue-1/event-channel-rx") is not None
+            feats = await read_keys(
+                s.xs,
+                fe,
+                ["request-rx-copy", "feature-sg", "feature-gso-tcpv4", "feature-rx-notify"],
+            )
+            assert set(feats.values()) == {"1"}
+            assert front.mac == bytes.fromhex("00163e000001")
+            assert front.info["queues"] == queues and front.info["split_event_channels"] == split
+
+            sizes = [60, 1514, 4096, 4097, 9000, 30000, 65535]
+            sent = []
+            for seq, size in enumerate(sizes * 3):
+                frame = frame_of(size, seq, rng, sport=1000 + seq % 7)
+                gso = NetifGsoExtra(1448, XEN_NETIF_GSO_TYPE_TCPV4) if size > 9000 else None
+                await front.send(frame, gso=gso, csum_blank=gso is not None)
+                sent.append((frame, gso))
+            got = [await front.receive() for _ in sent]
+            # per flow (sport), order is preserved; across flows, queues may interleave
+            for sport in range(1000, 1007):
+                mine = [f for f, _g in sent if f[34:36] == sport.to_bytes(2, "big")]
+                echoed = [r.frame for r in got if r.frame[34:36] == sport.to_bytes(2, "big")]
+                assert echoed == mine
+            by_frame = {r.frame: r for r in got}
+            for frame, gso in sent:
+                r = by_frame[frame]
+                assert (r.gso is not None) == (gso is not None)
+                assert r.csum_blank == (gso is not None)
+            wire = [s.stub.received.receive_nowait() for _ in sent]
+            assert {w.frame for w in wire} == {f for f, _ in sent}
+            if queues > 1:
+                assert {w.queue for w in wire} == set(range(queues))
+            stats = front.stats()
+            assert stats["tx_packets"] == len(sent) and stats["rx_packets"] == len(sent)
+
+
+@pytest.mark.parametrize("page_size", [16384, 65536])
+async def test_large_page_guest(tmp_path: Path, xenstored: Xenstored, page_size: int) -> None:
+    rng = random.Random(page_size)
+    with trio.fail_after(40):
+        async with (
+            setup(tmp_path, xenstored, "shm", page_size=page_size) as s,
+            attach(s.front_dom, s.xs, s.device, max_queues=1) as front,
+        ):
+            await front.wait_connected()
+            for seq, size in enumerate([60, 4095, 4096, 16385, 65535]):
+                frame = frame_of(size, seq, rng)
+                await front.send(frame)
+                got = await front.receive()
+                assert got.frame == frame
+                wire = s.stub.received.receive_nowait()
+                assert wire.frame == frame
+            assert front.info["page_size"] == page_size and front.info["grant_size"] == 4096
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_backpressure_waits_for_ring_space(
+    tmp_path: Path, xenstored: Xenstored, transport: str
+) -> None:
+    rng = random.Random(7)
+    with trio.fail_after(40):
+        async with (
+            setup(tmp_path, xenstored, transport, echo=False) as s,
+            attach(s.front_dom, s.xs, s.device, max_queues=1) as front,
+        ):
+            await front.wait_connected()
+            s.stub.hold_tx = True
+            frames = [frame_of(9000, seq, rng) for seq in range(100)]  # 3 slots each
+            done = trio.Event()
+
+            async def sender() -> None:
+                for frame in frames:
+                    await front.send(frame)
+                done.set()
+
+            s.nursery.start_soon(sender)
+            # 85 packets fill 255 of the 256 slots; the sender must then wait
+            while s.stub.queues[0].tx.req_cons < 255:
+                await s.stub.took.park()
+            assert not done.is_set()
+            s.stub.hold_tx = False
+            s.stub.queues[0].evtchn_tx.raise_event()
+            await done.wait()
+            wire = [await s.stub.received.receive() for _ in frames]
+            assert [w.frame for w in wire] == frames
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_reconnect_drops_in_flight_and_resumes(
+    tmp_path: Path, xenstored: Xenstored, transport: str
+) -> None:
+    rng = random.Random(11)
+    with trio.fail_after(40):
+        async with (
+            setup(tmp_path, xenstored, transport, echo=False) as s,
+            attach(s.front_dom, s.xs, s.device, max_queues=1) as front,
+        ):
+            await front.wait_connected()
+            first = front.info["generation"]
+            await front.send(frame_of(100, 0, rng))
+            assert (await s.stub.received.receive()).frame[54:58] == (0).to_bytes(4, "big")
+            s.stub.hold_tx = True
+            for seq in range(1, 4):
+                await front.send(frame_of(2000, seq, rng))  # stuck on the ring
+            while s.stub.queues[0].tx.req_cons < 4:
+                await s.stub.took.park()
+
+            # the backend process goes away and a new one picks the device up
+            s.backend_scope.cancel()
+            await s.stub.close()
+            stub = StubBackend(s.backend_dom, s.xs, s.device, s.nursery, echo=True)
+            s.nursery.start_soon(run_handshake, s.xs, stub)
+            await front.wait_disconnected()
+            await front.wait_connected()
+            assert front.info["generation"] == first + 1
+            assert front.stats()["tx_dropped"] == 3
+            frames = [frame_of(size, 10 + n, rng) for n, size in enumerate([60, 5000, 65535])]
+            for frame in frames:
+                await front.send(frame)
+            assert [(await front.receive()).frame for _ in frames] == frames
+            assert [(await stub.received.receive()).frame for _ in frames] == frames
+            # grants of the old connection are all gone once the old backend unmapped
+            assert not front._deferred
