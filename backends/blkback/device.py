@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
@@ -76,6 +77,22 @@ UNMAP_TIMEOUT = 5.0
 HANDSHAKE_RETRY = 0.5
 
 
+def open_storage_from(config: BackendConfig) -> Storage:
+    """The disk the toolstack configured: a memory disk, or a raw image (created sparse at
+    `xenpv-size` if missing; an existing image keeps its size)."""
+    if config.kind == "memory":
+        assert config.size is not None  # parse_config requires it
+        return MemoryDisk(config.size, sector_size=config.sector_size, read_only=config.read_only)
+    if os.path.exists(config.path):
+        return RawImage(config.path, read_only=config.read_only, sector_size=config.sector_size)
+    if config.size is None or config.read_only:
+        raise ConfigError(
+            f"image {config.path!r} does not exist and cannot be created "
+            f"({'read-only' if config.read_only else 'no ' + devices.VBD_SIZE})"
+        )
+    return RawImage(config.path, size=config.size, create=True, sector_size=config.sector_size)
+
+
 @dataclass
 class Connection:
     """Everything one CONNECT set up, torn down together."""
@@ -92,7 +109,16 @@ class BlkbackDevice:
 
     role: xenbus.Role = "backend"
 
-    def __init__(self, dom: Domain, xs: XenstoreClient, device: DeviceId) -> None:
+    def __init__(
+        self,
+        dom: Domain,
+        xs: XenstoreClient,
+        device: DeviceId,
+        *,
+        open_storage: Callable[[BackendConfig], Storage] | None = None,
+    ) -> None:
+        """`open_storage` replaces how the disk is opened from the configuration (tests use it
+        to put a fault plan in front of the disk)."""
         self.dom = dom
         self.xs = xs
         self.device = device
@@ -103,6 +129,7 @@ class BlkbackDevice:
         self.connection: Connection | None = None
         self.connections = 0  # successful CONNECTs, for tests and stats
         self.broken: str | None = None  # why the last connection was cut, if it was
+        self._open = open_storage or open_storage_from
         self._lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
         self._log = log.bind(device=str(device), backend=device.backend_domid)
@@ -168,21 +195,6 @@ class BlkbackDevice:
         keys = await read_keys(self.xs, self.device.backend, list(CONFIG_KEYS))
         return parse_config(keys, self.granule)
 
-    def _open_storage(self, config: BackendConfig) -> Storage:
-        if config.kind == "memory":
-            assert config.size is not None  # parse_config requires it
-            return MemoryDisk(
-                config.size, sector_size=config.sector_size, read_only=config.read_only
-            )
-        if os.path.exists(config.path):
-            return RawImage(config.path, read_only=config.read_only, sector_size=config.sector_size)
-        if config.size is None or config.read_only:
-            raise ConfigError(
-                f"image {config.path!r} does not exist and cannot be created "
-                f"({'read-only' if config.read_only else 'no ' + devices.VBD_SIZE})"
-            )
-        return RawImage(config.path, size=config.size, create=True, sector_size=config.sector_size)
-
     async def _read_frontend(self, config: BackendConfig) -> FrontendParams:
         frontend = self.device.frontend
         first = await read_keys(self.xs, frontend, ["multi-queue-num-queues", "ring-page-order"])
@@ -195,7 +207,7 @@ class BlkbackDevice:
             try:
                 config = self.config = await self._read_config()
                 if self.storage is None:
-                    self.storage = self._open_storage(config)
+                    self.storage = self._open(config)
                 info = self.storage.info()
                 features = device_features(config, info)
                 params = await self._read_frontend(config)

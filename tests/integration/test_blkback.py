@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from backends.blkback import BlkbackDevice
+from backends.storage import MemoryDisk, StorageOp
 from tests.integration.conftest import Xenstored
 from tests.integration.hv_pair import domains
 from xenpv.abi.blkif import (
@@ -28,6 +30,7 @@ from xenpv.abi.blkif import (
     BLKIF_RSP_EOPNOTSUPP,
     BLKIF_RSP_ERROR,
     BLKIF_RSP_OKAY,
+    BLKIF_X86_32,
     BlkifDiscardRequest,
     BlkifIndirectRequest,
     BlkifProtocol,
@@ -563,3 +566,108 @@ async def test_backend_restart_and_removal(
                 await destroy_device(xs, device)
                 await returned.wait()
                 assert dev.storage is None and dev.connection is None
+
+
+class Gate:
+    """A storage fault plan that holds the I/O at offset 0 until released."""
+
+    def __init__(self) -> None:
+        self.started = trio.Event()
+        self.release = trio.Event()
+
+    async def before(self, op: StorageOp, offset: int, length: int) -> None:
+        if op in (StorageOp.READ, StorageOp.WRITE) and offset == 0 and length:
+            self.started.set()
+            await self.release.wait()
+
+
+async def arrivals(front: MiniFront, count: int) -> list[int]:
+    """The ids of the next `count` responses, in the order the backend produced them."""
+    q = front.queues[0]
+    got: list[int] = []
+    while len(got) < count:
+        while (raw := q.ring.take_response()) is not None:
+            got.append(front.protocol.decode_response(raw).id)
+        if len(got) < count and not q.ring.final_check_for_responses():
+            await q.channel.wait()
+    return got
+
+
+def push(front: MiniFront, *requests: BlkifRequest) -> None:
+    q = front.queues[0]
+    for request in requests:
+        q.ring.put_request(front.protocol.encode_request(request))
+    if q.ring.push_requests():
+        q.channel.notify()
+
+
+async def test_out_of_order_completion_and_barrier_drain(
+    xenstored: Xenstored, xs_workdir: Path, transport: str, kind: str
+) -> None:
+    gate = Gate()
+    with trio.fail_after(30):
+        async with setup(xenstored, xs_workdir, transport, VbdConfig(None, MiB)) as (
+            xs,
+            (dom0, dom1),
+        ):
+            device = vbd(1)
+            dev = BlkbackDevice(
+                dom0, xs, device, open_storage=lambda c: MemoryDisk(c.size or 0, faults=gate)
+            )
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(dev.run)
+                front = MiniFront(dom1, xs, device)
+                await front.start()
+                slow = BlkifRequest(BLKIF_OP_READ, 1001, 0, front.segments(0, 4096))
+                fast = BlkifRequest(BLKIF_OP_READ, 1002, 8, front.segments(1, 4096))
+                push(front, slow, fast)
+                assert await arrivals(front, 1) == [1002]  # overtakes the held read
+                gate.release.set()
+                assert await arrivals(front, 1) == [1001]
+
+                # A barrier waits for the writes before it, and the reads after it wait too.
+                gate.release = trio.Event()
+                gate.started = trio.Event()
+                write = BlkifRequest(BLKIF_OP_WRITE, 2001, 0, front.segments(2, 4096))
+                barrier = BlkifRequest(BLKIF_OP_WRITE_BARRIER, 2002)
+                read = BlkifRequest(BLKIF_OP_READ, 2003, 8, front.segments(3, 4096))
+                push(front, write, barrier, read)
+                await gate.started.wait()
+                await trio.testing.wait_all_tasks_blocked()
+                gate.release.set()
+                assert await arrivals(front, 3) == [2001, 2002, 2003]
+                nursery.cancel_scope.cancel()
+
+
+async def test_close_reconnect_releases_grants(
+    xenstored: Xenstored, xs_workdir: Path, transport: str, kind: str
+) -> None:
+    with trio.fail_after(30):
+        async with setup(xenstored, xs_workdir, transport, VbdConfig(None, MiB)) as (
+            xs,
+            (dom0, dom1),
+        ):
+            device = vbd(1)
+            async with backend(xs, dom0, device) as dev:
+                front = MiniFront(dom1, xs, device, persistent=True, npages=40, order=1)
+                await front.start()
+                assert await front.write(0, pattern(50, 16 * 4096)) == BLKIF_RSP_OKAY
+                conn = dev.connection
+                assert conn is not None and len(conn.grants[0]) == 16
+                # Linux order: frontend Closing → backend Closing; frontend Closed → Closed
+                await publish(xs, device.frontend, {}, state=Closing)
+                assert await wait_backend(xs, device, Closing) == Closing
+                await publish(xs, device.frontend, {}, state=Closed)
+                assert await wait_backend(xs, device, Closed) == Closed
+                assert dev.connection is None
+                # nothing stays mapped: every grant (data and ring pages) can be revoked
+                for gref in front.grefs + front.queues[0].refs:
+                    dom1.grants.end_access(gref)
+                # reconnect (the x86_32 ABI this time): the memory disk kept its data
+                await publish(xs, device.frontend, {}, state=XenbusState.XenbusStateInitialising)
+                again = MiniFront(dom1, xs, device, protocol=BLKIF_X86_32, npages=40, order=1)
+                await again.start()
+                assert dev.connections == 2
+                assert await again.read(0, 16 * 4096) == pattern(50, 16 * 4096)
+                assert await again.write(4096, pattern(51, 8192), page=20) == BLKIF_RSP_OKAY
+                assert await again.read(4096, 8192, page=30) == pattern(51, 8192)
