@@ -310,6 +310,7 @@ class Vif:
                 for frame, meta in batch:
                     queue = queues[flow_hash(frame) % count] if count > 1 else queues[0]
                     queue.enqueue(frame, meta)
+                self._notify()
         except (trio.EndOfChannel, trio.ClosedResourceError):
             return
 
