@@ -287,12 +287,12 @@ class Vif:
                             nursery.start_soon(queue.run)
                         nursery.start_soon(self._switch_reader, conn)
                 except* (TxFatal, RxFatal) as group:
-                    reason, fatal = str(group.exceptions[0]), True
+                    reason, fatal = str(_leaf(group)), True
                 except* (EventChannelClosed, HvError) as group:
-                    reason = f"frontend gone: {group.exceptions[0]}"
+                    reason = f"frontend gone: {_leaf(group)}"
                 except* Exception as group:  # a bug here must not take other vifs down
                     self.log.error("netback.datapath_crashed", exc_info=group)
-                    reason, fatal = f"internal error: {group.exceptions[0]!r}", True
+                    reason, fatal = f"internal error: {_leaf(group)!r}", True
         finally:
             conn.done.set()
         if reason is not None:
@@ -345,6 +345,12 @@ class Vif:
     def _retire(self, conn: _Connection) -> None:
         _add_queue_stats(self._retired, conn.queues)
         self._retired.warnings = self._retired.warnings[-16:]
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _add_queue_stats(out: VifStats, queues: list[NetbackQueue]) -> None:
