@@ -242,3 +242,37 @@ def test_directory_part_generation_changes() -> None:
     a.write("/g/x", b"value only")  # children unchanged, but the generation is per node
     third = a.ok(XsType.XS_DIRECTORY_PART, b"/g\x000\0")
     assert third == second
+
+
+def test_stale_view_rm_with_parent_seen_missing() -> None:
+    store = Store()
+    a, b = Client(store, 0), Client(store, 0)
+    tx = a.start()
+    assert a.err(R, b"/p\0", tx=tx) == "ENOENT"  # /p seen missing
+    b.write("/p/c", b"")
+    assert a.err(XsType.XS_RM, b"/p/c\0", tx=tx) == "EAGAIN"  # /p/c read fresh: exists
+    assert error_name(a.end(tx)) == "EAGAIN"
+
+
+def test_stale_view_rm_with_listed_child_gone() -> None:
+    store = Store()
+    a, b = Client(store, 0), Client(store, 0)
+    a.write("/q/c", b"")
+    tx = a.start()
+    assert a.ls("/q", tx=tx) == ["c"]
+    b.rm("/q/c")
+    assert a.err(XsType.XS_RM, b"/q\0", tx=tx) == "EAGAIN"
+    assert error_name(a.end(tx)) == "EAGAIN"
+
+
+def test_stale_view_rm_of_child_unknown_to_parent_snapshot() -> None:
+    store = Store()
+    a, b = Client(store, 0), Client(store, 0)
+    a.write("/u", b"")
+    tx = a.start()
+    assert a.ls("/u", tx=tx) == []  # /u snapshot: no children
+    b.write("/u/c", b"")
+    assert a.read("/u/c", tx=tx) == b""  # read fresh: exists
+    assert a.err(XsType.XS_RM, b"/u/c\0", tx=tx) == "EAGAIN"
+    assert a.ls("/u", tx=tx) == []
+    assert error_name(a.end(tx)) == "EAGAIN"

@@ -308,6 +308,8 @@ class Model:
         top_path = parent_of(missing[-1])
         top = self.get(tx, top_path)
         assert top is not None
+        if missing[-1].rsplit("/", 1)[1] in top.children:
+            raise Fail("EAGAIN")  # stale transaction view: parent seen after the child
         perms = list(top.perms)
         if conn.domid != 0:
             perms[0] = (perms[0][0], conn.domid)
@@ -332,7 +334,8 @@ class Model:
     def subtree(self, tx: MTx | None, path: str) -> list[str]:
         """Post-order: children (in order) before their parent."""
         node = self.get(tx, path)
-        assert node is not None
+        if node is None:
+            raise Fail("EAGAIN")  # stale transaction view: child listed, but seen missing
         out: list[str] = []
         for name in node.children:
             out += self.subtree(tx, child_of(path, name))
@@ -349,8 +352,11 @@ class Model:
             if path == "/":
                 raise Fail("EINVAL")
         up = self.get(tx, parent_of(path))
-        assert up is not None
+        if up is None:
+            raise Fail("EAGAIN")  # stale transaction view: parent seen missing earlier
         doomed = self.subtree(tx, path)
+        if path.rsplit("/", 1)[1] not in up.children:
+            raise Fail("EAGAIN")  # stale transaction view: parent seen before the child existed
         if tx is None:
             for p in doomed:
                 self.fire(p, p != path, self.nodes[p].perms)

@@ -24,7 +24,15 @@ xenstored_core.c, _watch.c, _transaction.c, _domain.c). Choices worth knowing:
 - WATCH replies OK, then queues the initial event (the event comes after the reply).
 - INTRODUCE of an already introduced domain with the same gfn is OK (port updated, no
   event); with another gfn EINVAL; domid 0 (always introduced) and reserved domids EINVAL.
+- Watch paths may also be special `@...` paths (any, as C: only `@introduceDomain` and
+  `@releaseDomain` ever fire, to watchers allowed to read the special node's permissions,
+  which GET_PERMS / SET_PERMS manage). A watch on `/` does not see special events.
+- Numbers in payloads (domids, ports, DIRECTORY_PART offsets) must be plain decimal; C's
+  atoi() would read garbage as 0, we answer EINVAL.
+- Events of a transaction, its durable change and its quota re-check happen at commit; see
+  transactions.py for the conflict rule and for what a client gets after a restart (ENOENT).
 - CONTROL implements `print` and `check` (both OK) and `help`; anything else is EINVAL.
+- A bug raising inside a request is logged and answered EIO; the store keeps serving.
 """
 
 from __future__ import annotations
@@ -57,7 +65,7 @@ from xenpv.xenstore.perms import (
     perm_for,
 )
 from xenpv.xenstore.quotas import NODE_HEADER_SIZE, PERM_ENTRY_SIZE, Quotas
-from xenpv.xenstore.transactions import Transaction
+from xenpv.xenstore.transactions import Transaction, stale_view
 from xenpv.xenstore.tree import Node, Tree
 from xenpv.xenstore.watches import ConnId, WatchIndex
 from xenpv.xenstore.wire import XENSTORE_PAYLOAD_MAX, Message, XsError, XsType
@@ -231,6 +239,8 @@ class Store:
             missing.append(up)
             up = parent(up)
             top = t.get(up)
+        if basename(missing[-1]) in top.children:
+            raise stale_view()  # defensive: a transaction view whose parent lists the child
         return missing, top
 
     def _inherit(self, c: _Conn, perms: Perms) -> Perms:
@@ -428,7 +438,8 @@ class Store:
             raise
         if path == ROOT:
             raise XsError("EINVAL", "cannot remove /")
-        t.get(parent(path))
+        if t.get(parent(path)) is None:
+            raise stale_view()  # only in a transaction: the parent was seen missing earlier
         self._apply_rm(t, path)
         if isinstance(t, Transaction):
             t.log.append(("r", path))

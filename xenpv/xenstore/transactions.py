@@ -17,6 +17,8 @@ Life cycle (one table, explained once)::
                                    producing one journal record
     connection closed, RESET_WATCHES, RELEASE of its domain, server restart → gone
 
+A request whose transaction view turned out stale answers EAGAIN (see `stale_view`).
+
 The view keeps, per path, the node as the transaction first saw it (a snapshot that shares
 the committed child dict copy-on-write) or its own modified copy. That gives repeatable reads
 like C's per-transaction node copies. At commit, C copies the transaction's nodes over the
@@ -39,6 +41,17 @@ from xenpv.xenstore.paths import basename, parent
 from xenpv.xenstore.perms import Perms
 from xenpv.xenstore.tree import Node, Tree
 from xenpv.xenstore.wire import XsError
+
+
+def stale_view() -> XsError:
+    """The view mixes nodes first seen at different times and contradicts itself.
+
+    This happens only when committed nodes the transaction already read have changed since
+    (a parent seen missing now has a child, a child listed by a parent has gone...), so the
+    commit is bound to fail: the request answers EAGAIN at once (C answers EINVAL for some of
+    these cases, and carries on with inconsistent data for others).
+    """
+    return XsError("EAGAIN", "transaction view is stale")
 
 
 @dataclass(slots=True, eq=False)
@@ -92,14 +105,18 @@ class Transaction:
         return node
 
     def delete(self, path: str) -> None:
-        for sub in self.subtree_postorder(path):
+        doomed = self.subtree_postorder(path)  # may raise EAGAIN: nothing changed yet
+        up = self._own(parent(path))
+        if basename(path) not in up.children:
+            raise stale_view()  # the parent was seen before the child existed
+        for sub in doomed:
             gone = self.entries[sub]
             assert gone is not None
             self._account(gone.perms[0].domid, -1)
             self.entries[sub] = None
             self.owned.discard(sub)
-        self._own(parent(path)).remove_child(basename(path))
-        self.entries[parent(path)].gen = self.tree.next_gen()  # type: ignore[union-attr]
+        up.remove_child(basename(path))
+        up.gen = self.tree.next_gen()
 
     def subtree_postorder(self, top: str) -> list[str]:
         """Like Tree.subtree_postorder, through the view (every node visited is read)."""
@@ -112,7 +129,8 @@ class Transaction:
                 continue
             stack.append((path, True))
             node = self.get(path)
-            assert node is not None
+            if node is None:
+                raise stale_view()
             base = "" if path == "/" else path
             stack.extend((f"{base}/{name}", False) for name in reversed(node.children))
         return out
@@ -136,7 +154,8 @@ class Transaction:
     # -- internals -----------------------------------------------------------------------------
     def _own(self, path: str) -> Node:
         node = self.entries[path] if path in self.entries else self.get(path)
-        assert node is not None, path
+        if node is None:
+            raise stale_view()
         if path not in self.owned:
             node = Node(node.value, node.perms, node.gen, dict(node.children), node.childlen)
             self.entries[path] = node
