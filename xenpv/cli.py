@@ -18,7 +18,13 @@ import structlog
 from xenpv import __version__, log
 from xenpv.errors import XenpvError
 
-COMMAND_MODULES: tuple[str, ...] = ("xenpv.commands.bench", "xenpv.commands.xenstored")
+COMMAND_MODULES: tuple[str, ...] = (
+    "xenpv.commands.bench",
+    "xenpv.commands.xenstored",
+    "xenpv.commands.domain",
+    "xenpv.commands.cluster",
+    "xenpv.commands.demo",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

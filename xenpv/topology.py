@@ -354,6 +354,7 @@ def load(path: Path) -> Topology:
 
 DEFAULT_TOPOLOGY_TOML = """\
 # xenpv demo: one backend domain, three guests with 4 KiB, 16 KiB and 64 KiB pages.
+# 64M each: a 64 KiB-page guest spends one page per netfront rx slot (256 slots = 16 MiB).
 transport = "auto"
 
 [[domain]]
@@ -365,17 +366,17 @@ memory = "64M"
 [[domain]]
 name = "guest4k"
 page_size = "4K"
-memory = "32M"
+memory = "64M"
 
 [[domain]]
 name = "guest16k"
 page_size = "16K"
-memory = "32M"
+memory = "64M"
 
 [[domain]]
 name = "guest64k"
 page_size = "64K"
-memory = "32M"
+memory = "64M"
 
 [[vbd]]
 frontend = "guest4k"

@@ -1,0 +1,180 @@
+"""`xenpv demo`: the whole system in one go (DEFAULT_TOPOLOGY).
+
+xenstored, one backend domain and three guests with 4 KiB, 16 KiB and 64 KiB pages, each a
+separate process with a vbd and a vif. Once every device is Connected, the launcher asks every
+guest for a self-test round (`xenpv.selftest`: verified block I/O on its vbd; an echo with
+every other guest over the vifs) and reads the results back from xenstore, like everything
+else it prints. Exit status 0 only if every check passed; any failure or Ctrl-C stops every
+process it started. `--json`: one JSON object as the last line of stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from xenpv import cluster, topology
+from xenpv.commands.cluster import print_status
+from xenpv.domain_process import CONTROL_SELFTEST, SELFTEST_DONE
+from xenpv.status import ClusterStatus, read_status
+from xenpv.xenstore.client import XenstoreClient
+
+EXPECTED_PAGE_SIZES = (4096, 16384, 65536)
+
+
+def register(sub: Any) -> None:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "demo", help="run the default cluster (4K/16K/64K guests) and check it end to end"
+    )
+    parser.add_argument("--json", action="store_true", help="JSON summary on stdout")
+    parser.add_argument(
+        "--state-dir", type=Path, default=None, help="keep sockets, logs, images here"
+    )
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds for each phase")
+    parser.add_argument(
+        "--block-bytes", type=int, default=4 << 20, help="bulk bytes each guest writes"
+    )
+    parser.add_argument("--frames", type=int, default=24, help="echo frames per guest pair")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    topo = topology.default_topology()
+    if args.state_dir is not None:
+        state_dir = args.state_dir.resolve()
+        return trio.run(_demo, topo, state_dir, args)
+    state_dir = Path(tempfile.mkdtemp(prefix="xenpv-demo-", dir="/tmp"))
+    try:
+        return trio.run(_demo, topo, state_dir, args)
+    finally:
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+async def _selftest(
+    xs: XenstoreClient, running: cluster.Cluster, round_id: int, args: argparse.Namespace
+) -> None:
+    topo = running.topology
+    peers = [{"name": vif.frontend, "mac": vif.mac} for vif in topo.vifs]
+    request = {
+        "round": round_id,
+        "peers": peers,
+        "block_bytes": args.block_bytes,
+        "frames": args.frames,
+        "timeout": args.timeout,
+    }
+    guests = [running.domids[g.name] for g in topo.guests]
+    for domid in guests:
+        await xs.write(f"/local/domain/{domid}/{CONTROL_SELFTEST}", json.dumps(request))
+    send, recv = trio.open_memory_channel[None](1)
+
+    async def watch(path: str, task_status: trio.TaskStatus[None]) -> None:
+        async with xs.watch(path) as events:
+            task_status.started()
+            async for _event in events:
+                with contextlib.suppress(trio.WouldBlock):
+                    send.send_nowait(None)
+
+    with trio.move_on_after(args.timeout + 10):
+        async with trio.open_nursery() as nursery:
+            for domid in guests:
+                await nursery.start(watch, f"/local/domain/{domid}/{SELFTEST_DONE}")
+            while True:
+                done = [await xs.try_read(f"/local/domain/{d}/{SELFTEST_DONE}") for d in guests]
+                if all(v is not None and int(v) == round_id for v in done):
+                    break
+                await recv.receive()
+            nursery.cancel_scope.cancel()
+
+
+def _summary(status: ClusterStatus, elapsed: float, topo: topology.Topology) -> dict[str, Any]:
+    checks: list[dict[str, Any]] = []
+    guests = [d for d in status.domains if d.name in {g.name for g in topo.guests}]
+    sizes = sorted(d.page_size or 0 for d in guests)
+    checks.append(
+        {
+            "name": "page-sizes",
+            "ok": tuple(sizes) == EXPECTED_PAGE_SIZES,
+            "detail": f"guest page sizes {sizes}",
+        }
+    )
+    stuck = [f"{v.frontend}/{v.cls}{v.devid}" for v in status.devices if not v.connected]
+    checks.append(
+        {
+            "name": "devices-connected",
+            "ok": not stuck and len(status.devices) == len(topo.vbds) + len(topo.vifs),
+            "detail": f"{len(status.devices)} devices, not connected: {stuck or 'none'}",
+        }
+    )
+    guest_results = {c.get("domain"): c for c in status.checks}
+    for guest in guests:
+        if guest.name not in guest_results:
+            checks.append(
+                {"name": f"selftest-{guest.name}", "ok": False, "detail": "no results reported"}
+            )
+    expected = len(topo.vbds) + sum(
+        len([p for p in topo.vifs if p.frontend != v.frontend]) for v in topo.vifs
+    )
+    if len(status.checks) < expected:
+        checks.append(
+            {
+                "name": "selftest-complete",
+                "ok": False,
+                "detail": f"{len(status.checks)} of {expected} guest checks reported",
+            }
+        )
+    checks.extend({k: v for k, v in c.items()} for c in status.checks)
+    block = [c for c in status.checks if str(c.get("name", "")).startswith("block-")]
+    net = [c for c in status.checks if str(c.get("name", "")).startswith("net-")]
+    rtts = [float(c["rtt_ms"]) for c in net if c.get("rtt_ms") is not None]
+    throughput = {
+        "block_write_mib_s": round(sum(float(c.get("write_mib_s") or 0) for c in block), 2),
+        "block_read_mib_s": round(sum(float(c.get("read_mib_s") or 0) for c in block), 2),
+        "net_frames": sum(int(c.get("frames") or 0) for c in net),
+        "net_bytes": sum(int(c.get("bytes") or 0) for c in net),
+        "net_rtt_ms_mean": round(sum(rtts) / len(rtts), 3) if rtts else None,
+    }
+    return {
+        "guests": [{"name": d.name, "page_size": d.page_size, "domid": d.domid} for d in guests],
+        "checks": checks,
+        "devices": status.to_json()["devices"],
+        "throughput": throughput,
+        "elapsed_s": round(elapsed, 2),
+        "ok": all(c.get("ok") is True for c in checks),
+    }
+
+
+async def _demo(topo: topology.Topology, state_dir: Path, args: argparse.Namespace) -> int:
+    start = time.monotonic()
+    async with cluster.launch(
+        topo, state_dir, ready_timeout_s=args.timeout, log_level=args.log_level
+    ) as running:
+        await _selftest(running.xs, running, 1, args)
+        status = await read_status(running.xs)
+    summary = _summary(status, time.monotonic() - start, topo)
+    print_status(status, as_json=False)
+    t = summary["throughput"]
+    print(
+        f"throughput: block write {t['block_write_mib_s']} MiB/s, read {t['block_read_mib_s']}"
+        f" MiB/s (all guests); net {t['net_frames']} echoed frames, mean round trip"
+        f" {t['net_rtt_ms_mean']} ms; {summary['elapsed_s']} s in all",
+        file=sys.stderr,
+    )
+    failed = [c for c in summary["checks"] if c.get("ok") is not True]
+    if failed:
+        for c in failed:
+            print(f"xenpv: check {c['name']} FAILED: {c.get('detail')}", file=sys.stderr)
+    else:
+        print(f"xenpv: demo passed: {len(summary['checks'])} checks", file=sys.stderr)
+    if args.json:
+        sys.stdout.write(json.dumps(summary, sort_keys=True) + "\n")
+        sys.stdout.flush()
+    return 0 if summary["ok"] else 1

@@ -1,0 +1,98 @@
+"""`xenpv domain`: run one domain process (its frontends and backends), see
+`xenpv.domain_process`.
+
+    xenpv domain --xenstore tcp:127.0.0.1:PORT --key-file d1.key [--transport auto|shm|socket]
+                 [--listen unix:PATH|tcp:HOST:PORT] [--ready-fd N]
+
+Readiness: `/local/domain/<id>/xenpv/ready` is written (the launcher watches it); with
+`--ready-fd N` a line `READY <domid> <endpoint>` is also written to fd N. SIGTERM/SIGINT stop
+it: frontends close through xenbus (bounded), links close, the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+
+from xenpv.commands.xenstored import _first_xenpv_error
+from xenpv.domain_process import DomainRuntime, run_domain
+from xenpv.identity import DomainKey
+from xenpv.xenstore.client import XenstoreClient, connect
+
+log = structlog.get_logger()
+TRANSPORTS = ("auto", "shm", "socket")
+STOP_GRACE = 8.0  # seconds a graceful stop may take (the launcher kills after 10)
+
+
+def register(sub: Any) -> None:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "domain", help="run one domain process (serves its backends, attaches its frontends)"
+    )
+    parser.add_argument(
+        "--xenstore", required=True, metavar="ADDR", help="tcp:HOST:PORT (or unix:PATH)"
+    )
+    parser.add_argument("--key-file", required=True, type=Path, help="the domain's key file")
+    parser.add_argument("--transport", choices=TRANSPORTS, default="auto")
+    parser.add_argument(
+        "--listen", default=None, metavar="EP", help="link endpoint (default: the published one)"
+    )
+    parser.add_argument("--ready-fd", type=int, default=None, metavar="N")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    key = DomainKey.load(args.key_file)
+    try:
+        trio.run(_main, args.xenstore, key, args.transport, args.listen, args.ready_fd)
+    except BaseExceptionGroup as group:
+        first = _first_xenpv_error(group)
+        if first is None:
+            raise
+        raise first from None
+    return 0
+
+
+async def _main(
+    address: str, key: DomainKey, transport: str, listen: str | None, ready_fd: int | None
+) -> None:
+    async with connect(address, key=key) as xs, trio.open_nursery() as nursery:
+        rt: DomainRuntime = await nursery.start(_domain, xs, key, transport, listen, nursery)
+        nursery.start_soon(_stop_on_signal, rt, nursery.cancel_scope)
+        if ready_fd is not None:
+            try:
+                os.write(ready_fd, f"READY {rt.info.domid} {rt.dom.endpoint}\n".encode())
+                os.close(ready_fd)
+            except OSError as exc:
+                log.warning("cannot write readiness line", fd=ready_fd, error=exc.strerror)
+
+
+async def _stop_on_signal(rt: DomainRuntime, scope: trio.CancelScope) -> None:
+    """First signal: graceful stop (devices close through xenbus, bounded by STOP_GRACE);
+    a second signal or the grace period running out: cancel everything."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("domain stopping", signal=signal.Signals(signum).name)
+            rt.stop()
+            break
+        with trio.move_on_after(STOP_GRACE):
+            async for _signum in signals:
+                break
+    scope.cancel()
+
+
+async def _domain(
+    xs: XenstoreClient,
+    key: DomainKey,
+    transport: str,
+    listen: str | None,
+    nursery: trio.Nursery,
+    task_status: trio.TaskStatus[DomainRuntime] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    await run_domain(xs, key, transport=transport, listen=listen, task_status=task_status)
+    nursery.cancel_scope.cancel()  # stopped or destroyed: the process ends

@@ -1,0 +1,402 @@
+"""One domain's runtime: connect to xenstore, open the domain, serve and attach its devices.
+
+    async with connect("tcp:127.0.0.1:PORT", key=key) as xs:
+        await run_domain(xs, key, transport="auto")     # until cancelled or destroyed
+
+`run_domain` is an ordinary coroutine, so one trio run may host several domains (call it N
+times in a nursery, each with its own xenstore client); `xenpv domain` runs one.
+
+What it does, in order:
+1. reads what the toolstack published under `/tool/xenpv/domain/<id>/` (page size, memory,
+   link endpoint) and the domain's name, and runs `open_domain` with a `XenstoreDirectory`
+   (peers are found through xenstore) following `@releaseDomain` for its peers;
+2. backend role: watches `/local/domain/<id>/backend/{vbd,vif}` and runs
+   `backends.blkback.serve` / `backends.netback.serve` for every device directory found there
+   (including those that existed before a restart); all vifs of this domain share one
+   `LiveSwitch`. A device's task is cancelled when its directory disappears;
+3. guest role: watches `/local/domain/<id>/device/{vbd,vif}` and keeps
+   `frontends.blkfront.attach` / `frontends.netfront.attach` open for every device, in
+   `DomainRuntime.blk` / `.net`, which the self-test (`xenpv.selftest`) uses;
+4. writes `/local/domain/<id>/xenpv/ready` = its pid once all the above is watching (the
+   launcher watches that key: readiness without sleeps), and runs self-test rounds the
+   launcher asks for under `xenpv/control/selftest` (results in `xenpv/checks/<name>`);
+5. returns when the toolstack destroys the domain (its `/local/domain/<id>/domid` node goes)
+   or on `DomainRuntime.stop()` (SIGTERM in `xenpv domain`): devices are closed first, while
+   the domain's links still work, so backends can unmap and frontends see Closed.
+
+A domain does both roles at once when it has both kinds of directories: the role is a property
+of the devices, not of the process. A device's failure is logged and written to
+`xenpv/device-errors/<cls>-<frontend>-<devid>`; it never stops the other devices or the
+process. Drivers are imported lazily: a missing one is reported as "driver not available".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import structlog
+import trio
+
+from xenpv.errors import XenpvError
+from xenpv.hv import Domain, XenstoreDirectory, open_domain
+from xenpv.identity import TOOL_DOMAIN_ROOT, DomainKey, link_path
+from xenpv.xenbus import DEVICE_CLASSES, DeviceClass, DeviceId, domain_path
+from xenpv.xenstore.client import XenstoreClient
+from xenpv.xenstore.wire import XsError
+
+if TYPE_CHECKING:
+    from xenpv.selftest import EchoPort
+
+log = structlog.get_logger()
+
+XENPV_DIR = "xenpv"
+READY = "xenpv/ready"
+CONTROL_SELFTEST = "xenpv/control/selftest"
+CHECKS = "xenpv/checks"
+SELFTEST_DONE = "xenpv/selftest-done"
+DEVICE_ERRORS = "xenpv/device-errors"
+STOP_DEVICES_TIMEOUT = 6.0  # seconds devices may take to close on a graceful stop
+
+
+class DomainProcessError(XenpvError):
+    """The domain cannot run (not created by the toolstack, bad published keys...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DomainInfo:
+    """What the toolstack published about a domain."""
+
+    domid: int
+    name: str
+    page_size: int
+    memory: int
+    endpoint: str
+
+
+async def read_domain_info(xs: XenstoreClient, domid: int) -> DomainInfo:
+    tool = f"{TOOL_DOMAIN_ROOT}/{domid}"
+    values: dict[str, str] = {}
+    for key, path in (
+        ("page-size", f"{tool}/page-size"),
+        ("memory", f"{tool}/memory"),
+        ("link", link_path(domid)),
+        ("name", f"{domain_path(domid)}/name"),
+    ):
+        raw = await xs.try_read(path)
+        if raw is None:
+            raise DomainProcessError(
+                f"domain {domid}: {path} is missing (was the domain created by the toolstack?)"
+            )
+        values[key] = raw.decode("utf-8", "replace")
+    try:
+        page_size, memory = int(values["page-size"]), int(values["memory"])
+    except ValueError:
+        raise DomainProcessError(f"domain {domid}: malformed page-size or memory") from None
+    return DomainInfo(domid, values["name"], page_size, memory, values["link"])
+
+
+def device_error_key(device: DeviceId) -> str:
+    return f"{DEVICE_ERRORS}/{device.cls}-{device.frontend_domid}-{device.devid}"
+
+
+@dataclass(eq=False)
+class DomainRuntime:
+    """A running domain: its hypervisor slice, xenstore client and attached frontends."""
+
+    dom: Domain
+    xs: XenstoreClient
+    info: DomainInfo
+    blk: dict[DeviceId, Any] = field(default_factory=dict)  # DeviceId → Blkfront
+    net: dict[DeviceId, EchoPort] = field(default_factory=dict)
+    changed: trio.Event = field(default_factory=trio.Event)
+    switch: Any = None  # the backend's LiveSwitch, created with the first vif
+    stopping: trio.Event = field(default_factory=trio.Event)
+
+    def stop(self) -> None:
+        """Ask `run_domain` to close every device, then the domain, and return."""
+        self.stopping.set()
+
+    @property
+    def base(self) -> str:
+        return domain_path(self.info.domid)
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def write_own(self, key: str, value: str) -> None:
+        await self.xs.write(f"{self.base}/{key}", value)
+
+    async def device_failed(self, device: DeviceId, message: str) -> None:
+        log.error("device failed", device=str(device), error=message)
+        with contextlib.suppress(XsError, XenpvError):
+            await self.write_own(device_error_key(device), message)
+
+
+class DeviceTasks:
+    """One task per device, started when its directory appears, cancelled when it goes."""
+
+    def __init__(
+        self, nursery: trio.Nursery, runner: Callable[[DeviceId], Awaitable[None]]
+    ) -> None:
+        self._nursery = nursery
+        self._runner = runner
+        self._scopes: dict[DeviceId, trio.CancelScope] = {}
+        self.running = 0
+        self.ended = trio.Event()
+
+    @property
+    def devices(self) -> set[DeviceId]:
+        return set(self._scopes)
+
+    def sync(self, present: set[DeviceId]) -> None:
+        for device in present - set(self._scopes):
+            scope = trio.CancelScope()
+            self._scopes[device] = scope
+            self._nursery.start_soon(self._run, device, scope)
+        for device in set(self._scopes) - present:
+            self._scopes.pop(device).cancel()
+
+    async def _run(self, device: DeviceId, scope: trio.CancelScope) -> None:
+        with scope, structlog.contextvars.bound_contextvars(device=str(device)):
+            self.running += 1
+            try:
+                await self._runner(device)
+            finally:
+                self.running -= 1
+                self.ended.set()
+                self.ended = trio.Event()
+        # A device whose task ended by itself stays registered until its directory goes,
+        # so that a failing device is not restarted in a loop on every watch event.
+
+
+async def _directory(xs: XenstoreClient, path: str) -> list[str]:
+    try:
+        return await xs.directory(path)
+    except XsError as exc:
+        if exc.errno_name in ("ENOENT", "EACCES"):
+            return []
+        raise
+
+
+async def scan_backend(xs: XenstoreClient, domid: int, cls: DeviceClass) -> set[DeviceId]:
+    base = f"{domain_path(domid)}/backend/{cls}"
+    found: set[DeviceId] = set()
+    for fe in await _directory(xs, base):
+        for devid in await _directory(xs, f"{base}/{fe}"):
+            if fe.isdigit() and devid.isdigit():
+                found.add(DeviceId(cls, int(fe), domid, int(devid)))
+    return found
+
+
+async def scan_frontend(xs: XenstoreClient, domid: int, cls: DeviceClass) -> set[DeviceId]:
+    base = f"{domain_path(domid)}/device/{cls}"
+    found: set[DeviceId] = set()
+    for devid in await _directory(xs, base):
+        if not devid.isdigit():
+            continue
+        raw = await xs.try_read(f"{base}/{devid}/backend-id")
+        if raw is not None and raw.strip().isdigit():
+            found.add(DeviceId(cls, domid, int(raw), int(devid)))
+    return found
+
+
+def _load(module: str) -> Any | None:
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        log.error("driver not available", module=module, error=str(exc))
+        return None
+
+
+async def _serve_backend(rt: DomainRuntime, device: DeviceId) -> None:
+    module = _load("backends.blkback" if device.cls == "vbd" else "backends.netback")
+    if module is None:
+        await rt.device_failed(device, "driver not available")
+        return
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_stop, rt, nursery.cancel_scope)
+            if device.cls == "vbd":
+                await module.serve(rt.dom, rt.xs, device)
+            else:
+                if rt.switch is None:
+                    from backends.switch import LiveSwitch
+
+                    rt.switch = LiveSwitch()
+                await module.serve(rt.dom, rt.xs, device, rt.switch)
+            log.info("backend device removed")
+            nursery.cancel_scope.cancel()
+    except (Exception, trio.TooSlowError) as exc:  # one device never kills the process
+        await rt.device_failed(device, f"{type(exc).__name__}: {exc}")
+
+
+async def _attach_frontend(rt: DomainRuntime, device: DeviceId) -> None:
+    module = _load("frontends.blkfront" if device.cls == "vbd" else "frontends.netfront")
+    if module is None:
+        await rt.device_failed(device, "driver not available")
+        return
+    try:
+        async with module.attach(rt.dom, rt.xs, device) as front:
+            # On stop, leave the block normally (not by cancellation): the driver's
+            # handshake task must still run while it closes the device through xenbus.
+            if device.cls == "vbd":
+                rt.blk[device] = front
+                rt.notify()
+                try:
+                    await rt.stopping.wait()
+                finally:
+                    rt.blk.pop(device, None)
+            else:
+                from xenpv.selftest import EchoPort
+
+                port = EchoPort(front)
+                rt.net[device] = port
+                rt.notify()
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(_cancel_on_stop, rt, nursery.cancel_scope)
+                        await port.run()
+                finally:
+                    rt.net.pop(device, None)
+    except (Exception, trio.TooSlowError) as exc:
+        await rt.device_failed(device, f"{type(exc).__name__}: {exc}")
+
+
+async def _cancel_on_stop(rt: DomainRuntime, scope: trio.CancelScope) -> None:
+    await rt.stopping.wait()
+    scope.cancel()
+
+
+async def _watch_devices(
+    rt: DomainRuntime,
+    subtree: str,
+    cls: DeviceClass,
+    tasks: DeviceTasks,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    base = f"{rt.base}/{subtree}/{cls}"
+    depth = base.count("/") + (2 if subtree == "backend" else 1)
+    scan = scan_backend if subtree == "backend" else scan_frontend
+    async with rt.xs.watch(base) as events:
+        started = False
+        async for path, _token in events:
+            # Rescan when a device directory (or a parent) appears or goes, not on every
+            # key its drivers write below it; a frontend's backend-id is one level deeper.
+            if started and path.count("/") > depth and not path.endswith("/backend-id"):
+                continue
+            tasks.sync(await scan(rt.xs, rt.info.domid, cls))
+            if not started:
+                started = True
+                task_status.started()
+
+
+async def _wait_destroyed(xs: XenstoreClient, domid: int) -> None:
+    path = f"{domain_path(domid)}/domid"
+    async with xs.watch(path) as events:
+        async for _event in events:
+            if await xs.try_read(path) is None:
+                return
+
+
+async def _selftest_loop(rt: DomainRuntime) -> None:
+    from xenpv.selftest import run_round
+
+    path = f"{rt.base}/{CONTROL_SELFTEST}"
+    done = -1
+    async with rt.xs.watch(path) as events:
+        async for _event in events:
+            raw = await rt.xs.try_read(path)
+            if raw is None:
+                continue
+            try:
+                request = json.loads(raw)
+                round_id = int(request["round"])
+            except (ValueError, KeyError, TypeError):
+                log.warning("malformed self-test request", value=raw[:200])
+                continue
+            if round_id == done:
+                continue
+            done = round_id
+            results = await run_round(rt, request)
+            for result in results:
+                await rt.write_own(f"{CHECKS}/{result['name']}", json.dumps(result))
+            await rt.write_own(SELFTEST_DONE, str(round_id))
+
+
+async def run_domain(
+    xs: XenstoreClient,
+    key: DomainKey,
+    *,
+    transport: str = "auto",
+    listen: str | None = None,
+    task_status: trio.TaskStatus[DomainRuntime] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run domain `key.domid` until it is destroyed, `DomainRuntime.stop()` is called (a
+    graceful stop: devices close while the links still work) or the caller cancels."""
+    info = await read_domain_info(xs, key.domid)
+    with structlog.contextvars.bound_contextvars(domid=info.domid, domain=info.name):
+        async with open_domain(
+            domid=info.domid,
+            key=key,
+            directory=XenstoreDirectory(xs),
+            endpoint=listen or info.endpoint,
+            name=info.name,
+            page_size=info.page_size,
+            memory_bytes=info.memory,
+            transport=transport,
+            release_watch=xs,
+        ) as dom:
+            rt = DomainRuntime(dom, xs, info)
+            all_tasks: list[DeviceTasks] = []
+            async with trio.open_nursery() as nursery:
+                for subtree, runner in (
+                    ("backend", _serve_backend),
+                    ("device", _attach_frontend),
+                ):
+                    for cls in DEVICE_CLASSES:
+                        tasks = DeviceTasks(nursery, _bind(runner, rt))
+                        all_tasks.append(tasks)
+                        await nursery.start(_watch_devices, rt, subtree, cls, tasks)
+                nursery.start_soon(_selftest_loop, rt)
+                await rt.write_own(READY, str(os.getpid()))
+                log.info(
+                    "domain ready",
+                    page_size=info.page_size,
+                    endpoint=dom.endpoint,
+                    transport=transport,
+                )
+                task_status.started(rt)
+                async with trio.open_nursery() as waiter:
+                    waiter.start_soon(_stop_when_destroyed, rt)
+                    await rt.stopping.wait()
+                    waiter.cancel_scope.cancel()
+                # Devices close first (frontends through xenbus, bounded in the drivers)
+                # while the domain's links still run; then open_domain closes the links.
+                with trio.move_on_after(STOP_DEVICES_TIMEOUT):
+                    for tasks in all_tasks:
+                        while tasks.running:
+                            await tasks.ended.wait()
+                nursery.cancel_scope.cancel()
+            log.info("domain stopped")
+
+
+async def _stop_when_destroyed(rt: DomainRuntime) -> None:
+    await _wait_destroyed(rt.xs, rt.info.domid)
+    log.info("domain destroyed by the toolstack")
+    rt.stop()
+
+
+def _bind(
+    runner: Callable[[DomainRuntime, DeviceId], Awaitable[None]], rt: DomainRuntime
+) -> Callable[[DeviceId], Awaitable[None]]:
+    async def run(device: DeviceId) -> None:
+        await runner(rt, device)
+
+    return run
