@@ -221,8 +221,13 @@ class BlkbackDevice:
                 )
                 conn = self.connection = Connection(params)
                 await self._setup_rings(conn, limits, self.storage)
-            except (XenpvError, OSError) as exc:
+            except (XenpvError, OSError, ValueError) as exc:
                 self._log.warning("connect failed (xenbus_dev_fatal)", error=str(exc))
+                await self._teardown_locked()
+                await self._switch_state(Closing)
+                return None
+            except Exception:  # a bug: fail this device only, loudly
+                self._log.exception("connect failed unexpectedly")
                 await self._teardown_locked()
                 await self._switch_state(Closing)
                 return None
@@ -239,9 +244,12 @@ class BlkbackDevice:
             return connect_keys(info, features, cdrom=params.cdrom)
 
     async def _setup_rings(self, conn: Connection, limits: DeviceLimits, storage: Storage) -> None:
+        """Map and bind every queue first, then start every worker without an await in
+        between: a failure half-way leaves only mappings and ports for teardown to undo."""
         assert self._nursery is not None
         remote = self.device.frontend_domid
         params = conn.params
+        rings: list[BackRing] = []
         for index, queue in enumerate(params.queues):
             mapping = await self.dom.map_grants(remote, queue.ring_refs)
             conn.mappings.append(mapping)
@@ -250,9 +258,9 @@ class BlkbackDevice:
                     f"queue {index}: ring grants {queue.ring_refs} are not "
                     f"{self.granule}-byte pages"
                 )
-            ring = BackRing(mapping, params.protocol.ring_layout, attach=True)
-            channel = await self.dom.bind_interdomain(remote, queue.event_channel)
-            conn.channels.append(channel)
+            rings.append(BackRing(mapping, params.protocol.ring_layout, attach=True))
+            conn.channels.append(await self.dom.bind_interdomain(remote, queue.event_channel))
+        for index, (ring, channel) in enumerate(zip(rings, conn.channels, strict=True)):
             persistent = None
             if params.persistent:
                 persistent = PersistentGrants(self.dom, remote, MAX_PERSISTENT_GRANTS, self.granule)
@@ -269,7 +277,6 @@ class BlkbackDevice:
                 on_broken=functools.partial(self._ring_broken, conn),
             )
             conn.workers.append(worker)
-        for worker in conn.workers:
             self._nursery.start_soon(worker.run)
 
     # -- disconnect ---------------------------------------------------------------------------

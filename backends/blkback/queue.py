@@ -38,7 +38,7 @@ from backends.blkback.request import (
 )
 from backends.storage import Storage, StorageError, StorageErrorKind
 from xenpv.abi.blkif import BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY
-from xenpv.abi.errors import RingError
+from xenpv.abi.errors import AbiError, RingError
 from xenpv.abi.ring import BackRing
 from xenpv.hv import CopyDirection, CopyOp, Domain, EventChannel, GrantMapping, HvError
 
@@ -95,6 +95,9 @@ class QueueWorker:
                         self.on_broken(str(exc))
                     except HvError as exc:  # the frontend closed its port or died
                         self._log.info("frontend gone", reason=str(exc))
+                    except Exception as exc:  # a bug: this device goes, the backend stays
+                        self._log.exception("ring loop failed")
+                        self.on_broken(f"internal error: {exc!r}")
                 # leaving the nursery waits for the requests in flight
         finally:
             self.done.set()
@@ -189,6 +192,8 @@ class QueueWorker:
                 self.evtchn.notify()
         except (RingError, HvError) as exc:  # the ring broke or the frontend is gone
             self._log.debug("response dropped", id=id, reason=str(exc))
+        except AbiError as exc:  # RingUsageError: a local bug, never worth a crash
+            self._log.warning("response refused", id=id, reason=str(exc))
 
     async def _indirect(self, work: NeedIndirect) -> IoRequest | Rejected:
         request = work.request

@@ -180,13 +180,15 @@ async def test_hostile_handshake_keys(
     xenstored: Xenstored, xs_workdir: Path, transport: str, kind: str
 ) -> None:
     """Bad ring keys: xenbus_dev_fatal (Closing) for that device; the other one connects."""
-    cases: list[dict[str, str | int]] = [
-        {"ring-ref": "abc"},
-        {"ring-ref": 7000},  # a grant never issued
-        {"event-channel": 999},  # no such unbound port
-        {"protocol": "pdp11-abi"},
-        {"multi-queue-num-queues": 9},
-        {"ring-page-order": 9},
+    cases: list[tuple[int, dict[str, str | int]]] = [
+        (1, {"ring-ref": "abc"}),
+        (1, {"ring-ref": 7000}),  # a grant never issued
+        (1, {"event-channel": 999}),  # no such unbound port
+        (1, {"protocol": "pdp11-abi"}),
+        (1, {"multi-queue-num-queues": 9}),
+        (1, {"ring-page-order": 9}),
+        (2, {"queue-1/ring-ref": 7000}),  # queue 0 fine, queue 1 not: undo queue 0
+        (2, {"queue-1/event-channel": "queue-0"}),
     ]
     with trio.fail_after(60):
         async with (
@@ -198,11 +200,11 @@ async def test_hostile_handshake_keys(
         ):
             good = MiniFront(dom2, xs, vbd(2), npages=8)
             await good.start()
-            for keys in cases:
+            for queues, keys in cases:
                 device = vbd(1)
                 await destroy_device(xs, device)
                 await create_vbd(xs, device, VbdConfig(None, 1 << 20))
-                front = MiniFront(dom1, xs, device, npages=1)
+                front = MiniFront(dom1, xs, device, npages=1, queues=queues)
                 # publish the lie before Initialised, in the same transaction
                 async with backend(xs, dom0, device) as dev:
                     await front.setup(extra=keys)
