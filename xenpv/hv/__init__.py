@@ -8,7 +8,7 @@ This is the whole API drivers use (see docs/hypervisor.md for the design):
         port = await dom.alloc_unbound(0)                   # EventChannel: notify / wait / close
 
     # in the peer (domain 0):
-        ring = await dom.map_grants(1, [gref])      # GrantMapping: .view .written() .unmap()
+        ring = await dom.map_grants(1, [gref])      # GrantMapping: .view .written(), await .unmap()
         evtchn = await dom.bind_interdomain(1, port.port)
         statuses = await dom.grant_copy([CopyOp(CopyDirection.FROM_REMOTE, 1, gref, 0, 512, buf)])
 
