@@ -20,7 +20,7 @@ import trio
 
 from frontends.netfront.core import NetfrontError, NetfrontProtocolError, RxFrame
 from frontends.netfront.device import Netfront
-from frontends.netfront.tap import open_tap, run_tap
+from frontends.netfront.tap import configure_link, open_tap, run_tap
 from xenpv.devices import VIF_TAP
 from xenpv.hv import Domain
 from xenpv.xenbus import DeviceId
@@ -50,6 +50,9 @@ async def attach(
     tap = open_tap(tap_raw.decode("ascii", "replace")) if tap_raw else None
     front.tap = tap
     try:
+        if tap is not None:
+            mac = await xs.try_read(f"{device.frontend}/mac")
+            await configure_link(tap, mac.decode("ascii", "replace") if mac else None)
         async with trio.open_nursery() as nursery:
             front._nursery = nursery
             nursery.start_soon(front._watch_backend)

@@ -211,6 +211,11 @@ class Netfront:
             await self._changed.wait()
 
     @property
+    def closed(self) -> bool:
+        """The frontend was detached (`attach` block left)."""
+        return self._closed
+
+    @property
     def connected(self) -> bool:
         conn = self._conn
         return conn is not None and not conn.dead and conn.backend_connected

@@ -106,21 +106,22 @@ def open_tap(name: str) -> Tap:
     return Tap.open(name, offloads=0)
 
 
-async def limit_gso(tap: Tap) -> None:
-    """Best effort: make the kernel build TSO frames netif can carry in one packet."""
+async def configure_link(tap: Tap, mac: str | None) -> None:
+    """Best effort, before the TAP moves anywhere: give it the vif's MAC (the guest's NIC
+    address, as Linux netfront's eth0 has) and a `gso_max_size` netif can carry."""
+    command = ["ip", "link", "set", "dev", tap.name, "gso_max_size", str(TAP_GSO_MAX_SIZE)]
+    if mac:
+        command += ["address", mac]
     try:
         result = await trio.run_process(
-            ["ip", "link", "set", "dev", tap.name, "gso_max_size", str(TAP_GSO_MAX_SIZE)],
-            check=False,
-            capture_stdout=True,
-            capture_stderr=True,
+            command, check=False, capture_stdout=True, capture_stderr=True
         )
     except OSError as exc:
-        log.warning("netfront.tap_gso_limit_failed", tap=tap.name, error=str(exc))
+        log.warning("netfront.tap_configure_failed", tap=tap.name, error=str(exc))
         return
     if result.returncode:
         log.warning(
-            "netfront.tap_gso_limit_failed", tap=tap.name, error=result.stderr.decode().strip()
+            "netfront.tap_configure_failed", tap=tap.name, error=result.stderr.decode().strip()
         )
 
 
@@ -142,22 +143,22 @@ def set_offloads(tap: Tap, front: Netfront) -> int:
 
 async def run_tap(front: Netfront, tap: Tap) -> None:
     """Pump frames between `tap` and `front` until cancelled (the TAP stays open)."""
-    await limit_gso(tap)
     dropped = 0
 
     async def offloads() -> None:
         generation = None
-        while True:
-            await front.wait_connected()
-            if front.info.get("generation") != generation:
-                generation = front.info.get("generation")
-                flags = set_offloads(tap, front)
-                log.info("netfront.tap_offloads", tap=tap.name, offloads=flags)
-            await front.wait_disconnected()
+        with suppress(NetfrontError):  # closed
+            while True:
+                await front.wait_connected()
+                if front.info.get("generation") != generation:
+                    generation = front.info.get("generation")
+                    flags = set_offloads(tap, front)
+                    log.info("netfront.tap_offloads", tap=tap.name, offloads=flags)
+                await front.wait_disconnected()
 
     async def kernel_to_front() -> None:
         nonlocal dropped
-        while True:
+        while not front.closed:
             hdr, frame = await tap.read_frame()
             try:
                 gso, csum_blank, data_validated = to_netif(hdr)
@@ -171,7 +172,10 @@ async def run_tap(front: Netfront, tap: Tap) -> None:
     async def front_to_kernel() -> None:
         nonlocal dropped
         while True:
-            rx = await front.receive()
+            try:
+                rx = await front.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                return  # netfront closed
             try:
                 await tap.write_frame(to_virtio(rx), rx.frame)
             except (OffloadError, TapError) as exc:
@@ -180,8 +184,7 @@ async def run_tap(front: Netfront, tap: Tap) -> None:
                     "netfront.tap_rx_drop", tap=tap.name, length=len(rx.frame), error=str(exc)
                 )
 
-    with suppress(trio.EndOfChannel):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(offloads)
-            nursery.start_soon(kernel_to_front)
-            nursery.start_soon(front_to_kernel)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(offloads)
+        nursery.start_soon(kernel_to_front)
+        nursery.start_soon(front_to_kernel)

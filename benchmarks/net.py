@@ -1,0 +1,351 @@
+"""`xenpv bench net`: guest-to-guest frame rates through the PV network path, and TCP over it.
+
+Topology (one process, all domains in it, as the integration tests build it): a backend
+domain 0 running netback for each vif and the learning switch, and two 4 KiB-page guests
+with netfront. For each transport (socket copy, shared memory):
+- guest-to-guest: guest 1 sends frames of 64, 1500 and 9000 bytes and 64 KiB GSO frames
+  (65535 bytes, TCPv4, MSS 1448) to guest 2 as fast as `send()` accepts them for a fixed
+  time; we count what guest 2 receives (frames the backend drops when guest 2 falls behind
+  are not counted: the rate is what is delivered);
+- TAP iperf3: each guest's netfront carries a TAP device (`xenpv-tap`) in its own network
+  namespace, and iperf3 runs a TCP stream between the namespaces over the PV path
+  (TSO/checksum offloads carried through), as in tests/integration/test_net_tap.py.
+In the same run, iperf3 over a plain veth pair between two namespaces gives the kernel's
+own figure for comparison. TAP and veth need root and iperf3; without them those figures are
+reported as "unavailable" with the reason (the bench installs nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import struct
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from backends import netback
+from backends.switch import LiveSwitch
+from benchmarks.report import emit
+from benchmarks.xenstore import _xenstored
+from frontends.netfront import Netfront, attach
+from xenpv.abi.netif import XEN_NETIF_GSO_TYPE_TCPV4, NetifGsoExtra
+from xenpv.devices import create_vif
+from xenpv.hv import XEN_PAGE_SIZE, StaticDirectory, open_domain
+from xenpv.identity import DomainKey
+from xenpv.xenbus import DeviceId
+from xenpv.xenstore.client import connect
+
+TRANSPORTS = ("socket", "shm")
+SIZES = (64, 1500, 9000, 65535)
+IPERF_PACKAGE = "iperf3"
+
+
+def register(benches: Any) -> None:
+    parser: argparse.ArgumentParser = benches.add_parser(
+        "net", help="guest-to-guest frames/s and Mbit/s over netfront/netback; iperf3 TAP vs veth"
+    )
+    parser.add_argument("--quick", action="store_true", help="short runs (CI smoke test)")
+    parser.add_argument("--json", action="store_true", help="accepted; JSON is always last")
+    parser.add_argument("--seconds", type=float, default=2.0, help="time per frame size")
+    parser.add_argument("--iperf-seconds", type=float, default=5.0, help="time per iperf3 run")
+    parser.add_argument(
+        "--transport", choices=[*TRANSPORTS, "all"], default="all", help="domain link transport"
+    )
+    parser.add_argument("--queues", type=int, default=1, help="netfront queues per vif")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    seconds = 0.3 if args.quick else args.seconds
+    iperf_seconds = 1.0 if args.quick else args.iperf_seconds
+    transports = TRANSPORTS if args.transport == "all" else (args.transport,)
+    missing = _iperf_missing()
+    results: dict[str, Any] = {"guest_to_guest": {}, "tap_iperf3": {}}
+    rows: list[list[Any]] = []
+    for transport in transports:
+        g2g = trio.run(_guest_to_guest, transport, seconds, args.queues)
+        results["guest_to_guest"][transport] = g2g
+        for size, r in g2g.items():
+            rows.append([transport, f"guest→guest {size} B", r["frames_per_s"], r["mbps"]])
+        tap = (
+            _unavailable(missing)
+            if missing
+            else trio.run(_tap_iperf, transport, iperf_seconds, args.queues)
+        )
+        results["tap_iperf3"][transport] = tap
+        rows.append([transport, "iperf3 over TAP + PV path", "", tap.get("mbps", tap["status"])])
+    veth = _unavailable(missing) if missing else _veth_iperf(iperf_seconds)
+    rows.append(["kernel", "iperf3 over veth", "", veth.get("mbps", veth["status"])])
+    best = "shm" if "shm" in results["guest_to_guest"] else transports[0]
+    results["guest_to_guest_mbps"] = {
+        ("64k_gso" if size == "65535" else size): r["mbps"]
+        for size, r in results["guest_to_guest"][best].items()
+    }
+    results["guest_to_guest_transport"] = best
+    results["tap_iperf3_mbps"] = results["tap_iperf3"][best].get("mbps")
+    results["veth_iperf3_mbps"] = veth.get("mbps")
+    results["veth_iperf3"] = veth
+    notes = [f"top-level figures are for the {best} transport; queues per vif: {args.queues}"]
+    if missing:
+        notes.append(f"iperf3 figures unavailable: {missing}")
+    emit(
+        results,
+        title="xenpv bench net",
+        columns=["transport", "scenario", "frames/s", "Mbit/s"],
+        rows=rows,
+        notes=notes,
+    )
+    return 0
+
+
+# --- topology -------------------------------------------------------------------------------
+
+
+def _mac(domid: int) -> bytes:
+    return bytes([0x00, 0x16, 0x3E, 0x00, 0x00, domid])
+
+
+@asynccontextmanager
+async def _network(
+    workdir: Path, address: str, transport: str, queues: int, taps: dict[int, str] | None = None
+) -> AsyncIterator[list[Netfront]]:
+    directory = StaticDirectory()
+    async with AsyncExitStack() as stack:
+        doms = []
+        for domid in (0, 1, 2):
+            key = DomainKey.generate(domid)
+            dom = await stack.enter_async_context(
+                open_domain(
+                    domid=domid,
+                    key=key,
+                    directory=directory,
+                    endpoint=f"unix:{workdir}/d{domid}.sock",
+                    transport=transport,
+                    page_size=XEN_PAGE_SIZE,
+                    memory_bytes=64 << 20,
+                )
+            )
+            directory.register(domid, dom.endpoint, key.public_hex())
+            doms.append(dom)
+        xs = await stack.enter_async_context(connect(address))
+        switch: LiveSwitch[Any] = LiveSwitch(queue_depth=1024)
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        stack.callback(nursery.cancel_scope.cancel)
+        fronts = []
+        for dom in doms[1:]:
+            device = DeviceId("vif", dom.domid, 0, 0)
+            mac = ":".join(f"{b:02x}" for b in _mac(dom.domid))
+            await create_vif(xs, device, mac=mac, tap=(taps or {}).get(dom.domid))
+            nursery.start_soon(netback.serve, doms[0], xs, device, switch)
+            fronts.append(
+                await stack.enter_async_context(attach(dom, xs, device, max_queues=queues))
+            )
+        with trio.fail_after(30):
+            for front in fronts:
+                await front.wait_connected()
+        yield fronts
+
+
+def _frame(dst: bytes, src: bytes, size: int) -> bytes:
+    """An IPv4/TCP frame of `size` bytes (a 64-byte one is headers plus 10 payload bytes)."""
+    payload = bytes(max(0, size - 54))
+    tcp = struct.pack("!HHIIBBHHH", 40000, 5001, 1, 0, 5 << 4, 0x18, 65535, 0, 0)
+    ip = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        40 + len(payload),
+        0,
+        0x4000,
+        64,
+        6,
+        0,
+        bytes([10, 9, 0, 1]),
+        bytes([10, 9, 0, 2]),
+    )
+    return (dst + src + b"\x08\x00" + ip + tcp + payload)[:size]
+
+
+async def _guest_to_guest(transport: str, seconds: float, queues: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with (
+        tempfile.TemporaryDirectory(prefix="xnb", dir="/tmp") as tmp,
+        _xenstored(Path(tmp), "xs") as address,
+    ):
+        async with _network(Path(tmp), address, transport, queues) as (a, b):
+            for size in SIZES:
+                out[str(size)] = await _stream(a, b, size, seconds)
+    return out
+
+
+async def _stream(a: Netfront, b: Netfront, size: int, seconds: float) -> dict[str, Any]:
+    frame = _frame(b.mac, a.mac, size)
+    gso = NetifGsoExtra(1448, XEN_NETIF_GSO_TYPE_TCPV4) if size > 9000 else None
+    csum = gso is not None
+    received = 0
+    last = 0.0
+    sent = 0
+    target: int | None = None
+    tail = trio.Event()
+    start = time.perf_counter()
+    deadline = start + seconds
+
+    async def receiver() -> None:
+        nonlocal received, last
+        while True:
+            await b.receive()
+            received += 1
+            last = time.perf_counter()
+            if target is not None and received >= target:
+                tail.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(receiver)
+        while time.perf_counter() < deadline:
+            for _ in range(32):
+                await a.send(frame, gso=gso, csum_blank=csum)
+            sent += 32
+        target = sent
+        if received >= target:
+            tail.set()
+        with trio.move_on_after(0.5):  # let the tail arrive (dropped frames never will)
+            await tail.wait()
+        nursery.cancel_scope.cancel()
+    elapsed = max(last - start, 1e-9)
+    return {
+        "frames_per_s": received / elapsed,
+        "mbps": received * size * 8 / elapsed / 1e6,
+        "sent": sent,
+        "received": received,
+    }
+
+
+# --- iperf3 ---------------------------------------------------------------------------------
+
+
+def _iperf_missing() -> str:
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, TAP devices)"
+    for tool in ("ip", IPERF_PACKAGE):
+        if shutil.which(tool) is None:
+            package = "iproute2" if tool == "ip" else IPERF_PACKAGE
+            return f"{tool} not found (apt-get install {package})"
+    return ""
+
+
+def _unavailable(reason: str) -> dict[str, Any]:
+    return {"status": "unavailable", "reason": reason, "install": IPERF_PACKAGE}
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=20)
+
+
+class _Namespaces:
+    def __init__(self, prefix: str) -> None:
+        tag = f"{random.getrandbits(20):05x}"
+        self.names = (f"{prefix}-{tag}-a", f"{prefix}-{tag}-b")
+        self.tag = tag
+
+    def __enter__(self) -> tuple[str, str]:
+        for name in self.names:
+            _ip("netns", "add", name)
+        return self.names
+
+    def __exit__(self, *exc: object) -> None:
+        for name in self.names:
+            subprocess.run(["ip", "netns", "del", name], check=False, timeout=20)
+
+
+def _iperf_result(raw: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(raw)
+        end = data["end"]
+        return {
+            "status": "ok",
+            "mbps": end["sum_received"]["bits_per_second"] / 1e6,
+            "retransmits": end["sum_sent"].get("retransmits"),
+        }
+    except (ValueError, KeyError, TypeError):
+        return {"status": "failed", "output": raw[-300:].decode(errors="replace")}
+
+
+async def _iperf_between(
+    ns_server: str, ns_client: str, address: str, seconds: float
+) -> dict[str, Any]:
+    server = await trio.lowlevel.open_process(
+        ["ip", "netns", "exec", ns_server, IPERF_PACKAGE, "-s", "-1", "-B", address],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(100):  # wait for the server socket (iperf3 has no readiness signal)
+            probe = await trio.run_process(
+                ["ip", "netns", "exec", ns_server, "ss", "-ltnH", "sport", "= :5201"],
+                capture_stdout=True,
+                check=False,
+            )
+            if probe.stdout.strip():
+                break
+            await trio.sleep(0.05)
+        client = await trio.run_process(
+            [
+                "ip",
+                "netns",
+                "exec",
+                ns_client,
+                IPERF_PACKAGE,
+                "-c",
+                address,
+                "-t",
+                str(seconds),
+                "-J",
+            ],
+            capture_stdout=True,
+            check=False,
+        )
+        return _iperf_result(client.stdout)
+    finally:
+        if server.returncode is None:
+            server.kill()
+        with trio.CancelScope(shield=True):
+            await server.wait()
+
+
+async def _tap_iperf(transport: str, seconds: float, queues: int) -> dict[str, Any]:
+    spaces = _Namespaces("xnb")
+    taps = {1: f"xnba{spaces.tag}", 2: f"xnbb{spaces.tag}"}
+    with (
+        tempfile.TemporaryDirectory(prefix="xnb", dir="/tmp") as tmp,
+        spaces as (ns_a, ns_b),
+        _xenstored(Path(tmp), "xs") as address,
+    ):
+        async with _network(Path(tmp), address, transport, queues, taps):
+            for n, (tap, ns) in enumerate(zip(taps.values(), (ns_a, ns_b), strict=True)):
+                _ip("link", "set", "dev", tap, "netns", ns)
+                _ip("-n", ns, "addr", "add", f"10.203.0.{n + 1}/24", "dev", tap)
+                _ip("-n", ns, "link", "set", "lo", "up")
+                _ip("-n", ns, "link", "set", tap, "up")
+            return await _iperf_between(ns_b, ns_a, "10.203.0.2", seconds)
+
+
+def _veth_iperf(seconds: float) -> dict[str, Any]:
+    spaces = _Namespaces("xnv")
+    with spaces as (ns_a, ns_b):
+        veth_a, veth_b = f"xnva{spaces.tag}", f"xnvb{spaces.tag}"
+        _ip("link", "add", veth_a, "netns", ns_a, "type", "veth", "peer", veth_b, "netns", ns_b)
+        for n, (dev, ns) in enumerate(((veth_a, ns_a), (veth_b, ns_b))):
+            _ip("-n", ns, "addr", "add", f"10.204.0.{n + 1}/24", "dev", dev)
+            _ip("-n", ns, "link", "set", "lo", "up")
+            _ip("-n", ns, "link", "set", dev, "up")
+        return trio.run(_iperf_between, ns_b, ns_a, "10.204.0.2", seconds)
