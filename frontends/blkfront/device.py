@@ -61,6 +61,7 @@ class _Connection:
     channels: list[EventChannel]
     rings: list[FrontRing]
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    gone: trio.Event = field(default_factory=trio.Event)  # set when the connection ends
     live: bool = False
 
 
@@ -203,6 +204,7 @@ class Blkfront:
         if not conn.live:
             return
         conn.live = False
+        conn.gone.set()
         conn.scope.cancel()
         self._log.warning(
             "blkfront connection lost", reason=reason, unfinished=self.engine.unfinished()
@@ -355,9 +357,18 @@ class Blkfront:
         self._wanted = False
         self._wake(self.engine.fail_pending(int(BLKIF_RSP_ERROR), "the device is detached"))
         state = await read_state(self.xs, self.device.frontend)
-        if state in (xenbus.Initialised, xenbus.Connected, xenbus.InitWait):
+        conn = self._conn
+        if state in (xenbus.Initialised, xenbus.Connected) and conn is not None and conn.live:
             await self.xs.write(f"{self.device.frontend}/state", str(int(xenbus.Closing)))
+            # Wait for the backend to take part (it unmaps our grants), unless it is gone.
             with trio.move_on_after(DETACH_TIMEOUT):
-                await self._closed.wait()
+                async with trio.open_nursery() as nursery:
+
+                    async def first(event: trio.Event) -> None:
+                        await event.wait()
+                        nursery.cancel_scope.cancel()
+
+                    nursery.start_soon(first, self._closed)
+                    nursery.start_soon(first, conn.gone)
         self._teardown("detached")
         self._wake(self.engine.fail_pending(int(BLKIF_RSP_ERROR), "the device is detached"))

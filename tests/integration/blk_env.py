@@ -70,3 +70,9 @@ async def make_vbd(
         ),
     )
     return device
+
+
+def read_image(path: Path) -> bytes:
+    """The independent reader: the image file through plain open()/read()."""
+    with open(path, "rb") as f:
+        return f.read()
