@@ -282,8 +282,7 @@ class QueueWorker:
             await self.persistent.map_missing(seg.gref for seg in request.segments)
         buffers, ops, mapped = self._buffers(request, CopyDirection.TO_REMOTE)
         await self.storage.readinto(request.offset, buffers)
-        for mapping, start, length in mapped:
-            mapping.written(start, length)
+        _announce(mapped)
         if ops:
             statuses = await self.dom.grant_copy(ops)
             if any(s != _OK for s in statuses):
@@ -302,3 +301,18 @@ class QueueWorker:
                 return BLKIF_RSP_ERROR
         await self.storage.write(request.offset, buffers)
         return BLKIF_RSP_OKAY
+
+
+def _announce(mapped: list[tuple[GrantMapping, int, int]]) -> None:
+    """`written()` for the mapped ranges a read filled, adjacent ranges of one mapping merged
+    (a mapping splits each call over all its grants, so one call per run, not per page)."""
+    run: tuple[GrantMapping, int, int] | None = None
+    for mapping, start, length in mapped:
+        if run is not None and run[0] is mapping and run[1] + run[2] == start:
+            run = (mapping, run[1], run[2] + length)
+            continue
+        if run is not None:
+            run[0].written(run[1], run[2])
+        run = (mapping, start, length)
+    if run is not None:
+        run[0].written(run[1], run[2])
