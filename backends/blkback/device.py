@@ -179,8 +179,9 @@ class BlkbackDevice:
             await self._teardown()
             try:
                 self.config = await self._read_config()
-            except ConfigError as exc:
+            except ConfigError as exc:  # xenbus_dev_fatal: the toolstack must fix its keys
                 self._log.error("bad toolstack configuration", error=str(exc))
+                await self._switch_state(Closing)
                 return None
             return advertise_keys(self.config)
         if action is Action.CONNECT:

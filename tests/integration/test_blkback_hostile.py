@@ -35,7 +35,7 @@ from xenpv.abi.blkif import (
 )
 from xenpv.abi.ring import OFF_REQ_PROD
 from xenpv.devices import VbdConfig, create_vbd, destroy_device
-from xenpv.xenbus import Closing, Connected
+from xenpv.xenbus import Closing, Connected, InitWait
 
 pytestmark = pytest.mark.parametrize(("transport", "kind"), TRANSPORTS, ids=TRANSPORT_IDS)
 
@@ -213,3 +213,20 @@ async def test_hostile_handshake_keys(
                     assert dev.connection is None
                 assert await good.write(0, pattern(9, 4096)) == BLKIF_RSP_OKAY
                 assert await good.read(0, 4096, page=4) == pattern(9, 4096)
+
+
+async def test_bad_toolstack_configuration(
+    xenstored: Xenstored, xs_workdir: Path, transport: str, kind: str
+) -> None:
+    """Unservable `xenpv-*` keys: the device goes Closing instead of advertising nonsense."""
+    with trio.fail_after(30):
+        async with setup(xenstored, xs_workdir, transport, VbdConfig(None, 1 << 20)) as (
+            xs,
+            (dom0, _dom1),
+        ):
+            device = vbd(1)
+            await xs.write(f"{device.backend}/xenpv-max-queues", "0")
+            async with backend(xs, dom0, device) as dev:
+                assert await wait_backend(xs, device, InitWait, Closing) == Closing
+                assert await xs.try_read(f"{device.backend}/multi-queue-max-queues") is None
+                assert dev.connection is None
