@@ -119,6 +119,7 @@ class Model:
         for path, children in (("/", ["tool"]), ("/tool", ["xenstored"]), ("/tool/xenstored", [])):
             self.nodes[path] = MNode(b"", [("n", 0)], list(children), self.bump())
         self.conns: dict[int, MConn] = {}
+        self.domains: set[int] = set()
         self.out: dict[int, list[Message]] = {}
 
     def bump(self) -> int:
@@ -211,6 +212,16 @@ class Model:
                     payload = path[prefix:].encode() + b"\0" + token + b"\0"
                     self.out[cid].append(Message(T.XS_WATCH_EVENT, 0, 0, payload))
 
+    def fire_special(self, name: str) -> None:
+        """@introduceDomain / @releaseDomain: special node perms stay "n0" here (dom0 only)."""
+        for cid, conn in self.conns.items():
+            if "r" not in self.access(conn, [("n", 0)]):
+                continue
+            for wpath, token, _ in conn.watches:
+                if wpath == name:
+                    payload = name.encode() + b"\0" + token + b"\0"
+                    self.out[cid].append(Message(T.XS_WATCH_EVENT, 0, 0, payload))
+
     # -- requests ---------------------------------------------------------------------------
     def request(self, cid: int, msg: Message) -> dict[int, list[Message]]:
         """Expected messages for every connection caused by `msg` from `cid`."""
@@ -219,6 +230,8 @@ class Model:
         conn = self.conns[cid]
         try:
             tx = None
+            if msg.type in (T.XS_INTRODUCE, T.XS_RELEASE) and conn.domid != 0:
+                raise Fail("EACCES")
             if msg.type not in (T.XS_WATCH, T.XS_UNWATCH) and msg.tx_id:
                 if msg.tx_id not in conn.txs:
                     raise Fail("ENOENT")
@@ -267,6 +280,19 @@ class Model:
             return self.start(conn, tx)
         if kind == T.XS_TRANSACTION_END:
             return self.end(conn, tx, parts[0])
+        if kind == T.XS_INTRODUCE:
+            domid = int(parts[0])
+            if domid not in self.domains:
+                self.domains.add(domid)
+                self.fire_special("@introduceDomain")
+            return b"OK\0"
+        if kind == T.XS_RELEASE:
+            domid = int(parts[0])
+            if domid not in self.domains:
+                raise Fail("ENOENT")
+            self.domains.remove(domid)
+            self.fire_special("@releaseDomain")
+            return b"OK\0"
         raise AssertionError(f"model does not do {kind}")
 
     def write(
