@@ -11,10 +11,16 @@ we keep every mapping until disconnect (the frontend's pool is bounded anyway).
 Grants missing from the cache are mapped in one `map_grants` call per request (one link
 round trip); that call maps them side by side, and the cache remembers each gref's offset
 in it. Mappings are writable: blkif.h note 8 requires a persistent frontend to allow it.
+
+The emulated maptrack is small (`Domain.max_maps`, 4096 by default, where Xen's default is
+about half a million entries), so persistent grants of all devices of one backend domain
+together may use at most half of it: the rest stays for rings (and netback), so that one
+guest's grant pool can never stop another guest's device from connecting.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 
 import structlog
@@ -22,6 +28,14 @@ import structlog
 from xenpv.hv import Domain, GrantMapping, HvError
 
 log = structlog.get_logger()
+
+# Persistent mappings held by blkback in each backend domain (see the module docstring).
+_in_use: weakref.WeakKeyDictionary[Domain, int] = weakref.WeakKeyDictionary()
+
+
+def domain_budget(dom: Domain) -> int:
+    """How many more grants blkback may map persistently in `dom`."""
+    return dom.max_maps // 2 - _in_use.get(dom, 0)
 
 
 class PersistentGrants:
@@ -50,20 +64,27 @@ class PersistentGrants:
         for gref in grefs:
             if gref not in self._entries and gref not in self._pending and gref not in missing:
                 missing.append(gref)
-        room = self.limit - len(self._entries) - len(self._pending)
+        room = min(self.limit - len(self._entries) - len(self._pending), domain_budget(self._dom))
         missing = missing[: max(room, 0)]
         if not missing:
             return
+        dom = self._dom
         self._pending.update(missing)
+        _in_use[dom] = _in_use.get(dom, 0) + len(missing)
         try:
-            mapping = await self._dom.map_grants(self.remote, missing)
+            mapping = await dom.map_grants(self.remote, missing)
         except HvError as exc:
             log.debug("persistent map failed", remote=self.remote, error=str(exc))
+            _in_use[dom] -= len(missing)
             return
+        except BaseException:
+            _in_use[dom] -= len(missing)
+            raise
         finally:
             self._pending.difference_update(missing)
         if len(mapping.view) != len(missing) * self._granule:
             # A grant of another size than the negotiated granule: don't cache it.
+            _in_use[dom] -= len(missing)
             await mapping.unmap()
             return
         self._mappings.append(mapping)
@@ -74,5 +95,6 @@ class PersistentGrants:
         """Unmap everything (once no request uses the cache any more)."""
         mappings, self._mappings = self._mappings, []
         self._entries.clear()
+        _in_use[self._dom] = _in_use.get(self._dom, 0) - sum(len(m.grefs) for m in mappings)
         for mapping in mappings:
             await mapping.unmap()

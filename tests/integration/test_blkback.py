@@ -671,3 +671,28 @@ async def test_close_reconnect_releases_grants(
                 assert await again.read(0, 16 * 4096) == pattern(50, 16 * 4096)
                 assert await again.write(4096, pattern(51, 8192), page=20) == BLKIF_RSP_OKAY
                 assert await again.read(4096, 8192, page=30) == pattern(51, 8192)
+
+
+async def test_persistent_grants_leave_maptrack_for_other_devices(
+    xenstored: Xenstored, xs_workdir: Path, transport: str, kind: str
+) -> None:
+    """Persistent grants of all devices use at most half the backend's maptrack."""
+    with trio.fail_after(30):
+        async with (
+            connect(xenstored.unix) as xs,
+            domains(xs_workdir, transport, "unix", (0, 1, 2), max_maps=96) as (dom0, dom1, dom2),
+        ):
+            for fe in (1, 2):
+                await create_vbd(xs, vbd(fe), VbdConfig(None, MiB))
+            async with backend(xs, dom0, vbd(1)) as dev1, backend(xs, dom0, vbd(2)):
+                greedy = MiniFront(dom1, xs, vbd(1), persistent=True, npages=120)
+                await greedy.start()
+                data = pattern(60, 110 * 4096)
+                assert await greedy.write(0, data) == BLKIF_RSP_OKAY  # 110 grants offered
+                assert await greedy.read(0, len(data), page=0) == data
+                conn = dev1.connection
+                assert conn is not None and len(conn.grants[0]) == 48  # half of 96
+                other = MiniFront(dom2, xs, vbd(2), persistent=True, order=2, npages=8)
+                await other.start()  # its 4 ring pages still map
+                assert await other.write(0, pattern(61, 8192)) == BLKIF_RSP_OKAY
+                assert await other.read(0, 8192, page=4) == pattern(61, 8192)
