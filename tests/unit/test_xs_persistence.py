@@ -129,7 +129,17 @@ def test_inconsistent_change_is_refused() -> None:
 
 
 @pytest.mark.parametrize(
-    "blob", [b"", b"\x00\x01garbage", msgpack.packb({"v": 99}), msgpack.packb([1, 2])]
+    "blob",
+    [
+        b"",
+        b"\x00\x01garbage",
+        msgpack.packb({"v": 99}),
+        msgpack.packb([1, 2]),
+        msgpack.packb({"v": 1, "g": 1, "n": [["/a", b"", ["n0"], 0]], "d": [], "t": [], "s": {}}),
+        msgpack.packb(
+            {"v": 1, "g": 1, "n": [["/", b"", ["n0"], 0]] * 2, "d": [], "t": [], "s": {}}
+        ),
+    ],
 )
 def test_corrupt_snapshot(blob: bytes) -> None:
     with pytest.raises(ChangeFormatError):

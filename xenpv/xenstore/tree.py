@@ -275,6 +275,8 @@ class Tree:
                 raise ChangeFormatError("not a xenstore snapshot of a known version")
             tree = cls()
             for path, value, perms, gen in state["n"]:
+                if path in tree.nodes or (path != ROOT and parent(path) not in tree.nodes):
+                    raise ChangeFormatError(f"snapshot node {path!r:.80} out of order")
                 tree._insert(path, bytes(value), parse_perms(perms), gen)
             if ROOT not in tree.nodes:
                 raise ChangeFormatError("snapshot without a root node")
