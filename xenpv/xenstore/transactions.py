@@ -27,9 +27,14 @@ every node the mutations depend on was read, and is therefore unchanged. Events 
 those the mutations fire when run outside a transaction (C fires one per node the
 transaction modified, parents included; clients must not rely on either count).
 
-A transaction lost to a restart: C xenstored answers ENOENT for an unknown transaction id,
-and so do we (on the END and on any request carrying the id); our client library restarts
-the transaction from scratch on ENOENT as on EAGAIN.
+A transaction lost to a restart (or to a closed connection): C xenstored answers ENOENT for
+an unknown transaction id, and so do we, on the END and on any request carrying the id
+(REFERENCE.md: TRANSACTION_END with an unknown id → ENOENT). The id can only come back on a
+new connection, and our client library (client.py) fails such a transaction with EAGAIN
+itself, so `transaction()` callers retry from scratch as the issue asks.
+
+A read-write transaction that touches more than `Quotas.transaction_nodes` nodes (guests
+only) gets ENOSPC on the request that would touch one more; the transaction stays usable.
 """
 
 from __future__ import annotations
