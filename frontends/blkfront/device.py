@@ -206,9 +206,8 @@ class Blkfront:
         conn.live = False
         conn.gone.set()
         conn.scope.cancel()
-        self._log.warning(
-            "blkfront connection lost", reason=reason, unfinished=self.engine.unfinished()
-        )
+        report = self._log.warning if self._wanted else self._log.info
+        report("blkfront connection lost", reason=reason, unfinished=self.engine.unfinished())
         self.engine.disconnect()
         self._connected = trio.Event()
 

@@ -15,6 +15,7 @@ BENCH_MODULES: tuple[str, ...] = (
     "benchmarks.ring",
     "benchmarks.link",
     "benchmarks.storage",
+    "benchmarks.blk",
     "benchmarks.net",
 )
 
