@@ -194,7 +194,35 @@ class ServerDriver:
         self.admin.close()
 
 
-ServerMachine = make_machine(ServerDriver)
+def dump_tree(conn: Conn) -> dict[str, tuple[bytes, list[str], list[str]]]:
+    """path -> (value, perms, children) for the whole tree, as dom0 sees it."""
+    out: dict[str, tuple[bytes, list[str], list[str]]] = {}
+    todo = ["/"]
+    while todo:
+        path = todo.pop()
+        raw = path.encode() + b"\0"
+        children = split_strings(conn.call(XsType.XS_DIRECTORY, raw).payload)
+        value = conn.call(XsType.XS_READ, raw).payload
+        perms = split_strings(conn.call(XsType.XS_GET_PERMS, raw).payload)
+        out[path] = (value, perms, children)
+        todo += [("" if path == "/" else path) + "/" + c for c in children]
+    return out
+
+
+class ServerMachine(make_machine(ServerDriver)):  # type: ignore[misc]
+    def teardown(self) -> None:
+        # Beyond the replies: the daemon's whole tree equals the model's at the end.
+        try:
+            got = dump_tree(self.driver.admin)
+            want = {
+                path: (node.value, [f"{letter}{d}" for letter, d in node.perms], node.children)
+                for path, node in self.model.nodes.items()
+            }
+            assert got == want
+        finally:
+            super().teardown()
+
+
 ServerMachine.TestCase.settings = settings(
     max_examples=40,
     stateful_step_count=40,
