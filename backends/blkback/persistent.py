@@ -60,10 +60,8 @@ class PersistentGrants:
 
     async def map_missing(self, grefs: Iterable[int]) -> None:
         """Map the grants not cached yet (up to the cap); failures leave them uncached."""
-        missing = []
-        for gref in grefs:
-            if gref not in self._entries and gref not in self._pending and gref not in missing:
-                missing.append(gref)
+        entries, pending = self._entries, self._pending
+        missing = list(dict.fromkeys(g for g in grefs if g not in entries and g not in pending))
         room = min(self.limit - len(self._entries) - len(self._pending), domain_budget(self._dom))
         missing = missing[: max(room, 0)]
         if not missing:

@@ -264,17 +264,33 @@ class QueueWorker:
         buffers: list[memoryview] = []
         ops = []
         mapped: list[tuple[GrantMapping, int, int]] = []
-        for seg in segments:
-            entry = persistent.lookup(seg.gref)
+        # Segments whose pages sit side by side in one mapping (grants mapped together, used
+        # in the same order again) become one buffer: fewer iovecs, one written() call.
+        run: GrantMapping | None = None
+        run_start = run_length = 0
+        for gref, offset, length in segments:
+            entry = persistent.lookup(gref)
             if entry is not None:
                 mapping, base = entry
-                start = base + seg.offset
-                buffers.append(mapping.view[start : start + seg.length])
-                mapped.append((mapping, start, seg.length))
-            else:
-                local = memoryview(bytearray(seg.length))
-                buffers.append(local)
-                ops.append(CopyOp(direction, self.remote, seg.gref, seg.offset, seg.length, local))
+                start = base + offset
+                if mapping is run and run_start + run_length == start:
+                    run_length += length
+                    continue
+                if run is not None:
+                    buffers.append(run.view[run_start : run_start + run_length])
+                    mapped.append((run, run_start, run_length))
+                run, run_start, run_length = mapping, start, length
+                continue
+            if run is not None:
+                buffers.append(run.view[run_start : run_start + run_length])
+                mapped.append((run, run_start, run_length))
+                run = None
+            local = memoryview(bytearray(length))
+            buffers.append(local)
+            ops.append(CopyOp(direction, self.remote, gref, offset, length, local))
+        if run is not None:
+            buffers.append(run.view[run_start : run_start + run_length])
+            mapped.append((run, run_start, run_length))
         return buffers, ops, mapped
 
     async def _read(self, request: IoRequest) -> int:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from backends.blkback.negotiate import DeviceFeatures
 from xenpv.abi.blkif import (
@@ -57,9 +58,9 @@ class IoKind(enum.Enum):
     DISCARD = "discard"
 
 
-@dataclass(slots=True)
-class DataSegment:
-    """`length` bytes at byte `offset` of the frame granted by `gref`."""
+class DataSegment(NamedTuple):
+    """`length` bytes at byte `offset` of the frame granted by `gref` (a tuple: requests
+    carry up to 4096 of these, so they must be cheap to make)."""
 
     gref: int
     offset: int
@@ -186,21 +187,23 @@ class RequestCore:
         segments: Sequence[BlkifSegment],
     ) -> IoRequest | Rejected:
         limits = self.limits
+        planned = tuple(
+            DataSegment(seg.gref, seg.first_sect << 9, (seg.last_sect - seg.first_sect + 1) << 9)
+            for seg in segments
+        )
+        length = sum(seg.length for seg in planned)
+        nr_sects = length >> 9
         ratio = limits.sector_size // SECTOR_SIZE
-        nr_sects = 0
-        planned = []
-        for seg in segments:
-            nsec = seg.last_sect - seg.first_sect + 1
-            if (sector | nsec) & (ratio - 1):
-                return Rejected(
-                    id,
-                    operation,
-                    BLKIF_RSP_ERROR,
-                    f"misaligned I/O request: sector {sector}, segment of {nsec} sectors on a "
-                    f"{limits.sector_size}-byte-sector device",
-                )
-            planned.append(DataSegment(seg.gref, seg.first_sect * SECTOR_SIZE, nsec * SECTOR_SIZE))
-            nr_sects += nsec
+        if ratio > 1:
+            for seg in planned:
+                if ((sector << 9) | seg.length) & (limits.sector_size - 1):
+                    return Rejected(
+                        id,
+                        operation,
+                        BLKIF_RSP_ERROR,
+                        f"misaligned I/O request: sector {sector}, segment of "
+                        f"{seg.length >> 9} sectors on a {limits.sector_size}-byte-sector device",
+                    )
         if kind is not IoKind.READ and limits.read_only:
             return Rejected(id, operation, BLKIF_RSP_ERROR, f"{kind.value} on a read-only device")
         if nr_sects and sector + nr_sects > limits.size // SECTOR_SIZE:
@@ -213,7 +216,7 @@ class RequestCore:
             )
         # A flush/barrier without data has no range (Linux skips the bounds check for it).
         offset = sector * SECTOR_SIZE if nr_sects else 0
-        return IoRequest(id, operation, kind, offset, nr_sects * SECTOR_SIZE, tuple(planned))
+        return IoRequest(id, operation, kind, offset, length, planned)
 
     def _discard(self, request: BlkifDiscardRequest) -> IoRequest | Rejected:
         limits = self.limits
