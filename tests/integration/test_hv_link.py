@@ -9,6 +9,7 @@ from typing import Any
 import msgpack
 import pytest
 import trio
+import trio.testing
 
 from tests.integration.hv_pair import domains
 from xenpv.hv import (
@@ -23,6 +24,7 @@ from xenpv.hv import (
     handshake,
     open_domain,
 )
+from xenpv.hv import link as link_module
 from xenpv.identity import DomainKey
 
 
@@ -191,3 +193,39 @@ async def test_authenticated_peer_sending_garbage_loses_its_link(
             bound = await back.bind_interdomain(1, unbound.port)  # still serving others
             bound.notify()
             await unbound.wait()
+
+
+async def test_peer_that_stops_reading_is_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(link_module, "MAX_BACKLOG", 1 << 20)
+    with trio.fail_after(30):
+        async with domains(tmp_path, "socket", "unix", (1, 2)) as (front, hostile):
+            pages = front.alloc_buffer(16)
+            grefs = [front.grants.grant_access(2, f) for f in pages.frames()]
+            stream = await trio.open_unix_socket(str(tmp_path / "dom1.sock"))
+            await handshake.dial(
+                stream,
+                key=hostile.key,
+                peer=1,
+                peer_pubkey=front.key.public_hex(),
+                transport="socket",
+                memory_fd=hostile.memory.fd,
+                layout=handshake.Layout(hostile.memory.nr_frames, 16, hostile.memory.size),
+            )
+            died: list[str] = []
+            gone = trio.Event()
+            original = front.link_died
+
+            def spy(link: Any) -> None:
+                died.append(link.dead)
+                gone.set()
+                original(link)
+
+            monkeypatch.setattr(front, "link_died", spy)
+            ops = [[False, gref, 0, 4096, None] for gref in grefs]  # 64 KiB of reply each
+            requests = b"".join(msgpack.packb([Msg.COPY, i + 1, ops]) for i in range(64))
+            await stream.send_all(requests)  # 4 MiB of replies that are never read
+            await gone.wait()
+            assert "not reading" in died[0]
+            await stream.aclose()

@@ -34,6 +34,9 @@ log = structlog.get_logger()
 
 RECEIVE_SIZE = 1 << 18
 MAX_MESSAGE = 64 << 20
+# Output queued behind a peer that stopped reading: beyond this the link is dropped (the
+# peer is treated as dead) rather than growing without bound.
+MAX_BACKLOG = 64 << 20
 
 
 class ProtocolViolation(Exception):
@@ -100,6 +103,7 @@ class Link:
         self._dirty: list[list[Any]] = []  # [whose, gref, offset, length, source, start]
         self._idle: trio.Event | None = None
         self._sending = False
+        self._out_bytes = 0
         self._pending: dict[int, _Call] = {}
         self._next_id = 1
         self._pack = msgpack.Packer(use_bin_type=True).pack
@@ -147,6 +151,7 @@ class Link:
         except OSError:  # would block, or broken (the writer will report it)
             sent = 0
         self._out = [] if sent == len(data) else [data[sent:]]
+        self._out_bytes -= sent
         if self._out:
             self._wake_writer()
 
@@ -158,11 +163,11 @@ class Link:
 
     def _enqueue(self, message: Message) -> None:
         if self._faults is None:
-            self._out.append(self._pack(message))
+            self._push(self._pack(message))
             return
         verdict = self._faults.on_send(self.host.domid, self.peer, message)
         if verdict is None:
-            self._out.append(self._pack(message))
+            self._push(self._pack(message))
             return
         if verdict.fail is not None:
             self.close(f"injected fault: {verdict.fail}")
@@ -170,7 +175,13 @@ class Link:
         if verdict.delay > 0:
             self._out.append(float(verdict.delay))
         for m in verdict.send:
-            self._out.append(self._pack(m))
+            self._push(self._pack(m))
+
+    def _push(self, data: bytes) -> None:
+        self._out.append(data)
+        self._out_bytes += len(data)
+        if self._out_bytes > MAX_BACKLOG:
+            self.close(f"domain {self.peer} is not reading ({self._out_bytes} bytes queued)")
 
     def add_dirty(
         self, whose: int, gref: int, offset: int, length: int, source: memoryview, start: int
@@ -287,16 +298,20 @@ class Link:
                 for item in out:
                     if isinstance(item, float):
                         if chunk:
-                            await self._stream.send_all(b"".join(chunk))
+                            await self._send_chunk(b"".join(chunk))
                             chunk = []
                         await trio.sleep(item)
                     else:
                         chunk.append(item)
                 if chunk:
-                    await self._stream.send_all(chunk[0] if len(chunk) == 1 else b"".join(chunk))
+                    await self._send_chunk(chunk[0] if len(chunk) == 1 else b"".join(chunk))
                 self._sending = False
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.close(f"send failed: {exc}")
+
+    async def _send_chunk(self, data: bytes) -> None:
+        await self._stream.send_all(data)
+        self._out_bytes -= len(data)  # the backlog counts bytes the kernel has not taken yet
 
     async def _reader(self) -> None:
         unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_MESSAGE)
