@@ -93,6 +93,7 @@ class Blkfront:
         self.connections = 0  # handshakes completed (1 + reconnects)
         self._depth = trio.Semaphore(queue_depth)
         self._connected = trio.Event()
+        self._resized = trio.Event()
         self._closed = trio.Event()
         self._conn: _Connection | None = None
         self._wanted = True
@@ -137,6 +138,12 @@ class Blkfront:
         if not self.engine.discard:
             raise not_supported("the backend does not support discard")
         await self._run(BlkIo(int(BLKIF_OP_DISCARD), sector, length))
+
+    async def wait_capacity_change(self) -> int:
+        """Wait for the backend's next capacity change (a Connected re-write); the new size
+        in 512-byte sectors."""
+        await self._resized.wait()
+        return int(self.info["sectors"])
 
     @property
     def capacity(self) -> int:
@@ -326,8 +333,12 @@ class Blkfront:
         if sectors < 0 or self.engine.negotiated is None:
             return
         self.engine.negotiated = dataclasses.replace(self.engine.negotiated, sectors=sectors)
+        changed = sectors != self.info.get("sectors")
         self.info["sectors"] = sectors
-        self._log.info("blkfront capacity change", sectors=sectors)
+        if changed:
+            self._log.info("blkfront capacity change", sectors=sectors)
+            self._resized.set()
+            self._resized = trio.Event()
 
     def _teardown(self, reason: str) -> None:
         """Drop the connection's rings and channels (unfinished I/Os stay in the engine)."""
