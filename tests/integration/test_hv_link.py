@@ -229,3 +229,19 @@ async def test_peer_that_stops_reading_is_dropped(
             await gone.wait()
             assert "not reading" in died[0]
             await stream.aclose()
+
+
+async def test_peer_that_never_answers_is_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(link_module, "CALL_TIMEOUT", 0.5)
+    double = Double()
+    with trio.fail_after(20):
+        async with domains(tmp_path, "socket", "unix", faults=double) as (back, front):
+            page = front.alloc_pages(1)[0]
+            gref = front.grants.grant_access(0, page.frame)
+            await back.connect(1)
+            double.rules[Msg.REPLY] = "drop"  # the granter goes silent
+            with pytest.raises(PeerGone, match="did not answer"):
+                await back.map_grants(1, [gref])
+            assert back.link_to(1) is None

@@ -37,6 +37,8 @@ MAX_MESSAGE = 64 << 20
 # Output queued behind a peer that stopped reading: beyond this the link is dropped (the
 # peer is treated as dead) rather than growing without bound.
 MAX_BACKLOG = 64 << 20
+# A request (map, copy, bind, unmap) unanswered this long means the peer is gone.
+CALL_TIMEOUT = 30.0
 
 
 class ProtocolViolation(Exception):
@@ -242,7 +244,8 @@ class Link:
         self._pending[request_id] = call
         try:
             self.send(message)
-            await call.done.wait()
+            with trio.move_on_after(CALL_TIMEOUT):
+                await call.done.wait()
         except BaseException:
             if call.on_abandoned is not None and not call.done.is_set():
                 call.abandoned = True  # keep it pending: the reply still needs undoing
@@ -250,6 +253,12 @@ class Link:
                 self._pending.pop(request_id, None)
             raise
         self._pending.pop(request_id, None)
+        if not call.done.is_set():
+            # A hypercall never hangs on the other domain; a peer that does not answer at all
+            # (stopped, wedged, hostile) is treated as dead rather than hanging the caller.
+            reason = f"domain {self.peer} did not answer within {CALL_TIMEOUT:g} s"
+            self.close(reason)
+            raise PeerGone(reason)
         if call.error is not None:
             raise call.error
         return call.result
