@@ -263,7 +263,7 @@ class Blkfront:
             return {}
         return {}
 
-    async def _setup(self) -> KeyValues:
+    async def _setup(self) -> KeyValues | None:
         self._teardown("new handshake")
         await self._remove_stale_keys()
         backend = await read_keys(self.xs, self.device.backend, negotiate.SETUP_KEYS)
@@ -273,15 +273,23 @@ class Blkfront:
         conn = _Connection(geo, [], [], [], [])
         self._conn = conn
         remote = self.device.backend_domid
-        for _ in range(geo.queues):
-            page = self.dom.alloc_buffer(nframes)
-            conn.pages.append(page)
-            ring = FrontRing(page, layout)  # SHARED_RING_INIT
-            conn.rings.append(ring)
-            conn.grefs.append(
-                [self.dom.grants.grant_access(remote, page.frame + i) for i in range(nframes)]
-            )
-            conn.channels.append(await self.dom.alloc_unbound(remote))
+        try:
+            for _ in range(geo.queues):
+                page = self.dom.alloc_buffer(nframes)
+                conn.pages.append(page)
+                ring = FrontRing(page, layout)  # SHARED_RING_INIT
+                conn.rings.append(ring)
+                grefs: list[int] = []
+                conn.grefs.append(grefs)
+                for i in range(nframes):
+                    grefs.append(self.dom.grants.grant_access(remote, page.frame + i))
+                conn.channels.append(await self.dom.alloc_unbound(remote))
+        except HvError as exc:
+            # Out of guest memory, grant entries or ports: stay in Initialising (Linux
+            # fails the probe with xenbus_dev_fatal); a later backend event retries.
+            self._log.error("cannot set up the rings", error=str(exc))
+            self._teardown("setup failed")
+            return None
         keys = negotiate.setup_keys(geo, conn.grefs, [c.port for c in conn.channels], self.wishes)
         self._log.info("blkfront setup", order=geo.ring_page_order, queues=geo.queues)
         return keys
@@ -303,13 +311,19 @@ class Blkfront:
         if conn is None:  # Connected without our rings (e.g. we restarted): start over
             return None
         backend = await read_keys(self.xs, self.device.backend, negotiate.CONNECT_KEYS)
-        neg = negotiate.negotiated(
-            self.wishes,
-            conn.geometry,
-            backend,
-            grant_size=self.grant_size,
-            handle=self.device.devid,
-        )
+        try:
+            neg = negotiate.negotiated(
+                self.wishes,
+                conn.geometry,
+                backend,
+                grant_size=self.grant_size,
+                handle=self.device.devid,
+            )
+        except BlkfrontProtocolError as exc:
+            # Linux: xenbus_dev_fatal → Closing; the close/reconnect rules take it from there.
+            self._log.error("backend published unusable device keys", error=str(exc))
+            await self.xs.write(f"{self.device.frontend}/state", str(int(xenbus.Closing)))
+            return None
         self.engine.connect(neg, conn.rings)
         self.info = negotiate.describe(neg)
         self.connections += 1

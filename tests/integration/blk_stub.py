@@ -41,6 +41,7 @@ class StubBackend:
     persistent: bool = True
     sector_size: int = 512
     bogus_id: bool = False  # answer the first request with an id nobody issued
+    bad_sectors: bool = False  # publish garbage `sectors` on the first connect
     role: Literal["frontend", "backend"] = "backend"
     served: int = 0
     _scope: trio.CancelScope | None = None
@@ -103,8 +104,11 @@ class StubBackend:
                         inner.start_soon(self._serve, ring, channel, proto)
 
         self.nursery.start_soon(serve_all)
+        sectors: str | int = len(self.disk) // 512
+        if self.bad_sectors:
+            sectors, self.bad_sectors = "lots", False
         return {
-            "sectors": len(self.disk) // 512,
+            "sectors": sectors,
             "info": 0,
             "sector-size": self.sector_size,
             "physical-sector-size": self.sector_size,

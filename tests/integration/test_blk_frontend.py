@@ -143,3 +143,18 @@ async def test_bogus_response_id_closes_and_recovers(tmp_path: Path, xenstored: 
                     assert disk[:4096] == b"\x42" * 4096
                     assert front.connections == 2
                 nursery.cancel_scope.cancel()
+
+
+async def test_unusable_device_keys_close_and_recover(tmp_path: Path, xenstored: Xenstored) -> None:
+    with trio.fail_after(30):
+        async with pair(tmp_path, xenstored.unix, "socket", 4096) as p:
+            await create_vbd(p.xs, DEVICE, VbdConfig(image=None, size=DISK))
+            disk = bytearray(DISK)
+            async with trio.open_nursery() as nursery:
+                stub = StubBackend(p.backend, p.xs, DEVICE, disk, bad_sectors=True)
+                await start_stub(nursery, stub)
+                async with attach(p.guest, p.xs, DEVICE) as front:
+                    await front.write(4096, b"\x17" * 4096)  # waits for the second connection
+                    assert disk[4096:8192] == b"\x17" * 4096
+                    assert front.connections == 1 and front.info["sectors"] == DISK // 512
+                nursery.cancel_scope.cancel()
