@@ -696,3 +696,30 @@ async def test_persistent_grants_leave_maptrack_for_other_devices(
                 await other.start()  # its 4 ring pages still map
                 assert await other.write(0, pattern(61, 8192)) == BLKIF_RSP_OKAY
                 assert await other.read(0, 8192, page=4) == pattern(61, 8192)
+
+
+async def test_xenstored_restart_while_serving(
+    xenstored: Xenstored, xs_workdir: Path, transport: str, kind: str
+) -> None:
+    """xenstored dies and comes back (kill -9, journal replay): the rings never noticed, and the
+    next close/reconnect handshake runs on the restored store."""
+    with trio.fail_after(40):
+        async with setup(xenstored, xs_workdir, transport, VbdConfig(None, MiB)) as (
+            xs,
+            (dom0, dom1),
+        ):
+            device = vbd(1)
+            async with backend(xs, dom0, device) as dev:
+                front = MiniFront(dom1, xs, device)
+                await front.start()
+                assert await front.write(0, pattern(70, 8192)) == BLKIF_RSP_OKAY
+                xenstored.kill()
+                assert await front.read(0, 8192) == pattern(70, 8192)  # no xenstore needed
+                await trio.to_thread.run_sync(xenstored.start)
+                await publish(xs, device.frontend, {}, state=Closed)
+                assert await wait_backend(xs, device, Closed) == Closed
+                await publish(xs, device.frontend, {}, state=XenbusState.XenbusStateInitialising)
+                again = MiniFront(dom1, xs, device, npages=8)
+                await again.start()
+                assert dev.connections == 2
+                assert await again.read(0, 8192) == pattern(70, 8192)
