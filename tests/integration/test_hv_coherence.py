@@ -45,9 +45,6 @@ async def test_dekker_race_needs_update_events(tmp_path: Path, coherence_events:
             producer_port = await front.alloc_unbound(0)
             ring = await back.map_grants(1, [gref])  # consumer (backend) maps it
             consumer_port = await back.bind_interdomain(1, producer_port.port)
-            link = back.link_to(1)
-            assert link is not None
-            updates_before = link.updates_received
 
             # No checkpoint between these lines: every read below sees a stale replica.
             put(ring, EVENT, 1)  # consumer: wake me when prod reaches 1
@@ -55,9 +52,12 @@ async def test_dekker_race_needs_update_events(tmp_path: Path, coherence_events:
             put(page, PROD, 1)  # producer publishes a request
             assert get(page, EVENT) == 0  # producer reads a stale event index: no notify
 
-            # Wait (by watching the counter, not the clock) until the producer's write arrived.
-            while link.updates_received == updates_before:
-                await trio.testing.wait_all_tasks_blocked()
+            # A copy round trip: its reply travels behind the producer's UPDATE on the ordered
+            # link, so once it returns the write has been applied to the replica.
+            buf = bytearray(4)
+            await back.grant_copy(
+                [CopyOp(CopyDirection.FROM_REMOTE, 1, gref, 0, 4, memoryview(buf))]
+            )
             assert get(ring, PROD) == 1
             if coherence_events:
                 # The update raised the consumer's port: it wakes and re-checks the ring.
