@@ -40,7 +40,16 @@ from backends.storage import Storage, StorageError, StorageErrorKind
 from xenpv.abi.blkif import BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY
 from xenpv.abi.errors import AbiError, RingError
 from xenpv.abi.ring import BackRing
-from xenpv.hv import CopyDirection, CopyOp, Domain, EventChannel, GrantMapping, HvError
+from xenpv.hv import (
+    CopyDirection,
+    CopyOp,
+    Domain,
+    EventChannel,
+    EventChannelClosed,
+    GrantMapping,
+    HvError,
+    PeerGone,
+)
 
 log = structlog.get_logger()
 
@@ -164,7 +173,7 @@ class QueueWorker:
             if status != BLKIF_RSP_OKAY:
                 self.stats["errors"] += 1
             self._respond(request.id, request.operation, status)
-        except HvError as exc:  # the frontend died under us: nobody to answer
+        except (PeerGone, EventChannelClosed) as exc:  # the frontend died: nobody to answer
             self._log.info("request abandoned", reason=str(exc))
         except Exception:
             # Never let one request take the backend down; the frontend gets an error.
