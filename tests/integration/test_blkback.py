@@ -18,7 +18,7 @@ import trio
 import trio.testing
 
 from backends.blkback import BlkbackDevice
-from backends.storage import MemoryDisk, StorageOp
+from backends.storage import MemoryDisk, StorageError, StorageErrorKind, StorageOp
 from tests.integration.conftest import Xenstored
 from tests.integration.hv_pair import domains
 from xenpv.abi.blkif import (
@@ -723,3 +723,38 @@ async def test_xenstored_restart_while_serving(
                 await again.start()
                 assert dev.connections == 2
                 assert await again.read(0, 8192) == pattern(70, 8192)
+
+
+class Failing:
+    """A storage fault plan: reads at offset 0 fail with an I/O error, discards are refused
+    as unsupported."""
+
+    async def before(self, op: StorageOp, offset: int, length: int) -> None:
+        if op is StorageOp.READ and offset == 0:
+            raise StorageError(StorageErrorKind.IO, "media error")
+        if op is StorageOp.DISCARD:
+            raise StorageError(StorageErrorKind.UNSUPPORTED, "no hole punching here")
+
+
+async def test_storage_errors_become_status_codes(
+    xenstored: Xenstored, xs_workdir: Path, transport: str, kind: str
+) -> None:
+    with trio.fail_after(30):
+        async with setup(xenstored, xs_workdir, transport, VbdConfig(None, MiB)) as (
+            xs,
+            (dom0, dom1),
+        ):
+            device = vbd(1)
+            dev = BlkbackDevice(
+                dom0, xs, device, open_storage=lambda c: MemoryDisk(c.size or 0, faults=Failing())
+            )
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(dev.run)
+                front = MiniFront(dom1, xs, device)
+                await front.start()
+                bad = BlkifRequest(BLKIF_OP_READ, front.next_id(), 0, front.segments(0, 4096))
+                good = BlkifRequest(BLKIF_OP_READ, front.next_id(), 8, front.segments(1, 4096))
+                discard = BlkifDiscardRequest(front.next_id(), 0, 8)
+                statuses = [r.status for r in await front.run([bad, good, discard])]
+                assert statuses == [BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, BLKIF_RSP_EOPNOTSUPP]
+                nursery.cancel_scope.cancel()
