@@ -756,7 +756,12 @@ async def open_domain(
         max_maps=max_maps,
         coherence_events=coherence_events,
     )
-    listener = await domain._listen(endpoint)
+    try:
+        listener = await domain._listen(endpoint)
+    except OSError as exc:
+        raise HvError(
+            f"domain {domid} cannot listen on {endpoint}: {exc.strerror or exc}"
+        ) from None
     try:
         async with trio.open_nursery() as nursery:
             domain._nursery = nursery
@@ -772,6 +777,7 @@ async def open_domain(
                     link.close("domain shut down")
                 nursery.cancel_scope.cancel()
     finally:
+        domain.memory.close()
         if domain._unix_path is not None:
             with suppress(OSError):
                 os.unlink(domain._unix_path)

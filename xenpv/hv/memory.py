@@ -106,6 +106,12 @@ class DomainMemory:
         self._watch: dict[int, list[tuple[FrameWatcher, int, int]]] = {}
         self.shm_peers = 0  # links on the shared-memory transport: written() is then a barrier
 
+    def close(self) -> None:
+        """Release the memfd descriptor (the mapping lives on while views of it exist)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
     # -- allocation -------------------------------------------------------------------------
 
     def alloc_pages(self, n: int) -> list[Page]:
