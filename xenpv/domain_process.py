@@ -47,7 +47,7 @@ from xenpv.errors import XenpvError
 from xenpv.hv import Domain, XenstoreDirectory, open_domain
 from xenpv.identity import TOOL_DOMAIN_ROOT, DomainKey, link_path
 from xenpv.xenbus import DEVICE_CLASSES, DeviceClass, DeviceId, domain_path
-from xenpv.xenstore.client import XenstoreClient
+from xenpv.xenstore.client import XenstoreClient, XenstoreConnectionError
 from xenpv.xenstore.wire import XsError
 
 if TYPE_CHECKING:
@@ -61,6 +61,7 @@ CONTROL_SELFTEST = "xenpv/control/selftest"
 CHECKS = "xenpv/checks"
 SELFTEST_DONE = "xenpv/selftest-done"
 DEVICE_ERRORS = "xenpv/device-errors"
+DESTROY_READ_TIMEOUT = 2.0
 STOP_DEVICES_TIMEOUT = 6.0  # seconds devices may take to close on a graceful stop
 
 
@@ -117,6 +118,7 @@ class DomainRuntime:
     changed: trio.Event = field(default_factory=trio.Event)
     switch: Any = None  # the backend's LiveSwitch, created with the first vif
     stopping: trio.Event = field(default_factory=trio.Event)
+    destroyed: bool = False
 
     def stop(self) -> None:
         """Ask `run_domain` to close every device, then the domain, and return."""
@@ -164,14 +166,18 @@ class DeviceTasks:
             self._scopes.pop(device).cancel()
 
     async def _run(self, device: DeviceId, scope: trio.CancelScope) -> None:
-        with scope, structlog.contextvars.bound_contextvars(device=str(device)):
-            self.running += 1
-            try:
+        self.running += 1
+        try:
+            with scope, structlog.contextvars.bound_contextvars(device=str(device)):
                 await self._runner(device)
-            finally:
-                self.running -= 1
-                self.ended.set()
-                self.ended = trio.Event()
+        except Exception as exc:
+            # What a driver raised while being cancelled (the cancel scope strips Cancelled
+            # from the group, the rest lands here): this device is done, the others go on.
+            log.error("device task failed", device=str(device), error=repr(exc))
+        finally:
+            self.running -= 1
+            self.ended.set()
+            self.ended = trio.Event()
         # A device whose task ended by itself stays registered until its directory goes,
         # so that a failing device is not restarted in a loop on every watch event.
 
@@ -253,6 +259,7 @@ async def _attach_frontend(rt: DomainRuntime, device: DeviceId) -> None:
                     await rt.stopping.wait()
                 finally:
                     rt.blk.pop(device, None)
+                    rt.notify()
             else:
                 from xenpv.selftest import EchoPort
 
@@ -265,6 +272,7 @@ async def _attach_frontend(rt: DomainRuntime, device: DeviceId) -> None:
                         await port.run()
                 finally:
                     rt.net.pop(device, None)
+                    rt.notify()
     except (Exception, trio.TooSlowError) as exc:
         await rt.device_failed(device, f"{type(exc).__name__}: {exc}")
 
@@ -291,18 +299,35 @@ async def _watch_devices(
             # key its drivers write below it; a frontend's backend-id is one level deeper.
             if started and path.count("/") > depth and not path.endswith("/backend-id"):
                 continue
-            tasks.sync(await scan(rt.xs, rt.info.domid, cls))
+            try:
+                tasks.sync(await scan(rt.xs, rt.info.domid, cls))
+            except XsError as exc:  # e.g. EACCES while the toolstack removes this domain
+                log.warning("cannot scan devices", path=base, error=str(exc))
+                if not started:
+                    raise
+                continue
             if not started:
                 started = True
                 task_status.started()
 
 
 async def _wait_destroyed(xs: XenstoreClient, domid: int) -> None:
+    """Return once the toolstack removed the domain. `destroy_domain` removes the nodes, then
+    RELEASEs the domain, which makes xenstored drop this client's connection and refuse it
+    back; so a read after the removal event may never be answered: no answer within
+    DESTROY_READ_TIMEOUT also means destroyed (after a xenstored restart the re-registered
+    watch's event comes once the client is back, and its read answers at once)."""
     path = f"{domain_path(domid)}/domid"
     async with xs.watch(path) as events:
         async for _event in events:
-            if await xs.try_read(path) is None:
-                return
+            with trio.move_on_after(DESTROY_READ_TIMEOUT):
+                try:
+                    if await xs.try_read(path) is None:
+                        return
+                except (XsError, XenstoreConnectionError):
+                    return  # EACCES: /local/domain/<id> itself is gone
+                continue
+            return
 
 
 async def _selftest_loop(rt: DomainRuntime) -> None:
@@ -312,7 +337,10 @@ async def _selftest_loop(rt: DomainRuntime) -> None:
     done = -1
     async with rt.xs.watch(path) as events:
         async for _event in events:
-            raw = await rt.xs.try_read(path)
+            try:
+                raw = await rt.xs.try_read(path)
+            except XsError:
+                continue
             if raw is None:
                 continue
             try:
@@ -325,9 +353,12 @@ async def _selftest_loop(rt: DomainRuntime) -> None:
                 continue
             done = round_id
             results = await run_round(rt, request)
-            for result in results:
-                await rt.write_own(f"{CHECKS}/{result['name']}", json.dumps(result))
-            await rt.write_own(SELFTEST_DONE, str(round_id))
+            try:
+                for result in results:
+                    await rt.write_own(f"{CHECKS}/{result['name']}", json.dumps(result))
+                await rt.write_own(SELFTEST_DONE, str(round_id))
+            except XsError as exc:
+                log.error("cannot report self-test results", error=str(exc))
 
 
 async def run_domain(
@@ -379,7 +410,7 @@ async def run_domain(
                     waiter.cancel_scope.cancel()
                 # Devices close first (frontends through xenbus, bounded in the drivers)
                 # while the domain's links still run; then open_domain closes the links.
-                with trio.move_on_after(STOP_DEVICES_TIMEOUT):
+                with trio.move_on_after(0 if rt.destroyed else STOP_DEVICES_TIMEOUT):
                     for tasks in all_tasks:
                         while tasks.running:
                             await tasks.ended.wait()
@@ -390,6 +421,7 @@ async def run_domain(
 async def _stop_when_destroyed(rt: DomainRuntime) -> None:
     await _wait_destroyed(rt.xs, rt.info.domid)
     log.info("domain destroyed by the toolstack")
+    rt.destroyed = True  # its devices are gone and xenstored drops it: no graceful close
     rt.stop()
 
 

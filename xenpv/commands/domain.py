@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,7 @@ async def _main(
     async with connect(address, key=key) as xs, trio.open_nursery() as nursery:
         rt: DomainRuntime = await nursery.start(_domain, xs, key, transport, listen, nursery)
         nursery.start_soon(_stop_on_signal, rt, nursery.cancel_scope)
+        nursery.start_soon(_watchdog, rt)
         if ready_fd is not None:
             try:
                 os.write(ready_fd, f"READY {rt.info.domid} {rt.dom.endpoint}\n".encode())
@@ -72,17 +74,31 @@ async def _main(
                 log.warning("cannot write readiness line", fd=ready_fd, error=exc.strerror)
 
 
+async def _watchdog(rt: DomainRuntime) -> None:
+    """Once stopping, the process ends within STOP_GRACE seconds whatever happens: drivers
+    close devices in shielded scopes, and a xenstore call made after xenstored dropped a
+    destroyed domain would wait for the client's reconnect timeout."""
+    await rt.stopping.wait()
+
+    def expire() -> None:
+        log.warning("stop took too long; exiting", seconds=STOP_GRACE)
+        os._exit(0 if rt.destroyed else 1)
+
+    timer = threading.Timer(STOP_GRACE, expire)
+    timer.daemon = True
+    timer.start()
+
+
 async def _stop_on_signal(rt: DomainRuntime, scope: trio.CancelScope) -> None:
-    """First signal: graceful stop (devices close through xenbus, bounded by STOP_GRACE);
-    a second signal or the grace period running out: cancel everything."""
+    """First signal: graceful stop (devices close through xenbus, bounded by the watchdog);
+    a second signal: cancel everything."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info("domain stopping", signal=signal.Signals(signum).name)
             rt.stop()
             break
-        with trio.move_on_after(STOP_GRACE):
-            async for _signum in signals:
-                break
+        async for _signum in signals:
+            break  # a second signal: stop at once
     scope.cancel()
 
 
