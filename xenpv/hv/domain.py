@@ -25,9 +25,9 @@ from xenpv.hv.directory import PeerDirectory
 from xenpv.hv.errors import EventChannelClosed, GrantError, HvError, LinkError, PeerGone
 from xenpv.hv.evtchn import EventChannel
 from xenpv.hv.faults import LinkFaults
-from xenpv.hv.gntst import GNTST
-from xenpv.hv.grant import GrantTable, check_entry
-from xenpv.hv.link import Link, ProtocolViolation
+from xenpv.hv.gntst import GNTST, GTF, XENPV_GTF_ORDER_MASK, XENPV_GTF_ORDER_SHIFT
+from xenpv.hv.grant import GRANT_ENTRY, GrantTable
+from xenpv.hv.link import Link, ProtocolViolation, SharedPeerMemory
 from xenpv.hv.mapping import FixedRegion, GrantMapping
 from xenpv.hv.memory import DomainMemory, Page
 from xenpv.hv.messages import Msg, Whose
@@ -47,6 +47,11 @@ DIAL_TIMEOUT = 10.0
 
 _OK = int(GNTST.GNTST_okay)
 _BAD_COPY = int(GNTST.GNTST_bad_copy_arg)
+_BAD_GNTREF = int(GNTST.GNTST_bad_gntref)
+_GENERAL = int(GNTST.GNTST_general_error)
+_PERMIT = int(GTF.GTF_permit_access)
+_TYPE_MASK = int(GTF.GTF_type_mask)
+_READONLY = int(GTF.GTF_readonly)
 _EINVAL = -22
 
 
@@ -455,6 +460,42 @@ class Domain:
         region = FixedRegion(shared.fd, runs, readonly)
         return GrantMapping(link, grefs, sizes, region.view(), readonly, region, self._release_maps)
 
+    def _copy_shared(
+        self,
+        shared: SharedPeerMemory,
+        ops: Sequence[CopyOp],
+        indexes: Sequence[int],
+        results: list[int],
+    ) -> None:
+        """Grant copy through shared memory: validate against the granter's own table entry
+        (the checks of `grant.check_entry`, inlined: this is the hot path), then one memcpy."""
+        table, nr, view, me = shared.table, shared.nr_grants, shared.view, self.domid
+        nr_frames = shared.nr_frames
+        unpack = GRANT_ENTRY.unpack_from
+        for index in indexes:
+            op = ops[index]
+            gref, offset, length, local = op.gref, op.offset, op.length, op.local
+            if offset < 0 or length < 0 or len(local) != length:
+                results[index] = _BAD_COPY
+                continue
+            if not 0 <= gref < nr:
+                results[index] = _BAD_GNTREF
+                continue
+            flags, domid, frame = unpack(table, gref << 3)
+            write = op.direction  # TO_REMOTE is 1
+            if flags & _TYPE_MASK != _PERMIT or domid != me or (write and flags & _READONLY):
+                results[index] = _GENERAL
+                continue
+            nframes = 1 << ((flags & XENPV_GTF_ORDER_MASK) >> XENPV_GTF_ORDER_SHIFT)
+            if offset + length > nframes << 12 or frame + nframes > nr_frames:
+                results[index] = _BAD_COPY
+                continue
+            start = (frame << 12) + offset
+            if write:
+                view[start : start + length] = local
+            else:
+                local[:] = view[start : start + length]
+
     def _release_maps(self, count: int) -> None:
         self._maps_in_use -= count
 
@@ -463,53 +504,41 @@ class Domain:
     async def grant_copy(self, ops: Sequence[CopyOp]) -> list[int]:
         """GNTTABOP_copy: a GNTST status per segment; one link round trip per remote domain."""
         results = [_OK] * len(ops)
-        by_remote: dict[int, list[int]] = {}
-        for index, op in enumerate(ops):
-            if op.length < 0 or op.offset < 0 or len(op.local) != op.length:
-                results[index] = _BAD_COPY
-            else:
-                by_remote.setdefault(op.remote, []).append(index)
-        if len(by_remote) == 1:
-            ((remote, indexes),) = by_remote.items()
-            await self._copy_with(remote, ops, indexes, results)
-        elif by_remote:
+        remotes = {op.remote for op in ops}
+        if len(remotes) == 1:
+            await self._copy_with(remotes.pop(), ops, range(len(ops)), results)
+        elif remotes:
             async with trio.open_nursery() as nursery:
-                for remote, indexes in by_remote.items():
+                for remote in remotes:
+                    indexes = [i for i, op in enumerate(ops) if op.remote == remote]
                     nursery.start_soon(self._copy_with, remote, ops, indexes, results)
         return results
 
     async def _copy_with(
-        self, remote: int, ops: Sequence[CopyOp], indexes: list[int], results: list[int]
+        self, remote: int, ops: Sequence[CopyOp], indexes: Sequence[int], results: list[int]
     ) -> None:
         link = await self.connect(remote)
         shared = link.shared
         if shared is not None:
-            table, nr, view, me = shared.table, shared.nr_grants, shared.view, self.domid
-            for index in indexes:
-                op = ops[index]
-                write = op.direction == CopyDirection.TO_REMOTE
-                status, frame, nframes = check_entry(table, nr, op.gref, me, write)
-                if status != _OK:
-                    results[index] = status
-                    continue
-                if op.offset + op.length > nframes << 12 or frame + nframes > shared.nr_frames:
-                    results[index] = _BAD_COPY
-                    continue
-                start = (frame << 12) + op.offset
-                if write:
-                    view[start : start + op.length] = op.local
-                else:
-                    op.local[:] = view[start : start + op.length]
+            self._copy_shared(shared, ops, indexes, results)
             if link.dead is not None:
                 raise PeerGone(f"domain {remote}: {link.dead}")
             return
         wire = []
+        sent = []
         for index in indexes:
             op = ops[index]
-            if op.direction == CopyDirection.TO_REMOTE:
+            if op.length < 0 or op.offset < 0 or len(op.local) != op.length:
+                results[index] = _BAD_COPY
+            elif op.direction == CopyDirection.TO_REMOTE:
                 wire.append([True, op.gref, op.offset, op.length, bytes(op.local)])
+                sent.append(index)
             else:
                 wire.append([False, op.gref, op.offset, op.length, None])
+                sent.append(index)
+        if not wire:
+            return
+        indexes = sent
         reply = await link.call([Msg.COPY, 0, wire])
         try:
             statuses, datas = reply
