@@ -34,6 +34,7 @@ client generates one.
 from __future__ import annotations
 
 import itertools
+import os
 import random
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -87,6 +88,11 @@ class Address:
 
     def __str__(self) -> str:
         return f"unix:{self.path}" if self.kind == "unix" else f"tcp:{self.host}:{self.port}"
+
+
+def default_address() -> str:
+    """Where libxenstore would connect: `unix:$XENSTORED_PATH`, else C xenstored's socket."""
+    return "unix:" + (os.environ.get("XENSTORED_PATH") or "/var/run/xenstored/socket")
 
 
 def parse_address(address: str) -> Address:
