@@ -9,6 +9,7 @@ XENSTORED_PATH to our socket is all it takes.
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 from collections.abc import Iterator
 
@@ -84,6 +85,8 @@ def test_watch_with_count(env: dict[str, str]) -> None:
     )
     try:
         assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], TOOL_TIMEOUT)
+        assert ready, "xenstore-watch printed nothing"
         first = proc.stdout.readline()  # the immediate event: the watch is registered
         assert first.strip() == "/watched"
         xs(env, "xenstore-write", "/watched/child", "1")
