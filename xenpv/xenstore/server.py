@@ -76,6 +76,7 @@ class ServerConfig:
     max_outstanding: int = 256
     write_stall_timeout: float = 30.0
     handshake_timeout: float = 10.0
+    max_handshakes: int = 256  # TCP connections still proving their domid; more are closed
     compact_min_bytes: int = DEFAULT_COMPACT_BYTES
 
 
@@ -155,6 +156,7 @@ class XenstoreServer:
         self._compact_threshold = config.compact_min_bytes
         self.dropped_events = 0
         self._fsync_ewma = 0.0
+        self._handshaking = 0
 
     # -- listeners ---------------------------------------------------------------------------
 
@@ -192,8 +194,14 @@ class XenstoreServer:
         with contextlib.suppress(OSError):
             stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
         peer = _peer(stream)
+        if self._handshaking >= self.config.max_handshakes:
+            log.warning("too many tcp handshakes in progress, closing", peer=peer)
+            await trio.aclose_forcefully(stream)
+            return
         domid: int | None = None
         leftover = b""
+        reason = "refused"
+        self._handshaking += 1
         with trio.move_on_after(self.config.handshake_timeout) as scope:
             try:
                 domid, leftover = await auth.server_handshake(stream, self._pubkey)
@@ -203,12 +211,13 @@ class XenstoreServer:
                 trio.ClosedResourceError,
                 OSError,
             ) as exc:
-                log.info("tcp handshake failed", peer=peer, error=str(exc))
+                reason = str(exc) or type(exc).__name__
+            finally:
+                self._handshaking -= 1
         if scope.cancelled_caught:
-            log.info("tcp handshake timed out", peer=peer)
+            reason = "timed out"
         if domid is None:
-            if not scope.cancelled_caught:
-                log.info("tcp connection refused", peer=peer)
+            log.info("tcp handshake failed", peer=peer, reason=reason)
             await trio.aclose_forcefully(stream)
             return
         await self._serve_conn(stream, domid, leftover)
