@@ -608,6 +608,8 @@ class Domain:
         link.reply(request_id, 0)
 
     def _on_map(self, link: Link, request_id: int, grefs: list[int], readonly: bool) -> None:
+        # Each reference gets its own status, as in a GNTTABOP_map_grant_ref batch; the
+        # mapping is all or nothing, so on any failure the successful pins are undone.
         statuses: list[int] = []
         details: list[Any] = []
         pinned: list[int] = []
@@ -615,8 +617,8 @@ class Domain:
             status, frame, nframes = self.grants.pin(int(gref), link.peer, readonly)
             statuses.append(status)
             if status != _OK:
-                break
-            pinned.append(gref)
+                continue
+            pinned.append(int(gref))
             if link.shared is not None:
                 details.append([frame, nframes])
             else:
@@ -624,16 +626,14 @@ class Domain:
         if len(pinned) != len(grefs):
             for gref in pinned:
                 self.grants.unpin(gref, readonly)
-            statuses += [int(GNTST.GNTST_general_error)] * (len(grefs) - len(statuses))
             link.reply(request_id, statuses, None)
             return
-        for gref, detail in zip(grefs, details, strict=True):
+        for gref in pinned:
             pins = link.pins.setdefault(gref, [0, 0])
             if pins == [0, 0] and link.shared is None:
                 entry = self.grants.entry(gref)
                 self.memory.watch(entry.frame, 1 << entry.order, link, gref)
             pins[0 if readonly else 1] += 1
-            del detail
         link.reply(request_id, statuses, details)
 
     def _unpin(self, link: Link, gref: int, readonly: bool) -> None:
