@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +49,7 @@ from xenpv.hv import (
     EventChannel,
     EventChannelClosed,
     GrantMapping,
+    PeerGone,
     StaticDirectory,
     open_domain,
 )
@@ -70,6 +71,9 @@ class StubQueue:
     evtchn_rx: EventChannel
     rx_space: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
     pending: list[bytes] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.echo_send, self.echo_recv = trio.open_memory_channel[Received](100000)
 
     def split_rx(self) -> bool:
         return self.evtchn_rx is not self.evtchn_tx
@@ -159,6 +163,7 @@ class StubBackend:
             async with trio.open_nursery() as nursery:
                 for index, queue in enumerate(self.queues):
                     nursery.start_soon(self._service, index, queue, queue.evtchn_tx)
+                    nursery.start_soon(self._echo, index, queue)
                     if queue.split_rx():
                         nursery.start_soon(self._rx_events, queue)
 
@@ -175,9 +180,10 @@ class StubBackend:
         self.queues = []
 
     async def _rx_events(self, queue: StubQueue) -> None:
-        while True:
-            await queue.evtchn_rx.wait()
-            queue.rx_space.unpark_all()
+        with suppress(EventChannelClosed):  # the stub is closing the connection
+            while True:
+                await queue.evtchn_rx.wait()
+                queue.rx_space.unpark_all()
 
     async def _service(self, index: int, queue: StubQueue, channel: EventChannel) -> None:
         fe = self.device.frontend_domid
@@ -219,19 +225,22 @@ class StubBackend:
                         gso = next((e for e in packet.extras if isinstance(e, NetifGsoExtra)), None)
                         got = Received(bytes(data), gso, first.flags, index)
                         self.received_send.send_nowait(got)
-                        if self.echo:
-                            self.nursery.start_soon(self._echo, index, got)
+                        if self.echo:  # FIFO per queue: echoes keep the order
+                            queue.echo_send.send_nowait(got)
                     if queue.tx.push_responses():
                         channel.notify()
                     if not queue.tx.final_check_for_requests():
                         break
-        except EventChannelClosed:
-            pass
+        except (EventChannelClosed, PeerGone):
+            pass  # the stub is closing the connection
 
-    async def _echo(self, index: int, got: Received) -> None:
-        csum = bool(got.flags & NETTXF_csum_blank)
-        with trio.move_on_after(10):
-            await self.inject(got.frame, gso=got.gso, csum_blank=csum, queue=index)
+    async def _echo(self, index: int, queue: StubQueue) -> None:
+        async for got in queue.echo_recv:
+            csum = bool(got.flags & NETTXF_csum_blank)
+            try:
+                await self.inject(got.frame, gso=got.gso, csum_blank=csum, queue=index)
+            except (EventChannelClosed, PeerGone):
+                return  # the stub is closing the connection
 
     async def inject(
         self,
