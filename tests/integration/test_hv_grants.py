@@ -152,3 +152,26 @@ async def test_maptrack_and_grant_table_limits(tmp_path: Path, transport: str, k
             await first.unmap()
             again = await back.map_grants(1, refs[2:4])
             await again.unmap()
+
+
+async def test_64k_page_guest_grants_each_4k_frame(
+    tmp_path: Path, transport: str, kind: str
+) -> None:
+    with trio.fail_after(20):
+        async with domains(tmp_path, transport, kind, page_size=65536) as (back, front):
+            assert front.page_size == 65536
+            page = front.alloc_pages(1)[0]
+            assert page.nframes == 16 and page.frame % 16 == 0
+            for i in range(16):
+                page.view[i * 4096] = i
+            page.written(0, len(page.view))
+            refs = [front.grants.grant_access(0, frame) for frame in page.frames()]
+            mapping = await back.map_grants(1, refs)
+            assert len(mapping.view) == 65536
+            assert [mapping.view[i * 4096] for i in range(16)] == list(range(16))
+            mapping.view[65535] = 0xEE
+            mapping.written(65535, 1)
+            await mapping.unmap()
+            assert page.view[65535] == 0xEE
+            for gref in refs:
+                front.grants.end_access(gref)
