@@ -16,6 +16,7 @@ from xenpv.hv import (
     GNTST,
     CopyDirection,
     CopyOp,
+    EventChannelClosed,
     LinkError,
     Msg,
     PeerGone,
@@ -245,3 +246,19 @@ async def test_peer_that_never_answers_is_dropped(
             with pytest.raises(PeerGone, match="did not answer"):
                 await back.map_grants(1, [gref])
             assert back.link_to(1) is None
+
+
+async def test_after_a_link_drops_new_operations_redial(tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        async with domains(tmp_path, "auto", "unix") as (back, front):
+            first = await front.alloc_unbound(0)
+            bound = await back.bind_interdomain(1, first.port)
+            back.disconnect(1, "test")
+            with pytest.raises(EventChannelClosed):
+                await first.wait()  # the front saw the link go
+            with pytest.raises(EventChannelClosed):
+                bound.notify()
+            second = await front.alloc_unbound(0)
+            again = await back.bind_interdomain(1, second.port)  # a fresh link
+            again.notify()
+            await second.wait()
