@@ -115,13 +115,18 @@ def _python() -> list[str]:
 
 
 def _alive(pid: int) -> bool:
+    """True if `pid` runs (a zombie, exited but not yet reaped by its parent, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
 
 
 def read_state(state_dir: Path) -> dict[str, Any] | None:

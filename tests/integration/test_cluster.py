@@ -1,0 +1,169 @@
+"""`xenpv cluster up|status|down` as a user runs them (subprocesses), on a small topology."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import short_tempdir
+from tests.integration.hv_pair import REPO
+from xenpv import cluster
+
+SMALL = """
+transport = "{transport}"
+
+[[domain]]
+name = "be"
+role = "backend"
+
+[[domain]]
+name = "g16"
+page_size = "16K"
+
+[[vbd]]
+frontend = "g16"
+backend = "be"
+image = "disk.img"
+size = "4M"
+[vbd.features]
+queues = 2
+ring_page_order = 1
+indirect_segments = 0
+persistent = false
+
+[[vif]]
+frontend = "g16"
+backend = "be"
+"""
+
+
+PREFIX = [sys.executable, "-m", "xenpv", "--log-level", "warning"]
+
+
+def xenpv(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*PREFIX, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        cwd=REPO,
+    )
+
+
+def _alive(pid: int) -> bool:
+    return cluster._alive(pid)  # zombies (exited, not yet reaped by their parent) are gone
+
+
+@pytest.mark.parametrize("transport", ["auto", "tcp"])
+def test_up_detached_status_down(transport: str) -> None:
+    with short_tempdir() as tmp:
+        topo = tmp / "small.toml"
+        topo.write_text(SMALL.format(transport=transport))
+        state = tmp / "st"
+        up = xenpv("cluster", "up", str(topo), "--state-dir", str(state), "--detach", "--json")
+        assert up.returncode == 0, up.stderr
+        pids = [p["pid"] for p in json.loads((state / "cluster.json").read_text())["processes"]]
+        try:
+            shown = json.loads(up.stdout.splitlines()[-1])
+            assert [d["name"] for d in shown["domains"]] == ["be", "g16"]
+            assert all(d["connected"] for d in shown["devices"])
+            assert (state / "disk.img").stat().st_size == 4 << 20
+            assert oct((state / "keys" / "g16.key").stat().st_mode & 0o777) == "0o600"
+
+            # A second `up` in the same state directory is refused with one line.
+            again = xenpv("cluster", "up", str(topo), "--state-dir", str(state))
+            assert again.returncode == 1
+            assert again.stderr.strip().count("\n") == 0
+            assert "already running" in again.stderr
+
+            status = xenpv("cluster", "status", "--state-dir", str(state), "--json")
+            assert status.returncode == 0, status.stderr
+            report = json.loads(status.stdout.splitlines()[-1])
+            pages = {d["name"]: d["page_size"] for d in report["domains"]}
+            assert pages == {"be": 4096, "g16": 16384}
+            by_cls = {d["cls"]: d for d in report["devices"]}
+            vbd, vif = by_cls["vbd"], by_cls["vif"]
+            assert (vbd["frontend_state"], vbd["backend_state"]) == ("Connected", "Connected")
+            # The features the topology switched off or limited are what was negotiated.
+            assert (vbd["queues"], vbd["ring_page_order"]) == (2, 1)
+            assert (vbd["indirect_segments"], vbd["persistent"]) == (0, False)
+            assert vbd["grant_size"] == 4096
+            assert vif["connected"] and vif["frontend"] == "g16"
+
+            human = xenpv("cluster", "status", "--state-dir", str(state))
+            assert human.returncode == 0 and "Connected/Connected" in human.stderr
+        finally:
+            down = xenpv("cluster", "down", "--state-dir", str(state))
+        assert down.returncode == 0, down.stderr
+        assert not any(_alive(pid) for pid in pids)
+        assert not (state / "cluster.json").exists()
+        assert not list((state / "links").glob("*.sock"))
+        gone = xenpv("cluster", "status", "--state-dir", str(state))
+        assert gone.returncode == 1 and gone.stderr.startswith("xenpv: error: no cluster")
+
+
+def test_foreground_up_stops_everything_on_sigint() -> None:
+    with short_tempdir() as tmp:
+        topo = tmp / "small.toml"
+        topo.write_text(SMALL.format(transport="auto"))
+        state = tmp / "st"
+        proc = subprocess.Popen(
+            [*PREFIX, "cluster", "up", str(topo), "--state-dir", str(state), "--json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, PYTHONPATH=str(REPO)),
+        )
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()  # the status, printed once everything is Connected
+            shown = json.loads(line)
+            assert all(d["connected"] for d in shown["devices"])
+            children = _children(proc.pid)
+            assert len(children) == 3  # xenstored and two domain processes
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=60) == 0
+            assert not any(_alive(pid) for pid in children)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "[[domain]]\nname = 'a'\npage_size = '8K'\n",
+            "domain[0].page_size: must be 4K, 16K or 64K",
+        ),
+        ("[[domain]]\nname = 'a'\n[[vbd]]\nfrontend = 'a'\nbackend = 'zz'\n", "no domain named"),
+        ("transport = 'carrier-pigeon'\n[[domain]]\nname = 'a'\n", "transport: must be one of"),
+        ("this is not toml", "not valid TOML"),
+    ],
+)
+def test_bad_topology_is_one_line(tmp_path: Path, text: str, expected: str) -> None:
+    topo = tmp_path / "bad.toml"
+    topo.write_text(text)
+    result = xenpv("cluster", "up", str(topo), "--state-dir", str(tmp_path / "st"))
+    assert result.returncode == 1
+    assert result.stderr.startswith("xenpv: error: ") and expected in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "st" / "cluster.json").exists()
+
+
+def test_missing_topology_file(tmp_path: Path) -> None:
+    result = xenpv("cluster", "up", str(tmp_path / "nope.toml"))
+    assert result.returncode == 1 and "cannot read" in result.stderr

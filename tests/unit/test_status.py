@@ -1,0 +1,115 @@
+"""The status model: raw xenstore keys → domain and device records, JSON and tables."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rich.console import Console
+
+from xenpv.status import (
+    ClusterStatus,
+    device_label,
+    device_status,
+    domain_status,
+    render,
+)
+from xenpv.xenbus import DeviceId, xvd_number
+
+NAMES = {1: "backend", 2: "guest64k"}
+
+
+def test_connected_vbd_reads_what_was_negotiated() -> None:
+    device = DeviceId("vbd", 2, 1, xvd_number(0))
+    frontend = {
+        "state": "4",
+        "ring-page-order": "4",
+        "multi-queue-num-queues": "2",
+        "feature-persistent": "1",
+    }
+    backend = {"state": "4", "feature-max-indirect-segments": "256", "feature-persistent": "1"}
+    v = device_status(device, frontend, backend, NAMES)
+    assert v.connected
+    assert (v.frontend, v.backend) == ("guest64k", "backend")
+    assert (v.ring_page_order, v.queues, v.indirect_segments) == (4, 2, 256)
+    assert v.persistent is True
+    assert v.grant_size == 4096
+
+
+def test_vbd_defaults_when_keys_are_absent() -> None:
+    """A single-page, single-queue frontend writes neither key (Linux's legacy layout)."""
+    device = DeviceId("vbd", 2, 1, xvd_number(0))
+    v = device_status(device, {"state": "3"}, {"state": "2", "feature-persistent": "1"}, NAMES)
+    assert not v.connected
+    assert (v.frontend_state, v.backend_state) == ("Initialised", "InitWait")
+    assert (v.ring_page_order, v.queues, v.indirect_segments) == (0, 1, 0)
+    assert v.persistent is False  # only the backend offered it
+
+
+def test_vif_has_no_block_columns() -> None:
+    device = DeviceId("vif", 2, 1, 0)
+    v = device_status(device, {"state": "4", "multi-queue-num-queues": "2"}, {"state": "4"}, {})
+    assert v.connected and v.queues == 2 and v.ring_page_order == 0
+    assert v.indirect_segments is None and v.persistent is None
+    assert v.frontend == "2"  # unnamed domains show their domid
+
+
+def test_domain_status() -> None:
+    d = domain_status(3, {"name": "g", "page-size": "65536", "memory": "67108864", "ready": "42"})
+    assert (d.name, d.page_size, d.memory, d.pid) == ("g", 65536, 64 << 20, 42)
+    assert domain_status(4, {}).name == "domain-4"
+    assert domain_status(4, {"page-size": "junk"}).page_size is None
+
+
+def test_device_label() -> None:
+    assert device_label("vbd", xvd_number(0)) == "vbd xvda"
+    assert device_label("vbd", xvd_number(2)) == "vbd xvdc"
+    assert device_label("vbd", 768) == "vbd768"
+    assert device_label("vif", 1) == "vif1"
+
+
+def test_json_and_tables() -> None:
+    status = ClusterStatus(
+        domains=[domain_status(1, {"name": "backend", "page-size": "4096"})],
+        devices=[
+            device_status(DeviceId("vif", 2, 1, 0), {"state": "1"}, {"state": "2"}, NAMES),
+        ],
+        checks=[{"name": "block-x", "ok": False, "detail": "read back differs"}],
+    )
+    out = json.loads(json.dumps(status.to_json()))
+    assert out["devices"][0]["connected"] is False
+    assert out["devices"][0]["frontend_state"] == "Initialising"
+    text = io.StringIO()
+    console = Console(file=text, width=200)
+    for table in render(status):
+        console.print(table)
+    rendered = text.getvalue()
+    assert "Initialising/InitWait" in rendered and "FAILED" in rendered and "4K" in rendered
+
+
+keys = st.dictionaries(
+    st.sampled_from(
+        [
+            "state",
+            "ring-page-order",
+            "multi-queue-num-queues",
+            "feature-persistent",
+            "feature-max-indirect-segments",
+        ]
+    ),
+    st.text(max_size=6),
+)
+
+
+@settings(max_examples=200)
+@given(keys, keys, st.sampled_from(["vbd", "vif"]))
+def test_any_keys_give_a_record(
+    frontend: dict[str, str], backend: dict[str, str], cls: str
+) -> None:
+    """Whatever a (possibly hostile) guest wrote, status shows a record and never raises."""
+    device = DeviceId(cls, 2, 1, 0)  # type: ignore[arg-type]
+    v = device_status(device, frontend, backend, NAMES)
+    assert v.frontend_state and v.backend_state
+    json.dumps(ClusterStatus(devices=[v]).to_json())
