@@ -86,3 +86,18 @@ def test_snapshot_round_trip() -> None:
     dom0.set_perms("/a/b", "w2", "r3")
     restored = Store.restore(store.snapshot(), [])
     assert restored.state() == store.state()
+
+
+def test_shared_empty_child_dict_is_never_mutated() -> None:
+    from xenpv.xenstore import tree
+
+    store = Store()
+    dom0 = Client(store, 0)
+    for i in range(20):
+        dom0.write(f"/leaf/{i % 3}/k{i}", b"")
+    tx = dom0.start()
+    dom0.write("/leaf/0/k0/deeper", b"", tx=tx)
+    dom0.rm("/leaf/1", tx=tx)
+    assert dom0.end(tx).payload == b"OK\0"
+    assert tree._NO_CHILDREN == {}
+    assert dom0.ok(XsType.XS_CONTROL, b"check\0") == b"OK\0"

@@ -162,7 +162,9 @@ class Transaction:
         if node is None:
             raise stale_view()
         if path not in self.owned:
-            node = Node(node.value, node.perms, node.gen, dict(node.children), node.childlen)
+            node = Node(
+                node.value, node.perms, node.gen, dict(node.children), node.childlen, shared=False
+            )
             self.entries[path] = node
             self.owned.add(path)
         return node

@@ -26,22 +26,25 @@ from xenpv.xenstore.quotas import NODE_HEADER_SIZE, PERM_ENTRY_SIZE
 from xenpv.xenstore.wire import XsError
 
 SNAPSHOT_VERSION = 1
+_NO_CHILDREN: dict[str, None] = {}  # never mutated: Node copies it before adding a child
 
 
 @dataclass(slots=True, eq=False)
 class Node:
     """One node. `children` keeps insertion order; `childlen` is C's child-list byte size.
 
-    `shared` says a transaction snapshot references this `children` dict: the tree copies the
-    dict before changing it (copy-on-write keeps transaction snapshots O(1)).
+    `shared` says `children` may be referenced elsewhere (a transaction snapshot, or the
+    empty dict every leaf shares): the dict is copied before it changes (copy-on-write keeps
+    transaction snapshots O(1) and leaves cheap).
     """
 
     value: bytes
     perms: Perms
     gen: int
-    children: dict[str, None] = field(default_factory=dict)
+    # Leaves (most nodes) share one empty dict, copied on their first child.
+    children: dict[str, None] = field(default_factory=lambda: _NO_CHILDREN)
     childlen: int = 0
-    shared: bool = False
+    shared: bool = True
 
     def size(self) -> int:
         """Record size as C's `write_node_raw` computes it (the node_size quota)."""
