@@ -6,7 +6,9 @@
    (this module run as `python -m benchmarks.xenstore --null-server PATH`: the same
    reader / batched-writer structure, a canned reply per request, no store, no journal).
    ratio = xenstored per-op time / do-nothing per-op time (goal ≤ 1.5). Both servers are
-   separate processes; the load generator is this process (2 cores shared).
+   separate processes; the load generator is this process (2 cores shared). The server
+   processes' CPU time per op (from /proc) is reported too: unlike wall time it barely
+   moves when other work shares the machine.
 2. Watch fan-out: 1000 watches on one path (20 per connection over 50 connections); latency
    from a WRITE to the moment the last of the 1000 events has reached its iterator.
 3. Scale: per-op time of READ and WRITE (a) on the sans-IO Store in process and (b) through a
@@ -37,6 +39,7 @@ from xenpv.xenstore.store import Store
 from xenpv.xenstore.wire import FrameReader, Message, XsType, join_strings
 
 CLIENT_COUNTS = (1, 32)
+_PIDS: dict[str, int] = {}  # server address -> pid, for its CPU time
 FANOUT_WATCHERS = 1000
 FANOUT_PER_CONNECTION = 20
 
@@ -62,7 +65,16 @@ def run(args: argparse.Namespace) -> int:
     for op, by_clients in result["round_trips"].items():
         for clients, r in by_clients.items():
             rows.append(
-                [f"{op} x{clients}", r["xenstored_ops"], r["null_ops"], r["us_per_op"], r["ratio"]]
+                [
+                    f"{op} x{clients}",
+                    r["xenstored_ops"],
+                    r["null_ops"],
+                    r["us_per_op"],
+                    r["ratio"],
+                    r["xenstored_cpu_us"],
+                    r["null_cpu_us"],
+                    r["cpu_ratio"],
+                ]
             )
     fan = result["watch_fanout"]
     scale = result["scale"]
@@ -83,7 +95,16 @@ def run(args: argparse.Namespace) -> int:
     emit(
         result,
         title="xenstored round trips/s (ratio = per-op time vs do-nothing server; goal ≤ 1.5)",
-        columns=["op x clients", "xenstored ops/s", "do-nothing ops/s", "µs/op", "ratio"],
+        columns=[
+            "op x clients",
+            "xenstored ops/s",
+            "do-nothing ops/s",
+            "µs/op",
+            "ratio",
+            "server CPU µs/op",
+            "do-nothing CPU µs/op",
+            "CPU ratio",
+        ],
         rows=rows,
         notes=notes,
     )
@@ -124,14 +145,16 @@ def _xenstored(workdir: Path, name: str) -> Iterator[str]:
     data = workdir / f"{name}.data"
     with _spawn(
         ["xenpv", "--log-level", "warning", "xenstored", "--socket", sock, "--data-dir", str(data)]
-    ):
+    ) as proc:
+        _PIDS[f"unix:{sock}"] = proc.pid
         yield f"unix:{sock}"
 
 
 @contextmanager
 def _null_server(workdir: Path) -> Iterator[str]:
     sock = str(workdir / "null.sock")
-    with _spawn(["benchmarks.xenstore", "--null-server", sock]):
+    with _spawn(["benchmarks.xenstore", "--null-server", sock]) as proc:
+        _PIDS[f"unix:{sock}"] = proc.pid
         yield f"unix:{sock}"
 
 
@@ -195,14 +218,21 @@ async def _bench_all(
                 # Alternate the two servers and keep each one's best run: the machine is
                 # shared, and interference only ever makes a run slower.
                 ours = theirs = 0.0
+                ours_cpu = theirs_cpu = float("inf")
                 for _ in range(rounds):
-                    ours = max(ours, await _throughput(real, op, clients, seconds))
-                    theirs = max(theirs, await _throughput(null, op, clients, seconds))
+                    rate, cpu = await _throughput_cpu(real, op, clients, seconds)
+                    ours, ours_cpu = max(ours, rate), min(ours_cpu, cpu)
+                    rate, cpu = await _throughput_cpu(null, op, clients, seconds)
+                    theirs, theirs_cpu = max(theirs, rate), min(theirs_cpu, cpu)
                 round_trips[op][str(clients)] = {
                     "xenstored_ops": ours,
                     "null_ops": theirs,
                     "us_per_op": 1e6 / ours,
                     "ratio": theirs / ours,
+                    # Server CPU per op: robust to a busy machine, unlike wall time.
+                    "xenstored_cpu_us": ours_cpu,
+                    "null_cpu_us": theirs_cpu,
+                    "cpu_ratio": ours_cpu / theirs_cpu if theirs_cpu else 0.0,
                 }
         fanout = await _fanout(real, fanout_rounds)
     store_scale = _store_scale(nodes, watches)
@@ -256,11 +286,34 @@ async def _run_op(xs: XenstoreClient, op: str, path: str) -> None:
         await xs.transact(empty)
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _throughput_cpu(
+    address: str, op: str, clients: int, seconds: float
+) -> tuple[float, float]:
+    """(ops/s, server CPU µs per op)."""
+    pid = _PIDS[address]
+    before = _cpu_seconds(pid)
+    ops_before = _OPS[0]
+    rate = await _throughput(address, op, clients, seconds)
+    ops = _OPS[0] - ops_before
+    return rate, (_cpu_seconds(pid) - before) / max(ops, 1) * 1e6
+
+
+_OPS = [0]  # operations completed by _throughput, setup writes included
+
+
 async def _throughput(address: str, op: str, clients: int, seconds: float) -> float:
     count = 0
     async with _clients(address, clients) as conns:
         for i, xs in enumerate(conns):
             await xs.write(f"/bench/{i}", "value")
+            _OPS[0] += 1
         deadline = trio.current_time() + seconds
 
         async def loop(i: int, xs: XenstoreClient) -> None:
@@ -269,6 +322,7 @@ async def _throughput(address: str, op: str, clients: int, seconds: float) -> fl
             while trio.current_time() < deadline:
                 await _run_op(xs, op, path)
                 count += 1
+                _OPS[0] += 1
 
         start = time.perf_counter()
         async with trio.open_nursery() as nursery:
