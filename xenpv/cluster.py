@@ -526,7 +526,7 @@ async def launch(
                 nursery.start_soon(_watch_children, cluster.children)
                 await wait_connected(cluster, ready_timeout_s)
                 nursery.cancel_scope.cancel()
-            log.info("cluster up", seconds=round(time.monotonic() - started, 2))
+            log.debug("cluster up", seconds=round(time.monotonic() - started, 2))
             if detach:
                 keep = True
                 yield cluster
