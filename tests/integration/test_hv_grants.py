@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from tests.integration.hv_pair import TRANSPORT_IDS, TRANSPORTS, domains
-from xenpv.hv import GNTST, CopyDirection, CopyOp, GrantError
+from xenpv.hv import GNTST, CopyDirection, CopyOp, GrantError, PeerGone
 
 pytestmark = pytest.mark.parametrize(("transport", "kind"), TRANSPORTS, ids=TRANSPORT_IDS)
 
@@ -175,3 +175,17 @@ async def test_64k_page_guest_grants_each_4k_frame(
             assert page.view[65535] == 0xEE
             for gref in refs:
                 front.grants.end_access(gref)
+
+
+async def test_unmap_revokes_old_views(tmp_path: Path, transport: str, kind: str) -> None:
+    with trio.fail_after(20):
+        async with domains(tmp_path, transport, kind) as (back, front):
+            page = front.alloc_pages(1)[0]
+            gref = front.grants.grant_access(0, page.frame)
+            mapping = await back.map_grants(1, [gref])
+            old_view = mapping.view
+            await mapping.unmap()
+            with pytest.raises(PeerGone):
+                mapping.view  # noqa: B018 (an unmapped mapping refuses use)
+            old_view[0] = 0x77  # safe to touch, but it is no longer the granter's page
+            assert page.view[0] == 0

@@ -452,13 +452,20 @@ class Domain:
             return mapping
         runs = [(int(frame), int(nframes)) for frame, nframes in details]
         sizes = [n * XEN_PAGE_SIZE for _f, n in runs]
+        if FixedRegion.supported():
+            # Map the granter's frames into a region of our own (one mmap per run of
+            # consecutive frames): unmap and peer death can then revoke them, as Xen does.
+            region = FixedRegion(shared.fd, runs, readonly)
+            view = region.view()
+            return GrantMapping(link, grefs, sizes, view, readonly, region, self._release_maps)
         consecutive = all(runs[i][0] + runs[i][1] == runs[i + 1][0] for i in range(len(runs) - 1))
-        if consecutive:
-            start = runs[0][0] * XEN_PAGE_SIZE
-            view = shared.view[start : start + sum(sizes)]
-            return GrantMapping(link, grefs, sizes, view, readonly, None, self._release_maps)
-        region = FixedRegion(shared.fd, runs, readonly)
-        return GrantMapping(link, grefs, sizes, region.view(), readonly, region, self._release_maps)
+        if not consecutive:
+            raise HvError("scattered shared-memory mappings need 4 KiB host pages")
+        # Fallback (host pages larger than 4 KiB): a slice of the peer's memory, which an
+        # unmap cannot revoke from views already taken.
+        start = runs[0][0] * XEN_PAGE_SIZE
+        view = shared.view[start : start + sum(sizes)]
+        return GrantMapping(link, grefs, sizes, view, readonly, None, self._release_maps)
 
     def _copy_shared(
         self,

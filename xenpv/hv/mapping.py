@@ -3,9 +3,11 @@
 Socket transport: the view is a private replica, filled from the granter's memory when the
 mapping is made; the granter ships its later writes (UPDATE messages) and this side ships
 the writes announced with `written()`. Shared-memory transport: the view IS the granter's
-memory: a slice of its mapped memory file when the granules are consecutive frames (rings
-from `alloc_buffer`), otherwise the frames are mapped side by side with `mmap(MAP_FIXED)` in a
-reserved region, as Linux vmaps a multi-page ring.
+memory: its frames are mapped side by side with `mmap(MAP_FIXED)` into a region reserved for
+the mapping (one mmap per run of consecutive frames), as Linux vmaps a multi-page ring; unmap
+or the peer's death replaces them with private zero pages, so the granter's memory is no longer
+reachable through old views (on hosts with pages larger than 4 KiB: a slice of the granter's
+memory file, consecutive frames only, not revocable).
 
 After `unmap()` or the peer's death the mapping is dead: `view` and `written` raise. A view
 obtained earlier stays safe to touch (it never points at freed memory) but is no longer shared.
@@ -199,8 +201,15 @@ class FixedRegion:
 
     def __init__(self, fd: int, runs: Sequence[tuple[int, int]], readonly: bool) -> None:
         """`runs`: (first frame, number of frames) of each granule, laid out in order."""
-        if mmap.PAGESIZE != FRAME:
-            raise HvError(f"scattered shared mappings need 4 KiB host pages, not {mmap.PAGESIZE}")
+        if not self.supported():
+            raise HvError(f"frame-granular mappings need 4 KiB host pages, not {mmap.PAGESIZE}")
+        merged: list[tuple[int, int]] = []
+        for frame, nframes in runs:  # one mmap per run of consecutive frames
+            if merged and merged[-1][0] + merged[-1][1] == frame:
+                merged[-1] = (merged[-1][0], merged[-1][1] + nframes)
+            else:
+                merged.append((frame, nframes))
+        runs = merged
         libc = _c()
         self.size = sum(n for _f, n in runs) * FRAME
         prot = mmap.PROT_READ | (0 if readonly else mmap.PROT_WRITE)
@@ -217,6 +226,10 @@ class FixedRegion:
                 self.retire()
                 raise HvError(f"mmap of frame {frame} failed (errno {ctypes.get_errno()})")
             offset += nframes * FRAME
+
+    @staticmethod
+    def supported() -> bool:
+        return mmap.PAGESIZE == FRAME
 
     def view(self) -> memoryview:
         return memoryview((ctypes.c_char * self.size).from_address(self.address)).cast("B")
