@@ -373,18 +373,28 @@ class Engine:
         segments = []
         gsize = self.grant_size
         if neg.persistent:
+            # The hot path of every I/O: locals instead of attribute lookups.
+            pool = self._pool
+            view = self.memory.view
+            written = self.memory.written
+            data = memoryview(io.data)
+            start = io.start
+            pooled, frames = issued.pooled, issued.frames
             for piece in pieces:
-                frame, gref = self._pool_get()
-                issued.pooled.append((frame, gref))
-                issued.frames.append(frame)
+                if not pool:
+                    self._grow_pool()
+                entry = pool.pop()
+                pooled.append(entry)
+                frame, gref = entry
+                frames.append(frame)
+                offset, length = piece.offset, piece.length
+                inside = offset % gsize
                 if write:
-                    inside = piece.offset % gsize
                     at = frame * 4096 + inside
-                    src = piece.offset - io.start
-                    self.memory.view[at : at + piece.length] = io.data[src : src + piece.length]
-                    self.memory.written(at, piece.length)
-                first, last = piece.sectors(gsize)
-                segments.append(BlkifSegment(gref, first, last))
+                    view[at : at + length] = data[offset - start : offset - start + length]
+                    written(at, length)
+                first = inside // SECTOR_SIZE
+                segments.append(BlkifSegment(gref, first, first + length // SECTOR_SIZE - 1))
         else:
             if not io.pages:
                 self._fill_bio(io)
@@ -501,13 +511,15 @@ class Engine:
         assert isinstance(io.data, bytearray)
         gsize = self.grant_size
         view = self.memory.view
+        data = io.data
+        start = io.start
         part = issued.part
         for piece, frame in zip(
             io.pieces[part.first : part.first + part.count], issued.frames, strict=False
         ):
-            at = frame * 4096 + piece.offset % gsize
-            dst = piece.offset - io.start
-            io.data[dst : dst + piece.length] = view[at : at + piece.length]
+            offset, length = piece.offset, piece.length
+            at = frame * 4096 + offset % gsize
+            data[offset - start : offset - start + length] = view[at : at + length]
 
     def _copy_bio_out(self, io: BlkIo) -> None:
         assert isinstance(io.data, bytearray)
@@ -570,16 +582,20 @@ class Engine:
 
     def _pool_get(self) -> tuple[int, int]:
         if not self._pool:
-            (page,) = self.memory.alloc_pages(1)
-            self._pool_pages.append(page)
-            fresh = []
-            try:
-                for frame in range(page.frame, page.frame + page.nframes):
-                    fresh.append((frame, self.grants.grant_access(self.backend, frame)))
-            finally:
-                self._pool.extend(reversed(fresh))
-                self._pool_all.extend(fresh)
+            self._grow_pool()
         return self._pool.pop()
+
+    def _grow_pool(self) -> None:
+        """Grant every frame of one more guest page for the persistent pool."""
+        (page,) = self.memory.alloc_pages(1)
+        self._pool_pages.append(page)
+        fresh = []
+        try:
+            for frame in range(page.frame, page.frame + page.nframes):
+                fresh.append((frame, self.grants.grant_access(self.backend, frame)))
+        finally:
+            self._pool.extend(reversed(fresh))
+            self._pool_all.extend(fresh)
 
     def _scratch_get(self) -> int:
         if not self._scratch:

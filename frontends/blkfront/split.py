@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from xenpv.abi.blkif import BLKIF_MAX_SEGMENTS_PER_REQUEST, SECTOR_SIZE
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Chunk:
     """The data bytes inside one grant frame: `offset` from the first page's start."""
 
@@ -68,13 +68,13 @@ def chunks(start: int, length: int, grant_size: int) -> list[Chunk]:
     """Cut `length` bytes starting `start` bytes into the first page at frame boundaries."""
     if start < 0 or length <= 0 or start % SECTOR_SIZE or length % SECTOR_SIZE:
         raise ValueError(f"chunks of {length} bytes at {start}: need 512-byte multiples")
-    out: list[Chunk] = []
-    position = start
     end = start + length
-    while position < end:
-        stop = min(end, (position // grant_size + 1) * grant_size)
-        out.append(Chunk(position, stop - position))
-        position = stop
+    first_end = min(end, (start // grant_size + 1) * grant_size)
+    out = [Chunk(start, first_end - start)]
+    last_start = max(first_end, end - end % grant_size)  # where a partial last chunk begins
+    out.extend(Chunk(at, grant_size) for at in range(first_end, last_start, grant_size))
+    if last_start < end:
+        out.append(Chunk(last_start, end - last_start))
     return out
 
 
