@@ -4,6 +4,7 @@ configured, and a backend restarted under load loses no acknowledged write."""
 from __future__ import annotations
 
 import random
+import struct
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,12 @@ from backends.blkback import BlkbackDevice
 from frontends.blkfront import BlkError, attach
 from tests.integration.blk_env import DEVICE, make_vbd, pair
 from tests.integration.conftest import Xenstored
-from tests.integration.test_blkback import read_image
+from tests.integration.hv_pair import domains
+from tests.integration.test_blkback import MiniFront, read_image, wait_backend
+from xenpv.devices import VbdConfig, create_vbd
 from xenpv.topology import VbdFeatures
+from xenpv.xenbus import Closing, DeviceId
+from xenpv.xenstore.client import connect
 
 CONFIGS = [
     (VbdFeatures(), 512, False),
@@ -141,3 +146,62 @@ async def test_backend_restart_under_load(
                     assert await front.read(0, size) == bytes(model)
                 nursery.cancel_scope.cancel()
     assert read_image(image, 0, size) == bytes(model)
+
+
+@pytest.mark.parametrize("transport", ["socket", "shm"])
+async def test_blkfront_unaffected_by_hostile_neighbour(
+    xenstored: Xenstored, xs_workdir: Path, transport: str
+) -> None:
+    """A blkfront guest keeps its I/O going while another guest of the same backend domain
+    sends garbage and then breaks its ring."""
+    hostile_dev = DeviceId("vbd", frontend_domid=2, backend_domid=0, devid=51712)
+    with trio.fail_after(60):
+        async with (
+            connect(xenstored.unix) as xs,
+            domains(xs_workdir, transport, "unix", (0, 1, 2)) as (dom0, dom1, dom2),
+        ):
+            await create_vbd(xs, DEVICE, VbdConfig(None, 4 << 20))
+            await create_vbd(xs, hostile_dev, VbdConfig(None, 1 << 20))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(BlkbackDevice(dom0, xs, DEVICE).run)
+                hostile_backend = BlkbackDevice(dom0, xs, hostile_dev)
+                nursery.start_soon(hostile_backend.run)
+                async with attach(dom1, xs, DEVICE) as front:
+                    await front.wait_connected()
+                    rounds = 0
+                    target = 10**9
+                    reached = trio.Event()
+                    stop = trio.Event()
+
+                    async def honest() -> None:
+                        nonlocal rounds
+                        rng = random.Random(3)
+                        while not stop.is_set():
+                            offset = rng.randrange(0, 1000) * 4096
+                            data = rng.randbytes(rng.choice([512, 4096, 65536]))
+                            await front.write(offset, data)
+                            assert await front.read(offset, len(data)) == data
+                            rounds += 1
+                            if rounds >= target:
+                                reached.set()
+
+                    async with trio.open_nursery() as guests:
+                        guests.start_soon(honest)
+                        bad = MiniFront(dom2, xs, hostile_dev, npages=4)
+                        await bad.start()
+                        garbage = [  # unknown ops, each with its own id at offset 8
+                            bytes([op]) + bytes(7) + bad.next_id().to_bytes(8, "little")
+                            for op in (4, 7, 99, 255)
+                        ]
+                        garbage = [slot.ljust(112, b"\0") for slot in garbage]
+                        assert [r.status for r in await bad.run(garbage)] == [-2] * 4
+                        q = bad.queues[0]
+                        struct.pack_into("<I", q.buffer.view, 0, q.ring.req_prod_pvt + 999)
+                        q.buffer.written(0, 4)
+                        q.channel.notify()
+                        assert await wait_backend(xs, hostile_dev, Closing) == Closing
+                        assert hostile_backend.broken is not None
+                        target = rounds + 5
+                        await reached.wait()  # the honest guest kept going
+                        stop.set()
+                nursery.cancel_scope.cancel()
