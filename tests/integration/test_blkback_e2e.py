@@ -21,8 +21,9 @@ from xenpv.topology import VbdFeatures
 from xenpv.xenbus import Closing, DeviceId
 from xenpv.xenstore.client import connect
 
+# (features, sector size, read-only, transport): each combination once, transports alternating
 CONFIGS = [
-    (VbdFeatures(), 512, False),
+    (VbdFeatures(), 512, False, "shm"),
     (
         VbdFeatures(
             ring_page_order=0,
@@ -35,13 +36,14 @@ CONFIGS = [
         ),
         4096,
         False,
+        "socket",
     ),
-    (VbdFeatures(ring_page_order=2, queues=2, indirect_segments=32), 512, True),
+    (VbdFeatures(ring_page_order=2, queues=2, indirect_segments=32), 512, True, "shm"),
+    (VbdFeatures(queues=1, persistent=False), 4096, False, "socket"),
 ]
 
 
-@pytest.mark.parametrize("transport", ["socket", "shm"])
-@pytest.mark.parametrize(("features", "sector_size", "read_only"), CONFIGS)
+@pytest.mark.parametrize(("features", "sector_size", "read_only", "transport"), CONFIGS)
 async def test_blkfront_negotiates_what_was_configured(
     xenstored: Xenstored,
     xs_workdir: Path,
