@@ -173,8 +173,8 @@ class RequestCore:
     # -- checks ----------------------------------------------------------------------------
 
     def _reject(self, data: bytes, exc: BlkifError, status: int) -> Rejected:
-        operation = exc.operation if exc.operation is not None else data[0]
-        if operation == BLKIF_OP_INDIRECT:
+        operation = exc.operation if exc.operation is not None else (data[:1] or b"\0")[0]
+        if operation == BLKIF_OP_INDIRECT and len(data) > 1:
             operation = data[1]  # Linux answers with indirect_op
         return Rejected(exc.id if exc.id is not None else 0, operation, status, exc.reason)
 

@@ -203,3 +203,9 @@ def test_front_and_back_rings_in_memory() -> None:
     while (raw := front.take_response()) is not None:
         got.append(BLKIF_NATIVE.decode_response(raw))
     assert got == [BlkifResponse(104 - i, BLKIF_OP_READ, 0) for i in range(5)]
+
+
+@pytest.mark.parametrize("data", [b"", b"\x01", b"\x06\x01" + bytes(10)])
+def test_short_slots_are_rejected(data: bytes) -> None:
+    result = core().decode(data)
+    assert isinstance(result, Rejected) and result.status == BLKIF_RSP_ERROR
