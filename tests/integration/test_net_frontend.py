@@ -109,6 +109,7 @@ class StubBackend:
         self.connects = 0
         self.hold_tx = False  # True: take tx requests but never answer them
         self.took = trio.lowlevel.ParkingLot()  # unparked whenever tx requests were taken
+        self.bad_tx_id = False  # hostile: answer tx requests with ids that are not in flight
 
     async def perform(self, action: Action) -> KeyValues | None:
         if action in (Action.ADVERTISE, Action.RESET):
@@ -217,7 +218,8 @@ class StubBackend:
                         assert all(s == 0 for s in await self.dom.grant_copy(ops))
                         first = packet.requests[0]
                         put = queue.tx.put_response
-                        put(encode_tx_response(NetifTxResponse(first.id, NETIF_RSP_OKAY)))
+                        first_id = first.id if not self.bad_tx_id else (first.id + 100) % 256
+                        put(encode_tx_response(NetifTxResponse(first_id, NETIF_RSP_OKAY)))
                         for _extra in packet.extras:
                             put(encode_tx_response(NetifTxResponse(0, NETIF_RSP_NULL)))
                         for request in packet.requests[1:]:
@@ -506,3 +508,45 @@ async def test_reconnect_drops_in_flight_and_resumes(
             assert [(await stub.received.receive()).frame for _ in frames] == frames
             # grants of the old connection are all gone once the old backend unmapped
             assert not front._deferred
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_hostile_backend_breaks_only_until_reconnect(
+    tmp_path: Path, xenstored: Xenstored, transport: str
+) -> None:
+    rng = random.Random(13)
+    with trio.fail_after(40):
+        async with (
+            setup(tmp_path, xenstored, transport, echo=False) as s,
+            attach(s.front_dom, s.xs, s.device, max_queues=1) as front,
+        ):
+            await front.wait_connected()
+            s.stub.bad_tx_id = True
+            await front.send(frame_of(100, 0, rng))
+            await s.stub.received.receive()
+            queue = front._conn.queues[0] if front._conn else None
+            assert queue is not None
+            while queue.broken is None:  # the bogus response arrives with the next event
+                await queue.space.park()
+            assert "not in flight" in queue.broken
+            await front.send(frame_of(100, 1, rng))  # no exception: dropped and counted
+            assert front.stats()["tx_dropped"] >= 1
+            # a new backend: traffic resumes on new rings
+            s.backend_scope.cancel()
+            await s.stub.close()
+            stub = StubBackend(s.backend_dom, s.xs, s.device, s.nursery, echo=True)
+            s.nursery.start_soon(run_handshake, s.xs, stub)
+            await front.wait_disconnected()
+            await front.wait_connected()
+            frame = frame_of(3000, 2, rng)
+            await front.send(frame)
+            assert (await front.receive()).frame == frame
+            # a bogus rsp_prod on the rx ring: that queue breaks, nothing raises to the user
+            stub.queues[0].rx.buffer.view[8:12] = (0x7FFFFFFF).to_bytes(4, "little")
+            stub.queues[0].rx.buffer.written(8, 4)
+            stub.queues[0].evtchn_rx.notify()
+            queue = front._conn.queues[0] if front._conn else None
+            assert queue is not None
+            while queue.broken is None:
+                await queue.space.park()
+            assert "illegal number of responses" in queue.broken
