@@ -40,19 +40,24 @@ async def publish(
     keys: KeyValues,
     *,
     state: XenbusState | None = None,
-) -> None:
-    """Write `keys` under `directory` and optionally switch `state`, in one transaction."""
+) -> bool:
+    """Write `keys` under `directory` and optionally switch `state`, in one transaction.
 
-    async def body(tx: Transaction) -> None:
+    Like Linux's `xenbus_switch_state`, refuses to resurrect a removed device: if the
+    directory's `state` node is gone (the toolstack removed the device), nothing is written
+    and False is returned.
+    """
+
+    async def body(tx: Transaction) -> bool:
+        if await tx.try_read(f"{directory}/state") is None:
+            return False
         for name, value in keys.items():
             await tx.write(f"{directory}/{name}", _encode(value))
         if state is not None:
             await tx.write(f"{directory}/state", str(int(state)).encode())
+        return True
 
-    if not keys and state is not None:
-        await xs.write(f"{directory}/state", str(int(state)).encode())
-    else:
-        await xs.transact(body)
+    return await xs.transact(body)
 
 
 async def read_keys(xs: XenstoreClient, directory: str, names: list[str]) -> dict[str, str | None]:
@@ -119,7 +124,8 @@ async def _take(
         action=reaction.action.value,
         next=reaction.next_state.short if reaction.next_state is not None else None,
     )
-    await publish(xs, mine, keys, state=reaction.next_state)
+    if not await publish(xs, mine, keys, state=reaction.next_state):
+        return None  # the device was removed under us
     return reaction
 
 

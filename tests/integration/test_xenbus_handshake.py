@@ -11,7 +11,7 @@ from tests.integration.conftest import Xenstored
 from xenpv import xenbus
 from xenpv.devices import VbdConfig, create_vbd, create_vif, destroy_device, list_devices
 from xenpv.xenbus import Action, Connected, DeviceClass, DeviceId, XenbusState
-from xenpv.xenbus_io import KeyValues, read_keys, read_state, run_handshake
+from xenpv.xenbus_io import KeyValues, publish, read_keys, read_state, run_handshake
 from xenpv.xenstore.client import XenstoreClient, connect
 
 
@@ -83,3 +83,14 @@ async def test_handshake_and_backend_restart(xenstored: Xenstored, cls: DeviceCl
                 nursery.cancel_scope.cancel()
             await destroy_device(xs, device)
             assert await list_devices(xs, 0) == []
+
+
+async def test_publish_never_resurrects_a_removed_device(xenstored: Xenstored) -> None:
+    device = DeviceId("vif", frontend_domid=1, backend_domid=0, devid=0)
+    with trio.fail_after(10):
+        async with connect(xenstored.unix) as xs:
+            await create_vif(xs, device, mac="00:16:3e:00:00:01")
+            assert await publish(xs, device.backend, {"feature-sg": 1}, state=Connected)
+            await destroy_device(xs, device)
+            assert not await publish(xs, device.backend, {"feature-sg": 1}, state=Connected)
+            assert await xs.try_read(device.backend) is None
