@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import math
 import os
 import socket
 import stat
@@ -102,6 +101,7 @@ class _Conn:
     outstanding: int = 0
     dropped_events: int = 0
     closing: bool = False
+    send_since: float | None = None  # trio time a blocked send_all started
     wake: trio.Event = field(default_factory=trio.Event)
     space: trio.Event = field(default_factory=trio.Event)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
@@ -179,6 +179,7 @@ class XenstoreServer:
                 tcp_bound = (host, int(name[1]))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._committer)
+                nursery.start_soon(self._stall_watchdog)
                 nursery.start_soon(trio.serve_listeners, self._serve_unix, [unix])
                 if listeners:
                     nursery.start_soon(trio.serve_listeners, self._serve_tcp, listeners)
@@ -304,33 +305,47 @@ class XenstoreServer:
         self._submit(outcome.replies, outcome.changes, outcome.drop)
 
     async def _writer(self, conn: _Conn, clog: structlog.typing.FilteringBoundLogger) -> None:
-        # One cancel scope for the connection's life, armed only while a send is blocked:
-        # cheaper than a fresh move_on_after per send.
-        with trio.CancelScope() as stall:
-            while True:
-                if not conn.queue:
-                    if conn.closing:
-                        conn.scope.cancel()
-                        return
-                    conn.wake = trio.Event()
-                    await conn.wake.wait()
-                    continue
-                data = b"".join(conn.queue)
-                conn.queue.clear()
-                replies = conn.queued_replies
-                conn.queued_replies = conn.queued_events = 0
-                stall.deadline = trio.current_time() + self.config.write_stall_timeout
-                try:
-                    await conn.stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        while True:
+            if not conn.queue:
+                if conn.closing:
                     conn.scope.cancel()
                     return
-                stall.deadline = math.inf
-                conn.outstanding -= replies
-                if conn.outstanding < self.config.max_outstanding:
-                    conn.space.set()
-        clog.warning("client does not read its replies, disconnecting")
-        conn.scope.cancel()
+                conn.wake = trio.Event()
+                await conn.wake.wait()
+                continue
+            data = b"".join(conn.queue)
+            conn.queue.clear()
+            replies = conn.queued_replies
+            conn.queued_replies = conn.queued_events = 0
+            conn.send_since = trio.current_time()  # watched by _stall_watchdog
+            try:
+                await conn.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                conn.scope.cancel()
+                return
+            conn.send_since = None
+            conn.outstanding -= replies
+            if conn.outstanding < self.config.max_outstanding:
+                conn.space.set()
+
+    async def _stall_watchdog(self) -> None:
+        """Close connections whose socket write has been blocked for write_stall_timeout.
+
+        One periodic sweep instead of a deadline per send keeps the write path cheap.
+        """
+        timeout = self.config.write_stall_timeout
+        while True:
+            await trio.sleep(min(1.0, timeout / 4))  # a periodic sweep, not synchronisation
+            now = trio.current_time()
+            for conn in list(self._conns.values()):
+                if conn.send_since is not None and now - conn.send_since > timeout:
+                    log.warning(
+                        "client does not read its replies, disconnecting",
+                        conn=conn.cid,
+                        domid=conn.domid,
+                    )
+                    conn.send_since = None
+                    conn.scope.cancel()
 
     # -- durability and delivery ------------------------------------------------------------
 
