@@ -310,3 +310,32 @@ def test_random_io_with_reconnects_completes_each_once(
     assert disk == model
     g.drop()
     assert g.grants.in_use() == 0
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_grant_exhaustion_waits_for_completions_or_fails_the_impossible(persistent: bool) -> None:
+    memory = DomainMemory(GUEST, 16 << 20, 4096, 128)
+    grants = GrantTable(GUEST, memory.table, 128, memory.nr_frames)
+    g = Guest(memory, grants, Engine(memory, grants, BACKEND))
+    disk = bytearray(4 << 20)
+    backend = g.connect(disk=disk, indirect=32, persistent=persistent)
+    ios = [io(BLKIF_OP_WRITE, i * 262144, 262144, 4096, bytes([i + 1]) * 262144) for i in range(8)]
+    for x in ios:
+        g.engine.submit(x)
+    done = run(g, backend)  # 64 grants each, 120 usable: they go a few at a time
+    assert sorted(map(id, done)) == sorted(map(id, ios)) and all(x.status == 0 for x in ios)
+    assert all(disk[i * 262144 : (i + 1) * 262144] == bytes([i + 1]) * 262144 for i in range(8))
+    big = io(BLKIF_OP_READ, 0, 1 << 20, 4096)  # 8 requests of 32: issued as grants free up
+    g.engine.submit(big)
+    assert run(g, backend) == [big] and big.status == 0 and big.data == disk[: 1 << 20]
+    g.drop()
+    backend = g.connect(disk=disk, indirect=256, persistent=persistent)
+    huge = io(BLKIF_OP_READ, 0, 1 << 20, 4096)  # one request of 256 segments > 128 grants
+    g.engine.submit(huge)
+    assert run(g, backend) == [huge] and huge.status == -1
+    assert "out of guest memory or grants" in huge.reason
+    small = io(BLKIF_OP_READ, 4096, 4096, 4096)
+    g.engine.submit(small)
+    assert run(g, backend) == [small] and small.status == 0 and small.data == disk[4096:8192]
+    g.drop()
+    assert g.grants.in_use() == 0
