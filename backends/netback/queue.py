@@ -8,12 +8,15 @@ or two event channels (`feature-split-event-channels`). Tasks:
   batch in one `grant_copy` call, answer, notify once per batch, then hand each frame with its
   `VirtioNetHdr` metadata to the vif's switch port;
 - rx: frames the vif's switch port receives are spread over queues by flow hash and kept in a
-  per-queue backlog bounded like Linux's `rx_queue_max` (half a ring of pages: 512 KiB; beyond
-  it frames are dropped and counted). Whenever enough rx requests are posted, a batch of frames
-  is placed, copied in one `grant_copy`, answered and notified once. When they are not, the
-  queue sets `req_event` to `req_cons + needed` (as `xenvif_rx_ring_slots_available` does) and
-  waits for the frontend's event; a frontend without `feature-rx-notify` is polled every 30 ms
-  (Linux's drain timeout for such frontends).
+  per-queue backlog bounded like Linux's `rx_queue_max` (half a ring of pages: 512 KiB). A
+  full backlog stops the vif's switch reader, as netback stops the netdev queue
+  (`netif_tx_stop_queue`): frames then wait in the switch's egress queue for this port, which
+  tail-drops and counts like a full qdisc, until the guest posts buffers again. Whenever
+  enough rx requests are posted, a batch of frames is placed, copied in one `grant_copy`,
+  answered and notified once. When they are not, the queue sets `req_event` to
+  `req_cons + needed` (as `xenvif_rx_ring_slots_available` does) and waits for the frontend's
+  event; a frontend without `feature-rx-notify` is polled every 30 ms (Linux's drain timeout
+  for such frontends).
 Frontend faults surface as `TxFatal` / `RxFatal`; a vanished peer as `PeerGone` /
 `EventChannelClosed`. The vif stops the whole data path on any of them.
 """
@@ -96,6 +99,8 @@ class NetbackQueue:
         self.rx_bell = Doorbell()
         self.backlog: deque[RxFrame] = deque()
         self.backlog_bytes = 0
+        self._room = trio.Event()  # set while the backlog has room
+        self._room.set()
         self.tx_dropped_offload = 0  # answered OKAY but dropped: checksum setup impossible
 
     # --- rx backlog (called by the vif's switch reader) ------------------------------------
@@ -111,12 +116,18 @@ class NetbackQueue:
         if not self.rx.fits_ever(item):
             stats.dropped_too_big += 1
             return
-        if self.backlog_bytes >= RX_QUEUE_MAX:
+        if self.backlog_bytes >= RX_QUEUE_MAX:  # callers wait_room() first; count if not
             stats.dropped_no_buffers += 1
             return
         self.backlog.append(item)
         self.backlog_bytes += len(data)
+        if self.backlog_bytes >= RX_QUEUE_MAX:
+            self._room = trio.Event()
         self.rx_bell.ring()
+
+    async def wait_room(self) -> None:
+        """Return once the backlog is below `RX_QUEUE_MAX` (the netdev queue is awake)."""
+        await self._room.wait()
 
     # --- tasks -----------------------------------------------------------------------------
 
@@ -219,6 +230,8 @@ class NetbackQueue:
                     break
                 item = backlog.popleft()
                 self.backlog_bytes -= len(item.data)
+                if self.backlog_bytes < RX_QUEUE_MAX:
+                    self._room.set()
                 available -= needed
                 placement = rx.place(item)
                 placements.append(placement)

@@ -71,7 +71,7 @@ class VifStats:
     tx_dropped_offload: int = 0
     rx_packets: int = 0
     rx_bytes: int = 0
-    rx_dropped_no_buffers: int = 0
+    rx_dropped_no_buffers: int = 0  # the guest posted too few buffers: switch egress drops
     rx_dropped_too_big: int = 0
     rx_dropped_offload: int = 0
     rx_copy_errors: int = 0
@@ -85,6 +85,7 @@ class _Connection:
     channels: list[EventChannel]
     queues: list[NetbackQueue]
     port: SwitchPort[VirtioNetHdr] | None = None
+    switch_drops: int = 0  # the port's egress tail drops, saved when it leaves the switch
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     done: trio.Event = field(default_factory=trio.Event)
 
@@ -135,7 +136,23 @@ class Vif:
         out.warnings = list(self._retired.warnings)
         if self._conn is not None:
             _add_queue_stats(out, self._conn.queues)
+            out.rx_dropped_no_buffers += self._switch_drops(self._conn)
         return out
+
+    def _switch_drops(self, conn: _Connection) -> int:
+        if conn.port is None:
+            return conn.switch_drops
+        with suppress(SwitchError):
+            return self.switch.core.counters(self.port_name).tx_dropped
+        return 0
+
+    def _leave_switch(self, conn: _Connection) -> None:
+        """Carrier off: detach the port, keeping its drop count."""
+        if conn.port is not None:
+            conn.switch_drops = self._switch_drops(conn)
+            conn.port = None
+            with suppress(SwitchError):
+                self.switch.detach(self.port_name)
 
     def _notify(self) -> None:
         self._changed.set()
@@ -309,6 +326,7 @@ class Vif:
                 batch = await port.receive_batch(64)
                 for frame, meta in batch:
                     queue = queues[flow_hash(frame) % count] if count > 1 else queues[0]
+                    await queue.wait_room()  # netif_tx_stop_queue: the switch queues, then drops
                     queue.enqueue(frame, meta)
                 self._notify()
         except (trio.EndOfChannel, trio.ClosedResourceError):
@@ -321,10 +339,7 @@ class Vif:
             self.log.error("netback.fatal", reason=reason)
         else:
             self.log.info("netback.carrier_off", reason=reason)
-        if conn.port is not None:
-            with suppress(SwitchError):
-                self.switch.detach(self.port_name)
-            conn.port = None
+        self._leave_switch(conn)
         self._notify()
 
     async def _disconnect(self) -> None:
@@ -333,10 +348,8 @@ class Vif:
             return
         conn.scope.cancel()
         await conn.done.wait()
+        self._leave_switch(conn)
         self._retire(conn)
-        if conn.port is not None:
-            with suppress(SwitchError):
-                self.switch.detach(self.port_name)
         await _release(conn.mappings, conn.channels)
         self.fatal = None
         self.log.info("netback.disconnected")
@@ -344,6 +357,7 @@ class Vif:
 
     def _retire(self, conn: _Connection) -> None:
         _add_queue_stats(self._retired, conn.queues)
+        self._retired.rx_dropped_no_buffers += conn.switch_drops
         self._retired.warnings = self._retired.warnings[-16:]
 
 
