@@ -336,11 +336,11 @@ async def wait_connected(cluster: Cluster, limit_s: float) -> None:
                 await recv.receive()
             nursery.cancel_scope.cancel()
     if scope.cancelled_caught:
-        pending = await _not_ready(cluster)
+        pending = await _not_ready(cluster, explain=True)
         raise ClusterError(f"not ready after {limit_s:.0f} s: " + "; ".join(pending))
 
 
-async def _not_ready(cluster: Cluster) -> list[str]:
+async def _not_ready(cluster: Cluster, *, explain: bool = False) -> list[str]:
     out: list[str] = []
     for name, domid in cluster.domids.items():
         if await cluster.xs.try_read(f"/local/domain/{domid}/xenpv/ready") is None:
@@ -349,8 +349,38 @@ async def _not_ready(cluster: Cluster) -> list[str]:
         fe, be = await _states(cluster.xs, device)
         if fe != "Connected" or be != "Connected":
             who = f"{cluster.name_of(device.frontend_domid)}/{device.cls}{device.devid}"
-            out.append(f"{who} frontend {fe}, backend {be}")
+            why = ""
+            if explain:
+                why = _device_complaint(cluster, device)
+            out.append(f"{who} frontend {fe}, backend {be}" + (f" ({why})" if why else ""))
     return out
+
+
+def _device_complaint(cluster: Cluster, device: DeviceId) -> str:
+    """The last warning or error either end's domain process logged about `device`."""
+    found = ""
+    for domid, end in ((device.backend_domid, "backend"), (device.frontend_domid, "frontend")):
+        child = next((c for c in cluster.children if c.domid == domid), None)
+        if child is None:
+            continue
+        try:
+            lines = child.log.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        for line in reversed(lines):
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if (
+                isinstance(entry, dict)
+                and entry.get("device") == str(device)
+                and entry.get("level") in ("warning", "error", "critical")
+            ):
+                detail = f": {entry['error']}" if "error" in entry else ""
+                found = found or f"{end} says: {entry.get('event')}{detail}"
+                break
+    return found
 
 
 async def _watch_children(children: list[Child]) -> None:
@@ -505,6 +535,8 @@ async def launch(
     Not detached: leaving the block (normally, by an error or by cancellation) stops every
     process started here. Detached: the processes keep running and `cluster.json` lists them.
     """
+    # Children log to files: at least at info, so a failure can be explained from them.
+    log_level = "debug" if log_level == "debug" else "info"
     _prepare(state_dir)
     _check_no_cluster(state_dir)
     _check_images(topology, state_dir)

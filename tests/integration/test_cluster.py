@@ -174,3 +174,22 @@ def test_bad_topology_is_one_line(tmp_path: Path, text: str, expected: str) -> N
 def test_missing_topology_file(tmp_path: Path) -> None:
     result = xenpv("cluster", "up", str(tmp_path / "nope.toml"))
     assert result.returncode == 1 and "cannot read" in result.stderr
+
+
+def test_stuck_device_is_named_with_its_states_and_reason() -> None:
+    with short_tempdir() as tmp:
+        topo = tmp / "stuck.toml"
+        topo.write_text(
+            "[[domain]]\nname = 'be'\nrole = 'backend'\n[[domain]]\nname = 'g'\n"
+            "[[vbd]]\nfrontend = 'g'\nbackend = 'be'\nimage = '/nonexistent/d/x.img'\n"
+        )
+        state = tmp / "st"
+        result = xenpv("cluster", "up", str(topo), "--state-dir", str(state), "--timeout", "15")
+        assert result.returncode == 1
+        line = result.stderr.strip()
+        assert line.count("\n") == 0, line
+        assert line.startswith("xenpv: error: not ready after 15 s: ")
+        assert "g/vbd51712 frontend " in line
+        assert "cannot open image '/nonexistent/d/x.img'" in line
+        assert not (state / "cluster.json").exists()
+        assert not list((state / "links").glob("*.sock"))
