@@ -81,6 +81,7 @@ class _Queue:
     arena: Page
     ring_pages: list[Page]
     rx_pages: list[Page]
+    tx_grefs: list[int]  # one read-only grant per tx arena granule, for the connection
     tx_ring_gref: int
     rx_ring_gref: int
     evtchn_tx: EventChannel
@@ -324,6 +325,13 @@ class Netfront:
             frames = self.granule // XEN_PAGE_SIZE
             arena = dom.alloc_buffer(tx_ring.nr_ents * frames)
             pages.append(arena)
+            tx_grefs = []
+            for slot_id in range(tx_ring.nr_ents):
+                gref = dom.grants.grant_access(
+                    backend, arena.frame + slot_id * frames, readonly=True, order=self.granule_order
+                )
+                granted.append(gref)
+                tx_grefs.append(gref)
             if self.granule <= dom.page_size:
                 buffers = dom.alloc_pages(rx_ring.nr_ents)
             else:
@@ -352,6 +360,7 @@ class Netfront:
             arena,
             [tx_page, rx_page],
             buffers,
+            tx_grefs,
             tx_gref,
             rx_gref,
             evtchn_tx,
@@ -392,8 +401,7 @@ class Netfront:
         """xennet_tx_buf_gc: end the grants of answered slots, wake senders."""
         tx = queue.tx
         while True:
-            for gref in tx.collect():
-                self._end_grant(gref)
+            tx.collect()  # the arena's grants stay for the connection: nothing to end
             if not tx.ring.final_check_for_responses():
                 break
         queue.space.unpark_all()
@@ -429,12 +437,9 @@ class Netfront:
             return
         tx = queue.tx
         granule = self.granule
-        order = self.granule_order
-        frames = granule // XEN_PAGE_SIZE
         arena = queue.arena
         arena_view = arena.view
-        backend = self.device.backend_domid
-        grant = self.dom.grants.grant_access
+        tx_grefs = queue.tx_grefs
         ids = tx.alloc_ids(len(pieces))
         grefs = []
         position = 0
@@ -443,7 +448,7 @@ class Netfront:
             arena_view[start : start + size] = view[position : position + size]
             arena.written(start, size)
             position += size
-            grefs.append(grant(backend, arena.frame + slot_id * frames, readonly=True, order=order))
+            grefs.append(tx_grefs[slot_id])
         tx.put_packet(
             ids, grefs, pieces, gso=gso, csum_blank=csum_blank, data_validated=data_validated
         )
@@ -500,14 +505,8 @@ class Netfront:
         queue.evtchn_tx.close()
         queue.evtchn_rx.close()
         self._end_grants([queue.tx_ring_gref, queue.rx_ring_gref], queue.ring_pages)
-        in_flight = queue.tx.abandon()  # packets on the tx ring are dropped (counted)
-        self._end_grants([*in_flight, *queue.rx._grefs], [queue.arena, *queue.rx_pages])
-
-    def _end_grant(self, gref: int) -> None:
-        try:
-            self.dom.grants.end_access(gref)
-        except GrantError:
-            self._deferred.append(_Deferred([gref], []))
+        queue.tx.abandon()  # packets on the tx ring are dropped (counted)
+        self._end_grants([*queue.tx_grefs, *queue.rx._grefs], [queue.arena, *queue.rx_pages])
 
     def _end_grants(self, grefs: list[int], pages: list[Page]) -> None:
         """End grants; free `pages` once every one of them has ended (maybe later)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from frontends.netfront.core import (
@@ -166,6 +166,7 @@ class RxPair:
 # --- split ------------------------------------------------------------------------------------
 
 
+@settings(deadline=None)
 @given(st.integers(0, 3 * GRANULE), st.integers(1, 70000), st.sampled_from([4096, 16384, 65536]))
 def test_split_never_crosses_a_granule(offset: int, length: int, granule: int) -> None:
     pieces = split(offset, length, granule)
@@ -187,7 +188,7 @@ def test_split_rejects_empty() -> None:
 # --- tx ---------------------------------------------------------------------------------------
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.lists(
         st.tuples(
@@ -296,7 +297,7 @@ def test_too_many_responses_break_the_ring() -> None:
 # --- rx ---------------------------------------------------------------------------------------
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.lists(
         st.tuples(
@@ -429,7 +430,7 @@ def test_rx_empty_packet_is_an_error() -> None:
     assert pair.got == [] and pair.core.counters.rx_errors == 1
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.binary(min_size=8, max_size=8), min_size=1, max_size=300))
 def test_rx_garbage_responses_never_crash(responses: list[bytes]) -> None:
     pair = RxPair()

@@ -143,7 +143,7 @@ def test_fragments_and_non_ip_have_no_l4() -> None:
     assert parse(MAC_B + MAC_A + b"\x08\x06" + bytes(28)) is None
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=200))
 def test_parse_never_raises_on_garbage(data: bytes) -> None:
     for frame in (data, tcp4(1, 2)[:34] + data, udp6(1, 2)[:54] + data):
@@ -152,6 +152,7 @@ def test_parse_never_raises_on_garbage(data: bytes) -> None:
             assert h.header_len <= len(frame)
 
 
+@settings(deadline=None)
 @given(st.integers(0, 65535), st.integers(0, 65535), st.integers(1, 8))
 def test_a_flow_always_hashes_to_one_queue(sport: int, dport: int, queues: int) -> None:
     q = select_queue(tcp4(sport, dport), queues)
