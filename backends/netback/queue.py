@@ -158,8 +158,9 @@ class NetbackQueue:
                 packets = tx.take(TX_BUDGET)
                 if packets:
                     await self._copy_tx(packets)
-                else:
-                    await trio.lowlevel.checkpoint()
+                # A grant copy on the shared-memory transport never blocks: yield anyway, so
+                # a frontend that keeps its ring full cannot starve the other vifs.
+                await trio.lowlevel.checkpoint()
                 if tx.push():
                     self.tx_channel.notify()
                 self.on_progress()
@@ -252,6 +253,7 @@ class NetbackQueue:
                 if rx.push():
                     self.rx_channel.notify()
                 self.on_progress()
+                await trio.lowlevel.checkpoint()  # fairness, as in the tx loop
                 continue
             # Not enough buffers for the head frame: ask to be woken when there are.
             ring = rx.ring
