@@ -189,12 +189,20 @@ class Netfront:
             return
 
     async def receive(self) -> RxFrame:
-        """The next received frame (`.frame` bytes, plus offload metadata)."""
-        return await self._rx_recv.receive()
+        """The next received frame (`.frame` bytes, plus offload metadata).
+
+        Frames received before a detach can still be read; after that, `NetfrontError`."""
+        try:
+            return await self._rx_recv.receive()
+        except trio.EndOfChannel:
+            raise NetfrontError("netfront is closed") from None
 
     def receive_nowait(self) -> RxFrame:
         """A frame already received, or trio.WouldBlock."""
-        return self._rx_recv.receive_nowait()
+        try:
+            return self._rx_recv.receive_nowait()
+        except trio.EndOfChannel:
+            raise NetfrontError("netfront is closed") from None
 
     async def wait_connected(self) -> None:
         """Wait until rings are set up and the backend is Connected."""

@@ -174,7 +174,7 @@ async def run_tap(front: Netfront, tap: Tap) -> None:
         while True:
             try:
                 rx = await front.receive()
-            except (trio.EndOfChannel, trio.ClosedResourceError):
+            except NetfrontError:
                 return  # netfront closed
             try:
                 await tap.write_frame(to_virtio(rx), rx.frame)
