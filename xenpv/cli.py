@@ -24,6 +24,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "xenpv.commands.domain",
     "xenpv.commands.cluster",
     "xenpv.commands.demo",
+    "xenpv.commands.probe",
+    "xenpv.commands.toolstack",
 )
 
 
