@@ -23,8 +23,8 @@ from frontends.netfront.device import Netfront
 from frontends.netfront.tap import configure_link, open_tap, run_tap
 from xenpv.devices import VIF_TAP
 from xenpv.hv import Domain
-from xenpv.xenbus import DeviceId
-from xenpv.xenbus_io import run_handshake
+from xenpv.xenbus import DeviceId, Initialising, Unknown
+from xenpv.xenbus_io import publish, read_state, run_handshake
 from xenpv.xenstore.client import XenstoreClient
 
 __all__ = ["Netfront", "NetfrontError", "NetfrontProtocolError", "RxFrame", "attach"]
@@ -53,6 +53,10 @@ async def attach(
         if tap is not None:
             mac = await xs.try_read(f"{device.frontend}/mac")
             await configure_link(tap, mac.decode("ascii", "replace") if mac else None)
+        # A frontend (re)starting on a device that a previous instance left past
+        # Initialising starts over; the backend RESETs on seeing that (xenpv.xenbus rules).
+        if await read_state(xs, device.frontend) not in (Unknown, Initialising):
+            await publish(xs, device.frontend, {}, state=Initialising)
         async with trio.open_nursery() as nursery:
             front._nursery = nursery
             nursery.start_soon(front._watch_backend)
