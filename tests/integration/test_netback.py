@@ -277,7 +277,8 @@ async def world(
                     endpoint=f"unix:{workdir}/d{domid}.sock",
                     transport=transport,
                     page_size=page_size,
-                    memory_bytes=16 << 20,
+                    # netfront posts 256 rx pages per queue (2 queues by default), like Linux
+                    memory_bytes=max(16 << 20, 2 * 256 * page_size + (16 << 20)),
                 )
             )
             directory.register(domid, dom.endpoint, key.public_hex())
