@@ -55,7 +55,15 @@ from xenpv.abi.netif import (
 )
 from xenpv.abi.ring import FrontRing
 from xenpv.errors import XenpvError
-from xenpv.hv import XEN_PAGE_SIZE, Domain, EventChannel, EventChannelClosed, GrantError, Page
+from xenpv.hv import (
+    GNTST,
+    XEN_PAGE_SIZE,
+    Domain,
+    EventChannel,
+    EventChannelClosed,
+    GrantError,
+    Page,
+)
 from xenpv.hv.errors import HvError
 from xenpv.xenbus import Action, Closed, Closing, Connected, DeviceId, Role, Unknown
 from xenpv.xenbus_io import KeyValues, read_keys, read_state
@@ -529,7 +537,7 @@ class Netfront:
                 try:
                     self.dom.grants.end_access(gref)
                 except GrantError as exc:
-                    if exc.status == -12:  # GNTST_eagain: the backend still maps it
+                    if exc.status == GNTST.GNTST_eagain:  # the backend still maps it
                         left.append(gref)
             item.grefs = left
             if left:
