@@ -20,7 +20,8 @@ dropped, every slot answered NETIF_RSP_ERROR (extras NETIF_RSP_NULL):
   ("Too many slots (%d) exceeding limit (%d), dropping packet");
 - a later slot larger than what the first slot's size leaves ("Invalid tx request, slot size
   %u > remaining size %u": a frame ≥ 64 KiB overflowed the 16-bit size);
-- a packet shorter than an Ethernet header ("Bad packet size").
+- a first slot shorter than an Ethernet header ("Bad packet size": netback checks the first
+  slot's own size, so the headers never start in a later fragment).
 Multicast-control extras (MCAST_ADD / MCAST_DEL) are answered at once on their own request:
 OKAY, or ERROR when the vif already has XEN_NETBK_MCAST_MAX (64) addresses.
 

@@ -351,6 +351,7 @@ class Vif:
         self._leave_switch(conn)
         self._retire(conn)
         await _release(conn.mappings, conn.channels)
+        self.mcast.clear()  # xenvif_disconnect_data frees the multicast list
         self.fatal = None
         self.log.info("netback.disconnected")
         self._notify()

@@ -320,3 +320,52 @@ def test_garbage_slots_answer_every_slot_or_fatal(slots: list[bytes]) -> None:
     p.complete_all(packets)
     ring = p.core.ring
     assert ring.rsp_prod_pvt == ring.req_cons == len(slots)
+
+
+@st.composite
+def valid_packets(draw: st.DrawFn) -> list[tuple[int, int]]:
+    """(offset, size) fragments of a packet a correct frontend could send."""
+    count = draw(st.integers(1, 19))
+    frags = []
+    for i in range(count):
+        least = 14 if i == 0 else 1  # netback wants the Ethernet header in the first slot
+        offset = draw(st.integers(0, 4096 - least))
+        size = draw(st.integers(least, 4096 - offset))
+        frags.append((offset, size))
+    if sum(size for _o, size in frags) > 0xFFFF:
+        frags = [(0, 60)]
+    return frags
+
+
+@settings(max_examples=60, deadline=None)
+@given(packets=st.lists(valid_packets(), min_size=1, max_size=8), gso=st.booleans())
+def test_valid_packets_map_to_exact_segments(
+    packets: list[list[tuple[int, int]]], gso: bool
+) -> None:
+    p = Pair()
+    for frags in packets:
+        total = sum(size for _o, size in frags)
+        for i, (offset, size) in enumerate(frags):
+            flags = NETTXF_more_data if i < len(frags) - 1 else 0
+            if i == 0 and gso:
+                flags |= NETTXF_extra_info
+            p.front.put_request(
+                encode_tx_request(
+                    NetifTxRequest(1000 + i, offset, flags, i, total if i == 0 else size)
+                )
+            )
+            if i == 0 and gso:
+                p.front.put_request(encode_extra(NetifGsoExtra(1400, XEN_NETIF_GSO_TYPE_TCPV4)))
+    p.front.push_requests()
+    taken = p.core.take(budget=100)
+    assert len(taken) == len(packets)
+    for packet, frags in zip(taken, packets, strict=True):
+        at = 0
+        for segment, (offset, size) in zip(packet.segments, frags, strict=True):
+            assert (segment.offset, segment.length, segment.at) == (offset, size, at)
+            at += size
+        assert packet.size == at and (packet.gso is not None) == gso
+    p.complete_all(taken)
+    statuses = [s for _i, s in p.responses()]
+    assert statuses.count(NETIF_RSP_NULL) == (len(packets) if gso else 0)
+    assert all(s in (NETIF_RSP_OKAY, NETIF_RSP_NULL) for s in statuses)
