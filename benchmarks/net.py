@@ -1,8 +1,10 @@
 """`xenpv bench net`: guest-to-guest frame rates through the PV network path, and TCP over it.
 
-Topology (one process, all domains in it, as the integration tests build it): a backend
-domain 0 running netback for each vif and the learning switch, and two 4 KiB-page guests
-with netfront. For each transport (socket copy, shared memory):
+Topology: a backend domain 0 running netback for each vif and the learning switch (in this
+process), and two 4 KiB-page guests with netfront (by default together in a second process,
+`python -m benchmarks.net CONFIG`, so backend and guests use two cores as separate domain
+processes would; `--no-processes` puts every domain in this process). For each transport
+(socket copy, shared memory):
 - guest-to-guest: guest 1 sends frames of 64, 1500 and 9000 bytes and 64 KiB GSO frames
   (65535 bytes, TCPv4, MSS 1448) to guest 2 as fast as `send()` accepts them for a fixed
   time; we count what guest 2 receives (frames the backend drops when guest 2 falls behind
@@ -24,6 +26,7 @@ import random
 import shutil
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -47,6 +50,7 @@ from xenpv.xenstore.client import connect
 
 TRANSPORTS = ("socket", "shm")
 SIZES = (64, 1500, 9000, 65535)
+GUESTS = (1, 2)
 IPERF_PACKAGE = "iperf3"
 
 
@@ -62,6 +66,13 @@ def register(benches: Any) -> None:
         "--transport", choices=[*TRANSPORTS, "all"], default="all", help="domain link transport"
     )
     parser.add_argument("--queues", type=int, default=1, help="netfront queues per vif")
+    parser.add_argument(
+        "--processes",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="guests in a process of their own, the backend in this one (default); "
+        "--no-processes runs every domain in this process",
+    )
     parser.set_defaults(run=run)
 
 
@@ -73,14 +84,14 @@ def run(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {"guest_to_guest": {}, "tap_iperf3": {}}
     rows: list[list[Any]] = []
     for transport in transports:
-        g2g = trio.run(_guest_to_guest, transport, seconds, args.queues)
+        g2g = trio.run(_guest_to_guest, transport, seconds, args.queues, args.processes)
         results["guest_to_guest"][transport] = g2g
         for size, r in g2g.items():
             rows.append([transport, f"guest→guest {size} B", r["frames_per_s"], r["mbps"]])
         tap = (
             _unavailable(missing)
             if missing
-            else trio.run(_tap_iperf, transport, iperf_seconds, args.queues)
+            else trio.run(_tap_iperf, transport, iperf_seconds, args.queues, args.processes)
         )
         results["tap_iperf3"][transport] = tap
         rows.append([transport, "iperf3 over TAP + PV path", "", tap.get("mbps", tap["status"])])
@@ -95,7 +106,11 @@ def run(args: argparse.Namespace) -> int:
     results["tap_iperf3_mbps"] = results["tap_iperf3"][best].get("mbps")
     results["veth_iperf3_mbps"] = veth.get("mbps")
     results["veth_iperf3"] = veth
-    notes = [f"top-level figures are for the {best} transport; queues per vif: {args.queues}"]
+    where = "guests and backend in two processes" if args.processes else "one process"
+    notes = [
+        f"top-level figures are for the {best} transport; queues per vif: {args.queues}; {where}"
+    ]
+    results["processes"] = args.processes
     if missing:
         notes.append(f"iperf3 figures unavailable: {missing}")
     emit(
@@ -116,37 +131,69 @@ def _mac(domid: int) -> bytes:
 
 
 @asynccontextmanager
-async def _network(
-    workdir: Path, address: str, transport: str, queues: int, taps: dict[int, str] | None = None
-) -> AsyncIterator[list[Netfront]]:
+async def _backend(
+    workdir: Path, address: str, transport: str, taps: dict[int, str] | None = None
+) -> AsyncIterator[dict[str, Any]]:
+    """Domain 0 with netback and the switch, vifs for guests 1 and 2; yields what a guest
+    process needs to join (keys, endpoints, xenstore address)."""
     directory = StaticDirectory()
+    keys = {domid: DomainKey.generate(domid) for domid in (0, *GUESTS)}
+    for domid in GUESTS:
+        directory.register(domid, f"unix:{workdir}/d{domid}.sock", keys[domid].public_hex())
     async with AsyncExitStack() as stack:
-        doms = []
-        for domid in (0, 1, 2):
-            key = DomainKey.generate(domid)
-            dom = await stack.enter_async_context(
-                open_domain(
-                    domid=domid,
-                    key=key,
-                    directory=directory,
-                    endpoint=f"unix:{workdir}/d{domid}.sock",
-                    transport=transport,
-                    page_size=XEN_PAGE_SIZE,
-                    memory_bytes=64 << 20,
-                )
+        dom0 = await stack.enter_async_context(
+            open_domain(
+                domid=0,
+                key=keys[0],
+                directory=directory,
+                endpoint=f"unix:{workdir}/d0.sock",
+                transport=transport,
+                memory_bytes=32 << 20,
             )
-            directory.register(domid, dom.endpoint, key.public_hex())
-            doms.append(dom)
+        )
         xs = await stack.enter_async_context(connect(address))
         switch: LiveSwitch[Any] = LiveSwitch(queue_depth=1024)
         nursery = await stack.enter_async_context(trio.open_nursery())
         stack.callback(nursery.cancel_scope.cancel)
+        for domid in GUESTS:
+            device = DeviceId("vif", domid, 0, 0)
+            mac = ":".join(f"{b:02x}" for b in _mac(domid))
+            await create_vif(xs, device, mac=mac, tap=(taps or {}).get(domid))
+            nursery.start_soon(netback.serve, dom0, xs, device, switch)
+        yield {
+            "xenstore": address,
+            "transport": transport,
+            "workdir": str(workdir),
+            "seeds": {str(domid): keys[domid].seed_hex() for domid in GUESTS},
+            "backend": [0, dom0.endpoint, keys[0].public_hex()],
+            "pubkeys": {str(domid): keys[domid].public_hex() for domid in GUESTS},
+        }
+
+
+@asynccontextmanager
+async def _guests(config: dict[str, Any], queues: int) -> AsyncIterator[list[Netfront]]:
+    """Guests 1 and 2 (4 KiB pages) with their netfronts, connected."""
+    directory = StaticDirectory()
+    directory.register(*config["backend"])
+    workdir = config["workdir"]
+    for domid in GUESTS:
+        directory.register(domid, f"unix:{workdir}/d{domid}.sock", config["pubkeys"][str(domid)])
+    async with AsyncExitStack() as stack:
+        xs = await stack.enter_async_context(connect(config["xenstore"]))
         fronts = []
-        for dom in doms[1:]:
-            device = DeviceId("vif", dom.domid, 0, 0)
-            mac = ":".join(f"{b:02x}" for b in _mac(dom.domid))
-            await create_vif(xs, device, mac=mac, tap=(taps or {}).get(dom.domid))
-            nursery.start_soon(netback.serve, doms[0], xs, device, switch)
+        for domid in GUESTS:
+            dom = await stack.enter_async_context(
+                open_domain(
+                    domid=domid,
+                    key=DomainKey.from_seed_hex(domid, config["seeds"][str(domid)]),
+                    directory=directory,
+                    endpoint=f"unix:{workdir}/d{domid}.sock",
+                    transport=config["transport"],
+                    page_size=XEN_PAGE_SIZE,
+                    memory_bytes=64 << 20,
+                )
+            )
+            device = DeviceId("vif", domid, 0, 0)
             fronts.append(
                 await stack.enter_async_context(attach(dom, xs, device, max_queues=queues))
             )
@@ -154,6 +201,47 @@ async def _network(
             for front in fronts:
                 await front.wait_connected()
         yield fronts
+
+
+@asynccontextmanager
+async def _guest_process(config: dict[str, Any]) -> AsyncIterator[trio.Process]:
+    """`python -m benchmarks.net CONFIG`: the guests in a process of their own; it prints
+    READY once connected (and, for "g2g", one JSON line of results)."""
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "benchmarks.net", json.dumps(config)],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
+            if process.stdout is not None:
+                await process.stdout.aclose()
+
+
+async def _lines(process: trio.Process) -> AsyncIterator[str]:
+    assert process.stdout is not None
+    buffer = b""
+    while True:
+        while b"\n" not in buffer:
+            chunk = await process.stdout.receive_some()
+            if not chunk:
+                raise RuntimeError(f"guest process exited (rc={process.poll()})")
+            buffer += chunk
+        line, _, buffer = buffer.partition(b"\n")
+        yield line.decode()
+
+
+async def _child(config: dict[str, Any]) -> None:
+    async with _guests(config, config["queues"]) as (a, b):
+        print("READY", flush=True)
+        if config["mode"] == "g2g":
+            out = {str(size): await _stream(a, b, size, config["seconds"]) for size in SIZES}
+            print(json.dumps(out), flush=True)
+        await trio.sleep_forever()  # until the parent kills us
 
 
 def _frame(dst: bytes, src: bytes, size: int) -> bytes:
@@ -176,16 +264,25 @@ def _frame(dst: bytes, src: bytes, size: int) -> bytes:
     return (dst + src + b"\x08\x00" + ip + tcp + payload)[:size]
 
 
-async def _guest_to_guest(transport: str, seconds: float, queues: int) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+async def _guest_to_guest(
+    transport: str, seconds: float, queues: int, processes: bool
+) -> dict[str, Any]:
     with (
         tempfile.TemporaryDirectory(prefix="xnb", dir="/tmp") as tmp,
         _xenstored(Path(tmp), "xs") as address,
     ):
-        async with _network(Path(tmp), address, transport, queues) as (a, b):
-            for size in SIZES:
-                out[str(size)] = await _stream(a, b, size, seconds)
-    return out
+        async with _backend(Path(tmp), address, transport) as config:
+            if not processes:
+                async with _guests(config, queues) as (a, b):
+                    return {str(size): await _stream(a, b, size, seconds) for size in SIZES}
+            config.update(mode="g2g", seconds=seconds, queues=queues)
+            async with _guest_process(config) as process:
+                lines = _lines(process)
+                async for line in lines:
+                    if line.startswith("{"):
+                        result: dict[str, Any] = json.loads(line)
+                        return result
+            raise RuntimeError("guest process gave no result")
 
 
 async def _stream(a: Netfront, b: Netfront, size: int, seconds: float) -> dict[str, Any]:
@@ -203,7 +300,9 @@ async def _stream(a: Netfront, b: Netfront, size: int, seconds: float) -> dict[s
     async def receiver() -> None:
         nonlocal received, last
         while True:
-            await b.receive()
+            got = await b.receive()
+            if len(got.frame) != size:
+                continue  # the tail of the previous size's stream
             received += 1
             last = time.perf_counter()
             if target is not None and received >= target:
@@ -322,7 +421,9 @@ async def _iperf_between(
             await server.wait()
 
 
-async def _tap_iperf(transport: str, seconds: float, queues: int) -> dict[str, Any]:
+async def _tap_iperf(
+    transport: str, seconds: float, queues: int, processes: bool
+) -> dict[str, Any]:
     spaces = _Namespaces("xnb")
     taps = {1: f"xnba{spaces.tag}", 2: f"xnbb{spaces.tag}"}
     with (
@@ -330,7 +431,18 @@ async def _tap_iperf(transport: str, seconds: float, queues: int) -> dict[str, A
         spaces as (ns_a, ns_b),
         _xenstored(Path(tmp), "xs") as address,
     ):
-        async with _network(Path(tmp), address, transport, queues, taps):
+        async with (
+            _backend(Path(tmp), address, transport, taps) as config,
+            AsyncExitStack() as stack,
+        ):
+            if processes:
+                config.update(mode="tap", seconds=seconds, queues=queues)
+                process = await stack.enter_async_context(_guest_process(config))
+                async for line in _lines(process):
+                    if line == "READY":
+                        break
+            else:
+                await stack.enter_async_context(_guests(config, queues))
             for n, (tap, ns) in enumerate(zip(taps.values(), (ns_a, ns_b), strict=True)):
                 _ip("link", "set", "dev", tap, "netns", ns)
                 _ip("-n", ns, "addr", "add", f"10.203.0.{n + 1}/24", "dev", tap)
@@ -349,3 +461,10 @@ def _veth_iperf(seconds: float) -> dict[str, Any]:
             _ip("-n", ns, "link", "set", "lo", "up")
             _ip("-n", ns, "link", "set", dev, "up")
         return trio.run(_iperf_between, ns_b, ns_a, "10.204.0.2", seconds)
+
+
+if __name__ == "__main__":
+    from xenpv import log
+
+    log.configure("warning", json=True)
+    trio.run(_child, json.loads(sys.argv[1]))
