@@ -101,6 +101,7 @@ class StubQueue:
             self.buffers.append((page, dom.grants.grant_access(backend, page.frame)))
         self.next_id = 0
         self.posted: deque[int] = deque()  # rx request ids in ring order
+        self.rx_notify = True  # notify when posting rx buffers (feature-rx-notify)
         self.chan_tx: EventChannel | None = None
         self.chan_rx: EventChannel | None = None
 
@@ -118,7 +119,7 @@ class StubQueue:
         for i in ids:
             self.posted.append(i)
             self.rx.put_request(encode_rx_request(NetifRxRequest(i, self.buffers[i][1])))
-        if self.rx.push_requests():
+        if self.rx.push_requests() and self.rx_notify:
             assert self.chan_rx is not None
             self.chan_rx.notify()
 
@@ -211,11 +212,13 @@ class StubFront:
         sg: bool = True,
         gso: bool = True,
         rx_buffers: int = 64,
+        rx_notify: bool = True,
         extra_keys: dict[str, str | int] | None = None,
     ) -> None:
         self.dom, self.xs, self.device = dom, xs, device
         self.nqueues, self.split, self.sg, self.gso = queues, split, sg, gso
         self.rx_buffers = rx_buffers
+        self.rx_notify = rx_notify
         self.extra_keys = extra_keys or {}
         self.queues: list[StubQueue] = []
 
@@ -223,7 +226,7 @@ class StubFront:
         await wait_state(self.xs, self.device.backend, InitWait)
         keys: dict[str, str | int] = {
             "request-rx-copy": 1,
-            "feature-rx-notify": 1,
+            "feature-rx-notify": int(self.rx_notify),
             "feature-sg": int(self.sg),
             "feature-gso-tcpv4": int(self.gso),
             "feature-gso-tcpv6": int(self.gso),
@@ -233,6 +236,7 @@ class StubFront:
         self.queues = []
         for n in range(self.nqueues):
             queue = StubQueue(self.dom, self.device.backend_domid, self.rx_buffers)
+            queue.rx_notify = self.rx_notify
             prefix = f"queue-{n}/" if self.nqueues > 1 else ""
             for name, value in (await queue.bind(self.split)).items():
                 keys[prefix + name] = value
@@ -413,6 +417,26 @@ async def test_no_rx_buffers_backlog_then_drop(xenstored: Xenstored, transport: 
             queue.post(range(16))
             for seq in range(5):
                 assert (await b.receive()).data == frame(1, 2, 9000, seq)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_frontend_without_rx_notify_is_polled(xenstored: Xenstored, transport: str) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with netback(xenstored, transport, {1: 4096, 2: 4096}) as (xs, doms, vifs, _):
+            a, b = front(xs, doms, 1), front(xs, doms, 2, rx_buffers=0, rx_notify=False)
+            await a.connect()
+            await b.connect()
+            assert vifs[2]._conn is not None and not vifs[2]._conn.config.rx_notify
+            sent = [frame(1, 2, 3000, seq) for seq in range(3)]
+            for data in sent:
+                assert await a.send(data) == [0]
+            queue = b.queues[0]
+            queue.buffers = [
+                (p, doms[2].grants.grant_access(0, p.frame)) for p in doms[2].alloc_pages(8)
+            ]
+            queue.post(range(8))  # no event: netback finds the buffers by polling
+            for data in sent:
+                assert (await b.receive()).data == data
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
