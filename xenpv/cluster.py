@@ -17,8 +17,9 @@ What `launch` does, as the toolstack (dom0):
 5. waits, with watches, until every domain wrote `xenpv/ready` and every device is Connected
    on both ends; a timeout raises `ClusterError` naming each stuck device and its two states,
    a domain process that exits raises it with the end of that process's log.
-Detached (`detach=True`) processes run in their own session and survive the launcher; their
-pids go to `cluster.json` in the state dir, which `down` reads.
+Every child runs in its own session, so a Ctrl-C typed at the launcher's terminal reaches
+only the launcher, which stops them in order. Detached (`detach=True`), they survive the
+launcher; their pids go to `cluster.json` in the state dir, which `down` reads.
 
 Stopping (`stop`, also `xenpv cluster down`): guests get SIGTERM first (their frontends close
 through xenbus while the backends still run), then backends, each with a grace period before
@@ -159,7 +160,7 @@ def _open_log(path: Path) -> Any:
 
 
 async def _spawn(
-    args: Sequence[str], log_path: Path, *, detach: bool, pass_fds: Sequence[int] = ()
+    args: Sequence[str], log_path: Path, *, pass_fds: Sequence[int] = ()
 ) -> trio.Process:
     with _open_log(log_path) as logf:
         return await trio.lowlevel.open_process(
@@ -168,13 +169,13 @@ async def _spawn(
             stdout=logf,
             stderr=logf,
             pass_fds=tuple(pass_fds),
-            start_new_session=detach,
+            # Own session: a Ctrl-C in the terminal reaches only the launcher, which then
+            # stops the children in order (guests, backends, xenstored).
+            start_new_session=True,
         )
 
 
-async def _start_xenstored(
-    state_dir: Path, tcp: str, log_level: str, *, detach: bool
-) -> tuple[Child, str, str]:
+async def _start_xenstored(state_dir: Path, tcp: str, log_level: str) -> tuple[Child, str, str]:
     sock = state_dir / "xenstored.sock"
     with contextlib.suppress(FileNotFoundError):
         sock.unlink()
@@ -199,7 +200,7 @@ async def _start_xenstored(
     ]
     log_path = state_dir / "logs" / "xenstored.log"
     try:
-        proc = await _spawn(args, log_path, detach=detach, pass_fds=(write_fd,))
+        proc = await _spawn(args, log_path, pass_fds=(write_fd,))
     finally:
         os.close(write_fd)
     child = Child("xenstored", "xenstored", proc.pid, log_path, proc=proc)
@@ -272,7 +273,7 @@ async def _create(cluster: Cluster) -> None:
         cluster.devices.append(device)
 
 
-async def _start_domains(cluster: Cluster, log_level: str, *, detach: bool) -> None:
+async def _start_domains(cluster: Cluster, log_level: str) -> None:
     transport = DOMAIN_TRANSPORT[cluster.topology.transport]
     # Backends first: nothing depends on it (watches), but their logs then read in order.
     for spec in sorted(cluster.topology.domains, key=lambda d: d.role != "backend"):
@@ -291,7 +292,7 @@ async def _start_domains(cluster: Cluster, log_level: str, *, detach: bool) -> N
             "--transport",
             transport,
         ]
-        proc = await _spawn(args, log_path, detach=detach)
+        proc = await _spawn(args, log_path)
         cluster.children.append(
             Child(spec.name, spec.role, proc.pid, log_path, cluster.domids[spec.name], proc)
         )
@@ -542,7 +543,7 @@ async def launch(
     _check_images(topology, state_dir)
     tcp = topology.xenstore_tcp or "127.0.0.1:0"
     started = time.monotonic()
-    xenstored, unix, tcp_addr = await _start_xenstored(state_dir, tcp, log_level, detach=detach)
+    xenstored, unix, tcp_addr = await _start_xenstored(state_dir, tcp, log_level)
     children = [xenstored]
     devices_: list[DeviceId] = []
     keep = False
@@ -551,7 +552,7 @@ async def launch(
             cluster = Cluster(topology, state_dir, xs, unix, tcp_addr, children=children)
             await _create(cluster)
             devices_ = cluster.devices
-            await _start_domains(cluster, log_level, detach=detach)
+            await _start_domains(cluster, log_level)
             if detach:
                 _write_state(cluster)
             async with trio.open_nursery() as nursery:

@@ -25,6 +25,7 @@ import trio
 
 from xenpv import cluster, topology
 from xenpv.cluster import ClusterError
+from xenpv.commands.xenstored import _first_xenpv_error
 from xenpv.status import ClusterStatus, read_status, render
 from xenpv.xenstore.client import connect
 
@@ -79,29 +80,43 @@ def print_status(
 
 def run_up(args: argparse.Namespace) -> int:
     topo = topology.load(args.file)
-    return trio.run(_up, topo, args.state_dir.resolve(), args)
+    try:
+        return trio.run(_up, topo, args.state_dir.resolve(), args)
+    except BaseExceptionGroup as group:
+        first = _first_xenpv_error(group)
+        if first is None:
+            raise
+        raise first from None
 
 
 async def _up(topo: topology.Topology, state_dir: Path, args: argparse.Namespace) -> int:
-    async with cluster.launch(
-        topo,
-        state_dir,
-        detach=args.detach,
-        ready_timeout_s=args.timeout,
-        log_level=args.log_level,
-    ) as running:
-        status = await read_status(running.xs)
-        print_status(status, as_json=args.json, extra={"state_dir": str(state_dir)})
-        if args.detach:
-            print(
-                f"xenpv: cluster running; stop it with: xenpv cluster down --state-dir {state_dir}",
-                file=sys.stderr,
-            )
-            return 0
-        print("xenpv: cluster running; Ctrl-C stops it", file=sys.stderr)
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for _signum in signals:
-                break
+    # The receiver is open from the start: a signal during start-up or after it stops the
+    # cluster through `launch`'s exit (guests, backends, xenstored), never half-way.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def stop_on_signal() -> None:
+                async for _signum in signals:
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(stop_on_signal)
+            async with cluster.launch(
+                topo,
+                state_dir,
+                detach=args.detach,
+                ready_timeout_s=args.timeout,
+                log_level=args.log_level,
+            ) as running:
+                status = await read_status(running.xs)
+                print_status(status, as_json=args.json, extra={"state_dir": str(state_dir)})
+                if args.detach:
+                    down = f"xenpv cluster down --state-dir {state_dir}"
+                    print(f"xenpv: cluster running; stop it with: {down}", file=sys.stderr)
+                    nursery.cancel_scope.cancel()
+                    return 0
+                print("xenpv: cluster running; Ctrl-C stops it", file=sys.stderr)
+                await trio.sleep_forever()
     print("xenpv: cluster stopped", file=sys.stderr)
     return 0
 
