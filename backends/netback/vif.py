@@ -129,7 +129,7 @@ class Vif:
     @property
     def connected(self) -> bool:
         """Rings mapped and the data path running (carrier on)."""
-        return self._conn is not None and self.fatal is None
+        return self._conn is not None and self._conn.port is not None
 
     def stats(self) -> VifStats:
         out = VifStats(**{name: getattr(self._retired, name) for name in VifStats.__slots__})
@@ -198,6 +198,9 @@ class Vif:
                 await self._connect()
             except NetbackConfigError as exc:
                 await self._refuse(str(exc))
+                return None
+            except XsError as exc:  # e.g. a frontend that made its keys unreadable to us
+                await self._refuse(f"reading the frontend's keys: {exc}")
                 return None
             return {}
         return {}
@@ -334,6 +337,8 @@ class Vif:
 
     def _carrier_off(self, conn: _Connection, reason: str, *, fatal: bool) -> None:
         """xenvif_fatal_tx_err / carrier off: the data path stops, the vif leaves the switch."""
+        if conn is not self._conn:
+            return  # already disconnected
         if fatal:
             self.fatal = reason
             self.log.error("netback.fatal", reason=reason)
