@@ -41,6 +41,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import msgpack
 import structlog
@@ -66,6 +67,32 @@ def default_socket_path() -> str:
 
 
 @dataclass(slots=True)
+class XsVerdict:
+    """What the fault seam decides for one request (fields combine: delay, then the rest).
+
+    `delay`: seconds before the request is handled (later requests of the connection wait
+    too: order is kept); `drop`: never handle it and send nothing; `error`: answer with this
+    xs_wire errno name instead of handling it; `fail`: a reason to close the connection.
+    """
+
+    delay: float = 0.0
+    drop: bool = False
+    error: str | None = None
+    fail: str | None = None
+
+
+class XsFaults(Protocol):
+    """The interposition point every request on every xenstore connection passes.
+
+    A fault plan (a later issue) implements it; `None` (the default) costs nothing.
+    """
+
+    def on_request(self, domid: int, msg: Message) -> XsVerdict | None:
+        """Decide the fate of `msg` from a connection of `domid`; None handles it normally."""
+        ...
+
+
+@dataclass(slots=True)
 class ServerConfig:
     socket_path: str
     data_dir: Path
@@ -77,6 +104,7 @@ class ServerConfig:
     handshake_timeout: float = 10.0
     max_handshakes: int = 256  # TCP connections still proving their domid; more are closed
     compact_min_bytes: int = DEFAULT_COMPACT_BYTES
+    faults: XsFaults | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,9 +301,24 @@ class XenstoreServer:
                 except XsProtocolError as exc:
                     clog.warning("framing error, dropping connection", error=str(exc))
                     return
+                faults = self.config.faults
                 for msg in messages:
                     if conn.closing:
                         return
+                    if faults is not None:
+                        verdict = faults.on_request(conn.domid, msg)
+                        if verdict is not None:
+                            if verdict.delay > 0:
+                                await trio.sleep(verdict.delay)  # the injected fault itself
+                            if verdict.fail is not None:
+                                clog.info("fault plan closes the connection", reason=verdict.fail)
+                                return
+                            if verdict.drop:
+                                continue
+                            if verdict.error is not None:
+                                conn.outstanding += 1
+                                self._submit([(conn.cid, msg.error(verdict.error))], [], [])
+                                continue
                     self._handle(conn, msg, clog)
             while conn.outstanding >= self.config.max_outstanding and not conn.closing:
                 conn.space = trio.Event()
