@@ -304,7 +304,9 @@ class RxCore:
         self._in_packet = False
         self._ended = False
         self._extras = False
-        self._fragments: list[bytes] = []
+        # Views into the rx buffers while a packet completes within one take(); copied out
+        # before take() returns, since the buffers are then posted again.
+        self._fragments: list[bytes | memoryview] = []
         self._flags = 0
         self._gso: NetifGsoExtra | None = None
         self._failed: str | None = None
@@ -337,6 +339,8 @@ class RxCore:
         for data in responses:
             self._one(index & mask, data, emit)
             index += 1
+        if self._fragments:  # a chain continues in a later push: keep copies, not views
+            self._fragments = [bytes(f) for f in self._fragments]
         return len(responses)
 
     def _fail(self, reason: str) -> None:
@@ -376,7 +380,7 @@ class RxCore:
         elif self._slots > MAX_RX_SLOTS:
             self._fail(f"more than {MAX_RX_SLOTS} rx slots")
         elif self._failed is None and status:
-            self._fragments.append(bytes(self._buffers[slot][offset : offset + status]))
+            self._fragments.append(self._buffers[slot][offset : offset + status])
         if flags & _RXF_MORE_DATA:
             return
         self._ended = True
@@ -389,7 +393,8 @@ class RxCore:
             counters.rx_errors += 1
             counters.error(self._failed)
         else:
-            frame = b"".join(self._fragments) if len(self._fragments) != 1 else self._fragments[0]
+            fragments = self._fragments
+            frame = bytes(fragments[0]) if len(fragments) == 1 else b"".join(fragments)
             if not frame:
                 counters.rx_errors += 1
                 counters.error("empty rx packet")

@@ -199,11 +199,10 @@ def test_split_rejects_empty() -> None:
         min_size=1,
         max_size=40,
     ),
-    st.randoms(use_true_random=False),
+    st.integers(0, 2**32),
 )
-def test_tx_packets_arrive_intact(
-    packets: list[tuple[int, int | None, bool]], rng: random.Random
-) -> None:
+def test_tx_packets_arrive_intact(packets: list[tuple[int, int | None, bool]], seed: int) -> None:
+    rng = random.Random(seed)  # payload bytes from a seed: Hypothesis only draws the shape
     pair = TxPair()
     for length, gso_type, csum in packets:
         frame = rng.randbytes(length)
@@ -310,11 +309,10 @@ def test_too_many_responses_break_the_ring() -> None:
         min_size=1,
         max_size=30,
     ),
-    st.randoms(use_true_random=False),
+    st.integers(0, 2**32),
 )
-def test_rx_chains_reassemble(
-    packets: list[tuple[int, int, int, bool, bool]], rng: random.Random
-) -> None:
+def test_rx_chains_reassemble(packets: list[tuple[int, int, int, bool, bool]], seed: int) -> None:
+    rng = random.Random(seed)
     pair = RxPair()
     sent = []
     for length, chunk, offset, gso, csum in packets:
@@ -347,6 +345,8 @@ def test_rx_chain_split_across_pushes_is_kept() -> None:
     pair.back.push_responses()
     pair.pump()
     assert pair.got == [] and pair.core.pending_partial()
+    for page in pair.pages:  # reposted buffers may be rewritten before the chain completes
+        page[:] = b"\xee" * len(page)
     request = decode_rx_request(pair.back.take_requests(1)[0])
     pair.pages[request.gref - 500][:2048] = frame[8192:]
     pair.back.put_response(encode_rx_response(NetifRxResponse(request.id, 0, 0, 2048)))
