@@ -74,6 +74,7 @@ async def attach(
     front = Blkfront(
         dom, xs, device, queue_depth=queue_depth, grant_size=XEN_PAGE_SIZE, wishes=wishes
     )
+    await front.start()
     async with trio.open_nursery() as nursery:
         front._nursery = nursery
         nursery.start_soon(run_handshake, xs, front)

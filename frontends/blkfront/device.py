@@ -236,9 +236,18 @@ class Blkfront:
                 self._nursery.start_soon(self._close_on_error)
 
     async def _close_on_error(self) -> None:
-        state = await read_state(self.xs, self.device.frontend)
-        if state in (xenbus.Initialised, xenbus.Connected):
-            await self.xs.write(f"{self.device.frontend}/state", str(int(xenbus.Closing)))
+        """Switch to Closing (Linux `xenbus_dev_fatal`) once Connected is published: the
+        error may come from the first responses, before the handshake wrote Connected, and
+        writing Closing before that would be overwritten."""
+        path = f"{self.device.frontend}/state"
+        async with self.xs.watch(path) as events:
+            async for _ in events:
+                state = await read_state(self.xs, self.device.frontend)
+                if state == xenbus.Connected:
+                    await self.xs.write(path, str(int(xenbus.Closing)))
+                    return
+                if state != xenbus.Initialised:
+                    return  # already closing, or starting over
 
     # -- xenbus actions -------------------------------------------------------------------
 
@@ -376,6 +385,15 @@ class Blkfront:
             self.dom.free_pages(conn.pages)
         self._conn = None
 
+    async def start(self) -> None:
+        """Probe: a frontend left in a later state by a previous instance (a crashed guest
+        driver) starts over at Initialising; the backend RESETs on seeing it. Closed is left
+        alone: the xenbus rules REINIT from there once the backend is Closed too."""
+        state = await read_state(self.xs, self.device.frontend)
+        if state not in (xenbus.Initialising, xenbus.Closed):
+            self._log.info("frontend restarted", previous=state.short)
+            await self.xs.write(f"{self.device.frontend}/state", str(int(xenbus.Initialising)))
+
     async def detach(self) -> None:
         """Close the device through xenbus (Closing → Closed) and fail unsent I/Os."""
         self._wanted = False
@@ -388,11 +406,22 @@ class Blkfront:
             with trio.move_on_after(DETACH_TIMEOUT):
                 async with trio.open_nursery() as nursery:
 
-                    async def first(event: trio.Event) -> None:
-                        await event.wait()
-                        nursery.cancel_scope.cancel()
+                    async def closed() -> None:
+                        # Closed as published (the handshake writes it after CLOSE ran).
+                        path = f"{self.device.frontend}/state"
+                        async with self.xs.watch(path) as events:
+                            async for _ in events:
+                                if await read_state(self.xs, self.device.frontend) == xenbus.Closed:
+                                    nursery.cancel_scope.cancel()
 
-                    nursery.start_soon(first, self._closed)
-                    nursery.start_soon(first, conn.gone)
+                    async def backend_died() -> None:
+                        # A backend that closes its ports is taking part; one whose link is
+                        # gone never will.
+                        await conn.gone.wait()
+                        if self.dom.link_to(self.device.backend_domid) is None:
+                            nursery.cancel_scope.cancel()
+
+                    nursery.start_soon(closed)
+                    nursery.start_soon(backend_died)
         self._teardown("detached")
         self._wake(self.engine.fail_pending(int(BLKIF_RSP_ERROR), "the device is detached"))

@@ -13,6 +13,8 @@ from tests.integration.blk_env import DEVICE, make_vbd, pair
 from tests.integration.conftest import Xenstored
 from xenpv.devices import VBD_SIZE, VbdConfig, create_vbd
 from xenpv.topology import VbdFeatures
+from xenpv.xenbus import Closed, Connected
+from xenpv.xenbus_io import read_state
 
 MiB = 1 << 20
 
@@ -94,4 +96,25 @@ async def test_4096_byte_sectors(tmp_path: Path, xenstored: Xenstored) -> None:
                     assert await front.read(4096, 16384) == bytes(4096) + b"z" * 12288
                     await front.discard(8192, 4096)
                     assert await front.read(8192, 8192) == bytes(4096) + b"z" * 4096
+                nursery.cancel_scope.cancel()
+
+
+async def test_reattach_after_detach_and_after_a_crashed_frontend(
+    tmp_path: Path, xenstored: Xenstored
+) -> None:
+    with trio.fail_after(30):
+        async with pair(tmp_path, xenstored.unix, "shm", 4096) as p:
+            await make_vbd(p.xs, image=str(tmp_path / "d.img"), size=MiB)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(serve, p.backend, p.xs, DEVICE)
+                async with attach(p.guest, p.xs, DEVICE) as front:
+                    await front.write(0, b"a" * 4096)
+                assert await read_state(p.xs, DEVICE.frontend) == Closed  # a clean detach
+                async with attach(p.guest, p.xs, DEVICE) as front:
+                    assert await front.read(0, 4096) == b"a" * 4096
+                    await front.write(4096, b"b" * 4096)
+                # a guest driver that died while connected left its state behind
+                await p.xs.write(f"{DEVICE.frontend}/state", str(int(Connected)))
+                async with attach(p.guest, p.xs, DEVICE) as front:
+                    assert await front.read(0, 8192) == b"a" * 4096 + b"b" * 4096
                 nursery.cancel_scope.cancel()
