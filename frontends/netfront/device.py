@@ -155,6 +155,7 @@ class Netfront:
         self._closed = False
         self._totals = Counters()
         self.tap: Tap | None = None  # the attached TAP device (`xenpv-tap`), if any
+        self.setup_error: str | None = None  # why the last SETUP refused to connect
 
     # -- public API -------------------------------------------------------------------------
 
@@ -277,6 +278,8 @@ class Netfront:
                 raise HandshakeError("backend does not offer feature-rx-copy")
         except HandshakeError as exc:
             log.error("netfront.setup_failed", device=str(device), error=str(exc))
+            self.setup_error = str(exc)
+            self._set_changed()
             return None
         nr_queues = negotiate_queues(self.max_queues, features)
         queues: list[_Queue] = []
@@ -285,6 +288,8 @@ class Netfront:
                 queues.append(await self._make_queue(index, features))
         except HvError as exc:
             log.error("netfront.setup_failed", device=str(device), error=str(exc))
+            self.setup_error = str(exc)
+            self._set_changed()
             for queue in queues:
                 self._release_queue(queue)
             return None
@@ -292,6 +297,7 @@ class Netfront:
             with suppress(XsError):
                 await xs.rm(f"{device.frontend}/{name}")
         self._generation += 1
+        self.setup_error = None
         conn = _Connection(self._generation, features, queues)
         for queue in queues:
             queue.rx.post()  # the backend sees them when it connects; nobody to notify yet

@@ -54,7 +54,7 @@ from xenpv.hv import (
     open_domain,
 )
 from xenpv.identity import DomainKey
-from xenpv.xenbus import Action, Connected, DeviceId, Role
+from xenpv.xenbus import Action, Connected, DeviceId, Initialising, Role
 from xenpv.xenbus_io import KeyValues, read_keys, read_state, run_handshake
 from xenpv.xenstore.client import XenstoreClient, connect
 
@@ -110,6 +110,7 @@ class StubBackend:
         self.hold_tx = False  # True: take tx requests but never answer them
         self.took = trio.lowlevel.ParkingLot()  # unparked whenever tx requests were taken
         self.bad_tx_id = False  # hostile: answer tx requests with ids that are not in flight
+        self.rx_copy = True  # False: a backend netfront must refuse (no rx-copy support)
 
     async def perform(self, action: Action) -> KeyValues | None:
         if action in (Action.ADVERTISE, Action.RESET):
@@ -118,7 +119,7 @@ class StubBackend:
                 "feature-sg": 1,
                 "feature-gso-tcpv4": 1,
                 "feature-gso-tcpv6": 1,
-                "feature-rx-copy": 1,
+                "feature-rx-copy": int(self.rx_copy),
                 "feature-ipv6-csum-offload": 1,
                 "feature-split-event-channels": int(self.split),
                 "multi-queue-max-queues": self.max_queues,
@@ -550,3 +551,17 @@ async def test_hostile_backend_breaks_only_until_reconnect(
             while queue.broken is None:
                 await queue.space.park()
             assert "illegal number of responses" in queue.broken
+
+
+async def test_backend_without_rx_copy_is_refused(tmp_path: Path, xenstored: Xenstored) -> None:
+    with trio.fail_after(30):
+        async with setup(tmp_path, xenstored, "shm") as s:
+            s.stub.rx_copy = False
+            async with attach(s.front_dom, s.xs, s.device, max_queues=1) as front:
+                # the backend reaches InitWait; the frontend refuses and stays Initialising
+                while front.setup_error is None:
+                    await front._changed.wait()
+                assert "feature-rx-copy" in front.setup_error
+                assert await read_state(s.xs, s.device.frontend) == Initialising
+                assert await s.xs.try_read(f"{s.device.frontend}/tx-ring-ref") is None
+                assert not front.connected and front.info == {}
