@@ -55,3 +55,30 @@ async def test_fault_plan_sees_and_shapes_every_request(xs_workdir: Path) -> Non
                 nursery.cancel_scope.cancel()
     finally:
         journal.close()
+
+
+class BrokenPlan:
+    def on_request(self, domid: int, msg: Message) -> XsVerdict | None:
+        if msg.payload.startswith(b"/bug"):
+            return XsVerdict(error="NOT-AN-ERRNO")  # makes the handler raise
+        return None
+
+
+async def test_a_failing_handler_closes_only_its_connection(xs_workdir: Path) -> None:
+    store, journal = open_store(xs_workdir / "data")
+    socket_path = str(xs_workdir / "socket")
+    config = ServerConfig(socket_path, xs_workdir, faults=BrokenPlan())
+    server = XenstoreServer(store, journal, config)
+    try:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.serve)
+                victim = await trio.open_unix_socket(socket_path)
+                await victim.send_all(Message(XsType.XS_READ, 1, 0, b"/bug\0").encode())
+                assert await victim.receive_some(100) == b""  # closed, no traceback escaped
+                async with connect(f"unix:{socket_path}") as xs:
+                    await xs.write("/fine", "yes")
+                    assert await xs.read_text("/fine") == "yes"
+                nursery.cancel_scope.cancel()
+    finally:
+        journal.close()

@@ -277,7 +277,7 @@ class XenstoreServer:
                         nursery.cancel_scope.cancel()
                     # else: dropped by the store; the writer sends what is queued, then
                     # cancels conn.scope (or gives up after write_stall_timeout).
-        except Exception:
+        except* Exception:  # also when mixed with a Cancelled in one group
             clog.exception("connection handler failed")
         finally:
             del self._conns[cid]
