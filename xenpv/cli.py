@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "xenpv.commands.domain",
     "xenpv.commands.cluster",
     "xenpv.commands.demo",
+    "xenpv.commands.interop",
     "xenpv.commands.probe",
     "xenpv.commands.toolstack",
 )

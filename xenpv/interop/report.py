@@ -1,0 +1,250 @@
+"""Presenting the matrix: a rich table on stderr and a self-contained HTML page.
+
+The HTML page (`--report FILE`) has no external assets: inline CSS, one inline SVG bar chart
+per device class (throughput per cell, extension off next to on, grouped by guest page size,
+backend page size and feature profile, failed cells marked in red), the 64 KiB speed-ups, and
+the full table with what both ends negotiated.
+"""
+
+from __future__ import annotations
+
+import html
+import sys
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.table import Table
+
+COLUMNS = ("device", "guest", "backend", "ext", "features", "granule fe/be", "ok", "throughput")
+
+
+def _kib(size: int | None) -> str:
+    return "-" if size is None else f"{size >> 10}K"
+
+
+def _orders(record: dict[str, Any]) -> str:
+    seen = record.get("negotiated") or {}
+    fe = (seen.get("frontend") or {}).get("granule_order")
+    be = (seen.get("backend") or {}).get("granule_order")
+    return f"{'-' if fe is None else fe}/{'-' if be is None else be}"
+
+
+def _features(record: dict[str, Any]) -> str:
+    f = record["features"]
+    if record["device"] == "vbd":
+        return (
+            f"{f['profile']}: ind {f['indirect_segments']}, ring {f['ring_page_order']}, "
+            f"pers {int(f['persistent'])}, q {f['queues']}"
+        )
+    return f"{f['profile']}: q {f['queues']}, sg/gso {int(f['sg_gso'])}"
+
+
+def _throughput(record: dict[str, Any]) -> str:
+    value = record.get("mbps")
+    return "-" if value is None else f"{value:,.1f} {record.get('unit', '')}"
+
+
+def rows(records: list[dict[str, Any]]) -> list[list[str]]:
+    return [
+        [
+            r["device"],
+            _kib(r["frontend_page"]),
+            _kib(r["backend_page"]),
+            r["extension"],
+            _features(r),
+            _orders(r),
+            "ok" if r["ok"] else "FAIL",
+            _throughput(r),
+        ]
+        for r in records
+    ]
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    cells = result["cells"]
+    failed = [c for c in cells if not c["ok"]]
+    lines = [f"{len(cells) - len(failed)} of {len(cells)} cells passed"]
+    s = result.get("speedup_64k", {})
+    lines.append(
+        "speed-up of a 64K guest with 64K granules over 4K splitting: "
+        f"vbd {_ratio(s.get('vbd'))}, vif {_ratio(s.get('vif'))}"
+    )
+    detail = result.get("speedup_64k_detail") or {}
+    per_profile = {k: v for k, v in detail.items() if k.count("-") == 1}
+    if per_profile:
+        lines.append(
+            "  by profile: " + ", ".join(f"{k} {_ratio(v)}" for k, v in per_profile.items())
+        )
+    for c in failed[:12]:
+        lines.append(f"FAIL {c['key']}: {c['detail']}")
+    if len(failed) > 12:
+        lines.append(f"... and {len(failed) - 12} more failed cells")
+    return lines
+
+
+def _ratio(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def print_table(result: dict[str, Any], file: TextIO | None = None) -> None:
+    table = Table(title="xenpv interop: mixed page sizes x grant granules")
+    for column in COLUMNS:
+        table.add_column(column)
+    for row in rows(result["cells"]):
+        style = None if row[6] == "ok" else "red"
+        table.add_row(*row, style=style)
+    out = file or sys.stderr
+    console = Console(file=out, width=None if out.isatty() else 150)
+    console.print(table)
+    for line in summary_lines(result):
+        console.print(line, markup=False)
+
+
+# -- HTML -----------------------------------------------------------------------------------
+
+_CSS = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 2em; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; }
+.summary { display: flex; gap: 1.5em; flex-wrap: wrap; }
+.card { border: 1px solid #ccd; border-radius: 6px; padding: .6em 1em; background: #f7f8fc; }
+.card b { font-size: 1.6em; display: block; }
+table { border-collapse: collapse; font-size: 12px; }
+th, td { border: 1px solid #ccd; padding: 2px 6px; text-align: left; }
+th { background: #eef; } tr.fail td { background: #fdd; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.legend span { display: inline-block; width: 12px; height: 12px; margin: 0 4px 0 12px;
+  vertical-align: middle; }
+svg text { font: 10px system-ui, sans-serif; fill: #333; }
+"""
+OFF_COLOUR = "#9aa5b8"
+ON_COLOUR = "#2f6fdb"
+FAIL_COLOUR = "#d33"
+
+
+def _chart(records: list[dict[str, Any]], device: str) -> str:
+    cells = [r for r in records if r["device"] == device]
+    groups: dict[tuple[int, int, str], dict[str, dict[str, Any]]] = {}
+    for r in cells:
+        key = (r["frontend_page"], r["backend_page"], r["features"]["profile"])
+        groups.setdefault(key, {})[r["extension"]] = r
+    if not groups:
+        return ""
+    values = [float(r["mbps"]) for r in cells if r.get("mbps")]
+    top = max(values) if values else 1.0
+    unit = cells[0].get("unit", "")
+    bar, gap, left, height, bottom = 14, 14, 56, 220, 46
+    width = left + len(groups) * (2 * bar + gap) + 10
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + bottom + 10}"'
+        f' role="img" aria-label="{device} throughput per cell">'
+    ]
+    for i in range(5):
+        value = top * i / 4
+        y = 10 + height - height * i / 4
+        out.append(
+            f'<line x1="{left - 4}" y1="{y:.1f}" x2="{width}" y2="{y:.1f}" stroke="#e3e3ea"/>'
+        )
+        out.append(f'<text x="{left - 6}" y="{y + 3:.1f}" text-anchor="end">{value:,.0f}</text>')
+    out.append(
+        f'<text x="12" y="{10 + height / 2}" transform="rotate(-90 12 {10 + height / 2})"'
+        f' text-anchor="middle">{html.escape(unit)}</text>'
+    )
+    x = left
+    previous_fe = None
+    for (fe, be, profile), pair in groups.items():
+        if previous_fe is not None and fe != previous_fe:
+            sx, sy = x - gap / 2, 10 + height + bottom - 4
+            out.append(
+                f'<line x1="{sx}" y1="10" x2="{sx}" y2="{sy}" stroke="#889" stroke-dasharray="3"/>'
+            )
+        previous_fe = fe
+        for j, ext in enumerate(("off", "on")):
+            rec = pair.get(ext)
+            bx = x + j * bar
+            title = (
+                html.escape(f"{rec['key']}: {_throughput(rec)} — {rec['detail']}") if rec else ""
+            )
+            if rec is not None and rec.get("ok") and rec.get("mbps"):
+                h = height * float(rec["mbps"]) / top
+                colour = ON_COLOUR if ext == "on" else OFF_COLOUR
+                out.append(
+                    f'<rect x="{bx}" y="{10 + height - h:.1f}" width="{bar - 2}" height="{h:.1f}"'
+                    f' fill="{colour}"><title>{title}</title></rect>'
+                )
+            else:
+                out.append(
+                    f'<rect x="{bx}" y="{10 + height - 10}" width="{bar - 2}" height="10"'
+                    f' fill="{FAIL_COLOUR}"><title>{title or "missing"}</title></rect>'
+                )
+                out.append(f'<text x="{bx + 1}" y="{height - 2}" fill="{FAIL_COLOUR}">✗</text>')
+        cx = x + bar
+        out.append(
+            f'<text x="{cx}" y="{10 + height + 12}" text-anchor="middle">g{fe >> 10}k</text>'
+        )
+        out.append(
+            f'<text x="{cx}" y="{10 + height + 24}" text-anchor="middle">b{be >> 10}k</text>'
+        )
+        out.append(f'<text x="{cx}" y="{10 + height + 36}" text-anchor="middle">{profile}</text>')
+        x += 2 * bar + gap
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _negotiated_text(record: dict[str, Any], end: str) -> str:
+    seen = (record.get("negotiated") or {}).get(end) or {}
+    return ", ".join(f"{k}={v}" for k, v in seen.items() if v is not None)
+
+
+def render_html(result: dict[str, Any]) -> str:
+    cells = result["cells"]
+    passed = sum(1 for c in cells if c["ok"])
+    s = result.get("speedup_64k", {})
+    detail = result.get("speedup_64k_detail") or {}
+    cards = [
+        ("cells passed", f"{passed} / {len(cells)}"),
+        ("vbd speed-up, 64K guest, 64K vs 4K grants", _ratio(s.get("vbd"))),
+        ("vif speed-up, 64K guest, 64K vs 4K grants", _ratio(s.get("vif"))),
+    ]
+    cards += [(f"{k} speed-up", _ratio(v)) for k, v in detail.items() if k.count("-") == 1]
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        "<title>xenpv interop matrix</title><style>",
+        _CSS,
+        "</style></head><body>",
+        "<h1>xenpv interop: mixed page sizes and negotiated grant granules</h1>",
+        "<p>Every cell is one device between a guest and a backend domain (separate processes)."
+        " <i>off</i>: 4 KiB grants (a 16K/64K guest splits every page); <i>on</i>: the"
+        " negotiated granule extension (docs/granule-extension.md). A cell passes when its"
+        " data was verified and both ends state the expected granule order and features.</p>",
+        "<div class='summary'>",
+        *(f"<div class='card'>{html.escape(t)}<b>{html.escape(v)}</b></div>" for t, v in cards),
+        "</div>",
+    ]
+    for device, what in (
+        ("vbd", "block (MB/s, write + read)"),
+        ("vif", "network (Mbit/s, echoed)"),
+    ):
+        parts.append(f"<h2>{device}: {what} throughput per cell</h2>")
+        parts.append(
+            f"<div class='legend'><span style='background:{OFF_COLOUR}'></span>extension off"
+            f"<span style='background:{ON_COLOUR}'></span>extension on"
+            f"<span style='background:{FAIL_COLOUR}'></span>failed</div>"
+        )
+        parts.append(_chart(cells, device))
+    parts.append("<h2>All cells</h2><table><tr>")
+    parts += [
+        f"<th>{html.escape(c)}</th>"
+        for c in (*COLUMNS, "frontend states", "backend states", "detail")
+    ]
+    parts.append("</tr>")
+    for record, row in zip(cells, rows(cells), strict=True):
+        parts.append(f"<tr class='{'ok' if record['ok'] else 'fail'}'>")
+        for i, value in enumerate(row):
+            cls = " class='num'" if i == len(row) - 1 else ""
+            parts.append(f"<td{cls}>{html.escape(value)}</td>")
+        for end in ("frontend", "backend"):
+            parts.append(f"<td>{html.escape(_negotiated_text(record, end))}</td>")
+        parts.append(f"<td>{html.escape(str(record.get('detail', '')))}</td></tr>")
+    parts.append("</table>")
+    parts.append(f"<p>Elapsed: {result.get('elapsed_s', '?')} s.</p></body></html>\n")
+    return "".join(parts)
