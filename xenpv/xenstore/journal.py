@@ -122,7 +122,9 @@ class Journal:
     def open(cls, directory: Path) -> tuple[Journal, Recovered]:
         """Lock `directory` (created if missing), recover its content, open the journal."""
         try:
-            directory.mkdir(parents=True, exist_ok=True)
+            if not directory.is_dir():
+                directory.mkdir(parents=True)
+                _fsync_dir(directory.parent)  # the new directory's entry survives power loss
             lock_fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             raise JournalError(f"cannot use data directory {directory}: {exc.strerror}") from None
