@@ -129,7 +129,8 @@ def _chart(records: list[dict[str, Any]], device: str) -> str:
         groups.setdefault(key, {})[r["extension"]] = r
     if not groups:
         return ""
-    values = [float(r["mbps"]) for r in cells if r.get("mbps")]
+    values = [float(r.get("mbps") or r.get("measured_mbps") or 0) for r in cells]
+    values = [v for v in values if v > 0]
     top = max(values) if values else 1.0
     unit = cells[0].get("unit", "")
     bar, gap, left, height, bottom = 14, 14, 56, 220, 46
@@ -172,6 +173,14 @@ def _chart(records: list[dict[str, Any]], device: str) -> str:
                     f' fill="{colour}"><title>{title}</title></rect>'
                 )
             else:
+                measured = rec.get("measured_mbps") if rec is not None else None
+                if measured:  # measured, but the cell failed: an outline, not a bar
+                    h = height * min(float(measured), top) / top
+                    out.append(
+                        f'<rect x="{bx + 0.5}" y="{10 + height - h:.1f}" width="{bar - 3}"'
+                        f' height="{h:.1f}" fill="none" stroke="{FAIL_COLOUR}"'
+                        f' stroke-dasharray="2"><title>{title}</title></rect>'
+                    )
                 out.append(
                     f'<rect x="{bx}" y="{10 + height - 10}" width="{bar - 2}" height="10"'
                     f' fill="{FAIL_COLOUR}"><title>{title or "missing"}</title></rect>'
@@ -228,7 +237,10 @@ def render_html(result: dict[str, Any]) -> str:
         parts.append(
             f"<div class='legend'><span style='background:{OFF_COLOUR}'></span>extension off"
             f"<span style='background:{ON_COLOUR}'></span>extension on"
-            f"<span style='background:{FAIL_COLOUR}'></span>failed</div>"
+            f"<span style='background:{FAIL_COLOUR}'></span>failed (dashed outline: what it"
+            " measured anyway). Each group: one guest page size (g), backend domain page size"
+            " (b) and feature profile; the 64K-guest groups on the right answer the 4K-vs-64K"
+            " question.</div>"
         )
         parts.append(_chart(cells, device))
     parts.append("<h2>All cells</h2><table><tr>")
