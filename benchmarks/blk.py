@@ -102,11 +102,13 @@ def _report(
         for name, r in results.items():
             ref = nbdkit.get(name) if nbdkit else None
             ratio = r["iops"] / ref["iops"] if ref and ref["iops"] else None
-            rows.append([config, name, r["iops"], r["mbps"], r["lat_us"], ratio or "-"])
+            rows.append(
+                [config, name, r["iops"], r["mbps"], r["lat_us"], r["guest_cpu_us"], ratio or "-"]
+            )
             summary.setdefault(name, {})[config] = round(r["iops"], 1)
     if nbdkit:
         for name, r in nbdkit.items():
-            rows.append(["fio+nbdkit", name, r["iops"], r["mbps"], r["lat_us"], 1.0])
+            rows.append(["fio+nbdkit", name, r["iops"], r["mbps"], r["lat_us"], "-", 1.0])
     headline = "4k/shm"
     ratios: dict[str, float | None] = {}
     for name in RATIOS:
@@ -116,7 +118,8 @@ def _report(
             round(ours["iops"] / ref["iops"], 3) if ours and ref and ref["iops"] else None
         )
     notes = [
-        f"image {image_mib} MiB (filled), {seconds:.1f} s per workload; ratio = xenpv / nbdkit"
+        f"image {image_mib} MiB (filled), {seconds:.1f} s per workload; cpu µs = guest "
+        "process CPU per I/O; /nbdkit = xenpv IOPS / fio+nbdkit IOPS"
     ]
     if nbdkit is None:
         notes.append(f"fio+nbdkit comparison unavailable: install them with `{INSTALL_HINT}`")
@@ -132,7 +135,7 @@ def _report(
             "seconds": seconds,
         },
         title="blkfront ↔ blkback (IOPS; MB/s; mean latency µs)",
-        columns=["config", "workload", "IOPS", "MB/s", "lat µs", "vs nbdkit"],
+        columns=["config", "workload", "IOPS", "MB/s", "lat µs", "cpu µs", "/nbdkit"],
         rows=rows,
         notes=notes,
     )
@@ -283,17 +286,21 @@ async def _measure(front: Any, w: Workload, seconds: float) -> dict[str, float]:
     # a short warm-up (grants, persistent pool, page cache), then the measured run
     for span, measured in ((min(0.2, seconds / 4), False), (seconds, True)):
         ops, latency = 0, 0.0
+        cpu = time.process_time()
         began = time.perf_counter()
         async with trio.open_nursery() as nursery:
             for i in range(w.depth):
                 nursery.start_soon(worker, i, began + span)
         elapsed = time.perf_counter() - began
+        cpu = time.process_time() - cpu
         if measured:
             iops = ops / elapsed
             return {
                 "iops": round(iops, 1),
                 "mbps": round(iops * w.bs / 1e6, 1),
                 "lat_us": round(latency / max(ops, 1) * 1e6, 1),
+                # the guest process's CPU per I/O (blkfront + its share of the hypervisor)
+                "guest_cpu_us": round(cpu / max(ops, 1) * 1e6, 1),
             }
     raise AssertionError("unreachable")
 

@@ -10,7 +10,7 @@ from benchmarks import blk
 
 
 def _r(iops: float) -> dict[str, float]:
-    return {"iops": iops, "mbps": iops * 4096 / 1e6, "lat_us": 1e6 / iops}
+    return {"iops": iops, "mbps": iops * 4096 / 1e6, "lat_us": 1e6 / iops, "guest_cpu_us": 50.0}
 
 
 def test_report_with_and_without_nbdkit(capsys: pytest.CaptureFixture[str]) -> None:
