@@ -58,6 +58,8 @@ from xenpv.xenstore.wire import XsError
 
 log = structlog.get_logger()
 
+HANDSHAKE_RETRY = 1.0  # seconds before retrying a handshake xenstore refused
+
 
 @dataclass(slots=True)
 class VifStats:
@@ -170,13 +172,23 @@ class Vif:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(run_handshake, self.xs, self)
+                nursery.start_soon(self._handshake)
                 await self._wait_removed()
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 await self._disconnect()
             self._nursery = None
+
+    async def _handshake(self) -> None:
+        """run_handshake, restarted if xenstore refuses us something (a frontend can make its
+        own nodes unreadable to its backend): that vif gets no service, nothing else breaks."""
+        while True:
+            try:
+                await run_handshake(self.xs, self)
+            except XsError as exc:
+                self.log.warning("netback.xenstore_refused", error=str(exc))
+                await trio.sleep(HANDSHAKE_RETRY)
 
     async def _wait_removed(self) -> None:
         async with self.xs.watch(self.device.backend) as events:

@@ -48,6 +48,7 @@ from xenpv.identity import DomainKey
 from xenpv.xenbus import Connected, DeviceId, Initialising, InitWait, XenbusState
 from xenpv.xenbus_io import publish, read_state
 from xenpv.xenstore.client import XenstoreClient, connect
+from xenpv.xenstore.wire import XsError
 
 TRANSPORTS = ["socket", "shm"]
 ETHERTYPE = b"\x88\xb5"  # IEEE local experimental
@@ -491,3 +492,33 @@ async def test_serve_returns_when_device_removed(xenstored: Xenstored, transport
                 assert switch.core.ports == ("vif1.0",)
                 await destroy_device(xs, device)
             assert not switch.core.ports  # serve returned on its own, carrier off
+
+
+@pytest.mark.parametrize("transport", ["shm"])
+async def test_handshake_survives_xenstore_refusals(
+    xenstored: Xenstored, transport: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refused xenstore read (e.g. a frontend hiding its nodes) ends no serve(): retried."""
+    import backends.netback.vif as vif_module
+    from xenpv import xenbus_io
+
+    real = xenbus_io.run_handshake
+    refusals = [XsError("EACCES", "frontend state")]
+
+    async def flaky(xs: XenstoreClient, driver: Any) -> None:
+        if refusals:
+            raise refusals.pop()
+        await real(xs, driver)
+
+    monkeypatch.setattr(vif_module, "run_handshake", flaky)
+    monkeypatch.setattr(vif_module, "HANDSHAKE_RETRY", 0)
+    with trio.fail_after(TIMEOUT):
+        async with netback(xenstored, transport, {1: 4096, 2: 4096}) as (xs, doms, vifs, _):
+            assert set(vifs) == {1, 2}
+            a, b = front(xs, doms, 1), front(xs, doms, 2)
+            await a.connect()
+            await b.connect()
+            data = frame(1, 2, 100)
+            assert await a.send(data) == [0]
+            assert (await b.receive()).data == data
+            assert not refusals
