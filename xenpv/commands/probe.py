@@ -80,8 +80,12 @@ def _bounded(timeout: float, what: str, fn: Any, *args: Any) -> Any:
 
     try:
         return trio.run(main)
+    except ProbeError:
+        raise
     except OSError as exc:
         raise ProbeError(f"{what}: {exc.strerror or exc}") from None
+    except XenpvError as exc:  # cannot connect, refused key, XsError...: name the target
+        raise ProbeError(f"{what}: {exc}") from None
 
 
 async def _tcp_hello(address: str) -> None:
@@ -108,10 +112,7 @@ def run_xenstored(args: argparse.Namespace) -> int:
     key = _key(args.key_file)
     for address in args.xenstore:
         what = f"xenstored at {address}"
-        try:
-            result = _bounded(args.timeout, what, _xenstored, address, key)
-        except XsError as exc:
-            raise ProbeError(f"{what}: {exc}") from None
+        result = _bounded(args.timeout, what, _xenstored, address, key)
         print(f"{what}: {result}")
     return 0
 
