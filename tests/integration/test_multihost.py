@@ -207,18 +207,28 @@ class ComposeRun:
         return {n: s.spec for n, s in self.services.items()}
 
     async def down(self) -> None:
-        """SIGTERM in reverse start order (guests before the backend before xenstored)."""
+        """SIGTERM by dependency level, dependents first (guests, then the backend, then
+        xenstored), the services of one level together, as compose stops containers."""
         self.stopping = True
-        for name in reversed(start_order(self.services_spec())):
-            proc = self.services[name].proc
-            if proc is None or proc.returncode is not None:
-                continue
-            proc.send_signal(signal.SIGTERM)
-            with trio.move_on_after(15):
-                await proc.wait()
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+        specs = self.services_spec()
+        level: dict[str, int] = {}
+        for name in start_order(specs):
+            level[name] = 1 + max((level[d] for d in depends(specs[name])), default=0)
+        for depth in sorted(set(level.values()), reverse=True):
+            async with trio.open_nursery() as nursery:
+                for name in (n for n, d in level.items() if d == depth):
+                    nursery.start_soon(self._stop, self.services[name])
+
+    async def _stop(self, svc: Service) -> None:
+        proc = svc.proc
+        if proc is None or proc.returncode is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        with trio.move_on_after(seconds(svc.spec.get("stop_grace_period"), 10)):
+            await proc.wait()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 @pytest.fixture
