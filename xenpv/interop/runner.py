@@ -38,7 +38,7 @@ from xenpv import cluster, devices, toolstack
 from xenpv.devices import VbdConfig
 from xenpv.interop.matrix import Cell, VbdProfile, VifProfile, enumerate_cells
 from xenpv.interop.verdict import judge, speedups
-from xenpv.interop.worker import DONE_KEY
+from xenpv.interop.worker import DONE_KEY, backend_error_path
 from xenpv.topology import DomainSpec, Topology, Transport, VbdFeatures
 from xenpv.xenbus import DeviceId, xvd_number
 from xenpv.xenstore.client import Transaction, XenstoreClient
@@ -230,6 +230,18 @@ async def _run_worker(
             with contextlib.suppress(ValueError):
                 results.append(json.loads(line))
     return results, why
+
+
+async def _add_backend_errors(
+    xs: XenstoreClient, result: dict[str, Any], made: list[DeviceId]
+) -> None:
+    """Append what the cell's backend recorded as fatal (read as dom0: the guest may not)."""
+    for device in made:
+        raw = await xs.try_read(backend_error_path(device))
+        if raw is not None:
+            text = raw.decode("utf-8", "replace")
+            if text not in str(result.get("detail")):
+                result["detail"] = f"{result.get('detail')}; backend {device} error: {text}"
 
 
 async def run(state_dir: Path, opts: Options, cells: list[Cell] | None = None) -> Outcome:

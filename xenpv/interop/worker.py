@@ -28,6 +28,7 @@ Throughput: echoed bytes one way over the elapsed time (Mbit/s).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import struct
@@ -41,12 +42,14 @@ import trio
 
 from xenpv.abi.netif import XEN_NETIF_GSO_TYPE_TCPV4, NetifGsoExtra
 from xenpv.domain_process import read_domain_info
+from xenpv.errors import XenpvError
 from xenpv.granule import BACKEND_MAX_KEY, FRONTEND_KEY
 from xenpv.hv import XenstoreDirectory, open_domain
 from xenpv.identity import DomainKey
 from xenpv.selftest import tagged
-from xenpv.xenbus import DeviceId
+from xenpv.xenbus import Closed, Closing, DeviceId, domain_path, parse_state
 from xenpv.xenstore.client import XenstoreClient, connect
+from xenpv.xenstore.wire import XsError
 
 log = structlog.get_logger()
 
@@ -115,6 +118,41 @@ async def negotiated(xs: XenstoreClient, device: DeviceId, info: dict[str, Any])
     return {"frontend": front, "backend": back}
 
 
+class CellError(XenpvError):
+    """A cell cannot run (its backend refused the device, ...)."""
+
+
+def backend_error_path(device: DeviceId) -> str:
+    """Where a backend records `xenbus_dev_fatal` reasons (Linux: error/<backend path>)."""
+    domain = domain_path(device.backend_domid)
+    return f"{domain}/error/{device.backend.removeprefix(domain + '/')}/error"
+
+
+async def _fail_on_backend_close(xs: XenstoreClient, device: DeviceId) -> None:
+    """Raise CellError as soon as the backend gives the device up before it connected
+    (xenbus_dev_fatal: Closing), instead of waiting for the attach timeout."""
+    path = f"{device.backend}/state"
+    async with xs.watch(path) as events:
+        async for _event in events:
+            if parse_state(await xs.try_read(path)) in (Closing, Closed):
+                reason = None
+                with contextlib.suppress(XsError):
+                    reason = await xs.try_read(backend_error_path(device))
+                why = reason.decode("utf-8", "replace") if reason else "no reason readable"
+                raise CellError(f"backend {device} switched to Closing before connecting: {why}")
+
+
+async def connected(xs: XenstoreClient, pairs: list[tuple[Any, DeviceId]], limit_s: float) -> None:
+    """Wait until every frontend in `pairs` is Connected (or fail fast, see above)."""
+    with trio.fail_after(limit_s):
+        async with trio.open_nursery() as nursery:
+            for _front, device in pairs:
+                nursery.start_soon(_fail_on_backend_close, xs, device)
+            for front, _device in pairs:
+                await front.wait_connected()
+            nursery.cancel_scope.cancel()
+
+
 def _jsonable(info: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool, type(None)))}
 
@@ -141,8 +179,7 @@ async def run_vbd(dom: Any, xs: XenstoreClient, cell: dict[str, Any]) -> dict[st
         max_indirect_segments=int(f["indirect_segments"]),
         persistent=bool(f["persistent"]),
     ) as disk:
-        with trio.fail_after(float(cell["attach_timeout"])):
-            await disk.wait_connected()
+        await connected(xs, [(disk, device)], float(cell["attach_timeout"]))
         info = dict(disk.info)
         seen = await negotiated(xs, device, info)
         sector = int(info["sector_size"])
@@ -258,9 +295,7 @@ async def run_vif(dom: Any, xs: XenstoreClient, cell: dict[str, Any]) -> dict[st
         netfront.attach(dom, xs, b_id, granule_order=go, max_queues=queues) as b,
         trio.open_nursery() as nursery,
     ):
-        with trio.fail_after(float(cell["attach_timeout"])):
-            await a.wait_connected()
-            await b.wait_connected()
+        await connected(xs, [(a, a_id), (b, b_id)], float(cell["attach_timeout"]))
         info = dict(a.info)
         seen = await negotiated(xs, a_id, info)
         seen_b = await negotiated(xs, b_id, dict(b.info))
