@@ -13,6 +13,7 @@ from xenpv.interop.runner import (
     Options,
     _create_cell_devices,
 )
+from xenpv.interop.worker import CellError, backend_error_path, connected
 from xenpv.xenstore.client import connect
 
 pytestmark = pytest.mark.trio
@@ -60,3 +61,26 @@ async def test_config_keys_are_written_with_the_device(
             await all_seen.wait()
             assert all(raw == want for _d, raw in seen), seen
             nursery.cancel_scope.cancel()
+
+
+class _NeverConnects:
+    async def wait_connected(self) -> None:
+        await trio.sleep_forever()
+
+
+async def test_a_backend_giving_up_fails_the_cell_at_once(xenstored: Xenstored) -> None:
+    """xenbus_dev_fatal (error node + Closing) ends the wait with the backend's reason."""
+    cell = Cell(65536, 4096, True, "vbd", VBD_PROFILES[0])
+    with trio.fail_after(10):
+        async with connect(xenstored.unix) as xs:
+            (device,) = await _create_cell_devices(xs, cell, 7, 0, 0, Options(quick=True))
+            reason = "grant-granule-order 4 exceeds max-grant-granule-order 0"
+
+            async def refuse() -> None:
+                await xs.write(backend_error_path(device), reason)
+                await xs.write(f"{device.backend}/state", "5")
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(refuse)
+                with pytest.raises(CellError, match="exceeds max-grant-granule-order 0"):
+                    await connected(xs, [(_NeverConnects(), device)], limit_s=60)

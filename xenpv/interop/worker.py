@@ -145,12 +145,18 @@ async def _fail_on_backend_close(xs: XenstoreClient, device: DeviceId) -> None:
 async def connected(xs: XenstoreClient, pairs: list[tuple[Any, DeviceId]], limit_s: float) -> None:
     """Wait until every frontend in `pairs` is Connected (or fail fast, see above)."""
     with trio.fail_after(limit_s):
-        async with trio.open_nursery() as nursery:
-            for _front, device in pairs:
-                nursery.start_soon(_fail_on_backend_close, xs, device)
-            for front, _device in pairs:
-                await front.wait_connected()
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                for _front, device in pairs:
+                    nursery.start_soon(_fail_on_backend_close, xs, device)
+                for front, _device in pairs:
+                    await front.wait_connected()
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            refused = [e for e in group.exceptions if isinstance(e, CellError)]
+            if refused:
+                raise refused[0] from None
+            raise
 
 
 def _jsonable(info: dict[str, Any]) -> dict[str, Any]:
