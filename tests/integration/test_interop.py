@@ -20,6 +20,8 @@ from tests.integration.hv_pair import REPO
 from xenpv.interop import runner
 from xenpv.interop.matrix import enumerate_cells
 
+pytestmark = pytest.mark.slow  # ~20-90 s in all, in the default run (CI runs it)
+
 EXTENSION_PENDING = (
     "the granule extension in the drivers (issue 8, block and network parts) has not landed: "
     "extension-on cells of 16K/64K guests report ok=false with the reason"
