@@ -152,14 +152,23 @@ async def run_tap(front: Netfront, tap: Tap) -> None:
                 await front.wait_connected()
                 if front.info.get("generation") != generation:
                     generation = front.info.get("generation")
-                    flags = set_offloads(tap, front)
-                    log.info("netfront.tap_offloads", tap=tap.name, offloads=flags)
+                    try:
+                        flags = set_offloads(tap, front)
+                    except TapError as exc:  # the kernel then segments and checksums itself
+                        log.warning("netfront.tap_offloads_failed", tap=tap.name, error=str(exc))
+                    else:
+                        log.info("netfront.tap_offloads", tap=tap.name, offloads=flags)
                 await front.wait_disconnected()
 
     async def kernel_to_front() -> None:
         nonlocal dropped
         while not front.closed:
-            hdr, frame = await tap.read_frame()
+            try:
+                hdr, frame = await tap.read_frame()
+            except TapError as exc:  # the device went away: the vif itself keeps running
+                log.error("netfront.tap_gone", tap=tap.name, error=str(exc))
+                nursery.cancel_scope.cancel()
+                return
             try:
                 gso, csum_blank, data_validated = to_netif(hdr)
                 await front.send(

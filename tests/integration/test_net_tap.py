@@ -164,3 +164,18 @@ async def test_ping_and_tcp_stream_between_namespaces(
             # exceed 1514 bytes (TCP sizes TSO frames by its pacing rate, at least 2 MSS)
             assert sent_bytes / packets > 1600, (sent_bytes, packets)
             assert b.stats()["rx_errors"] == 0
+
+
+async def test_tap_removed_under_a_running_vif(tmp_path: Path, xenstored: Xenstored) -> None:
+    tag = f"{random.getrandbits(24):06x}"
+    tap = f"xnfg{tag}"
+    with trio.fail_after(60):
+        async with network(tmp_path, xenstored, "shm", [4096, 4096], taps={1: tap}) as net:
+            a, b = net.fronts
+            assert a.tap is not None
+            _ip("link", "del", "dev", tap)  # an admin removes the device
+            # the vif itself keeps working: a frame from guest 1 still reaches guest 2
+            frame = b.mac + a.mac + b"\x88\xb5" + bytes(100)
+            await a.send(frame)
+            got = await b.receive()
+            assert got.frame == frame and a.connected
