@@ -19,7 +19,9 @@ from typing import Any
 
 import trio
 
+from xenpv.errors import UsageError
 from xenpv.interop import report, runner
+from xenpv.interop.matrix import enumerate_cells
 from xenpv.topology import TRANSPORTS
 
 
@@ -32,6 +34,14 @@ def register(sub: Any) -> None:
     parser.add_argument("--report", type=Path, default=None, metavar="FILE", help="HTML report")
     parser.add_argument("--transport", choices=TRANSPORTS, default="auto")
     parser.add_argument(
+        "--only",
+        action="append",
+        default=None,
+        metavar="TEXT",
+        help="run only cells whose key contains TEXT, e.g. vbd-f64k or -on- (repeatable; "
+        "for debugging a driver: the full matrix is the default)",
+    )
+    parser.add_argument(
         "--state-dir", type=Path, default=None, help="keep sockets, logs, results here"
     )
     parser.set_defaults(run=run)
@@ -39,12 +49,17 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     opts = runner.Options(quick=args.quick, transport=args.transport, log_level=args.log_level)
+    cells = enumerate_cells()
+    if args.only:
+        cells = [c for c in cells if any(text in c.key for text in args.only)]
+        if not cells:
+            raise UsageError(f"--only {' '.join(args.only)}: no cell key contains that")
     if args.state_dir is not None:
-        result = trio.run(runner.run, args.state_dir.resolve(), opts).to_json()
+        result = trio.run(runner.run, args.state_dir.resolve(), opts, cells).to_json()
     else:
         state_dir = Path(tempfile.mkdtemp(prefix="xenpv-interop-", dir="/tmp"))
         try:
-            result = trio.run(runner.run, state_dir, opts).to_json()
+            result = trio.run(runner.run, state_dir, opts, cells).to_json()
         finally:
             shutil.rmtree(state_dir, ignore_errors=True)
     report.print_table(result)
