@@ -99,6 +99,12 @@ def test_apply_creates_domains_keys_and_devices_once(
         str(keys / "guest16k.key"),
     )
     assert "named 'guest16k'" in one_error_line(wrong)
+    # A domain's key authenticates the xenstored probe over TCP.
+    authed = xenpv(
+        "probe", "xenstored", "--xenstore", xenstored.tcp, "--key-file", str(keys / "guest4k.key")
+    )
+    assert authed.returncode == 0, authed.stderr
+    assert authed.stdout.strip().endswith(f"answers DIRECTORY /local/domain/{domids['guest4k']}")
     # A second apply on the same store is refused, naming the domain.
     again = xenpv(*apply)
     assert "'backend' already exists" in one_error_line(again)
