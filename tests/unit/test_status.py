@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
@@ -103,7 +103,7 @@ keys = st.dictionaries(
 )
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(keys, keys, st.sampled_from(["vbd", "vif"]))
 def test_any_keys_give_a_record(
     frontend: dict[str, str], backend: dict[str, str], cls: str
