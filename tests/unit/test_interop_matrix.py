@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xenpv import granule
+from xenpv.cli import main
 from xenpv.interop.matrix import (
     PAGE_SIZES,
     VBD_PROFILES,
@@ -82,3 +84,9 @@ def test_speedup_pairs_are_64k_guests_off_then_on() -> None:
             on.backend_page,
             on.profile,
         )
+
+
+def test_cli_only_without_a_match_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["interop", "--only", "no-such-cell"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "xenpv: error: --only no-such-cell: no cell key contains that"
