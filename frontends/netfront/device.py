@@ -436,7 +436,12 @@ class Netfront:
         while True:
             rx.take(frames.append)
             for frame in frames:
-                await out.send(frame)  # a slow reader stops the refill: backpressure
+                try:
+                    out.send_nowait(frame)
+                except trio.WouldBlock:
+                    await out.send(frame)  # a slow reader stops the refill: backpressure
+            if frames:
+                await trio.lowlevel.checkpoint()  # once per batch: let readers run
             frames.clear()
             if rx.post():
                 with suppress(EventChannelClosed):
