@@ -20,7 +20,7 @@ from contextlib import asynccontextmanager
 import trio
 
 from frontends.blkfront.device import DETACH_TIMEOUT, Blkfront
-from frontends.blkfront.errors import BlkError, BlkfrontProtocolError
+from frontends.blkfront.errors import BlkError, BlkfrontProtocolError, DeviceNotFound
 from frontends.blkfront.negotiate import (
     MAX_INDIRECT_SEGMENTS,
     MAX_QUEUES,
@@ -31,10 +31,16 @@ from frontends.blkfront.negotiate import (
 from xenpv.hv import Domain
 from xenpv.hv.buffer import XEN_PAGE_SIZE
 from xenpv.xenbus import DeviceId
-from xenpv.xenbus_io import run_handshake
 from xenpv.xenstore.client import XenstoreClient
 
-__all__ = ["BlkError", "Blkfront", "BlkfrontProtocolError", "Wishes", "attach"]
+__all__ = [
+    "BlkError",
+    "Blkfront",
+    "BlkfrontProtocolError",
+    "DeviceNotFound",
+    "Wishes",
+    "attach",
+]
 
 
 class GranuleNotSupported(BlkError):
@@ -77,7 +83,7 @@ async def attach(
     await front.start()
     async with trio.open_nursery() as nursery:
         front._nursery = nursery
-        nursery.start_soon(run_handshake, xs, front)
+        nursery.start_soon(front.run_handshake)
         try:
             yield front
         finally:

@@ -25,7 +25,13 @@ import trio
 
 from frontends.blkfront import negotiate
 from frontends.blkfront.core import BlkIo, Engine
-from frontends.blkfront.errors import BlkError, BlkfrontProtocolError, io_error, not_supported
+from frontends.blkfront.errors import (
+    BlkError,
+    BlkfrontProtocolError,
+    DeviceNotFound,
+    io_error,
+    not_supported,
+)
 from frontends.blkfront.negotiate import Geometry, Wishes
 from xenpv import xenbus
 from xenpv.abi.blkif import (
@@ -42,8 +48,8 @@ from xenpv.abi.ring import FrontRing
 from xenpv.hv import Domain, EventChannel, GrantError, HvError, Page
 from xenpv.hv.errors import EventChannelClosed, PeerGone
 from xenpv.xenbus import Action, DeviceId
-from xenpv.xenbus_io import KeyValues, read_keys, read_state
-from xenpv.xenstore.client import XenstoreClient
+from xenpv.xenbus_io import KeyValues, read_keys, read_state, run_handshake
+from xenpv.xenstore.client import XenstoreClient, XenstoreConnectionError
 from xenpv.xenstore.wire import XsError
 
 log = structlog.get_logger()
@@ -385,19 +391,44 @@ class Blkfront:
             self.dom.free_pages(conn.pages)
         self._conn = None
 
+    async def run_handshake(self) -> None:
+        """Drive the xenbus handshake for the device's life. A xenstore that refuses us (the
+        toolstack destroyed the device or the domain) ends it quietly: there is nothing left
+        to negotiate, and `detach` still tears down."""
+        try:
+            await run_handshake(self.xs, self)
+        except (XsError, XenstoreConnectionError) as exc:
+            self._log.warning("xenbus handshake stopped: xenstore refused", error=str(exc))
+
     async def start(self) -> None:
         """Probe: a frontend left in a later state by a previous instance (a crashed guest
         driver) starts over at Initialising; the backend RESETs on seeing it. Closed is left
         alone: the xenbus rules REINIT from there once the backend is Closed too."""
-        state = await read_state(self.xs, self.device.frontend)
+        keys = await read_keys(self.xs, self.device.frontend, ["backend", "state"])
+        if keys["backend"] != self.device.backend:
+            raise DeviceNotFound(
+                f"no vbd {self.device}: {self.device.frontend}/backend is "
+                f"{keys['backend']!r}, not {self.device.backend!r}"
+            )
+        state = xenbus.parse_state(keys["state"])
         if state not in (xenbus.Initialising, xenbus.Closed):
             self._log.info("frontend restarted", previous=state.short)
             await self.xs.write(f"{self.device.frontend}/state", str(int(xenbus.Initialising)))
 
     async def detach(self) -> None:
-        """Close the device through xenbus (Closing → Closed) and fail unsent I/Os."""
+        """Close the device through xenbus (Closing → Closed) and fail unsent I/Os. A device
+        whose nodes are gone (the toolstack destroyed it, or the whole domain) just tears down."""
         self._wanted = False
         self._wake(self.engine.fail_pending(int(BLKIF_RSP_ERROR), "the device is detached"))
+        try:
+            await self._close_through_xenbus()
+        except (XsError, XenstoreConnectionError) as exc:
+            self._log.info("device gone from xenstore while detaching", error=str(exc))
+        finally:
+            self._teardown("detached")
+            self._wake(self.engine.fail_pending(int(BLKIF_RSP_ERROR), "the device is detached"))
+
+    async def _close_through_xenbus(self) -> None:
         state = await read_state(self.xs, self.device.frontend)
         conn = self._conn
         if state in (xenbus.Initialised, xenbus.Connected) and conn is not None and conn.live:
@@ -409,10 +440,13 @@ class Blkfront:
                     async def closed() -> None:
                         # Closed as published (the handshake writes it after CLOSE ran).
                         path = f"{self.device.frontend}/state"
-                        async with self.xs.watch(path) as events:
-                            async for _ in events:
-                                if await read_state(self.xs, self.device.frontend) == xenbus.Closed:
-                                    nursery.cancel_scope.cancel()
+                        with contextlib.suppress(XsError, XenstoreConnectionError):
+                            async with self.xs.watch(path) as events:
+                                async for _ in events:
+                                    state = await read_state(self.xs, self.device.frontend)
+                                    if state in (xenbus.Closed, xenbus.Unknown):
+                                        break
+                        nursery.cancel_scope.cancel()
 
                     async def backend_died() -> None:
                         # A backend that closes its ports is taking part; one whose link is
@@ -423,5 +457,3 @@ class Blkfront:
 
                     nursery.start_soon(closed)
                     nursery.start_soon(backend_died)
-        self._teardown("detached")
-        self._wake(self.engine.fail_pending(int(BLKIF_RSP_ERROR), "the device is detached"))

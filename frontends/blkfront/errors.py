@@ -29,3 +29,8 @@ class BlkfrontProtocolError(XenpvError):
     """The backend broke the blkif protocol (a response to no pending request, a broken
     ring): Linux blkfront stops the ring (BLKIF_STATE_ERROR); xenpv closes the connection
     through xenbus and re-issues the unfinished requests on the next one."""
+
+
+class DeviceNotFound(XenpvError):
+    """`attach` was asked for a device the toolstack did not create (no frontend directory
+    naming a backend): Linux only probes devices that exist in xenstore."""

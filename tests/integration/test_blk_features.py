@@ -8,7 +8,7 @@ import pytest
 import trio
 
 from backends.blkback import serve
-from frontends.blkfront import BlkError, attach
+from frontends.blkfront import BlkError, DeviceNotFound, attach
 from tests.integration.blk_env import DEVICE, make_vbd, pair
 from tests.integration.conftest import Xenstored
 from xenpv.devices import VBD_SIZE, VbdConfig, create_vbd
@@ -118,3 +118,12 @@ async def test_reattach_after_detach_and_after_a_crashed_frontend(
                 async with attach(p.guest, p.xs, DEVICE) as front:
                     assert await front.read(0, 8192) == b"a" * 4096 + b"b" * 4096
                 nursery.cancel_scope.cancel()
+
+
+async def test_attach_to_a_device_that_does_not_exist(tmp_path: Path, xenstored: Xenstored) -> None:
+    with trio.fail_after(30):
+        async with pair(tmp_path, xenstored.unix, "shm", 4096) as p:
+            with pytest.raises(DeviceNotFound):
+                async with attach(p.guest, p.xs, DEVICE):
+                    pass
+            assert await p.xs.try_read(DEVICE.frontend) is None  # nothing created
