@@ -29,6 +29,7 @@ VBD_PERSISTENT = "xenpv-persistent"
 VBD_FLUSH = "xenpv-flush"
 VBD_BARRIER = "xenpv-barrier"
 VBD_DISCARD = "xenpv-discard"
+VBD_MAX_GRANULE_ORDER = "xenpv-max-grant-granule-order"  # issue 8: max-grant-granule-order
 # vif frontend configuration: attach a host TAP device to this netfront.
 VIF_TAP = "xenpv-tap"
 
@@ -117,6 +118,7 @@ async def create_vbd(xs: XenstoreClient, device: DeviceId, config: VbdConfig) ->
             VBD_FLUSH: _flag(f.flush),
             VBD_BARRIER: _flag(f.barrier),
             VBD_DISCARD: _flag(f.discard),
+            VBD_MAX_GRANULE_ORDER: f.max_granule_order,
         },
         {"virtual-device": device.devid, "device-type": "disk"},
     )

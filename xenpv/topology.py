@@ -87,6 +87,7 @@ class VbdFeatures:
     flush: bool = True
     barrier: bool = True
     discard: bool = True
+    max_granule_order: int = 4  # issue 8: largest grant granule order the backend accepts
 
 
 @dataclass(frozen=True, slots=True)
