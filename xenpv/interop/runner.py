@@ -45,7 +45,8 @@ from xenpv.xenstore.client import Transaction, XenstoreClient
 
 log = structlog.get_logger()
 
-MAX_GRANULE_CONFIG_KEY = "xenpv-max-grant-granule-order"  # toolstack → backend, per device
+# toolstack → backend, per device (blkback and netback read the same key)
+MAX_GRANULE_CONFIG_KEY = devices.VBD_MAX_GRANULE_ORDER
 VIF_MAX_QUEUES_KEY = "xenpv-max-queues"
 MEMORY = 256 << 20
 DISK_BASE = 1 << 20  # the worker's bulk I/O starts at 1 MiB
@@ -137,6 +138,7 @@ async def _create_cell_devices(
             queues=profile.queues,
             indirect_segments=profile.indirect_segments,
             persistent=profile.persistent,
+            max_granule_order=cell.backend_max_order,
         )
         size = DISK_BASE + opts.vbd_bytes + (1 << 20)
         wrapped = cast(XenstoreClient, _WithBackendKeys(xs, device, extra))
