@@ -3,7 +3,9 @@
 Read from the backend directory (`xenpv.devices` writes these keys): `params`, `type`, `mode`
 as xl writes them, and the `xenpv-*` keys that stand in for Linux blkback's module
 parameters (`max_ring_page_order`, `max_queues`, `max_indirect_segments`,
-`feature_persistent`), one set per device so that frontends can meet every combination.
+`feature_persistent`) and `xenpv-max-grant-granule-order` (the granule extension, issue 8,
+docs/granule-extension.md: default 4, 0 = a baseline-only backend),
+one set per device so that frontends can meet every combination.
 A missing `xenpv-*` key means Linux's default; a malformed one is a `ConfigError` (the
 device cannot be served until the toolstack fixes it).
 """
@@ -17,6 +19,7 @@ from typing import Final, Literal
 from xenpv import devices
 from xenpv.abi.blkif import max_indirect_segments_limit
 from xenpv.errors import XenpvError
+from xenpv.granule import MAX_GRANULE_ORDER
 from xenpv.hv.buffer import XEN_PAGE_SIZE
 
 # Linux blkback's limits (xen-blkback/common.h, xenbus.c; XENBUS_MAX_RING_GRANT_ORDER).
@@ -39,6 +42,7 @@ CONFIG_KEYS: Final = (
     devices.VBD_FLUSH,
     devices.VBD_BARRIER,
     devices.VBD_DISCARD,
+    devices.VBD_MAX_GRANULE_ORDER,
 )
 
 
@@ -62,6 +66,7 @@ class BackendConfig:
     flush: bool = True
     barrier: bool = True
     discard: bool = True
+    max_granule_order: int = MAX_GRANULE_ORDER  # max-grant-granule-order we advertise
 
 
 def _uint(keys: Mapping[str, str | None], name: str, default: int, lo: int, hi: int) -> int:
@@ -128,4 +133,7 @@ def parse_config(keys: Mapping[str, str | None], granule: int = XEN_PAGE_SIZE) -
         flush=_flag(keys, devices.VBD_FLUSH, True),
         barrier=_flag(keys, devices.VBD_BARRIER, True),
         discard=_flag(keys, devices.VBD_DISCARD, True),
+        max_granule_order=_uint(
+            keys, devices.VBD_MAX_GRANULE_ORDER, MAX_GRANULE_ORDER, 0, MAX_GRANULE_ORDER
+        ),
     )

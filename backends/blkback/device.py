@@ -54,6 +54,7 @@ from backends.blkback.negotiate import (
     device_features,
     frontend_key_names,
     parse_frontend,
+    requested_granule,
     requested_order,
     requested_queues,
 )
@@ -64,6 +65,7 @@ from backends.storage import MemoryDisk, RawImage, Storage
 from xenpv import devices, xenbus
 from xenpv.abi.ring import BackRing
 from xenpv.errors import XenpvError
+from xenpv.granule import FRONTEND_KEY, granule_size
 from xenpv.hv import XEN_PAGE_SIZE, Domain, EventChannel, GrantMapping
 from xenpv.xenbus import Action, Closing, Connected, DeviceId
 from xenpv.xenbus_io import read_keys, read_state, run_handshake
@@ -122,7 +124,7 @@ class BlkbackDevice:
         self.dom = dom
         self.xs = xs
         self.device = device
-        self.granule = XEN_PAGE_SIZE  # the negotiated grant size: 4 KiB baseline (issue 8)
+        self.granule = XEN_PAGE_SIZE  # this connection's grant granule in bytes (issue 8)
         self.config: BackendConfig | None = None
         self.storage: Storage | None = None
         self.limits: DeviceLimits | None = None
@@ -194,12 +196,19 @@ class BlkbackDevice:
 
     async def _read_config(self) -> BackendConfig:
         keys = await read_keys(self.xs, self.device.backend, list(CONFIG_KEYS))
-        return parse_config(keys, self.granule)
+        return parse_config(keys)
 
     async def _read_frontend(self, config: BackendConfig) -> FrontendParams:
         frontend = self.device.frontend
-        first = await read_keys(self.xs, frontend, ["multi-queue-num-queues", "ring-page-order"])
-        names = frontend_key_names(requested_queues(first, config), requested_order(first, config))
+        first = await read_keys(
+            self.xs, frontend, ["multi-queue-num-queues", "ring-page-order", FRONTEND_KEY]
+        )
+        granule_order = requested_granule(first, config)
+        names = frontend_key_names(
+            requested_queues(first, config),
+            requested_order(first, config, granule_order),
+            granule_order,
+        )
         return parse_frontend(await read_keys(self.xs, frontend, names), config)
 
     async def _connect(self) -> KeyValues | None:
@@ -212,6 +221,7 @@ class BlkbackDevice:
                 info = self.storage.info()
                 features = device_features(config, info)
                 params = await self._read_frontend(config)
+                self.granule = granule_size(params.granule_order)
                 limits = self.limits = DeviceLimits(
                     size=info.size,
                     sector_size=info.sector_size,
@@ -225,6 +235,7 @@ class BlkbackDevice:
             except (XenpvError, OSError, ValueError) as exc:
                 self._log.warning("connect failed (xenbus_dev_fatal)", error=str(exc))
                 await self._teardown_locked()
+                await self._record_error(str(exc))
                 await self._switch_state(Closing)
                 return None
             except Exception:  # a bug: fail this device only, loudly
@@ -241,8 +252,11 @@ class BlkbackDevice:
                 protocol=params.protocol.name,
                 persistent=params.persistent,
                 sectors=info.sectors,
+                granule_order=params.granule_order,
             )
-            return connect_keys(info, features, cdrom=params.cdrom)
+            return connect_keys(
+                info, features, cdrom=params.cdrom, granule_order=params.granule_order
+            )
 
     async def _setup_rings(self, conn: Connection, limits: DeviceLimits, storage: Storage) -> None:
         """Map and bind every queue first, then start every worker without an await in
@@ -321,6 +335,18 @@ class BlkbackDevice:
                 await mapping.unmap()
         for channel in conn.channels:
             channel.close()
+
+    async def _record_error(self, reason: str) -> None:
+        """xenbus_dev_fatal's record: `/local/domain/<be>/error/<backend path>/error` (where
+        Linux writes it, and netback and the interop runner read it), and `error` in the
+        backend directory (docs/granule-extension.md)."""
+        domain = xenbus.domain_path(self.device.backend_domid)
+        relative = self.device.backend.removeprefix(domain + "/")
+        for path in (f"{domain}/error/{relative}/error", f"{self.device.backend}/error"):
+            try:
+                await self.xs.write(path, reason)
+            except XsError as exc:
+                self._log.info("cannot record the error", path=path, error=str(exc))
 
     async def _switch_state(self, state: xenbus.XenbusState) -> None:
         """Write our state, unless the toolstack removed the device (xenbus_switch_state

@@ -19,6 +19,17 @@ size, as `vbd_sz`), `info`, `sector-size`, `physical-sector-size`. Features that
 written as 0 rather than left out, so a key left by a previous backend instance with another
 configuration cannot mislead the frontend; frontends treat 0 and absent alike.
 
+Grant granules (issue 8, docs/granule-extension.md): ADVERTISE also writes
+`max-grant-granule-order` (the toolstack's `xenpv-max-grant-granule-order`, default 4; 0 is
+written rather than left out, for the same reason as the features above). CONNECT reads the
+frontend's `grant-granule-order` (absent → 0; junk or above our maximum → fatal: we never
+guess a smaller order, the frontend's grants would not match), accepts `ring-page-order` up
+to max(max-ring-page-order, granule order) and at least the granule order (a ring is never
+smaller than one granule), and reads the ring as 2^(ring-page-order - granule order)
+granule grants: `ring-ref` when that is one granule of a granule order above 0,
+`ring-ref0..N-1` otherwise (order 0 keeps the baseline: `ring-page-order` present means
+`ring-ref0..`). Connected echoes `grant-granule-order`.
+
 `feature-large-sector-size` is a *frontend* key (blkif.h); like Linux blkback we neither
 require nor read it: sector-based quantities on the ring stay in 512-byte units and requests
 on a 4096-byte-sector disk must be aligned to 8 of them.
@@ -34,6 +45,14 @@ from backends.storage import StorageInfo
 from xenpv.abi.blkif import BlkifProtocol, VdiskInfo, blkif_protocol
 from xenpv.abi.errors import BlkifError
 from xenpv.errors import XenpvError
+from xenpv.granule import (
+    BACKEND_MAX_KEY,
+    FRONTEND_KEY,
+    GranuleError,
+    backend_accept,
+    blk_max_ring_page_order,
+    parse_order,
+)
 
 FrontendKeys = Mapping[str, str | None]
 KeyValues = dict[str, str | int | bytes]
@@ -45,7 +64,7 @@ class NegotiationError(XenpvError):
 
 @dataclass(frozen=True, slots=True)
 class QueueParams:
-    """One queue's ring: its grant references (one per 4 KiB ring page) and event channel."""
+    """One queue's ring: its grant references (one per ring granule) and event channel."""
 
     ring_refs: tuple[int, ...]
     event_channel: int
@@ -60,6 +79,7 @@ class FrontendParams:
     persistent: bool  # both ends want persistent grants
     queues: tuple[QueueParams, ...]
     cdrom: bool = False
+    granule_order: int = 0  # the accepted grant-granule-order (0: 4 KiB baseline)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +101,7 @@ def advertise_keys(config: BackendConfig) -> KeyValues:
     keys["multi-queue-max-queues"] = config.max_queues
     keys["max-ring-page-order"] = config.max_ring_page_order
     keys["feature-persistent"] = int(config.persistent)
+    keys[BACKEND_MAX_KEY] = config.max_granule_order
     return keys
 
 
@@ -98,7 +119,9 @@ def device_features(config: BackendConfig, info: StorageInfo) -> DeviceFeatures:
     )
 
 
-def connect_keys(info: StorageInfo, features: DeviceFeatures, *, cdrom: bool = False) -> KeyValues:
+def connect_keys(
+    info: StorageInfo, features: DeviceFeatures, *, cdrom: bool = False, granule_order: int = 0
+) -> KeyValues:
     """The keys written with Connected (and again, `sectors`, on a capacity change)."""
     keys: KeyValues = {"feature-flush-cache": int(features.flush)}
     if features.discard:
@@ -117,6 +140,7 @@ def connect_keys(info: StorageInfo, features: DeviceFeatures, *, cdrom: bool = F
     keys["info"] = int(vdisk)
     keys["sector-size"] = info.sector_size
     keys["physical-sector-size"] = info.physical_sector_size
+    keys[FRONTEND_KEY] = granule_order  # the echo: both ends state what was agreed
     return keys
 
 
@@ -153,28 +177,58 @@ def requested_queues(keys: FrontendKeys, config: BackendConfig) -> int:
     return n
 
 
-def frontend_key_names(num_queues: int, ring_page_order: int | None) -> list[str]:
+def ring_ref_names(prefix: str, ring_page_order: int | None, granule_order: int) -> list[str]:
+    """The ring grant keys of one queue directory (see the module docstring)."""
+    if ring_page_order is None:
+        return [f"{prefix}ring-ref"]
+    count = 1 << (ring_page_order - granule_order)
+    if granule_order and count == 1:
+        return [f"{prefix}ring-ref"]
+    return [f"{prefix}ring-ref{i}" for i in range(count)]
+
+
+def frontend_key_names(
+    num_queues: int, ring_page_order: int | None, granule_order: int = 0
+) -> list[str]:
     """Every key `parse_frontend` may need, relative to the frontend directory."""
     names = ["protocol", "feature-persistent", "multi-queue-num-queues", "ring-page-order"]
-    names.append("device-type")
+    names += ["device-type", FRONTEND_KEY]
     for prefix in queue_dirs(num_queues):
         names.append(f"{prefix}event-channel")
-        if ring_page_order is None:
-            names.append(f"{prefix}ring-ref")
-        else:
-            names += [f"{prefix}ring-ref{i}" for i in range(1 << ring_page_order)]
+        names += ring_ref_names(prefix, ring_page_order, granule_order)
     return names
 
 
-def requested_order(keys: FrontendKeys, config: BackendConfig) -> int | None:
-    """`ring-page-order` (None when absent: a single `ring-ref`), checked against our offer."""
+def requested_granule(keys: FrontendKeys, config: BackendConfig) -> int:
+    """`grant-granule-order` (absent → 0), checked against our `max-grant-granule-order`."""
+    try:
+        return backend_accept(
+            parse_order(keys.get(FRONTEND_KEY), FRONTEND_KEY), config.max_granule_order
+        )
+    except GranuleError as exc:
+        raise NegotiationError(str(exc)) from None
+
+
+def requested_order(
+    keys: FrontendKeys, config: BackendConfig, granule_order: int = 0
+) -> int | None:
+    """`ring-page-order` (None when absent: a single `ring-ref`), checked against our offer
+    (widened to the granule order) and against the granule (a ring holds whole granules)."""
     raw = keys.get("ring-page-order")
+    limit = blk_max_ring_page_order(config.max_ring_page_order, granule_order)
     if raw is None:
+        if granule_order:
+            raise NegotiationError(
+                f"no ring-page-order with {FRONTEND_KEY} {granule_order}: "
+                "a ring is at least one granule"
+            )
         return None
     order = _uint(raw, "ring-page-order")
-    if order > config.max_ring_page_order:
+    if order > limit:
+        raise NegotiationError(f"requested ring page order {order} exceeds max:{limit}")
+    if order < granule_order:
         raise NegotiationError(
-            f"requested ring page order {order} exceeds max:{config.max_ring_page_order}"
+            f"ring-page-order {order} is smaller than {FRONTEND_KEY} {granule_order}"
         )
     return order
 
@@ -188,17 +242,14 @@ def parse_frontend(keys: FrontendKeys, config: BackendConfig) -> FrontendParams:
         raise NegotiationError(f"unknown fe protocol {raw_protocol!r:.60}") from None
     persistent = _read_unsigned(keys.get("feature-persistent"), 0) != 0
     num_queues = requested_queues(keys, config)
-    order = requested_order(keys, config)
+    granule_order = requested_granule(keys, config)
+    order = requested_order(keys, config, granule_order)
     queues = []
     for prefix in queue_dirs(num_queues):
         evtchn = _uint(keys.get(f"{prefix}event-channel"), f"{prefix}event-channel")
-        if order is None:
-            refs: tuple[int, ...] = (_uint(keys.get(f"{prefix}ring-ref"), f"{prefix}ring-ref"),)
-        else:
-            refs = tuple(
-                _uint(keys.get(f"{prefix}ring-ref{i}"), f"{prefix}ring-ref{i}")
-                for i in range(1 << order)
-            )
+        refs = tuple(
+            _uint(keys.get(name), name) for name in ring_ref_names(prefix, order, granule_order)
+        )
         queues.append(QueueParams(refs, evtchn))
     return FrontendParams(
         protocol=protocol,
@@ -206,4 +257,5 @@ def parse_frontend(keys: FrontendKeys, config: BackendConfig) -> FrontendParams:
         persistent=persistent and config.persistent,
         queues=tuple(queues),
         cdrom=(keys.get("device-type") or "").strip() == "cdrom",
+        granule_order=granule_order,
     )

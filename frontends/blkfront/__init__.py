@@ -28,6 +28,7 @@ from frontends.blkfront.negotiate import (
     Wishes,
     default_protocol,
 )
+from xenpv.granule import MAX_GRANULE_ORDER
 from xenpv.hv import Domain
 from xenpv.hv.buffer import XEN_PAGE_SIZE
 from xenpv.xenbus import DeviceId
@@ -38,13 +39,14 @@ __all__ = [
     "Blkfront",
     "BlkfrontProtocolError",
     "DeviceNotFound",
+    "GranuleNotSupported",
     "Wishes",
     "attach",
 ]
 
 
 class GranuleNotSupported(BlkError):
-    """A grant granule other than the 4 KiB baseline (issue 8) was asked for."""
+    """A grant granule order outside 0..4 was asked for."""
 
 
 @asynccontextmanager
@@ -63,19 +65,24 @@ async def attach(
 ) -> AsyncIterator[Blkfront]:
     """Run the frontend of `device` in `dom` for the duration of the block.
 
-    `granule_order` None/0 is the 4 KiB grant baseline (larger granules: issue 8).
+    `granule_order` caps the grant granule (issue 8, docs/granule-extension.md): None uses
+    the largest the guest's page size and the backend's `max-grant-granule-order` allow, 0
+    declines (4 KiB grants, the baseline); it is chosen anew at every handshake.
     `protocol` defaults to the guest's ABI (`negotiate.default_protocol`). The other keyword
     arguments are the frontend's maxima (Linux's module parameters). Leaving the block closes
     the device through xenbus and fails I/Os still waiting.
     """
-    if granule_order:
-        raise GranuleNotSupported(-2, f"grant granule order {granule_order} (only 0 for now)")
+    if granule_order is not None and not 0 <= granule_order <= MAX_GRANULE_ORDER:
+        raise GranuleNotSupported(
+            -2, f"grant granule order {granule_order}: expected 0..{MAX_GRANULE_ORDER} or None"
+        )
     wishes = Wishes(
         max_ring_page_order=max_ring_page_order,
         max_queues=max_queues,
         max_indirect_segments=max_indirect_segments,
         persistent=persistent,
         protocol=protocol or default_protocol(dom.page_size),
+        granule_order=granule_order,
     )
     front = Blkfront(
         dom, xs, device, queue_depth=queue_depth, grant_size=XEN_PAGE_SIZE, wishes=wishes

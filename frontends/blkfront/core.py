@@ -106,8 +106,9 @@ class Negotiated:
     discard_granularity: int = 0
     discard_alignment: int = 0
     discard_secure: bool = False
-    grant_size: int = 4096
+    grant_size: int = 4096  # the negotiated grant granule in bytes (issue 8)
     handle: int = 0
+    granule_order: int = 0  # log2(grant_size / 4096): grant-granule-order
 
     @property
     def limits(self) -> Limits:
@@ -224,6 +225,8 @@ class Engine:
         if len(rings) != negotiated.queues:
             raise ValueError(f"{negotiated.queues} queues but {len(rings)} rings")
         self.negotiated = negotiated
+        if negotiated.grant_size != self.grant_size:
+            self._regranulate(negotiated.grant_size)
         self.queues = [_Queue(i, ring) for i, ring in enumerate(rings)]
         self.flush_op = negotiated.flush_op
         self.discard = negotiated.discard
@@ -399,10 +402,12 @@ class Engine:
             if not io.pages:
                 self._fill_bio(io)
             psize = self.page_size
+            order = neg.granule_order
             for piece in pieces:
                 page = io.pages[piece.offset // psize]
-                frame = page.frame + (piece.offset % psize) // 4096
-                gref = self.grants.grant_access(self.backend, frame)
+                # the granule holding the chunk: granules are aligned inside the guest page
+                frame = page.frame + (piece.offset % psize) // gsize * (gsize >> 12)
+                gref = self.grants.grant_access(self.backend, frame, order=order)
                 issued.grefs.append(gref)
                 issued.frames.append(frame)
                 first, last = piece.sectors(gsize)
@@ -419,7 +424,7 @@ class Engine:
             else:
                 frame = self._scratch_get()
                 issued.scratch.append(frame)
-                gref = self.grants.grant_access(self.backend, frame)
+                gref = self.grants.grant_access(self.backend, frame, order=neg.granule_order)
                 issued.grefs.append(gref)
             at = frame * 4096
             self.memory.view[at : at + gsize] = content
@@ -586,23 +591,37 @@ class Engine:
         return self._pool.pop()
 
     def _grow_pool(self) -> None:
-        """Grant every frame of one more guest page for the persistent pool."""
+        """Grant every granule of one more guest page for the persistent pool."""
         (page,) = self.memory.alloc_pages(1)
         self._pool_pages.append(page)
         fresh = []
+        step = self.grant_size >> 12
+        order = step.bit_length() - 1
         try:
-            for frame in range(page.frame, page.frame + page.nframes):
-                fresh.append((frame, self.grants.grant_access(self.backend, frame)))
+            for frame in range(page.frame, page.frame + page.nframes, step):
+                fresh.append((frame, self.grants.grant_access(self.backend, frame, order=order)))
         finally:
             self._pool.extend(reversed(fresh))
             self._pool_all.extend(fresh)
 
     def _scratch_get(self) -> int:
+        """The first frame of a free granule for a non-persistent indirect page."""
         if not self._scratch:
             (page,) = self.memory.alloc_pages(1)
             self._scratch_pages.append(page)
-            self._scratch.extend(range(page.frame + page.nframes - 1, page.frame - 1, -1))
+            step = self.grant_size >> 12
+            self._scratch.extend(range(page.frame + page.nframes - step, page.frame - 1, -step))
         return self._scratch.pop()
+
+    def _regranulate(self, grant_size: int) -> None:
+        """A connection with another grant granule (issue 8): chunks are cut anew at the
+        next dispatch (every I/O was reset at disconnect); indirect scratch granules are
+        re-cut from fresh pages. Old scratch pages are freed unless a grant on one is
+        stuck (then they are left alone, as the stuck bios are)."""
+        self.grant_size = grant_size
+        if self._scratch_pages and not self._stuck_grefs:
+            self.memory.free_pages(self._scratch_pages)
+        self._scratch, self._scratch_pages = [], []
 
     def _drop_pool(self) -> None:
         """End the persistent grants (the backend unmapped them on disconnect, or died)."""

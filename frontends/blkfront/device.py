@@ -1,7 +1,8 @@
 """Blkfront at the edge: the xenbus handshake, event-channel waits, and the async I/O API.
 
 `Blkfront` is the `HandshakeDriver` that `xenpv.xenbus_io.run_handshake` drives, and the object
-users call. Per connection it owns the ring pages (granted per 4 KiB frame), one unbound event
+users call. Per connection it owns the ring pages (granted per negotiated grant granule: 4 KiB
+frames in the baseline, larger granules with issue 8's extension), one unbound event
 channel per queue and one task per queue that waits for the backend's notifications and hands
 the ring to the engine (core.py). Everything between two awaits is synchronous engine work, so
 no locks are needed.
@@ -282,8 +283,9 @@ class Blkfront:
         self._teardown("new handshake")
         await self._remove_stale_keys()
         backend = await read_keys(self.xs, self.device.backend, negotiate.SETUP_KEYS)
-        geo = negotiate.geometry(self.wishes, backend)
+        geo = negotiate.geometry(self.wishes, backend, self.dom.page_size)
         nframes = 1 << geo.ring_page_order
+        step = 1 << geo.granule_order  # frames per ring grant
         layout = blkif_protocol(self.wishes.protocol).ring_layout
         conn = _Connection(geo, [], [], [], [])
         self._conn = conn
@@ -296,8 +298,12 @@ class Blkfront:
                 conn.rings.append(ring)
                 grefs: list[int] = []
                 conn.grefs.append(grefs)
-                for i in range(nframes):
-                    grefs.append(self.dom.grants.grant_access(remote, page.frame + i))
+                for i in range(0, nframes, step):
+                    grefs.append(
+                        self.dom.grants.grant_access(
+                            remote, page.frame + i, order=geo.granule_order
+                        )
+                    )
                 conn.channels.append(await self.dom.alloc_unbound(remote))
         except HvError as exc:
             # Out of guest memory, grant entries or ports: stay in Initialising (Linux
@@ -306,7 +312,12 @@ class Blkfront:
             self._teardown("setup failed")
             return None
         keys = negotiate.setup_keys(geo, conn.grefs, [c.port for c in conn.channels], self.wishes)
-        self._log.info("blkfront setup", order=geo.ring_page_order, queues=geo.queues)
+        self._log.info(
+            "blkfront setup",
+            order=geo.ring_page_order,
+            queues=geo.queues,
+            granule_order=geo.granule_order,
+        )
         return keys
 
     async def _remove_stale_keys(self) -> None:
@@ -331,7 +342,6 @@ class Blkfront:
                 self.wishes,
                 conn.geometry,
                 backend,
-                grant_size=self.grant_size,
                 handle=self.device.devid,
             )
         except BlkfrontProtocolError as exc:
@@ -340,6 +350,7 @@ class Blkfront:
             await self.xs.write(f"{self.device.frontend}/state", str(int(xenbus.Closing)))
             return None
         self.engine.connect(neg, conn.rings)
+        self.grant_size = neg.grant_size
         self.info = negotiate.describe(neg)
         self.connections += 1
         conn.live = True

@@ -16,6 +16,16 @@ flush (`feature-flush-cache` → FLUSH_DISKCACHE, else `feature-barrier` → WRI
 `feature-discard` (+ granularity, alignment, secure), `feature-persistent` (used only when
 both ends offer it), `feature-max-indirect-segments` (used when > 11, capped at our own
 maximum and at what 8 indirect pages describe).
+
+Grant granules (issue 8, docs/granule-extension.md), with `xenpv.granule`'s rules:
+SETUP reads `max-grant-granule-order` (absent or junk → 0, as xenbus_read_unsigned) and
+picks order = min(page order, own cap, backend maximum); the ring is
+`granule.blk_ring_geometry` (ring-page-order raised to at least the granule order, granted
+as whole granules: `ring-ref` when that is one granule of order > 0, `ring-ref0..N-1`
+otherwise; order 0 is exactly the baseline above). `grant-granule-order` is written with the
+ring keys when the order is above 0 or the backend advertised the extension (so a declining
+frontend states 0); a frontend facing an old backend writes nothing. CONNECT checks the
+backend's echo when there is one (a different order is a protocol error).
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ from dataclasses import dataclass
 
 from frontends.blkfront.core import Negotiated
 from frontends.blkfront.errors import BlkfrontProtocolError
+from xenpv import granule
 from xenpv.abi.blkif import (
     BLKIF_MAX_SEGMENTS_PER_REQUEST,
     BLKIF_OP_FLUSH_DISKCACHE,
@@ -41,7 +52,7 @@ MAX_RING_PAGE_ORDER = 4
 MAX_QUEUES = 4
 MAX_INDIRECT_SEGMENTS = 256
 
-SETUP_KEYS = ["max-ring-page-order", "multi-queue-max-queues"]
+SETUP_KEYS = ["max-ring-page-order", "multi-queue-max-queues", granule.BACKEND_MAX_KEY]
 CONNECT_KEYS = [
     "sectors",
     "info",
@@ -55,6 +66,7 @@ CONNECT_KEYS = [
     "discard-secure",
     "feature-persistent",
     "feature-max-indirect-segments",
+    granule.FRONTEND_KEY,
 ]
 
 Keys = Mapping[str, str | None]
@@ -69,6 +81,7 @@ class Wishes:
     max_indirect_segments: int = MAX_INDIRECT_SEGMENTS
     persistent: bool = True
     protocol: str = XEN_IO_PROTO_ABI_X86_64
+    granule_order: int | None = None  # own cap: None = as large as allowed, 0 = decline
 
 
 def default_protocol(page_size: int) -> str:
@@ -92,12 +105,27 @@ def number(keys: Keys, name: str, default: int = 0) -> int:
 class Geometry:
     ring_page_order: int
     queues: int
+    granule_order: int = 0  # the grant-granule-order this connection uses
+    granule_key: bool = False  # write grant-granule-order (see the module docstring)
+
+    @property
+    def grant_size(self) -> int:
+        return granule.granule_size(self.granule_order)
+
+    @property
+    def ring_refs(self) -> int:
+        """Grants per ring: the ring's bytes over the granule."""
+        return 1 << (self.ring_page_order - self.granule_order)
 
 
-def geometry(wishes: Wishes, backend: Keys) -> Geometry:
-    order = min(wishes.max_ring_page_order, number(backend, "max-ring-page-order", 0))
+def geometry(wishes: Wishes, backend: Keys, page_size: int = 4096) -> Geometry:
+    advertised = backend.get(granule.BACKEND_MAX_KEY) is not None
+    backend_max = min(number(backend, granule.BACKEND_MAX_KEY, 0), granule.MAX_GRANULE_ORDER)
+    order = granule.frontend_choice(page_size, backend_max, wishes.granule_order)
+    ring = min(wishes.max_ring_page_order, number(backend, "max-ring-page-order", 0))
+    ring = granule.blk_ring_geometry(ring, order).ring_page_order
     queues = max(1, min(wishes.max_queues, number(backend, "multi-queue-max-queues", 1)))
-    return Geometry(order, queues)
+    return Geometry(ring, queues, order, advertised or order > 0)
 
 
 def is_ring_key(name: str) -> bool:
@@ -106,6 +134,7 @@ def is_ring_key(name: str) -> bool:
         "ring-page-order",
         "multi-queue-num-queues",
         "event-channel",
+        granule.FRONTEND_KEY,
     )
 
 
@@ -121,7 +150,7 @@ def setup_keys(
         keys["ring-page-order"] = geo.ring_page_order
 
     def ring(prefix: str, grefs: Sequence[int], port: int) -> None:
-        if geo.ring_page_order == 0:
+        if geo.ring_page_order == 0 or (geo.granule_order and geo.ring_refs == 1):
             keys[f"{prefix}ring-ref"] = grefs[0]
         else:
             for i, gref in enumerate(grefs):
@@ -136,13 +165,25 @@ def setup_keys(
             ring(f"queue-{q}/", ring_grefs[q], ports[q])
     keys["protocol"] = wishes.protocol
     keys["feature-persistent"] = int(wishes.persistent)
+    if geo.granule_key:
+        keys[granule.FRONTEND_KEY] = geo.granule_order
     return keys
 
 
 def negotiated(
-    wishes: Wishes, geo: Geometry, backend: Keys, *, grant_size: int, handle: int
+    wishes: Wishes, geo: Geometry, backend: Keys, *, handle: int, grant_size: int | None = None
 ) -> Negotiated:
-    """Everything a connection uses, from the backend's Connected keys."""
+    """Everything a connection uses, from the backend's Connected keys. The grant size is
+    the geometry's granule (`grant_size`, if given, must agree with it)."""
+    if grant_size is not None and grant_size != geo.grant_size:
+        raise ValueError(f"grant size {grant_size} but granule order {geo.granule_order}")
+    grant_size = geo.grant_size
+    echo = backend.get(granule.FRONTEND_KEY)
+    if echo is not None and number(backend, granule.FRONTEND_KEY, -1) != geo.granule_order:
+        raise BlkfrontProtocolError(
+            f"backend echoes {granule.FRONTEND_KEY} {echo.strip()[:20]!r}, "
+            f"we use {geo.granule_order}"
+        )
     raw_sectors = backend.get("sectors")
     try:
         sectors = int((raw_sectors or "").strip())
@@ -184,6 +225,7 @@ def negotiated(
         discard_secure=bool(number(backend, "discard-secure")),
         grant_size=grant_size,
         handle=handle & 0xFFFF,
+        granule_order=geo.granule_order,
     )
 
 
@@ -204,6 +246,7 @@ def describe(neg: Negotiated) -> dict[str, object]:
         "discard_alignment": neg.discard_alignment,
         "discard_secure": neg.discard_secure,
         "grant_size": neg.grant_size,
+        "granule_order": neg.granule_order,
         "read_only": neg.read_only,
         "protocol": neg.protocol.name,
     }

@@ -52,7 +52,8 @@ async def test_capacity_change_and_features_off(tmp_path: Path, xenstored: Xenst
             await make_vbd(p.xs, image=str(tmp_path / "d.img"), size=MiB, features=off)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(serve, p.backend, p.xs, DEVICE)
-                async with attach(p.guest, p.xs, DEVICE) as front:
+                # the 4 KiB baseline: ring order as configured (granules: test_blk_granule)
+                async with attach(p.guest, p.xs, DEVICE, granule_order=0) as front:
                     await front.wait_connected()
                     info = front.info
                     assert (info["flush"], info["discard"], info["persistent"]) == (

@@ -21,6 +21,7 @@ from backends.blkback import serve
 from frontends.blkfront import BlkError, attach
 from tests.integration.blk_env import DEVICE, make_vbd, pair, read_image
 from tests.integration.conftest import Xenstored
+from xenpv.granule import blk_ring_geometry, page_order
 from xenpv.topology import VbdFeatures
 
 DISK = 16 << 20
@@ -79,7 +80,12 @@ async def test_random_io_integrity(
                     await front.wait_connected()
                     info = front.info
                     assert info["sector_size"] == block and info["sectors"] == DISK // 512
-                    assert info["ring_page_order"] == order and info["queues"] == queues
+                    # attach() picks the largest grant granule (issue 8): the ring holds at
+                    # least one granule
+                    granule_order = page_order(page_size)
+                    ring = blk_ring_geometry(order, granule_order).ring_page_order
+                    assert info["ring_page_order"] == ring and info["queues"] == queues
+                    assert info["grant_size"] == page_size
                     assert (
                         info["indirect_segments"] == indirect and info["persistent"] == persistent
                     )

@@ -67,7 +67,8 @@ async def test_blkfront_negotiates_what_was_configured(
                 await p.xs.write(f"{DEVICE.backend}/mode", "r")
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(BlkbackDevice(p.backend, p.xs, DEVICE).run)
-                async with attach(p.guest, p.xs, DEVICE) as front:
+                # the 4 KiB baseline: ring order as configured (granules: test_blk_granule)
+                async with attach(p.guest, p.xs, DEVICE, granule_order=0) as front:
                     await front.wait_connected()
                     info = front.info
                     assert info["sectors"] == (4 << 20) // 512
