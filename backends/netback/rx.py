@@ -1,9 +1,11 @@
 """The guest-receive half of a netback queue, sans-IO: frames in, rx responses out.
 
 Modelled on Linux netback's rx.c (the "always fully coalesce" rx path, 4.11+):
-- a frame needs `ceil(len / granule)` rx requests, plus one per extra-info slot (GSO); it is
+- a frame needs `ceil(len / capacity)` rx requests, plus one per extra-info slot (GSO); it is
   only started when that many requests are posted (`xenvif_rx_ring_slots_available`);
-- each data slot receives up to one granule at offset 0 of the posted buffer; every slot but
+- each data slot receives up to `capacity` = min(granule, 32767) bytes at offset 0 of the
+  posted buffer (a response's status is an int16_t: with 64 KiB granules a slot carries at most
+  32767 bytes, docs/granule-extension.md); every slot but
   the last has NETRXF_more_data; the first carries the checksum flags, and NETRXF_extra_info
   when extras follow; extras go in the slot(s) right after the first data slot
   ("Extras must go after the first data slot"); responses sit at the index of the request
@@ -31,6 +33,7 @@ from xenpv.abi.netif import (
 )
 from xenpv.abi.ring import BackRing
 from xenpv.errors import XenpvError
+from xenpv.granule import NETIF_RX_STATUS_MAX
 from xenpv.hv.buffer import XEN_PAGE_SIZE
 
 _RX_RESPONSE = struct.Struct("<HHHh")  # id, offset, flags, status
@@ -86,10 +89,11 @@ class RxCore:
         self.ring = ring
         self.can_sg = can_sg
         self.granule = granule  # the negotiated grant size (4 KiB baseline)
+        self.capacity = min(granule, NETIF_RX_STATUS_MAX)  # bytes per data slot
         self.stats = RxStats()
 
     def slots_needed(self, frame: RxFrame) -> int:
-        data = max(1, -(-len(frame.data) // self.granule))
+        data = max(1, -(-len(frame.data) // self.capacity))
         return data + (1 if frame.gso is not None else 0)
 
     def fits_ever(self, frame: RxFrame) -> bool:
@@ -110,7 +114,7 @@ class RxCore:
         ring = self.ring
         data = frame.data
         total = len(data)
-        granule = self.granule
+        capacity = self.capacity
         responses: list[bytes] = []
         segments: list[RxSegment] = []
         extras = [frame.gso] if frame.gso is not None else []
@@ -127,7 +131,7 @@ class RxCore:
                 responses.append(encode_extra(extra))
                 continue
             request = decode_rx_request(raw)
-            length = min(granule, total - at)
+            length = min(capacity, total - at)
             flags = 0
             if first:
                 flags = frame.flags | (NETRXF_extra_info if extras else 0)

@@ -10,6 +10,14 @@
   and the backend switches to Closing (the frontend then closes and may start over);
 - CLOSE: tear the data path down.
 
+Grant granules (docs/granule-extension.md, docs/net.md "Grant granules"): ADVERTISE also writes
+`max-grant-granule-order` (`max_granule_order`, else the toolstack's
+`xenpv-max-grant-granule-order`, else 4); CONNECT accepts the frontend's `grant-granule-order`
+(above the maximum or junk: refused as above) and echoes it in the backend directory with the
+switch to Connected. Rings stay one order-0 frame; a ring grant of any other size is refused.
+`granule_extension=False` makes a backend that predates the extension (no key written, the
+frontend's key ignored: 4 KiB grants), for interop tests.
+
 A fatal frontend error on any queue (`xenvif_fatal_tx_err`: bad slot layout, broken ring...)
 disables the vif: every queue stops, the port leaves the switch (carrier off), the rings stay
 as they are and the xenbus state stays Connected until the frontend reconnects. Nothing the
@@ -30,11 +38,13 @@ import trio
 from backends.netback.features import (
     DEFAULT_MAX_QUEUES,
     FRONTEND_FLAGS,
+    MAX_GRANULE_CONFIG_KEY,
     MAX_QUEUES_KEY,
     QUEUE_KEYS,
     FrontendConfig,
     NetbackConfigError,
     advertise_keys,
+    max_granule_order,
     parse_frontend,
     parse_num_queues,
     queue_dirs,
@@ -46,7 +56,7 @@ from backends.netback.rx import RxCore, RxFatal
 from backends.netback.tx import FATAL_SKB_SLOTS_DEFAULT, TxCore, TxFatal
 from backends.switch import LiveSwitch, SwitchError, SwitchPort
 from backends.tap import VirtioNetHdr
-from xenpv import xenbus
+from xenpv import granule, xenbus
 from xenpv.abi.errors import RingError
 from xenpv.abi.netif import NETIF_RX_RING, NETIF_TX_RING
 from xenpv.abi.ring import BackRing
@@ -106,6 +116,8 @@ class Vif:
         *,
         max_queues: int | None = None,
         fatal_skb_slots: int = FATAL_SKB_SLOTS_DEFAULT,
+        max_granule_order: int | None = None,
+        granule_extension: bool = True,
     ) -> None:
         if device.cls != "vif":
             raise ValueError(f"not a vif: {device}")
@@ -116,7 +128,10 @@ class Vif:
         self.port_name = f"vif{device.frontend_domid}.{device.devid}"
         self.max_queues = max_queues
         self.fatal_skb_slots = fatal_skb_slots
-        self.granule = XEN_PAGE_SIZE  # the negotiated grant size (issue 8 may enlarge it)
+        self.max_granule_order = max_granule_order  # None: the toolstack key, else 4
+        self.granule_extension = granule_extension
+        self.granule_order = 0  # the accepted grant-granule-order of the current connection
+        self.granule = XEN_PAGE_SIZE  # the negotiated grant size (4 KiB baseline)
         self.fatal: str | None = None  # why the data path was disabled, until reconnect
         self.connections = 0  # successful CONNECTs so far
         self.mcast: set[bytes] = set()
@@ -200,7 +215,9 @@ class Vif:
     async def perform(self, action: Action) -> KeyValues | None:
         if action in (Action.ADVERTISE, Action.RESET):
             await self._disconnect()
-            return advertise_keys(await self._max_queues())
+            with suppress(XsError):  # the last connection's echo no longer holds
+                await self.xs.rm(f"{self.device.backend}/{granule.FRONTEND_KEY}")
+            return advertise_keys(await self._max_queues(), await self._max_granule_order())
         if action is Action.CLOSE:
             await self._disconnect()
             return {}
@@ -214,8 +231,19 @@ class Vif:
             except XsError as exc:  # e.g. a frontend that made its keys unreadable to us
                 await self._refuse(f"reading the frontend's keys: {exc}")
                 return None
-            return {}
+            if not self.granule_extension:
+                return {}
+            return {granule.FRONTEND_KEY: self.granule_order}  # the echo: what was agreed
         return {}
+
+    async def _max_granule_order(self) -> int | None:
+        """What to advertise as max-grant-granule-order (None: the extension is off)."""
+        if not self.granule_extension:
+            return None
+        if self.max_granule_order is not None:
+            return max(0, min(self.max_granule_order, granule.MAX_GRANULE_ORDER))
+        raw = await self.xs.try_read(f"{self.device.backend}/{MAX_GRANULE_CONFIG_KEY}")
+        return max_granule_order(None if raw is None else raw.decode("ascii", "replace"))
 
     async def _max_queues(self) -> int:
         if self.max_queues is not None:
@@ -241,7 +269,9 @@ class Vif:
         num_queues = parse_num_queues(flags["multi-queue-num-queues"], await self._max_queues())
         dirs = queue_dirs(frontend, num_queues)
         queues = [await read_keys(self.xs, where, list(QUEUE_KEYS)) for where in dirs]
-        return parse_frontend(flags, list(queues), dirs)
+        return parse_frontend(
+            flags, list(queues), dirs, max_granule_order=await self._max_granule_order()
+        )
 
     async def _connect(self) -> None:
         config = await self._read_config()
@@ -256,6 +286,12 @@ class Vif:
                 rx_map = await self.dom.map_grants(fe, [q.rx_ring_ref])
                 mappings.append(rx_map)
                 tx_ring = BackRing(tx_map, NETIF_TX_RING, attach=True)
+                for what, mapping in (("tx", tx_map), ("rx", rx_map)):
+                    if len(mapping.view) != XEN_PAGE_SIZE:  # rings stay order 0
+                        raise NetbackConfigError(
+                            f"{what}-ring-ref grants {len(mapping.view)} bytes, not one "
+                            f"{XEN_PAGE_SIZE}-byte frame (rings are granted with order 0)"
+                        )
                 rx_ring = BackRing(rx_map, NETIF_RX_RING, attach=True)
                 tx_channel = await self.dom.bind_interdomain(fe, q.evtchn_tx)
                 channels.append(tx_channel)
@@ -267,6 +303,11 @@ class Vif:
         except (HvError, RingError) as exc:
             await _release(mappings, channels)
             raise NetbackConfigError(f"mapping the rings: {exc}") from None
+        except NetbackConfigError:
+            await _release(mappings, channels)
+            raise
+        self.granule_order = config.granule_order
+        self.granule = config.granule
         try:
             port: SwitchPort[VirtioNetHdr] = self.switch.attach(self.port_name)
         except SwitchError as exc:
@@ -305,6 +346,7 @@ class Vif:
             split=[q.split for q in config.queues],
             sg=config.can_sg,
             offload=str(config.offload),
+            granule=self.granule,
         )
         self._notify()
 

@@ -141,12 +141,19 @@ def check_gso(gso: NetifGsoExtra | None, length: int) -> None:
 class TxCore:
     """Slots, ids and responses of one tx ring."""
 
-    __slots__ = ("_free", "_grefs", "_heads", "counters", "granule", "ring")
+    __slots__ = ("_free", "_grefs", "_heads", "counters", "granule", "nr_ids", "ring")
 
-    def __init__(self, ring: FrontRing, granule: int) -> None:
+    def __init__(self, ring: FrontRing, granule: int, nr_ids: int | None = None) -> None:
+        """`nr_ids`: how many tx ids (arena granules) to use, at most the ring size (default);
+        fewer bounds the tx arena when granules are large (docs/net.md, "Grant granules")."""
+        if nr_ids is None:
+            nr_ids = ring.nr_ents
+        if not MAX_TX_SLOTS <= nr_ids <= ring.nr_ents:
+            raise RingUsageError(f"{nr_ids} tx ids: need {MAX_TX_SLOTS}..{ring.nr_ents}")
         self.ring = ring
         self.granule = granule
-        self._free = list(range(ring.nr_ents - 1, -1, -1))  # a stack: low ids first
+        self.nr_ids = nr_ids
+        self._free = list(range(nr_ids - 1, -1, -1))  # a stack: low ids first
         self._grefs: list[int | None] = [None] * ring.nr_ents
         self._heads = bytearray(ring.nr_ents)  # 1: the id of a packet's first slot
         self.counters = Counters()
@@ -169,7 +176,7 @@ class TxCore:
 
     def in_flight(self) -> int:
         """Data slots in flight."""
-        return self.ring.nr_ents - len(self._free)
+        return self.nr_ids - len(self._free)
 
     def packets_in_flight(self) -> int:
         return sum(self._heads)
@@ -258,7 +265,7 @@ class TxCore:
         self.counters.tx_dropped += sum(self._heads)
         self._heads = bytearray(self.ring.nr_ents)
         self._grefs = [None] * self.ring.nr_ents
-        self._free = list(range(self.ring.nr_ents - 1, -1, -1))
+        self._free = list(range(self.nr_ids - 1, -1, -1))
         return grefs
 
 

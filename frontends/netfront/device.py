@@ -4,9 +4,14 @@ and the `send` / `receive` API.
 One `Netfront` per vif. Each connection (one run of the handshake) owns its queues; a queue
 is a tx ring and an rx ring (one 4 KiB frame each, granted to the backend), one event channel
 or two (`feature-split-event-channels`), a tx arena of one granule per tx slot id, and one
-rx buffer page per rx slot, of which only the first granule is granted (Linux netfront
-grants only the first 4 KiB of a 16K/64K page). Queue tasks sleep on their event channel and
-run the sans-IO cores (core.py) when woken.
+rx buffer page per rx slot, of which the first granule is granted: under the 4 KiB baseline
+only the first 4 KiB of a 16K/64K page (as Linux netfront), with the negotiated granule
+extension the whole page when the granule is the page (docs/net.md, "Grant granules"). Queue
+tasks sleep on their event channel and run the sans-IO cores (core.py) when woken.
+
+The granule is negotiated per connection: `granule_order` (attach's argument) is the cap,
+None = as large as allowed (the guest's page order), 0 = decline; the order actually used is
+`min(page order, cap, backend's max-grant-granule-order)` and is in `info["granule_order"]`.
 
 Reconnect, like Linux netfront: when the backend closes, the connection's tasks stop, packets
 still on the tx ring are dropped (counted in `tx_dropped`), grants are ended (those the
@@ -26,6 +31,7 @@ import trio
 
 from backends.tap import Tap
 from frontends.netfront.core import (
+    MAX_TX_SLOTS,
     Counters,
     NetfrontError,
     NetfrontProtocolError,
@@ -41,6 +47,7 @@ from frontends.netfront.keys import (
     HandshakeError,
     QueueKeys,
     frontend_keys,
+    negotiate_granule,
     negotiate_queues,
     parse_features,
     parse_mac,
@@ -55,6 +62,7 @@ from xenpv.abi.netif import (
 )
 from xenpv.abi.ring import FrontRing
 from xenpv.errors import XenpvError
+from xenpv.granule import MAX_GRANULE_ORDER
 from xenpv.hv import (
     GNTST,
     XEN_PAGE_SIZE,
@@ -72,8 +80,14 @@ from xenpv.xenstore.wire import XsError
 
 log = structlog.get_logger()
 
+TX_ARENA_BYTES = 4 << 20  # per queue: all 256 tx ids up to 16 KiB granules, 64 with 64 KiB
 RX_CHANNEL_DEPTH = 1024  # received frames waiting for receive() before rx stops refilling
 SHUTDOWN_TIMEOUT = 5.0
+
+
+def tx_ids(ring_slots: int, granule: int) -> int:
+    """Tx ids (= tx arena granules) of a queue: the ring's slots, bounded by TX_ARENA_BYTES."""
+    return max(MAX_TX_SLOTS, min(ring_slots, TX_ARENA_BYTES // granule))
 
 
 def default_max_queues() -> int:
@@ -111,6 +125,7 @@ class _Connection:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     dead: bool = False
     backend_connected: bool = False
+    granule: int = XEN_PAGE_SIZE  # the negotiated grant size of this connection
 
 
 @dataclass(eq=False)
@@ -140,7 +155,10 @@ class Netfront:
         self.dom = dom
         self.xs = xs
         self.device = device
-        self.granule_order = granule_order or 0
+        if granule_order is not None and not 0 <= granule_order <= MAX_GRANULE_ORDER:
+            raise NetfrontError(f"granule_order {granule_order} not in 0..{MAX_GRANULE_ORDER}")
+        self.granule_cap = granule_order  # None: as large as allowed; 0: decline
+        self.granule_order = 0  # negotiated per connection (_setup)
         self.granule = XEN_PAGE_SIZE << self.granule_order  # the negotiated grant size
         self.max_queues = max_queues if max_queues is not None else default_max_queues()
         self.mac = b""
@@ -177,7 +195,7 @@ class Netfront:
         length = len(view)
         while True:
             conn = await self._usable()
-            self._check_offloads(conn.features, length, gso)
+            self._check_offloads(conn.features, length, gso, conn.granule)
             queue = conn.queues[select_queue(view, len(conn.queues))]
             pieces = queue.tx.plan(length, gso)
             need = len(pieces)
@@ -282,6 +300,8 @@ class Netfront:
             self._set_changed()
             return None
         nr_queues = negotiate_queues(self.max_queues, features)
+        self.granule_order = negotiate_granule(self.dom.page_size, features, self.granule_cap)
+        self.granule = XEN_PAGE_SIZE << self.granule_order
         queues: list[_Queue] = []
         try:
             for index in range(nr_queues):
@@ -298,7 +318,7 @@ class Netfront:
                 await xs.rm(f"{device.frontend}/{name}")
         self._generation += 1
         self.setup_error = None
-        conn = _Connection(self._generation, features, queues)
+        conn = _Connection(self._generation, features, queues, granule=self.granule)
         for queue in queues:
             queue.rx.post()  # the backend sees them when it connects; nobody to notify yet
         assert self._nursery is not None
@@ -314,6 +334,8 @@ class Netfront:
             "ipv6_csum_offload": features.ipv6_csum_offload,
             "rx_copy": features.rx_copy,
             "grant_size": self.granule,
+            "granule_order": self.granule_order,
+            "backend_max_granule_order": features.max_granule_order,
             "page_size": self.dom.page_size,
             "backend_id": device.backend_domid,
             "generation": conn.generation,
@@ -324,7 +346,11 @@ class Netfront:
             QueueKeys(q.tx_ring_gref, q.rx_ring_gref, q.evtchn_tx.port, q.evtchn_rx.port)
             for q in queues
         ]
-        return frontend_keys(keys, split_event_channels=features.split_event_channels)
+        return frontend_keys(
+            keys,
+            split_event_channels=features.split_event_channels,
+            granule_order=None if features.max_granule_order is None else self.granule_order,
+        )
 
     async def _make_queue(self, index: int, features: BackendFeatures) -> _Queue:
         dom = self.dom
@@ -345,10 +371,11 @@ class Netfront:
             rx_gref = dom.grants.grant_access(backend, rx_page.frame)
             granted.append(rx_gref)
             frames = self.granule // XEN_PAGE_SIZE
-            arena = dom.alloc_buffer(tx_ring.nr_ents * frames)
+            nr_ids = tx_ids(tx_ring.nr_ents, self.granule)
+            arena = dom.alloc_buffer(nr_ids * frames)
             pages.append(arena)
             tx_grefs = []
-            for slot_id in range(tx_ring.nr_ents):
+            for slot_id in range(nr_ids):
                 gref = dom.grants.grant_access(
                     backend, arena.frame + slot_id * frames, readonly=True, order=self.granule_order
                 )
@@ -377,7 +404,7 @@ class Netfront:
             raise
         return _Queue(
             index,
-            TxCore(tx_ring, self.granule),
+            TxCore(tx_ring, self.granule, nr_ids),
             RxCore(rx_ring, [p.view[:granule] for p in buffers], rx_grefs, granule, index),
             arena,
             [tx_page, rx_page],
@@ -463,7 +490,7 @@ class Netfront:
             queue.tx.counters.tx_dropped += 1
             return
         tx = queue.tx
-        granule = self.granule
+        granule = tx.granule
         arena = queue.arena
         arena_view = arena.view
         tx_grefs = queue.tx_grefs
@@ -484,7 +511,7 @@ class Netfront:
                 queue.evtchn_tx.notify()
 
     def _check_offloads(
-        self, features: BackendFeatures, length: int, gso: NetifGsoExtra | None
+        self, features: BackendFeatures, length: int, gso: NetifGsoExtra | None, granule: int
     ) -> None:
         if gso is not None:
             offered = (
@@ -494,7 +521,7 @@ class Netfront:
             )
             if not offered:
                 raise NetfrontError(f"the backend does not offer GSO type {gso.gso_type}")
-        if length > self.granule and not features.sg:
+        if length > granule and not features.sg:
             raise NetfrontError(
                 f"a {length}-byte frame needs several slots; the backend has no feature-sg"
             )

@@ -6,6 +6,12 @@ own. One queue: `tx-ring-ref`, `rx-ring-ref` and `event-channel` (or `event-chan
 frontend directory; several queues: `multi-queue-num-queues` at the top and those keys under
 `queue-N/`. Then the frontend's features: `request-rx-copy`, `feature-rx-notify`,
 `feature-sg`, `feature-gso-tcpv4`, `feature-gso-tcpv6`, `feature-ipv6-csum-offload`.
+
+Grant granules (docs/granule-extension.md): the backend's `max-grant-granule-order` is read
+with the features (absent: the backend predates the extension; junk: read as 0, the baseline,
+since a frontend can always fall back safely); when the backend advertises it the frontend
+writes the order it chose as `grant-granule-order`, 0 when it declines, so both ends state what
+was agreed. A backend without the extension gets no key at all.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from xenpv import granule
 from xenpv.errors import XenpvError
 
 BACKEND_FEATURE_KEYS: Final = (
@@ -24,6 +31,7 @@ BACKEND_FEATURE_KEYS: Final = (
     "feature-ipv6-csum-offload",
     "feature-split-event-channels",
     "multi-queue-max-queues",
+    granule.BACKEND_MAX_KEY,
 )
 # Linux netfront's xennet_max_queues is capped at 8 by default (num_online_cpus otherwise).
 MAX_QUEUES: Final = 8
@@ -44,6 +52,7 @@ class BackendFeatures:
     ipv6_csum_offload: bool = False
     split_event_channels: bool = False
     max_queues: int = 1
+    max_granule_order: int | None = None  # None: no max-grant-granule-order (no extension)
 
 
 def _flag(raw: str | None) -> bool:
@@ -67,7 +76,24 @@ def parse_features(keys: Mapping[str, str | None]) -> BackendFeatures:
         ipv6_csum_offload=_flag(keys.get("feature-ipv6-csum-offload")),
         split_event_channels=_flag(keys.get("feature-split-event-channels")),
         max_queues=max(1, _unsigned(keys.get("multi-queue-max-queues"), 1)),
+        max_granule_order=_granule_max(keys.get(granule.BACKEND_MAX_KEY)),
     )
+
+
+def _granule_max(raw: str | None) -> int | None:
+    if raw is None:
+        return None
+    try:
+        return granule.parse_order(raw, granule.BACKEND_MAX_KEY)
+    except granule.GranuleError:
+        return 0  # a backend key we cannot read: the 4 KiB baseline always works
+
+
+def negotiate_granule(page_size: int, features: BackendFeatures, cap: int | None) -> int:
+    """The order this frontend uses: min(page order, `cap`, the backend's maximum).
+
+    `cap` None = as large as allowed, 0 = decline."""
+    return granule.frontend_choice(page_size, features.max_granule_order or 0, cap)
 
 
 def negotiate_queues(wanted: int, features: BackendFeatures) -> int:
@@ -84,9 +110,11 @@ class QueueKeys:
 
 
 def frontend_keys(
-    queues: Sequence[QueueKeys], *, split_event_channels: bool
+    queues: Sequence[QueueKeys], *, split_event_channels: bool, granule_order: int | None = None
 ) -> dict[str, str | int]:
-    """Everything the frontend publishes with its switch to Connected."""
+    """Everything the frontend publishes with its switch to Connected.
+
+    `granule_order` None: no `grant-granule-order` key (the backend has no extension)."""
     if not queues:
         raise HandshakeError("a vif needs at least one queue")
     keys: dict[str, str | int] = {}
@@ -116,12 +144,15 @@ def frontend_keys(
             "feature-ipv6-csum-offload": 1,
         }
     )
+    if granule_order is not None:
+        keys[granule.FRONTEND_KEY] = granule_order
     return keys
 
 
 def stale_keys(max_queues: int) -> list[str]:
     """Keys a previous connection may have left that the new one might not overwrite."""
     names = ["multi-queue-num-queues", "event-channel", "event-channel-tx", "event-channel-rx"]
+    names.append(granule.FRONTEND_KEY)
     names += [f"queue-{n}" for n in range(max_queues)]
     return names
 
