@@ -17,6 +17,7 @@ BENCH_MODULES: tuple[str, ...] = (
     "benchmarks.storage",
     "benchmarks.blk",
     "benchmarks.net",
+    "benchmarks.net_granule",
 )
 
 

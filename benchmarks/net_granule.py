@@ -1,0 +1,162 @@
+"""`xenpv bench net-granule`: a 64 KiB-page guest's vif with 64 KiB grant granules versus the
+same guest splitting into 4 KiB grants (docs/granule-extension.md, docs/net.md).
+
+Topology (every domain in this process, one queue per vif): a backend domain 0 with netback
+and the switch (page size `--backend-page`, 4 KiB by default) and two 64 KiB-page guests with
+netfront. Guest 1 streams 9000-byte frames and 64 KiB GSO frames (65535 bytes, TCPv4, MSS 1448)
+to guest 2 for a fixed time, as `xenpv bench net` does (`benchmarks.net._stream`: what guest 2
+receives counts). Once with `attach(granule_order=0)` (the 4 KiB baseline: 16 tx slots per
+64 KiB frame, 4 KiB rx buffers), once with `granule_order=None` (64 KiB granules: one tx slot,
+rx slots of up to 32767 bytes). The speed-up is granules / baseline per size and transport.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from backends.netback import Vif
+from backends.switch import LiveSwitch
+from benchmarks.net import _stream
+from benchmarks.report import emit
+from benchmarks.xenstore import _xenstored
+from frontends.netfront import Netfront, attach
+from xenpv.devices import create_vif
+from xenpv.hv import StaticDirectory, open_domain
+from xenpv.identity import DomainKey
+from xenpv.xenbus import DeviceId
+from xenpv.xenstore.client import connect
+
+TRANSPORTS = ("socket", "shm")
+SIZES = (9000, 65535)
+GUEST_PAGE = 65536
+MODES = {"4k_split": 0, "64k_granule": None}  # attach(granule_order=...)
+
+
+def register(benches: Any) -> None:
+    parser: argparse.ArgumentParser = benches.add_parser(
+        "net-granule",
+        help="64 KiB guest vif throughput: 64 KiB grant granules vs 4 KiB splitting",
+    )
+    parser.add_argument("--quick", action="store_true", help="short runs (CI smoke test)")
+    parser.add_argument("--json", action="store_true", help="accepted; JSON is always last")
+    parser.add_argument("--seconds", type=float, default=2.0, help="time per frame size")
+    parser.add_argument(
+        "--transport", choices=[*TRANSPORTS, "all"], default="all", help="domain link transport"
+    )
+    parser.add_argument(
+        "--backend-page",
+        type=int,
+        choices=[4096, 16384, 65536],
+        default=4096,
+        help="the backend domain's page size",
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    seconds = 0.3 if args.quick else args.seconds
+    transports = TRANSPORTS if args.transport == "all" else (args.transport,)
+    results: dict[str, Any] = {}
+    speedup: dict[str, dict[str, float]] = {}
+    rows: list[list[Any]] = []
+    for transport in transports:
+        per_mode: dict[str, Any] = {}
+        for mode, order in MODES.items():
+            per_mode[mode] = trio.run(_measure, transport, order, args.backend_page, seconds)
+            for size, r in per_mode[mode]["sizes"].items():
+                rows.append(
+                    [transport, mode, per_mode[mode]["granule"], size, r["frames_per_s"], r["mbps"]]
+                )
+        results[transport] = per_mode
+        speedup[transport] = {
+            _name(size): per_mode["64k_granule"]["sizes"][size]["mbps"]
+            / max(per_mode["4k_split"]["sizes"][size]["mbps"], 1e-9)
+            for size in per_mode["4k_split"]["sizes"]
+        }
+        for name, factor in speedup[transport].items():
+            rows.append([transport, "speed-up", "", name, "", f"x{factor:.2f}"])
+    emit(
+        {
+            "guest_page": GUEST_PAGE,
+            "backend_page": args.backend_page,
+            "seconds": seconds,
+            "results": results,
+            "speedup": speedup,
+        },
+        title="xenpv bench net-granule (64 KiB guest, guest to guest)",
+        columns=["transport", "mode", "grant size", "frame", "frames/s", "Mbit/s"],
+        rows=rows,
+        notes=["every domain in one process, one queue per vif; Mbit/s = delivered frames"],
+    )
+    return 0
+
+
+def _name(size: str) -> str:
+    return "64k_gso" if size == "65535" else size
+
+
+async def _measure(
+    transport: str, order: int | None, backend_page: int, seconds: float
+) -> dict[str, Any]:
+    with (
+        tempfile.TemporaryDirectory(prefix="xng", dir="/tmp") as tmp,
+        _xenstored(Path(tmp), "xs") as address,
+    ):
+        async with _net(Path(tmp), address, transport, order, backend_page) as (a, b, vifs):
+            sizes = {str(size): await _stream(a, b, size, seconds) for size in SIZES}
+            granule = a.info["grant_size"]
+            assert all(vif.granule == granule for vif in vifs)
+            return {"granule": granule, "granule_order": a.info["granule_order"], "sizes": sizes}
+
+
+@asynccontextmanager
+async def _net(
+    tmp: Path, address: str, transport: str, order: int | None, backend_page: int
+) -> AsyncIterator[tuple[Netfront, Netfront, list[Vif]]]:
+    directory = StaticDirectory()
+    async with AsyncExitStack() as stack:
+        doms = []
+        for domid, page in enumerate([backend_page, GUEST_PAGE, GUEST_PAGE]):
+            key = DomainKey.generate(domid)
+            dom = await stack.enter_async_context(
+                open_domain(
+                    domid=domid,
+                    key=key,
+                    directory=directory,
+                    endpoint=f"unix:{tmp}/d{domid}.sock",
+                    transport=transport,
+                    page_size=page,
+                    memory_bytes=(32 << 20) if domid == 0 else (64 << 20),
+                )
+            )
+            directory.register(domid, dom.endpoint, key.public_hex())
+            doms.append(dom)
+        xs = await stack.enter_async_context(connect(address))
+        switch: LiveSwitch[Any] = LiveSwitch(queue_depth=1024)
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        stack.callback(nursery.cancel_scope.cancel)
+        fronts, vifs = [], []
+        for dom in doms[1:]:
+            device = DeviceId("vif", dom.domid, 0, 0)
+            await create_vif(xs, device, mac=f"00:16:3e:00:00:{dom.domid:02x}")
+            vif = Vif(doms[0], xs, device, switch)
+            nursery.start_soon(vif.run)
+            vifs.append(vif)
+            fronts.append(
+                await stack.enter_async_context(
+                    attach(dom, xs, device, granule_order=order, max_queues=1)
+                )
+            )
+        with trio.fail_after(30):
+            for front in fronts:
+                await front.wait_connected()
+            for vif in vifs:
+                await vif.wait_until(lambda v: v.connected)
+        yield fronts[0], fronts[1], vifs
