@@ -10,7 +10,11 @@ Each cell checks what both ends state in xenstore (`max-grant-granule-order`, th
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -40,6 +44,7 @@ from xenpv.xenstore.client import XenstoreClient, connect
 TRANSPORTS = ["socket", "shm"]
 SIZES = [60, 61, 1514, 4095, 4096, 4097, 9000, 16383, 16384, 16385, 32767, 32768, 65535]
 TIMEOUT = 60
+QUICK = ["--quick", "--json", "--transport", "shm"]
 
 
 @dataclass(frozen=True)
@@ -271,3 +276,23 @@ async def test_order_above_backend_max_is_fatal(
                     if await read_state(xs, device.backend) == Closing:
                         break
             assert await _read(xs, f"{device.backend}/{granule.FRONTEND_KEY}") is None
+
+
+def test_bench_net_granule_quick_json() -> None:
+    """`xenpv bench net-granule --quick` runs and reports both modes and the speed-up."""
+    repo = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-m", "xenpv", "--log-level", "warning", "bench", "net-granule", *QUICK],
+        capture_output=True,
+        timeout=300,
+        cwd=repo,
+        env=dict(os.environ, PYTHONPATH=str(repo)),
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    data = json.loads(result.stdout.decode().strip().splitlines()[-1])
+    modes = data["results"]["shm"]
+    assert (modes["4k_split"]["granule"], modes["64k_granule"]["granule"]) == (4096, 65536)
+    for mode in modes.values():
+        assert all(r["received"] > 0 and r["mbps"] > 0 for r in mode["sizes"].values())
+    assert set(data["speedup"]["shm"]) == {"9000", "64k_gso"}
