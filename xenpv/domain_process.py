@@ -174,6 +174,14 @@ class DeviceTasks:
             # What a driver raised while being cancelled (the cancel scope strips Cancelled
             # from the group, the rest lands here): this device is done, the others go on.
             log.error("device task failed", device=str(device), error=repr(exc))
+        except BaseExceptionGroup as group:
+            # Cancelled by an enclosing scope (the domain stopping) while a driver raised:
+            # report the driver's errors, let only the cancellation through.
+            cancelled, others = group.split(trio.Cancelled)
+            if others is not None:
+                log.error("device task failed", device=str(device), error=repr(others))
+            if cancelled is not None:
+                raise cancelled from None
         finally:
             self.running -= 1
             self.ended.set()
