@@ -8,6 +8,8 @@ to guest 2 for a fixed time, as `xenpv bench net` does (`benchmarks.net._stream`
 receives counts). Once with `attach(granule_order=0)` (the 4 KiB baseline: 16 tx slots per
 64 KiB frame, 4 KiB rx buffers), once with `granule_order=None` (64 KiB granules: one tx slot,
 rx slots of up to 32767 bytes). The speed-up is granules / baseline per size and transport.
+`--repeat N` alternates the two modes N times and keeps each one's best run per size (the
+machine is shared: single runs vary by tens of percent); every run's Mbit/s is in the JSON.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def register(benches: Any) -> None:
     parser.add_argument("--quick", action="store_true", help="short runs (CI smoke test)")
     parser.add_argument("--json", action="store_true", help="accepted; JSON is always last")
     parser.add_argument("--seconds", type=float, default=2.0, help="time per frame size")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per mode (best is kept)")
     parser.add_argument(
         "--transport", choices=[*TRANSPORTS, "all"], default="all", help="domain link transport"
     )
@@ -68,8 +71,11 @@ def run(args: argparse.Namespace) -> int:
     rows: list[list[Any]] = []
     for transport in transports:
         per_mode: dict[str, Any] = {}
-        for mode, order in MODES.items():
-            per_mode[mode] = trio.run(_measure, transport, order, args.backend_page, seconds)
+        for _ in range(max(1, args.repeat)):
+            for mode, order in MODES.items():
+                run_ = trio.run(_measure, transport, order, args.backend_page, seconds)
+                per_mode[mode] = _best(per_mode.get(mode), run_)
+        for mode in MODES:
             for size, r in per_mode[mode]["sizes"].items():
                 rows.append(
                     [transport, mode, per_mode[mode]["granule"], size, r["frames_per_s"], r["mbps"]]
@@ -87,15 +93,33 @@ def run(args: argparse.Namespace) -> int:
             "guest_page": GUEST_PAGE,
             "backend_page": args.backend_page,
             "seconds": seconds,
+            "repeat": max(1, args.repeat),
             "results": results,
             "speedup": speedup,
         },
         title="xenpv bench net-granule (64 KiB guest, guest to guest)",
         columns=["transport", "mode", "grant size", "frame", "frames/s", "Mbit/s"],
         rows=rows,
-        notes=["every domain in one process, one queue per vif; Mbit/s = delivered frames"],
+        notes=[
+            "every domain in one process, one queue per vif; Mbit/s = delivered frames; "
+            f"best of {max(1, args.repeat)} run(s) per mode"
+        ],
     )
     return 0
+
+
+def _best(kept: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """Keep the faster run per size; record every run's Mbit/s under `runs_mbps`."""
+    if kept is None:
+        for r in new["sizes"].values():
+            r["runs_mbps"] = [r["mbps"]]
+        return new
+    for size, r in new["sizes"].items():
+        runs = kept["sizes"][size]["runs_mbps"] + [r["mbps"]]
+        if r["mbps"] > kept["sizes"][size]["mbps"]:
+            kept["sizes"][size] = r
+        kept["sizes"][size]["runs_mbps"] = runs
+    return kept
 
 
 def _name(size: str) -> str:
