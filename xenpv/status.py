@@ -12,8 +12,9 @@ Where each column comes from (the keys the drivers publish, REFERENCE.md):
 - queues: the frontend's `multi-queue-num-queues` (absent: one queue);
 - indirect: the backend's `feature-max-indirect-segments` (what the frontend may use; vbd);
 - persistent: `feature-persistent` written by both ends (vbd);
-- grant size: the 4 KiB baseline (`XEN_PAGE_SIZE`): the negotiated large-granule extension
-  (issue 8) will publish its own key, read here when it exists.
+- grant size: `4096 << grant-granule-order` (docs/granule-extension.md: the order the backend
+  accepted, echoed in its directory at connect; before that the frontend's; absent: the
+  4 KiB baseline).
 """
 
 from __future__ import annotations
@@ -29,8 +30,16 @@ from xenpv.xenbus import DEVICE_CLASSES, XVD_MAJOR, DeviceId, parse_state, xvd_n
 from xenpv.xenstore.client import XenstoreClient
 from xenpv.xenstore.wire import XsError
 
-FRONTEND_KEYS = ("state", "ring-page-order", "multi-queue-num-queues", "feature-persistent")
-BACKEND_KEYS = ("state", "feature-max-indirect-segments", "feature-persistent")
+GRANULE_ORDER = "grant-granule-order"
+FRONTEND_KEYS = (
+    "state",
+    "ring-page-order",
+    "multi-queue-num-queues",
+    "feature-persistent",
+    GRANULE_ORDER,
+)
+BACKEND_KEYS = ("state", "feature-max-indirect-segments", "feature-persistent", GRANULE_ORDER)
+MAX_GRANULE_ORDER = 4
 DEVICE_ERRORS = "xenpv/device-errors"
 CHECKS = "xenpv/checks"
 
@@ -126,6 +135,11 @@ def device_status(
         persistent = None
     if queues is None and fe_state in ("Initialised", "Connected"):
         queues = 1
+    granule = _int(backend.get(GRANULE_ORDER))
+    if granule is None:
+        granule = _int(frontend.get(GRANULE_ORDER))
+    if granule is None or not 0 <= granule <= MAX_GRANULE_ORDER:
+        granule = 0  # absent (the baseline) or junk a guest wrote: shown as the baseline
     return DeviceStatus(
         cls=device.cls,
         devid=device.devid,
@@ -139,7 +153,7 @@ def device_status(
         queues=queues,
         indirect_segments=indirect,
         persistent=persistent,
-        grant_size=XEN_PAGE_SIZE,
+        grant_size=XEN_PAGE_SIZE << granule,
         error=error,
     )
 

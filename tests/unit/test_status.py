@@ -38,6 +38,16 @@ def test_connected_vbd_reads_what_was_negotiated() -> None:
     assert v.grant_size == 4096
 
 
+def test_grant_size_follows_the_negotiated_granule_order() -> None:
+    """docs/granule-extension.md: the backend echoes the order it accepted at connect."""
+    device = DeviceId("vbd", 2, 1, xvd_number(0))
+    front = {"state": "3", "grant-granule-order": "4", "ring-page-order": "4"}
+    assert device_status(device, front, {"state": "2"}, NAMES).grant_size == 65536
+    back = {"state": "4", "grant-granule-order": "2"}
+    assert device_status(device, front | {"state": "4"}, back, NAMES).grant_size == 16384
+    assert device_status(device, {"grant-granule-order": "9"}, {}, NAMES).grant_size == 4096
+
+
 def test_vbd_defaults_when_keys_are_absent() -> None:
     """A single-page, single-queue frontend writes neither key (Linux's legacy layout)."""
     device = DeviceId("vbd", 2, 1, xvd_number(0))
@@ -97,6 +107,7 @@ keys = st.dictionaries(
             "multi-queue-num-queues",
             "feature-persistent",
             "feature-max-indirect-segments",
+            "grant-granule-order",
         ]
     ),
     st.text(max_size=6),
