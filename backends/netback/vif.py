@@ -16,7 +16,10 @@ Grant granules (docs/granule-extension.md, docs/net.md "Grant granules"): ADVERT
 (above the maximum or junk: refused as above) and echoes it in the backend directory with the
 switch to Connected. Rings stay one order-0 frame; a ring grant of any other size is refused.
 `granule_extension=False` makes a backend that predates the extension (no key written, the
-frontend's key ignored: 4 KiB grants), for interop tests.
+frontend's key ignored: 4 KiB grants), for interop tests. Unlike a genuinely old backend it
+also removes a `max-grant-granule-order` a predecessor left in the backend directory: an old
+backend started in place of a new one would leave it, and a frontend would then use granules
+the backend does not accept (a gap in the spec: see docs/net.md, "Grant granules").
 
 A fatal frontend error on any queue (`xenvif_fatal_tx_err`: bad slot layout, broken ring...)
 disables the vif: every queue stops, the port leaves the switch (carrier off), the rings stay
@@ -215,8 +218,12 @@ class Vif:
     async def perform(self, action: Action) -> KeyValues | None:
         if action in (Action.ADVERTISE, Action.RESET):
             await self._disconnect()
-            with suppress(XsError):  # the last connection's echo no longer holds
-                await self.xs.rm(f"{self.device.backend}/{granule.FRONTEND_KEY}")
+            stale = [granule.FRONTEND_KEY]  # the last connection's echo no longer holds
+            if not self.granule_extension:  # nor a predecessor's advertisement
+                stale.append(granule.BACKEND_MAX_KEY)
+            for name in stale:
+                with suppress(XsError):
+                    await self.xs.rm(f"{self.device.backend}/{name}")
             return advertise_keys(await self._max_queues(), await self._max_granule_order())
         if action is Action.CLOSE:
             await self._disconnect()

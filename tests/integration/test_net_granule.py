@@ -83,6 +83,32 @@ class Net:
     fronts: list[Netfront]
     vifs: list[Vif]
     devices: list[DeviceId]
+    backend: Domain
+    switch: LiveSwitch[Any]
+    nursery: trio.Nursery
+    stops: list[tuple[trio.CancelScope, trio.Event]]
+
+    async def restart_backend(self, i: int, **kwargs: Any) -> Vif:
+        """Kill vif `i`'s netback and start a new one (another configuration, maybe)."""
+        scope, done = self.stops[i]
+        scope.cancel()
+        await done.wait()
+        vif = Vif(self.backend, self.xs, self.devices[i], self.switch, **kwargs)
+        self.vifs[i] = vif
+        self.stops[i] = await self.nursery.start(_serve, vif)
+        return vif
+
+
+async def _serve(
+    vif: Vif, task_status: trio.TaskStatus[tuple[trio.CancelScope, trio.Event]]
+) -> None:
+    done = trio.Event()
+    try:
+        with trio.CancelScope() as scope:
+            task_status.started((scope, done))
+            await vif.run()
+    finally:
+        done.set()
 
 
 def _memory(page_size: int) -> int:
@@ -114,14 +140,14 @@ async def network(tmp: Path, xenstored: Xenstored, transport: str, mix: Mix) -> 
         switch: LiveSwitch[Any] = LiveSwitch(queue_depth=1024)
         nursery = await stack.enter_async_context(trio.open_nursery())
         stack.callback(nursery.cancel_scope.cancel)
-        fronts, vifs, devices = [], [], []
+        fronts, vifs, devices, stops = [], [], [], []
         for dom in doms[1:]:
             device = DeviceId("vif", dom.domid, 0, 0)
             await create_vif(xs, device, mac=mac_text(mac_of(dom.domid)))
             if mix.toolstack_max is not None:
                 await xs.write(f"{device.backend}/{MAX_GRANULE_CONFIG_KEY}", str(mix.toolstack_max))
             vif = Vif(doms[0], xs, device, switch, granule_extension=mix.backend_max is not None)
-            nursery.start_soon(vif.run)
+            stops.append(await nursery.start(_serve, vif))
             cap = 0 if mix.old_frontend else mix.cap
             fronts.append(
                 await stack.enter_async_context(attach(dom, xs, device, granule_order=cap))
@@ -132,7 +158,7 @@ async def network(tmp: Path, xenstored: Xenstored, transport: str, mix: Mix) -> 
             await front.wait_connected()
         for vif in vifs:
             await vif.wait_until(lambda v: v.connected)
-        yield Net(xs, doms[1:], fronts, vifs, devices)
+        yield Net(xs, doms[1:], fronts, vifs, devices, doms[0], switch, nursery, stops)
 
 
 def _old_frontend_keys(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -225,6 +251,66 @@ async def test_mix_negotiates_and_frames_arrive_intact(
                 assert stats["rx_errors"] == 0 and stats["tx_errors"] == 0
             for vif in net.vifs:
                 assert vif.fatal is None and vif.stats().tx_errors == 0
+
+
+async def exchange(net: Net, rng: random.Random, sizes: list[int]) -> None:
+    """Each guest sends `sizes` (64 KiB ones as GSO) to the other; all arrive intact."""
+    a, b = net.fronts
+    sent: list[list[bytes]] = [[], []]
+    got: list[list[RxFrame]] = [[], []]
+
+    async def sender(i: int, src: Netfront, dst: Netfront) -> None:
+        for seq, size in enumerate(sizes):
+            frame = tcp_frame(dst.mac, src.mac, 4000 + i, seq, size, rng)
+            gso = NetifGsoExtra(1448, XEN_NETIF_GSO_TYPE_TCPV4) if size > 1514 else None
+            await src.send(frame, gso=gso, csum_blank=True)
+            sent[i].append(frame)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(collect, b, len(sizes), got[0])
+        nursery.start_soon(collect, a, len(sizes), got[1])
+        nursery.start_soon(sender, 0, a, b)
+        nursery.start_soon(sender, 1, b, a)
+    for i in range(2):
+        assert [f.frame for f in got[i]] == sent[i]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_renegotiated_after_backend_restart(
+    tmp_path: Path, xenstored: Xenstored, transport: str
+) -> None:
+    """The order is chosen per connection: a backend restarted without the extension, then
+    with a maximum of 2, is followed; stale keys of the earlier connection disappear."""
+    mix = Mix("restart", 65536, 4096, 4)
+    rng = random.Random(transport)
+    sizes = [60, 9000, 65535]
+    with trio.fail_after(TIMEOUT):
+        async with network(tmp_path, xenstored, transport, mix) as net:
+            # prime the switch (learn both MACs) so unicast is not flooded
+            for front in net.fronts:
+                await front.send(opaque_frame(b"\xff" * 6, front.mac, 9, 0, 60, rng))
+            for front in net.fronts:
+                assert (await front.receive()).frame[:6] == b"\xff" * 6
+            assert [f.info["granule_order"] for f in net.fronts] == [4, 4]
+            await exchange(net, rng, sizes)
+            for plan, want in (({"granule_extension": False}, 0), ({"max_granule_order": 2}, 2)):
+                generations = [f.info["generation"] for f in net.fronts]
+                for i in range(2):
+                    await net.restart_backend(i, **plan)
+                for i, front in enumerate(net.fronts):
+                    while not (front.connected and front.info["generation"] > generations[i]):
+                        await front.wait_disconnected()
+                        await front.wait_connected()
+                    await net.vifs[i].wait_until(lambda v: v.connected)
+                for front, vif, device in zip(net.fronts, net.vifs, net.devices, strict=True):
+                    assert front.info["granule_order"] == vif.granule_order == want
+                    written = await _read(net.xs, f"{device.frontend}/{granule.FRONTEND_KEY}")
+                    echoed = await _read(net.xs, f"{device.backend}/{granule.FRONTEND_KEY}")
+                    if plan.get("granule_extension") is False:
+                        assert (written, echoed) == (None, None)
+                    else:
+                        assert (written, echoed) == (str(want), str(want))
+                await exchange(net, rng, sizes)
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
