@@ -3,7 +3,8 @@ and the `send` / `receive` API.
 
 One `Netfront` per vif. Each connection (one run of the handshake) owns its queues; a queue
 is a tx ring and an rx ring (one 4 KiB frame each, granted to the backend), one event channel
-or two (`feature-split-event-channels`), a tx arena of one granule per tx slot id, and one
+or two (`feature-split-event-channels`), a tx arena of one granule per tx id (at most
+TX_ARENA_BYTES per queue: fewer ids than ring slots with 32K/64K granules), and one
 rx buffer page per rx slot, of which the first granule is granted: under the 4 KiB baseline
 only the first 4 KiB of a 16K/64K page (as Linux netfront), with the negotiated granule
 extension the whole page when the granule is the page (docs/net.md, "Grant granules"). Queue
