@@ -387,9 +387,16 @@ async def run_cell(dom: Any, xs: XenstoreClient, cell: dict[str, Any]) -> dict[s
     except trio.TooSlowError:
         return _result(cell, False, "timed out (the device never connected or I/O hung)")
     except Exception as exc:
-        leaves = exc.exceptions if isinstance(exc, ExceptionGroup) else [exc]
-        text = "; ".join(f"{type(e).__name__}: {e}" for e in leaves[:3])
+        log.warning("interop cell failed", key=cell["key"], exc_info=True)
+        text = "; ".join(f"{type(e).__name__}: {e}" for e in _leaves(exc)[:3])
         return _result(cell, False, text)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The innermost exceptions of (nested) exception groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
 
 
 async def main(plan: dict[str, Any]) -> None:
