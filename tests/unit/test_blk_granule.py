@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -376,3 +377,17 @@ def test_random_io_over_granules_matches_a_model(
             run(engine, backend, [r])
             assert bytes(r.data) == bytes(model[offset : offset + length])
     assert disk == model
+
+
+@pytest.mark.parametrize("order", [-1, 5])
+async def test_attach_refuses_an_order_outside_0_to_4(order: int) -> None:
+    from typing import Any, cast
+
+    from frontends.blkfront import GranuleNotSupported, attach
+    from xenpv.xenbus import DeviceId
+
+    with trio.fail_after(5), pytest.raises(GranuleNotSupported, match=r"expected 0\.\.4"):
+        async with attach(
+            cast(Any, None), cast(Any, None), DeviceId("vbd", 1, 0, 51712), granule_order=order
+        ):
+            pass  # pragma: no cover
