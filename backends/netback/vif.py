@@ -13,7 +13,7 @@
 Grant granules (docs/granule-extension.md, docs/net.md "Grant granules"): ADVERTISE also writes
 `max-grant-granule-order` (`max_granule_order`, else the toolstack's
 `xenpv-max-grant-granule-order`, else 4); CONNECT accepts the frontend's `grant-granule-order`
-(above the maximum or junk: refused as above) and echoes it in the backend directory with the
+(above the maximum this backend advertised, or junk: refused as above) and echoes it in the backend directory with the
 switch to Connected. Rings stay one order-0 frame; a ring grant of any other size is refused.
 `granule_extension=False` makes a backend that predates the extension (no key written, the
 frontend's key ignored: 4 KiB grants), for interop tests. Unlike a genuinely old backend it
@@ -134,6 +134,7 @@ class Vif:
         self.max_granule_order = max_granule_order  # None: the toolstack key, else 4
         self.granule_extension = granule_extension
         self.granule_order = 0  # the accepted grant-granule-order of the current connection
+        self._advertised_granule: tuple[bool, int | None] = (False, None)
         self.granule = XEN_PAGE_SIZE  # the negotiated grant size (4 KiB baseline)
         self.fatal: str | None = None  # why the data path was disabled, until reconnect
         self.connections = 0  # successful CONNECTs so far
@@ -224,7 +225,8 @@ class Vif:
             for name in stale:
                 with suppress(XsError):
                     await self.xs.rm(f"{self.device.backend}/{name}")
-            return advertise_keys(await self._max_queues(), await self._max_granule_order())
+            self._advertised_granule = (True, await self._max_granule_order())
+            return advertise_keys(await self._max_queues(), self._advertised_granule[1])
         if action is Action.CLOSE:
             await self._disconnect()
             return {}
@@ -242,6 +244,12 @@ class Vif:
                 return {}
             return {granule.FRONTEND_KEY: self.granule_order}  # the echo: what was agreed
         return {}
+
+    async def _accepted_granule_max(self) -> int | None:
+        """The maximum checked at CONNECT: what this backend advertised (the toolstack key may
+        have changed since; the frontend chose against the advertised value)."""
+        advertised, value = self._advertised_granule
+        return value if advertised else await self._max_granule_order()
 
     async def _max_granule_order(self) -> int | None:
         """What to advertise as max-grant-granule-order (None: the extension is off)."""
@@ -277,7 +285,7 @@ class Vif:
         dirs = queue_dirs(frontend, num_queues)
         queues = [await read_keys(self.xs, where, list(QUEUE_KEYS)) for where in dirs]
         return parse_frontend(
-            flags, list(queues), dirs, max_granule_order=await self._max_granule_order()
+            flags, list(queues), dirs, max_granule_order=await self._accepted_granule_max()
         )
 
     async def _connect(self) -> None:
