@@ -63,7 +63,7 @@ from xenpv.abi.netif import (
 )
 from xenpv.abi.ring import FrontRing
 from xenpv.errors import XenpvError
-from xenpv.granule import MAX_GRANULE_ORDER
+from xenpv.granule import FRONTEND_KEY, MAX_GRANULE_ORDER
 from xenpv.hv import (
     GNTST,
     XEN_PAGE_SIZE,
@@ -160,6 +160,7 @@ class Netfront:
             raise NetfrontError(f"granule_order {granule_order} not in 0..{MAX_GRANULE_ORDER}")
         self.granule_cap = granule_order  # None: as large as allowed; 0: decline
         self.granule_order = 0  # negotiated per connection (_setup)
+        self.granule_fallback: str | None = None  # why 4 KiB grants are forced from now on
         self.granule = XEN_PAGE_SIZE << self.granule_order  # the negotiated grant size
         self.max_queues = max_queues if max_queues is not None else default_max_queues()
         self.mac = b""
@@ -301,7 +302,8 @@ class Netfront:
             self._set_changed()
             return None
         nr_queues = negotiate_queues(self.max_queues, features)
-        self.granule_order = negotiate_granule(self.dom.page_size, features, self.granule_cap)
+        cap = 0 if self.granule_fallback is not None else self.granule_cap
+        self.granule_order = negotiate_granule(self.dom.page_size, features, cap)
         self.granule = XEN_PAGE_SIZE << self.granule_order
         queues: list[_Queue] = []
         try:
@@ -337,6 +339,7 @@ class Netfront:
             "grant_size": self.granule,
             "granule_order": self.granule_order,
             "backend_max_granule_order": features.max_granule_order,
+            "granule_fallback": self.granule_fallback,
             "page_size": self.dom.page_size,
             "backend_id": device.backend_domid,
             "generation": conn.generation,
@@ -596,8 +599,32 @@ class Netfront:
                 fresh = conn is not None and conn is self._conn and not conn.backend_connected
                 if fresh and state == Connected:
                     assert conn is not None
+                    if not await self._granule_echoed(conn):
+                        await self._fall_back_to_baseline(conn)
+                        continue
                     conn.backend_connected = True
                     self._set_changed()
+
+    async def _granule_echoed(self, conn: _Connection) -> bool:
+        """A backend that accepted our granule echoes it; one that reached Connected without
+        the echo ignored our key (it predates the extension; the `max-grant-granule-order`
+        we read was a predecessor's), so our grants do not match what it expects."""
+        if conn.granule == XEN_PAGE_SIZE:
+            return True
+        order = (conn.granule // XEN_PAGE_SIZE).bit_length() - 1
+        raw = await self.xs.try_read(f"{self.device.backend}/{FRONTEND_KEY}")
+        return raw is not None and raw.strip() == str(order).encode()
+
+    async def _fall_back_to_baseline(self, conn: _Connection) -> None:
+        """Close and reconnect with 4 KiB grants (for the rest of this attach)."""
+        reason = (
+            f"backend reached Connected without echoing {FRONTEND_KEY} = "
+            f"{(conn.granule // XEN_PAGE_SIZE).bit_length() - 1}: reconnecting with 4 KiB grants"
+        )
+        log.error("netfront.granule_not_echoed", device=str(self.device), reason=reason)
+        self.granule_fallback = reason
+        with suppress(XsError):
+            await self.xs.write(f"{self.device.frontend}/state", str(int(Closing)))
 
     async def _shutdown(self) -> None:
         """Leave the device like Linux netfront's remove: Closing, wait, Closed."""

@@ -37,8 +37,8 @@ from xenpv.abi.netif import XEN_NETIF_GSO_TYPE_TCPV4, NetifGsoExtra
 from xenpv.devices import create_vif
 from xenpv.hv import Domain, StaticDirectory, open_domain
 from xenpv.identity import DomainKey
-from xenpv.xenbus import Closing, DeviceId
-from xenpv.xenbus_io import read_state
+from xenpv.xenbus import Action, Closing, DeviceId
+from xenpv.xenbus_io import KeyValues, read_state
 from xenpv.xenstore.client import XenstoreClient, connect
 
 TRANSPORTS = ["socket", "shm"]
@@ -382,3 +382,57 @@ def test_bench_net_granule_quick_json() -> None:
     for mode in modes.values():
         assert all(r["received"] > 0 and r["mbps"] > 0 for r in mode["sizes"].values())
     assert set(data["speedup"]["shm"]) == {"9000", "64k_gso"}
+
+
+class StaleOldVif(Vif):
+    """A backend without the extension in a directory where a predecessor's
+    `max-grant-granule-order` = 4 survived: it never echoes, and ignores the frontend's key."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, granule_extension=False, **kwargs)
+
+    async def perform(self, action: Action) -> KeyValues | None:
+        keys = await super().perform(action)
+        if action in (Action.ADVERTISE, Action.RESET) and keys is not None:
+            keys = {**keys, granule.BACKEND_MAX_KEY: 4}
+        return keys
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_backend_without_echo_gets_4k_grants(
+    tmp_path: Path, xenstored: Xenstored, transport: str
+) -> None:
+    """netfront picks 64 KiB from the stale key, sees Connected without the echo, and
+    reconnects with 4 KiB grants; frames then flow intact."""
+    mix = Mix("stale", 65536, 4096, 4)
+    rng = random.Random(transport)
+    with trio.fail_after(TIMEOUT):
+        async with network(tmp_path, xenstored, transport, mix) as net:
+            for i in range(2):
+                await net.restart_backend(i, granule_extension=True)  # a clean start: echo 4
+            for i, front in enumerate(net.fronts):
+                await front.wait_connected()
+                await net.vifs[i].wait_until(lambda v: v.connected)
+                assert front.info["granule_order"] == 4
+            for i in range(2):  # replaced by the old backend; the advertisement survives
+                scope, done = net.stops[i]
+                scope.cancel()
+                await done.wait()
+                old = StaleOldVif(net.backend, net.xs, net.devices[i], net.switch)
+                net.vifs[i] = old
+                net.stops[i] = await net.nursery.start(_serve, old)
+            for i, front in enumerate(net.fronts):
+                while not (front.connected and front.info["granule_order"] == 0):
+                    await front.wait_disconnected()
+                    await front.wait_connected()
+                assert "without echoing" in (front.granule_fallback or "")
+                assert front.info["granule_fallback"] == front.granule_fallback
+                await net.vifs[i].wait_until(lambda v: v.connected)
+                assert net.vifs[i].granule_order == 0
+            for front in net.fronts:
+                await front.send(opaque_frame(b"\xff" * 6, front.mac, 9, 0, 60, rng))
+            for front in net.fronts:
+                assert (await front.receive()).frame[:6] == b"\xff" * 6
+            await exchange(net, rng, [60, 9000, 65535])
+            for vif in net.vifs:
+                assert vif.fatal is None
