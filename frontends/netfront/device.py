@@ -13,6 +13,8 @@ tasks sleep on their event channel and run the sans-IO cores (core.py) when woke
 The granule is negotiated per connection: `granule_order` (attach's argument) is the cap,
 None = as large as allowed (the guest's page order), 0 = decline; the order actually used is
 `min(page order, cap, backend's max-grant-granule-order)` and is in `info["granule_order"]`.
+A backend that reaches Connected without echoing a non-zero order did not accept it: netfront
+then reconnects with 4 KiB grants (`granule_fallback`; docs/net.md, "Spec notes").
 
 Reconnect, like Linux netfront: when the backend closes, the connection's tasks stop, packets
 still on the tx ring are dropped (counted in `tx_dropped`), grants are ended (those the
