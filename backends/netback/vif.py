@@ -13,8 +13,9 @@
 Grant granules (docs/granule-extension.md, docs/net.md "Grant granules"): ADVERTISE also writes
 `max-grant-granule-order` (`max_granule_order`, else the toolstack's
 `xenpv-max-grant-granule-order`, else 4); CONNECT accepts the frontend's `grant-granule-order`
-(above the maximum this backend advertised, or junk: refused as above) and echoes it in the backend directory with the
-switch to Connected. Rings stay one order-0 frame; a ring grant of any other size is refused.
+(above the maximum this backend advertised, or junk: refused as above) and echoes it in the
+backend directory with the switch to Connected. Rings stay one order-0 frame; a ring grant of
+any other size is refused.
 `granule_extension=False` makes a backend that predates the extension (no key written, the
 frontend's key ignored: 4 KiB grants), for interop tests. Unlike a genuinely old backend it
 also removes a `max-grant-granule-order` a predecessor left in the backend directory: an old
