@@ -10,11 +10,21 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import TextIO
+from typing import TextIO, cast
 
 import structlog
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+class _Stderr:
+    """Whatever `sys.stderr` is at write time (tests and daemons may swap it after set-up)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 def configure(
@@ -41,6 +51,8 @@ def configure(
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=out),
+        logger_factory=structlog.PrintLoggerFactory(
+            file=out if stream is not None else cast(TextIO, _Stderr())
+        ),
         cache_logger_on_first_use=False,
     )
