@@ -46,11 +46,10 @@ from typing import Any
 import structlog
 import trio
 
-from xenpv import devices, toolstack
-from xenpv.devices import VbdConfig
+from xenpv import devices, provision, toolstack
 from xenpv.errors import XenpvError
 from xenpv.topology import Topology, TopologyError
-from xenpv.xenbus import DeviceId, parse_state, xvd_number
+from xenpv.xenbus import DeviceId, parse_state
 from xenpv.xenstore.client import XenstoreClient, connect
 
 log = structlog.get_logger()
@@ -230,47 +229,17 @@ def _endpoint(state_dir: Path, name: str, transport: str) -> str:
     return f"unix:{path}"
 
 
-def _image_path(state_dir: Path, image: str | None) -> str | None:
-    if image is None:
-        return None
-    path = Path(image)
-    return str(path if path.is_absolute() else (state_dir / path).resolve())
-
-
 async def _create(cluster: Cluster) -> None:
     topo, state_dir = cluster.topology, cluster.state_dir
-    for spec in topo.domains:
-        created = await toolstack.create_domain(
-            cluster.xs,
-            name=spec.name,
-            page_size=spec.page_size,
-            memory_bytes=spec.memory,
-            endpoint=_endpoint(state_dir, spec.name, topo.transport),
-        )
-        created.key.save(state_dir / "keys" / f"{spec.name}.key")
-        cluster.domids[spec.name] = created.domid
-    per_guest: dict[tuple[str, str], int] = {}
-    for vbd in topo.vbds:
-        index = per_guest.get((vbd.frontend, "vbd"), 0)
-        per_guest[(vbd.frontend, "vbd")] = index + 1
-        device = DeviceId(
-            "vbd", cluster.domids[vbd.frontend], cluster.domids[vbd.backend], xvd_number(index)
-        )
-        config = VbdConfig(
-            image=_image_path(state_dir, vbd.image),
-            size=vbd.size,
-            read_only=vbd.read_only,
-            sector_size=vbd.sector_size,
-            features=vbd.features,
-        )
-        await devices.create_vbd(cluster.xs, device, config)
-        cluster.devices.append(device)
-    for vif in topo.vifs:
-        index = per_guest.get((vif.frontend, "vif"), 0)
-        per_guest[(vif.frontend, "vif")] = index + 1
-        device = DeviceId("vif", cluster.domids[vif.frontend], cluster.domids[vif.backend], index)
-        await devices.create_vif(cluster.xs, device, mac=vif.mac, tap=vif.tap)
-        cluster.devices.append(device)
+    done = await provision.apply_topology(
+        cluster.xs,
+        topo,
+        endpoint=lambda spec: _endpoint(state_dir, spec.name, topo.transport),
+        keys_dir=state_dir / "keys",
+        image_dir=state_dir,
+    )
+    cluster.domids.update(done.domids)
+    cluster.devices.extend(done.devices)
 
 
 async def _start_domains(cluster: Cluster, log_level: str) -> None:
@@ -505,7 +474,7 @@ async def stop(
 
 def _check_images(topology: Topology, state_dir: Path) -> None:
     for i, vbd in enumerate(topology.vbds):
-        image = _image_path(state_dir, vbd.image)
+        image = provision.image_path(vbd.image, state_dir)
         if vbd.read_only and image is not None and not os.path.exists(image):
             raise TopologyError(f"vbd[{i}].image", f"{image} does not exist (read-only disk)")
 
