@@ -107,11 +107,23 @@ class NetnsLab:
         if not binds:
             return [*prefix, *argv]
         # Mount points under others go last: /tmp (a private /tmp) after the volumes whose
-        # directories may live under the real /tmp.
+        # directories may live under the real /tmp. The code being tested may itself live
+        # under /tmp (a CI clone, an editable install): it is bind-mounted into the private
+        # /tmp at its own path first, and /tmp is mounted recursively so it stays visible.
+        pairs: list[tuple[str, str]] = []
+        if "/tmp" in binds:
+            for code in _code_dirs():
+                if code.is_relative_to("/tmp"):
+                    inner = binds["/tmp"] / code.relative_to("/tmp")
+                    inner.mkdir(parents=True, exist_ok=True)
+                    pairs.append((str(code), str(inner)))
         order = sorted(binds, key=lambda t: (t == "/tmp", t))
-        script = "".join(f'mount --bind "${i + 1}" "{target}"; ' for i, target in enumerate(order))
         for target in order:
             self.mountpoint(target)
+        pairs += [(str(binds[t]), t) for t in order]
+        script = "".join(
+            f'mount --rbind "${{{2 * i + 1}}}" "${{{2 * i + 2}}}"; ' for i in range(len(pairs))
+        )
         return [
             *prefix,
             "unshare",
@@ -120,9 +132,9 @@ class NetnsLab:
             "private",
             "sh",
             "-ec",
-            script + f'shift {len(order)}; exec "$@"',
+            script + f'shift {2 * len(pairs)}; exec "$@"',
             "sh",
-            *(str(binds[t]) for t in order),
+            *(arg for pair in pairs for arg in pair),
             *argv,
         ]
 
@@ -147,3 +159,10 @@ class NetnsLab:
         self._dirs.clear()
         with contextlib.suppress(OSError):
             ETC_NETNS.rmdir()  # only if empty: other users' entries stay
+
+
+def _code_dirs() -> list[Path]:
+    """Where the code under test is imported from (the repository, for an editable install)."""
+    import xenpv
+
+    return [Path(xenpv.__file__).resolve().parents[1]]
