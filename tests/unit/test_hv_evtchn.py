@@ -20,6 +20,9 @@ class Owner:
     def close_port(self, channel: EventChannel) -> None:
         self.closed.append(channel.port)
 
+    def event_source(self, channel: EventChannel) -> None:
+        return None  # events are raised by the test itself
+
 
 async def test_coalescing_wakes_once() -> None:
     channel = EventChannel(Owner(), 5, 0, 7)

@@ -371,6 +371,11 @@ class Domain:
             raise EventChannelClosed(f"port {channel.port}: domain {channel.remote_domid} is gone")
         link.send_now([Msg.EVENT, channel.remote_port])
 
+    def event_source(self, channel: EventChannel) -> Link | None:
+        """The link a waiter on `channel` may receive from itself (evtchn.EventChannel.wait)."""
+        link = self._links.get(channel.remote_domid)
+        return link if link is not None and link.dead is None else None
+
     def close_port(self, channel: EventChannel) -> None:
         if self._ports.get(channel.port) is channel:
             del self._ports[channel.port]

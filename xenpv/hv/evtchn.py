@@ -9,6 +9,7 @@ and the socket transport uses them to close the ring.h Dekker race (docs/hypervi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import trio
@@ -16,10 +17,20 @@ import trio
 from xenpv.hv.errors import EventChannelClosed
 
 
+class EventSource(Protocol):
+    """Where a port's events arrive (the link to its peer)."""
+
+    async def receive_until(
+        self, done: Callable[[], bool], interrupt: trio.CancelScope
+    ) -> bool: ...
+
+
 class PortOwner(Protocol):
     def send_event(self, channel: EventChannel) -> None: ...
 
     def close_port(self, channel: EventChannel) -> None: ...
+
+    def event_source(self, channel: EventChannel) -> EventSource | None: ...
 
 
 class EventChannel:
@@ -27,6 +38,7 @@ class EventChannel:
 
     __slots__ = (
         "_closed",
+        "_interrupt",
         "_lot",
         "_owner",
         "masked",
@@ -47,6 +59,7 @@ class EventChannel:
         self.masked = False
         self._closed: str | None = None
         self._lot = trio.lowlevel.ParkingLot()
+        self._interrupt: trio.CancelScope | None = None  # a waiter receiving on the link
 
     @property
     def closed(self) -> bool:
@@ -64,14 +77,35 @@ class EventChannel:
             self._owner.send_event(self)
 
     async def wait(self) -> None:
-        """Return once an event is pending and the port unmasked; clears the pending bit."""
+        """Return once an event is pending and the port unmasked; clears the pending bit.
+
+        While nobody else does, the waiting task receives from the peer's link itself (like a
+        CPU taking its own interrupt) instead of being woken by the link's reader task.
+        """
         while True:
             if self.pending and not self.masked:
                 self.pending = False
                 return
             if self._closed is not None:
                 raise EventChannelClosed(f"port {self.port}: {self._closed}")
+            source = self._owner.event_source(self)
+            if source is not None and self._interrupt is None:
+                interrupt = self._interrupt = trio.CancelScope()
+                try:
+                    received = await source.receive_until(self._ready, interrupt)
+                finally:
+                    self._interrupt = None
+                if received:
+                    continue
             await self._lot.park()
+
+    def _ready(self) -> bool:
+        return (self.pending and not self.masked) or self._closed is not None
+
+    def _wake(self) -> None:
+        self._lot.unpark_all()
+        if self._interrupt is not None:
+            self._interrupt.cancel()
 
     def consume(self) -> bool:
         """Non-blocking wait: clear and report the pending bit (False while masked)."""
@@ -86,7 +120,7 @@ class EventChannel:
     def unmask(self) -> None:
         self.masked = False
         if self.pending:
-            self._lot.unpark_all()
+            self._wake()
 
     def close(self) -> None:
         """EVTCHNOP_close: release the port; the peer's port learns it."""
@@ -101,12 +135,12 @@ class EventChannel:
         if not self.pending:
             self.pending = True
             if not self.masked:
-                self._lot.unpark_all()
+                self._wake()
 
     def _set_closed(self, reason: str) -> None:
         if self._closed is None:
             self._closed = reason
-        self._lot.unpark_all()
+        self._wake()
 
     def peer_closed(self, reason: str) -> None:
         self._set_closed(reason)
