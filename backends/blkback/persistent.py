@@ -58,6 +58,36 @@ class PersistentGrants:
     def lookup(self, gref: int) -> tuple[GrantMapping, int] | None:
         return self._entries.get(gref)
 
+    def views(
+        self, segments: Iterable[tuple[int, int, int]]
+    ) -> tuple[list[memoryview], list[tuple[GrantMapping, int, int]]] | None:
+        """The disk's buffers for (gref, offset, length) segments when every gref is cached
+        (else None): segments side by side in one mapping become one buffer (blkfront hands
+        out its pool in a stable order, so a large request is a few iovecs), and the mapped
+        ranges, for `written()` after a read."""
+        entries = self._entries
+        buffers: list[memoryview] = []
+        mapped: list[tuple[GrantMapping, int, int]] = []
+        run: GrantMapping | None = None
+        run_start = run_length = 0
+        for gref, offset, length in segments:
+            entry = entries.get(gref)
+            if entry is None:
+                return None
+            mapping, base = entry
+            start = base + offset
+            if mapping is run and run_start + run_length == start:
+                run_length += length
+                continue
+            if run is not None:
+                buffers.append(run.view[run_start : run_start + run_length])
+                mapped.append((run, run_start, run_length))
+            run, run_start, run_length = mapping, start, length
+        if run is not None:
+            buffers.append(run.view[run_start : run_start + run_length])
+            mapped.append((run, run_start, run_length))
+        return buffers, mapped
+
     async def map_missing(self, grefs: Iterable[int]) -> None:
         """Map the grants not cached yet (up to the cap); failures leave them uncached."""
         entries, pending = self._entries, self._pending

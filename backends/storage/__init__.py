@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from backends.storage.base import (
     BLKIF_SECTOR,
+    ImmediateStorage,
     ReadBuffer,
     Storage,
     StorageError,
@@ -26,6 +27,7 @@ from backends.storage.raw import IoPolicy, RawImage
 
 __all__ = [
     "BLKIF_SECTOR",
+    "ImmediateStorage",
     "IoPolicy",
     "MemoryDisk",
     "RawImage",
@@ -42,4 +44,7 @@ __all__ = [
 if TYPE_CHECKING:  # both implementations satisfy the protocol (checked by mypy)
 
     def _conforms(raw: RawImage, memory: MemoryDisk) -> tuple[Storage, Storage]:
+        return raw, memory
+
+    def _immediate(raw: RawImage, memory: MemoryDisk) -> tuple[ImmediateStorage, ...]:
         return raw, memory

@@ -89,6 +89,36 @@ class MemoryDisk:
         await self.readinto(offset, [buf])
         return bytes(buf)
 
+    def readinto_now(self, offset: int, buffers: Sequence[ReadBuffer]) -> bool:
+        """`readinto` without awaiting (see `RawImage.readinto_now`); False under a fault
+        plan, whose seam only `readinto` passes."""
+        if self._faults is not None:
+            return False
+        self._check_open()
+        length = buffer_lengths(buffers, self._sector_size, writable=True)
+        check_range(offset, length, len(self._data), self._sector_size)
+        src = memoryview(self._data)
+        for view in as_views(buffers):
+            n = view.nbytes
+            view[:] = src[offset : offset + n]
+            offset += n
+        return True
+
+    def write_now(self, offset: int, buffers: Sequence[WriteBuffer]) -> bool:
+        """`write` without awaiting; False under a fault plan."""
+        if self._faults is not None:
+            return False
+        self._check_open()
+        length = buffer_lengths(buffers, self._sector_size, writable=False)
+        check_range(offset, length, len(self._data), self._sector_size)
+        self._check_writable(StorageOp.WRITE)
+        dst = memoryview(self._data)
+        for view in as_views(buffers):
+            n = view.nbytes
+            dst[offset : offset + n] = view
+            offset += n
+        return True
+
     async def write(self, offset: int, buffers: Sequence[WriteBuffer]) -> None:
         self._check_open()
         length = buffer_lengths(buffers, self._sector_size, writable=False)

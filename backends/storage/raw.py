@@ -223,6 +223,49 @@ class RawImage:
         await self.readinto(offset, [buf])
         return bytes(buf)
 
+    def readinto_now(self, offset: int, buffers: Sequence[ReadBuffer]) -> bool:
+        """`readinto` without leaving the calling task, when the page cache holds the whole
+        range (one RWF_NOWAIT `preadv`, policy "auto"). False: nothing was promised (the
+        buffers may hold part of the data), call `readinto`. Skipped when a fault plan is
+        installed, so that every call still passes the fault seam. Lets blkback answer a
+        cached read inside its ring loop instead of starting a task for it."""
+        if self._faults is not None or not self._nowait_read or self._closed:
+            return False
+        length = buffer_lengths(buffers, self._sector_size, writable=True)
+        check_range(offset, length, self._size, self._sector_size)
+        if not 0 < length <= self._policy.inline_read_max or len(buffers) > IOV_MAX:
+            return False
+        try:
+            return self._try_nowait(os.preadv, as_views(buffers), offset) == length
+        except OSError as exc:
+            raise self._io_error(StorageOp.READ, offset, length, exc) from None
+
+    def write_now(self, offset: int, buffers: Sequence[WriteBuffer]) -> bool:
+        """`write` without leaving the calling task, for the writes the policy runs inline
+        anyway (up to `inline_write_max`). False: not done (a partial RWF_NOWAIT write may
+        have stored a prefix of the same data), call `write`. Skipped under a fault plan."""
+        if self._faults is not None or self._closed or self._policy.mode == "thread":
+            return False
+        length = buffer_lengths(buffers, self._sector_size, writable=False)
+        check_range(offset, length, self._size, self._sector_size)
+        self._check_writable(StorageOp.WRITE)
+        if self._policy.mode == "auto" and length > self._policy.inline_write_max:
+            return False
+        if not length or len(buffers) > IOV_MAX:
+            return False
+        views = as_views(buffers)
+        try:
+            if self._nowait_write:
+                done = self._try_nowait(os.pwritev, views, offset)
+                if done != -1:
+                    # all of it, or it would have blocked (`write` finishes on a thread)
+                    return done == length
+                self._nowait_write = False  # RWF_NOWAIT unsupported for buffered writes here
+            pwritev_all(self._fd, views, offset)
+        except OSError as exc:
+            raise self._io_error(StorageOp.WRITE, offset, length, exc) from None
+        return True
+
     async def write(self, offset: int, buffers: Sequence[WriteBuffer]) -> None:
         self._check_open()
         length = buffer_lengths(buffers, self._sector_size, writable=False)
