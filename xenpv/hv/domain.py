@@ -21,6 +21,7 @@ import trio
 
 from xenpv.hv import handshake
 from xenpv.hv.buffer import XEN_PAGE_SIZE
+from xenpv.hv.busypoll import max_window_from_env
 from xenpv.hv.directory import PeerDirectory
 from xenpv.hv.errors import EventChannelClosed, GrantError, HvError, LinkError, PeerGone
 from xenpv.hv.evtchn import EventChannel
@@ -161,6 +162,7 @@ class Domain:
         max_grants: int = DEFAULT_MAX_GRANTS,
         max_maps: int = DEFAULT_MAX_MAPS,
         coherence_events: bool = True,
+        busy_poll_us: float | None = None,
     ) -> None:
         if key.domid != domid:
             raise HvError(f"key is for domain {key.domid}, not {domid}")
@@ -176,6 +178,9 @@ class Domain:
         self.max_maps = max_maps
         # Test switch only: without it the socket transport can deadlock (docs/hypervisor.md).
         self.coherence_events = coherence_events
+        # How long a waiter polls its link before sleeping (busypoll.py); None: the
+        # environment's XENPV_BUSY_POLL_US or the default.
+        self.busy_poll = max_window_from_env() if busy_poll_us is None else busy_poll_us * 1e-6
         self.memory = DomainMemory(domid, memory_bytes, page_size, max_grants)
         self.grants = GrantTable(domid, self.memory.table, max_grants, self.memory.nr_frames)
         self._layout = handshake.Layout(self.memory.nr_frames, max_grants, self.memory.size)
@@ -269,7 +274,14 @@ class Domain:
 
     def _register(self, stream: trio.SocketStream, est: handshake.Established) -> Link:
         assert self._nursery is not None
-        link = Link(self, est.peer, stream, shared=est.shared, faults=self.faults)
+        link = Link(
+            self,
+            est.peer,
+            stream,
+            shared=est.shared,
+            faults=self.faults,
+            busy_poll=self.busy_poll,
+        )
         self._links[est.peer] = link
         if est.shared is not None:
             self.memory.shm_peers += 1
@@ -778,6 +790,7 @@ async def open_domain(
     max_maps: int = DEFAULT_MAX_MAPS,
     coherence_events: bool = True,
     release_watch: XenstoreClient | None = None,
+    busy_poll_us: float | None = None,
 ) -> AsyncIterator[Domain]:
     """Run a domain: listen on `endpoint` (`unix:PATH` or `tcp:HOST:PORT`, port 0 = any;
     `domain.endpoint` is the bound address). Leaving the block closes every link.
@@ -796,6 +809,7 @@ async def open_domain(
         max_grants=max_grants,
         max_maps=max_maps,
         coherence_events=coherence_events,
+        busy_poll_us=busy_poll_us,
     )
     try:
         listener = await domain._listen(endpoint)

@@ -20,9 +20,9 @@ from xenpv.hv.errors import EventChannelClosed
 class EventSource(Protocol):
     """Where a port's events arrive (the link to its peer)."""
 
-    async def receive_until(
-        self, done: Callable[[], bool], interrupt: trio.CancelScope
-    ) -> bool: ...
+    async def receive_until(self, done: Callable[[], bool]) -> bool: ...
+
+    def interrupt(self) -> None: ...
 
 
 class PortOwner(Protocol):
@@ -38,9 +38,9 @@ class EventChannel:
 
     __slots__ = (
         "_closed",
-        "_interrupt",
         "_lot",
         "_owner",
+        "_receiving",
         "masked",
         "pending",
         "port",
@@ -59,7 +59,7 @@ class EventChannel:
         self.masked = False
         self._closed: str | None = None
         self._lot = trio.lowlevel.ParkingLot()
-        self._interrupt: trio.CancelScope | None = None  # a waiter receiving on the link
+        self._receiving: EventSource | None = None  # our waiter is receiving from it
 
     @property
     def closed(self) -> bool:
@@ -89,12 +89,12 @@ class EventChannel:
             if self._closed is not None:
                 raise EventChannelClosed(f"port {self.port}: {self._closed}")
             source = self._owner.event_source(self)
-            if source is not None and self._interrupt is None:
-                interrupt = self._interrupt = trio.CancelScope()
+            if source is not None and self._receiving is None:
+                self._receiving = source
                 try:
-                    received = await source.receive_until(self._ready, interrupt)
+                    received = await source.receive_until(self._ready)
                 finally:
-                    self._interrupt = None
+                    self._receiving = None
                 if received:
                     continue
             await self._lot.park()
@@ -104,8 +104,8 @@ class EventChannel:
 
     def _wake(self) -> None:
         self._lot.unpark_all()
-        if self._interrupt is not None:
-            self._interrupt.cancel()
+        if self._receiving is not None:
+            self._receiving.interrupt()
 
     def consume(self) -> bool:
         """Non-blocking wait: clear and report the pending bit (False while masked)."""

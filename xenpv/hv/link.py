@@ -24,7 +24,7 @@ import msgpack
 import structlog
 import trio
 
-from xenpv.hv.busypoll import AdaptivePoll, max_window_from_env
+from xenpv.hv.busypoll import AdaptivePoll
 from xenpv.hv.errors import PeerGone
 from xenpv.hv.faults import LinkFaults, Message
 from xenpv.hv.messages import Msg, Whose
@@ -41,8 +41,6 @@ MAX_MESSAGE = 64 << 20
 # Output queued behind a peer that stopped reading: beyond this the link is dropped (the
 # peer is treated as dead) rather than growing without bound.
 MAX_BACKLOG = 64 << 20
-# A waiter polls its link this long at most before sleeping (busypoll.py).
-BUSY_POLL_MAX = max_window_from_env()
 # A request (map, copy, bind, unmap) unanswered this long means the peer is gone.
 CALL_TIMEOUT = 30.0
 
@@ -99,6 +97,7 @@ class Link:
         *,
         shared: SharedPeerMemory | None,
         faults: LinkFaults | None,
+        busy_poll: float,
     ) -> None:
         self.host = host
         self.peer = peer
@@ -109,10 +108,11 @@ class Link:
         self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_MESSAGE)
         self._received = memoryview(bytearray(RECEIVE_SIZE))
         self._receive_buffers = [self._received]
-        self._borrower: trio.CancelScope | None = None  # a task receiving in place of the reader
+        self._borrowed = False  # a task is receiving in place of the reader (receive_until)
+        self._borrower_wait: trio.CancelScope | None = None
         self._reader_wait: trio.CancelScope | None = None
         self._reader_lot = trio.lowlevel.ParkingLot()
-        self._poll = AdaptivePoll(BUSY_POLL_MAX)
+        self._poll = AdaptivePoll(busy_poll)
         self._faults = faults
         self._out: list[bytes | float] = []
         self._dirty: list[list[Any]] = []  # [whose, gref, offset, length, source, start]
@@ -166,7 +166,7 @@ class Link:
         out = self._out
         if not out:
             return
-        if self._sending or any(type(item) is float for item in out):
+        if self._sending or (self._faults is not None and any(type(i) is float for i in out)):
             self._wake_writer()
             return
         first = out[0]
@@ -273,7 +273,7 @@ class Link:
                 # if another task is receiving already, it sets `done`.
                 finished = call.done.is_set
                 while not finished():
-                    if not await self.receive_until(finished, trio.CancelScope()):
+                    if not await self.receive_until(finished):
                         await call.done.wait()
         except BaseException:
             if call.on_abandoned is not None and not call.done.is_set():
@@ -406,7 +406,7 @@ class Link:
 
     async def _reader(self) -> None:
         while self.dead is None:
-            if self._borrower is not None:
+            if self._borrowed:
                 await self._reader_lot.park()  # the borrower unparks us when it leaves
                 continue
             step = self._receive_step()
@@ -421,42 +421,52 @@ class Link:
                 # re-arms its socket wait: their answer is the next thing on the critical path.
                 await trio.lowlevel.cancel_shielded_checkpoint()
 
-    async def receive_until(self, done: Callable[[], bool], interrupt: trio.CancelScope) -> bool:
+    async def receive_until(self, done: Callable[[], bool]) -> bool:
         """Receive and handle messages in the calling task until `done()` holds.
 
-        Returns False at once if another task is already borrowing the socket (the caller
-        then parks as usual). Returns True when `done()` holds, when `interrupt` is cancelled
-        (the caller re-checks its condition), or when the link dies (the death itself is
-        handled by the link's run task, which closes the ports). Before sleeping on the
-        socket it polls briefly (busypoll.py).
+        Returns False at once if another task is already receiving for the link (the caller
+        then parks as usual). Returns True when `done()` holds, after `interrupt()` (the
+        caller re-checks its condition), or when the link dies (the death itself is handled
+        by the link's run task, which closes the ports). Before sleeping on the socket it
+        polls briefly (busypoll.py).
         """
-        if self._borrower is not None or self.dead is not None:
+        if self._borrowed or self.dead is not None:
             return False
-        self._borrower = interrupt
+        self._borrowed = True
         reader_wait = self._reader_wait
         if reader_wait is not None:
             reader_wait.cancel()  # aborts the reader's socket wait synchronously
         poll = self._poll
         try:
-            with interrupt:
-                while not done() and self.dead is None:
-                    step = self._receive_step()
-                    if step is None:
-                        step = poll.spin(self._receive_step)
-                    if step is None:
-                        started = time.perf_counter()
+            while not done() and self.dead is None:
+                step = self._receive_step()
+                if step is None:
+                    step = poll.spin(self._receive_step)
+                if step is None:
+                    # The only slow path that needs a cancel scope: a sleep someone may cut
+                    # short (interrupt()); scopes cost ~5 µs, too much for every wait.
+                    started = time.perf_counter()
+                    with trio.CancelScope() as self._borrower_wait:
                         await trio.lowlevel.wait_readable(self._fd)
-                        poll.blocked(time.perf_counter() - started)
-                    elif step is False:
-                        self._scope.cancel()  # the run task sees `dead` and tears down
-                        break
+                    self._borrower_wait = None
+                    poll.blocked(time.perf_counter() - started)
+                elif step is False:
+                    self._scope.cancel()  # the run task sees `dead` and tears down
+                    break
         except (trio.ClosedResourceError, OSError) as exc:
             self.dead = self.dead or f"receive failed: {exc}"
             self._scope.cancel()
         finally:
-            self._borrower = None
+            self._borrowed = False
+            self._borrower_wait = None
             self._reader_lot.unpark_all()
         return True
+
+    def interrupt(self) -> None:
+        """Cut short the socket wait of the task receiving for the link (receive_until)."""
+        wait = self._borrower_wait
+        if wait is not None:
+            wait.cancel()
 
     def _on_reply(self, message: list[Any]) -> None:
         if len(message) < 2 or not isinstance(message[1], int):
