@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import struct
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -162,6 +163,36 @@ class _Ring:
             out.append(bytes(view[offset : offset + size]))
         return out
 
+    def _put_run(self, first: int, entries: Sequence[bytes], limit: int, what: str) -> None:
+        """Write `entries` (each at most `limit` bytes) into consecutive slots from index
+        `first`. When every entry fills its slot, each contiguous run of slots is reported
+        to `written` once (a memory barrier on the shared-memory transport, ~1 µs); shorter
+        entries are reported one by one, so only bytes actually written are ever shipped."""
+        view, mask, entry_size, written = self._view, self._mask, self.entry_size, self._written
+        whole = True
+        for data in entries:
+            size = len(data)
+            if size > limit:
+                raise RingUsageError(f"{size}-byte {what} does not fit a {limit}-byte slot")
+            whole = whole and size == entry_size
+        run_start = -1
+        run_end = 0
+        for index, data in enumerate(entries, first):
+            offset = SRING_HEADER_SIZE + (index & mask) * entry_size
+            size = len(data)
+            view[offset : offset + size] = data
+            if not whole:
+                written(offset, size)
+            elif offset != run_end:
+                if run_start >= 0:
+                    written(run_start, run_end - run_start)
+                run_start = offset
+                run_end = offset + size
+            else:
+                run_end += size
+        if run_start >= 0:
+            written(run_start, run_end - run_start)
+
     def _push(self, prod: int, event: int, new: int) -> bool:
         """RING_PUSH_*_AND_CHECK_NOTIFY on the header's `prod` / `event` uint32 fields."""
         idx = self._idx
@@ -233,6 +264,19 @@ class FrontRing(_Ring):
         self._view[offset : offset + size] = data
         self._written(offset, size)
         self.req_prod_pvt = (index + 1) & RING_IDX_MASK
+
+    def put_requests(self, entries: Sequence[bytes]) -> None:
+        """`put_request` for several requests in order (unpushed); all or none are put."""
+        if self.broken is not None:
+            raise RingError(self.broken)
+        index = self.req_prod_pvt
+        count = len(entries)
+        if (index - self.rsp_cons) & RING_IDX_MASK > self.nr_ents - count:
+            raise RingUsageError(
+                f"{self.layout.name} ring: no room for {count} requests ({self.nr_ents} slots)"
+            )
+        self._put_run(index, entries, self._req_size, "request")
+        self.req_prod_pvt = (index + count) & RING_IDX_MASK
 
     def push_requests(self) -> bool:
         """RING_PUSH_REQUESTS_AND_CHECK_NOTIFY: publish req_prod; True = notify the back."""
@@ -387,6 +431,22 @@ class BackRing(_Ring):
         self._view[offset : offset + size] = data
         self._written(offset, size)
         self.rsp_prod_pvt = (index + 1) & RING_IDX_MASK
+
+    def put_responses(self, entries: Sequence[bytes]) -> None:
+        """`put_response` for several responses in order (unpushed); all or none are put.
+
+        There must be as many consumed, unanswered requests."""
+        if self.broken is not None:
+            raise RingError(self.broken)
+        index = self.rsp_prod_pvt
+        count = len(entries)
+        if (self.req_cons - index) & RING_IDX_MASK < count:
+            raise RingUsageError(
+                f"{self.layout.name} ring: {count} responses for "
+                f"{(self.req_cons - index) & RING_IDX_MASK} consumed requests"
+            )
+        self._put_run(index, entries, self._rsp_size, "response")
+        self.rsp_prod_pvt = (index + count) & RING_IDX_MASK
 
     def push_responses(self) -> bool:
         """RING_PUSH_RESPONSES_AND_CHECK_NOTIFY: publish rsp_prod; True = notify the front."""

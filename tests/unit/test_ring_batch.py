@@ -1,0 +1,136 @@
+"""`FrontRing.put_requests` / `BackRing.put_responses`: the batch forms of `put_request` /
+`put_response` leave the same bytes, indexes and `written` coverage as one call per entry
+(including across the wrap-around), and refuse a batch that does not fit without writing any
+of it."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from xenpv.abi.errors import RingError, RingUsageError
+from xenpv.abi.netif import NETIF_RX_RING, NETIF_TX_RING
+from xenpv.abi.ring import BackRing, FrontRing, RingLayout
+from xenpv.hv.buffer import LocalBuffer
+
+MASK = 0xFFFFFFFF
+
+
+def _ring_at(layout: RingLayout, start: int) -> tuple[LocalBuffer, FrontRing, BackRing]:
+    """A live ring whose indexes all stand at `start` (both ends attached there)."""
+    buffer = LocalBuffer(4096)
+    FrontRing(buffer, layout)  # SHARED_RING_INIT
+    struct.pack_into("<IIII", buffer.view, 0, start, start + 1 & MASK, start, start + 1 & MASK)
+    return buffer, FrontRing(buffer, layout, attach=True), BackRing(buffer, layout, attach=True)
+
+
+def _covered(dirty: list[tuple[int, int]]) -> set[int]:
+    return {byte for offset, length in dirty for byte in range(offset, offset + length)}
+
+
+def _entries(count: int, size: int, seed: int) -> list[bytes]:
+    return [bytes((seed + n + k) & 0xFF for k in range(size)) for n in range(count)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    layout=st.sampled_from([NETIF_TX_RING, NETIF_RX_RING]),
+    start=st.sampled_from([0, 200, 250, MASK - 3]),
+    count=st.integers(1, 40),
+    seed=st.integers(0, 255),
+)
+def test_put_requests_equals_one_by_one(
+    layout: RingLayout, start: int, count: int, seed: int
+) -> None:
+    entries = _entries(count, layout.req_size, seed)
+    one_buffer, one_front, _ = _ring_at(layout, start)
+    batch_buffer, batch_front, _ = _ring_at(layout, start)
+    one_buffer.dirty.clear()
+    batch_buffer.dirty.clear()
+    for entry in entries:
+        one_front.put_request(entry)
+    batch_front.put_requests(entries)
+    assert bytes(batch_buffer.view) == bytes(one_buffer.view)
+    assert batch_front.req_prod_pvt == one_front.req_prod_pvt == (start + count) & MASK
+    assert _covered(batch_buffer.dirty) == _covered(one_buffer.dirty)
+    assert len(batch_buffer.dirty) <= 2  # whole slots: one run, two across the wrap
+    assert batch_front.push_requests() == one_front.push_requests()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    layout=st.sampled_from([NETIF_TX_RING, NETIF_RX_RING]),
+    start=st.sampled_from([0, 200, 250, MASK - 3]),
+    count=st.integers(1, 40),
+    seed=st.integers(0, 255),
+)
+def test_put_responses_equals_one_by_one(
+    layout: RingLayout, start: int, count: int, seed: int
+) -> None:
+    requests = _entries(count, layout.req_size, seed + 1)
+    responses = _entries(count, layout.rsp_size, seed)
+    rings = []
+    for _ in range(2):
+        buffer, front, back = _ring_at(layout, start)
+        front.put_requests(requests)
+        front.push_requests()
+        assert back.take_requests() == requests
+        buffer.dirty.clear()
+        rings.append((buffer, front, back))
+    (one_buffer, _, one_back), (batch_buffer, _, batch_back) = rings
+    for response in responses:
+        one_back.put_response(response)
+    batch_back.put_responses(responses)
+    assert bytes(batch_buffer.view) == bytes(one_buffer.view)
+    assert batch_back.rsp_prod_pvt == one_back.rsp_prod_pvt == (start + count) & MASK
+    # Only the bytes of each response are reported (a tx response is 4 of a 12-byte slot).
+    assert _covered(batch_buffer.dirty) == _covered(one_buffer.dirty)
+    assert batch_back.push_responses() == one_back.push_responses()
+
+
+def test_put_requests_refuses_an_overfull_batch_without_writing() -> None:
+    buffer, front, _ = _ring_at(NETIF_TX_RING, 0)
+    front.put_requests(_entries(250, 12, 0))
+    before = bytes(buffer.view)
+    with pytest.raises(RingUsageError, match="no room for 7"):
+        front.put_requests(_entries(7, 12, 9))
+    assert bytes(buffer.view) == before and front.req_prod_pvt == 250
+    front.put_requests(_entries(6, 12, 9))  # exactly full is fine
+    assert front.free_requests() == 0
+
+
+def test_put_requests_refuses_an_oversized_entry_without_writing() -> None:
+    buffer, front, _ = _ring_at(NETIF_RX_RING, 0)
+    before = bytes(buffer.view)
+    with pytest.raises(RingUsageError, match="9-byte request"):
+        front.put_requests([bytes(8), bytes(9)])
+    assert bytes(buffer.view) == before and front.req_prod_pvt == 0
+
+
+def test_put_responses_needs_as_many_consumed_requests() -> None:
+    _, front, back = _ring_at(NETIF_RX_RING, 0)
+    front.put_requests(_entries(3, 8, 0))
+    front.push_requests()
+    back.take_request()
+    back.take_request()
+    with pytest.raises(RingUsageError, match="3 responses for 2 consumed requests"):
+        back.put_responses(_entries(3, 8, 0))
+    back.put_responses(_entries(2, 8, 0))
+    assert back.rsp_prod_pvt == 2
+
+
+def test_batch_puts_on_a_broken_ring_raise() -> None:
+    buffer, front, back = _ring_at(NETIF_RX_RING, 0)
+    struct.pack_into("<I", buffer.view, 0, 4000)  # req_prod far beyond the ring
+    with pytest.raises(RingError):
+        back.unconsumed_requests()
+    with pytest.raises(RingError):
+        back.put_responses([bytes(8)])
+    struct.pack_into("<I", buffer.view, 8, 4000)  # rsp_prod far beyond the requests
+    with pytest.raises(RingError):
+        front.unconsumed_responses()
+    with pytest.raises(RingError):
+        front.put_requests([bytes(8)])
