@@ -33,6 +33,7 @@ failed: the packet is dropped, as netback does for a failed grant operation).
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -52,7 +53,6 @@ from xenpv.abi.netif import (
     NETTXF_extra_info,
     NETTXF_more_data,
     decode_extra,
-    decode_tx_request,
 )
 from xenpv.abi.ring import SRING_HEADER_SIZE, BackRing
 from xenpv.errors import XenpvError
@@ -64,6 +64,11 @@ XEN_NETBK_MCAST_MAX: Final = 64
 ETH_HLEN: Final = 14
 _XEN_NETIF_EXTRA_TYPE_MAX: Final = int(NetifExtraType.XEN_NETIF_EXTRA_TYPE_MAX)
 _TX_RESPONSE = struct.Struct("<Hh")
+_TX_REQUEST = struct.Struct("<IHHHH")  # struct netif_tx_request: gref, offset, flags, id, size
+# Plain ints on the per-slot path: IntFlag `&` costs about a microsecond per operation.
+_MORE_DATA: Final = int(NETTXF_more_data)
+_EXTRA_INFO: Final = int(NETTXF_extra_info)
+_RSP_NULL: Final = int(NETIF_RSP_NULL)
 
 
 class TxFatal(XenpvError):
@@ -149,12 +154,19 @@ class TxCore:
         assert data is not None  # callers check the unconsumed count first
         return data
 
+    def _next_request(self) -> NetifTxRequest:
+        """The next slot as a tx request (a ring slot always holds the 12 bytes)."""
+        data = self.ring.take_request()
+        assert data is not None  # callers check the unconsumed count first
+        return NetifTxRequest(*_TX_REQUEST.unpack(data))
+
     def _take_one(self, work: int) -> TxPacket | None:
-        first = decode_tx_request(self._next())
+        next_request = self._next_request
+        first = next_request()
         work -= 1
         extras: dict[int, bytes] = {}
         extra_count = 0
-        if first.flags & NETTXF_extra_info:
+        if first.flags & _EXTRA_INFO:
             while True:  # xenvif_get_extras
                 if work <= 0:
                     raise TxFatal("Missing extra info")
@@ -186,7 +198,7 @@ class TxCore:
 
         requests = [first]
         remaining = first.size
-        if first.flags & NETTXF_more_data:  # xenvif_count_requests
+        if first.flags & _MORE_DATA:  # xenvif_count_requests
             drop: str | None = None
             slots = 0
             while True:
@@ -202,7 +214,7 @@ class TxCore:
                         f"({XEN_NETBK_LEGACY_SLOTS_MAX}), dropping packet"
                     )
                     self.stats.too_many_slots += 1
-                txp = decode_tx_request(self._next())
+                txp = next_request()
                 if drop is None and txp.size > remaining:
                     drop = f"Invalid tx request, slot size {txp.size} > remaining size {remaining}"
                 remaining = (remaining - txp.size) & 0xFFFF
@@ -212,7 +224,7 @@ class TxCore:
                         f"Cross page boundary, txp->offset: {txp.offset}, size: {txp.size}"
                     )
                 requests.append(txp)
-                if not txp.flags & NETTXF_more_data:
+                if not txp.flags & _MORE_DATA:
                     break
             if drop is not None:
                 self._error(requests, extra_count, drop)
@@ -252,9 +264,8 @@ class TxCore:
             self.stats.copy_errors += 1
             self.stats.errors += 1
             status = NETIF_RSP_ERROR
-        self._respond(packet.requests[0], packet.extra_count, status)
-        for request in packet.requests[1:]:
-            self._respond(request, 0, status)
+        requests = packet.requests
+        self._respond(requests[0], packet.extra_count, status, requests[1:])
 
     def push(self) -> bool:
         """Publish the responses put so far; True = notify the frontend."""
@@ -264,20 +275,31 @@ class TxCore:
         """xenvif_tx_err: every slot of the packet answered ERROR."""
         self.stats.errors += 1
         self.stats.warn(why)
-        self._respond(requests[0], extra_count, NETIF_RSP_ERROR)
-        for request in requests[1:]:
-            self._respond(request, 0, NETIF_RSP_ERROR)
+        self._respond(requests[0], extra_count, NETIF_RSP_ERROR, requests[1:])
 
-    def _respond(self, request: NetifTxRequest, extra_count: int, status: int) -> None:
-        """make_tx_response: the request's response, then NETIF_RSP_NULL per extra slot.
+    def _respond(
+        self,
+        request: NetifTxRequest,
+        extra_count: int,
+        status: int,
+        later: Sequence[NetifTxRequest] = (),
+    ) -> None:
+        """make_tx_response: the request's response, then NETIF_RSP_NULL per extra slot, then
+        one response per later fragment of the packet (`later`), put in one ring call.
 
         Linux writes only the status of a NULL response, so the id bytes keep whatever the
         slot held; we put back the same bytes.
         """
         ring = self.ring
-        ring.put_response(_TX_RESPONSE.pack(request.id, status))
-        view = ring.buffer.view
-        for _ in range(extra_count):
-            slot = SRING_HEADER_SIZE + (ring.rsp_prod_pvt & (ring.nr_ents - 1)) * ring.entry_size
-            old_id = int.from_bytes(view[slot : slot + 2], "little")
-            ring.put_response(_TX_RESPONSE.pack(old_id, NETIF_RSP_NULL))
+        pack = _TX_RESPONSE.pack
+        entries = [pack(request.id, status)]
+        if extra_count:
+            view = ring.buffer.view
+            mask = ring.nr_ents - 1
+            first = ring.rsp_prod_pvt + 1  # the extra slots follow the request's
+            for index in range(first, first + extra_count):
+                slot = SRING_HEADER_SIZE + (index & mask) * ring.entry_size
+                old_id = int.from_bytes(view[slot : slot + 2], "little")
+                entries.append(pack(old_id, _RSP_NULL))
+        entries.extend(pack(r.id, status) for r in later)
+        ring.put_responses(entries)
