@@ -196,39 +196,65 @@ class Tap:
     def fileno(self) -> int:
         return self._fd
 
-    async def read_frame(self) -> tuple[VirtioNetHdr, bytes]:
-        """The next frame the kernel sends out of the TAP, with its virtio-net header."""
+    def read_nowait(self) -> tuple[VirtioNetHdr, memoryview] | None:
+        """The next frame if the kernel has one queued, else None (never blocks).
+
+        The frame is a view into this TAP's read buffer, valid only until the next read:
+        copy it (or finish with it) first. Batch readers loop on this until None, then
+        `await wait_readable()`, so a burst the kernel queued costs one wake-up, not one each.
+        """
         size = self.vnet_hdr_size
         while True:
             self._check_open()
             try:
                 n = os.readv(self._fd, [self._view])
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(self._fd)
-                continue
+                return None
             except OSError as exc:
                 raise TapError(f"read from TAP {self.name}: {exc.strerror}") from None
             if n < size:  # cannot happen with IFF_VNET_HDR; never trust it blindly
                 log.warning("tap.short_read", tap=self.name, length=n)
                 continue
+            return VirtioNetHdr.unpack(self._view, size), self._view[size:n]
+
+    async def wait_readable(self) -> None:
+        """Wait until a frame can be read (or the TAP is closed: the next read says so)."""
+        self._check_open()
+        await trio.lowlevel.wait_readable(self._fd)
+
+    def write_nowait(self, hdr: VirtioNetHdr, frame: bytes | memoryview) -> bool:
+        """Hand a frame to the kernel if it takes it now; False if the write would block."""
+        self._check_open()
+        try:
+            os.writev(self._fd, [hdr.pack(self.vnet_hdr_size), frame])
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            # EINVAL: the kernel refused the header (bad GSO or checksum offsets) or the
+            # frame; EIO: the interface is down. The device stays usable.
+            raise TapError(f"write to TAP {self.name}: {exc.strerror}") from None
+        return True
+
+    async def wait_writable(self) -> None:
+        self._check_open()
+        await trio.lowlevel.wait_writable(self._fd)
+
+    async def read_frame(self) -> tuple[VirtioNetHdr, bytes]:
+        """The next frame the kernel sends out of the TAP, with its virtio-net header."""
+        while True:
+            got = self.read_nowait()
+            if got is None:
+                await self.wait_readable()
+                continue
+            hdr, frame = got[0], bytes(got[1])  # copied before another task can read
             await trio.lowlevel.cancel_shielded_checkpoint()
-            return VirtioNetHdr.unpack(self._view, size), bytes(self._view[size:n])
+            return hdr, frame
 
     async def write_frame(self, hdr: VirtioNetHdr, frame: bytes | memoryview) -> None:
         """Hand a frame (with its GSO / checksum metadata) to the kernel's network stack."""
-        iov = [hdr.pack(self.vnet_hdr_size), frame]
         await trio.lowlevel.checkpoint_if_cancelled()
-        while True:
-            self._check_open()
-            try:
-                os.writev(self._fd, iov)
-                break
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(self._fd)
-            except OSError as exc:
-                # EINVAL: the kernel refused the header (bad GSO or checksum offsets) or
-                # the frame; EIO: the interface is down. The device stays usable.
-                raise TapError(f"write to TAP {self.name}: {exc.strerror}") from None
+        while not self.write_nowait(hdr, frame):
+            await self.wait_writable()
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     def close(self) -> None:

@@ -114,6 +114,7 @@ class _Queue:
     lock: trio.Lock = field(default_factory=trio.Lock)
     space: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
     broken: str | None = None
+    unpushed: bool = False  # requests put by send(more=True), not pushed yet
 
     @property
     def split(self) -> bool:
@@ -129,6 +130,7 @@ class _Connection:
     dead: bool = False
     backend_connected: bool = False
     granule: int = XEN_PAGE_SIZE  # the negotiated grant size of this connection
+    unpushed: list[_Queue] = field(default_factory=list)  # queues with unpushed requests
 
 
 @dataclass(eq=False)
@@ -188,12 +190,18 @@ class Netfront:
         gso: NetifGsoExtra | None = None,
         csum_blank: bool = False,
         data_validated: bool = False,
+        more: bool = False,
     ) -> None:
         """Queue one Ethernet frame for transmission (returns once it is on a tx ring).
 
         Waits for ring space (backpressure) and, while disconnected, for the next connection.
         `gso`: a TCP segmentation request (the frame is one big TCP packet, `gso.size` the
         MSS); `csum_blank`: the L4 checksum field holds only the pseudo-header sum.
+        `more=True` is Linux's `netdev_xmit_more()`: another frame follows at once, so the
+        requests are put on the ring but not pushed (no notification) until a send without
+        `more`, a `flush()`, or a wait for ring space. One notification per burst instead of
+        per frame is what lets the backend take the burst in one pass. `frame` is copied
+        before `send` returns, so the caller may reuse its buffer.
         """
         view = memoryview(frame).cast("B")
         length = len(view)
@@ -208,6 +216,7 @@ class Netfront:
                     while not queue.tx.room(need, gso is not None):
                         if conn.dead or queue.broken is not None:
                             break
+                        self._push_tx(queue)  # deferred requests must reach the backend first
                         await queue.space.park()
                     if conn.dead:
                         continue
@@ -216,8 +225,16 @@ class Netfront:
                 self._post(conn, queue, view, pieces, gso, csum_blank, data_validated)
             else:
                 continue
+            if not more:
+                self._flush_conn(conn)
             await trio.lowlevel.checkpoint()
             return
+
+    def flush(self) -> None:
+        """Push (and notify) tx requests that `send(..., more=True)` left unpushed."""
+        conn = self._conn
+        if conn is not None and not conn.dead:
+            self._flush_conn(conn)
 
     async def receive(self) -> RxFrame:
         """The next received frame (`.frame` bytes, plus offload metadata).
@@ -512,7 +529,19 @@ class Netfront:
         tx.put_packet(
             ids, grefs, pieces, gso=gso, csum_blank=csum_blank, data_validated=data_validated
         )
-        if tx.push():
+        if not queue.unpushed:
+            queue.unpushed = True
+            conn.unpushed.append(queue)
+
+    def _flush_conn(self, conn: _Connection) -> None:
+        for queue in conn.unpushed:
+            self._push_tx(queue)
+        conn.unpushed.clear()
+
+    def _push_tx(self, queue: _Queue) -> None:
+        """RING_PUSH_REQUESTS_AND_CHECK_NOTIFY on the tx ring (a no-op with nothing new)."""
+        queue.unpushed = False
+        if queue.broken is None and queue.tx.push():
             with suppress(EventChannelClosed):
                 queue.evtchn_tx.notify()
 

@@ -39,7 +39,7 @@ from xenpv.abi.netif import (
     encode_tx_response,
     parse_tx_packet,
 )
-from xenpv.abi.ring import BackRing
+from xenpv.abi.ring import BackRing, shared_indexes
 from xenpv.devices import create_vif
 from xenpv.hv import (
     XEN_PAGE_SIZE,
@@ -565,3 +565,57 @@ async def test_backend_without_rx_copy_is_refused(tmp_path: Path, xenstored: Xen
                 assert await read_state(s.xs, s.device.frontend) == Initialising
                 assert await s.xs.try_read(f"{s.device.frontend}/tx-ring-ref") is None
                 assert not front.connected and front.info == {}
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_send_more_defers_the_push_until_a_send_without_it(
+    tmp_path: Path, xenstored: Xenstored, transport: str
+) -> None:
+    """`send(more=True)` puts requests on the ring without pushing them (Linux's xmit_more);
+    the next send without `more` pushes every queue it left pending, in order per flow."""
+    rng = random.Random(5)
+    with trio.fail_after(40):
+        async with (
+            setup(tmp_path, xenstored, transport, max_queues=2, echo=False) as s,
+            attach(s.front_dom, s.xs, s.device, max_queues=2) as front,
+        ):
+            await front.wait_connected()
+            frames = [frame_of(1500, seq, rng, sport=2000 + seq % 5) for seq in range(12)]
+            for frame in frames[:-1]:
+                await front.send(frame, more=True)
+            for _ in range(20):  # give a wrongly notified backend every chance to run
+                await trio.lowlevel.checkpoint()
+            assert [shared_indexes(q.tx.buffer)[0] for q in s.stub.queues] == [0, 0]
+            with pytest.raises(trio.WouldBlock):
+                s.stub.received.receive_nowait()
+            await front.send(frames[-1])
+            wire = [await s.stub.received.receive() for _ in frames]
+            assert {w.queue for w in wire} == {0, 1}  # both queues' requests were pushed
+            for sport in range(2000, 2005):
+                mine = [f for f in frames if f[34:36] == sport.to_bytes(2, "big")]
+                assert [w.frame for w in wire if w.frame[34:36] == mine[0][34:36]] == mine
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_send_more_pushes_before_waiting_for_space_and_flush_ends_a_burst(
+    tmp_path: Path, xenstored: Xenstored, transport: str
+) -> None:
+    """A burst longer than the ring never deadlocks (requests are pushed before a send waits
+    for room), and `flush()` pushes the tail of a burst that ends with `more=True`."""
+    rng = random.Random(6)
+    with trio.fail_after(40):
+        async with (
+            setup(tmp_path, xenstored, transport, echo=False) as s,
+            attach(s.front_dom, s.xs, s.device, max_queues=1) as front,
+        ):
+            await front.wait_connected()
+            frames = [frame_of(9000, seq, rng) for seq in range(100)]  # 3 slots each
+            for frame in frames:
+                await front.send(frame, more=True)
+            assert front.stats()["tx_packets"] == 100
+            # The sends that waited for room pushed what was before them; the last ones
+            # (at least the 100th) are on the ring but unpublished.
+            assert shared_indexes(s.stub.queues[0].tx.buffer)[0] < 300
+            front.flush()
+            wire = [await s.stub.received.receive() for _ in frames]
+            assert [w.frame for w in wire] == frames

@@ -392,3 +392,36 @@ async def test_switch_port_reaches_the_kernel_through_the_tap(link: Link) -> Non
 
             live.detach(link.tap.name)  # run_tap_port ends by itself
         assert live.core.counters("vif1.0").rx_frames >= 2
+
+
+async def test_nonblocking_reads_drain_a_burst_then_report_empty(link: Link) -> None:
+    """`read_nowait` returns queued frames one by one (as views of the read buffer) and None
+    once the kernel has nothing more; `write_nowait` hands a frame over at once."""
+    _static_neighbour(link)
+    with trio.fail_after(20):
+        while link.tap.read_nowait() is not None:  # whatever the kernel sent on link-up
+            pass
+        assert link.tap.read_nowait() is None
+        script = (
+            "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+            "[s.sendto(b'%03d' % n * 100, ('10.200.0.2', 9998)) for n in range(5)]"
+        )
+        await trio.run_process(["ip", "netns", "exec", link.netns, sys.executable, "-c", script])
+        await link.tap.wait_readable()
+        payloads: list[bytes] = []
+        while len(payloads) < 5:
+            got = link.tap.read_nowait()
+            if got is None:
+                await link.tap.wait_readable()
+                continue
+            _hdr, view = got
+            assert isinstance(view, memoryview)
+            p = parse(bytes(view))
+            if p.proto == IPPROTO_UDP and p.l4[2:4] == (9998).to_bytes(2, "big"):
+                payloads.append(p.l4[8:])
+        assert payloads == [b"%03d" % n * 100 for n in range(5)]
+        # A write the kernel takes now returns True; it answers our ARP request.
+        assert link.tap.write_nowait(
+            VirtioNetHdr(), ethernet(BCAST, ETH_P_ARP, arp(1, bytes(6), NS_IP))
+        )
+        await link.expect(lambda h, f: parse(f).ethertype == ETH_P_ARP and f[21] == 2)
