@@ -259,6 +259,16 @@ class SwitchPort(Generic[M]):
         self.name = name
         self._switch = switch
         self._tx, self._rx = trio.open_memory_channel[tuple[bytes, M | None]](queue_depth)
+        self._queued = 0  # frames in the egress queue
+        self._direct: Callable[[bytes, M | None], bool] | None = None
+
+    def set_direct(self, deliver: Callable[[bytes, M | None], bool] | None) -> None:
+        """Hand frames for this port straight to `deliver`, synchronously in the sending
+        task, while the egress queue is empty; `deliver` returns False when it cannot take
+        a frame now, which then waits in the queue as usual (and so do the frames after it,
+        until the queue is drained: order is kept). This saves the port's reader task a
+        wake-up (a trio task switch, ~20 µs) per frame; None turns it off."""
+        self._direct = deliver
 
     def send(self, frame: bytes, meta: M | None = None) -> int:
         """Switch a frame that entered on this port; returns how many ports it was queued on."""
@@ -266,7 +276,9 @@ class SwitchPort(Generic[M]):
 
     async def receive(self) -> tuple[bytes, M | None]:
         """The next frame for this port; trio.EndOfChannel once the port is detached."""
-        return await self._rx.receive()
+        item = await self._rx.receive()
+        self._queued -= 1
+        return item
 
     async def receive_batch(self, limit: int = 64) -> list[tuple[bytes, M | None]]:
         """Wait for one frame, then take up to `limit` that are already queued, so a driver
@@ -277,6 +289,7 @@ class SwitchPort(Generic[M]):
                 batch.append(self._rx.receive_nowait())
             except (trio.WouldBlock, trio.EndOfChannel):
                 break
+        self._queued -= len(batch)
         return batch
 
     def __aiter__(self) -> SwitchPort[M]:
@@ -284,17 +297,21 @@ class SwitchPort(Generic[M]):
 
     async def __anext__(self) -> tuple[bytes, M | None]:
         try:
-            return await self._rx.receive()
+            return await self.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
             raise StopAsyncIteration from None
 
     def _deliver(self, frame: bytes, meta: M | None) -> bool:
+        direct = self._direct
+        if direct is not None and not self._queued and direct(frame, meta):
+            return True
         try:
             self._tx.send_nowait((frame, meta))
         except trio.WouldBlock:
             return False
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return False  # detached while the frame was in flight
+        self._queued += 1
         return True
 
     def _close(self) -> None:

@@ -31,6 +31,7 @@ handling, and the switch isolates ports with per-port tail-drop queues.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -102,6 +103,7 @@ class _Connection:
     queues: list[NetbackQueue]
     port: SwitchPort[VirtioNetHdr] | None = None
     switch_drops: int = 0  # the port's egress tail drops, saved when it leaves the switch
+    held: int = 0  # frames the switch reader took from the port and has not enqueued yet
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     done: trio.Event = field(default_factory=trio.Event)
 
@@ -351,6 +353,7 @@ class Vif:
             for n, (tx_ring, rx_ring, tx_channel, rx_channel) in enumerate(rings)
         ]
         conn = _Connection(config, mappings, channels, queues, port)
+        port.set_direct(functools.partial(self._deliver_direct, conn))
         self._conn = conn
         self.fatal = None
         self.connections += 1
@@ -397,13 +400,29 @@ class Vif:
         try:
             while True:
                 batch = await port.receive_batch(64)
+                conn.held += len(batch)
                 for frame, meta in batch:
                     queue = queues[flow_hash(frame) % count] if count > 1 else queues[0]
                     await queue.wait_room()  # netif_tx_stop_queue: the switch queues, then drops
                     queue.enqueue(frame, meta)
+                    conn.held -= 1
                 self._notify()
         except (trio.EndOfChannel, trio.ClosedResourceError):
             return
+
+    def _deliver_direct(self, conn: _Connection, frame: bytes, meta: VirtioNetHdr | None) -> bool:
+        """The switch's synchronous path into this vif (`SwitchPort.set_direct`): a frame goes
+        straight into its queue's backlog, in the sender's task, unless that backlog is full
+        or the reader still holds earlier frames (then it takes the reader's path, in order)."""
+        if conn.held:
+            return False
+        queues = conn.queues
+        queue = queues[flow_hash(frame) % len(queues)] if len(queues) > 1 else queues[0]
+        if not queue.has_room():
+            return False
+        queue.enqueue(frame, meta)
+        self._notify()
+        return True
 
     def _carrier_off(self, conn: _Connection, reason: str, *, fatal: bool) -> None:
         """xenvif_fatal_tx_err / carrier off: the data path stops, the vif leaves the switch."""

@@ -285,3 +285,36 @@ async def test_a_full_egress_queue_drops_without_blocking_the_sender() -> None:
         live.detach("slow")
         with pytest.raises(trio.EndOfChannel):
             await slow.receive_batch()
+
+
+async def test_direct_delivery_keeps_order_and_falls_back_to_the_queue() -> None:
+    """`set_direct`: frames go straight to the callback while the port's queue is empty; one
+    it refuses is queued, and so is every later frame until the queue has been drained."""
+    with trio.fail_after(5):
+        live: LiveSwitch[int] = LiveSwitch(queue_depth=8)
+        a, b = live.attach("a"), live.attach("b")
+        taken: list[int] = []
+        accept = True
+
+        def deliver(f: bytes, meta: int | None) -> bool:
+            if accept:
+                assert meta is not None
+                taken.append(meta)
+            return accept
+
+        b.set_direct(deliver)
+        for n in range(3):
+            assert a.send(frame(BCAST, mac(1)), n) == 1
+        assert taken == [0, 1, 2]
+        accept = False
+        assert a.send(frame(BCAST, mac(1)), 3) == 1  # refused: queued
+        accept = True
+        assert a.send(frame(BCAST, mac(1)), 4) == 1  # behind a queued frame: queued too
+        assert taken == [0, 1, 2]
+        assert [m for _, m in await b.receive_batch()] == [3, 4]
+        assert a.send(frame(BCAST, mac(1)), 5) == 1  # drained: direct again
+        assert taken == [0, 1, 2, 5]
+        assert live.core.counters("b").tx_frames == 6
+        b.set_direct(None)
+        a.send(frame(BCAST, mac(1)), 6)
+        assert (await b.receive())[1] == 6 and taken == [0, 1, 2, 5]
