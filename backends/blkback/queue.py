@@ -149,7 +149,9 @@ class QueueWorker:
                     await self._drain()
                     self._start(requests, decoded)
                     await self._drain()
-                elif not (isinstance(decoded, IoRequest) and self._complete_now(decoded)):
+                elif isinstance(decoded, NeedIndirect):
+                    self._start_indirect(requests, decoded)
+                elif not self._complete_now(decoded):
                     self._start(requests, decoded)
                 taken += 1
                 if taken % _YIELD_EVERY == 0:
@@ -192,6 +194,41 @@ class QueueWorker:
             self.stats["errors"] += 1
         self._respond(request.id, request.operation, status, push=False)
         return True
+
+    def _start_indirect(self, requests: trio.Nursery, work: NeedIndirect) -> None:
+        """An INDIRECT request whose indirect pages are cached persistent grants is decoded
+        here and, like any request, served in the loop when it can be; else in a task."""
+        try:
+            decoded = self._indirect_mapped(work)
+        except (PeerGone, EventChannelClosed) as exc:  # a mapping died with the frontend
+            self._log.info("request abandoned", reason=str(exc))
+            return
+        if decoded is None:
+            self._start(requests, work)
+        elif isinstance(decoded, Rejected):
+            self._reject(decoded, push=False)
+        elif not self._complete_now(decoded):
+            self._start(requests, decoded)
+
+    def _indirect_mapped(self, work: NeedIndirect) -> IoRequest | Rejected | None:
+        """The plan of an INDIRECT request read through persistent mappings of its indirect
+        pages (each copied out once, then decoded), or None if one is not cached."""
+        persistent = self.persistent
+        if persistent is None:
+            return None
+        request = work.request
+        granule = self.core.limits.granule
+        pages = []
+        for gref in request.indirect_grefs:
+            entry = persistent.lookup(gref)
+            if entry is None:
+                return None
+            mapping, base = entry
+            pages.append(bytes(mapping.view[base : base + granule]))
+        decoded = self.core.finish_indirect(request, pages)
+        if isinstance(decoded, NeedIndirect):  # cannot happen: indirect pages hold segments
+            return Rejected(request.id, request.indirect_op, BLKIF_RSP_ERROR, "nested indirect")
+        return decoded
 
     def _push(self) -> None:
         """RING_PUSH_RESPONSES_AND_CHECK_NOTIFY for the answers put so far."""
@@ -259,6 +296,13 @@ class QueueWorker:
 
     async def _indirect(self, work: NeedIndirect) -> IoRequest | Rejected:
         request = work.request
+        if self.persistent is not None:
+            # Indirect pages are persistent grants too, as in Linux (xen_blkbk_parse_indirect
+            # maps them through the same cache); those that cannot be mapped are copied.
+            await self.persistent.map_missing(request.indirect_grefs)
+            mapped = self._indirect_mapped(work)
+            if mapped is not None:
+                return mapped
         granule = self.core.limits.granule
         pages = [bytearray(granule) for _ in request.indirect_grefs]
         ops = [

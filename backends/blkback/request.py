@@ -23,7 +23,7 @@ Nothing here raises for anything a frontend can write.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -43,8 +43,7 @@ from xenpv.abi.blkif import (
     BlkifProtocol,
     BlkifRequest,
     BlkifResponse,
-    BlkifSegment,
-    decode_indirect_pages,
+    decode_indirect_segments,
 )
 from xenpv.abi.errors import BlkifError, BlkifUnsupportedOp
 from xenpv.hv.buffer import XEN_PAGE_SIZE
@@ -99,6 +98,18 @@ class NeedIndirect:
 
 Decoded = IoRequest | Rejected | NeedIndirect
 
+_new_tuple = tuple.__new__  # builds a DataSegment without its Python-level __new__
+
+
+def _data_segments(raw: Iterable[tuple[int, int, int]]) -> tuple[DataSegment, ...]:
+    """(gref, first_sect, last_sect) descriptors → DataSegments (validated already)."""
+    return tuple(
+        [
+            _new_tuple(DataSegment, (gref, first << 9, (last - first + 1) << 9))
+            for gref, first, last in raw
+        ]
+    )
+
 
 @dataclass(slots=True)
 class DeviceLimits:
@@ -151,9 +162,10 @@ class RequestCore:
                     BLKIF_RSP_EOPNOTSUPP,
                     f"{kind.value} not offered on this device",
                 )
-            return self._plan(
-                request.id, request.operation, kind, request.sector_number, request.segments
+            planned = _data_segments(
+                (seg.gref, seg.first_sect, seg.last_sect) for seg in request.segments
             )
+            return self._plan(request.id, request.operation, kind, request.sector_number, planned)
         if isinstance(request, BlkifDiscardRequest):
             return self._discard(request)
         return NeedIndirect(request)
@@ -161,11 +173,12 @@ class RequestCore:
     def finish_indirect(self, request: BlkifIndirectRequest, pages: Sequence[bytes]) -> Decoded:
         """The plan of an INDIRECT request once its indirect pages were copied out."""
         try:
-            segments = decode_indirect_pages(pages, request, self.limits.granule)
+            raw = decode_indirect_segments(pages, request, self.limits.granule)
         except BlkifError as exc:
             return Rejected(request.id, request.indirect_op, BLKIF_RSP_ERROR, exc.reason)
         kind = IoKind.READ if request.indirect_op == BLKIF_OP_READ else IoKind.WRITE
-        return self._plan(request.id, request.indirect_op, kind, request.sector_number, segments)
+        planned = _data_segments(raw)
+        return self._plan(request.id, request.indirect_op, kind, request.sector_number, planned)
 
     def response(self, id: int, operation: int, status: int) -> bytes:
         return self.protocol.encode_response(BlkifResponse(id, operation & 0xFF, status))
@@ -184,14 +197,10 @@ class RequestCore:
         operation: int,
         kind: IoKind,
         sector: int,
-        segments: Sequence[BlkifSegment],
+        planned: tuple[DataSegment, ...],
     ) -> IoRequest | Rejected:
         limits = self.limits
-        planned = tuple(
-            DataSegment(seg.gref, seg.first_sect << 9, (seg.last_sect - seg.first_sect + 1) << 9)
-            for seg in segments
-        )
-        length = sum(seg.length for seg in planned)
+        length = sum([seg[2] for seg in planned])
         nr_sects = length >> 9
         ratio = limits.sector_size // SECTOR_SIZE
         if ratio > 1:

@@ -30,6 +30,7 @@ from xenpv.abi.blkif import (
     BlkifSegment,
     blkif_protocol,
     decode_indirect_pages,
+    decode_indirect_segments,
     encode_indirect_pages,
     indirect_pages,
     max_indirect_segments_limit,
@@ -112,6 +113,35 @@ def test_indirect_pages_round_trip(granule: int, data: st.DataObject) -> None:
     assert len(pages) == indirect_pages(len(segs), granule)
     request = BlkifIndirectRequest(0, 1, 0, len(segs), tuple(range(len(pages))))
     assert decode_indirect_pages(pages, request, granule) == tuple(segs)
+
+
+@given(
+    granule=GRANULES,
+    count=st.integers(1, 1100),
+    bad=st.none() | st.tuples(st.integers(0, 1099), st.integers(0, 255), st.integers(0, 255)),
+)
+@settings(max_examples=80, deadline=None)
+def test_indirect_segments_fast_path_checks_as_the_dataclass_path(
+    granule: int, count: int, bad: tuple[int, int, int] | None
+) -> None:
+    """decode_indirect_segments (plain tuples, bounds checked on byte slices) accepts and
+    refuses exactly what a check per descriptor does, naming the first bad segment."""
+    max_sect = granule // 512 - 1
+    segs = [BlkifSegment(1000 + i, 0, max_sect) for i in range(count)]
+    if bad is not None and bad[0] < count:
+        segs[bad[0]] = BlkifSegment(7, bad[1], bad[2])
+    pages = encode_indirect_pages(segs, granule)
+    request = BlkifIndirectRequest(0, 3, 0, count, tuple(range(len(pages))))
+    first_bad = next(
+        (i for i, s in enumerate(segs) if not s.first_sect <= s.last_sect <= max_sect), None
+    )
+    if first_bad is None:
+        raw = decode_indirect_segments(pages, request, granule)
+        assert raw == [(s.gref, s.first_sect, s.last_sect) for s in segs]
+    else:
+        with pytest.raises(BlkifError, match=rf"^segment {first_bad}: ") as info:
+            decode_indirect_segments(pages, request, granule)
+        assert info.value.id == 3
 
 
 @pytest.mark.parametrize("p", PROTOCOLS, ids=str)

@@ -26,6 +26,7 @@ written as zeros on encode.
 
 from __future__ import annotations
 
+import operator
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -196,9 +197,14 @@ _MAX_SECT_4K: Final = max_sector_in_frame(XEN_PAGE_SIZE)
 
 
 def _check_segments(
-    segments: Sequence[BlkifSegment], max_sect: int, id: int | None, operation: int | None
+    segments: Sequence[BlkifSegment],
+    max_sect: int,
+    id: int | None,
+    operation: int | None,
+    *,
+    first_index: int = 0,
 ) -> None:
-    for i, seg in enumerate(segments):
+    for i, seg in enumerate(segments, first_index):
         if not seg.first_sect <= seg.last_sect <= max_sect:
             raise BlkifError(
                 f"segment {i}: sectors {seg.first_sect}..{seg.last_sect} outside 0..{max_sect} "
@@ -238,6 +244,22 @@ def decode_indirect_pages(
 
     `pages[i]` is the copy of the page granted by `request.indirect_grefs[i]`.
     """
+    return tuple(
+        BlkifSegment(gref, first, last)
+        for gref, first, last in decode_indirect_segments(pages, request, granule)
+    )
+
+
+def decode_indirect_segments(
+    pages: Sequence[bytes],
+    request: BlkifIndirectRequest,
+    granule: int = XEN_PAGE_SIZE,
+) -> list[tuple[int, int, int]]:
+    """`decode_indirect_pages` as plain (gref, first_sect, last_sect) tuples, with the same
+    checks: the hot path of large requests (256 descriptors per 1 MiB of 4 KiB grants),
+    where a dataclass per descriptor costs more than the descriptors' data copy. The sector
+    bounds are checked on byte slices of the descriptors (C speed); only a failing page is
+    walked descriptor by descriptor, for the error message."""
     needed = indirect_pages(request.nr_segments, granule)
     if len(pages) != needed:
         raise BlkifError(
@@ -246,7 +268,8 @@ def decode_indirect_pages(
             operation=BLKIF_OP_INDIRECT,
         )
     per_page = segments_per_indirect_page(granule)
-    segments: list[BlkifSegment] = []
+    max_sect = max_sector_in_frame(granule)
+    segments: list[tuple[int, int, int]] = []
     remaining = request.nr_segments
     for page in pages:
         count = min(remaining, per_page)
@@ -256,12 +279,20 @@ def decode_indirect_pages(
                 id=request.id,
                 operation=BLKIF_OP_INDIRECT,
             )
-        segments.extend(
-            BlkifSegment(*fields) for fields in _SEGMENT.iter_unpack(page[: count * SEGMENT_SIZE])
-        )
+        used = page[: count * SEGMENT_SIZE]
+        firsts, lasts = used[4::SEGMENT_SIZE], used[5::SEGMENT_SIZE]
+        if (count and max(lasts) > max_sect) or any(map(operator.gt, firsts, lasts)):
+            done = len(segments)
+            _check_segments(
+                [BlkifSegment(*fields) for fields in _SEGMENT.iter_unpack(used)],
+                max_sect,
+                request.id,
+                BLKIF_OP_INDIRECT,
+                first_index=done,
+            )
+        segments.extend(_SEGMENT.iter_unpack(used))
         remaining -= count
-    _check_segments(segments, max_sector_in_frame(granule), request.id, BLKIF_OP_INDIRECT)
-    return tuple(segments)
+    return segments
 
 
 class BlkifProtocol:
