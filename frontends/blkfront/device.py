@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 import trio
@@ -70,6 +70,152 @@ class _Connection:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     gone: trio.Event = field(default_factory=trio.Event)  # set when the connection ends
     live: bool = False
+
+
+class _EventWaiter:
+    """Completion of an I/O awaited by its own task (`read`, `write`, ...)."""
+
+    __slots__ = ("event",)
+
+    def __init__(self, event: trio.Event) -> None:
+        self.event = event
+
+    def completed(self, io: BlkIo) -> None:
+        self.event.set()
+
+
+class Completion(NamedTuple):
+    """A finished I/O of an `IoQueue`: its `tag`, the data of a read (the buffer it was
+    read into, which the caller owns; None for a write), and `error` (None, or the
+    BlkError it failed with)."""
+
+    tag: Any
+    data: bytearray | memoryview | None
+    error: BlkError | None
+
+
+class IoQueue:
+    """Submit I/Os without waiting for each, reap completions in batches: the shape of
+    io_uring / libaio (what fio and databases drive a disk with at high queue depth).
+
+        queue = disk.io_queue()
+        queue.read(0, 4096, tag="a")        # no await: queued
+        queue.write(8192, data, tag="b")
+        for done in await queue.wait():     # submits, then waits for at least one
+            if done.error: raise done.error
+            use(done.tag, done.data)
+
+    `read` / `write` only queue the I/O (checked as `Blkfront.read` / `write` check it); it
+    reaches the ring at the next `submit()` or `wait()`, so a batch of submissions costs one
+    ring push and at most one notification. `wait()` returns every completion available,
+    at least one (an empty list when nothing is in flight). Completions are delivered by
+    the device's event-channel task without waking a task per I/O: with `read()` each
+    completion costs a task switch, the main cost of a small I/O. I/Os of all queues and of
+    `read`/`write` share the device's `queue_depth`: a submission beyond it raises
+    `trio.WouldBlock` (callers keep their own count below it). Recovery is the same as for
+    `read`/`write`: across a reconnect I/Os are re-issued, never completed twice.
+    """
+
+    __slots__ = ("_done", "_front", "_lot", "_unsubmitted", "in_flight")
+
+    def __init__(self, front: Blkfront) -> None:
+        self._front = front
+        self._done: list[Completion] = []
+        self._lot = trio.lowlevel.ParkingLot()
+        self._unsubmitted = False
+        self.in_flight = 0  # submitted and not yet returned by wait()
+
+    def read(self, offset: int, length: int, tag: Any = None) -> None:
+        """Read `length` bytes at `offset` into a new bytearray (the completion's data)."""
+        self.readinto(offset, bytearray(length), tag)
+
+    def readinto(self, offset: int, buffer: bytearray | memoryview, tag: Any = None) -> None:
+        """Read `len(buffer)` bytes at `offset` into `buffer` (the completion's data is that
+        buffer; it must stay untouched until then). Reusing buffers saves allocating and
+        zeroing fresh memory per I/O, which at 1 MiB costs more than the I/O itself."""
+        front = self._front
+        view = memoryview(buffer)
+        if view.readonly or view.ndim != 1 or view.itemsize != 1:
+            raise ValueError("readinto needs a writable, flat byte buffer")
+        sector = front._check_now(offset, len(view), write=False)
+        self._queue(
+            BlkIo(
+                int(BLKIF_OP_READ),
+                sector,
+                len(view),
+                offset % front.dom.page_size,
+                buffer,
+                waiter=_QueueWaiter(self, tag),
+            )
+        )
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview, tag: Any = None) -> None:
+        """Write `data` at `offset`. Not copied: a mutable buffer must stay untouched until
+        the completion (the I/O is re-sent from it if the backend reconnects)."""
+        front = self._front
+        view = memoryview(data)
+        if view.ndim != 1 or view.itemsize != 1:
+            raise ValueError("write needs a flat byte buffer")
+        sector = front._check_now(offset, len(view), write=True)
+        self._queue(
+            BlkIo(
+                int(BLKIF_OP_WRITE),
+                sector,
+                len(view),
+                offset % front.dom.page_size,
+                data,
+                waiter=_QueueWaiter(self, tag),
+            )
+        )
+
+    def _queue(self, io: BlkIo) -> None:
+        front = self._front
+        if not front._wanted:
+            raise io_error("the device is detached")
+        front._depth.acquire_nowait()  # trio.WouldBlock at queue_depth I/Os in flight
+        self.in_flight += 1
+        front.engine.submit(io)
+        self._unsubmitted = True
+
+    def submit(self) -> None:
+        """Put the queued I/Os on the rings (one push per ring, notify if asked to)."""
+        if self._unsubmitted:
+            self._unsubmitted = False
+            self._front._kick()
+
+    async def wait(self) -> list[Completion]:
+        """Submit, then wait for completions; every one available (none if none is due)."""
+        self.submit()
+        if self._done or not self.in_flight:
+            await trio.lowlevel.checkpoint()
+        else:
+            await self._lot.park()
+        done, self._done = self._done, []
+        self.in_flight -= len(done)
+        return done
+
+    def _completed(self, io: BlkIo, tag: Any) -> None:
+        self._front._depth.release()
+        error = None
+        if io.status != BLKIF_RSP_OKAY:
+            assert io.status is not None
+            error = BlkError(io.status, io.reason or "I/O failed")
+        data = io.data if io.operation == BLKIF_OP_READ and error is None else None
+        assert not isinstance(data, bytes)
+        self._done.append(Completion(tag, data, error))
+        if len(self._done) == 1:
+            self._lot.unpark_all()
+
+
+class _QueueWaiter:
+    __slots__ = ("queue", "tag")
+
+    def __init__(self, queue: IoQueue, tag: Any) -> None:
+        self.queue = queue
+        self.tag = tag
+
+    def completed(self, io: BlkIo) -> None:
+        self.queue._completed(io, self.tag)
 
 
 class Blkfront:
@@ -163,6 +309,11 @@ class Blkfront:
     async def _check(self, offset: int, length: int, *, write: bool) -> int:
         if not self.info:
             await self.wait_connected()
+        return self._check_now(offset, length, write=write)
+
+    def _check_now(self, offset: int, length: int, *, write: bool) -> int:
+        if not self.info:
+            raise io_error("not connected yet: await wait_connected() first")
         block = int(self.info["sector_size"])
         if offset < 0 or length <= 0 or offset % block or length % block:
             raise io_error(
@@ -180,7 +331,7 @@ class Blkfront:
             raise io_error("the device is detached")
         async with self._depth:
             done = trio.Event()
-            io.waiter = done
+            io.waiter = _EventWaiter(done)
             self.engine.submit(io)
             self._kick()
             await done.wait()
@@ -188,12 +339,17 @@ class Blkfront:
             assert io.status is not None
             raise BlkError(io.status, io.reason or "I/O failed")
 
+    def io_queue(self) -> IoQueue:
+        """A submission/completion queue on this device: the interface for many I/Os in
+        flight from one task (see `IoQueue`)."""
+        return IoQueue(self)
+
     # -- engine plumbing ------------------------------------------------------------------
 
     def _wake(self, ios: list[BlkIo]) -> None:
         for io in ios:
             if io.waiter is not None:
-                io.waiter.set()
+                io.waiter.completed(io)
 
     def _kick(self) -> None:
         """Put what fits on the rings and notify the backend."""
