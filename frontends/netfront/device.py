@@ -25,6 +25,7 @@ next connection. Frames already received stay readable through `receive()`.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -173,6 +174,8 @@ class Netfront:
         self._generation = 0
         self._changed = trio.Event()
         self._rx_send, self._rx_recv = trio.open_memory_channel[RxFrame](RX_CHANNEL_DEPTH)
+        self._rx_queued = 0  # frames in the receive() channel
+        self._rx_sink: Callable[[RxFrame], bool] | None = None
         self._nursery: trio.Nursery | None = None
         self._deferred: list[_Deferred] = []
         self._wanted = True
@@ -241,16 +244,28 @@ class Netfront:
 
         Frames received before a detach can still be read; after that, `NetfrontError`."""
         try:
-            return await self._rx_recv.receive()
+            frame = await self._rx_recv.receive()
         except trio.EndOfChannel:
             raise NetfrontError("netfront is closed") from None
+        self._rx_queued -= 1
+        return frame
 
     def receive_nowait(self) -> RxFrame:
         """A frame already received, or trio.WouldBlock."""
         try:
-            return self._rx_recv.receive_nowait()
+            frame = self._rx_recv.receive_nowait()
         except trio.EndOfChannel:
             raise NetfrontError("netfront is closed") from None
+        self._rx_queued -= 1
+        return frame
+
+    def set_rx_sink(self, sink: Callable[[RxFrame], bool] | None) -> None:
+        """Hand received frames straight to `sink`, in netfront's rx task, while none wait
+        in the `receive()` channel. `sink` returns False when it cannot take a frame now:
+        that frame and the ones after it then go to the channel, in order, until a reader
+        has drained it. The TAP attach uses this to write frames to the kernel without a
+        task switch (~20 µs) per batch; None turns it off."""
+        self._rx_sink = sink
 
     async def wait_connected(self) -> None:
         """Wait until rings are set up and the backend is Connected."""
@@ -486,10 +501,14 @@ class Netfront:
         while True:
             rx.take(frames.append)
             for frame in frames:
+                sink = self._rx_sink
+                if sink is not None and not self._rx_queued and sink(frame):
+                    continue
                 try:
                     out.send_nowait(frame)
                 except trio.WouldBlock:
                     await out.send(frame)  # a slow reader stops the refill: backpressure
+                self._rx_queued += 1
             if frames:
                 await trio.lowlevel.checkpoint()  # once per batch: let readers run
             frames.clear()

@@ -224,7 +224,11 @@ async def run_tap(front: Netfront, tap: Tap) -> None:
                 log.error("netfront.tap_gone", tap=tap.name, error=str(exc))
                 return
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(offloads)
-        nursery.start_soon(kernel_to_front)
-        nursery.start_soon(front_to_kernel)
+    front.set_rx_sink(to_kernel)  # frames go to the kernel from netfront's rx task
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(offloads)
+            nursery.start_soon(kernel_to_front)
+            nursery.start_soon(front_to_kernel)  # what the sink could not take at once
+    finally:
+        front.set_rx_sink(None)
