@@ -47,6 +47,9 @@ ZERO_MAC = bytes(ETH_ALEN)
 
 P = TypeVar("P", bound=Hashable)
 M = TypeVar("M")
+# A frame's bytes. A driver may hand over the bytearray it filled (a grant copy's target)
+# instead of paying for a copy into bytes; nothing writes to a frame once it is sent.
+Frame = bytes | bytearray
 
 
 class SwitchError(XenpvError):
@@ -134,7 +137,7 @@ class Switch(Generic[P]):
 
     # --- forwarding ----------------------------------------------------------------------
 
-    def receive(self, port: P, frame: bytes) -> list[tuple[P, bytes]]:
+    def receive(self, port: P, frame: Frame) -> list[tuple[P, Frame]]:
         """A frame entered on `port`: learn from it and say where copies of it go."""
         rx = self._ports.get(port)
         if rx is None:
@@ -239,7 +242,7 @@ class Switch(Generic[P]):
                 self._fdb.popitem(last=False)  # the least recently seen address
         self._fdb[mac] = _Entry(port, now)
 
-    def _flood(self, ingress: P, frame: bytes) -> list[tuple[P, bytes]]:
+    def _flood(self, ingress: P, frame: Frame) -> list[tuple[P, Frame]]:
         out = []
         for port, counters in self._ports.items():
             if port != ingress:
@@ -258,11 +261,11 @@ class SwitchPort(Generic[M]):
     def __init__(self, switch: LiveSwitch[M], name: str, queue_depth: int) -> None:
         self.name = name
         self._switch = switch
-        self._tx, self._rx = trio.open_memory_channel[tuple[bytes, M | None]](queue_depth)
+        self._tx, self._rx = trio.open_memory_channel[tuple[Frame, M | None]](queue_depth)
         self._queued = 0  # frames in the egress queue
-        self._direct: Callable[[bytes, M | None], bool] | None = None
+        self._direct: Callable[[Frame, M | None], bool] | None = None
 
-    def set_direct(self, deliver: Callable[[bytes, M | None], bool] | None) -> None:
+    def set_direct(self, deliver: Callable[[Frame, M | None], bool] | None) -> None:
         """Hand frames for this port straight to `deliver`, synchronously in the sending
         task, while the egress queue is empty; `deliver` returns False when it cannot take
         a frame now, which then waits in the queue as usual (and so do the frames after it,
@@ -270,17 +273,17 @@ class SwitchPort(Generic[M]):
         wake-up (a trio task switch, ~20 µs) per frame; None turns it off."""
         self._direct = deliver
 
-    def send(self, frame: bytes, meta: M | None = None) -> int:
+    def send(self, frame: Frame, meta: M | None = None) -> int:
         """Switch a frame that entered on this port; returns how many ports it was queued on."""
         return self._switch._forward(self.name, frame, meta)
 
-    async def receive(self) -> tuple[bytes, M | None]:
+    async def receive(self) -> tuple[Frame, M | None]:
         """The next frame for this port; trio.EndOfChannel once the port is detached."""
         item = await self._rx.receive()
         self._queued -= 1
         return item
 
-    async def receive_batch(self, limit: int = 64) -> list[tuple[bytes, M | None]]:
+    async def receive_batch(self, limit: int = 64) -> list[tuple[Frame, M | None]]:
         """Wait for one frame, then take up to `limit` that are already queued, so a driver
         can fill its ring and notify once per batch (trio.EndOfChannel once detached)."""
         batch = [await self._rx.receive()]
@@ -295,13 +298,13 @@ class SwitchPort(Generic[M]):
     def __aiter__(self) -> SwitchPort[M]:
         return self
 
-    async def __anext__(self) -> tuple[bytes, M | None]:
+    async def __anext__(self) -> tuple[Frame, M | None]:
         try:
             return await self.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
             raise StopAsyncIteration from None
 
-    def _deliver(self, frame: bytes, meta: M | None) -> bool:
+    def _deliver(self, frame: Frame, meta: M | None) -> bool:
         direct = self._direct
         if direct is not None and not self._queued and direct(frame, meta):
             return True
@@ -338,7 +341,7 @@ class LiveSwitch(Generic[M]):
         self._ports.pop(name)._close()
         log.info("switch.detach", port=name)
 
-    def _forward(self, ingress: str, frame: bytes, meta: M | None) -> int:
+    def _forward(self, ingress: str, frame: Frame, meta: M | None) -> int:
         if ingress not in self._ports:
             raise SwitchError(f"port {ingress!r} is detached")
         queued = 0

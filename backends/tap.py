@@ -222,7 +222,7 @@ class Tap:
         self._check_open()
         await trio.lowlevel.wait_readable(self._fd)
 
-    def write_nowait(self, hdr: VirtioNetHdr, frame: bytes | memoryview) -> bool:
+    def write_nowait(self, hdr: VirtioNetHdr, frame: bytes | bytearray | memoryview) -> bool:
         """Hand a frame to the kernel if it takes it now; False if the write would block."""
         self._check_open()
         try:
@@ -250,7 +250,7 @@ class Tap:
             await trio.lowlevel.cancel_shielded_checkpoint()
             return hdr, frame
 
-    async def write_frame(self, hdr: VirtioNetHdr, frame: bytes | memoryview) -> None:
+    async def write_frame(self, hdr: VirtioNetHdr, frame: bytes | bytearray | memoryview) -> None:
         """Hand a frame (with its GSO / checksum metadata) to the kernel's network stack."""
         await trio.lowlevel.checkpoint_if_cancelled()
         while not self.write_nowait(hdr, frame):

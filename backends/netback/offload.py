@@ -32,6 +32,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Final
 
+from backends.switch import Frame
 from backends.tap import VirtioNetHdr, VirtioNetHdrFlags, VirtioNetHdrGso
 from xenpv.abi.netif import (
     XEN_NETIF_GSO_TYPE_TCPV4,
@@ -170,7 +171,7 @@ def pseudo_header_sum(frame: bytes | bytearray | memoryview, l4: L4Header) -> in
     return _fold(addrs + l4.protocol + (length & 0xFFFF) + (length >> 16))
 
 
-def complete_checksum(frame: bytes, csum_start: int, csum_offset: int) -> bytes:
+def complete_checksum(frame: Frame, csum_start: int, csum_offset: int) -> bytes:
     """skb_checksum_help: fill in a CHECKSUM_PARTIAL frame's checksum (the field holds the
     pseudo-header sum; the result covers it and everything from `csum_start`)."""
     at = csum_start + csum_offset
@@ -231,8 +232,8 @@ class RxOffload:
 
 
 def rx_metadata(
-    frame: bytes, meta: VirtioNetHdr | None, accepted: RxOffload
-) -> tuple[bytes, int, NetifGsoExtra | None]:
+    frame: Frame, meta: VirtioNetHdr | None, accepted: RxOffload
+) -> tuple[Frame, int, NetifGsoExtra | None]:
     """(frame, NETRXF_* checksum flags, GSO extra) for a frame going to a guest.
 
     Raises OffloadError when the frame carries offload state this frontend cannot take.
@@ -258,7 +259,7 @@ def rx_metadata(
     return frame, 0, gso
 
 
-def flow_hash(frame: bytes) -> int:
+def flow_hash(frame: bytes | bytearray) -> int:
     """A stable per-flow hash (IP addresses and ports) to spread frames over rx queues."""
     try:
         l4 = parse_l4(frame)

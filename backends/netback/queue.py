@@ -33,7 +33,7 @@ import trio
 from backends.netback.offload import OffloadError, RxOffload, rx_metadata, tx_metadata
 from backends.netback.rx import RxCore, RxFrame, RxPlacement
 from backends.netback.tx import TxCore, TxFatal, TxPacket
-from backends.switch import SwitchError, SwitchPort
+from backends.switch import Frame, SwitchError, SwitchPort
 from backends.tap import VirtioNetHdr
 from xenpv.abi.errors import RingError
 from xenpv.abi.ring import OFF_REQ_EVENT, RING_IDX_MASK
@@ -105,7 +105,7 @@ class NetbackQueue:
 
     # --- rx backlog (called by the vif's switch reader) ------------------------------------
 
-    def enqueue(self, frame: bytes, meta: VirtioNetHdr | None) -> None:
+    def enqueue(self, frame: Frame, meta: VirtioNetHdr | None) -> None:
         stats = self.rx.stats
         try:
             data, flags, gso = rx_metadata(frame, meta, self.offload)
@@ -220,7 +220,7 @@ class NetbackQueue:
                 self.tx_dropped_offload += 1  # "Can't setup checksum in net_tx_action"
                 continue
             try:
-                self.port.send(bytes(frame), meta)
+                self.port.send(frame, meta)  # no copy: nothing writes the frame after this
             except SwitchError:
                 return  # carrier off: the vif is going down
 

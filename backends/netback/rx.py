@@ -51,7 +51,7 @@ class RxFatal(XenpvError):
 class RxFrame:
     """A frame ready for the guest: bytes plus what goes in its first response / extras."""
 
-    data: bytes
+    data: bytes | bytearray  # a bytearray is never written again once sent (switch.Frame)
     flags: int  # NETRXF_csum_blank / NETRXF_data_validated
     gso: NetifGsoExtra | None = None
 

@@ -59,7 +59,7 @@ from backends.netback.offload import flow_hash
 from backends.netback.queue import NetbackQueue
 from backends.netback.rx import RxCore, RxFatal
 from backends.netback.tx import FATAL_SKB_SLOTS_DEFAULT, TxCore, TxFatal
-from backends.switch import LiveSwitch, SwitchError, SwitchPort
+from backends.switch import Frame, LiveSwitch, SwitchError, SwitchPort
 from backends.tap import VirtioNetHdr
 from xenpv import granule, xenbus
 from xenpv.abi.errors import RingError
@@ -410,7 +410,7 @@ class Vif:
         except (trio.EndOfChannel, trio.ClosedResourceError):
             return
 
-    def _deliver_direct(self, conn: _Connection, frame: bytes, meta: VirtioNetHdr | None) -> bool:
+    def _deliver_direct(self, conn: _Connection, frame: Frame, meta: VirtioNetHdr | None) -> bool:
         """The switch's synchronous path into this vif (`SwitchPort.set_direct`): a frame goes
         straight into its queue's backlog, in the sender's task, unless that backlog is full
         or the reader still holds earlier frames (then it takes the reader's path, in order)."""
