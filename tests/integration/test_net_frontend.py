@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from frontends.netfront import attach
+from frontends.netfront import RxFrame, attach
 from tests.integration.conftest import Xenstored
 from xenpv.abi.netif import (
     NETIF_RSP_NULL,
@@ -619,3 +619,44 @@ async def test_send_more_pushes_before_waiting_for_space_and_flush_ends_a_burst(
             front.flush()
             wire = [await s.stub.received.receive() for _ in frames]
             assert [w.frame for w in wire] == frames
+
+
+async def test_rx_sink_takes_frames_in_order_and_the_channel_keeps_the_rest(
+    tmp_path: Path, xenstored: Xenstored
+) -> None:
+    """`set_rx_sink`: received frames go to the sink while the receive() channel is empty; a
+    frame it refuses, and every one after it, waits in the channel until read."""
+    rng = random.Random(8)
+    with trio.fail_after(40):
+        async with (
+            setup(tmp_path, xenstored, "shm") as s,
+            attach(s.front_dom, s.xs, s.device, max_queues=1) as front,
+        ):
+            await front.wait_connected()
+            frames = [frame_of(1500, seq, rng) for seq in range(8)]
+            sunk: list[bytes] = []
+            arrived = trio.Event()
+            all_sunk = trio.Event()
+
+            def sink(rx: RxFrame) -> bool:
+                if len(sunk) == 3 and rx.frame == frames[3]:
+                    arrived.set()
+                    return False  # "would block": this frame takes the channel
+                sunk.append(rx.frame)
+                if len(sunk) == 5:
+                    all_sunk.set()
+                return True
+
+            front.set_rx_sink(sink)
+            for frame in frames[:6]:
+                await front.send(frame)
+            await arrived.wait()
+            got = [(await front.receive()).frame for _ in range(3)]
+            assert sunk == frames[:3] and got == frames[3:6]
+            for frame in frames[6:]:  # the channel is empty again: the sink takes these
+                await front.send(frame)
+            await all_sunk.wait()
+            assert sunk == frames[:3] + frames[6:]
+            front.set_rx_sink(None)
+            await front.send(frames[0])
+            assert (await front.receive()).frame == frames[0]
