@@ -105,3 +105,42 @@ def test_domain_changes_are_durable() -> None:
         assert dom0.last is not None
         changes += dom0.last.changes
     assert Store.restore(None, changes).state() == store.state()
+
+
+def test_release_purges_the_domain_so_a_reused_domid_inherits_nothing() -> None:
+    """XSA-322 / XSA-419: a released domain's nodes go, and so do its permission entries."""
+    store = Store()
+    dom0 = Client(store, 0)
+    assert dom0.ok(INTRO, b"5\x00100\x007\0") == b"OK\0"
+    dom0.write("/shared/secret", b"s")
+    assert dom0.ok(XsType.XS_SET_PERMS, b"/shared/secret\0n0\0r5\0w6\0") == b"OK\0"
+    dom0.write("/guest5/data/x", b"1")
+    assert dom0.ok(XsType.XS_SET_PERMS, b"/guest5\0b5\0") == b"OK\0"  # owned by 5
+    assert dom0.ok(XsType.XS_SET_PERMS, b"/guest5/data\0n5\0r6\0") == b"OK\0"
+    assert dom0.ok(XsType.XS_SET_PERMS, b"@releaseDomain\0n0\0r5\0") == b"OK\0"
+    dom0.ok(XsType.XS_WATCH, b"/guest5/data/x\0tok\0")
+    guest5 = Client(store, 5)
+    assert guest5.read("/shared/secret") == b"s"
+
+    assert dom0.ok(REL, b"5\0") == b"OK\0"
+    assert dom0.last is not None
+    assert [e for e in events(dom0.last, dom0.conn) if e[1] == "tok"] == [("/guest5/data/x", "tok")]
+    assert dom0.err(XsType.XS_READ, b"/guest5\0") == "ENOENT"
+    assert dom0.ok(XsType.XS_GET_PERMS, b"/shared/secret\0") == b"n0\0w6\0"
+    assert dom0.ok(XsType.XS_GET_PERMS, b"@releaseDomain\0") == b"n0\0"
+
+    # a new domain 5 (same domid) sees none of the old one's access
+    assert dom0.ok(INTRO, b"5\x00200\x009\0") == b"OK\0"
+    reborn = Client(store, 5)
+    assert reborn.err(XsType.XS_READ, b"/shared/secret\0") == "EACCES"
+
+
+def test_release_gives_the_owner_role_of_a_kept_node_to_dom0() -> None:
+    store = Store()
+    dom0 = Client(store, 0)
+    dom0.write("/top", b"")
+    assert dom0.ok(XsType.XS_SET_PERMS, b"/\0r0\0r7\0") == b"OK\0"  # root: never removed
+    assert dom0.ok(INTRO, b"7\x00100\x007\0") == b"OK\0"
+    assert dom0.ok(REL, b"7\0") == b"OK\0"
+    assert dom0.ok(XsType.XS_GET_PERMS, b"/\0") == b"r0\0"
+    assert dom0.read("/top") == b""

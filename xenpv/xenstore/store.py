@@ -24,6 +24,9 @@ xenstored_core.c, _watch.c, _transaction.c, _domain.c). Choices worth knowing:
 - WATCH replies OK, then queues the initial event (the event comes after the reply).
 - INTRODUCE of an already introduced domain with the same gfn is OK (port updated, no
   event); with another gfn EINVAL; domid 0 (always introduced) and reserved domids EINVAL.
+- RELEASE purges the domain from the tree before `@releaseDomain` fires (XSA-322/XSA-419, C's
+  default): nodes it owns are removed (watches fire as for RM), its entries leave every other
+  permission list, so a new domain given the same domid inherits no access.
 - Watch paths may also be special `@...` paths (any, as C: only `@introduceDomain` and
   `@releaseDomain` ever fire, to watchers allowed to read the special node's permissions,
   which GET_PERMS / SET_PERMS manage). A watch on `/` does not see special events.
@@ -51,6 +54,7 @@ from xenpv.xenstore.paths import (
     SPECIAL_PATHS,
     basename,
     canonicalize,
+    child,
     domain_path,
     is_valid_absolute,
     parent,
@@ -599,8 +603,38 @@ class Store:
                 self._forget_watches(other)
                 self._forget_transactions(other)
                 self._drop.append(other.id)
+        self._purge_domain(domid)
         self._fire(RELEASE_DOMAIN, None, exact=False)
         return b"OK\0"
+
+    def _purge_domain(self, domid: int) -> None:
+        """Forget a released domain in the tree, so a new domain reusing its domid inherits
+        nothing (XSA-322, XSA-419; C xenstored's default without --keep-orphans): nodes it
+        owns are removed with their subtrees (watches fire as for RM), and it is taken out of
+        every other node's permission list, special nodes included (no events for those)."""
+        tree = self._tree
+        owned: list[str] = []
+        edited: list[tuple[str, Perms]] = []
+        stack = [ROOT]
+        while stack:
+            path = stack.pop()
+            node = tree.nodes[path]
+            perms = node.perms
+            if perms[0].domid == domid and path != ROOT:
+                owned.append(path)  # its subtree goes with it
+                continue
+            if len(perms) > 1 and any(p.domid == domid for p in perms[1:]):
+                edited.append((path, _without_domain(perms, domid)))
+            stack.extend(child(path, name) for name in node.children)
+        for path in owned:
+            self._apply_rm(tree, path)
+        for path, perms in edited:
+            tree.set_node(path, tree.nodes[path].value, perms)
+        for path, perms in list(tree.special.items()):
+            if any(p.domid == domid for p in perms):
+                tree.set_special_perms(path, _without_domain(perms, domid))
+        if owned or edited:
+            log.info("released domain purged", domid=domid, removed=len(owned), acl=len(edited))
 
     def _resume(self, c: _Conn, t: Table, msg: Message) -> bytes:
         self._known_domain(msg)
@@ -684,6 +718,15 @@ def _onearg(msg: Message) -> str:
     if not payload or payload.find(b"\0") != len(payload) - 1:
         raise XsError("EINVAL", "expected one NUL-terminated argument")
     return _ascii(payload[:-1])
+
+
+def _without_domain(perms: Perms, domid: int) -> Perms:
+    """`perms` with `domid`'s entries dropped; if it was the owner, dom0 owns it instead (with
+    the same default access)."""
+    owner = perms[0]
+    if owner.domid == domid:
+        owner = Perm(owner.bits, 0)
+    return (owner, *(p for p in perms[1:] if p.domid != domid))
 
 
 def _strings(msg: Message) -> list[bytes]:
