@@ -9,16 +9,21 @@ import trio
 import trio.testing
 
 from tests.integration.hv_pair import TRANSPORT_IDS, TRANSPORTS, domains
-from xenpv.hv import CopyDirection, CopyOp, EventChannelClosed, HvError
+from xenpv.hv import CopyDirection, CopyOp, Domain, EventChannel, EventChannelClosed, HvError
 
 pytestmark = pytest.mark.parametrize(("transport", "kind"), TRANSPORTS, ids=TRANSPORT_IDS)
+
+
+async def offer_and_bind(offering: Domain, binding: Domain) -> tuple[EventChannel, EventChannel]:
+    """A port `offering` offers to `binding`, and `binding`'s port bound to it."""
+    offered = await offering.alloc_unbound(binding.domid)
+    return offered, await binding.bind_interdomain(offering.domid, offered.port)
 
 
 async def test_coalescing_and_masking(tmp_path: Path, transport: str, kind: str) -> None:
     with trio.fail_after(20):
         async with domains(tmp_path, transport, kind) as (back, front):
-            unbound = await front.alloc_unbound(0)
-            bound = await back.bind_interdomain(1, unbound.port)
+            unbound, bound = await offer_and_bind(front, back)
             assert unbound.remote_port == bound.port
             assert bound.remote_port == unbound.port
 
@@ -32,8 +37,7 @@ async def test_coalescing_and_masking(tmp_path: Path, transport: str, kind: str)
             assert not unbound.consume()
 
             # masked: the event stays pending, wait does not return until unmask
-            echo_front = await front.alloc_unbound(0)
-            echo_back = await back.bind_interdomain(1, echo_front.port)
+            echo_front, echo_back = await offer_and_bind(front, back)
 
             async def echo() -> None:
                 while True:
@@ -60,8 +64,7 @@ async def test_coalescing_and_masking(tmp_path: Path, transport: str, kind: str)
 async def test_close_is_seen_by_peer(tmp_path: Path, transport: str, kind: str) -> None:
     with trio.fail_after(20):
         async with domains(tmp_path, transport, kind) as (back, front):
-            unbound = await front.alloc_unbound(0)
-            bound = await back.bind_interdomain(1, unbound.port)
+            unbound, bound = await offer_and_bind(front, back)
             bound.notify()
             bound.close()
             await unbound.wait()  # the event sent before close is still delivered
@@ -94,10 +97,8 @@ async def test_a_waiter_receiving_for_the_link_serves_every_port_and_call(
     requests are all still handled, in order, and the link's reader takes over after."""
     with trio.fail_after(20):
         async with domains(tmp_path, transport, kind) as (back, front):
-            first = await front.alloc_unbound(0)
-            second = await front.alloc_unbound(0)
-            first_back = await back.bind_interdomain(1, first.port)
-            second_back = await back.bind_interdomain(1, second.port)
+            first, first_back = await offer_and_bind(front, back)
+            second, second_back = await offer_and_bind(front, back)
             frame = back.alloc_buffer(1)
             frame.view[:5] = b"hello"
             gref = back.grants.grant_access(1, next(iter(frame.frames())))
@@ -129,8 +130,7 @@ async def test_a_waiter_receiving_for_the_link_serves_every_port_and_call(
 
             # nobody waits now: the link's own reader handles the peer's events
             first_back.notify()
-            echo = await back.alloc_unbound(1)
-            echo_front = await front.bind_interdomain(0, echo.port)
+            echo, echo_front = await offer_and_bind(back, front)
             echo_front.notify()
             await echo.wait()
             await trio.testing.wait_all_tasks_blocked()
@@ -142,8 +142,7 @@ async def test_unmask_and_close_reach_a_waiter_receiving_for_the_link(
 ) -> None:
     with trio.fail_after(20):
         async with domains(tmp_path, transport, kind) as (back, front):
-            port = await front.alloc_unbound(0)
-            peer = await back.bind_interdomain(1, port.port)
+            port, peer = await offer_and_bind(front, back)
             port.mask()
             peer.notify()
             async with trio.open_nursery() as nursery:
