@@ -142,6 +142,14 @@ class RequestCore:
 
     def decode(self, data: bytes) -> Decoded:
         limits = self.limits
+        one = self.protocol.single_segment(data)
+        if one is not None:  # a READ/WRITE of one segment: most small I/O, no codec objects
+            operation, id, sector, gref, first, last = one
+            if first <= last < limits.granule >> 9:
+                kind = IoKind.READ if operation == BLKIF_OP_READ else IoKind.WRITE
+                segment = _new_tuple(DataSegment, (gref, first << 9, (last - first + 1) << 9))
+                return self._plan(id, operation, kind, sector, (segment,))
+            # a bad sector range: the codec below refuses it with its message
         try:
             request = self.protocol.decode_request(
                 data, max_indirect_segments=limits.max_indirect_segments, granule=limits.granule

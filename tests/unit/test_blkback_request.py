@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -209,3 +211,52 @@ def test_front_and_back_rings_in_memory() -> None:
 def test_short_slots_are_rejected(data: bytes) -> None:
     result = core().decode(data)
     assert isinstance(result, Rejected) and result.status == BLKIF_RSP_ERROR
+
+
+class _CodecOnly:
+    """A protocol without the one-segment shortcut: every slot goes through the codec."""
+
+    def __init__(self, name: str) -> None:
+        self._protocol = BLKIF_PROTOCOLS[name]
+
+    def single_segment(self, data: bytes) -> None:
+        return None
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._protocol, name)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    protocol=st.sampled_from(sorted(BLKIF_PROTOCOLS)),
+    op=st.sampled_from([BLKIF_OP_READ, BLKIF_OP_WRITE]),
+    sector=st.integers(0, 2**64 - 1) | st.integers(2030, 2060),
+    first=st.integers(0, 255),
+    last=st.integers(0, 255),
+    sector_size=st.sampled_from([512, 4096]),
+    read_only=st.booleans(),
+    granule=st.sampled_from([4096, 16384]),
+)
+def test_one_segment_shortcut_decides_as_the_codec(
+    protocol: str,
+    op: int,
+    sector: int,
+    first: int,
+    last: int,
+    sector_size: int,
+    read_only: bool,
+    granule: int,
+) -> None:
+    """`RequestCore.decode`'s one-segment READ/WRITE path plans, refuses and answers
+    exactly as the full codec path does, for any sector range, device and ABI."""
+    p = BLKIF_PROTOCOLS[protocol]
+    slot = bytearray(p.request_size)
+    head = struct.Struct("<BBHQQ" if protocol == "x86_32-abi" else "<BBHxxxxQQ")
+    head.pack_into(slot, 0, op, 1, 7, 4242, sector)
+    struct.pack_into("<IBBxx", slot, head.size, 99, first, last)
+    fast = core(read_only=read_only, sector_size=sector_size, protocol=protocol)
+    fast.limits.granule = granule
+    slow = core(read_only=read_only, sector_size=sector_size, protocol=protocol)
+    slow.limits.granule = granule
+    slow.protocol = _CodecOnly(protocol)  # type: ignore[assignment]
+    assert fast.decode(bytes(slot)) == slow.decode(bytes(slot))

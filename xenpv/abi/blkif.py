@@ -415,6 +415,16 @@ class BlkifProtocol:
         except struct.error as exc:
             raise BlkifError(f"cannot encode {request!r}: {exc}") from None
 
+    def single_segment(self, data: bytes) -> tuple[int, int, int, int, int, int] | None:
+        """(operation, id, sector_number, gref, first_sect, last_sect) of a READ or WRITE
+        with exactly one segment, else None: a backend's hot path, one unpack and no
+        objects. The sector range is NOT checked: check it, or use `decode_request`."""
+        seg1 = self._seg_structs[1]
+        if len(data) < seg1.size or data[0] > _OP_WRITE or data[1] != 1:
+            return None
+        operation, _, _, id, sector, gref, first, last = seg1.unpack_from(data)
+        return operation, id, sector, gref, first, last
+
     def decode_request(
         self,
         data: bytes,
