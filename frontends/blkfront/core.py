@@ -209,7 +209,9 @@ class Engine:
         self._stuck: list[tuple[int, list[Page]]] = []  # grants the backend would not release
         self._stuck_grefs: list[int] = []
         self._finished: list[BlkIo] = []  # completed inside dispatch(), not by a response
-        self._shapes: dict[tuple[int, int, Limits], tuple[list[Chunk], list[Part]]] = {}
+        # (start, length) -> the split under this connection's limits (see `_plan`)
+        self._shapes: dict[tuple[int, int], tuple[list[Chunk], list[Part]]] = {}
+        self._limits = Limits(11)
         self.flush_op: int | None = None
         self.discard = False
         self.requests_issued = 0
@@ -239,6 +241,8 @@ class Engine:
         self.negotiated = negotiated
         if negotiated.grant_size != self.grant_size:
             self._regranulate(negotiated.grant_size)
+        self._limits = negotiated.limits
+        self._shapes.clear()
         self.queues = [_Queue(i, ring) for i, ring in enumerate(rings)]
         self.flush_op = negotiated.flush_op
         self.discard = negotiated.discard
@@ -355,13 +359,13 @@ class Engine:
             # the limits (sectors just shift), and a workload repeats a few shapes: cache
             # it (256 chunks per 1 MiB of 4 KiB grants). The chunk list is shared, never
             # mutated.
-            key = (io.start, io.length, neg.limits)
+            key = (io.start, io.length)
             shape = self._shapes.get(key)
             if shape is None:
                 pieces = chunks(io.start, io.length, self.grant_size)
                 if len(self._shapes) >= _SHAPES:
                     self._shapes.clear()
-                shape = self._shapes[key] = (pieces, plan(pieces, 0, neg.limits))
+                shape = self._shapes[key] = (pieces, plan(pieces, 0, self._limits))
             io.pieces = shape[0]
             sector = io.sector
             io.parts = [Part(p.first, p.count, p.sector + sector, p.indirect) for p in shape[1]]
@@ -577,11 +581,16 @@ class Engine:
         back to back exactly when their granules are consecutive frames."""
         io, part = issued.io, issued.part
         gsize = self.grant_size
-        step = gsize >> 12
         frames = issued.frames
         pieces = io.pieces
         first_piece = part.first
         n = len(frames)
+        if n == 1:  # a small I/O
+            piece = pieces[first_piece]
+            return [
+                (frames[0] * 4096 + piece.offset % gsize, piece.offset - io.start, piece.length)
+            ]
+        step = gsize >> 12
         cuts = [i for i in range(1, n) if frames[i] != frames[i - 1] + step]
         cuts.append(n)
         runs: list[tuple[int, int, int]] = []
