@@ -53,8 +53,8 @@ TAP_GSO_MAX_SIZE = XEN_NETIF_MAX_TX_SIZE - MAX_TCP_HEADER
 # Frames read from the TAP and put on the ring before one push: a burst the kernel queued
 # costs one notification, yet the backend starts on a long burst before the ring is full.
 TAP_TX_BURST = 8
-NEEDS_CSUM = VirtioNetHdrFlags.VIRTIO_NET_HDR_F_NEEDS_CSUM
-DATA_VALID = VirtioNetHdrFlags.VIRTIO_NET_HDR_F_DATA_VALID
+NEEDS_CSUM = int(VirtioNetHdrFlags.VIRTIO_NET_HDR_F_NEEDS_CSUM)  # ints: IntFlag ops are slow
+DATA_VALID = int(VirtioNetHdrFlags.VIRTIO_NET_HDR_F_DATA_VALID)
 _TO_NETIF_GSO: dict[int, int] = {
     VirtioNetHdrGso.VIRTIO_NET_HDR_GSO_TCPV4: XEN_NETIF_GSO_TYPE_TCPV4,
     VirtioNetHdrGso.VIRTIO_NET_HDR_GSO_TCPV6: XEN_NETIF_GSO_TYPE_TCPV6,
