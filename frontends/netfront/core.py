@@ -243,6 +243,7 @@ class TxCore:
         "Response has incorrect id"), `RingError` for an impossible rsp_prod.
         """
         done: list[int] = []
+        freed: list[int] = []
         grefs = self._grefs
         unpack = _TX_RESPONSE.unpack_from
         for data in self.ring.take_responses():
@@ -254,11 +255,14 @@ class TxCore:
                 raise NetfrontProtocolError(f"tx response for id {slot_id}, which is not in flight")
             grefs[slot_id] = None
             self._heads[slot_id] = 0
-            self._free.append(slot_id)
+            freed.append(slot_id)
             if status != _RSP_OKAY:
                 self.counters.tx_errors += 1
                 self.counters.error(f"tx status {status}")
             done.append(gref)
+        # Reversed onto the stack, so ids freed in order are handed out again in the same
+        # order: a packet gets consecutive ids, i.e. one contiguous stretch of the tx arena.
+        self._free.extend(reversed(freed))
         return done
 
     def abandon(self) -> list[int]:

@@ -64,7 +64,7 @@ from xenpv.abi.netif import (
     XEN_NETIF_GSO_TYPE_TCPV4,
     NetifGsoExtra,
 )
-from xenpv.abi.ring import FrontRing
+from xenpv.abi.ring import RING_IDX_MASK, FrontRing
 from xenpv.errors import XenpvError
 from xenpv.granule import FRONTEND_KEY, MAX_GRANULE_ORDER
 from xenpv.hv import (
@@ -214,12 +214,15 @@ class Netfront:
             queue = conn.queues[select_queue(view, len(conn.queues))]
             pieces = queue.tx.plan(length, gso)
             need = len(pieces)
+            self._reap(queue)
             if queue.lock.locked() or not queue.tx.room(need, gso is not None):
                 async with queue.lock:
                     while not queue.tx.room(need, gso is not None):
                         if conn.dead or queue.broken is not None:
                             break
                         self._push_tx(queue)  # deferred requests must reach the backend first
+                        if self._wait_for_answers(queue):
+                            continue
                         await queue.space.park()
                     if conn.dead:
                         continue
@@ -479,19 +482,52 @@ class Netfront:
         except EventChannelClosed as exc:
             log.info("netfront.evtchn_closed", device=str(self.device), why=str(exc))
         except (RingError, NetfrontProtocolError) as exc:
-            # Linux netfront marks the device broken; traffic resumes after a reconnect.
-            queue.broken = str(exc)
-            queue.space.unpark_all()
-            log.error("netfront.broken", device=str(self.device), queue=queue.index, error=str(exc))
+            self._break_queue(queue, exc)
+
+    def _break_queue(self, queue: _Queue, exc: Exception) -> None:
+        # Linux netfront marks the device broken; traffic resumes after a reconnect.
+        queue.broken = str(exc)
+        queue.space.unpark_all()
+        log.error("netfront.broken", device=str(self.device), queue=queue.index, error=str(exc))
 
     def _tx_gc(self, queue: _Queue) -> None:
-        """xennet_tx_buf_gc: end the grants of answered slots, wake senders."""
+        """xennet_tx_buf_gc: collect answered slots, wake senders.
+
+        Unlike Linux netfront (which asks for an event at the very next answer), it asks
+        for the next event only once every request now outstanding is answered, as virtio's
+        delayed tx callback does: while traffic flows, `send` collects answers as it goes
+        (`_reap`), so the backend does not notify every batch; a sender that waits for ring
+        space asks for the next answer itself. Every answer is still collected within one
+        event: the last outstanding one always notifies."""
         tx = queue.tx
+        ring = tx.ring
         while True:
             tx.collect()  # the arena's grants stay for the connection: nothing to end
-            if not tx.ring.final_check_for_responses():
+            outstanding = (ring.req_prod_pvt - ring.rsp_cons) & RING_IDX_MASK
+            if not ring.final_check_for_responses(max(1, outstanding)):
                 break
         queue.space.unpark_all()
+
+    def _reap(self, queue: _Queue) -> None:
+        """Collect tx answers already on the ring, without waiting for an event."""
+        if queue.broken is not None:
+            return
+        try:
+            if queue.tx.ring.unconsumed_responses():
+                queue.tx.collect()
+        except (RingError, NetfrontProtocolError) as exc:
+            self._break_queue(queue, exc)
+
+    def _wait_for_answers(self, queue: _Queue) -> bool:
+        """Before a sender parks for ring space: ask for an event at the very next answer.
+        True if answers are already there (collected; check the room again)."""
+        try:
+            if not queue.tx.ring.final_check_for_responses():
+                return False
+            queue.tx.collect()
+        except (RingError, NetfrontProtocolError) as exc:
+            self._break_queue(queue, exc)
+        return True
 
     async def _rx_work(self, queue: _Queue) -> None:
         """xennet_poll: reassemble, hand frames on, refill the ring."""
@@ -537,14 +573,21 @@ class Netfront:
         arena_view = arena.view
         tx_grefs = queue.tx_grefs
         ids = tx.alloc_ids(len(pieces))
-        grefs = []
-        position = 0
-        for slot_id, (_index, offset, size) in zip(ids, pieces, strict=True):
-            start = slot_id * granule + offset
-            arena_view[start : start + size] = view[position : position + size]
-            arena.written(start, size)
-            position += size
-            grefs.append(tx_grefs[slot_id])
+        first = ids[0]
+        if pieces[0][1] == 0 and ids == list(range(first, first + len(ids))):
+            # Consecutive ids: the pieces (cut at granule boundaries from offset 0) lie back
+            # to back in the arena, so one copy and one `written` serve the whole frame.
+            start = first * granule
+            arena_view[start : start + len(view)] = view
+            arena.written(start, len(view))
+        else:
+            position = 0
+            for slot_id, (_index, offset, size) in zip(ids, pieces, strict=True):
+                start = slot_id * granule + offset
+                arena_view[start : start + size] = view[position : position + size]
+                arena.written(start, size)
+                position += size
+        grefs = [tx_grefs[slot_id] for slot_id in ids]
         tx.put_packet(
             ids, grefs, pieces, gso=gso, csum_blank=csum_blank, data_validated=data_validated
         )
@@ -610,6 +653,7 @@ class Netfront:
 
     def _release_queue(self, queue: _Queue) -> None:
         """Close the channels, end every grant, free the pages (later, if still mapped)."""
+        self._reap(queue)  # answers not collected yet are not drops
         queue.evtchn_tx.close()
         queue.evtchn_rx.close()
         self._end_grants([queue.tx_ring_gref, queue.rx_ring_gref], queue.ring_pages)

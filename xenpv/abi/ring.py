@@ -322,11 +322,15 @@ class FrontRing(_Ring):
         self.rsp_cons = (self.rsp_cons + count) & RING_IDX_MASK
         return taken
 
-    def final_check_for_responses(self) -> bool:
-        """RING_FINAL_CHECK_FOR_RESPONSES: re-arm rsp_event, re-check; True = more work."""
+    def final_check_for_responses(self, ahead: int = 1) -> bool:
+        """RING_FINAL_CHECK_FOR_RESPONSES: re-arm rsp_event, re-check; True = more work.
+
+        `ahead` > 1 asks to be notified only once that many more responses are pushed
+        (rsp_event = rsp_cons + ahead, as virtio's delayed callbacks do); it must not exceed
+        the requests outstanding, or no notification comes."""
         if self.unconsumed_responses():
             return True
-        self._idx[_RSP_EVENT] = (self.rsp_cons + 1) & RING_IDX_MASK
+        self._idx[_RSP_EVENT] = (self.rsp_cons + ahead) & RING_IDX_MASK
         self._written(OFF_RSP_EVENT, 4)
         return self.unconsumed_responses() > 0
 
