@@ -660,3 +660,29 @@ async def test_rx_sink_takes_frames_in_order_and_the_channel_keeps_the_rest(
             front.set_rx_sink(None)
             await front.send(frames[0])
             assert (await front.receive()).frame == frames[0]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_every_tx_answer_is_collected_without_further_sends(
+    tmp_path: Path, xenstored: Xenstored, transport: str
+) -> None:
+    """netfront asks for a tx event only when all outstanding requests are answered and
+    collects the rest as it sends: after a burst, with no more sends, every slot comes back."""
+    rng = random.Random(9)
+    with trio.fail_after(40):
+        async with (
+            setup(tmp_path, xenstored, transport, echo=False) as s,
+            attach(s.front_dom, s.xs, s.device, max_queues=1) as front,
+        ):
+            await front.wait_connected()
+            frames = [frame_of(size, seq, rng) for seq, size in enumerate([60, 9000, 65535] * 9)]
+            for frame in frames:
+                gso = NetifGsoExtra(1448, XEN_NETIF_GSO_TYPE_TCPV4) if len(frame) > 9000 else None
+                await front.send(frame, gso=gso, csum_blank=gso is not None)
+            wire = [await s.stub.received.receive() for _ in frames]
+            assert [w.frame for w in wire] == frames
+            assert front._conn is not None
+            queue = front._conn.queues[0]
+            while queue.tx.in_flight():
+                await queue.space.park()  # woken by the tx event handler
+            assert front.stats()["tx_errors"] == 0

@@ -134,3 +134,28 @@ def test_batch_puts_on_a_broken_ring_raise() -> None:
         front.unconsumed_responses()
     with pytest.raises(RingError):
         front.put_requests([bytes(8)])
+
+
+@pytest.mark.parametrize("start", [0, MASK - 2])
+def test_final_check_for_responses_ahead_notifies_once_that_many_are_pushed(start: int) -> None:
+    """rsp_event = rsp_cons + ahead: the back's pushes below it do not notify, the push that
+    reaches it does; answers already there are reported at once (no lost wake-up)."""
+    _, front, back = _ring_at(NETIF_RX_RING, start)
+    front.put_requests(_entries(5, 8, 0))
+    front.push_requests()
+    back.take_requests()
+    assert not front.final_check_for_responses(5)
+    back.put_responses(_entries(2, 8, 1))
+    assert not back.push_responses()  # 2 of 5: no event
+    back.put_responses(_entries(2, 8, 2))
+    assert not back.push_responses()  # 4 of 5: still none
+    back.put_responses(_entries(1, 8, 3))
+    assert back.push_responses()  # the 5th reaches rsp_event
+    assert front.final_check_for_responses(5)  # unconsumed answers: work to do now
+    assert len(front.take_responses()) == 5
+    assert not front.final_check_for_responses()  # the default is the next answer
+    front.put_requests(_entries(1, 8, 4))
+    front.push_requests()
+    back.take_requests()
+    back.put_responses(_entries(1, 8, 5))
+    assert back.push_responses()
