@@ -64,6 +64,7 @@ from xenpv.hv.memory import OutOfMemory, Page
 log = structlog.get_logger()
 
 FLUSH_OPS = (int(BLKIF_OP_FLUSH_DISKCACHE), int(BLKIF_OP_WRITE_BARRIER))
+_NO_DATA = Part(0, 0, 0, False)  # the one part of a flush or discard
 _SHAPES = 256  # I/O shapes (start in page, length, limits) whose split is cached
 _DESCRIPTORS: dict[
     int, struct.Struct
@@ -136,7 +137,7 @@ class BlkIo:
     reason: str = ""
     waiter: Any = None  # the trio layer's wake-up handle
     # per connection: reset by Engine.disconnect()
-    parts: list[Part] | None = None
+    parts: list[Part] | None = None  # shared with I/Os of the same shape; sectors relative
     pieces: list[Chunk] = field(default_factory=list)
     next_part: int = 0
     outstanding: int = 0
@@ -366,12 +367,11 @@ class Engine:
                 if len(self._shapes) >= _SHAPES:
                     self._shapes.clear()
                 shape = self._shapes[key] = (pieces, plan(pieces, 0, self._limits))
-            io.pieces = shape[0]
-            sector = io.sector
-            io.parts = [Part(p.first, p.count, p.sector + sector, p.indirect) for p in shape[1]]
+            # Shared and never mutated; a part's `sector` is relative to `io.sector`.
+            io.pieces, io.parts = shape
         else:
             io.pieces = []
-            io.parts = [Part(0, 0, io.sector, False)]
+            io.parts = [_NO_DATA]
         self.active[io.seq] = io
 
     def _issue(self, queue: _Queue, io: BlkIo, part: Part, neg: Negotiated) -> None:
@@ -379,26 +379,29 @@ class Engine:
         if op in FLUSH_OPS:
             op = self.flush_op if self.flush_op is not None else op
         issued = _Issued(io, part, op, queue.pool)
+        request_id = queue.free.pop()
         try:
-            request = self._build(issued, neg)
+            request = self._build(issued, neg, request_id)
+            data = request if isinstance(request, bytes) else neg.protocol.encode_request(request)
         except BaseException:
+            queue.free.append(request_id)
             self._release(issued)
             raise
-        request_id = queue.free.pop()
         queue.shadow[request_id] = issued
-        request.id = request_id
-        queue.ring.put_request(neg.protocol.encode_request(request))
+        queue.ring.put_request(data)
         io.outstanding += 1
         self.requests_issued += 1
 
     def _build(
-        self, issued: _Issued, neg: Negotiated
-    ) -> BlkifRequest | BlkifIndirectRequest | BlkifDiscardRequest:
+        self, issued: _Issued, neg: Negotiated, id: int
+    ) -> BlkifRequest | BlkifIndirectRequest | BlkifDiscardRequest | bytes:
+        """Grant (or fill pool frames for) the part's data: the ring request with `id`,
+        as an object to encode, or already encoded (the persistent direct path)."""
         io, part = issued.io, issued.part
         if io.operation == BLKIF_OP_DISCARD:
-            return BlkifDiscardRequest(0, io.sector, io.length // SECTOR_SIZE, 0, neg.handle)
+            return BlkifDiscardRequest(id, io.sector, io.length // SECTOR_SIZE, 0, neg.handle)
         if io.operation in FLUSH_OPS:
-            return BlkifRequest(issued.operation, 0, 0, (), neg.handle)
+            return BlkifRequest(issued.operation, id, 0, (), neg.handle)
         pieces = io.pieces[part.first : part.first + part.count]
         write = io.operation == BLKIF_OP_WRITE
         segments = []
@@ -418,10 +421,13 @@ class Engine:
             if write:
                 self._copy_in(issued)
             if part.indirect:
-                return self._indirect_request(issued, neg, taken)
+                return self._indirect_request(issued, neg, taken, id)
+            raw = []
             for piece, (_, gref) in zip(pieces, taken, strict=True):
                 first = piece.offset % gsize // SECTOR_SIZE
-                segments.append(BlkifSegment(gref, first, first + piece.length // SECTOR_SIZE - 1))
+                raw.append((gref, first, first + piece.length // SECTOR_SIZE - 1))
+            sector = io.sector + part.sector
+            return neg.protocol.encode_rw(io.operation, id, sector, neg.handle, raw)
         else:
             if not io.pages:
                 self._fill_bio(io)
@@ -437,7 +443,8 @@ class Engine:
                 first, last = piece.sectors(gsize)
                 segments.append(BlkifSegment(gref, first, last))
         if not part.indirect:
-            return BlkifRequest(io.operation, 0, part.sector, tuple(segments), neg.handle)
+            sector = io.sector + part.sector
+            return BlkifRequest(io.operation, id, sector, tuple(segments), neg.handle)
         grefs = []
         for content in encode_indirect_pages(segments, gsize)[
             : indirect_pages(len(segments), gsize)
@@ -455,11 +462,11 @@ class Engine:
             self.memory.written(at, gsize)
             grefs.append(gref)
         return BlkifIndirectRequest(
-            io.operation, 0, part.sector, len(segments), tuple(grefs), neg.handle
+            io.operation, id, io.sector + part.sector, len(segments), tuple(grefs), neg.handle
         )
 
     def _indirect_request(
-        self, issued: _Issued, neg: Negotiated, taken: list[tuple[int, int]]
+        self, issued: _Issued, neg: Negotiated, taken: list[tuple[int, int]], id: int
     ) -> BlkifIndirectRequest:
         """An INDIRECT request over persistent grants, its descriptor pages written straight
         from the grefs: every chunk but the first and last of an I/O is a whole granule
@@ -490,7 +497,7 @@ class Engine:
             written(at, gsize)
             grefs.append(gref)
         return BlkifIndirectRequest(
-            io.operation, 0, part.sector, len(descriptors), tuple(grefs), neg.handle
+            io.operation, id, io.sector + part.sector, len(descriptors), tuple(grefs), neg.handle
         )
 
     def _fill_bio(self, io: BlkIo) -> None:

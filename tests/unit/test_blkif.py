@@ -82,6 +82,15 @@ def test_requests_round_trip(p: BlkifProtocol, data: st.DataObject) -> None:
     # as the ring delivers it: a whole slot, stale bytes after the struct
     slot = encoded + b"\xee" * (p.request_size - len(encoded))
     assert p.decode_request(slot) == request
+    if isinstance(request, BlkifRequest):  # the raw-tuple encoder is byte-identical
+        raw = [(seg.gref, seg.first_sect, seg.last_sect) for seg in request.segments]
+        args = (request.operation, request.id, request.sector_number, request.handle, raw)
+        assert p.encode_rw(*args) == encoded
+        one = p.single_segment(encoded)
+        if request.operation in (BLKIF_OP_READ, BLKIF_OP_WRITE) and len(raw) == 1:
+            assert one == (request.operation, request.id, request.sector_number, *raw[0])
+        else:
+            assert one is None
 
 
 @pytest.mark.parametrize("p", PROTOCOLS, ids=str)

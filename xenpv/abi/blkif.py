@@ -415,6 +415,34 @@ class BlkifProtocol:
         except struct.error as exc:
             raise BlkifError(f"cannot encode {request!r}: {exc}") from None
 
+    def encode_rw(
+        self,
+        operation: int,
+        id: int,
+        sector_number: int,
+        handle: int,
+        segments: Sequence[tuple[int, int, int]],
+    ) -> bytes:
+        """`encode_request(BlkifRequest(...))` from plain (gref, first_sect, last_sect)
+        tuples: a frontend's hot path, without a dataclass per segment."""
+        count = len(segments)
+        if count > BLKIF_MAX_SEGMENTS_PER_REQUEST:
+            raise BlkifError(
+                f"{count} segments, at most {BLKIF_MAX_SEGMENTS_PER_REQUEST} "
+                "in a direct request (use BLKIF_OP_INDIRECT)",
+                id=id,
+                operation=operation,
+            )
+        try:
+            if count == 1:
+                return self._rw_full[1].pack(operation, 1, handle, id, sector_number, *segments[0])
+            fields = [operation, count, handle, id, sector_number]
+            for segment in segments:
+                fields += segment
+            return self._rw_full[count].pack(*fields)
+        except struct.error as exc:
+            raise BlkifError(f"cannot encode request {id}: {exc}") from None
+
     def single_segment(self, data: bytes) -> tuple[int, int, int, int, int, int] | None:
         """(operation, id, sector_number, gref, first_sect, last_sect) of a READ or WRITE
         with exactly one segment, else None: a backend's hot path, one unpack and no
