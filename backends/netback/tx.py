@@ -127,6 +127,9 @@ class TxCore:
         self.fatal_skb_slots = fatal_skb_slots
         self.mcast: set[bytes] = mcast if mcast is not None else set()  # shared per vif
         self.stats = TxStats()
+        self._slots: list[bytes] = []  # requests copied out by take(), being parsed
+        self._read = 0  # of those, slots parsed
+        self._consumed = 0  # of those, slots req_cons has passed
 
     # --- consuming requests ----------------------------------------------------------------
 
@@ -137,27 +140,41 @@ class TxCore:
         """
         packets: list[TxPacket] = []
         ring = self.ring
-        while len(packets) < budget:
-            try:
-                work = ring.unconsumed_requests()
-            except RingError as exc:
-                raise TxFatal(f"Impossible number of requests: {exc}") from None
-            if not work:
-                break
-            packet = self._take_one(work)
-            if packet is not None:
-                packets.append(packet)
+        try:
+            work = ring.unconsumed_requests()
+        except RingError as exc:
+            raise TxFatal(f"Impossible number of requests: {exc}") from None
+        if not work:
+            return packets
+        # Every request pushed so far, copied out of the ring once (no double fetch) in one
+        # go; req_cons follows the parse. Requests pushed meanwhile wait for the next call.
+        self._slots = ring.peek_requests(work)
+        self._read = self._consumed = 0
+        try:
+            while len(packets) < budget and self._read < work:
+                packet = self._take_one(work - self._read)
+                if packet is not None:
+                    packets.append(packet)
+        finally:
+            self._consume()
+            self._slots = []
         return packets
 
+    def _consume(self) -> None:
+        """Advance req_cons over the slots parsed so far (before answering any of them)."""
+        if self._read > self._consumed:
+            self.ring.consume_requests(self._read - self._consumed)
+            self._consumed = self._read
+
     def _next(self) -> bytes:
-        data = self.ring.take_request()
-        assert data is not None  # callers check the unconsumed count first
+        data = self._slots[self._read]
+        self._read += 1
         return data
 
     def _next_request(self) -> NetifTxRequest:
         """The next slot as a tx request (a ring slot always holds the 12 bytes)."""
-        data = self.ring.take_request()
-        assert data is not None  # callers check the unconsumed count first
+        data = self._slots[self._read]
+        self._read += 1
         return NetifTxRequest(*_TX_REQUEST.unpack(data))
 
     def _take_one(self, work: int) -> TxPacket | None:
@@ -290,6 +307,7 @@ class TxCore:
         Linux writes only the status of a NULL response, so the id bytes keep whatever the
         slot held; we put back the same bytes.
         """
+        self._consume()
         ring = self.ring
         pack = _TX_RESPONSE.pack
         entries = [pack(request.id, status)]

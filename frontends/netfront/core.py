@@ -118,6 +118,12 @@ def split(offset: int, length: int, granule: int) -> list[tuple[int, int, int]]:
     never cross a granule boundary: (granule index, offset inside it, size) each."""
     if length <= 0:
         raise NetfrontError(f"cannot split {length} bytes")
+    if offset == 0:  # every frame netfront sends: whole granules, then the rest
+        full, rest = divmod(length, granule)
+        pieces = [(index, 0, granule) for index in range(full)]
+        if rest:
+            pieces.append((full, 0, rest))
+        return pieces
     pieces = []
     position = offset
     end = offset + length

@@ -159,3 +159,16 @@ def test_final_check_for_responses_ahead_notifies_once_that_many_are_pushed(star
     back.take_requests()
     back.put_responses(_entries(1, 8, 5))
     assert back.push_responses()
+
+
+def test_a_short_entry_ends_a_written_stretch_and_only_written_bytes_are_reported() -> None:
+    """A GSO packet on the tx ring: request, 8-byte extra, requests. The extra's slot keeps
+    its last 4 bytes, which are not reported; the rest is reported in two stretches."""
+    buffer, front, _ = _ring_at(NETIF_TX_RING, 0)
+    buffer.view[64:4096] = b"\xee" * (4096 - 64)
+    buffer.dirty.clear()
+    front.put_requests([b"\x01" * 12, b"\x02" * 8, b"\x03" * 12, b"\x04" * 12])
+    assert buffer.dirty == [(64, 20), (88, 24)]
+    assert bytes(buffer.view[64:112]) == (
+        b"\x01" * 12 + b"\x02" * 8 + b"\xee" * 4 + b"\x03" * 12 + b"\x04" * 12
+    )

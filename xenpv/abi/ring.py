@@ -165,9 +165,11 @@ class _Ring:
 
     def _put_run(self, first: int, entries: Sequence[bytes], limit: int, what: str) -> None:
         """Write `entries` (each at most `limit` bytes) into consecutive slots from index
-        `first`. When every entry fills its slot, each contiguous run of slots is stored and
-        reported to `written` once (a memory barrier on the shared-memory transport, ~1 µs);
-        shorter entries are reported one by one, so only bytes actually written are shipped."""
+        `first`. Each stretch of bytes written without a gap is reported to `written` once
+        (a memory barrier on the shared-memory transport, ~1 µs), and only bytes actually
+        written are reported: a shorter entry (an 8-byte extra in a 12-byte tx slot, a 4-byte
+        tx response) ends its stretch. When every entry fills its slot, each contiguous run
+        is also stored with one slice assignment."""
         view, mask, entry_size, written = self._view, self._mask, self.entry_size, self._written
         count = len(entries)
         if limit == entry_size and count:
@@ -188,11 +190,19 @@ class _Ring:
         for data in entries:  # all or none: check every size before writing any
             if len(data) > limit:
                 raise RingUsageError(f"{len(data)}-byte {what} does not fit a {limit}-byte slot")
+        run_start = run_end = -1  # the stretch written since the last `written` call
         for index, data in enumerate(entries, first):
             offset = SRING_HEADER_SIZE + (index & mask) * entry_size
             size = len(data)
             view[offset : offset + size] = data
-            written(offset, size)
+            if offset == run_end:  # the previous entry filled its slot: no gap
+                run_end += size
+                continue
+            if run_start >= 0:
+                written(run_start, run_end - run_start)
+            run_start, run_end = offset, offset + size
+        if run_start >= 0:
+            written(run_start, run_end - run_start)
 
     def _push(self, prod: int, event: int, new: int) -> bool:
         """RING_PUSH_*_AND_CHECK_NOTIFY on the header's `prod` / `event` uint32 fields."""
@@ -415,6 +425,21 @@ class BackRing(_Ring):
         taken = self._copy_out(self.req_cons, count, self._req_size)
         self.req_cons = (self.req_cons + count) & RING_IDX_MASK
         return taken
+
+    def peek_requests(self, count: int) -> list[bytes]:
+        """Copies of the next `count` unconsumed requests, without consuming them (a parser
+        that takes a whole batch in one copy, then `consume_requests` as it goes)."""
+        if count > self.unconsumed_requests():
+            raise RingUsageError(f"{self.layout.name} ring: fewer than {count} requests to peek")
+        return self._copy_out(self.req_cons, count, self._req_size)
+
+    def consume_requests(self, count: int) -> None:
+        """Advance `req_cons` over `count` requests already read (with `peek_requests`)."""
+        if self.broken is not None:
+            raise RingError(self.broken)
+        if not 0 <= count <= (self._req_prod_seen - self.req_cons) & RING_IDX_MASK:
+            raise RingUsageError(f"{self.layout.name} ring: cannot consume {count} requests")
+        self.req_cons = (self.req_cons + count) & RING_IDX_MASK
 
     def put_response(self, data: bytes | bytearray | memoryview) -> None:
         """Write one response (at most `layout.rsp_size` bytes) at `rsp_prod_pvt`, unpushed.
