@@ -21,6 +21,7 @@ from xenpv.abi.blkif import (
     blkif_protocol,
     decode_indirect_pages,
 )
+from xenpv.abi.errors import RingError
 from xenpv.abi.ring import BackRing
 from xenpv.hv import CopyDirection, CopyOp, Domain, EventChannel, GrantMapping
 from xenpv.hv.errors import HvError
@@ -188,3 +189,10 @@ class StubBackend:
                     await channel.wait()
             except HvError:
                 return
+            except RingError:
+                # `_stop` cancels us and unmaps the ring; an event that woke us just before
+                # lets this task read the unmapped (zeroed) ring once before the
+                # cancellation lands: a stopped stub, not a bogus frontend.
+                if getattr(ring.buffer, "dead", False):
+                    return
+                raise
