@@ -22,9 +22,8 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
-from xenpv.abi.errors import RingError
+from xenpv.abi.errors import RingError, RingUsageError
 from xenpv.abi.netif import (
-    XEN_NETIF_EXTRA_FLAG_MORE,
     NetifGsoExtra,
     NETRXF_extra_info,
     NETRXF_more_data,
@@ -114,38 +113,38 @@ class RxCore:
 
     def place(self, frame: RxFrame) -> RxPlacement:
         """Consume the requests for `frame` (the caller checked `available()` first)."""
-        take = self.ring.take_request
+        ring = self.ring
+        needed = self.slots_needed(frame)
+        try:
+            raws = ring.peek_requests(needed)  # one copy of the frame's requests
+            ring.consume_requests(needed)
+        except RingUsageError:
+            raise RxFatal("rx requests vanished while placing a frame") from None
+        except RingError as exc:
+            raise RxFatal(str(exc)) from None
         unpack_request = _RX_REQUEST.unpack
         pack_response = _RX_RESPONSE.pack
         data = frame.data
         total = len(data)
         capacity = self.capacity
+        gso = frame.gso
         responses: list[bytes] = []
         segments: list[RxSegment] = []
-        extras = [frame.gso] if frame.gso is not None else []
         at = 0
-        first = True
-        while first or at < total or extras:
-            raw = take()
-            if raw is None:
-                raise RxFatal("rx requests vanished while placing a frame")
-            if not first and extras:
-                extra = extras.pop(0)
-                if extras:
-                    extra.flags |= XEN_NETIF_EXTRA_FLAG_MORE
-                responses.append(encode_extra(extra))
+        for slot, raw in enumerate(raws):
+            if slot == 1 and gso is not None:  # "Extras must go after the first data slot"
+                responses.append(encode_extra(gso))
                 continue
             request_id, gref = unpack_request(raw)  # struct netif_rx_request
             length = min(capacity, total - at)
             flags = 0
-            if first:
-                flags = frame.flags | (_RXF_EXTRA_INFO if extras else 0)
+            if slot == 0:
+                flags = frame.flags | (_RXF_EXTRA_INFO if gso is not None else 0)
             if at + length < total:
                 flags |= _RXF_MORE_DATA
-            segments.append(RxSegment(gref, at, length, len(responses)))
+            segments.append(RxSegment(gref, at, length, slot))
             responses.append(pack_response(request_id, 0, flags, length))
             at += length
-            first = False
         return RxPlacement(frame, responses, segments)
 
     def complete(self, placement: RxPlacement, statuses: list[int]) -> None:

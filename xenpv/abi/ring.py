@@ -157,11 +157,17 @@ class _Ring:
     def _copy_out(self, first: int, count: int, size: int) -> list[bytes]:
         """Copies of `count` entries (their first `size` bytes) from index `first` on."""
         view, mask, entry_size = self._view, self._mask, self.entry_size
-        out = []
-        for index in range(first, first + count):
-            offset = SRING_HEADER_SIZE + (index & mask) * entry_size
-            out.append(bytes(view[offset : offset + size]))
-        return out
+        if not count:
+            return []
+        # One copy of each contiguous stretch of slots (two if it wraps), then the entries
+        # are sliced out of that private copy: the shared page is read once, in bulk.
+        start = first & mask
+        head = min(count, self.nr_ents - start)
+        offset = SRING_HEADER_SIZE + start * entry_size
+        blob = bytes(view[offset : offset + head * entry_size])
+        if head < count:
+            blob += bytes(view[SRING_HEADER_SIZE : SRING_HEADER_SIZE + (count - head) * entry_size])
+        return [blob[at : at + size] for at in range(0, count * entry_size, entry_size)]
 
     def _put_run(self, first: int, entries: Sequence[bytes], limit: int, what: str) -> None:
         """Write `entries` (each at most `limit` bytes) into consecutive slots from index
