@@ -39,6 +39,7 @@ import structlog
 from frontends.blkfront.errors import BlkfrontProtocolError
 from frontends.blkfront.split import Chunk, Limits, Part, chunks, plan
 from xenpv.abi.blkif import (
+    BLKIF_MAX_SEGMENTS_PER_REQUEST,
     BLKIF_OP_DISCARD,
     BLKIF_OP_FLUSH_DISKCACHE,
     BLKIF_OP_READ,
@@ -66,6 +67,7 @@ log = structlog.get_logger()
 FLUSH_OPS = (int(BLKIF_OP_FLUSH_DISKCACHE), int(BLKIF_OP_WRITE_BARRIER))
 _NO_DATA = Part(0, 0, 0, False)  # the one part of a flush or discard
 _RUN = 4  # consecutive new I/Os sent to one ring (see `dispatch`)
+_RUN_CHUNKS = 4 * BLKIF_MAX_SEGMENTS_PER_REQUEST  # ... unless they carry more data
 _SHAPES = 256  # I/O shapes (start in page, length, limits) whose split is cached
 _DESCRIPTORS: dict[
     int, struct.Struct
@@ -203,6 +205,7 @@ class Engine:
         self.negotiated: Negotiated | None = None
         self.queues: list[_Queue] = []
         self._rr = 0
+        self._run_ios = self._run_chunks = 0
         self._seq = 0
         self._pool_all: list[tuple[int, int]] = []
         self._pool_pages: list[Page] = []
@@ -292,10 +295,12 @@ class Engine:
             return []
         touched: set[int] = set()
         nqueues = len(self.queues)
-        # Round-robin over the rings by runs of _RUN I/Os, not one I/O each: a run costs
-        # one push, at most one notification and one backend wake-up, while several runs
-        # still overlap on different rings (one ring for everything serialises the two
-        # ends: the backend answers a whole batch before the frontend can refill it).
+        # Round-robin over the rings by runs of up to _RUN I/Os and _RUN_CHUNKS chunks,
+        # not one I/O each: a run costs one push, at most one notification and one
+        # backend wake-up, while several runs still overlap on different rings (one ring
+        # for everything serialises the two ends: the backend answers a whole batch
+        # before the frontend can refill it). Large I/Os still go one per ring, so that
+        # no ring's persistent grants (blkback caches 1056 per ring) see them all.
         while self.pending:
             io = self.pending[0]
             if io.parts is None:
@@ -307,8 +312,12 @@ class Engine:
                     continue
                 self._plan(io, neg)
                 assert io.parts is not None
-                queue = self.queues[self._rr // _RUN % nqueues]
-                self._rr += 1
+                if self._run_ios >= _RUN or self._run_chunks >= _RUN_CHUNKS:
+                    self._rr += 1
+                    self._run_ios = self._run_chunks = 0
+                self._run_ios += 1
+                self._run_chunks += len(io.pieces)
+                queue = self.queues[self._rr % nqueues]
                 for _ in range(nqueues):
                     if queue.free:
                         break
