@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import random
 import select
@@ -103,12 +104,21 @@ def _report(
             ref = nbdkit.get(name) if nbdkit else None
             ratio = r["iops"] / ref["iops"] if ref and ref["iops"] else None
             rows.append(
-                [config, name, r["iops"], r["mbps"], r["lat_us"], r["guest_cpu_us"], ratio or "-"]
+                [
+                    config,
+                    name,
+                    r["iops"],
+                    r["mbps"],
+                    r["lat_us"],
+                    r["guest_cpu_us"],
+                    r.get("backend_cpu_us", "-"),
+                    ratio or "-",
+                ]
             )
             summary.setdefault(name, {})[config] = round(r["iops"], 1)
     if nbdkit:
         for name, r in nbdkit.items():
-            rows.append(["fio+nbdkit", name, r["iops"], r["mbps"], r["lat_us"], "-", 1.0])
+            rows.append(["fio+nbdkit", name, r["iops"], r["mbps"], r["lat_us"], "-", "-", 1.0])
     headline = "4k/shm"
     ratios: dict[str, float | None] = {}
     for name in RATIOS:
@@ -118,8 +128,9 @@ def _report(
             round(ours["iops"] / ref["iops"], 3) if ours and ref and ref["iops"] else None
         )
     notes = [
-        f"image {image_mib} MiB (filled), {seconds:.1f} s per workload; cpu µs = guest "
-        "process CPU per I/O; /nbdkit = xenpv IOPS / fio+nbdkit IOPS"
+        f"image {image_mib} MiB (filled), {seconds:.1f} s per workload; guest / backend µs = "
+        "CPU time of the guest (bench) / backend process per I/O, warm-up included for the "
+        "backend; /nbdkit = xenpv IOPS / fio+nbdkit IOPS"
     ]
     if nbdkit is None:
         notes.append(f"fio+nbdkit comparison unavailable: install them with `{INSTALL_HINT}`")
@@ -135,7 +146,16 @@ def _report(
             "seconds": seconds,
         },
         title="blkfront ↔ blkback (IOPS; MB/s; mean latency µs)",
-        columns=["config", "workload", "IOPS", "MB/s", "lat µs", "cpu µs", "/nbdkit"],
+        columns=[
+            "config",
+            "workload",
+            "IOPS",
+            "MB/s",
+            "lat µs",
+            "guest µs",
+            "backend µs",
+            "/nbdkit",
+        ],
         rows=rows,
         notes=notes,
     )
@@ -193,17 +213,24 @@ async def _bench_xenpv(
     for transport in transports:
         for page_size in page_sizes:
             config = f"{page_size // 1024}k/{transport}"
-            async with _guest(workdir, xs_address, image, transport, page_size) as front:
+            async with _guest(workdir, xs_address, image, transport, page_size) as (front, pid):
                 out[config] = {}
                 for w in WORKLOADS:
-                    out[config][w.name] = await _measure(front, w, seconds)
+                    before = _process_cpu(pid)
+                    result = await _measure(front, w, seconds)
+                    ops = result.pop("ops")
+                    spent = _process_cpu(pid) - before
+                    if ops and math.isfinite(spent):
+                        result["backend_cpu_us"] = round(spent / ops * 1e6, 1)
+                    out[config][w.name] = result
     return out
 
 
 @asynccontextmanager
 async def _guest(
     workdir: Path, xs_address: str, image: Path, transport: str, page_size: int
-) -> AsyncIterator[Any]:
+) -> AsyncIterator[tuple[Any, int]]:
+    """The attached frontend, and the backend child's pid (for its CPU time)."""
     from frontends.blkfront import attach
     from xenpv.devices import VbdConfig, create_vbd, destroy_device
     from xenpv.hv import StaticDirectory, open_domain
@@ -246,7 +273,7 @@ async def _guest(
             async with attach(dom, xs, device, queue_depth=32) as front:
                 with trio.fail_after(30):
                     await front.wait_connected()
-                yield front
+                yield front, process.pid
         finally:
             process.kill()
             with trio.CancelScope(shield=True):
@@ -254,6 +281,16 @@ async def _guest(
                 if process.stdout is not None:
                     await process.stdout.aclose()
                 await destroy_device(xs, device)
+
+
+def _process_cpu(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (-inf where /proc cannot tell)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("-inf")
 
 
 async def _measure(front: Any, w: Workload, seconds: float) -> dict[str, float]:
@@ -284,6 +321,7 @@ async def _measure(front: Any, w: Workload, seconds: float) -> dict[str, float]:
             buffer = free.pop()
             queue.readinto(block * w.bs, buffer, tag=(time.perf_counter(), buffer))
 
+    total_ops = 0
     # a short warm-up (grants, persistent pool, page cache), then the measured run
     for span, measured in ((min(0.2, seconds / 4), False), (seconds, True)):
         ops, latency = 0, 0.0
@@ -308,6 +346,7 @@ async def _measure(front: Any, w: Workload, seconds: float) -> dict[str, float]:
                     submit()
         elapsed = time.perf_counter() - began
         cpu = time.process_time() - cpu
+        total_ops += ops
         if measured:
             iops = ops / elapsed
             return {
@@ -316,6 +355,7 @@ async def _measure(front: Any, w: Workload, seconds: float) -> dict[str, float]:
                 "lat_us": round(latency / max(ops, 1) * 1e6, 1),
                 # the guest process's CPU per I/O (blkfront + its share of the hypervisor)
                 "guest_cpu_us": round(cpu / max(ops, 1) * 1e6, 1),
+                "ops": total_ops,
             }
     raise AssertionError("unreachable")
 
