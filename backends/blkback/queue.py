@@ -2,11 +2,13 @@
 
 The loop is Linux's `xen_blkif_schedule` / `__do_block_io_op`: wait for an event, take every
 request up to `req_prod` (each copied out of the ring once, then validated by `RequestCore`),
-re-arm with RING_FINAL_CHECK_FOR_REQUESTS, and sleep only when that finds nothing. Requests
-run concurrently, each in its own task (the ring size bounds how many), and respond as they
-complete, so responses may come back out of order, as from Linux blkback. A WRITE_BARRIER
-first drains the requests in flight and the next requests wait for it (Linux
-`xen_blk_drain_io`).
+re-arm with RING_FINAL_CHECK_FOR_REQUESTS, and sleep only when that finds nothing. A READ or
+WRITE that needs no wait (persistent grants all cached, a disk that completes it at once:
+`ImmediateStorage`) is served inside the loop, its answer pushed with the others of the same
+pass; other requests run concurrently, each in its own task (the ring size bounds how many),
+and respond as they complete, so responses may come back out of order, as from Linux
+blkback. A WRITE_BARRIER first drains the requests in flight and the next requests wait for
+it (Linux `xen_blk_drain_io`).
 
 Data moves in one of two ways, per segment:
 - grant copy (the default): one `grant_copy` per request, covering all its segments, to or
@@ -190,6 +192,9 @@ class QueueWorker:
         except (PeerGone, EventChannelClosed) as exc:  # a mapping died with the frontend
             self._log.info("request abandoned", reason=str(exc))
             return True
+        except Exception:  # as in `_serve`: never let one request take the backend down
+            self._log.exception("request failed unexpectedly")
+            status = int(BLKIF_RSP_ERROR)
         if status != BLKIF_RSP_OKAY:
             self.stats["errors"] += 1
         self._respond(request.id, request.operation, status, push=False)

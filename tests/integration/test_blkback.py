@@ -18,7 +18,14 @@ import trio
 import trio.testing
 
 from backends.blkback import BlkbackDevice
-from backends.storage import MemoryDisk, StorageError, StorageErrorKind, StorageOp
+from backends.storage import (
+    MemoryDisk,
+    ReadBuffer,
+    StorageError,
+    StorageErrorKind,
+    StorageOp,
+    WriteBuffer,
+)
 from tests.integration.conftest import Xenstored
 from tests.integration.hv_pair import domains
 from xenpv.abi.blkif import (
@@ -757,4 +764,63 @@ async def test_storage_errors_become_status_codes(
                 discard = BlkifDiscardRequest(front.next_id(), 0, 8)
                 statuses = [r.status for r in await front.run([bad, good, discard])]
                 assert statuses == [BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, BLKIF_RSP_EOPNOTSUPP]
+                nursery.cancel_scope.cancel()
+
+
+class FailingNow(MemoryDisk):
+    """A RAM disk whose in-task calls (the ring loop's path) fail by offset, while the async
+    calls work: reads at 0 fail with an I/O error, reads at 4096 hit a bug, writes at 12288
+    are unsupported."""
+
+    def readinto_now(self, offset: int, buffers: Sequence[ReadBuffer]) -> bool:
+        if offset == 0:
+            raise StorageError(StorageErrorKind.IO, "media error")
+        if offset == 4096:
+            raise RuntimeError("a bug in the disk")
+        return super().readinto_now(offset, buffers)
+
+    def write_now(self, offset: int, buffers: Sequence[WriteBuffer]) -> bool:
+        if offset == 12288:
+            raise StorageError(StorageErrorKind.UNSUPPORTED, "not here")
+        return super().write_now(offset, buffers)
+
+
+async def test_requests_served_in_the_ring_loop_answer_storage_errors(
+    xenstored: Xenstored, xs_workdir: Path, transport: str, kind: str
+) -> None:
+    """Requests on cached persistent grants are served inside the ring loop; what the disk
+    raises there becomes a status code as on the task path, and the ring keeps going."""
+    with trio.fail_after(30):
+        async with setup(xenstored, xs_workdir, transport, VbdConfig(None, MiB)) as (
+            xs,
+            (dom0, dom1),
+        ):
+            device = vbd(1)
+            dev = BlkbackDevice(dom0, xs, device, open_storage=lambda c: FailingNow(c.size or 0))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(dev.run)
+                front = MiniFront(dom1, xs, device, persistent=True)
+                await front.start()
+
+                def requests() -> list[BlkifRequest]:
+                    return [
+                        BlkifRequest(BLKIF_OP_READ, front.next_id(), 0, front.segments(0, 4096)),
+                        BlkifRequest(BLKIF_OP_READ, front.next_id(), 8, front.segments(1, 4096)),
+                        BlkifRequest(BLKIF_OP_READ, front.next_id(), 16, front.segments(2, 4096)),
+                        BlkifRequest(BLKIF_OP_WRITE, front.next_id(), 24, front.segments(3, 4096)),
+                    ]
+
+                # first use of each grant: mapped on the task path, whose async calls work
+                statuses = [r.status for r in await front.run(requests())]
+                assert statuses == [BLKIF_RSP_OKAY] * 4
+                # now cached: served in the loop, where the disk fails
+                statuses = [r.status for r in await front.run(requests())]
+                assert statuses == [
+                    BLKIF_RSP_ERROR,
+                    BLKIF_RSP_ERROR,
+                    BLKIF_RSP_OKAY,
+                    BLKIF_RSP_EOPNOTSUPP,
+                ]
+                statuses = [r.status for r in await front.run(requests()[2:3])]
+                assert statuses == [BLKIF_RSP_OKAY]  # the ring still serves
                 nursery.cancel_scope.cancel()
