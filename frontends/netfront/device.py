@@ -573,20 +573,24 @@ class Netfront:
         arena_view = arena.view
         tx_grefs = queue.tx_grefs
         ids = tx.alloc_ids(len(pieces))
-        first = ids[0]
-        if pieces[0][1] == 0 and ids == list(range(first, first + len(ids))):
-            # Consecutive ids: the pieces (cut at granule boundaries from offset 0) lie back
-            # to back in the arena, so one copy and one `written` serve the whole frame.
-            start = first * granule
-            arena_view[start : start + len(view)] = view
-            arena.written(start, len(view))
-        else:
-            position = 0
-            for slot_id, (_index, offset, size) in zip(ids, pieces, strict=True):
-                start = slot_id * granule + offset
-                arena_view[start : start + size] = view[position : position + size]
-                arena.written(start, size)
-                position += size
+        count = len(ids)
+        position = 0
+        k = 0
+        while k < count:
+            last = k
+            if pieces[0][1] == 0:
+                # Cut at granule boundaries from offset 0 (as `plan` does), pieces with
+                # consecutive ids lie back to back in the arena: one copy and one `written`
+                # per run of ids. Ids freed in order come back in order, so a frame is
+                # usually a single run.
+                while last + 1 < count and ids[last + 1] == ids[last] + 1:
+                    last += 1
+            start = ids[k] * granule + pieces[k][1]
+            size = (last - k) * granule + pieces[last][2]
+            arena_view[start : start + size] = view[position : position + size]
+            arena.written(start, size)
+            position += size
+            k = last + 1
         grefs = [tx_grefs[slot_id] for slot_id in ids]
         tx.put_packet(
             ids, grefs, pieces, gso=gso, csum_blank=csum_blank, data_validated=data_validated
