@@ -172,3 +172,24 @@ def test_a_short_entry_ends_a_written_stretch_and_only_written_bytes_are_reporte
     assert bytes(buffer.view[64:112]) == (
         b"\x01" * 12 + b"\x02" * 8 + b"\xee" * 4 + b"\x03" * 12 + b"\x04" * 12
     )
+
+
+def test_peek_then_consume_requests() -> None:
+    """`peek_requests` copies without consuming; `consume_requests` only passes requests the
+    back has seen; both refuse more than there is."""
+    _, front, back = _ring_at(NETIF_TX_RING, MASK - 1)
+    entries = _entries(4, 12, 7)
+    front.put_requests(entries)
+    front.push_requests()
+    assert back.peek_requests(3) == entries[:3]
+    assert back.req_cons == MASK - 1  # nothing consumed yet
+    with pytest.raises(RingUsageError, match="fewer than 5"):
+        back.peek_requests(5)
+    back.consume_requests(2)
+    assert back.take_request() == entries[2]
+    with pytest.raises(RingUsageError, match="cannot consume 2"):
+        back.consume_requests(2)
+    back.consume_requests(1)
+    assert back.unconsumed_requests() == 0
+    back.put_responses(_entries(4, 4, 1))  # all four consumed: all four can be answered
+    assert back.rsp_prod_pvt == (MASK - 1 + 4) & MASK
