@@ -160,18 +160,21 @@ class BlkIo:
         self.failure = BLKIF_RSP_OKAY
 
 
-@dataclass(slots=True, eq=False)
 class _Issued:
-    """What one ring request holds until its response: Linux's `struct blk_shadow`."""
+    """What one ring request holds until its response: Linux's `struct blk_shadow`.
+    (A plain class: one is made per request, and a dataclass's default factories cost.)"""
 
-    io: BlkIo
-    part: Part
-    operation: int
-    pool: list[tuple[int, int]]  # the issuing ring's persistent pool (`_Queue.pool`)
-    grefs: list[int] = field(default_factory=list)  # ended at completion
-    pooled: list[tuple[int, int]] = field(default_factory=list)  # persistent (frame, gref)
-    frames: list[int] = field(default_factory=list)  # frame of each chunk, in order
-    scratch: list[int] = field(default_factory=list)  # non-persistent indirect frames
+    __slots__ = ("frames", "grefs", "io", "operation", "part", "pool", "pooled", "scratch")
+
+    def __init__(self, io: BlkIo, part: Part, operation: int, pool: list[tuple[int, int]]) -> None:
+        self.io = io
+        self.part = part
+        self.operation = operation
+        self.pool = pool  # the issuing ring's persistent pool (`_Queue.pool`)
+        self.grefs: list[int] = []  # ended at completion
+        self.pooled: list[tuple[int, int]] = []  # persistent (frame, gref)
+        self.frames: list[int] = []  # frame of each chunk, in order
+        self.scratch: list[int] = []  # non-persistent indirect frames
 
 
 class _Queue:
@@ -304,7 +307,7 @@ class Engine:
         while self.pending:
             io = self.pending[0]
             if io.parts is None:
-                early = self._settle_early(io)
+                early = self._settle_early(io) if io.operation > BLKIF_OP_WRITE else None
                 if early is not None:
                     self.pending.popleft()
                     io.status, io.reason = early
@@ -543,10 +546,11 @@ class Engine:
         queue = self.queues[index]
         ring = queue.ring
         completed: list[BlkIo] = []
+        decode = neg.protocol.decode_response
         try:
             while True:
-                while (raw := ring.take_response()) is not None:
-                    response = neg.protocol.decode_response(raw)
+                for raw in ring.take_responses():  # every available one, copied in one go
+                    response = decode(raw)
                     io = self._complete(queue, response.id, response.status)
                     if io is not None:
                         completed.append(io)
