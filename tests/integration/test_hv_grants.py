@@ -189,3 +189,55 @@ async def test_unmap_revokes_old_views(tmp_path: Path, transport: str, kind: str
                 mapping.view  # noqa: B018 (an unmapped mapping refuses use)
             old_view[0] = 0x77  # safe to touch, but it is no longer the granter's page
             assert page.view[0] == 0
+
+
+async def test_copy_runs_match_segment_by_segment_copies(
+    tmp_path: Path, transport: str, kind: str
+) -> None:
+    """grant_copy_runs (back-to-back segments merged into one memcpy on shared memory) gives
+    the statuses and bytes of the equivalent CopyOps, bad segments in the middle included."""
+    with trio.fail_after(20):
+        async with domains(tmp_path, transport, kind) as (back, front):
+            buffer = front.alloc_buffer(6)
+            buffer.view[:] = bytes(i % 251 for i in range(len(buffer.view)))
+            frames = list(buffer.frames())
+            grefs = [front.grants.grant_access(0, f) for f in frames[:4]]
+            readonly = front.grants.grant_access(0, frames[4], readonly=True)
+            to, frm = int(CopyDirection.TO_REMOTE), int(CopyDirection.FROM_REMOTE)
+            gathered = bytearray(5 * 4096)
+            segments = [
+                (frm, grefs[0], 100, 3996, 0),  # a run over three grants...
+                (frm, grefs[1], 0, 4096, 3996),
+                (frm, grefs[2], 0, 1000, 8092),
+                (frm, 9999, 0, 10, 9092),  # ...broken by a reference never granted
+                (frm, grefs[3], 0, 4096, 9102),
+                (frm, readonly, 0, 4096, 13198),  # reading a read-only grant is fine
+                (frm, grefs[3], 4000, 200, 0),  # past the grant
+                (frm, grefs[3], 0, 10, -1),  # before the buffer
+                (frm, grefs[3], 0, 10, len(gathered) - 5),  # past the buffer
+            ]
+            statuses = await back.grant_copy_runs(1, [(memoryview(gathered), segments)])
+            bad = GNTST.GNTST_bad_copy_arg
+            assert statuses == [OK, OK, OK, GNTST.GNTST_bad_gntref, OK, OK, bad, bad, bad]
+            source = bytes(buffer.view)
+            assert gathered[:9092] == source[100:9192]
+            assert gathered[9102:13198] == source[3 * 4096 : 4 * 4096]
+            assert gathered[13198:17294] == source[4 * 4096 : 5 * 4096]
+
+            scattered = bytes(range(256)) * 32
+            statuses = await back.grant_copy_runs(
+                1,
+                [
+                    (
+                        memoryview(scattered),
+                        [
+                            (to, grefs[0], 0, 4096, 0),
+                            (to, grefs[1], 0, 4096, 4096),
+                            (to, readonly, 0, 16, 0),  # writing a read-only grant is not
+                        ],
+                    )
+                ],
+            )
+            assert statuses == [OK, OK, GENERAL]
+            assert bytes(buffer.view[: 2 * 4096]) == scattered
+            assert bytes(buffer.view[4 * 4096 : 4 * 4096 + 16]) == source[4 * 4096 : 4 * 4096 + 16]

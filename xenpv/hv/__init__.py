@@ -18,7 +18,7 @@ EventChannelClosed, LinkError (cannot set up a link), all HvError → XenpvError
 
 from xenpv.hv.buffer import XEN_PAGE_SIZE, LocalBuffer, SharedBuffer
 from xenpv.hv.directory import PeerDirectory, StaticDirectory, XenstoreDirectory
-from xenpv.hv.domain import CopyDirection, CopyOp, Domain, open_domain
+from xenpv.hv.domain import CopyDirection, CopyGroup, CopyOp, CopySegment, Domain, open_domain
 from xenpv.hv.errors import EventChannelClosed, GrantError, HvError, LinkError, PeerGone
 from xenpv.hv.evtchn import EventChannel
 from xenpv.hv.faults import LinkFaults, Verdict
@@ -34,7 +34,9 @@ __all__ = [
     "PAGE_SIZES",
     "XEN_PAGE_SIZE",
     "CopyDirection",
+    "CopyGroup",
     "CopyOp",
+    "CopySegment",
     "Domain",
     "DomainMemory",
     "EventChannel",
