@@ -37,12 +37,14 @@ from backends.switch import Frame, SwitchError, SwitchPort
 from backends.tap import VirtioNetHdr
 from xenpv.abi.errors import RingError
 from xenpv.abi.ring import OFF_REQ_EVENT, RING_IDX_MASK
-from xenpv.hv import CopyDirection, CopyOp, Domain, EventChannel
+from xenpv.hv import CopyDirection, CopyGroup, Domain, EventChannel
 
 TX_BUDGET: Final = 64  # packets per tx round (Linux: NAPI weight 64)
 RX_BATCH: Final = 64  # frames per rx round
 RX_QUEUE_MAX: Final = 128 * 4096  # XENVIF_RX_QUEUE_BYTES: half an rx ring of pages
 RX_POLL_NO_NOTIFY: Final = 0.03  # seconds, netback's drain timeout without feature-rx-notify
+_FROM_REMOTE: Final = int(CopyDirection.FROM_REMOTE)
+_TO_REMOTE: Final = int(CopyDirection.TO_REMOTE)
 _U32 = struct.Struct("<I")
 
 
@@ -184,26 +186,20 @@ class NetbackQueue:
                     raise TxFatal(f"Impossible number of requests: {exc}") from None
 
     async def _copy_tx(self, packets: list[TxPacket]) -> None:
-        ops: list[CopyOp] = []
+        groups: list[CopyGroup] = []
         frames: list[bytearray] = []
-        frontend = self.frontend
-        from_remote = CopyDirection.FROM_REMOTE
+        from_remote = _FROM_REMOTE
         for packet in packets:
             frame = bytearray(packet.size)
-            view = memoryview(frame)
             frames.append(frame)
-            for s in packet.segments:
-                ops.append(
-                    CopyOp(
-                        from_remote,
-                        frontend,
-                        s.gref,
-                        s.offset,
-                        s.length,
-                        view[s.at : s.at + s.length],
-                    )
+            groups.append(
+                (
+                    memoryview(frame),
+                    [(from_remote, s.gref, s.offset, s.length, s.at) for s in packet.segments],
                 )
-        statuses = await self.dom.grant_copy(ops)
+            )
+        # A frame's slots usually come from one contiguous guest buffer: one copy per run.
+        statuses = await self.dom.grant_copy_runs(self.frontend, groups)
         position = 0
         deliver: list[tuple[bytearray, TxPacket]] = []
         for packet, frame in zip(packets, frames, strict=True):
@@ -227,14 +223,14 @@ class NetbackQueue:
     async def _rx_loop(self) -> None:
         rx = self.rx
         backlog = self.backlog
-        to_remote = CopyDirection.TO_REMOTE
+        to_remote = _TO_REMOTE
         frontend = self.frontend
         while True:
             if not backlog:
                 await self.rx_bell.wait()
                 continue
             placements: list[RxPlacement] = []
-            ops: list[CopyOp] = []
+            groups: list[CopyGroup] = []
             available = rx.available()
             while backlog and len(placements) < RX_BATCH:
                 needed = rx.slots_needed(backlog[0])
@@ -247,15 +243,14 @@ class NetbackQueue:
                 available -= needed
                 placement = rx.place(item)
                 placements.append(placement)
-                data = memoryview(item.data)
-                for s in placement.segments:
-                    ops.append(
-                        CopyOp(
-                            to_remote, frontend, s.gref, 0, s.length, data[s.at : s.at + s.length]
-                        )
+                groups.append(
+                    (
+                        memoryview(item.data),
+                        [(to_remote, s.gref, 0, s.length, s.at) for s in placement.segments],
                     )
+                )
             if placements:
-                statuses = await self.dom.grant_copy(ops)
+                statuses = await self.dom.grant_copy_runs(frontend, groups)
                 position = 0
                 for placement in placements:
                     count = len(placement.segments)
