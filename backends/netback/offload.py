@@ -6,8 +6,9 @@ do"), so a vif, a TAP device and other vifs all speak one metadata type.
 Guest transmit (netif → switch), as Linux netback's `xenvif_tx_submit` + `checksum_setup`:
 - NETTXF_csum_blank → CHECKSUM_PARTIAL: the L4 checksum field holds the pseudo-header sum and
   the receiver must finish it. netback locates the L4 header itself (`skb_checksum_setup`:
-  IPv4 or IPv6 with extension headers, TCP or UDP, not a fragment); so do we, to fill
-  `csum_start` / `csum_offset`. A frame it cannot parse is dropped ("Can't setup checksum").
+  IPv4 or IPv6 with extension headers, TCP or UDP, not a fragment); so do we, with
+  `xenpv.ethernet`, to fill `csum_start` / `csum_offset`. A frame it cannot parse is dropped
+  ("Can't setup checksum").
 - NETTXF_data_validated (without csum_blank) → CHECKSUM_UNNECESSARY (VIRTIO_NET_HDR_F_DATA_VALID).
 - a GSO extra → `gso_type` TCPV4/TCPV6, `gso_size`, `hdr_len` (headers up to the TCP payload).
   A GSO frame without csum_blank gets its pseudo-header checksum recomputed and becomes
@@ -28,7 +29,6 @@ Guest receive (switch → netif), as Linux netback's rx.c:
 from __future__ import annotations
 
 import struct
-import zlib
 from dataclasses import dataclass
 from typing import Final
 
@@ -44,20 +44,7 @@ from xenpv.abi.netif import (
     NETTXF_data_validated,
 )
 from xenpv.errors import XenpvError
-
-ETH_HLEN: Final = 14
-ETH_P_IP: Final = 0x0800
-ETH_P_IPV6: Final = 0x86DD
-IPPROTO_TCP: Final = 6
-IPPROTO_UDP: Final = 17
-# IPv6 extension headers skb_checksum_setup_ipv6 walks through.
-NEXTHDR_HOP: Final = 0
-NEXTHDR_ROUTING: Final = 43
-NEXTHDR_FRAGMENT: Final = 44
-NEXTHDR_AUTH: Final = 51
-NEXTHDR_DEST: Final = 60
-TCP_CSUM_OFFSET: Final = 16  # offsetof(struct tcphdr, check)
-UDP_CSUM_OFFSET: Final = 6  # offsetof(struct udphdr, check)
+from xenpv.ethernet import ETH_HLEN, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, Headers, parse
 
 # Plain ints on the per-frame path: IntFlag operations cost about a microsecond each.
 _TXF_CSUM_BLANK: Final = int(NETTXF_csum_blank)
@@ -78,74 +65,19 @@ class OffloadError(XenpvError):
     """A frame's offload metadata cannot be honoured (unparseable headers, no netif encoding)."""
 
 
-@dataclass(frozen=True, slots=True)
-class L4Header:
-    """Where a frame's transport header is, as skb_checksum_setup finds it."""
-
-    ipv6: bool
-    protocol: int  # IPPROTO_TCP or IPPROTO_UDP
-    offset: int  # of the TCP/UDP header in the frame (csum_start)
-    l3_offset: int  # of the IP header
-
-    @property
-    def csum_offset(self) -> int:
-        return TCP_CSUM_OFFSET if self.protocol == IPPROTO_TCP else UDP_CSUM_OFFSET
-
-
-def parse_l4(frame: bytes | bytearray | memoryview) -> L4Header:
-    """Locate the TCP/UDP header of an untagged Ethernet IPv4/IPv6 frame (no fragments)."""
-    if len(frame) < ETH_HLEN:
-        raise OffloadError(f"{len(frame)}-byte frame has no Ethernet header")
-    ethertype = _U16.unpack_from(frame, 12)[0]
-    if ethertype == ETH_P_IP:
-        return _parse_ipv4(frame, ETH_HLEN)
-    if ethertype == ETH_P_IPV6:
-        return _parse_ipv6(frame, ETH_HLEN)
-    raise OffloadError(f"checksum offload on ethertype {ethertype:#06x}")
-
-
-def _parse_ipv4(frame: bytes | bytearray | memoryview, off: int) -> L4Header:
-    if len(frame) < off + 20:
-        raise OffloadError("truncated IPv4 header")
-    ihl = (frame[off] & 0x0F) * 4
-    if frame[off] >> 4 != 4 or ihl < 20 or len(frame) < off + ihl:
-        raise OffloadError("bad IPv4 header")
-    if _U16.unpack_from(frame, off + 6)[0] & 0x3FFF:  # MF or a fragment offset
-        raise OffloadError("checksum offload on an IPv4 fragment")
-    protocol = frame[off + 9]
-    return _l4(frame, False, protocol, off + ihl, off)
-
-
-def _parse_ipv6(frame: bytes | bytearray | memoryview, off: int) -> L4Header:
-    if len(frame) < off + 40 or frame[off] >> 4 != 6:
-        raise OffloadError("bad IPv6 header")
-    nexthdr = frame[off + 6]
-    pos = off + 40
-    while nexthdr in (NEXTHDR_HOP, NEXTHDR_ROUTING, NEXTHDR_DEST, NEXTHDR_AUTH, NEXTHDR_FRAGMENT):
-        if len(frame) < pos + 8:
-            raise OffloadError("truncated IPv6 extension header")
-        if nexthdr == NEXTHDR_FRAGMENT:
-            if _U16.unpack_from(frame, pos + 2)[0] & 0xFFF9:  # offset or MF
-                raise OffloadError("checksum offload on an IPv6 fragment")
-            length = 8
-        elif nexthdr == NEXTHDR_AUTH:
-            length = (frame[pos + 1] + 2) * 4
-        else:
-            length = (frame[pos + 1] + 1) * 8
-        nexthdr = frame[pos]
-        pos += length
-    return _l4(frame, True, nexthdr, pos, off)
-
-
-def _l4(
-    frame: bytes | bytearray | memoryview, ipv6: bool, protocol: int, offset: int, l3: int
-) -> L4Header:
-    if protocol not in (IPPROTO_TCP, IPPROTO_UDP):
-        raise OffloadError(f"checksum offload on IP protocol {protocol}")
-    need = 20 if protocol == IPPROTO_TCP else 8
-    if len(frame) < offset + need:
+def parse_l4(frame: bytes | bytearray | memoryview) -> Headers:
+    """skb_checksum_setup: the headers of an untagged IPv4/IPv6 frame with a whole TCP/UDP
+    header, not a fragment (netback switches on skb->protocol: a VLAN tag is no IP)."""
+    headers = parse(frame)
+    if headers is None or headers.l3_offset != ETH_HLEN:
+        raise OffloadError(f"no untagged IPv4/IPv6 header in a {len(frame)}-byte frame")
+    if headers.fragment:
+        raise OffloadError("checksum offload on an IP fragment")
+    if headers.ip_proto != IPPROTO_TCP and headers.ip_proto != IPPROTO_UDP:
+        raise OffloadError(f"checksum offload on IP protocol {headers.ip_proto}")
+    if not headers.l4_header_len:
         raise OffloadError("truncated transport header")
-    return L4Header(ipv6, protocol, offset, l3)
+    return headers
 
 
 def ones_sum(data: bytes | bytearray | memoryview) -> int:
@@ -166,14 +98,11 @@ def _fold(value: int) -> int:
     return value
 
 
-def pseudo_header_sum(frame: bytes | bytearray | memoryview, l4: L4Header) -> int:
+def pseudo_header_sum(frame: bytes | bytearray | memoryview, l4: Headers) -> int:
     """`~csum_tcpudp_magic(...)` / `~csum_ipv6_magic(...)`: the folded pseudo-header sum."""
-    length = len(frame) - l4.offset
-    if l4.ipv6:
-        addrs = ones_sum(frame[l4.l3_offset + 8 : l4.l3_offset + 40])
-    else:
-        addrs = ones_sum(frame[l4.l3_offset + 12 : l4.l3_offset + 20])
-    return _fold(addrs + l4.protocol + (length & 0xFFFF) + (length >> 16))
+    length = len(frame) - l4.l4_offset
+    addrs = ones_sum(frame[l4.addresses])
+    return _fold(addrs + l4.ip_proto + (length & 0xFFFF) + (length >> 16))
 
 
 def complete_checksum(frame: Frame, csum_start: int, csum_offset: int) -> bytes:
@@ -207,18 +136,17 @@ def tx_metadata(frame: bytearray, flags: int, gso: NetifGsoExtra | None) -> Virt
         return None
     l4 = parse_l4(frame)
     if not csum_blank:  # GSO without a partial checksum: netback recomputes the pseudo sum
-        _U16.pack_into(frame, l4.offset + l4.csum_offset, pseudo_header_sum(frame, l4))
+        _U16.pack_into(frame, l4.l4_offset + l4.csum_offset, pseudo_header_sum(frame, l4))
     if gso is None:
-        return VirtioNetHdr(flags=_NEEDS_CSUM, csum_start=l4.offset, csum_offset=l4.csum_offset)
-    if l4.protocol != IPPROTO_TCP or (gso.gso_type == XEN_NETIF_GSO_TYPE_TCPV6) != l4.ipv6:
+        return VirtioNetHdr(flags=_NEEDS_CSUM, csum_start=l4.l4_offset, csum_offset=l4.csum_offset)
+    if l4.ip_proto != IPPROTO_TCP or (gso.gso_type == XEN_NETIF_GSO_TYPE_TCPV6) != l4.ipv6:
         raise OffloadError("GSO type does not match the frame's headers")
-    hdr_len = l4.offset + (frame[l4.offset + 12] >> 4) * 4
     return VirtioNetHdr(
         flags=_NEEDS_CSUM,
         gso_type=_GSO_TO_VIRTIO[gso.gso_type],
-        hdr_len=hdr_len,
+        hdr_len=l4.header_len,
         gso_size=gso.size,
-        csum_start=l4.offset,
+        csum_start=l4.l4_offset,
         csum_offset=l4.csum_offset,
     )
 
@@ -262,16 +190,3 @@ def rx_metadata(
     if meta.data_valid:
         return frame, _RXF_DATA_VALIDATED, gso
     return frame, 0, gso
-
-
-def flow_hash(frame: bytes | bytearray) -> int:
-    """A stable per-flow hash (IP addresses and ports) to spread frames over rx queues."""
-    try:
-        l4 = parse_l4(frame)
-    except OffloadError:
-        return zlib.crc32(frame[:ETH_HLEN])
-    if l4.ipv6:
-        addrs = frame[l4.l3_offset + 8 : l4.l3_offset + 40]
-    else:
-        addrs = frame[l4.l3_offset + 12 : l4.l3_offset + 20]
-    return zlib.crc32(addrs + frame[l4.offset : l4.offset + 4])

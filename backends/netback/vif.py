@@ -55,7 +55,6 @@ from backends.netback.features import (
     queue_dirs,
     unsigned,
 )
-from backends.netback.offload import flow_hash
 from backends.netback.queue import NetbackQueue
 from backends.netback.rx import RxCore, RxFatal
 from backends.netback.tx import FATAL_SKB_SLOTS_DEFAULT, TxCore, TxFatal
@@ -65,6 +64,7 @@ from xenpv import granule, xenbus
 from xenpv.abi.errors import RingError
 from xenpv.abi.netif import NETIF_RX_RING, NETIF_TX_RING
 from xenpv.abi.ring import BackRing
+from xenpv.ethernet import flow_hash
 from xenpv.hv import XEN_PAGE_SIZE, Domain, EventChannel, EventChannelClosed, GrantMapping, HvError
 from xenpv.xenbus import Action, Closing, DeviceId
 from xenpv.xenbus_io import KeyValues, publish, read_keys, run_handshake

@@ -19,7 +19,6 @@ import pytest
 import trio
 
 from backends.netback import Vif, advertise_keys
-from backends.netback.offload import flow_hash
 from backends.switch import LiveSwitch
 from backends.tap import VirtioNetHdr
 from tests.integration.conftest import Xenstored
@@ -43,6 +42,7 @@ from xenpv.abi.netif import (
 )
 from xenpv.abi.ring import FrontRing
 from xenpv.devices import create_vif, destroy_device
+from xenpv.ethernet import flow_hash
 from xenpv.hv import Domain, EventChannel, Page, StaticDirectory, open_domain
 from xenpv.identity import DomainKey
 from xenpv.xenbus import Connected, DeviceId, Initialising, InitWait, XenbusState

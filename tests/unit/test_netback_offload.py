@@ -99,14 +99,14 @@ def test_ones_sum_matches_naive(data: bytes) -> None:
 
 
 def test_parse_ipv4_tcp_udp() -> None:
-    assert (parse_l4(ipv4(6, tcp())).offset, parse_l4(ipv4(6, tcp())).csum_offset) == (34, 16)
-    assert (parse_l4(ipv4(17, udp())).offset, parse_l4(ipv4(17, udp())).csum_offset) == (34, 6)
+    assert (parse_l4(ipv4(6, tcp())).l4_offset, parse_l4(ipv4(6, tcp())).csum_offset) == (34, 16)
+    assert (parse_l4(ipv4(17, udp())).l4_offset, parse_l4(ipv4(17, udp())).csum_offset) == (34, 6)
 
 
 def test_parse_ipv6_with_extension_headers() -> None:
     hop = bytes([6, 0]) + bytes(6)  # hop-by-hop, next = TCP, 8 bytes
     l4 = parse_l4(ipv6(0, tcp(), hop))
-    assert l4.ipv6 and l4.offset == 14 + 40 + 8 and l4.protocol == 6
+    assert l4.ipv6 and l4.l4_offset == 14 + 40 + 8 and l4.ip_proto == 6
 
 
 @pytest.mark.parametrize(
@@ -147,7 +147,7 @@ def test_tx_gso_fields_and_checksum_fixup() -> None:
     assert meta is not None
     assert (meta.gso_type, meta.gso_size, meta.hdr_len) == (4, 1440, 14 + 40 + 20)
     l4 = parse_l4(frame)
-    stored = struct.unpack_from("!H", frame, l4.offset + 16)[0]
+    stored = struct.unpack_from("!H", frame, l4.l4_offset + 16)[0]
     assert stored == pseudo_header_sum(frame, l4)  # the pseudo-header sum, to be completed
     with pytest.raises(OffloadError):  # a TCPv4 GSO type on an IPv6 frame
         tx_metadata(
@@ -159,7 +159,7 @@ def partial(frame: bytes) -> bytes:
     """Put the pseudo-header sum into the checksum field (what a csum_blank sender does)."""
     out = bytearray(frame)
     l4 = parse_l4(out)
-    struct.pack_into("!H", out, l4.offset + l4.csum_offset, pseudo_header_sum(out, l4))
+    struct.pack_into("!H", out, l4.l4_offset + l4.csum_offset, pseudo_header_sum(out, l4))
     return bytes(out)
 
 
@@ -175,8 +175,8 @@ def partial(frame: bytes) -> bytes:
 def test_complete_checksum_verifies(frame: bytes) -> None:
     frame = partial(frame)
     l4 = parse_l4(frame)
-    done = complete_checksum(frame, l4.offset, l4.csum_offset)
-    assert verify(done, l4.offset)
+    done = complete_checksum(frame, l4.l4_offset, l4.csum_offset)
+    assert verify(done, l4.l4_offset)
 
 
 def test_rx_flags_when_offload_accepted() -> None:
