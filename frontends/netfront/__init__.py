@@ -6,9 +6,9 @@
         got = await front.receive()                  # RxFrame: .frame .gso .csum_blank ...
         front.mac, front.info, front.stats()
 
-Layout: `core` (sans-IO tx/rx ring logic), `keys` (handshake keys), `headers` and `flowhash`
-(queue selection), `device` (the trio edge), `tap` (a Linux TAP device on this vif). See
-docs/net.md, "Frontend".
+Layout: `core` (sans-IO tx/rx ring logic), `keys` (handshake keys), `flowhash` (queue
+selection; headers are found by `xenpv.ethernet`), `device` (the trio edge), `tap` (a Linux
+TAP device on this vif). See docs/net.md, "Frontend".
 """
 
 from __future__ import annotations

@@ -38,13 +38,13 @@ from backends.tap import (
 )
 from frontends.netfront.core import NetfrontError, RxFrame
 from frontends.netfront.device import Netfront
-from frontends.netfront.headers import parse
 from xenpv.abi.netif import (
     XEN_NETIF_GSO_TYPE_TCPV4,
     XEN_NETIF_GSO_TYPE_TCPV6,
     XEN_NETIF_MAX_TX_SIZE,
     NetifGsoExtra,
 )
+from xenpv.ethernet import parse
 
 log = structlog.get_logger()
 
