@@ -506,20 +506,36 @@ class Domain:
         indexes: Sequence[int],
         results: list[int],
     ) -> None:
-        """Grant copy of independent segments through shared memory (`_copy_runs_shared`,
-        one segment per local view; a view of the wrong size is refused before any check)."""
-        valid = []
+        """Grant copy of independent segments through shared memory: validate against the
+        granter's own table entry, then one memcpy each. The checks are those of
+        `_copy_runs_shared`, inlined again here: going through it (a tuple per segment) made
+        4 KiB copies 40% slower."""
+        table, nr, view, me = shared.table, shared.nr_grants, shared.view, self.domid
+        nr_frames = shared.nr_frames
+        unpack = GRANT_ENTRY.unpack_from
         for index in indexes:
-            if len(ops[index].local) == ops[index].length:
-                valid.append(index)
-            else:
+            op = ops[index]
+            gref, offset, length, local = op.gref, op.offset, op.length, op.local
+            if offset < 0 or length < 0 or len(local) != length:
                 results[index] = _BAD_COPY
-        groups = [
-            (op.local, ((int(op.direction), op.gref, op.offset, op.length, 0),))
-            for op in (ops[index] for index in valid)
-        ]
-        for index, status in zip(valid, self._copy_runs_shared(shared, groups), strict=True):
-            results[index] = status
+                continue
+            if not 0 <= gref < nr:
+                results[index] = _BAD_GNTREF
+                continue
+            flags, domid, frame = unpack(table, gref << 3)
+            write = op.direction  # TO_REMOTE is 1
+            if flags & _TYPE_MASK != _PERMIT or domid != me or (write and flags & _READONLY):
+                results[index] = _GENERAL
+                continue
+            nframes = 1 << ((flags & XENPV_GTF_ORDER_MASK) >> XENPV_GTF_ORDER_SHIFT)
+            if offset + length > nframes << 12 or frame + nframes > nr_frames:
+                results[index] = _BAD_COPY
+                continue
+            start = (frame << 12) + offset
+            if write:
+                view[start : start + length] = local
+            else:
+                local[:] = view[start : start + length]
 
     def _copy_runs_shared(self, shared: SharedPeerMemory, groups: Sequence[CopyGroup]) -> list[int]:
         """Grant copy through shared memory: each segment is validated against the granter's
