@@ -440,7 +440,10 @@ class Link:
         try:
             while not done() and self.dead is None:
                 step = self._receive_step()
-                if step is None:
+                if step is None and not trio.lowlevel.current_statistics().tasks_runnable:
+                    # Spin only when no other task of ours could run: the spin blocks the
+                    # trio loop, and a runnable task (a submitter at queue depth 1) may be
+                    # the one whose request produces the event we wait for.
                     step = poll.spin(self._receive_step)
                 if step is None:
                     # The only slow path that needs a cancel scope: a sleep someone may cut
