@@ -156,8 +156,8 @@ async def list_devices(xs: XenstoreClient, backend_domid: int) -> list[DeviceId]
     out: list[DeviceId] = []
     for cls in DEVICE_CLASSES:
         base = f"/local/domain/{backend_domid}/backend/{cls}"
-        for fe in await _try_directory(xs, base):
-            for devid in await _try_directory(xs, f"{base}/{fe}"):
+        for fe in await xs.try_directory(base):
+            for devid in await xs.try_directory(f"{base}/{fe}"):
                 if fe.isdigit() and devid.isdigit():
                     out.append(DeviceId(cls, int(fe), backend_domid, int(devid)))
     return out
@@ -169,12 +169,3 @@ async def _rm_missing_ok(tx: Transaction, path: str) -> None:
     except XsError as exc:
         if exc.errno_name != "ENOENT":  # ENOENT: not even the parent exists
             raise
-
-
-async def _try_directory(xs: XenstoreClient, path: str) -> list[str]:
-    try:
-        return await xs.directory(path)
-    except XsError as exc:
-        if exc.errno_name == "ENOENT":
-            return []
-        raise

@@ -47,7 +47,7 @@ from xenpv.errors import XenpvError
 from xenpv.hv import Domain, XenstoreDirectory, open_domain
 from xenpv.identity import TOOL_DOMAIN_ROOT, DomainKey, link_path
 from xenpv.xenbus import DEVICE_CLASSES, DeviceClass, DeviceId, domain_path
-from xenpv.xenstore.client import XenstoreClient, XenstoreConnectionError
+from xenpv.xenstore.client import UNREADABLE, XenstoreClient, XenstoreConnectionError
 from xenpv.xenstore.wire import XsError
 
 if TYPE_CHECKING:
@@ -190,20 +190,11 @@ class DeviceTasks:
         # so that a failing device is not restarted in a loop on every watch event.
 
 
-async def _directory(xs: XenstoreClient, path: str) -> list[str]:
-    try:
-        return await xs.directory(path)
-    except XsError as exc:
-        if exc.errno_name in ("ENOENT", "EACCES"):
-            return []
-        raise
-
-
 async def scan_backend(xs: XenstoreClient, domid: int, cls: DeviceClass) -> set[DeviceId]:
     base = f"{domain_path(domid)}/backend/{cls}"
     found: set[DeviceId] = set()
-    for fe in await _directory(xs, base):
-        for devid in await _directory(xs, f"{base}/{fe}"):
+    for fe in await xs.try_directory(base, ignore=UNREADABLE):
+        for devid in await xs.try_directory(f"{base}/{fe}", ignore=UNREADABLE):
             if fe.isdigit() and devid.isdigit():
                 found.add(DeviceId(cls, int(fe), domid, int(devid)))
     return found
@@ -212,7 +203,7 @@ async def scan_backend(xs: XenstoreClient, domid: int, cls: DeviceClass) -> set[
 async def scan_frontend(xs: XenstoreClient, domid: int, cls: DeviceClass) -> set[DeviceId]:
     base = f"{domain_path(domid)}/device/{cls}"
     found: set[DeviceId] = set()
-    for devid in await _directory(xs, base):
+    for devid in await xs.try_directory(base, ignore=UNREADABLE):
         if not devid.isdigit():
             continue
         raw = await xs.try_read(f"{base}/{devid}/backend-id")

@@ -31,7 +31,7 @@ from xenpv.errors import XenpvError
 from xenpv.identity import DomainKey
 from xenpv.xenbus import DEVICE_CLASSES, DeviceId, parse_state
 from xenpv.xenstore import auth
-from xenpv.xenstore.client import XenstoreClient, connect, parse_address
+from xenpv.xenstore.client import UNREADABLE, XenstoreClient, connect, parse_address
 from xenpv.xenstore.wire import XsError
 
 READY = "xenpv/ready"
@@ -127,26 +127,17 @@ async def _domid_by_name(xs: XenstoreClient, name: str) -> int:
     raise ProbeError(f"domain {name}: not in xenstore")
 
 
-async def _directory(xs: XenstoreClient, path: str) -> list[str]:
-    try:
-        return await xs.directory(path)
-    except XsError as exc:
-        if exc.errno_name in ("ENOENT", "EACCES"):
-            return []
-        raise
-
-
 async def domain_devices(xs: XenstoreClient, domid: int) -> list[DeviceId]:
     """Every device `domid` is the frontend or the backend of, as seen from its own dirs."""
     found: list[DeviceId] = []
     base = f"/local/domain/{domid}"
     for cls in DEVICE_CLASSES:
-        for devid in await _directory(xs, f"{base}/device/{cls}"):
+        for devid in await xs.try_directory(f"{base}/device/{cls}", ignore=UNREADABLE):
             raw = await xs.try_read(f"{base}/device/{cls}/{devid}/backend-id")
             if devid.isdigit() and raw is not None and raw.strip().isdigit():
                 found.append(DeviceId(cls, domid, int(raw), int(devid)))
-        for fe in await _directory(xs, f"{base}/backend/{cls}"):
-            for devid in await _directory(xs, f"{base}/backend/{cls}/{fe}"):
+        for fe in await xs.try_directory(f"{base}/backend/{cls}", ignore=UNREADABLE):
+            for devid in await xs.try_directory(f"{base}/backend/{cls}/{fe}", ignore=UNREADABLE):
                 if fe.isdigit() and devid.isdigit():
                     found.append(DeviceId(cls, int(fe), domid, int(devid)))
     return found

@@ -194,6 +194,15 @@ class _Ops:
                 return None
             raise
 
+    async def try_directory(self, path: str, *, ignore: tuple[str, ...] = ("ENOENT",)) -> list[str]:
+        """DIRECTORY, or [] when it fails with one of `ignore` (by default: no such node)."""
+        try:
+            return await self.directory(path)
+        except XsError as exc:
+            if exc.errno_name in ignore:
+                return []
+            raise
+
     async def write(self, path: str, value: bytes | str) -> None:
         data = value.encode() if isinstance(value, str) else bytes(value)
         await self._call(XsType.XS_WRITE, _path(path) + data)
@@ -259,6 +268,10 @@ class Transaction(_Ops):
 
     async def _call(self, type_: XsType, payload: bytes) -> Message:
         return await self.client._request(type_, payload, self)
+
+
+# try_directory(ignore=UNREADABLE): a node that is missing or not ours to read lists as empty.
+UNREADABLE = ("ENOENT", "EACCES")
 
 
 class XenstoreClient(_Ops):
