@@ -151,6 +151,22 @@ async def selftest_round(
         "frames": frames,
         "timeout": limit_s,
     }
+    pending = await request_round(xs, guests, request, limit_s + 10)
+    if pending:
+        names = {d.domid: d.name for d in before.domains}
+        raise CheckError(
+            f"self-test round {round_id} not reported after {limit_s + 10:.0f} s by "
+            + ", ".join(names.get(d, str(d)) for d in pending)
+        )
+    return await read_status(xs)
+
+
+async def request_round(
+    xs: XenstoreClient, guests: list[int], request: dict[str, Any], limit_s: float
+) -> list[int]:
+    """Write a self-test `request` to every guest and wait (up to `limit_s`) until each has
+    reported its round; returns the guests that did not."""
+    round_id = str(request["round"]).encode()
     send, recv = trio.open_memory_channel[None](1)
 
     async def watch(path: str, task_status: trio.TaskStatus[None]) -> None:
@@ -160,8 +176,8 @@ async def selftest_round(
                 with contextlib.suppress(trio.WouldBlock):
                     send.send_nowait(None)
 
-    pending: list[int] = guests
-    with trio.move_on_after(limit_s + 10):
+    pending = guests
+    with trio.move_on_after(limit_s):
         async with trio.open_nursery() as nursery:
             for domid in guests:
                 await nursery.start(watch, f"/local/domain/{domid}/{SELFTEST_DONE}")
@@ -169,20 +185,12 @@ async def selftest_round(
                 await xs.write(f"/local/domain/{domid}/{CONTROL_SELFTEST}", json.dumps(request))
             while True:
                 done = [await xs.try_read(f"/local/domain/{d}/{SELFTEST_DONE}") for d in guests]
-                pending = [
-                    d for d, v in zip(guests, done, strict=True) if v != str(round_id).encode()
-                ]
+                pending = [d for d, v in zip(guests, done, strict=True) if v != round_id]
                 if not pending:
                     break
                 await recv.receive()
             nursery.cancel_scope.cancel()
-    if pending:
-        names = {d.domid: d.name for d in before.domains}
-        raise CheckError(
-            f"self-test round {round_id} not reported after {limit_s + 10:.0f} s by "
-            + ", ".join(names.get(d, str(d)) for d in pending)
-        )
-    return await read_status(xs)
+    return pending
 
 
 def summarize(status: ClusterStatus, elapsed: float) -> dict[str, Any]:
