@@ -21,7 +21,7 @@ guest's grant pool can never stop another guest's device from connecting.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import structlog
 
@@ -59,12 +59,15 @@ class PersistentGrants:
         return self._entries.get(gref)
 
     def views(
-        self, segments: Iterable[tuple[int, int, int]]
+        self,
+        segments: Iterable[tuple[int, int, int]],
+        missing: Callable[[int, int, int], memoryview] | None = None,
     ) -> tuple[list[memoryview], list[tuple[GrantMapping, int, int]]] | None:
-        """The disk's buffers for (gref, offset, length) segments when every gref is cached
-        (else None): segments side by side in one mapping become one buffer (blkfront hands
-        out its pool in a stable order, so a large request is a few iovecs), and the mapped
-        ranges, for `written()` after a read."""
+        """The disk's buffers for (gref, offset, length) segments: segments side by side in
+        one mapping become one buffer (blkfront hands out its pool in a stable order, so a
+        large request is a few iovecs), plus the mapped ranges, for `written()` after a read.
+        A gref not cached makes it None, unless `missing(gref, offset, length)` gives a
+        buffer to stand in for that segment (a bounce buffer to grant-copy)."""
         entries = self._entries
         buffers: list[memoryview] = []
         mapped: list[tuple[GrantMapping, int, int]] = []
@@ -72,17 +75,22 @@ class PersistentGrants:
         run_start = run_length = 0
         for gref, offset, length in segments:
             entry = entries.get(gref)
-            if entry is None:
+            if entry is not None:
+                mapping, base = entry
+                start = base + offset
+                if mapping is run and run_start + run_length == start:
+                    run_length += length
+                    continue
+            elif missing is None:
                 return None
-            mapping, base = entry
-            start = base + offset
-            if mapping is run and run_start + run_length == start:
-                run_length += length
-                continue
             if run is not None:
                 buffers.append(run.view[run_start : run_start + run_length])
                 mapped.append((run, run_start, run_length))
-            run, run_start, run_length = mapping, start, length
+                run = None
+            if entry is None:
+                buffers.append(missing(gref, offset, length))  # type: ignore[misc]
+            else:
+                run, run_start, run_length = mapping, start, length
         if run is not None:
             buffers.append(run.view[run_start : run_start + run_length])
             mapped.append((run, run_start, run_length))

@@ -375,36 +375,16 @@ class QueueWorker:
                 )
                 at += seg.length
             return [bounce], ops, []
-        buffers: list[memoryview] = []
         ops = []
-        mapped: list[tuple[GrantMapping, int, int]] = []
-        # Segments whose pages sit side by side in one mapping (grants mapped together, used
-        # in the same order again) become one buffer: fewer iovecs, one written() call.
-        run: GrantMapping | None = None
-        run_start = run_length = 0
-        for gref, offset, length in segments:
-            entry = persistent.lookup(gref)
-            if entry is not None:
-                mapping, base = entry
-                start = base + offset
-                if mapping is run and run_start + run_length == start:
-                    run_length += length
-                    continue
-                if run is not None:
-                    buffers.append(run.view[run_start : run_start + run_length])
-                    mapped.append((run, run_start, run_length))
-                run, run_start, run_length = mapping, start, length
-                continue
-            if run is not None:
-                buffers.append(run.view[run_start : run_start + run_length])
-                mapped.append((run, run_start, run_length))
-                run = None
+
+        def bounce_segment(gref: int, offset: int, length: int) -> memoryview:
             local = memoryview(bytearray(length))
-            buffers.append(local)
             ops.append(CopyOp(direction, self.remote, gref, offset, length, local))
-        if run is not None:
-            buffers.append(run.view[run_start : run_start + run_length])
-            mapped.append((run, run_start, run_length))
+            return local
+
+        found = persistent.views(segments, bounce_segment)
+        assert found is not None  # with `missing`, every segment gets a buffer
+        buffers, mapped = found
         return buffers, ops, mapped
 
     async def _read(self, request: IoRequest) -> int:
