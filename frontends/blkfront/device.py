@@ -133,39 +133,27 @@ class IoQueue:
         """Read `len(buffer)` bytes at `offset` into `buffer` (the completion's data is that
         buffer; it must stay untouched until then). Reusing buffers saves allocating and
         zeroing fresh memory per I/O, which at 1 MiB costs more than the I/O itself."""
-        front = self._front
         view = memoryview(buffer)
         if view.readonly or view.ndim != 1 or view.itemsize != 1:
             raise ValueError("readinto needs a writable, flat byte buffer")
-        sector = front._check_now(offset, len(view), write=False)
-        self._queue(
-            BlkIo(
-                int(BLKIF_OP_READ),
-                sector,
-                len(view),
-                offset % front.dom.page_size,
-                buffer,
-                waiter=_QueueWaiter(self, tag),
-            )
-        )
+        self._queue_data(BLKIF_OP_READ, offset, len(view), buffer, tag)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview, tag: Any = None) -> None:
         """Write `data` at `offset`. Not copied: a mutable buffer must stay untouched until
         the completion (the I/O is re-sent from it if the backend reconnects)."""
-        front = self._front
         view = memoryview(data)
         if view.ndim != 1 or view.itemsize != 1:
             raise ValueError("write needs a flat byte buffer")
-        sector = front._check_now(offset, len(view), write=True)
+        self._queue_data(BLKIF_OP_WRITE, offset, len(view), data, tag)
+
+    def _queue_data(
+        self, op: int, offset: int, length: int, data: bytes | bytearray | memoryview, tag: Any
+    ) -> None:
+        front = self._front
+        sector = front._check_now(offset, length, write=op == BLKIF_OP_WRITE)
+        waiter = _QueueWaiter(self, tag)
         self._queue(
-            BlkIo(
-                int(BLKIF_OP_WRITE),
-                sector,
-                len(view),
-                offset % front.dom.page_size,
-                data,
-                waiter=_QueueWaiter(self, tag),
-            )
+            BlkIo(int(op), sector, length, offset % front.dom.page_size, data, waiter=waiter)
         )
 
     def _queue(self, io: BlkIo) -> None:
