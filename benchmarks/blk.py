@@ -5,7 +5,9 @@ For each guest page size and domain-link transport, a backend domain runs in a c
 public API: `io_queue()`, which keeps the depth from one task as fio's async engines do).
 Workloads, each for a fixed time: 4 KiB random read and write at queue depth 1 and 32,
 64 KiB and 1 MiB sequential read and write at queue depth 4. The image is filled with data
-first, so reads come from the page cache in both stacks. Besides IOPS and latency, each
+first, so reads come from the page cache in both stacks, and every workload of both stacks
+starts with nothing dirty (`sync` before each: the previous writes' writeback would otherwise
+land in the next workload's time). Besides IOPS and latency, each
 result has the CPU time per I/O of the guest process and of the backend process
 (`guest_cpu_us`, `backend_cpu_us`): on a shared machine they vary much less than IOPS.
 
@@ -219,6 +221,7 @@ async def _bench_xenpv(
             async with _guest(workdir, xs_address, image, transport, page_size) as (front, pid):
                 out[config] = {}
                 for w in WORKLOADS:
+                    os.sync()  # blocks the loop briefly: between workloads, nothing runs
                     before = _process_cpu(pid)
                     result = await _measure(front, w, seconds)
                     ops = result.pop("ops")
@@ -389,6 +392,7 @@ def _bench_nbdkit(workdir: Path, image: Path, seconds: float) -> dict[str, dict[
             return None
         out = {}
         for w in WORKLOADS:
+            os.sync()
             result = _fio(fio, sock, w, seconds)
             if result is None:
                 return None

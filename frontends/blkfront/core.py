@@ -66,7 +66,7 @@ log = structlog.get_logger()
 
 FLUSH_OPS = (int(BLKIF_OP_FLUSH_DISKCACHE), int(BLKIF_OP_WRITE_BARRIER))
 _NO_DATA = Part(0, 0, 0, False)  # the one part of a flush or discard
-_RUN = 4  # consecutive new I/Os sent to one ring (see `dispatch`)
+_MIN_RUN = 4  # consecutive new I/Os sent to one ring, at least (see `dispatch`)
 _RUN_CHUNKS = 4 * BLKIF_MAX_SEGMENTS_PER_REQUEST  # ... unless they carry more data
 _SHAPES = 256  # I/O shapes (start in page, length, limits) whose split is cached
 _DESCRIPTORS: dict[
@@ -178,13 +178,15 @@ class _Issued:
 
 
 class _Queue:
-    __slots__ = ("free", "index", "pool", "ring", "shadow")
+    __slots__ = ("free", "index", "out", "pool", "ring", "shadow")
 
     def __init__(self, index: int, ring: FrontRing) -> None:
         self.index = index
         self.ring = ring
         self.shadow: list[_Issued | None] = [None] * ring.nr_ents
+        # Free request ids: one per ring slot, so "no free id" is RING_FULL.
         self.free = list(range(ring.nr_ents - 1, -1, -1))
+        self.out: list[bytes] = []  # requests built by this dispatch, put on the ring at its end
         # This ring's free persistent grants (frame, gref), popped from the end. Per ring,
         # as Linux's `rinfo->grants`: blkback caches persistent grants per ring (1056 each,
         # within a per-domain budget), so a pool shared by all rings would make every ring
@@ -196,7 +198,13 @@ class Engine:
     """The state of one blkfront device across connections (see the module docstring)."""
 
     def __init__(
-        self, memory: Memory, grants: Grants, backend_domid: int, *, grant_size: int = 4096
+        self,
+        memory: Memory,
+        grants: Grants,
+        backend_domid: int,
+        *,
+        grant_size: int = 4096,
+        queue_depth: int = 32,
     ) -> None:
         self.memory = memory
         self.grants = grants
@@ -209,6 +217,9 @@ class Engine:
         self.queues: list[_Queue] = []
         self._rr = 0
         self._run_ios = self._run_chunks = 0
+        # Half the device's depth: the I/Os in flight sit on two rings at least, so the
+        # backend drains one while this end refills the other (see `dispatch`).
+        self._run_length = max(_MIN_RUN, queue_depth // 2)
         self._seq = 0
         self._pool_all: list[tuple[int, int]] = []
         self._pool_pages: list[Page] = []
@@ -298,12 +309,30 @@ class Engine:
             return []
         touched: set[int] = set()
         nqueues = len(self.queues)
-        # Round-robin over the rings by runs of up to _RUN I/Os and _RUN_CHUNKS chunks,
-        # not one I/O each: a run costs one push, at most one notification and one
-        # backend wake-up, while several runs still overlap on different rings (one ring
-        # for everything serialises the two ends: the backend answers a whole batch
-        # before the frontend can refill it). Large I/Os still go one per ring, so that
-        # no ring's persistent grants (blkback caches 1056 per ring) see them all.
+        try:
+            self._dispatch(neg, touched, nqueues)
+        finally:
+            # Built requests go on their rings even if a later one failed: their ids and
+            # grants are taken. One `put_requests` per ring: one store of the run.
+            for index in touched:
+                queue = self.queues[index]
+                queue.ring.put_requests(queue.out)
+                queue.out.clear()
+        notify = []
+        for index in sorted(touched):
+            if self.queues[index].ring.push_requests():
+                notify.append(index)
+        return notify
+
+    def _dispatch(self, neg: Negotiated, touched: set[int], nqueues: int) -> None:
+        # Round-robin over the rings by runs of up to `_run_length` I/Os (half the queue
+        # depth) and _RUN_CHUNKS chunks, not one I/O each: a run costs one push, at most one
+        # notification and one backend wake-up, while runs still overlap on two rings or
+        # more (one ring for everything serialises the two ends: the backend answers a
+        # whole batch before the frontend can refill it). 4k random reads at depth 32
+        # (IOPS, shm): runs of 4 → 55-58k, 8 → 56-62k, 16 → 64-69k, 32 (one ring) → 37-43k.
+        # Large I/Os still go one per ring, so that no ring's persistent grants (blkback
+        # caches 1056 per ring) see them all.
         while self.pending:
             io = self.pending[0]
             if io.parts is None:
@@ -315,7 +344,7 @@ class Engine:
                     continue
                 self._plan(io, neg)
                 assert io.parts is not None
-                if self._run_ios >= _RUN or self._run_chunks >= _RUN_CHUNKS:
+                if self._run_ios >= self._run_length or self._run_chunks >= _RUN_CHUNKS:
                     self._rr += 1
                     self._run_ios = self._run_chunks = 0
                 self._run_ios += 1
@@ -330,7 +359,7 @@ class Engine:
             parts = io.parts
             assert parts is not None
             starved: Exception | None = None
-            while io.next_part < len(parts) and queue.free and not queue.ring.full():
+            while io.next_part < len(parts) and queue.free:
                 try:
                     self._issue(queue, io, parts[io.next_part], neg)
                 except (OutOfMemory, GrantError) as exc:
@@ -351,11 +380,6 @@ class Engine:
             if io.next_part < len(parts):
                 break  # ring full or resources short: keep order, wait for responses
             self.pending.popleft()
-        notify = []
-        for index in sorted(touched):
-            if self.queues[index].ring.push_requests():
-                notify.append(index)
-        return notify
 
     def take_finished(self) -> list[BlkIo]:
         """I/Os that dispatch() settled without the backend (see `_settle_early`)."""
@@ -405,7 +429,7 @@ class Engine:
             self._release(issued)
             raise
         queue.shadow[request_id] = issued
-        queue.ring.put_request(data)
+        queue.out.append(data)
         io.outstanding += 1
         self.requests_issued += 1
 
@@ -546,12 +570,13 @@ class Engine:
         queue = self.queues[index]
         ring = queue.ring
         completed: list[BlkIo] = []
-        decode = neg.protocol.decode_response
+        fields = neg.protocol.response_fields
+        complete = self._complete
         try:
             while True:
                 for raw in ring.take_responses():  # every available one, copied in one go
-                    response = decode(raw)
-                    io = self._complete(queue, response.id, response.status)
+                    request_id, _, status = fields(raw)
+                    io = complete(queue, request_id, status)
                     if io is not None:
                         completed.append(io)
                 if not ring.final_check_for_responses():

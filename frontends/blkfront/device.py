@@ -229,7 +229,13 @@ class Blkfront:
         self.wishes = wishes
         self.grant_size = grant_size
         self.queue_depth = queue_depth
-        self.engine = Engine(dom.memory, dom.grants, device.backend_domid, grant_size=grant_size)
+        self.engine = Engine(
+            dom.memory,
+            dom.grants,
+            device.backend_domid,
+            grant_size=grant_size,
+            queue_depth=queue_depth,
+        )
         self.info: dict[str, Any] = {}
         self.connections = 0  # handshakes completed (1 + reconnects)
         self._depth = trio.Semaphore(queue_depth)

@@ -339,3 +339,23 @@ def test_grant_exhaustion_waits_for_completions_or_fails_the_impossible(persiste
     assert run(g, backend) == [small] and small.status == 0 and small.data == disk[4096:8192]
     g.drop()
     assert g.grants.in_use() == 0
+
+
+@pytest.mark.parametrize(("depth", "per_ring"), [(32, 16), (8, 4), (2, 4)])
+def test_new_ios_go_to_rings_in_runs_of_half_the_queue_depth(depth: int, per_ring: int) -> None:
+    """Runs of half the depth (4 at least): each ring push carries a batch, and the I/Os in
+    flight still sit on two rings, so the backend drains one while the other is refilled."""
+    memory = DomainMemory(GUEST, 16 << 20, 4096, 8192)
+    grants = GrantTable(GUEST, memory.table, 8192, memory.nr_frames)
+    g = Guest(memory, grants, Engine(memory, grants, BACKEND, queue_depth=depth))
+    disk = bytearray(random.Random(3).randbytes(1 << 20))
+    backend = g.connect(disk=disk, queues=4, persistent=True)
+    ios = [io(BLKIF_OP_READ, i * 4096, 4096, 4096) for i in range(2 * per_ring)]
+    for x in ios:
+        g.engine.submit(x)
+    assert g.engine.dispatch() == [0, 1]  # both rings pushed, the backend asked for events
+    assert [backend.rings[q].unconsumed_requests() for q in range(4)] == [per_ring, per_ring, 0, 0]
+    assert sorted(map(id, run(g, backend))) == sorted(map(id, ios))
+    assert all(
+        x.status == 0 and x.data == disk[i * 4096 : (i + 1) * 4096] for i, x in enumerate(ios)
+    )
