@@ -111,6 +111,10 @@ class Link:
         self._borrowed = False  # a task is receiving in place of the reader (receive_until)
         self._borrower_wait: trio.CancelScope | None = None
         self._reader_wait: trio.CancelScope | None = None
+        # A borrower woke the reader (cancelled its socket wait, or unparked it on leaving)
+        # and it has not run since: runnable, but it only looks at the socket (or parks
+        # again), so a borrower's spin need not yield to it (see `receive_until`).
+        self._reader_waking = False
         self._reader_lot = trio.lowlevel.ParkingLot()
         self._poll = AdaptivePoll(busy_poll)
         self._faults = faults
@@ -406,6 +410,7 @@ class Link:
 
     async def _reader(self) -> None:
         while self.dead is None:
+            self._reader_waking = False
             if self._borrowed:
                 await self._reader_lot.park()  # the borrower unparks us when it leaves
                 continue
@@ -436,15 +441,29 @@ class Link:
         reader_wait = self._reader_wait
         if reader_wait is not None:
             reader_wait.cancel()  # aborts the reader's socket wait synchronously
+            self._reader_waking = True
         poll = self._poll
+        yield_until = 0.0
         try:
             while not done() and self.dead is None:
                 step = self._receive_step()
-                if step is None and not trio.lowlevel.current_statistics().tasks_runnable:
-                    # Spin only when no other task of ours could run: the spin blocks the
-                    # trio loop, and a runnable task (a submitter at queue depth 1) may be
-                    # the one whose request produces the event we wait for.
-                    step = poll.spin(self._receive_step)
+                if step is None:
+                    if trio.lowlevel.current_statistics().tasks_runnable <= self._reader_waking:
+                        # Spin only when no other task of ours could run: the spin blocks
+                        # the trio loop. A reader woken by a borrower does not count: it
+                        # would only park again.
+                        step = poll.spin(self._receive_step)
+                    elif poll.window > 0.0:
+                        # Let them run first (a submitter at queue depth 1 is the one whose
+                        # request produces the event we wait for), then look again, and
+                        # spin if they are done: sleeping now would cost the CPU's wake-up.
+                        # Bounded by the polling window, as the spin is.
+                        now = time.perf_counter()
+                        if not yield_until:
+                            yield_until = now + poll.window
+                        if now < yield_until:
+                            await trio.lowlevel.checkpoint()
+                            continue
                 if step is None:
                     # The only slow path that needs a cancel scope: a sleep someone may cut
                     # short (interrupt()); scopes cost ~5 µs, too much for every wait.
@@ -462,7 +481,8 @@ class Link:
         finally:
             self._borrowed = False
             self._borrower_wait = None
-            self._reader_lot.unpark_all()
+            if self._reader_lot.unpark_all():
+                self._reader_waking = True
         return True
 
     def interrupt(self) -> None:
