@@ -41,25 +41,45 @@ async def domains(
 ) -> AsyncIterator[list[Domain]]:
     """Open domains in this process, all registered in one static directory."""
     directory = StaticDirectory()
-    opened: list[Domain] = []
     async with AsyncExitStack() as stack:
-        for domid in domids:
-            key = DomainKey.generate(domid)
-            dom = await stack.enter_async_context(
-                open_domain(
-                    domid=domid,
-                    key=key,
-                    directory=directory,
-                    endpoint=endpoint_for(tmp, domid, kind),
-                    transport=transport,
-                    faults=faults,
-                    memory_bytes=8 << 20,
-                    **options,
-                )
+        yield [
+            await open_registered(
+                stack,
+                directory,
+                domid,
+                endpoint_for(tmp, domid, kind),
+                transport,
+                faults=faults,
+                memory_bytes=8 << 20,
+                **options,
             )
-            directory.register(domid, dom.endpoint, key.public_hex())
-            opened.append(dom)
-        yield opened
+            for domid in domids
+        ]
+
+
+async def open_registered(
+    stack: AsyncExitStack,
+    directory: StaticDirectory,
+    domid: int,
+    endpoint: str,
+    transport: str,
+    **options: Any,
+) -> Domain:
+    """Open a domain with a fresh key for the life of `stack` and register it in `directory`
+    (`options` go to `open_domain`: page_size, memory_bytes, faults, ...)."""
+    key = DomainKey.generate(domid)
+    dom = await stack.enter_async_context(
+        open_domain(
+            domid=domid,
+            key=key,
+            directory=directory,
+            endpoint=endpoint,
+            transport=transport,
+            **options,
+        )
+    )
+    directory.register(domid, dom.endpoint, key.public_hex())
+    return dom
 
 
 class PeerProcess:
@@ -119,3 +139,23 @@ async def peer_process(
             await process.wait()
             if process.stdout is not None:
                 await process.stdout.aclose()
+
+
+@asynccontextmanager
+async def registered_peer(
+    role: str,
+    domid: int,
+    tmp: Path,
+    kind: str,
+    transport: str,
+    peer: Domain,
+    directory: StaticDirectory,
+    *args: Any,
+) -> AsyncIterator[PeerProcess]:
+    """`peer_process` with a fresh key, registered in `directory` once it reports ready."""
+    key = DomainKey.generate(domid)
+    endpoint = endpoint_for(tmp, domid, kind)
+    async with peer_process(role, domid, key, endpoint, transport, peer, *args) as process:
+        ready = await process.line()
+        directory.register(domid, ready["ready"], key.public_hex())
+        yield process

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
@@ -11,37 +12,28 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.integration import hv_ring
-from tests.integration.hv_pair import TRANSPORT_IDS, TRANSPORTS, endpoint_for, peer_process
-from xenpv.hv import (
-    CopyDirection,
-    CopyOp,
-    EventChannelClosed,
-    PeerGone,
-    StaticDirectory,
-    open_domain,
+from tests.integration.hv_pair import (
+    TRANSPORT_IDS,
+    TRANSPORTS,
+    endpoint_for,
+    open_registered,
+    registered_peer,
 )
-from xenpv.identity import DomainKey
+from xenpv.hv import CopyDirection, CopyOp, EventChannelClosed, PeerGone, StaticDirectory
 
 pytestmark = pytest.mark.parametrize(("transport", "kind"), TRANSPORTS, ids=TRANSPORT_IDS)
 
 
 async def test_peer_killed_during_map(tmp_path: Path, transport: str, kind: str) -> None:
     with trio.fail_after(30):
-        directory = StaticDirectory()
-        key = DomainKey.generate(0)
-        async with open_domain(
-            domid=0,
-            key=key,
-            directory=directory,
-            endpoint=endpoint_for(tmp_path, 0, kind),
-            transport=transport,
-        ) as back:
-            directory.register(0, back.endpoint, key.public_hex())
-            child_key = DomainKey.generate(1)
-            endpoint = endpoint_for(tmp_path, 1, kind)
-            async with peer_process("stall", 1, child_key, endpoint, transport, back, 0) as peer:
-                ready = await peer.line()
-                directory.register(1, ready["ready"], child_key.public_hex())
+        async with AsyncExitStack() as stack:
+            directory = StaticDirectory()
+            back = await open_registered(
+                stack, directory, 0, endpoint_for(tmp_path, 0, kind), transport
+            )
+            async with registered_peer(
+                "stall", 1, tmp_path, kind, transport, back, directory, 0
+            ) as peer:
                 grant = await peer.line()
                 outcome: list[BaseException] = []
 
@@ -62,22 +54,15 @@ async def test_peer_killed_during_map(tmp_path: Path, transport: str, kind: str)
 
 async def test_peer_killed_during_copy(tmp_path: Path, transport: str, kind: str) -> None:
     with trio.fail_after(30):
-        directory = StaticDirectory()
-        key = DomainKey.generate(0)
-        async with open_domain(
-            domid=0,
-            key=key,
-            directory=directory,
-            endpoint=endpoint_for(tmp_path, 0, kind),
-            transport=transport,
-        ) as back:
-            directory.register(0, back.endpoint, key.public_hex())
-            child_key = DomainKey.generate(1)
-            endpoint = endpoint_for(tmp_path, 1, kind)
+        async with AsyncExitStack() as stack:
+            directory = StaticDirectory()
+            back = await open_registered(
+                stack, directory, 0, endpoint_for(tmp_path, 0, kind), transport
+            )
             # two replies get through (map, bind), everything after stalls
-            async with peer_process("stall", 1, child_key, endpoint, transport, back, 2) as peer:
-                ready = await peer.line()
-                directory.register(1, ready["ready"], child_key.public_hex())
+            async with registered_peer(
+                "stall", 1, tmp_path, kind, transport, back, directory, 2
+            ) as peer:
                 grant = await peer.line()
                 mapping = await back.map_grants(1, [grant["gref"]])
                 assert bytes(mapping.view[:4]) == b"live"
@@ -119,28 +104,19 @@ async def test_ring_of_records_between_processes(seed: int, transport: str, kind
     count = 3000
     with trio.fail_after(60), tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        directory = StaticDirectory()
-        key = DomainKey.generate(1)
-        async with open_domain(
-            domid=1,
-            key=key,
-            directory=directory,
-            endpoint=endpoint_for(tmp_path, 1, kind),
-            transport=transport,
-        ) as front:
-            directory.register(1, front.endpoint, key.public_hex())
+        async with AsyncExitStack() as stack:
+            directory = StaticDirectory()
+            front = await open_registered(
+                stack, directory, 1, endpoint_for(tmp_path, 1, kind), transport
+            )
             page = front.alloc_pages(1)[0]
             hv_ring.init(page)
             gref = front.grants.grant_access(2, page.frame)
             channel = await front.alloc_unbound(2)
-            child_key = DomainKey.generate(2)
-            endpoint = endpoint_for(tmp_path, 2, kind)
             args = (gref, channel.port, seed, count)
-            async with peer_process(
-                "consumer", 2, child_key, endpoint, transport, front, *args
+            async with registered_peer(
+                "consumer", 2, tmp_path, kind, transport, front, directory, *args
             ) as consumer:
-                ready = await consumer.line()
-                directory.register(2, ready["ready"], child_key.public_hex())
                 await hv_ring.produce(page, channel, seed, count)
                 result = await consumer.line()
                 assert result == {"consumed": count, "transport": transport}
