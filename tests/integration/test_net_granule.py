@@ -31,12 +31,12 @@ from backends.switch import LiveSwitch
 from frontends.netfront import Netfront, RxFrame, attach
 from frontends.netfront.keys import frontend_keys
 from tests.integration.conftest import Xenstored
+from tests.integration.hv_pair import open_registered
 from tests.integration.test_net_integrity import mac_of, mac_text, opaque_frame, tcp_frame
 from xenpv import granule
 from xenpv.abi.netif import XEN_NETIF_GSO_TYPE_TCPV4, NetifGsoExtra
 from xenpv.devices import create_vif
-from xenpv.hv import Domain, StaticDirectory, open_domain
-from xenpv.identity import DomainKey
+from xenpv.hv import Domain, StaticDirectory
 from xenpv.xenbus import Action, Closing, DeviceId
 from xenpv.xenbus_io import KeyValues, read_state
 from xenpv.xenstore.client import XenstoreClient, connect
@@ -116,26 +116,31 @@ def _memory(page_size: int) -> int:
     return 2 * (256 * page_size + (4 << 20)) + (32 << 20)
 
 
+async def _open_domains(
+    stack: AsyncExitStack, tmp: Path, transport: str, page_sizes: list[int]
+) -> list[Domain]:
+    """Domain 0 (the backend) and the guests, one per page size after the first."""
+    directory = StaticDirectory()
+    return [
+        await open_registered(
+            stack,
+            directory,
+            domid,
+            f"unix:{tmp}/d{domid}.sock",
+            transport,
+            page_size=size,
+            memory_bytes=(32 << 20) if domid == 0 else _memory(size),
+        )
+        for domid, size in enumerate(page_sizes)
+    ]
+
+
 @asynccontextmanager
 async def network(tmp: Path, xenstored: Xenstored, transport: str, mix: Mix) -> AsyncIterator[Net]:
-    directory = StaticDirectory()
     async with AsyncExitStack() as stack:
-        doms = []
-        for domid, size in enumerate([mix.backend_page, mix.guest_page, mix.guest_page]):
-            key = DomainKey.generate(domid)
-            dom = await stack.enter_async_context(
-                open_domain(
-                    domid=domid,
-                    key=key,
-                    directory=directory,
-                    endpoint=f"unix:{tmp}/d{domid}.sock",
-                    transport=transport,
-                    page_size=size,
-                    memory_bytes=(32 << 20) if domid == 0 else _memory(size),
-                )
-            )
-            directory.register(domid, dom.endpoint, key.public_hex())
-            doms.append(dom)
+        doms = await _open_domains(
+            stack, tmp, transport, [mix.backend_page, mix.guest_page, mix.guest_page]
+        )
         xs = await stack.enter_async_context(connect(xenstored.unix))
         switch: LiveSwitch[Any] = LiveSwitch(queue_depth=1024)
         nursery = await stack.enter_async_context(trio.open_nursery())
@@ -321,24 +326,10 @@ async def test_order_above_backend_max_is_fatal(
     monkeypatch.setattr(netfront_device, "negotiate_granule", lambda *_args: 4)
     mix = Mix("overreach", 65536, 4096, 2, toolstack_max=2)
     with trio.fail_after(TIMEOUT):
-        directory = StaticDirectory()
         async with AsyncExitStack() as stack:
-            doms = []
-            for domid, size in enumerate([mix.backend_page, mix.guest_page]):
-                key = DomainKey.generate(domid)
-                dom = await stack.enter_async_context(
-                    open_domain(
-                        domid=domid,
-                        key=key,
-                        directory=directory,
-                        endpoint=f"unix:{tmp_path}/d{domid}.sock",
-                        transport=transport,
-                        page_size=size,
-                        memory_bytes=(32 << 20) if domid == 0 else _memory(size),
-                    )
-                )
-                directory.register(domid, dom.endpoint, key.public_hex())
-                doms.append(dom)
+            doms = await _open_domains(
+                stack, tmp_path, transport, [mix.backend_page, mix.guest_page]
+            )
             xs = await stack.enter_async_context(connect(xenstored.unix))
             nursery = await stack.enter_async_context(trio.open_nursery())
             stack.callback(nursery.cancel_scope.cancel)

@@ -23,10 +23,10 @@ from backends import netback
 from backends.switch import LiveSwitch
 from frontends.netfront import Netfront, RxFrame, attach
 from tests.integration.conftest import Xenstored
+from tests.integration.hv_pair import open_registered
 from xenpv.abi.netif import XEN_NETIF_GSO_TYPE_TCPV4, NetifGsoExtra
 from xenpv.devices import create_vif
-from xenpv.hv import XEN_PAGE_SIZE, Domain, StaticDirectory, open_domain
-from xenpv.identity import DomainKey
+from xenpv.hv import XEN_PAGE_SIZE, Domain, StaticDirectory
 from xenpv.xenbus import DeviceId
 from xenpv.xenstore.client import XenstoreClient, connect
 
@@ -72,23 +72,18 @@ async def network(
     """A backend domain 0 (netback + switch) and one guest per page size (domids 1, 2, ...)."""
     directory = StaticDirectory()
     async with AsyncExitStack() as stack:
-        doms = []
-        sizes = [XEN_PAGE_SIZE, *page_sizes]
-        for domid, size in enumerate(sizes):
-            key = DomainKey.generate(domid)
-            dom = await stack.enter_async_context(
-                open_domain(
-                    domid=domid,
-                    key=key,
-                    directory=directory,
-                    endpoint=f"unix:{tmp}/d{domid}.sock",
-                    transport=transport,
-                    page_size=size,
-                    memory_bytes=32 << 20 if domid == 0 else memory_for(size),
-                )
+        doms = [
+            await open_registered(
+                stack,
+                directory,
+                domid,
+                f"unix:{tmp}/d{domid}.sock",
+                transport,
+                page_size=size,
+                memory_bytes=32 << 20 if domid == 0 else memory_for(size),
             )
-            directory.register(domid, dom.endpoint, key.public_hex())
-            doms.append(dom)
+            for domid, size in enumerate([XEN_PAGE_SIZE, *page_sizes])
+        ]
         xs = await stack.enter_async_context(connect(xenstored.unix))
         switch: LiveSwitch[Any] = LiveSwitch(queue_depth=1024)
         nursery = await stack.enter_async_context(trio.open_nursery())
