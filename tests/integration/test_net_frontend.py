@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from frontends.netfront import RxFrame, attach
+from frontends.netfront import Netfront, RxFrame, attach
 from tests.integration.conftest import Xenstored
+from tests.integration.hv_pair import open_registered
 from xenpv.abi.netif import (
     NETIF_RSP_NULL,
     NETIF_RSP_OKAY,
@@ -51,9 +52,7 @@ from xenpv.hv import (
     GrantMapping,
     PeerGone,
     StaticDirectory,
-    open_domain,
 )
-from xenpv.identity import DomainKey
 from xenpv.xenbus import Action, Connected, DeviceId, Initialising, Role
 from xenpv.xenbus_io import KeyValues, read_keys, read_state, run_handshake
 from xenpv.xenstore.client import XenstoreClient, connect
@@ -300,6 +299,14 @@ class Setup:
     nursery: trio.Nursery
     backend_scope: trio.CancelScope
 
+    async def replace_backend(self) -> StubBackend:
+        """The backend process goes away and a new one (echoing) picks the device up."""
+        self.backend_scope.cancel()
+        await self.stub.close()
+        stub = StubBackend(self.backend_dom, self.xs, self.device, self.nursery, echo=True)
+        self.nursery.start_soon(run_handshake, self.xs, stub)
+        return stub
+
 
 @asynccontextmanager
 async def setup(
@@ -314,22 +321,18 @@ async def setup(
 ) -> AsyncIterator[Setup]:
     directory = StaticDirectory()
     async with AsyncExitStack() as stack:
-        doms = []
-        for domid, size, memory in ((0, XEN_PAGE_SIZE, 16 << 20), (1, page_size, 64 << 20)):
-            key = DomainKey.generate(domid)
-            dom = await stack.enter_async_context(
-                open_domain(
-                    domid=domid,
-                    key=key,
-                    directory=directory,
-                    endpoint=f"unix:{tmp}/d{domid}.sock",
-                    transport=transport,
-                    page_size=size,
-                    memory_bytes=memory,
-                )
+        doms = [
+            await open_registered(
+                stack,
+                directory,
+                domid,
+                f"unix:{tmp}/d{domid}.sock",
+                transport,
+                page_size=size,
+                memory_bytes=memory,
             )
-            directory.register(domid, dom.endpoint, key.public_hex())
-            doms.append(dom)
+            for domid, size, memory in ((0, XEN_PAGE_SIZE, 16 << 20), (1, page_size, 64 << 20))
+        ]
         xs = await stack.enter_async_context(connect(xenstored.unix))
         device = DeviceId("vif", 1, 0, 0)
         await create_vif(xs, device, mac=MAC)
@@ -350,6 +353,35 @@ async def setup(
             nursery.cancel_scope.cancel()
 
 
+@asynccontextmanager
+async def connected(
+    tmp: Path,
+    xenstored: Xenstored,
+    transport: str,
+    *,
+    queues: int = 1,
+    backend_queues: int = 1,
+    page_size: int = XEN_PAGE_SIZE,
+    split: bool = True,
+    echo: bool = True,
+) -> AsyncIterator[tuple[Setup, Netfront]]:
+    """`setup`, and netfront (asking for `queues`) attached and connected to the stub."""
+    async with (
+        setup(
+            tmp,
+            xenstored,
+            transport,
+            page_size=page_size,
+            max_queues=backend_queues,
+            split=split,
+            echo=echo,
+        ) as s,
+        attach(s.front_dom, s.xs, s.device, max_queues=queues) as front,
+    ):
+        await front.wait_connected()
+        yield s, front
+
+
 def frame_of(size: int, seq: int, rng: random.Random, sport: int = 1000) -> bytes:
     """An Ethernet/IPv4/TCP-looking frame (so flow hashing sees ports) with a sequence tag."""
     head = bytes.fromhex("00163e00000200163e0000010800")
@@ -366,13 +398,14 @@ async def test_handshake_keys_and_echo(
 ) -> None:
     rng = random.Random(queues * 2 + split)
     with trio.fail_after(40):
-        async with (
-            setup(
-                tmp_path, xenstored, transport, max_queues=4 if queues > 1 else 1, split=split
-            ) as s,
-            attach(s.front_dom, s.xs, s.device, max_queues=queues) as front,
-        ):
-            await front.wait_connected()
+        async with connected(
+            tmp_path,
+            xenstored,
+            transport,
+            queues=queues,
+            backend_queues=4 if queues > 1 else 1,
+            split=split,
+        ) as (s, front):
             assert await read_state(s.xs, s.device.frontend) == Connected
             fe = s.device.frontend
             if queues == 1:
@@ -426,11 +459,7 @@ async def test_handshake_keys_and_echo(
 async def test_large_page_guest(tmp_path: Path, xenstored: Xenstored, page_size: int) -> None:
     rng = random.Random(page_size)
     with trio.fail_after(40):
-        async with (
-            setup(tmp_path, xenstored, "shm", page_size=page_size) as s,
-            attach(s.front_dom, s.xs, s.device, max_queues=1) as front,
-        ):
-            await front.wait_connected()
+        async with connected(tmp_path, xenstored, "shm", page_size=page_size) as (s, front):
             for seq, size in enumerate([60, 4095, 4096, 16385, 65535]):
                 frame = frame_of(size, seq, rng)
                 await front.send(frame)
@@ -447,11 +476,7 @@ async def test_backpressure_waits_for_ring_space(
 ) -> None:
     rng = random.Random(7)
     with trio.fail_after(40):
-        async with (
-            setup(tmp_path, xenstored, transport, echo=False) as s,
-            attach(s.front_dom, s.xs, s.device, max_queues=1) as front,
-        ):
-            await front.wait_connected()
+        async with connected(tmp_path, xenstored, transport, echo=False) as (s, front):
             s.stub.hold_tx = True
             frames = [frame_of(9000, seq, rng) for seq in range(100)]  # 3 slots each
             done = trio.Event()
@@ -479,11 +504,7 @@ async def test_reconnect_drops_in_flight_and_resumes(
 ) -> None:
     rng = random.Random(11)
     with trio.fail_after(40):
-        async with (
-            setup(tmp_path, xenstored, transport, echo=False) as s,
-            attach(s.front_dom, s.xs, s.device, max_queues=1) as front,
-        ):
-            await front.wait_connected()
+        async with connected(tmp_path, xenstored, transport, echo=False) as (s, front):
             first = front.info["generation"]
             await front.send(frame_of(100, 0, rng))
             assert (await s.stub.received.receive()).frame[54:58] == (0).to_bytes(4, "big")
@@ -493,11 +514,7 @@ async def test_reconnect_drops_in_flight_and_resumes(
             while s.stub.queues[0].tx.req_cons < 4:
                 await s.stub.took.park()
 
-            # the backend process goes away and a new one picks the device up
-            s.backend_scope.cancel()
-            await s.stub.close()
-            stub = StubBackend(s.backend_dom, s.xs, s.device, s.nursery, echo=True)
-            s.nursery.start_soon(run_handshake, s.xs, stub)
+            stub = await s.replace_backend()
             await front.wait_disconnected()
             await front.wait_connected()
             assert front.info["generation"] == first + 1
@@ -517,11 +534,7 @@ async def test_hostile_backend_breaks_only_until_reconnect(
 ) -> None:
     rng = random.Random(13)
     with trio.fail_after(40):
-        async with (
-            setup(tmp_path, xenstored, transport, echo=False) as s,
-            attach(s.front_dom, s.xs, s.device, max_queues=1) as front,
-        ):
-            await front.wait_connected()
+        async with connected(tmp_path, xenstored, transport, echo=False) as (s, front):
             s.stub.bad_tx_id = True
             await front.send(frame_of(100, 0, rng))
             await s.stub.received.receive()
@@ -533,10 +546,7 @@ async def test_hostile_backend_breaks_only_until_reconnect(
             await front.send(frame_of(100, 1, rng))  # no exception: dropped and counted
             assert front.stats()["tx_dropped"] >= 1
             # a new backend: traffic resumes on new rings
-            s.backend_scope.cancel()
-            await s.stub.close()
-            stub = StubBackend(s.backend_dom, s.xs, s.device, s.nursery, echo=True)
-            s.nursery.start_soon(run_handshake, s.xs, stub)
+            stub = await s.replace_backend()
             await front.wait_disconnected()
             await front.wait_connected()
             frame = frame_of(3000, 2, rng)
@@ -575,11 +585,9 @@ async def test_send_more_defers_the_push_until_a_send_without_it(
     the next send without `more` pushes every queue it left pending, in order per flow."""
     rng = random.Random(5)
     with trio.fail_after(40):
-        async with (
-            setup(tmp_path, xenstored, transport, max_queues=2, echo=False) as s,
-            attach(s.front_dom, s.xs, s.device, max_queues=2) as front,
-        ):
-            await front.wait_connected()
+        async with connected(
+            tmp_path, xenstored, transport, queues=2, backend_queues=2, echo=False
+        ) as (s, front):
             frames = [frame_of(1500, seq, rng, sport=2000 + seq % 5) for seq in range(12)]
             for frame in frames[:-1]:
                 await front.send(frame, more=True)
@@ -604,11 +612,7 @@ async def test_send_more_pushes_before_waiting_for_space_and_flush_ends_a_burst(
     for room), and `flush()` pushes the tail of a burst that ends with `more=True`."""
     rng = random.Random(6)
     with trio.fail_after(40):
-        async with (
-            setup(tmp_path, xenstored, transport, echo=False) as s,
-            attach(s.front_dom, s.xs, s.device, max_queues=1) as front,
-        ):
-            await front.wait_connected()
+        async with connected(tmp_path, xenstored, transport, echo=False) as (s, front):
             frames = [frame_of(9000, seq, rng) for seq in range(100)]  # 3 slots each
             for frame in frames:
                 await front.send(frame, more=True)
@@ -632,11 +636,7 @@ async def test_rx_sink_takes_frames_in_order_and_the_channel_keeps_the_rest(
     and either way those frames reach the reader, in order."""
     rng = random.Random(8)
     with trio.fail_after(40):
-        async with (
-            setup(tmp_path, xenstored, "shm") as s,
-            attach(s.front_dom, s.xs, s.device, max_queues=1) as front,
-        ):
-            await front.wait_connected()
+        async with connected(tmp_path, xenstored, "shm") as (_setup, front):
             frames = [frame_of(1500, seq, rng) for seq in range(8)]
             sunk: list[bytes] = []
             arrived = trio.Event()
@@ -674,11 +674,7 @@ async def test_every_tx_answer_is_collected_without_further_sends(
     collects the rest as it sends: after a burst, with no more sends, every slot comes back."""
     rng = random.Random(9)
     with trio.fail_after(40):
-        async with (
-            setup(tmp_path, xenstored, transport, echo=False) as s,
-            attach(s.front_dom, s.xs, s.device, max_queues=1) as front,
-        ):
-            await front.wait_connected()
+        async with connected(tmp_path, xenstored, transport, echo=False) as (s, front):
             frames = [frame_of(size, seq, rng) for seq, size in enumerate([60, 9000, 65535] * 9)]
             for frame in frames:
                 gso = NetifGsoExtra(1448, XEN_NETIF_GSO_TYPE_TCPV4) if len(frame) > 9000 else None
