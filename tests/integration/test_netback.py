@@ -22,6 +22,7 @@ from backends.netback import Vif, advertise_keys
 from backends.switch import LiveSwitch
 from backends.tap import VirtioNetHdr
 from tests.integration.conftest import Xenstored
+from tests.integration.hv_pair import open_registered
 from xenpv.abi.netif import (
     NETIF_RX_RING,
     NETIF_TX_RING,
@@ -43,8 +44,7 @@ from xenpv.abi.netif import (
 from xenpv.abi.ring import FrontRing
 from xenpv.devices import create_vif, destroy_device
 from xenpv.ethernet import flow_hash
-from xenpv.hv import Domain, EventChannel, Page, StaticDirectory, open_domain
-from xenpv.identity import DomainKey
+from xenpv.hv import Domain, EventChannel, Page, StaticDirectory
 from xenpv.xenbus import Connected, DeviceId, Initialising, InitWait, XenbusState
 from xenpv.xenbus_io import publish, read_state
 from xenpv.xenstore.client import XenstoreClient, connect
@@ -271,24 +271,19 @@ async def world(
 ) -> AsyncIterator[dict[int, Domain]]:
     directory = StaticDirectory()
     async with AsyncExitStack() as stack:
-        doms: dict[int, Domain] = {}
-        for domid, page_size in page_sizes.items():
-            key = DomainKey.generate(domid)
-            dom = await stack.enter_async_context(
-                open_domain(
-                    domid=domid,
-                    key=key,
-                    directory=directory,
-                    endpoint=f"unix:{workdir}/d{domid}.sock",
-                    transport=transport,
-                    page_size=page_size,
-                    # netfront posts 256 rx pages per queue (2 queues by default), like Linux
-                    memory_bytes=max(16 << 20, 2 * 256 * page_size + (16 << 20)),
-                )
+        yield {
+            domid: await open_registered(
+                stack,
+                directory,
+                domid,
+                f"unix:{workdir}/d{domid}.sock",
+                transport,
+                page_size=page_size,
+                # netfront posts 256 rx pages per queue (2 queues by default), like Linux
+                memory_bytes=max(16 << 20, 2 * 256 * page_size + (16 << 20)),
             )
-            directory.register(domid, dom.endpoint, key.public_hex())
-            doms[domid] = dom
-        yield doms
+            for domid, page_size in page_sizes.items()
+        }
 
 
 @asynccontextmanager

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import random
 import struct
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
 
+from backends.netback import Vif
+from backends.switch import LiveSwitch
+from backends.tap import VirtioNetHdr
 from tests.integration.conftest import Xenstored
 from tests.integration.test_netback import TRANSPORTS, StubFront, StubQueue, frame, front, netback
 from xenpv.abi.netif import (
@@ -25,6 +29,7 @@ from xenpv.abi.netif import (
 )
 from xenpv.xenbus import Connected
 from xenpv.xenbus_io import read_state
+from xenpv.xenstore.client import XenstoreClient
 
 TIMEOUT = 30
 
@@ -105,19 +110,35 @@ def fatal_cases() -> dict[str, Callable[[StubQueue], None]]:
 FATAL = fatal_cases()
 
 
+@asynccontextmanager
+async def three_guests(
+    xenstored: Xenstored, transport: str
+) -> AsyncIterator[
+    tuple[
+        XenstoreClient,
+        dict[int, Vif],
+        LiveSwitch[VirtioNetHdr],
+        tuple[StubFront, StubFront, StubFront],
+    ]
+]:
+    """netback serving guests 1 (the hostile one), 2 and 3, each stub frontend connected."""
+    async with netback(xenstored, transport, {1: 4096, 2: 4096, 3: 4096}) as (
+        xs,
+        doms,
+        vifs,
+        switch,
+    ):
+        fronts = (front(xs, doms, 1), front(xs, doms, 2), front(xs, doms, 3))
+        for f in fronts:
+            await f.connect()
+        yield xs, vifs, switch, fronts
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_fatal_errors_disable_only_that_vif(xenstored: Xenstored, transport: str) -> None:
     """Each fatal case in turn: the vif goes down alone, and comes back on reconnect."""
     with trio.fail_after(TIMEOUT * 2):
-        async with netback(xenstored, transport, {1: 4096, 2: 4096, 3: 4096}) as (
-            xs,
-            doms,
-            vifs,
-            sw,
-        ):
-            a, b, c = (front(xs, doms, d) for d in (1, 2, 3))
-            for f in (a, b, c):
-                await f.connect()
+        async with three_guests(xenstored, transport) as (xs, vifs, sw, (a, b, c)):
             await exchange(b, c, 0)
             for n, (case, misbehave) in enumerate(FATAL.items()):
                 misbehave(a.queues[0])
@@ -141,15 +162,7 @@ async def test_fatal_errors_disable_only_that_vif(xenstored: Xenstored, transpor
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_bogus_rx_index_disables_only_that_vif(xenstored: Xenstored, transport: str) -> None:
     with trio.fail_after(TIMEOUT):
-        async with netback(xenstored, transport, {1: 4096, 2: 4096, 3: 4096}) as (
-            xs,
-            doms,
-            vifs,
-            sw,
-        ):
-            a, b, c = (front(xs, doms, d) for d in (1, 2, 3))
-            for f in (a, b, c):
-                await f.connect()
+        async with three_guests(xenstored, transport) as (_, vifs, sw, (a, b, c)):
             learn = frame(1, 2, 60)  # the switch learns guest 1's address
             assert await a.send(learn) == [0]
             assert (await b.receive()).data == learn
@@ -167,15 +180,7 @@ async def test_bogus_rx_index_disables_only_that_vif(xenstored: Xenstored, trans
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_dropped_packets_keep_the_vif(xenstored: Xenstored, transport: str) -> None:
     with trio.fail_after(TIMEOUT):
-        async with netback(xenstored, transport, {1: 4096, 2: 4096, 3: 4096}) as (
-            xs,
-            doms,
-            vifs,
-            _,
-        ):
-            a, b, c = (front(xs, doms, d) for d in (1, 2, 3))
-            for f in (a, b, c):
-                await f.connect()
+        async with three_guests(xenstored, transport) as (_, vifs, _, (a, b, c)):
             await exchange(b, c, 0)  # the switch knows guests 2 and 3 from here on
             q = a.queues[0]
 
@@ -225,15 +230,7 @@ async def test_garbage_tx_slots(xenstored: Xenstored, transport: str) -> None:
     rng = random.Random(6)
     outcomes: list[str | None] = []
     with trio.fail_after(TIMEOUT * 2):
-        async with netback(xenstored, transport, {1: 4096, 2: 4096, 3: 4096}) as (
-            xs,
-            doms,
-            vifs,
-            _,
-        ):
-            a, b, c = (front(xs, doms, d) for d in (1, 2, 3))
-            for f in (a, b, c):
-                await f.connect()
+        async with three_guests(xenstored, transport) as (_, vifs, _, (a, b, c)):
             for round_ in range(8):
                 q = a.queues[0]
                 grefs = [gref for _page, gref in q.data] + [0, 7777]
