@@ -8,7 +8,7 @@ runs on the socket and shared-memory transports.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +18,11 @@ import trio
 import trio.testing
 
 from backends.blkback import BlkbackDevice
+from backends.blkback.config import BackendConfig
 from backends.storage import (
     MemoryDisk,
     ReadBuffer,
+    Storage,
     StorageError,
     StorageErrorKind,
     StorageOp,
@@ -271,10 +273,13 @@ BACKEND_KEYS = [
 
 @asynccontextmanager
 async def backend(
-    xs: XenstoreClient, dom: Domain, device: DeviceId
+    xs: XenstoreClient,
+    dom: Domain,
+    device: DeviceId,
+    open_storage: Callable[[BackendConfig], Storage] | None = None,
 ) -> AsyncIterator[BlkbackDevice]:
-    """Serve `device` in a task; cancelled on exit."""
-    dev = BlkbackDevice(dom, xs, device)
+    """Serve `device` in a task (on the disk `open_storage` makes, if given); cancelled on exit."""
+    dev = BlkbackDevice(dom, xs, device, open_storage=open_storage)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(dev.run)
         yield dev
@@ -618,11 +623,9 @@ async def test_out_of_order_completion_and_barrier_drain(
             (dom0, dom1),
         ):
             device = vbd(1)
-            dev = BlkbackDevice(
-                dom0, xs, device, open_storage=lambda c: MemoryDisk(c.size or 0, faults=gate)
-            )
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(dev.run)
+            async with backend(
+                xs, dom0, device, open_storage=lambda c: MemoryDisk(c.size or 0, faults=gate)
+            ):
                 front = MiniFront(dom1, xs, device)
                 await front.start()
                 slow = BlkifRequest(BLKIF_OP_READ, 1001, 0, front.segments(0, 4096))
@@ -643,7 +646,6 @@ async def test_out_of_order_completion_and_barrier_drain(
                 await trio.testing.wait_all_tasks_blocked()
                 gate.release.set()
                 assert await arrivals(front, 3) == [2001, 2002, 2003]
-                nursery.cancel_scope.cancel()
 
 
 async def test_close_reconnect_releases_grants(
@@ -752,11 +754,9 @@ async def test_storage_errors_become_status_codes(
             (dom0, dom1),
         ):
             device = vbd(1)
-            dev = BlkbackDevice(
-                dom0, xs, device, open_storage=lambda c: MemoryDisk(c.size or 0, faults=Failing())
-            )
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(dev.run)
+            async with backend(
+                xs, dom0, device, open_storage=lambda c: MemoryDisk(c.size or 0, faults=Failing())
+            ):
                 front = MiniFront(dom1, xs, device)
                 await front.start()
                 bad = BlkifRequest(BLKIF_OP_READ, front.next_id(), 0, front.segments(0, 4096))
@@ -764,7 +764,6 @@ async def test_storage_errors_become_status_codes(
                 discard = BlkifDiscardRequest(front.next_id(), 0, 8)
                 statuses = [r.status for r in await front.run([bad, good, discard])]
                 assert statuses == [BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, BLKIF_RSP_EOPNOTSUPP]
-                nursery.cancel_scope.cancel()
 
 
 class FailingNow(MemoryDisk):
@@ -796,9 +795,7 @@ async def test_requests_served_in_the_ring_loop_answer_storage_errors(
             (dom0, dom1),
         ):
             device = vbd(1)
-            dev = BlkbackDevice(dom0, xs, device, open_storage=lambda c: FailingNow(c.size or 0))
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(dev.run)
+            async with backend(xs, dom0, device, open_storage=lambda c: FailingNow(c.size or 0)):
                 front = MiniFront(dom1, xs, device, persistent=True)
                 await front.start()
 
@@ -823,4 +820,3 @@ async def test_requests_served_in_the_ring_loop_answer_storage_errors(
                 ]
                 statuses = [r.status for r in await front.run(requests()[2:3])]
                 assert statuses == [BLKIF_RSP_OKAY]  # the ring still serves
-                nursery.cancel_scope.cancel()
