@@ -7,8 +7,12 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import trio
+
+from backends.blkback import BlkbackDevice
+from tests.integration.hv_pair import open_registered
 from xenpv.devices import VbdConfig, create_vbd
-from xenpv.hv import Domain, StaticDirectory, open_domain
+from xenpv.hv import Domain, StaticDirectory
 from xenpv.identity import DomainKey
 from xenpv.topology import VbdFeatures
 from xenpv.xenbus import DeviceId, xvd_number
@@ -29,27 +33,35 @@ class Pair:
 
 @asynccontextmanager
 async def pair(
-    tmp: Path, xs_address: str, transport: str, page_size: int, *, guest_memory: int = 96 << 20
+    tmp: Path,
+    xs_address: str,
+    transport: str,
+    page_size: int,
+    *,
+    guest_memory: int = 96 << 20,
+    backend_page: int = 4096,
+    backend_memory: int = 32 << 20,
 ) -> AsyncIterator[Pair]:
+    """Backend domain 0 and guest domain 1 (of `page_size`), and a xenstore connection."""
     directory = StaticDirectory()
-    keys = {0: DomainKey.generate(0), 1: DomainKey.generate(1)}
     async with AsyncExitStack() as stack:
-        doms = []
-        for domid, size, memory in ((0, 4096, 32 << 20), (1, page_size, guest_memory)):
-            dom = await stack.enter_async_context(
-                open_domain(
-                    domid=domid,
-                    key=keys[domid],
-                    directory=directory,
-                    endpoint=f"unix:{tmp}/d{domid}.sock",
-                    transport=transport,
-                    page_size=size,
-                    memory_bytes=memory,
-                )
+        doms = [
+            await open_registered(
+                stack,
+                directory,
+                domid,
+                f"unix:{tmp}/d{domid}.sock",
+                transport,
+                page_size=size,
+                memory_bytes=memory,
             )
-            directory.register(domid, dom.endpoint, keys[domid].public_hex())
-            doms.append(dom)
+            for domid, size, memory in (
+                (0, backend_page, backend_memory),
+                (1, page_size, guest_memory),
+            )
+        ]
         xs = await stack.enter_async_context(connect(xs_address))
+        keys = {dom.domid: dom.key for dom in doms}
         yield Pair(doms[0], doms[1], xs, directory, keys)
 
 
@@ -70,6 +82,19 @@ async def make_vbd(
         ),
     )
     return device
+
+
+def start_backend(nursery: trio.Nursery, p: Pair) -> trio.CancelScope:
+    """Serve DEVICE from the backend domain in a task of `nursery`; cancelling the scope
+    that is returned stops this backend alone, as if its process had gone away."""
+    scope = trio.CancelScope()
+
+    async def serve() -> None:
+        with scope:
+            await BlkbackDevice(p.backend, p.xs, DEVICE).run()
+
+    nursery.start_soon(serve)
+    return scope
 
 
 def read_image(path: Path) -> bytes:

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import pytest
@@ -21,44 +20,38 @@ import trio
 
 from backends.blkback import BlkbackDevice, serve
 from frontends.blkfront import attach
-from tests.integration.blk_env import DEVICE, TRANSPORTS, Pair, make_vbd, read_image
+from tests.integration.blk_env import (
+    DEVICE,
+    TRANSPORTS,
+    Pair,
+    make_vbd,
+    pair,
+    read_image,
+    start_backend,
+)
 from tests.integration.conftest import Xenstored
 from xenpv import granule, xenbus
 from xenpv.devices import VBD_MAX_GRANULE_ORDER
-from xenpv.hv import StaticDirectory, open_domain
-from xenpv.identity import DomainKey
 from xenpv.topology import VbdFeatures
 from xenpv.xenbus_io import read_state
-from xenpv.xenstore.client import XenstoreClient, connect
+from xenpv.xenstore.client import XenstoreClient
 
 DISK = 8 << 20
 
 
-@asynccontextmanager
-async def domains(
+def domains(
     tmp: Path, xs_address: str, transport: str, guest_page: int, backend_page: int
-) -> AsyncIterator[Pair]:
-    """blk_env.pair with a chosen backend page size too."""
-    directory = StaticDirectory()
-    keys = {0: DomainKey.generate(0), 1: DomainKey.generate(1)}
-    async with AsyncExitStack() as stack:
-        doms = []
-        for domid, size in ((0, backend_page), (1, guest_page)):
-            dom = await stack.enter_async_context(
-                open_domain(
-                    domid=domid,
-                    key=keys[domid],
-                    directory=directory,
-                    endpoint=f"unix:{tmp}/d{domid}.sock",
-                    transport=transport,
-                    page_size=size,
-                    memory_bytes=64 << 20,
-                )
-            )
-            directory.register(domid, dom.endpoint, keys[domid].public_hex())
-            doms.append(dom)
-        xs = await stack.enter_async_context(connect(xs_address))
-        yield Pair(doms[0], doms[1], xs, directory, keys)
+) -> AbstractAsyncContextManager[Pair]:
+    """blk_env.pair with a chosen backend page size too, 64 MiB for each domain."""
+    return pair(
+        tmp,
+        xs_address,
+        transport,
+        guest_page,
+        backend_page=backend_page,
+        guest_memory=64 << 20,
+        backend_memory=64 << 20,
+    )
 
 
 async def key(xs: XenstoreClient, path: str) -> str | None:
@@ -186,13 +179,7 @@ async def test_backend_restart_reissues_with_the_new_granule(
         async with domains(tmp_path, xenstored.unix, transport, 65536, 4096) as p:
             await make_vbd(p.xs, image=str(image), size=size, features=VbdFeatures())
             async with trio.open_nursery() as nursery:
-                first = trio.CancelScope()
-
-                async def first_backend() -> None:
-                    with first:
-                        await BlkbackDevice(p.backend, p.xs, DEVICE).run()
-
-                nursery.start_soon(first_backend)
+                first = start_backend(nursery, p)
                 async with attach(p.guest, p.xs, DEVICE) as front:
                     await front.wait_connected()
                     assert front.info["granule_order"] == 4

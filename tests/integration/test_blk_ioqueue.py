@@ -13,7 +13,7 @@ import trio
 
 from backends.blkback import BlkbackDevice
 from frontends.blkfront import BlkError, attach
-from tests.integration.blk_env import DEVICE, make_vbd, pair
+from tests.integration.blk_env import DEVICE, make_vbd, pair, start_backend
 from tests.integration.conftest import Xenstored
 from tests.integration.test_blkback import read_image
 from xenpv.topology import VbdFeatures
@@ -129,13 +129,7 @@ async def test_detach_fails_what_never_completed(xenstored: Xenstored, xs_workdi
         async with pair(xs_workdir, xenstored.unix, "shm", 4096) as p:
             await make_vbd(p.xs, image=str(image), size=SIZE)
             async with trio.open_nursery() as nursery:
-                backend = trio.CancelScope()
-
-                async def serve() -> None:
-                    with backend:
-                        await BlkbackDevice(p.backend, p.xs, DEVICE).run()
-
-                nursery.start_soon(serve)
+                backend = start_backend(nursery, p)
                 async with attach(p.guest, p.xs, DEVICE) as front:
                     await front.wait_connected()
                     queue = front.io_queue()
@@ -163,13 +157,7 @@ async def test_reissued_across_a_backend_restart(
         async with pair(xs_workdir, xenstored.unix, transport, 4096, guest_memory=32 << 20) as p:
             await make_vbd(p.xs, image=str(image), size=SIZE)
             async with trio.open_nursery() as nursery:
-                first = trio.CancelScope()
-
-                async def first_backend() -> None:
-                    with first:
-                        await BlkbackDevice(p.backend, p.xs, DEVICE).run()
-
-                nursery.start_soon(first_backend)
+                first = start_backend(nursery, p)
                 async with attach(p.guest, p.xs, DEVICE, queue_depth=8) as front:
                     await front.wait_connected()
                     queue = front.io_queue()

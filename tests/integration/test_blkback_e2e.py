@@ -12,7 +12,7 @@ import trio
 
 from backends.blkback import BlkbackDevice
 from frontends.blkfront import BlkError, attach
-from tests.integration.blk_env import DEVICE, make_vbd, pair
+from tests.integration.blk_env import DEVICE, make_vbd, pair, start_backend
 from tests.integration.conftest import Xenstored
 from tests.integration.hv_pair import domains
 from tests.integration.test_blkback import MiniFront, read_image, wait_backend
@@ -110,13 +110,7 @@ async def test_backend_restart_under_load(
                 p.xs, image=str(image), size=size, features=VbdFeatures(ring_page_order=1)
             )
             async with trio.open_nursery() as nursery:  # outlives the frontend: clean detach
-                first = trio.CancelScope()
-
-                async def first_backend() -> None:
-                    with first:
-                        await BlkbackDevice(p.backend, p.xs, DEVICE).run()
-
-                nursery.start_soon(first_backend)
+                first = start_backend(nursery, p)
                 async with attach(p.guest, p.xs, DEVICE) as front:
                     progress = {20: trio.Event(), 60: trio.Event()}
                     stop = trio.Event()
