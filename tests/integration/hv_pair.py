@@ -130,8 +130,16 @@ async def peer_process(
     ]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE, env=env)
-    try:
+    async with reaped_on_exit(process):
         yield PeerProcess(process)
+
+
+@asynccontextmanager
+async def reaped_on_exit(process: trio.Process) -> AsyncIterator[trio.Process]:
+    """Leaving the block kills `process` if it still runs, waits for it (even when cancelled,
+    so no child outlives its test) and closes its stdout pipe."""
+    try:
+        yield process
     finally:
         if process.poll() is None:
             process.kill()

@@ -20,6 +20,7 @@ import trio
 from frontends.blkfront import attach
 from tests.integration.blk_env import DEVICE, TRANSPORTS, make_vbd, read_image
 from tests.integration.conftest import Xenstored
+from tests.integration.hv_pair import reaped_on_exit
 from xenpv.hv import StaticDirectory, open_domain
 from xenpv.identity import DomainKey
 from xenpv.topology import VbdFeatures
@@ -62,7 +63,7 @@ async def backend_process(
         )
     finally:
         log_file.close()
-    try:
+    async with reaped_on_exit(process):
         assert process.stdout is not None
         line = b""
         while not line.endswith(b"\n"):
@@ -71,13 +72,6 @@ async def backend_process(
             line += chunk
         assert "ready" in json.loads(line)
         yield process
-    finally:
-        if process.poll() is None:
-            process.kill()
-        with trio.CancelScope(shield=True):
-            await process.wait()
-            if process.stdout is not None:
-                await process.stdout.aclose()
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

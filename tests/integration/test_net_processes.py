@@ -25,6 +25,7 @@ from backends import netback
 from backends.switch import LiveSwitch
 from frontends.netfront import attach
 from tests.integration.conftest import Xenstored
+from tests.integration.hv_pair import open_registered, reaped_on_exit
 from tests.integration.test_net_integrity import mac_of, mac_text, tcp_frame
 from xenpv.abi.netif import XEN_NETIF_GSO_TYPE_TCPV4, NetifGsoExtra
 from xenpv.devices import create_vif
@@ -70,7 +71,7 @@ async def echo_process(config: dict[str, Any]) -> AsyncIterator[trio.Process]:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     command = [sys.executable, "-m", "tests.integration.test_net_processes", json.dumps(config)]
     process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE, env=env)
-    try:
+    async with reaped_on_exit(process):
         assert process.stdout is not None
         line = b""
         while b"READY\n" not in line:
@@ -78,13 +79,6 @@ async def echo_process(config: dict[str, Any]) -> AsyncIterator[trio.Process]:
             assert chunk, f"echo guest exited (rc={process.poll()})"
             line += chunk
         yield process
-    finally:
-        if process.poll() is None:
-            process.kill()
-        with trio.CancelScope(shield=True):
-            await process.wait()
-            if process.stdout is not None:
-                await process.stdout.aclose()
 
 
 @pytest.mark.parametrize("transport", ["socket", "shm"])
@@ -98,21 +92,18 @@ async def test_echo_through_a_guest_process(
     directory.register(ECHO_DOMID, echo_endpoint, echo_key.public_hex())
     with trio.fail_after(90):
         async with AsyncExitStack() as stack:
-            doms = {}
-            for domid in (0, SENDER_DOMID):
-                key = DomainKey.generate(domid)
-                doms[domid] = await stack.enter_async_context(
-                    open_domain(
-                        domid=domid,
-                        key=key,
-                        directory=directory,
-                        endpoint=f"unix:{tmp_path}/d{domid}.sock",
-                        transport=transport,
-                        page_size=XEN_PAGE_SIZE,
-                        memory_bytes=48 << 20,
-                    )
+            doms = {
+                domid: await open_registered(
+                    stack,
+                    directory,
+                    domid,
+                    f"unix:{tmp_path}/d{domid}.sock",
+                    transport,
+                    page_size=XEN_PAGE_SIZE,
+                    memory_bytes=48 << 20,
                 )
-                directory.register(domid, doms[domid].endpoint, key.public_hex())
+                for domid in (0, SENDER_DOMID)
+            }
             xs = await stack.enter_async_context(connect(xenstored.unix))
             switch: LiveSwitch[Any] = LiveSwitch(queue_depth=1024)
             nursery = await stack.enter_async_context(trio.open_nursery())

@@ -25,6 +25,7 @@ from backends.netback import serve
 from backends.switch import LiveSwitch
 from backends.tap import VirtioNetHdr
 from tests.integration.conftest import Xenstored
+from tests.integration.hv_pair import reaped_on_exit
 from tests.integration.test_netback import TRANSPORTS, StubFront, frame, mac, wait_state, world
 from xenpv.devices import create_vif, list_devices
 from xenpv.hv import Domain, StaticDirectory, open_domain
@@ -73,7 +74,7 @@ async def backend_process(
         *peers,
     ]
     process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE, cwd=REPO)
-    try:
+    async with reaped_on_exit(process):
         assert process.stdout is not None
         line = b""
         while not line.endswith(b"\n"):
@@ -82,13 +83,6 @@ async def backend_process(
             line += chunk
         assert line.startswith(b"READY")
         yield process
-    finally:
-        if process.poll() is None:
-            process.kill()
-        with trio.CancelScope(shield=True):
-            await process.wait()
-            if process.stdout is not None:
-                await process.stdout.aclose()
 
 
 async def talk(a: StubFront, b: StubFront, seq: int) -> None:
