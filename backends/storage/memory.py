@@ -77,11 +77,7 @@ class MemoryDisk:
         length = buffer_lengths(buffers, self._sector_size, writable=True)
         check_range(offset, length, len(self._data), self._sector_size)
         await self._enter(StorageOp.READ, offset, length)
-        src = memoryview(self._data)
-        for view in as_views(buffers):
-            n = view.nbytes
-            view[:] = src[offset : offset + n]
-            offset += n
+        self._copy_out(offset, buffers)
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def read(self, offset: int, length: int) -> bytes:
@@ -97,11 +93,7 @@ class MemoryDisk:
         self._check_open()
         length = buffer_lengths(buffers, self._sector_size, writable=True)
         check_range(offset, length, len(self._data), self._sector_size)
-        src = memoryview(self._data)
-        for view in as_views(buffers):
-            n = view.nbytes
-            view[:] = src[offset : offset + n]
-            offset += n
+        self._copy_out(offset, buffers)
         return True
 
     def write_now(self, offset: int, buffers: Sequence[WriteBuffer]) -> bool:
@@ -112,11 +104,7 @@ class MemoryDisk:
         length = buffer_lengths(buffers, self._sector_size, writable=False)
         check_range(offset, length, len(self._data), self._sector_size)
         self._check_writable(StorageOp.WRITE)
-        dst = memoryview(self._data)
-        for view in as_views(buffers):
-            n = view.nbytes
-            dst[offset : offset + n] = view
-            offset += n
+        self._copy_in(offset, buffers)
         return True
 
     async def write(self, offset: int, buffers: Sequence[WriteBuffer]) -> None:
@@ -125,11 +113,7 @@ class MemoryDisk:
         check_range(offset, length, len(self._data), self._sector_size)
         self._check_writable(StorageOp.WRITE)
         await self._enter(StorageOp.WRITE, offset, length)
-        dst = memoryview(self._data)
-        for view in as_views(buffers):
-            n = view.nbytes
-            dst[offset : offset + n] = view
-            offset += n
+        self._copy_in(offset, buffers)
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def flush(self) -> None:
@@ -160,6 +144,20 @@ class MemoryDisk:
     async def close(self) -> None:
         self._closed = True
         await trio.lowlevel.checkpoint()
+
+    def _copy_out(self, offset: int, buffers: Sequence[ReadBuffer]) -> None:
+        src = memoryview(self._data)
+        for view in as_views(buffers):
+            n = view.nbytes
+            view[:] = src[offset : offset + n]
+            offset += n
+
+    def _copy_in(self, offset: int, buffers: Sequence[WriteBuffer]) -> None:
+        dst = memoryview(self._data)
+        for view in as_views(buffers):
+            n = view.nbytes
+            dst[offset : offset + n] = view
+            offset += n
 
     def _check_open(self) -> None:
         if self._closed:
