@@ -10,7 +10,7 @@ from pathlib import Path
 import trio
 
 from backends.blkback import BlkbackDevice
-from tests.integration.hv_pair import open_registered
+from tests.integration.hv_pair import open_unix_domains
 from xenpv.devices import VbdConfig, create_vbd
 from xenpv.hv import Domain, StaticDirectory
 from xenpv.identity import DomainKey
@@ -45,21 +45,13 @@ async def pair(
     """Backend domain 0 and guest domain 1 (of `page_size`), and a xenstore connection."""
     directory = StaticDirectory()
     async with AsyncExitStack() as stack:
-        doms = [
-            await open_registered(
-                stack,
-                directory,
-                domid,
-                f"unix:{tmp}/d{domid}.sock",
-                transport,
-                page_size=size,
-                memory_bytes=memory,
-            )
-            for domid, size, memory in (
-                (0, backend_page, backend_memory),
-                (1, page_size, guest_memory),
-            )
-        ]
+        doms = await open_unix_domains(
+            stack,
+            directory,
+            tmp,
+            transport,
+            [(0, backend_page, backend_memory), (1, page_size, guest_memory)],
+        )
         xs = await stack.enter_async_context(connect(xs_address))
         keys = {dom.domid: dom.key for dom in doms}
         yield Pair(doms[0], doms[1], xs, directory, keys)

@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,29 @@ async def domains(
             )
             for domid in domids
         ]
+
+
+async def open_unix_domains(
+    stack: AsyncExitStack,
+    directory: StaticDirectory,
+    tmp: Path,
+    transport: str,
+    specs: Iterable[tuple[int, int, int]],
+) -> list[Domain]:
+    """`open_registered` for each (domid, page size, memory bytes) in `specs`, in order, each
+    listening on unix:`tmp`/d<domid>.sock."""
+    return [
+        await open_registered(
+            stack,
+            directory,
+            domid,
+            f"unix:{tmp}/d{domid}.sock",
+            transport,
+            page_size=page_size,
+            memory_bytes=memory_bytes,
+        )
+        for domid, page_size, memory_bytes in specs
+    ]
 
 
 async def open_registered(

@@ -19,7 +19,7 @@ import trio
 
 from frontends.netfront import Netfront, RxFrame, attach
 from tests.integration.conftest import Xenstored
-from tests.integration.hv_pair import open_registered
+from tests.integration.hv_pair import open_unix_domains
 from xenpv.abi.netif import (
     NETIF_RSP_NULL,
     NETIF_RSP_OKAY,
@@ -321,18 +321,13 @@ async def setup(
 ) -> AsyncIterator[Setup]:
     directory = StaticDirectory()
     async with AsyncExitStack() as stack:
-        doms = [
-            await open_registered(
-                stack,
-                directory,
-                domid,
-                f"unix:{tmp}/d{domid}.sock",
-                transport,
-                page_size=size,
-                memory_bytes=memory,
-            )
-            for domid, size, memory in ((0, XEN_PAGE_SIZE, 16 << 20), (1, page_size, 64 << 20))
-        ]
+        doms = await open_unix_domains(
+            stack,
+            directory,
+            tmp,
+            transport,
+            [(0, XEN_PAGE_SIZE, 16 << 20), (1, page_size, 64 << 20)],
+        )
         xs = await stack.enter_async_context(connect(xenstored.unix))
         device = DeviceId("vif", 1, 0, 0)
         await create_vif(xs, device, mac=MAC)

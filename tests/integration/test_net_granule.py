@@ -31,7 +31,7 @@ from backends.switch import LiveSwitch
 from frontends.netfront import Netfront, RxFrame, attach
 from frontends.netfront.keys import frontend_keys
 from tests.integration.conftest import Xenstored
-from tests.integration.hv_pair import open_registered
+from tests.integration.hv_pair import open_unix_domains
 from tests.integration.test_net_integrity import mac_of, mac_text, opaque_frame, tcp_frame
 from xenpv import granule
 from xenpv.abi.netif import XEN_NETIF_GSO_TYPE_TCPV4, NetifGsoExtra
@@ -120,19 +120,11 @@ async def _open_domains(
     stack: AsyncExitStack, tmp: Path, transport: str, page_sizes: list[int]
 ) -> list[Domain]:
     """Domain 0 (the backend) and the guests, one per page size after the first."""
-    directory = StaticDirectory()
-    return [
-        await open_registered(
-            stack,
-            directory,
-            domid,
-            f"unix:{tmp}/d{domid}.sock",
-            transport,
-            page_size=size,
-            memory_bytes=(32 << 20) if domid == 0 else _memory(size),
-        )
+    specs = [
+        (domid, size, (32 << 20) if domid == 0 else _memory(size))
         for domid, size in enumerate(page_sizes)
     ]
+    return await open_unix_domains(stack, StaticDirectory(), tmp, transport, specs)
 
 
 @asynccontextmanager

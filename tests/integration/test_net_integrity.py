@@ -23,7 +23,7 @@ from backends import netback
 from backends.switch import LiveSwitch
 from frontends.netfront import Netfront, RxFrame, attach
 from tests.integration.conftest import Xenstored
-from tests.integration.hv_pair import open_registered
+from tests.integration.hv_pair import open_unix_domains
 from xenpv.abi.netif import XEN_NETIF_GSO_TYPE_TCPV4, NetifGsoExtra
 from xenpv.devices import create_vif
 from xenpv.hv import XEN_PAGE_SIZE, Domain, StaticDirectory
@@ -72,18 +72,12 @@ async def network(
     """A backend domain 0 (netback + switch) and one guest per page size (domids 1, 2, ...)."""
     directory = StaticDirectory()
     async with AsyncExitStack() as stack:
-        doms = [
-            await open_registered(
-                stack,
-                directory,
-                domid,
-                f"unix:{tmp}/d{domid}.sock",
-                transport,
-                page_size=size,
-                memory_bytes=32 << 20 if domid == 0 else memory_for(size),
-            )
-            for domid, size in enumerate([XEN_PAGE_SIZE, *page_sizes])
+        sizes = [XEN_PAGE_SIZE, *page_sizes]
+        specs = [
+            (domid, size, 32 << 20 if domid == 0 else memory_for(size))
+            for domid, size in enumerate(sizes)
         ]
+        doms = await open_unix_domains(stack, directory, tmp, transport, specs)
         xs = await stack.enter_async_context(connect(xenstored.unix))
         switch: LiveSwitch[Any] = LiveSwitch(queue_depth=1024)
         nursery = await stack.enter_async_context(trio.open_nursery())

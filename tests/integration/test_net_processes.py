@@ -25,7 +25,7 @@ from backends import netback
 from backends.switch import LiveSwitch
 from frontends.netfront import attach
 from tests.integration.conftest import Xenstored
-from tests.integration.hv_pair import open_registered, reaped_on_exit
+from tests.integration.hv_pair import open_unix_domains, reaped_on_exit
 from tests.integration.test_net_integrity import mac_of, mac_text, tcp_frame
 from xenpv.abi.netif import XEN_NETIF_GSO_TYPE_TCPV4, NetifGsoExtra
 from xenpv.devices import create_vif
@@ -92,18 +92,9 @@ async def test_echo_through_a_guest_process(
     directory.register(ECHO_DOMID, echo_endpoint, echo_key.public_hex())
     with trio.fail_after(90):
         async with AsyncExitStack() as stack:
-            doms = {
-                domid: await open_registered(
-                    stack,
-                    directory,
-                    domid,
-                    f"unix:{tmp_path}/d{domid}.sock",
-                    transport,
-                    page_size=XEN_PAGE_SIZE,
-                    memory_bytes=48 << 20,
-                )
-                for domid in (0, SENDER_DOMID)
-            }
+            specs = [(domid, XEN_PAGE_SIZE, 48 << 20) for domid in (0, SENDER_DOMID)]
+            opened = await open_unix_domains(stack, directory, tmp_path, transport, specs)
+            doms = {dom.domid: dom for dom in opened}
             xs = await stack.enter_async_context(connect(xenstored.unix))
             switch: LiveSwitch[Any] = LiveSwitch(queue_depth=1024)
             nursery = await stack.enter_async_context(trio.open_nursery())

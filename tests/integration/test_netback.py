@@ -22,7 +22,7 @@ from backends.netback import Vif, advertise_keys
 from backends.switch import LiveSwitch
 from backends.tap import VirtioNetHdr
 from tests.integration.conftest import Xenstored
-from tests.integration.hv_pair import open_registered
+from tests.integration.hv_pair import open_unix_domains
 from xenpv.abi.netif import (
     NETIF_RX_RING,
     NETIF_TX_RING,
@@ -271,19 +271,13 @@ async def world(
 ) -> AsyncIterator[dict[int, Domain]]:
     directory = StaticDirectory()
     async with AsyncExitStack() as stack:
-        yield {
-            domid: await open_registered(
-                stack,
-                directory,
-                domid,
-                f"unix:{workdir}/d{domid}.sock",
-                transport,
-                page_size=page_size,
-                # netfront posts 256 rx pages per queue (2 queues by default), like Linux
-                memory_bytes=max(16 << 20, 2 * 256 * page_size + (16 << 20)),
-            )
+        # netfront posts 256 rx pages per queue (2 queues by default), like Linux
+        specs = [
+            (domid, page_size, max(16 << 20, 2 * 256 * page_size + (16 << 20)))
             for domid, page_size in page_sizes.items()
-        }
+        ]
+        opened = await open_unix_domains(stack, directory, workdir, transport, specs)
+        yield {dom.domid: dom for dom in opened}
 
 
 @asynccontextmanager
