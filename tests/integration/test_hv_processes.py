@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import tempfile
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -15,83 +17,90 @@ from tests.integration import hv_ring
 from tests.integration.hv_pair import (
     TRANSPORT_IDS,
     TRANSPORTS,
+    PeerProcess,
     endpoint_for,
     open_registered,
     registered_peer,
 )
-from xenpv.hv import CopyDirection, CopyOp, EventChannelClosed, PeerGone, StaticDirectory
+from xenpv.hv import (
+    CopyDirection,
+    CopyOp,
+    Domain,
+    EventChannelClosed,
+    PeerGone,
+    StaticDirectory,
+)
 
 pytestmark = pytest.mark.parametrize(("transport", "kind"), TRANSPORTS, ids=TRANSPORT_IDS)
 
 
+@asynccontextmanager
+async def stalling_peer(
+    tmp: Path, transport: str, kind: str, replies: int
+) -> AsyncIterator[tuple[Domain, PeerProcess, dict[str, Any]]]:
+    """Domain 0 here and a "stall" peer, domain 1, in a child process that sends `replies`
+    replies and then stalls every later one; with the grant and port the peer offered."""
+    async with AsyncExitStack() as stack:
+        directory = StaticDirectory()
+        back = await open_registered(stack, directory, 0, endpoint_for(tmp, 0, kind), transport)
+        async with registered_peer(
+            "stall", 1, tmp, kind, transport, back, directory, replies
+        ) as peer:
+            yield back, peer, await peer.line()
+
+
 async def test_peer_killed_during_map(tmp_path: Path, transport: str, kind: str) -> None:
     with trio.fail_after(30):
-        async with AsyncExitStack() as stack:
-            directory = StaticDirectory()
-            back = await open_registered(
-                stack, directory, 0, endpoint_for(tmp_path, 0, kind), transport
-            )
-            async with registered_peer(
-                "stall", 1, tmp_path, kind, transport, back, directory, 0
-            ) as peer:
-                grant = await peer.line()
-                outcome: list[BaseException] = []
+        async with stalling_peer(tmp_path, transport, kind, 0) as (back, peer, grant):
+            outcome: list[BaseException] = []
 
-                async def map_it() -> None:
-                    try:
-                        await back.map_grants(1, [grant["gref"]])
-                    except PeerGone as exc:
-                        outcome.append(exc)
-
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(map_it)
-                    assert await peer.line() == {"stalled": True}  # the request is pending
-                    peer.kill()
-                assert len(outcome) == 1 and isinstance(outcome[0], PeerGone)
-                with pytest.raises(PeerGone):  # and the peer is gone for new operations too
+            async def map_it() -> None:
+                try:
                     await back.map_grants(1, [grant["gref"]])
+                except PeerGone as exc:
+                    outcome.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(map_it)
+                assert await peer.line() == {"stalled": True}  # the request is pending
+                peer.kill()
+            assert len(outcome) == 1 and isinstance(outcome[0], PeerGone)
+            with pytest.raises(PeerGone):  # and the peer is gone for new operations too
+                await back.map_grants(1, [grant["gref"]])
 
 
 async def test_peer_killed_during_copy(tmp_path: Path, transport: str, kind: str) -> None:
     with trio.fail_after(30):
-        async with AsyncExitStack() as stack:
-            directory = StaticDirectory()
-            back = await open_registered(
-                stack, directory, 0, endpoint_for(tmp_path, 0, kind), transport
-            )
-            # two replies get through (map, bind), everything after stalls
-            async with registered_peer(
-                "stall", 1, tmp_path, kind, transport, back, directory, 2
-            ) as peer:
-                grant = await peer.line()
-                mapping = await back.map_grants(1, [grant["gref"]])
-                assert bytes(mapping.view[:4]) == b"live"
-                channel = await back.bind_interdomain(1, grant["port"])
-                buf = bytearray(4)
-                copy = [CopyOp(CopyDirection.FROM_REMOTE, 1, grant["gref"], 0, 4, memoryview(buf))]
-                outcome: list[BaseException] = []
+        # two replies get through (map, bind), everything after stalls
+        async with stalling_peer(tmp_path, transport, kind, 2) as (back, peer, grant):
+            mapping = await back.map_grants(1, [grant["gref"]])
+            assert bytes(mapping.view[:4]) == b"live"
+            channel = await back.bind_interdomain(1, grant["port"])
+            buf = bytearray(4)
+            copy = [CopyOp(CopyDirection.FROM_REMOTE, 1, grant["gref"], 0, 4, memoryview(buf))]
+            outcome: list[BaseException] = []
 
-                async def copy_it() -> None:
-                    try:
-                        while True:  # on shm copies need no round trip: stall on an unmap
-                            await back.grant_copy(copy)
-                            if mapping.shared:
-                                await mapping.unmap()
-                    except PeerGone as exc:
-                        outcome.append(exc)
+            async def copy_it() -> None:
+                try:
+                    while True:  # on shm copies need no round trip: stall on an unmap
+                        await back.grant_copy(copy)
+                        if mapping.shared:
+                            await mapping.unmap()
+                except PeerGone as exc:
+                    outcome.append(exc)
 
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(copy_it)
-                    assert await peer.line() == {"stalled": True}
-                    peer.kill()
-                assert len(outcome) == 1
-                with pytest.raises(EventChannelClosed):
-                    await channel.wait()
-                if not mapping.shared:
-                    with pytest.raises(PeerGone):
-                        mapping.view  # noqa: B018 (a dead mapping refuses use)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(copy_it)
+                assert await peer.line() == {"stalled": True}
+                peer.kill()
+            assert len(outcome) == 1
+            with pytest.raises(EventChannelClosed):
+                await channel.wait()
+            if not mapping.shared:
                 with pytest.raises(PeerGone):
-                    await back.grant_copy(copy)
+                    mapping.view  # noqa: B018 (a dead mapping refuses use)
+            with pytest.raises(PeerGone):
+                await back.grant_copy(copy)
 
 
 @settings(
