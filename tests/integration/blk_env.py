@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import random
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import trio
 
 from backends.blkback import BlkbackDevice
+from frontends.blkfront import Blkfront
 from tests.integration.hv_pair import open_unix_domains
 from xenpv.devices import VbdConfig, create_vbd
 from xenpv.hv import Domain, StaticDirectory
@@ -20,6 +22,16 @@ from xenpv.xenstore.client import XenstoreClient, connect
 
 TRANSPORTS = ["socket", "shm"]
 DEVICE = DeviceId("vbd", frontend_domid=1, backend_domid=0, devid=xvd_number(0))
+# Every optional blkif feature switched off: one page, one queue, direct requests only.
+FEATURES_OFF = VbdFeatures(
+    ring_page_order=0,
+    queues=1,
+    indirect_segments=0,
+    persistent=False,
+    flush=False,
+    barrier=False,
+    discard=False,
+)
 
 
 @dataclass
@@ -87,6 +99,44 @@ def start_backend(nursery: trio.Nursery, p: Pair) -> trio.CancelScope:
 
     nursery.start_soon(serve)
     return scope
+
+
+class QuarterWriters:
+    """Four tasks writing random data, each in its own quarter of the disk (`model` has the
+    disk's size), until `stop()`; every acknowledged write is applied to `model`, so the disk
+    must end up equal to it. `reached(n)` waits for n acknowledged writes, n one of `marks`."""
+
+    def __init__(
+        self, front: Blkfront, model: bytearray, lengths: Sequence[int], marks: Sequence[int]
+    ) -> None:
+        self.front, self.model, self.lengths = front, model, lengths
+        self.acked = 0
+        self._marks = {mark: trio.Event() for mark in marks}
+        self._stop = trio.Event()
+
+    def start(self, nursery: trio.Nursery) -> None:
+        for quarter in range(4):
+            nursery.start_soon(self._write, quarter)
+
+    async def reached(self, mark: int) -> None:
+        await self._marks[mark].wait()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _write(self, quarter: int) -> None:
+        rng = random.Random(quarter)
+        region = len(self.model) // 4
+        while not self._stop.is_set():
+            length = rng.choice(self.lengths)
+            offset = quarter * region + rng.randrange(0, (region - length) // 512) * 512
+            data = rng.randbytes(length)
+            await self.front.write(offset, data)
+            self.model[offset : offset + length] = data
+            self.acked += 1
+            for mark, event in self._marks.items():
+                if self.acked >= mark:
+                    event.set()
 
 
 def read_image(path: Path) -> bytes:

@@ -9,10 +9,9 @@ import trio
 
 from backends.blkback import serve
 from frontends.blkfront import BlkError, DeviceNotFound, attach
-from tests.integration.blk_env import DEVICE, make_vbd, pair
+from tests.integration.blk_env import DEVICE, FEATURES_OFF, make_vbd, pair
 from tests.integration.conftest import Xenstored
 from xenpv.devices import VBD_SIZE, VbdConfig, create_vbd
-from xenpv.topology import VbdFeatures
 from xenpv.xenbus import Closed, Connected
 from xenpv.xenbus_io import read_state
 
@@ -38,18 +37,9 @@ async def test_read_only_disk(tmp_path: Path, xenstored: Xenstored) -> None:
 
 
 async def test_capacity_change_and_features_off(tmp_path: Path, xenstored: Xenstored) -> None:
-    off = VbdFeatures(
-        ring_page_order=0,
-        queues=1,
-        indirect_segments=0,
-        persistent=False,
-        flush=False,
-        barrier=False,
-        discard=False,
-    )
     with trio.fail_after(30):
         async with pair(tmp_path, xenstored.unix, "socket", 65536) as p:
-            await make_vbd(p.xs, image=str(tmp_path / "d.img"), size=MiB, features=off)
+            await make_vbd(p.xs, image=str(tmp_path / "d.img"), size=MiB, features=FEATURES_OFF)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(serve, p.backend, p.xs, DEVICE)
                 # the 4 KiB baseline: ring order as configured (granules: test_blk_granule)

@@ -24,6 +24,7 @@ from tests.integration.blk_env import (
     DEVICE,
     TRANSPORTS,
     Pair,
+    QuarterWriters,
     make_vbd,
     pair,
     read_image,
@@ -183,34 +184,17 @@ async def test_backend_restart_reissues_with_the_new_granule(
                 async with attach(p.guest, p.xs, DEVICE) as front:
                     await front.wait_connected()
                     assert front.info["granule_order"] == 4
-                    acked = 0
-                    progress = {20: trio.Event(), 60: trio.Event()}
-                    stop = trio.Event()
-
-                    async def writer(w: int) -> None:
-                        nonlocal acked
-                        rng = random.Random(w)
-                        region = size // 4
-                        while not stop.is_set():
-                            length = rng.choice([512, 4096, 65536, 256 << 10])
-                            offset = w * region + rng.randrange(0, (region - length) // 512) * 512
-                            data = rng.randbytes(length)
-                            await front.write(offset, data)
-                            model[offset : offset + length] = data
-                            acked += 1
-                            for mark, event in progress.items():
-                                if acked >= mark:
-                                    event.set()
-
-                    async with trio.open_nursery() as writers:
-                        for w in range(4):
-                            writers.start_soon(writer, w)
-                        await progress[20].wait()
+                    writers = QuarterWriters(
+                        front, model, [512, 4096, 65536, 256 << 10], marks=(20, 60)
+                    )
+                    async with trio.open_nursery() as writing:
+                        writers.start(writing)
+                        await writers.reached(20)
                         first.cancel()  # the backend goes away with writes in flight
                         await p.xs.write(f"{DEVICE.backend}/{VBD_MAX_GRANULE_ORDER}", "2")
                         nursery.start_soon(BlkbackDevice(p.backend, p.xs, DEVICE).run)
-                        await progress[60].wait()
-                        stop.set()
+                        await writers.reached(60)
+                        writers.stop()
                     assert front.connections >= 2
                     assert front.engine.reissued > 0  # writes were in flight at the restart
                     assert (front.info["granule_order"], front.info["grant_size"]) == (2, 16384)

@@ -28,6 +28,7 @@ from backends.storage import (
     StorageOp,
     WriteBuffer,
 )
+from tests.integration.blk_env import FEATURES_OFF
 from tests.integration.conftest import Xenstored
 from tests.integration.hv_pair import domains
 from xenpv.abi.blkif import (
@@ -51,7 +52,6 @@ from xenpv.abi.blkif import (
 from xenpv.abi.ring import FrontRing
 from xenpv.devices import VbdConfig, create_vbd, destroy_device
 from xenpv.hv import Domain, EventChannel, Page
-from xenpv.topology import VbdFeatures
 from xenpv.xenbus import Closed, Closing, Connected, DeviceId, Initialised, InitWait, XenbusState
 from xenpv.xenbus_io import publish, read_keys, read_state
 from xenpv.xenstore.client import XenstoreClient, connect
@@ -398,17 +398,10 @@ async def test_flush_barrier_discard(
 async def test_features_switched_off(
     xenstored: Xenstored, xs_workdir: Path, transport: str, kind: str
 ) -> None:
-    off = VbdFeatures(
-        ring_page_order=0,
-        queues=1,
-        indirect_segments=0,
-        persistent=False,
-        flush=False,
-        barrier=False,
-        discard=False,
-    )
     with trio.fail_after(30):
-        async with setup(xenstored, xs_workdir, transport, VbdConfig(None, MiB, features=off)) as (
+        async with setup(
+            xenstored, xs_workdir, transport, VbdConfig(None, MiB, features=FEATURES_OFF)
+        ) as (
             xs,
             (dom0, dom1),
         ):
@@ -438,7 +431,7 @@ async def test_features_switched_off(
 
             # a frontend asking for more than was offered: xenbus_dev_fatal → Closing
             await destroy_device(xs, device)
-            await create_vbd(xs, device, VbdConfig(None, MiB, features=off))
+            await create_vbd(xs, device, VbdConfig(None, MiB, features=FEATURES_OFF))
             async with backend(xs, dom0, device):
                 greedy = MiniFront(dom1, xs, device, order=1)
                 await greedy.setup()

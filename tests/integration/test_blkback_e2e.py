@@ -12,7 +12,14 @@ import trio
 
 from backends.blkback import BlkbackDevice
 from frontends.blkfront import BlkError, attach
-from tests.integration.blk_env import DEVICE, make_vbd, pair, start_backend
+from tests.integration.blk_env import (
+    DEVICE,
+    FEATURES_OFF,
+    QuarterWriters,
+    make_vbd,
+    pair,
+    start_backend,
+)
 from tests.integration.conftest import Xenstored
 from tests.integration.hv_pair import domains
 from tests.integration.test_blkback import MiniFront, read_image, wait_backend
@@ -25,15 +32,7 @@ from xenpv.xenstore.client import connect
 CONFIGS = [
     (VbdFeatures(), 512, False, "shm"),
     (
-        VbdFeatures(
-            ring_page_order=0,
-            queues=1,
-            indirect_segments=0,
-            persistent=False,
-            flush=False,
-            barrier=False,
-            discard=False,
-        ),
+        FEATURES_OFF,
         4096,
         False,
         "socket",
@@ -103,7 +102,6 @@ async def test_backend_restart_under_load(
     image = xs_workdir / "disk.img"
     size = 4 << 20
     model = bytearray(size)
-    acked = 0
     with trio.fail_after(60):
         async with pair(xs_workdir, xenstored.unix, transport, 4096, guest_memory=32 << 20) as p:
             await make_vbd(
@@ -112,33 +110,15 @@ async def test_backend_restart_under_load(
             async with trio.open_nursery() as nursery:  # outlives the frontend: clean detach
                 first = start_backend(nursery, p)
                 async with attach(p.guest, p.xs, DEVICE) as front:
-                    progress = {20: trio.Event(), 60: trio.Event()}
-                    stop = trio.Event()
-
-                    async def writer(w: int) -> None:
-                        nonlocal acked
-                        rng = random.Random(w)
-                        region = size // 4
-                        while not stop.is_set():
-                            length = rng.choice([512, 4096, 65536])
-                            offset = w * region + rng.randrange(0, (region - length) // 512) * 512
-                            data = rng.randbytes(length)
-                            await front.write(offset, data)
-                            model[offset : offset + length] = data
-                            acked += 1
-                            for mark, event in progress.items():
-                                if acked >= mark:
-                                    event.set()
-
+                    writers = QuarterWriters(front, model, [512, 4096, 65536], marks=(20, 60))
                     await front.wait_connected()
-                    async with trio.open_nursery() as writers:
-                        for w in range(4):
-                            writers.start_soon(writer, w)
-                        await progress[20].wait()
+                    async with trio.open_nursery() as writing:
+                        writers.start(writing)
+                        await writers.reached(20)
                         first.cancel()  # the backend goes away with writes in flight
                         nursery.start_soon(BlkbackDevice(p.backend, p.xs, DEVICE).run)
-                        await progress[60].wait()
-                        stop.set()
+                        await writers.reached(60)
+                        writers.stop()
                     assert front.connections >= 2
                     assert await front.read(0, size) == bytes(model)
                 nursery.cancel_scope.cancel()
