@@ -35,13 +35,18 @@ def _entries(count: int, size: int, seed: int) -> list[bytes]:
     return [bytes((seed + n + k) & 0xFF for k in range(size)) for n in range(count)]
 
 
-@settings(max_examples=60, deadline=None)
-@given(
+# The batch-equals-one-by-one properties share their cases: both ring layouts; start indexes
+# at 0, mid-ring, near the ring's end (batches cross it) and just before the 32-bit wrap.
+batch_cases = given(
     layout=st.sampled_from([NETIF_TX_RING, NETIF_RX_RING]),
     start=st.sampled_from([0, 200, 250, MASK - 3]),
     count=st.integers(1, 40),
     seed=st.integers(0, 255),
 )
+
+
+@settings(max_examples=60, deadline=None)
+@batch_cases
 def test_put_requests_equals_one_by_one(
     layout: RingLayout, start: int, count: int, seed: int
 ) -> None:
@@ -61,12 +66,7 @@ def test_put_requests_equals_one_by_one(
 
 
 @settings(max_examples=60, deadline=None)
-@given(
-    layout=st.sampled_from([NETIF_TX_RING, NETIF_RX_RING]),
-    start=st.sampled_from([0, 200, 250, MASK - 3]),
-    count=st.integers(1, 40),
-    seed=st.integers(0, 255),
-)
+@batch_cases
 def test_put_responses_equals_one_by_one(
     layout: RingLayout, start: int, count: int, seed: int
 ) -> None:
