@@ -31,7 +31,7 @@ from __future__ import annotations
 import collections
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
@@ -66,6 +66,9 @@ log = structlog.get_logger()
 
 FLUSH_OPS = (int(BLKIF_OP_FLUSH_DISKCACHE), int(BLKIF_OP_WRITE_BARRIER))
 _NO_DATA = Part(0, 0, 0, False)  # the one part of a flush or discard
+# What every list of an `_Issued` starts as: empty, and immutable, so that a path that forgot
+# to make its own list fails loudly instead of sharing one.
+_NONE: Any = ()
 _MIN_RUN = 4  # consecutive new I/Os sent to one ring, at least (see `dispatch`)
 _RUN_CHUNKS = 4 * BLKIF_MAX_SEGMENTS_PER_REQUEST  # ... unless they carry more data
 _SHAPES = 256  # I/O shapes (start in page, length, limits) whose split is cached
@@ -141,12 +144,12 @@ class BlkIo:
     waiter: Any = None  # the trio layer's wake-up handle
     # per connection: reset by Engine.disconnect()
     parts: list[Part] | None = None  # shared with I/Os of the same shape; sectors relative
-    pieces: list[Chunk] = field(default_factory=list)
+    pieces: Sequence[Chunk] = ()  # shared too (`_plan`)
     next_part: int = 0
     outstanding: int = 0
     queue: int = -1
     failure: int = BLKIF_RSP_OKAY
-    pages: list[Page] = field(default_factory=list)
+    pages: Sequence[Page] = ()  # the "bio" pages (non-persistent), allocated at dispatch
 
     @property
     def done(self) -> bool:
@@ -171,10 +174,11 @@ class _Issued:
         self.part = part
         self.operation = operation
         self.pool = pool  # the issuing ring's persistent pool (`_Queue.pool`)
-        self.grefs: list[int] = []  # ended at completion
-        self.pooled: list[tuple[int, int]] = []  # persistent (frame, gref)
-        self.frames: list[int] = []  # frame of each chunk, in order
-        self.scratch: list[int] = []  # non-persistent indirect frames
+        # Set by `_build` where a request has them (most have only `pooled` and `frames`).
+        self.grefs: list[int] = _NONE  # ended at completion
+        self.pooled: list[tuple[int, int]] = _NONE  # persistent (frame, gref)
+        self.frames: list[int] = _NONE  # frame of each chunk, in order
+        self.scratch: list[int] = _NONE  # non-persistent indirect frames
 
 
 class _Queue:
@@ -225,7 +229,7 @@ class Engine:
         self._pool_pages: list[Page] = []
         self._scratch: list[int] = []  # free frames for non-persistent indirect pages
         self._scratch_pages: list[Page] = []
-        self._stuck: list[tuple[int, list[Page]]] = []  # grants the backend would not release
+        self._stuck: list[tuple[int, Sequence[Page]]] = []  # grants the backend would not release
         self._stuck_grefs: list[int] = []
         self._finished: list[BlkIo] = []  # completed inside dispatch(), not by a response
         # (start, length) -> the split under this connection's limits (see `_plan`)
@@ -443,12 +447,28 @@ class Engine:
             return BlkifDiscardRequest(id, io.sector, io.length // SECTOR_SIZE, 0, neg.handle)
         if io.operation in FLUSH_OPS:
             return BlkifRequest(issued.operation, id, 0, (), neg.handle)
-        pieces = io.pieces[part.first : part.first + part.count]
         write = io.operation == BLKIF_OP_WRITE
-        segments = []
         gsize = self.grant_size
+        if neg.persistent and part.count == 1 and not part.indirect:
+            # One chunk (every I/O of a granule or less): the same as below, minus the lists.
+            pool = issued.pool
+            if not pool:
+                self._grow_pool(pool)
+            entry = pool.pop()
+            issued.pooled = [entry]
+            issued.frames = [entry[0]]
+            if write:
+                self._copy_in(issued)
+            piece = io.pieces[part.first]
+            first = piece.offset % gsize >> 9
+            segment = (entry[1], first, first + (piece.length >> 9) - 1)
+            return neg.protocol.encode_rw(
+                io.operation, id, io.sector + part.sector, neg.handle, (segment,)
+            )
+        pieces = io.pieces[part.first : part.first + part.count]
+        segments = []
         if neg.persistent:
-            # The hot path of every I/O (256 chunks per 1 MiB): list operations, not a
+            # The hot path of every large I/O (256 chunks per 1 MiB): list operations, not a
             # Python step per chunk where it can be helped.
             pool = issued.pool
             n = len(pieces)
@@ -457,7 +477,7 @@ class Engine:
             taken = pool[-n:]
             del pool[-n:]
             taken.reverse()  # the order n pops would give
-            issued.pooled.extend(taken)
+            issued.pooled = taken
             issued.frames = [frame for frame, _ in taken]
             if write:
                 self._copy_in(issued)
@@ -472,6 +492,7 @@ class Engine:
         else:
             if not io.pages:
                 self._fill_bio(io)
+            issued.grefs, issued.frames = [], []
             psize = self.page_size
             order = neg.granule_order
             for piece in pieces:
@@ -486,18 +507,17 @@ class Engine:
         if not part.indirect:
             sector = io.sector + part.sector
             return BlkifRequest(io.operation, id, sector, tuple(segments), neg.handle)
+        # Non-persistent (the persistent path returned above): scratch granules, granted
+        # for this request only.
         grefs = []
+        issued.scratch = []
         for content in encode_indirect_pages(segments, gsize)[
             : indirect_pages(len(segments), gsize)
         ]:
-            if neg.persistent:
-                frame, gref = self._pool_get(issued.pool)
-                issued.pooled.append((frame, gref))
-            else:
-                frame = self._scratch_get()
-                issued.scratch.append(frame)
-                gref = self.grants.grant_access(self.backend, frame, order=neg.granule_order)
-                issued.grefs.append(gref)
+            frame = self._scratch_get()
+            issued.scratch.append(frame)
+            gref = self.grants.grant_access(self.backend, frame, order=neg.granule_order)
+            issued.grefs.append(gref)
             at = frame * 4096
             self.memory.view[at : at + gsize] = content
             self.memory.written(at, gsize)
@@ -709,9 +729,7 @@ class Engine:
         # same order, so consecutive frames stay consecutive (merged copies here, merged
         # iovecs in blkback, whose mappings follow the order it first saw the grants in).
         issued.pool.extend(reversed(issued.pooled))
-        issued.grefs = []
-        issued.scratch = []
-        issued.pooled = []
+        issued.grefs = issued.scratch = issued.pooled = _NONE
 
     def _retry_stuck(self) -> None:
         if not self._stuck_grefs:

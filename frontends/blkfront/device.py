@@ -306,17 +306,18 @@ class Blkfront:
         return self._check_now(offset, length, write=write)
 
     def _check_now(self, offset: int, length: int, *, write: bool) -> int:
-        if not self.info:
+        info = self.info  # once: this runs for every I/O
+        if not info:
             raise io_error("not connected yet: await wait_connected() first")
-        block = int(self.info["sector_size"])
+        block = int(info["sector_size"])
         if offset < 0 or length <= 0 or offset % block or length % block:
             raise io_error(
                 f"I/O of {length} bytes at {offset}: both must be positive multiples of the "
                 f"{block}-byte sector size"
             )
-        if offset + length > self.capacity:
+        if offset + length > int(info["sectors"]) * SECTOR_SIZE:
             raise io_error(f"I/O at {offset}+{length} beyond the end of the disk ({self.capacity})")
-        if write and self._read_only():
+        if write and info.get("read_only"):
             raise io_error("the disk is read-only")
         return offset // SECTOR_SIZE
 
