@@ -42,7 +42,6 @@ from xenpv.abi.blkif import (
     BlkifIndirectRequest,
     BlkifProtocol,
     BlkifRequest,
-    BlkifResponse,
     decode_indirect_segments,
 )
 from xenpv.abi.errors import BlkifError, BlkifUnsupportedOp
@@ -189,7 +188,7 @@ class RequestCore:
         return self._plan(request.id, request.indirect_op, kind, request.sector_number, planned)
 
     def response(self, id: int, operation: int, status: int) -> bytes:
-        return self.protocol.encode_response(BlkifResponse(id, operation & 0xFF, status))
+        return self.protocol.pack_response(id, operation & 0xFF, status)
 
     # -- checks ----------------------------------------------------------------------------
 
