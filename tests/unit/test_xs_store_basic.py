@@ -88,6 +88,27 @@ def test_snapshot_round_trip() -> None:
     assert restored.state() == store.state()
 
 
+def test_a_capture_is_the_state_when_taken_whatever_changes_after() -> None:
+    """The server encodes a capture in a worker thread while requests keep changing the
+    store: the snapshot must be the state at capture time, children order included."""
+    store = Store()
+    dom0 = Client(store, 0)
+    dom0.write("/b", b"first")
+    dom0.write("/a/x", b"1")
+    dom0.write("/b/y", b"2")  # created after /a/x: creation order is not pre-order
+    dom0.set_perms("/a/x", "w2", "r3")
+    dom0.ok(XsType.XS_INTRODUCE, b"5\x0077\x008\x00")
+    before = store.state()
+    captured = store.capture()
+    dom0.write("/b", b"changed")
+    dom0.set_perms("/a/x", "n0")
+    dom0.rm("/a")
+    dom0.write("/c", b"new")
+    dom0.ok(XsType.XS_RELEASE, b"5\x00")
+    assert Store.restore(captured.encode(), []).state() == before
+    assert before != store.state()
+
+
 def test_shared_empty_child_dict_is_never_mutated() -> None:
     from xenpv.xenstore import tree
 

@@ -52,6 +52,7 @@ from xenpv.errors import XenpvError
 from xenpv.xenstore import auth
 from xenpv.xenstore.journal import Journal, JournalError
 from xenpv.xenstore.store import Change, ConnId, Quotas, Store
+from xenpv.xenstore.tree import Capture
 from xenpv.xenstore.wire import FrameReader, Message, XsProtocolError, XsType
 
 log = structlog.get_logger()
@@ -416,16 +417,25 @@ class XenstoreServer:
             if changes:
                 if self.journal.size >= self._compact_threshold:
                     # The store holds exactly journal + this batch: nothing else was handled
-                    # since the batch was taken (no await in between).
-                    snapshot = self.store.snapshot()
-                    await trio.to_thread.run_sync(self.journal.compact, snapshot)
-                    self._compact_threshold = max(self.config.compact_min_bytes, 2 * len(snapshot))
-                    log.info("journal compacted", snapshot_bytes=len(snapshot))
+                    # since the batch was taken (no await in between). Capture that state
+                    # here (~25 ms at 100k nodes); encoding it (~0.3 s) and writing it run in
+                    # a worker thread while the loop keeps serving requests (their changes
+                    # wait in `_pending` for the new journal).
+                    captured = self.store.capture()
+                    size = await trio.to_thread.run_sync(self._compact, captured)
+                    self._compact_threshold = max(self.config.compact_min_bytes, 2 * size)
+                    log.info("journal compacted", snapshot_bytes=size)
                 else:
                     await self._append(encode_changes(changes))
             for replies, _, drop in batch:
                 self._deliver(replies, drop)
             self._committing = False
+
+    def _compact(self, captured: Capture) -> int:
+        """Encode the captured state and make it the new snapshot (a worker thread)."""
+        snapshot = captured.encode()
+        self.journal.compact(snapshot)
+        return len(snapshot)
 
     async def _append(self, payload: bytes) -> None:
         # A fast fdatasync (tmpfs, a disk with a power-safe cache) costs less than a hop to a

@@ -70,7 +70,7 @@ from xenpv.xenstore.perms import (
 )
 from xenpv.xenstore.quotas import NODE_HEADER_SIZE, PERM_ENTRY_SIZE, Quotas
 from xenpv.xenstore.transactions import Transaction, stale_view
-from xenpv.xenstore.tree import Node, Tree
+from xenpv.xenstore.tree import Capture, Node, Tree
 from xenpv.xenstore.watches import ConnId, WatchIndex
 from xenpv.xenstore.wire import XENSTORE_PAYLOAD_MAX, Message, XsError, XsType
 
@@ -184,6 +184,11 @@ class Store:
     def snapshot(self) -> bytes:
         """msgpack of the whole durable state (nodes, generations, domains)."""
         return self._tree.snapshot()
+
+    def capture(self) -> Capture:
+        """`snapshot` in two steps: this one, fast, sees the state now; the capture's
+        `encode()` can run later, elsewhere (a worker thread), while the store changes."""
+        return self._tree.capture()
 
     @classmethod
     def restore(

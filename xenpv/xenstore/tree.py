@@ -3,7 +3,7 @@
 `Tree` is the committed database. Its three mutators (`create`, `set_node`, `delete`) and the
 domain setters record `Change` operations as they go, so the store can hand the server one
 journal record per acknowledged request; `apply` replays such a record, and `snapshot` /
-`load` serialise the whole state (msgpack).
+`load` serialise the whole state (msgpack), `capture` + `Capture.encode` in two steps.
 
 Generations follow C xenstored ≥ 4.9: one global counter; every node written gets the next
 value (creating or deleting a child rewrites the parent, so the parent gets one too); a
@@ -13,6 +13,7 @@ committed ones (see transactions.py).
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,38 @@ from xenpv.xenstore.wire import XsError
 
 SNAPSHOT_VERSION = 1
 _NO_CHILDREN: dict[str, None] = {}  # never mutated: Node copies it before adding a child
+
+
+@dataclass(frozen=True, slots=True)
+class Capture:
+    """A tree's durable state at one instant (`Tree.capture`)."""
+
+    generation: int
+    nodes: list[tuple[str, bytes, Perms, int]]
+    domains: list[tuple[int, int, int]]
+    targets: list[tuple[int, int]]
+    special: dict[str, Perms]
+
+    def encode(self) -> bytes:
+        """The snapshot bytes (msgpack); touches nothing but the capture, so it can run in a
+        worker thread while the tree keeps changing."""
+        strings: dict[Perms, list[str]] = {}  # most nodes share a few permission tuples
+        nodes = []
+        for path, value, perms, gen in self.nodes:
+            text = strings.get(perms)
+            if text is None:
+                text = strings[perms] = perms_to_strings(perms)
+            nodes.append([path, value, text, gen])
+        state = {
+            "v": SNAPSHOT_VERSION,
+            "g": self.generation,
+            "n": nodes,
+            "d": [list(domain) for domain in self.domains],
+            "t": [list(target) for target in self.targets],
+            "s": {path: perms_to_strings(perms) for path, perms in self.special.items()},
+        }
+        data: bytes = msgpack.packb(state, use_bin_type=True)
+        return data
 
 
 @dataclass(slots=True, eq=False)
@@ -256,19 +289,32 @@ class Tree:
             raise ValueError(f"unknown operation {kind!r}")
 
     def snapshot(self) -> bytes:
-        nodes = [
-            [path, node.value, perms_to_strings(node.perms), node.gen] for path, node in self.walk()
-        ]
-        state = {
-            "v": SNAPSHOT_VERSION,
-            "g": self.generation,
-            "n": nodes,
-            "d": [[domid, info.gfn, info.port] for domid, info in sorted(self.domains.items())],
-            "t": sorted([d, t] for d, t in self.targets.items()),
-            "s": {path: perms_to_strings(perms) for path, perms in self.special.items()},
-        }
-        data: bytes = msgpack.packb(state, use_bin_type=True)
-        return data
+        return self.capture().encode()
+
+    def capture(self) -> Capture:
+        """The durable state as it is now, in a form that later changes to the tree do not
+        touch (values, permissions and generations are immutable): the part of a snapshot
+        that must run while nothing changes the tree; `Capture.encode` may then run anywhere.
+
+        Nodes come in the order of `nodes`, their creation order: parents come before their
+        children, and siblings in the order of their parent's `children`, which is all
+        `load` needs to rebuild the same tree. The cyclic garbage collector is paused while
+        the rows are made (100k new tuples would otherwise set off full collections that
+        cost more than the capture itself)."""
+        paused = gc.isenabled()
+        gc.disable()
+        try:
+            rows = [(path, node.value, node.perms, node.gen) for path, node in self.nodes.items()]
+        finally:
+            if paused:
+                gc.enable()
+        return Capture(
+            self.generation,
+            rows,
+            [(domid, info.gfn, info.port) for domid, info in sorted(self.domains.items())],
+            sorted(self.targets.items()),
+            dict(self.special),
+        )
 
     @classmethod
     def load(cls, data: bytes) -> Tree:
