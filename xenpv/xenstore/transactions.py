@@ -44,7 +44,7 @@ from typing import Any
 
 from xenpv.xenstore.paths import basename, parent
 from xenpv.xenstore.perms import Perms
-from xenpv.xenstore.tree import Node, Tree
+from xenpv.xenstore.tree import Node, Tree, subtree_postorder
 from xenpv.xenstore.wire import XsError
 
 
@@ -125,20 +125,14 @@ class Transaction:
 
     def subtree_postorder(self, top: str) -> list[str]:
         """Like Tree.subtree_postorder, through the view (every node visited is read)."""
-        out: list[str] = []
-        stack: list[tuple[str, bool]] = [(top, False)]
-        while stack:
-            path, expanded = stack.pop()
-            if expanded:
-                out.append(path)
-                continue
-            stack.append((path, True))
+
+        def children_of(path: str) -> dict[str, None]:
             node = self.get(path)
             if node is None:
                 raise stale_view()
-            base = "" if path == "/" else path
-            stack.extend((f"{base}/{name}", False) for name in reversed(node.children))
-        return out
+            return node.children
+
+        return subtree_postorder(top, children_of)
 
     # -- commit ----------------------------------------------------------------------------
     def conflicts(self) -> bool:

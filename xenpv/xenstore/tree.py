@@ -14,7 +14,7 @@ committed ones (see transactions.py).
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,21 @@ from xenpv.xenstore.wire import XsError
 
 SNAPSHOT_VERSION = 1
 _NO_CHILDREN: dict[str, None] = {}  # never mutated: Node copies it before adding a child
+
+
+def subtree_postorder(top: str, children_of: Callable[[str], dict[str, None]]) -> list[str]:
+    """Paths of `top`'s subtree, children (in order) before their parent; `children_of(path)`
+    is that node's `children` (the committed tree's, or a transaction's view of them)."""
+    out: list[str] = []
+    stack: list[tuple[str, bool]] = [(top, False)]
+    while stack:
+        path, expanded = stack.pop()
+        if expanded:
+            out.append(path)
+            continue
+        stack.append((path, True))
+        stack.extend((child(path, name), False) for name in reversed(children_of(path)))
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,17 +171,8 @@ class Tree:
 
     def subtree_postorder(self, top: str) -> list[str]:
         """Paths of `top`'s subtree, children (in order) before their parent."""
-        out: list[str] = []
-        stack: list[tuple[str, bool]] = [(top, False)]
-        while stack:
-            path, expanded = stack.pop()
-            if expanded:
-                out.append(path)
-                continue
-            stack.append((path, True))
-            node = self.nodes[path]
-            stack.extend((child(path, name), False) for name in reversed(node.children))
-        return out
+        nodes = self.nodes
+        return subtree_postorder(top, lambda path: nodes[path].children)
 
     # -- mutators (record change operations) -----------------------------------------------
     def create(self, path: str, value: bytes, perms: Perms) -> Node:
