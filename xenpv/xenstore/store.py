@@ -293,6 +293,8 @@ class Store:
         if t is self._tree:
             assert node is not None
             self._fire(path, node, exact=False)
+        elif isinstance(t, Transaction):
+            t.log.append(("w", path, value))  # replayed at commit
 
     def _apply_rm(self, t: Table, path: str) -> None:
         if t is self._tree:
@@ -418,8 +420,6 @@ class Store:
         else:
             self._check_size(c, node, value, len(node.perms))
         self._apply_write(c, t, path, value)
-        if isinstance(t, Transaction):
-            t.log.append(("w", path, value))
         return b"OK\0"
 
     def _mkdir(self, c: _Conn, t: Table, msg: Message) -> bytes:
@@ -431,8 +431,6 @@ class Store:
                 raise
             self._check_create(c, t, path, b"")
             self._apply_write(c, t, path, b"")
-            if isinstance(t, Transaction):
-                t.log.append(("w", path, b""))
         return b"OK\0"
 
     def _rm(self, c: _Conn, t: Table, msg: Message) -> bytes:
