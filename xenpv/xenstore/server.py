@@ -418,7 +418,7 @@ class XenstoreServer:
                 if self.journal.size >= self._compact_threshold:
                     # The store holds exactly journal + this batch: nothing else was handled
                     # since the batch was taken (no await in between). Capture that state
-                    # here (~25 ms at 100k nodes); encoding it (~0.3 s) and writing it run in
+                    # here (25-40 ms at 100k nodes); encoding it (~0.2 s) and writing it run in
                     # a worker thread while the loop keeps serving requests (their changes
                     # wait in `_pending` for the new journal).
                     captured = self.store.capture()
