@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from backends.blkback import BlkbackDevice, serve
+from backends.blkback import serve
 from frontends.blkfront import attach
 from tests.integration.blk_env import (
     DEVICE,
@@ -192,7 +192,7 @@ async def test_backend_restart_reissues_with_the_new_granule(
                         await writers.reached(20)
                         first.cancel()  # the backend goes away with writes in flight
                         await p.xs.write(f"{DEVICE.backend}/{VBD_MAX_GRANULE_ORDER}", "2")
-                        nursery.start_soon(BlkbackDevice(p.backend, p.xs, DEVICE).run)
+                        start_backend(nursery, p)
                         await writers.reached(60)
                         writers.stop()
                     assert front.connections >= 2

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import trio
 
-from backends.blkback import BlkbackDevice
 from frontends.blkfront import BlkError, attach
 from tests.integration.blk_env import DEVICE, make_vbd, pair, start_backend
 from tests.integration.conftest import Xenstored
@@ -40,7 +39,7 @@ async def test_many_ios_in_flight_from_one_task(
                 p.xs, image=str(image), size=SIZE, features=VbdFeatures(persistent=persistent)
             )
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(BlkbackDevice(p.backend, p.xs, DEVICE).run)
+                start_backend(nursery, p)
                 async with attach(p.guest, p.xs, DEVICE, queue_depth=16) as front:
                     await front.wait_connected()
                     queue = front.io_queue()
@@ -91,7 +90,7 @@ async def test_errors_and_checks_per_io(xenstored: Xenstored, xs_workdir: Path) 
         async with pair(xs_workdir, xenstored.unix, "shm", 4096) as p:
             await make_vbd(p.xs, image=str(image), size=SIZE)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(BlkbackDevice(p.backend, p.xs, DEVICE).run)
+                start_backend(nursery, p)
                 async with attach(p.guest, p.xs, DEVICE, queue_depth=4) as front:
                     queue = front.io_queue()
                     with pytest.raises(BlkError, match="not connected"):
@@ -184,7 +183,7 @@ async def test_reissued_across_a_backend_restart(
                             completed.add(done.tag)
                             if tag == 16:
                                 first.cancel()  # writes in flight when the backend goes
-                                nursery.start_soon(BlkbackDevice(p.backend, p.xs, DEVICE).run)
+                                start_backend(nursery, p)
                             if tag < 48:
                                 submit()
                     while queue.in_flight:

@@ -65,7 +65,7 @@ async def test_blkfront_negotiates_what_was_configured(
             if read_only:
                 await p.xs.write(f"{DEVICE.backend}/mode", "r")
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(BlkbackDevice(p.backend, p.xs, DEVICE).run)
+                start_backend(nursery, p)
                 # the 4 KiB baseline: ring order as configured (granules: test_blk_granule)
                 async with attach(p.guest, p.xs, DEVICE, granule_order=0) as front:
                     await front.wait_connected()
@@ -116,7 +116,7 @@ async def test_backend_restart_under_load(
                         writers.start(writing)
                         await writers.reached(20)
                         first.cancel()  # the backend goes away with writes in flight
-                        nursery.start_soon(BlkbackDevice(p.backend, p.xs, DEVICE).run)
+                        start_backend(nursery, p)
                         await writers.reached(60)
                         writers.stop()
                     assert front.connections >= 2
