@@ -11,7 +11,6 @@ COPY pyproject.toml README.md ./
 COPY xenpv ./xenpv
 COPY backends ./backends
 COPY frontends ./frontends
-COPY benchmarks ./benchmarks
 RUN pip install . && rm -rf /src
 
 # The mount points of the compose volumes exist in the image, owned by xenpv, so that fresh

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from backends.blkback.device import BlkbackDevice
 from xenpv.hv import Domain
-from xenpv.xenbus import DeviceId
+from xenpv.xenbus.core import DeviceId
 from xenpv.xenstore.client import XenstoreClient
 
 __all__ = ["BlkbackDevice", "serve"]

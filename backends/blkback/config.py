@@ -1,6 +1,7 @@
 """What the toolstack configured for one vbd: storage and the features the backend offers.
 
-Read from the backend directory (`xenpv.devices` writes these keys): `params`, `type`, `mode`
+Read from the backend directory (`xenpv.toolstack.devices` writes these keys): `params`, `type`,
+`mode`
 as xl writes them, and the `xenpv-*` keys that stand in for Linux blkback's module
 parameters (`max_ring_page_order`, `max_queues`, `max_indirect_segments`,
 `feature_persistent`) and `xenpv-max-grant-granule-order` (the granule extension, issue 8,
@@ -16,11 +17,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from xenpv import devices
 from xenpv.abi.blkif import max_indirect_segments_limit
 from xenpv.errors import XenpvError
 from xenpv.granule import MAX_GRANULE_ORDER
 from xenpv.hv.buffer import XEN_PAGE_SIZE
+from xenpv.toolstack import devices
 
 # Linux blkback's limits (xen-blkback/common.h, xenbus.c; XENBUS_MAX_RING_GRANT_ORDER).
 MAX_RING_PAGE_ORDER: Final = 4

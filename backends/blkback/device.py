@@ -1,7 +1,7 @@
 """One vbd in the backend domain: its handshake driver, its storage and its connection.
 
 `BlkbackDevice.run()` serves the device for its whole life: it drives the xenbus handshake
-(`xenpv.xenbus_io.run_handshake`, which also does the restart pick-up) with `perform`,
+(`xenpv.xenbus.handshake.run_handshake`, which also does the restart pick-up) with `perform`,
 watches the backend directory, and returns once the toolstack removed it. Actions:
 
 - ADVERTISE / RESET: (tear down what is left,) read the toolstack's keys, publish the
@@ -62,13 +62,14 @@ from backends.blkback.persistent import PersistentGrants
 from backends.blkback.queue import QueueWorker
 from backends.blkback.request import DeviceLimits, RequestCore
 from backends.storage import MemoryDisk, RawImage, Storage
-from xenpv import devices, xenbus
 from xenpv.abi.ring import BackRing
 from xenpv.errors import XenpvError
 from xenpv.granule import FRONTEND_KEY, granule_size
 from xenpv.hv import XEN_PAGE_SIZE, Domain, EventChannel, GrantMapping
-from xenpv.xenbus import Action, Closing, Connected, DeviceId
-from xenpv.xenbus_io import read_keys, read_state, run_handshake
+from xenpv.toolstack import devices
+from xenpv.xenbus import core as xenbus
+from xenpv.xenbus.core import Action, Closing, Connected, DeviceId
+from xenpv.xenbus.handshake import read_keys, read_state, run_handshake
 from xenpv.xenstore.client import Transaction, XenstoreClient, XenstoreConnectionError
 from xenpv.xenstore.wire import XsError
 
@@ -107,7 +108,7 @@ class Connection:
 
 
 class BlkbackDevice:
-    """The backend of one vbd (a `xenpv.xenbus_io.HandshakeDriver`)."""
+    """The backend of one vbd (a `xenpv.xenbus.handshake.HandshakeDriver`)."""
 
     role: xenbus.Role = "backend"
 

@@ -1,6 +1,6 @@
 """One vif in the backend domain: the xenbus driver, its connection, and its data path.
 
-`Vif` implements `xenpv.xenbus_io.HandshakeDriver` for the backend role:
+`Vif` implements `xenpv.xenbus.handshake.HandshakeDriver` for the backend role:
 - ADVERTISE / RESET: tear down whatever is left and return the feature keys (features.py);
 - CONNECT: read and validate the frontend's keys, map each queue's tx and rx ring (one page
   each, attached at the shared `rsp_prod` and refused if `req_prod` is more than a ring ahead,
@@ -60,14 +60,15 @@ from backends.netback.rx import RxCore, RxFatal
 from backends.netback.tx import FATAL_SKB_SLOTS_DEFAULT, TxCore, TxFatal
 from backends.switch import Frame, LiveSwitch, SwitchError, SwitchPort
 from backends.tap import VirtioNetHdr
-from xenpv import granule, xenbus
+from xenpv import granule
 from xenpv.abi.errors import RingError
 from xenpv.abi.netif import NETIF_RX_RING, NETIF_TX_RING
 from xenpv.abi.ring import BackRing
 from xenpv.ethernet import flow_hash
 from xenpv.hv import XEN_PAGE_SIZE, Domain, EventChannel, EventChannelClosed, GrantMapping, HvError
-from xenpv.xenbus import Action, Closing, DeviceId
-from xenpv.xenbus_io import KeyValues, publish, read_keys, run_handshake
+from xenpv.xenbus import core as xenbus
+from xenpv.xenbus.core import Action, Closing, DeviceId
+from xenpv.xenbus.handshake import KeyValues, publish, read_keys, run_handshake
 from xenpv.xenstore.client import XenstoreClient
 from xenpv.xenstore.wire import XsError
 

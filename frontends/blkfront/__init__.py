@@ -31,7 +31,7 @@ from frontends.blkfront.negotiate import (
 from xenpv.granule import MAX_GRANULE_ORDER
 from xenpv.hv import Domain
 from xenpv.hv.buffer import XEN_PAGE_SIZE
-from xenpv.xenbus import DeviceId
+from xenpv.xenbus.core import DeviceId
 from xenpv.xenstore.client import XenstoreClient
 
 __all__ = [

@@ -1,6 +1,7 @@
 """Blkfront at the edge: the xenbus handshake, event-channel waits, and the async I/O API.
 
-`Blkfront` is the `HandshakeDriver` that `xenpv.xenbus_io.run_handshake` drives, and the object
+`Blkfront` is the `HandshakeDriver` that `xenpv.xenbus.handshake.run_handshake` drives, and the
+object
 users call. Per connection it owns the ring pages (granted per negotiated grant granule: 4 KiB
 frames in the baseline, larger granules with issue 8's extension), one unbound event
 channel per queue and one task per queue that waits for the backend's notifications and hands
@@ -34,7 +35,6 @@ from frontends.blkfront.errors import (
     not_supported,
 )
 from frontends.blkfront.negotiate import Geometry, Wishes
-from xenpv import xenbus
 from xenpv.abi.blkif import (
     BLKIF_OP_DISCARD,
     BLKIF_OP_FLUSH_DISKCACHE,
@@ -48,8 +48,9 @@ from xenpv.abi.blkif import (
 from xenpv.abi.ring import FrontRing
 from xenpv.hv import Domain, EventChannel, GrantError, HvError, Page
 from xenpv.hv.errors import EventChannelClosed, PeerGone
-from xenpv.xenbus import Action, DeviceId
-from xenpv.xenbus_io import KeyValues, read_keys, read_state, run_handshake
+from xenpv.xenbus import core as xenbus
+from xenpv.xenbus.core import Action, DeviceId
+from xenpv.xenbus.handshake import KeyValues, read_keys, read_state, run_handshake
 from xenpv.xenstore.client import XenstoreClient, XenstoreConnectionError
 from xenpv.xenstore.wire import XsError
 

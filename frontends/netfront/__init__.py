@@ -21,10 +21,10 @@ import trio
 from frontends.netfront.core import NetfrontError, NetfrontProtocolError, RxFrame
 from frontends.netfront.device import Netfront
 from frontends.netfront.tap import configure_link, open_tap, run_tap
-from xenpv.devices import VIF_TAP
 from xenpv.hv import Domain
-from xenpv.xenbus import DeviceId, Initialising, Unknown
-from xenpv.xenbus_io import publish, read_state, run_handshake
+from xenpv.toolstack.devices import VIF_TAP
+from xenpv.xenbus.core import DeviceId, Initialising, Unknown
+from xenpv.xenbus.handshake import publish, read_state, run_handshake
 from xenpv.xenstore.client import XenstoreClient
 
 __all__ = ["Netfront", "NetfrontError", "NetfrontProtocolError", "RxFrame", "attach"]
@@ -54,7 +54,7 @@ async def attach(
             mac = await xs.try_read(f"{device.frontend}/mac")
             await configure_link(tap, mac.decode("ascii", "replace") if mac else None)
         # A frontend (re)starting on a device that a previous instance left past
-        # Initialising starts over; the backend RESETs on seeing that (xenpv.xenbus rules).
+        # Initialising starts over; the backend RESETs on seeing that (xenpv.xenbus.core rules).
         if await read_state(xs, device.frontend) not in (Unknown, Initialising):
             await publish(xs, device.frontend, {}, state=Initialising)
         async with trio.open_nursery() as nursery:

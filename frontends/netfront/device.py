@@ -77,8 +77,8 @@ from xenpv.hv import (
     Page,
 )
 from xenpv.hv.errors import HvError
-from xenpv.xenbus import Action, Closed, Closing, Connected, DeviceId, Role, Unknown
-from xenpv.xenbus_io import KeyValues, read_keys, read_state
+from xenpv.xenbus.core import Action, Closed, Closing, Connected, DeviceId, Role, Unknown
+from xenpv.xenbus.handshake import KeyValues, read_keys, read_state
 from xenpv.xenstore.client import XenstoreClient
 from xenpv.xenstore.wire import XsError
 
@@ -305,7 +305,7 @@ class Netfront:
                 _add(totals, queue.rx.counters)
         return {k: getattr(totals, k) for k in _COUNTER_FIELDS}
 
-    # -- handshake driver (xenpv.xenbus_io.HandshakeDriver) ------------------------------------
+    # -- handshake driver (xenpv.xenbus.handshake.HandshakeDriver) ---------------------------
 
     async def perform(self, action: Action) -> KeyValues | None:
         if action is Action.SETUP:

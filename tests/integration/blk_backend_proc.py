@@ -23,7 +23,7 @@ from backends.blkback import serve
 from xenpv import log
 from xenpv.hv import StaticDirectory, open_domain
 from xenpv.identity import DomainKey
-from xenpv.xenbus import DeviceId
+from xenpv.xenbus.core import DeviceId
 from xenpv.xenstore.client import connect
 
 

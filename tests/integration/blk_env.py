@@ -13,11 +13,11 @@ import trio
 from backends.blkback import BlkbackDevice
 from frontends.blkfront import Blkfront
 from tests.integration.hv_pair import open_unix_domains
-from xenpv.devices import VbdConfig, create_vbd
 from xenpv.hv import Domain, StaticDirectory
 from xenpv.identity import DomainKey
-from xenpv.topology import VbdFeatures
-from xenpv.xenbus import DeviceId, xvd_number
+from xenpv.toolstack.devices import VbdConfig, create_vbd
+from xenpv.toolstack.topology import VbdFeatures
+from xenpv.xenbus.core import DeviceId, xvd_number
 from xenpv.xenstore.client import XenstoreClient, connect
 
 TRANSPORTS = ["socket", "shm"]

@@ -25,8 +25,8 @@ from xenpv.abi.errors import RingError
 from xenpv.abi.ring import BackRing
 from xenpv.hv import CopyDirection, CopyOp, Domain, EventChannel, GrantMapping
 from xenpv.hv.errors import HvError
-from xenpv.xenbus import Action, DeviceId
-from xenpv.xenbus_io import KeyValues, read_keys
+from xenpv.xenbus.core import Action, DeviceId
+from xenpv.xenbus.handshake import KeyValues, read_keys
 from xenpv.xenstore.client import XenstoreClient
 
 

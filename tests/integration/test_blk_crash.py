@@ -23,7 +23,7 @@ from tests.integration.conftest import Xenstored
 from tests.integration.hv_pair import reaped_on_exit
 from xenpv.hv import StaticDirectory, open_domain
 from xenpv.identity import DomainKey
-from xenpv.topology import VbdFeatures
+from xenpv.toolstack.topology import VbdFeatures
 from xenpv.xenstore.client import connect
 
 REPO = Path(__file__).resolve().parents[2]

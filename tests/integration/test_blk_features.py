@@ -11,9 +11,9 @@ from backends.blkback import serve
 from frontends.blkfront import BlkError, DeviceNotFound, attach
 from tests.integration.blk_env import DEVICE, FEATURES_OFF, make_vbd, pair
 from tests.integration.conftest import Xenstored
-from xenpv.devices import VBD_SIZE, VbdConfig, create_vbd
-from xenpv.xenbus import Closed, Connected
-from xenpv.xenbus_io import read_state
+from xenpv.toolstack.devices import VBD_SIZE, VbdConfig, create_vbd
+from xenpv.xenbus.core import Closed, Connected
+from xenpv.xenbus.handshake import read_state
 
 MiB = 1 << 20
 

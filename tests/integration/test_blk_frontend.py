@@ -14,8 +14,8 @@ from frontends.blkfront import BlkError, attach
 from tests.integration.blk_env import DEVICE, TRANSPORTS, pair
 from tests.integration.blk_stub import StubBackend
 from tests.integration.conftest import Xenstored
-from xenpv.devices import VbdConfig, create_vbd
-from xenpv.xenbus_io import run_handshake
+from xenpv.toolstack.devices import VbdConfig, create_vbd
+from xenpv.xenbus.handshake import run_handshake
 
 DISK = 4 << 20
 

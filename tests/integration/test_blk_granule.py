@@ -31,10 +31,11 @@ from tests.integration.blk_env import (
     start_backend,
 )
 from tests.integration.conftest import Xenstored
-from xenpv import granule, xenbus
-from xenpv.devices import VBD_MAX_GRANULE_ORDER
-from xenpv.topology import VbdFeatures
-from xenpv.xenbus_io import read_state
+from xenpv import granule
+from xenpv.toolstack.devices import VBD_MAX_GRANULE_ORDER
+from xenpv.toolstack.topology import VbdFeatures
+from xenpv.xenbus import core as xenbus
+from xenpv.xenbus.handshake import read_state
 from xenpv.xenstore.client import XenstoreClient
 
 DISK = 8 << 20

@@ -22,7 +22,7 @@ from frontends.blkfront import BlkError, attach
 from tests.integration.blk_env import DEVICE, make_vbd, pair, read_image
 from tests.integration.conftest import Xenstored
 from xenpv.granule import blk_ring_geometry, page_order
-from xenpv.topology import VbdFeatures
+from xenpv.toolstack.topology import VbdFeatures
 
 DISK = 16 << 20
 WORKERS = 4

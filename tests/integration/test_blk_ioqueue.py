@@ -15,7 +15,7 @@ from frontends.blkfront import BlkError, attach
 from tests.integration.blk_env import DEVICE, make_vbd, pair, start_backend
 from tests.integration.conftest import Xenstored
 from tests.integration.test_blkback import read_image
-from xenpv.topology import VbdFeatures
+from xenpv.toolstack.topology import VbdFeatures
 
 SIZE = 4 << 20
 

@@ -50,10 +50,18 @@ from xenpv.abi.blkif import (
     encode_indirect_pages,
 )
 from xenpv.abi.ring import FrontRing
-from xenpv.devices import VbdConfig, create_vbd, destroy_device
 from xenpv.hv import Domain, EventChannel, Page
-from xenpv.xenbus import Closed, Closing, Connected, DeviceId, Initialised, InitWait, XenbusState
-from xenpv.xenbus_io import publish, read_keys, read_state
+from xenpv.toolstack.devices import VbdConfig, create_vbd, destroy_device
+from xenpv.xenbus.core import (
+    Closed,
+    Closing,
+    Connected,
+    DeviceId,
+    Initialised,
+    InitWait,
+    XenbusState,
+)
+from xenpv.xenbus.handshake import publish, read_keys, read_state
 from xenpv.xenstore.client import XenstoreClient, connect
 
 TRANSPORTS = [("socket", "unix"), ("shm", "unix")]

@@ -23,9 +23,9 @@ from tests.integration.blk_env import (
 from tests.integration.conftest import Xenstored
 from tests.integration.hv_pair import domains
 from tests.integration.test_blkback import MiniFront, read_image, wait_backend
-from xenpv.devices import VbdConfig, create_vbd
-from xenpv.topology import VbdFeatures
-from xenpv.xenbus import Closing, DeviceId
+from xenpv.toolstack.devices import VbdConfig, create_vbd
+from xenpv.toolstack.topology import VbdFeatures
+from xenpv.xenbus.core import Closing, DeviceId
 from xenpv.xenstore.client import connect
 
 # (features, sector size, read-only, transport): each combination once, transports alternating

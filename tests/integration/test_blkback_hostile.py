@@ -35,8 +35,8 @@ from xenpv.abi.blkif import (
     encode_indirect_pages,
 )
 from xenpv.abi.ring import OFF_REQ_PROD
-from xenpv.devices import VbdConfig, create_vbd, destroy_device
-from xenpv.xenbus import Closing, Connected, InitWait
+from xenpv.toolstack.devices import VbdConfig, create_vbd, destroy_device
+from xenpv.xenbus.core import Closing, Connected, InitWait
 
 pytestmark = pytest.mark.parametrize(("transport", "kind"), TRANSPORTS, ids=TRANSPORT_IDS)
 

@@ -26,11 +26,11 @@ from tests.integration.test_blkback import (
     wait_backend,
 )
 from xenpv.abi.blkif import BLKIF_OP_WRITE, BLKIF_RSP_OKAY, BlkifRequest
-from xenpv.devices import VbdConfig, create_vbd
 from xenpv.hv import Domain, HvError, StaticDirectory, open_domain
 from xenpv.identity import DomainKey
-from xenpv.xenbus import Closed, Initialising
-from xenpv.xenbus_io import publish
+from xenpv.toolstack.devices import VbdConfig, create_vbd
+from xenpv.xenbus.core import Closed, Initialising
+from xenpv.xenbus.handshake import publish
 from xenpv.xenstore.client import connect
 
 pytestmark = pytest.mark.parametrize(("transport", "kind"), TRANSPORTS, ids=TRANSPORT_IDS)
@@ -41,7 +41,7 @@ import json, sys, trio
 from backends.blkback import serve
 from xenpv.hv import StaticDirectory, open_domain
 from xenpv.identity import DomainKey
-from xenpv.xenbus import DeviceId
+from xenpv.xenbus.core import DeviceId
 from xenpv.xenstore.client import connect
 
 async def main(seed, endpoint, transport, xs_address, fe, fe_endpoint, fe_pubkey, devid):

@@ -13,7 +13,7 @@ import pytest
 
 from tests.integration.conftest import short_tempdir
 from tests.integration.hv_pair import REPO
-from xenpv import cluster
+from xenpv.toolstack import cluster
 
 SMALL = """
 transport = "{transport}"

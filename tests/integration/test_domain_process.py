@@ -1,4 +1,5 @@
-"""The domain process (`xenpv.domain_process`) against a real xenstored and the real drivers.
+"""The domain process (`xenpv.runtime.domain_process`) against a real xenstored and the real
+drivers.
 
 - two domains in ONE trio run (`run_domain` twice): a backend and a 16K guest with a vbd and a
   vif connect, a self-test round runs inside the guest and reports through xenstore, a device
@@ -24,8 +25,8 @@ import trio
 
 from tests.integration.conftest import Xenstored
 from tests.integration.hv_pair import REPO
-from xenpv.devices import VbdConfig, create_vbd, create_vif, destroy_device
-from xenpv.domain_process import (
+from xenpv.identity import DomainKey
+from xenpv.runtime.domain_process import (
     CHECKS,
     CONTROL_SELFTEST,
     READY,
@@ -33,9 +34,9 @@ from xenpv.domain_process import (
     DomainRuntime,
     run_domain,
 )
-from xenpv.identity import DomainKey
-from xenpv.toolstack import create_domain, destroy_domain
-from xenpv.xenbus import DeviceId, XenbusState, parse_state, xvd_number
+from xenpv.toolstack.devices import VbdConfig, create_vbd, create_vif, destroy_device
+from xenpv.toolstack.domains import create_domain, destroy_domain
+from xenpv.xenbus.core import DeviceId, XenbusState, parse_state, xvd_number
 from xenpv.xenstore.client import XenstoreClient, connect
 
 TRANSPORTS = ["socket", "shm"]

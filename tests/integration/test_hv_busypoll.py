@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import trio
 
-from benchmarks.link import CHILD_DOMID, _pair
+from xenpv.bench.link import CHILD_DOMID, _pair
 from xenpv.hv.busypoll import AdaptivePoll
 
 T = TypeVar("T")

@@ -9,9 +9,11 @@ import pytest
 import trio
 
 from tests.integration.conftest import Xenstored
-from xenpv.hv import EventChannelClosed, LinkError, PeerGone, XenstoreDirectory, open_domain
+from xenpv.hv import EventChannelClosed, LinkError, PeerGone, open_domain
 from xenpv.identity import DomainKey, link_path, pubkey_path
-from xenpv.toolstack import ToolstackError, create_domain, destroy_domain, publish_link
+from xenpv.runtime.directory import XenstoreDirectory
+from xenpv.runtime.lifecycle import open_published_domain
+from xenpv.toolstack.domains import ToolstackError, create_domain, destroy_domain, publish_link
 from xenpv.xenstore.client import connect
 from xenpv.xenstore.wire import XsError
 
@@ -72,12 +74,11 @@ async def test_domains_link_through_xenstore_and_see_release(
             )
             async with (
                 connect(xenstored.tcp, key=guest.key) as guest_xs,
-                open_domain(
+                open_published_domain(
+                    dom0_xs,
                     domid=0,
                     key=back_key,
-                    directory=XenstoreDirectory(dom0_xs),
                     endpoint=f"unix:{tmp_path}/dom0.sock",
-                    release_watch=dom0_xs,
                 ) as back,
                 open_domain(
                     domid=guest.domid,

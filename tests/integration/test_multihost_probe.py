@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from tests.integration.conftest import Xenstored
-from xenpv.topology import default_topology
+from xenpv.toolstack.topology import default_topology
 
 TIMEOUT = 60
 

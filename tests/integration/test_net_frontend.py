@@ -41,7 +41,6 @@ from xenpv.abi.netif import (
     parse_tx_packet,
 )
 from xenpv.abi.ring import BackRing, shared_indexes
-from xenpv.devices import create_vif
 from xenpv.hv import (
     XEN_PAGE_SIZE,
     CopyDirection,
@@ -53,8 +52,9 @@ from xenpv.hv import (
     PeerGone,
     StaticDirectory,
 )
-from xenpv.xenbus import Action, Connected, DeviceId, Initialising, Role
-from xenpv.xenbus_io import KeyValues, read_keys, read_state, run_handshake
+from xenpv.toolstack.devices import create_vif
+from xenpv.xenbus.core import Action, Connected, DeviceId, Initialising, Role
+from xenpv.xenbus.handshake import KeyValues, read_keys, read_state, run_handshake
 from xenpv.xenstore.client import XenstoreClient, connect
 
 TRANSPORTS = ["socket", "shm"]

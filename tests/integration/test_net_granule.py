@@ -35,10 +35,10 @@ from tests.integration.hv_pair import open_unix_domains
 from tests.integration.test_net_integrity import mac_of, mac_text, opaque_frame, tcp_frame
 from xenpv import granule
 from xenpv.abi.netif import XEN_NETIF_GSO_TYPE_TCPV4, NetifGsoExtra
-from xenpv.devices import create_vif
 from xenpv.hv import Domain, StaticDirectory
-from xenpv.xenbus import Action, Closing, DeviceId
-from xenpv.xenbus_io import KeyValues, read_state
+from xenpv.toolstack.devices import create_vif
+from xenpv.xenbus.core import Action, Closing, DeviceId
+from xenpv.xenbus.handshake import KeyValues, read_state
 from xenpv.xenstore.client import XenstoreClient, connect
 
 TRANSPORTS = ["socket", "shm"]

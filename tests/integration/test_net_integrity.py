@@ -25,9 +25,9 @@ from frontends.netfront import Netfront, RxFrame, attach
 from tests.integration.conftest import Xenstored
 from tests.integration.hv_pair import open_unix_domains
 from xenpv.abi.netif import XEN_NETIF_GSO_TYPE_TCPV4, NetifGsoExtra
-from xenpv.devices import create_vif
 from xenpv.hv import XEN_PAGE_SIZE, Domain, StaticDirectory
-from xenpv.xenbus import DeviceId
+from xenpv.toolstack.devices import create_vif
+from xenpv.xenbus.core import DeviceId
 from xenpv.xenstore.client import XenstoreClient, connect
 
 TRANSPORTS = ["socket", "shm"]

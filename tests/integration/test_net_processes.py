@@ -28,10 +28,10 @@ from tests.integration.conftest import Xenstored
 from tests.integration.hv_pair import open_unix_domains, reaped_on_exit
 from tests.integration.test_net_integrity import mac_of, mac_text, tcp_frame
 from xenpv.abi.netif import XEN_NETIF_GSO_TYPE_TCPV4, NetifGsoExtra
-from xenpv.devices import create_vif
 from xenpv.hv import XEN_PAGE_SIZE, StaticDirectory, open_domain
 from xenpv.identity import DomainKey
-from xenpv.xenbus import DeviceId
+from xenpv.toolstack.devices import create_vif
+from xenpv.xenbus.core import DeviceId
 from xenpv.xenstore.client import connect
 
 REPO = Path(__file__).resolve().parents[2]

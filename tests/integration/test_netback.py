@@ -42,11 +42,11 @@ from xenpv.abi.netif import (
     encode_tx_request,
 )
 from xenpv.abi.ring import FrontRing
-from xenpv.devices import create_vif, destroy_device
 from xenpv.ethernet import flow_hash
 from xenpv.hv import Domain, EventChannel, Page, StaticDirectory
-from xenpv.xenbus import Connected, DeviceId, Initialising, InitWait, XenbusState
-from xenpv.xenbus_io import publish, read_state
+from xenpv.toolstack.devices import create_vif, destroy_device
+from xenpv.xenbus.core import Connected, DeviceId, Initialising, InitWait, XenbusState
+from xenpv.xenbus.handshake import publish, read_state
 from xenpv.xenstore.client import XenstoreClient, connect
 from xenpv.xenstore.wire import XsError
 
@@ -489,7 +489,7 @@ async def test_handshake_survives_xenstore_refusals(
 ) -> None:
     """A refused xenstore read (e.g. a frontend hiding its nodes) ends no serve(): retried."""
     import backends.netback.vif as vif_module
-    from xenpv import xenbus_io
+    from xenpv.xenbus import handshake as xenbus_io
 
     real = xenbus_io.run_handshake
     refusals = [XsError("EACCES", "frontend state")]

@@ -27,8 +27,8 @@ from xenpv.abi.netif import (
     NETTXF_more_data,
     encode_tx_request,
 )
-from xenpv.xenbus import Connected
-from xenpv.xenbus_io import read_state
+from xenpv.xenbus.core import Connected
+from xenpv.xenbus.handshake import read_state
 from xenpv.xenstore.client import XenstoreClient
 
 TIMEOUT = 30

@@ -20,7 +20,7 @@ from tests.integration.test_netback import TRANSPORTS, StubFront, frame, front, 
 from tests.integration.test_netback_hostile import FATAL
 from xenpv.abi.netif import XEN_NETIF_GSO_TYPE_TCPV4, NetifGsoExtra
 from xenpv.hv import Domain
-from xenpv.xenbus import DeviceId
+from xenpv.xenbus.core import DeviceId
 from xenpv.xenstore.client import XenstoreClient
 
 

@@ -27,11 +27,11 @@ from backends.tap import VirtioNetHdr
 from tests.integration.conftest import Xenstored
 from tests.integration.hv_pair import reaped_on_exit
 from tests.integration.test_netback import TRANSPORTS, StubFront, frame, mac, wait_state, world
-from xenpv.devices import create_vif, list_devices
 from xenpv.hv import Domain, StaticDirectory, open_domain
 from xenpv.identity import DomainKey
-from xenpv.xenbus import Closed, Connected, DeviceId
-from xenpv.xenbus_io import publish
+from xenpv.toolstack.devices import create_vif, list_devices
+from xenpv.xenbus.core import Closed, Connected, DeviceId
+from xenpv.xenbus.handshake import publish
 from xenpv.xenstore.client import XenstoreClient, connect
 
 REPO = Path(__file__).resolve().parents[2]

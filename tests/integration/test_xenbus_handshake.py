@@ -1,4 +1,4 @@
-"""The handshake loop (xenpv.xenbus_io) with stand-in drivers against a real xenstored."""
+"""The handshake loop (xenpv.xenbus.handshake) with stand-in drivers against a real xenstored."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 import trio
 
 from tests.integration.conftest import Xenstored
-from xenpv import xenbus
-from xenpv.devices import VbdConfig, create_vbd, create_vif, destroy_device, list_devices
-from xenpv.xenbus import Action, Connected, DeviceClass, DeviceId, XenbusState
-from xenpv.xenbus_io import KeyValues, publish, read_keys, read_state, run_handshake
+from xenpv.toolstack.devices import VbdConfig, create_vbd, create_vif, destroy_device, list_devices
+from xenpv.xenbus import core as xenbus
+from xenpv.xenbus.core import Action, Connected, DeviceClass, DeviceId, XenbusState
+from xenpv.xenbus.handshake import KeyValues, publish, read_keys, read_state, run_handshake
 from xenpv.xenstore.client import XenstoreClient, connect
 
 

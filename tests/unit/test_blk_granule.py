@@ -384,7 +384,7 @@ async def test_attach_refuses_an_order_outside_0_to_4(order: int) -> None:
     from typing import Any, cast
 
     from frontends.blkfront import GranuleNotSupported, attach
-    from xenpv.xenbus import DeviceId
+    from xenpv.xenbus.core import DeviceId
 
     with trio.fail_after(5), pytest.raises(GranuleNotSupported, match=r"expected 0\.\.4"):
         async with attach(

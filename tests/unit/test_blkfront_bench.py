@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks import blk
+from xenpv.bench import blk
 
 
 def _r(iops: float) -> dict[str, float]:
@@ -31,4 +31,4 @@ def test_report_with_and_without_nbdkit(capsys: pytest.CaptureFixture[str]) -> N
 def test_registered_as_a_bench() -> None:
     from xenpv.commands.bench import BENCH_MODULES
 
-    assert "benchmarks.blk" in BENCH_MODULES
+    assert "xenpv.bench.blk" in BENCH_MODULES

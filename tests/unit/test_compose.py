@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from xenpv.cli import build_parser
-from xenpv.topology import default_topology
+from xenpv.toolstack.topology import default_topology
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -326,7 +326,7 @@ def test_dockerfile() -> None:
             for source in arg.split()[:-1]:
                 assert (ROOT / source).exists(), f"COPY {source}: no such path"
     ignored = (ROOT / ".dockerignore").read_text().split()
-    for needed in ("xenpv", "backends", "frontends", "benchmarks", "pyproject.toml"):
+    for needed in ("xenpv", "backends", "frontends", "pyproject.toml"):
         assert needed not in ignored
     # Every mount point of a compose volume exists in the image, owned by the user.
     targets = {

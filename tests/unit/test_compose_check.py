@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xenpv.commands.toolstack import expected_checks, guest_plan, summarize
-from xenpv.status import ClusterStatus, DomainStatus, device_status
-from xenpv.xenbus import DeviceId
+from xenpv.toolstack.status import ClusterStatus, DomainStatus, device_status
+from xenpv.xenbus.core import DeviceId
 
 CONNECTED = {"state": "4"}
 

@@ -10,8 +10,8 @@ import json
 
 import pytest
 
-from benchmarks import ring
 from xenpv.abi.blkif import BLKIF_X86_32
+from xenpv.bench import ring
 
 
 def test_cycles_run_through_the_public_api() -> None:

@@ -9,14 +9,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-from xenpv.status import (
+from xenpv.toolstack.status import (
     ClusterStatus,
     device_label,
     device_status,
     domain_status,
     render,
 )
-from xenpv.xenbus import DeviceId, xvd_number
+from xenpv.xenbus.core import DeviceId, xvd_number
 
 NAMES = {1: "backend", 2: "guest64k"}
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from xenpv.topology import TopologyError, default_topology, load, loads, parse_size
+from xenpv.toolstack.topology import TopologyError, default_topology, load, loads, parse_size
 
 BASE = """
 [[domain]]

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xenpv import xenbus
-from xenpv.xenbus import (
+from xenpv.xenbus import core as xenbus
+from xenpv.xenbus.core import (
     Action,
     Closed,
     Closing,

@@ -1,7 +1,7 @@
 """`xenpv bench NAME`: run one benchmark from the `benchmarks` package.
 
 Each benchmark module exposes `register(subparsers)`; it prints a table on stderr and one
-JSON object as the last line of stdout (see `benchmarks.report`).
+JSON object as the last line of stdout (see `xenpv.bench.report`).
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ import importlib
 from typing import Any
 
 BENCH_MODULES: tuple[str, ...] = (
-    "benchmarks.xenstore",
-    "benchmarks.ring",
-    "benchmarks.link",
-    "benchmarks.storage",
-    "benchmarks.blk",
-    "benchmarks.net",
-    "benchmarks.net_granule",
+    "xenpv.bench.xenstore",
+    "xenpv.bench.ring",
+    "xenpv.bench.link",
+    "xenpv.bench.storage",
+    "xenpv.bench.blk",
+    "xenpv.bench.net",
+    "xenpv.bench.net_granule",
 )
 
 

@@ -1,4 +1,5 @@
-"""`xenpv cluster up|status|down`: the local launcher for any topology file (`xenpv.cluster`).
+"""`xenpv cluster up|status|down`: the local launcher for any topology file
+(`xenpv.toolstack.cluster`).
 
     xenpv cluster up FILE [--state-dir DIR] [--detach] [--timeout S] [--json]
     xenpv cluster status [--state-dir DIR] [--json]
@@ -23,10 +24,10 @@ from typing import Any
 
 import trio
 
-from xenpv import cluster, topology
-from xenpv.cluster import ClusterError
 from xenpv.commands.xenstored import _first_xenpv_error
-from xenpv.status import ClusterStatus, read_status, render
+from xenpv.toolstack import cluster, topology
+from xenpv.toolstack.cluster import ClusterError
+from xenpv.toolstack.status import ClusterStatus, read_status, render
 from xenpv.xenstore.client import connect
 
 DEFAULT_STATE_DIR = ".xenpv"

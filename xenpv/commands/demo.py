@@ -2,7 +2,7 @@
 
 xenstored, one backend domain and three guests with 4 KiB, 16 KiB and 64 KiB pages, each a
 separate process with a vbd and a vif. Once every device is Connected, the launcher asks every
-guest for a self-test round (`xenpv.selftest`: verified block I/O on its vbd; an echo with
+guest for a self-test round (`xenpv.runtime.selftest`: verified block I/O on its vbd; an echo with
 every other guest over the vifs) and reads the results back from xenstore, like everything
 else it prints. Exit status 0 only if every check passed; any failure or Ctrl-C stops every
 process it started. `--json`: one JSON object as the last line of stdout.
@@ -21,10 +21,10 @@ from typing import Any
 
 import trio
 
-from xenpv import cluster, topology
 from xenpv.commands.cluster import print_status
 from xenpv.commands.toolstack import request_round, summarize
-from xenpv.status import ClusterStatus, read_status
+from xenpv.toolstack import cluster, topology
+from xenpv.toolstack.status import ClusterStatus, read_status
 from xenpv.xenstore.client import XenstoreClient
 
 EXPECTED_PAGE_SIZES = (4096, 16384, 65536)

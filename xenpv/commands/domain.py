@@ -1,5 +1,5 @@
 """`xenpv domain`: run one domain process (its frontends and backends), see
-`xenpv.domain_process`.
+`xenpv.runtime.domain_process`.
 
     xenpv domain --xenstore tcp:127.0.0.1:PORT --key-file d1.key [--transport auto|shm|socket]
                  [--listen unix:PATH|tcp:HOST:PORT] [--ready-fd N]
@@ -22,8 +22,8 @@ import structlog
 import trio
 
 from xenpv.commands.xenstored import _first_xenpv_error
-from xenpv.domain_process import DomainRuntime, run_domain
 from xenpv.identity import DomainKey
+from xenpv.runtime.domain_process import DomainRuntime, run_domain
 from xenpv.xenstore.client import XenstoreClient, connect
 
 log = structlog.get_logger()

@@ -22,7 +22,7 @@ import trio
 from xenpv.errors import UsageError
 from xenpv.interop import report, runner
 from xenpv.interop.matrix import enumerate_cells
-from xenpv.topology import TRANSPORTS
+from xenpv.toolstack.topology import TRANSPORTS
 
 
 def register(sub: Any) -> None:

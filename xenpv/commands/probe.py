@@ -29,7 +29,7 @@ import trio
 
 from xenpv.errors import XenpvError
 from xenpv.identity import DomainKey
-from xenpv.xenbus import DEVICE_CLASSES, DeviceId, parse_state
+from xenpv.xenbus.core import DEVICE_CLASSES, DeviceId, parse_state
 from xenpv.xenstore import auth
 from xenpv.xenstore.client import UNREADABLE, XenstoreClient, connect, parse_address
 from xenpv.xenstore.wire import XsError

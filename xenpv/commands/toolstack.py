@@ -5,7 +5,7 @@ run elsewhere (docker compose, one container or host per domain; see docs/compos
                           [--endpoint tcp:{name}:7100]
     xenpv toolstack check --xenstore unix:PATH [--timeout S] [--json]
 
-`apply` creates the topology's domains and devices (`xenpv.provision.apply_topology`; FILE
+`apply` creates the topology's domains and devices (`xenpv.toolstack.provision.apply_topology`; FILE
 defaults to the embedded demo topology) and writes each domain's key file
 `DIR/<name>.key` (0600) for its domain process. `--endpoint` is the link endpoint every
 domain publishes, `{name}` replaced by the domain's name: with one container per domain,
@@ -29,12 +29,12 @@ from typing import Any
 
 import trio
 
-from xenpv import provision, topology
 from xenpv.commands.cluster import print_status
-from xenpv.domain_process import CONTROL_SELFTEST, SELFTEST_DONE
 from xenpv.errors import XenpvError
-from xenpv.status import ClusterStatus, read_status
-from xenpv.topology import DomainSpec
+from xenpv.runtime.domain_process import CONTROL_SELFTEST, SELFTEST_DONE
+from xenpv.toolstack import provision, topology
+from xenpv.toolstack.status import ClusterStatus, read_status
+from xenpv.toolstack.topology import DomainSpec
 from xenpv.xenstore.client import XenstoreClient, connect
 
 DEFAULT_ENDPOINT = "tcp:{name}:7100"

@@ -17,7 +17,7 @@ EventChannelClosed, LinkError (cannot set up a link), all HvError → XenpvError
 """
 
 from xenpv.hv.buffer import XEN_PAGE_SIZE, LocalBuffer, SharedBuffer
-from xenpv.hv.directory import PeerDirectory, StaticDirectory, XenstoreDirectory
+from xenpv.hv.directory import PeerDirectory, StaticDirectory
 from xenpv.hv.domain import CopyDirection, CopyGroup, CopyOp, CopySegment, Domain, open_domain
 from xenpv.hv.errors import EventChannelClosed, GrantError, HvError, LinkError, PeerGone
 from xenpv.hv.evtchn import EventChannel
@@ -56,6 +56,5 @@ __all__ = [
     "SharedBuffer",
     "StaticDirectory",
     "Verdict",
-    "XenstoreDirectory",
     "open_domain",
 ]

@@ -1,15 +1,13 @@
-"""Peer discovery: where a domain's link endpoint is and which public key proves its domid."""
+"""Peer discovery: where a domain's link endpoint is and which public key proves its domid.
+
+The hypervisor only asks a `PeerDirectory`; the xenstore-backed one lives in the runtime
+(`xenpv.runtime.directory`), because Xen's hypervisor knows nothing of xenstore."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from xenpv.hv.errors import LinkError
-from xenpv.identity import link_path, pubkey_path
-from xenpv.xenstore.wire import XsError
-
-if TYPE_CHECKING:
-    from xenpv.xenstore.client import XenstoreClient
 
 
 class PeerDirectory(Protocol):
@@ -32,20 +30,3 @@ class StaticDirectory:
             return self._entries[domid]
         except KeyError:
             raise LinkError(f"domain {domid} is not in the peer directory") from None
-
-
-class XenstoreDirectory:
-    """Reads what the toolstack published: `link_path(domid)` and `pubkey_path(domid)`."""
-
-    def __init__(self, xs: XenstoreClient) -> None:
-        self._xs = xs
-
-    async def lookup(self, domid: int) -> tuple[str, str]:
-        try:
-            endpoint = await self._xs.try_read(link_path(domid))
-            pubkey = await self._xs.try_read(pubkey_path(domid))
-        except XsError as exc:
-            raise LinkError(f"cannot look up domain {domid} in xenstore: {exc}") from None
-        if endpoint is None or pubkey is None:
-            raise LinkError(f"domain {domid} has no published link endpoint or key")
-        return endpoint.decode(), pubkey.decode()

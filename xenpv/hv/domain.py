@@ -35,7 +35,7 @@ from xenpv.hv.messages import Msg, Whose
 from xenpv.identity import DomainKey
 
 if TYPE_CHECKING:
-    from xenpv.xenstore.client import XenstoreClient
+    pass
 
 log = structlog.get_logger()
 
@@ -887,14 +887,13 @@ async def open_domain(
     max_grants: int = DEFAULT_MAX_GRANTS,
     max_maps: int = DEFAULT_MAX_MAPS,
     coherence_events: bool = True,
-    release_watch: XenstoreClient | None = None,
     busy_poll_us: float | None = None,
 ) -> AsyncIterator[Domain]:
     """Run a domain: listen on `endpoint` (`unix:PATH` or `tcp:HOST:PORT`, port 0 = any;
     `domain.endpoint` is the bound address). Leaving the block closes every link.
 
-    With `release_watch` (this domain's xenstore client) the runtime follows `@releaseDomain`
-    and drops links to released peers (`hv.lifecycle.watch_releases`)."""
+    Peers released by the toolstack are the runtime's business
+    (`xenpv.runtime.lifecycle.open_published_domain`): the hypervisor knows no xenstore."""
     domain = Domain(
         domid=domid,
         key=key,
@@ -919,10 +918,6 @@ async def open_domain(
         async with trio.open_nursery() as nursery:
             domain._nursery = nursery
             nursery.start_soon(domain._serve, listener)
-            if release_watch is not None:
-                from xenpv.hv.lifecycle import watch_releases
-
-                nursery.start_soon(watch_releases, domain, release_watch)
             try:
                 yield domain
             finally:

@@ -34,13 +34,14 @@ from typing import Any, cast
 import structlog
 import trio
 
-from xenpv import cluster, devices, toolstack
-from xenpv.devices import VbdConfig
 from xenpv.interop.matrix import Cell, VbdProfile, VifProfile, enumerate_cells
 from xenpv.interop.verdict import judge, speedups
 from xenpv.interop.worker import DONE_KEY, backend_error_path
-from xenpv.topology import DomainSpec, Topology, Transport, VbdFeatures
-from xenpv.xenbus import DeviceId, xvd_number
+from xenpv.toolstack import cluster, devices
+from xenpv.toolstack import domains as toolstack
+from xenpv.toolstack.devices import VbdConfig
+from xenpv.toolstack.topology import DomainSpec, Topology, Transport, VbdFeatures
+from xenpv.xenbus.core import DeviceId, xvd_number
 from xenpv.xenstore.client import Transaction, XenstoreClient
 
 log = structlog.get_logger()

@@ -17,7 +17,8 @@ A cell that fails (attach refused, never connects, data differs, timeout) is rep
 ok=false and the reason; it never stops the next cell. Judging agreement is the runner's job
 (`xenpv.interop.verdict`): the worker reports what it saw.
 
-vbd workload: tagged writes (`xenpv.selftest.tagged`: every sector names the cell and offset)
+vbd workload: tagged writes (`xenpv.runtime.selftest.tagged`: every sector names the cell and
+offset)
 at awkward offsets, then a bulk run of 256 KiB writes (4 in flight), a flush, and everything
 read back and compared. Throughput: bulk bytes written + read over the time it took (MB/s).
 vif workload: two vifs of the same cell on the same backend switch; B echoes every frame back
@@ -41,13 +42,13 @@ import structlog
 import trio
 
 from xenpv.abi.netif import XEN_NETIF_GSO_TYPE_TCPV4, NetifGsoExtra
-from xenpv.domain_process import read_domain_info
 from xenpv.errors import XenpvError
 from xenpv.granule import BACKEND_MAX_KEY, FRONTEND_KEY
-from xenpv.hv import XenstoreDirectory, open_domain
 from xenpv.identity import DomainKey
-from xenpv.selftest import tagged
-from xenpv.xenbus import Closed, Closing, DeviceId, domain_path, parse_state
+from xenpv.runtime.domain_process import read_domain_info
+from xenpv.runtime.lifecycle import open_published_domain
+from xenpv.runtime.selftest import tagged
+from xenpv.xenbus.core import Closed, Closing, DeviceId, domain_path, parse_state
 from xenpv.xenstore.client import XenstoreClient, connect
 from xenpv.xenstore.wire import XsError
 
@@ -404,16 +405,15 @@ async def main(plan: dict[str, Any]) -> None:
     out = Path(plan["out"])
     async with connect(plan["xenstore"], key=key) as xs:
         info = await read_domain_info(xs, key.domid)
-        async with open_domain(
+        async with open_published_domain(
+            xs,
             domid=info.domid,
             key=key,
-            directory=XenstoreDirectory(xs),
             endpoint=info.endpoint,
             name=info.name,
             page_size=info.page_size,
             memory_bytes=info.memory,
             transport=plan["transport"],
-            release_watch=xs,
         ) as dom:
             for done, cell in enumerate(plan["cells"], 1):
                 result = await run_cell(dom, xs, cell)

@@ -16,7 +16,7 @@ What it does, in order:
    `LiveSwitch`. A device's task is cancelled when its directory disappears;
 3. guest role: watches `/local/domain/<id>/device/{vbd,vif}` and keeps
    `frontends.blkfront.attach` / `frontends.netfront.attach` open for every device, in
-   `DomainRuntime.blk` / `.net`, which the self-test (`xenpv.selftest`) uses;
+   `DomainRuntime.blk` / `.net`, which the self-test (`xenpv.runtime.selftest`) uses;
 4. writes `/local/domain/<id>/xenpv/ready` = its pid once all the above is watching (the
    launcher watches that key: readiness without sleeps), and runs self-test rounds the
    launcher asks for under `xenpv/control/selftest` (results in `xenpv/checks/<name>`);
@@ -44,14 +44,15 @@ import structlog
 import trio
 
 from xenpv.errors import XenpvError
-from xenpv.hv import Domain, XenstoreDirectory, open_domain
+from xenpv.hv import Domain
 from xenpv.identity import TOOL_DOMAIN_ROOT, DomainKey, link_path
-from xenpv.xenbus import DEVICE_CLASSES, DeviceClass, DeviceId, domain_path
+from xenpv.runtime.lifecycle import open_published_domain
+from xenpv.xenbus.core import DEVICE_CLASSES, DeviceClass, DeviceId, domain_path
 from xenpv.xenstore.client import UNREADABLE, XenstoreClient, XenstoreConnectionError
 from xenpv.xenstore.wire import XsError
 
 if TYPE_CHECKING:
-    from xenpv.selftest import EchoPort
+    from xenpv.runtime.selftest import EchoPort
 
 log = structlog.get_logger()
 
@@ -260,7 +261,7 @@ async def _attach_frontend(rt: DomainRuntime, device: DeviceId) -> None:
                     rt.blk.pop(device, None)
                     rt.notify()
             else:
-                from xenpv.selftest import EchoPort
+                from xenpv.runtime.selftest import EchoPort
 
                 port = EchoPort(front)
                 rt.net[device] = port
@@ -330,7 +331,7 @@ async def _wait_destroyed(xs: XenstoreClient, domid: int) -> None:
 
 
 async def _selftest_loop(rt: DomainRuntime) -> None:
-    from xenpv.selftest import run_round
+    from xenpv.runtime.selftest import run_round
 
     path = f"{rt.base}/{CONTROL_SELFTEST}"
     done = -1
@@ -372,16 +373,15 @@ async def run_domain(
     graceful stop: devices close while the links still work) or the caller cancels."""
     info = await read_domain_info(xs, key.domid)
     with structlog.contextvars.bound_contextvars(domid=info.domid, domain=info.name):
-        async with open_domain(
+        async with open_published_domain(
+            xs,
             domid=info.domid,
             key=key,
-            directory=XenstoreDirectory(xs),
             endpoint=listen or info.endpoint,
             name=info.name,
             page_size=info.page_size,
             memory_bytes=info.memory,
             transport=transport,
-            release_watch=xs,
         ) as dom:
             rt = DomainRuntime(dom, xs, info)
             all_tasks: list[DeviceTasks] = []

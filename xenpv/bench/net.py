@@ -2,7 +2,7 @@
 
 Topology: a backend domain 0 running netback for each vif and the learning switch (in this
 process), and two 4 KiB-page guests with netfront (by default together in a second process,
-`python -m benchmarks.net CONFIG`, so backend and guests use two cores as separate domain
+`python -m xenpv.bench.net CONFIG`, so backend and guests use two cores as separate domain
 processes would; `--no-processes` puts every domain in this process). For each transport
 (socket copy, shared memory):
 - guest-to-guest: guest 1 sends frames of 64, 1500 and 9000 bytes and 64 KiB GSO frames
@@ -38,14 +38,14 @@ import trio
 
 from backends import netback
 from backends.switch import LiveSwitch
-from benchmarks.report import emit
-from benchmarks.xenstore import _xenstored
 from frontends.netfront import Netfront, attach
 from xenpv.abi.netif import XEN_NETIF_GSO_TYPE_TCPV4, NetifGsoExtra
-from xenpv.devices import create_vif
+from xenpv.bench.report import emit
+from xenpv.bench.xenstore import _xenstored
 from xenpv.hv import XEN_PAGE_SIZE, StaticDirectory, open_domain
 from xenpv.identity import DomainKey
-from xenpv.xenbus import DeviceId
+from xenpv.toolstack.devices import create_vif
+from xenpv.xenbus.core import DeviceId
 from xenpv.xenstore.client import connect
 
 TRANSPORTS = ("socket", "shm")
@@ -205,10 +205,10 @@ async def _guests(config: dict[str, Any], queues: int) -> AsyncIterator[list[Net
 
 @asynccontextmanager
 async def _guest_process(config: dict[str, Any]) -> AsyncIterator[trio.Process]:
-    """`python -m benchmarks.net CONFIG`: the guests in a process of their own; it prints
+    """`python -m xenpv.bench.net CONFIG`: the guests in a process of their own; it prints
     READY once connected (and, for "g2g", one JSON line of results)."""
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "benchmarks.net", json.dumps(config)],
+        [sys.executable, "-m", "xenpv.bench.net", json.dumps(config)],
         stdout=subprocess.PIPE,
     )
     try:

@@ -46,10 +46,11 @@ from typing import Any
 import structlog
 import trio
 
-from xenpv import devices, provision, toolstack
 from xenpv.errors import XenpvError
-from xenpv.topology import Topology, TopologyError
-from xenpv.xenbus import DeviceId, parse_state
+from xenpv.toolstack import devices, provision
+from xenpv.toolstack import domains as toolstack
+from xenpv.toolstack.topology import Topology, TopologyError
+from xenpv.xenbus.core import DeviceId, parse_state
 from xenpv.xenstore.client import XenstoreClient, connect
 
 log = structlog.get_logger()

@@ -4,7 +4,7 @@ same guest splitting into 4 KiB grants (docs/granule-extension.md, docs/net.md).
 Topology (every domain in this process, one queue per vif): a backend domain 0 with netback
 and the switch (page size `--backend-page`, 4 KiB by default) and two 64 KiB-page guests with
 netfront. Guest 1 streams 9000-byte frames and 64 KiB GSO frames (65535 bytes, TCPv4, MSS 1448)
-to guest 2 for a fixed time, as `xenpv bench net` does (`benchmarks.net._stream`: what guest 2
+to guest 2 for a fixed time, as `xenpv bench net` does (`xenpv.bench.net._stream`: what guest 2
 receives counts). Once with `attach(granule_order=0)` (the 4 KiB baseline: 16 tx slots per
 64 KiB frame, 4 KiB rx buffers), once with `granule_order=None` (64 KiB granules: one tx slot,
 rx slots of up to 32767 bytes). The speed-up is granules / baseline per size and transport.
@@ -29,14 +29,14 @@ import trio
 
 from backends.netback import Vif
 from backends.switch import LiveSwitch
-from benchmarks.net import _stream
-from benchmarks.report import emit
-from benchmarks.xenstore import _xenstored
 from frontends.netfront import Netfront, attach
-from xenpv.devices import create_vif
+from xenpv.bench.net import _stream
+from xenpv.bench.report import emit
+from xenpv.bench.xenstore import _xenstored
 from xenpv.hv import StaticDirectory, open_domain
 from xenpv.identity import DomainKey
-from xenpv.xenbus import DeviceId
+from xenpv.toolstack.devices import create_vif
+from xenpv.xenbus.core import DeviceId
 from xenpv.xenstore.client import connect
 
 TRANSPORTS = ("socket", "shm")

@@ -26,7 +26,7 @@ from typing import Any
 
 from xenpv.hv.buffer import XEN_PAGE_SIZE
 from xenpv.identity import TOOL_DOMAIN_ROOT
-from xenpv.xenbus import DEVICE_CLASSES, XVD_MAJOR, DeviceId, parse_state, xvd_name
+from xenpv.xenbus.core import DEVICE_CLASSES, XVD_MAJOR, DeviceId, parse_state, xvd_name
 from xenpv.xenstore.client import XenstoreClient
 from xenpv.xenstore.wire import XsError
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from xenpv.topology import VbdFeatures
-from xenpv.xenbus import DEVICE_CLASSES, DeviceId, Initialising
+from xenpv.toolstack.topology import VbdFeatures
+from xenpv.xenbus.core import DEVICE_CLASSES, DeviceId, Initialising
 from xenpv.xenstore.client import Transaction, XenstoreClient
 from xenpv.xenstore.wire import XsError
 

@@ -20,7 +20,6 @@ import argparse
 import time
 from typing import Any
 
-from benchmarks.report import emit
 from xenpv.abi.blkif import (
     BLKIF_NATIVE,
     BLKIF_OP_READ,
@@ -31,6 +30,7 @@ from xenpv.abi.blkif import (
     BlkifSegment,
 )
 from xenpv.abi.ring import BackRing, FrontRing
+from xenpv.bench.report import emit
 from xenpv.hv.buffer import XEN_PAGE_SIZE
 
 GOAL_CYCLES_PER_S = 250_000

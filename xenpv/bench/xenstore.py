@@ -3,7 +3,7 @@
 1. Round trips/s of READ, WRITE and an empty transaction (START + END) through the client
    library, with 1 and 32 concurrent clients (one connection each), against `xenpv
    xenstored` and, in the same run, against a do-nothing server on the same socket type
-   (this module run as `python -m benchmarks.xenstore --null-server PATH`: the same
+   (this module run as `python -m xenpv.bench.xenstore --null-server PATH`: the same
    reader / batched-writer structure, a canned reply per request, no store, no journal).
    ratio = xenstored per-op time / do-nothing per-op time (goal ≤ 1.5). Both servers are
    separate processes; the load generator is this process (2 cores shared). The server
@@ -33,7 +33,7 @@ from typing import Any
 
 import trio
 
-from benchmarks.report import emit
+from xenpv.bench.report import emit
 from xenpv.xenstore.client import Transaction, XenstoreClient, connect
 from xenpv.xenstore.store import Store
 from xenpv.xenstore.wire import FrameReader, Message, XsType, join_strings
@@ -153,7 +153,7 @@ def _xenstored(workdir: Path, name: str) -> Iterator[str]:
 @contextmanager
 def _null_server(workdir: Path) -> Iterator[str]:
     sock = str(workdir / "null.sock")
-    with _spawn(["benchmarks.xenstore", "--null-server", sock]) as proc:
+    with _spawn(["xenpv.bench.xenstore", "--null-server", sock]) as proc:
         _PIDS[f"unix:{sock}"] = proc.pid
         yield f"unix:{sock}"
 
@@ -508,7 +508,7 @@ def _main() -> None:
     if len(sys.argv) == 5 and sys.argv[1] == "--null-server" and sys.argv[3] == "--ready-fd":
         trio.run(_null_main, sys.argv[2], int(sys.argv[4]))
         return
-    raise SystemExit("usage: python -m benchmarks.xenstore --null-server PATH --ready-fd N")
+    raise SystemExit("usage: python -m xenpv.bench.xenstore --null-server PATH --ready-fd N")
 
 
 if __name__ == "__main__":

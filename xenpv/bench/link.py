@@ -35,7 +35,7 @@ from typing import Any
 
 import trio
 
-from benchmarks.report import emit
+from xenpv.bench.report import emit
 from xenpv.hv import CopyDirection, CopyOp, Domain, EventChannel, StaticDirectory, open_domain
 from xenpv.hv.busypoll import DEFAULT_MAX_US, AdaptivePoll
 from xenpv.identity import DomainKey
@@ -134,7 +134,7 @@ async def _measure_all(seconds: float) -> dict[str, Any]:
 
 
 def _child(*args: str) -> list[str]:
-    return [sys.executable, "-m", "benchmarks.link", *args]
+    return [sys.executable, "-m", "xenpv.bench.link", *args]
 
 
 def _env() -> dict[str, str]:

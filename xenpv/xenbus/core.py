@@ -7,7 +7,7 @@ end's. Whenever a watch fires, a driver reads the other end's *current* state (w
 intermediate values may never be seen) and looks up what to do in the reaction tables below,
 keyed by (role, device class, own state, other end's state). A reaction names an action for the
 driver to perform (publish ring keys, map rings, tear down, ...) and the state to switch to once
-that action is done. Nothing here touches xenstore; `xenpv.xenbus_io` does.
+that action is done. Nothing here touches xenstore; `xenpv.xenbus.handshake` does.
 
 The tables follow Linux (xen-blkback/xenbus.c `frontend_changed`, xen-blkfront.c
 `blkback_changed`, xen-netback/xenbus.c, xen-netfront.c `netback_changed`):

@@ -21,7 +21,7 @@ from typing import Any
 import trio
 
 from backends.storage import IoPolicy, RawImage
-from benchmarks.report import emit
+from xenpv.bench.report import emit
 
 MiB = 1 << 20
 MODES = ("thread", "inline", "auto")

@@ -4,7 +4,7 @@
 `/local/domain/<id>/{name,domid}`, issues the domain's secret (an Ed25519 `DomainKey`),
 publishes its public key and link endpoint, and INTRODUCEs it. `destroy_domain` removes
 those nodes and RELEASEs it, which fires `@releaseDomain`; domain runtimes that watch it
-(`xenpv.hv.lifecycle.watch_releases`) close their links to the released domain, so its peers
+(`xenpv.runtime.lifecycle.watch_releases`) close their links to the released domain, so its peers
 see its ports close and their mappings of its grants fail.
 
 Permissions:

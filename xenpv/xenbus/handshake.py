@@ -1,7 +1,7 @@
 """Xenbus at the edge: state keys in xenstore and the loop that drives a device's handshake.
 
 Every PV driver (blkfront/blkback/netfront/netback) runs `run_handshake` with an object that
-knows how to perform the actions of `xenpv.xenbus`. The loop watches the other end's `state`
+knows how to perform the actions of `xenpv.xenbus.core`. The loop watches the other end's `state`
 node, reads both ends' current states (watches coalesce, so the current value is what counts),
 looks the pair up in the reaction tables, performs the action, and publishes the keys the action
 produced together with the new state in one transaction, as Linux does with
@@ -15,8 +15,8 @@ from typing import Protocol
 
 import structlog
 
-from xenpv import xenbus
-from xenpv.xenbus import Action, DeviceId, Reaction, XenbusState
+from xenpv.xenbus import core as xenbus
+from xenpv.xenbus.core import Action, DeviceId, Reaction, XenbusState
 from xenpv.xenstore.client import Transaction, XenstoreClient
 
 log = structlog.get_logger()

@@ -5,7 +5,7 @@ The launcher asks for a round by writing JSON to `/local/domain/<id>/xenpv/contr
     {"round": 1, "peers": [{"name": "guest16k", "mac": "00:16:3e:00:00:02"}, ...],
      "block_bytes": 4194304, "frames": 24, "timeout": 20}
 
-and the domain process (`xenpv.domain_process`) answers with one JSON result per check in
+and the domain process (`xenpv.runtime.domain_process`) answers with one JSON result per check in
 `xenpv/checks/<name>` (`{"name", "ok", "detail", ...figures}`), then `xenpv/selftest-done`.
 
 Block check (one per vbd, `block-<guest>-<devid>`): writes data whose every sector starts with
@@ -36,7 +36,7 @@ import trio
 from xenpv.errors import XenpvError
 
 if TYPE_CHECKING:
-    from xenpv.domain_process import DomainRuntime
+    from xenpv.runtime.domain_process import DomainRuntime
 
 log = structlog.get_logger()
 

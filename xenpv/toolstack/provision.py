@@ -6,7 +6,7 @@
             keys_dir=Path("/var/lib/xenpv/keys"), image_dir=Path("/var/lib/xenpv/images"),
         )
 
-One implementation for every launcher: the local cluster (`xenpv.cluster`) and the
+One implementation for every launcher: the local cluster (`xenpv.toolstack.cluster`) and the
 docker-compose one-shot toolstack (`xenpv toolstack apply`) differ only in where a domain's
 link endpoint is (a Unix socket in a state directory, a free local TCP port, or the
 container's host name) and where keys and images live.
@@ -27,11 +27,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from xenpv import devices, toolstack
-from xenpv.devices import VbdConfig
-from xenpv.toolstack import ToolstackError
-from xenpv.topology import DomainSpec, Topology
-from xenpv.xenbus import DeviceId, xvd_number
+from xenpv.toolstack import devices
+from xenpv.toolstack import domains as toolstack
+from xenpv.toolstack.devices import VbdConfig
+from xenpv.toolstack.domains import ToolstackError
+from xenpv.toolstack.topology import DomainSpec, Topology
+from xenpv.xenbus.core import DeviceId, xvd_number
 from xenpv.xenstore.client import XenstoreClient
 from xenpv.xenstore.wire import XsError
 

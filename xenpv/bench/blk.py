@@ -40,7 +40,7 @@ from typing import Any
 
 import trio
 
-from benchmarks.report import emit
+from xenpv.bench.report import emit
 
 MiB = 1 << 20
 GUEST, BACKEND, DEVID = 1, 0, 51712
@@ -238,10 +238,10 @@ async def _guest(
 ) -> AsyncIterator[tuple[Any, int]]:
     """The attached frontend, and the backend child's pid (for its CPU time)."""
     from frontends.blkfront import attach
-    from xenpv.devices import VbdConfig, create_vbd, destroy_device
     from xenpv.hv import StaticDirectory, open_domain
     from xenpv.identity import DomainKey
-    from xenpv.xenbus import DeviceId
+    from xenpv.toolstack.devices import VbdConfig, create_vbd, destroy_device
+    from xenpv.xenbus.core import DeviceId
     from xenpv.xenstore.client import connect
 
     device = DeviceId("vbd", GUEST, BACKEND, DEVID)
@@ -264,7 +264,7 @@ async def _guest(
     ):
         size = os.path.getsize(image)  # noqa: ASYNC240 - one stat of a local file
         await create_vbd(xs, device, VbdConfig(image=str(image), size=size))
-        command = [sys.executable, "-m", "benchmarks.blk", "--backend-child", xs_address]
+        command = [sys.executable, "-m", "xenpv.bench.blk", "--backend-child", xs_address]
         command += [keys[BACKEND].seed_hex(), backend_endpoint, transport, str(GUEST)]
         command += [dom.endpoint, keys[GUEST].public_hex(), str(DEVID)]
         process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE, env=_env())
@@ -442,7 +442,7 @@ async def _backend_child(argv: list[str]) -> None:
     from backends.blkback import serve
     from xenpv.hv import StaticDirectory, open_domain
     from xenpv.identity import DomainKey
-    from xenpv.xenbus import DeviceId
+    from xenpv.xenbus.core import DeviceId
     from xenpv.xenstore.client import connect
 
     xs_address, seed, endpoint, transport, guest, guest_endpoint, guest_pubkey, devid = argv
