@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -162,7 +162,7 @@ class SelftestWorkload:
 
     echo: EchoResponder
     name: str = "selftest"
-    rounds: int = field(default=0)
+    rounds: int = 0  # rounds answered so far
 
     async def run(self, ctx: WorkloadContext) -> None:
         base = domain_path(ctx.dom.domid)

@@ -77,7 +77,7 @@ class WorkloadContext:
     blk: dict[DeviceId, Blkfront] = field(default_factory=dict)
     net: dict[DeviceId, Netfront] = field(default_factory=dict)
     frames: FrameSinks = field(default_factory=FrameSinks)
-    _changed: trio.Event = field(default_factory=trio.Event)
+    _changed: trio.Event = field(default_factory=trio.Event, init=False, repr=False)
 
     def devices_changed(self) -> None:
         """Called by whoever attaches or detaches a frontend."""
