@@ -4,7 +4,7 @@ Read from the backend directory (`xenpv.toolstack.devices` writes these keys): `
 `mode`
 as xl writes them, and the `xenpv-*` keys that stand in for Linux blkback's module
 parameters (`max_ring_page_order`, `max_queues`, `max_indirect_segments`,
-`feature_persistent`) and `xenpv-max-grant-granule-order` (the granule extension, issue 8,
+`feature_persistent`) and `xenpv-max-grant-granule-order` (the granule extension,
 docs/granule-extension.md: default 4, 0 = a baseline-only backend),
 one set per device so that frontends can meet every combination.
 A missing `xenpv-*` key means Linux's default; a malformed one is a `ConfigError` (the

@@ -19,7 +19,7 @@ size, as `vbd_sz`), `info`, `sector-size`, `physical-sector-size`. Features that
 written as 0 rather than left out, so a key left by a previous backend instance with another
 configuration cannot mislead the frontend; frontends treat 0 and absent alike.
 
-Grant granules (issue 8, docs/granule-extension.md): ADVERTISE also writes
+Grant granules (docs/granule-extension.md): ADVERTISE also writes
 `max-grant-granule-order` (the toolstack's `xenpv-max-grant-granule-order`, default 4; 0 is
 written rather than left out, for the same reason as the features above). CONNECT reads the
 frontend's `grant-granule-order` (absent → 0; junk or above our maximum → fatal: we never

@@ -1,4 +1,4 @@
-"""blkfront: a guest's virtual block device over blkif (issue 5, frontend half).
+"""blkfront: a guest's virtual block device over blkif (the frontend half; docs/blk.md).
 
     async with attach(dom, xs, DeviceId("vbd", 1, 0, 51712)) as disk:
         await disk.wait_connected()
@@ -65,7 +65,7 @@ async def attach(
 ) -> AsyncIterator[Blkfront]:
     """Run the frontend of `device` in `dom` for the duration of the block.
 
-    `granule_order` caps the grant granule (issue 8, docs/granule-extension.md): None uses
+    `granule_order` caps the grant granule (docs/granule-extension.md): None uses
     the largest the guest's page size and the backend's `max-grant-granule-order` allow, 0
     declines (4 KiB grants, the baseline); it is chosen anew at every handshake.
     `protocol` defaults to the guest's ABI (`negotiate.default_protocol`). The other keyword

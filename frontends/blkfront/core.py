@@ -118,7 +118,7 @@ class Negotiated:
     discard_granularity: int = 0
     discard_alignment: int = 0
     discard_secure: bool = False
-    grant_size: int = 4096  # the negotiated grant granule in bytes (issue 8)
+    grant_size: int = 4096  # the negotiated grant granule in bytes (docs/granule-extension.md)
     handle: int = 0
     granule_order: int = 0  # log2(grant_size / 4096): grant-granule-order
 
@@ -785,7 +785,7 @@ class Engine:
         return self._scratch.pop()
 
     def _regranulate(self, grant_size: int) -> None:
-        """A connection with another grant granule (issue 8): chunks are cut anew at the
+        """A connection with another grant granule: chunks are cut anew at the
         next dispatch (every I/O was reset at disconnect); indirect scratch granules are
         re-cut from fresh pages. Old scratch pages are freed unless a grant on one is
         stuck (then they are left alone, as the stuck bios are)."""

@@ -3,7 +3,7 @@
 `Blkfront` is the `HandshakeDriver` that `xenpv.xenbus.handshake.run_handshake` drives, and the
 object
 users call. Per connection it owns the ring pages (granted per negotiated grant granule: 4 KiB
-frames in the baseline, larger granules with issue 8's extension), one unbound event
+frames in the baseline, larger granules with docs/granule-extension.md), one unbound event
 channel per queue and one task per queue that waits for the backend's notifications and hands
 the ring to the engine (core.py). Everything between two awaits is synchronous engine work, so
 no locks are needed.

@@ -17,7 +17,7 @@ flush (`feature-flush-cache` → FLUSH_DISKCACHE, else `feature-barrier` → WRI
 both ends offer it), `feature-max-indirect-segments` (used when > 11, capped at our own
 maximum and at what 8 indirect pages describe).
 
-Grant granules (issue 8, docs/granule-extension.md), with `xenpv.granule`'s rules:
+Grant granules (docs/granule-extension.md), with `xenpv.granule`'s rules:
 SETUP reads `max-grant-granule-order` (absent or junk → 0, as xenbus_read_unsigned) and
 picks order = min(page order, own cap, backend maximum); the ring is
 `granule.blk_ring_geometry` (ring-page-order raised to at least the granule order, granted

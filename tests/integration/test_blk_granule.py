@@ -1,5 +1,5 @@
-"""Grant granules end to end (issue 8): real blkback and blkfront, real xenstored, two
-domains, both transports.
+"""Grant granules end to end (docs/granule-extension.md): real blkback and blkfront, real
+xenstored, two domains, both transports.
 
 Every mix of the extension (old frontend, old backend, 64 KiB guest with a 4 KiB-page
 backend domain and the reverse, 16 KiB guest, the backend's maximum bounding the order),

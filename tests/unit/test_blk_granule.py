@@ -1,4 +1,4 @@
-"""Grant granules in the block drivers (issue 8, docs/granule-extension.md), sans-IO.
+"""Grant granules in the block drivers (docs/granule-extension.md), sans-IO.
 
 Both ends' xenstore rules (blkfront `negotiate`, blkback `negotiate`): every mix of old and
 new ends, orders above the backend's maximum, and a property that whatever the frontend

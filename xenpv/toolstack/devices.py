@@ -29,7 +29,8 @@ VBD_PERSISTENT = "xenpv-persistent"
 VBD_FLUSH = "xenpv-flush"
 VBD_BARRIER = "xenpv-barrier"
 VBD_DISCARD = "xenpv-discard"
-VBD_MAX_GRANULE_ORDER = "xenpv-max-grant-granule-order"  # issue 8: max-grant-granule-order
+# docs/granule-extension.md: the backend offers `max-grant-granule-order` up to this.
+VBD_MAX_GRANULE_ORDER = "xenpv-max-grant-granule-order"
 # vif frontend configuration: attach a host TAP device to this netfront.
 VIF_TAP = "xenpv-tap"
 
@@ -96,7 +97,7 @@ async def _create(
 
 
 async def create_vbd(xs: XenstoreClient, device: DeviceId, config: VbdConfig) -> None:
-    """Write a vbd's first keys (REFERENCE.md: backend `mode`, `params`, `type`; frontend
+    """Write a vbd's first keys (as xl writes them: backend `mode`, `params`, `type`; frontend
     `virtual-device`)."""
     if device.cls != "vbd":
         raise ValueError(f"not a vbd: {device}")
