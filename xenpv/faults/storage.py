@@ -222,7 +222,12 @@ class FaultyStorage:
             return
         data = b"".join(bytes(memoryview(b).cast("B")) for b in buffers)
         info = self.inner.info()
-        if info.read_only or offset % self._sector or len(data) % self._sector or offset + len(data) > info.size:
+        if (
+            info.read_only
+            or offset % self._sector
+            or len(data) % self._sector
+            or offset + len(data) > info.size
+        ):
             await self.inner.write(offset, buffers)  # let the inner disk refuse it
             return
         first = offset // self._sector
