@@ -163,7 +163,7 @@ KINDS: tuple[FaultKind, ...] = (
         "fail grant map operations with a GNTST status (eagain must be retried)",
         (
             Param("status", str, "GNTST_eagain", "status returned", choices=GNTST_NAMES),
-            Param("every", int, 1, "fail one operation in every N", 1, 1e6),
+            Param("one_in", int, 1, "fail one operation in every N", 1, 1e6),
         ),
         (D, V, Q),
     ),
@@ -277,7 +277,7 @@ KINDS: tuple[FaultKind, ...] = (
         Family.XENSTORE,
         "commit-eagain",
         "fail transaction commits with EAGAIN (clients must retry)",
-        (Param("every", int, 1, "fail one commit in every N", 1, 1e6),),
+        (Param("one_in", int, 1, "fail one commit in every N", 1, 1e6),),
         (D, X),
     ),
     FaultKind(
