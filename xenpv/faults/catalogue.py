@@ -73,7 +73,8 @@ class FaultKind:
     may_lose: bool = False
     may_duplicate: bool = False
     loses_cache: bool = False
-    available: bool = True  # False: catalogued, but no injector yet
+    # The module whose injector applies it; None: catalogued, the seam is not wired yet.
+    injector: str | None = None
 
     @property
     def id(self) -> str:
@@ -420,8 +421,25 @@ KINDS: tuple[FaultKind, ...] = (
         (),
         (V,),
         may_lose=True,
-        available=False,
     ),
+)
+
+# Which kinds this package injects itself (the others need seams in the hypervisor, the
+# drivers, xenstored or the process supervisor).
+_INJECTORS = {Family.LINK: "xenpv.faults.link", Family.STORAGE: "xenpv.faults.storage"}
+KINDS = tuple(
+    FaultKind(
+        k.family,
+        k.name,
+        k.description,
+        k.params,
+        k.targets,
+        k.may_lose,
+        k.may_duplicate,
+        k.loses_cache,
+        _INJECTORS.get(k.family),
+    )
+    for k in KINDS
 )
 
 CATALOGUE: Mapping[str, FaultKind] = {k.id: k for k in KINDS}
@@ -443,6 +461,6 @@ def markdown_table() -> str:
             f"`{p.name}` ({p.type.__name__}, {p.default!r}, {p.describe_range()})" for p in k.params
         )
         targets = ", ".join(t.value for t in k.targets)
-        note = "" if k.available else " (catalogued; no injector yet)"
+        note = "" if k.injector else " (no injector yet)"
         lines.append(f"| `{k.id}` | {targets} | {params or '-'} | {k.description}{note} |")
     return "\n".join(lines) + "\n"
