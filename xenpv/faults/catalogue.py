@@ -73,8 +73,12 @@ class FaultKind:
     may_lose: bool = False
     may_duplicate: bool = False
     loses_cache: bool = False
-    # The module whose injector applies it; None: catalogued, the seam is not wired yet.
-    injector: str | None = None
+
+    @property
+    def injector(self) -> str | None:
+        """The module whose injector applies this kind; None: catalogued, but its seam (in
+        the hypervisor, a driver, xenstored or the process supervisor) is not wired yet."""
+        return _INJECTORS.get(self.family)
 
     @property
     def id(self) -> str:
@@ -86,6 +90,8 @@ class FaultKind:
                 return p
         raise KeyError(name)
 
+
+_INJECTORS = {Family.LINK: "xenpv.faults.link", Family.STORAGE: "xenpv.faults.storage"}
 
 D, V, Q, L, X = (
     TargetKind.DOMAIN,
@@ -422,24 +428,6 @@ KINDS: tuple[FaultKind, ...] = (
         (V,),
         may_lose=True,
     ),
-)
-
-# Which kinds this package injects itself (the others need seams in the hypervisor, the
-# drivers, xenstored or the process supervisor).
-_INJECTORS = {Family.LINK: "xenpv.faults.link", Family.STORAGE: "xenpv.faults.storage"}
-KINDS = tuple(
-    FaultKind(
-        k.family,
-        k.name,
-        k.description,
-        k.params,
-        k.targets,
-        k.may_lose,
-        k.may_duplicate,
-        k.loses_cache,
-        _INJECTORS.get(k.family),
-    )
-    for k in KINDS
 )
 
 CATALOGUE: Mapping[str, FaultKind] = {k.id: k for k in KINDS}
