@@ -116,16 +116,17 @@ class StoragePolicy:
             first = offset // BLKIF_SECTOR
             last = (offset + length - 1) // BLKIF_SECTOR
             hit = [s for s in range(first, last + 1) if s in self.bad]
-            if not hit:
-                return
-            if op is StorageOp.READ or any(self.bad[s] != "read" for s in hit):
+            failing = "read" if op is StorageOp.READ else "write"
+            if any(self.bad[s] in (failing, "both") for s in hit):
                 if self._fires("storage.eio"):
+                    bad = next(s for s in hit if self.bad[s] in (failing, "both"))
                     raise StorageError(
-                        StorageErrorKind.IO, f"{op.value}: bad sector {hit[0]} (injected EIO)"
+                        StorageErrorKind.IO, f"{op.value}: bad sector {bad} (injected EIO)"
                     )
                 return
-            for s in hit:  # a write rewrites a read-bad sector: it is good again
-                del self.bad[s]
+            if op is StorageOp.WRITE:  # a write rewrites a read-bad sector: it is good again
+                for s in hit:
+                    del self.bad[s]
 
     def drops(self, op: StorageOp) -> bool:
         return op is StorageOp.WRITE and self._fires("storage.drop-writes")
