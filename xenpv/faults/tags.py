@@ -89,9 +89,14 @@ def parse_sector(data: bytes | bytearray | memoryview) -> BlockTag | None:
     head = data[: BLOCK_HEADER_SIZE - 8]
     if zlib.crc32(head + data[BLOCK_HEADER_SIZE:]) != crc:
         raise TagError(f"checksum mismatch in the sector of block {block} seq {seq}")
-    if data[BLOCK_HEADER_SIZE:] != _fill(head, len(data) - BLOCK_HEADER_SIZE):
-        raise TagError(f"fill pattern altered in block {block} seq {seq}")
-    return BlockTag(writer.rstrip(b"\0").decode(errors="replace"), block, seq)
+    tag = BlockTag(writer.rstrip(b"\0").decode(errors="replace"), block, seq)
+    try:
+        expected = pack_sector(tag, len(data))
+    except ValueError as exc:
+        raise TagError(f"block {block} seq {seq}: {exc}") from None
+    if expected != data:  # padding, fill or writer bytes the checksum alone did not pin
+        raise TagError(f"sector of block {block} seq {seq} altered")
+    return tag
 
 
 def parse_block(data: bytes | bytearray | memoryview, sector_size: int = 512) -> BlockTag | None:
@@ -143,4 +148,6 @@ def parse_frame(data: bytes | bytearray | memoryview) -> FrameTag:
     head = data[: FRAME_HEADER_SIZE - 4]
     if zlib.crc32(head + data[FRAME_HEADER_SIZE:]) != crc:
         raise TagError(f"checksum mismatch in flow {flow} seq {seq}")
+    if pack_frame(FrameTag(flow, seq), size) != data:
+        raise TagError(f"frame of flow {flow} seq {seq} altered")
     return FrameTag(flow, seq)
