@@ -262,3 +262,35 @@ async def test_check_all_orders_violations_by_index() -> None:
 def test_storage_info_is_forwarded() -> None:
     disk = FaultyStorage(MemoryDisk(8 * SECTOR, sector_size=SECTOR))
     assert isinstance(disk.info(), StorageInfo) and disk.info().size == 8 * SECTOR
+
+
+def test_frame_flow_records_what_the_net_checker_reads() -> None:
+    from xenpv.faults.workloads import FrameFlow
+
+    rec = Recorder()
+    flow = FrameFlow(rec.writer, VIF_KEY + ":flow=1", 1, "guest4k/tx", "peer/rx", size=64)
+    frames = []
+    for _ in range(3):
+        seq, payload = flow.frame()
+        flow.sent(seq)
+        frames.append(payload)
+    assert flow.received(frames[0]) == 0
+    damaged = bytearray(frames[1])
+    damaged[40] ^= 1
+    assert flow.received(damaged) is None
+    assert flow.received(frames[2]) == 2
+    found = net.check(rec.history())
+    assert found[0].message == "corrupted frame delivered"
+    assert found[1].value == 1 and found[1].message.startswith("gap: seq 1")  # it never came
+
+
+def test_a_read_in_flight_across_a_power_cut_may_see_the_rollback() -> None:
+    key = DISK_KEY + ":block=0"
+    rec = Recorder()
+    rec("w", "invoke", "write", key, "w/0/1")
+    rec("w", "ok", "write", key, "w/0/1")
+    rec("r", "invoke", "read", key)
+    rec.fault("fault-start", "f0.0", "storage.power-cut", DEV)
+    rec("r", "ok", "read", key, "initial")
+    rec.fault("fault-stop", "f0.0", "storage.power-cut", DEV)
+    assert block.check(rec.history()) == []

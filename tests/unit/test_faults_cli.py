@@ -105,3 +105,28 @@ async def test_check_pass_fail_and_tamper(
     assert f"{good}:6: digest mismatch" in err
     assert main(["faults", "check", str(tmp_path / "none.jsonl")]) == 1
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_report_is_well_formed_with_faults_and_states() -> None:
+    import xml.etree.ElementTree as ET
+    from html.parser import HTMLParser
+
+    from xenpv.faults import report
+    from xenpv.faults.checkers import check_all
+
+    rec = Recorder()
+    rec.fault("fault-start", "f0.0", "link.partition", "link:backend-guest4k")
+    rec("guest4k/blk0", "invoke", "write", DISK_KEY + ":block=0", "a/0/1")
+    rec("guest4k/blk0", "fail", "write", DISK_KEY + ":block=0", "I/O error <&>")
+    rec("toolstack", "info", "state", "state:guest4k:vbd:xvda:frontend", 5)
+    rec.fault("fault-stop", "f0.0", "link.partition", "link:backend-guest4k")
+    rec("toolstack", "info", "state", "state:guest4k:vbd:xvda:frontend", "Connected")
+    history = rec.history()
+    page = report.render_html(history, check_all(history))
+    HTMLParser().feed(page)
+    svgs = page.split("<svg")[1:]
+    assert len(svgs) == 3
+    for chunk in svgs:
+        ET.fromstring("<svg" + chunk.split("</svg>")[0] + "</svg>")  # well-formed XML
+    assert "First violation" in page and "xenpv faults run test --seed 1" in page
+    assert history.schedule.hash in page

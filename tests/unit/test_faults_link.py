@@ -158,3 +158,47 @@ def test_injection_heals_everything_on_error_and_records_it() -> None:
         Injection([inj]).check([fault("storage.eio", "device:guest4k:vbd:xvda")])
     with pytest.raises(NoInjector, match="no injector yet"):
         Injection([inj]).check([fault("event.drop", "domain:guest4k")])
+
+
+async def test_follow_starts_and_stops_on_schedule(autojump_clock: object) -> None:
+    import trio
+
+    from tests.unit.faults_helpers import Recorder, quiet_schedule
+    from xenpv.faults.injectors import follow
+
+    sched = quiet_schedule(
+        '[[fault]]\nkind = "link.loss"\ntarget = "link:backend-guest4k"\nat = 2.0\n'
+        "duration = 3.0\nevery = 6.0\n"
+    )
+    inj = LinkInjector({"backend": 1, "guest4k": 2}, seed=1)
+    rec = Recorder(sched)
+    seen: list[tuple[float, int]] = []
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            with Injection([inj], rec.writer) as injection:
+                nursery.start_soon(follow, sched, injection)
+                await trio.sleep(0.5)  # sample between events, never at one
+                for _ in range(20):
+                    await trio.sleep(1.0)
+                    seen.append((trio.current_time(), len(inj.active)))
+    active_at = dict(seen)
+    assert [active_at[t] for t in (1.5, 3.5, 5.5, 8.5, 11.5, 14.5)] == [0, 1, 0, 1, 0, 1]
+    starts = rec.text.count('"fault-start"')
+    assert starts == len(sched.faults) == rec.text.count('"fault-stop"')
+
+
+async def test_cancelling_follow_heals_what_it_started(autojump_clock: object) -> None:
+    import trio
+
+    from tests.unit.faults_helpers import quiet_schedule
+    from xenpv.faults.injectors import follow
+
+    sched = quiet_schedule(
+        '[[fault]]\nkind = "link.loss"\ntarget = "link:backend-guest4k"\nat = 1.0\n'
+        "duration = 10.0\n"
+    )
+    inj = LinkInjector({"backend": 1, "guest4k": 2}, seed=1)
+    with trio.fail_after(60):
+        with Injection([inj]) as injection, trio.move_on_after(5.0):
+            await follow(sched, injection)
+        assert inj.active == []

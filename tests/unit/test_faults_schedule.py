@@ -90,3 +90,15 @@ def test_unaffected_defaults_to_untouched_guests() -> None:
         'target = "device:guest4k:vbd:xvda"\nduration = 1.0\n'
     )
     assert schedule.build(p).unaffected == ("guest16k", "guest64k")
+
+
+def test_events_put_stops_before_starts_and_source_is_not_hashed() -> None:
+    sched = schedule.build(BASE, 5)
+    events = sched.events()
+    assert len(events) == 2 * len(sched.faults)
+    assert [e[0] for e in events] == sorted(e[0] for e in events)
+    for (t1, a1, _), (t2, a2, _) in itertools.pairwise(events):
+        assert not (t1 == t2 and a1 == "start" and a2 == "stop")
+    moved = plan.loads(PLAN, source="/elsewhere/p.toml")
+    assert schedule.build(moved, 5).hash == sched.hash
+    assert schedule.build(moved, 5).source == "/elsewhere/p.toml"

@@ -1,10 +1,11 @@
 """The `Injector` interface and the manager that guarantees every fault is healed.
 
 A runner (1) builds the schedule, (2) opens a `HistoryWriter`, (3) enters an `Injection` over
-its injectors and calls `start(fault)` / `stop(fault)` as the schedule says, (4) runs the
-checkers. `Injection` is a context manager: leaving it for any reason (the run ended, an
-error, a cancellation, Ctrl-C) stops every fault still active, newest first, so no fault
-outlives its run; it also writes the `fault-start` / `fault-stop` lines the checkers read.
+its injectors and calls `start(fault)` / `stop(fault)` as the schedule says (`follow` does
+that on trio's clock), (4) runs the checkers. `Injection` is a context manager: leaving it
+for any reason (the run ended, an error, a cancellation, Ctrl-C) stops every fault still
+active, newest first, so no fault outlives its run; it also writes the `fault-start` /
+`fault-stop` lines the checkers read.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from types import TracebackType
 from typing import Protocol
 
 import structlog
+import trio
 
 from xenpv.errors import XenpvError
 from xenpv.faults.catalogue import CATALOGUE
 from xenpv.faults.history import HistoryWriter
-from xenpv.faults.schedule import ScheduledFault
+from xenpv.faults.schedule import Schedule, ScheduledFault
 
 log = structlog.get_logger()
 
@@ -120,3 +122,16 @@ class Injection:
                 fault.target,
                 {"id": fault.id, "kind": fault.kind, "target": fault.target},
             )
+
+
+async def follow(schedule: Schedule, injection: Injection, *, start: float | None = None) -> None:
+    """Start and stop each scheduled fault at its offset from `start` (trio's clock; default:
+    now) and return after the last stop. Run it inside `with injection:`, so that cancelling
+    it (the run is over, or failed) still heals whatever it had started."""
+    origin = trio.current_time() if start is None else start
+    for offset, action, fault in schedule.events():
+        await trio.sleep_until(origin + offset)
+        if action == "start":
+            injection.start(fault)
+        else:
+            injection.stop(fault)

@@ -139,6 +139,7 @@ class Plan:
     faults: tuple[FaultSpec, ...]
     checks: ChecksSpec
     base_dir: Path | None = None  # where a relative topology path is looked up
+    source: str = ""  # how to name it again: a file path, or a built-in plan's name
 
 
 class _Table:
@@ -366,7 +367,9 @@ def _array(raw: Mapping[str, Any], key: str) -> list[object]:
     return value
 
 
-def parse(raw: Mapping[str, Any], name: str, base_dir: Path | None = None) -> Plan:
+def parse(
+    raw: Mapping[str, Any], name: str, base_dir: Path | None = None, source: str = ""
+) -> Plan:
     """Validate a decoded TOML document."""
     top = _Table(raw, "")
     plan_name = top.string("name", name)
@@ -377,15 +380,17 @@ def parse(raw: Mapping[str, Any], name: str, base_dir: Path | None = None) -> Pl
     checks = _checks(top.get("checks", {}))
     top.used.update(("workload", "fault"))
     top.done()
-    return Plan(plan_name, description, run, workloads, faults, checks, base_dir)
+    return Plan(
+        plan_name, description, run, workloads, faults, checks, base_dir, source or plan_name
+    )
 
 
-def loads(text: str, name: str = "plan", base_dir: Path | None = None) -> Plan:
+def loads(text: str, name: str = "plan", base_dir: Path | None = None, source: str = "") -> Plan:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise PlanError(name, f"not valid TOML: {exc}") from None
-    return parse(raw, name, base_dir)
+        raise PlanError(source or name, f"not valid TOML: {exc}") from None
+    return parse(raw, name, base_dir, source)
 
 
 def load(path: Path) -> Plan:
@@ -393,7 +398,7 @@ def load(path: Path) -> Plan:
         text = path.read_text()
     except OSError as exc:
         raise PlanError(str(path), f"cannot read: {exc.strerror}") from None
-    return loads(text, path.stem, path.parent)
+    return loads(text, path.stem, path.parent, str(path))
 
 
 # -- built-in plans ---------------------------------------------------------------------------

@@ -9,6 +9,7 @@ history hashes and a one-line command to run the same schedule again.
 from __future__ import annotations
 
 import html
+import shlex
 from collections.abc import Sequence
 
 from xenpv.faults.checkers import Violation
@@ -218,7 +219,7 @@ def _latency(history: History, windows: Sequence[FaultWindow], scale: _Scale) ->
 
 def rerun_command(history: History) -> str:
     s = history.schedule
-    return f"xenpv faults run {s.plan} --seed {s.seed}"
+    return f"xenpv faults run {shlex.quote(s.source or s.plan)} --seed {s.seed}"
 
 
 def render_html(history: History, violations: Sequence[Violation]) -> str:

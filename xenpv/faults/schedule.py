@@ -130,10 +130,19 @@ class Schedule:
     topology: Targets
     workloads: tuple[ScheduledWorkload, ...]
     faults: tuple[ScheduledFault, ...]
+    source: str = ""  # the plan file or built-in name (not hashed: moving a file changes nothing)
 
     @property
     def last_heal(self) -> float:
         return max((f.stop for f in self.faults), default=0.0)
+
+    def events(self) -> list[tuple[float, str, ScheduledFault]]:
+        """(offset, "start" | "stop", fault) in time order; at equal offsets stops come
+        first, so a fault that ends when another begins never overlaps it."""
+        out = [(f.start, "start", f) for f in self.faults]
+        out += [(f.stop, "stop", f) for f in self.faults]
+        out.sort(key=lambda e: (e[0], e[1] == "start", e[2].id))
+        return out
 
     def fault(self, fault_id: str) -> ScheduledFault:
         for f in self.faults:
@@ -153,6 +162,7 @@ class Schedule:
             "topology": self.topology.to_json(),
             "workloads": [w.to_json() for w in self.workloads],
             "faults": [f.to_json() for f in self.faults],
+            "source": self.source,
         }
 
     @classmethod
@@ -169,10 +179,14 @@ class Schedule:
             Targets.from_json(raw["topology"]),
             tuple(ScheduledWorkload.from_json(w) for w in raw["workloads"]),
             tuple(ScheduledFault.from_json(f) for f in raw["faults"]),
+            str(raw.get("source", "")),
         )
 
     def canonical(self) -> str:
-        return canonical_json(self.to_json())
+        """The canonical JSON the hash covers (everything but `source`)."""
+        body = self.to_json()
+        del body["source"]
+        return canonical_json(body)
 
     @property
     def hash(self) -> str:
@@ -299,4 +313,5 @@ def build(plan: Plan, seed: int | None = None, topology: Topology | None = None)
         targets,
         workloads,
         tuple(faults),
+        plan.source,
     )

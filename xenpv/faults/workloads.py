@@ -1,4 +1,4 @@
-"""Workload building blocks that record what they do in a history.
+"""Workload building blocks that record what they do in a history (`BlockWorker`, `FrameFlow`).
 
 `BlockWorker` drives any `Storage` (a device's disk, or a guest's view of it) with tagged
 block writes, verifying reads and flushes, one operation at a time as one history process.
@@ -13,7 +13,15 @@ from dataclasses import dataclass, field
 
 from backends.storage.base import Storage, StorageError
 from xenpv.faults.history import HistoryWriter
-from xenpv.faults.tags import BlockTag, pack_block, read_value
+from xenpv.faults.tags import (
+    BlockTag,
+    FrameTag,
+    TagError,
+    pack_block,
+    pack_frame,
+    parse_frame,
+    read_value,
+)
 
 
 @dataclass
@@ -91,3 +99,43 @@ class BlockWorker:
     async def verify_all(self) -> None:
         for block in range(self.blocks):
             await self.read(block)
+
+
+@dataclass
+class FrameFlow:
+    """One tagged flow of frames from a sender to a receiver, recorded in a history.
+
+    The sender calls `frame()` for the next payload and `sent(seq, ok)` once the transmit
+    completed (or failed); the receiver calls `received(payload)` for every payload it gets.
+    Sequence numbers start at 0 and increase by one."""
+
+    history: HistoryWriter
+    key: str  # vif:GUEST:DEVID:flow=N
+    flow: int
+    sender: str  # history process names
+    receiver: str
+    size: int = 256
+    next_seq: int = 0
+
+    def frame(self) -> tuple[int, bytes]:
+        seq = self.next_seq
+        self.next_seq += 1
+        self.history.append(self.sender, "invoke", "send", self.key, seq)
+        return seq, pack_frame(FrameTag(self.flow, seq), self.size)
+
+    def sent(self, seq: int, ok: bool = True) -> None:
+        self.history.append(self.sender, "ok" if ok else "fail", "send", self.key, seq)
+
+    def received(self, payload: bytes | bytearray | memoryview) -> int | None:
+        try:
+            tag = parse_frame(payload)
+        except TagError as exc:
+            self.history.append(self.receiver, "ok", "recv", self.key, f"corrupt: {exc}")
+            return None
+        if tag.flow != self.flow:
+            self.history.append(
+                self.receiver, "ok", "recv", self.key, f"corrupt: frame of flow {tag.flow}"
+            )
+            return None
+        self.history.append(self.receiver, "ok", "recv", self.key, tag.seq)
+        return tag.seq

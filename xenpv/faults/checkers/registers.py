@@ -127,10 +127,15 @@ class RegisterCheck:
     def crash(self, keys: list[str], covered_before: int) -> None:
         """A cache was lost: each key falls back to what acks before `covered_before` (the
         invoke of the last completed flush) guarantee."""
-        for name in keys:
+        names = set(keys)
+        for name in names:
             k = self.key(name)
             i = bisect.bisect_left(k.ack_indexes, covered_before)
             k.floor = k.ack_floors[i - 1] if i > 0 else -1
+        # A read in flight across the crash may see the rolled-back value too.
+        for process, (invoke, floor) in list(self.pending.items()):
+            if invoke.f == self.read_f and invoke.key in names:
+                self.pending[process] = (invoke, min(floor, self.keys[invoke.key].floor))
 
 
 def _hashable(value: object) -> object:
