@@ -7,6 +7,8 @@ import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.unit.faults_helpers import DISK_KEY, Recorder
 from xenpv.faults import history
@@ -115,3 +117,11 @@ def test_chain_rejects_unknown_ops() -> None:
     chain = history.HistoryChain()
     with pytest.raises(ValueError, match="op f 'dance'"):
         chain.line(0.0, "p", "info", "dance", "k", None)
+
+
+@given(st.lists(st.one_of(st.text(max_size=80), st.sampled_from(_sample().text.splitlines()))))
+def test_any_input_is_a_history_or_one_clear_error(lines: list[str]) -> None:
+    try:
+        parse_lines(lines, "fuzz")
+    except HistoryError as exc:
+        assert str(exc).startswith("fuzz")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from xenpv.faults import plan, schedule
 from xenpv.faults.plan import PlanError
@@ -148,3 +150,54 @@ def test_builtin_plans_load_and_schedule() -> None:
 def test_unknown_builtin() -> None:
     with pytest.raises(PlanError, match="no built-in plan"):
         plan.load_any("no-such-plan")
+
+
+KEYS = st.sampled_from(
+    [
+        "run",
+        "seed",
+        "duration",
+        "quiet",
+        "topology",
+        "workload",
+        "fault",
+        "checks",
+        "kind",
+        "target",
+        "at",
+        "every",
+        "probability",
+        "count",
+        "delay",
+        "direction",
+        "targets",
+        "liveness",
+        "unaffected",
+        "rate",
+        "name",
+        "sector",
+        "op",
+    ]
+)
+SCALARS = st.one_of(
+    st.booleans(),
+    st.integers(-5, 100),
+    st.floats(allow_nan=True),
+    st.text(max_size=12),
+    st.sampled_from(["link.loss", "storage.eio", "any-link", "domain:zz", "demo", "block"]),
+)
+TOML_VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(KEYS, inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300)
+@given(st.dictionaries(KEYS, TOML_VALUES, max_size=5))
+def test_any_document_is_a_plan_or_one_clear_error(raw: dict[str, object]) -> None:
+    try:
+        p = plan.parse(raw, "fuzz")
+        schedule.build(p)
+    except PlanError as exc:
+        assert ": " in str(exc)
