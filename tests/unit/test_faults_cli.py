@@ -67,6 +67,7 @@ async def _history(storage: MemoryDisk) -> str:
             rec("toolstack", "info", "state", f"state:{d.guest}:{d.cls}:{d.name}:{end}", 4)
         rec("toolstack", "invoke", "probe", d.key)
         rec("toolstack", "ok", "probe", d.key)
+    rec.writer.close()
     return rec.text
 
 
@@ -103,6 +104,10 @@ async def test_check_pass_fail_and_tamper(
     assert main(["faults", "check", str(good)]) == 1
     err = capsys.readouterr().err
     assert f"{good}:6: digest mismatch" in err
+    good.write_text(good_text.split("\n", 3)[0] + "\n")  # only the schedule: cut off
+    assert main(["faults", "check", str(good)]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("FAIL (unfinished history") and "no end line" in out
     assert main(["faults", "check", str(tmp_path / "none.jsonl")]) == 1
     assert "cannot read" in capsys.readouterr().err
 

@@ -125,3 +125,20 @@ def test_any_input_is_a_history_or_one_clear_error(lines: list[str]) -> None:
         parse_lines(lines, "fuzz")
     except HistoryError as exc:
         assert str(exc).startswith("fuzz")
+
+
+def test_the_end_line_seals_the_history() -> None:
+    rec = _sample()
+    assert not rec.history().finished
+    rec.writer.close()
+    rec.writer.close()  # once
+    h = rec.history()
+    assert h.finished and h.ops[-1].value == {"lines": 6}
+    with pytest.raises(ValueError, match="closed"):
+        rec.writer.append("p", "info", "state", "k", 1)
+    lines = rec.text.splitlines()
+    extra = history.HistoryChain(json.loads(lines[-1])["digest"], 6).line(
+        9.0, "p", "info", "state", "k", 1
+    )
+    with pytest.raises(HistoryError, match="test:7: a line after the end line"):
+        parse_lines([*lines, history.encode(extra).strip()], "test")

@@ -121,6 +121,11 @@ def run_check(args: argparse.Namespace) -> int:
     hist = history_mod.read(args.history)
     violations = check_all(hist)
     hist_hash = history_mod.history_hash(hist.ops)
+    unfinished = (
+        None
+        if hist.finished
+        else f"{args.history}: no end line: the run stopped early, or lines were cut off the end"
+    )
     if args.report is not None:
         args.report.write_text(report.render_html(hist, violations))
         print(f"xenpv: report written to {args.report}", file=sys.stderr)
@@ -128,7 +133,8 @@ def run_check(args: argparse.Namespace) -> int:
         print(
             json.dumps(
                 {
-                    "ok": not violations,
+                    "ok": not violations and unfinished is None,
+                    "finished": hist.finished,
                     "plan": hist.schedule.plan,
                     "seed": hist.schedule.seed,
                     "schedule_hash": hist.schedule.hash,
@@ -142,6 +148,8 @@ def run_check(args: argparse.Namespace) -> int:
     else:
         s = hist.schedule
         verdict = "PASS" if not violations else f"FAIL ({len(violations)} violation(s))"
+        if unfinished is not None:
+            verdict = f"FAIL (unfinished history, {len(violations)} violation(s))"
         print(f"{verdict}: plan {s.plan}, seed {s.seed}, {len(hist)} operations")
         print(f"schedule hash {s.hash}")
         print(f"history hash  {hist_hash}")
@@ -149,6 +157,8 @@ def run_check(args: argparse.Namespace) -> int:
             print(v.line())
         if len(violations) > MAX_LISTED:
             print(f"... and {len(violations) - MAX_LISTED} more")
+        if unfinished is not None:
+            print(unfinished)
         if violations:
             print(f"rerun: {report.rerun_command(hist)}")
-    return 0 if not violations else 1
+    return 0 if not violations and unfinished is None else 1

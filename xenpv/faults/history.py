@@ -12,6 +12,8 @@ Each line is an operation as Jepsen records them:
 - `digest` chains the lines: sha256(previous digest + canonical JSON of the line without its
   digest), starting from 64 zeroes, so any alteration, insertion or removal is detected and the
   first altered line is named;
+- the writer's `close()` appends an `end` line: a chain cannot show that lines were cut off
+  at the end, a missing `end` line can (or that the run stopped early);
 - `history_hash` covers the lines without `time` and `digest`: two runs that did the same
   things in the same order have the same hash whatever the wall clock said.
 """
@@ -45,6 +47,7 @@ OPS = (
     "fault-stop",
     "state",  # info: key `state:GUEST:vbd:xvda:frontend` (xenbus state) or `domain:NAME` (up/down)
     "probe",  # a probe I/O on a device, key = the device's key prefix
+    "end",  # info: the last line, written when the writer closes; value {"lines": n}
 )
 GENESIS = "0" * 64
 FIELDS = ("index", "time", "process", "type", "f", "key", "value")
@@ -85,6 +88,7 @@ def chain(previous: str, body: dict[str, Any]) -> str:
 class History:
     ops: list[Op]
     schedule: Schedule
+    finished: bool = True  # it ends with its `end` line
 
     def __iter__(self) -> Iterator[Op]:
         return iter(self.ops)
@@ -140,6 +144,7 @@ class HistoryWriter:
     _chain: HistoryChain = field(default_factory=HistoryChain)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _start: float = 0.0
+    _closed: bool = False
 
     def __post_init__(self) -> None:
         self._start = self.clock()
@@ -159,6 +164,8 @@ class HistoryWriter:
         time: float | None = None,
     ) -> Op:
         with self._lock:
+            if self._closed:
+                raise ValueError("the history is closed")
             op = self._chain.line(
                 self.now() if time is None else time, process, type, f, key, value
             )
@@ -169,6 +176,23 @@ class HistoryWriter:
     @property
     def digest(self) -> str:
         return self._chain.digest
+
+    def close(self) -> None:
+        """Append the `end` line (once); later appends are refused."""
+        with self._lock:
+            if self._closed:
+                return
+            n = self._chain.next_index
+            op = self._chain.line(self.now(), "runner", "info", "end", "end", {"lines": n + 1})
+            self.stream.write(encode(op))
+            self.stream.flush()
+            self._closed = True
+
+    def __enter__(self) -> HistoryWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _check_line(raw: object, where: str, expected_index: int) -> Op:
@@ -223,6 +247,8 @@ def parse_lines(lines: Sequence[str], source: str = "history") -> History:
                 "was altered, inserted or removed"
             )
         digest = op.digest
+        if ops and ops[-1].f == "end":
+            raise HistoryError(f"{where}: a line after the end line")
         if ops and op.time + 1e-6 < ops[-1].time:
             raise HistoryError(f"{where}: time {op.time} goes back (before {ops[-1].time})")
         ops.append(op)
@@ -235,7 +261,11 @@ def parse_lines(lines: Sequence[str], source: str = "history") -> History:
         schedule = Schedule.from_json(first.value)
     except (KeyError, TypeError, ValueError, AssertionError) as exc:
         raise HistoryError(f"{source}:1: bad schedule: {exc!r}") from None
-    return History(ops, schedule)
+    last = ops[-1]
+    finished = last.f == "end"
+    if finished and last.value != {"lines": len(ops)}:
+        raise HistoryError(f"{source}:{len(ops)}: the end line does not count {len(ops)} lines")
+    return History(ops, schedule, finished)
 
 
 def read(path: Path) -> History:
