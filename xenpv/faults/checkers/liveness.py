@@ -35,13 +35,16 @@ def check(history: History) -> list[Violation]:
         }
         last: dict[str, object] = {}
         connected_since: float | None = None
+        connected_index = len(history) - 1
         probe_ok: float | None = None
+        probe_index = len(history) - 1
         for op in history:
             if op.f == "state" and op.key in ends.values():
                 last[op.key] = op.value
                 both = all(is_connected(last.get(k)) for k in ends.values())
                 if both and connected_since is None:
                     connected_since = op.time
+                    connected_index = op.index
                 elif not both:
                     connected_since = None
             elif (
@@ -52,14 +55,15 @@ def check(history: History) -> list[Violation]:
                 and probe_ok is None
             ):
                 probe_ok = op.time
+                probe_index = op.index
         where = f"{device.id} after the last heal at {heal:.3f} s"
-        at = heal_index
+        end = len(history) - 1
         if connected_since is None:
             states = ", ".join(f"{e}={last.get(k, 'never seen')}" for e, k in ends.items())
             out.append(
                 Violation(
                     "liveness",
-                    at,
+                    end,
                     device.key,
                     states,
                     f"{where}: not Connected on both ends by the end of the history ({states})",
@@ -69,7 +73,7 @@ def check(history: History) -> list[Violation]:
             out.append(
                 Violation(
                     "liveness",
-                    at,
+                    connected_index,
                     device.key,
                     connected_since,
                     f"{where}: Connected only at {connected_since:.3f} s, after the"
@@ -78,13 +82,13 @@ def check(history: History) -> list[Violation]:
             )
         if probe_ok is None:
             out.append(
-                Violation("liveness", at, device.key, None, f"{where}: no probe I/O completed")
+                Violation("liveness", end, device.key, None, f"{where}: no probe I/O completed")
             )
         elif probe_ok > deadline + 1e-9:
             out.append(
                 Violation(
                     "liveness",
-                    at,
+                    probe_index,
                     device.key,
                     probe_ok,
                     f"{where}: the first probe completed at {probe_ok:.3f} s, after the"
