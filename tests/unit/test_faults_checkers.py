@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from typing import Any
 
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from backends.storage import MemoryDisk, StorageInfo, WriteBuffer
 from tests.unit.faults_helpers import DISK_KEY, VIF_KEY, Recorder
-from xenpv.faults.checkers import block, check_all, isolation, liveness, net, xenstore
+from xenpv.faults.checkers import CHECKERS, block, check_all, isolation, liveness, net, xenstore
+from xenpv.faults.history import OPS
 from xenpv.faults.storage import FaultyStorage
 from xenpv.faults.workloads import BlockWorker
 
@@ -294,3 +298,45 @@ def test_a_read_in_flight_across_a_power_cut_may_see_the_rollback() -> None:
     rec("r", "ok", "read", key, "initial")
     rec.fault("fault-stop", "f0.0", "storage.power-cut", DEV)
     assert block.check(rec.history()) == []
+
+
+OP_STRATEGY = st.tuples(
+    st.sampled_from(["guest4k/a", "guest16k/b", "nemesis", "toolstack"]),
+    st.sampled_from(["invoke", "ok", "fail", "info"]),
+    st.sampled_from(list(OPS[1:-1])),
+    st.sampled_from(
+        [
+            DISK_KEY + ":block=0",
+            DISK_KEY,
+            VIF_KEY + ":flow=1",
+            "xs:guest4k:data/k",
+            "state:guest4k:vbd:xvda:frontend",
+            "domain:backend",
+            "link:backend-guest4k",
+            "weird",
+        ]
+    ),
+    st.one_of(
+        st.none(),
+        st.integers(-2, 5),
+        st.sampled_from(["initial", "a/0/1", "corrupt: x", "up", "down", "registered", "fired"]),
+        st.fixed_dictionaries(
+            {
+                "id": st.sampled_from(["f0.0", "f1.0"]),
+                "kind": st.sampled_from(["link.loss", "storage.power-cut", "process.kill", "nope"]),
+                "target": st.sampled_from(["device:guest4k:vbd:xvda", "domain:backend", "x"]),
+            }
+        ),
+        st.lists(st.integers(), max_size=2),
+    ),
+)
+
+
+@settings(max_examples=200)
+@given(st.lists(OP_STRATEGY, max_size=40))
+def test_checkers_never_crash_on_a_well_formed_history(ops: list[tuple[Any, ...]]) -> None:
+    rec = Recorder()
+    for process, type_, f, key, value in ops:
+        rec(process, type_, f, key, value)
+    for v in check_all(rec.history()):
+        assert v.checker in CHECKERS and isinstance(v.line(), str)
