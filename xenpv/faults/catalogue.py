@@ -78,7 +78,7 @@ class FaultKind:
     def injector(self) -> str | None:
         """The module whose injector applies this kind; None: catalogued, but its seam (in
         the hypervisor, a driver, xenstored or the process supervisor) is not wired yet."""
-        return _INJECTORS.get(self.family)
+        return _INJECTORS.get(self.id, _INJECTORS.get(self.family.value))
 
     @property
     def id(self) -> str:
@@ -91,7 +91,12 @@ class FaultKind:
         raise KeyError(name)
 
 
-_INJECTORS = {Family.LINK: "xenpv.faults.link", Family.STORAGE: "xenpv.faults.storage"}
+_INJECTORS = {
+    "link": "xenpv.faults.link",
+    "storage": "xenpv.faults.storage",
+    "process": "xenpv.faults.process",
+    "xenstore.xenstored-kill": "xenpv.faults.process",
+}
 
 D, V, Q, L, X = (
     TargetKind.DOMAIN,
