@@ -201,3 +201,35 @@ def test_any_document_is_a_plan_or_one_clear_error(raw: dict[str, object]) -> No
         schedule.build(p)
     except PlanError as exc:
         assert ": " in str(exc)
+
+
+def test_plans_whose_families_have_injectors_are_fully_injectable() -> None:
+    from backends.storage import MemoryDisk
+    from xenpv.faults.injectors import Injection
+    from xenpv.faults.link import LinkInjector
+    from xenpv.faults.process import ProcessInjector
+    from xenpv.faults.storage import FaultyStorage, StorageInjector
+
+    for name in (
+        "link",
+        "storage",
+        "process",
+        "partition",
+        "power-cut",
+        "sector-eio",
+        "backend-killed-mid-write",
+        "xenstored-restart",
+    ):
+        sched = schedule.build(plan.builtin(name))
+        domids = {n: i for i, n in enumerate(sched.topology.roles)}
+        disks = {
+            d.id: FaultyStorage(MemoryDisk(1 << 16), write_cache=True)
+            for d in sched.topology.devices
+            if d.cls == "vbd"
+        }
+        injectors = [
+            LinkInjector(domids, seed=sched.seed),
+            StorageInjector(disks),
+            ProcessInjector(lambda n: None, restart=lambda n: None),
+        ]
+        Injection(injectors).check(sched.faults)  # raises NoInjector otherwise
