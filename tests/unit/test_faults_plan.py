@@ -233,3 +233,12 @@ def test_plans_whose_families_have_injectors_are_fully_injectable() -> None:
             ProcessInjector(lambda n: None, restart=lambda n: None),
         ]
         Injection(injectors).check(sched.faults)  # raises NoInjector otherwise
+
+
+def test_the_documented_examples_are_valid_plans() -> None:
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "faults.md").read_text()
+    example = docs.split("## Plan format", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
+    assert schedule.build(plan.loads(example)).faults
+    module_doc = plan.__doc__ or ""
+    example = module_doc.split("```toml\n", 1)[1].split("```", 1)[0]
+    assert schedule.build(plan.loads(example)).faults

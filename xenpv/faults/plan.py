@@ -26,7 +26,7 @@ at = 5.0                           # window start (seconds); or a range [lo, hi]
 duration = 5.0                     # window length (or a range)
 every = 15.0                       # optional: repeat the window every N seconds
 probability = 0.5                  # optional: the chance each message/op is hit (default 1)
-count = 3                          # optional, instead of probability: hit at most N per window
+# count = 3                        # instead of probability: at most N hits per window
 direction = "both"                 # the kind's own parameters (a value, or a range to draw)
 
 [checks]
