@@ -31,7 +31,7 @@ import enum
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar, cast
+from typing import Any, ClassVar, NoReturn, TypeVar, cast
 
 import msgpack
 
@@ -70,9 +70,8 @@ WireCopySegment = tuple[bool, int, int, int, bytes | None]
 WireUpdate = tuple[int, int, int, bytes]
 
 
-def _arity(raw: list[Any], n: int) -> None:
-    if len(raw) != n:
-        raise ProtocolViolation(f"{Msg(raw[0]).name} with {len(raw)} fields, not {n}")
+def _wrong_arity(raw: list[Any], n: int) -> NoReturn:
+    raise ProtocolViolation(f"{Msg(raw[0]).name} with {len(raw)} fields, not {n}")
 
 
 @dataclass(slots=True)
@@ -87,7 +86,8 @@ class Event:
 
     @classmethod
     def decode(cls, raw: list[Any]) -> Event:
-        _arity(raw, 2)
+        if len(raw) != 2:
+            _wrong_arity(raw, 2)
         return cls(raw[1])
 
 
@@ -105,7 +105,8 @@ class Bind:
 
     @classmethod
     def decode(cls, raw: list[Any]) -> Bind:
-        _arity(raw, 4)
+        if len(raw) != 4:
+            _wrong_arity(raw, 4)
         return cls(raw[1], raw[2], raw[3])
 
 
@@ -122,7 +123,8 @@ class Close:
 
     @classmethod
     def decode(cls, raw: list[Any]) -> Close:
-        _arity(raw, 3)
+        if len(raw) != 3:
+            _wrong_arity(raw, 3)
         return cls(raw[1], raw[2])
 
 
@@ -140,7 +142,8 @@ class MapRequest:
 
     @classmethod
     def decode(cls, raw: list[Any]) -> MapRequest:
-        _arity(raw, 4)
+        if len(raw) != 4:
+            _wrong_arity(raw, 4)
         return cls(raw[1], raw[2], raw[3])
 
 
@@ -158,7 +161,8 @@ class UnmapRequest:
 
     @classmethod
     def decode(cls, raw: list[Any]) -> UnmapRequest:
-        _arity(raw, 4)
+        if len(raw) != 4:
+            _wrong_arity(raw, 4)
         return cls(raw[1], raw[2], raw[3])
 
 
@@ -175,7 +179,8 @@ class CopyRequest:
 
     @classmethod
     def decode(cls, raw: list[Any]) -> CopyRequest:
-        _arity(raw, 3)
+        if len(raw) != 3:
+            _wrong_arity(raw, 3)
         return cls(raw[1], raw[2])
 
 
@@ -191,7 +196,8 @@ class Update:
 
     @classmethod
     def decode(cls, raw: list[Any]) -> Update:
-        _arity(raw, 2)
+        if len(raw) != 2:
+            _wrong_arity(raw, 2)
         return cls(raw[1])
 
 
@@ -207,7 +213,8 @@ class Reply:
 
     @classmethod
     def decode(cls, raw: list[Any]) -> Reply:
-        _arity(raw, 2)
+        if len(raw) != 2:
+            _wrong_arity(raw, 2)
         return cls(raw[1])
 
 
@@ -227,7 +234,8 @@ class BindReply(Reply):
 
     @classmethod
     def decode(cls, raw: list[Any]) -> BindReply:
-        _arity(raw, 3)
+        if len(raw) != 3:
+            _wrong_arity(raw, 3)
         return cls(raw[1], raw[2])
 
 
@@ -244,7 +252,8 @@ class MapReply(Reply):
 
     @classmethod
     def decode(cls, raw: list[Any]) -> MapReply:
-        _arity(raw, 4)
+        if len(raw) != 4:
+            _wrong_arity(raw, 4)
         return cls(raw[1], raw[2], raw[3])
 
 
@@ -260,7 +269,8 @@ class CopyReply(Reply):
 
     @classmethod
     def decode(cls, raw: list[Any]) -> CopyReply:
-        _arity(raw, 4)
+        if len(raw) != 4:
+            _wrong_arity(raw, 4)
         return cls(raw[1], raw[2], raw[3])
 
 
