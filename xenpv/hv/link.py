@@ -30,6 +30,7 @@ from xenpv.hv.errors import PeerGone
 from xenpv.hv.faults import LinkFaults
 from xenpv.hv.memory import SharedPeerMemory
 from xenpv.hv.messages import (
+    REPLY,
     Message,
     ProtocolViolation,
     R,
@@ -39,7 +40,6 @@ from xenpv.hv.messages import (
     Whose,
     decode,
     decode_reply,
-    is_reply,
 )
 
 __all__ = ["Link", "LinkHost", "ProtocolViolation", "SharedPeerMemory"]
@@ -390,7 +390,9 @@ class Link:
         handle = self.host.handle_message
         for raw in unpacker:
             self.messages_received += 1
-            if is_reply(raw):
+            if type(raw) is not list or not raw:
+                raise ProtocolViolation(f"not a message: {raw!r:.80}")
+            if raw[0] == REPLY:
                 self._on_reply(raw)
             else:
                 handle(self, decode(raw))

@@ -62,7 +62,7 @@ class ProtocolViolation(Exception):
 
 
 # Plain ints in the wire lists: msgpack packs an IntEnum member more slowly.
-_EVENT, _BIND, _CLOSE, _MAP, _UNMAP, _COPY, _UPDATE, _REPLY = (int(m) for m in Msg)
+_EVENT, _BIND, _CLOSE, _MAP, _UNMAP, _COPY, _UPDATE, REPLY = (int(m) for m in Msg)  # REPLY: link.py
 
 # One grant-copy segment on the wire: (to_granter, gref, offset, length, data or None).
 WireCopySegment = tuple[bool, int, int, int, bytes | None]
@@ -84,11 +84,11 @@ class Event:
     def encode(self) -> list[Any]:
         return [_EVENT, self.port]
 
-    @classmethod
-    def decode(cls, raw: list[Any]) -> Event:
+    @staticmethod
+    def decode(raw: list[Any]) -> Event:
         if len(raw) != 2:
             _wrong_arity(raw, 2)
-        return cls(raw[1])
+        return Event(raw[1])
 
 
 @dataclass(slots=True)
@@ -103,11 +103,11 @@ class Bind:
     def encode(self) -> list[Any]:
         return [_BIND, self.req, self.port, self.binder_port]
 
-    @classmethod
-    def decode(cls, raw: list[Any]) -> Bind:
+    @staticmethod
+    def decode(raw: list[Any]) -> Bind:
         if len(raw) != 4:
             _wrong_arity(raw, 4)
-        return cls(raw[1], raw[2], raw[3])
+        return Bind(raw[1], raw[2], raw[3])
 
 
 @dataclass(slots=True)
@@ -121,11 +121,11 @@ class Close:
     def encode(self) -> list[Any]:
         return [_CLOSE, self.port, self.closer_port]
 
-    @classmethod
-    def decode(cls, raw: list[Any]) -> Close:
+    @staticmethod
+    def decode(raw: list[Any]) -> Close:
         if len(raw) != 3:
             _wrong_arity(raw, 3)
-        return cls(raw[1], raw[2])
+        return Close(raw[1], raw[2])
 
 
 @dataclass(slots=True)
@@ -140,11 +140,11 @@ class MapRequest:
     def encode(self) -> list[Any]:
         return [_MAP, self.req, self.grefs, self.readonly]
 
-    @classmethod
-    def decode(cls, raw: list[Any]) -> MapRequest:
+    @staticmethod
+    def decode(raw: list[Any]) -> MapRequest:
         if len(raw) != 4:
             _wrong_arity(raw, 4)
-        return cls(raw[1], raw[2], raw[3])
+        return MapRequest(raw[1], raw[2], raw[3])
 
 
 @dataclass(slots=True)
@@ -159,11 +159,11 @@ class UnmapRequest:
     def encode(self) -> list[Any]:
         return [_UNMAP, self.req, self.grefs, self.readonly]
 
-    @classmethod
-    def decode(cls, raw: list[Any]) -> UnmapRequest:
+    @staticmethod
+    def decode(raw: list[Any]) -> UnmapRequest:
         if len(raw) != 4:
             _wrong_arity(raw, 4)
-        return cls(raw[1], raw[2], raw[3])
+        return UnmapRequest(raw[1], raw[2], raw[3])
 
 
 @dataclass(slots=True)
@@ -177,11 +177,11 @@ class CopyRequest:
     def encode(self) -> list[Any]:
         return [_COPY, self.req, self.segments]
 
-    @classmethod
-    def decode(cls, raw: list[Any]) -> CopyRequest:
+    @staticmethod
+    def decode(raw: list[Any]) -> CopyRequest:
         if len(raw) != 3:
             _wrong_arity(raw, 3)
-        return cls(raw[1], raw[2])
+        return CopyRequest(raw[1], raw[2])
 
 
 @dataclass(slots=True)
@@ -194,11 +194,11 @@ class Update:
     def encode(self) -> list[Any]:
         return [_UPDATE, self.entries]
 
-    @classmethod
-    def decode(cls, raw: list[Any]) -> Update:
+    @staticmethod
+    def decode(raw: list[Any]) -> Update:
         if len(raw) != 2:
             _wrong_arity(raw, 2)
-        return cls(raw[1])
+        return Update(raw[1])
 
 
 @dataclass(slots=True)
@@ -209,18 +209,24 @@ class Reply:
     req: int
 
     def encode(self) -> list[Any]:
-        return [_REPLY, self.req]
+        return [REPLY, self.req]
 
-    @classmethod
-    def decode(cls, raw: list[Any]) -> Reply:
+    @staticmethod
+    def decode(raw: list[Any]) -> Reply:
         if len(raw) != 2:
             _wrong_arity(raw, 2)
-        return cls(raw[1])
+        return Reply(raw[1])
 
 
 @dataclass(slots=True)
 class UnmapReply(Reply):
     """The granter dropped the pins."""
+
+    @staticmethod
+    def decode(raw: list[Any]) -> UnmapReply:
+        if len(raw) != 2:
+            _wrong_arity(raw, 2)
+        return UnmapReply(raw[1])
 
 
 @dataclass(slots=True)
@@ -230,13 +236,13 @@ class BindReply(Reply):
     status: int
 
     def encode(self) -> list[Any]:
-        return [_REPLY, self.req, self.status]
+        return [REPLY, self.req, self.status]
 
-    @classmethod
-    def decode(cls, raw: list[Any]) -> BindReply:
+    @staticmethod
+    def decode(raw: list[Any]) -> BindReply:
         if len(raw) != 3:
             _wrong_arity(raw, 3)
-        return cls(raw[1], raw[2])
+        return BindReply(raw[1], raw[2])
 
 
 @dataclass(slots=True)
@@ -248,13 +254,13 @@ class MapReply(Reply):
     details: Sequence[Any] | None
 
     def encode(self) -> list[Any]:
-        return [_REPLY, self.req, self.statuses, self.details]
+        return [REPLY, self.req, self.statuses, self.details]
 
-    @classmethod
-    def decode(cls, raw: list[Any]) -> MapReply:
+    @staticmethod
+    def decode(raw: list[Any]) -> MapReply:
         if len(raw) != 4:
             _wrong_arity(raw, 4)
-        return cls(raw[1], raw[2], raw[3])
+        return MapReply(raw[1], raw[2], raw[3])
 
 
 @dataclass(slots=True)
@@ -265,13 +271,13 @@ class CopyReply(Reply):
     datas: Sequence[bytes | None]
 
     def encode(self) -> list[Any]:
-        return [_REPLY, self.req, self.statuses, self.datas]
+        return [REPLY, self.req, self.statuses, self.datas]
 
-    @classmethod
-    def decode(cls, raw: list[Any]) -> CopyReply:
+    @staticmethod
+    def decode(raw: list[Any]) -> CopyReply:
         if len(raw) != 4:
             _wrong_arity(raw, 4)
-        return cls(raw[1], raw[2], raw[3])
+        return CopyReply(raw[1], raw[2], raw[3])
 
 
 Request = Bind | MapRequest | UnmapRequest | CopyRequest
@@ -294,7 +300,7 @@ def is_reply(raw: Any) -> bool:
     Raises ProtocolViolation if it is not a message at all."""
     if type(raw) is not list or not raw:
         raise ProtocolViolation(f"not a message: {raw!r:.80}")
-    return bool(raw[0] == _REPLY)
+    return bool(raw[0] == REPLY)
 
 
 def decode(raw: list[Any]) -> Message:
