@@ -2,7 +2,7 @@
 
 In the process a message is a small record (`Event`, `MapRequest`, ...); on the wire it is a
 msgpack array whose first element is its `Msg` type. `Link` encodes each record once
-(`encode()`) and decodes each received array once (`decode`, or `Reply.decode` with the reply
+(`encode()`) and decodes each received array once (`decode`, or `decode_reply` with the reply
 type the pending request expects, since a REPLY does not name its request's kind):
 
     [EVENT, port]                              `Event`: raise `port` (the receiver's port)
@@ -295,16 +295,9 @@ _DECODERS: dict[int, Callable[[list[Any]], Message]] = {
 }
 
 
-def is_reply(raw: Any) -> bool:
-    """Whether a received array is a REPLY (decoded by the pending request's reply type).
-    Raises ProtocolViolation if it is not a message at all."""
-    if type(raw) is not list or not raw:
-        raise ProtocolViolation(f"not a message: {raw!r:.80}")
-    return bool(raw[0] == REPLY)
-
-
 def decode(raw: list[Any]) -> Message:
-    """A received array other than a REPLY as its record (ProtocolViolation if malformed)."""
+    """A received non-empty array other than a REPLY as its record (ProtocolViolation if
+    malformed)."""
     kind = raw[0]
     decoder = _DECODERS.get(kind) if type(kind) is int else None
     if decoder is None:
