@@ -157,7 +157,7 @@ async def _block_check(name: str, disk: Any, tag: str, bulk_bytes: int) -> dict[
     small = [(0, sector), (3 * sector, 12 << 10), ((64 << 10) - sector, 2 * sector)]
     small = [(off, n) for off, n in small if off + n <= capacity]
     bulk_base = min(1 << 20, capacity // 2)
-    bulk_bytes = min(bulk_bytes, capacity - bulk_base)
+    bulk_bytes = max(0, min(bulk_bytes, capacity - bulk_base))
     bulk_bytes -= bulk_bytes % BULK_CHUNK
     chunks = [(bulk_base + at, BULK_CHUNK) for at in range(0, bulk_bytes, BULK_CHUNK)]
 
@@ -220,6 +220,8 @@ async def _concurrently(jobs: list[Any]) -> float:
 async def net_check(
     name: str, port: EchoPort, peer_mac: bytes, frames: int, limit_s: float
 ) -> dict[str, Any]:
+    if frames <= 0:  # the CLI refuses these; a request written by hand must not divide by 0
+        return _check(name, False, f"asked for {frames} frames; expected at least 1")
     with trio.move_on_after(limit_s) as scope:
         try:
             await port.front.wait_connected()
