@@ -66,7 +66,7 @@ def format_entry(source: str, line: str, *, name_width: int = 0) -> LogLine:
         f"{k}={_value(v)}" for k, v in entry.items() if k not in _SHOWN and v is not None
     )
     event = str(entry.get("event", ""))
-    text = f"{_clock(entry.get('timestamp'))} {source:<{name_width}}  {level:<{LEVEL_WIDTH}}"
+    text = f"{_clock(entry.get('timestamp')):<12} {source:<{name_width}}  {level:<{LEVEL_WIDTH}}"
     text += event + (f"  {fields}" if fields else "")
     exception = entry.get("exception")
     if exception:
