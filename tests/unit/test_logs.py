@@ -102,3 +102,19 @@ def test_cluster_logs_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "no log named 'guest9'" in err and "(logs: guest4k, xenstored)" in err
     assert main(["cluster", "logs", "--state-dir", str(tmp_path / "empty")]) == 1
     assert "no logs in" in capsys.readouterr().err
+
+
+def test_failure_summary_is_one_readable_line() -> None:
+    from xenpv.toolstack.logs import failure_summary
+
+    started = entry("17:41:18.788", "store recovered", nodes=3)
+    cli_error = "xenpv: error: cannot listen on tcp:127.0.0.1:46967: Address already in use"
+    assert failure_summary(f"{started}\n{cli_error}\n") == (
+        "cannot listen on tcp:127.0.0.1:46967: Address already in use"
+    )
+    usage = "xenpv xenstored: error: argument --data-dir: /x: exists and is not a directory"
+    assert failure_summary(usage) == "argument --data-dir: /x: exists and is not a directory"
+    crashed = entry("10:00:00.000", "cannot open store", "error", error="EIO")
+    assert failure_summary(f"{started}\n{crashed}\n") == "cannot open store: EIO"
+    assert failure_summary(started) == "17:41:18.788 info store recovered nodes=3"
+    assert failure_summary("") == "no output"

@@ -150,3 +150,25 @@ def follow_lines(
             line = format_entry(name, raw, name_width=name_width)
             if at_least(line.level, min_level):
                 yield line.text
+
+
+def failure_summary(text: str) -> str:
+    """One readable line saying why a process that wrote the log `text` stopped: its last
+    one-line CLI error (`xenpv ...: error: MESSAGE`), else its last error-level JSON entry
+    (`event: error`), else its last line as `format_entry` shows it."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        prefix, sep, message = line.partition(": error: ")
+        if sep and prefix.startswith("xenpv"):
+            return message.strip()
+    for line in reversed(lines):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("level") in ("error", "critical"):
+            error = entry.get("error")
+            return str(entry.get("event", "")) + (f": {error}" if error else "")
+    if not lines:
+        return "no output"
+    return " ".join(format_entry("", lines[-1]).text.split())
