@@ -141,3 +141,18 @@ def test_validators_accept_good_values(tmp_path: Path) -> None:
         types.non_negative_float("-0.1")
     with pytest.raises(argparse.ArgumentTypeError):
         types.non_negative_int("-1")
+
+
+def test_command_lines_for_another_machine_check_paths_for_form_only() -> None:
+    """docker-compose.yml's commands name the containers' paths (tests/unit/test_compose.py)."""
+    from xenpv.cli import build_parser
+
+    argv = ["domain", "--xenstore=tcp:xenstored:8766", "--key-file=/nonexistent/backend.key"]
+    with types.paths_elsewhere():
+        args = build_parser().parse_args(argv)
+        assert types.socket_path("/nonexistent/dir/s.sock") == "/nonexistent/dir/s.sock"
+        with pytest.raises(argparse.ArgumentTypeError):
+            types.xenstore_address("xenstored:8766")  # the form is still checked
+    assert args.key_file == Path("/nonexistent/backend.key")
+    with pytest.raises(argparse.ArgumentTypeError):
+        types.existing_file("/nonexistent/backend.key")  # and back to this machine's

@@ -10,21 +10,44 @@ Paths are checked for what the command will do with them: read (`existing_file`)
 create a directory (`directory`: refuses a path through a file, and does not create anything
 itself), write a file into an existing directory (`output_file`), bind a Unix socket in an
 existing directory (`socket_path`: a mistyped directory is an error, not a new tree).
+Command lines meant for another machine (a container's, checked on the host) are parsed
+inside `paths_elsewhere()`: their paths are checked for form only.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import contextvars
 import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]?)(?:i?B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 MAX_PORT = 65535
+_LOCAL_PATHS = contextvars.ContextVar("local_paths", default=True)
+
+
+@contextlib.contextmanager
+def paths_elsewhere() -> Iterator[None]:
+    """Parse command lines that will run on another machine (a container): path and file
+    descriptor arguments are checked for form, not against this machine."""
+    token = _LOCAL_PATHS.set(False)
+    try:
+        yield
+    finally:
+        _LOCAL_PATHS.reset(token)
+
+
+def _elsewhere(text: str) -> bool:
+    """True when paths are not this machine's (the caller then checks only the form)."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a path, got ''")
+    return not _LOCAL_PATHS.get()
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -114,6 +137,8 @@ def byte_size(text: str) -> int:
 
 def existing_file(text: str) -> Path:
     """A file the command reads (topology, key file)."""
+    if _elsewhere(text):
+        return Path(text)
     path = Path(text)
     if not path.exists():
         raise argparse.ArgumentTypeError(f"{text}: no such file")
@@ -125,6 +150,8 @@ def existing_file(text: str) -> Path:
 
 
 def existing_dir(text: str) -> Path:
+    if _elsewhere(text):
+        return Path(text)
     path = Path(text)
     if not path.exists():
         raise argparse.ArgumentTypeError(f"{text}: no such directory")
@@ -136,8 +163,8 @@ def existing_dir(text: str) -> Path:
 def directory(text: str) -> Path:
     """A directory the command uses or creates: an existing directory, or a path whose
     nearest existing ancestor is a writable directory (nothing in it may be a file)."""
-    if not text:
-        raise argparse.ArgumentTypeError("expected a directory, got ''")
+    if _elsewhere(text):
+        return Path(text)
     path = Path(text)
     if path.exists():
         if not path.is_dir():
@@ -155,6 +182,8 @@ def directory(text: str) -> Path:
 
 def output_file(text: str) -> Path:
     """A file the command writes: its directory exists, and it is not a directory itself."""
+    if _elsewhere(text):
+        return Path(text)
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: is a directory, expected a file name")
@@ -166,8 +195,8 @@ def output_file(text: str) -> Path:
 
 def socket_path(text: str) -> str:
     """A Unix socket to bind: in an existing directory (a typo must not create a tree)."""
-    if not text:
-        raise argparse.ArgumentTypeError("expected a socket path, got ''")
+    if _elsewhere(text):
+        return text
     path = Path(text)
     parent = path.absolute().parent
     if not parent.is_dir():
@@ -227,6 +256,8 @@ def fd_number(text: str) -> int:
     fd = _integer(text, "a file descriptor number")
     if fd < 0:
         _fail("a file descriptor number", text)
+    if not _LOCAL_PATHS.get():
+        return fd
     if fd <= 2:
         raise argparse.ArgumentTypeError(f"{fd} is stdin, stdout or stderr; expected a pipe")
     try:
