@@ -11,20 +11,18 @@ process it started. `--json`: one JSON object as the last line of stdout.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import trio
-
 from xenpv.commands.cluster import print_status
 from xenpv.commands.toolstack import request_round, summarize
-from xenpv.toolstack import cluster, topology
+from xenpv.toolstack import cluster, supervisor, topology
 from xenpv.toolstack.status import ClusterStatus, read_status
+from xenpv.toolstack.supervisor import Supervisor
 from xenpv.xenstore.client import XenstoreClient
 
 EXPECTED_PAGE_SIZES = (4096, 16384, 65536)
@@ -48,14 +46,11 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     topo = topology.default_topology()
+    main = functools.partial(_demo, topo, args)
     if args.state_dir is not None:
         state_dir = args.state_dir.resolve()
-        return trio.run(_demo, topo, state_dir, args)
-    state_dir = Path(tempfile.mkdtemp(prefix="xenpv-demo-", dir="/tmp"))
-    try:
-        return trio.run(_demo, topo, state_dir, args)
-    finally:
-        shutil.rmtree(state_dir, ignore_errors=True)
+        return supervisor.run(functools.partial(main, state_dir=state_dir), Supervisor())
+    return supervisor.run_in_temp_dir("xenpv-demo-", main, Supervisor())
 
 
 async def _selftest(
@@ -121,10 +116,12 @@ def _summary(status: ClusterStatus, elapsed: float, topo: topology.Topology) -> 
     return summary
 
 
-async def _demo(topo: topology.Topology, state_dir: Path, args: argparse.Namespace) -> int:
+async def _demo(
+    topo: topology.Topology, args: argparse.Namespace, sup: Supervisor, state_dir: Path
+) -> int:
     start = time.monotonic()
     async with cluster.launch(
-        topo, state_dir, ready_timeout_s=args.timeout, log_level=args.log_level
+        topo, state_dir, sup=sup, ready_timeout_s=args.timeout, log_level=args.log_level
     ) as running:
         await _selftest(running.xs, running, 1, args)
         status = await read_status(running.xs)

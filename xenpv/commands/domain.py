@@ -21,7 +21,6 @@ from typing import Any
 import structlog
 import trio
 
-from xenpv.commands.xenstored import _first_xenpv_error
 from xenpv.identity import DomainKey
 from xenpv.runtime.domain_process import DomainRuntime, run_domain
 from xenpv.xenstore.client import XenstoreClient, connect
@@ -49,13 +48,7 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     key = DomainKey.load(args.key_file)
-    try:
-        trio.run(_main, args.xenstore, key, args.transport, args.listen, args.ready_fd)
-    except BaseExceptionGroup as group:
-        first = _first_xenpv_error(group)
-        if first is None:
-            raise
-        raise first from None
+    trio.run(_main, args.xenstore, key, args.transport, args.listen, args.ready_fd)
     return 0
 
 

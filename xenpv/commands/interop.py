@@ -10,18 +10,17 @@ cell passed.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
-
-import trio
 
 from xenpv.errors import UsageError
 from xenpv.interop import report, runner
 from xenpv.interop.matrix import enumerate_cells
+from xenpv.toolstack import supervisor
+from xenpv.toolstack.supervisor import Supervisor
 from xenpv.toolstack.topology import TRANSPORTS
 
 
@@ -54,14 +53,21 @@ def run(args: argparse.Namespace) -> int:
         cells = [c for c in cells if any(text in c.key for text in args.only)]
         if not cells:
             raise UsageError(f"--only {' '.join(args.only)}: no cell key contains that")
+    outcome: list[runner.Outcome] = []
+
+    async def main(sup: Supervisor, state_dir: Path) -> int:
+        outcome.append(await runner.run(state_dir, opts, cells, sup=sup))
+        return supervisor.EXIT_OK
+
     if args.state_dir is not None:
-        result = trio.run(runner.run, args.state_dir.resolve(), opts, cells).to_json()
+        code = supervisor.run(
+            functools.partial(main, state_dir=args.state_dir.resolve()), Supervisor()
+        )
     else:
-        state_dir = Path(tempfile.mkdtemp(prefix="xenpv-interop-", dir="/tmp"))
-        try:
-            result = trio.run(runner.run, state_dir, opts, cells).to_json()
-        finally:
-            shutil.rmtree(state_dir, ignore_errors=True)
+        code = supervisor.run_in_temp_dir("xenpv-interop-", main, Supervisor())
+    if not outcome:
+        return code
+    result = outcome[0].to_json()
     report.print_table(result)
     if args.report is not None:
         args.report.write_text(report.render_html(result))
