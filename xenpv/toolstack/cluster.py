@@ -422,7 +422,9 @@ def _last_error(child: Child) -> str:
             continue
         if isinstance(entry, dict) and entry.get("level") in ("error", "critical"):
             return str(entry.get("event")) + (f": {entry['error']}" if "error" in entry else "")
-    return lines[-1][-300:] if lines else "no output"
+    if lines and not lines[-1].startswith("{"):
+        return lines[-1][-300:]  # not one of its JSON log lines: e.g. Python's last words
+    return f"no error logged (see {child.log})"
 
 
 def _exit_message(child: Child, code: int | None) -> str:

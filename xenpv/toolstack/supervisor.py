@@ -200,7 +200,8 @@ class Supervisor:
             await self.terminate(others, grace)
             for kind in STOP_ORDER[:-1]:
                 await self.terminate([c for c in self.children if c.kind == kind], grace)
-            if before_xenstored is not None and not self.killed:
+            store_runs = any(c.kind == "xenstored" and c.running for c in self.children)
+            if before_xenstored is not None and store_runs and not self.killed:
                 with trio.move_on_after(5), contextlib.suppress(Exception):
                     await before_xenstored()
             await self.terminate([c for c in self.children if c.kind == "xenstored"], grace)

@@ -293,6 +293,11 @@ class XenstoreClient(_Ops):
         self._dead: BaseException | None = None
         self._closed = False
 
+    @property
+    def connected(self) -> bool:
+        """False while the connection is lost (reconnecting), given up or closed."""
+        return self._connected and self._dead is None and not self._closed
+
     # -- connection management -------------------------------------------------------------
 
     async def _open_stream(self) -> trio.abc.Stream:
