@@ -382,7 +382,7 @@ def run_in_temp_dir(
 ) -> int:
     """`run(main)` with a fresh state directory under /tmp, removed at the end whatever
     happens; on a failure (not an interruption) its `logs/` stay and their place is printed."""
-    state_dir = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    state_dir = Path(tempfile.mkdtemp(prefix=prefix))  # $TMPDIR, else /tmp
     failed = True
     try:
         code = run(functools.partial(_with_dir, main, state_dir), sup)
