@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import select
 import signal
 import subprocess
 import sys
@@ -430,3 +432,52 @@ def test_stale_lock_of_a_dead_supervisor_is_taken_over() -> None:
         code, err = finish(proc, pids, state)
         assert line and code == 0, err
         assert_nothing_left(state, pids, err)
+
+
+# -- progress on a terminal -----------------------------------------------------------------------
+
+
+def _read_pty_until(fd: int, text: bytes, proc: subprocess.Popen[str]) -> bytes:
+    seen = b""
+    deadline = time.monotonic() + WAIT
+    while text not in seen:
+        if time.monotonic() > deadline or proc.poll() is not None:
+            pytest.fail(f"no {text!r} on the terminal: {seen[-2000:]!r}")
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            seen += os.read(fd, 65536)
+    return seen
+
+
+def test_progress_shows_on_a_terminal_only() -> None:
+    with topology_dir() as (topo, state):
+        master, slave = pty.openpty()
+        proc = subprocess.Popen(
+            [*PREFIX, "cluster", "up", str(topo), "--state-dir", str(state)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=slave,
+            env=ENV,
+            cwd=REPO,
+            start_new_session=True,
+        )
+        os.close(slave)
+        try:
+            shown = _read_pty_until(master, b"cluster running", proc)
+            assert b"starting xenstored" in shown
+            assert b"devices Connected" in shown  # the wait's counts
+            pids = recorded_pids(state)
+            ctrl_c(proc)
+            code, _err = finish(proc, pids, state)
+            assert code == 0
+        finally:
+            os.close(master)
+        assert_nothing_left(state, pids, "")
+    # Not a terminal (every other test here): nothing but the lines it always prints.
+    with topology_dir() as (topo, state):
+        up = xenpv("cluster", "up", str(topo), "--state-dir", str(state), "--detach", "--json")
+        try:
+            assert up.returncode == 0, up.stderr
+            assert "waiting" not in up.stderr and "starting" not in up.stderr
+        finally:
+            xenpv("cluster", "down", "--state-dir", str(state))

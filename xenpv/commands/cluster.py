@@ -28,6 +28,7 @@ import trio
 
 from xenpv.toolstack import cluster, supervisor, topology
 from xenpv.toolstack.cluster import ClusterError
+from xenpv.toolstack.progress import Progress
 from xenpv.toolstack.status import ClusterStatus, read_status, render
 from xenpv.toolstack.supervisor import Supervisor
 from xenpv.xenstore.client import connect
@@ -108,6 +109,7 @@ async def _up(
         ready_timeout_s=args.timeout,
         log_level=args.log_level,
         on_exit="record" if detached else "fail",
+        progress=Progress.for_terminal(quiet=args.json or detached),
     ) as running:
         sup.signal_is_normal_stop = True  # from now on a signal is how it ends
         if detached:
@@ -124,7 +126,12 @@ async def _up_detached(
     topology_file: Path, state_dir: Path, args: argparse.Namespace, sup: Supervisor
 ) -> int:
     await cluster.start_detached(
-        sup, topology_file, state_dir, ready_timeout_s=args.timeout, log_level=args.log_level
+        sup,
+        topology_file,
+        state_dir,
+        ready_timeout_s=args.timeout,
+        log_level=args.log_level,
+        progress=Progress.for_terminal(quiet=args.json),
     )
     async with connect(cluster.xenstore_address(state_dir), reconnect_timeout=1.0) as xs:
         status = await read_status(xs)

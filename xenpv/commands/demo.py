@@ -21,6 +21,7 @@ from typing import Any
 from xenpv.commands.cluster import print_status
 from xenpv.commands.toolstack import request_round, summarize
 from xenpv.toolstack import cluster, supervisor, topology
+from xenpv.toolstack.progress import Progress
 from xenpv.toolstack.status import ClusterStatus, read_status
 from xenpv.toolstack.supervisor import Supervisor
 from xenpv.xenstore.client import XenstoreClient
@@ -120,11 +121,22 @@ async def _demo(
     topo: topology.Topology, args: argparse.Namespace, sup: Supervisor, state_dir: Path
 ) -> int:
     start = time.monotonic()
-    async with cluster.launch(
-        topo, state_dir, sup=sup, ready_timeout_s=args.timeout, log_level=args.log_level
-    ) as running:
-        await _selftest(running.xs, running, 1, args)
-        status = await read_status(running.xs)
+    progress = Progress.for_terminal(quiet=args.json)
+    try:
+        async with cluster.launch(
+            topo,
+            state_dir,
+            sup=sup,
+            ready_timeout_s=args.timeout,
+            log_level=args.log_level,
+            progress=progress,
+        ) as running:
+            progress.show("self-test round: block I/O on every vbd, echo between the guests")
+            await _selftest(running.xs, running, 1, args)
+            status = await read_status(running.xs)
+            progress.show("stopping the cluster")
+    finally:
+        progress.close()
     summary = _summary(status, time.monotonic() - start, topo)
     print_status(status, as_json=False)
     t = summary["throughput"]

@@ -58,6 +58,7 @@ import trio
 from xenpv.errors import XenpvError
 from xenpv.toolstack import devices, provision
 from xenpv.toolstack import domains as toolstack
+from xenpv.toolstack.progress import NO_PROGRESS, Progress
 from xenpv.toolstack.supervisor import (
     Child,
     Supervisor,
@@ -336,7 +337,9 @@ async def _watch_into(
                 changed.send_nowait(None)
 
 
-async def wait_connected(cluster: Cluster, limit_s: float) -> None:
+async def wait_connected(
+    cluster: Cluster, limit_s: float, progress: Progress = NO_PROGRESS
+) -> None:
     """Return once every domain is ready and every device is Connected on both ends; fail
     at once when an end gives a device up (see module doc)."""
     xs = cluster.xs
@@ -353,11 +356,21 @@ async def wait_connected(cluster: Cluster, limit_s: float) -> None:
                 pending = await _not_ready(cluster, fail_fast=True)
                 if not pending:
                     break
+                progress.show(_summary(cluster, pending))
                 await recv.receive()
             nursery.cancel_scope.cancel()
     if scope.cancelled_caught:
         pending = await _not_ready(cluster, explain=True)
-        raise ClusterError(f"not ready after {limit_s:.0f} s: " + "; ".join(pending))
+        raise ClusterError(f"not ready after {limit_s:g} s: " + "; ".join(pending))
+
+
+def _summary(cluster: Cluster, pending: list[str]) -> str:
+    domains = len(cluster.domids) - sum(p.startswith("domain ") for p in pending)
+    devices = len(cluster.devices) - sum(not p.startswith("domain ") for p in pending)
+    return (
+        f"waiting: {domains}/{len(cluster.domids)} domains ready, "
+        f"{devices}/{len(cluster.devices)} devices Connected"
+    )
 
 
 async def _not_ready(
@@ -589,6 +602,7 @@ async def launch(
     ready_timeout_s: float = DEFAULT_TIMEOUT,
     log_level: str = "info",
     on_exit: OnExit = "fail",
+    progress: Progress = NO_PROGRESS,
 ) -> AsyncIterator[Cluster]:
     """Start the cluster and yield it once every device is Connected (see module doc).
 
@@ -609,17 +623,23 @@ async def launch(
         sup.state_file = state_dir / STATE_FILE
         tcp = topology.xenstore_tcp or "127.0.0.1:0"
         started = time.monotonic()
+        progress.show("starting xenstored")
         _xenstored, unix, tcp_addr = await _start_xenstored(sup, state_dir, tcp, log_level)
         async with connect(unix) as xs:
             cluster = Cluster(topology, state_dir, xs, unix, tcp_addr, sup)
             sup.describe = cluster.describe
             sup.save()
+            progress.show("creating the domains and their devices in xenstore")
             await _create(cluster)
+            progress.show("starting the domain processes")
             await _start_domains(cluster, log_level)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_fail_on_exit, cluster.children)
-                await wait_connected(cluster, ready_timeout_s)
-                nursery.cancel_scope.cancel()
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_fail_on_exit, cluster.children)
+                    await wait_connected(cluster, ready_timeout_s, progress)
+                    nursery.cancel_scope.cancel()
+            finally:
+                progress.close()
             log.debug("cluster up", seconds=round(time.monotonic() - started, 2))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_watch_deaths, cluster, on_exit, log_level)
@@ -654,6 +674,7 @@ async def start_detached(
     *,
     ready_timeout_s: float,
     log_level: str,
+    progress: Progress = NO_PROGRESS,
 ) -> None:
     """Start `xenpv cluster up FILE --ready-fd N` as a detached supervisor (its own session,
     output in logs/supervisor.log) and return once it reports the cluster ready; it keeps
@@ -683,13 +704,17 @@ async def start_detached(
         child = await sup.spawn("supervisor", "supervisor", args, log_path, pass_fds=(write_fd,))
     finally:
         os.close(write_fd)
+    progress.show(f"starting the cluster (supervisor pid {child.pid})")
     line = b""
-    async with trio.lowlevel.FdStream(read_fd) as stream:
-        while not line.endswith(b"\n"):
-            chunk = await stream.receive_some(4096)
-            if not chunk:
-                break
-            line += chunk
+    try:
+        async with trio.lowlevel.FdStream(read_fd) as stream:
+            while not line.endswith(b"\n"):
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    break
+                line += chunk
+    finally:
+        progress.close()
     if line.strip() == b"READY":
         sup.children.remove(child)  # it is on its own now: ours no longer to stop
         return
