@@ -559,11 +559,13 @@ async def read_dead(xs: XenstoreClient) -> dict[str, dict[str, Any]]:
 
 
 async def _remove_records(cluster: Cluster) -> None:
-    for device in cluster.devices:
-        await devices.destroy_device(cluster.xs, device)
-    for domid in cluster.domids.values():
-        with contextlib.suppress(toolstack.ToolstackError, XsError):
-            await toolstack.destroy_domain(cluster.xs, domid)
+    # A connection of its own: the launcher's may have been cancelled with the command.
+    async with connect(cluster.xenstore_unix, reconnect_timeout=1.0) as xs:
+        for device in cluster.devices:
+            await devices.destroy_device(xs, device)
+        for domid in cluster.domids.values():
+            with contextlib.suppress(toolstack.ToolstackError, XsError):
+                await toolstack.destroy_domain(xs, domid)
 
 
 def _remove_files(state_dir: Path) -> None:
