@@ -420,6 +420,21 @@ def test_live_foreground_state_dir_is_not_clobbered() -> None:
         assert_nothing_left(state, pids, err)
 
 
+def test_processes_of_a_killed_supervisor_are_refused_then_stopped_by_down() -> None:
+    with topology_dir() as (topo, state):
+        _up_detached(topo, state)
+        pids = recorded_pids(state)
+        supervisor = json.loads((state / "cluster.json").read_text())["supervisor"]
+        os.kill(supervisor, signal.SIGKILL)
+        _poll("the supervisor's death", lambda: not alive(supervisor), 10)
+        again = xenpv("cluster", "up", str(topo), "--state-dir", str(state))
+        assert again.returncode == 1 and "already running" in again.stderr, again.stderr
+        assert "left by a supervisor that died" in again.stderr
+        down = xenpv("cluster", "down", "--state-dir", str(state))
+        assert down.returncode == 0, down.stderr
+        assert_nothing_left(state, pids, down.stderr)
+
+
 def test_stale_lock_of_a_dead_supervisor_is_taken_over() -> None:
     with topology_dir() as (topo, state):
         state.mkdir()

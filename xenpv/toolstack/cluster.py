@@ -618,10 +618,13 @@ async def launch(
         lock = lock_state_dir(state_dir, _busy(state_dir))
     except XenpvError as exc:
         raise ClusterError(str(exc)) from None
-    cluster: Cluster | None = None
     try:
         _check_no_stale_processes(state_dir)
         _check_images(topology, state_dir)
+    except BaseException:
+        unlock_state_dir(state_dir, lock)  # and touch nothing: the files may be in use
+        raise
+    try:
         sup.state_file = state_dir / STATE_FILE
         tcp = topology.xenstore_tcp or "127.0.0.1:0"
         started = time.monotonic()

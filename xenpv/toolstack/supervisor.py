@@ -392,7 +392,12 @@ def run_in_temp_dir(
         failed = not sup.interrupted
         raise
     finally:
-        _remove_temp_dir(state_dir, keep_logs=failed and not sup.interrupted)
+        # A Ctrl-C now would stop the removal half-way: it waits until the removal is done.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            _remove_temp_dir(state_dir, keep_logs=failed and not sup.interrupted)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 async def _with_dir(
