@@ -376,12 +376,14 @@ def test_detached_guest_with_restart_on_failure_comes_back() -> None:
         assert_nothing_left(state, pids, down.stderr)
 
 
-def test_ctrl_c_while_a_detached_cluster_starts_leaves_nothing() -> None:
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_while_a_detached_cluster_starts_leaves_nothing(presses: int) -> None:
     with topology_dir() as (topo, state):
         proc = start("cluster", "up", str(topo), "--state-dir", str(state), "--detach")
         wait_for("guest spawned", START_UP_POINTS["guest spawned"](state), proc)
         pids = recorded_pids(state)
-        ctrl_c(proc)
+        for _ in range(presses):
+            ctrl_c(proc)
         code, err = finish(proc, pids, state)
         assert code == 130, err
         _poll("the supervisor's exit", lambda: not any(alive(p) for p in pids), 30)

@@ -60,6 +60,7 @@ from xenpv.toolstack import devices, provision
 from xenpv.toolstack import domains as toolstack
 from xenpv.toolstack.progress import NO_PROGRESS, Progress
 from xenpv.toolstack.supervisor import (
+    SUPERVISOR,
     Child,
     Supervisor,
     alive,
@@ -706,7 +707,7 @@ async def start_detached(
     log_path = state_dir / "logs" / SUPERVISOR_LOG
     log_path.unlink(missing_ok=True)
     try:
-        child = await sup.spawn("supervisor", "supervisor", args, log_path, pass_fds=(write_fd,))
+        child = await sup.spawn(SUPERVISOR, SUPERVISOR, args, log_path, pass_fds=(write_fd,))
     finally:
         os.close(write_fd)
     progress.show(f"starting the cluster (supervisor pid {child.pid})")
@@ -751,7 +752,7 @@ async def down(state_dir: Path) -> list[str]:
         raise ClusterError(f"no cluster in {state_dir} (no {STATE_FILE})")
     names = [p["name"] for p in (state or {}).get("processes", []) if p.get("kind") != "xenstored"]
     if holder:
-        supervisor = Child("supervisor", "supervisor", holder, state_dir / "logs" / SUPERVISOR_LOG)
+        supervisor = Child(SUPERVISOR, SUPERVISOR, holder, state_dir / "logs" / SUPERVISOR_LOG)
         with contextlib.suppress(ProcessLookupError):
             os.kill(holder, signal.SIGTERM)
         with trio.move_on_after(DOWN_TIMEOUT):
@@ -774,7 +775,7 @@ async def down(state_dir: Path) -> list[str]:
         await left.stop()
         _remove_files(state_dir)
         shutil.rmtree(state_dir / "xenstore", ignore_errors=True)
-    return [n for n in names if n != "supervisor"]
+    return [n for n in names if n != SUPERVISOR]
 
 
 def xenstore_address(state_dir: Path) -> str:

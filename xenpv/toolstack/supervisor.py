@@ -51,6 +51,8 @@ LOG_TAIL = 1500
 # Stop order: whatever uses a device first (guests, workers), then what serves it, then the
 # store everything talks through.
 STOP_ORDER = ("guest", "backend", "xenstored")
+SUPERVISOR = "supervisor"  # the kind of a child that is itself a supervisor (stopped first)
+SUPERVISOR_GRACE = 4 * STOP_GRACE  # it stops its own children, each group with STOP_GRACE
 
 
 @dataclass(slots=True)
@@ -58,7 +60,7 @@ class Child:
     """A process a supervisor started (or, for `down`, found in a state file)."""
 
     name: str
-    kind: str  # "xenstored" | "backend" | "guest" | "supervisor"
+    kind: str  # "xenstored" | "backend" | "guest" | SUPERVISOR
     pid: int
     log: Path
     domid: int | None = None
@@ -164,7 +166,7 @@ class Supervisor:
             self.children.append(child)
             self.save()
             if self.killed:  # a second signal came while it started
-                _signal(child, signal.SIGKILL)
+                _kill(child)
         log.debug("process started", process=name, pid=proc.pid)
         return child
 
@@ -181,10 +183,11 @@ class Supervisor:
     # -- stopping -----------------------------------------------------------------------------
 
     def escalate(self) -> None:
-        """A second signal: SIGKILL every child now; `stop` waits for nothing more."""
+        """A second signal: SIGKILL every child now; `stop` waits for nothing more (but a
+        supervisor child gets the signal too, and a moment to kill its own children)."""
         self.killed = True
         for child in self.children:
-            _signal(child, signal.SIGKILL)
+            _kill(child)
         if self._grace is not None:
             self._grace.cancel()
 
@@ -196,7 +199,9 @@ class Supervisor:
         """Stop every child in STOP_ORDER (other kinds first); `before_xenstored` runs (bounded,
         errors ignored) while xenstored still does, e.g. to remove the domains' records."""
         with trio.CancelScope(shield=True):
-            others = [c for c in self.children if c.kind not in STOP_ORDER]
+            supervisors = [c for c in self.children if c.kind == SUPERVISOR]
+            await self.terminate(supervisors, SUPERVISOR_GRACE)
+            others = [c for c in self.children if c.kind not in (*STOP_ORDER, SUPERVISOR)]
             await self.terminate(others, grace)
             for kind in STOP_ORDER[:-1]:
                 await self.terminate([c for c in self.children if c.kind == kind], grace)
@@ -210,15 +215,20 @@ class Supervisor:
         """SIGTERM, wait up to `grace` seconds (none once escalated), SIGKILL what is left."""
         children = [c for c in children if c.running]
         if not children:
-            await _reap_all(children)
             return
         for child in children:
-            _signal(child, signal.SIGKILL if self.killed else signal.SIGTERM)
+            if self.killed:
+                _kill(child)
+            else:
+                _signal(child, signal.SIGTERM)
         if not self.killed:
             with trio.CancelScope(shield=True) as self._grace:
                 self._grace.deadline = trio.current_time() + grace
                 await _reap_all(children)
             self._grace = None
+        if self.killed and any(c.kind == SUPERVISOR for c in children):
+            with trio.move_on_after(REAP_TIMEOUT):  # it is killing its own children
+                await _reap_all(children)
         for child in children:
             if child.running:
                 if not self.killed:
@@ -226,6 +236,12 @@ class Supervisor:
                 _signal(child, signal.SIGKILL)
         with trio.move_on_after(REAP_TIMEOUT):
             await _reap_all(children)
+
+
+def _kill(child: Child) -> None:
+    # A supervisor child (a detached cluster's) counts signals as we do: a second SIGTERM
+    # makes it SIGKILL its own children; SIGKILL would leave them running.
+    _signal(child, signal.SIGTERM if child.kind == SUPERVISOR else signal.SIGKILL)
 
 
 def _open_log(path: Path) -> Any:
