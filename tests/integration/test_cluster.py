@@ -180,9 +180,10 @@ def test_missing_topology_file(tmp_path: Path) -> None:
     assert result.returncode == 1 and "cannot read" in result.stderr
 
 
-def test_fatal_device_error_fails_at_once_naming_device_and_reason() -> None:
+@pytest.mark.parametrize("detach", [False, True])
+def test_fatal_device_error_fails_at_once_naming_device_and_reason(detach: bool) -> None:
     """A backend that cannot open its image (xenbus_dev_fatal) fails `up` within seconds,
-    not after the whole timeout."""
+    not after the whole timeout (detached: the supervisor's own error line)."""
     with short_tempdir() as tmp:
         topo = tmp / "stuck.toml"
         topo.write_text(
@@ -191,7 +192,8 @@ def test_fatal_device_error_fails_at_once_naming_device_and_reason() -> None:
         )
         state = tmp / "st"
         started = time.monotonic()
-        result = xenpv("cluster", "up", str(topo), "--state-dir", str(state), "--timeout", "60")
+        args = ["cluster", "up", str(topo), "--state-dir", str(state), "--timeout", "60"]
+        result = xenpv(*args, *(["--detach"] if detach else []))
         elapsed = time.monotonic() - started
         assert result.returncode == 1
         line = result.stderr.strip()
