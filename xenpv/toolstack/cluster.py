@@ -480,8 +480,11 @@ async def _on_death(cluster: Cluster, child: Child, on_exit: OnExit, log_level: 
         restarts = cluster.restarts.get(child.name, 0)
         if spec.restart == "on-failure" and failed and restarts < MAX_RESTARTS:
             log.warning("domain process died; restarting it", domain=child.name, why=message)
-            child = await _restart(cluster, child, spec, log_level)
-            continue
+            try:
+                child = await _restart(cluster, child, spec, log_level)
+                continue
+            except (XenpvError, OSError) as exc:
+                message += f"; restarting it failed: {exc}"
         if on_exit == "fail":
             raise ClusterError(message)
         log.error("domain process died", domain=child.name, why=message)
