@@ -2,8 +2,10 @@
 
 Each subcommand lives in its own module (see `COMMAND_MODULES`) exposing
 `register(subparsers)`, which adds its parser and sets `run=` to a callable
-`(argparse.Namespace) -> int`. Errors derived from `XenpvError` print one line and exit 1;
-Ctrl-C exits 130; nothing reaches the user as a traceback.
+`(argparse.Namespace) -> int`. Exit codes: 0 ok, 1 failure (a `XenpvError`, also inside an
+exception group: its message is printed as one line), 2 usage (argparse), 130 interrupted
+(Ctrl-C / SIGTERM; commands that start processes handle the signals through
+`xenpv.toolstack.supervisor`), 70 an internal error; nothing reaches the user as a traceback.
 """
 
 from __future__ import annotations
@@ -14,10 +16,18 @@ import sys
 from collections.abc import Sequence
 
 import structlog
+import trio
 
 from xenpv import __version__, log
 from xenpv.commands.args import ArgumentParser
-from xenpv.errors import XenpvError
+from xenpv.errors import (
+    EXIT_FAILURE,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    UsageError,
+    XenpvError,
+)
 
 COMMAND_MODULES: tuple[str, ...] = (
     "xenpv.commands.bench",
@@ -59,19 +69,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     json_logs = {"auto": None, "json": True, "console": False}[args.log_format]
     log.configure(args.log_level, json=json_logs)
+    interrupted = False
+    errors: list[BaseException] = []
+    internal: list[BaseException] = []
+    code = EXIT_FAILURE
     try:
-        code: int = args.run(args)
-    except XenpvError as exc:
-        print(f"xenpv: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
+        code = args.run(args)
+    except* (KeyboardInterrupt, trio.Cancelled):
+        interrupted = True
+    except* XenpvError as group:
+        errors = _leaves(group)
+    except* Exception as group:
+        internal = _leaves(group)
+    if interrupted or code == EXIT_INTERRUPTED:
         print("xenpv: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # last resort: one line for the user, the details in the log
-        structlog.get_logger().error("internal error", exc_info=True)
+        return EXIT_INTERRUPTED
+    if errors:
+        print(f"xenpv: error: {errors[0]}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(errors[0], UsageError) else EXIT_FAILURE
+    if internal:  # last resort: one line for the user, the details in the log
+        exc = internal[0]
+        structlog.get_logger().error("internal error", exc_info=exc)
         print(f"xenpv: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 70
+        return EXIT_INTERNAL
     return code
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    """The exceptions in `group`, nested groups opened, in order."""
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return out
 
 
 if __name__ == "__main__":

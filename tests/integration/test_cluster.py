@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -181,7 +182,10 @@ def test_missing_topology_file(tmp_path: Path) -> None:
     assert result.stderr == f"xenpv cluster up: error: argument file: {missing}: no such file\n"
 
 
-def test_stuck_device_is_named_with_its_states_and_reason() -> None:
+@pytest.mark.parametrize("detach", [False, True])
+def test_fatal_device_error_fails_at_once_naming_device_and_reason(detach: bool) -> None:
+    """A backend that cannot open its image (xenbus_dev_fatal) fails `up` within seconds,
+    not after the whole timeout (detached: the supervisor's own error line)."""
     with short_tempdir() as tmp:
         topo = tmp / "stuck.toml"
         topo.write_text(
@@ -189,12 +193,16 @@ def test_stuck_device_is_named_with_its_states_and_reason() -> None:
             "[[vbd]]\nfrontend = 'g'\nbackend = 'be'\nimage = '/nonexistent/d/x.img'\n"
         )
         state = tmp / "st"
-        result = xenpv("cluster", "up", str(topo), "--state-dir", str(state), "--timeout", "15")
+        started = time.monotonic()
+        args = ["cluster", "up", str(topo), "--state-dir", str(state), "--timeout", "60"]
+        result = xenpv(*args, *(["--detach"] if detach else []))
+        elapsed = time.monotonic() - started
         assert result.returncode == 1
         line = result.stderr.strip()
         assert line.count("\n") == 0, line
-        assert line.startswith("xenpv: error: not ready after 15 s: ")
-        assert "g/vbd51712 frontend " in line
+        assert line.startswith("xenpv: error: g/vbd51712 failed (frontend "), line
         assert "cannot open image '/nonexistent/d/x.img'" in line
+        assert elapsed < 30, f"took {elapsed:.1f} s: the timeout, not the error, ended it"
         assert not (state / "cluster.json").exists()
+        assert not (state / "lock").exists()
         assert not list((state / "links").glob("*.sock"))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from xenpv.commands.demo import remove_state_dir
+from xenpv.toolstack.supervisor import remove_temp_dir
 
 
 def _state_dir(tmp_path: Path) -> Path:
@@ -23,14 +23,14 @@ def _state_dir(tmp_path: Path) -> Path:
 
 def test_success_removes_everything(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     state = _state_dir(tmp_path)
-    remove_state_dir(state, keep_logs=False)
+    remove_temp_dir(state, keep_logs=False)
     assert not state.exists()
     assert capsys.readouterr().err == ""
 
 
 def test_failure_keeps_only_the_logs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     state = _state_dir(tmp_path)
-    remove_state_dir(state, keep_logs=True)
+    remove_temp_dir(state, keep_logs=True)
     assert sorted(p.name for p in state.iterdir()) == ["logs"]
     assert (state / "logs" / "guest4k.log").read_text() == "{}\n"
     assert capsys.readouterr().err == f"xenpv: logs kept in {state / 'logs'}\n"
@@ -39,5 +39,5 @@ def test_failure_keeps_only_the_logs(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_failure_without_logs_removes_everything(tmp_path: Path) -> None:
     state = tmp_path / "xenpv-demo-y"
     state.mkdir()
-    remove_state_dir(state, keep_logs=True)
+    remove_temp_dir(state, keep_logs=True)
     assert not state.exists()

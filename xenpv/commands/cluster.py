@@ -7,19 +7,22 @@
     xenpv cluster logs [DOMAIN] [-f] [-n N] [--level LEVEL] [--state-dir DIR]
 
 `up` prints the status once every device is Connected; in the foreground it then runs until
-Ctrl-C or SIGTERM (or until a domain process dies: exit 1) and stops everything it started;
-with `--detach` it returns and leaves the processes running (pids in DIR/cluster.json).
-`status` reads everything from xenstore. Human output goes to stderr (rich tables), `--json`
-prints one JSON object on stdout. `logs` turns the JSON logs in DIR/logs into readable lines
-(`xenpv.toolstack.logs`), merged in time order; `-f` follows them until Ctrl-C (exit 130).
+Ctrl-C or SIGTERM (exit 0; or until a domain process dies: exit 1) and stops everything it
+started. With `--detach` it starts a supervisor process that owns the cluster (it notices a
+domain's death, see `xenpv.toolstack.cluster`) and returns once the cluster is ready.
+`status` reads everything from xenstore and exits 1 if a domain died; `down` stops a
+foreground or detached cluster. Exit codes: 0 ok, 1 failure, 2 usage, 130 interrupted.
+Human output goes to stderr (rich tables), `--json` prints one JSON object on stdout.
+`logs` turns the JSON logs in DIR/logs into readable lines (`xenpv.toolstack.logs`), merged
+in time order; `-f` follows them until Ctrl-C (exit 130).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -28,12 +31,13 @@ from typing import Any
 import trio
 
 from xenpv.commands import args as types
-from xenpv.commands.xenstored import _first_xenpv_error
-from xenpv.errors import UsageError
-from xenpv.toolstack import cluster, topology
+from xenpv.errors import EXIT_FAILURE, EXIT_OK, UsageError
+from xenpv.toolstack import cluster, supervisor, topology
 from xenpv.toolstack import logs as cluster_logs
 from xenpv.toolstack.cluster import ClusterError
+from xenpv.toolstack.progress import Progress
 from xenpv.toolstack.status import ClusterStatus, read_status, render
+from xenpv.toolstack.supervisor import Supervisor
 from xenpv.xenstore.client import connect
 
 DEFAULT_STATE_DIR = ".xenpv"
@@ -66,12 +70,14 @@ def register(sub: Any) -> None:
         help="seconds to get ready",
     )
     up.add_argument("--json", action="store_true", help="print the status as JSON on stdout")
+    # Internal: this process is a detached cluster's supervisor (see cluster.start_detached).
+    up.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     up.set_defaults(run=run_up)
     status = actions.add_parser("status", help="show domains and devices (from xenstore)")
     state_dir_arg(status)
     status.add_argument("--json", action="store_true")
     status.set_defaults(run=run_status)
-    down = actions.add_parser("down", help="stop a detached cluster")
+    down = actions.add_parser("down", help="stop a cluster (detached or in the foreground)")
     state_dir_arg(down)
     down.set_defaults(run=run_down)
     logs = actions.add_parser(
@@ -111,59 +117,76 @@ def print_status(
 
 def run_up(args: argparse.Namespace) -> int:
     topo = topology.load(args.file)
-    try:
-        return trio.run(_up, topo, args.state_dir.resolve(), args)
-    except BaseExceptionGroup as group:
-        first = _first_xenpv_error(group)
-        if first is None:
-            raise
-        raise first from None
+    state_dir = args.state_dir.resolve()
+    if args.detach:
+        main = functools.partial(_up_detached, args.file.resolve(), state_dir, args)
+        return supervisor.run(main, Supervisor())
+    code = supervisor.run(functools.partial(_up, topo, state_dir, args), Supervisor())
+    if code == EXIT_OK and args.ready_fd is None:
+        print("xenpv: cluster stopped", file=sys.stderr)
+    return code
 
 
-async def _up(topo: topology.Topology, state_dir: Path, args: argparse.Namespace) -> int:
-    # The receiver is open from the start: a signal during start-up or after it stops the
-    # cluster through `launch`'s exit (guests, backends, xenstored), never half-way.
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
+async def _up(
+    topo: topology.Topology, state_dir: Path, args: argparse.Namespace, sup: Supervisor
+) -> int:
+    # The supervisor receives SIGINT/SIGTERM from the start: a signal during start-up or
+    # after it stops the cluster through `launch`'s exit (guests, backends, xenstored).
+    detached = args.ready_fd is not None  # this process is a detached cluster's supervisor
+    async with cluster.launch(
+        topo,
+        state_dir,
+        sup=sup,
+        ready_timeout_s=args.timeout,
+        log_level=args.log_level,
+        on_exit="record" if detached else "fail",
+        progress=Progress.for_terminal(quiet=args.json or detached),
+    ) as running:
+        sup.signal_is_normal_stop = True  # from now on a signal is how it ends
+        if detached:
+            cluster.report_ready(args.ready_fd)
+        else:
+            status = await read_status(running.xs)
+            print_status(status, as_json=args.json, extra={"state_dir": str(state_dir)})
+            print("xenpv: cluster running; Ctrl-C stops it", file=sys.stderr)
+        await trio.sleep_forever()
+    return EXIT_OK  # pragma: no cover - only a signal ends the block
 
-            async def stop_on_signal() -> None:
-                async for _signum in signals:
-                    nursery.cancel_scope.cancel()
-                    return
 
-            nursery.start_soon(stop_on_signal)
-            async with cluster.launch(
-                topo,
-                state_dir,
-                detach=args.detach,
-                ready_timeout_s=args.timeout,
-                log_level=args.log_level,
-            ) as running:
-                status = await read_status(running.xs)
-                print_status(status, as_json=args.json, extra={"state_dir": str(state_dir)})
-                if args.detach:
-                    down = f"xenpv cluster down --state-dir {state_dir}"
-                    print(f"xenpv: cluster running; stop it with: {down}", file=sys.stderr)
-                    nursery.cancel_scope.cancel()
-                    return 0
-                print("xenpv: cluster running; Ctrl-C stops it", file=sys.stderr)
-                await trio.sleep_forever()
-    print("xenpv: cluster stopped", file=sys.stderr)
-    return 0
+async def _up_detached(
+    topology_file: Path, state_dir: Path, args: argparse.Namespace, sup: Supervisor
+) -> int:
+    await cluster.start_detached(
+        sup,
+        topology_file,
+        state_dir,
+        ready_timeout_s=args.timeout,
+        log_level=args.log_level,
+        progress=Progress.for_terminal(quiet=args.json),
+    )
+    async with connect(cluster.xenstore_address(state_dir), reconnect_timeout=1.0) as xs:
+        status = await read_status(xs)
+    print_status(status, as_json=args.json, extra={"state_dir": str(state_dir)})
+    down = f"xenpv cluster down --state-dir {state_dir}"
+    print(f"xenpv: cluster running; stop it with: {down}", file=sys.stderr)
+    return EXIT_OK
 
 
 def run_status(args: argparse.Namespace) -> int:
     address = cluster.xenstore_address(args.state_dir)
 
-    async def main() -> ClusterStatus:
+    async def main() -> tuple[ClusterStatus, dict[str, Any]]:
         try:
             async with connect(address, reconnect_timeout=1.0) as xs:
-                return await read_status(xs)
+                return await read_status(xs), await cluster.read_dead(xs)
         except OSError as exc:
             raise ClusterError(f"cannot reach xenstored at {address}: {exc}") from None
 
-    print_status(trio.run(main), as_json=args.json)
-    return 0
+    status, dead = trio.run(main)
+    print_status(status, as_json=args.json, extra={"dead": dead} if dead else None)
+    for name, record in sorted(dead.items()):
+        print(f"xenpv: domain {name} is dead: {record.get('reason')}", file=sys.stderr)
+    return EXIT_FAILURE if dead else EXIT_OK
 
 
 def run_down(args: argparse.Namespace) -> int:

@@ -11,21 +11,20 @@ process it started. `--json`: one JSON object as the last line of stdout.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import trio
-
 from xenpv.commands import args as types
 from xenpv.commands.cluster import print_status
 from xenpv.commands.toolstack import request_round, summarize
-from xenpv.toolstack import cluster, topology
+from xenpv.toolstack import cluster, supervisor, topology
+from xenpv.toolstack.progress import Progress
 from xenpv.toolstack.status import ClusterStatus, read_status
+from xenpv.toolstack.supervisor import Supervisor
 from xenpv.xenstore.client import XenstoreClient
 
 EXPECTED_PAGE_SIZES = (4096, 16384, 65536)
@@ -61,36 +60,11 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     topo = topology.default_topology()
+    main = functools.partial(_demo, topo, args)
     if args.state_dir is not None:
         state_dir = args.state_dir.resolve()
-        return trio.run(_demo, topo, state_dir, args)
-    state_dir = Path(tempfile.mkdtemp(prefix="xenpv-demo-", dir="/tmp"))
-    passed = interrupted = False
-    try:
-        code = trio.run(_demo, topo, state_dir, args)
-        passed = code == 0
-        return code
-    except KeyboardInterrupt:
-        interrupted = True
-        raise
-    finally:
-        remove_state_dir(state_dir, keep_logs=not (passed or interrupted))
-
-
-def remove_state_dir(state_dir: Path, *, keep_logs: bool) -> None:
-    """Remove a temporary state directory; after a failure keep its `logs/` (the domains'
-    own account of what went wrong) and say where they are."""
-    logs = state_dir / "logs"
-    if not keep_logs or not logs.is_dir() or not any(logs.iterdir()):
-        shutil.rmtree(state_dir, ignore_errors=True)
-        return
-    for entry in state_dir.iterdir():
-        if entry != logs:
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-    print(f"xenpv: logs kept in {logs}", file=sys.stderr)
+        return supervisor.run(functools.partial(main, state_dir=state_dir), Supervisor())
+    return supervisor.run_in_temp_dir("xenpv-demo-", main, Supervisor())
 
 
 async def _selftest(
@@ -156,13 +130,26 @@ def _summary(status: ClusterStatus, elapsed: float, topo: topology.Topology) -> 
     return summary
 
 
-async def _demo(topo: topology.Topology, state_dir: Path, args: argparse.Namespace) -> int:
+async def _demo(
+    topo: topology.Topology, args: argparse.Namespace, sup: Supervisor, state_dir: Path
+) -> int:
     start = time.monotonic()
-    async with cluster.launch(
-        topo, state_dir, ready_timeout_s=args.timeout, log_level=args.log_level
-    ) as running:
-        await _selftest(running.xs, running, 1, args)
-        status = await read_status(running.xs)
+    progress = Progress.for_terminal(quiet=args.json)
+    try:
+        async with cluster.launch(
+            topo,
+            state_dir,
+            sup=sup,
+            ready_timeout_s=args.timeout,
+            log_level=args.log_level,
+            progress=progress,
+        ) as running:
+            progress.show("self-test round: block I/O on every vbd, echo between the guests")
+            await _selftest(running.xs, running, 1, args)
+            status = await read_status(running.xs)
+            progress.show("stopping the cluster")
+    finally:
+        progress.close()
     summary = _summary(status, time.monotonic() - start, topo)
     print_status(status, as_json=False)
     t = summary["throughput"]

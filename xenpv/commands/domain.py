@@ -21,7 +21,6 @@ import structlog
 import trio
 
 from xenpv.commands import args as types
-from xenpv.commands.xenstored import _first_xenpv_error
 from xenpv.identity import DomainKey
 from xenpv.runtime.domain_process import DomainRuntime, run_domain
 from xenpv.xenstore.client import XenstoreClient, connect
@@ -29,6 +28,7 @@ from xenpv.xenstore.client import XenstoreClient, connect
 log = structlog.get_logger()
 TRANSPORTS = ("auto", "shm", "socket")
 STOP_GRACE = 8.0  # seconds a graceful stop may take (the launcher kills after 10)
+XENSTORE_POLL = 0.05  # seconds between checks that xenstore is still there while stopping
 
 
 def register(sub: Any) -> None:
@@ -59,13 +59,7 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     key = DomainKey.load(args.key_file)
-    try:
-        trio.run(_main, args.xenstore, key, args.transport, args.listen, args.ready_fd)
-    except BaseExceptionGroup as group:
-        first = _first_xenpv_error(group)
-        if first is None:
-            raise
-        raise first from None
+    trio.run(_main, args.xenstore, key, args.transport, args.listen, args.ready_fd)
     return 0
 
 
@@ -97,6 +91,13 @@ async def _watchdog(rt: DomainRuntime) -> None:
     timer = threading.Timer(STOP_GRACE, expire)
     timer.daemon = True
     timer.start()
+    # Without xenstored nothing can close through xenbus: every such step would wait for
+    # the client's reconnect timeout, then the timer. Its memory is a memfd and its link
+    # sockets are the launcher's to remove: nothing is left behind by leaving now.
+    while rt.xs.connected:  # noqa: ASYNC110 - the client has no event for a lost link
+        await trio.sleep(XENSTORE_POLL)
+    log.warning("xenstore is unreachable while stopping; exiting now")
+    os._exit(0 if rt.destroyed else 1)
 
 
 async def _stop_on_signal(rt: DomainRuntime, scope: trio.CancelScope) -> None:

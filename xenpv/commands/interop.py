@@ -12,20 +12,19 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-import trio
-
 from xenpv import __version__
 from xenpv.commands import args as types
-from xenpv.commands.demo import remove_state_dir
-from xenpv.errors import UsageError
+from xenpv.errors import EXIT_FAILURE, EXIT_OK, UsageError
 from xenpv.interop import report, runner
 from xenpv.interop.matrix import enumerate_cells
+from xenpv.toolstack import supervisor
+from xenpv.toolstack.supervisor import Supervisor
 from xenpv.toolstack.topology import TRANSPORTS
 
 
@@ -81,16 +80,22 @@ def run(args: argparse.Namespace) -> int:
         if not cells:
             raise UsageError(f"--only {' '.join(args.only)}: no cell key contains that")
     started = datetime.datetime.now(datetime.UTC)
+    outcome: list[runner.Outcome] = []
+
+    async def main(sup: Supervisor, state_dir: Path) -> int:
+        outcome.append(await runner.run(state_dir, opts, cells, sup=sup))
+        # A failed cell is a failed run: its logs stay (`supervisor.run_in_temp_dir`).
+        return EXIT_OK if outcome[-1].to_json()["ok"] else EXIT_FAILURE
+
     if args.state_dir is not None:
-        result = trio.run(runner.run, args.state_dir.resolve(), opts, cells).to_json()
+        code = supervisor.run(
+            functools.partial(main, state_dir=args.state_dir.resolve()), Supervisor()
+        )
     else:
-        state_dir = Path(tempfile.mkdtemp(prefix="xenpv-interop-", dir="/tmp"))
-        passed = False
-        try:
-            result = trio.run(runner.run, state_dir, opts, cells).to_json()
-            passed = bool(result["ok"])
-        finally:
-            remove_state_dir(state_dir, keep_logs=not passed)
+        code = supervisor.run_in_temp_dir("xenpv-interop-", main, Supervisor())
+    if not outcome:
+        return code
+    result = outcome[0].to_json()
     result["run"] = run_options(args, opts, started)
     report.print_table(result)
     if args.report is not None:

@@ -7,7 +7,8 @@
 `/`; a TCP listener must send the authentication HELLO (`xenpv.xenstore.auth`), which is all
 an unauthenticated peer can get from it (with `--key-file` the probe authenticates and reads
 instead).
-`domain NAME`: the domain exists with that name and its process wrote `xenpv/ready`; with
+`domain NAME`: the domain exists with that name (a domain the cluster's supervisor recorded
+as dead is reported so) and its process wrote `xenpv/ready`; with
 `--connected`, every device it is an end of is Connected on both ends. Over TCP the probe
 proves the domain's own identity (`--key-file`, the key its process uses: a domain can read
 its own device directories and, by xl's permissions, the other end's); over the Unix socket
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ import trio
 from xenpv.commands import args as types
 from xenpv.errors import XenpvError
 from xenpv.identity import DomainKey
+from xenpv.toolstack.cluster import DEAD_ROOT
 from xenpv.xenbus.core import DEVICE_CLASSES, DeviceId, parse_state
 from xenpv.xenstore import auth
 from xenpv.xenstore.client import UNREADABLE, XenstoreClient, connect, parse_address
@@ -133,6 +136,14 @@ async def _domid_by_name(xs: XenstoreClient, name: str) -> int:
     raise ProbeError(f"domain {name}: not in xenstore")
 
 
+def _dead_reason(raw: bytes) -> str:
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return raw.decode("utf-8", "replace")
+    return str(record.get("reason")) if isinstance(record, dict) else str(record)
+
+
 async def domain_devices(xs: XenstoreClient, domid: int) -> list[DeviceId]:
     """Every device `domid` is the frontend or the backend of, as seen from its own dirs."""
     found: list[DeviceId] = []
@@ -158,6 +169,9 @@ async def _domain(address: str, name: str, key: DomainKey | None, connected: boo
             if actual != name:
                 raise ProbeError(f"domain {name}: the key is domain {domid}'s, named {actual!r}")
         else:
+            dead = await xs.try_read(f"{DEAD_ROOT}/{name}")
+            if dead is not None:  # its launcher's supervisor recorded its process's death
+                raise ProbeError(f"domain {name} is dead: {_dead_reason(dead)}")
             domid = await _domid_by_name(xs, name)
         if await xs.try_read(f"/local/domain/{domid}/{READY}") is None:
             raise ProbeError(f"domain {name} ({domid}): its process is not ready")

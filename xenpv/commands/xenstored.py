@@ -18,7 +18,7 @@ import structlog
 import trio
 
 from xenpv.commands import args as types
-from xenpv.errors import UsageError, XenpvError
+from xenpv.errors import UsageError
 from xenpv.xenstore.server import (
     DEFAULT_COMPACT_BYTES,
     Bound,
@@ -115,26 +115,8 @@ def run(args: argparse.Namespace) -> int:
         compact_min_bytes=args.compact_bytes,
         write_stall_timeout=args.write_stall_timeout,
     )
-    try:
-        trio.run(_main, config, args.ready_fd)
-    except BaseExceptionGroup as group:
-        # Surface a startup failure (socket in use, bad data dir...) as its one-line error.
-        first = _first_xenpv_error(group)
-        if first is None:
-            raise
-        raise first from None
+    trio.run(_main, config, args.ready_fd)
     return 0
-
-
-def _first_xenpv_error(group: BaseExceptionGroup[BaseException]) -> XenpvError | None:
-    for exc in group.exceptions:
-        if isinstance(exc, XenpvError):
-            return exc
-        if isinstance(exc, BaseExceptionGroup):
-            found = _first_xenpv_error(exc)
-            if found is not None:
-                return found
-    return None
 
 
 async def _main(config: ServerConfig, ready_fd: int | None) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
@@ -40,6 +39,7 @@ from xenpv.interop.worker import DONE_KEY, backend_error_path
 from xenpv.toolstack import cluster, devices
 from xenpv.toolstack import domains as toolstack
 from xenpv.toolstack.devices import VbdConfig
+from xenpv.toolstack.supervisor import Supervisor
 from xenpv.toolstack.topology import DomainSpec, Topology, Transport, VbdFeatures
 from xenpv.xenbus.core import DeviceId, xvd_number
 from xenpv.xenstore.client import Transaction, XenstoreClient
@@ -204,17 +204,11 @@ async def _run_worker(
     out.unlink(missing_ok=True)
     plan = plan | {"out": str(out)}
     plan_path.write_text(json.dumps(plan))
-    log_path = state_dir / "logs" / f"{name}.log"
-    with log_path.open("ab") as logf:
-        proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "xenpv.interop.worker", str(plan_path)],
-            stdin=subprocess.DEVNULL,
-            stdout=logf,
-            stderr=logf,
-            start_new_session=True,
-        )
-    child = cluster.Child(name, "guest", proc.pid, log_path, domid, proc)
-    running.children.append(child)
+    child = await running.spawn_guest(
+        name, [sys.executable, "-m", "xenpv.interop.worker", str(plan_path)], domid
+    )
+    proc = child.proc
+    assert proc is not None
     why = ""
     with trio.move_on_after(limit_s):
         async with trio.open_nursery() as nursery:
@@ -247,7 +241,13 @@ async def _add_backend_errors(
                 result["detail"] = f"{result.get('detail')}; backend {device} error: {text}"
 
 
-async def run(state_dir: Path, opts: Options, cells: list[Cell] | None = None) -> Outcome:
+async def run(
+    state_dir: Path,
+    opts: Options,
+    cells: list[Cell] | None = None,
+    *,
+    sup: Supervisor | None = None,
+) -> Outcome:
     """Run every cell (default: the whole matrix) in a fresh cluster under `state_dir`."""
     cells = enumerate_cells() if cells is None else cells
     start = trio.current_time()
@@ -256,6 +256,7 @@ async def run(state_dir: Path, opts: Options, cells: list[Cell] | None = None) -
     async with cluster.launch(
         topology(opts.transport),
         state_dir,
+        sup=sup,
         ready_timeout_s=opts.ready_timeout,
         log_level=opts.log_level,
     ) as running:

@@ -2,28 +2,38 @@
 
     async with launch(topology, state_dir) as cluster:     # every device Connected here
         status = await read_status(cluster.xs)
-    # leaving the block stops every process it started (guests first, see `stop`)
+    # leaving the block stops every process it started (guests first, see supervisor.stop)
 
 What `launch` does, as the toolstack (dom0):
-1. starts `xenpv xenstored` with its Unix socket in the state directory and a TCP listener
+1. takes the state directory's lock (`supervisor.lock_state_dir`): a directory a live cluster
+   uses is refused with one line, a stale lock is taken over;
+2. starts `xenpv xenstored` with its Unix socket in the state directory and a TCP listener
    (the topology's `[xenstore] tcp`, default 127.0.0.1:0) for the domains, and waits for its
    `--ready-fd` line;
-2. creates every domain (`toolstack.create_domain`), writing its key file (0600) in
+3. creates every domain (`toolstack.create_domain`), writing its key file (0600) in
    `keys/`; the link endpoint is a Unix socket in `links/` (transport auto/shm/socket) or a
    free TCP port on 127.0.0.1 (transport tcp, the socket-copy path over TCP);
-3. writes every device (`devices.create_vbd/create_vif`); vbd `devid`s are xvda, xvdb, ...
-   per guest, vif `devid`s 0, 1, ... per guest; relative image paths are under the state dir;
-4. starts one `xenpv domain` process per domain (logs in `logs/<name>.log`);
-5. waits, with watches, until every domain wrote `xenpv/ready` and every device is Connected
-   on both ends; a timeout raises `ClusterError` naming each stuck device and its two states,
-   a domain process that exits raises it with the end of that process's log.
-Every child runs in its own session, so a Ctrl-C typed at the launcher's terminal reaches
-only the launcher, which stops them in order. Detached (`detach=True`), they survive the
-launcher; their pids go to `cluster.json` in the state dir, which `down` reads.
+4. writes every device (`provision.plan_devices`); relative image paths are under the state
+   dir;
+5. starts one `xenpv domain` process per domain (logs in `logs/<name>.log`);
+6. waits, with watches, until every domain wrote `xenpv/ready` and every device is Connected
+   on both ends. It fails at once, naming the device and the reason, when an end gives a
+   device up (Linux's `xenbus_dev_fatal`: an `error` node, the backend Closing or Closed),
+   or a domain process exits (with the end of its log); a timeout names each stuck device.
+Every process is spawned through a `Supervisor`, which records it in `cluster.json` at once
+(written from the start: `cluster status` and `down` work for a foreground cluster too).
 
-Stopping (`stop`, also `xenpv cluster down`): guests get SIGTERM first (their frontends close
-through xenbus while the backends still run), then backends, each with a grace period before
-SIGKILL; then the devices and domains are destroyed in xenstore and xenstored is stopped.
+While the block runs, a domain process that dies is handled by its restart policy
+(`restart = "on-failure"` in the topology: a non-zero status or a signal re-creates the
+domain in xenstore, with the same domid and devices, and starts its process again), else by
+`on_exit`: "fail" (the foreground: the block is cancelled with a ClusterError naming it) or
+"record" (the detached supervisor: the domain is destroyed in xenstore as the toolstack does,
+so its backends close its devices, and recorded as dead with its exit status in `cluster.json`
+and in xenstore under DEAD_ROOT, which `cluster status` and `probe domain` read).
+
+Detached (`xenpv cluster up --detach`), the foreground command starts a supervisor process
+(`xenpv cluster up --ready-fd N`, its own session) which runs `launch` with "record" and
+writes READY once the cluster is; `down` sends it SIGTERM and it tears everything down.
 """
 
 from __future__ import annotations
@@ -34,56 +44,53 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 import trio
 
 from xenpv.errors import XenpvError
-from xenpv.toolstack import devices, provision
+from xenpv.toolstack import devices, logs, provision
 from xenpv.toolstack import domains as toolstack
-from xenpv.toolstack.topology import Topology, TopologyError
-from xenpv.xenbus.core import DeviceId, parse_state
+from xenpv.toolstack.progress import NO_PROGRESS, Progress
+from xenpv.toolstack.supervisor import (
+    SUPERVISOR,
+    Child,
+    Supervisor,
+    alive,
+    describe_status,
+    lock_holder,
+    lock_state_dir,
+    unlock_state_dir,
+    wait_exit,
+)
+from xenpv.toolstack.topology import DomainSpec, Topology, TopologyError
+from xenpv.xenbus.core import Closed, Closing, DeviceId, parse_state
 from xenpv.xenstore.client import XenstoreClient, connect
+from xenpv.xenstore.wire import XsError
 
 log = structlog.get_logger()
 
 STATE_FILE = "cluster.json"
 XENSTORED_READY_TIMEOUT = 20.0
 DEFAULT_TIMEOUT = 60.0
-STOP_GRACE = 10.0
-LOG_TAIL = 1500
 DOMAIN_TRANSPORT = {"auto": "auto", "shm": "shm", "socket": "socket", "tcp": "socket"}
+DEAD_ROOT = "/tool/xenpv/dead"  # <name> = JSON {domid, pid, status, reason} of a dead domain
+MAX_RESTARTS = 5  # per domain: a process that keeps dying is recorded dead after that
+SUPERVISOR_LOG = "supervisor.log"
+DOWN_TIMEOUT = 60.0  # how long `down` waits for a supervisor to stop its cluster
+
+OnExit = Literal["fail", "record"]
 
 
 class ClusterError(XenpvError):
     """The cluster cannot be started, reached or stopped as asked."""
-
-
-@dataclass(slots=True)
-class Child:
-    """A process the launcher started (or, after `down`, found in cluster.json)."""
-
-    name: str
-    kind: str  # "xenstored" | "backend" | "guest"
-    pid: int
-    log: Path
-    domid: int | None = None
-    proc: trio.Process | None = None
-
-    def tail(self) -> str:
-        try:
-            text = self.log.read_text(errors="replace")
-        except OSError:
-            return ""
-        return text[-LOG_TAIL:].strip()
 
 
 @dataclass(slots=True)
@@ -93,15 +100,45 @@ class Cluster:
     xs: XenstoreClient
     xenstore_unix: str
     xenstore_tcp: str
+    sup: Supervisor
     domids: dict[str, int] = field(default_factory=dict)
     devices: list[DeviceId] = field(default_factory=list)
-    children: list[Child] = field(default_factory=list)
+    dead: dict[str, dict[str, Any]] = field(default_factory=dict)
+    restarts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def children(self) -> list[Child]:
+        return self.sup.children
 
     def name_of(self, domid: int) -> str:
         for name, d in self.domids.items():
             if d == domid:
                 return name
         return str(domid)
+
+    async def spawn_guest(self, name: str, args: Sequence[str], domid: int) -> Child:
+        """Start a process that uses devices (a worker, ...): stopped with the guests."""
+        return await self.sup.spawn(
+            name, "guest", args, self.state_dir / "logs" / f"{name}.log", domid=domid
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """What `cluster.json` holds besides the processes (see Supervisor.state)."""
+        return {
+            "xenstore": {"unix": self.xenstore_unix, "tcp": self.xenstore_tcp},
+            "domains": self.domids,
+            "devices": [
+                {
+                    "cls": d.cls,
+                    "frontend": d.frontend_domid,
+                    "backend": d.backend_domid,
+                    "devid": d.devid,
+                }
+                for d in self.devices
+            ],
+            "dead": self.dead,
+            "restarts": self.restarts,
+        }
 
 
 def _free_tcp_port() -> int:
@@ -115,19 +152,7 @@ def _python() -> list[str]:
     return [sys.executable, "-m", "xenpv"]
 
 
-def _alive(pid: int) -> bool:
-    """True if `pid` runs (a zombie, exited but not yet reaped by its parent, does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rpartition(")")[2].split()[:1] != ["Z"]
+_alive = alive  # the name tests and older callers use
 
 
 def read_state(state_dir: Path) -> dict[str, Any] | None:
@@ -142,46 +167,47 @@ def read_state(state_dir: Path) -> dict[str, Any] | None:
     return value
 
 
-def _check_no_cluster(state_dir: Path) -> None:
+def _busy(state_dir: Path) -> Any:
+    def message(holder: int | None) -> str:
+        who = f" (supervisor pid {holder})" if holder else ""
+        return (
+            f"a cluster is already running in {state_dir}{who}; "
+            f"stop it with: xenpv cluster down --state-dir {state_dir}"
+        )
+
+    return message
+
+
+def check_free(state_dir: Path) -> None:
+    """Refuse a state directory a live cluster owns (its supervisor holds the lock)."""
+    holder = lock_holder(state_dir)
+    if holder is not None:
+        raise ClusterError(_busy(state_dir)(holder))
+
+
+def _check_no_stale_processes(state_dir: Path) -> None:
+    """Nobody holds the lock; processes an earlier supervisor left (it was SIGKILLed) would
+    still use the sockets: refuse until `down` stopped them."""
     state = read_state(state_dir)
     if state is None:
         return
-    live = [p["name"] for p in state.get("processes", []) if _alive(int(p.get("pid", 0)))]
+    live = [p["name"] for p in state.get("processes", []) if alive(int(p.get("pid", 0)))]
     if live:
         raise ClusterError(
-            f"a cluster is already running in {state_dir} ({', '.join(live)}); "
-            f"stop it with: xenpv cluster down --state-dir {state_dir}"
+            f"a cluster is already running in {state_dir} ({', '.join(live)}, left by a "
+            f"supervisor that died); stop it with: xenpv cluster down --state-dir {state_dir}"
         )
     (state_dir / STATE_FILE).unlink(missing_ok=True)
 
 
-def _open_log(path: Path) -> Any:
-    return open(path, "ab")  # the caller closes it
-
-
-async def _spawn(
-    args: Sequence[str], log_path: Path, *, pass_fds: Sequence[int] = ()
-) -> trio.Process:
-    with _open_log(log_path) as logf:
-        return await trio.lowlevel.open_process(
-            list(args),
-            stdin=subprocess.DEVNULL,
-            stdout=logf,
-            stderr=logf,
-            pass_fds=tuple(pass_fds),
-            # Own session: a Ctrl-C in the terminal reaches only the launcher, which then
-            # stops the children in order (guests, backends, xenstored).
-            start_new_session=True,
-        )
-
-
-async def _start_xenstored(state_dir: Path, tcp: str, log_level: str) -> tuple[Child, str, str]:
+async def _start_xenstored(
+    sup: Supervisor, state_dir: Path, tcp: str, log_level: str
+) -> tuple[Child, str, str]:
     sock = state_dir / "xenstored.sock"
-    with contextlib.suppress(FileNotFoundError):
-        sock.unlink()
+    sock.unlink(missing_ok=True)
     data = state_dir / "xenstore"
     shutil.rmtree(data, ignore_errors=True)  # a new cluster starts from an empty store
-    read_fd, write_fd = os.pipe()
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     args = [
         *_python(),
         "--log-level",
@@ -200,10 +226,9 @@ async def _start_xenstored(state_dir: Path, tcp: str, log_level: str) -> tuple[C
     ]
     log_path = state_dir / "logs" / "xenstored.log"
     try:
-        proc = await _spawn(args, log_path, pass_fds=(write_fd,))
+        child = await sup.spawn("xenstored", "xenstored", args, log_path, pass_fds=(write_fd,))
     finally:
         os.close(write_fd)
-    child = Child("xenstored", "xenstored", proc.pid, log_path, proc=proc)
     line = b""
     async with trio.lowlevel.FdStream(read_fd) as stream:
         with trio.move_on_after(XENSTORED_READY_TIMEOUT):
@@ -214,8 +239,7 @@ async def _start_xenstored(state_dir: Path, tcp: str, log_level: str) -> tuple[C
                 line += chunk
     words = line.decode(errors="replace").split()
     if not words or words[0] != "READY":
-        await _terminate([child], grace=2.0)
-        raise ClusterError(f"xenstored did not start: {child.tail() or 'no output'}")
+        raise ClusterError(f"xenstored did not start: {logs.failure_summary(child.tail())}")
     unix = next(w for w in words if w.startswith("unix:"))
     tcp_addr = next((w for w in words if w.startswith("tcp:")), "")
     return child, unix, tcp_addr
@@ -225,8 +249,7 @@ def _endpoint(state_dir: Path, name: str, transport: str) -> str:
     if transport == "tcp":
         return f"tcp:127.0.0.1:{_free_tcp_port()}"
     path = state_dir / "links" / f"{name}.sock"
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
+    path.unlink(missing_ok=True)
     return f"unix:{path}"
 
 
@@ -241,38 +264,65 @@ async def _create(cluster: Cluster) -> None:
     )
     cluster.domids.update(done.domids)
     cluster.devices.extend(done.devices)
+    cluster.sup.save()
+
+
+async def _start_domain(cluster: Cluster, spec: DomainSpec, log_level: str) -> Child:
+    args = [
+        *_python(),
+        "--log-level",
+        log_level,
+        "--log-format",
+        "json",
+        "domain",
+        "--xenstore",
+        cluster.xenstore_tcp,
+        "--key-file",
+        str(cluster.state_dir / "keys" / f"{spec.name}.key"),
+        "--transport",
+        DOMAIN_TRANSPORT[cluster.topology.transport],
+    ]
+    log_path = cluster.state_dir / "logs" / f"{spec.name}.log"
+    return await cluster.sup.spawn(
+        spec.name, spec.role, args, log_path, domid=cluster.domids[spec.name]
+    )
 
 
 async def _start_domains(cluster: Cluster, log_level: str) -> None:
-    transport = DOMAIN_TRANSPORT[cluster.topology.transport]
     # Backends first: nothing depends on it (watches), but their logs then read in order.
     for spec in sorted(cluster.topology.domains, key=lambda d: d.role != "backend"):
-        log_path = cluster.state_dir / "logs" / f"{spec.name}.log"
-        args = [
-            *_python(),
-            "--log-level",
-            log_level,
-            "--log-format",
-            "json",
-            "domain",
-            "--xenstore",
-            cluster.xenstore_tcp,
-            "--key-file",
-            str(cluster.state_dir / "keys" / f"{spec.name}.key"),
-            "--transport",
-            transport,
-        ]
-        proc = await _spawn(args, log_path)
-        cluster.children.append(
-            Child(spec.name, spec.role, proc.pid, log_path, cluster.domids[spec.name], proc)
-        )
-        log.debug("domain process started", domain=spec.name, pid=proc.pid)
+        await _start_domain(cluster, spec, log_level)
 
 
 async def _states(xs: XenstoreClient, device: DeviceId) -> tuple[str, str]:
     fe = parse_state(await xs.try_read(f"{device.frontend}/state")).short
     be = parse_state(await xs.try_read(f"{device.backend}/state")).short
     return fe, be
+
+
+def _error_paths(device: DeviceId) -> list[str]:
+    """Where either end records `xenbus_dev_fatal`'s reason: `error/<own path>/error` under
+    its domain (Linux), or `error` in its device directory."""
+    paths = []
+    for own, domid in (
+        (device.backend, device.backend_domid),
+        (device.frontend, device.frontend_domid),
+    ):
+        domain = toolstack.domain_path(domid)
+        paths += [f"{domain}/error/{own.removeprefix(domain + '/')}/error", f"{own}/error"]
+    return paths
+
+
+async def _fatal(xs: XenstoreClient, device: DeviceId) -> str | None:
+    """Why an end gave `device` up during start-up, or None while it has not."""
+    for path in _error_paths(device):
+        raw = await xs.try_read(path)
+        if raw is not None:
+            return raw.decode("utf-8", "replace")
+    backend = parse_state(await xs.try_read(f"{device.backend}/state"))
+    if backend in (Closing, Closed):
+        return f"backend switched to {backend.short}"
+    return None
 
 
 async def _watch_into(
@@ -288,42 +338,61 @@ async def _watch_into(
                 changed.send_nowait(None)
 
 
-async def wait_connected(cluster: Cluster, limit_s: float) -> None:
-    """Return once every domain is ready and every device is Connected on both ends."""
+async def wait_connected(
+    cluster: Cluster, limit_s: float, progress: Progress = NO_PROGRESS
+) -> None:
+    """Return once every domain is ready and every device is Connected on both ends; fail
+    at once when an end gives a device up (see module doc)."""
     xs = cluster.xs
     send, recv = trio.open_memory_channel[None](1)
     paths = [f"/local/domain/{d}/xenpv/ready" for d in cluster.domids.values()]
     for device in cluster.devices:
-        paths += [f"{device.frontend}/state", f"{device.backend}/state"]
+        paths += [f"{device.frontend}/state", f"{device.backend}/state", *_error_paths(device)]
     pending: list[str] = []
     with trio.move_on_after(limit_s) as scope:
         async with trio.open_nursery() as nursery:
             for path in paths:
                 await nursery.start(_watch_into, xs, path, send)
             while True:
-                pending = await _not_ready(cluster)
+                pending = await _not_ready(cluster, fail_fast=True)
                 if not pending:
                     break
+                progress.show(_summary(cluster, pending))
                 await recv.receive()
             nursery.cancel_scope.cancel()
     if scope.cancelled_caught:
         pending = await _not_ready(cluster, explain=True)
-        raise ClusterError(f"not ready after {limit_s:.0f} s: " + "; ".join(pending))
+        raise ClusterError(f"not ready after {limit_s:g} s: " + "; ".join(pending))
 
 
-async def _not_ready(cluster: Cluster, *, explain: bool = False) -> list[str]:
+def _summary(cluster: Cluster, pending: list[str]) -> str:
+    domains = len(cluster.domids) - sum(p.startswith("domain ") for p in pending)
+    devices = len(cluster.devices) - sum(not p.startswith("domain ") for p in pending)
+    return (
+        f"waiting: {domains}/{len(cluster.domids)} domains ready, "
+        f"{devices}/{len(cluster.devices)} devices Connected"
+    )
+
+
+async def _not_ready(
+    cluster: Cluster, *, explain: bool = False, fail_fast: bool = False
+) -> list[str]:
     out: list[str] = []
     for name, domid in cluster.domids.items():
         if await cluster.xs.try_read(f"/local/domain/{domid}/xenpv/ready") is None:
             out.append(f"domain {name} ({domid}) not ready")
     for device in cluster.devices:
         fe, be = await _states(cluster.xs, device)
-        if fe != "Connected" or be != "Connected":
-            who = f"{cluster.name_of(device.frontend_domid)}/{device.cls}{device.devid}"
-            why = ""
-            if explain:
-                why = _device_complaint(cluster, device)
-            out.append(f"{who} frontend {fe}, backend {be}" + (f" ({why})" if why else ""))
+        if fe == "Connected" and be == "Connected":
+            continue
+        who = f"{cluster.name_of(device.frontend_domid)}/{device.cls}{device.devid}"
+        if fail_fast:
+            reason = await _fatal(cluster.xs, device)
+            if reason is not None:
+                why = _device_complaint(cluster, device) or reason
+                raise ClusterError(f"{who} failed (frontend {fe}, backend {be}): {why}")
+        why = _device_complaint(cluster, device) if explain else ""
+        out.append(f"{who} frontend {fe}, backend {be}" + (f" ({why})" if why else ""))
     return out
 
 
@@ -354,23 +423,6 @@ def _device_complaint(cluster: Cluster, device: DeviceId) -> str:
     return found
 
 
-async def _watch_children(children: list[Child]) -> None:
-    """Raise ClusterError as soon as any child process exits."""
-    async with trio.open_nursery() as nursery:
-        for child in children:
-            if child.proc is not None:
-                nursery.start_soon(_child_exit, child)
-
-
-async def _child_exit(child: Child) -> None:
-    assert child.proc is not None
-    code = await child.proc.wait()
-    raise ClusterError(
-        f"{child.kind} {child.name} (pid {child.pid}) exited with status {code}: "
-        f"{_last_error(child)}"
-    )
-
-
 def _last_error(child: Child) -> str:
     """The last error logged by a child (its JSON log), else the end of its log."""
     try:
@@ -384,93 +436,148 @@ def _last_error(child: Child) -> str:
             continue
         if isinstance(entry, dict) and entry.get("level") in ("error", "critical"):
             return str(entry.get("event")) + (f": {entry['error']}" if "error" in entry else "")
-    return lines[-1][-300:] if lines else "no output"
+    if lines and not lines[-1].startswith("{"):
+        return lines[-1][-300:]  # not one of its JSON log lines: e.g. Python's last words
+    return f"no error logged (see {child.log})"
 
 
-def _write_state(cluster: Cluster) -> None:
-    state = {
-        "xenstore": {"unix": cluster.xenstore_unix, "tcp": cluster.xenstore_tcp},
-        "domains": cluster.domids,
-        "devices": [
-            {
-                "cls": d.cls,
-                "frontend": d.frontend_domid,
-                "backend": d.backend_domid,
-                "devid": d.devid,
-            }
-            for d in cluster.devices
-        ],
-        "processes": [
-            {"name": c.name, "kind": c.kind, "pid": c.pid, "log": str(c.log), "domid": c.domid}
-            for c in cluster.children
-        ],
+def _exit_message(child: Child, code: int | None) -> str:
+    how = describe_status(code) if code is not None else "exited"
+    return f"{child.kind} {child.name} (pid {child.pid}) {how}: {_last_error(child)}"
+
+
+async def _fail_on_exit(children: list[Child]) -> None:
+    """During start-up: raise ClusterError as soon as any child process exits."""
+    async with trio.open_nursery() as nursery:
+        for child in list(children):
+            nursery.start_soon(_raise_on_exit, child)
+
+
+async def _raise_on_exit(child: Child) -> None:
+    code = await wait_exit(child)
+    raise ClusterError(_exit_message(child, code))
+
+
+# -- after start-up: a domain's death -----------------------------------------------------------
+
+
+async def _watch_deaths(cluster: Cluster, on_exit: OnExit, log_level: str) -> None:
+    """Handle each domain process's exit (restart policy, else `on_exit`); xenstored's exit
+    always ends the cluster."""
+    async with trio.open_nursery() as nursery:
+        for child in list(cluster.children):
+            nursery.start_soon(_on_death, cluster, child, on_exit, log_level)
+
+
+async def _on_death(cluster: Cluster, child: Child, on_exit: OnExit, log_level: str) -> None:
+    while True:
+        code = await wait_exit(child)
+        message = _exit_message(child, code)
+        if child.kind == "xenstored" or child.name not in cluster.domids:
+            raise ClusterError(message)
+        spec = cluster.topology.domain(child.name)
+        failed = code is None or code != 0
+        restarts = cluster.restarts.get(child.name, 0)
+        if spec.restart == "on-failure" and failed and restarts < MAX_RESTARTS:
+            log.warning("domain process died; restarting it", domain=child.name, why=message)
+            try:
+                child = await _restart(cluster, child, spec, log_level)
+                continue
+            except (XenpvError, OSError) as exc:
+                message += f"; restarting it failed: {exc}"
+        if on_exit == "fail":
+            raise ClusterError(message)
+        log.error("domain process died", domain=child.name, why=message)
+        await _record_dead(cluster, child, code, message)
+        return
+
+
+async def _destroy_records(cluster: Cluster, domid: int) -> None:
+    """Destroy a domain in xenstore as the toolstack does (RELEASE fires `@releaseDomain`, so
+    its peers close its devices), with every device it is an end of."""
+    for device in cluster.devices:
+        if domid in (device.frontend_domid, device.backend_domid):
+            await devices.destroy_device(cluster.xs, device)
+    with contextlib.suppress(toolstack.ToolstackError):
+        await toolstack.destroy_domain(cluster.xs, domid)
+
+
+async def _record_dead(cluster: Cluster, child: Child, code: int | None, message: str) -> None:
+    assert child.domid is not None
+    record = {
+        "domid": child.domid,
+        "pid": child.pid,
+        "status": code,
+        "reason": message,
+        "log": str(child.log),
     }
-    tmp = cluster.state_dir / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    tmp.replace(cluster.state_dir / STATE_FILE)
-
-
-async def _wait_pid(child: Child) -> None:
-    if child.proc is not None:
-        await child.proc.wait()
-        return
-    try:
-        fd = os.pidfd_open(child.pid)
-    except ProcessLookupError:
-        return
-    try:
-        await trio.lowlevel.wait_readable(fd)
-    finally:
-        os.close(fd)
-
-
-def _signal(child: Child, sig: int) -> None:
-    if child.proc is not None:
-        if child.proc.returncode is None:
-            child.proc.send_signal(sig)
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(child.pid, sig)
-
-
-async def _terminate(children: list[Child], grace: float = STOP_GRACE) -> None:
-    """SIGTERM, wait up to `grace` seconds, SIGKILL whatever is left; reap everything."""
-    if not children:
-        return
-    for child in children:
-        _signal(child, signal.SIGTERM)
-    with trio.move_on_after(grace):
-        async with trio.open_nursery() as nursery:
-            for child in children:
-                nursery.start_soon(_wait_pid, child)
-    for child in children:
-        if (child.proc is not None and child.proc.returncode is None) or (
-            child.proc is None and _alive(child.pid)
-        ):
-            log.warning("killing a process that did not stop", process=child.name, pid=child.pid)
-            _signal(child, signal.SIGKILL)
-    with trio.move_on_after(grace):
-        async with trio.open_nursery() as nursery:
-            for child in children:
-                nursery.start_soon(_wait_pid, child)
-
-
-async def stop(
-    children: list[Child], xenstore_unix: str | None, devices_: Sequence[DeviceId] = ()
-) -> None:
-    """Stop a cluster: guests, then backends, then the xenstore records, then xenstored."""
     with trio.CancelScope(shield=True):
-        await _terminate([c for c in children if c.kind == "guest"])
-        await _terminate([c for c in children if c.kind == "backend"])
-        if xenstore_unix is not None and any(c.kind == "xenstored" for c in children):
-            with trio.move_on_after(5), contextlib.suppress(XenpvError, OSError):
-                async with connect(xenstore_unix, reconnect_timeout=1.0) as xs:
-                    for device in devices_:
-                        await devices.destroy_device(xs, device)
-                    for child in children:
-                        if child.domid is not None:
-                            await toolstack.destroy_domain(xs, child.domid)
-        await _terminate([c for c in children if c.kind == "xenstored"])
+        cluster.dead[child.name] = record
+        cluster.sup.save()
+        with contextlib.suppress(XsError, XenpvError, OSError):
+            await _destroy_records(cluster, child.domid)
+            path = f"{DEAD_ROOT}/{child.name}"
+            await cluster.xs.write(path, json.dumps(record))
+            await cluster.xs.set_perms(path, ["n0", "r0"])  # readable by every domain
+
+
+async def _restart(cluster: Cluster, child: Child, spec: DomainSpec, log_level: str) -> Child:
+    """Re-create the domain (same domid, new key) and its devices, and start its process."""
+    assert child.domid is not None
+    with trio.CancelScope(shield=True):
+        cluster.restarts[spec.name] = cluster.restarts.get(spec.name, 0) + 1
+        cluster.sup.children.remove(child)
+        await _destroy_records(cluster, child.domid)
+        created = await toolstack.create_domain(
+            cluster.xs,
+            name=spec.name,
+            page_size=spec.page_size,
+            memory_bytes=spec.memory,
+            endpoint=_endpoint(cluster.state_dir, spec.name, cluster.topology.transport),
+            domid=child.domid,
+        )
+        created.key.save(cluster.state_dir / "keys" / f"{spec.name}.key")
+        for device, config in provision.plan_devices(
+            cluster.topology, cluster.domids, cluster.state_dir
+        ):
+            if child.domid in (device.frontend_domid, device.backend_domid):
+                await provision.create_device(cluster.xs, device, config)
+        restarted = await _start_domain(cluster, spec, log_level)
+    return restarted
+
+
+async def read_dead(xs: XenstoreClient) -> dict[str, dict[str, Any]]:
+    """The dead domains a supervisor recorded in xenstore (name → record)."""
+    dead: dict[str, dict[str, Any]] = {}
+    for name in await xs.try_directory(DEAD_ROOT):
+        raw = await xs.try_read(f"{DEAD_ROOT}/{name}")
+        try:
+            value = json.loads(raw or b"")
+        except ValueError:
+            value = {"reason": "unreadable record"}
+        dead[name] = value if isinstance(value, dict) else {"reason": str(value)}
+    return dead
+
+
+# -- stopping -------------------------------------------------------------------------------------
+
+
+async def _remove_records(cluster: Cluster) -> None:
+    # A connection of its own: the launcher's may have been cancelled with the command.
+    async with connect(cluster.xenstore_unix, reconnect_timeout=1.0) as xs:
+        for device in cluster.devices:
+            await devices.destroy_device(xs, device)
+        for domid in cluster.domids.values():
+            with contextlib.suppress(toolstack.ToolstackError, XsError):
+                await toolstack.destroy_domain(xs, domid)
+
+
+def _remove_files(state_dir: Path) -> None:
+    for path in (state_dir / "links").glob("*.sock"):
+        path.unlink(missing_ok=True)
+    (state_dir / "xenstored.sock").unlink(missing_ok=True)
+    (state_dir / STATE_FILE).unlink(missing_ok=True)
+    (state_dir / (STATE_FILE + ".tmp")).unlink(missing_ok=True)
 
 
 def _check_images(topology: Topology, state_dir: Path) -> None:
@@ -480,7 +587,7 @@ def _check_images(topology: Topology, state_dir: Path) -> None:
             raise TopologyError(f"vbd[{i}].image", f"{image} does not exist (read-only disk)")
 
 
-def _prepare(state_dir: Path) -> None:
+def prepare(state_dir: Path) -> None:
     if not state_dir.is_absolute():
         raise ClusterError(f"state directory {state_dir} must be an absolute path")
     for sub in ("", "keys", "logs", "links"):
@@ -497,95 +604,181 @@ async def launch(
     topology: Topology,
     state_dir: Path,
     *,
-    detach: bool = False,
+    sup: Supervisor | None = None,
     ready_timeout_s: float = DEFAULT_TIMEOUT,
     log_level: str = "info",
+    on_exit: OnExit = "fail",
+    progress: Progress = NO_PROGRESS,
 ) -> AsyncIterator[Cluster]:
     """Start the cluster and yield it once every device is Connected (see module doc).
 
-    Not detached: leaving the block (normally, by an error or by cancellation) stops every
-    process started here. Detached: the processes keep running and `cluster.json` lists them.
-    """
+    Leaving the block (normally, by an error or by cancellation) stops every process started
+    here and removes the sockets and `cluster.json`; logs stay in `state_dir/logs`."""
     # Children log to files: at least at info, so a failure can be explained from them.
     log_level = "debug" if log_level == "debug" else "info"
-    _prepare(state_dir)
-    _check_no_cluster(state_dir)
-    _check_images(topology, state_dir)
-    tcp = topology.xenstore_tcp or "127.0.0.1:0"
-    started = time.monotonic()
-    xenstored, unix, tcp_addr = await _start_xenstored(state_dir, tcp, log_level)
-    children = [xenstored]
-    devices_: list[DeviceId] = []
-    keep = False
+    prepare(state_dir)
+    sup = sup if sup is not None else Supervisor()
     try:
+        lock = lock_state_dir(state_dir, _busy(state_dir))
+    except XenpvError as exc:
+        raise ClusterError(str(exc)) from None
+    try:
+        _check_no_stale_processes(state_dir)
+        _check_images(topology, state_dir)
+    except BaseException:
+        unlock_state_dir(state_dir, lock)  # and touch nothing: the files may be in use
+        raise
+    try:
+        sup.state_file = state_dir / STATE_FILE
+        tcp = topology.xenstore_tcp or "127.0.0.1:0"
+        started = time.monotonic()
+        progress.show("starting xenstored")
+        _xenstored, unix, tcp_addr = await _start_xenstored(sup, state_dir, tcp, log_level)
         async with connect(unix) as xs:
-            cluster = Cluster(topology, state_dir, xs, unix, tcp_addr, children=children)
+            cluster = Cluster(topology, state_dir, xs, unix, tcp_addr, sup)
+            sup.describe = cluster.describe
+            sup.save()
+            progress.show("creating the domains and their devices in xenstore")
             await _create(cluster)
-            devices_ = cluster.devices
+            progress.show("starting the domain processes")
             await _start_domains(cluster, log_level)
-            if detach:
-                _write_state(cluster)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_watch_children, cluster.children)
-                await wait_connected(cluster, ready_timeout_s)
-                nursery.cancel_scope.cancel()
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_fail_on_exit, cluster.children)
+                    await wait_connected(cluster, ready_timeout_s, progress)
+                    nursery.cancel_scope.cancel()
+            finally:
+                progress.close()
             log.debug("cluster up", seconds=round(time.monotonic() - started, 2))
-            if detach:
-                keep = True
-                yield cluster
-                return
-            # Foreground: while the caller's block runs, a child's exit cancels it with a
-            # ClusterError naming that child.
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_watch_children, cluster.children)
+                nursery.start_soon(_watch_deaths, cluster, on_exit, log_level)
                 try:
                     yield cluster
                 finally:
                     nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        first = _first_error(group)
-        if first is not None:
-            raise first from None
-        raise
+                    await _stop(cluster)
     finally:
-        if not keep:
-            await stop(children, unix, devices_)
-            with contextlib.suppress(FileNotFoundError):
-                (state_dir / STATE_FILE).unlink()
+        with trio.CancelScope(shield=True):
+            await sup.stop()  # what is left: all of it if start-up failed
+            _remove_files(state_dir)
+            unlock_state_dir(state_dir, lock)
 
 
-def _first_error(group: BaseExceptionGroup[BaseException]) -> XenpvError | None:
-    for exc in group.exceptions:
-        if isinstance(exc, XenpvError):
-            return exc
-        if isinstance(exc, BaseExceptionGroup):
-            found = _first_error(exc)
-            if found is not None:
-                return found
-    return None
+async def _stop(cluster: Cluster) -> None:
+    """Guests, backends, then the xenstore records while xenstored runs, then xenstored."""
+
+    async def remove_records() -> None:
+        await _remove_records(cluster)
+
+    await cluster.sup.stop(before_xenstored=remove_records)
+
+
+# -- a cluster run by a detached supervisor -------------------------------------------------------
+
+
+async def start_detached(
+    sup: Supervisor,
+    topology_file: Path,
+    state_dir: Path,
+    *,
+    ready_timeout_s: float,
+    log_level: str,
+    progress: Progress = NO_PROGRESS,
+) -> None:
+    """Start `xenpv cluster up FILE --ready-fd N` as a detached supervisor (its own session,
+    output in logs/supervisor.log) and return once it reports the cluster ready; it keeps
+    running. A failure raises ClusterError with the supervisor's own error line."""
+    prepare(state_dir)
+    check_free(state_dir)
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    args = [
+        *_python(),
+        "--log-level",
+        log_level,
+        "--log-format",
+        "json",
+        "cluster",
+        "up",
+        str(topology_file),
+        "--state-dir",
+        str(state_dir),
+        "--timeout",
+        str(ready_timeout_s),
+        "--ready-fd",
+        str(write_fd),
+    ]
+    log_path = state_dir / "logs" / SUPERVISOR_LOG
+    log_path.unlink(missing_ok=True)
+    try:
+        child = await sup.spawn(SUPERVISOR, SUPERVISOR, args, log_path, pass_fds=(write_fd,))
+    finally:
+        os.close(write_fd)
+    progress.show(f"starting the cluster (supervisor pid {child.pid})")
+    line = b""
+    try:
+        async with trio.lowlevel.FdStream(read_fd) as stream:
+            while not line.endswith(b"\n"):
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    break
+                line += chunk
+    finally:
+        progress.close()
+    if line.strip() == b"READY":
+        sup.children.remove(child)  # it is on its own now: ours no longer to stop
+        return
+    code = await wait_exit(child)
+    raise ClusterError(_supervisor_error(child, code))
+
+
+def _supervisor_error(child: Child, code: int | None) -> str:
+    """The supervisor's own one-line error (the CLI's `xenpv: error: ...`), else its tail."""
+    for line in reversed(child.tail().splitlines()):
+        if line.startswith("xenpv: error: "):
+            return line.removeprefix("xenpv: error: ")
+    how = describe_status(code) if code is not None else "exited"
+    return f"the cluster supervisor {how}: {child.tail()[-300:] or 'no output'}"
+
+
+def report_ready(ready_fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.write(ready_fd, b"READY\n")
+        os.close(ready_fd)
 
 
 async def down(state_dir: Path) -> list[str]:
-    """Stop the detached cluster recorded in `state_dir` (absolute); returns the names it
-    stopped."""
+    """Stop the cluster recorded in `state_dir` (absolute): ask its supervisor to stop it
+    (SIGTERM), or stop the processes a dead supervisor left; returns the names stopped."""
     state = read_state(state_dir)
-    if state is None:
+    holder = lock_holder(state_dir)
+    if state is None and holder is None:
         raise ClusterError(f"no cluster in {state_dir} (no {STATE_FILE})")
-    children = [
-        Child(p["name"], p["kind"], int(p["pid"]), Path(p["log"]), p.get("domid"))
-        for p in state.get("processes", [])
-    ]
-    devices_ = [
-        DeviceId(d["cls"], int(d["frontend"]), int(d["backend"]), int(d["devid"]))
-        for d in state.get("devices", [])
-    ]
-    live = [c for c in children if _alive(c.pid)]
-    await stop(live, state.get("xenstore", {}).get("unix"), devices_)
-    for path in (state_dir / "links").glob("*.sock"):
-        path.unlink(missing_ok=True)
-    (state_dir / "xenstored.sock").unlink(missing_ok=True)
-    (state_dir / STATE_FILE).unlink(missing_ok=True)
-    return [c.name for c in live]
+    names = [p["name"] for p in (state or {}).get("processes", []) if p.get("kind") != "xenstored"]
+    if holder:
+        supervisor = Child(SUPERVISOR, SUPERVISOR, holder, state_dir / "logs" / SUPERVISOR_LOG)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(holder, signal.SIGTERM)
+        with trio.move_on_after(DOWN_TIMEOUT):
+            await wait_exit(supervisor)
+        if alive(holder):
+            log.warning("the supervisor did not stop; killing it", pid=holder)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(holder, signal.SIGKILL)
+            await wait_exit(supervisor)
+    # What a dead (or killed) supervisor left behind.
+    state = read_state(state_dir)
+    if state is not None:
+        left = Supervisor(
+            children=[
+                Child(p["name"], p["kind"], int(p["pid"]), Path(p["log"]), p.get("domid"))
+                for p in state.get("processes", [])
+                if alive(int(p.get("pid", 0)))
+            ]
+        )
+        await left.stop()
+        _remove_files(state_dir)
+        shutil.rmtree(state_dir / "xenstore", ignore_errors=True)
+    return [n for n in names if n != SUPERVISOR]
 
 
 def xenstore_address(state_dir: Path) -> str:
@@ -595,5 +788,5 @@ def xenstore_address(state_dir: Path) -> str:
         raise ClusterError(f"no cluster in {state_dir} (no {STATE_FILE})")
     unix = state.get("xenstore", {}).get("unix")
     if not isinstance(unix, str):
-        raise ClusterError(f"{state_dir / STATE_FILE}: no xenstore address")
+        raise ClusterError(f"{state_dir / STATE_FILE}: no xenstore address (yet)")
     return unix

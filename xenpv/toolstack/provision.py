@@ -23,7 +23,7 @@ xenstored would otherwise give a second domain the same name, and key files woul
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +31,7 @@ from xenpv.toolstack import devices
 from xenpv.toolstack import domains as toolstack
 from xenpv.toolstack.devices import VbdConfig
 from xenpv.toolstack.domains import ToolstackError
-from xenpv.toolstack.topology import DomainSpec, Topology
+from xenpv.toolstack.topology import DomainSpec, Topology, VifSpec
 from xenpv.xenbus.core import DeviceId, xvd_number
 from xenpv.xenstore.client import XenstoreClient
 from xenpv.xenstore.wire import XsError
@@ -101,13 +101,23 @@ async def apply_topology(
         )
         created.key.save(keys_dir / f"{spec.name}.key")
         done.domids[spec.name] = created.domid
+    for device, config in plan_devices(topo, done.domids, image_dir):
+        await create_device(xs, device, config)
+        done.devices.append(device)
+    return done
+
+
+def plan_devices(
+    topo: Topology, domids: Mapping[str, int], image_dir: Path
+) -> list[tuple[DeviceId, VbdConfig | VifSpec]]:
+    """Every device of `topo` with its configuration, in creation order (see module rules);
+    a launcher that re-creates one domain re-creates the devices it is an end of."""
+    planned: list[tuple[DeviceId, VbdConfig | VifSpec]] = []
     per_guest: dict[tuple[str, str], int] = {}
     for vbd in topo.vbds:
         index = per_guest.get((vbd.frontend, "vbd"), 0)
         per_guest[(vbd.frontend, "vbd")] = index + 1
-        device = DeviceId(
-            "vbd", done.domids[vbd.frontend], done.domids[vbd.backend], xvd_number(index)
-        )
+        device = DeviceId("vbd", domids[vbd.frontend], domids[vbd.backend], xvd_number(index))
         config = VbdConfig(
             image=image_path(vbd.image, image_dir),
             size=vbd.size,
@@ -115,12 +125,16 @@ async def apply_topology(
             sector_size=vbd.sector_size,
             features=vbd.features,
         )
-        await devices.create_vbd(xs, device, config)
-        done.devices.append(device)
+        planned.append((device, config))
     for vif in topo.vifs:
         index = per_guest.get((vif.frontend, "vif"), 0)
         per_guest[(vif.frontend, "vif")] = index + 1
-        device = DeviceId("vif", done.domids[vif.frontend], done.domids[vif.backend], index)
-        await devices.create_vif(xs, device, mac=vif.mac, tap=vif.tap)
-        done.devices.append(device)
-    return done
+        planned.append((DeviceId("vif", domids[vif.frontend], domids[vif.backend], index), vif))
+    return planned
+
+
+async def create_device(xs: XenstoreClient, device: DeviceId, config: VbdConfig | VifSpec) -> None:
+    if isinstance(config, VbdConfig):
+        await devices.create_vbd(xs, device, config)
+    else:
+        await devices.create_vif(xs, device, mac=config.mac, tap=config.tap)

@@ -16,6 +16,7 @@ name = "backend"
 role = "backend"              # backend | guest
 page_size = "4K"              # 4K | 16K | 64K (or bytes)
 memory = "64M"
+restart = "no"                # no | on-failure: restart its process if it dies with an error
 
 [[vbd]]
 frontend = "guest4k"
@@ -59,6 +60,7 @@ SECTOR_SIZES = (512, 4096)
 MAX_RING_PAGE_ORDER = 4
 MAX_QUEUES = 4
 MAX_INDIRECT_SEGMENTS = 256
+RESTART_POLICIES = ("no", "on-failure")
 
 
 class TopologyError(UsageError):
@@ -76,6 +78,7 @@ class DomainSpec:
     role: Literal["backend", "guest"]
     page_size: int
     memory: int
+    restart: Literal["no", "on-failure"] = "no"  # what the launcher does when its process dies
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,8 +246,9 @@ def _domain(raw: object, where: str) -> DomainSpec:
     memory = t.size("memory", "64M")
     if memory % page_size:
         raise TopologyError(t.at("memory"), f"must be a multiple of the page size {page_size}")
+    restart = t.choice("restart", "no", RESTART_POLICIES)
     t.done()
-    return DomainSpec(name, role, page_size, memory)
+    return DomainSpec(name, role, page_size, memory, restart)
 
 
 def _vbd_features(raw: object, where: str) -> VbdFeatures:

@@ -34,6 +34,7 @@ client generates one.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import random
 from collections import deque
@@ -293,6 +294,11 @@ class XenstoreClient(_Ops):
         self._dead: BaseException | None = None
         self._closed = False
 
+    @property
+    def connected(self) -> bool:
+        """False while the connection is lost (reconnecting), given up or closed."""
+        return self._connected and self._dead is None and not self._closed
+
     # -- connection management -------------------------------------------------------------
 
     async def _open_stream(self) -> trio.abc.Stream:
@@ -356,6 +362,13 @@ class XenstoreClient(_Ops):
                 await trio.sleep(delay)  # backoff between attempts, not synchronisation
                 delay = min(delay * 2, _BACKOFF_MAX)
         raise XenstoreConnectionError(f"gave up after {self._reconnect_timeout:g}s ({last})")
+
+    def _send_internal(self, type_: XsType, payload: bytes) -> None:
+        """Send a request nobody waits for (its reply is dropped, an error logged)."""
+        msg = Message(type_, self._next_req_id(), 0, payload)
+        self._pending[msg.req_id] = _Pending(msg, self._epoch, internal=True)
+        self._outbox.append(msg.encode())
+        self._outbox_wake.set()
 
     def _resend_all(self) -> None:
         for w in self._watches.values():
@@ -434,7 +447,7 @@ class XenstoreClient(_Ops):
             return
         if p.internal:
             if msg.type == XsType.XS_ERROR and error_name(msg) != "EEXIST":
-                log.warning("re-registering a watch failed", error=error_name(msg))
+                log.warning("an internal request failed", type=p.msg.type, error=error_name(msg))
             return
         p.finish(reply=msg)
 
@@ -513,12 +526,17 @@ class XenstoreClient(_Ops):
         finally:
             del self._watches[token]
             if watch.registered and self._connected and not self._closed and self._dead is None:
-                with (
-                    trio.CancelScope(shield=True),
-                    trio.move_on_after(5),
-                    suppress(XsError, XenstoreConnectionError),
-                ):
-                    await self._request(XsType.XS_UNWATCH, payload)
+                if trio.current_effective_deadline() == -math.inf:
+                    # Cancelled: the task reading replies is likely cancelled with us, so
+                    # waiting for the reply would only run out the timeout. Send, wait for none.
+                    self._send_internal(XsType.XS_UNWATCH, payload)
+                else:
+                    with (
+                        trio.CancelScope(shield=True),
+                        trio.move_on_after(5),
+                        suppress(XsError, XenstoreConnectionError),
+                    ):
+                        await self._request(XsType.XS_UNWATCH, payload)
 
     async def transact(self, fn: Callable[[Transaction], Awaitable[T]]) -> T:
         """Run `fn` in a transaction and commit; start over from scratch on EAGAIN.
