@@ -45,11 +45,11 @@ def test_schedule_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixt
         '[[fault]]\nkind = "link.loss"\ntarget = "any-link"\nduration = 1.0\n'
         '[[fault]]\nkind = "link.loss"\ntarget = "domain:zz"\nduration = 1.0\n'
     )
-    assert main(["faults", "schedule", str(plan)]) == 1
+    assert main(["faults", "schedule", str(plan)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "xenpv: error: fault[0].target: link:a-b: no two domains named like that"
     plan.write_text(plan.read_text().replace("link:a-b", "any-link"))
-    assert main(["faults", "schedule", str(plan)]) == 1
+    assert main(["faults", "schedule", str(plan)]) == 2
     assert capsys.readouterr().err.strip() == (
         "xenpv: error: fault[2].target: no domain named 'zz'"
     )

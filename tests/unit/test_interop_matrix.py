@@ -87,6 +87,6 @@ def test_speedup_pairs_are_64k_guests_off_then_on() -> None:
 
 
 def test_cli_only_without_a_match_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["interop", "--only", "no-such-cell"]) == 1
+    assert main(["interop", "--only", "no-such-cell"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "xenpv: error: --only no-such-cell: no cell key contains that"

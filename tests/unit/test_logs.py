@@ -96,7 +96,7 @@ def test_cluster_logs_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ]
     assert main(["cluster", "logs", "guest4k", "--state-dir", str(tmp_path)]) == 0
     assert capsys.readouterr().out == "10:00:01.000 guest4k  info    domain ready  domid=2\n"
-    assert main(["cluster", "logs", "guest9", "--state-dir", str(tmp_path)]) == 1
+    assert main(["cluster", "logs", "guest9", "--state-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert "no log named 'guest9'" in err and "(logs: guest4k, xenstored)" in err

@@ -25,7 +25,7 @@ def test_example_round_trip_through_a_file(
     assert main(["topology", "example", "-o", str(out)]) == 0
     assert f"wrote {out}" in capsys.readouterr().err
     assert topology.load(out) == topology.default_topology()
-    assert main(["topology", "example", "-o", str(out)]) == 1  # no silent overwrite
+    assert main(["topology", "example", "-o", str(out)]) == 2  # no silent overwrite
     assert "exists; --force overwrites it" in capsys.readouterr().err
     assert main(["topology", "example", "-o", str(out), "--force"]) == 0
     assert main(["topology", "example"]) == 0
@@ -37,7 +37,7 @@ def test_example_round_trip_through_a_file(
 def test_check_names_the_bad_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text(EXAMPLE_TOML.replace('backend = "backend"', 'backend = "zz"', 1))
-    assert main(["topology", "check", str(bad)]) == 1
+    assert main(["topology", "check", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "vbd[0].backend: no domain named 'zz'" in err
 
