@@ -665,12 +665,14 @@ async def launch(
 
 
 async def _stop(cluster: Cluster) -> None:
-    """Guests, backends, then the xenstore records while xenstored runs, then xenstored."""
+    """Guests, backends, then the xenstore records while xenstored runs; xenstored itself
+    stops once the launcher's own connection is closed (else that client would log a lost
+    connection and try to reconnect)."""
 
     async def remove_records() -> None:
         await _remove_records(cluster)
 
-    await cluster.sup.stop(before_xenstored=remove_records)
+    await cluster.sup.stop(before_xenstored=remove_records, xenstored=False)
 
 
 # -- a cluster run by a detached supervisor -------------------------------------------------------

@@ -191,9 +191,12 @@ class Supervisor:
         self,
         before_xenstored: Callable[[], Awaitable[None]] | None = None,
         grace: float = STOP_GRACE,
+        *,
+        xenstored: bool = True,
     ) -> None:
         """Stop every child in STOP_ORDER (other kinds first); `before_xenstored` runs (bounded,
-        errors ignored) while xenstored still does, e.g. to remove the domains' records."""
+        errors ignored) while xenstored still does, e.g. to remove the domains' records.
+        `xenstored=False` leaves xenstored running (its own clients close first)."""
         with trio.CancelScope(shield=True):
             supervisors = [c for c in self.children if c.kind == SUPERVISOR]
             await self.terminate(supervisors, SUPERVISOR_GRACE)
@@ -205,7 +208,8 @@ class Supervisor:
             if before_xenstored is not None and store_runs and not self.killed:
                 with trio.move_on_after(5), contextlib.suppress(Exception):
                     await before_xenstored()
-            await self.terminate([c for c in self.children if c.kind == "xenstored"], grace)
+            if xenstored:
+                await self.terminate([c for c in self.children if c.kind == "xenstored"], grace)
 
     async def terminate(self, children: list[Child], grace: float = STOP_GRACE) -> None:
         """SIGTERM, wait up to `grace` seconds (none once escalated), SIGKILL what is left."""
