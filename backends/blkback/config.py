@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from xenpv.abi.blkif import max_indirect_segments_limit
+from xenpv.abi.buffer import XEN_PAGE_SIZE
 from xenpv.errors import XenpvError
 from xenpv.granule import MAX_GRANULE_ORDER
-from xenpv.hv.buffer import XEN_PAGE_SIZE
 from xenpv.toolstack import devices
 
 # Linux blkback's limits (xen-blkback/common.h, xenbus.c; XENBUS_MAX_RING_GRANT_ORDER).

@@ -44,8 +44,8 @@ from xenpv.abi.blkif import (
     BlkifRequest,
     decode_indirect_segments,
 )
+from xenpv.abi.buffer import XEN_PAGE_SIZE
 from xenpv.abi.errors import BlkifError, BlkifUnsupportedOp
-from xenpv.hv.buffer import XEN_PAGE_SIZE
 
 
 class IoKind(enum.Enum):

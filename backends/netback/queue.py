@@ -34,9 +34,9 @@ from backends.netback.offload import OffloadError, RxOffload, rx_metadata, tx_me
 from backends.netback.rx import RxCore, RxFrame, RxPlacement
 from backends.netback.tx import TxCore, TxFatal, TxPacket
 from backends.switch import Frame, SwitchError, SwitchPort
-from backends.tap import VirtioNetHdr
 from xenpv.abi.errors import RingError
 from xenpv.abi.ring import OFF_REQ_EVENT, RING_IDX_MASK
+from xenpv.abi.virtio_net import VirtioNetHdr
 from xenpv.hv import CopyDirection, CopyGroup, Domain, EventChannel
 
 TX_BUDGET: Final = 64  # packets per tx round (Linux: NAPI weight 64)

@@ -22,6 +22,7 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
+from xenpv.abi.buffer import XEN_PAGE_SIZE
 from xenpv.abi.errors import RingError, RingUsageError
 from xenpv.abi.netif import (
     NetifGsoExtra,
@@ -32,7 +33,6 @@ from xenpv.abi.netif import (
 from xenpv.abi.ring import BackRing
 from xenpv.errors import XenpvError
 from xenpv.granule import NETIF_RX_STATUS_MAX
-from xenpv.hv.buffer import XEN_PAGE_SIZE
 
 _RX_RESPONSE = struct.Struct("<HHHh")  # id, offset, flags, status
 _RX_REQUEST = struct.Struct("<HxxI")  # id, pad, gref

@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
+from xenpv.abi.buffer import XEN_PAGE_SIZE
 from xenpv.abi.errors import NetifError, RingError
 from xenpv.abi.netif import (
     ETH_ALEN,
@@ -56,7 +57,6 @@ from xenpv.abi.netif import (
 )
 from xenpv.abi.ring import SRING_HEADER_SIZE, BackRing
 from xenpv.errors import XenpvError
-from xenpv.hv.buffer import XEN_PAGE_SIZE
 
 XEN_NETBK_LEGACY_SLOTS_MAX: Final = 18  # XEN_NETIF_NR_SLOTS_MIN
 FATAL_SKB_SLOTS_DEFAULT: Final = 20  # netback's fatal_skb_slots module parameter

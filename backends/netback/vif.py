@@ -59,11 +59,11 @@ from backends.netback.queue import NetbackQueue
 from backends.netback.rx import RxCore, RxFatal
 from backends.netback.tx import FATAL_SKB_SLOTS_DEFAULT, TxCore, TxFatal
 from backends.switch import Frame, LiveSwitch, SwitchError, SwitchPort
-from backends.tap import VirtioNetHdr
 from xenpv import granule
 from xenpv.abi.errors import RingError
 from xenpv.abi.netif import NETIF_RX_RING, NETIF_TX_RING
 from xenpv.abi.ring import BackRing
+from xenpv.abi.virtio_net import VirtioNetHdr
 from xenpv.ethernet import flow_hash
 from xenpv.hv import XEN_PAGE_SIZE, Domain, EventChannel, EventChannelClosed, GrantMapping, HvError
 from xenpv.xenbus import core as xenbus

@@ -28,9 +28,9 @@ from frontends.blkfront.negotiate import (
     Wishes,
     default_protocol,
 )
+from xenpv.abi.buffer import XEN_PAGE_SIZE
 from xenpv.granule import MAX_GRANULE_ORDER
 from xenpv.hv import Domain
-from xenpv.hv.buffer import XEN_PAGE_SIZE
 from xenpv.xenbus.core import DeviceId
 from xenpv.xenstore.client import XenstoreClient
 

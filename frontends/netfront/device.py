@@ -33,7 +33,6 @@ from typing import Any
 import structlog
 import trio
 
-from backends.tap import Tap
 from frontends.netfront.core import (
     MAX_TX_SLOTS,
     Counters,
@@ -77,6 +76,7 @@ from xenpv.hv import (
     Page,
 )
 from xenpv.hv.errors import HvError
+from xenpv.tap import Tap
 from xenpv.xenbus.core import Action, Closed, Closing, Connected, DeviceId, Role, Unknown
 from xenpv.xenbus.handshake import KeyValues, read_keys, read_state
 from xenpv.xenstore.client import XenstoreClient

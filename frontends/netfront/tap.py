@@ -27,15 +27,6 @@ from contextlib import suppress
 import structlog
 import trio
 
-from backends.tap import (
-    TUNSETOFFLOAD,
-    Tap,
-    TapError,
-    TunOffload,
-    VirtioNetHdr,
-    VirtioNetHdrFlags,
-    VirtioNetHdrGso,
-)
 from frontends.netfront.core import NetfrontError, RxFrame
 from frontends.netfront.device import Netfront
 from xenpv.abi.netif import (
@@ -44,7 +35,9 @@ from xenpv.abi.netif import (
     XEN_NETIF_MAX_TX_SIZE,
     NetifGsoExtra,
 )
+from xenpv.abi.virtio_net import VirtioNetHdr, VirtioNetHdrFlags, VirtioNetHdrGso
 from xenpv.ethernet import parse
+from xenpv.tap import TUNSETOFFLOAD, Tap, TapError, TunOffload
 
 log = structlog.get_logger()
 

@@ -33,6 +33,7 @@ from frontends.netfront.keys import (
     stale_keys,
 )
 from xenpv import granule
+from xenpv.abi.buffer import LocalBuffer
 from xenpv.abi.netif import (
     NETIF_RX_RING,
     NETIF_TX_RING,
@@ -41,7 +42,6 @@ from xenpv.abi.netif import (
     NETRXF_csum_blank,
 )
 from xenpv.abi.ring import BackRing, FrontRing
-from xenpv.hv.buffer import LocalBuffer
 
 PAGE_SIZES = [4096, 16384, 65536]
 ORDERS = list(range(granule.MAX_GRANULE_ORDER + 1))

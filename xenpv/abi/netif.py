@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from typing import Final
 
+from xenpv.abi.buffer import XEN_PAGE_SIZE
 from xenpv.abi.errors import NetifError
 from xenpv.abi.ring import RingLayout
-from xenpv.hv.buffer import XEN_PAGE_SIZE
 
 
 class NetTxFlags(IntFlag):

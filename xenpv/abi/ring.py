@@ -51,8 +51,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from xenpv.abi.buffer import SharedBuffer
 from xenpv.abi.errors import RingError, RingUsageError
-from xenpv.hv.buffer import SharedBuffer
 
 RING_IDX_MASK: Final = 0xFFFFFFFF
 SRING_HEADER_SIZE: Final = 64  # offsetof(struct <name>_sring, ring)

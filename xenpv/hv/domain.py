@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import trio
 
+from xenpv.abi.buffer import XEN_PAGE_SIZE
 from xenpv.hv import handshake
-from xenpv.hv.buffer import XEN_PAGE_SIZE
 from xenpv.hv.busypoll import max_window_from_env
 from xenpv.hv.directory import PeerDirectory
 from xenpv.hv.errors import EventChannelClosed, GrantError, HvError, LinkError, PeerGone
