@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from backends.blkback.negotiate import DeviceFeatures
+from backends.blkback.keys import DeviceFeatures
 from xenpv.abi.blkif import (
     BLKIF_OP_DISCARD,
     BLKIF_OP_FLUSH_DISKCACHE,

@@ -45,7 +45,6 @@ from frontends.netfront.core import (
 from frontends.netfront.flowhash import select_queue
 from frontends.netfront.keys import (
     BACKEND_FEATURE_KEYS,
-    MAX_QUEUES,
     BackendFeatures,
     HandshakeError,
     QueueKeys,
@@ -79,6 +78,7 @@ from xenpv.hv.errors import HvError
 from xenpv.tap import Tap
 from xenpv.xenbus.core import Action, Closed, Closing, Connected, DeviceId, Role, Unknown
 from xenpv.xenbus.handshake import KeyValues, read_keys, read_state
+from xenpv.xenbus.keys import NET_MAX_QUEUES
 from xenpv.xenstore.client import XenstoreClient
 from xenpv.xenstore.wire import XsError
 
@@ -96,7 +96,7 @@ def tx_ids(ring_slots: int, granule: int) -> int:
 
 def default_max_queues() -> int:
     """Linux: xennet_max_queues defaults to the number of online CPUs, capped at 8."""
-    return max(1, min(os.cpu_count() or 1, MAX_QUEUES))
+    return max(1, min(os.cpu_count() or 1, NET_MAX_QUEUES))
 
 
 @dataclass(eq=False)
@@ -353,7 +353,7 @@ class Netfront:
             for queue in queues:
                 self._release_queue(queue)
             return None
-        for name in stale_keys(MAX_QUEUES):
+        for name in stale_keys(NET_MAX_QUEUES):
             with suppress(XsError):
                 await xs.rm(f"{device.frontend}/{name}")
         self._generation += 1

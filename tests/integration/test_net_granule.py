@@ -26,7 +26,6 @@ import trio
 
 import frontends.netfront.device as netfront_device
 from backends.netback import Vif
-from backends.netback.features import MAX_GRANULE_CONFIG_KEY
 from backends.switch import LiveSwitch
 from frontends.netfront import Netfront, RxFrame, attach
 from frontends.netfront.keys import frontend_keys
@@ -39,6 +38,7 @@ from xenpv.hv import Domain, StaticDirectory
 from xenpv.toolstack.devices import create_vif
 from xenpv.xenbus.core import Action, Closing, DeviceId
 from xenpv.xenbus.handshake import KeyValues, read_state
+from xenpv.xenbus.keys import XENPV_MAX_GRANULE_ORDER
 from xenpv.xenstore.client import XenstoreClient, connect
 
 TRANSPORTS = ["socket", "shm"]
@@ -142,7 +142,9 @@ async def network(tmp: Path, xenstored: Xenstored, transport: str, mix: Mix) -> 
             device = DeviceId("vif", dom.domid, 0, 0)
             await create_vif(xs, device, mac=mac_text(mac_of(dom.domid)))
             if mix.toolstack_max is not None:
-                await xs.write(f"{device.backend}/{MAX_GRANULE_CONFIG_KEY}", str(mix.toolstack_max))
+                await xs.write(
+                    f"{device.backend}/{XENPV_MAX_GRANULE_ORDER}", str(mix.toolstack_max)
+                )
             vif = Vif(doms[0], xs, device, switch, granule_extension=mix.backend_max is not None)
             stops.append(await nursery.start(_serve, vif))
             cap = 0 if mix.old_frontend else mix.cap
@@ -327,7 +329,7 @@ async def test_order_above_backend_max_is_fatal(
             stack.callback(nursery.cancel_scope.cancel)
             device = DeviceId("vif", 1, 0, 0)
             await create_vif(xs, device, mac=mac_text(mac_of(1)))
-            await xs.write(f"{device.backend}/{MAX_GRANULE_CONFIG_KEY}", "2")
+            await xs.write(f"{device.backend}/{XENPV_MAX_GRANULE_ORDER}", "2")
             vif = Vif(doms[0], xs, device, LiveSwitch(queue_depth=16))
             nursery.start_soon(vif.run)
             error_path = "/local/domain/0/error/backend/vif/1/0/error"

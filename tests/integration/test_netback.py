@@ -488,7 +488,7 @@ async def test_handshake_survives_xenstore_refusals(
     xenstored: Xenstored, transport: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A refused xenstore read (e.g. a frontend hiding its nodes) ends no serve(): retried."""
-    import backends.netback.vif as vif_module
+    import backends.netback.device as vif_module
     from xenpv.xenbus import handshake as xenbus_io
 
     real = xenbus_io.run_handshake

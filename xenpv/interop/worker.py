@@ -187,9 +187,10 @@ async def run_vbd(dom: Any, xs: XenstoreClient, cell: dict[str, Any]) -> dict[st
         persistent=bool(f["persistent"]),
     ) as disk:
         await connected(xs, [(disk, device)], float(cell["attach_timeout"]))
-        info = dict(disk.info)
+        assert disk.info is not None  # connected
+        info = disk.info.summary()
         seen = await negotiated(xs, device, info)
-        sector = int(info["sector_size"])
+        sector = disk.info.sector_size
         capacity = int(disk.capacity)
         seed = random.getrandbits(32)
         tag = cell["key"]

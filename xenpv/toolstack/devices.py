@@ -21,6 +21,7 @@ from xenpv.xenbus.core import DEVICE_CLASSES, DeviceId, Initialising
 from xenpv.xenstore.client import Transaction, XenstoreClient
 from xenpv.xenstore.wire import XsError
 
+
 @dataclass(frozen=True, slots=True)
 class VbdConfig:
     """What the backend needs to serve a vbd: `image` None means an in-memory disk."""

@@ -248,7 +248,9 @@ def _vbd_features(raw: object, where: str) -> VbdFeatures:
     t = _Table(raw, where)
     d = VbdFeatures()
     features = VbdFeatures(
-        ring_page_order=t.integer("ring_page_order", d.ring_page_order, 0, keys.MAX_RING_PAGE_ORDER),
+        ring_page_order=t.integer(
+            "ring_page_order", d.ring_page_order, 0, keys.MAX_RING_PAGE_ORDER
+        ),
         queues=t.integer("queues", d.queues, 1, keys.BLK_MAX_QUEUES),
         indirect_segments=t.integer("indirect_segments", d.indirect_segments, 0, 512),
         persistent=t.flag("persistent", d.persistent),

@@ -79,13 +79,14 @@ def parse_uint(
     *,
     default: int | None = None,
     strict: bool = False,
+    minimum: int = 0,
     maximum: int = UINT_MAX,
 ) -> int:
     """The value of a numeric key as Linux's `%u` scan reads it (see the module docstring).
 
     `raw` None means the key is absent. With no `default`, absent or unreadable raises
     `KeyValueError` (xenbus_scanf); with one, absent reads as it, and so does unreadable unless
-    `strict` (xenbus_read_unsigned).
+    `strict` (xenbus_read_unsigned). A number outside `minimum`..`maximum` is unreadable.
     """
     if raw is None:
         if default is None:
@@ -98,9 +99,9 @@ def parse_uint(
             raise KeyValueError(key, raw, "is not an unsigned integer")
         return default
     value = int(match.group(1))
-    if value > maximum:
+    if not minimum <= value <= maximum:
         if default is None or strict:
-            raise KeyValueError(key, raw, f"is above {maximum}")
+            raise KeyValueError(key, raw, f"is outside {minimum}..{maximum}")
         return default
     return value
 
