@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
+from frontends.blkfront.core import Negotiated
 from frontends.blkfront.device import DETACH_TIMEOUT, Blkfront
 from frontends.blkfront.errors import BlkError, BlkfrontProtocolError, DeviceNotFound
 from frontends.blkfront.keys import Wishes, default_protocol
@@ -35,6 +36,7 @@ __all__ = [
     "BlkfrontProtocolError",
     "DeviceNotFound",
     "GranuleNotSupported",
+    "Negotiated",
     "Wishes",
     "attach",
 ]

@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from frontends.netfront.core import NetfrontError, NetfrontProtocolError, RxFrame
+from frontends.netfront.core import Negotiated, NetfrontError, NetfrontProtocolError, RxFrame
 from frontends.netfront.device import Netfront
 from frontends.netfront.tap import configure_link, open_tap, run_tap
 from xenpv.hv import Domain
@@ -27,7 +27,14 @@ from xenpv.xenbus.handshake import publish, read_state, run_handshake
 from xenpv.xenbus.keys import XENPV_TAP
 from xenpv.xenstore.client import XenstoreClient
 
-__all__ = ["Netfront", "NetfrontError", "NetfrontProtocolError", "RxFrame", "attach"]
+__all__ = [
+    "Negotiated",
+    "Netfront",
+    "NetfrontError",
+    "NetfrontProtocolError",
+    "RxFrame",
+    "attach",
+]
 
 
 @asynccontextmanager

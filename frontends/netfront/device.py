@@ -12,7 +12,7 @@ tasks sleep on their event channel and run the sans-IO cores (core.py) when woke
 
 The granule is negotiated per connection: `granule_order` (attach's argument) is the cap,
 None = as large as allowed (the guest's page order), 0 = decline; the order actually used is
-`min(page order, cap, backend's max-grant-granule-order)` and is in `info["granule_order"]`.
+`min(page order, cap, backend's max-grant-granule-order)` and is in `info.granule_order`.
 A backend that reaches Connected without echoing a non-zero order did not accept it: netfront
 then reconnects with 4 KiB grants (`granule_fallback`; docs/net.md, "Spec notes").
 
@@ -28,7 +28,6 @@ import os
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import Any
 
 import structlog
 import trio
@@ -36,6 +35,7 @@ import trio
 from frontends.netfront.core import (
     MAX_TX_SLOTS,
     Counters,
+    Negotiated,
     NetfrontError,
     NetfrontProtocolError,
     RxCore,
@@ -169,7 +169,7 @@ class Netfront:
         self.granule = XEN_PAGE_SIZE << self.granule_order  # the negotiated grant size
         self.max_queues = max_queues if max_queues is not None else default_max_queues()
         self.mac = b""
-        self.info: dict[str, Any] = {}
+        self.info: Negotiated | None = None  # the last connection's parameters
         self._conn: _Connection | None = None
         self._generation = 0
         self._changed = trio.Event()
@@ -364,25 +364,25 @@ class Netfront:
         assert self._nursery is not None
         await self._nursery.start(self._run_connection, conn)
         self._conn = conn
-        self.info = {
-            "mac": ":".join(f"{b:02x}" for b in self.mac),
-            "queues": nr_queues,
-            "split_event_channels": features.split_event_channels,
-            "sg": features.sg,
-            "gso_tcpv4": features.gso_tcpv4,
-            "gso_tcpv6": features.gso_tcpv6,
-            "ipv6_csum_offload": features.ipv6_csum_offload,
-            "rx_copy": features.rx_copy,
-            "grant_size": self.granule,
-            "granule_order": self.granule_order,
-            "backend_max_granule_order": features.max_granule_order,
-            "granule_fallback": self.granule_fallback,
-            "page_size": self.dom.page_size,
-            "backend_id": device.backend_domid,
-            "generation": conn.generation,
-        }
+        self.info = Negotiated(
+            mac=":".join(f"{b:02x}" for b in self.mac),
+            queues=nr_queues,
+            split_event_channels=features.split_event_channels,
+            sg=features.sg,
+            gso_tcpv4=features.gso_tcpv4,
+            gso_tcpv6=features.gso_tcpv6,
+            ipv6_csum_offload=features.ipv6_csum_offload,
+            rx_copy=features.rx_copy,
+            grant_size=self.granule,
+            granule_order=self.granule_order,
+            backend_max_granule_order=features.max_granule_order,
+            granule_fallback=self.granule_fallback,
+            page_size=self.dom.page_size,
+            backend_id=device.backend_domid,
+            generation=conn.generation,
+        )
         self._set_changed()
-        log.info("netfront.setup", device=str(device), **self.info)
+        log.info("netfront.setup", device=str(device), **self.info.summary())
         keys = [
             QueueKeys(q.tx_ring_gref, q.rx_ring_gref, q.evtchn_tx.port, q.evtchn_rx.port)
             for q in queues

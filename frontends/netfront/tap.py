@@ -127,10 +127,10 @@ def set_offloads(tap: Tap, front: Netfront) -> int:
     """TUNSETOFFLOAD to what the current connection carries; returns the flags set."""
     info = front.info
     offloads = TunOffload.TUN_F_CSUM
-    if info.get("sg"):
-        if info.get("gso_tcpv4"):
+    if info is not None and info.sg:
+        if info.gso_tcpv4:
             offloads |= TunOffload.TUN_F_TSO4
-        if info.get("gso_tcpv6"):
+        if info.gso_tcpv6:
             offloads |= TunOffload.TUN_F_TSO6
     try:
         fcntl.ioctl(tap.fileno(), TUNSETOFFLOAD, int(offloads))
@@ -148,8 +148,9 @@ async def run_tap(front: Netfront, tap: Tap) -> None:
         with suppress(NetfrontError):  # closed
             while True:
                 await front.wait_connected()
-                if front.info.get("generation") != generation:
-                    generation = front.info.get("generation")
+                info = front.info
+                if info is not None and info.generation != generation:
+                    generation = info.generation
                     try:
                         flags = set_offloads(tap, front)
                     except TapError as exc:  # the kernel then segments and checksums itself

@@ -209,8 +209,8 @@ async def test_mix_negotiates_and_frames_arrive_intact(
                     assert written == (None if mix.old_frontend else str(want))
                     assert echoed == str(want)
                 # what both drivers use
-                assert front.info["granule_order"] == want
-                assert front.info["grant_size"] == granule.granule_size(want)
+                assert front.info.granule_order == want
+                assert front.info.grant_size == granule.granule_size(want)
                 assert vif.granule_order == want
                 assert vif.granule == granule.granule_size(want)
 
@@ -290,19 +290,19 @@ async def test_renegotiated_after_backend_restart(
                 await front.send(opaque_frame(b"\xff" * 6, front.mac, 9, 0, 60, rng))
             for front in net.fronts:
                 assert (await front.receive()).frame[:6] == b"\xff" * 6
-            assert [f.info["granule_order"] for f in net.fronts] == [4, 4]
+            assert [f.info.granule_order for f in net.fronts] == [4, 4]
             await exchange(net, rng, sizes)
             for plan, want in (({"granule_extension": False}, 0), ({"max_granule_order": 2}, 2)):
-                generations = [f.info["generation"] for f in net.fronts]
+                generations = [f.info.generation for f in net.fronts]
                 for i in range(2):
                     await net.restart_backend(i, **plan)
                 for i, front in enumerate(net.fronts):
-                    while not (front.connected and front.info["generation"] > generations[i]):
+                    while not (front.connected and front.info.generation > generations[i]):
                         await front.wait_disconnected()
                         await front.wait_connected()
                     await net.vifs[i].wait_until(lambda v: v.connected)
                 for front, vif, device in zip(net.fronts, net.vifs, net.devices, strict=True):
-                    assert front.info["granule_order"] == vif.granule_order == want
+                    assert front.info.granule_order == vif.granule_order == want
                     written = await _read(net.xs, f"{device.frontend}/{granule.FRONTEND_KEY}")
                     echoed = await _read(net.xs, f"{device.backend}/{granule.FRONTEND_KEY}")
                     if plan.get("granule_extension") is False:
@@ -398,7 +398,7 @@ async def test_backend_without_echo_gets_4k_grants(
             for i, front in enumerate(net.fronts):
                 await front.wait_connected()
                 await net.vifs[i].wait_until(lambda v: v.connected)
-                assert front.info["granule_order"] == 4
+                assert front.info.granule_order == 4
             for i in range(2):  # replaced by the old backend; the advertisement survives
                 scope, done = net.stops[i]
                 scope.cancel()
@@ -407,11 +407,11 @@ async def test_backend_without_echo_gets_4k_grants(
                 net.vifs[i] = old
                 net.stops[i] = await net.nursery.start(_serve, old)
             for i, front in enumerate(net.fronts):
-                while not (front.connected and front.info["granule_order"] == 0):
+                while not (front.connected and front.info.granule_order == 0):
                     await front.wait_disconnected()
                     await front.wait_connected()
                 assert "without echoing" in (front.granule_fallback or "")
-                assert front.info["granule_fallback"] == front.granule_fallback
+                assert front.info.granule_fallback == front.granule_fallback
                 await net.vifs[i].wait_until(lambda v: v.connected)
                 assert net.vifs[i].granule_order == 0
             for front in net.fronts:

@@ -304,9 +304,10 @@ async def run_vif(dom: Any, xs: XenstoreClient, cell: dict[str, Any]) -> dict[st
         trio.open_nursery() as nursery,
     ):
         await connected(xs, [(a, a_id), (b, b_id)], float(cell["attach_timeout"]))
-        info = dict(a.info)
+        assert a.info is not None and b.info is not None  # connected
+        info = a.info.summary()
         seen = await negotiated(xs, a_id, info)
-        seen_b = await negotiated(xs, b_id, dict(b.info))
+        seen_b = await negotiated(xs, b_id, b.info.summary())
         nursery.start_soon(_echo, b)
         rng = random.Random(cell["key"])
         count = int(cell["frames"])
