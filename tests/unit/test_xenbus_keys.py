@@ -1,4 +1,5 @@
-"""The one key grammar: `parse_uint` / `parse_flag` read numbers as Linux's `%u` scan does."""
+"""The one key grammar: `parse_uint` / `parse_flag` read numbers as Linux's `%u` scan does,
+and every driver reads a key through them."""
 
 from __future__ import annotations
 
@@ -6,6 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from backends.blkback.keys import BackendConfig, parse_frontend, requested_queues
+from backends.netback.keys import parse_frontend as netback_parse
+from frontends.blkfront.keys import flag as blkfront_flag
+from frontends.blkfront.keys import number as blkfront_number
+from frontends.netfront.keys import parse_features
 from xenpv.xenbus.keys import UINT_MAX, KeyValueError, flag, parse_flag, parse_uint
 
 KERNEL_SPACE = " \t\n\v\f\r"  # the kernel's isspace() in ASCII
@@ -103,3 +109,24 @@ def test_a_64_bit_key_takes_64_bit_values() -> None:
     big = str(UINT_MAX + 1)
     assert parse_uint(big, "sectors", maximum=2**64 - 1) == UINT_MAX + 1
     assert parse_uint(big, "feature-x", default=0) == 0  # above 32 bits: unreadable
+
+
+@settings(max_examples=200)
+@given(raw=values)
+def test_every_driver_reads_a_key_alike(raw: str) -> None:
+    """The same value means the same thing to both ends of both device classes."""
+    on = parse_flag(raw, "feature-sg")
+    assert parse_features({"feature-sg": raw}).sg is on  # netfront
+    assert blkfront_flag({"feature-persistent": raw}, "feature-persistent") is on
+    ring = {"tx-ring-ref": "8", "rx-ring-ref": "9", "event-channel": "3"}
+    flags = {"request-rx-copy": "1", "feature-sg": raw}
+    assert netback_parse(flags, [ring], ["fe"]).can_sg is on
+    keys = {"feature-persistent": raw, "ring-ref": "8", "event-channel": "3"}
+    assert parse_frontend(keys, BackendConfig()).persistent is on  # blkback
+
+    queues = parse_uint(raw, "multi-queue-max-queues", default=1)
+    assert parse_features({"multi-queue-max-queues": raw}).max_queues == max(1, queues)
+    assert blkfront_number({"multi-queue-max-queues": raw}, "multi-queue-max-queues", 1) == queues
+    wanted = parse_uint(raw, "multi-queue-num-queues", default=1)
+    if 1 <= wanted <= BackendConfig().max_queues:
+        assert requested_queues({"multi-queue-num-queues": raw}, BackendConfig()) == wanted
