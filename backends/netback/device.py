@@ -36,7 +36,6 @@ import functools
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import Any
 
 import structlog
 import trio
@@ -118,7 +117,7 @@ class Vif:
         dom: Domain,
         xs: XenstoreClient,
         device: DeviceId,
-        switch: LiveSwitch[Any],
+        switch: LiveSwitch[VirtioNetHdr],
         *,
         max_queues: int | None = None,
         fatal_skb_slots: int = FATAL_SKB_SLOTS_DEFAULT,
@@ -492,7 +491,9 @@ async def _release(mappings: list[GrantMapping], channels: list[EventChannel]) -
             await mapping.unmap()
 
 
-async def serve(dom: Domain, xs: XenstoreClient, device: DeviceId, switch: LiveSwitch[Any]) -> None:
+async def serve(
+    dom: Domain, xs: XenstoreClient, device: DeviceId, switch: LiveSwitch[VirtioNetHdr]
+) -> None:
     """Serve one vif for its whole life (handshake, reconnects, backend restarts); return when
     the device directories are removed; cancel to stop. Frontend misbehaviour never raises."""
     await Vif(dom, xs, device, switch).run()
