@@ -27,6 +27,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "xenpv.commands.interop",
     "xenpv.commands.probe",
     "xenpv.commands.toolstack",
+    "xenpv.commands.faults",
 )
 
 

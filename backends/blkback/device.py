@@ -124,7 +124,7 @@ class BlkbackDevice:
         self.dom = dom
         self.xs = xs
         self.device = device
-        self.granule = XEN_PAGE_SIZE  # this connection's grant granule in bytes (issue 8)
+        self.granule = XEN_PAGE_SIZE  # this connection's grant granule in bytes
         self.config: BackendConfig | None = None
         self.storage: Storage | None = None
         self.limits: DeviceLimits | None = None

@@ -119,7 +119,7 @@ class DeviceLimits:
     read_only: bool
     features: DeviceFeatures
     max_indirect_segments: int
-    granule: int = XEN_PAGE_SIZE  # the negotiated grant size (issue 8); 4 KiB baseline
+    granule: int = XEN_PAGE_SIZE  # the negotiated grant size; 4 KiB baseline
 
 
 _KIND: dict[int, IoKind] = {

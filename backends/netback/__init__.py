@@ -1,4 +1,4 @@
-"""netback: the backend half of Xen's paravirtual network device.
+"""netback: the backend half of Xen's paravirtual network device (docs/net.md).
 
 Layout (one file, one idea; docs/net.md "Backend" tells the whole story):
 - `keys.py`: the handshake's data (advertised keys, frontend keys → `FrontendConfig`) and the

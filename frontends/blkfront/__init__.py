@@ -1,4 +1,4 @@
-"""blkfront: a guest's virtual block device over blkif (the frontend half).
+"""blkfront: a guest's virtual block device over blkif (the frontend half; docs/blk.md).
 
     async with attach(dom, xs, DeviceId("vbd", 1, 0, 51712)) as disk:
         await disk.wait_connected()

@@ -118,7 +118,7 @@ class Negotiated:
     discard_granularity: int = 0
     discard_alignment: int = 0
     discard_secure: bool = False
-    grant_size: int = 4096  # the negotiated grant granule in bytes (issue 8)
+    grant_size: int = 4096  # the negotiated grant granule in bytes (docs/granule-extension.md)
     handle: int = 0
     granule_order: int = 0  # log2(grant_size / 4096): grant-granule-order
 
@@ -132,8 +132,8 @@ class Negotiated:
         """The disk size in bytes."""
         return self.sectors * SECTOR_SIZE
 
-    def summary(self) -> dict[str, int | bool | str | None]:
-        """The connection as plain values, for logs and reports."""
+    def summary(self) -> dict[str, Any]:
+        """The connection as plain values (int, bool, str or None), for logs and reports."""
         return {
             "sectors": self.sectors,
             "sector_size": self.sector_size,
@@ -154,12 +154,11 @@ class Negotiated:
             "protocol": self.protocol.name,
         }
 
-    # `dict(info)` gives `summary()`: the self-test and interop reports read blk and net
-    # frontends' infos alike, as plain dicts.
+    # `dict(info)` is `summary()`, for the reports that take a frontend's info as a dict.
     def keys(self) -> list[str]:
         return list(self.summary())
 
-    def __getitem__(self, name: str) -> int | bool | str | None:
+    def __getitem__(self, name: str) -> Any:
         return self.summary()[name]
 
 
@@ -820,7 +819,7 @@ class Engine:
         return self._scratch.pop()
 
     def _regranulate(self, grant_size: int) -> None:
-        """A connection with another grant granule (issue 8): chunks are cut anew at the
+        """A connection with another grant granule: chunks are cut anew at the
         next dispatch (every I/O was reset at disconnect); indirect scratch granules are
         re-cut from fresh pages. Old scratch pages are freed unless a grant on one is
         stuck (then they are left alone, as the stuck bios are)."""

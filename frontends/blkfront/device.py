@@ -3,7 +3,7 @@
 `Blkfront` is the `HandshakeDriver` that `xenpv.xenbus.handshake.run_handshake` drives, and the
 object
 users call. Per connection it owns the ring pages (granted per negotiated grant granule: 4 KiB
-frames in the baseline, larger granules with issue 8's extension), one unbound event
+frames in the baseline, larger granules with docs/granule-extension.md), one unbound event
 channel per queue and one task per queue that waits for the backend's notifications and hands
 the ring to the engine (core.py). Everything between two awaits is synchronous engine work, so
 no locks are needed.
@@ -238,7 +238,7 @@ class Blkfront:
             grant_size=grant_size,
             queue_depth=queue_depth,
         )
-        self.info: Negotiated | None = None  # the last connection's parameters
+        self._info: Negotiated | None = None  # the last connection's parameters
         self.connections = 0  # handshakes completed (1 + reconnects)
         self._depth = trio.Semaphore(queue_depth)
         self._connected = trio.Event()
@@ -292,24 +292,30 @@ class Blkfront:
         """Wait for the backend's next capacity change (a Connected re-write); the new size
         in 512-byte sectors."""
         await self._resized.wait()
-        assert self.info is not None  # a capacity change comes after a connection
         return self.info.sectors
 
     @property
     def capacity(self) -> int:
         """The disk size in bytes (0 before the first connection)."""
-        return self.info.capacity if self.info is not None else 0
+        return self._info.capacity if self._info is not None else 0
+
+    @property
+    def info(self) -> Negotiated:
+        """What the last connection negotiated; an error before the first one."""
+        if self._info is None:
+            raise io_error("not connected yet: await wait_connected() first")
+        return self._info
 
     def _read_only(self) -> bool:
-        return self.info is not None and self.info.read_only
+        return self._info is not None and self._info.read_only
 
     async def _check(self, offset: int, length: int, *, write: bool) -> int:
-        if self.info is None:
+        if self._info is None:
             await self.wait_connected()
         return self._check_now(offset, length, write=write)
 
     def _check_now(self, offset: int, length: int, *, write: bool) -> int:
-        info = self.info  # once: this runs for every I/O
+        info = self._info  # once: this runs for every I/O
         if info is None:
             raise io_error("not connected yet: await wait_connected() first")
         block = info.sector_size
@@ -505,7 +511,7 @@ class Blkfront:
             return None
         self.engine.connect(neg, conn.rings)
         self.grant_size = neg.grant_size
-        self.info = neg
+        self._info = neg
         self.connections += 1
         conn.live = True
         assert self._nursery is not None
@@ -527,8 +533,8 @@ class Blkfront:
         if sectors < 0 or self.engine.negotiated is None:
             return
         self.engine.negotiated = dataclasses.replace(self.engine.negotiated, sectors=sectors)
-        changed = self.info is None or sectors != self.info.sectors
-        self.info = self.engine.negotiated
+        changed = self._info is None or sectors != self._info.sectors
+        self._info = self.engine.negotiated
         if changed:
             self._log.info("blkfront capacity change", sectors=sectors)
             self._resized.set()

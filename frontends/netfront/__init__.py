@@ -1,4 +1,4 @@
-"""netfront: the vif frontend (issue 6), Linux xen-netfront's protocol in a guest domain.
+"""netfront: the vif frontend (docs/net.md), Linux xen-netfront's protocol in a guest domain.
 
     async with attach(dom, xs, DeviceId("vif", 1, 0, 0)) as front:
         await front.wait_connected()

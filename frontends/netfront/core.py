@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 from xenpv.abi.errors import NetifError, RingUsageError
 from xenpv.abi.netif import (
@@ -103,8 +103,8 @@ class Negotiated:
     backend_id: int
     generation: int  # connections so far, this one included
 
-    def summary(self) -> dict[str, int | bool | str | None]:
-        """The connection as plain values, for logs and reports."""
+    def summary(self) -> dict[str, Any]:
+        """The connection as plain values (int, bool, str or None), for logs and reports."""
         return {name: getattr(self, name) for name in self.__slots__}
 
 

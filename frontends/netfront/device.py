@@ -169,7 +169,7 @@ class Netfront:
         self.granule = XEN_PAGE_SIZE << self.granule_order  # the negotiated grant size
         self.max_queues = max_queues if max_queues is not None else default_max_queues()
         self.mac = b""
-        self.info: Negotiated | None = None  # the last connection's parameters
+        self._info: Negotiated | None = None  # the last connection's parameters
         self._conn: _Connection | None = None
         self._generation = 0
         self._changed = trio.Event()
@@ -295,6 +295,13 @@ class Netfront:
         conn = self._conn
         return conn is not None and not conn.dead and conn.backend_connected
 
+    @property
+    def info(self) -> Negotiated:
+        """What the last connection negotiated; an error before the first one."""
+        if self._info is None:
+            raise NetfrontError("not connected yet: await wait_connected() first")
+        return self._info
+
     def stats(self) -> dict[str, int]:
         """Counters summed over every queue of every connection so far."""
         totals = Counters(**{k: getattr(self._totals, k) for k in _COUNTER_FIELDS})
@@ -364,7 +371,7 @@ class Netfront:
         assert self._nursery is not None
         await self._nursery.start(self._run_connection, conn)
         self._conn = conn
-        self.info = Negotiated(
+        self._info = Negotiated(
             mac=":".join(f"{b:02x}" for b in self.mac),
             queues=nr_queues,
             split_event_channels=features.split_event_channels,
@@ -382,7 +389,7 @@ class Netfront:
             generation=conn.generation,
         )
         self._set_changed()
-        log.info("netfront.setup", device=str(device), **self.info.summary())
+        log.info("netfront.setup", device=str(device), **self._info.summary())
         keys = [
             QueueKeys(q.tx_ring_gref, q.rx_ring_gref, q.evtchn_tx.port, q.evtchn_rx.port)
             for q in queues

@@ -54,9 +54,6 @@ class BackendFeatures:
     max_granule_order: int | None = None  # None: no max-grant-granule-order (no extension)
 
 
-MAX_QUEUES_KEY: Final = "multi-queue-max-queues"
-
-
 def parse_features(keys: Mapping[str, str | None]) -> BackendFeatures:
     """The backend's offer: flags non-zero = on, missing or junk = off (xenpv.xenbus.keys)."""
 

@@ -127,7 +127,7 @@ def set_offloads(tap: Tap, front: Netfront) -> int:
     """TUNSETOFFLOAD to what the current connection carries; returns the flags set."""
     info = front.info
     offloads = TunOffload.TUN_F_CSUM
-    if info is not None and info.sg:
+    if info.sg:
         if info.gso_tcpv4:
             offloads |= TunOffload.TUN_F_TSO4
         if info.gso_tcpv6:
@@ -148,9 +148,8 @@ async def run_tap(front: Netfront, tap: Tap) -> None:
         with suppress(NetfrontError):  # closed
             while True:
                 await front.wait_connected()
-                info = front.info
-                if info is not None and info.generation != generation:
-                    generation = info.generation
+                if front.info.generation != generation:
+                    generation = front.info.generation
                     try:
                         flags = set_offloads(tap, front)
                     except TapError as exc:  # the kernel then segments and checksums itself

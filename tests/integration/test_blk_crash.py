@@ -1,4 +1,4 @@
-"""The crash test of issue 5: blkback in its own process is killed with SIGKILL during a
+"""The crash test: blkback in its own process is killed with SIGKILL during a
 write stream and restarted; the frontend recovers (re-issuing what was in flight) and every
 acknowledged write is in the image file, read back by an independent reader."""
 

@@ -47,7 +47,6 @@ async def test_capacity_change_and_features_off(tmp_path: Path, xenstored: Xenst
                 async with attach(p.guest, p.xs, DEVICE, granule_order=0) as front:
                     await front.wait_connected()
                     info = front.info
-                    assert info is not None
                     assert ((info.flush_op is not None), info.discard, info.persistent) == (
                         False,
                         False,

@@ -48,7 +48,6 @@ async def test_io_against_stub(
                 async with attach(p.guest, p.xs, DEVICE) as front:
                     await front.wait_connected()
                     info = front.info
-                    assert info is not None
                     assert (info.sectors, info.ring_page_order, info.queues) == (
                         DISK // 512,
                         2,

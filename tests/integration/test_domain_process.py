@@ -7,6 +7,8 @@ drivers.
 - `xenpv domain` as separate processes (backend + two guests), on both transports: devices
   connect, the guests echo frames to each other, SIGTERM closes the guest's devices through
   xenbus (both ends Closed) and the process exits 0;
+- workloads of one's own plug into `run_domain`: they see the guest's frontends come and
+  go, and one that fails stops neither the domain nor the other workloads;
 - a domain the toolstack never created: one clear error line, exit 1.
 """
 
@@ -17,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -26,6 +29,7 @@ import trio
 from tests.integration.conftest import Xenstored
 from tests.integration.hv_pair import REPO
 from xenpv.identity import DomainKey
+from xenpv.runtime.blockcheck import BlockCheckPlan, BlockCheckResult, check_block
 from xenpv.runtime.domain_process import (
     CHECKS,
     CONTROL_SELFTEST,
@@ -34,6 +38,7 @@ from xenpv.runtime.domain_process import (
     DomainRuntime,
     run_domain,
 )
+from xenpv.runtime.workload import WorkloadContext
 from xenpv.toolstack.devices import VbdConfig, create_vbd, create_vif, destroy_device
 from xenpv.toolstack.domains import create_domain, destroy_domain
 from xenpv.xenbus.core import DeviceId, XenbusState, parse_state, xvd_number
@@ -126,6 +131,68 @@ async def test_two_domains_in_one_process(xenstored: Xenstored, tmp_path: Path) 
                 assert parse_state(await dom0.try_read(f"{device.frontend}/state")) in (
                     CLOSED_OR_CLOSING
                 )
+
+
+@dataclass(eq=False)
+class _Verify:
+    """A workload of our own: waits for the guest's disk and vif, runs the shared block
+    check, then waits for the vif to go."""
+
+    name: str = "verify"
+    checked: BlockCheckResult | None = None
+    vif_gone: trio.Event = field(default_factory=trio.Event)
+
+    async def run(self, ctx: WorkloadContext) -> None:
+        while not (ctx.blk and ctx.net):
+            await ctx.wait_devices_changed()
+        (disk,) = ctx.blk.values()
+        self.checked = await check_block(disk, BlockCheckPlan("verify", 1 << 20))
+        while ctx.net:
+            await ctx.wait_devices_changed()
+        self.vif_gone.set()
+
+
+@dataclass(eq=False)
+class _Broken:
+    name: str = "broken"
+
+    async def run(self, ctx: WorkloadContext) -> None:
+        raise RuntimeError("this workload always fails")
+
+
+async def test_workloads_of_ones_own(xenstored: Xenstored, tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        async with connect(xenstored.unix) as dom0:
+            be_key = await _make(dom0, tmp_path, "backend", 4096, f"unix:{tmp_path}/be.sock")
+            fe_key = await _make(dom0, tmp_path, "guest", 65536, f"unix:{tmp_path}/fe.sock")
+            vbd = DeviceId("vbd", fe_key.domid, be_key.domid, xvd_number(0))
+            vif = DeviceId("vif", fe_key.domid, be_key.domid, 0)
+            await create_vbd(dom0, vbd, VbdConfig(image=None, size=8 << 20))
+            await create_vif(dom0, vif, mac="00:16:3e:00:00:0b")
+            verify = _Verify()
+            async with (
+                connect(xenstored.tcp, key=be_key) as be_xs,
+                connect(xenstored.tcp, key=fe_key) as fe_xs,
+                trio.open_nursery() as nursery,
+            ):
+                backend: DomainRuntime = await nursery.start(
+                    lambda task_status: run_domain(be_xs, be_key, task_status=task_status)
+                )
+                guest: DomainRuntime = await nursery.start(
+                    lambda task_status: run_domain(
+                        fe_xs, fe_key, workloads=[_Broken(), verify], task_status=task_status
+                    )
+                )
+                await _wait_states(dom0, vif, XenbusState.XenbusStateConnected)
+                await destroy_device(dom0, vif)
+                await verify.vif_gone.wait()
+                assert verify.checked is not None and verify.checked.ok, verify.checked
+                assert verify.checked.discarded and verify.checked.bulk_bytes == 1 << 20
+                # Only the demo's workloads answer self-test requests: none ran here.
+                base = f"/local/domain/{fe_key.domid}"
+                assert await dom0.try_read(f"{base}/{SELFTEST_DONE}") is None
+                guest.stop()
+                backend.stop()
 
 
 CLOSED_OR_CLOSING = (XenbusState.XenbusStateClosing, XenbusState.XenbusStateClosed)

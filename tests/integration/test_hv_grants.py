@@ -126,7 +126,7 @@ async def test_granule_order_and_multi_grant_mappings(
             ]
             spread.view[4096 + 10] = 0xAB
             spread.written(4096 + 10, 1)
-            # a 16 KiB granule (order 2, issue 8)
+            # a 16 KiB granule (order 2, docs/granule-extension.md)
             big = front.grants.grant_access(0, ring.frame, order=2)
             granule = await back.map_grants(1, [big])
             assert len(granule.view) == 16384

@@ -1,4 +1,4 @@
-"""`xenpv interop --quick --json` as CI runs it (issue 8's acceptance: every cell passes).
+"""`xenpv interop --quick --json` as CI runs it: every cell must pass.
 
 One run of the whole matrix (separate xenstored, backend-domain and guest processes) feeds
 every test here; a second, smaller run covers the socket-copy transport.

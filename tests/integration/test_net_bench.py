@@ -1,4 +1,4 @@
-"""`xenpv bench net --quick` runs end to end and ends with the JSON line the issue asks for."""
+"""`xenpv bench net --quick` runs end to end and ends with its JSON line."""
 
 from __future__ import annotations
 

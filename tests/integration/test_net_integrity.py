@@ -1,4 +1,4 @@
-"""End to end: netfront → netback → switch → netback → netfront (issue 6 acceptance).
+"""End to end: netfront → netback → switch → netback → netfront, every frame verified.
 
 Two guests of each page size (4K, 16K, 64K) exchange frames of 60..65535 bytes (scatter-gather,
 GSO) through the real netback and the learning switch of the backend domain; frames arrive

@@ -1,4 +1,5 @@
-"""xenpv's rings against ring.h's macros, step by step (acceptance (c) of issue 4).
+"""xenpv's rings against ring.h's macros, step by step: the same steps through both must
+leave identical bytes and decisions.
 
 Hypothesis generates a ring (blkif, netif tx, netif rx, blkif x86_32; 1..16 pages; a fresh
 SHARED_RING_INIT or a live ring attached near the 2**32 wrap) and a sequence of operations.

@@ -97,7 +97,7 @@ def test_advertise_keys_in_linux_order() -> None:
         "multi-queue-max-queues",
         "max-ring-page-order",
         "feature-persistent",
-        "max-grant-granule-order",  # issue 8 (docs/granule-extension.md)
+        "max-grant-granule-order",  # docs/granule-extension.md
     ]
     # blkif.h: a backend without indirect support must not create the key at all
     assert "feature-max-indirect-segments" not in advertise_keys(

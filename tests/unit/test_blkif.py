@@ -219,7 +219,7 @@ def test_sector_ranges_within_the_frame(p: BlkifProtocol) -> None:
     assert info.value.id == 77
     with pytest.raises(BlkifError, match=r"outside 0\.\.7"):
         p.decode_request(one(0, 8))
-    # a 16 KiB granule (issue 8) holds sectors 0..31
+    # a 16 KiB granule holds sectors 0..31
     assert p.decode_request(one(0, 31), granule=16384).segments == (BlkifSegment(5, 0, 31),)
     with pytest.raises(BlkifError, match=r"outside 0\.\.31"):
         p.decode_request(one(0, 32), granule=16384)

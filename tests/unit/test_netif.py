@@ -127,7 +127,7 @@ def test_tx_fragment_sizes() -> None:
         tx_fragment_sizes([tx(97, NETTXF_more_data, 9000), *packet[1:]])
     with pytest.raises(NetifError, match="crosses its frame"):
         tx_fragment_sizes([tx(100, 0, 4000)])
-    assert tx_fragment_sizes([tx(100, 0, 16000)], granule=16384) == [16000]  # issue 8 grants
+    assert tx_fragment_sizes([tx(100, 0, 16000)], granule=16384) == [16000]  # 16 KiB grants
     with pytest.raises(NetifError, match="later fragments of 5000 bytes"):
         tx_fragment_sizes([tx(0, NETTXF_more_data, 4000, id=3), tx(0, 0, 5000)])
     with pytest.raises(NetifError, match="lacks NETTXF_more_data"):

@@ -62,7 +62,7 @@ def test_entry_sizes_and_single_page_slots() -> None:
     assert BLKIF_X86_32.ring_layout.nr_ents(PAGE) == 32
     assert NETIF_TX_RING.entry_size == 12 and NETIF_TX_RING.nr_ents(PAGE) == 256
     assert NETIF_RX_RING.entry_size == 8 and NETIF_RX_RING.nr_ents(PAGE) == 256
-    # a larger negotiated granule (issue 8): size from the buffer, not from 4096
+    # a larger negotiated granule (docs/granule-extension.md): size from the buffer, not from 4096
     assert BLKIF_RING.nr_ents(16384) == 128 and BLKIF_RING.nr_ents(65536) == 512
 
 

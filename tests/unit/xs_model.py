@@ -1,7 +1,7 @@
 """A small reference model of xenstore semantics and a Hypothesis state machine using it.
 
 The model is deliberately naive (plain dicts, deep copies, linear scans) so that it can be
-checked by reading it against REFERENCE.md and C xenstored. The system under test is
+checked by reading it against Xen's docs/misc/xenstore.txt and C xenstored. The system under test is
 pluggable: anything with the `Driver` shape. `StoreDriver` drives the sans-IO `Store`; a
 socket driver for the real server only has to implement the same three methods:
 
@@ -110,7 +110,7 @@ VALID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012345678
 
 
 class Model:
-    """xenstore as REFERENCE.md describes it, the slow obvious way."""
+    """xenstore as docs/misc/xenstore.txt and C xenstored describe it, the slow obvious way."""
 
     def __init__(self, quotas: Quotas) -> None:
         self.q = quotas

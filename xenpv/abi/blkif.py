@@ -15,8 +15,9 @@ request's id and operation so that the backend can still answer `BLKIF_RSP_ERROR
   backend advertised in `feature-max-indirect-segments`; 0 = not advertised, and then INDIRECT
   is unsupported); its segment descriptors live in `ceil(n / (granule / 8))` indirect pages;
 - every segment has `first_sect <= last_sect <= granule / 512 - 1` (a 4 KiB frame holds
-  sectors 0..7; `granule` is the negotiated grant size, 4096 unless issue 8's larger grants
-  are in use; "feature-large-sector-size" is not implemented: sectors are 512 bytes);
+  sectors 0..7; `granule` is the negotiated grant size, 4096 unless larger grants
+  (docs/granule-extension.md) are in use; "feature-large-sector-size" is not implemented:
+  sectors are 512 bytes);
 - an unknown operation (RESERVED_1, 7..255) raises the subclass `BlkifUnsupportedOp`, which
   a backend answers with `BLKIF_RSP_EOPNOTSUPP`.
 Whether the *device* supports discard / barrier / flush (its xenbus features) is the backend's

@@ -4,7 +4,7 @@ Ring and codec code (sans-IO) reads and writes a `SharedBuffer`: a contiguous, w
 of memory that another domain may also see (a granted page, a mapped grant, several pages
 mapped side by side for a multi-page ring). Writers call `written(offset, length)` after
 changing bytes, so that the socket-copy transport knows which ranges to ship to the peer
-before the next event notification (the coherence rule in docs/hypervisor.md). On the
+before the next event notification (the coherence rule in docs/architecture.md). On the
 shared-memory transport `written` costs nothing: both domains see one mmap.
 """
 

@@ -13,7 +13,8 @@ larger negotiated granule). Layout, little-endian, as `struct <name>_sring`:
 `nr_ents` is `__RD32((buffer bytes - 64) / entry size)`: as many entries as fit, rounded down
 to a power of two. Indexes are free-running 32-bit counters (`RING_IDX`) that wrap; a slot is
 `index & (nr_ents - 1)`. Each field has a single writer, so shipping the ranges reported to
-`SharedBuffer.written` in order keeps a socket-copy replica coherent (ARCHITECTURE.md).
+`SharedBuffer.written` in order keeps a socket-copy replica coherent (docs/architecture.md,
+"Shared pages: the coherence rule").
 
 The front and back private states (`struct <name>_front_ring` / `_back_ring`) are the
 attributes `req_prod_pvt` / `rsp_cons` and `rsp_prod_pvt` / `req_cons`. Each method's

@@ -13,9 +13,9 @@ result has the CPU time per I/O of the guest process and of the backend process
 
 In the same run, fio with its nbd engine drives nbdkit's file plugin serving the same image
 (same block sizes and depths). `ratio_vs_nbdkit` = xenpv / nbdkit for the shared-memory
-transport with 4 KiB guest pages (issue 5's goals: 4k QD32 IOPS at least half of nbdkit's,
-1 MiB sequential read at least half). The bench installs nothing: without fio/nbdkit it says
-which Debian packages to add and records the comparison as unavailable.
+transport with 4 KiB guest pages (the block drivers' goals: 4k QD32 IOPS at least half of
+nbdkit's, 1 MiB sequential read at least half). The bench installs nothing: without
+fio/nbdkit it says which Debian packages to add and records the comparison as unavailable.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`xenpv interop`: run the mixed-page-size interop matrix (issue 8; see xenpv.interop).
+"""`xenpv interop`: run the mixed-page-size interop matrix (see xenpv.interop).
 
 Cells: guest page {4K,16K,64K} x backend page {4K,16K,64K} x grant-granule extension {off,on}
 x device {vbd, vif} x feature profile {lean, full} (xenpv.interop.matrix), each verified and

@@ -2,9 +2,10 @@
 
 Every message a domain sends on a link (events, binds, grant map/unmap/copy requests and
 replies, replica updates) passes `LinkFaults.on_send` before it is encoded. A fault plan
-(a later issue) implements it; `None` (the default) costs nothing. Grant operations that
-reach another domain are link messages, so they pass here too; a grant operation that stays
-inside one domain (grant_access, end_access) involves no link and cannot fail in transit.
+implements it (docs/architecture.md, "Seams"); `None` (the default) costs nothing. Grant
+operations that reach another domain are link messages, so they pass here too; a grant
+operation that stays inside one domain (grant_access, end_access) involves no link and
+cannot fail in transit.
 """
 
 from __future__ import annotations

@@ -41,9 +41,9 @@ class GTF(enum.IntFlag):
     GTF_sub_page = 1 << 8
 
 
-# xenpv extension (issue 8): the granule order of a grant (2**order contiguous 4 KiB frames)
-# lives in bits 12..14 of `flags`, which v1 leaves unused. Order 0 (the only order Xen knows)
-# leaves the entry byte-exact with grant_entry_v1.
+# xenpv extension (docs/granule-extension.md): the granule order of a grant (2**order
+# contiguous 4 KiB frames) lives in bits 12..14 of `flags`, which v1 leaves unused. Order 0
+# (the only order Xen knows) leaves the entry byte-exact with grant_entry_v1.
 XENPV_GTF_ORDER_SHIFT = 12
 XENPV_GTF_ORDER_MASK = 0x7 << XENPV_GTF_ORDER_SHIFT
 MAX_GRANULE_ORDER = 4

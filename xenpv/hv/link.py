@@ -2,7 +2,7 @@
 
 A `Link` carries every message between two domain runtimes. `send` is synchronous and never
 blocks: it appends to the output queue and wakes the writer task, which drains the whole
-queue with one `send_all` (STYLE.md: per-call overhead dominates small messages). Replica
+queue with one `send_all` (per-call overhead dominates small messages). Replica
 writes (`add_dirty`) are queued as ranges and turned into one UPDATE message whenever another
 message is queued and at the end of every drain, so they travel in program order, before any
 later notification, and eagerly (the Dekker rule in docs/hypervisor.md). The reader task

@@ -1,4 +1,4 @@
-"""`xenpv interop`: the mixed-page-size interop matrix (issue 8).
+"""`xenpv interop`: the mixed-page-size interop matrix (docs/granule-extension.md).
 
 - `matrix`: the cells (guest page x backend page x extension x device x feature profile), sans-IO
 - `worker`: the guest process that runs a guest's cells (attach, verify, measure)

@@ -17,13 +17,14 @@ A cell that fails (attach refused, never connects, data differs, timeout) is rep
 ok=false and the reason; it never stops the next cell. Judging agreement is the runner's job
 (`xenpv.interop.verdict`): the worker reports what it saw.
 
-vbd workload: tagged writes (`xenpv.runtime.selftest.tagged`: every sector names the cell and
-offset)
-at awkward offsets, then a bulk run of 256 KiB writes (4 in flight), a flush, and everything
-read back and compared. Throughput: bulk bytes written + read over the time it took (MB/s).
-vif workload: two vifs of the same cell on the same backend switch; B echoes every frame back
-to A with the addresses swapped; A sends frames (lean: 60..1514 bytes; full: 1514, 9000 and
-64 KiB TCPv4 GSO frames), 4 in flight, and compares each echo with what it sent.
+Each cell's workload plugs in through `xenpv.runtime.workload` like every guest workload:
+vbd: the shared verified block check (`xenpv.runtime.blockcheck`: tagged sectors at awkward
+offsets, a bulk run of 256 KiB writes with 4 in flight, a flush, everything read back and
+compared, then a discard if the backend offers one). Throughput: bulk bytes written + read
+over the time it took (MB/s).
+vif: the shared echo (`xenpv.runtime.echo`) between two vifs of the same cell on the same
+backend switch; B answers, A sends frames (lean: 60..1514 bytes; full: 1514, 9000 and 64 KiB
+TCPv4 GSO frames), 4 in flight, and requires each echo to be its frame echoed byte for byte.
 Throughput: echoed bytes one way over the elapsed time (Mbit/s).
 """
 
@@ -32,11 +33,10 @@ from __future__ import annotations
 import contextlib
 import json
 import random
-import struct
 import sys
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
@@ -45,19 +45,24 @@ from xenpv.abi.netif import XEN_NETIF_GSO_TYPE_TCPV4, NetifGsoExtra
 from xenpv.errors import XenpvError
 from xenpv.granule import BACKEND_MAX_KEY, FRONTEND_KEY
 from xenpv.identity import DomainKey
+from xenpv.runtime.blockcheck import BlockCheckPlan, awkward_extents, check_block
 from xenpv.runtime.domain_process import read_domain_info
+from xenpv.runtime.echo import OPAQUE_HEADER, TCP_HEADER, EchoPort, EchoRequest
 from xenpv.runtime.lifecycle import open_published_domain
-from xenpv.runtime.selftest import tagged
+from xenpv.runtime.workload import WorkloadContext, pump_frames
 from xenpv.xenbus.core import Closed, Closing, DeviceId, domain_path, parse_state
 from xenpv.xenstore.client import XenstoreClient, connect
 from xenpv.xenstore.wire import XsError
 
+if TYPE_CHECKING:
+    from frontends.blkfront import Blkfront
+    from frontends.netfront import Netfront
+    from xenpv.hv import Domain
+
 log = structlog.get_logger()
 
 BULK_CHUNK = 256 << 10
-BULK_CONCURRENCY = 4
 NET_WINDOW = 4
-ETH_P_TEST = 0x88B5
 LEAN_SIZES = (60, 590, 1514)
 FULL_SIZES = (1514, 9000, 65535)
 MSS = 1448
@@ -98,13 +103,13 @@ BACKEND_VIF_KEYS = {
 async def read_keys(xs: XenstoreClient, directory: str, names: dict[str, str]) -> dict[str, Any]:
     """The keys `names` (field → key) of `directory`: an int where numeric, None if absent."""
     out: dict[str, Any] = {}
-    for field, key in names.items():
+    for name, key in names.items():
         raw = await xs.try_read(f"{directory}/{key}")
         if raw is None:
-            out[field] = None
+            out[name] = None
             continue
         text = raw.decode("ascii", "replace").strip()
-        out[field] = int(text) if text.isdigit() else text
+        out[name] = int(text) if text.isdigit() else text
     return out
 
 
@@ -113,9 +118,9 @@ async def negotiated(xs: XenstoreClient, device: DeviceId, info: dict[str, Any])
     front = await read_keys(xs, device.frontend, FRONTEND_VBD_KEYS if vbd else FRONTEND_VIF_KEYS)
     back = await read_keys(xs, device.backend, BACKEND_VBD_KEYS if vbd else BACKEND_VIF_KEYS)
     # What the frontend driver itself says it uses (its `.info`), next to its keys.
-    for field in ("grant_size", "granule_order", "indirect_segments", "persistent", "queues"):
-        if field in info:
-            front[f"info_{field}"] = info[field]
+    for name in ("grant_size", "granule_order", "indirect_segments", "persistent", "queues"):
+        if name in info:
+            front[f"info_{name}"] = info[name]
     return {"frontend": front, "backend": back}
 
 
@@ -143,7 +148,9 @@ async def _fail_on_backend_close(xs: XenstoreClient, device: DeviceId) -> None:
                 raise CellError(f"backend {device} switched to Closing before connecting: {why}")
 
 
-async def connected(xs: XenstoreClient, pairs: list[tuple[Any, DeviceId]], limit_s: float) -> None:
+async def connected(
+    xs: XenstoreClient, pairs: list[tuple[Blkfront | Netfront, DeviceId]], limit_s: float
+) -> None:
     """Wait until every frontend in `pairs` is Connected (or fail fast, see above)."""
     with trio.fail_after(limit_s):
         try:
@@ -171,7 +178,59 @@ def _result(cell: dict[str, Any], ok: bool, detail: str, **extra: Any) -> dict[s
 # -- vbd ------------------------------------------------------------------------------------
 
 
-async def run_vbd(dom: Any, xs: XenstoreClient, cell: dict[str, Any]) -> dict[str, Any]:
+def interop_extents(sector: int) -> list[tuple[int, int]]:
+    """The shared awkward extents plus 65 KiB, unaligned, from 7 sectors past 128 KiB: more
+    than 11 segments of 4 KiB (indirect descriptors, or a split request without them)."""
+    return [*awkward_extents(sector), ((128 << 10) + 7 * sector, 65 << 10)]
+
+
+@dataclass(eq=False)
+class VbdCellWorkload:
+    """A vbd cell: the shared block check on the cell's one disk, timed, with what both ends
+    negotiated. The record is in `result` once `run` returns."""
+
+    cell: dict[str, Any]
+    result: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"interop-{self.cell['key']}"
+
+    async def run(self, ctx: WorkloadContext) -> None:
+        cell = self.cell
+        ((device, disk),) = ctx.blk.items()
+        plan = BlockCheckPlan(
+            cell["key"], int(cell["bytes"]), BULK_CHUNK, interop_extents, discard="if-offered"
+        )
+        check = await check_block(disk, plan)
+        info = dict(disk.info)
+        bulk = check.bulk_bytes
+        written_s = check.write_s + check.flush_s
+        seconds = written_s + check.read_s
+        figures = {
+            "negotiated": await negotiated(ctx.xs, device, info),
+            "info": _jsonable(info),
+            "bytes": 2 * bulk,
+            "seconds": round(seconds, 4),
+            "write_mbps": round(bulk / written_s / 1e6, 2) if written_s > 0 else None,
+            "read_mbps": round(bulk / check.read_s / 1e6, 2) if check.read_s > 0 else None,
+            "discarded": check.discarded,
+            "unit": "MB/s",
+        }
+        if check.error is not None:
+            self.result = _result(cell, False, check.error, mbps=None, **figures)
+            return
+        self.result = _result(
+            cell,
+            True,
+            f"{check.extents} tagged extents ({bulk >> 10} KiB bulk) written, "
+            f"flushed, read back, identical{', discarded' if check.discarded else ''}",
+            mbps=round(2 * bulk / seconds / 1e6, 2) if seconds > 0 and bulk else None,
+            **figures,
+        )
+
+
+async def run_vbd(dom: Domain, xs: XenstoreClient, cell: dict[str, Any]) -> dict[str, Any]:
     from frontends import blkfront
 
     device = DeviceId("vbd", dom.domid, int(cell["backend_domid"]), int(cell["devids"][0]))
@@ -187,116 +246,101 @@ async def run_vbd(dom: Any, xs: XenstoreClient, cell: dict[str, Any]) -> dict[st
         persistent=bool(f["persistent"]),
     ) as disk:
         await connected(xs, [(disk, device)], float(cell["attach_timeout"]))
-        assert disk.info is not None  # connected
-        info = disk.info.summary()
-        seen = await negotiated(xs, device, info)
-        sector = disk.info.sector_size
-        capacity = int(disk.capacity)
-        seed = random.getrandbits(32)
-        tag = cell["key"]
-        small = [(0, sector), (3 * sector, 12 << 10), ((64 << 10) - sector, 2 * sector)]
-        small += [((128 << 10) + 7 * sector, 65 << 10)]
-        small = [(o, n) for o, n in small if o + n <= capacity]
-        base = 1 << 20
-        bulk = min(int(cell["bytes"]), capacity - base)
-        bulk -= bulk % BULK_CHUNK
-        chunks = [(base + at, BULK_CHUNK) for at in range(0, bulk, BULK_CHUNK)]
-        data = {o: tagged(tag, o, n, sector, seed) for o, n in small + chunks}
-        for o, _n in small:
-            await disk.write(o, data[o])
-        limit = trio.CapacityLimiter(BULK_CONCURRENCY)
-        bad: list[int] = []
-
-        async def write(o: int) -> None:
-            async with limit:
-                await disk.write(o, data[o])
-
-        async def verify(o: int, n: int) -> None:
-            async with limit:
-                if await disk.read(o, n) != data[o]:
-                    bad.append(o)
-
-        t0 = time.perf_counter()
-        async with trio.open_nursery() as nursery:
-            for o, _n in chunks:
-                nursery.start_soon(write, o)
-        await disk.flush()
-        t1 = time.perf_counter()
-        async with trio.open_nursery() as nursery:
-            for o, n in small + chunks:
-                nursery.start_soon(verify, o, n)
-        t2 = time.perf_counter()
-        figures = {
-            "negotiated": seen,
-            "info": _jsonable(info),
-            "bytes": 2 * bulk,
-            "seconds": round(t2 - t0, 4),
-            "write_mbps": round(bulk / (t1 - t0) / 1e6, 2) if t1 > t0 else None,
-            "read_mbps": round(bulk / (t2 - t1) / 1e6, 2) if t2 > t1 else None,
-            "unit": "MB/s",
-        }
-        mbps = round(2 * bulk / (t2 - t0) / 1e6, 2) if t2 > t0 and bulk else None
-        if bad:
-            return _result(
-                cell, False, f"read back differs at offsets {sorted(bad)[:4]}", mbps=None, **figures
-            )
-        return _result(
-            cell,
-            True,
-            f"{len(small) + len(chunks)} tagged extents ({bulk >> 10} KiB bulk) written, "
-            "flushed, read back, identical",
-            mbps=mbps,
-            **figures,
-        )
+        ctx = WorkloadContext(dom, xs, str(cell["key"]), blk={device: disk})
+        workload = VbdCellWorkload(cell)
+        await workload.run(ctx)
+        return workload.result
 
 
 # -- vif ------------------------------------------------------------------------------------
 
 
-def opaque_frame(dst: bytes, src: bytes, seq: int, size: int, rng: random.Random) -> bytes:
-    head = dst + src + struct.pack("!HI", ETH_P_TEST, seq)
-    return (head + rng.randbytes(max(size - len(head), 0)))[:size]
+@dataclass(eq=False)
+class VifCellWorkload:
+    """A vif cell: vif B answers echoes, vif A sends the cell's frames to B and verifies
+    them (the shared echo). The record is in `result` once `run` returns."""
+
+    cell: dict[str, Any]
+    a: DeviceId
+    b: DeviceId
+    result: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"interop-{self.cell['key']}"
+
+    def requests(self) -> list[EchoRequest]:
+        sg_gso = bool(self.cell["features"]["sg_gso"])
+        sizes = FULL_SIZES if sg_gso else LEAN_SIZES
+        rng = random.Random(self.cell["key"])
+        out = []
+        for seq in range(int(self.cell["frames"])):
+            size = sizes[seq % len(sizes)]
+            if sg_gso:
+                gso = NetifGsoExtra(MSS, XEN_NETIF_GSO_TYPE_TCPV4) if size > 9000 else None
+                out.append(EchoRequest(rng.randbytes(size - TCP_HEADER), tcp=True, gso=gso))
+            else:
+                out.append(EchoRequest(rng.randbytes(size - OPAQUE_HEADER)))
+        return out
+
+    async def run(self, ctx: WorkloadContext) -> None:
+        cell = self.cell
+        a, b = ctx.net[self.a], ctx.net[self.b]
+        figures: dict[str, Any] = {
+            "negotiated": await negotiated(ctx.xs, self.a, a.info.summary()),
+            "negotiated_peer": await negotiated(ctx.xs, self.b, b.info.summary()),
+            "info": _jsonable(a.info.summary()),
+        }
+        sender, answerer = EchoPort(a), EchoPort(b)
+        requests = self.requests()
+        count = len(requests)
+        timeout = float(cell["cell_timeout"])
+        with (
+            ctx.frames.registered(self.a, sender.take),
+            ctx.frames.registered(self.b, answerer.take),
+        ):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(answerer.run)
+                nursery.start_soon(sender.run)
+                await answerer.announce()  # the switch learns B: A's frames are not flooded
+                stats = await sender.round_trips(
+                    b.mac, requests, window=NET_WINDOW, wait_s=timeout, limit_s=timeout
+                )
+                nursery.cancel_scope.cancel()
+        figures.update(bytes=stats.frame_bytes, seconds=round(stats.seconds, 4), unit="Mbit/s")
+        if stats.timed_out or stats.echoed + len(stats.differing) < count:
+            lost = count - stats.echoed - len(stats.differing)
+            self.result = _result(
+                cell, False, f"{lost} of {count} frames never came back", mbps=None, **figures
+            )
+        elif stats.differing:
+            self.result = _result(
+                cell,
+                False,
+                f"echoes differ from frames {stats.differing[:4]}",
+                mbps=None,
+                **figures,
+            )
+        else:
+            shown = FULL_SIZES if cell["features"]["sg_gso"] else LEAN_SIZES
+            self.result = _result(
+                cell,
+                True,
+                f"{count} frames ({stats.frame_bytes >> 10} KiB, sizes {list(shown)}) "
+                "echoed and identical",
+                mbps=round(stats.frame_bytes * 8 / stats.seconds / 1e6, 2)
+                if stats.seconds
+                else None,
+                **figures,
+            )
 
 
-def tcp_frame(dst: bytes, src: bytes, seq: int, size: int, rng: random.Random) -> bytes:
-    """A well-formed IPv4/TCP frame of `size` bytes whose payload starts with `seq`."""
-    payload = seq.to_bytes(4, "big") + rng.randbytes(size - 58)
-    tcp = struct.pack("!HHIIBBHHH", 40000, 5001, seq, 0, 5 << 4, 0x18, 65535, 0, 0)
-    ip = struct.pack(
-        "!BBHHHBBH4s4s", 0x45, 0, 40 + len(payload), 0, 0x4000, 64, 6, 0,
-        bytes([10, 8, 0, src[-1]]), bytes([10, 8, 0, dst[-1]]),
-    )  # fmt: skip
-    return dst + src + b"\x08\x00" + ip + tcp + payload
-
-
-def frame_seq(frame: bytes) -> int | None:
-    """The sequence number a worker frame carries, or None for anybody else's frame."""
-    ethertype = frame[12:14]
-    if ethertype == struct.pack("!H", ETH_P_TEST) and len(frame) >= 18:
-        seq: int = struct.unpack_from("!I", frame, 14)[0]
-        return seq
-    if ethertype == b"\x08\x00" and len(frame) >= 58:
-        return int.from_bytes(frame[54:58], "big")
-    return None
-
-
-async def _echo(front: Any) -> None:
-    """Send every frame addressed to this vif back to its sender."""
-    while True:
-        rx = await front.receive()
-        frame = bytes(rx.frame)
-        if frame[:6] != front.mac or frame_seq(frame) is None:
-            continue
-        await front.send(frame[6:12] + frame[:6] + frame[12:], gso=rx.gso, csum_blank=rx.csum_blank)
-
-
-async def run_vif(dom: Any, xs: XenstoreClient, cell: dict[str, Any]) -> dict[str, Any]:
+async def run_vif(dom: Domain, xs: XenstoreClient, cell: dict[str, Any]) -> dict[str, Any]:
     from frontends import netfront
 
     be = int(cell["backend_domid"])
     a_id, b_id = (DeviceId("vif", dom.domid, be, int(d)) for d in cell["devids"])
-    f = cell["features"]
-    queues, sg_gso = int(f["queues"]), bool(f["sg_gso"])
+    queues = int(cell["features"]["queues"])
     go = cell["granule_order"]
     async with (
         netfront.attach(dom, xs, a_id, granule_order=go, max_queues=queues) as a,
@@ -304,84 +348,19 @@ async def run_vif(dom: Any, xs: XenstoreClient, cell: dict[str, Any]) -> dict[st
         trio.open_nursery() as nursery,
     ):
         await connected(xs, [(a, a_id), (b, b_id)], float(cell["attach_timeout"]))
-        assert a.info is not None and b.info is not None  # connected
-        info = a.info.summary()
-        seen = await negotiated(xs, a_id, info)
-        seen_b = await negotiated(xs, b_id, b.info.summary())
-        nursery.start_soon(_echo, b)
-        rng = random.Random(cell["key"])
-        count = int(cell["frames"])
-        sizes = FULL_SIZES if sg_gso else LEAN_SIZES
-        sent: dict[int, bytes] = {}
-        got: dict[int, bytes] = {}
-        window = trio.Semaphore(NET_WINDOW)
-        done = trio.Event()
-        wrong: list[int] = []
-
-        async def receiver() -> None:
-            while len(got) < count:
-                rx = await a.receive()
-                frame = bytes(rx.frame)
-                seq = frame_seq(frame)
-                if frame[:6] != a.mac or frame[6:12] != b.mac or seq not in sent or seq in got:
-                    continue
-                want = sent[seq]
-                if frame != want[6:12] + want[:6] + want[12:]:
-                    wrong.append(seq)
-                got[seq] = frame
-                window.release()
-            done.set()
-
-        # The switch learns B's address from this broadcast, so A's frames are not flooded.
-        await b.send(opaque_frame(b"\xff" * 6, b.mac, 0xFFFFFFFF, 60, rng))
-        nursery.start_soon(receiver)
-        total = 0
-        t0 = time.perf_counter()
-        with trio.move_on_after(float(cell["cell_timeout"])) as scope:
-            for seq in range(count):
-                size = sizes[seq % len(sizes)]
-                await window.acquire()
-                if sg_gso:
-                    frame = tcp_frame(b.mac, a.mac, seq, size, rng)
-                    gso = NetifGsoExtra(MSS, XEN_NETIF_GSO_TYPE_TCPV4) if size > 9000 else None
-                    sent[seq] = frame
-                    await a.send(frame, gso=gso, csum_blank=True)
-                else:
-                    frame = opaque_frame(b.mac, a.mac, seq, size, rng)
-                    sent[seq] = frame
-                    await a.send(frame)
-                total += size
-            await done.wait()
-        elapsed = time.perf_counter() - t0
+        ctx = WorkloadContext(dom, xs, str(cell["key"]), net={a_id: a, b_id: b})
+        nursery.start_soon(pump_frames, a, ctx.frames)
+        nursery.start_soon(pump_frames, b, ctx.frames)
+        workload = VifCellWorkload(cell, a_id, b_id)
+        await workload.run(ctx)
         nursery.cancel_scope.cancel()
-    figures = {
-        "negotiated": seen,
-        "negotiated_peer": seen_b,
-        "info": _jsonable(info),
-        "bytes": total,
-        "seconds": round(elapsed, 4),
-        "unit": "Mbit/s",
-    }
-    if scope.cancelled_caught:
-        lost = count - len(got)
-        return _result(
-            cell, False, f"{lost} of {count} frames never came back", mbps=None, **figures
-        )
-    if wrong:
-        return _result(cell, False, f"echoes differ from frames {wrong[:4]}", mbps=None, **figures)
-    return _result(
-        cell,
-        True,
-        f"{count} frames ({total >> 10} KiB, sizes {list(sizes)}) echoed and identical",
-        mbps=round(total * 8 / elapsed / 1e6, 2) if elapsed else None,
-        **figures,
-    )
+    return workload.result
 
 
 # -- the process ----------------------------------------------------------------------------
 
 
-async def run_cell(dom: Any, xs: XenstoreClient, cell: dict[str, Any]) -> dict[str, Any]:
+async def run_cell(dom: Domain, xs: XenstoreClient, cell: dict[str, Any]) -> dict[str, Any]:
     """One cell: never raises (a failure is a result with ok=false)."""
     runner = run_vbd if cell["device"] == "vbd" else run_vif
     try:

@@ -16,10 +16,12 @@ What it does, in order:
    `LiveSwitch`. A device's task is cancelled when its directory disappears;
 3. guest role: watches `/local/domain/<id>/device/{vbd,vif}` and keeps
    `frontends.blkfront.attach` / `frontends.netfront.attach` open for every device, in
-   `DomainRuntime.blk` / `.net`, which the self-test (`xenpv.runtime.selftest`) uses;
-4. writes `/local/domain/<id>/xenpv/ready` = its pid once all the above is watching (the
-   launcher watches that key: readiness without sleeps), and runs self-test rounds the
-   launcher asks for under `xenpv/control/selftest` (results in `xenpv/checks/<name>`);
+   `DomainRuntime.blk` / `.net` (the workloads' `WorkloadContext`), and pumps every vif's
+   received frames into the context's frame sinks;
+4. runs its workloads (`xenpv.runtime.workload`; by default the demo's: the echo responder
+   and the self-test, whose rounds the launcher asks for under `xenpv/control/selftest`,
+   results in `xenpv/checks/<name>`), then writes `/local/domain/<id>/xenpv/ready` = its pid
+   once all the above is watching (the launcher watches that key: readiness without sleeps);
 5. returns when the toolstack destroys the domain (its `/local/domain/<id>/domid` node goes)
    or on `DomainRuntime.stop()` (SIGTERM in `xenpv domain`): devices are closed first, while
    the domain's links still work, so backends can unmap and frontends see Closed.
@@ -34,9 +36,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import json
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -47,20 +48,24 @@ from xenpv.errors import XenpvError
 from xenpv.hv import Domain
 from xenpv.identity import TOOL_DOMAIN_ROOT, DomainKey, link_path
 from xenpv.runtime.lifecycle import open_published_domain
+from xenpv.runtime.selftest import CHECKS as CHECKS  # re-exported: the launcher's keys
+from xenpv.runtime.selftest import CONTROL_SELFTEST as CONTROL_SELFTEST
+from xenpv.runtime.selftest import SELFTEST_DONE as SELFTEST_DONE
+from xenpv.runtime.selftest import demo_workloads
+from xenpv.runtime.workload import Workload, WorkloadContext, pump_frames
 from xenpv.xenbus.core import DEVICE_CLASSES, DeviceClass, DeviceId, domain_path
 from xenpv.xenstore.client import UNREADABLE, XenstoreClient, XenstoreConnectionError
 from xenpv.xenstore.wire import XsError
 
 if TYPE_CHECKING:
-    from xenpv.runtime.selftest import EchoPort
+    from backends.switch import LiveSwitch
+    from frontends.blkfront import Blkfront
+    from frontends.netfront import Netfront
 
 log = structlog.get_logger()
 
 XENPV_DIR = "xenpv"
 READY = "xenpv/ready"
-CONTROL_SELFTEST = "xenpv/control/selftest"
-CHECKS = "xenpv/checks"
-SELFTEST_DONE = "xenpv/selftest-done"
 DEVICE_ERRORS = "xenpv/device-errors"
 DESTROY_READ_TIMEOUT = 2.0
 STOP_DEVICES_TIMEOUT = 6.0  # seconds devices may take to close on a graceful stop
@@ -109,17 +114,24 @@ def device_error_key(device: DeviceId) -> str:
 
 @dataclass(eq=False)
 class DomainRuntime:
-    """A running domain: its hypervisor slice, xenstore client and attached frontends."""
+    """A running domain: its hypervisor slice, xenstore client, and what its workloads see
+    (`ctx`: the attached frontends and the vifs' frame sinks)."""
 
     dom: Domain
     xs: XenstoreClient
     info: DomainInfo
-    blk: dict[DeviceId, Any] = field(default_factory=dict)  # DeviceId → Blkfront
-    net: dict[DeviceId, EchoPort] = field(default_factory=dict)
-    changed: trio.Event = field(default_factory=trio.Event)
-    switch: Any = None  # the backend's LiveSwitch, created with the first vif
+    ctx: WorkloadContext
+    switch: LiveSwitch[Any] | None = None  # the backend's switch, created with the first vif
     stopping: trio.Event = field(default_factory=trio.Event)
     destroyed: bool = False
+
+    @property
+    def blk(self) -> dict[DeviceId, Blkfront]:
+        return self.ctx.blk
+
+    @property
+    def net(self) -> dict[DeviceId, Netfront]:
+        return self.ctx.net
 
     def stop(self) -> None:
         """Ask `run_domain` to close every device, then the domain, and return."""
@@ -130,8 +142,7 @@ class DomainRuntime:
         return domain_path(self.info.domid)
 
     def notify(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
+        self.ctx.devices_changed()
 
     async def write_own(self, key: str, value: str) -> None:
         await self.xs.write(f"{self.base}/{key}", value)
@@ -261,15 +272,12 @@ async def _attach_frontend(rt: DomainRuntime, device: DeviceId) -> None:
                     rt.blk.pop(device, None)
                     rt.notify()
             else:
-                from xenpv.runtime.selftest import EchoPort
-
-                port = EchoPort(front)
-                rt.net[device] = port
+                rt.net[device] = front
                 rt.notify()
                 try:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(_cancel_on_stop, rt, nursery.cancel_scope)
-                        await port.run()
+                        await pump_frames(front, rt.ctx.frames)
                 finally:
                     rt.net.pop(device, None)
                     rt.notify()
@@ -330,35 +338,13 @@ async def _wait_destroyed(xs: XenstoreClient, domid: int) -> None:
             return
 
 
-async def _selftest_loop(rt: DomainRuntime) -> None:
-    from xenpv.runtime.selftest import run_round
-
-    path = f"{rt.base}/{CONTROL_SELFTEST}"
-    done = -1
-    async with rt.xs.watch(path) as events:
-        async for _event in events:
-            try:
-                raw = await rt.xs.try_read(path)
-            except XsError:
-                continue
-            if raw is None:
-                continue
-            try:
-                request = json.loads(raw)
-                round_id = int(request["round"])
-            except (ValueError, KeyError, TypeError):
-                log.warning("malformed self-test request", value=raw[:200])
-                continue
-            if round_id == done:
-                continue
-            done = round_id
-            results = await run_round(rt, request)
-            try:
-                for result in results:
-                    await rt.write_own(f"{CHECKS}/{result['name']}", json.dumps(result))
-                await rt.write_own(SELFTEST_DONE, str(round_id))
-            except XsError as exc:
-                log.error("cannot report self-test results", error=str(exc))
+async def _run_workload(rt: DomainRuntime, workload: Workload) -> None:
+    """One workload, for as long as it runs: its failure is logged, never the domain's."""
+    try:
+        with structlog.contextvars.bound_contextvars(workload=workload.name):
+            await workload.run(rt.ctx)
+    except Exception as exc:
+        log.error("workload failed", workload=workload.name, error=repr(exc))
 
 
 async def run_domain(
@@ -367,10 +353,12 @@ async def run_domain(
     *,
     transport: str = "auto",
     listen: str | None = None,
+    workloads: Sequence[Workload] | None = None,
     task_status: trio.TaskStatus[DomainRuntime] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run domain `key.domid` until it is destroyed, `DomainRuntime.stop()` is called (a
-    graceful stop: devices close while the links still work) or the caller cancels."""
+    graceful stop: devices close while the links still work) or the caller cancels.
+    `workloads` run in the guest for the domain's life; None: the demo's (`demo_workloads`)."""
     info = await read_domain_info(xs, key.domid)
     with structlog.contextvars.bound_contextvars(domid=info.domid, domain=info.name):
         async with open_published_domain(
@@ -383,7 +371,7 @@ async def run_domain(
             memory_bytes=info.memory,
             transport=transport,
         ) as dom:
-            rt = DomainRuntime(dom, xs, info)
+            rt = DomainRuntime(dom, xs, info, WorkloadContext(dom, xs, info.name))
             all_tasks: list[DeviceTasks] = []
             async with trio.open_nursery() as nursery:
                 for subtree, runner in (
@@ -394,7 +382,8 @@ async def run_domain(
                         tasks = DeviceTasks(nursery, _bind(runner, rt))
                         all_tasks.append(tasks)
                         await nursery.start(_watch_devices, rt, subtree, cls, tasks)
-                nursery.start_soon(_selftest_loop, rt)
+                for workload in demo_workloads() if workloads is None else workloads:
+                    nursery.start_soon(_run_workload, rt, workload)
                 await rt.write_own(READY, str(os.getpid()))
                 log.info(
                     "domain ready",

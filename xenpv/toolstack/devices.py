@@ -80,7 +80,7 @@ async def _create(
 
 
 async def create_vbd(xs: XenstoreClient, device: DeviceId, config: VbdConfig) -> None:
-    """Write a vbd's first keys (REFERENCE.md: backend `mode`, `params`, `type`; frontend
+    """Write a vbd's first keys (as xl writes them: backend `mode`, `params`, `type`; frontend
     `virtual-device`)."""
     if device.cls != "vbd":
         raise ValueError(f"not a vbd: {device}")

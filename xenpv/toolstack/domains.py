@@ -13,7 +13,7 @@ Permissions:
   `name` and `domid` are dom0's, read-only for the domain (`n0`, `r<id>`), so a guest can
   read but not rename itself.
 - `/tool/xenpv/domain/<id>/{pubkey,link}` are dom0's and readable by every domain (`r0`).
-  Issue 3 asks for the link endpoint to be readable by dom0 and that domain only; xenpv
+  A private subtree (readable by dom0 and that domain only) would do for the endpoint; xenpv
   deliberately publishes it to all, because a peer must find the endpoint to dial it and
   every link authenticates both ends (docs/hypervisor.md), so knowing an endpoint grants
   nothing. The public key is public by nature. The secret never enters xenstore: the caller

@@ -5,7 +5,7 @@ each device negotiated, and the guests' self-check results.
 into records (pure, unit-tested); `render` draws rich tables; `ClusterStatus.to_json()` is
 the `--json` form.
 
-Where each column comes from (the keys the drivers publish, REFERENCE.md):
+Where each column comes from (the keys the drivers publish: docs/blk.md, docs/net.md):
 - states: `<frontend dir>/state` and `<backend dir>/state`;
 - ring order: the frontend's `ring-page-order` (absent: a one-page ring, order 0; vif rings
   are always one page);

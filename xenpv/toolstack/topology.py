@@ -85,7 +85,8 @@ class VbdFeatures:
     flush: bool = True
     barrier: bool = True
     discard: bool = True
-    max_granule_order: int = 4  # issue 8: largest grant granule order the backend accepts
+    # the largest grant granule order the backend accepts (docs/granule-extension.md)
+    max_granule_order: int = 4
 
 
 @dataclass(frozen=True, slots=True)

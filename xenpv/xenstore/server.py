@@ -85,7 +85,7 @@ class XsVerdict:
 class XsFaults(Protocol):
     """The interposition point every request on every xenstore connection passes.
 
-    A fault plan (a later issue) implements it; `None` (the default) costs nothing.
+    A fault plan implements it (docs/architecture.md, "Seams"); `None` (the default) costs nothing.
     """
 
     def on_request(self, domid: int, msg: Message) -> XsVerdict | None:

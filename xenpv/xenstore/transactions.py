@@ -29,9 +29,9 @@ transaction modified, parents included; clients must not rely on either count).
 
 A transaction lost to a restart (or to a closed connection): C xenstored answers ENOENT for
 an unknown transaction id, and so do we, on the END and on any request carrying the id
-(REFERENCE.md: TRANSACTION_END with an unknown id → ENOENT). The id can only come back on a
+(C xenstored's `do_transaction_end`: an unknown id → ENOENT). The id can only come back on a
 new connection, and our client library (client.py) fails such a transaction with EAGAIN
-itself, so `transaction()` callers retry from scratch as the issue asks.
+itself, so `transaction()` callers retry from scratch, as they do after a conflict.
 
 A read-write transaction that touches more than `Quotas.transaction_nodes` nodes (guests
 only) gets ENOSPC on the request that would touch one more; the transaction stays usable.

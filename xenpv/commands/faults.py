@@ -1,0 +1,164 @@
+"""`xenpv faults`: the fault catalogue, concrete schedules, and offline history checks.
+
+- `xenpv faults list [--json]`: every fault kind and built-in plan, one line each;
+- `xenpv faults schedule PLAN [--seed N] [--json]`: the concrete schedule of a plan (a file or
+  a built-in name) and its hash;
+- `xenpv faults check HISTORY.jsonl [--json] [--report FILE]`: verify the history's digest
+  chain, re-run every checker and give the verdict; exit 1 on a violation or an altered
+  history. See docs/faults.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from xenpv.faults import history as history_mod
+from xenpv.faults import plan as plan_mod
+from xenpv.faults import report, schedule
+from xenpv.faults.catalogue import KINDS
+from xenpv.faults.checkers import check_all
+
+MAX_LISTED = 20
+
+
+def register(sub: Any) -> None:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "faults", help="fault injection: list kinds and plans, show schedules, check histories"
+    )
+    verbs = parser.add_subparsers(dest="faults_command", metavar="VERB", required=True)
+
+    p = verbs.add_parser("list", help="fault kinds and built-in plans, one line each")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.set_defaults(run=run_list)
+
+    p = verbs.add_parser("schedule", help="the concrete schedule of a plan and its hash")
+    p.add_argument("plan", metavar="PLAN", help="a plan file, or a built-in plan's name")
+    p.add_argument("--seed", type=int, default=None, help="root seed (default: the plan's)")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.set_defaults(run=run_schedule)
+
+    p = verbs.add_parser("check", help="re-run the checkers over a saved history")
+    p.add_argument("history", type=Path, metavar="HISTORY", help="a history .jsonl file")
+    p.add_argument("--json", action="store_true", help="the verdict as JSON on stdout")
+    p.add_argument("--report", type=Path, default=None, metavar="FILE", help="HTML timeline")
+    p.set_defaults(run=run_check)
+
+
+def run_list(args: argparse.Namespace) -> int:
+    plans = [(name, plan_mod.builtin(name).description) for name in plan_mod.builtin_names()]
+    if args.json:
+        out = {
+            "kinds": [
+                {
+                    "kind": k.id,
+                    "family": k.family.value,
+                    "description": k.description,
+                    "targets": [t.value for t in k.targets],
+                    "params": [
+                        {
+                            "name": p.name,
+                            "type": p.type.__name__,
+                            "default": p.default,
+                            "range": p.describe_range(),
+                        }
+                        for p in k.params
+                    ],
+                    "injector": k.injector,
+                }
+                for k in KINDS
+            ],
+            "plans": [{"name": n, "description": d} for n, d in plans],
+        }
+        print(json.dumps(out, sort_keys=True))
+        return 0
+    width = max(len(k.id) for k in KINDS)
+    for k in KINDS:
+        note = "" if k.injector else " [no injector yet]"
+        targets = ",".join(t.value for t in k.targets)
+        print(f"kind  {k.id:<{width}}  {targets:<22} {k.description}{note}")
+    for name, description in plans:
+        print(f"plan  {name:<{width}}  {description}")
+    return 0
+
+
+def run_schedule(args: argparse.Namespace) -> int:
+    plan = plan_mod.load_any(args.plan)
+    if args.seed is not None and not 0 <= args.seed <= plan_mod.MAX_SEED:
+        raise plan_mod.PlanError("--seed", f"must be between 0 and {plan_mod.MAX_SEED}")
+    sched = schedule.build(plan, args.seed)
+    if args.json:
+        print(json.dumps({"schedule": sched.to_json(), "hash": sched.hash}, sort_keys=True))
+        return 0
+    print(
+        f"plan {sched.plan}, seed {sched.seed}: {len(sched.faults)} fault(s) in "
+        f"{sched.duration - sched.quiet:g} s, then {sched.quiet:g} s quiet"
+    )
+    for f in sched.faults:
+        params = " ".join(f"{k}={v}" for k, v in f.params)
+        trigger = (
+            f" p={f.probability:g}"
+            if f.probability is not None
+            else f" count={f.count}"
+            if f.count is not None
+            else ""
+        )
+        print(
+            f"  {f.id:<6} {f.start:9.3f} - {f.stop:9.3f}  {f.kind:<26} {f.target}"
+            f"{trigger} {params}".rstrip()
+        )
+    for w in sched.workloads:
+        print(f"  workload[{w.index}] {w.kind} on {', '.join(w.targets) or 'nothing'}")
+    print(f"  unaffected guests: {', '.join(sched.unaffected) or 'none'}")
+    print(f"schedule hash {sched.hash}")
+    return 0
+
+
+def run_check(args: argparse.Namespace) -> int:
+    hist = history_mod.read(args.history)
+    violations = check_all(hist)
+    hist_hash = history_mod.history_hash(hist.ops)
+    unfinished = (
+        None
+        if hist.finished
+        else f"{args.history}: no end line: the run stopped early, or lines were cut off the end"
+    )
+    if args.report is not None:
+        args.report.write_text(report.render_html(hist, violations))
+        print(f"xenpv: report written to {args.report}", file=sys.stderr)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "ok": not violations and unfinished is None,
+                    "finished": hist.finished,
+                    "plan": hist.schedule.plan,
+                    "seed": hist.schedule.seed,
+                    "schedule_hash": hist.schedule.hash,
+                    "history_hash": hist_hash,
+                    "operations": len(hist),
+                    "violations": [v.to_json() for v in violations],
+                },
+                sort_keys=True,
+            )
+        )
+    else:
+        s = hist.schedule
+        verdict = "PASS" if not violations else f"FAIL ({len(violations)} violation(s))"
+        if unfinished is not None:
+            verdict = f"FAIL (unfinished history, {len(violations)} violation(s))"
+        print(f"{verdict}: plan {s.plan}, seed {s.seed}, {len(hist)} operations")
+        print(f"schedule hash {s.hash}")
+        print(f"history hash  {hist_hash}")
+        for v in violations[:MAX_LISTED]:
+            print(v.line())
+        if len(violations) > MAX_LISTED:
+            print(f"... and {len(violations) - MAX_LISTED} more")
+        if unfinished is not None:
+            print(unfinished)
+        if violations:
+            print(f"rerun: {report.rerun_command(hist)}")
+    return 0 if not violations and unfinished is None else 1
