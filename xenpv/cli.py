@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import structlog
 
 from xenpv import __version__, log
+from xenpv.commands.args import ArgumentParser
 from xenpv.errors import XenpvError
 
 COMMAND_MODULES: tuple[str, ...] = (
@@ -28,11 +29,12 @@ COMMAND_MODULES: tuple[str, ...] = (
     "xenpv.commands.probe",
     "xenpv.commands.toolstack",
     "xenpv.commands.faults",
+    "xenpv.commands.topology",
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="xenpv",
         description="Emulator of Xen's paravirtual split-driver model.",
     )

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.integration import hv_ring
 from xenpv import log
-from xenpv.hv import Msg, StaticDirectory, Verdict, open_domain
+from xenpv.hv import Message, Msg, StaticDirectory, Verdict, open_domain
 from xenpv.identity import DomainKey
 
 
@@ -40,8 +40,8 @@ class StallReplies:
     def __init__(self, allowed: int) -> None:
         self.allowed = allowed
 
-    def on_send(self, src: int, dst: int, message: list[Any]) -> Verdict | None:
-        if message[0] != Msg.REPLY:
+    def on_send(self, src: int, dst: int, message: Message) -> Verdict | None:
+        if message.kind != Msg.REPLY:
             return None
         if self.allowed > 0:
             self.allowed -= 1

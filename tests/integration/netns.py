@@ -22,6 +22,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,9 +108,10 @@ class NetnsLab:
         if not binds:
             return [*prefix, *argv]
         # Mount points under others go last: /tmp (a private /tmp) after the volumes whose
-        # directories may live under the real /tmp. The code being tested may itself live
-        # under /tmp (a CI clone, an editable install): it is bind-mounted into the private
-        # /tmp at its own path first, and /tmp is mounted recursively so it stays visible.
+        # directories may live under the real /tmp. The code being tested and the Python
+        # running it may themselves live under /tmp (a CI clone, a virtualenv): they are
+        # bind-mounted into the private /tmp at their own paths first, and /tmp is mounted
+        # recursively so they stay visible.
         pairs: list[tuple[str, str]] = []
         if "/tmp" in binds:
             for code in _code_dirs():
@@ -162,7 +164,15 @@ class NetnsLab:
 
 
 def _code_dirs() -> list[Path]:
-    """Where the code under test is imported from (the repository, for an editable install)."""
+    """What the commands run need from this machine: the code under test (the repository,
+    for an editable install) and the interpreter running it (`sys.prefix`, a virtualenv that
+    may live under /tmp, and `sys.base_prefix`, the Python it was made from), each as given
+    and resolved; a directory inside another listed one is left out (bound with it)."""
     import xenpv
 
-    return [Path(xenpv.__file__).resolve().parents[1]]
+    found: list[Path] = []
+    for path in (Path(xenpv.__file__).parents[1], Path(sys.prefix), Path(sys.base_prefix)):
+        for candidate in (path.absolute(), path.resolve()):
+            if candidate not in found:
+                found.append(candidate)
+    return [p for p in found if not any(p != q and p.is_relative_to(q) for q in found)]

@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from tests.integration.hv_pair import domains
-from xenpv.hv import CopyDirection, CopyOp, Msg, Verdict
+from xenpv.hv import CopyDirection, CopyOp, Message, Msg, Verdict
 
 PROD, EVENT = 0, 4
 
@@ -97,8 +97,8 @@ class WriteAfterMapReply:
     def __init__(self) -> None:
         self.page: Any = None
 
-    def on_send(self, src: int, dst: int, message: list[Any]) -> Verdict | None:
-        if src == 1 and message[0] == Msg.REPLY and self.page is not None:
+    def on_send(self, src: int, dst: int, message: Message) -> Verdict | None:
+        if src == 1 and message.kind == Msg.REPLY and self.page is not None:
             page, self.page = self.page, None
             page.view[0] = 0x5A
             page.written(0, 1)

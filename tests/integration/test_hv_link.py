@@ -18,6 +18,7 @@ from xenpv.hv import (
     CopyOp,
     EventChannelClosed,
     LinkError,
+    Message,
     Msg,
     PeerGone,
     StaticDirectory,
@@ -103,13 +104,13 @@ class Double:
         self.rules: dict[int, str] = {}
         self.seen: list[int] = []
 
-    def on_send(self, src: int, dst: int, message: list[Any]) -> Verdict | None:
-        self.seen.append(message[0])
-        rule = self.rules.get(message[0])
+    def on_send(self, src: int, dst: int, message: Message) -> Verdict | None:
+        self.seen.append(message.kind)
+        rule = self.rules.get(message.kind)
         if rule == "drop":
             return Verdict(send=[])
         if rule == "duplicate":
-            return Verdict(send=[message, list(message)])
+            return Verdict(send=[message, message])
         if rule == "delay":
             return Verdict(send=[message], delay=0.2)
         if rule == "fail":

@@ -28,6 +28,7 @@ import pytest
 import yaml
 
 from xenpv.cli import build_parser
+from xenpv.commands.args import paths_elsewhere
 from xenpv.toolstack.topology import default_topology
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,7 +67,11 @@ def parse_xenpv(argv: list[str]) -> tuple[Any, str]:
         return None, f"not a xenpv command: {argv[:1]}"
     err = io.StringIO()
     try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        with (
+            contextlib.redirect_stderr(err),
+            contextlib.redirect_stdout(io.StringIO()),
+            paths_elsewhere(),  # the container's paths, not this machine's
+        ):
             args = build_parser().parse_args(argv[1:])
     except SystemExit:
         return None, err.getvalue().strip().splitlines()[-1] if err.getvalue() else "exit"

@@ -227,11 +227,6 @@ def test_no_cycles_between_packages() -> None:
     assert not found, _show_cycles(found)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="xenpv/hv/link.py and xenpv/hv/mapping.py import each other (the hv split "
-    "being done in parallel removes it)",
-)
 def test_no_cycles_between_modules() -> None:
     found = cycles(module_graph())
     assert not found, _show_cycles(found)

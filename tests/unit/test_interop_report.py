@@ -9,7 +9,7 @@ from html.parser import HTMLParser
 from typing import Any
 
 from xenpv.interop.matrix import enumerate_cells
-from xenpv.interop.report import print_table, render_html, rows
+from xenpv.interop.report import print_table, render_html, rows, run_line
 from xenpv.interop.runner import Outcome
 from xenpv.interop.verdict import judge, speedups
 
@@ -102,3 +102,39 @@ def test_terminal_table() -> None:
     assert "71 of 72 cells passed" in text
     assert "FAIL vbd-f4k-b4k-off-lean" in text
     assert "speed-up of a 64K guest" in text
+
+
+def test_terminal_table_fits_80_columns() -> None:
+    result = _result(frozenset({"vif-f64k-b4k-on-full"}))
+    out = io.StringIO()
+    print_table(result, file=out)
+    text = out.getvalue()
+    assert "…" not in text
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "full i256 r4 p1 q4" in text  # a whole vbd feature cell
+    assert "rate: vbd MB/s" in text  # the legend gives the units
+
+
+RUN = {
+    "version": "0.9.0",
+    "date": "2026-12-07 17:00 UTC",
+    "quick": True,
+    "transport": "auto",
+    "only": [],
+    "vbd_bytes": 2 << 20,
+    "vif_frames": 48,
+}
+
+
+def test_report_says_how_it_was_run() -> None:
+    result = _result() | {"run": RUN}
+    line = run_line(result)
+    assert "xenpv 0.9.0" in line and "2026-12-07 17:00 UTC" in line and "quick run" in line
+    out = io.StringIO()
+    print_table(result, file=out)
+    assert "quick run (--quick" in out.getvalue()
+    page = render_html(result)
+    assert "2026-12-07 17:00 UTC" in page and "quick run" in page and "xenpv 0.9.0" in page
+    full = run_line(_result() | {"run": RUN | {"quick": False, "only": ["vbd-f64k"]}})
+    assert "full run" in full and "only cells matching vbd-f64k" in full
+    assert run_line(_result()) == ""  # an old result without run details

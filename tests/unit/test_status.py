@@ -15,6 +15,7 @@ from xenpv.toolstack.status import (
     device_status,
     domain_status,
     render,
+    short_state,
 )
 from xenpv.xenbus.core import DeviceId, xvd_number
 
@@ -96,7 +97,7 @@ def test_json_and_tables() -> None:
     for table in render(status):
         console.print(table)
     rendered = text.getvalue()
-    assert "Initialising/InitWait" in rendered and "FAILED" in rendered and "4K" in rendered
+    assert "Initing/InitWait" in rendered and "FAILED" in rendered and "4K" in rendered
 
 
 keys = st.dictionaries(
@@ -124,3 +125,74 @@ def test_any_keys_give_a_record(
     v = device_status(device, frontend, backend, NAMES)
     assert v.frontend_state and v.backend_state
     json.dumps(ClusterStatus(devices=[v]).to_json())
+
+
+def _demo_status(error: str | None = None) -> ClusterStatus:
+    """What `xenpv demo` shows: a backend, three guests, a vbd and a vif each, 13 checks."""
+    names = {1: "backend", 2: "guest4k", 3: "guest16k", 4: "guest64k"}
+    pages = {1: 4096, 2: 4096, 3: 16384, 4: 65536}
+    status = ClusterStatus()
+    for domid, name in names.items():
+        keys = {"name": name, "page-size": str(pages[domid]), "memory": str(64 << 20)}
+        status.domains.append(domain_status(domid, keys | {"ready": "4194303"}))
+    for domid in (2, 3, 4):
+        order = str(pages[domid].bit_length() - 13)
+        front = {
+            "state": "4",
+            "ring-page-order": "4",
+            "multi-queue-num-queues": "4",
+            "feature-persistent": "1",
+        }
+        back = {"state": "4", "feature-max-indirect-segments": "256", "feature-persistent": "1"}
+        back["grant-granule-order"] = order
+        vbd = DeviceId("vbd", domid, 1, xvd_number(0))
+        status.devices.append(device_status(vbd, front, back, names))
+    for domid in (2, 3, 4):
+        vif = DeviceId("vif", domid, 1, 0)
+        front = {"state": "4", "multi-queue-num-queues": "2"}
+        status.devices.append(device_status(vif, front, {"state": "4"}, names, error))
+    detail = "wrote, read back and verified 35 extents (4.0 MiB bulk), flushed, discarded"
+    status.checks = [
+        {"name": "block-guest16k-51712", "ok": True, "detail": detail},
+        {"name": "net-guest64k-to-guest16k", "ok": True, "detail": "24 frames echoed"},
+        {"name": "devices-connected", "ok": False, "detail": "not connected: []"},
+    ]
+    return status
+
+
+def _render_80(status: ClusterStatus) -> str:
+    text = io.StringIO()
+    console = Console(file=text, width=80, color_system=None)
+    for renderable in render(status):
+        console.print(renderable)
+    return text.getvalue()
+
+
+def test_tables_fit_80_columns_without_truncation() -> None:
+    rendered = _render_80(_demo_status())
+    assert "…" not in rendered  # rich marks a truncated cell with an ellipsis
+    assert max(len(line) for line in rendered.splitlines()) <= 80
+    lines = rendered.splitlines()
+    # every device row is one line: names, both states and every negotiated value whole
+    rows = [line for line in lines if line.startswith("│ vbd xvda") or line.startswith("│ vif0")]
+    assert len(rows) == 6
+    for row in rows:
+        cells = [c.strip() for c in row.strip("│").split("│")]
+        assert cells[3] == "Conn/Conn"
+        assert cells[1] in ("guest4k", "guest16k", "guest64k") and cells[2] == "backend"
+    assert any("16K" in row and "256" in row for row in rows)
+    assert "Conn = Connected" in rendered  # the legend names the abbreviations
+
+
+def test_long_states_and_errors_wrap_rather_than_truncate() -> None:
+    error = "backend says: cannot map the ring's grant reference 12: GNTST_bad_gntref"
+    status = _demo_status(error)
+    status.devices[3] = device_status(
+        DeviceId("vif", 2, 1, 0), {"state": "8"}, {"state": "7"}, {1: "a-rather-long-name"}
+    )
+    rendered = _render_80(status)
+    assert "…" not in rendered
+    assert max(len(line) for line in rendered.splitlines()) <= 80
+    # one note per device error under the table (a long one wraps at a space)
+    assert " ".join(rendered.split()).count(error) == 2
+    assert short_state("Reconfigured") == "Reconfed" and short_state("Closed") == "Closed"

@@ -41,6 +41,7 @@ from typing import Any
 import trio
 
 from xenpv.bench.report import emit
+from xenpv.commands import args as types
 
 MiB = 1 << 20
 GUEST, BACKEND, DEVID = 1, 0, 51712
@@ -74,8 +75,12 @@ def register(benches: Any) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="short runs, fewer configurations")
     parser.add_argument("--json", action="store_true", help="accepted; JSON is always last")
-    parser.add_argument("--dir", type=Path, default=None, help="directory for the scratch image")
-    parser.add_argument("--seconds", type=float, default=None, help="time per workload")
+    parser.add_argument(
+        "--dir", type=types.existing_dir, default=None, help="directory for the scratch image"
+    )
+    parser.add_argument(
+        "--seconds", type=types.positive_float, default=None, help="time per workload"
+    )
     parser.set_defaults(run=run)
 
 

@@ -36,6 +36,7 @@ from typing import Any
 import trio
 
 from xenpv.bench.report import emit
+from xenpv.commands import args as types
 from xenpv.hv import CopyDirection, CopyOp, Domain, EventChannel, StaticDirectory, open_domain
 from xenpv.hv.busypoll import DEFAULT_MAX_US, AdaptivePoll
 from xenpv.identity import DomainKey
@@ -54,7 +55,9 @@ def register(benches: Any) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="short runs (CI smoke test)")
     parser.add_argument("--json", action="store_true", help="accepted; JSON is always last")
-    parser.add_argument("--seconds", type=float, default=1.5, help="time per measurement")
+    parser.add_argument(
+        "--seconds", type=types.positive_float, default=1.5, help="time per measurement"
+    )
     parser.set_defaults(run=run)
 
 

@@ -42,6 +42,7 @@ from frontends.netfront import Netfront, attach
 from xenpv.abi.netif import XEN_NETIF_GSO_TYPE_TCPV4, NetifGsoExtra
 from xenpv.bench.report import emit
 from xenpv.bench.xenstore import _xenstored
+from xenpv.commands import args as types
 from xenpv.hv import XEN_PAGE_SIZE, StaticDirectory, open_domain
 from xenpv.identity import DomainKey
 from xenpv.toolstack.devices import create_vif
@@ -60,12 +61,18 @@ def register(benches: Any) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="short runs (CI smoke test)")
     parser.add_argument("--json", action="store_true", help="accepted; JSON is always last")
-    parser.add_argument("--seconds", type=float, default=2.0, help="time per frame size")
-    parser.add_argument("--iperf-seconds", type=float, default=5.0, help="time per iperf3 run")
+    parser.add_argument(
+        "--seconds", type=types.positive_float, default=2.0, help="time per frame size"
+    )
+    parser.add_argument(
+        "--iperf-seconds", type=types.positive_float, default=5.0, help="time per iperf3 run"
+    )
     parser.add_argument(
         "--transport", choices=[*TRANSPORTS, "all"], default="all", help="domain link transport"
     )
-    parser.add_argument("--queues", type=int, default=1, help="netfront queues per vif")
+    parser.add_argument(
+        "--queues", type=types.int_range(1, 4), default=1, help="netfront queues per vif"
+    )
     parser.add_argument(
         "--processes",
         action=argparse.BooleanOptionalAction,

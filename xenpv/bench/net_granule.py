@@ -33,6 +33,7 @@ from frontends.netfront import Netfront, attach
 from xenpv.bench.net import _stream
 from xenpv.bench.report import emit
 from xenpv.bench.xenstore import _xenstored
+from xenpv.commands import args as types
 from xenpv.hv import StaticDirectory, open_domain
 from xenpv.identity import DomainKey
 from xenpv.toolstack.devices import create_vif
@@ -52,8 +53,12 @@ def register(benches: Any) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="short runs (CI smoke test)")
     parser.add_argument("--json", action="store_true", help="accepted; JSON is always last")
-    parser.add_argument("--seconds", type=float, default=2.0, help="time per frame size")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per mode (best is kept)")
+    parser.add_argument(
+        "--seconds", type=types.positive_float, default=2.0, help="time per frame size"
+    )
+    parser.add_argument(
+        "--repeat", type=types.positive_int, default=1, help="runs per mode (best is kept)"
+    )
     parser.add_argument(
         "--transport", choices=[*TRANSPORTS, "all"], default="all", help="domain link transport"
     )

@@ -32,6 +32,7 @@ from xenpv.abi.blkif import (
 from xenpv.abi.buffer import XEN_PAGE_SIZE
 from xenpv.abi.ring import BackRing, FrontRing
 from xenpv.bench.report import emit
+from xenpv.commands import args as types
 
 GOAL_CYCLES_PER_S = 250_000
 
@@ -59,12 +60,20 @@ def register(benches: Any) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="short runs (CI smoke test)")
     parser.add_argument("--json", action="store_true", help="accepted; JSON is always last")
-    parser.add_argument("--seconds", type=float, default=2.0, help="time per scenario")
     parser.add_argument(
-        "--batch", type=int, default=32, help="requests in flight in the batched scenario"
+        "--seconds", type=types.positive_float, default=2.0, help="time per scenario"
     )
     parser.add_argument(
-        "--pages", type=int, default=1, help="ring size in 4 KiB pages (1 page = 32 slots)"
+        "--batch",
+        type=types.positive_int,
+        default=32,
+        help="requests in flight in the batched scenario",
+    )
+    parser.add_argument(
+        "--pages",
+        type=types.int_range(1, 16),
+        default=1,
+        help="ring size in 4 KiB pages (1 page = 32 slots)",
     )
     parser.set_defaults(run=run)
 

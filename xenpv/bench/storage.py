@@ -22,6 +22,7 @@ import trio
 
 from backends.storage import IoPolicy, RawImage
 from xenpv.bench.report import emit
+from xenpv.commands import args as types
 
 MiB = 1 << 20
 MODES = ("thread", "inline", "auto")
@@ -33,7 +34,9 @@ def register(benches: Any) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="short runs (CI smoke test)")
     parser.add_argument("--json", action="store_true", help="accepted; JSON is always last")
-    parser.add_argument("--dir", type=Path, default=None, help="directory for the scratch image")
+    parser.add_argument(
+        "--dir", type=types.existing_dir, default=None, help="directory for the scratch image"
+    )
     parser.set_defaults(run=run)
 
 

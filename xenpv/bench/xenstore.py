@@ -34,6 +34,7 @@ from typing import Any
 import trio
 
 from xenpv.bench.report import emit
+from xenpv.commands import args as types
 from xenpv.xenstore.client import Transaction, XenstoreClient, connect
 from xenpv.xenstore.store import Store
 from xenpv.xenstore.wire import FrameReader, Message, XsType, join_strings
@@ -50,7 +51,9 @@ def register(benches: Any) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="short runs (CI smoke test)")
     parser.add_argument("--json", action="store_true", help="accepted; JSON is always last")
-    parser.add_argument("--dir", type=Path, default=None, help="directory for the data dir")
+    parser.add_argument(
+        "--dir", type=types.existing_dir, default=None, help="directory for the data dir"
+    )
     parser.set_defaults(run=run)
 
 

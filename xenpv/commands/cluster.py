@@ -4,12 +4,14 @@
     xenpv cluster up FILE [--state-dir DIR] [--detach] [--timeout S] [--json]
     xenpv cluster status [--state-dir DIR] [--json]
     xenpv cluster down [--state-dir DIR]
+    xenpv cluster logs [DOMAIN] [-f] [-n N] [--level LEVEL] [--state-dir DIR]
 
 `up` prints the status once every device is Connected; in the foreground it then runs until
 Ctrl-C or SIGTERM (or until a domain process dies: exit 1) and stops everything it started;
 with `--detach` it returns and leaves the processes running (pids in DIR/cluster.json).
 `status` reads everything from xenstore. Human output goes to stderr (rich tables), `--json`
-prints one JSON object on stdout.
+prints one JSON object on stdout. `logs` turns the JSON logs in DIR/logs into readable lines
+(`xenpv.toolstack.logs`), merged in time order; `-f` follows them until Ctrl-C (exit 130).
 """
 
 from __future__ import annotations
@@ -19,13 +21,17 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from xenpv.commands import args as types
 from xenpv.commands.xenstored import _first_xenpv_error
+from xenpv.errors import UsageError
 from xenpv.toolstack import cluster, topology
+from xenpv.toolstack import logs as cluster_logs
 from xenpv.toolstack.cluster import ClusterError
 from xenpv.toolstack.status import ClusterStatus, read_status, render
 from xenpv.xenstore.client import connect
@@ -36,8 +42,10 @@ DEFAULT_STATE_DIR = ".xenpv"
 def state_dir_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--state-dir",
-        type=Path,
-        default=Path(os.environ.get("XENPV_STATE_DIR", DEFAULT_STATE_DIR)),
+        type=types.directory,
+        # a string, so that argparse validates $XENPV_STATE_DIR like a value given here
+        default=os.environ.get("XENPV_STATE_DIR") or DEFAULT_STATE_DIR,
+        metavar="DIR",
         help="sockets, keys, logs, images, pids (default: $XENPV_STATE_DIR or ./.xenpv)",
     )
 
@@ -48,11 +56,14 @@ def register(sub: Any) -> None:
     )
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     up = actions.add_parser("up", help="start xenstored, the domains and their devices")
-    up.add_argument("file", type=Path, help="topology file (TOML)")
+    up.add_argument("file", type=types.existing_file, help="topology file (TOML)")
     state_dir_arg(up)
     up.add_argument("--detach", action="store_true", help="leave the cluster running")
     up.add_argument(
-        "--timeout", type=float, default=cluster.DEFAULT_TIMEOUT, help="seconds to get ready"
+        "--timeout",
+        type=types.positive_float,
+        default=cluster.DEFAULT_TIMEOUT,
+        help="seconds to get ready",
     )
     up.add_argument("--json", action="store_true", help="print the status as JSON on stdout")
     up.set_defaults(run=run_up)
@@ -63,6 +74,23 @@ def register(sub: Any) -> None:
     down = actions.add_parser("down", help="stop a detached cluster")
     state_dir_arg(down)
     down.set_defaults(run=run_down)
+    logs = actions.add_parser(
+        "logs", help="show the logs of xenstored and the domains as readable lines"
+    )
+    logs.add_argument(
+        "domain", nargs="?", default=None, metavar="DOMAIN", help="one log (or xenstored)"
+    )
+    logs.add_argument(
+        "-f", "--follow", action="store_true", help="keep printing new lines until Ctrl-C"
+    )
+    logs.add_argument(
+        "-n", "--lines", type=types.positive_int, default=None, metavar="N", help="the last N only"
+    )
+    logs.add_argument(
+        "--level", choices=cluster_logs.LEVELS, default="debug", help="the least severe shown"
+    )
+    state_dir_arg(logs)
+    logs.set_defaults(run=run_logs)
 
 
 def print_status(
@@ -74,7 +102,9 @@ def print_status(
         return
     from rich.console import Console
 
-    console = Console(file=sys.stderr, width=None if sys.stderr.isatty() else 132)
+    # A terminal gives its own width; anything else (a pipe, a log file) gets 80 columns,
+    # which every table is made to fit.
+    console = Console(file=sys.stderr, width=None if sys.stderr.isatty() else 80)
     for table in render(status):
         console.print(table)
 
@@ -143,3 +173,52 @@ def run_down(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+FOLLOW_POLL_S = 0.25  # how often `logs -f` looks for new lines
+
+
+def run_logs(args: argparse.Namespace) -> int:
+    logs_dir = args.state_dir / "logs"
+    files = cluster_logs.log_files(logs_dir)
+    if args.domain is not None:
+        if args.domain not in files:
+            have = ", ".join(files) or "none"
+            raise UsageError(f"no log named {args.domain!r} in {logs_dir} (logs: {have})")
+        files = {args.domain: files[args.domain]}
+    elif not files and not args.follow:
+        raise UsageError(f"no logs in {logs_dir} (is --state-dir the cluster's?)")
+    followers = {name: cluster_logs.LogFollower(path) for name, path in files.items()}
+    lines = cluster_logs.render(
+        {name: f.read() for name, f in followers.items()}, min_level=args.level, last=args.lines
+    )
+    try:
+        _write_lines(lines)
+        if args.follow:
+            _follow(args, logs_dir, followers)
+    except KeyboardInterrupt:
+        return 130  # Ctrl-C is how -f ends: no message
+    except BrokenPipeError:  # `| head`: the reader has gone
+        sys.stderr.close()
+        return 0
+    return 0
+
+
+def _write_lines(lines: list[str]) -> None:
+    if lines:
+        sys.stdout.write("\n".join(lines) + "\n")
+        sys.stdout.flush()
+
+
+def _follow(
+    args: argparse.Namespace, logs_dir: Path, followers: dict[str, cluster_logs.LogFollower]
+) -> None:
+    while True:
+        if args.domain is None:  # a domain started after us gets its log followed too
+            for name, path in cluster_logs.log_files(logs_dir).items():
+                followers.setdefault(name, cluster_logs.LogFollower(path))
+        width = max((len(name) for name in followers), default=0)
+        _write_lines(
+            list(cluster_logs.follow_lines(followers, min_level=args.level, name_width=width))
+        )
+        time.sleep(FOLLOW_POLL_S)

@@ -21,6 +21,7 @@ from typing import Any
 
 import trio
 
+from xenpv.commands import args as types
 from xenpv.commands.cluster import print_status
 from xenpv.commands.toolstack import request_round, summarize
 from xenpv.toolstack import cluster, topology
@@ -36,13 +37,25 @@ def register(sub: Any) -> None:
     )
     parser.add_argument("--json", action="store_true", help="JSON summary on stdout")
     parser.add_argument(
-        "--state-dir", type=Path, default=None, help="keep sockets, logs, images here"
+        "--state-dir",
+        type=types.directory,
+        default=None,
+        metavar="DIR",
+        help="keep sockets, logs, images here (default: a temporary directory)",
     )
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds for each phase")
     parser.add_argument(
-        "--block-bytes", type=int, default=4 << 20, help="bulk bytes each guest writes"
+        "--timeout", type=types.positive_float, default=60.0, help="seconds for each phase"
     )
-    parser.add_argument("--frames", type=int, default=24, help="echo frames per guest pair")
+    parser.add_argument(
+        "--block-bytes",
+        type=types.byte_size,
+        default=4 << 20,
+        metavar="SIZE",
+        help="bulk bytes each guest writes (4194304, 4M, ...)",
+    )
+    parser.add_argument(
+        "--frames", type=types.positive_int, default=24, help="echo frames per guest pair"
+    )
     parser.set_defaults(run=run)
 
 
@@ -52,10 +65,32 @@ def run(args: argparse.Namespace) -> int:
         state_dir = args.state_dir.resolve()
         return trio.run(_demo, topo, state_dir, args)
     state_dir = Path(tempfile.mkdtemp(prefix="xenpv-demo-", dir="/tmp"))
+    passed = interrupted = False
     try:
-        return trio.run(_demo, topo, state_dir, args)
+        code = trio.run(_demo, topo, state_dir, args)
+        passed = code == 0
+        return code
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
+        remove_state_dir(state_dir, keep_logs=not (passed or interrupted))
+
+
+def remove_state_dir(state_dir: Path, *, keep_logs: bool) -> None:
+    """Remove a temporary state directory; after a failure keep its `logs/` (the domains'
+    own account of what went wrong) and say where they are."""
+    logs = state_dir / "logs"
+    if not keep_logs or not logs.is_dir() or not any(logs.iterdir()):
         shutil.rmtree(state_dir, ignore_errors=True)
+        return
+    for entry in state_dir.iterdir():
+        if entry != logs:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+    print(f"xenpv: logs kept in {logs}", file=sys.stderr)
 
 
 async def _selftest(
@@ -142,7 +177,13 @@ async def _demo(topo: topology.Topology, state_dir: Path, args: argparse.Namespa
         for c in failed:
             print(f"xenpv: check {c['name']} FAILED: {c.get('detail')}", file=sys.stderr)
     else:
-        print(f"xenpv: demo passed: {len(summary['checks'])} checks", file=sys.stderr)
+        shown = {str(c.get("name")) for c in status.checks}
+        more = [str(c["name"]) for c in summary["checks"] if str(c["name"]) not in shown]
+        print(
+            f"xenpv: demo passed: {len(summary['checks'])} checks (the {len(shown)} above"
+            + (f"; {', '.join(more)})" if more else ")"),
+            file=sys.stderr,
+        )
     if args.json:
         sys.stdout.write(json.dumps(summary, sort_keys=True) + "\n")
         sys.stdout.flush()

@@ -15,12 +15,12 @@ import argparse
 import os
 import signal
 import threading
-from pathlib import Path
 from typing import Any
 
 import structlog
 import trio
 
+from xenpv.commands import args as types
 from xenpv.commands.xenstored import _first_xenpv_error
 from xenpv.identity import DomainKey
 from xenpv.runtime.domain_process import DomainRuntime, run_domain
@@ -36,14 +36,24 @@ def register(sub: Any) -> None:
         "domain", help="run one domain process (serves its backends, attaches its frontends)"
     )
     parser.add_argument(
-        "--xenstore", required=True, metavar="ADDR", help="tcp:HOST:PORT (or unix:PATH)"
+        "--xenstore",
+        required=True,
+        type=types.xenstore_address,
+        metavar="ADDR",
+        help="tcp:HOST:PORT (or unix:PATH)",
     )
-    parser.add_argument("--key-file", required=True, type=Path, help="the domain's key file")
+    parser.add_argument(
+        "--key-file", required=True, type=types.existing_file, help="the domain's key file"
+    )
     parser.add_argument("--transport", choices=TRANSPORTS, default="auto")
     parser.add_argument(
-        "--listen", default=None, metavar="EP", help="link endpoint (default: the published one)"
+        "--listen",
+        type=types.link_endpoint,
+        default=None,
+        metavar="EP",
+        help="link endpoint, unix:PATH or tcp:HOST:PORT (default: the published one)",
     )
-    parser.add_argument("--ready-fd", type=int, default=None, metavar="N")
+    parser.add_argument("--ready-fd", type=types.fd_number, default=None, metavar="N")
     parser.set_defaults(run=run)
 
 

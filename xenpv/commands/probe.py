@@ -27,6 +27,7 @@ from typing import Any
 
 import trio
 
+from xenpv.commands import args as types
 from xenpv.errors import XenpvError
 from xenpv.identity import DomainKey
 from xenpv.xenbus.core import DEVICE_CLASSES, DeviceId, parse_state
@@ -51,20 +52,25 @@ def register(sub: Any) -> None:
         "--xenstore",
         action="append",
         required=True,
+        type=types.xenstore_address,
         metavar="ADDR",
         help="unix:PATH or tcp:HOST:PORT (repeatable)",
     )
-    xsd.add_argument("--key-file", type=Path, default=None, help="authenticate on TCP")
-    xsd.add_argument("--timeout", type=float, default=5.0)
+    xsd.add_argument(
+        "--key-file", type=types.existing_file, default=None, help="authenticate on TCP"
+    )
+    xsd.add_argument("--timeout", type=types.positive_float, default=5.0, help="seconds")
     xsd.set_defaults(run=run_xenstored)
     dom = kinds.add_parser("domain", help="the domain's process is ready (and connected)")
     dom.add_argument("name", help="the domain's name")
-    dom.add_argument("--xenstore", required=True, metavar="ADDR")
-    dom.add_argument("--key-file", type=Path, default=None, help="the domain's key (TCP)")
+    dom.add_argument("--xenstore", required=True, type=types.xenstore_address, metavar="ADDR")
+    dom.add_argument(
+        "--key-file", type=types.existing_file, default=None, help="the domain's key (TCP)"
+    )
     dom.add_argument(
         "--connected", action="store_true", help="also require every device to be Connected"
     )
-    dom.add_argument("--timeout", type=float, default=5.0)
+    dom.add_argument("--timeout", type=types.positive_float, default=5.0, help="seconds")
     dom.set_defaults(run=run_domain)
 
 

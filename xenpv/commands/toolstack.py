@@ -29,6 +29,7 @@ from typing import Any
 
 import trio
 
+from xenpv.commands import args as types
 from xenpv.commands.cluster import print_status
 from xenpv.errors import XenpvError
 from xenpv.runtime.domain_process import CONTROL_SELFTEST, SELFTEST_DONE
@@ -51,15 +52,26 @@ def register(sub: Any) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     apply = actions.add_parser("apply", help="create the domains and devices of a topology")
     apply.add_argument(
-        "file", type=Path, nargs="?", default=None, help="topology (default: the demo's)"
+        "file",
+        type=types.existing_file,
+        nargs="?",
+        default=None,
+        help="topology (default: the demo's)",
     )
-    apply.add_argument("--xenstore", required=True, metavar="ADDR", help="unix:PATH (dom0)")
-    apply.add_argument("--keys-dir", required=True, type=Path, help="where key files go")
     apply.add_argument(
-        "--image-dir", type=Path, default=Path("."), help="base of relative image paths"
+        "--xenstore",
+        required=True,
+        type=types.xenstore_address,
+        metavar="ADDR",
+        help="unix:PATH (dom0)",
+    )
+    apply.add_argument("--keys-dir", required=True, type=types.directory, help="where key files go")
+    apply.add_argument(
+        "--image-dir", type=types.directory, default=Path("."), help="base of relative image paths"
     )
     apply.add_argument(
         "--endpoint",
+        type=types.endpoint_template,
         default=DEFAULT_ENDPOINT,
         metavar="TEMPLATE",
         help=f"link endpoint per domain, {{name}} = domain name (default {DEFAULT_ENDPOINT})",
@@ -67,10 +79,22 @@ def register(sub: Any) -> None:
     apply.add_argument("--json", action="store_true", help="print the domids as JSON")
     apply.set_defaults(run=run_apply)
     check = actions.add_parser("check", help="run a self-test round in every guest")
-    check.add_argument("--xenstore", required=True, metavar="ADDR", help="unix:PATH (dom0)")
-    check.add_argument("--timeout", type=float, default=60.0, help="seconds for the round")
-    check.add_argument("--block-bytes", type=int, default=4 << 20, help="bytes per vbd")
-    check.add_argument("--frames", type=int, default=24, help="echo frames per guest pair")
+    check.add_argument(
+        "--xenstore",
+        required=True,
+        type=types.xenstore_address,
+        metavar="ADDR",
+        help="unix:PATH (dom0)",
+    )
+    check.add_argument(
+        "--timeout", type=types.positive_float, default=60.0, help="seconds for the round"
+    )
+    check.add_argument(
+        "--block-bytes", type=types.byte_size, default=4 << 20, metavar="SIZE", help="per vbd"
+    )
+    check.add_argument(
+        "--frames", type=types.positive_int, default=24, help="echo frames per guest pair"
+    )
     check.add_argument("--json", action="store_true", help="JSON summary on stdout")
     check.set_defaults(run=run_check)
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-from pathlib import Path
 from typing import Any
 
 import structlog
 import trio
 
+from xenpv.commands import args as types
 from xenpv.errors import UsageError, XenpvError
 from xenpv.xenstore.server import (
     DEFAULT_COMPACT_BYTES,
@@ -38,27 +38,39 @@ def register(sub: Any) -> None:
     )
     parser.add_argument(
         "--socket",
+        type=types.socket_path,
         default=None,
         help="Unix socket for dom0 (default: $XENSTORED_PATH, else /var/run/xenstored/socket)",
     )
     parser.add_argument(
-        "--data-dir", required=True, type=Path, help="directory for the snapshot and journal"
+        "--data-dir",
+        required=True,
+        type=types.directory,
+        help="directory for the snapshot and journal",
     )
     parser.add_argument(
-        "--tcp", metavar="HOST:PORT", default=None, help="also serve authenticated domains on TCP"
+        "--tcp",
+        type=types.host_port,
+        metavar="HOST:PORT",
+        default=None,
+        help="also serve authenticated domains on TCP",
     )
     parser.add_argument(
-        "--ready-fd", type=int, default=None, metavar="N", help="write a READY line to fd N"
+        "--ready-fd",
+        type=types.fd_number,
+        default=None,
+        metavar="N",
+        help="write a READY line to fd N",
     )
     parser.add_argument(
         "--compact-bytes",
-        type=int,
+        type=types.positive_int,
         default=DEFAULT_COMPACT_BYTES,
         help=argparse.SUPPRESS,  # testing: journal size that triggers a snapshot
     )
     parser.add_argument(
         "--write-stall-timeout",
-        type=float,
+        type=types.positive_float,
         default=30.0,
         help=argparse.SUPPRESS,  # testing: seconds a blocked write may last before the close
     )
@@ -74,7 +86,7 @@ def register(sub: Any) -> None:
         parser.add_argument(
             f"--quota-{name.replace('_', '-')}",
             dest=f"quota_{name}",
-            type=int,
+            type=types.positive_int,
             default=getattr(defaults, name),
             metavar="N",
             help=f"quota for unprivileged domains (default {getattr(defaults, name)})",

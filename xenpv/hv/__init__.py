@@ -12,13 +12,17 @@ This is the whole API drivers use (see docs/hypervisor.md for the design):
         evtchn = await dom.bind_interdomain(1, port.port)
         statuses = await dom.grant_copy([CopyOp(CopyDirection.FROM_REMOTE, 1, gref, 0, 512, buf)])
 
+Link messages are typed records (`Message`, each with its `Msg` kind); fault plans see them
+at `LinkFaults.on_send`.
+
 Errors: GrantError(.status: GNTST), PeerGone (link lost: peer died or was released),
 EventChannelClosed, LinkError (cannot set up a link), all HvError → XenpvError.
 """
 
 from xenpv.abi.buffer import XEN_PAGE_SIZE, LocalBuffer, SharedBuffer
+from xenpv.hv.copyengine import CopyDirection, CopyGroup, CopyOp, CopySegment
 from xenpv.hv.directory import PeerDirectory, StaticDirectory
-from xenpv.hv.domain import CopyDirection, CopyGroup, CopyOp, CopySegment, Domain, open_domain
+from xenpv.hv.domain import Domain, open_domain
 from xenpv.hv.errors import EventChannelClosed, GrantError, HvError, LinkError, PeerGone
 from xenpv.hv.evtchn import EventChannel
 from xenpv.hv.faults import LinkFaults, Verdict
@@ -26,7 +30,7 @@ from xenpv.hv.gntst import GNTST, GTF
 from xenpv.hv.grant import GrantTable
 from xenpv.hv.mapping import GrantMapping
 from xenpv.hv.memory import PAGE_SIZES, DomainMemory, OutOfMemory, Page
-from xenpv.hv.messages import Msg
+from xenpv.hv.messages import Message, Msg
 
 __all__ = [
     "GNTST",
@@ -48,6 +52,7 @@ __all__ = [
     "LinkError",
     "LinkFaults",
     "LocalBuffer",
+    "Message",
     "Msg",
     "OutOfMemory",
     "Page",

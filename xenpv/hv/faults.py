@@ -1,20 +1,23 @@
 """The fault seam of domain links: one interposition point for every message.
 
 Every message a domain sends on a link (events, binds, grant map/unmap/copy requests and
-replies, replica updates) passes `LinkFaults.on_send` before it is encoded. A fault plan
-implements it (docs/architecture.md, "Seams"); `None` (the default) costs nothing. Grant
-operations that reach another domain are link messages, so they pass here too; a grant
-operation that stays inside one domain (grant_access, end_access) involves no link and
-cannot fail in transit.
+replies, replica updates) passes `LinkFaults.on_send` before it is encoded. A message is one of
+the typed records of messages.py (`Message`); each has a `kind` (its `Msg` type). A fault plan
+implements it (docs/architecture.md, "Seams"; `xenpv.faults.link.LinkInjector`); `None`
+(the default) costs nothing. Grant operations that reach another domain are link messages, so
+they pass here too; a grant operation that stays inside one domain (grant_access, end_access)
+involves no link and cannot fail in transit.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
-Message = list[Any]
+from xenpv.hv.messages import Message
+
+__all__ = ["LinkFaults", "Message", "Verdict"]
 
 
 @dataclass(slots=True)

@@ -31,7 +31,7 @@ from typing import Any
 import trio
 
 from xenpv.hv.errors import LinkError
-from xenpv.hv.link import SharedPeerMemory
+from xenpv.hv.memory import SharedPeerMemory
 from xenpv.hv.messages import frame, frame_length, parse_frame
 from xenpv.identity import DomainKey, new_challenge, verify
 

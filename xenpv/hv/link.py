@@ -6,7 +6,8 @@ queue with one `send_all` (per-call overhead dominates small messages). Replica
 writes (`add_dirty`) are queued as ranges and turned into one UPDATE message whenever another
 message is queued and at the end of every drain, so they travel in program order, before any
 later notification, and eagerly (the Dekker rule in docs/hypervisor.md). The reader task
-decodes the stream and hands each message to the domain synchronously, in order.
+decodes the stream and hands each message to the domain synchronously, in order. Messages
+are typed records (messages.py), encoded and decoded here and nowhere else.
 
 When the stream ends or fails, the link dies once: pending calls fail with `PeerGone`, and
 the domain is told (ports close, mappings die, the peer's pins are dropped).
@@ -18,7 +19,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol, TypeVar, cast
 
 import msgpack
 import structlog
@@ -26,11 +27,22 @@ import trio
 
 from xenpv.hv.busypoll import AdaptivePoll
 from xenpv.hv.errors import PeerGone
-from xenpv.hv.faults import LinkFaults, Message
-from xenpv.hv.messages import Msg, Whose
+from xenpv.hv.faults import LinkFaults
+from xenpv.hv.memory import SharedPeerMemory
+from xenpv.hv.messages import (
+    REPLY,
+    Message,
+    ProtocolViolation,
+    R,
+    Reply,
+    Request,
+    Update,
+    Whose,
+    decode,
+    decode_reply,
+)
 
-if TYPE_CHECKING:
-    from xenpv.hv.mapping import GrantMapping
+__all__ = ["Link", "LinkHost", "ProtocolViolation", "SharedPeerMemory"]
 
 log = structlog.get_logger()
 
@@ -45,45 +57,33 @@ MAX_BACKLOG = 64 << 20
 CALL_TIMEOUT = 30.0
 
 
-class ProtocolViolation(Exception):
-    """The peer sent a message that does not follow the link protocol."""
-
-
 class LinkHost(Protocol):
     domid: int
 
-    def handle_message(self, link: Link, message: list[Any]) -> None: ...
+    def handle_message(self, link: Link, message: Message) -> None: ...
 
     def link_died(self, link: Link) -> None: ...
 
 
-ReplyHook = Callable[[list[Any]], list[Any]]
+T = TypeVar("T")
 
 
 class _Call:
-    __slots__ = ("abandoned", "done", "error", "on_abandoned", "on_reply", "result")
+    __slots__ = ("abandoned", "done", "error", "on_abandoned", "on_reply", "reply_type", "result")
 
-    def __init__(self, on_reply: ReplyHook | None, on_abandoned: ReplyHook | None) -> None:
+    def __init__(
+        self,
+        reply_type: type[Reply],
+        on_reply: Callable[[Any], object] | None,
+        on_abandoned: Callable[[Any], None] | None,
+    ) -> None:
         self.done = trio.Event()
-        self.result: list[Any] = []
+        self.reply_type = reply_type
+        self.result: object = None
         self.error: Exception | None = None
         self.on_reply = on_reply
         self.on_abandoned = on_abandoned
         self.abandoned = False
-
-
-class SharedPeerMemory:
-    """The peer's memory file mapped here (shared-memory transport)."""
-
-    __slots__ = ("fd", "nr_frames", "nr_grants", "table", "view")
-
-    def __init__(self, fd: int, view: memoryview, nr_frames: int, nr_grants: int) -> None:
-        self.fd = fd
-        self.view = view
-        self.nr_frames = nr_frames
-        self.nr_grants = nr_grants
-        table_offset = nr_frames << 12
-        self.table = view[table_offset : table_offset + nr_grants * 8]
 
 
 class Link:
@@ -127,11 +127,6 @@ class Link:
         self._next_id = 1
         self._pack = msgpack.Packer(use_bin_type=True).pack
         self._scope = trio.CancelScope()
-        # Granter side: the peer's pins on our grants, gref -> [read pins, write pins].
-        self.pins: dict[int, list[int]] = {}
-        # Mapper side: our mappings of the peer's grants, gref -> [(mapping, offset in view)].
-        self.replicas: dict[int, list[tuple[GrantMapping, int]]] = {}
-        self.mappings: set[GrantMapping] = set()
         self.messages_received = 0
         self._died = False
         self.updates_received = 0
@@ -193,11 +188,11 @@ class Link:
 
     def _enqueue(self, message: Message) -> None:
         if self._faults is None:
-            self._push(self._pack(message))
+            self._push(self._pack(message.encode()))
             return
         verdict = self._faults.on_send(self.host.domid, self.peer, message)
         if verdict is None:
-            self._push(self._pack(message))
+            self._push(self._pack(message.encode()))
             return
         if verdict.fail is not None:
             self.close(f"injected fault: {verdict.fail}")
@@ -205,7 +200,7 @@ class Link:
         if verdict.delay > 0:
             self._out.append(float(verdict.delay))
         for m in verdict.send:
-            self._push(self._pack(m))
+            self._push(self._pack(m.encode()))
 
     def _push(self, data: bytes) -> None:
         self._out.append(data)
@@ -243,35 +238,47 @@ class Link:
 
     def _queue_update(self) -> None:
         entries = [
-            [whose, gref, offset, bytes(source[start : start + length])]
+            (whose, gref, offset, bytes(source[start : start + length]))
             for whose, gref, offset, length, source, start in self._dirty
         ]
         self._dirty = []
-        self._enqueue([Msg.UPDATE, entries])  # the caller wakes the writer (or is the writer)
+        self._enqueue(Update(entries))  # the caller wakes the writer (or is the writer)
 
-    async def call(
+    async def call(self, request: Request, reply_type: type[R]) -> R:
+        """Send a request (its `req` is set to a fresh id) and await its reply."""
+        return cast(R, await self._call(request, reply_type, None, None))
+
+    async def call_then(
         self,
-        message: Message,
-        *,
-        on_reply: ReplyHook | None = None,
-        on_abandoned: ReplyHook | None = None,
-    ) -> list[Any]:
-        """Send a request (`message[1]` is filled with a fresh id) and await its REPLY.
-
-        `on_reply(result)` runs in the reader, in link order, before any later message is
-        handled (a mapping must exist before the granter's next UPDATE); its return value or
-        exception becomes the call's. If the caller is cancelled first, `on_abandoned(result)`
-        runs instead when the reply comes (e.g. to unmap what nobody will use).
+        request: Request,
+        reply_type: type[R],
+        on_reply: Callable[[R], T],
+        on_abandoned: Callable[[R | None], None],
+    ) -> T:
+        """`call`, with `on_reply(reply)` run in the receiving task, in link order, before any
+        later message is handled (a mapping must exist before the granter's next UPDATE); its
+        return value or exception becomes the call's. If the caller is cancelled first,
+        `on_abandoned(reply)` runs instead when the reply comes, or `on_abandoned(None)` when
+        the link dies first (e.g. to unmap what nobody will use).
         """
+        return cast(T, await self._call(request, reply_type, on_reply, on_abandoned))
+
+    async def _call(
+        self,
+        request: Request,
+        reply_type: type[Reply],
+        on_reply: Callable[[Any], object] | None,
+        on_abandoned: Callable[[Any], None] | None,
+    ) -> object:
         if self.dead is not None:
             raise PeerGone(f"link to domain {self.peer} is dead: {self.dead}")
         request_id = self._next_id
         self._next_id += 1
-        message[1] = request_id
-        call = _Call(on_reply, on_abandoned)
+        request.req = request_id
+        call = _Call(reply_type, on_reply, on_abandoned)
         self._pending[request_id] = call
         try:
-            self.send_now(message)
+            self.send_now(request)
             with trio.move_on_after(CALL_TIMEOUT):
                 # Receive the reply in this task, as an event waiter does (receive_until);
                 # if another task is receiving already, it sets `done`.
@@ -296,9 +303,14 @@ class Link:
             raise call.error
         return call.result
 
-    def reply(self, request_id: int, *result: Any) -> None:
+    def reply(self, reply: Reply) -> None:
         if self.dead is None:
-            self.send([Msg.REPLY, request_id, *result])
+            self.send(reply)
+
+    def violation(self, what: str) -> PeerGone:
+        """The peer broke the link protocol: drop the link (as if it died) and say why."""
+        self.close(f"protocol violation: {what}")
+        return PeerGone(f"domain {self.peer} broke the link protocol: {what}")
 
     # -- running ----------------------------------------------------------------------------
 
@@ -376,14 +388,14 @@ class Link:
         unpacker = self._unpacker
         unpacker.feed(self._received[:size])  # copies: the buffer is reused at once
         handle = self.host.handle_message
-        for message in unpacker:
+        for raw in unpacker:
             self.messages_received += 1
-            if type(message) is not list or not message:
-                raise ProtocolViolation(f"not a message: {message!r:.80}")
-            if message[0] == Msg.REPLY:
-                self._on_reply(message)
+            if type(raw) is not list or not raw:
+                raise ProtocolViolation(f"not a message: {raw!r:.80}")
+            if raw[0] == REPLY:
+                self._on_reply(raw)
             else:
-                handle(self, message)
+                handle(self, decode(raw))
 
     def _receive_step(self) -> bool | None:
         """Read and handle one chunk: True if handled, None if nothing to read, False if the
@@ -491,23 +503,23 @@ class Link:
         if wait is not None:
             wait.cancel()
 
-    def _on_reply(self, message: list[Any]) -> None:
-        if len(message) < 2 or not isinstance(message[1], int):
+    def _on_reply(self, raw: list[Any]) -> None:
+        if len(raw) < 2 or type(raw[1]) is not int:
             raise ProtocolViolation("malformed reply")
-        call = self._pending.get(message[1])
+        call = self._pending.get(raw[1])
         if call is None or call.done.is_set():
             return  # a duplicate or a reply to a cancelled call
-        result = message[2:]
+        reply = decode_reply(raw, call.reply_type)
         if call.abandoned:
-            del self._pending[message[1]]
+            del self._pending[reply.req]
             if call.on_abandoned is not None:
-                call.on_abandoned(result)
+                call.on_abandoned(reply)
             return
         if call.on_reply is None:
-            call.result = result
+            call.result = reply
         else:
             try:
-                call.result = call.on_reply(result)
+                call.result = call.on_reply(reply)
             except Exception as exc:
                 call.error = exc
         call.done.set()
@@ -524,7 +536,7 @@ class Link:
         for call in list(self._pending.values()):
             if call.abandoned:
                 if call.on_abandoned is not None:
-                    call.on_abandoned([])  # no reply will come: just release local state
+                    call.on_abandoned(None)  # no reply will come: just release local state
             elif not call.done.is_set():
                 call.error = error
                 call.done.set()

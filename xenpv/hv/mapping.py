@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from xenpv.hv.errors import GrantError, HvError, PeerGone
 from xenpv.hv.gntst import GNTST
 from xenpv.hv.memory import barrier
-from xenpv.hv.messages import Msg, Whose
+from xenpv.hv.messages import UnmapReply, UnmapRequest, Whose
 
 if TYPE_CHECKING:
     from xenpv.hv.link import Link
@@ -37,7 +37,6 @@ class GrantMapping:
     """The `SharedBuffer` returned by `Domain.map_grants`."""
 
     __slots__ = (
-        "_bases",
         "_dead",
         "_fixed",
         "_link",
@@ -45,6 +44,7 @@ class GrantMapping:
         "_sizes",
         "_view",
         "_writable",
+        "bases",
         "domid",
         "grefs",
         "readonly",
@@ -58,10 +58,12 @@ class GrantMapping:
         view: memoryview,
         readonly: bool,
         fixed: FixedRegion | None = None,
-        release: Callable[[int], None] | None = None,
+        release: Callable[[GrantMapping], None] | None = None,
     ) -> None:
         self._link = link
-        self._release = release  # gives the maptrack entries back, once
+        # Runs once when the mapping dies (unmapped or the peer gone): the mapper forgets it
+        # and gives its maptrack entries back.
+        self._release = release
         self.domid = link.peer
         self.grefs = list(grefs)
         self._sizes = list(sizes)
@@ -70,7 +72,7 @@ class GrantMapping:
         for size in sizes:
             bases.append(offset)
             offset += size
-        self._bases = bases
+        self.bases = bases  # offset of each granule in the view
         self._writable = view  # the replica must follow the granter even when read-only here
         self._view = view.toreadonly() if readonly else view
         self.readonly = readonly
@@ -104,7 +106,7 @@ class GrantMapping:
             raise HvError(f"written({offset}, {length}) outside a {len(self._view)}-byte mapping")
         # Split the range over the granules it touches.
         end = offset + length
-        for gref, base, size in zip(self.grefs, self._bases, self._sizes, strict=True):
+        for gref, base, size in zip(self.grefs, self.bases, self._sizes, strict=True):
             lo = max(offset, base)
             hi = min(end, base + size)
             if lo < hi:
@@ -116,28 +118,19 @@ class GrantMapping:
         link = self._link
         if self._detach() and link.dead is None:
             with contextlib.suppress(PeerGone):
-                await link.call([Msg.UNMAP, 0, self.grefs, self.readonly])
+                await link.call(UnmapRequest(0, self.grefs, self.readonly), UnmapReply)
 
     def unmap_nowait(self) -> None:
         """Unmap without waiting for the granter (for synchronous clean-up paths)."""
         link = self._link
         if self._detach() and link.dead is None:
-            link.send([Msg.UNMAP, 0, self.grefs, self.readonly])
+            link.send(UnmapRequest(0, self.grefs, self.readonly))
 
     def _detach(self) -> bool:
         if self._dead is not None:
             return False
         self._dead = "unmapped"
         self._released()
-        link = self._link
-        link.mappings.discard(self)
-        for gref, base in zip(self.grefs, self._bases, strict=True):
-            entries = link.replicas.get(gref)
-            if entries is not None:
-                with contextlib.suppress(ValueError):
-                    entries.remove((self, base))
-                if not entries:
-                    del link.replicas[gref]
         if self._fixed is not None:
             self._fixed.retire()
         return True
@@ -153,7 +146,7 @@ class GrantMapping:
     def _released(self) -> None:
         release, self._release = self._release, None
         if release is not None:
-            release(len(self.grefs))
+            release(self)
 
     def apply(self, base: int, offset: int, data: bytes) -> None:
         """Apply the granter's write to the replica (socket transport)."""

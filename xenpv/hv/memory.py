@@ -80,6 +80,20 @@ class Page:
         return f"Page(frame={self.frame}, nframes={self.nframes})"
 
 
+class SharedPeerMemory:
+    """A peer's memory file mapped here (shared-memory transport): its frames and grant table."""
+
+    __slots__ = ("fd", "nr_frames", "nr_grants", "table", "view")
+
+    def __init__(self, fd: int, view: memoryview, nr_frames: int, nr_grants: int) -> None:
+        self.fd = fd
+        self.view = view
+        self.nr_frames = nr_frames
+        self.nr_grants = nr_grants
+        table_offset = nr_frames << FRAME_SHIFT
+        self.table = view[table_offset : table_offset + nr_grants * GRANT_ENTRY_SIZE]
+
+
 class DomainMemory:
     """The RAM and grant table of one domain, in one memfd."""
 

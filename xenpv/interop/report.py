@@ -16,6 +16,14 @@ from rich.console import Console
 from rich.table import Table
 
 COLUMNS = ("device", "guest", "backend", "ext", "features", "granule fe/be", "ok", "throughput")
+# The terminal table fits 80 columns: short headers and features, units in the legend.
+TERMINAL_COLUMNS = ("dev", "guest", "back", "ext", "features", "gran", "ok", "rate")
+TERMINAL_LEGEND = (
+    "guest/back: page size of the guest and of the backend domain; ext: grant-granule "
+    "extension; features: profile, i = max indirect segments, r = ring page order, "
+    "p = persistent grants, q = queues, sg = scatter-gather + GSO; gran: granule order "
+    "frontend/backend; rate: vbd MB/s (write + read), vif Mbit/s (echoed)"
+)
 
 
 def _kib(size: int | None) -> str:
@@ -37,6 +45,33 @@ def _features(record: dict[str, Any]) -> str:
             f"pers {int(f['persistent'])}, q {f['queues']}"
         )
     return f"{f['profile']}: q {f['queues']}, sg/gso {int(f['sg_gso'])}"
+
+
+def _features_short(record: dict[str, Any]) -> str:
+    f = record["features"]
+    if record["device"] == "vbd":
+        return (
+            f"{f['profile']} i{f['indirect_segments']} r{f['ring_page_order']} "
+            f"p{int(f['persistent'])} q{f['queues']}"
+        )
+    return f"{f['profile']} q{f['queues']} sg{int(f['sg_gso'])}"
+
+
+def terminal_rows(records: list[dict[str, Any]]) -> list[list[str]]:
+    """`rows` for an 80-column terminal (see TERMINAL_LEGEND)."""
+    return [
+        [
+            r["device"],
+            _kib(r["frontend_page"]),
+            _kib(r["backend_page"]),
+            r["extension"],
+            _features_short(r),
+            _orders(r),
+            "ok" if r["ok"] else "FAIL",
+            "-" if r.get("mbps") is None else f"{r['mbps']:,.1f}",
+        ]
+        for r in records
+    ]
 
 
 def _throughput(record: dict[str, Any]) -> str:
@@ -97,16 +132,41 @@ def _ratio(value: Any) -> str:
 
 def print_table(result: dict[str, Any], file: TextIO | None = None) -> None:
     table = Table(title="xenpv interop: mixed page sizes x grant granules")
-    for column in COLUMNS:
-        table.add_column(column)
-    for row in rows(result["cells"]):
+    for column in TERMINAL_COLUMNS:
+        table.add_column(column, overflow="fold")  # wrap, never an ellipsis
+    for row in terminal_rows(result["cells"]):
         style = None if row[6] == "ok" else "red"
         table.add_row(*row, style=style)
     out = file or sys.stderr
-    console = Console(file=out, width=None if out.isatty() else 150)
+    console = Console(file=out, width=None if out.isatty() else 80)
+    run = run_line(result)
+    if run:
+        console.print(run, markup=False)
     console.print(table)
+    console.print(TERMINAL_LEGEND, markup=False, style="dim")
     for line in summary_lines(result):
         console.print(line, markup=False)
+
+
+def run_line(result: dict[str, Any]) -> str:
+    """What was run, when and by which version (`result["run"]`, see `xenpv interop`)."""
+    run = result.get("run")
+    if not isinstance(run, dict):
+        return ""
+    mode = "quick run (--quick: short transfers)" if run.get("quick") else "full run"
+    parts = [
+        f"xenpv {run.get('version', '?')}",
+        str(run.get("date", "?")),
+        mode,
+        f"transport {run.get('transport', '?')}",
+    ]
+    if run.get("vbd_bytes"):
+        parts.append(f"{int(run['vbd_bytes']) >> 20} MiB per vbd cell")
+    if run.get("vif_frames"):
+        parts.append(f"{run['vif_frames']} frames per vif cell")
+    if run.get("only"):
+        parts.append("only cells matching " + ", ".join(map(str, run["only"])))
+    return "; ".join(parts)
 
 
 # -- HTML -----------------------------------------------------------------------------------
@@ -232,6 +292,7 @@ def render_html(result: dict[str, Any]) -> str:
         _CSS,
         "</style></head><body>",
         "<h1>xenpv interop: mixed page sizes and negotiated grant granules</h1>",
+        f"<p class='run'><b>{html.escape(run_line(result) or 'run details not recorded')}</b></p>",
         "<p>Every cell is one device between a guest and a backend domain (separate processes)."
         " <i>off</i>: 4 KiB grants (a 16K/64K guest splits every page); <i>on</i>: the"
         " negotiated granule extension (docs/granule-extension.md). A cell passes when its"

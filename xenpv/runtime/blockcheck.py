@@ -87,7 +87,7 @@ async def check_block(disk: Blkfront, plan: BlockCheckPlan) -> BlockCheckResult:
     seed = secrets.randbits(32)
     small = [(off, n) for off, n in plan.extents(sector) if off + n <= capacity]
     bulk_base = min(BULK_BASE, capacity // 2)
-    bulk_bytes = min(plan.bulk_bytes, capacity - bulk_base)
+    bulk_bytes = max(0, min(plan.bulk_bytes, capacity - bulk_base))
     bulk_bytes -= bulk_bytes % plan.chunk
     chunks = [(bulk_base + at, plan.chunk) for at in range(0, bulk_bytes, plan.chunk)]
     result.extents, result.bulk_bytes = len(small) + len(chunks), bulk_bytes

@@ -90,6 +90,8 @@ async def net_check(
     name: str, port: EchoPort, peer_mac: bytes, frames: int, limit_s: float
 ) -> dict[str, Any]:
     """Echo `frames` frames off the peer with MAC `peer_mac`, one at a time."""
+    if frames <= 0:  # the CLI refuses these; a request written by hand must not divide by 0
+        return _check(name, False, f"asked for {frames} frames; expected at least 1")
     with trio.move_on_after(limit_s) as scope:
         try:
             await port.front.wait_connected()

@@ -246,36 +246,64 @@ def device_label(cls: str, devid: int) -> str:
     return f"{cls}{devid}"
 
 
-def render(status: ClusterStatus) -> list[Any]:
-    """rich renderables: the domains table, the devices table, the checks table (if any)."""
+# Short xenbus state names for the 80-column devices table (the legend under it spells
+# out the ones that are not obvious).
+STATE_ABBREVIATIONS = {
+    "Unknown": "Unknown",
+    "Initialising": "Initing",
+    "InitWait": "InitWait",
+    "Initialised": "Inited",
+    "Connected": "Conn",
+    "Closing": "Closing",
+    "Closed": "Closed",
+    "Reconfiguring": "Reconfing",
+    "Reconfigured": "Reconfed",
+}
+DEVICES_LEGEND = (
+    "state: frontend/backend xenbus state (Conn = Connected, Initing = Initialising, "
+    "Inited = Initialised); ring: ring page order; q: queues; ind: max indirect "
+    "segments; pers: persistent grants; grant: grant size"
+)
+
+
+def short_state(state: str) -> str:
+    return STATE_ABBREVIATIONS.get(state, state)
+
+
+def _table(title: str, columns: tuple[str, ...]) -> Any:
+    """A table whose cells wrap (never end in an ellipsis) when 80 columns are too few."""
     from rich.table import Table
 
-    domains = Table(title="domains")
-    for col in ("domid", "name", "page size", "memory", "pid"):
-        domains.add_column(col)
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    return table
+
+
+def render(status: ClusterStatus) -> list[Any]:
+    """rich renderables, sized for an 80-column terminal: the domains table, the devices
+    table and its legend (plus one line per device error), the checks table (if any)."""
+    from rich.text import Text
+
+    domains = _table("domains", ("domid", "name", "page size", "memory", "pid"))
     for d in status.domains:
         domains.add_row(str(d.domid), d.name, _size(d.page_size), _size(d.memory), _opt(d.pid))
-    devices = Table(title="devices")
-    for col in (
-        "device",
-        "frontend",
-        "backend",
-        "state fe/be",
-        "ring order",
-        "queues",
-        "indirect",
-        "persistent",
-        "grant",
-    ):
-        devices.add_column(col)
+    # Domain names are unique: the domains table above gives their domids.
+    devices = _table(
+        "devices",
+        ("device", "frontend", "backend", "state", "ring", "q", "ind", "pers", "grant"),
+    )
+    errors: list[str] = []
     for v in status.devices:
-        state = f"{v.frontend_state}/{v.backend_state}"
+        label = device_label(v.cls, v.devid)
+        state = f"{short_state(v.frontend_state)}/{short_state(v.backend_state)}"
         if v.error:
-            state += f" ({v.error})"
+            state += " (!)"
+            errors.append(f"{label} of {v.frontend}: {v.error}")
         devices.add_row(
-            device_label(v.cls, v.devid),
-            f"{v.frontend} ({v.frontend_domid})",
-            f"{v.backend} ({v.backend_domid})",
+            label,
+            v.frontend,
+            v.backend,
             state if v.connected else f"[yellow]{state}[/yellow]",
             _opt(v.ring_page_order),
             _opt(v.queues),
@@ -283,11 +311,10 @@ def render(status: ClusterStatus) -> list[Any]:
             _opt(v.persistent),
             _size(v.grant_size),
         )
-    out: list[Any] = [domains, devices]
+    out: list[Any] = [domains, devices, Text(DEVICES_LEGEND, style="dim")]
+    out.extend(Text(f"(!) {line}", style="yellow") for line in errors)
     if status.checks:
-        checks = Table(title="checks")
-        for col in ("check", "result", "detail"):
-            checks.add_column(col)
+        checks = _table("checks", ("check", "result", "detail"))
         for c in status.checks:
             ok = "[green]ok[/green]" if c.get("ok") else "[red]FAILED[/red]"
             checks.add_row(str(c.get("name")), ok, str(c.get("detail", "")))

@@ -1,0 +1,53 @@
+"""What one link holds of grants, both ways: the peer's pins on our grants (granter side) and
+our mappings of the peer's grants with their replicas (mapper side).
+
+A domain keeps one `PeerGrants` per live link; when the link dies, the record is torn down
+whole (pins dropped, mappings killed), so a new link to the same peer starts clean.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from xenpv.hv.mapping import GrantMapping
+
+
+class PeerGrants:
+    __slots__ = ("mappings", "pins", "replicas")
+
+    def __init__(self) -> None:
+        # Granter side: the peer's pins on our grants, gref -> [read pins, write pins].
+        self.pins: dict[int, list[int]] = {}
+        # Mapper side: our mappings of the peer's grants, and for the socket transport the
+        # replicas to update when the granter writes, gref -> [(mapping, offset in view)].
+        self.mappings: set[GrantMapping] = set()
+        self.replicas: dict[int, list[tuple[GrantMapping, int]]] = {}
+
+    def add_mapping(self, mapping: GrantMapping, replica: bool) -> None:
+        """Track a new mapping; a `replica` (socket transport) follows the granter's writes."""
+        self.mappings.add(mapping)
+        if replica:
+            for gref, base in zip(mapping.grefs, mapping.bases, strict=True):
+                self.replicas.setdefault(gref, []).append((mapping, base))
+
+    def remove_mapping(self, mapping: GrantMapping) -> None:
+        self.mappings.discard(mapping)
+        for gref, base in zip(mapping.grefs, mapping.bases, strict=True):
+            entries = self.replicas.get(gref)
+            if entries is not None:
+                with contextlib.suppress(ValueError):
+                    entries.remove((mapping, base))
+                if not entries:
+                    del self.replicas[gref]
+
+    def apply_granter_write(self, gref: int, offset: int, data: bytes) -> None:
+        """The granter changed memory under its grant `gref`: update every replica of it."""
+        for mapping, base in self.replicas.get(gref, ()):
+            mapping.apply(base, offset, data)
+
+    def kill_mappings(self, reason: str) -> None:
+        """The peer is gone: every mapping of its grants dies."""
+        for mapping in list(self.mappings):
+            mapping.kill(reason)
+        self.mappings.clear()
+        self.replicas.clear()
