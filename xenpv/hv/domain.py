@@ -23,8 +23,8 @@ from contextlib import asynccontextmanager
 import structlog
 import trio
 
+from xenpv.abi.buffer import XEN_PAGE_SIZE
 from xenpv.hv import handshake
-from xenpv.hv.buffer import XEN_PAGE_SIZE
 from xenpv.hv.busypoll import max_window_from_env
 from xenpv.hv.copyengine import CopyDirection, CopyGroup, CopyOp, CopySegment
 from xenpv.hv.directory import PeerDirectory

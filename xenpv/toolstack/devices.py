@@ -4,9 +4,10 @@ Both directories are written in one transaction (retried on EAGAIN). Permissions
 the backend directory is owned by the backend domain and readable by the frontend, the frontend
 directory is owned by the frontend domain and readable by the backend.
 
-Keys starting with `xenpv-` are xenpv's toolstack-to-backend configuration (what Linux takes
-from module parameters, e.g. `max_ring_page_order`): which features the backend offers for this
-device, so that frontends can meet every combination. Backends read them once per connection.
+Keys starting with `xenpv-` are xenpv's toolstack-to-driver configuration (what Linux takes
+from module parameters, e.g. `max_ring_page_order`); their names and how they are read are the
+key contract in `xenpv.xenbus.keys`, shared with the drivers. Backends read them once per
+connection.
 """
 
 from __future__ import annotations
@@ -15,24 +16,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from xenpv.toolstack.topology import VbdFeatures
+from xenpv.xenbus import keys
 from xenpv.xenbus.core import DEVICE_CLASSES, DeviceId, Initialising
 from xenpv.xenstore.client import Transaction, XenstoreClient
 from xenpv.xenstore.wire import XsError
-
-# vbd backend configuration keys (toolstack → backend).
-VBD_SIZE = "xenpv-size"
-VBD_SECTOR_SIZE = "xenpv-sector-size"
-VBD_MAX_RING_PAGE_ORDER = "xenpv-max-ring-page-order"
-VBD_MAX_QUEUES = "xenpv-max-queues"
-VBD_MAX_INDIRECT_SEGMENTS = "xenpv-max-indirect-segments"
-VBD_PERSISTENT = "xenpv-persistent"
-VBD_FLUSH = "xenpv-flush"
-VBD_BARRIER = "xenpv-barrier"
-VBD_DISCARD = "xenpv-discard"
-# docs/granule-extension.md: the backend offers `max-grant-granule-order` up to this.
-VBD_MAX_GRANULE_ORDER = "xenpv-max-grant-granule-order"
-# vif frontend configuration: attach a host TAP device to this netfront.
-VIF_TAP = "xenpv-tap"
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,13 +33,9 @@ class VbdConfig:
     features: VbdFeatures = field(default_factory=VbdFeatures)
 
 
-async def _write_all(tx: Transaction, directory: str, keys: Mapping[str, str | int]) -> None:
-    for name, value in keys.items():
+async def _write_all(tx: Transaction, directory: str, values: Mapping[str, str | int]) -> None:
+    for name, value in values.items():
         await tx.write(f"{directory}/{name}", str(value))
-
-
-def _flag(value: bool) -> str:
-    return "1" if value else "0"
 
 
 async def _create(
@@ -110,16 +93,16 @@ async def create_vbd(xs: XenstoreClient, device: DeviceId, config: VbdConfig) ->
             "params": config.image or "",
             "type": "file" if config.image else "memory",
             "device-type": "disk",
-            VBD_SIZE: config.size,
-            VBD_SECTOR_SIZE: config.sector_size,
-            VBD_MAX_RING_PAGE_ORDER: f.ring_page_order,
-            VBD_MAX_QUEUES: f.queues,
-            VBD_MAX_INDIRECT_SEGMENTS: f.indirect_segments,
-            VBD_PERSISTENT: _flag(f.persistent),
-            VBD_FLUSH: _flag(f.flush),
-            VBD_BARRIER: _flag(f.barrier),
-            VBD_DISCARD: _flag(f.discard),
-            VBD_MAX_GRANULE_ORDER: f.max_granule_order,
+            keys.XENPV_SIZE: config.size,
+            keys.XENPV_SECTOR_SIZE: config.sector_size,
+            keys.XENPV_MAX_RING_PAGE_ORDER: f.ring_page_order,
+            keys.XENPV_MAX_QUEUES: f.queues,
+            keys.XENPV_MAX_INDIRECT_SEGMENTS: f.indirect_segments,
+            keys.XENPV_PERSISTENT: keys.flag(f.persistent),
+            keys.XENPV_FLUSH: keys.flag(f.flush),
+            keys.XENPV_BARRIER: keys.flag(f.barrier),
+            keys.XENPV_DISCARD: keys.flag(f.discard),
+            keys.XENPV_MAX_GRANULE_ORDER: f.max_granule_order,
         },
         {"virtual-device": device.devid, "device-type": "disk"},
     )
@@ -133,7 +116,7 @@ async def create_vif(
         raise ValueError(f"not a vif: {device}")
     frontend_keys: dict[str, str | int] = {"handle": device.devid, "mac": mac}
     if tap is not None:
-        frontend_keys[VIF_TAP] = tap
+        frontend_keys[keys.XENPV_TAP] = tap
     await _create(
         xs,
         device,

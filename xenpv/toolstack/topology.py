@@ -52,14 +52,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from xenpv.errors import UsageError
+from xenpv.xenbus import keys
 
 Transport = Literal["auto", "shm", "socket", "tcp"]
 TRANSPORTS: tuple[Transport, ...] = ("auto", "shm", "socket", "tcp")
 PAGE_SIZES = (4096, 16384, 65536)
 SECTOR_SIZES = (512, 4096)
-MAX_RING_PAGE_ORDER = 4
-MAX_QUEUES = 4
-MAX_INDIRECT_SEGMENTS = 256
 RESTART_POLICIES = ("no", "on-failure")
 
 
@@ -83,9 +81,9 @@ class DomainSpec:
 
 @dataclass(frozen=True, slots=True)
 class VbdFeatures:
-    ring_page_order: int = MAX_RING_PAGE_ORDER
-    queues: int = MAX_QUEUES
-    indirect_segments: int = MAX_INDIRECT_SEGMENTS
+    ring_page_order: int = keys.MAX_RING_PAGE_ORDER
+    queues: int = keys.BLK_MAX_QUEUES
+    indirect_segments: int = keys.BLK_MAX_INDIRECT_SEGMENTS
     persistent: bool = True
     flush: bool = True
     barrier: bool = True
@@ -255,8 +253,10 @@ def _vbd_features(raw: object, where: str) -> VbdFeatures:
     t = _Table(raw, where)
     d = VbdFeatures()
     features = VbdFeatures(
-        ring_page_order=t.integer("ring_page_order", d.ring_page_order, 0, MAX_RING_PAGE_ORDER),
-        queues=t.integer("queues", d.queues, 1, MAX_QUEUES),
+        ring_page_order=t.integer(
+            "ring_page_order", d.ring_page_order, 0, keys.MAX_RING_PAGE_ORDER
+        ),
+        queues=t.integer("queues", d.queues, 1, keys.BLK_MAX_QUEUES),
         indirect_segments=t.integer("indirect_segments", d.indirect_segments, 0, 512),
         persistent=t.flag("persistent", d.persistent),
         flush=t.flag("flush", d.flush),
