@@ -59,6 +59,7 @@ from xenpv.errors import XenpvError
 from xenpv.toolstack import devices, logs, provision
 from xenpv.toolstack import domains as toolstack
 from xenpv.toolstack.progress import NO_PROGRESS, Progress
+from xenpv.toolstack.quotas import plan_quotas
 from xenpv.toolstack.supervisor import (
     SUPERVISOR,
     Child,
@@ -201,7 +202,7 @@ def _check_no_stale_processes(state_dir: Path) -> None:
 
 
 async def _start_xenstored(
-    sup: Supervisor, state_dir: Path, tcp: str, log_level: str
+    sup: Supervisor, state_dir: Path, tcp: str, log_level: str, quota_args: Sequence[str] = ()
 ) -> tuple[Child, str, str]:
     sock = state_dir / "xenstored.sock"
     sock.unlink(missing_ok=True)
@@ -223,6 +224,7 @@ async def _start_xenstored(
         tcp,
         "--ready-fd",
         str(write_fd),
+        *quota_args,
     ]
     log_path = state_dir / "logs" / "xenstored.log"
     try:
@@ -625,6 +627,7 @@ async def launch(
     try:
         _check_no_stale_processes(state_dir)
         _check_images(topology, state_dir)
+        quota_plan = plan_quotas(topology)  # fails before anything starts
     except BaseException:
         unlock_state_dir(state_dir, lock)  # and touch nothing: the files may be in use
         raise
@@ -633,7 +636,9 @@ async def launch(
         tcp = topology.xenstore_tcp or "127.0.0.1:0"
         started = time.monotonic()
         progress.show("starting xenstored")
-        _xenstored, unix, tcp_addr = await _start_xenstored(sup, state_dir, tcp, log_level)
+        _xenstored, unix, tcp_addr = await _start_xenstored(
+            sup, state_dir, tcp, log_level, quota_plan.xenstored_args()
+        )
         async with connect(unix) as xs:
             cluster = Cluster(topology, state_dir, xs, unix, tcp_addr, sup)
             sup.describe = cluster.describe

@@ -10,6 +10,11 @@ transport = "auto"            # auto | shm | socket | tcp (socket copy over TCP,
 
 [xenstore]
 tcp = "127.0.0.1:0"           # optional TCP listener for domains (port 0: pick one)
+[xenstore.quota]              # optional: C xenstored's quotas for every unprivileged domain
+watches = 128                 # nodes, node-size, watches, transactions, permissions,
+                              # transaction-nodes (left out: sized for each domain's devices)
+[xenstore.quota.domain.backend]
+watches = 1024                # one domain's own limit (xenpv/toolstack/quotas.py)
 
 [[domain]]
 name = "backend"
@@ -53,6 +58,7 @@ from typing import Any, Literal
 
 from xenpv.errors import UsageError
 from xenpv.xenbus import keys
+from xenpv.xenstore.quotas import C_NAMES
 
 Transport = Literal["auto", "shm", "socket", "tcp"]
 TRANSPORTS: tuple[Transport, ...] = ("auto", "shm", "socket", "tcp")
@@ -118,6 +124,9 @@ class Topology:
     vifs: tuple[VifSpec, ...] = ()
     transport: Transport = "auto"
     xenstore_tcp: str | None = None
+    # quota field -> limit, for every domain / for the named domain (toolstack/quotas.py)
+    xenstore_quota: Mapping[str, int] = field(default_factory=dict)
+    xenstore_domain_quota: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
 
     def domain(self, name: str) -> DomainSpec:
         for spec in self.domains:
@@ -320,6 +329,7 @@ def parse(raw: Mapping[str, Any]) -> Topology:
     transport = top.choice("transport", "auto", TRANSPORTS)
     xs = _Table(top._get("xenstore", {}), "xenstore")
     xenstore_tcp = xs.opt_string("tcp")
+    quota, domain_quota = _quotas(xs._get("quota", {}))
     xs.done()
     domains_raw = _list(raw, "domain")
     top.used.add("domain")
@@ -339,7 +349,40 @@ def parse(raw: Mapping[str, Any]) -> Topology:
         if mac in macs[:i]:
             raise TopologyError(f"vif[{i}].mac", f"duplicate MAC {mac}")
     top.done()
-    return Topology(tuple(domains.values()), vbds, vifs, transport, xenstore_tcp)
+    for name in domain_quota:
+        if name not in domains:
+            raise TopologyError(f"xenstore.quota.domain.{name}", f"no domain named {name!r}")
+    return Topology(
+        tuple(domains.values()), vbds, vifs, transport, xenstore_tcp, quota, domain_quota
+    )
+
+
+def _quotas(raw: object) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    if not isinstance(raw, Mapping):
+        raise TopologyError("xenstore.quota", "expected a table")
+    raw = dict(raw)
+    per_domain = raw.pop("domain", {})
+    if not isinstance(per_domain, Mapping):
+        raise TopologyError("xenstore.quota.domain", "expected a table of domain names")
+    domain_quota = {}
+    for name, table in per_domain.items():
+        where = f"xenstore.quota.domain.{name}"
+        if not isinstance(table, Mapping):
+            raise TopologyError(where, "expected a table")
+        domain_quota[name] = parse_quota_table(table, where)
+    return parse_quota_table(raw, "xenstore.quota"), domain_quota
+
+
+def parse_quota_table(raw: Mapping[str, object], where: str) -> dict[str, int]:
+    """`{C xenstored quota name: N}` -> {our `Quotas` field: N}."""
+    out: dict[str, int] = {}
+    for name, value in raw.items():
+        if name not in C_NAMES:
+            raise TopologyError(f"{where}.{name}", f"unknown quota (known: {', '.join(C_NAMES)})")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise TopologyError(f"{where}.{name}", f"expected a positive integer, got {value!r}")
+        out[C_NAMES[name]] = value
+    return out
 
 
 def loads(text: str, source: str = "<topology>") -> Topology:
