@@ -327,58 +327,86 @@ async def _fatal(xs: XenstoreClient, device: DeviceId) -> str | None:
     return None
 
 
-async def _watch_into(
-    xs: XenstoreClient,
-    path: str,
-    changed: trio.MemorySendChannel[None],
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    async with xs.watch(path) as events:
-        task_status.started()
-        async for _event in events:
-            with contextlib.suppress(trio.WouldBlock):
-                changed.send_nowait(None)
+class _Readiness:
+    """What start-up still waits for, re-checked only where xenstore changed: each event's
+    path leads (through its ancestors) to the one domain or device it concerns, so waiting
+    costs O(changes), not O(devices) reads per change (see module doc)."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.pending: set[int | DeviceId] = set(cluster.domids.values()) | set(cluster.devices)
+        self._owner: dict[str, int | DeviceId] = {}
+        for domid in cluster.domids.values():
+            self._owner[_ready_path(domid)] = domid
+        for device in cluster.devices:
+            for path in (device.frontend, device.backend, *_error_paths(device)):
+                self._owner[path] = device
+
+    def concerned(self, path: str) -> int | DeviceId | None:
+        while path.count("/") > 2:
+            owner = self._owner.get(path)
+            if owner is not None:
+                return owner
+            path = path.rpartition("/")[0]
+        return None
+
+    async def check(self, item: int | DeviceId) -> None:
+        """Drop `item` from `pending` once ready; raise ClusterError when an end gave a
+        device up."""
+        xs = self.cluster.xs
+        if isinstance(item, int):
+            if await xs.try_read(_ready_path(item)) is not None:
+                self.pending.discard(item)
+            return
+        fe, be = await _states(xs, item)
+        if fe == "Connected" and be == "Connected":
+            self.pending.discard(item)
+            return
+        reason = await _fatal(xs, item)
+        if reason is not None:
+            who = f"{self.cluster.name_of(item.frontend_domid)}/{item.cls}{item.devid}"
+            why = _device_complaint(self.cluster, item) or reason
+            raise ClusterError(f"{who} failed (frontend {fe}, backend {be}): {why}")
+
+    def summary(self) -> str:
+        domains = sum(isinstance(p, int) for p in self.pending)
+        devices = len(self.pending) - domains
+        total_domains, total_devices = len(self.cluster.domids), len(self.cluster.devices)
+        return (
+            f"waiting: {total_domains - domains}/{total_domains} domains ready, "
+            f"{total_devices - devices}/{total_devices} devices Connected"
+        )
+
+
+def _ready_path(domid: int) -> str:
+    return f"/local/domain/{domid}/xenpv/ready"
 
 
 async def wait_connected(
     cluster: Cluster, limit_s: float, progress: Progress = NO_PROGRESS
 ) -> None:
     """Return once every domain is ready and every device is Connected on both ends; fail
-    at once when an end gives a device up (see module doc)."""
-    xs = cluster.xs
-    send, recv = trio.open_memory_channel[None](1)
-    paths = [f"/local/domain/{d}/xenpv/ready" for d in cluster.domids.values()]
-    for device in cluster.devices:
-        paths += [f"{device.frontend}/state", f"{device.backend}/state", *_error_paths(device)]
-    pending: list[str] = []
+    at once when an end gives a device up (see module doc). One watch on `/local/domain`."""
+    readiness = _Readiness(cluster)
     with trio.move_on_after(limit_s) as scope:
-        async with trio.open_nursery() as nursery:
-            for path in paths:
-                await nursery.start(_watch_into, xs, path, send)
-            while True:
-                pending = await _not_ready(cluster, fail_fast=True)
-                if not pending:
+        async with cluster.xs.watch("/local/domain") as events:
+            for each in list(readiness.pending):  # once each; then only what changes
+                await readiness.check(each)
+            async for path, _token in events:
+                if not readiness.pending:
                     break
-                progress.show(_summary(cluster, pending))
-                await recv.receive()
-            nursery.cancel_scope.cancel()
+                progress.show(readiness.summary())
+                item = readiness.concerned(path)
+                if item is not None and item in readiness.pending:
+                    await readiness.check(item)
+                if not readiness.pending:
+                    break
     if scope.cancelled_caught:
         pending = await _not_ready(cluster, explain=True)
         raise ClusterError(f"not ready after {limit_s:g} s: " + "; ".join(pending))
 
 
-def _summary(cluster: Cluster, pending: list[str]) -> str:
-    domains = len(cluster.domids) - sum(p.startswith("domain ") for p in pending)
-    devices = len(cluster.devices) - sum(not p.startswith("domain ") for p in pending)
-    return (
-        f"waiting: {domains}/{len(cluster.domids)} domains ready, "
-        f"{devices}/{len(cluster.devices)} devices Connected"
-    )
-
-
-async def _not_ready(
-    cluster: Cluster, *, explain: bool = False, fail_fast: bool = False
-) -> list[str]:
+async def _not_ready(cluster: Cluster, *, explain: bool = False) -> list[str]:
     out: list[str] = []
     for name, domid in cluster.domids.items():
         if await cluster.xs.try_read(f"/local/domain/{domid}/xenpv/ready") is None:
@@ -388,11 +416,6 @@ async def _not_ready(
         if fe == "Connected" and be == "Connected":
             continue
         who = f"{cluster.name_of(device.frontend_domid)}/{device.cls}{device.devid}"
-        if fail_fast:
-            reason = await _fatal(cluster.xs, device)
-            if reason is not None:
-                why = _device_complaint(cluster, device) or reason
-                raise ClusterError(f"{who} failed (frontend {fe}, backend {be}): {why}")
         why = _device_complaint(cluster, device) if explain else ""
         out.append(f"{who} frontend {fe}, backend {be}" + (f" ({why})" if why else ""))
     return out
