@@ -106,6 +106,7 @@ class Cluster:
     devices: list[DeviceId] = field(default_factory=list)
     dead: dict[str, dict[str, Any]] = field(default_factory=dict)
     restarts: dict[str, int] = field(default_factory=dict)
+    forkserver: Path | None = None  # its socket: domain processes are forked from it
 
     @property
     def children(self) -> list[Child]:
@@ -269,9 +270,33 @@ async def _create(cluster: Cluster) -> None:
     cluster.sup.save()
 
 
+async def _start_forkserver(sup: Supervisor, state_dir: Path) -> Path:
+    """The fork server the domain processes come from (xenpv.toolstack.forkserver)."""
+    sock = state_dir / "forkserver.sock"
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    args = [sys.executable, "-m", "xenpv.toolstack.forkserver", "--socket", str(sock)]
+    args += ["--ready-fd", str(write_fd)]
+    log_path = state_dir / "logs" / "forkserver.log"
+    try:
+        child = await sup.spawn("forkserver", "forkserver", args, log_path, pass_fds=(write_fd,))
+    finally:
+        os.close(write_fd)
+    line = b""
+    async with trio.lowlevel.FdStream(read_fd) as stream:
+        with trio.move_on_after(XENSTORED_READY_TIMEOUT):
+            while not line.endswith(b"\n"):
+                chunk = await stream.receive_some(64)
+                if not chunk:
+                    break
+                line += chunk
+    if line.strip() != b"READY":
+        raise ClusterError(f"the fork server did not start: {logs.failure_summary(child.tail())}")
+    return sock
+
+
 async def _start_domain(cluster: Cluster, spec: DomainSpec, log_level: str) -> Child:
     args = [
-        *_python(),
+        *([] if cluster.forkserver is not None else _python()),
         "--log-level",
         log_level,
         "--log-format",
@@ -286,7 +311,12 @@ async def _start_domain(cluster: Cluster, spec: DomainSpec, log_level: str) -> C
     ]
     log_path = cluster.state_dir / "logs" / f"{spec.name}.log"
     return await cluster.sup.spawn(
-        spec.name, spec.role, args, log_path, domid=cluster.domids[spec.name]
+        spec.name,
+        spec.role,
+        args,
+        log_path,
+        domid=cluster.domids[spec.name],
+        forkserver=cluster.forkserver,
     )
 
 
@@ -601,6 +631,7 @@ def _remove_files(state_dir: Path) -> None:
     for path in (state_dir / "links").glob("*.sock"):
         path.unlink(missing_ok=True)
     (state_dir / "xenstored.sock").unlink(missing_ok=True)
+    (state_dir / "forkserver.sock").unlink(missing_ok=True)
     (state_dir / STATE_FILE).unlink(missing_ok=True)
     (state_dir / (STATE_FILE + ".tmp")).unlink(missing_ok=True)
 
@@ -669,6 +700,8 @@ async def launch(
             progress.show("creating the domains and their devices in xenstore")
             await _create(cluster)
             progress.show("starting the domain processes")
+            if topology.start == "fork":
+                cluster.forkserver = await _start_forkserver(sup, state_dir)
             await _start_domains(cluster, log_level)
             try:
                 async with trio.open_nursery() as nursery:

@@ -7,6 +7,7 @@ each with a vbd and a vif.
 
 ```toml
 transport = "auto"            # auto | shm | socket | tcp (socket copy over TCP, any host)
+start = "fork"                # fork (from a pre-imported fork server) | spawn (a new python)
 
 [xenstore]
 tcp = "127.0.0.1:0"           # optional TCP listener for domains (port 0: pick one)
@@ -127,6 +128,7 @@ class Topology:
     # quota field -> limit, for every domain / for the named domain (toolstack/quotas.py)
     xenstore_quota: Mapping[str, int] = field(default_factory=dict)
     xenstore_domain_quota: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    start: Literal["fork", "spawn"] = "fork"  # how domain processes start (toolstack/forkserver)
 
     def domain(self, name: str) -> DomainSpec:
         for spec in self.domains:
@@ -327,6 +329,7 @@ def parse(raw: Mapping[str, Any]) -> Topology:
     """Validate a decoded TOML document."""
     top = _Table(raw, "topology")
     transport = top.choice("transport", "auto", TRANSPORTS)
+    start = top.choice("start", "fork", ("fork", "spawn"))
     xs = _Table(top._get("xenstore", {}), "xenstore")
     xenstore_tcp = xs.opt_string("tcp")
     quota, domain_quota = _quotas(xs._get("quota", {}))
@@ -353,7 +356,7 @@ def parse(raw: Mapping[str, Any]) -> Topology:
         if name not in domains:
             raise TopologyError(f"xenstore.quota.domain.{name}", f"no domain named {name!r}")
     return Topology(
-        tuple(domains.values()), vbds, vifs, transport, xenstore_tcp, quota, domain_quota
+        tuple(domains.values()), vbds, vifs, transport, xenstore_tcp, quota, domain_quota, start
     )
 
 
