@@ -50,17 +50,26 @@ def register(benches: Any) -> None:
     parser.add_argument(
         "--timeout", type=types.positive_float, default=120.0, help="seconds to Connected"
     )
+    parser.add_argument(
+        "--group-size",
+        type=types.positive_int,
+        default=1,
+        metavar="K",
+        help="guests per process (topology `group`; default 1: one process per guest)",
+    )
     parser.add_argument("--json", action="store_true", help="accepted; JSON is always last")
     parser.set_defaults(run=run)
 
 
-def scale_topology(guests: int, start: str = "fork") -> Topology:
-    """One backend, `guests` guests with 4K/16K/64K pages in turn, a vbd and a vif each."""
+def scale_topology(guests: int, start: str = "fork", group_size: int = 1) -> Topology:
+    """One backend, `guests` guests with 4K/16K/64K pages in turn, a vbd and a vif each;
+    with `group_size` > 1, that many guests per process."""
     domains = [DomainSpec("backend", "backend", 4096, 64 * MiB)]
     vbds, vifs = [], []
     for i in range(guests):
         name = f"guest{i}"
-        domains.append(DomainSpec(name, "guest", PAGE_SIZES[i % 3], 64 * MiB))
+        group = f"g{i // group_size}" if group_size > 1 else None
+        domains.append(DomainSpec(name, "guest", PAGE_SIZES[i % 3], 64 * MiB, group=group))
         vbds.append(VbdSpec(name, "backend", None, 4 * MiB))
         vifs.append(
             VifSpec(
@@ -71,7 +80,7 @@ def scale_topology(guests: int, start: str = "fork") -> Topology:
 
 
 def run(args: argparse.Namespace) -> int:
-    topo = scale_topology(args.guests, args.start)
+    topo = scale_topology(args.guests, args.start, args.group_size)
     result: dict[str, Any] = {}
     main = functools.partial(_bench, topo, args.timeout, result)
     code = supervisor.run_in_temp_dir("xenpv-scale-", main, Supervisor())
@@ -89,13 +98,15 @@ async def _bench(
     topo: Topology, limit_s: float, result: dict[str, Any], sup: Supervisor, state_dir: Path
 ) -> int:
     guests = [d.name for d in topo.guests]
-    result.update(guests=len(guests), connected=0, verified=0, start=topo.start)
+    processes = len({d.group or d.name for d in topo.guests})
+    result.update(guests=len(guests), guest_processes=processes, connected=0, verified=0)
+    result["start"] = topo.start
     started = time.monotonic()
     async with cluster.launch(topo, state_dir, sup=sup, ready_timeout_s=limit_s) as running:
         result["seconds_to_connected"] = round(time.monotonic() - started, 2)
         result["connected"] = len(running.devices)
         result["verified"] = await _verify(running, guests, limit_s)
-        result.update(_memory(running.children))
+        result.update(_memory(running.children, len(guests)))
         result["xenstore_nodes"] = await _count_nodes(running.xs, "/")
         children = list(running.children)
         stopping = time.monotonic()
@@ -164,14 +175,17 @@ def _smaps(pid: int) -> tuple[float, float]:
     return round(fields.get("Rss", 0) / 1024, 1), round(uss / 1024, 1)
 
 
-def _memory(children: list[Child]) -> dict[str, Any]:
-    guests = [_smaps(c.pid) for c in children if c.kind == "guest"]
+def _memory(children: list[Child], guest_count: int) -> dict[str, Any]:
+    """Per guest: the guest processes' memory shared out over the guests they run."""
+    per_process = [_smaps(c.pid) for c in children if c.kind == "guest"]
+    share = len(per_process) / guest_count if guest_count else 1.0
+    guests = [(r * share, u * share) for r, u in per_process]
     backend = [_smaps(c.pid) for c in children if c.kind == "backend"]
     store = [_smaps(c.pid) for c in children if c.kind == "xenstored"]
     return {
         "guest_rss_mib": round(statistics.mean(r for r, _ in guests), 1) if guests else 0,
         "guest_uss_mib": round(statistics.mean(u for _, u in guests), 1) if guests else 0,
-        "guest_uss_max_mib": max((u for _, u in guests), default=0),
+        "guest_uss_max_mib": round(max((u for _, u in guests), default=0), 1),
         "backend_rss_mib": backend[0][0] if backend else 0,
         "backend_uss_mib": backend[0][1] if backend else 0,
         "xenstored_rss_mib": store[0][0] if store else 0,

@@ -295,6 +295,13 @@ async def _start_forkserver(sup: Supervisor, state_dir: Path) -> Path:
 
 
 async def _start_domain(cluster: Cluster, spec: DomainSpec, log_level: str) -> Child:
+    return await _start_process(cluster, spec.name, spec.role, [spec], log_level)
+
+
+async def _start_process(
+    cluster: Cluster, name: str, kind: str, specs: Sequence[DomainSpec], log_level: str
+) -> Child:
+    """One `xenpv domain` process running the domains `specs` (several: a group)."""
     args = [
         *([] if cluster.forkserver is not None else _python()),
         "--log-level",
@@ -304,26 +311,31 @@ async def _start_domain(cluster: Cluster, spec: DomainSpec, log_level: str) -> C
         "domain",
         "--xenstore",
         cluster.xenstore_tcp,
-        "--key-file",
-        str(cluster.state_dir / "keys" / f"{spec.name}.key"),
-        "--transport",
-        DOMAIN_TRANSPORT[cluster.topology.transport],
     ]
-    log_path = cluster.state_dir / "logs" / f"{spec.name}.log"
+    for spec in specs:
+        args += ["--key-file", str(cluster.state_dir / "keys" / f"{spec.name}.key")]
+    args += ["--transport", DOMAIN_TRANSPORT[cluster.topology.transport]]
+    log_path = cluster.state_dir / "logs" / f"{name}.log"
     return await cluster.sup.spawn(
-        spec.name,
-        spec.role,
+        name,
+        kind,
         args,
         log_path,
-        domid=cluster.domids[spec.name],
+        domid=cluster.domids[specs[0].name] if len(specs) == 1 else None,
         forkserver=cluster.forkserver,
     )
 
 
 async def _start_domains(cluster: Cluster, log_level: str) -> None:
     # Backends first: nothing depends on it (watches), but their logs then read in order.
+    groups: dict[str, list[DomainSpec]] = {}
     for spec in sorted(cluster.topology.domains, key=lambda d: d.role != "backend"):
-        await _start_domain(cluster, spec, log_level)
+        if spec.group is None:
+            await _start_domain(cluster, spec, log_level)
+        else:
+            groups.setdefault(spec.group, []).append(spec)
+    for group, specs in groups.items():  # only guests are grouped
+        await _start_process(cluster, f"group-{group}", "guest", specs, log_level)
 
 
 async def _states(xs: XenstoreClient, device: DeviceId) -> tuple[str, str]:

@@ -23,6 +23,7 @@ role = "backend"              # backend | guest
 page_size = "4K"              # 4K | 16K | 64K (or bytes)
 memory = "64M"
 restart = "no"                # no | on-failure: restart its process if it dies with an error
+group = "g0"                  # optional, guests only: guests of one group share a process
 
 [[vbd]]
 frontend = "guest4k"
@@ -84,6 +85,7 @@ class DomainSpec:
     page_size: int
     memory: int
     restart: Literal["no", "on-failure"] = "no"  # what the launcher does when its process dies
+    group: str | None = None  # guests of one group run in one process (`xenpv domain`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,8 +258,16 @@ def _domain(raw: object, where: str) -> DomainSpec:
     if memory % page_size:
         raise TopologyError(t.at("memory"), f"must be a multiple of the page size {page_size}")
     restart = t.choice("restart", "no", RESTART_POLICIES)
+    group = t.opt_string("group")
+    if group is not None:
+        if not _NAME_RE.match(group):
+            raise TopologyError(t.at("group"), "use letters, digits, '-' and '_' (at most 64)")
+        if role != "guest":
+            raise TopologyError(t.at("group"), "only guests share a process")
+        if restart != "no":
+            raise TopologyError(t.at("restart"), "a grouped guest's process is not restarted")
     t.done()
-    return DomainSpec(name, role, page_size, memory, restart)
+    return DomainSpec(name, role, page_size, memory, restart, group)
 
 
 def _vbd_features(raw: object, where: str) -> VbdFeatures:
