@@ -93,6 +93,7 @@ class DomainInfo:
     page_size: int
     memory: int
     endpoint: str
+    max_maps: int | None = None  # maptrack entries the toolstack allows (None: the default)
 
 
 async def read_domain_info(xs: XenstoreClient, domid: int) -> DomainInfo:
@@ -112,9 +113,13 @@ async def read_domain_info(xs: XenstoreClient, domid: int) -> DomainInfo:
         values[key] = raw.decode("utf-8", "replace")
     try:
         page_size, memory = int(values["page-size"]), int(values["memory"])
+        raw = await xs.try_read(f"{tool}/max-maptrack")
+        max_maps = int(raw) if raw is not None else None
     except ValueError:
-        raise DomainProcessError(f"domain {domid}: malformed page-size or memory") from None
-    return DomainInfo(domid, values["name"], page_size, memory, values["link"])
+        raise DomainProcessError(
+            f"domain {domid}: malformed page-size, memory or max-maptrack"
+        ) from None
+    return DomainInfo(domid, values["name"], page_size, memory, values["link"], max_maps)
 
 
 def device_error_key(device: DeviceId) -> str:
@@ -412,6 +417,7 @@ async def run_domain(
             page_size=info.page_size,
             memory_bytes=info.memory,
             transport=transport,
+            **({} if info.max_maps is None else {"max_maps": info.max_maps}),
         ) as dom:
             rt = DomainRuntime(dom, xs, info, WorkloadContext(dom, xs, info.name))
             all_tasks: list[DeviceTasks] = []

@@ -602,6 +602,7 @@ async def _restart(cluster: Cluster, child: Child, spec: DomainSpec, log_level: 
             memory_bytes=spec.memory,
             endpoint=_endpoint(cluster.state_dir, spec.name, cluster.topology.transport),
             domid=child.domid,
+            max_maptrack=toolstack.BACKEND_MAX_MAPTRACK if spec.role == "backend" else None,
         )
         created.key.save(cluster.state_dir / "keys" / f"{spec.name}.key")
         for device, config in provision.plan_devices(

@@ -98,6 +98,7 @@ async def apply_topology(
             page_size=spec.page_size,
             memory_bytes=spec.memory,
             endpoint=endpoint(spec),
+            max_maptrack=toolstack.BACKEND_MAX_MAPTRACK if spec.role == "backend" else None,
         )
         created.key.save(keys_dir / f"{spec.name}.key")
         done.domids[spec.name] = created.domid
