@@ -800,11 +800,12 @@ class Domain:
     def _on_update(self, link: Link, entries: list[list[Any]]) -> None:
         link.updates_received += 1
         memory = self.memory
+        changed = False
         for whose, gref, offset, data in entries:
             if whose == Whose.SENDER:
                 # The granter changed memory we replicate.
                 for mapping, base in link.replicas.get(gref, ()):
-                    mapping.apply(base, offset, data)
+                    changed = mapping.apply(base, offset, data) or changed
             else:
                 # A mapper wrote to our grant: it must hold a writable pin on it.
                 pins = link.pins.get(gref)
@@ -814,11 +815,16 @@ class Domain:
                 if offset < 0 or offset + len(data) > (1 << entry.order) << 12:
                     raise ProtocolViolation(f"update outside grant {gref}")
                 start = (entry.frame << 12) + offset
+                if memory.view[start : start + len(data)] == data:
+                    continue  # a rewrite of what we hold: nothing new for anyone
                 memory.view[start : start + len(data)] = data
                 memory.written(start, len(data), exclude=link)
-        if self.coherence_events:
+                changed = True
+        if self.coherence_events and changed:
             # The Dekker rule: new shared bytes from the peer may be an index we decided not
-            # to wait for; every port bound to the peer re-checks (a spurious event).
+            # to wait for; every port bound to the peer re-checks (a spurious event). An
+            # UPDATE that changed no byte carries nothing to re-check: raising on it lets two
+            # idle ends wake each other forever (each wake rewrites its event index).
             for channel in self._ports_by_peer.get(link.peer, ()):
                 if channel.remote_port is not None and not channel.pending:
                     channel.raise_event()
