@@ -17,7 +17,7 @@ if docker image inspect "$IMAGE" >/dev/null 2>&1; then
     echo "base-image: $IMAGE present"
     exit 0
 fi
-if docker pull -q "$IMAGE" >/dev/null 2>&1; then
+if timeout 300 docker pull -q "$IMAGE" >/dev/null 2>&1; then
     echo "base-image: $IMAGE pulled"
     exit 0
 fi
