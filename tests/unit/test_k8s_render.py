@@ -241,6 +241,29 @@ def test_requests_are_sized_from_the_topology(
     assert int(cpu.removesuffix("m")) == 50 + 50 * (len(topo.vbds) + len(topo.vifs))
 
 
+def test_a_backend_without_images_has_no_volume() -> None:
+    text = (
+        DEFAULT_TOPOLOGY_TOML.replace(
+            '[[domain]]\nname = "guest4k"',
+            '[[domain]]\nname = "net"\nrole = "backend"\npage_size = "4K"\nmemory = "32M"\n\n'
+            '[[domain]]\nname = "guest4k"',
+        )
+        .replace('mac = "00:16:3e:00:00:01"', 'mac = "00:16:3e:00:00:01"')
+        .replace(
+            'frontend = "guest4k"\nbackend = "backend"\nmac',
+            'frontend = "guest4k"\nbackend = "net"\nmac',
+        )
+    )
+    topo = loads(text)
+    assert [v.backend for v in topo.vifs] == ["net", "backend", "backend"]
+    net = by_kind(render.render(topo, text), "StatefulSet")["xenpv-net"]
+    assert net["spec"]["volumeClaimTemplates"] == []
+    mounts = net["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    assert [m["name"] for m in mounts] == ["shared"]
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(net, version, strict=True)
+
+
 def test_the_toolstack_applies_the_rendered_topology(
     rendered: tuple[Topology, list[ManifestFile]],
 ) -> None:

@@ -344,8 +344,10 @@ def _domain(topo: Topology, spec: DomainSpec, opts: Options) -> list[dict[str, A
         },
     }
     is_backend = spec.role == "backend"
+    # Only a backend with file-backed vbds keeps anything: its images volume.
+    has_images = any(v.backend == spec.name and v.image is not None for v in topo.vbds)
     mounts: list[dict[str, Any]] = [{"name": "shared", "mountPath": SHARED, "readOnly": True}]
-    if is_backend:
+    if has_images:
         mounts.append({"name": "images", "mountPath": IMAGES})
     container = {
         "name": "domain",
@@ -405,7 +407,9 @@ def _domain(topo: Topology, spec: DomainSpec, opts: Options) -> list[dict[str, A
                 "replicas": 1,
                 "selector": {"matchLabels": selector},
                 "template": pod,
-                "volumeClaimTemplates": [_claim("images", image_bytes(topo, spec.name), opts)],
+                "volumeClaimTemplates": (
+                    [_claim("images", image_bytes(topo, spec.name), opts)] if has_images else []
+                ),
             },
         }
     else:
