@@ -242,17 +242,13 @@ def test_requests_are_sized_from_the_topology(
 
 
 def test_a_backend_without_images_has_no_volume() -> None:
-    text = (
-        DEFAULT_TOPOLOGY_TOML.replace(
-            '[[domain]]\nname = "guest4k"',
-            '[[domain]]\nname = "net"\nrole = "backend"\npage_size = "4K"\nmemory = "32M"\n\n'
-            '[[domain]]\nname = "guest4k"',
-        )
-        .replace('mac = "00:16:3e:00:00:01"', 'mac = "00:16:3e:00:00:01"')
-        .replace(
-            'frontend = "guest4k"\nbackend = "backend"\nmac',
-            'frontend = "guest4k"\nbackend = "net"\nmac',
-        )
+    text = DEFAULT_TOPOLOGY_TOML.replace(
+        '[[domain]]\nname = "guest4k"',
+        '[[domain]]\nname = "net"\nrole = "backend"\npage_size = "4K"\nmemory = "32M"\n\n'
+        '[[domain]]\nname = "guest4k"',
+    ).replace(
+        'frontend = "guest4k"\nbackend = "backend"\nmac',
+        'frontend = "guest4k"\nbackend = "net"\nmac',
     )
     topo = loads(text)
     assert [v.backend for v in topo.vifs] == ["net", "backend", "backend"]
