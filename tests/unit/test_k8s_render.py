@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from xenpv.cli import build_parser
+from xenpv.commands.args import paths_elsewhere
 from xenpv.k8s import render, yamlout
 from xenpv.k8s.render import ManifestFile, RenderError
 from xenpv.toolstack.topology import DEFAULT_TOPOLOGY_TOML, Topology, loads
@@ -78,9 +79,11 @@ def containers(files: list[ManifestFile]) -> Iterator[dict[str, Any]]:
 
 
 def parse_xenpv(command: list[str]) -> Any:
-    """The real argument parser on a container's `xenpv ...` command (exits on a bad one)."""
+    """The real argument parser on a container's `xenpv ...` command (exits on a bad one);
+    its paths are the container's, so they are checked for form only."""
     assert command[0] == "xenpv", command
-    return build_parser().parse_args(command[1:])
+    with paths_elsewhere():
+        return build_parser().parse_args(command[1:])
 
 
 def wait_commands(container: dict[str, Any]) -> list[list[str]]:
