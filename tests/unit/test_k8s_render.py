@@ -319,6 +319,6 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     bad.write_text(DEFAULT_TOPOLOGY_TOML.replace('mac = "00:16:3e:00:00:01"', 'mac = "x"'))
     for args in (("k8s", "render", str(tmp_path / "missing.toml")), ("k8s", "render", str(bad))):
         result = xenpv(*args)
-        assert result.returncode == 1
+        assert result.returncode == 2  # a usage error: a bad file
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert result.stderr.startswith("xenpv: error:")
