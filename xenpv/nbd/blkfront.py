@@ -1,0 +1,60 @@
+"""A guest's blkfront as the NBD server's `BlockBackend`.
+
+Block sizes come from what the frontend negotiated: the minimum is the disk's logical sector
+size, the preferred size the grant size (4 KiB, or the granule with
+docs/granule-extension.md: I/O in whole granules needs no partial grants). Requests the
+server accepted are aligned and within the disk, so they go to blkfront as they are; a
+backend restart under them only delays them (blkfront re-issues what was in flight).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from xenpv.abi.blkif import SECTOR_SIZE
+
+if TYPE_CHECKING:
+    from frontends.blkfront import Blkfront
+
+
+class BlkfrontDisk:
+    """`server.BlockBackend` over a connected `Blkfront`."""
+
+    def __init__(self, front: Blkfront) -> None:
+        self.front = front
+
+    @property
+    def size(self) -> int:
+        return self.front.capacity
+
+    @property
+    def block_size(self) -> int:
+        return int(self.front.info.get("sector_size", SECTOR_SIZE))
+
+    @property
+    def preferred_block_size(self) -> int:
+        return max(int(self.front.info.get("grant_size", 4096)), self.block_size)
+
+    @property
+    def read_only(self) -> bool:
+        return bool(self.front.info.get("read_only"))
+
+    @property
+    def can_discard(self) -> bool:
+        return bool(self.front.info.get("discard"))
+
+    @property
+    def can_flush(self) -> bool:
+        return bool(self.front.info.get("flush"))
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return await self.front.read(offset, length)
+
+    async def write(self, offset: int, data: bytes) -> None:
+        await self.front.write(offset, data)
+
+    async def flush(self) -> None:
+        await self.front.flush()
+
+    async def discard(self, offset: int, length: int) -> None:
+        await self.front.discard(offset, length)

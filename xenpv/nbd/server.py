@@ -1,0 +1,369 @@
+"""The NBD server at the edge: trio streams ↔ `protocol.ServerConnection` ↔ a `BlockBackend`.
+
+    disk = MemoryDisk(16 << 20)
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(serve_nbd, disk, "unix:/tmp/disk.sock")
+
+One task per client connection; within a connection, up to `MAX_IN_FLIGHT` requests run as
+tasks at once (replies go out as they complete, in any order, as the spec allows), so a
+client's queue depth reaches the backend (blkfront then spreads them over its rings). A
+client that breaks the protocol is disconnected; a request the disk fails gets EIO; neither
+affects other clients. See docs/nbd.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import stat
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import structlog
+import trio
+
+from xenpv.errors import UsageError
+from xenpv.nbd import protocol
+from xenpv.nbd.protocol import Cmd, Export, Ready, Request, ServerConnection, Violation
+
+log = structlog.get_logger()
+Logger = Any  # a bound structlog logger
+
+MAX_IN_FLIGHT = 16  # requests of one connection running at once
+HANDSHAKE_TIMEOUT = 30.0  # seconds a client may take to choose the export
+RECEIVE_SIZE = 1 << 18
+ZERO_CHUNK = 1 << 20  # WRITE_ZEROES is written in chunks of this size
+
+
+class BlockBackend(Protocol):
+    """What the server exports: a disk of `size` bytes addressed in `block_size` units."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def block_size(self) -> int: ...  # the minimum (logical sector) size
+
+    @property
+    def preferred_block_size(self) -> int: ...
+
+    @property
+    def read_only(self) -> bool: ...
+
+    @property
+    def can_discard(self) -> bool: ...
+
+    @property
+    def can_flush(self) -> bool: ...
+
+    async def read(self, offset: int, length: int) -> bytes: ...
+
+    async def write(self, offset: int, data: bytes) -> None: ...
+
+    async def flush(self) -> None: ...
+
+    async def discard(self, offset: int, length: int) -> None: ...
+
+
+class MemoryDisk:
+    """A `BlockBackend` in memory (tests, and a reference for the contract)."""
+
+    def __init__(
+        self,
+        size: int,
+        *,
+        block_size: int = 512,
+        preferred_block_size: int = 4096,
+        read_only: bool = False,
+        discard: bool = True,
+    ) -> None:
+        self.data = bytearray(size)
+        self.block_size = block_size
+        self.preferred_block_size = preferred_block_size
+        self.read_only = read_only
+        self.can_discard = discard
+        self.can_flush = True
+        self.flushes = 0
+        self.fail_at: int | None = None  # an offset whose I/O fails (tests)
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def _check(self, offset: int, length: int) -> None:
+        if self.fail_at is not None and offset <= self.fail_at < offset + length:
+            raise OSError(errno.EIO, "injected I/O error")
+
+    async def read(self, offset: int, length: int) -> bytes:
+        await trio.lowlevel.checkpoint()
+        self._check(offset, length)
+        return bytes(self.data[offset : offset + length])
+
+    async def write(self, offset: int, data: bytes) -> None:
+        await trio.lowlevel.checkpoint()
+        self._check(offset, len(data))
+        self.data[offset : offset + len(data)] = data
+
+    async def flush(self) -> None:
+        await trio.lowlevel.checkpoint()
+        self.flushes += 1
+
+    async def discard(self, offset: int, length: int) -> None:
+        await trio.lowlevel.checkpoint()
+        self.data[offset : offset + length] = bytes(length)
+
+
+def export_of(
+    disk: BlockBackend, name: str = "", *, read_only: bool = False, description: str = ""
+) -> Export:
+    """The export a disk gives. Multi-conn holds: every connection reaches the same disk
+    through the same path, so a completed write is seen by all and a flush covers all."""
+    block = disk.block_size
+    preferred = max(disk.preferred_block_size, block, 512)
+    return Export(
+        name=name,
+        size=disk.size - disk.size % block,
+        min_block=block,
+        preferred_block=preferred,
+        max_payload=max(protocol.DEFAULT_MAX_PAYLOAD, preferred),
+        read_only=read_only or disk.read_only,
+        flush=True,  # a disk without a cache flush has nothing to flush: a no-op is right
+        trim=disk.can_discard,
+        multi_conn=True,
+        description=description,
+    )
+
+
+class _Client:
+    """One connection in transmission: runs requests, serialises replies."""
+
+    def __init__(self, stream: trio.abc.Stream, conn: ServerConnection, disk: BlockBackend) -> None:
+        self.stream = stream
+        self.conn = conn
+        self.disk = disk
+        self.send_lock = trio.Lock()
+        self.slots = trio.Semaphore(MAX_IN_FLIGHT)
+        self.broken = False
+
+    async def send(self, data: bytes) -> None:
+        if self.broken or not data:
+            return
+        async with self.send_lock:
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                self.broken = True  # the client went away: later replies are dropped
+
+    async def handle(self, request: Request, ready: Ready) -> None:
+        try:
+            await self._handle(request, ready)
+        finally:
+            self.slots.release()
+
+    async def _handle(self, request: Request, ready: Ready) -> None:
+        conn, export = self.conn, ready.export
+        refused = protocol.check_request(request, export, structured=ready.structured)
+        if refused is not None:
+            await self.send(conn.error_reply(request.cookie, *refused))
+            return
+        cookie, offset, length = request.cookie, request.offset, request.length
+        try:
+            if request.cmd == Cmd.READ:
+                data = await self.disk.read(offset, length) if length else b""
+                await self.send(conn.read_reply(cookie, offset, data))
+                return
+            if request.cmd == Cmd.WRITE and length:
+                await self.disk.write(offset, request.payload)
+            elif request.cmd == Cmd.WRITE_ZEROES and length:
+                await self._write_zeroes(offset, length)
+            elif request.cmd == Cmd.TRIM and length:
+                await self.disk.discard(offset, length)
+            if request.cmd == Cmd.FLUSH or request.flags & protocol.CMD_FLAG_FUA:
+                await self.disk.flush()  # FUA = the write, then a flush
+        except Exception as exc:  # the disk failed this request; the connection goes on
+            log.warning("nbd request failed", cmd=request.cmd, offset=offset, error=str(exc))
+            await self.send(conn.error_reply(cookie, protocol.EIO, f"I/O error: {exc}"))
+            return
+        await self.send(conn.ok_reply(cookie))
+
+    async def _write_zeroes(self, offset: int, length: int) -> None:
+        zeroes = bytes(min(length, ZERO_CHUNK))
+        end = offset + length
+        while offset < end:
+            n = min(len(zeroes), end - offset)
+            await self.disk.write(offset, zeroes[:n])
+            offset += n
+
+
+async def serve_connection(
+    stream: trio.abc.Stream, disk: BlockBackend, export: Export | Callable[[], Export]
+) -> None:
+    """Speak NBD on one connection until the client disconnects or breaks the protocol.
+    `export` may be a function: evaluated per connection (a disk may have been resized)."""
+    conn = ServerConnection(export() if callable(export) else export)
+    client = _Client(stream, conn, disk)
+    peer = log.bind(client=id(stream))
+    ready: Ready | None = None
+    try:
+        await client.send(conn.data_to_send())
+        with trio.move_on_after(HANDSHAKE_TIMEOUT) as handshake:
+            ready = await _handshake(stream, conn, client, peer)
+        if handshake.cancelled_caught:
+            peer.info("nbd handshake timed out")
+        if ready is None:
+            return
+        peer.info("nbd client connected", structured=ready.structured, flags=hex(ready.flags))
+        async with trio.open_nursery() as nursery:
+            await _transmission(stream, conn, client, ready, nursery, peer)
+        peer.info("nbd client disconnected")
+    finally:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await stream.aclose()
+
+
+async def _handshake(
+    stream: trio.abc.Stream, conn: ServerConnection, client: _Client, peer: Logger
+) -> Ready | None:
+    while True:
+        event = conn.next_event()
+        await client.send(conn.data_to_send())
+        if isinstance(event, Ready):
+            return event
+        if isinstance(event, Violation):
+            peer.warning("nbd handshake refused", reason=event.reason)
+            return None
+        if event is not None:  # Aborted
+            return None
+        data = await _receive(stream)
+        if not data:
+            return None
+        conn.receive_data(data)
+
+
+async def _transmission(
+    stream: trio.abc.Stream,
+    conn: ServerConnection,
+    client: _Client,
+    ready: Ready,
+    nursery: trio.Nursery,
+    peer: Logger,
+) -> None:
+    while True:
+        event = conn.next_event()
+        if event is None:
+            data = await _receive(stream)
+            if not data:
+                return  # a hard disconnect by the client: in-flight requests still finish
+            conn.receive_data(data)
+            continue
+        if isinstance(event, Violation):
+            peer.warning("nbd client broke the protocol", reason=event.reason)
+            return
+        assert isinstance(event, Request)
+        if event.cmd == Cmd.DISC:
+            return  # the nursery finishes what is in flight, then the stream closes
+        await client.slots.acquire()  # bounds the requests in flight (and reading ahead)
+        nursery.start_soon(client.handle, event, ready)
+
+
+async def _receive(stream: trio.abc.Stream) -> bytes:
+    try:
+        return bytes(await stream.receive_some(RECEIVE_SIZE))
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        return b""
+
+
+def parse_address(address: str) -> tuple[str, str, int]:
+    """`unix:PATH` → ("unix", PATH, 0); `tcp:HOST:PORT` → ("tcp", HOST, PORT)."""
+    kind, _, rest = address.partition(":")
+    if kind == "unix" and rest:
+        return "unix", rest, 0
+    if kind == "tcp":
+        host, _, port = rest.rpartition(":")
+        if host and port.isdigit() and int(port) < 65536:
+            return "tcp", host.strip("[]"), int(port)
+    raise UsageError(f"NBD address {address!r}: expected unix:PATH or tcp:HOST:PORT")
+
+
+def uri_of(address: str) -> str:
+    """The NBD URI clients use for a bound address (`nbd+unix:///?socket=...`, `nbd://...`)."""
+    kind, host, port = parse_address(address)
+    if kind == "unix":
+        return f"nbd+unix:///?socket={host}"
+    return f"nbd://[{host}]:{port}" if ":" in host else f"nbd://{host}:{port}"
+
+
+async def open_listener(address: str) -> tuple[trio.SocketListener, str]:
+    """Listen at `address`; returns the listener and the bound address (a TCP port 0 is
+    resolved to the port the kernel picked). A stale Unix socket file is replaced."""
+    kind, host, port = parse_address(address)
+    if kind == "unix":
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.stat(host).st_mode):  # a stale socket; never any other file
+                os.unlink(host)
+        try:
+            await sock.bind(host)
+            sock.listen(64)
+        except OSError as exc:
+            sock.close()
+            raise UsageError(f"cannot listen on {host}: {exc.strerror}") from None
+        return trio.SocketListener(sock), f"unix:{host}"
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    listener = listeners[0]
+    for extra in listeners[1:]:
+        await extra.aclose()
+    bound = listener.socket.getsockname()
+    return listener, f"tcp:{host}:{bound[1]}"
+
+
+async def serve_nbd(
+    disk: BlockBackend,
+    address: str,
+    *,
+    name: str = "",
+    read_only: bool = False,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `disk` at `address` until cancelled; `task_status.started(bound address)`."""
+    listener, bound = await open_listener(address)
+
+    def export() -> Export:
+        return export_of(disk, name, read_only=read_only)
+
+    async def handler(stream: trio.SocketStream) -> None:
+        try:
+            await serve_connection(stream, disk, export)
+        except Exception as exc:  # never let one client take the server down
+            log.error("nbd connection failed", error=repr(exc))
+
+    log.info("nbd export listening", address=bound, size=disk.size)
+    try:
+        async with listener, trio.open_nursery() as nursery:
+            task_status.started(bound)
+            nursery.start_soon(_accept_loop, listener, handler, nursery)
+    finally:
+        kind, path, _ = parse_address(bound)
+        if kind == "unix":
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
+async def _accept_loop(
+    listener: trio.SocketListener,
+    handler: Callable[[trio.SocketStream], Awaitable[None]],
+    nursery: trio.Nursery,
+) -> None:
+    while True:
+        try:
+            stream = await listener.accept()
+        except OSError as exc:  # EMFILE and the like: wait a little rather than spin
+            log.warning("nbd accept failed", error=str(exc))
+            await trio.sleep(0.1)
+            continue
+        nursery.start_soon(handler, stream)
