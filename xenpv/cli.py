@@ -28,6 +28,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "xenpv.commands.probe",
     "xenpv.commands.toolstack",
     "xenpv.commands.faults",
+    "xenpv.commands.nbd",
 )
 
 

@@ -33,6 +33,8 @@ VBD_DISCARD = "xenpv-discard"
 VBD_MAX_GRANULE_ORDER = "xenpv-max-grant-granule-order"
 # vif frontend configuration: attach a host TAP device to this netfront.
 VIF_TAP = "xenpv-tap"
+# vbd frontend configuration: the guest exports this disk over NBD there (docs/nbd.md).
+VBD_NBD = "xenpv-nbd"
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +46,7 @@ class VbdConfig:
     read_only: bool = False
     sector_size: int = 512
     features: VbdFeatures = field(default_factory=VbdFeatures)
+    nbd: str | None = None  # unix:PATH | tcp:HOST:PORT
 
 
 async def _write_all(tx: Transaction, directory: str, keys: Mapping[str, str | int]) -> None:
@@ -121,7 +124,11 @@ async def create_vbd(xs: XenstoreClient, device: DeviceId, config: VbdConfig) ->
             VBD_DISCARD: _flag(f.discard),
             VBD_MAX_GRANULE_ORDER: f.max_granule_order,
         },
-        {"virtual-device": device.devid, "device-type": "disk"},
+        {
+            "virtual-device": device.devid,
+            "device-type": "disk",
+            **({VBD_NBD: config.nbd} if config.nbd else {}),
+        },
     )
 
 

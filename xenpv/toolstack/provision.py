@@ -59,6 +59,13 @@ def image_path(image: str | None, image_dir: Path) -> str | None:
     return str(path if path.is_absolute() else (image_dir / path).resolve())
 
 
+def nbd_address(address: str | None, base: Path) -> str | None:
+    """An NBD export address as the guest listens: a relative Unix path under `base`."""
+    if address is None or not address.startswith("unix:"):
+        return address
+    return f"unix:{image_path(address[len('unix:') :], base)}"
+
+
 async def existing_names(xs: XenstoreClient) -> dict[str, int]:
     """Names of the domains already in the store (dom0 view)."""
     try:
@@ -114,6 +121,7 @@ async def apply_topology(
             read_only=vbd.read_only,
             sector_size=vbd.sector_size,
             features=vbd.features,
+            nbd=nbd_address(vbd.nbd, image_dir),
         )
         await devices.create_vbd(xs, device, config)
         done.devices.append(device)
