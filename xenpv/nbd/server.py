@@ -31,7 +31,7 @@ from xenpv.nbd.protocol import Cmd, Export, Ready, Request, ServerConnection, Vi
 log = structlog.get_logger()
 Logger = Any  # a bound structlog logger
 
-MAX_IN_FLIGHT = 16  # requests of one connection running at once
+MAX_IN_FLIGHT = 32  # requests of one connection running at once (blkfront's default depth)
 HANDSHAKE_TIMEOUT = 30.0  # seconds a client may take to choose the export
 RECEIVE_SIZE = 1 << 18
 ZERO_CHUNK = 1 << 20  # WRITE_ZEROES is written in chunks of this size
