@@ -10,12 +10,21 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from tests.unit.nbd_client import NbdClient
 from xenpv.errors import UsageError
 from xenpv.nbd import protocol as p
 from xenpv.nbd.protocol import Cmd
-from xenpv.nbd.server import MemoryDisk, export_of, parse_address, serve_nbd, uri_of
+from xenpv.nbd.server import (
+    MAX_IN_FLIGHT,
+    MemoryDisk,
+    export_of,
+    parse_address,
+    serve_connection,
+    serve_nbd,
+    uri_of,
+)
 
 SIZE = 1 << 20
 
@@ -214,3 +223,29 @@ async def test_tcp_listener_reports_the_picked_port() -> None:
 async def test_listening_on_a_bad_path_is_a_usage_error(tmp_path: Path) -> None:
     with trio.fail_after(10), pytest.raises(UsageError, match="cannot listen"):
         await serve_nbd(MemoryDisk(SIZE), f"unix:{tmp_path}/missing/dir/nbd.sock")
+
+
+async def test_a_client_that_stops_reading_replies_is_not_read() -> None:
+    """Replies hold their request's slot until sent: a client that sends requests without
+    reading replies is not read beyond MAX_IN_FLIGHT requests (no replies piling up)."""
+    client_stream, server_stream = trio.testing.lockstep_stream_pair()
+    disk = MemoryDisk(SIZE)
+    sent = 0
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_connection, server_stream, disk, export_of(disk))
+            c = NbdClient(client_stream)
+            await c.handshake()
+
+            async def flood() -> None:
+                nonlocal sent
+                for cookie in range(100):
+                    await c.send(Cmd.READ, 0, 512, cookie=cookie)
+                    sent += 1
+
+            nursery.start_soon(flood)
+            await trio.testing.wait_all_tasks_blocked()
+            assert MAX_IN_FLIGHT <= sent <= MAX_IN_FLIGHT + 2
+            cookies = {(await c.reply()).cookie for _ in range(100)}  # now it reads: all come
+            assert cookies == set(range(100))
+            nursery.cancel_scope.cancel()
