@@ -130,9 +130,18 @@ class NbdClient:
                 return Reply(cookie, error, bytes(data), message)
             (magic,) = struct.unpack(">I", await self.receive_exactly(4))
 
-    async def call(self, cmd: int, offset: int = 0, length: int = 0, **kw: object) -> Reply:
-        cookie = int(kw.pop("cookie", 7))  # type: ignore[call-overload]
-        await self.send(cmd, offset, length, cookie=cookie, **kw)  # type: ignore[arg-type]
+    async def call(
+        self,
+        cmd: int,
+        offset: int = 0,
+        length: int = 0,
+        *,
+        cookie: int = 7,
+        flags: int = 0,
+        payload: bytes = b"",
+    ) -> Reply:
+        """Send one request and return its reply."""
+        await self.send(cmd, offset, length, cookie=cookie, flags=flags, payload=payload)
         reply = await self.reply({cookie: length} if cmd == p.Cmd.READ else None)
         assert reply.cookie == cookie
         return reply

@@ -7,6 +7,7 @@ import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import trio
@@ -27,6 +28,69 @@ from xenpv.nbd.server import (
 )
 
 SIZE = 1 << 20
+
+
+class MemoryQueue:
+    """An `IoQueue` over a MemoryDisk: I/Os complete at `wait()`, a few at a time."""
+
+    def __init__(self, disk: QueuedMemoryDisk) -> None:
+        self.disk = disk
+        self.in_flight = 0
+        self.queued: list[tuple[str, int, object, object]] = []
+        self.arrived = trio.Event()
+
+    def _add(self, op: str, offset: int, arg: object, tag: object) -> None:
+        if self.in_flight >= self.disk.depth:
+            raise trio.WouldBlock
+        self.in_flight += 1
+        self.queued.append((op, offset, arg, tag))
+        self.arrived.set()
+
+    def read(self, offset: int, length: int, tag: object = None) -> None:
+        self._add("read", offset, length, tag)
+
+    def write(self, offset: int, data: bytes, tag: object = None) -> None:
+        self._add("write", offset, data, tag)
+
+    def submit(self) -> None:
+        self.disk.submits += 1
+
+    async def wait(self) -> list[SimpleNamespace]:
+        while not self.queued:
+            await self.arrived.wait()
+            self.arrived = trio.Event()
+        await trio.lowlevel.checkpoint()
+        batch, self.queued = self.queued[:3], self.queued[3:]
+        out = []
+        for op, offset, arg, tag in batch:
+            try:
+                if op == "read":
+                    assert isinstance(arg, int)
+                    data = await MemoryDisk.read(self.disk, offset, arg)
+                    out.append(SimpleNamespace(tag=tag, data=bytearray(data), error=None))
+                else:
+                    assert isinstance(arg, bytes)
+                    await MemoryDisk.write(self.disk, offset, arg)
+                    out.append(SimpleNamespace(tag=tag, data=None, error=None))
+            except OSError as exc:
+                out.append(SimpleNamespace(tag=tag, data=None, error=exc))
+        self.in_flight -= len(out)
+        return out
+
+
+class QueuedMemoryDisk(MemoryDisk):
+    """A MemoryDisk with a queue: the server's fast path (as over blkfront)."""
+
+    def __init__(self, size: int, depth: int = 8) -> None:
+        super().__init__(size)
+        self.depth = depth
+        self.submits = 0
+
+    def io_queue(self) -> MemoryQueue:
+        return MemoryQueue(self)
+
+
+DISKS = [MemoryDisk, QueuedMemoryDisk]
 
 
 @asynccontextmanager
@@ -52,8 +116,9 @@ async def client(path: str, **kw: bool) -> AsyncIterator[NbdClient]:
         yield c
 
 
-async def test_write_read_flush_trim_zeroes(tmp_path: Path) -> None:
-    disk = MemoryDisk(SIZE)
+@pytest.mark.parametrize("make_disk", DISKS)
+async def test_write_read_flush_trim_zeroes(tmp_path: Path, make_disk: type[MemoryDisk]) -> None:
+    disk = make_disk(SIZE)
     with trio.fail_after(10):
         async with served(disk, tmp_path) as path, client(path) as c:
             assert c.negotiated.size == SIZE and c.negotiated.block_sizes == (512, 4096, 4 << 20)
@@ -69,10 +134,15 @@ async def test_write_read_flush_trim_zeroes(tmp_path: Path) -> None:
             assert disk.data[4096:12288] == bytes(8192)
             assert disk.data[:512] == b"f" * 512
             assert (await c.call(Cmd.READ, 0, 0)).error == 0  # empty: a no-op
+    if isinstance(disk, QueuedMemoryDisk):
+        assert disk.submits  # reads and writes went through the queue
 
 
-async def test_simple_replies_without_structured(tmp_path: Path) -> None:
-    disk = MemoryDisk(SIZE)
+@pytest.mark.parametrize("make_disk", DISKS)
+async def test_simple_replies_without_structured(
+    tmp_path: Path, make_disk: type[MemoryDisk]
+) -> None:
+    disk = make_disk(SIZE)
     disk.data[:512] = b"a" * 512
     with trio.fail_after(10):
         async with served(disk, tmp_path) as path, client(path, structured=False) as c:
@@ -81,8 +151,9 @@ async def test_simple_replies_without_structured(tmp_path: Path) -> None:
             assert (await c.call(Cmd.READ, 1, 512)).error == p.EINVAL
 
 
-async def test_errors_named_by_the_spec(tmp_path: Path) -> None:
-    disk = MemoryDisk(SIZE)
+@pytest.mark.parametrize("make_disk", DISKS)
+async def test_errors_named_by_the_spec(tmp_path: Path, make_disk: type[MemoryDisk]) -> None:
+    disk = make_disk(SIZE)
     disk.fail_at = 64 << 10
     with trio.fail_after(10):
         async with served(disk, tmp_path) as path, client(path) as c:
@@ -96,8 +167,9 @@ async def test_errors_named_by_the_spec(tmp_path: Path) -> None:
             assert (await c.call(Cmd.READ, 0, 512)).error == 0
 
 
-async def test_read_only_export_refuses_writes(tmp_path: Path) -> None:
-    disk = MemoryDisk(SIZE)
+@pytest.mark.parametrize("make_disk", DISKS)
+async def test_read_only_export_refuses_writes(tmp_path: Path, make_disk: type[MemoryDisk]) -> None:
+    disk = make_disk(SIZE)
     with trio.fail_after(10):
         async with served(disk, tmp_path, read_only=True) as path, client(path) as c:
             assert c.negotiated.flags & p.FLAG_READ_ONLY
@@ -144,8 +216,11 @@ async def test_disconnect_waits_for_requests_in_flight(tmp_path: Path) -> None:
             assert await c.at_eof()
 
 
-async def test_broken_client_does_not_disturb_another(tmp_path: Path) -> None:
-    disk = MemoryDisk(SIZE)
+@pytest.mark.parametrize("make_disk", DISKS)
+async def test_broken_client_does_not_disturb_another(
+    tmp_path: Path, make_disk: type[MemoryDisk]
+) -> None:
+    disk = make_disk(SIZE)
     with trio.fail_after(10):
         async with served(disk, tmp_path) as path, client(path) as good:
             bad_stream = await trio.open_unix_socket(path)
@@ -249,3 +324,18 @@ async def test_a_client_that_stops_reading_replies_is_not_read() -> None:
             cookies = {(await c.reply()).cookie for _ in range(100)}  # now it reads: all come
             assert cookies == set(range(100))
             nursery.cancel_scope.cancel()
+
+
+async def test_a_full_queue_falls_back_to_tasks(tmp_path: Path) -> None:
+    disk = QueuedMemoryDisk(SIZE, depth=2)
+    disk.data[:] = os.urandom(SIZE)
+    with trio.fail_after(10):
+        async with served(disk, tmp_path) as path, client(path) as c:
+            for cookie in range(20):
+                await c.send(Cmd.READ, cookie * 4096, 4096, cookie=cookie)
+            replies = [await c.reply() for _ in range(20)]
+            assert sorted(r.cookie for r in replies) == list(range(20))
+            for r in replies:
+                assert r.error == 0 and r.data == disk.data[r.cookie * 4096 : (r.cookie + 1) * 4096]
+            await c.send(Cmd.DISC)
+            assert await c.at_eof()

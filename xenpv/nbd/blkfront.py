@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from xenpv.abi.blkif import SECTOR_SIZE
+from xenpv.nbd.server import IoQueue
 
 if TYPE_CHECKING:
     from frontends.blkfront import Blkfront
@@ -46,6 +47,11 @@ class BlkfrontDisk:
     @property
     def can_flush(self) -> bool:
         return bool(self.front.info.get("flush"))
+
+    def io_queue(self) -> IoQueue:
+        """Blkfront's submission/completion queue (the server's fast path)."""
+        queue: IoQueue = self.front.io_queue()
+        return queue
 
     async def read(self, offset: int, length: int) -> bytes:
         return await self.front.read(offset, length)

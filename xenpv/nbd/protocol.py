@@ -416,11 +416,11 @@ class ServerConnection:
         """Success of anything but a read (a simple reply: no payload, allowed either way)."""
         return _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
 
-    def read_reply(self, cookie: int, offset: int, data: bytes) -> bytes:
+    def read_reply(self, cookie: int, offset: int, data: bytes | bytearray | memoryview) -> bytes:
         """A successful read: one OFFSET_DATA chunk (structured), or the data (simple)."""
         if not self.structured:
             return _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie) + data
-        if not data:  # OFFSET_DATA must carry at least one byte
+        if not len(data):  # OFFSET_DATA must carry at least one byte
             return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0)
         head = _CHUNK.pack(
             STRUCTURED_REPLY_MAGIC,

@@ -18,7 +18,7 @@ import errno
 import os
 import socket
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import structlog
@@ -65,6 +65,43 @@ class BlockBackend(Protocol):
     async def flush(self) -> None: ...
 
     async def discard(self, offset: int, length: int) -> None: ...
+
+
+class Completion(Protocol):
+    """A finished I/O of an `IoQueue` (blkfront's `Completion` is one)."""
+
+    @property
+    def tag(self) -> Any: ...
+
+    @property
+    def data(self) -> bytearray | memoryview | None: ...
+
+    @property
+    def error(self) -> Exception | None: ...
+
+
+class IoQueue(Protocol):
+    """A submission/completion queue (blkfront's `io_queue()`): `read`/`write` only queue
+    (raising `trio.WouldBlock` when the disk's depth is used up), `wait` submits and returns
+    the completions available."""
+
+    in_flight: int
+
+    def read(self, offset: int, length: int, tag: Any = None) -> None: ...
+
+    def write(self, offset: int, data: bytes, tag: Any = None) -> None: ...
+
+    def submit(self) -> None: ...
+
+    async def wait(self) -> Sequence[Completion]: ...
+
+
+class QueuedBackend(BlockBackend, Protocol):
+    """A `BlockBackend` that also takes reads and writes through a queue: the server then
+    submits them from its reader task in batches and reaps completions in another, instead
+    of a task per request (the per-request task switch costs more than a small I/O)."""
+
+    def io_queue(self) -> IoQueue: ...
 
 
 class MemoryDisk:
@@ -158,6 +195,11 @@ class _Client:
         self._outbox: list[bytes] = []
         self._queued = trio.Event()
         self._closing = False
+        # A QueuedBackend's reads and writes go through its queue (see there).
+        self.queue: IoQueue | None = disk.io_queue() if hasattr(disk, "io_queue") else None
+        self._submitted = trio.Event()
+        self._reaped_all = trio.Event()
+        self._reaper_done = trio.Event()
 
     async def send(self, data: bytes) -> None:
         """Send at once (the handshake, before the writer runs)."""
@@ -167,6 +209,13 @@ class _Client:
             await self.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             self.broken = True
+
+    def acquire_slot_nowait(self) -> bool:
+        try:
+            self.slots.acquire_nowait()
+        except trio.WouldBlock:
+            return False
+        return True
 
     def reply(self, data: bytes) -> None:
         self._outbox.append(data)
@@ -191,6 +240,70 @@ class _Client:
                 self.slots.release()
             if self._closing and not self._outbox:
                 return
+
+    def try_queue(self, request: Request, ready: Ready) -> bool:
+        """Put a plain read or write on the disk's queue; False if it must take the task
+        path (another command, a refused request, FUA, or the disk's depth used up)."""
+        queue = self.queue
+        if (
+            queue is None
+            or request.cmd not in (Cmd.READ, Cmd.WRITE)
+            or request.flags & protocol.CMD_FLAG_FUA
+            or not request.length
+            or protocol.check_request(request, ready.export, structured=ready.structured)
+        ):
+            return False
+        try:
+            if request.cmd == Cmd.READ:
+                queue.read(request.offset, request.length, tag=request)
+            else:
+                queue.write(request.offset, request.payload, tag=request)
+        except trio.WouldBlock:
+            return False
+        except Exception as exc:  # refused by the disk (e.g. it shrank): as the task path does
+            log.warning("nbd request failed", cmd=request.cmd, error=str(exc))
+            self.reply(self.conn.error_reply(request.cookie, protocol.EIO, f"I/O error: {exc}"))
+            return True
+        self._submitted.set()
+        return True
+
+    def submit_queued(self) -> None:
+        if self.queue is not None:
+            self.queue.submit()
+
+    async def reaper(self) -> None:
+        """Replies for the queue's completions, until `stop_reaping` and none in flight."""
+        queue = self.queue
+        assert queue is not None
+        try:
+            while True:
+                if not queue.in_flight:
+                    if self._reaped_all.is_set():
+                        return
+                    await self._submitted.wait()
+                    self._submitted = trio.Event()
+                    continue
+                for done in await queue.wait():
+                    request: Request = done.tag
+                    if done.error is not None:
+                        log.warning("nbd request failed", cmd=request.cmd, error=str(done.error))
+                        reply = self.conn.error_reply(
+                            request.cookie, protocol.EIO, f"I/O error: {done.error}"
+                        )
+                    elif request.cmd == Cmd.READ:
+                        assert done.data is not None
+                        reply = self.conn.read_reply(request.cookie, request.offset, done.data)
+                    else:
+                        reply = self.conn.ok_reply(request.cookie)
+                    self.reply(reply)
+        finally:
+            self._reaper_done.set()
+
+    async def stop_reaping(self) -> None:
+        """Let the reaper finish what is in flight, and wait for it."""
+        self._reaped_all.set()
+        self._submitted.set()
+        await self._reaper_done.wait()
 
     async def handle(self, request: Request, ready: Ready) -> None:
         try:
@@ -252,9 +365,13 @@ async def serve_connection(
         peer.info("nbd client connected", structured=ready.structured, flags=hex(ready.flags))
         async with trio.open_nursery() as io:
             io.start_soon(client.writer)
+            if client.queue is not None:
+                io.start_soon(client.reaper)
             try:
                 async with trio.open_nursery() as requests:
                     await _transmission(stream, conn, client, ready, requests, peer)
+                if client.queue is not None:
+                    await client.stop_reaping()
             finally:
                 client.close_outbox()  # the writer sends every reply queued, then ends
         peer.info("nbd client disconnected")
@@ -293,6 +410,7 @@ async def _transmission(
     while True:
         event = conn.next_event()
         if event is None:
+            client.submit_queued()  # what this batch of bytes queued, in one go
             data = await _receive(stream)
             if not data:
                 return  # a hard disconnect by the client: in-flight requests still finish
@@ -303,9 +421,13 @@ async def _transmission(
             return
         assert isinstance(event, Request)
         if event.cmd == Cmd.DISC:
+            client.submit_queued()
             return  # the nursery finishes what is in flight, then the stream closes
-        await client.slots.acquire()  # bounds the requests in flight (and reading ahead)
-        nursery.start_soon(client.handle, event, ready)
+        if not client.acquire_slot_nowait():
+            client.submit_queued()  # before waiting: the slots come back as replies go out
+            await client.slots.acquire()  # bounds the requests in flight (and reading ahead)
+        if not client.try_queue(event, ready):
+            nursery.start_soon(client.handle, event, ready)
 
 
 async def _receive(stream: trio.abc.Stream) -> bytes:
