@@ -44,10 +44,6 @@ class BlkfrontDisk:
     def can_discard(self) -> bool:
         return bool(self.front.info.get("discard"))
 
-    @property
-    def can_flush(self) -> bool:
-        return bool(self.front.info.get("flush"))
-
     def io_queue(self) -> IoQueue:
         """Blkfront's submission/completion queue (the server's fast path)."""
         queue: IoQueue = self.front.io_queue()

@@ -55,9 +55,6 @@ class BlockBackend(Protocol):
     @property
     def can_discard(self) -> bool: ...
 
-    @property
-    def can_flush(self) -> bool: ...
-
     async def read(self, offset: int, length: int) -> bytes: ...
 
     async def write(self, offset: int, data: bytes) -> None: ...
@@ -121,7 +118,6 @@ class MemoryDisk:
         self.preferred_block_size = preferred_block_size
         self.read_only = read_only
         self.can_discard = discard
-        self.can_flush = True
         self.flushes = 0
         self.fail_at: int | None = None  # an offset whose I/O fails (tests)
 
