@@ -162,6 +162,8 @@ def test_read_only_export_and_request_errors(tmp_path: Path) -> None:
 def test_bad_arguments_are_one_line_errors(tmp_path: Path) -> None:
     odd = tmp_path / "odd.img"
     odd.write_bytes(b"x" * 1000)
+    good = tmp_path / "good.img"
+    good.write_bytes(bytes(1 << 20))
     env = dict(os.environ, PYTHONPATH=str(REPO))
     for args, expected in (
         ([str(tmp_path / "missing.img")], "No such file"),
@@ -169,6 +171,7 @@ def test_bad_arguments_are_one_line_errors(tmp_path: Path) -> None:
         ([str(tmp_path)], "not a regular file"),
         ([str(odd), "--page-size", "8K"], ""),
         ([str(odd), "--tcp", "nohost"], ""),
+        ([str(good), "--socket", str(tmp_path / "no" / "dir.sock")], "cannot listen"),
     ):
         result = subprocess.run(
             [sys.executable, "-m", "xenpv", "nbd", *args],

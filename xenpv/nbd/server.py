@@ -488,8 +488,25 @@ async def serve_nbd(
     read_only: bool = False,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve `disk` at `address` until cancelled; `task_status.started(bound address)`."""
+    """Serve `disk` at `address` until cancelled; `task_status.started(bound address)`.
+    A listener that cannot be opened raises `UsageError` before anything is served."""
     listener, bound = await open_listener(address)
+    await serve_listener(
+        listener, bound, disk, name=name, read_only=read_only, task_status=task_status
+    )
+
+
+async def serve_listener(
+    listener: trio.SocketListener,
+    bound: str,
+    disk: BlockBackend,
+    *,
+    name: str = "",
+    read_only: bool = False,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `disk` on an open listener (`open_listener`) until cancelled; closes it and
+    removes its Unix socket file at the end."""
 
     def export() -> Export:
         return export_of(disk, name, read_only=read_only)

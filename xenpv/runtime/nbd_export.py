@@ -18,7 +18,7 @@ import trio
 
 from xenpv.errors import XenpvError
 from xenpv.nbd.blkfront import BlkfrontDisk
-from xenpv.nbd.server import serve_nbd
+from xenpv.nbd.server import open_listener, serve_listener
 from xenpv.runtime.workload import WorkloadContext
 from xenpv.xenbus.core import DeviceId, domain_path
 from xenpv.xenstore.wire import XsError
@@ -84,10 +84,12 @@ class NbdExports:
         with scope, structlog.contextvars.bound_contextvars(device=str(device)):
             await front.wait_connected()
             try:
-                async with trio.open_nursery() as nursery:
-                    bound = await nursery.start(serve_nbd, BlkfrontDisk(front), address)
-                    await ctx.xs.write(status_path(device), bound)
+                listener, bound = await open_listener(address)
             except XenpvError as exc:
                 log.error("cannot export the vbd over NBD", address=address, error=str(exc))
                 with contextlib.suppress(XsError, XenpvError):
                     await ctx.xs.write(status_path(device), f"error: {exc}")
+                return
+            async with trio.open_nursery() as nursery:
+                await nursery.start(serve_listener, listener, bound, BlkfrontDisk(front))
+                await ctx.xs.write(status_path(device), bound)
