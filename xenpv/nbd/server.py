@@ -4,11 +4,13 @@
     async with trio.open_nursery() as nursery:
         address = await nursery.start(serve_nbd, disk, "unix:/tmp/disk.sock")
 
-One task per client connection; within a connection, up to `MAX_IN_FLIGHT` requests run as
-tasks at once (replies go out as they complete, in any order, as the spec allows), so a
-client's queue depth reaches the backend (blkfront then spreads them over its rings). A
-client that breaks the protocol is disconnected; a request the disk fails gets EIO; neither
-affects other clients. See docs/nbd.md.
+One task per client connection reads its requests and keeps up to `MAX_IN_FLIGHT` of them
+in flight: plain reads and writes through the disk's submission queue if it has one
+(`QueuedBackend`: blkfront's `io_queue()`), everything else as a task each; replies go out
+as they complete, in any order (the spec allows it), through one writer task. So a client's
+queue depth reaches the backend, and blkfront spreads it over its rings. A client that
+breaks the protocol is disconnected; a request the disk fails gets EIO; neither affects
+other clients. See docs/nbd.md.
 """
 
 from __future__ import annotations
