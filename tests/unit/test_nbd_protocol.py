@@ -339,3 +339,31 @@ def test_reply_encoding(cookie: int, offset: int, data: bytes, error: int, messa
     assert kind == p.REPLY_TYPE_ERROR and length == len(chunk) - 20
     got_error, n = struct.unpack_from(">IH", chunk, 20)
     assert got_error == error and chunk[26 : 26 + n].decode() == message
+
+
+# -- hostile input -------------------------------------------------------------------------------
+
+
+@given(st.binary(max_size=200))
+def test_info_request_parser_never_raises(data: bytes) -> None:
+    parsed = p.parse_info_request(data)
+    if parsed is not None:
+        name, requests = parsed
+        assert p.pack_info_request(name, requests) == data
+
+
+@given(st.binary(max_size=400), st.booleans())
+def test_any_bytes_give_events_or_a_violation_never_an_exception(
+    garbage: bytes, in_transmission: bool
+) -> None:
+    conn = transmitting() if in_transmission else negotiating()
+    conn.receive_data(garbage)
+    events = []
+    while (event := conn.next_event()) is not None:
+        events.append(event)
+        conn.data_to_send()
+        assert len(events) < 1000
+    # once closed (a violation, an abort, a disconnect), nothing more is parsed
+    if conn.phase == "closed":
+        conn.receive_data(b"\x00" * 64)
+        assert conn.next_event() is None
