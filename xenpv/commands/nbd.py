@@ -25,7 +25,6 @@ from typing import Any
 
 import trio
 
-from xenpv.commands.xenstored import _first_xenpv_error
 from xenpv.errors import UsageError, XenpvError
 from xenpv.nbd.server import parse_address, uri_of
 from xenpv.runtime.nbd_export import status_path
@@ -109,6 +108,16 @@ def build_topology(
         ),
         transport="shm" if transport == "shm" else "socket",
     )
+
+
+def _first_xenpv_error(group: BaseExceptionGroup[BaseException]) -> XenpvError | None:
+    """The error to report from a trio exception group (one line, no traceback)."""
+    for exc in group.exceptions:
+        if isinstance(exc, XenpvError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup) and (found := _first_xenpv_error(exc)):
+            return found
+    return None
 
 
 def _image_size(image: Path) -> int:
