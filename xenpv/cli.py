@@ -41,6 +41,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "xenpv.commands.faults",
     "xenpv.commands.topology",
     "xenpv.commands.k8s",
+    "xenpv.commands.nbd",
 )
 
 

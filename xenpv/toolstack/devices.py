@@ -31,6 +31,7 @@ class VbdConfig:
     read_only: bool = False
     sector_size: int = 512
     features: VbdFeatures = field(default_factory=VbdFeatures)
+    nbd: str | None = None  # unix:PATH | tcp:HOST:PORT: the guest exports this disk there
 
 
 async def _write_all(tx: Transaction, directory: str, values: Mapping[str, str | int]) -> None:
@@ -102,7 +103,10 @@ def vbd_keys(device: DeviceId, config: VbdConfig) -> DeviceKeys:
         keys.XENPV_DISCARD: keys.flag(f.discard),
         keys.XENPV_MAX_GRANULE_ORDER: f.max_granule_order,
     }
-    return backend, {"virtual-device": device.devid, "device-type": "disk"}
+    frontend: dict[str, str | int] = {"virtual-device": device.devid, "device-type": "disk"}
+    if config.nbd:
+        frontend[keys.XENPV_NBD] = config.nbd
+    return backend, frontend
 
 
 def vif_keys(device: DeviceId, *, mac: str, tap: str | None = None) -> DeviceKeys:

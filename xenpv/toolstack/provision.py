@@ -62,6 +62,13 @@ def image_path(image: str | None, image_dir: Path) -> str | None:
     return str(path if path.is_absolute() else (image_dir / path).resolve())
 
 
+def nbd_address(address: str | None, base: Path) -> str | None:
+    """An NBD export address as the guest listens: a relative Unix path under `base`."""
+    if address is None or not address.startswith("unix:"):
+        return address
+    return f"unix:{image_path(address[len('unix:') :], base)}"
+
+
 @dataclass(slots=True)
 class Provisioned:
     """What `apply_topology` did: domids by name, devices in topology order, and whether it
@@ -136,6 +143,7 @@ def plan_topology(
             read_only=vbd.read_only,
             sector_size=vbd.sector_size,
             features=vbd.features,
+            nbd=nbd_address(vbd.nbd, image_dir),
         )
         devid = xvd_number(index)
         back, front = devices.vbd_keys(DeviceId("vbd", 0, 0, devid), config)
