@@ -58,6 +58,7 @@ XENPV_DISCARD: Final = "xenpv-discard"  # vbd flag
 # vbd and vif: the largest max-grant-granule-order to advertise (docs/granule-extension.md)
 XENPV_MAX_GRANULE_ORDER: Final = "xenpv-max-grant-granule-order"
 XENPV_TAP: Final = "xenpv-tap"  # vif, frontend directory: attach this host TAP to netfront
+XENPV_NBD: Final = "xenpv-nbd"  # vbd, frontend directory: export this disk over NBD there
 
 # Leading white space as the kernel's isspace() sees it, then the digits `%u` takes.
 _UINT = re.compile(r"[ \t\n\v\f\r]*([0-9]+)")
