@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import importlib
 import json
 import os
@@ -111,6 +112,10 @@ def serve(socket_path: Path, ready_fd: int | None) -> int:
     """Preload, listen, fork on request, report exits; until SIGTERM (default action)."""
     for module in PRELOAD:
         importlib.import_module(module)
+    # Keep the preloaded objects out of the children's collections: a collection touches
+    # every tracked object's header, which would copy each shared page into every child.
+    gc.collect()
+    gc.freeze()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     with contextlib.suppress(FileNotFoundError):
         socket_path.unlink()
