@@ -70,7 +70,7 @@ def scale_topology(guests: int, start: str = "fork", group_size: int = 1) -> Top
         name = f"guest{i}"
         group = f"g{i // group_size}" if group_size > 1 else None
         domains.append(DomainSpec(name, "guest", PAGE_SIZES[i % 3], 64 * MiB, group=group))
-        vbds.append(VbdSpec(name, "backend", None, 4 * MiB))
+        vbds.append(VbdSpec(name, "backend", None, 1 * MiB))  # in the backend's memory
         vifs.append(
             VifSpec(
                 name, "backend", f"02:16:3e:{i >> 16 & 255:02x}:{i >> 8 & 255:02x}:{i & 255:02x}"
