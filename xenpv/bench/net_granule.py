@@ -30,6 +30,7 @@ import trio
 from backends.netback import Vif
 from backends.switch import LiveSwitch
 from frontends.netfront import Netfront, attach
+from xenpv.bench.cli import add_bench
 from xenpv.bench.net import _stream
 from xenpv.bench.report import emit
 from xenpv.bench.xenstore import _xenstored
@@ -47,14 +48,13 @@ MODES = {"4k_split": 0, "64k_granule": None}  # attach(granule_order=...)
 
 
 def register(benches: Any) -> None:
-    parser: argparse.ArgumentParser = benches.add_parser(
+    parser = add_bench(
+        benches,
         "net-granule",
         help="64 KiB guest vif throughput: 64 KiB grant granules vs 4 KiB splitting",
-    )
-    parser.add_argument("--quick", action="store_true", help="short runs (CI smoke test)")
-    parser.add_argument("--json", action="store_true", help="accepted; JSON is always last")
-    parser.add_argument(
-        "--seconds", type=types.positive_float, default=2.0, help="time per frame size"
+        run=run,
+        seconds=2.0,
+        seconds_help="time per frame size",
     )
     parser.add_argument(
         "--repeat", type=types.positive_int, default=1, help="runs per mode (best is kept)"
@@ -69,7 +69,6 @@ def register(benches: Any) -> None:
         default=4096,
         help="the backend domain's page size",
     )
-    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
