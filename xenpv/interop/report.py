@@ -37,24 +37,25 @@ def _orders(record: dict[str, Any]) -> str:
     return f"{'-' if fe is None else fe}/{'-' if be is None else be}"
 
 
-def _features(record: dict[str, Any]) -> str:
-    f = record["features"]
-    if record["device"] == "vbd":
-        return (
-            f"{f['profile']}: ind {f['indirect_segments']}, ring {f['ring_page_order']}, "
-            f"pers {int(f['persistent'])}, q {f['queues']}"
-        )
-    return f"{f['profile']}: q {f['queues']}, sg/gso {int(f['sg_gso'])}"
+# Each device's features as (label, terminal label, key of record["features"]).
+_FEATURE_LABELS: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "vbd": (
+        ("ind", "i", "indirect_segments"),
+        ("ring", "r", "ring_page_order"),
+        ("pers", "p", "persistent"),
+        ("q", "q", "queues"),
+    ),
+    "vif": (("q", "q", "queues"), ("sg/gso", "sg", "sg_gso")),
+}
 
 
-def _features_short(record: dict[str, Any]) -> str:
+def _features(record: dict[str, Any], *, short: bool = False) -> str:
+    """`max: ind 256, ring 4, pers 1, q 4`, or for a terminal `max i256 r4 p1 q4`."""
     f = record["features"]
-    if record["device"] == "vbd":
-        return (
-            f"{f['profile']} i{f['indirect_segments']} r{f['ring_page_order']} "
-            f"p{int(f['persistent'])} q{f['queues']}"
-        )
-    return f"{f['profile']} q{f['queues']} sg{int(f['sg_gso'])}"
+    labels = _FEATURE_LABELS[record["device"]]
+    if short:
+        return " ".join([f["profile"], *(f"{tag}{int(f[key])}" for _, tag, key in labels)])
+    return f"{f['profile']}: " + ", ".join(f"{label} {int(f[key])}" for label, _, key in labels)
 
 
 def terminal_rows(records: list[dict[str, Any]]) -> list[list[str]]:
@@ -65,7 +66,7 @@ def terminal_rows(records: list[dict[str, Any]]) -> list[list[str]]:
             _kib(r["frontend_page"]),
             _kib(r["backend_page"]),
             r["extension"],
-            _features_short(r),
+            _features(r, short=True),
             _orders(r),
             "ok" if r["ok"] else "FAIL",
             "-" if r.get("mbps") is None else f"{r['mbps']:,.1f}",
