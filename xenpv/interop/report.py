@@ -58,39 +58,26 @@ def _features(record: dict[str, Any], *, short: bool = False) -> str:
     return f"{f['profile']}: " + ", ".join(f"{label} {int(f[key])}" for label, _, key in labels)
 
 
-def terminal_rows(records: list[dict[str, Any]]) -> list[list[str]]:
-    """`rows` for an 80-column terminal (see TERMINAL_LEGEND)."""
-    return [
-        [
-            r["device"],
-            _kib(r["frontend_page"]),
-            _kib(r["backend_page"]),
-            r["extension"],
-            _features(r, short=True),
-            _orders(r),
-            "ok" if r["ok"] else "FAIL",
-            "-" if r.get("mbps") is None else f"{r['mbps']:,.1f}",
-        ]
-        for r in records
-    ]
-
-
-def _throughput(record: dict[str, Any]) -> str:
+def _throughput(record: dict[str, Any], *, unit: bool = True) -> str:
     value = record.get("mbps")
-    return "-" if value is None else f"{value:,.1f} {record.get('unit', '')}"
+    if value is None:
+        return "-"
+    return f"{value:,.1f} {record.get('unit', '')}" if unit else f"{value:,.1f}"
 
 
-def rows(records: list[dict[str, Any]]) -> list[list[str]]:
+def rows(records: list[dict[str, Any]], *, terminal: bool = False) -> list[list[str]]:
+    """A row a cell; `terminal`: short enough for an 80-column terminal (see
+    TERMINAL_LEGEND)."""
     return [
         [
             r["device"],
             _kib(r["frontend_page"]),
             _kib(r["backend_page"]),
             r["extension"],
-            _features(r),
+            _features(r, short=terminal),
             _orders(r),
             "ok" if r["ok"] else "FAIL",
-            _throughput(r),
+            _throughput(r, unit=not terminal),
         ]
         for r in records
     ]
@@ -135,7 +122,7 @@ def print_table(result: dict[str, Any], file: TextIO | None = None) -> None:
     table = Table(title="xenpv interop: mixed page sizes x grant granules")
     for column in TERMINAL_COLUMNS:
         table.add_column(column, overflow="fold")  # wrap, never an ellipsis
-    for row in terminal_rows(result["cells"]):
+    for row in rows(result["cells"], terminal=True):
         style = None if row[6] == "ok" else "red"
         table.add_row(*row, style=style)
     out = file or sys.stderr
