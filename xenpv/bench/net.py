@@ -40,7 +40,7 @@ from backends import netback
 from backends.switch import LiveSwitch
 from frontends.netfront import Netfront, attach
 from xenpv.abi.netif import XEN_NETIF_GSO_TYPE_TCPV4, NetifGsoExtra
-from xenpv.bench.cli import add_bench
+from xenpv.bench.cli import add_bench, chosen_transports
 from xenpv.bench.report import emit
 from xenpv.bench.xenstore import _xenstored
 from xenpv.commands import args as types
@@ -50,7 +50,6 @@ from xenpv.toolstack.devices import create_vif
 from xenpv.xenbus.core import DeviceId
 from xenpv.xenstore.client import connect
 
-TRANSPORTS = ("socket", "shm")
 SIZES = (64, 1500, 9000, 65535)
 GUESTS = (1, 2)
 IPERF_PACKAGE = "iperf3"
@@ -64,12 +63,10 @@ def register(benches: Any) -> None:
         run=run,
         seconds=2.0,
         seconds_help="time per frame size",
+        transport=True,
     )
     parser.add_argument(
         "--iperf-seconds", type=types.positive_float, default=5.0, help="time per iperf3 run"
-    )
-    parser.add_argument(
-        "--transport", choices=[*TRANSPORTS, "all"], default="all", help="domain link transport"
     )
     parser.add_argument(
         "--queues", type=types.int_range(1, 4), default=1, help="netfront queues per vif"
@@ -86,7 +83,7 @@ def register(benches: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     seconds = 0.3 if args.quick else args.seconds
     iperf_seconds = 1.0 if args.quick else args.iperf_seconds
-    transports = TRANSPORTS if args.transport == "all" else (args.transport,)
+    transports = chosen_transports(args)
     missing = _iperf_missing()
     results: dict[str, Any] = {"guest_to_guest": {}, "tap_iperf3": {}}
     rows: list[list[Any]] = []
