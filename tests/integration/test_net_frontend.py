@@ -319,9 +319,15 @@ async def setup(
     echo: bool = True,
 ) -> AsyncIterator[Setup]:
     async with AsyncExitStack() as stack:
-        memory = {"guest_memory": 64 << 20, "backend_memory": 16 << 20}
         p = await stack.enter_async_context(
-            pair(tmp, xenstored.unix, transport, page_size, **memory)
+            pair(
+                tmp,
+                xenstored.unix,
+                transport,
+                page_size,
+                guest_memory=64 << 20,
+                backend_memory=16 << 20,
+            )
         )
         xs = p.xs
         device = DeviceId("vif", 1, 0, 0)
