@@ -27,6 +27,7 @@ from typing import Any
 
 import trio
 
+from xenpv.bench.cli import add_bench
 from xenpv.bench.report import emit
 from xenpv.commands import args as types
 from xenpv.runtime.selftest import CHECKS, CONTROL_SELFTEST, SELFTEST_DONE
@@ -40,8 +41,12 @@ MiB = 1 << 20
 
 
 def register(benches: Any) -> None:
-    parser: argparse.ArgumentParser = benches.add_parser(
-        "scale", help="N guests (vbd + vif each) on one backend: start, verify, stop"
+    parser = add_bench(
+        benches,
+        "scale",
+        help="N guests (vbd + vif each) on one backend: start, verify, stop",
+        run=run,
+        quick_help="accepted (the size is --guests)",
     )
     parser.add_argument("--guests", type=types.positive_int, default=32, help="default 32")
     parser.add_argument(
@@ -57,8 +62,6 @@ def register(benches: Any) -> None:
         metavar="K",
         help="guests per process (topology `group`; default 1: one process per guest)",
     )
-    parser.add_argument("--json", action="store_true", help="accepted; JSON is always last")
-    parser.set_defaults(run=run)
 
 
 def scale_topology(guests: int, start: str = "fork", group_size: int = 1) -> Topology:
