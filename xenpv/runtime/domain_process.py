@@ -95,6 +95,7 @@ class DomainInfo:
     memory: int
     endpoint: str
     max_maps: int | None = None  # maptrack entries the toolstack allows (None: the default)
+    max_ports: int | None = None  # event channel ports the toolstack allows (None: default)
 
 
 async def read_domain_info(xs: XenstoreClient, domid: int) -> DomainInfo:
@@ -116,11 +117,13 @@ async def read_domain_info(xs: XenstoreClient, domid: int) -> DomainInfo:
         page_size, memory = int(values["page-size"]), int(values["memory"])
         raw = await xs.try_read(f"{tool}/max-maptrack")
         max_maps = int(raw) if raw is not None else None
+        raw = await xs.try_read(f"{tool}/max-event-channels")
+        max_ports = int(raw) if raw is not None else None
     except ValueError:
         raise DomainProcessError(
-            f"domain {domid}: malformed page-size, memory or max-maptrack"
+            f"domain {domid}: malformed page-size, memory, max-maptrack or max-event-channels"
         ) from None
-    return DomainInfo(domid, values["name"], page_size, memory, values["link"], max_maps)
+    return DomainInfo(domid, values["name"], page_size, memory, values["link"], max_maps, max_ports)
 
 
 def device_error_key(device: DeviceId) -> str:
@@ -420,6 +423,7 @@ async def run_domain(
             memory_bytes=info.memory,
             transport=transport,
             **({} if info.max_maps is None else {"max_maps": info.max_maps}),
+            **({} if info.max_ports is None else {"max_ports": info.max_ports}),
         ) as dom:
             rt = DomainRuntime(dom, xs, info, WorkloadContext(dom, xs, info.name))
             all_tasks: list[DeviceTasks] = []

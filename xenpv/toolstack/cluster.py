@@ -603,6 +603,9 @@ async def _restart(cluster: Cluster, child: Child, spec: DomainSpec, log_level: 
             endpoint=_endpoint(cluster.state_dir, spec.name, cluster.topology.transport),
             domid=child.domid,
             max_maptrack=toolstack.BACKEND_MAX_MAPTRACK if spec.role == "backend" else None,
+            max_event_channels=(
+                toolstack.BACKEND_MAX_EVENT_CHANNELS if spec.role == "backend" else None
+            ),
         )
         created.key.save(cluster.state_dir / "keys" / f"{spec.name}.key")
         # Only the devices are wanted: no endpoints (`_endpoint` would unlink live sockets).

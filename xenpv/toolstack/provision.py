@@ -92,6 +92,7 @@ class DomainPlan:
     memory: int
     endpoint: str
     max_maptrack: int | None = None  # create_domain's (larger for backends)
+    max_event_channels: int | None = None  # create_domain's (larger for backends)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +138,7 @@ def plan_topology(
             spec.memory,
             endpoint(spec),
             toolstack.BACKEND_MAX_MAPTRACK if spec.role == "backend" else None,
+            toolstack.BACKEND_MAX_EVENT_CHANNELS if spec.role == "backend" else None,
         )
         for spec in topo.domains
     )
@@ -364,6 +366,7 @@ async def _create(xs: XenstoreClient, plan: Plan, keys_dir: Path) -> Provisioned
             memory_bytes=domain.memory,
             endpoint=domain.endpoint,
             max_maptrack=domain.max_maptrack,
+            max_event_channels=domain.max_event_channels,
         )
         created.key.save(keys_dir / f"{domain.name}.key")
         done.domids[domain.name] = created.domid
