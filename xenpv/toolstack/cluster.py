@@ -85,6 +85,7 @@ DOMAIN_TRANSPORT = {"auto": "auto", "shm": "shm", "socket": "socket", "tcp": "so
 DEAD_ROOT = "/tool/xenpv/dead"  # <name> = JSON {domid, pid, status, reason} of a dead domain
 MAX_RESTARTS = 5  # per domain: a process that keeps dying is recorded dead after that
 SUPERVISOR_LOG = "supervisor.log"
+RESYNC_S = 5.0  # start-up re-checks what is still pending this often (lost events)
 DOWN_TIMEOUT = 60.0  # how long `down` waits for a supervisor to stop its cluster
 
 OnExit = Literal["fail", "record"]
@@ -432,17 +433,21 @@ async def wait_connected(
     readiness = _Readiness(cluster)
     with trio.move_on_after(limit_s) as scope:
         async with cluster.xs.watch("/local/domain") as events:
-            for each in list(readiness.pending):  # once each; then only what changes
-                await readiness.check(each)
-            async for path, _token in events:
-                if not readiness.pending:
-                    break
-                progress.show(readiness.summary())
-                item = readiness.concerned(path)
-                if item is not None and item in readiness.pending:
-                    await readiness.check(item)
-                if not readiness.pending:
-                    break
+            while readiness.pending:
+                for each in list(readiness.pending):  # all once; then only what changes
+                    await readiness.check(each)
+                # xenstored drops events a slow reader lets pile up (server.py): every
+                # RESYNC_S, what is still pending is re-checked.
+                with trio.move_on_after(RESYNC_S):
+                    async for path, _token in events:
+                        if not readiness.pending:
+                            break
+                        progress.show(readiness.summary())
+                        item = readiness.concerned(path)
+                        if item is not None and item in readiness.pending:
+                            await readiness.check(item)
+                        if not readiness.pending:
+                            break
     if scope.cancelled_caught:
         pending = await _not_ready(cluster, explain=True)
         raise ClusterError(f"not ready after {limit_s:g} s: " + "; ".join(pending))
