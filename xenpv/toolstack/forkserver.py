@@ -63,6 +63,8 @@ def _child(request: Mapping[str, object], inherited: Sequence[socket.socket | in
             else:
                 item.close()
         os.setsid()
+        with contextlib.suppress(OSError):  # what ps and top show (its argv stays the server's)
+            Path("/proc/self/comm").write_text(str(request.get("name", "xenpv"))[:15])
         log_fd = os.open(str(request["log"]), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         null_fd = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null_fd, 0)
@@ -239,11 +241,20 @@ async def _wait_pid_gone(pid: int) -> None:
 
 
 async def fork(
-    socket_path: Path, args: Sequence[str], log_path: Path, env: Mapping[str, str] | None
+    socket_path: Path,
+    args: Sequence[str],
+    log_path: Path,
+    env: Mapping[str, str] | None,
+    name: str = "xenpv",
 ) -> ForkedProcess:
     """Ask the fork server at `socket_path` for `xenpv ARGS` with output to `log_path`."""
     stream = await trio.open_unix_socket(str(socket_path))
-    request = {"args": list(args), "log": str(log_path), "env": dict(env or os.environ)}
+    request = {
+        "args": list(args),
+        "log": str(log_path),
+        "env": dict(env or os.environ),
+        "name": f"xenpv-{name}",
+    }
     await stream.send_all(json.dumps(request).encode() + b"\n")
     buffer = b""
     while b"\n" not in buffer:

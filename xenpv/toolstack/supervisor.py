@@ -156,7 +156,7 @@ class Supervisor:
         with trio.CancelScope(shield=True):
             proc: trio.Process | ForkedProcess
             if forkserver is not None:
-                proc = await forked(forkserver, args, log_path, env)
+                proc = await forked(forkserver, args, log_path, env, name)
             else:
                 proc = await _open_process(args, log_path, pass_fds, env)
             child = Child(name, kind, proc.pid, log_path, domid, proc)
