@@ -30,10 +30,18 @@ import trio
 from xenpv.bench.cli import add_bench
 from xenpv.bench.report import emit
 from xenpv.commands import args as types
+from xenpv.errors import UsageError
 from xenpv.runtime.selftest import CHECKS, CONTROL_SELFTEST, SELFTEST_DONE
 from xenpv.toolstack import cluster, supervisor
 from xenpv.toolstack.supervisor import Child, Supervisor
-from xenpv.toolstack.topology import DomainSpec, Topology, VbdSpec, VifSpec
+from xenpv.toolstack.topology import (
+    DomainSpec,
+    Topology,
+    VbdFeatures,
+    VbdSpec,
+    VifSpec,
+    parse_size,
+)
 from xenpv.xenstore.client import XenstoreClient
 
 PAGE_SIZES = (4096, 16384, 65536)
@@ -56,6 +64,17 @@ def register(benches: Any) -> None:
         "--timeout", type=types.positive_float, default=120.0, help="seconds to Connected"
     )
     parser.add_argument(
+        "--page-sizes",
+        default="4K,16K,64K",
+        help="guest page sizes, used in turn (default 4K,16K,64K; a guest's drivers touch "
+        "buffers in proportion: 4K alone for the largest runs)",
+    )
+    parser.add_argument(
+        "--small-rings",
+        action="store_true",
+        help="one queue, one-page rings, no indirect or persistent grants: less guest memory",
+    )
+    parser.add_argument(
         "--group-size",
         type=types.positive_int,
         default=1,
@@ -64,16 +83,31 @@ def register(benches: Any) -> None:
     )
 
 
-def scale_topology(guests: int, start: str = "fork", group_size: int = 1) -> Topology:
+def scale_topology(
+    guests: int,
+    start: str = "fork",
+    group_size: int = 1,
+    small_rings: bool = False,
+    page_sizes: tuple[int, ...] = PAGE_SIZES,
+) -> Topology:
     """One backend, `guests` guests with 4K/16K/64K pages in turn, a vbd and a vif each;
-    with `group_size` > 1, that many guests per process."""
+    with `group_size` > 1, that many guests per process; `small_rings`: vbds with the least
+    the frontend must allocate (its buffers are guest memory the process touches)."""
+    features = (
+        VbdFeatures(ring_page_order=0, queues=1, indirect_segments=0, persistent=False)
+        if small_rings
+        else VbdFeatures()
+    )
     domains = [DomainSpec("backend", "backend", 4096, 64 * MiB)]
     vbds, vifs = [], []
     for i in range(guests):
         name = f"guest{i}"
         group = f"g{i // group_size}" if group_size > 1 else None
-        domains.append(DomainSpec(name, "guest", PAGE_SIZES[i % 3], 64 * MiB, group=group))
-        vbds.append(VbdSpec(name, "backend", None, 1 * MiB))  # in the backend's memory
+        domains.append(
+            DomainSpec(name, "guest", page_sizes[i % len(page_sizes)], 64 * MiB, group=group)
+        )
+        # in the backend's memory: keep it small
+        vbds.append(VbdSpec(name, "backend", None, 1 * MiB, features=features))
         vifs.append(
             VifSpec(
                 name, "backend", f"02:16:3e:{i >> 16 & 255:02x}:{i >> 8 & 255:02x}:{i & 255:02x}"
@@ -83,7 +117,10 @@ def scale_topology(guests: int, start: str = "fork", group_size: int = 1) -> Top
 
 
 def run(args: argparse.Namespace) -> int:
-    topo = scale_topology(args.guests, args.start, args.group_size)
+    sizes = tuple(parse_size(v, "--page-sizes") for v in args.page_sizes.split(","))
+    if any(size not in PAGE_SIZES for size in sizes):
+        raise UsageError(f"--page-sizes: each one of 4K, 16K, 64K, got {args.page_sizes!r}")
+    topo = scale_topology(args.guests, args.start, args.group_size, args.small_rings, sizes)
     result: dict[str, Any] = {}
     main = functools.partial(_bench, topo, args.timeout, result)
     code = supervisor.run_in_temp_dir("xenpv-scale-", main, Supervisor())
