@@ -39,7 +39,8 @@ class BlockWorker:
     _writes_since_flush: int = 0
 
     def key(self, block: int) -> str:
-        return f"{self.device_key}:block={block}"
+        """The block's key on the device (workers sharing a disk have disjoint keys)."""
+        return f"{self.device_key}:block={self.first_block + block}"
 
     @property
     def writer(self) -> str:
