@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,15 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import trio
 
-from xenpv.faults.control import Control, ProcessLog, RunConfig, control_path, history_file
+from xenpv.faults.control import (
+    Control,
+    Hits,
+    ProcessLog,
+    RunConfig,
+    control_path,
+    history_file,
+    param,
+)
 from xenpv.faults.guest import DomainRuntime
 from xenpv.faults.link import LinkInjector
 from xenpv.faults.schedule import Schedule, ScheduledFault, stream
@@ -60,46 +67,16 @@ _OK = 0
 
 
 @dataclass
-class _Hits:
-    """Whether an active fault fires on one more operation (probability / count / one_in)."""
-
-    fault: ScheduledFault
-    rng: random.Random
-    hits: int = 0
-    seen: int = 0
-
-    def fires(self) -> bool:
-        self.seen += 1
-        f = self.fault
-        if f.count is not None and self.hits >= f.count:
-            return False
-        if f.probability is not None and self.rng.random() >= f.probability:
-            return False
-        one_in = _param(f, "one_in", 1)
-        if isinstance(one_in, int) and one_in > 1 and self.seen % one_in:
-            return False
-        self.hits += 1
-        return True
-
-
-def _param(fault: ScheduledFault, name: str, default: Any) -> Any:
-    try:
-        return fault.param(name)
-    except KeyError:
-        return default
-
-
-@dataclass
 class EventInjector:
     """`event.*` on this domain's outgoing notifications (the port table's seam); `peer`
     None means every channel, else only channels to that domain."""
 
     seed: int
     spawn: Callable[..., None]
-    active: dict[str, tuple[_Hits, int | None]] = field(default_factory=dict)
+    active: dict[str, tuple[Hits, int | None]] = field(default_factory=dict)
 
     def start(self, fault: ScheduledFault, peer: int | None) -> None:
-        self.active[fault.id] = (_Hits(fault, stream(self.seed, f"inject/{fault.id}")), peer)
+        self.active[fault.id] = (Hits(fault, stream(self.seed, f"inject/{fault.id}")), peer)
 
     def stop(self, fault: ScheduledFault) -> None:
         self.active.pop(fault.id, None)
@@ -119,7 +96,7 @@ class EventInjector:
                 send()
                 send()
                 return True
-            self.spawn(_later, float(_param(hits.fault, "delay", 0.01)), send)
+            self.spawn(_later, float(param(hits.fault, "delay", 0.01)), send)
             return True
         return False
 
@@ -167,10 +144,10 @@ class GrantInjector:
     (the grant mapper's seam); `peer` None: on every domain's grants."""
 
     seed: int
-    active: dict[str, tuple[_Hits, int | None]] = field(default_factory=dict)
+    active: dict[str, tuple[Hits, int | None]] = field(default_factory=dict)
 
     def start(self, fault: ScheduledFault, peer: int | None) -> None:
-        self.active[fault.id] = (_Hits(fault, stream(self.seed, f"inject/{fault.id}")), peer)
+        self.active[fault.id] = (Hits(fault, stream(self.seed, f"inject/{fault.id}")), peer)
 
     def stop(self, fault: ScheduledFault) -> None:
         self.active.pop(fault.id, None)
@@ -182,12 +159,12 @@ class GrantInjector:
             if peer is not None and remote != peer:
                 continue
             f = hits.fault
-            status = int(GNTST[str(_param(f, "status", "GNTST_general_error"))])
+            status = int(GNTST[str(param(f, "status", "GNTST_general_error"))])
             if f.kind == "grant.map-fail":
                 if hits.fires():
                     return [status] * count
             elif f.kind == "grant.batch-element-fail":
-                k = int(_param(f, "k", 0))
+                k = int(param(f, "k", 0))
                 if k < count and hits.fires():
                     return [status if i == k else _OK for i in range(count)]
         return None
@@ -425,7 +402,7 @@ class FaultAgent:
         self, fault: ScheduledFault, peer: int | None, scope: trio.CancelScope
     ) -> None:
         """Notifications with no work behind them, at the fault's rate (capped per tick)."""
-        rate = float(_param(fault, "rate", 100.0))
+        rate = float(param(fault, "rate", 100.0))
         owed = 0.0
         with scope:
             while True:

@@ -21,6 +21,7 @@ host). `merge` orders the lines of every file by time and writes the one chained
 from __future__ import annotations
 
 import json
+import random
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -118,6 +119,36 @@ class Control:
             return cls(run, faults, str(raw.get("phase", "run")))
         except (ValueError, KeyError, TypeError, AttributeError):
             return cls(None)
+
+
+@dataclass
+class Hits:
+    """Whether an active fault fires on one more operation (probability / count / one_in)."""
+
+    fault: ScheduledFault
+    rng: random.Random
+    hits: int = 0
+    seen: int = 0
+
+    def fires(self) -> bool:
+        self.seen += 1
+        f = self.fault
+        if f.count is not None and self.hits >= f.count:
+            return False
+        if f.probability is not None and self.rng.random() >= f.probability:
+            return False
+        one_in = param(f, "one_in", 1)
+        if isinstance(one_in, int) and one_in > 1 and self.seen % one_in:
+            return False
+        self.hits += 1
+        return True
+
+
+def param(fault: ScheduledFault, name: str, default: Any) -> Any:
+    try:
+        return fault.param(name)
+    except KeyError:
+        return default
 
 
 def history_file(history_dir: str | Path, process: str) -> Path:
