@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 
 STOPPED = "xenpv/faults/stopped"
+READY = "xenpv/faults/ready"
 FAULTS_ENV = "XENPV_FAULTS"  # "1": wrap every disk a domain serves (storage faults possible)
 # Test-only: "drop-writes" makes every wrapped disk acknowledge writes without keeping them,
 # "corrupt" flips a byte of every write: a broken backend the block checker must catch.
@@ -132,6 +133,13 @@ def _next_incarnation(path: Path) -> int:
     return n
 
 
+async def _guarded(fn: Callable[..., Any], *args: Any) -> None:
+    try:
+        await fn(*args)
+    except Exception as exc:
+        log.error("fault agent task failed", task=getattr(fn, "__name__", "?"), error=repr(exc))
+
+
 async def _later(delay: float, send: Callable[[], None]) -> None:
     await trio.sleep(delay)
     with contextlib.suppress(Exception):  # the channel or link may be gone by now
@@ -187,6 +195,7 @@ class FaultAgent:
         self._storms: dict[str, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
         self._workloads: trio.CancelScope | None = None
+        self._go = trio.Event()  # every guest is ready: operations begin
         self._drain = trio.Event()  # senders stop; receivers take what is in flight
 
     # -- the block backend's hook -----------------------------------------------------------
@@ -210,27 +219,35 @@ class FaultAgent:
     # -- the control node -------------------------------------------------------------------
 
     async def run(self) -> None:
+        """Follow the control node for the domain's life. A failure here is logged, never the
+        domain's: faults are healed and the agent stops."""
+        try:
+            await self._follow()
+        except Exception as exc:
+            log.error("fault agent failed", error=repr(exc))
+        finally:
+            self.heal_all()  # synchronous: nothing can interrupt it
+            if self.history is not None:
+                self.history.close()
+
+    async def _follow(self) -> None:
         path = control_path(self.rt.info.domid)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            try:
-                async with self.rt.xs.watch(path) as events:
-                    async for _event in events:
-                        try:
-                            raw = await self.rt.xs.try_read(path)
-                        except (XsError, XenstoreConnectionError) as exc:
+            async with self.rt.xs.watch(path) as events:
+                async for _event in events:
+                    try:
+                        raw = await self.rt.xs.try_read(path)
+                    except (XsError, XenstoreConnectionError) as exc:
+                        # EACCES before any run: /tool/xenpv/faults does not exist yet.
+                        if self.config is not None:
                             log.warning("cannot read the fault control node", error=str(exc))
-                            continue
-                        await self.apply(Control.decode(raw))
-            finally:
-                self.heal_all()  # synchronous: nothing can interrupt it
-                if self.history is not None:
-                    self.history.close()
-                nursery.cancel_scope.cancel()
+                        continue
+                    await self.apply(Control.decode(raw))
 
     async def apply(self, control: Control) -> None:
         if control.run is not None and self.config is None:
-            self._begin(control.run)
+            await self._begin(control.run)
         wanted = {f.id: f for f in control.faults} if control.run is not None else {}
         for fault_id in [i for i in self.active if i not in wanted]:
             self._stop(self.active.pop(fault_id))
@@ -245,6 +262,8 @@ class FaultAgent:
             if self.config is not None and self.phase != "stopped":
                 await self._finish()
             return
+        if control.phase != "setup":
+            self._go.set()
         if control.phase != self.phase:
             self.phase = control.phase
             if control.phase == "probe":
@@ -254,7 +273,7 @@ class FaultAgent:
             elif control.phase == "stop":
                 await self._finish()
 
-    def _begin(self, config: RunConfig) -> None:
+    async def _begin(self, config: RunConfig) -> None:
         from xenpv.faults.guest import run_workloads
 
         self.config = config
@@ -266,14 +285,27 @@ class FaultAgent:
         scope = trio.CancelScope()
         self._workloads = scope
 
-        async def workloads() -> None:
+        async def workloads(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
             with scope:
                 assert self.schedule is not None and self.history is not None
-                await run_workloads(
-                    self.rt, self.schedule, config, self.history, self._drain, incarnation
-                )
+                try:
+                    await run_workloads(
+                        self.rt,
+                        self.schedule,
+                        config,
+                        self.history,
+                        self._go,
+                        self._drain,
+                        incarnation,
+                        task_status=task_status,
+                    )
+                except Exception as exc:  # the faults go on being applied and healed
+                    log.error("fault workloads failed", error=repr(exc))
 
-        self._spawn(workloads)
+        assert self._nursery is not None
+        await self._nursery.start(workloads)
+        with contextlib.suppress(XsError, XenstoreConnectionError):
+            await self.rt.write_own(READY, str(incarnation))
         for key, disk in self.disks.items():
             if self._wants_cache(key):
                 disk.write_cache = True
@@ -309,7 +341,7 @@ class FaultAgent:
 
     def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
         assert self._nursery is not None
-        self._nursery.start_soon(fn, *args)
+        self._nursery.start_soon(_guarded, fn, *args)
 
     # -- applying and healing ---------------------------------------------------------------
 

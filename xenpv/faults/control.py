@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any
 
 from xenpv.faults.history import OPS, TYPES, HistoryWriter
 from xenpv.faults.schedule import Schedule, ScheduledFault
@@ -39,21 +39,6 @@ XENSTORED = "xenstored"
 def control_path(who: int | str) -> str:
     """The control node of a domain (by domid) or of `xenstored`."""
     return f"{CONTROL_ROOT}/{who}"
-
-
-class Recorder(Protocol):
-    """What workloads and injections record through (a `HistoryWriter` or a `ProcessLog`)."""
-
-    def append(
-        self,
-        process: str,
-        type: str,
-        f: str,
-        key: str,
-        value: Any = None,
-        *,
-        time: float | None = None,
-    ) -> Any: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ import trio
 from backends.storage.base import StorageError, StorageErrorKind, StorageInfo
 from xenpv.errors import XenpvError
 from xenpv.faults.control import ProcessLog, RunConfig
-from xenpv.faults.history import HistoryWriter
+from xenpv.faults.history import Recorder
 from xenpv.faults.schedule import Schedule, stream
 from xenpv.faults.tags import INITIAL, TagError, parse_frame
 from xenpv.faults.targets import DeviceTarget
@@ -186,15 +186,35 @@ async def run_workloads(
     schedule: Schedule,
     config: RunConfig,
     history: ProcessLog,
+    go: trio.Event,
     drain: trio.Event,
     incarnation: int = 0,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """`incarnation`: how many times this domain's agent began this run before (a restarted
+    """Receivers and watches are set up first (then `task_status.started()`: this guest is
+    ready), senders and block and xenstore operations begin at `go` and end at `drain`.
+    `incarnation`: how many times this domain's agent began this run before (a restarted
     domain's threads get new history processes, writers and flows: values stay unique)."""
     name = rt.info.name
     who = name if incarnation == 0 else f"{name}.{incarnation}"
-    recorder: HistoryWriter = history  # type: ignore[assignment]  # the same `append`
+    recorder = history
     async with trio.open_nursery() as nursery:
+        for sender, receiver, _w, flow in _flows(schedule):
+            if receiver.guest == name:
+                await nursery.start(_receive_flow, rt, config, recorder, sender, receiver, flow)
+        xs_workers = []
+        for w in schedule.workloads:
+            if w.kind == "xenstore" and f"domain:{name}" in w.targets:
+                for t in range(w.threads):
+                    xs_workers.append(
+                        await nursery.start(
+                            _xenstore, rt, config, recorder, w.rate, w.blocks, t, who
+                        )
+                    )
+        task_status.started()
+        await go.wait()
+        for step, rate in xs_workers:
+            nursery.start_soon(_paced, rate, drain, step)
         n = 0
         for device, w in _mine(schedule, name, "block"):
             disk = FrontDisk(rt.ctx, device_id(config, device))
@@ -213,13 +233,7 @@ async def run_workloads(
                     first_block=t * w.blocks,
                 )
                 nursery.start_soon(_paced, w.rate, drain, worker.step)
-        for w in schedule.workloads:
-            if w.kind == "xenstore" and f"domain:{name}" in w.targets:
-                for t in range(w.threads):
-                    nursery.start_soon(
-                        _xenstore, rt, config, recorder, w.rate, w.blocks, t, drain, who
-                    )
-        for sender, receiver, w, flow in _flows(schedule):
+        for sender, _receiver, w, flow in _flows(schedule):
             if sender.guest == name:
                 nursery.start_soon(
                     _send_flow,
@@ -227,14 +241,12 @@ async def run_workloads(
                     config,
                     recorder,
                     sender,
-                    receiver,
+                    _receiver,
                     int(w.size),
                     float(w.rate),
                     flow + FLOW_INCARNATION * incarnation,
                     drain,
                 )
-            if receiver.guest == name:
-                nursery.start_soon(_receive_flow, rt, config, recorder, sender, receiver, flow)
 
 
 def _net_ring(schedule: Schedule, w: Any) -> list[DeviceTarget]:
@@ -257,7 +269,7 @@ def _flows(schedule: Schedule) -> list[tuple[DeviceTarget, DeviceTarget, Any, in
 
 
 def _flow(
-    history: HistoryWriter, sender: DeviceTarget, receiver: DeviceTarget, size: int, flow: int
+    history: Recorder, sender: DeviceTarget, receiver: DeviceTarget, size: int, flow: int
 ) -> FrameFlow:
     return FrameFlow(
         history,
@@ -276,7 +288,7 @@ def _header(dst: bytes, src: bytes, ethertype: int) -> bytes:
 async def _send_flow(
     rt: DomainRuntime,
     config: RunConfig,
-    history: HistoryWriter,
+    history: Recorder,
     sender: DeviceTarget,
     receiver: DeviceTarget,
     size: int,
@@ -306,10 +318,11 @@ async def _send_flow(
 async def _receive_flow(
     rt: DomainRuntime,
     config: RunConfig,
-    history: HistoryWriter,
+    history: Recorder,
     sender: DeviceTarget,
     receiver: DeviceTarget,
     flow_id: int,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     flows = {flow_id: _flow(history, sender, receiver, 0, flow_id)}
     device = device_id(config, receiver)
@@ -332,19 +345,24 @@ async def _receive_flow(
         return True
 
     with rt.ctx.frames.registered(device, take):
+        task_status.started()
         await trio.sleep_forever()
 
 
 async def _xenstore(
     rt: DomainRuntime,
     config: RunConfig,
-    history: HistoryWriter,
+    history: Recorder,
     rate: float,
     keys: int,
     thread: int,
-    drain: trio.Event,
     who: str,
+    task_status: trio.TaskStatus[tuple[Callable[[], Awaitable[None]], float]] = (
+        trio.TASK_STATUS_IGNORED
+    ),
 ) -> None:
+    """Registers the watch, hands back (step, rate) through `task_status`, then keeps
+    recording watch events (the caller paces the steps)."""
     name = rt.info.name
     process = f"{who}/xs{thread}"
     base = f"{rt.base}/data/faults/xs{thread}"
@@ -389,9 +407,7 @@ async def _xenstore(
         await xs.mkdir(base)
     async with trio.open_nursery() as nursery:
         await nursery.start(watcher)
-        await _paced(rate, drain, step)
-        # Watch events for the last writes may still be on their way.
-        await trio.sleep_forever()
+        task_status.started((step, rate))  # events keep being recorded after the steps end
 
 
 async def probe_devices(

@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass, field
 
 from backends.storage.base import Storage, StorageError
-from xenpv.faults.history import HistoryWriter
+from xenpv.faults.history import Recorder
 from xenpv.faults.tags import (
     BlockTag,
     FrameTag,
@@ -27,7 +27,7 @@ from xenpv.faults.tags import (
 @dataclass
 class BlockWorker:
     storage: Storage
-    history: HistoryWriter
+    history: Recorder
     process: str  # e.g. guest4k/blk0; also the writer name in tags (at most 16 bytes)
     device_key: str  # e.g. vbd:guest4k:51712
     blocks: int = 16
@@ -110,7 +110,7 @@ class FrameFlow:
     completed (or failed); the receiver calls `received(payload)` for every payload it gets.
     Sequence numbers start at 0 and increase by one."""
 
-    history: HistoryWriter
+    history: Recorder
     key: str  # vif:GUEST:DEVID:flow=N
     flow: int
     sender: str  # history process names

@@ -1,0 +1,422 @@
+"""`xenpv faults run`: a plan's schedule against a real cluster, end to end.
+
+    result = await run_plan(plan, seed, state_dir, sup)      # under supervisor.run
+
+1. builds the schedule and refuses, before starting anything, a fault kind the run cannot
+   inject (`injectable`); every domain gets `restart = "on-failure"`, so a killed domain
+   comes back as a crashed guest would be restarted by its toolstack;
+2. starts the topology's cluster under the supervisor (`toolstack.cluster.launch`, with
+   `XENPV_FAULTS=1` so that backends wrap their disks for storage faults);
+3. publishes the run on every control node (`xenpv.faults.control`): the agents
+   (`xenpv.faults.agent`, one per domain; `xenpv.faults.xsagent` in xenstored) start their
+   guests' workloads and history files;
+4. follows the schedule (`injectors.follow`): a fault is started by rewriting the control
+   nodes of the domains that apply it (`recipients`) or, for `process.*`, by a signal to the
+   domain's process (`ProcessInjector`; the supervisor restarts what was killed);
+5. after the last heal: the `probe` phase (every guest runs a probe I/O on each device until
+   one works), the quiet tail, then `drain` (senders stop, frames in flight arrive) and
+   `stop` (agents close their history files and say so);
+6. clears every control node (shielded, whatever ended the run), stops the cluster, merges
+   the history files into one history and runs the checkers.
+
+Device states (`state` lines) are recorded by the runner, which watches both ends of every
+device as dom0 does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+
+from xenpv.errors import XenpvError
+from xenpv.faults.checkers import CHECKERS, Violation, check_all
+from xenpv.faults.control import (
+    XENSTORED,
+    Control,
+    ProcessLog,
+    RunConfig,
+    control_path,
+    history_file,
+    merge,
+)
+from xenpv.faults.history import History, read
+from xenpv.faults.injectors import Injection, follow
+from xenpv.faults.plan import Plan, resolve_topology
+from xenpv.faults.process import ProcessInjector
+from xenpv.faults.schedule import Schedule, ScheduledFault, build
+from xenpv.faults.targets import DeviceTarget
+from xenpv.toolstack import cluster as cluster_mod
+from xenpv.toolstack.progress import NO_PROGRESS, Progress
+from xenpv.toolstack.supervisor import Supervisor
+from xenpv.toolstack.topology import Topology
+from xenpv.xenbus.core import domain_path
+from xenpv.xenstore.client import XenstoreClient, XenstoreConnectionError
+from xenpv.xenstore.wire import XsError
+
+log = structlog.get_logger()
+
+AGENT_KINDS = frozenset(
+    {
+        "event.delay",
+        "event.drop",
+        "event.duplicate",
+        "event.spurious",
+        "event.storm",
+        "grant.map-fail",
+        "grant.batch-element-fail",
+        "link.delay",
+        "link.loss",
+        "link.duplicate",
+        "link.reorder",
+        "link.corrupt",
+        "link.bandwidth",
+        "link.partition",
+        "storage.eio",
+        "storage.latency",
+        "storage.enospc",
+        "storage.drop-writes",
+        "storage.power-cut",
+    }
+)
+XENSTORED_KINDS = frozenset({"xenstore.commit-eagain", "xenstore.conn-reset"})
+PROCESS_KINDS = frozenset({"process.kill", "process.stop", "process.restart"})
+INJECTABLE = AGENT_KINDS | XENSTORED_KINDS | PROCESS_KINDS
+DRAIN = 1.0  # seconds between the senders' stop and the agents' stop
+READY_WAIT = 15.0  # seconds every agent has to set its workloads up
+STOP_WAIT = 5.0  # seconds agents have to close their history files
+CLEAR_TIMEOUT = 5.0
+
+
+class RunError(XenpvError):
+    """The plan cannot be run (a fault kind that cannot be injected, ...)."""
+
+
+def injectable(kind: str) -> bool:
+    return kind in INJECTABLE
+
+
+def check_injectable(schedule: Schedule) -> None:
+    for fault in schedule.faults:
+        if not injectable(fault.kind):
+            raise RunError(
+                f"{fault.id}: {fault.kind} cannot be injected by `faults run` yet "
+                "(see `xenpv faults list`)"
+            )
+
+
+def _device(schedule: Schedule, target: str) -> DeviceTarget | None:
+    if target.startswith("queue:"):
+        target = "device:" + ":".join(target.split(":")[1:4])
+    if not target.startswith("device:"):
+        return None
+    return schedule.topology.device(target)
+
+
+def recipients(fault: ScheduledFault, schedule: Schedule) -> list[str]:
+    """The domains (by name) or `xenstored` whose agents apply `fault` (see the module doc of
+    `xenpv.faults.agent`); [] for the kinds the runner applies itself."""
+    family = fault.kind.split(".")[0]
+    domains = sorted(schedule.topology.roles)
+    if fault.kind in XENSTORED_KINDS:
+        return [XENSTORED]
+    if family == "link":
+        return domains  # each end filters by (source, destination)
+    device = _device(schedule, fault.target)
+    if family == "storage":
+        return [device.backend] if device else []
+    if family in ("event", "grant"):
+        if device is None:
+            return [fault.target.removeprefix("domain:")]
+        return [device.guest if family == "event" else device.backend]
+    return []
+
+
+@dataclass
+class ControlInjector:
+    """The `Injector` for faults applied by agents: keeps every recipient's active list and
+    wakes the publisher, which rewrites the control nodes (start/stop must not block)."""
+
+    schedule: Schedule
+    active: dict[str, dict[str, ScheduledFault]] = field(default_factory=dict)
+    dirty: set[str] = field(default_factory=set)
+    wake: Callable[[], None] = lambda: None
+
+    def handles(self, fault: ScheduledFault) -> bool:
+        return fault.kind in AGENT_KINDS or fault.kind in XENSTORED_KINDS
+
+    def start(self, fault: ScheduledFault) -> None:
+        for who in recipients(fault, self.schedule):
+            self.active.setdefault(who, {})[fault.id] = fault
+            self.dirty.add(who)
+        self.wake()
+
+    def stop(self, fault: ScheduledFault) -> None:
+        for who in recipients(fault, self.schedule):
+            if self.active.get(who, {}).pop(fault.id, None) is not None:
+                self.dirty.add(who)
+        self.wake()
+
+    def faults_of(self, who: str) -> tuple[ScheduledFault, ...]:
+        return tuple(self.active.get(who, {}).values())
+
+
+@dataclass
+class RunResult:
+    schedule: Schedule
+    history: History
+    violations: list[Violation]
+    history_path: Path
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations and self.history.finished
+
+    @property
+    def faults_injected(self) -> int:
+        return sum(1 for op in self.history if op.f == "fault-start")
+
+    @property
+    def ops(self) -> int:
+        """Completed workload operations (ok, fail or unknown), probes excluded."""
+        return sum(
+            1
+            for op in self.history
+            if op.type != "invoke"
+            and op.f in ("write", "read", "flush", "send", "recv", "xs-write", "xs-read")
+        )
+
+    def per_checker(self) -> dict[str, int]:
+        out = dict.fromkeys(CHECKERS, 0)
+        for v in self.violations:
+            out[v.checker] = out.get(v.checker, 0) + 1
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "plan": self.schedule.plan,
+            "seed": self.schedule.seed,
+            "schedule_hash": self.schedule.hash,
+            "faults_injected": self.faults_injected,
+            "faults_scheduled": len(self.schedule.faults),
+            "ops": self.ops,
+            "operations": len(self.history),
+            "finished": self.history.finished,
+            "checkers": self.per_checker(),
+            "violations": [v.to_json() for v in self.violations],
+            "history": str(self.history_path),
+        }
+
+
+def run_topology(plan: Plan, schedule: Schedule) -> Topology:
+    """The plan's topology with every domain restarted on failure (a killed domain comes
+    back, as its toolstack would bring a crashed guest back)."""
+    topo = resolve_topology(plan)
+    domains = tuple(dataclasses.replace(d, restart="on-failure") for d in topo.domains)
+    return dataclasses.replace(topo, domains=domains)
+
+
+async def _write_node(xs: XenstoreClient, path: str, text: str, reader: int | None) -> None:
+    await xs.write(path, text)
+    await xs.set_perms(path, ["n0"] if reader is None else ["n0", f"r{reader}"])
+
+
+async def _macs(xs: XenstoreClient, schedule: Schedule, domids: dict[str, int]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for device in schedule.topology.devices:
+        if device.cls == "vif":
+            path = f"{domain_path(domids[device.guest])}/device/vif/{device.devid}/mac"
+            raw = await xs.try_read(path)
+            if raw:
+                out[device.id] = raw.decode().strip()
+    return out
+
+
+async def _record_states(
+    xs: XenstoreClient, schedule: Schedule, domids: dict[str, int], history: ProcessLog
+) -> None:
+    """`state` lines for both ends of every device, as the runner (dom0) sees them."""
+
+    async def follow_end(device: DeviceTarget, end: str, path: str) -> None:
+        key = f"state:{device.guest}:{device.cls}:{device.name}:{end}"
+        last: int | None = None
+        async with xs.watch(path) as events:
+            async for _event in events:
+                try:
+                    raw = await xs.try_read(path)
+                except (XsError, XenstoreConnectionError):
+                    continue
+                value = int(raw) if raw and raw.strip().isdigit() else 0
+                if value != last:
+                    history.append("runner", "info", "state", key, value)
+                    last = value
+
+    async with trio.open_nursery() as nursery:
+        for device in schedule.topology.devices:
+            fe, be = domids[device.guest], domids[device.backend]
+            front = f"{domain_path(fe)}/device/{device.cls}/{device.devid}/state"
+            back = f"{domain_path(be)}/backend/{device.cls}/{fe}/{device.devid}/state"
+            nursery.start_soon(follow_end, device, "frontend", front)
+            nursery.start_soon(follow_end, device, "backend", back)
+
+
+async def _wait_for(xs: XenstoreClient, domids: dict[str, int], what: str) -> None:
+    """Until every agent wrote `xenpv/faults/<what>` (bounded by the caller)."""
+    for domid in domids.values():
+        path = f"{domain_path(domid)}/xenpv/faults/{what}"
+        async with xs.watch(path) as events:
+            async for _event in events:
+                with contextlib.suppress(XsError, XenstoreConnectionError):
+                    if await xs.try_read(path) is not None:
+                        break
+
+
+async def run_plan(
+    plan: Plan,
+    seed: int | None,
+    state_dir: Path,
+    sup: Supervisor,
+    *,
+    history_path: Path | None = None,
+    progress: Progress = NO_PROGRESS,
+    log_level: str = "info",
+) -> RunResult:
+    schedule = build(plan, seed)
+    check_injectable(schedule)
+    topo = run_topology(plan, schedule)
+    history_dir = state_dir / "history"
+    shutil.rmtree(history_dir, ignore_errors=True)
+    history_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["XENPV_FAULTS"] = "1"  # the domain processes inherit it (storage wrapping)
+    faults_started = [0]
+    async with cluster_mod.launch(
+        topo, state_dir, sup=sup, log_level=log_level, on_exit="record", progress=progress
+    ) as cluster:
+        await _run(cluster, schedule, history_dir, progress, faults_started)
+    paths = sorted(history_dir.glob("*.jsonl"))
+    out = history_path or (state_dir / "history.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", encoding="utf-8") as stream:
+        merge(paths, schedule, stream)
+    hist = read(out)
+    return RunResult(schedule, hist, check_all(hist), out)
+
+
+async def _run(
+    cluster: cluster_mod.Cluster,
+    schedule: Schedule,
+    history_dir: Path,
+    progress: Progress,
+    faults_started: list[int],
+) -> None:
+    xs = cluster.xs
+    domids = dict(cluster.domids)
+    epoch = time.monotonic()
+    origin = trio.current_time()  # the schedule's time 0, set again when every guest is ready
+    runner_log = ProcessLog(history_file(history_dir, "runner"), epoch)
+    config = RunConfig(
+        epoch,
+        str(history_dir),
+        schedule.seed,
+        domids,
+        schedule.to_json(),
+        await _macs(xs, schedule, domids),
+    )
+    controls = ControlInjector(schedule)
+    publish = trio.Event()
+
+    def wake() -> None:
+        publish.set()
+
+    controls.wake = wake
+    phase = ["setup"]
+
+    def node(who: str) -> tuple[str, int | None]:
+        if who == XENSTORED:
+            return control_path(XENSTORED), None
+        return control_path(domids[who]), domids[who]
+
+    async def write_all(names: list[str]) -> None:
+        for who in names:
+            path, reader = node(who)
+            text = Control(config, controls.faults_of(who), phase[0]).encode()
+            await _write_node(xs, path, text, reader)
+
+    everyone = [*sorted(domids), XENSTORED]
+
+    async def publisher() -> None:
+        nonlocal publish
+        while True:
+            await publish.wait()
+            publish = trio.Event()
+            dirty = sorted(controls.dirty)
+            controls.dirty.clear()
+            await write_all(dirty)
+
+    def pid_of(name: str) -> int | None:
+        for child in cluster.children:
+            if child.name == name and child.running:
+                return child.pid
+        return None
+
+    processes = ProcessInjector(pid_of, restart=lambda name: None)  # on-failure restarts it
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_record_states, xs, schedule, domids, runner_log)
+            nursery.start_soon(publisher)
+            await write_all(everyone)
+            progress.show("setup: waiting for every guest's workloads")
+            with trio.move_on_after(READY_WAIT):
+                await _wait_for(xs, domids, "ready")
+            origin = trio.current_time()
+            phase[0] = "run"
+            await write_all(everyone)
+            with Injection([controls, processes], runner_log) as injection:
+
+                async def ticker() -> None:
+                    while True:
+                        elapsed = trio.current_time() - origin
+                        started = len(injection.active)
+                        progress.show(
+                            f"{phase[0]}: {elapsed:5.1f}/{schedule.duration:g} s, "
+                            f"{started} fault(s) active"
+                        )
+                        await trio.sleep(0.5)
+
+                nursery.start_soon(ticker)
+                await follow(schedule, injection, start=origin)
+            faults_started[0] = len(schedule.faults)
+            phase[0] = "probe"
+            await write_all(everyone)
+            await trio.sleep_until(origin + max(schedule.duration, schedule.last_heal))
+            phase[0] = "drain"
+            await write_all(everyone)
+            await trio.sleep(DRAIN)
+            phase[0] = "stop"
+            await write_all(everyone)
+            with trio.move_on_after(STOP_WAIT):
+                await _wait_for(xs, domids, "stopped")
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            progress.close()
+            runner_log.close()
+            with trio.move_on_after(CLEAR_TIMEOUT):
+                for who in everyone:
+                    with contextlib.suppress(XsError, XenstoreConnectionError):
+                        await xs.rm(node(who)[0])
+
+
+def save_json(result: RunResult) -> str:
+    return json.dumps(result.to_json(), sort_keys=True)
