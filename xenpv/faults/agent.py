@@ -74,20 +74,23 @@ class EventInjector:
 
     seed: int
     spawn: Callable[..., None]
-    active: dict[str, tuple[Hits, int | None]] = field(default_factory=dict)
+    active: dict[str, tuple[Hits, int | None, str | None]] = field(default_factory=dict)
 
-    def start(self, fault: ScheduledFault, peer: int | None) -> None:
-        self.active[fault.id] = (Hits(fault, stream(self.seed, f"inject/{fault.id}")), peer)
+    def start(self, fault: ScheduledFault, peer: int | None, device: str | None) -> None:
+        hits = Hits(fault, stream(self.seed, f"inject/{fault.id}"))
+        self.active[fault.id] = (hits, peer, device)
 
     def stop(self, fault: ScheduledFault) -> None:
         self.active.pop(fault.id, None)
 
     def on_event(self, channel: EventChannel, send: Callable[[], None]) -> bool:
-        for hits, peer in self.active.values():
+        for hits, peer, device in self.active.values():
             kind = hits.fault.kind
             if kind not in ("event.delay", "event.drop", "event.duplicate"):
                 continue
             if peer is not None and channel.remote_domid != peer:
+                continue
+            if device is not None and current_device() != device:
                 continue
             if not hits.fires():
                 continue
@@ -133,6 +136,14 @@ def _next_incarnation(path: Path) -> int:
     return n
 
 
+def current_device() -> str | None:
+    """The device whose task is running (`DeviceTasks` binds it for its drivers' tasks and
+    those they spawn): device-targeted event and grant faults hit only that device's work,
+    not the other devices the same two domains share."""
+    device = structlog.contextvars.get_contextvars().get("device")
+    return device if isinstance(device, str) else None
+
+
 async def _guarded(fn: Callable[..., Any], *args: Any) -> None:
     try:
         await fn(*args)
@@ -152,10 +163,11 @@ class GrantInjector:
     (the grant mapper's seam); `peer` None: on every domain's grants."""
 
     seed: int
-    active: dict[str, tuple[Hits, int | None]] = field(default_factory=dict)
+    active: dict[str, tuple[Hits, int | None, str | None]] = field(default_factory=dict)
 
-    def start(self, fault: ScheduledFault, peer: int | None) -> None:
-        self.active[fault.id] = (Hits(fault, stream(self.seed, f"inject/{fault.id}")), peer)
+    def start(self, fault: ScheduledFault, peer: int | None, device: str | None) -> None:
+        hits = Hits(fault, stream(self.seed, f"inject/{fault.id}"))
+        self.active[fault.id] = (hits, peer, device)
 
     def stop(self, fault: ScheduledFault) -> None:
         self.active.pop(fault.id, None)
@@ -163,8 +175,10 @@ class GrantInjector:
     def fail(self, op: str, remote: int, count: int) -> Sequence[int] | None:
         from xenpv.hv.gntst import GNTST
 
-        for hits, peer in self.active.values():
+        for hits, peer, device in self.active.values():
             if peer is not None and remote != peer:
+                continue
+            if device is not None and current_device() != device:
                 continue
             f = hits.fault
             status = int(GNTST[str(param(f, "status", "GNTST_general_error"))])
@@ -365,6 +379,15 @@ class FaultAgent:
         key = self._device_key(fault.target)
         return None if key is None else self.disks.get(key)
 
+    def _device_str(self, fault: ScheduledFault) -> str | None:
+        """`str(DeviceId)` of a device (or queue) target, e.g. `vbd/2/51712`; None else."""
+        assert self.schedule is not None
+        key = self._device_key(fault.target)
+        if key is None:
+            return None
+        cls = fault.target.split(":")[2]
+        return f"{cls}/{key[0]}/{key[1]}"
+
     def _peer(self, fault: ScheduledFault, *, from_backend: bool) -> int | None:
         """The remote domain a device fault is about (None: a domain target, every peer)."""
         assert self.schedule is not None and self.config is not None
@@ -394,7 +417,7 @@ class FaultAgent:
             if self._events is None:
                 self._events = EventInjector(self.config.seed, self._spawn)
             peer = self._peer(fault, from_backend=False)
-            self._events.start(fault, peer)
+            self._events.start(fault, peer, self._device_str(fault))
             dom.ports.faults = self._events
             if fault.kind in ("event.spurious", "event.storm"):
                 scope = trio.CancelScope()
@@ -403,7 +426,9 @@ class FaultAgent:
         elif family == "grant":
             if self._grants is None:
                 self._grants = GrantInjector(self.config.seed)
-            self._grants.start(fault, self._peer(fault, from_backend=True))
+            self._grants.start(
+                fault, self._peer(fault, from_backend=True), self._device_str(fault)
+            )
             dom.mapper.faults = self._grants
 
     def _storage_start(self, disk: FaultyStorage, fault: ScheduledFault) -> None:

@@ -178,6 +178,7 @@ KINDS: tuple[FaultKind, ...] = (
             Param("one_in", int, 1, "fail one operation in every N", 1, 1e6),
         ),
         (D, V, Q),
+        may_lose=True,  # a frame whose grant copy fails is dropped, as netback does
     ),
     FaultKind(
         Family.GRANT,
@@ -188,6 +189,7 @@ KINDS: tuple[FaultKind, ...] = (
             Param("status", str, "GNTST_general_error", "status", choices=GNTST_NAMES),
         ),
         (D, V, Q),
+        may_lose=True,
     ),
     FaultKind(
         Family.GRANT,

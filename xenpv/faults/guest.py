@@ -9,8 +9,9 @@ every operation is recorded in the domain's history file, one history process pe
 - net (`GUEST/net`): one `FrameFlow` per vif in the workload, to the next guest's vif in the
   workload (a ring over the vifs in topology order), unicast to that vif's MAC with an
   ethertype of its own; the receiver records each frame's tag;
-- xenstore (`GUEST/xsN`): keyed writes and reads under `/local/domain/<id>/data/faults/xsN`,
-  with a watch on that directory whose events are recorded.
+- xenstore (`GUEST/xsN`): keyed writes (one in three in a transaction, so that commits can
+  meet EAGAIN) and reads under `/local/domain/<id>/data/faults/xsN`, with a watch on that
+  directory whose events are recorded.
 
 Senders stop at `drain` (receivers keep receiving what is in flight), everything at cancel.
 """
@@ -381,12 +382,20 @@ async def _xenstore(
         nonlocal seq
         path = f"{base}/k{rng.randrange(max(1, keys))}"
         key = f"xs:{name}:{path}"
-        if rng.random() < 0.6:
+        draw = rng.random()
+        if draw < 0.6:
             seq += 1
             value = f"{process}/{seq}"
             history.append(process, "invoke", "xs-write", key, value)
             try:
-                await xs.write(path, value)
+                if draw < 0.2:  # in a transaction: commits may meet EAGAIN (retried)
+
+                    async def write(tx: Any) -> None:
+                        await tx.write(path, value)
+
+                    await xs.transact(write)
+                else:
+                    await xs.write(path, value)
             except XsError as exc:
                 history.append(process, "fail", "xs-write", key, str(exc))
                 return
