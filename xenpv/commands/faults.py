@@ -88,6 +88,8 @@ def run_list(args: argparse.Namespace) -> int:
                         for p in k.params
                     ],
                     "injector": k.injector,
+                    "injectable": k.why_not is None,
+                    "why_not": k.why_not,
                 }
                 for k in KINDS
             ],
@@ -97,7 +99,7 @@ def run_list(args: argparse.Namespace) -> int:
         return 0
     width = max(len(k.id) for k in KINDS)
     for k in KINDS:
-        note = "" if k.injector else " [no injector yet]"
+        note = f" [not injectable yet: {k.why_not}]" if k.why_not else ""
         targets = ",".join(t.value for t in k.targets)
         print(f"kind  {k.id:<{width}}  {targets:<22} {k.description}{note}")
     for name, description in plans:

@@ -40,6 +40,7 @@ import structlog
 import trio
 
 from xenpv.errors import XenpvError
+from xenpv.faults.catalogue import CATALOGUE
 from xenpv.faults.checkers import CHECKERS, Violation, check_all
 from xenpv.faults.control import (
     XENSTORED,
@@ -103,15 +104,22 @@ class RunError(XenpvError):
 
 
 def injectable(kind: str) -> bool:
-    return kind in INJECTABLE
+    """A kind `faults run` applies (the catalogue says why the others cannot be yet)."""
+    info = CATALOGUE.get(kind)
+    return kind in INJECTABLE and info is not None and info.why_not is None
+
+
+def why_not(kind: str) -> str:
+    info = CATALOGUE.get(kind)
+    return (info.why_not if info is not None else None) or "unknown kind"
 
 
 def check_injectable(schedule: Schedule) -> None:
     for fault in schedule.faults:
         if not injectable(fault.kind):
             raise RunError(
-                f"{fault.id}: {fault.kind} cannot be injected by `faults run` yet "
-                "(see `xenpv faults list`)"
+                f"{fault.id}: {fault.kind} cannot be injected by `faults run` yet: "
+                f"{why_not(fault.kind)}"
             )
 
 
