@@ -70,6 +70,7 @@ def register(sub: Any) -> None:
 
 def run_list(args: argparse.Namespace) -> int:
     plans = [(name, plan_mod.builtin(name).description) for name in plan_mod.builtin_names()]
+    blocked = {name: runner.blocked_kinds(plan_mod.builtin(name)) for name, _ in plans}
     if args.json:
         out = {
             "kinds": [
@@ -93,7 +94,10 @@ def run_list(args: argparse.Namespace) -> int:
                 }
                 for k in KINDS
             ],
-            "plans": [{"name": n, "description": d} for n, d in plans],
+            "plans": [
+                {"name": n, "description": d, "runnable": not blocked[n], "blocked": blocked[n]}
+                for n, d in plans
+            ],
         }
         print(json.dumps(out, sort_keys=True))
         return 0
@@ -103,6 +107,8 @@ def run_list(args: argparse.Namespace) -> int:
         targets = ",".join(t.value for t in k.targets)
         print(f"kind  {k.id:<{width}}  {targets:<22} {k.description}{note}")
     for name, description in plans:
+        if blocked[name]:
+            description += f" [cannot run yet: {', '.join(blocked[name])}]"
         print(f"plan  {name:<{width}}  {description}")
     return 0
 

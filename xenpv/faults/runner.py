@@ -114,6 +114,11 @@ def why_not(kind: str) -> str:
     return (info.why_not if info is not None else None) or "unknown kind"
 
 
+def blocked_kinds(plan: Plan) -> list[str]:
+    """The plan's fault kinds `faults run` cannot inject yet (empty: it can run)."""
+    return sorted({f.kind for f in plan.faults if not injectable(f.kind)})
+
+
 def check_injectable(schedule: Schedule) -> None:
     for fault in schedule.faults:
         if not injectable(fault.kind):
