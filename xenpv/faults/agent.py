@@ -426,9 +426,7 @@ class FaultAgent:
         elif family == "grant":
             if self._grants is None:
                 self._grants = GrantInjector(self.config.seed)
-            self._grants.start(
-                fault, self._peer(fault, from_backend=True), self._device_str(fault)
-            )
+            self._grants.start(fault, self._peer(fault, from_backend=True), self._device_str(fault))
             dom.mapper.faults = self._grants
 
     def _storage_start(self, disk: FaultyStorage, fault: ScheduledFault) -> None:

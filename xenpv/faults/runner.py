@@ -52,7 +52,7 @@ from xenpv.faults.control import (
     merge,
 )
 from xenpv.faults.history import History, read
-from xenpv.faults.injectors import Injection, follow
+from xenpv.faults.injectors import Injection
 from xenpv.faults.plan import Plan, resolve_topology
 from xenpv.faults.process import ProcessInjector
 from xenpv.faults.schedule import Schedule, ScheduledFault, build
@@ -97,6 +97,9 @@ DRAIN = 1.0  # seconds between the senders' stop and the agents' stop
 READY_WAIT = 15.0  # seconds every agent has to set its workloads up
 STOP_WAIT = 5.0  # seconds agents have to close their history files
 CLEAR_TIMEOUT = 5.0
+BACK_WAIT = 30.0  # seconds a killed domain may take to come back before its fault stops
+RESTARTING = frozenset({"process.kill", "process.restart"})
+READY_NODE = "xenpv/faults/ready"  # an agent's incarnation, written once its workloads are set
 
 
 class RunError(XenpvError):
@@ -408,7 +411,7 @@ async def _run(
                         await trio.sleep(0.5)
 
                 nursery.start_soon(ticker)
-                await follow(schedule, injection, start=origin)
+                await _follow(schedule, injection, origin, xs, domids)
             faults_started[0] = len(schedule.faults)
             phase[0] = "probe"
             await write_all(everyone)
@@ -429,6 +432,48 @@ async def _run(
                 for who in everyone:
                     with contextlib.suppress(XsError, XenstoreConnectionError):
                         await xs.rm(node(who)[0])
+
+
+async def _ready_value(xs: XenstoreClient, domid: int) -> bytes | None:
+    with contextlib.suppress(XsError, XenstoreConnectionError):
+        return await xs.try_read(f"{domain_path(domid)}/{READY_NODE}")
+    return None
+
+
+async def _back(xs: XenstoreClient, domid: int, before: bytes | None) -> None:
+    """Until the domain's restarted agent is ready again (its ready node changed)."""
+    path = f"{domain_path(domid)}/{READY_NODE}"
+    async with xs.watch(path) as events:
+        async for _event in events:
+            value = await _ready_value(xs, domid)
+            if value is not None and value != before:
+                return
+
+
+async def _follow(
+    schedule: Schedule,
+    injection: Injection,
+    origin: float,
+    xs: XenstoreClient,
+    domids: dict[str, int],
+) -> None:
+    """`injectors.follow`, except that a killed domain's fault window lasts until the domain
+    is back (restarted by the supervisor, its agent ready): what it lost while down is the
+    fault's doing, and the history says so. Later events wait for it (bounded)."""
+    before: dict[str, bytes | None] = {}
+    for offset, action, fault in schedule.events():
+        await trio.sleep_until(origin + offset)
+        name = fault.target.removeprefix("domain:")
+        restarts = fault.kind in RESTARTING and name in domids
+        if action == "start":
+            if restarts:
+                before[fault.id] = await _ready_value(xs, domids[name])
+            injection.start(fault)
+            continue
+        if restarts:
+            with trio.move_on_after(BACK_WAIT):
+                await _back(xs, domids[name], before.get(fault.id))
+        injection.stop(fault)
 
 
 def save_json(result: RunResult) -> str:
