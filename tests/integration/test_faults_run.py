@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -88,10 +90,12 @@ liveness = 4.0
 
 def _run(
     tmp_path: Path, name: str, env: dict[str, str] | None = None
-) -> tuple[subprocess.CompletedProcess[str], Path, Path]:
+) -> tuple[subprocess.CompletedProcess[str], Path, Path, bool]:
+    """(result, state dir (removed), history, whether the cluster's state file was left)."""
     plan = tmp_path / "mixed.toml"
     plan.write_text(MIXED)
-    state = tmp_path / f"{name}-state"
+    # Short: the state directory holds Unix sockets (pytest's tmp paths can be too long).
+    state = Path(tempfile.mkdtemp(prefix=f"xf-{name}-", dir="/tmp"))
     history = tmp_path / f"{name}.jsonl"
     result = subprocess.run(
         [
@@ -113,7 +117,9 @@ def _run(
         env=dict(os.environ, PYTHONPATH=str(REPO), **(env or {})),
         check=False,
     )
-    return result, state, history
+    left = (state / "cluster.json").exists()
+    shutil.rmtree(state, ignore_errors=True)  # the run stopped everything it started
+    return result, state, history, left
 
 
 def _verdict(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
@@ -150,12 +156,12 @@ def _fault_lines(history: Path) -> tuple[list[str], list[str]]:
 
 
 @pytest.fixture(scope="module")
-def mixed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path, Path]:
+def mixed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path, Path, bool]:
     return _run(tmp_path_factory.mktemp("faults-run"), "good")
 
 
-def test_mixed_plan_passes_end_to_end(mixed_run: tuple[Any, Path, Path]) -> None:
-    result, state, history = mixed_run
+def test_mixed_plan_passes_end_to_end(mixed_run: tuple[Any, Path, Path, bool]) -> None:
+    result, state, history, cluster_state_left = mixed_run
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     verdict = _verdict(result)
     assert verdict["ok"] is True
@@ -166,14 +172,18 @@ def test_mixed_plan_passes_end_to_end(mixed_run: tuple[Any, Path, Path]) -> None
     assert "PASS" in result.stdout
     # Each named fault was started and healed, and the history checks again offline.
     starts, stops = _fault_lines(history)
-    assert sorted(starts) == sorted(stops) == sorted(
-        [
-            "link.delay",
-            "storage.latency",
-            "event.delay",
-            "xenstore.commit-eagain",
-            "process.stop",
-        ]
+    assert (
+        sorted(starts)
+        == sorted(stops)
+        == sorted(
+            [
+                "link.delay",
+                "storage.latency",
+                "event.delay",
+                "xenstore.commit-eagain",
+                "process.stop",
+            ]
+        )
     )
     check = subprocess.run(
         [sys.executable, "-m", "xenpv", "faults", "check", str(history), "--json"],
@@ -187,14 +197,14 @@ def test_mixed_plan_passes_end_to_end(mixed_run: tuple[Any, Path, Path]) -> None
     assert json.loads(check.stdout)["schedule_hash"] == verdict["schedule_hash"]
     # Nothing outlives the run: no process of its cluster, no cluster state.
     assert _processes_using(state) == []
-    assert not (state / "cluster.json").exists()
+    assert not cluster_state_left
 
 
 def test_broken_disk_fails_the_run_with_the_block_checker(
-    tmp_path: Path, mixed_run: tuple[Any, Path, Path]
+    tmp_path: Path, mixed_run: tuple[Any, Path, Path, bool]
 ) -> None:
     # A test-only switch makes every backend disk acknowledge writes without keeping them.
-    result, state, _history = _run(
+    result, state, _history, _left = _run(
         tmp_path, "broken", env={"XENPV_FAULTS_BROKEN_STORAGE": "drop-writes"}
     )
     assert result.returncode == 1, result.stdout + result.stderr[-3000:]
