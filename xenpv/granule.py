@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from xenpv.errors import XenpvError
+from xenpv.xenbus.keys import KeyValueError, parse_uint
 
 XEN_PAGE_SHIFT = 12
 XEN_PAGE_SIZE = 1 << XEN_PAGE_SHIFT
@@ -37,13 +38,10 @@ def page_order(page_size: int) -> int:
 
 def parse_order(raw: bytes | str | None, key: str) -> int:
     """Read an order key: absent → 0; anything but 0..4 → GranuleError naming the key."""
-    if raw is None:
-        return 0
-    text = raw.decode("ascii", "replace") if isinstance(raw, bytes) else raw
-    text = text.strip()
-    if not text.isdigit() or int(text) > MAX_GRANULE_ORDER:
-        raise GranuleError(f"{key} = {text!r}: expected 0..{MAX_GRANULE_ORDER}")
-    return int(text)
+    try:
+        return parse_uint(raw, key, default=0, strict=True, maximum=MAX_GRANULE_ORDER)
+    except KeyValueError as exc:
+        raise GranuleError(str(exc)) from None
 
 
 def frontend_choice(page_size: int, backend_max: int, cap: int | None = None) -> int:

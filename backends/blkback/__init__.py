@@ -3,9 +3,8 @@
     await serve(dom, xs, device)     # serve one vbd until the toolstack removes it
 
 Layout (sans-IO cores first, trio edges last):
-- `config`: the toolstack's keys (storage, which features to offer) → `BackendConfig`;
-- `negotiate`: the handshake's keys: what we advertise, the frontend's ring keys → params,
-  what we publish at connect;
+- `keys`: the toolstack's keys (storage, which features to offer) → `BackendConfig`, and the
+  handshake's: what we advertise, the frontend's ring keys → params, what we publish at connect;
 - `request`: `RequestCore`, validation of one ring slot into an I/O plan or a rejection;
 - `persistent`: the per-ring cache of persistently mapped grants;
 - `queue`: `QueueWorker`, the trio task serving one ring;

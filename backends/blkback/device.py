@@ -38,14 +38,12 @@ from dataclasses import dataclass, field
 import structlog
 import trio
 
-from backends.blkback.config import (
+from backends.blkback.keys import (
     CONFIG_KEYS,
+    MAX_DISK_SIZE,
     MAX_PERSISTENT_GRANTS,
     BackendConfig,
     ConfigError,
-    parse_config,
-)
-from backends.blkback.negotiate import (
     FrontendParams,
     KeyValues,
     NegotiationError,
@@ -53,6 +51,7 @@ from backends.blkback.negotiate import (
     connect_keys,
     device_features,
     frontend_key_names,
+    parse_config,
     parse_frontend,
     requested_granule,
     requested_order,
@@ -66,10 +65,10 @@ from xenpv.abi.ring import BackRing
 from xenpv.errors import XenpvError
 from xenpv.granule import FRONTEND_KEY, granule_size
 from xenpv.hv import XEN_PAGE_SIZE, Domain, EventChannel, GrantMapping
-from xenpv.toolstack import devices
 from xenpv.xenbus import core as xenbus
 from xenpv.xenbus.core import Action, Closing, Connected, DeviceId
 from xenpv.xenbus.handshake import read_keys, read_state, run_handshake
+from xenpv.xenbus.keys import XENPV_SIZE, KeyValueError, parse_uint
 from xenpv.xenstore.client import Transaction, XenstoreClient, XenstoreConnectionError
 from xenpv.xenstore.wire import XsError
 
@@ -91,7 +90,7 @@ def open_storage_from(config: BackendConfig) -> Storage:
     if config.size is None or config.read_only:
         raise ConfigError(
             f"image {config.path!r} does not exist and cannot be created "
-            f"({'read-only' if config.read_only else 'no ' + devices.VBD_SIZE})"
+            f"({'read-only' if config.read_only else 'no ' + XENPV_SIZE})"
         )
     return RawImage(config.path, size=config.size, create=True, sector_size=config.sector_size)
 
@@ -166,7 +165,7 @@ class BlkbackDevice:
 
     async def _watch_backend_dir(self) -> None:
         backend = self.device.backend
-        size_key = f"{backend}/{devices.VBD_SIZE}"
+        size_key = f"{backend}/{XENPV_SIZE}"
         async with self.xs.watch(backend) as events:
             async for path, _token in events:
                 if path == backend:
@@ -363,16 +362,20 @@ class BlkbackDevice:
     # -- capacity change ----------------------------------------------------------------------
 
     async def _size_changed(self) -> None:
-        raw = await self.xs.try_read(f"{self.device.backend}/{devices.VBD_SIZE}")
+        raw = await self.xs.try_read(f"{self.device.backend}/{XENPV_SIZE}")
         if raw is None or self.storage is None:
             return
-        text = raw.decode("ascii", "replace").strip()
-        if not text.isdigit() or int(text) == self.storage.info().size:
+        try:
+            size = parse_uint(raw, XENPV_SIZE, maximum=MAX_DISK_SIZE)
+        except KeyValueError as exc:
+            self._log.warning("resize refused", error=str(exc))
+            return
+        if size == self.storage.info().size:
             return
         try:
-            await self.resize(int(text))
+            await self.resize(size)
         except XenpvError as exc:
-            self._log.warning("resize refused", size=text, error=str(exc))
+            self._log.warning("resize refused", size=size, error=str(exc))
 
     async def resize(self, new_size: int) -> None:
         """Resize the storage and tell a connected frontend (re-write `sectors` + Connected)."""

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from backends.blkback.negotiate import DeviceFeatures
+from backends.blkback.keys import DeviceFeatures
 from xenpv.abi.blkif import (
     BLKIF_OP_DISCARD,
     BLKIF_OP_FLUSH_DISKCACHE,
@@ -44,8 +44,8 @@ from xenpv.abi.blkif import (
     BlkifRequest,
     decode_indirect_segments,
 )
+from xenpv.abi.buffer import XEN_PAGE_SIZE
 from xenpv.abi.errors import BlkifError, BlkifUnsupportedOp
-from xenpv.hv.buffer import XEN_PAGE_SIZE
 
 
 class IoKind(enum.Enum):

@@ -1,6 +1,6 @@
 """Checksum and segmentation offload between netif and the switch's `VirtioNetHdr` metadata.
 
-Frames cross the backend switch with a `backends.tap.VirtioNetHdr` (or None for "nothing to
+Frames cross the backend switch with a `xenpv.abi.virtio_net.VirtioNetHdr` (or None for "nothing to
 do"), so a vif, a TAP device and other vifs all speak one metadata type.
 
 Guest transmit (netif → switch), as Linux netback's `xenvif_tx_submit` + `checksum_setup`:
@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from typing import Final
 
 from backends.switch import Frame
-from backends.tap import VirtioNetHdr, VirtioNetHdrFlags, VirtioNetHdrGso
 from xenpv.abi.netif import (
     XEN_NETIF_GSO_TYPE_TCPV4,
     XEN_NETIF_GSO_TYPE_TCPV6,
@@ -43,6 +42,7 @@ from xenpv.abi.netif import (
     NETTXF_csum_blank,
     NETTXF_data_validated,
 )
+from xenpv.abi.virtio_net import VirtioNetHdr, VirtioNetHdrFlags, VirtioNetHdrGso
 from xenpv.errors import XenpvError
 from xenpv.ethernet import ETH_HLEN, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, Headers, parse
 

@@ -23,7 +23,6 @@ Frontend faults surface as `TxFatal` / `RxFatal`; a vanished peer as `PeerGone` 
 
 from __future__ import annotations
 
-import struct
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Final
@@ -34,9 +33,8 @@ from backends.netback.offload import OffloadError, RxOffload, rx_metadata, tx_me
 from backends.netback.rx import RxCore, RxFrame, RxPlacement
 from backends.netback.tx import TxCore, TxFatal, TxPacket
 from backends.switch import Frame, SwitchError, SwitchPort
-from backends.tap import VirtioNetHdr
 from xenpv.abi.errors import RingError
-from xenpv.abi.ring import OFF_REQ_EVENT, RING_IDX_MASK
+from xenpv.abi.virtio_net import VirtioNetHdr
 from xenpv.hv import CopyDirection, CopyGroup, Domain, EventChannel
 
 TX_BUDGET: Final = 64  # packets per tx round (Linux: NAPI weight 64)
@@ -45,7 +43,6 @@ RX_QUEUE_MAX: Final = 128 * 4096  # XENVIF_RX_QUEUE_BYTES: half an rx ring of pa
 RX_POLL_NO_NOTIFY: Final = 0.03  # seconds, netback's drain timeout without feature-rx-notify
 _FROM_REMOTE: Final = int(CopyDirection.FROM_REMOTE)
 _TO_REMOTE: Final = int(CopyDirection.TO_REMOTE)
-_U32 = struct.Struct("<I")
 
 
 class Doorbell:
@@ -262,12 +259,8 @@ class NetbackQueue:
                 await trio.lowlevel.checkpoint()  # fairness, as in the tx loop
                 continue
             # Not enough buffers for the head frame: ask to be woken when there are.
-            ring = rx.ring
             needed = rx.slots_needed(backlog[0])
-            _U32.pack_into(
-                ring.buffer.view, OFF_REQ_EVENT, (ring.req_cons + needed) & RING_IDX_MASK
-            )
-            ring.buffer.written(OFF_REQ_EVENT, 4)
+            rx.ring.set_request_event(needed)
             if rx.available() >= needed:
                 continue
             if self.rx_notify:

@@ -18,12 +18,14 @@ Modelled on Linux netback's rx.c (the "always fully coalesce" rx path, 4.11+):
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from typing import Final
 
+from xenpv.abi.buffer import XEN_PAGE_SIZE
 from xenpv.abi.errors import RingError, RingUsageError
 from xenpv.abi.netif import (
+    RX_REQUEST,
+    RX_RESPONSE,
     NetifGsoExtra,
     NETRXF_extra_info,
     NETRXF_more_data,
@@ -32,10 +34,7 @@ from xenpv.abi.netif import (
 from xenpv.abi.ring import BackRing
 from xenpv.errors import XenpvError
 from xenpv.granule import NETIF_RX_STATUS_MAX
-from xenpv.hv.buffer import XEN_PAGE_SIZE
 
-_RX_RESPONSE = struct.Struct("<HHHh")  # id, offset, flags, status
-_RX_REQUEST = struct.Struct("<HxxI")  # id, pad, gref
 # Plain ints on the per-slot path: IntFlag `|` costs about a microsecond per operation.
 _RXF_EXTRA_INFO: Final = int(NETRXF_extra_info)
 _RXF_MORE_DATA: Final = int(NETRXF_more_data)
@@ -122,8 +121,8 @@ class RxCore:
             raise RxFatal("rx requests vanished while placing a frame") from None
         except RingError as exc:
             raise RxFatal(str(exc)) from None
-        unpack_request = _RX_REQUEST.unpack
-        pack_response = _RX_RESPONSE.pack
+        unpack_request = RX_REQUEST.unpack
+        pack_response = RX_RESPONSE.pack
         data = frame.data
         total = len(data)
         capacity = self.capacity
@@ -155,9 +154,8 @@ class RxCore:
             if status != _GNTST_OKAY:
                 ok = False
                 self.stats.copy_errors += 1
-                patched = bytearray(responses[segment.slot])
-                struct.pack_into("<h", patched, 6, status)
-                responses[segment.slot] = bytes(patched)
+                slot_id, offset, flags, _ = RX_RESPONSE.unpack(responses[segment.slot])
+                responses[segment.slot] = RX_RESPONSE.pack(slot_id, offset, flags, status)
         self.ring.put_responses(responses)
         if ok:
             self.stats.packets += 1

@@ -32,21 +32,24 @@ failed: the packet is dropped, as netback does for a failed grant operation).
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
+from xenpv.abi.buffer import XEN_PAGE_SIZE
 from xenpv.abi.errors import NetifError, RingError
 from xenpv.abi.netif import (
     ETH_ALEN,
     NETIF_RSP_ERROR,
     NETIF_RSP_NULL,
     NETIF_RSP_OKAY,
+    TX_REQUEST,
+    TX_RESPONSE,
     XEN_NETIF_EXTRA_FLAG_MORE,
     XEN_NETIF_EXTRA_TYPE_GSO,
     XEN_NETIF_EXTRA_TYPE_MCAST_ADD,
     XEN_NETIF_EXTRA_TYPE_MCAST_DEL,
+    XEN_NETIF_NR_SLOTS_MIN,
     NetifExtraType,
     NetifGsoExtra,
     NetifTxRequest,
@@ -56,15 +59,12 @@ from xenpv.abi.netif import (
 )
 from xenpv.abi.ring import SRING_HEADER_SIZE, BackRing
 from xenpv.errors import XenpvError
-from xenpv.hv.buffer import XEN_PAGE_SIZE
 
-XEN_NETBK_LEGACY_SLOTS_MAX: Final = 18  # XEN_NETIF_NR_SLOTS_MIN
+XEN_NETBK_LEGACY_SLOTS_MAX: Final = XEN_NETIF_NR_SLOTS_MIN
 FATAL_SKB_SLOTS_DEFAULT: Final = 20  # netback's fatal_skb_slots module parameter
 XEN_NETBK_MCAST_MAX: Final = 64
 ETH_HLEN: Final = 14
 _XEN_NETIF_EXTRA_TYPE_MAX: Final = int(NetifExtraType.XEN_NETIF_EXTRA_TYPE_MAX)
-_TX_RESPONSE = struct.Struct("<Hh")
-_TX_REQUEST = struct.Struct("<IHHHH")  # struct netif_tx_request: gref, offset, flags, id, size
 # Plain ints on the per-slot path: IntFlag `&` costs about a microsecond per operation.
 _MORE_DATA: Final = int(NETTXF_more_data)
 _EXTRA_INFO: Final = int(NETTXF_extra_info)
@@ -175,7 +175,7 @@ class TxCore:
         """The next slot as a tx request (a ring slot always holds the 12 bytes)."""
         data = self._slots[self._read]
         self._read += 1
-        return NetifTxRequest(*_TX_REQUEST.unpack(data))
+        return NetifTxRequest(*TX_REQUEST.unpack(data))
 
     def _take_one(self, work: int) -> TxPacket | None:
         next_request = self._next_request
@@ -309,7 +309,7 @@ class TxCore:
         """
         self._consume()
         ring = self.ring
-        pack = _TX_RESPONSE.pack
+        pack = TX_RESPONSE.pack
         entries = [pack(request.id, status)]
         if extra_count:
             view = ring.buffer.view

@@ -5,10 +5,10 @@
         await disk.write(0, b"x" * 4096)
         data = await disk.read(0, 4096)
         await disk.flush()
-        print(disk.info)   # what was negotiated: sectors, sector_size, queues, ...
+        print(disk.info)   # a `Negotiated`: sectors, sector_size, queues, ...
 
 Layout: `split` (I/O → ring requests), `core` (the sans-IO engine: shadow tables, grants,
-persistent pool, recovery), `negotiate` (xenstore keys), `device` (trio edge). See
+persistent pool, recovery), `keys` (xenstore keys), `device` (trio edge). See
 docs/blk.md, section Frontend.
 """
 
@@ -19,19 +19,15 @@ from contextlib import asynccontextmanager
 
 import trio
 
+from frontends.blkfront.core import Negotiated
 from frontends.blkfront.device import DETACH_TIMEOUT, Blkfront
 from frontends.blkfront.errors import BlkError, BlkfrontProtocolError, DeviceNotFound
-from frontends.blkfront.negotiate import (
-    MAX_INDIRECT_SEGMENTS,
-    MAX_QUEUES,
-    MAX_RING_PAGE_ORDER,
-    Wishes,
-    default_protocol,
-)
+from frontends.blkfront.keys import Wishes, default_protocol
+from xenpv.abi.buffer import XEN_PAGE_SIZE
 from xenpv.granule import MAX_GRANULE_ORDER
 from xenpv.hv import Domain
-from xenpv.hv.buffer import XEN_PAGE_SIZE
 from xenpv.xenbus.core import DeviceId
+from xenpv.xenbus.keys import BLK_MAX_INDIRECT_SEGMENTS, BLK_MAX_QUEUES, MAX_RING_PAGE_ORDER
 from xenpv.xenstore.client import XenstoreClient
 
 __all__ = [
@@ -40,6 +36,7 @@ __all__ = [
     "BlkfrontProtocolError",
     "DeviceNotFound",
     "GranuleNotSupported",
+    "Negotiated",
     "Wishes",
     "attach",
 ]
@@ -59,8 +56,8 @@ async def attach(
     granule_order: int | None = None,
     protocol: str | None = None,
     max_ring_page_order: int = MAX_RING_PAGE_ORDER,
-    max_queues: int = MAX_QUEUES,
-    max_indirect_segments: int = MAX_INDIRECT_SEGMENTS,
+    max_queues: int = BLK_MAX_QUEUES,
+    max_indirect_segments: int = BLK_MAX_INDIRECT_SEGMENTS,
     persistent: bool = True,
 ) -> AsyncIterator[Blkfront]:
     """Run the frontend of `device` in `dom` for the duration of the block.
@@ -68,7 +65,7 @@ async def attach(
     `granule_order` caps the grant granule (docs/granule-extension.md): None uses
     the largest the guest's page size and the backend's `max-grant-granule-order` allow, 0
     declines (4 KiB grants, the baseline); it is chosen anew at every handshake.
-    `protocol` defaults to the guest's ABI (`negotiate.default_protocol`). The other keyword
+    `protocol` defaults to the guest's ABI (`keys.default_protocol`). The other keyword
     arguments are the frontend's maxima (Linux's module parameters). Leaving the block closes
     the device through xenbus and fails I/Os still waiting.
     """

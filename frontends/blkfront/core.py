@@ -127,6 +127,40 @@ class Negotiated:
         segments = self.indirect_segments if self.indirect_segments > 11 else 11
         return Limits(segments, self.sector_size, self.grant_size)
 
+    @property
+    def capacity(self) -> int:
+        """The disk size in bytes."""
+        return self.sectors * SECTOR_SIZE
+
+    def summary(self) -> dict[str, Any]:
+        """The connection as plain values (int, bool, str or None), for logs and reports."""
+        return {
+            "sectors": self.sectors,
+            "sector_size": self.sector_size,
+            "physical_sector_size": self.physical_sector_size,
+            "ring_page_order": self.ring_page_order,
+            "queues": self.queues,
+            "indirect_segments": self.indirect_segments,
+            "persistent": self.persistent,
+            "flush": self.flush_op is not None,
+            "flush_op": self.flush_op,
+            "discard": self.discard,
+            "discard_granularity": self.discard_granularity,
+            "discard_alignment": self.discard_alignment,
+            "discard_secure": self.discard_secure,
+            "grant_size": self.grant_size,
+            "granule_order": self.granule_order,
+            "read_only": self.read_only,
+            "protocol": self.protocol.name,
+        }
+
+    # `dict(info)` is `summary()`, for the reports that take a frontend's info as a dict.
+    def keys(self) -> list[str]:
+        return list(self.summary())
+
+    def __getitem__(self, name: str) -> Any:
+        return self.summary()[name]
+
 
 @dataclass(slots=True, eq=False)
 class BlkIo:

@@ -25,8 +25,8 @@ from typing import Any, NamedTuple
 import structlog
 import trio
 
-from frontends.blkfront import negotiate
-from frontends.blkfront.core import BlkIo, Engine
+from frontends.blkfront import keys as blk_keys
+from frontends.blkfront.core import BlkIo, Engine, Negotiated
 from frontends.blkfront.errors import (
     BlkError,
     BlkfrontProtocolError,
@@ -34,7 +34,7 @@ from frontends.blkfront.errors import (
     io_error,
     not_supported,
 )
-from frontends.blkfront.negotiate import Geometry, Wishes
+from frontends.blkfront.keys import Geometry, Wishes
 from xenpv.abi.blkif import (
     BLKIF_OP_DISCARD,
     BLKIF_OP_FLUSH_DISKCACHE,
@@ -51,6 +51,7 @@ from xenpv.hv.errors import EventChannelClosed, PeerGone
 from xenpv.xenbus import core as xenbus
 from xenpv.xenbus.core import Action, DeviceId
 from xenpv.xenbus.handshake import KeyValues, read_keys, read_state, run_handshake
+from xenpv.xenbus.keys import ULLONG_MAX
 from xenpv.xenstore.client import XenstoreClient, XenstoreConnectionError
 from xenpv.xenstore.wire import XsError
 
@@ -237,7 +238,7 @@ class Blkfront:
             grant_size=grant_size,
             queue_depth=queue_depth,
         )
-        self.info: dict[str, Any] = {}
+        self._info: Negotiated | None = None  # the last connection's parameters
         self.connections = 0  # handshakes completed (1 + reconnects)
         self._depth = trio.Semaphore(queue_depth)
         self._connected = trio.Event()
@@ -291,34 +292,41 @@ class Blkfront:
         """Wait for the backend's next capacity change (a Connected re-write); the new size
         in 512-byte sectors."""
         await self._resized.wait()
-        return int(self.info["sectors"])
+        return self.info.sectors
 
     @property
     def capacity(self) -> int:
         """The disk size in bytes (0 before the first connection)."""
-        return int(self.info.get("sectors", 0)) * SECTOR_SIZE
+        return self._info.capacity if self._info is not None else 0
+
+    @property
+    def info(self) -> Negotiated:
+        """What the last connection negotiated; an error before the first one."""
+        if self._info is None:
+            raise io_error("not connected yet: await wait_connected() first")
+        return self._info
 
     def _read_only(self) -> bool:
-        return bool(self.info.get("read_only"))
+        return self._info is not None and self._info.read_only
 
     async def _check(self, offset: int, length: int, *, write: bool) -> int:
-        if not self.info:
+        if self._info is None:
             await self.wait_connected()
         return self._check_now(offset, length, write=write)
 
     def _check_now(self, offset: int, length: int, *, write: bool) -> int:
-        info = self.info  # once: this runs for every I/O
-        if not info:
+        info = self._info  # once: this runs for every I/O
+        if info is None:
             raise io_error("not connected yet: await wait_connected() first")
-        block = int(info["sector_size"])
+        block = info.sector_size
         if offset < 0 or length <= 0 or offset % block or length % block:
             raise io_error(
                 f"I/O of {length} bytes at {offset}: both must be positive multiples of the "
                 f"{block}-byte sector size"
             )
-        if offset + length > int(info["sectors"]) * SECTOR_SIZE:
+        if offset + length > info.capacity:
             raise io_error(f"I/O at {offset}+{length} beyond the end of the disk ({self.capacity})")
-        if write and info.get("read_only"):
+        if write and info.read_only:
             raise io_error("the disk is read-only")
         return offset // SECTOR_SIZE
 
@@ -434,8 +442,8 @@ class Blkfront:
     async def _setup(self) -> KeyValues | None:
         self._teardown("new handshake")
         await self._remove_stale_keys()
-        backend = await read_keys(self.xs, self.device.backend, negotiate.SETUP_KEYS)
-        geo = negotiate.geometry(self.wishes, backend, self.dom.page_size)
+        backend = await read_keys(self.xs, self.device.backend, blk_keys.SETUP_KEYS)
+        geo = blk_keys.geometry(self.wishes, backend, self.dom.page_size)
         nframes = 1 << geo.ring_page_order
         step = 1 << geo.granule_order  # frames per ring grant
         layout = blkif_protocol(self.wishes.protocol).ring_layout
@@ -463,7 +471,7 @@ class Blkfront:
             self._log.error("cannot set up the rings", error=str(exc))
             self._teardown("setup failed")
             return None
-        keys = negotiate.setup_keys(geo, conn.grefs, [c.port for c in conn.channels], self.wishes)
+        keys = blk_keys.setup_keys(geo, conn.grefs, [c.port for c in conn.channels], self.wishes)
         self._log.info(
             "blkfront setup",
             order=geo.ring_page_order,
@@ -480,7 +488,7 @@ class Blkfront:
         except XsError:
             return
         for name in names:
-            if negotiate.is_ring_key(name):
+            if blk_keys.is_ring_key(name):
                 with contextlib.suppress(XsError):
                     await self.xs.rm(f"{self.device.frontend}/{name}")
 
@@ -488,9 +496,9 @@ class Blkfront:
         conn = self._conn
         if conn is None:  # Connected without our rings (e.g. we restarted): start over
             return None
-        backend = await read_keys(self.xs, self.device.backend, negotiate.CONNECT_KEYS)
+        backend = await read_keys(self.xs, self.device.backend, blk_keys.CONNECT_KEYS)
         try:
-            neg = negotiate.negotiated(
+            neg = blk_keys.negotiated(
                 self.wishes,
                 conn.geometry,
                 backend,
@@ -503,12 +511,12 @@ class Blkfront:
             return None
         self.engine.connect(neg, conn.rings)
         self.grant_size = neg.grant_size
-        self.info = negotiate.describe(neg)
+        self._info = neg
         self.connections += 1
         conn.live = True
         assert self._nursery is not None
         self._nursery.start_soon(self._run_queues, conn)
-        self._log.info("blkfront connected", **self.info, pending=len(self.engine.pending))
+        self._log.info("blkfront connected", **neg.summary(), pending=len(self.engine.pending))
         self._kick()
         self._connected.set()
         return {}
@@ -521,12 +529,12 @@ class Blkfront:
 
     async def _capacity(self) -> None:
         backend = await read_keys(self.xs, self.device.backend, ["sectors"])
-        sectors = negotiate.number(backend, "sectors", -1)
+        sectors = blk_keys.number(backend, "sectors", -1, maximum=ULLONG_MAX)
         if sectors < 0 or self.engine.negotiated is None:
             return
         self.engine.negotiated = dataclasses.replace(self.engine.negotiated, sectors=sectors)
-        changed = sectors != self.info.get("sectors")
-        self.info["sectors"] = sectors
+        changed = self._info is None or sectors != self._info.sectors
+        self._info = self.engine.negotiated
         if changed:
             self._log.info("blkfront capacity change", sectors=sectors)
             self._resized.set()

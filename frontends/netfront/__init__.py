@@ -18,16 +18,23 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from frontends.netfront.core import NetfrontError, NetfrontProtocolError, RxFrame
+from frontends.netfront.core import Negotiated, NetfrontError, NetfrontProtocolError, RxFrame
 from frontends.netfront.device import Netfront
 from frontends.netfront.tap import configure_link, open_tap, run_tap
 from xenpv.hv import Domain
-from xenpv.toolstack.devices import VIF_TAP
 from xenpv.xenbus.core import DeviceId, Initialising, Unknown
 from xenpv.xenbus.handshake import publish, read_state, run_handshake
+from xenpv.xenbus.keys import XENPV_TAP
 from xenpv.xenstore.client import XenstoreClient
 
-__all__ = ["Netfront", "NetfrontError", "NetfrontProtocolError", "RxFrame", "attach"]
+__all__ = [
+    "Negotiated",
+    "Netfront",
+    "NetfrontError",
+    "NetfrontProtocolError",
+    "RxFrame",
+    "attach",
+]
 
 
 @asynccontextmanager
@@ -46,7 +53,7 @@ async def attach(
     closes the device as Linux netfront's remove does (Closing, then Closed).
     """
     front = Netfront(dom, xs, device, granule_order=granule_order, max_queues=max_queues)
-    tap_raw = await xs.try_read(f"{device.frontend}/{VIF_TAP}")
+    tap_raw = await xs.try_read(f"{device.frontend}/{XENPV_TAP}")
     tap = open_tap(tap_raw.decode("ascii", "replace")) if tap_raw else None
     front.tap = tap
     try:

@@ -25,15 +25,18 @@ Ring-level violations (more responses than requests, an unknown tx id) raise `Ri
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 from xenpv.abi.errors import NetifError, RingUsageError
 from xenpv.abi.netif import (
     NETIF_RSP_NULL,
     NETIF_RSP_OKAY,
+    RX_REQUEST,
+    RX_RESPONSE,
+    TX_REQUEST,
+    TX_RESPONSE,
     XEN_NETIF_EXTRA_FLAG_MORE,
     XEN_NETIF_GSO_TYPE_TCPV4,
     XEN_NETIF_GSO_TYPE_TCPV6,
@@ -65,10 +68,6 @@ _RXF_MORE_DATA: Final = int(NETRXF_more_data)
 _RXF_EXTRA_INFO: Final = int(NETRXF_extra_info)
 _RSP_NULL: Final = int(NETIF_RSP_NULL)
 _RSP_OKAY: Final = int(NETIF_RSP_OKAY)
-_TX_REQUEST = struct.Struct("<IHHHH")  # struct netif_tx_request
-_TX_RESPONSE = struct.Struct("<Hh")  # struct netif_tx_response
-_RX_REQUEST = struct.Struct("<HxxI")  # struct netif_rx_request
-_RX_RESPONSE = struct.Struct("<HHHh")  # struct netif_rx_response
 
 # xennet_get_responses: XEN_NETIF_NR_SLOTS_MIN fragments, one more for a small first slot.
 MAX_RX_SLOTS: Final = XEN_NETIF_NR_SLOTS_MIN + 1
@@ -82,6 +81,31 @@ class NetfrontError(XenpvError):
 
 class NetfrontProtocolError(XenpvError):
     """The backend broke the netif protocol on a ring: the queue stops until reconnection."""
+
+
+@dataclass(frozen=True, slots=True)
+class Negotiated:
+    """One connection's parameters: what the backend offered and what this frontend chose."""
+
+    mac: str
+    queues: int
+    split_event_channels: bool
+    sg: bool
+    gso_tcpv4: bool
+    gso_tcpv6: bool
+    ipv6_csum_offload: bool
+    rx_copy: bool
+    grant_size: int  # the negotiated grant granule in bytes
+    granule_order: int
+    backend_max_granule_order: int | None  # None: the backend has no granule extension
+    granule_fallback: str | None  # why 4 KiB grants are forced from now on, if they are
+    page_size: int
+    backend_id: int
+    generation: int  # connections so far, this one included
+
+    def summary(self) -> dict[str, Any]:
+        """The connection as plain values (int, bool, str or None), for logs and reports."""
+        return {name: getattr(self, name) for name in self.__slots__}
 
 
 @dataclass(slots=True)
@@ -217,7 +241,7 @@ class TxCore:
         last = len(ids) - 1
         entries: list[bytes] = []
         put = entries.append
-        pack = _TX_REQUEST.pack
+        pack = TX_REQUEST.pack
         grefs_by_id = self._grefs
         heads = self._heads
         for i, (slot_id, gref, (_index, offset, size)) in enumerate(
@@ -251,7 +275,7 @@ class TxCore:
         done: list[int] = []
         freed: list[int] = []
         grefs = self._grefs
-        unpack = _TX_RESPONSE.unpack_from
+        unpack = TX_RESPONSE.unpack_from
         for data in self.ring.take_responses():
             slot_id, status = unpack(data)
             if status == _RSP_NULL:
@@ -338,7 +362,7 @@ class RxCore:
         free = ring.free_requests()
         if not free:
             return False
-        pack = _RX_REQUEST.pack
+        pack = RX_REQUEST.pack
         grefs = self._grefs
         first = ring.req_prod_pvt
         ring.put_requests(
@@ -383,7 +407,7 @@ class RxCore:
                 self._finish(emit)
             return
         first = not self._in_packet
-        slot_id, offset, flags, status = _RX_RESPONSE.unpack_from(data)
+        slot_id, offset, flags, status = RX_RESPONSE.unpack_from(data)
         if status > 0 and offset + status > self.granule:
             self._fail(f"rx response (id {slot_id}) crosses its granule: {offset} + {status}")
         self._in_packet = True

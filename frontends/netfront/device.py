@@ -12,7 +12,7 @@ tasks sleep on their event channel and run the sans-IO cores (core.py) when woke
 
 The granule is negotiated per connection: `granule_order` (attach's argument) is the cap,
 None = as large as allowed (the guest's page order), 0 = decline; the order actually used is
-`min(page order, cap, backend's max-grant-granule-order)` and is in `info["granule_order"]`.
+`min(page order, cap, backend's max-grant-granule-order)` and is in `info.granule_order`.
 A backend that reaches Connected without echoing a non-zero order did not accept it: netfront
 then reconnects with 4 KiB grants (`granule_fallback`; docs/net.md, "Spec notes").
 
@@ -28,15 +28,14 @@ import os
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import Any
 
 import structlog
 import trio
 
-from backends.tap import Tap
 from frontends.netfront.core import (
     MAX_TX_SLOTS,
     Counters,
+    Negotiated,
     NetfrontError,
     NetfrontProtocolError,
     RxCore,
@@ -46,7 +45,6 @@ from frontends.netfront.core import (
 from frontends.netfront.flowhash import select_queue
 from frontends.netfront.keys import (
     BACKEND_FEATURE_KEYS,
-    MAX_QUEUES,
     BackendFeatures,
     HandshakeError,
     QueueKeys,
@@ -77,8 +75,10 @@ from xenpv.hv import (
     Page,
 )
 from xenpv.hv.errors import HvError
+from xenpv.tap import Tap
 from xenpv.xenbus.core import Action, Closed, Closing, Connected, DeviceId, Role, Unknown
 from xenpv.xenbus.handshake import KeyValues, read_keys, read_state
+from xenpv.xenbus.keys import NET_MAX_QUEUES
 from xenpv.xenstore.client import XenstoreClient
 from xenpv.xenstore.wire import XsError
 
@@ -96,7 +96,7 @@ def tx_ids(ring_slots: int, granule: int) -> int:
 
 def default_max_queues() -> int:
     """Linux: xennet_max_queues defaults to the number of online CPUs, capped at 8."""
-    return max(1, min(os.cpu_count() or 1, MAX_QUEUES))
+    return max(1, min(os.cpu_count() or 1, NET_MAX_QUEUES))
 
 
 @dataclass(eq=False)
@@ -169,7 +169,7 @@ class Netfront:
         self.granule = XEN_PAGE_SIZE << self.granule_order  # the negotiated grant size
         self.max_queues = max_queues if max_queues is not None else default_max_queues()
         self.mac = b""
-        self.info: dict[str, Any] = {}
+        self._info: Negotiated | None = None  # the last connection's parameters
         self._conn: _Connection | None = None
         self._generation = 0
         self._changed = trio.Event()
@@ -295,6 +295,13 @@ class Netfront:
         conn = self._conn
         return conn is not None and not conn.dead and conn.backend_connected
 
+    @property
+    def info(self) -> Negotiated:
+        """What the last connection negotiated; an error before the first one."""
+        if self._info is None:
+            raise NetfrontError("not connected yet: await wait_connected() first")
+        return self._info
+
     def stats(self) -> dict[str, int]:
         """Counters summed over every queue of every connection so far."""
         totals = Counters(**{k: getattr(self._totals, k) for k in _COUNTER_FIELDS})
@@ -353,7 +360,7 @@ class Netfront:
             for queue in queues:
                 self._release_queue(queue)
             return None
-        for name in stale_keys(MAX_QUEUES):
+        for name in stale_keys(NET_MAX_QUEUES):
             with suppress(XsError):
                 await xs.rm(f"{device.frontend}/{name}")
         self._generation += 1
@@ -364,25 +371,25 @@ class Netfront:
         assert self._nursery is not None
         await self._nursery.start(self._run_connection, conn)
         self._conn = conn
-        self.info = {
-            "mac": ":".join(f"{b:02x}" for b in self.mac),
-            "queues": nr_queues,
-            "split_event_channels": features.split_event_channels,
-            "sg": features.sg,
-            "gso_tcpv4": features.gso_tcpv4,
-            "gso_tcpv6": features.gso_tcpv6,
-            "ipv6_csum_offload": features.ipv6_csum_offload,
-            "rx_copy": features.rx_copy,
-            "grant_size": self.granule,
-            "granule_order": self.granule_order,
-            "backend_max_granule_order": features.max_granule_order,
-            "granule_fallback": self.granule_fallback,
-            "page_size": self.dom.page_size,
-            "backend_id": device.backend_domid,
-            "generation": conn.generation,
-        }
+        self._info = Negotiated(
+            mac=":".join(f"{b:02x}" for b in self.mac),
+            queues=nr_queues,
+            split_event_channels=features.split_event_channels,
+            sg=features.sg,
+            gso_tcpv4=features.gso_tcpv4,
+            gso_tcpv6=features.gso_tcpv6,
+            ipv6_csum_offload=features.ipv6_csum_offload,
+            rx_copy=features.rx_copy,
+            grant_size=self.granule,
+            granule_order=self.granule_order,
+            backend_max_granule_order=features.max_granule_order,
+            granule_fallback=self.granule_fallback,
+            page_size=self.dom.page_size,
+            backend_id=device.backend_domid,
+            generation=conn.generation,
+        )
         self._set_changed()
-        log.info("netfront.setup", device=str(device), **self.info)
+        log.info("netfront.setup", device=str(device), **self._info.summary())
         keys = [
             QueueKeys(q.tx_ring_gref, q.rx_ring_gref, q.evtchn_tx.port, q.evtchn_rx.port)
             for q in queues

@@ -22,6 +22,7 @@ from typing import Final
 
 from xenpv import granule
 from xenpv.errors import XenpvError
+from xenpv.xenbus.keys import NET_MAX_QUEUES, parse_flag, parse_uint
 
 BACKEND_FEATURE_KEYS: Final = (
     "feature-rx-copy",
@@ -33,8 +34,6 @@ BACKEND_FEATURE_KEYS: Final = (
     "multi-queue-max-queues",
     granule.BACKEND_MAX_KEY,
 )
-# Linux netfront's xennet_max_queues is capped at 8 by default (num_online_cpus otherwise).
-MAX_QUEUES: Final = 8
 
 
 class HandshakeError(XenpvError):
@@ -55,27 +54,22 @@ class BackendFeatures:
     max_granule_order: int | None = None  # None: no max-grant-granule-order (no extension)
 
 
-def _flag(raw: str | None) -> bool:
-    """xenbus_read_unsigned(..., 0) != 0: junk reads as 0."""
-    return _unsigned(raw, 0) != 0
-
-
-def _unsigned(raw: str | None, default: int) -> int:
-    if raw is None:
-        return default
-    text = raw.strip()
-    return int(text) if text.isdigit() else default
-
-
 def parse_features(keys: Mapping[str, str | None]) -> BackendFeatures:
+    """The backend's offer: flags non-zero = on, missing or junk = off (xenpv.xenbus.keys)."""
+
+    def on(name: str) -> bool:
+        return parse_flag(keys.get(name), name)
+
     return BackendFeatures(
-        rx_copy=_flag(keys.get("feature-rx-copy")),
-        sg=_flag(keys.get("feature-sg")),
-        gso_tcpv4=_flag(keys.get("feature-gso-tcpv4")),
-        gso_tcpv6=_flag(keys.get("feature-gso-tcpv6")),
-        ipv6_csum_offload=_flag(keys.get("feature-ipv6-csum-offload")),
-        split_event_channels=_flag(keys.get("feature-split-event-channels")),
-        max_queues=max(1, _unsigned(keys.get("multi-queue-max-queues"), 1)),
+        rx_copy=on("feature-rx-copy"),
+        sg=on("feature-sg"),
+        gso_tcpv4=on("feature-gso-tcpv4"),
+        gso_tcpv6=on("feature-gso-tcpv6"),
+        ipv6_csum_offload=on("feature-ipv6-csum-offload"),
+        split_event_channels=on("feature-split-event-channels"),
+        max_queues=max(
+            1, parse_uint(keys.get("multi-queue-max-queues"), "multi-queue-max-queues", default=1)
+        ),
         max_granule_order=_granule_max(keys.get(granule.BACKEND_MAX_KEY)),
     )
 
@@ -98,7 +92,7 @@ def negotiate_granule(page_size: int, features: BackendFeatures, cap: int | None
 
 def negotiate_queues(wanted: int, features: BackendFeatures) -> int:
     """`min(xennet_max_queues, multi-queue-max-queues)`, at least one."""
-    return max(1, min(wanted, features.max_queues, MAX_QUEUES))
+    return max(1, min(wanted, features.max_queues, NET_MAX_QUEUES))
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,15 +27,6 @@ from contextlib import suppress
 import structlog
 import trio
 
-from backends.tap import (
-    TUNSETOFFLOAD,
-    Tap,
-    TapError,
-    TunOffload,
-    VirtioNetHdr,
-    VirtioNetHdrFlags,
-    VirtioNetHdrGso,
-)
 from frontends.netfront.core import NetfrontError, RxFrame
 from frontends.netfront.device import Netfront
 from xenpv.abi.netif import (
@@ -44,7 +35,9 @@ from xenpv.abi.netif import (
     XEN_NETIF_MAX_TX_SIZE,
     NetifGsoExtra,
 )
+from xenpv.abi.virtio_net import VirtioNetHdr, VirtioNetHdrFlags, VirtioNetHdrGso
 from xenpv.ethernet import parse
+from xenpv.tap import TUNSETOFFLOAD, Tap, TapError, TunOffload
 
 log = structlog.get_logger()
 
@@ -134,10 +127,10 @@ def set_offloads(tap: Tap, front: Netfront) -> int:
     """TUNSETOFFLOAD to what the current connection carries; returns the flags set."""
     info = front.info
     offloads = TunOffload.TUN_F_CSUM
-    if info.get("sg"):
-        if info.get("gso_tcpv4"):
+    if info.sg:
+        if info.gso_tcpv4:
             offloads |= TunOffload.TUN_F_TSO4
-        if info.get("gso_tcpv6"):
+        if info.gso_tcpv6:
             offloads |= TunOffload.TUN_F_TSO6
     try:
         fcntl.ioctl(tap.fileno(), TUNSETOFFLOAD, int(offloads))
@@ -155,8 +148,8 @@ async def run_tap(front: Netfront, tap: Tap) -> None:
         with suppress(NetfrontError):  # closed
             while True:
                 await front.wait_connected()
-                if front.info.get("generation") != generation:
-                    generation = front.info.get("generation")
+                if front.info.generation != generation:
+                    generation = front.info.generation
                     try:
                         flags = set_offloads(tap, front)
                     except TapError as exc:  # the kernel then segments and checksums itself

@@ -11,9 +11,10 @@ from backends.blkback import serve
 from frontends.blkfront import BlkError, DeviceNotFound, attach
 from tests.integration.blk_env import DEVICE, FEATURES_OFF, make_vbd, pair
 from tests.integration.conftest import Xenstored
-from xenpv.toolstack.devices import VBD_SIZE, VbdConfig, create_vbd
+from xenpv.toolstack.devices import VbdConfig, create_vbd
 from xenpv.xenbus.core import Closed, Connected
 from xenpv.xenbus.handshake import read_state
+from xenpv.xenbus.keys import XENPV_SIZE
 
 MiB = 1 << 20
 
@@ -28,7 +29,7 @@ async def test_read_only_disk(tmp_path: Path, xenstored: Xenstored) -> None:
                 nursery.start_soon(serve, p.backend, p.xs, DEVICE)
                 async with attach(p.guest, p.xs, DEVICE) as front:
                     await front.wait_connected()
-                    assert front.info["read_only"] is True
+                    assert front.info.read_only is True
                     assert await front.read(4096, 8192) == b"\x07" * 8192
                     with pytest.raises(BlkError, match="read-only"):
                         await front.write(0, b"x" * 512)
@@ -46,12 +47,12 @@ async def test_capacity_change_and_features_off(tmp_path: Path, xenstored: Xenst
                 async with attach(p.guest, p.xs, DEVICE, granule_order=0) as front:
                     await front.wait_connected()
                     info = front.info
-                    assert (info["flush"], info["discard"], info["persistent"]) == (
+                    assert ((info.flush_op is not None), info.discard, info.persistent) == (
                         False,
                         False,
                         False,
                     )
-                    assert (info["indirect_segments"], info["queues"], info["ring_page_order"]) == (
+                    assert (info.indirect_segments, info.queues, info.ring_page_order) == (
                         0,
                         1,
                         0,
@@ -63,7 +64,7 @@ async def test_capacity_change_and_features_off(tmp_path: Path, xenstored: Xenst
                     with pytest.raises(BlkError, match="beyond the end"):
                         await front.write(MiB, b"y" * 512)
                     # the toolstack grows the disk: blkback re-writes Connected
-                    await p.xs.write(f"{DEVICE.backend}/{VBD_SIZE}", str(2 * MiB))
+                    await p.xs.write(f"{DEVICE.backend}/{XENPV_SIZE}", str(2 * MiB))
                     assert await front.wait_capacity_change() == 2 * MiB // 512
                     await front.write(MiB, b"y" * 65536)  # 64 KiB page: two linked requests
                     assert await front.read(MiB, 65536) == b"y" * 65536
@@ -78,7 +79,7 @@ async def test_4096_byte_sectors(tmp_path: Path, xenstored: Xenstored) -> None:
                 nursery.start_soon(serve, p.backend, p.xs, DEVICE)
                 async with attach(p.guest, p.xs, DEVICE) as front:
                     await front.wait_connected()
-                    assert front.info["sector_size"] == 4096
+                    assert front.info.sector_size == 4096
                     with pytest.raises(BlkError, match="4096-byte sector"):
                         await front.read(512, 4096)
                     with pytest.raises(BlkError, match="4096-byte sector"):

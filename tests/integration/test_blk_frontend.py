@@ -48,17 +48,17 @@ async def test_io_against_stub(
                 async with attach(p.guest, p.xs, DEVICE) as front:
                     await front.wait_connected()
                     info = front.info
-                    assert (info["sectors"], info["ring_page_order"], info["queues"]) == (
+                    assert (info.sectors, info.ring_page_order, info.queues) == (
                         DISK // 512,
                         2,
                         2,
                     )
-                    assert (info["indirect_segments"], info["persistent"], info["grant_size"]) == (
+                    assert (info.indirect_segments, info.persistent, info.grant_size) == (
                         32,
                         True,
                         4096,
                     )
-                    assert info["protocol"] == ("x86_64-abi" if page_size == 4096 else "arm-abi")
+                    assert info.protocol.name == ("x86_64-abi" if page_size == 4096 else "arm-abi")
                     data = rng.randbytes(300 * 1024)
                     await front.write(512 * 7, data)
                     assert disk[512 * 7 : 512 * 7 + len(data)] == data
@@ -123,9 +123,9 @@ async def test_backend_restart_reissues_unfinished_requests(
                         assert disk[offset : offset + len(data)] == data
                     assert front.connections == 2
                     assert (
-                        front.info["queues"],
-                        front.info["indirect_segments"],
-                        front.info["persistent"],
+                        front.info.queues,
+                        front.info.indirect_segments,
+                        front.info.persistent,
                     ) == (1, 0, False)
                 nursery.cancel_scope.cancel()
 
@@ -156,5 +156,5 @@ async def test_unusable_device_keys_close_and_recover(tmp_path: Path, xenstored:
                 async with attach(p.guest, p.xs, DEVICE) as front:
                     await front.write(4096, b"\x17" * 4096)  # waits for the second connection
                     assert disk[4096:8192] == b"\x17" * 4096
-                    assert front.connections == 1 and front.info["sectors"] == DISK // 512
+                    assert front.connections == 1 and front.info.sectors == DISK // 512
                 nursery.cancel_scope.cancel()

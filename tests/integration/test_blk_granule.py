@@ -32,10 +32,10 @@ from tests.integration.blk_env import (
 )
 from tests.integration.conftest import Xenstored
 from xenpv import granule
-from xenpv.toolstack.devices import VBD_MAX_GRANULE_ORDER
 from xenpv.toolstack.topology import VbdFeatures
 from xenpv.xenbus import core as xenbus
 from xenpv.xenbus.handshake import read_state
+from xenpv.xenbus.keys import XENPV_MAX_GRANULE_ORDER
 from xenpv.xenstore.client import XenstoreClient
 
 DISK = 8 << 20
@@ -106,12 +106,12 @@ async def test_every_mix_agrees_and_keeps_data(
                 async with attach(p.guest, p.xs, DEVICE, granule_order=cap) as front:
                     await front.wait_connected()
                     info = front.info
-                    assert (info["granule_order"], info["grant_size"]) == (
+                    assert (info.granule_order, info.grant_size) == (
                         order,
                         granule.granule_size(order),
                     )
                     ring = granule.blk_ring_geometry(features.ring_page_order, order)
-                    assert info["ring_page_order"] == ring.ring_page_order
+                    assert info.ring_page_order == ring.ring_page_order
                     # both ends state what was agreed
                     be, fe = DEVICE.backend, DEVICE.frontend
                     assert await key(p.xs, f"{be}/{granule.BACKEND_MAX_KEY}") == str(backend_max)
@@ -184,7 +184,7 @@ async def test_backend_restart_reissues_with_the_new_granule(
                 first = start_backend(nursery, p)
                 async with attach(p.guest, p.xs, DEVICE) as front:
                     await front.wait_connected()
-                    assert front.info["granule_order"] == 4
+                    assert front.info.granule_order == 4
                     writers = QuarterWriters(
                         front, model, [512, 4096, 65536, 256 << 10], marks=(20, 60)
                     )
@@ -192,13 +192,13 @@ async def test_backend_restart_reissues_with_the_new_granule(
                         writers.start(writing)
                         await writers.reached(20)
                         first.cancel()  # the backend goes away with writes in flight
-                        await p.xs.write(f"{DEVICE.backend}/{VBD_MAX_GRANULE_ORDER}", "2")
+                        await p.xs.write(f"{DEVICE.backend}/{XENPV_MAX_GRANULE_ORDER}", "2")
                         start_backend(nursery, p)
                         await writers.reached(60)
                         writers.stop()
                     assert front.connections >= 2
                     assert front.engine.reissued > 0  # writes were in flight at the restart
-                    assert (front.info["granule_order"], front.info["grant_size"]) == (2, 16384)
+                    assert (front.info.granule_order, front.info.grant_size) == (2, 16384)
                     assert await key(p.xs, f"{DEVICE.backend}/{granule.FRONTEND_KEY}") == "2"
                     assert await front.read(0, size) == bytes(model)
                 nursery.cancel_scope.cancel()

@@ -79,16 +79,14 @@ async def test_random_io_integrity(
                 async with attach(p.guest, p.xs, DEVICE) as front:
                     await front.wait_connected()
                     info = front.info
-                    assert info["sector_size"] == block and info["sectors"] == DISK // 512
+                    assert info.sector_size == block and info.sectors == DISK // 512
                     # attach() picks the largest grant granule (docs/granule-extension.md):
                     # the ring holds at least one granule
                     granule_order = page_order(page_size)
                     ring = blk_ring_geometry(order, granule_order).ring_page_order
-                    assert info["ring_page_order"] == ring and info["queues"] == queues
-                    assert info["grant_size"] == page_size
-                    assert (
-                        info["indirect_segments"] == indirect and info["persistent"] == persistent
-                    )
+                    assert info.ring_page_order == ring and info.queues == queues
+                    assert info.grant_size == page_size
+                    assert info.indirect_segments == indirect and info.persistent == persistent
 
                     async def worker(w: int) -> None:
                         rng = random.Random(w * 1000 + page_size + block)

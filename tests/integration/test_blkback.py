@@ -18,7 +18,7 @@ import trio
 import trio.testing
 
 from backends.blkback import BlkbackDevice
-from backends.blkback.config import BackendConfig
+from backends.blkback.keys import BackendConfig
 from backends.storage import (
     MemoryDisk,
     ReadBuffer,

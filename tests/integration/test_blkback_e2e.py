@@ -70,15 +70,15 @@ async def test_blkfront_negotiates_what_was_configured(
                 async with attach(p.guest, p.xs, DEVICE, granule_order=0) as front:
                     await front.wait_connected()
                     info = front.info
-                    assert info["sectors"] == (4 << 20) // 512
-                    assert info["sector_size"] == sector_size
-                    assert info["ring_page_order"] == features.ring_page_order
-                    assert info["queues"] == features.queues
-                    assert info["indirect_segments"] == features.indirect_segments
-                    assert info["persistent"] == features.persistent
-                    assert info["flush"] == (features.flush and not read_only)
-                    assert info["discard"] == (features.discard and not read_only)
-                    assert info["read_only"] == read_only
+                    assert info.sectors == (4 << 20) // 512
+                    assert info.sector_size == sector_size
+                    assert info.ring_page_order == features.ring_page_order
+                    assert info.queues == features.queues
+                    assert info.indirect_segments == features.indirect_segments
+                    assert info.persistent == features.persistent
+                    assert (info.flush_op is not None) == (features.flush and not read_only)
+                    assert info.discard == (features.discard and not read_only)
+                    assert info.read_only == read_only
                     data = random.Random(1).randbytes(256 * 1024)
                     if read_only:
                         with pytest.raises(BlkError):

@@ -169,7 +169,7 @@ def test_bad_topology_is_one_line(tmp_path: Path, text: str, expected: str) -> N
     topo = tmp_path / "bad.toml"
     topo.write_text(text)
     result = xenpv("cluster", "up", str(topo), "--state-dir", str(tmp_path / "st"))
-    assert result.returncode == 1
+    assert result.returncode == 2  # a bad topology file is a usage error
     assert result.stderr.startswith("xenpv: error: ") and expected in result.stderr
     assert result.stderr.strip().count("\n") == 0
     assert not (tmp_path / "st" / "cluster.json").exists()

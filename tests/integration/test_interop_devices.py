@@ -8,12 +8,11 @@ import trio
 from tests.integration.conftest import Xenstored
 from xenpv.interop.matrix import VBD_PROFILES, VIF_PROFILES, Cell
 from xenpv.interop.runner import (
-    MAX_GRANULE_CONFIG_KEY,
-    VIF_MAX_QUEUES_KEY,
     Options,
     _create_cell_devices,
 )
 from xenpv.interop.worker import CellError, backend_error_path, connected
+from xenpv.xenbus.keys import XENPV_MAX_GRANULE_ORDER, XENPV_MAX_QUEUES
 from xenpv.xenstore.client import connect
 
 pytestmark = pytest.mark.trio
@@ -38,7 +37,7 @@ async def test_config_keys_are_written_with_the_device(
                     async for path, _token in events:
                         if path.endswith("/state"):
                             directory = path.rsplit("/", 1)[0]
-                            raw = await xs.try_read(f"{directory}/{MAX_GRANULE_CONFIG_KEY}")
+                            raw = await xs.try_read(f"{directory}/{XENPV_MAX_GRANULE_ORDER}")
                             if await xs.try_read(path) is not None:
                                 seen.append((directory, raw))
                             if len({d for d, _raw in seen}) == 3:
@@ -52,10 +51,10 @@ async def test_config_keys_are_written_with_the_device(
             assert made[1].devid == 0 and made[2].devid == 1  # the echo pair
             want = b"4" if extension else b"0"
             for device in made:
-                assert await xs.read(f"{device.backend}/{MAX_GRANULE_CONFIG_KEY}") == want
+                assert await xs.read(f"{device.backend}/{XENPV_MAX_GRANULE_ORDER}") == want
             assert await xs.read(f"{made[0].backend}/xenpv-max-queues") == b"4"
             assert await xs.read(f"{made[0].backend}/xenpv-max-indirect-segments") == b"256"
-            assert await xs.read(f"{made[1].backend}/{VIF_MAX_QUEUES_KEY}") == b"2"
+            assert await xs.read(f"{made[1].backend}/{XENPV_MAX_QUEUES}") == b"2"
             macs = {await xs.read(f"{d.frontend}/mac") for d in made[1:]}
             assert len(macs) == 2
             await all_seen.wait()

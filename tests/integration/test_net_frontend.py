@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from frontends.netfront import Netfront, RxFrame, attach
+from frontends.netfront import Netfront, NetfrontError, RxFrame, attach
 from tests.integration.conftest import Xenstored
 from tests.integration.hv_pair import open_unix_domains
 from xenpv.abi.netif import (
@@ -422,7 +422,7 @@ async def test_handshake_keys_and_echo(
             )
             assert set(feats.values()) == {"1"}
             assert front.mac == bytes.fromhex("00163e000001")
-            assert front.info["queues"] == queues and front.info["split_event_channels"] == split
+            assert front.info.queues == queues and front.info.split_event_channels == split
 
             sizes = [60, 1514, 4096, 4097, 9000, 30000, 65535]
             sent = []
@@ -462,7 +462,7 @@ async def test_large_page_guest(tmp_path: Path, xenstored: Xenstored, page_size:
                 assert got.frame == frame
                 wire = s.stub.received.receive_nowait()
                 assert wire.frame == frame
-            assert front.info["page_size"] == page_size and front.info["grant_size"] == 4096
+            assert front.info.page_size == page_size and front.info.grant_size == 4096
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -500,7 +500,7 @@ async def test_reconnect_drops_in_flight_and_resumes(
     rng = random.Random(11)
     with trio.fail_after(40):
         async with connected(tmp_path, xenstored, transport, echo=False) as (s, front):
-            first = front.info["generation"]
+            first = front.info.generation
             await front.send(frame_of(100, 0, rng))
             assert (await s.stub.received.receive()).frame[54:58] == (0).to_bytes(4, "big")
             s.stub.hold_tx = True
@@ -512,7 +512,7 @@ async def test_reconnect_drops_in_flight_and_resumes(
             stub = await s.replace_backend()
             await front.wait_disconnected()
             await front.wait_connected()
-            assert front.info["generation"] == first + 1
+            assert front.info.generation == first + 1
             assert front.stats()["tx_dropped"] == 3
             frames = [frame_of(size, 10 + n, rng) for n, size in enumerate([60, 5000, 65535])]
             for frame in frames:
@@ -569,7 +569,9 @@ async def test_backend_without_rx_copy_is_refused(tmp_path: Path, xenstored: Xen
                 assert "feature-rx-copy" in front.setup_error
                 assert await read_state(s.xs, s.device.frontend) == Initialising
                 assert await s.xs.try_read(f"{s.device.frontend}/tx-ring-ref") is None
-                assert not front.connected and front.info == {}
+                assert not front.connected
+                with pytest.raises(NetfrontError, match="not connected yet"):
+                    front.info  # noqa: B018
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

@@ -26,7 +26,6 @@ import trio
 
 import frontends.netfront.device as netfront_device
 from backends.netback import Vif
-from backends.netback.features import MAX_GRANULE_CONFIG_KEY
 from backends.switch import LiveSwitch
 from frontends.netfront import Netfront, RxFrame, attach
 from frontends.netfront.keys import frontend_keys
@@ -39,6 +38,7 @@ from xenpv.hv import Domain, StaticDirectory
 from xenpv.toolstack.devices import create_vif
 from xenpv.xenbus.core import Action, Closing, DeviceId
 from xenpv.xenbus.handshake import KeyValues, read_state
+from xenpv.xenbus.keys import XENPV_MAX_GRANULE_ORDER
 from xenpv.xenstore.client import XenstoreClient, connect
 
 TRANSPORTS = ["socket", "shm"]
@@ -142,7 +142,9 @@ async def network(tmp: Path, xenstored: Xenstored, transport: str, mix: Mix) -> 
             device = DeviceId("vif", dom.domid, 0, 0)
             await create_vif(xs, device, mac=mac_text(mac_of(dom.domid)))
             if mix.toolstack_max is not None:
-                await xs.write(f"{device.backend}/{MAX_GRANULE_CONFIG_KEY}", str(mix.toolstack_max))
+                await xs.write(
+                    f"{device.backend}/{XENPV_MAX_GRANULE_ORDER}", str(mix.toolstack_max)
+                )
             vif = Vif(doms[0], xs, device, switch, granule_extension=mix.backend_max is not None)
             stops.append(await nursery.start(_serve, vif))
             cap = 0 if mix.old_frontend else mix.cap
@@ -207,8 +209,8 @@ async def test_mix_negotiates_and_frames_arrive_intact(
                     assert written == (None if mix.old_frontend else str(want))
                     assert echoed == str(want)
                 # what both drivers use
-                assert front.info["granule_order"] == want
-                assert front.info["grant_size"] == granule.granule_size(want)
+                assert front.info.granule_order == want
+                assert front.info.grant_size == granule.granule_size(want)
                 assert vif.granule_order == want
                 assert vif.granule == granule.granule_size(want)
 
@@ -288,19 +290,19 @@ async def test_renegotiated_after_backend_restart(
                 await front.send(opaque_frame(b"\xff" * 6, front.mac, 9, 0, 60, rng))
             for front in net.fronts:
                 assert (await front.receive()).frame[:6] == b"\xff" * 6
-            assert [f.info["granule_order"] for f in net.fronts] == [4, 4]
+            assert [f.info.granule_order for f in net.fronts] == [4, 4]
             await exchange(net, rng, sizes)
             for plan, want in (({"granule_extension": False}, 0), ({"max_granule_order": 2}, 2)):
-                generations = [f.info["generation"] for f in net.fronts]
+                generations = [f.info.generation for f in net.fronts]
                 for i in range(2):
                     await net.restart_backend(i, **plan)
                 for i, front in enumerate(net.fronts):
-                    while not (front.connected and front.info["generation"] > generations[i]):
+                    while not (front.connected and front.info.generation > generations[i]):
                         await front.wait_disconnected()
                         await front.wait_connected()
                     await net.vifs[i].wait_until(lambda v: v.connected)
                 for front, vif, device in zip(net.fronts, net.vifs, net.devices, strict=True):
-                    assert front.info["granule_order"] == vif.granule_order == want
+                    assert front.info.granule_order == vif.granule_order == want
                     written = await _read(net.xs, f"{device.frontend}/{granule.FRONTEND_KEY}")
                     echoed = await _read(net.xs, f"{device.backend}/{granule.FRONTEND_KEY}")
                     if plan.get("granule_extension") is False:
@@ -327,7 +329,7 @@ async def test_order_above_backend_max_is_fatal(
             stack.callback(nursery.cancel_scope.cancel)
             device = DeviceId("vif", 1, 0, 0)
             await create_vif(xs, device, mac=mac_text(mac_of(1)))
-            await xs.write(f"{device.backend}/{MAX_GRANULE_CONFIG_KEY}", "2")
+            await xs.write(f"{device.backend}/{XENPV_MAX_GRANULE_ORDER}", "2")
             vif = Vif(doms[0], xs, device, LiveSwitch(queue_depth=16))
             nursery.start_soon(vif.run)
             error_path = "/local/domain/0/error/backend/vif/1/0/error"
@@ -396,7 +398,7 @@ async def test_backend_without_echo_gets_4k_grants(
             for i, front in enumerate(net.fronts):
                 await front.wait_connected()
                 await net.vifs[i].wait_until(lambda v: v.connected)
-                assert front.info["granule_order"] == 4
+                assert front.info.granule_order == 4
             for i in range(2):  # replaced by the old backend; the advertisement survives
                 scope, done = net.stops[i]
                 scope.cancel()
@@ -405,11 +407,11 @@ async def test_backend_without_echo_gets_4k_grants(
                 net.vifs[i] = old
                 net.stops[i] = await net.nursery.start(_serve, old)
             for i, front in enumerate(net.fronts):
-                while not (front.connected and front.info["granule_order"] == 0):
+                while not (front.connected and front.info.granule_order == 0):
                     await front.wait_disconnected()
                     await front.wait_connected()
                 assert "without echoing" in (front.granule_fallback or "")
-                assert front.info["granule_fallback"] == front.granule_fallback
+                assert front.info.granule_fallback == front.granule_fallback
                 await net.vifs[i].wait_until(lambda v: v.connected)
                 assert net.vifs[i].granule_order == 0
             for front in net.fronts:

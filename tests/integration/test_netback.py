@@ -20,7 +20,6 @@ import trio
 
 from backends.netback import Vif, advertise_keys
 from backends.switch import LiveSwitch
-from backends.tap import VirtioNetHdr
 from tests.integration.conftest import Xenstored
 from tests.integration.hv_pair import open_unix_domains
 from xenpv.abi.netif import (
@@ -42,6 +41,7 @@ from xenpv.abi.netif import (
     encode_tx_request,
 )
 from xenpv.abi.ring import FrontRing
+from xenpv.abi.virtio_net import VirtioNetHdr
 from xenpv.ethernet import flow_hash
 from xenpv.hv import Domain, EventChannel, Page, StaticDirectory
 from xenpv.toolstack.devices import create_vif, destroy_device
@@ -488,7 +488,7 @@ async def test_handshake_survives_xenstore_refusals(
     xenstored: Xenstored, transport: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A refused xenstore read (e.g. a frontend hiding its nodes) ends no serve(): retried."""
-    import backends.netback.vif as vif_module
+    import backends.netback.device as vif_module
     from xenpv.xenbus import handshake as xenbus_io
 
     real = xenbus_io.run_handshake

@@ -17,7 +17,6 @@ import trio
 
 from backends.netback import Vif
 from backends.switch import LiveSwitch
-from backends.tap import VirtioNetHdr
 from tests.integration.conftest import Xenstored
 from tests.integration.test_netback import TRANSPORTS, StubFront, StubQueue, frame, front, netback
 from xenpv.abi.netif import (
@@ -27,6 +26,7 @@ from xenpv.abi.netif import (
     NETTXF_more_data,
     encode_tx_request,
 )
+from xenpv.abi.virtio_net import VirtioNetHdr
 from xenpv.xenbus.core import Connected
 from xenpv.xenbus.handshake import read_state
 from xenpv.xenstore.client import XenstoreClient

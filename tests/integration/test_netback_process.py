@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from backends.netback import serve
 from backends.switch import LiveSwitch
-from backends.tap import VirtioNetHdr
 from tests.integration.conftest import Xenstored
 from tests.integration.hv_pair import reaped_on_exit
 from tests.integration.test_netback import TRANSPORTS, StubFront, frame, mac, wait_state, world
+from xenpv.abi.virtio_net import VirtioNetHdr
 from xenpv.hv import Domain, StaticDirectory, open_domain
 from xenpv.identity import DomainKey
 from xenpv.toolstack.devices import create_vif, list_devices

@@ -21,14 +21,9 @@ import trio
 import trio.testing
 
 from backends.switch import LiveSwitch, SwitchPort
-from backends.tap import (
-    Tap,
-    TapError,
-    VirtioNetHdr,
-    VirtioNetHdrFlags,
-    VirtioNetHdrGso,
-    run_tap_port,
-)
+from backends.tap import run_tap_port
+from xenpv.abi.virtio_net import VirtioNetHdr, VirtioNetHdrFlags, VirtioNetHdrGso
+from xenpv.tap import Tap, TapError
 
 pytestmark = pytest.mark.root
 

@@ -10,8 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backends import tap
-from backends.tap import TapError, VirtioNetHdr
+from xenpv import tap
+from xenpv.abi import virtio_net
+from xenpv.abi.errors import VirtioNetError
+from xenpv.abi.virtio_net import VirtioNetHdr
+from xenpv.tap import TapError
 
 u16 = st.integers(0, 0xFFFF)
 headers = st.builds(
@@ -42,13 +45,13 @@ def test_header_layout_is_the_c_struct_in_host_order() -> None:
     hdr = VirtioNetHdr(1, 0x81, 0x0102, 0x0304, 0x0506, 0x0708, 0x090A)
     assert hdr.pack(12) == struct.pack("=BBHHHHH", 1, 0x81, 0x102, 0x304, 0x506, 0x708, 0x90A)
     assert hdr.needs_csum and not hdr.data_valid
-    assert hdr.gso == tap.VirtioNetHdrGso.VIRTIO_NET_HDR_GSO_TCPV4  # ECN bit masked
+    assert hdr.gso == virtio_net.VirtioNetHdrGso.VIRTIO_NET_HDR_GSO_TCPV4  # ECN bit masked
 
 
 def test_bad_header_sizes_are_typed_errors() -> None:
-    with pytest.raises(TapError, match="10 or 12"):
+    with pytest.raises(VirtioNetError, match="10 or 12"):
         VirtioNetHdr().pack(11)
-    with pytest.raises(TapError, match="needs 12 bytes"):
+    with pytest.raises(VirtioNetError, match="needs 12 bytes"):
         VirtioNetHdr.unpack(b"\0" * 11, 12)
     with pytest.raises(TapError, match="10 or 12"):
         tap.Tap.open(vnet_hdr_size=8)
@@ -104,12 +107,14 @@ def test_constants_match_the_linux_headers(tmp_path: Path) -> None:
         "IFF_NO_PI": tap.IFF_NO_PI,
         "IFF_VNET_HDR": tap.IFF_VNET_HDR,
         "IFF_MULTI_QUEUE": tap.IFF_MULTI_QUEUE,
-        "VIRTIO_NET_HDR_GSO_ECN": tap.VIRTIO_NET_HDR_GSO_ECN,
+        "VIRTIO_NET_HDR_GSO_ECN": virtio_net.VIRTIO_NET_HDR_GSO_ECN,
         "sizeof_hdr": 10,
         "sizeof_mrg": 12,
         "offset_csum_offset": 8,
     }
     ours |= {f.name: f.value for f in tap.TunOffload if f.name}
-    ours |= {f.name: f.value for f in tap.VirtioNetHdrFlags if f.name and "RSC" not in f.name}
-    ours |= {g.name: g.value for g in tap.VirtioNetHdrGso if g.value}
+    ours |= {
+        f.name: f.value for f in virtio_net.VirtioNetHdrFlags if f.name and "RSC" not in f.name
+    }
+    ours |= {g.name: g.value for g in virtio_net.VirtioNetHdrGso if g.value}
     assert values == ours

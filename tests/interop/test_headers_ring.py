@@ -26,9 +26,9 @@ from hypothesis import strategies as st
 
 from tests.interop.test_headers_structs import c_programs, run_c
 from xenpv.abi.blkif import BLKIF_RING, BLKIF_X86_32
+from xenpv.abi.buffer import LocalBuffer
 from xenpv.abi.netif import NETIF_RX_RING, NETIF_TX_RING
 from xenpv.abi.ring import BackRing, FrontRing, RingLayout
-from xenpv.hv.buffer import LocalBuffer
 
 pytestmark = pytest.mark.headers
 

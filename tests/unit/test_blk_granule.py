@@ -1,6 +1,6 @@
 """Grant granules in the block drivers (docs/granule-extension.md), sans-IO.
 
-Both ends' xenstore rules (blkfront `negotiate`, blkback `negotiate`): every mix of old and
+Both ends' xenstore rules (blkfront `keys`, blkback `keys`): every mix of old and
 new ends, orders above the backend's maximum, and a property that whatever the frontend
 writes the backend accepts with the same order and the same ring grants. Then the blkfront
 engine against an in-memory granule-aware backend: segments per granule, sector ranges
@@ -16,16 +16,16 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backends.blkback.config import BackendConfig
-from backends.blkback.negotiate import (
+from backends.blkback.keys import (
+    BackendConfig,
     NegotiationError,
     connect_keys,
     device_features,
     parse_frontend,
 )
-from backends.blkback.negotiate import advertise_keys as backend_advertise
+from backends.blkback.keys import advertise_keys as backend_advertise
 from backends.storage import StorageInfo
-from frontends.blkfront import negotiate as fe
+from frontends.blkfront import keys as fe
 from frontends.blkfront.core import BlkIo, Engine, Negotiated
 from frontends.blkfront.errors import BlkfrontProtocolError
 from xenpv import granule
@@ -135,8 +135,8 @@ def test_old_frontend_without_the_key_is_the_baseline() -> None:
             {granule.FRONTEND_KEY: "4", "ring-page-order": "4", "ring-ref": "1"},
             "grant-granule-order 4 exceeds max-grant-granule-order 2",
         ),
-        ({granule.FRONTEND_KEY: "x", "ring-ref": "1"}, "grant-granule-order = 'x'"),
-        ({granule.FRONTEND_KEY: "9", "ring-ref": "1"}, "expected 0..4"),
+        ({granule.FRONTEND_KEY: "x", "ring-ref": "1"}, "reading grant-granule-order: 'x'"),
+        ({granule.FRONTEND_KEY: "9", "ring-ref": "1"}, "outside 0..4"),
         # a ring smaller than one granule
         ({granule.FRONTEND_KEY: "2", "ring-ref": "1"}, "a ring is at least one granule"),
         (
@@ -167,7 +167,7 @@ def test_frontend_checks_the_echo() -> None:
     connected = {"sectors": "2048", granule.FRONTEND_KEY: "4"}
     neg = fe.negotiated(fe.Wishes(), geo, connected, handle=1)
     assert (neg.grant_size, neg.granule_order) == (65536, 4)
-    assert fe.describe(neg)["grant_size"] == 65536 and fe.describe(neg)["granule_order"] == 4
+    assert neg.summary()["grant_size"] == 65536 and neg.summary()["granule_order"] == 4
     with pytest.raises(BlkfrontProtocolError, match="echoes grant-granule-order '2'"):
         fe.negotiated(fe.Wishes(), geo, {**connected, granule.FRONTEND_KEY: "2"}, handle=1)
     # an old backend echoes nothing

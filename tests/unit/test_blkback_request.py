@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backends.blkback.negotiate import DeviceFeatures
+from backends.blkback.keys import DeviceFeatures
 from backends.blkback.request import (
     DataSegment,
     DeviceLimits,

@@ -35,10 +35,10 @@ from xenpv.abi.blkif import (
     indirect_pages,
     max_indirect_segments_limit,
 )
+from xenpv.abi.buffer import LocalBuffer
 from xenpv.abi.errors import BlkifError, BlkifUnsupportedOp
 from xenpv.abi.ring import BackRing, FrontRing
 from xenpv.errors import XenpvError
-from xenpv.hv.buffer import LocalBuffer
 
 PROTOCOLS = list(BLKIF_PROTOCOLS.values())
 u8, u16, u32, u64 = (st.integers(0, 2**bits - 1) for bits in (8, 16, 32, 64))

@@ -188,11 +188,6 @@ DRIVERS = ("backends", "frontends")
 RULES = [
     pytest.param(
         Rule("abi is codecs only", ("xenpv.abi",), ("xenpv.hv", "xenpv.xenstore", *DRIVERS)),
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="xenpv/abi/{ring,blkif,netif}.py still import xenpv.hv.buffer "
-            "(being moved in parallel)",
-        ),
         id="abi",
     ),
     pytest.param(Rule("hv without xenstore", ("xenpv.hv",), ("xenpv.xenstore",)), id="hv"),
@@ -202,20 +197,10 @@ RULES = [
             DRIVERS,
             ("xenpv.toolstack", "xenpv.runtime", "xenpv.commands"),
         ),
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="backends/blkback/{config,device}.py and frontends/netfront/__init__.py "
-            "still import xenpv.toolstack.devices (being fixed in parallel)",
-        ),
         id="drivers",
     ),
     pytest.param(
         Rule("frontends without backends", ("frontends",), ("backends",)),
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="frontends/netfront/{tap,device}.py still import backends.tap "
-            "(being fixed in parallel)",
-        ),
         id="frontends",
     ),
     pytest.param(

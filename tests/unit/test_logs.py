@@ -100,7 +100,7 @@ def test_cluster_logs_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert "no log named 'guest9'" in err and "(logs: guest4k, xenstored)" in err
-    assert main(["cluster", "logs", "--state-dir", str(tmp_path / "empty")]) == 1
+    assert main(["cluster", "logs", "--state-dir", str(tmp_path / "empty")]) == 2
     assert "no logs in" in capsys.readouterr().err
 
 

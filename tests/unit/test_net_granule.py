@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backends.netback.features import (
+from backends.netback.keys import (
     FRONTEND_FLAGS,
     NetbackConfigError,
     advertise_keys,
@@ -33,6 +33,7 @@ from frontends.netfront.keys import (
     stale_keys,
 )
 from xenpv import granule
+from xenpv.abi.buffer import LocalBuffer
 from xenpv.abi.netif import (
     NETIF_RX_RING,
     NETIF_TX_RING,
@@ -41,7 +42,6 @@ from xenpv.abi.netif import (
     NETRXF_csum_blank,
 )
 from xenpv.abi.ring import BackRing, FrontRing
-from xenpv.hv.buffer import LocalBuffer
 
 PAGE_SIZES = [4096, 16384, 65536]
 ORDERS = list(range(granule.MAX_GRANULE_ORDER + 1))
@@ -130,21 +130,22 @@ def test_order_above_backend_max_is_refused(raw: str, backend_max: int) -> None:
     assert f"{raw} exceeds" in message
 
 
-@pytest.mark.parametrize("raw", ["5", "-1", "x", "", "1.0", "99999999999"])
+@pytest.mark.parametrize("raw", ["5", "-1", "x", "", "+1", "99999999999"])  # %u: "1.0" is 1
 def test_junk_order_is_refused(raw: str) -> None:
     flags = _flags(**{granule.FRONTEND_KEY: raw})
     with pytest.raises(NetbackConfigError, match=granule.FRONTEND_KEY):
         parse_frontend(flags, [QUEUE_KEYS], ["fe"], max_granule_order=4)
 
 
-def test_backend_advertises_after_linux_keys_and_toolstack_key_clamps() -> None:
+def test_backend_advertises_after_linux_keys_and_reads_the_toolstack_key_as_blkback() -> None:
     keys = advertise_keys(4, 2)
     assert list(keys)[-1] == granule.BACKEND_MAX_KEY and keys[granule.BACKEND_MAX_KEY] == 2
     assert granule.BACKEND_MAX_KEY not in advertise_keys(4)
     assert max_granule_order(None) == 4
     assert max_granule_order("0") == 0
-    assert max_granule_order("9") == 4
-    assert max_granule_order("junk") == 4
+    for junk in ("9", "junk", ""):  # a toolstack typo is refused, never guessed
+        with pytest.raises(NetbackConfigError, match="xenpv-max-grant-granule-order"):
+            max_granule_order(junk)
 
 
 @pytest.mark.parametrize("raw", ["junk", "7", "-2"])

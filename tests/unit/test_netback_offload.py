@@ -18,7 +18,6 @@ from backends.netback.offload import (
     rx_metadata,
     tx_metadata,
 )
-from backends.tap import VirtioNetHdr
 from xenpv.abi.netif import (
     XEN_NETIF_GSO_TYPE_TCPV4,
     XEN_NETIF_GSO_TYPE_TCPV6,
@@ -28,6 +27,7 @@ from xenpv.abi.netif import (
     NETTXF_csum_blank,
     NETTXF_data_validated,
 )
+from xenpv.abi.virtio_net import VirtioNetHdr
 
 MACS = bytes.fromhex("020000000002020000000001")
 

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backends.netback.rx import RxCore, RxFatal, RxFrame
+from xenpv.abi.buffer import LocalBuffer
 from xenpv.abi.netif import (
     NETIF_RX_RING,
     XEN_NETIF_GSO_TYPE_TCPV6,
@@ -23,7 +24,6 @@ from xenpv.abi.netif import (
     encode_rx_request,
 )
 from xenpv.abi.ring import BackRing, FrontRing
-from xenpv.hv.buffer import LocalBuffer
 
 
 class Pair:

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backends.netback.tx import TxCore, TxFatal, TxPacket
+from xenpv.abi.buffer import LocalBuffer
 from xenpv.abi.netif import (
     NETIF_RSP_ERROR,
     NETIF_RSP_NULL,
@@ -31,7 +32,6 @@ from xenpv.abi.netif import (
     encode_tx_request,
 )
 from xenpv.abi.ring import BackRing, FrontRing
-from xenpv.hv.buffer import LocalBuffer
 
 
 class Pair:

@@ -8,7 +8,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backends.tap import VirtioNetHdr, VirtioNetHdrFlags, VirtioNetHdrGso
 from frontends.netfront.core import RxFrame
 from frontends.netfront.flowhash import select_queue
 from frontends.netfront.keys import (
@@ -22,6 +21,7 @@ from frontends.netfront.keys import (
 )
 from frontends.netfront.tap import OffloadError, to_netif, to_virtio
 from xenpv.abi.netif import XEN_NETIF_GSO_TYPE_TCPV4, XEN_NETIF_GSO_TYPE_TCPV6, NetifGsoExtra
+from xenpv.abi.virtio_net import VirtioNetHdr, VirtioNetHdrFlags, VirtioNetHdrGso
 from xenpv.ethernet import parse
 
 MAC_A = bytes.fromhex("00163e000001")

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xenpv.abi import netif
+from xenpv.abi.buffer import LocalBuffer
 from xenpv.abi.errors import NetifError
 from xenpv.abi.netif import (
     NETIF_RSP_NULL,
@@ -34,7 +35,6 @@ from xenpv.abi.netif import (
 )
 from xenpv.abi.ring import BackRing, FrontRing
 from xenpv.errors import XenpvError
-from xenpv.hv.buffer import LocalBuffer
 
 u8, u16, u32 = (st.integers(0, 2**bits - 1) for bits in (8, 16, 32))
 i16 = st.integers(-(2**15), 2**15 - 1)

@@ -22,6 +22,7 @@ from hypothesis.stateful import (
 )
 
 from xenpv.abi.blkif import BLKIF_RING, BLKIF_X86_32
+from xenpv.abi.buffer import LocalBuffer
 from xenpv.abi.errors import AbiError, RingError, RingUsageError
 from xenpv.abi.netif import NETIF_RX_RING, NETIF_TX_RING
 from xenpv.abi.ring import (
@@ -32,7 +33,6 @@ from xenpv.abi.ring import (
     shared_indexes,
 )
 from xenpv.errors import XenpvError
-from xenpv.hv.buffer import LocalBuffer
 
 PAGE = 4096
 T = TypeVar("T")

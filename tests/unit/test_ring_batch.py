@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from xenpv.abi.buffer import LocalBuffer
 from xenpv.abi.errors import RingError, RingUsageError
 from xenpv.abi.netif import NETIF_RX_RING, NETIF_TX_RING
 from xenpv.abi.ring import BackRing, FrontRing, RingLayout
-from xenpv.hv.buffer import LocalBuffer
 
 MASK = 0xFFFFFFFF
 

@@ -34,9 +34,9 @@ from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from typing import Final
 
+from xenpv.abi.buffer import XEN_PAGE_SIZE
 from xenpv.abi.errors import BlkifError, BlkifUnsupportedOp
 from xenpv.abi.ring import RingLayout
-from xenpv.hv.buffer import XEN_PAGE_SIZE
 
 
 class BlkifOp(IntEnum):

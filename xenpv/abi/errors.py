@@ -60,3 +60,7 @@ class NetifError(AbiError):
         super().__init__(reason)
         self.reason = reason
         self.slots = slots
+
+
+class VirtioNetError(AbiError):
+    """A virtio-net header of a size the TAP ABI does not have, or too short to read."""

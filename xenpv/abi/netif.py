@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from typing import Final
 
+from xenpv.abi.buffer import XEN_PAGE_SIZE
 from xenpv.abi.errors import NetifError
 from xenpv.abi.ring import RingLayout
-from xenpv.hv.buffer import XEN_PAGE_SIZE
 
 
 class NetTxFlags(IntFlag):
@@ -124,10 +124,12 @@ NETIF_TX_RING: Final = RingLayout(12, 4, "netif_tx")  # 256 slots in 4 KiB
 NETIF_RX_RING: Final = RingLayout(8, 8, "netif_rx")  # 256 slots in 4 KiB
 EXTRA_INFO_SIZE: Final = 8
 
-_TX_REQUEST = struct.Struct("<IHHHH")  # gref, offset, flags, id, size
-_TX_RESPONSE = struct.Struct("<Hh")  # id, status
-_RX_REQUEST = struct.Struct("<HxxI")  # id, pad, gref
-_RX_RESPONSE = struct.Struct("<HHHh")  # id, offset, flags, status
+# The wire layouts, one place for every driver: hot paths use these pre-compiled structs
+# directly (`pack`, `unpack_from`) instead of building the dataclasses below per slot.
+TX_REQUEST: Final = struct.Struct("<IHHHH")  # gref, offset, flags, id, size
+TX_RESPONSE: Final = struct.Struct("<Hh")  # id, status
+RX_REQUEST: Final = struct.Struct("<HxxI")  # id, pad, gref
+RX_RESPONSE: Final = struct.Struct("<HHHh")  # id, offset, flags, status
 _EXTRA_HEAD = struct.Struct("<BB")  # type, flags
 _GSO = struct.Struct("<BBHBxH")  # type, flags, size, gso type, pad, features
 _MCAST = struct.Struct("<BB6s")  # type, flags, addr
@@ -219,24 +221,24 @@ def _pack(s: struct.Struct, what: str, *values: object) -> bytes:
 
 def encode_tx_request(request: NetifTxRequest) -> bytes:
     r = request
-    return _pack(_TX_REQUEST, "tx request", r.gref, r.offset, r.flags, r.id, r.size)
+    return _pack(TX_REQUEST, "tx request", r.gref, r.offset, r.flags, r.id, r.size)
 
 
 def decode_tx_request(data: bytes) -> NetifTxRequest:
     """The slot's fields; whether its extent fits its frame needs the packet (see below)."""
-    if len(data) < _TX_REQUEST.size:
-        raise _short("tx request", data, _TX_REQUEST.size)
-    return NetifTxRequest(*_TX_REQUEST.unpack_from(data))
+    if len(data) < TX_REQUEST.size:
+        raise _short("tx request", data, TX_REQUEST.size)
+    return NetifTxRequest(*TX_REQUEST.unpack_from(data))
 
 
 def encode_tx_response(response: NetifTxResponse) -> bytes:
-    return _pack(_TX_RESPONSE, "tx response", response.id, response.status)
+    return _pack(TX_RESPONSE, "tx response", response.id, response.status)
 
 
 def decode_tx_response(data: bytes) -> NetifTxResponse:
-    if len(data) < _TX_RESPONSE.size:
-        raise _short("tx response", data, _TX_RESPONSE.size)
-    return NetifTxResponse(*_TX_RESPONSE.unpack_from(data))
+    if len(data) < TX_RESPONSE.size:
+        raise _short("tx response", data, TX_RESPONSE.size)
+    return NetifTxResponse(*TX_RESPONSE.unpack_from(data))
 
 
 def tx_fragment_sizes(
@@ -333,25 +335,25 @@ def parse_tx_packet(
 
 
 def encode_rx_request(request: NetifRxRequest) -> bytes:
-    return _pack(_RX_REQUEST, "rx request", request.id, request.gref)
+    return _pack(RX_REQUEST, "rx request", request.id, request.gref)
 
 
 def decode_rx_request(data: bytes) -> NetifRxRequest:
-    if len(data) < _RX_REQUEST.size:
-        raise _short("rx request", data, _RX_REQUEST.size)
-    return NetifRxRequest(*_RX_REQUEST.unpack_from(data))
+    if len(data) < RX_REQUEST.size:
+        raise _short("rx request", data, RX_REQUEST.size)
+    return NetifRxRequest(*RX_REQUEST.unpack_from(data))
 
 
 def encode_rx_response(response: NetifRxResponse) -> bytes:
     r = response
-    return _pack(_RX_RESPONSE, "rx response", r.id, r.offset, r.flags, r.status)
+    return _pack(RX_RESPONSE, "rx response", r.id, r.offset, r.flags, r.status)
 
 
 def decode_rx_response(data: bytes, granule: int = XEN_PAGE_SIZE) -> NetifRxResponse:
     """An rx response; a fragment (status > 0) must lie inside its `granule`-byte frame."""
-    if len(data) < _RX_RESPONSE.size:
-        raise _short("rx response", data, _RX_RESPONSE.size)
-    response = NetifRxResponse(*_RX_RESPONSE.unpack_from(data))
+    if len(data) < RX_RESPONSE.size:
+        raise _short("rx response", data, RX_RESPONSE.size)
+    response = NetifRxResponse(*RX_RESPONSE.unpack_from(data))
     if response.status > 0 and response.offset + response.status > granule:
         raise NetifError(
             f"rx response (id {response.id}) crosses its frame: offset {response.offset} "

@@ -52,8 +52,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from xenpv.abi.buffer import SharedBuffer
 from xenpv.abi.errors import RingError, RingUsageError
-from xenpv.hv.buffer import SharedBuffer
 
 RING_IDX_MASK: Final = 0xFFFFFFFF
 SRING_HEADER_SIZE: Final = 64  # offsetof(struct <name>_sring, ring)
@@ -495,6 +495,11 @@ class BackRing(_Ring):
         """RING_FINAL_CHECK_FOR_REQUESTS: re-arm req_event, re-check; True = more work."""
         if self.unconsumed_requests():
             return True
-        self._idx[_REQ_EVENT] = (self.req_cons + 1) & RING_IDX_MASK
-        self._written(OFF_REQ_EVENT, 4)
+        self.set_request_event(1)
         return self.unconsumed_requests() > 0
+
+    def set_request_event(self, ahead: int) -> None:
+        """Ask to be notified once the front has produced `ahead` requests past `req_cons`
+        (netback waiting for enough rx buffers: `req_event = req_cons + needed`)."""
+        self._idx[_REQ_EVENT] = (self.req_cons + ahead) & RING_IDX_MASK
+        self._written(OFF_REQ_EVENT, 4)

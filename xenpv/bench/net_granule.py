@@ -174,9 +174,9 @@ async def _measure(
                 result["cpu_s"] = cpu
                 result["cpu_mbps"] = result["received"] * size * 8 / cpu / 1e6
                 sizes[str(size)] = result
-            granule = a.info["grant_size"]
+            granule = a.info.grant_size
             assert all(vif.granule == granule for vif in vifs)
-            return {"granule": granule, "granule_order": a.info["granule_order"], "sizes": sizes}
+            return {"granule": granule, "granule_order": a.info.granule_order, "sizes": sizes}
 
 
 @asynccontextmanager

@@ -29,10 +29,10 @@ from xenpv.abi.blkif import (
     BlkifResponse,
     BlkifSegment,
 )
+from xenpv.abi.buffer import XEN_PAGE_SIZE
 from xenpv.abi.ring import BackRing, FrontRing
 from xenpv.bench.report import emit
 from xenpv.commands import args as types
-from xenpv.hv.buffer import XEN_PAGE_SIZE
 
 GOAL_CYCLES_PER_S = 250_000
 

@@ -19,7 +19,7 @@ Errors: GrantError(.status: GNTST), PeerGone (link lost: peer died or was releas
 EventChannelClosed, LinkError (cannot set up a link), all HvError → XenpvError.
 """
 
-from xenpv.hv.buffer import XEN_PAGE_SIZE, LocalBuffer, SharedBuffer
+from xenpv.abi.buffer import XEN_PAGE_SIZE, LocalBuffer, SharedBuffer
 from xenpv.hv.copyengine import CopyDirection, CopyGroup, CopyOp, CopySegment
 from xenpv.hv.directory import PeerDirectory, StaticDirectory
 from xenpv.hv.domain import Domain, open_domain

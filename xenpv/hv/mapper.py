@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import trio
 
-from xenpv.hv.buffer import XEN_PAGE_SIZE
+from xenpv.abi.buffer import XEN_PAGE_SIZE
 from xenpv.hv.copyengine import (
     GNTST_VALUES,
     OK,

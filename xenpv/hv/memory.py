@@ -20,7 +20,7 @@ import threading
 from collections.abc import Sequence
 from typing import Protocol
 
-from xenpv.hv.buffer import XEN_PAGE_SIZE
+from xenpv.abi.buffer import XEN_PAGE_SIZE
 from xenpv.hv.errors import HvError
 from xenpv.hv.grant import GRANT_ENTRY_SIZE
 

@@ -42,13 +42,11 @@ from xenpv.toolstack.devices import VbdConfig
 from xenpv.toolstack.supervisor import Supervisor
 from xenpv.toolstack.topology import DomainSpec, Topology, Transport, VbdFeatures
 from xenpv.xenbus.core import DeviceId, xvd_number
+from xenpv.xenbus.keys import XENPV_MAX_GRANULE_ORDER, XENPV_MAX_QUEUES
 from xenpv.xenstore.client import Transaction, XenstoreClient
 
 log = structlog.get_logger()
 
-# toolstack → backend, per device (blkback and netback read the same key)
-MAX_GRANULE_CONFIG_KEY = devices.VBD_MAX_GRANULE_ORDER
-VIF_MAX_QUEUES_KEY = "xenpv-max-queues"
 MEMORY = 256 << 20
 DISK_BASE = 1 << 20  # the worker's bulk I/O starts at 1 MiB
 
@@ -129,7 +127,7 @@ async def _create_cell_devices(
 ) -> list[DeviceId]:
     """The cell's device(s); `index` is the cell's position among its guest's cells of its
     class."""
-    extra = {MAX_GRANULE_CONFIG_KEY: str(cell.backend_max_order)}
+    extra = {XENPV_MAX_GRANULE_ORDER: str(cell.backend_max_order)}
     profile = cell.profile
     if isinstance(profile, VbdProfile):
         device = DeviceId("vbd", guest, backend, xvd_number(index))
@@ -148,7 +146,7 @@ async def _create_cell_devices(
         )
         return [device]
     assert isinstance(profile, VifProfile)
-    extra[VIF_MAX_QUEUES_KEY] = str(profile.queues)
+    extra[XENPV_MAX_QUEUES] = str(profile.queues)
     out = []
     for n in (2 * index, 2 * index + 1):
         device = DeviceId("vif", guest, backend, n)

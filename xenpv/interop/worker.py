@@ -287,9 +287,9 @@ class VifCellWorkload:
         cell = self.cell
         a, b = ctx.net[self.a], ctx.net[self.b]
         figures: dict[str, Any] = {
-            "negotiated": await negotiated(ctx.xs, self.a, dict(a.info)),
-            "negotiated_peer": await negotiated(ctx.xs, self.b, dict(b.info)),
-            "info": _jsonable(dict(a.info)),
+            "negotiated": await negotiated(ctx.xs, self.a, a.info.summary()),
+            "negotiated_peer": await negotiated(ctx.xs, self.b, b.info.summary()),
+            "info": _jsonable(a.info.summary()),
         }
         sender, answerer = EchoPort(a), EchoPort(b)
         requests = self.requests()

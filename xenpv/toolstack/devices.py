@@ -4,9 +4,10 @@ Both directories are written in one transaction (retried on EAGAIN). Permissions
 the backend directory is owned by the backend domain and readable by the frontend, the frontend
 directory is owned by the frontend domain and readable by the backend.
 
-Keys starting with `xenpv-` are xenpv's toolstack-to-backend configuration (what Linux takes
-from module parameters, e.g. `max_ring_page_order`): which features the backend offers for this
-device, so that frontends can meet every combination. Backends read them once per connection.
+Keys starting with `xenpv-` are xenpv's toolstack-to-driver configuration (what Linux takes
+from module parameters, e.g. `max_ring_page_order`); their names and how they are read are the
+key contract in `xenpv.xenbus.keys`, shared with the drivers. Backends read them once per
+connection.
 """
 
 from __future__ import annotations
@@ -15,24 +16,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from xenpv.toolstack.topology import VbdFeatures
+from xenpv.xenbus import keys
 from xenpv.xenbus.core import DEVICE_CLASSES, DeviceId, Initialising
 from xenpv.xenstore.client import Transaction, XenstoreClient
 from xenpv.xenstore.wire import XsError
-
-# vbd backend configuration keys (toolstack → backend).
-VBD_SIZE = "xenpv-size"
-VBD_SECTOR_SIZE = "xenpv-sector-size"
-VBD_MAX_RING_PAGE_ORDER = "xenpv-max-ring-page-order"
-VBD_MAX_QUEUES = "xenpv-max-queues"
-VBD_MAX_INDIRECT_SEGMENTS = "xenpv-max-indirect-segments"
-VBD_PERSISTENT = "xenpv-persistent"
-VBD_FLUSH = "xenpv-flush"
-VBD_BARRIER = "xenpv-barrier"
-VBD_DISCARD = "xenpv-discard"
-# docs/granule-extension.md: the backend offers `max-grant-granule-order` up to this.
-VBD_MAX_GRANULE_ORDER = "xenpv-max-grant-granule-order"
-# vif frontend configuration: attach a host TAP device to this netfront.
-VIF_TAP = "xenpv-tap"
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,15 +31,12 @@ class VbdConfig:
     read_only: bool = False
     sector_size: int = 512
     features: VbdFeatures = field(default_factory=VbdFeatures)
+    nbd: str | None = None  # unix:PATH | tcp:HOST:PORT: the guest exports this disk there
 
 
-async def _write_all(tx: Transaction, directory: str, keys: Mapping[str, str | int]) -> None:
-    for name, value in keys.items():
+async def _write_all(tx: Transaction, directory: str, values: Mapping[str, str | int]) -> None:
+    for name, value in values.items():
         await tx.write(f"{directory}/{name}", str(value))
-
-
-def _flag(value: bool) -> str:
-    return "1" if value else "0"
 
 
 async def _create(
@@ -96,50 +80,57 @@ async def _create(
     await xs.transact(body)
 
 
+DeviceKeys = tuple[dict[str, str | int], dict[str, str | int]]
+
+
+def vbd_keys(device: DeviceId, config: VbdConfig) -> DeviceKeys:
+    """A vbd's configuration keys (backend, frontend), beyond the ends and `state`: as xl
+    writes them (backend `mode`, `params`, `type`; frontend `virtual-device`) plus xenpv's."""
+    f = config.features
+    backend: dict[str, str | int] = {
+        "mode": "r" if config.read_only else "w",
+        "params": config.image or "",
+        "type": "file" if config.image else "memory",
+        "device-type": "disk",
+        keys.XENPV_SIZE: config.size,
+        keys.XENPV_SECTOR_SIZE: config.sector_size,
+        keys.XENPV_MAX_RING_PAGE_ORDER: f.ring_page_order,
+        keys.XENPV_MAX_QUEUES: f.queues,
+        keys.XENPV_MAX_INDIRECT_SEGMENTS: f.indirect_segments,
+        keys.XENPV_PERSISTENT: keys.flag(f.persistent),
+        keys.XENPV_FLUSH: keys.flag(f.flush),
+        keys.XENPV_BARRIER: keys.flag(f.barrier),
+        keys.XENPV_DISCARD: keys.flag(f.discard),
+        keys.XENPV_MAX_GRANULE_ORDER: f.max_granule_order,
+    }
+    frontend: dict[str, str | int] = {"virtual-device": device.devid, "device-type": "disk"}
+    if config.nbd:
+        frontend[keys.XENPV_NBD] = config.nbd
+    return backend, frontend
+
+
+def vif_keys(device: DeviceId, *, mac: str, tap: str | None = None) -> DeviceKeys:
+    """A vif's configuration keys (backend, frontend): `mac`, `handle`, and the TAP if any."""
+    frontend: dict[str, str | int] = {"handle": device.devid, "mac": mac}
+    if tap is not None:
+        frontend[keys.XENPV_TAP] = tap
+    return {"handle": device.devid, "mac": mac, "type": "vif", "bridge": "xenpv"}, frontend
+
+
 async def create_vbd(xs: XenstoreClient, device: DeviceId, config: VbdConfig) -> None:
-    """Write a vbd's first keys (as xl writes them: backend `mode`, `params`, `type`; frontend
-    `virtual-device`)."""
+    """Write a vbd's first keys (`vbd_keys`)."""
     if device.cls != "vbd":
         raise ValueError(f"not a vbd: {device}")
-    f = config.features
-    await _create(
-        xs,
-        device,
-        {
-            "mode": "r" if config.read_only else "w",
-            "params": config.image or "",
-            "type": "file" if config.image else "memory",
-            "device-type": "disk",
-            VBD_SIZE: config.size,
-            VBD_SECTOR_SIZE: config.sector_size,
-            VBD_MAX_RING_PAGE_ORDER: f.ring_page_order,
-            VBD_MAX_QUEUES: f.queues,
-            VBD_MAX_INDIRECT_SEGMENTS: f.indirect_segments,
-            VBD_PERSISTENT: _flag(f.persistent),
-            VBD_FLUSH: _flag(f.flush),
-            VBD_BARRIER: _flag(f.barrier),
-            VBD_DISCARD: _flag(f.discard),
-            VBD_MAX_GRANULE_ORDER: f.max_granule_order,
-        },
-        {"virtual-device": device.devid, "device-type": "disk"},
-    )
+    await _create(xs, device, *vbd_keys(device, config))
 
 
 async def create_vif(
     xs: XenstoreClient, device: DeviceId, *, mac: str, tap: str | None = None
 ) -> None:
-    """Write a vif's first keys (backend and frontend `mac`, `handle`)."""
+    """Write a vif's first keys (`vif_keys`)."""
     if device.cls != "vif":
         raise ValueError(f"not a vif: {device}")
-    frontend_keys: dict[str, str | int] = {"handle": device.devid, "mac": mac}
-    if tap is not None:
-        frontend_keys[VIF_TAP] = tap
-    await _create(
-        xs,
-        device,
-        {"handle": device.devid, "mac": mac, "type": "vif", "bridge": "xenpv"},
-        frontend_keys,
-    )
+    await _create(xs, device, *vif_keys(device, mac=mac, tap=tap))
 
 
 async def destroy_device(xs: XenstoreClient, device: DeviceId) -> None:

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from xenpv.hv.buffer import XEN_PAGE_SIZE
+from xenpv.abi.buffer import XEN_PAGE_SIZE
 from xenpv.identity import TOOL_DOMAIN_ROOT
 from xenpv.xenbus.core import DEVICE_CLASSES, XVD_MAJOR, DeviceId, parse_state, xvd_name
 from xenpv.xenstore.client import XenstoreClient

@@ -191,9 +191,12 @@ class Supervisor:
         self,
         before_xenstored: Callable[[], Awaitable[None]] | None = None,
         grace: float = STOP_GRACE,
+        *,
+        xenstored: bool = True,
     ) -> None:
         """Stop every child in STOP_ORDER (other kinds first); `before_xenstored` runs (bounded,
-        errors ignored) while xenstored still does, e.g. to remove the domains' records."""
+        errors ignored) while xenstored still does, e.g. to remove the domains' records.
+        `xenstored=False` leaves xenstored running (its own clients close first)."""
         with trio.CancelScope(shield=True):
             supervisors = [c for c in self.children if c.kind == SUPERVISOR]
             await self.terminate(supervisors, SUPERVISOR_GRACE)
@@ -205,7 +208,8 @@ class Supervisor:
             if before_xenstored is not None and store_runs and not self.killed:
                 with trio.move_on_after(5), contextlib.suppress(Exception):
                     await before_xenstored()
-            await self.terminate([c for c in self.children if c.kind == "xenstored"], grace)
+            if xenstored:
+                await self.terminate([c for c in self.children if c.kind == "xenstored"], grace)
 
     async def terminate(self, children: list[Child], grace: float = STOP_GRACE) -> None:
         """SIGTERM, wait up to `grace` seconds (none once escalated), SIGKILL what is left."""
@@ -396,20 +400,27 @@ def run_in_temp_dir(
     happens; on a failure (not an interruption) its `logs/` stay and their place is printed."""
     state_dir = Path(tempfile.mkdtemp(prefix=prefix))  # $TMPDIR, else /tmp
     failed = True
+    error: BaseException | None = None
     try:
         code = run(functools.partial(_with_dir, main, state_dir), sup)
         failed = code == EXIT_FAILURE
         return code
-    except BaseException:
-        failed = not sup.interrupted
+    except BaseException as exc:
+        failed, error = not sup.interrupted, exc
         raise
     finally:
         # A Ctrl-C now would stop the removal half-way: it waits until the removal is done.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
-            remove_temp_dir(state_dir, keep_logs=failed and not sup.interrupted)
+            kept = remove_temp_dir(state_dir, keep_logs=failed and not sup.interrupted)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        if kept is not None:
+            note = f"xenpv: logs kept in {kept}"
+            if error is not None:
+                error.add_note(note)  # the CLI prints it under the error line
+            else:
+                print(note, file=sys.stderr)
 
 
 async def _with_dir(
@@ -418,17 +429,17 @@ async def _with_dir(
     return await main(sup, state_dir)
 
 
-def remove_temp_dir(state_dir: Path, *, keep_logs: bool) -> None:
+def remove_temp_dir(state_dir: Path, *, keep_logs: bool) -> Path | None:
     """Remove a temporary state directory; after a failure keep its `logs/` (the domains'
-    own account of what went wrong) and say where they are."""
+    own account of what went wrong) and return where they are."""
     logs = state_dir / "logs"
     if not keep_logs or not logs.is_dir() or not any(logs.iterdir()):
         shutil.rmtree(state_dir, ignore_errors=True)
-        return
+        return None
     for entry in state_dir.iterdir():
         if entry != logs:
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 entry.unlink(missing_ok=True)
-    print(f"xenpv: logs kept in {logs}", file=sys.stderr)
+    return logs

@@ -25,6 +25,7 @@ image = "guest4k.img"         # relative paths are under the cluster's state dir
 size = "64M"
 read_only = false
 sector_size = 512             # 512 | 4096
+nbd = "unix:/tmp/g4k.sock"    # optional: the guest exports this disk over NBD (docs/nbd.md)
 [vbd.features]                # all on by default; switch any off
 ring_page_order = 4           # max-ring-page-order offered, 0..4
 queues = 4                    # multi-queue-max-queues, 1..4
@@ -52,14 +53,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from xenpv.errors import UsageError
+from xenpv.xenbus import keys
 
 Transport = Literal["auto", "shm", "socket", "tcp"]
 TRANSPORTS: tuple[Transport, ...] = ("auto", "shm", "socket", "tcp")
 PAGE_SIZES = (4096, 16384, 65536)
 SECTOR_SIZES = (512, 4096)
-MAX_RING_PAGE_ORDER = 4
-MAX_QUEUES = 4
-MAX_INDIRECT_SEGMENTS = 256
 RESTART_POLICIES = ("no", "on-failure")
 
 
@@ -83,9 +82,9 @@ class DomainSpec:
 
 @dataclass(frozen=True, slots=True)
 class VbdFeatures:
-    ring_page_order: int = MAX_RING_PAGE_ORDER
-    queues: int = MAX_QUEUES
-    indirect_segments: int = MAX_INDIRECT_SEGMENTS
+    ring_page_order: int = keys.MAX_RING_PAGE_ORDER
+    queues: int = keys.BLK_MAX_QUEUES
+    indirect_segments: int = keys.BLK_MAX_INDIRECT_SEGMENTS
     persistent: bool = True
     flush: bool = True
     barrier: bool = True
@@ -103,6 +102,7 @@ class VbdSpec:
     read_only: bool = False
     sector_size: int = 512
     features: VbdFeatures = field(default_factory=VbdFeatures)
+    nbd: str | None = None  # "unix:PATH" | "tcp:HOST:PORT": the guest serves the disk there
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +141,7 @@ _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 _TAP_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # IFNAMSIZ - 1
+_NBD_RE = re.compile(r"^(unix:.+|tcp:.+:\d{1,5})$")
 
 
 def parse_size(value: object, where: str) -> int:
@@ -255,8 +256,10 @@ def _vbd_features(raw: object, where: str) -> VbdFeatures:
     t = _Table(raw, where)
     d = VbdFeatures()
     features = VbdFeatures(
-        ring_page_order=t.integer("ring_page_order", d.ring_page_order, 0, MAX_RING_PAGE_ORDER),
-        queues=t.integer("queues", d.queues, 1, MAX_QUEUES),
+        ring_page_order=t.integer(
+            "ring_page_order", d.ring_page_order, 0, keys.MAX_RING_PAGE_ORDER
+        ),
+        queues=t.integer("queues", d.queues, 1, keys.BLK_MAX_QUEUES),
         indirect_segments=t.integer("indirect_segments", d.indirect_segments, 0, 512),
         persistent=t.flag("persistent", d.persistent),
         flush=t.flag("flush", d.flush),
@@ -286,6 +289,9 @@ def _vbd(raw: object, where: str, domains: Mapping[str, DomainSpec]) -> VbdSpec:
     if size % sector_size:
         raise TopologyError(t.at("size"), f"must be a multiple of sector_size {sector_size}")
     features = _vbd_features(t._get("features", {}), t.at("features"))
+    nbd = t.opt_string("nbd")
+    if nbd is not None and not _NBD_RE.match(nbd):
+        raise TopologyError(t.at("nbd"), f"expected 'unix:PATH' or 'tcp:HOST:PORT', got {nbd!r}")
     spec = VbdSpec(
         frontend=frontend,
         backend=backend,
@@ -294,6 +300,7 @@ def _vbd(raw: object, where: str, domains: Mapping[str, DomainSpec]) -> VbdSpec:
         read_only=t.flag("read_only", False),
         sector_size=sector_size,
         features=features,
+        nbd=nbd,
     )
     t.done()
     return spec

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from enum import Enum, IntEnum
 from typing import Literal
 
+from xenpv.xenbus.keys import parse_uint
+
 Role = Literal["frontend", "backend"]
 DeviceClass = Literal["vbd", "vif"]
 DEVICE_CLASSES: tuple[DeviceClass, ...] = ("vbd", "vif")
@@ -69,12 +71,9 @@ Closed = XenbusState.XenbusStateClosed
 
 def parse_state(raw: bytes | str | None) -> XenbusState:
     """Decode a `state` node as Linux's xenbus_read_driver_state does: missing or junk → Unknown."""
-    if raw is None:
-        return Unknown
-    text = raw.decode("ascii", "replace") if isinstance(raw, bytes) else raw
     try:
-        return XenbusState(int(text.strip()))
-    except ValueError:
+        return XenbusState(parse_uint(raw, "state", default=Unknown))
+    except ValueError:  # a number that is no state
         return Unknown
 
 

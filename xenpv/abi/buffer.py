@@ -1,4 +1,4 @@
-"""The shared-memory seam between protocol code and the emulated hypervisor.
+"""The shared-memory seam between protocol code (this package) and the emulated hypervisor.
 
 Ring and codec code (sans-IO) reads and writes a `SharedBuffer`: a contiguous, writable view
 of memory that another domain may also see (a granted page, a mapped grant, several pages

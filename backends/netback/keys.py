@@ -7,7 +7,9 @@ implement the control ring (hash / indirection table configuration), so it adver
 `feature-ctrl-ring` = 0, nor multicast control (`feature-multicast-control` is not written;
 MCAST_ADD/DEL extras are still accepted and recorded, as netback does). With the grant-granule
 extension (docs/granule-extension.md) it also advertises `max-grant-granule-order` (the toolstack
-may lower it per device with `xenpv-max-grant-granule-order` in the backend directory).
+may lower it per device with `xenpv-max-grant-granule-order` in the backend directory, and set
+`multi-queue-max-queues` with `xenpv-max-queues`; both read as blkback reads its `xenpv-*`
+keys: absent = the default, junk = refused).
 
 Connect (Linux `connect` / `connect_data_rings` / `read_xenbus_vif_flags`): the frontend keys
 are parsed into a `FrontendConfig`; anything netback refuses is a `NetbackConfigError`
@@ -19,8 +21,8 @@ are parsed into a `FrontendConfig`; anything netback refuses is a `NetbackConfig
 - a `grant-granule-order` that is not a number 0..4 or exceeds the advertised maximum (never
   guessed down: the frontend's grants would not match).
 With one queue the ring keys are in the frontend directory itself, with several in
-`queue-<n>/`. Flags are read with `xenbus_read_unsigned(..., 0)` semantics: missing or junk = 0,
-except `feature-sg`-style booleans which are "non-zero = on".
+`queue-<n>/`. Numbers and flags follow `xenpv.xenbus.keys`: flags are
+`xenbus_read_unsigned(..., 0) != 0` (missing or junk = off).
 """
 
 from __future__ import annotations
@@ -32,12 +34,16 @@ from typing import Final
 from backends.netback.offload import RxOffload
 from xenpv import granule
 from xenpv.errors import XenpvError
+from xenpv.xenbus.keys import (
+    NET_MAX_QUEUES,
+    XENPV_MAX_GRANULE_ORDER,
+    XENPV_MAX_QUEUES,
+    KeyValueError,
+    parse_flag,
+    parse_uint,
+)
 
 DEFAULT_MAX_QUEUES: Final = 4  # Linux: the number of online CPUs
-MAX_QUEUES_KEY: Final = "xenpv-max-queues"  # optional toolstack override in the backend dir
-# Optional toolstack override in the backend dir: the largest granule order to advertise
-# (absent: granule.MAX_GRANULE_ORDER; the same key the blkback and `xenpv interop` use).
-MAX_GRANULE_CONFIG_KEY: Final = "xenpv-max-grant-granule-order"
 
 # Frontend keys read once per connection (top level).
 FRONTEND_FLAGS: Final = (
@@ -114,25 +120,26 @@ class FrontendConfig:
         return granule.granule_size(self.granule_order)
 
 
-def unsigned(value: str | None, default: int = 0) -> int:
-    """xenbus_read_unsigned: a missing or unparseable value reads as `default`."""
-    if value is None:
-        return default
-    text = value.strip()
-    return int(text) if text.isascii() and text.isdigit() else default
+def _flag(keys: Mapping[str, str | None], name: str) -> bool:
+    """A frontend feature: non-zero = on, missing or unreadable = off."""
+    return parse_flag(keys.get(name), name)
 
 
 def _required(keys: Mapping[str, str | None], name: str, where: str) -> int:
-    value = keys.get(name)
-    text = (value or "").strip()
-    if not (text.isascii() and text.isdigit()):
-        raise NetbackConfigError(
-            f"reading {where}/{name}: {'missing' if value is None else repr(value)}"
-        )
-    number = int(text)
-    if number > 0xFFFFFFFF:
-        raise NetbackConfigError(f"{where}/{name} = {number} is out of range")
-    return number
+    """A key netback cannot do without (xenbus_scanf "%u"): missing or junk is fatal."""
+    try:
+        return parse_uint(keys.get(name), f"{where}/{name}")
+    except KeyValueError as exc:
+        raise NetbackConfigError(str(exc)) from None
+
+
+def toolstack_setting(raw: str | bytes | None, name: str, default: int, lo: int, hi: int) -> int:
+    """A numeric `xenpv-*` key of the backend directory (the same rule as blkback's): absent =
+    `default`, unreadable or outside lo..hi = NetbackConfigError."""
+    try:
+        return parse_uint(raw, name, default=default, strict=True, minimum=lo, maximum=hi)
+    except KeyValueError as exc:
+        raise NetbackConfigError(str(exc)) from None
 
 
 def queue_dirs(frontend: str, num_queues: int) -> list[str]:
@@ -143,7 +150,7 @@ def queue_dirs(frontend: str, num_queues: int) -> list[str]:
 
 
 def parse_num_queues(value: str | None, max_queues: int) -> int:
-    requested = unsigned(value, 1)
+    requested = parse_uint(value, "multi-queue-num-queues", default=1)
     if requested == 0:
         raise NetbackConfigError("guest requested 0 queues")
     if requested > max_queues:
@@ -164,10 +171,15 @@ def parse_queue(keys: Mapping[str, str | None], where: str) -> QueueConfig:
     return QueueConfig(tx, rx, evtchn_tx, evtchn_rx)
 
 
-def max_granule_order(value: str | None) -> int:
-    """The toolstack's `xenpv-max-grant-granule-order`: absent or junk = the largest (4),
-    clamped to 0..4."""
-    return min(unsigned(value, granule.MAX_GRANULE_ORDER), granule.MAX_GRANULE_ORDER)
+def max_granule_order(value: str | bytes | None) -> int:
+    """The toolstack's `xenpv-max-grant-granule-order`: absent = the largest (4)."""
+    top = granule.MAX_GRANULE_ORDER
+    return toolstack_setting(value, XENPV_MAX_GRANULE_ORDER, top, 0, top)
+
+
+def max_queues(value: str | bytes | None) -> int:
+    """The toolstack's `xenpv-max-queues`: absent = `DEFAULT_MAX_QUEUES`."""
+    return toolstack_setting(value, XENPV_MAX_QUEUES, DEFAULT_MAX_QUEUES, 1, NET_MAX_QUEUES)
 
 
 def parse_granule_order(value: str | None, max_order: int | None) -> int:
@@ -194,20 +206,20 @@ def parse_frontend(
 
     `max_granule_order`: what this backend advertised (None: no extension, the key is ignored).
     """
-    if unsigned(flags.get("request-rx-copy")) != 1:
+    if parse_uint(flags.get("request-rx-copy"), "request-rx-copy", default=0) != 1:
         raise NetbackConfigError("frontend does not support rx-copy")
     order = parse_granule_order(flags.get(granule.FRONTEND_KEY), max_granule_order)
-    can_sg = unsigned(flags.get("feature-sg")) != 0
+    can_sg = _flag(flags, "feature-sg")
     return FrontendConfig(
         queues=tuple(parse_queue(keys, where) for keys, where in zip(queues, dirs, strict=True)),
         can_sg=can_sg,
-        rx_notify=unsigned(flags.get("feature-rx-notify")) != 0,
+        rx_notify=_flag(flags, "feature-rx-notify"),
         offload=RxOffload(
-            ipv4_csum=unsigned(flags.get("feature-no-csum-offload")) == 0,
-            ipv6_csum=unsigned(flags.get("feature-ipv6-csum-offload")) != 0,
+            ipv4_csum=not _flag(flags, "feature-no-csum-offload"),
+            ipv6_csum=_flag(flags, "feature-ipv6-csum-offload"),
             # TSO needs scatter-gather (the netdev core drops it without NETIF_F_SG).
-            gso_tcpv4=can_sg and unsigned(flags.get("feature-gso-tcpv4")) != 0,
-            gso_tcpv6=can_sg and unsigned(flags.get("feature-gso-tcpv6")) != 0,
+            gso_tcpv4=can_sg and _flag(flags, "feature-gso-tcpv4"),
+            gso_tcpv6=can_sg and _flag(flags, "feature-gso-tcpv6"),
         ),
         granule_order=order,
     )

@@ -47,10 +47,16 @@ from xenpv.abi.blkif import (
     blkif_protocol,
     max_indirect_segments_limit,
 )
-
-MAX_RING_PAGE_ORDER = 4
-MAX_QUEUES = 4
-MAX_INDIRECT_SEGMENTS = 256
+from xenpv.xenbus.keys import (
+    BLK_MAX_INDIRECT_SEGMENTS,
+    BLK_MAX_QUEUES,
+    MAX_RING_PAGE_ORDER,
+    UINT_MAX,
+    ULLONG_MAX,
+    KeyValueError,
+    parse_flag,
+    parse_uint,
+)
 
 SETUP_KEYS = ["max-ring-page-order", "multi-queue-max-queues", granule.BACKEND_MAX_KEY]
 CONNECT_KEYS = [
@@ -77,8 +83,8 @@ class Wishes:
     """The frontend's own maxima (Linux module parameters)."""
 
     max_ring_page_order: int = MAX_RING_PAGE_ORDER
-    max_queues: int = MAX_QUEUES
-    max_indirect_segments: int = MAX_INDIRECT_SEGMENTS
+    max_queues: int = BLK_MAX_QUEUES
+    max_indirect_segments: int = BLK_MAX_INDIRECT_SEGMENTS
     persistent: bool = True
     protocol: str = XEN_IO_PROTO_ABI_X86_64
     granule_order: int | None = None  # own cap: None = as large as allowed, 0 = decline
@@ -89,16 +95,14 @@ def default_protocol(page_size: int) -> str:
     return XEN_IO_PROTO_ABI_X86_64 if page_size == 4096 else XEN_IO_PROTO_ABI_ARM
 
 
-def number(keys: Keys, name: str, default: int = 0) -> int:
-    """`xenbus_read_unsigned`: a missing or malformed key reads as `default`."""
-    raw = keys.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        return default
-    return value if value >= 0 else default
+def number(keys: Keys, name: str, default: int = 0, *, maximum: int = UINT_MAX) -> int:
+    """`xenbus_read_unsigned`: a missing or unreadable key reads as `default`."""
+    return parse_uint(keys.get(name), name, default=default, maximum=maximum)
+
+
+def flag(keys: Keys, name: str) -> bool:
+    """A backend feature: non-zero = on, missing or unreadable = off."""
+    return parse_flag(keys.get(name), name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,22 +188,19 @@ def negotiated(
             f"backend echoes {granule.FRONTEND_KEY} {echo.strip()[:20]!r}, "
             f"we use {geo.granule_order}"
         )
-    raw_sectors = backend.get("sectors")
-    try:
-        sectors = int((raw_sectors or "").strip())
-    except ValueError:
-        sectors = -1
-    if sectors < 0:
-        raise BlkfrontProtocolError(f"backend wrote no usable 'sectors' ({raw_sectors!r})")
+    try:  # blkfront_connect: xenbus_gather("%llu"), fatal when it fails
+        sectors = parse_uint(backend.get("sectors"), "sectors", maximum=ULLONG_MAX)
+    except KeyValueError as exc:
+        raise BlkfrontProtocolError(f"backend wrote no usable 'sectors': {exc}") from None
     sector_size = number(backend, "sector-size", SECTOR_SIZE)
     if sector_size < SECTOR_SIZE or sector_size & (sector_size - 1) or sector_size > grant_size:
         raise BlkfrontProtocolError(f"backend sector-size {sector_size} is not usable")
     physical = number(backend, "physical-sector-size", sector_size) or sector_size
     info = VdiskInfo(number(backend, "info", 0) & 0x7)
     flush_op: int | None = None
-    if number(backend, "feature-flush-cache"):
+    if flag(backend, "feature-flush-cache"):
         flush_op = int(BLKIF_OP_FLUSH_DISKCACHE)
-    elif number(backend, "feature-barrier"):
+    elif flag(backend, "feature-barrier"):
         flush_op = int(BLKIF_OP_WRITE_BARRIER)
     indirect = min(
         number(backend, "feature-max-indirect-segments"),
@@ -216,37 +217,14 @@ def negotiated(
         sector_size=sector_size,
         physical_sector_size=physical,
         read_only=bool(info & VdiskInfo.VDISK_READONLY),
-        persistent=wishes.persistent and bool(number(backend, "feature-persistent")),
+        persistent=wishes.persistent and flag(backend, "feature-persistent"),
         indirect_segments=indirect,
         flush_op=flush_op,
-        discard=bool(number(backend, "feature-discard")),
+        discard=flag(backend, "feature-discard"),
         discard_granularity=number(backend, "discard-granularity"),
         discard_alignment=number(backend, "discard-alignment"),
-        discard_secure=bool(number(backend, "discard-secure")),
+        discard_secure=flag(backend, "discard-secure"),
         grant_size=grant_size,
         handle=handle & 0xFFFF,
         granule_order=geo.granule_order,
     )
-
-
-def describe(neg: Negotiated) -> dict[str, object]:
-    """The `Blkfront.info` dictionary."""
-    return {
-        "sectors": neg.sectors,
-        "sector_size": neg.sector_size,
-        "physical_sector_size": neg.physical_sector_size,
-        "ring_page_order": neg.ring_page_order,
-        "queues": neg.queues,
-        "indirect_segments": neg.indirect_segments,
-        "persistent": neg.persistent,
-        "flush": neg.flush_op is not None,
-        "flush_op": neg.flush_op,
-        "discard": neg.discard,
-        "discard_granularity": neg.discard_granularity,
-        "discard_alignment": neg.discard_alignment,
-        "discard_secure": neg.discard_secure,
-        "grant_size": neg.grant_size,
-        "granule_order": neg.granule_order,
-        "read_only": neg.read_only,
-        "protocol": neg.protocol.name,
-    }

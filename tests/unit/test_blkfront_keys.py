@@ -1,4 +1,4 @@
-"""blkfront's xenstore keys (frontends/blkfront/negotiate.py): what it writes, what it accepts."""
+"""blkfront's xenstore keys (frontends/blkfront/keys.py): what it writes, what it accepts."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from frontends.blkfront.errors import BlkfrontProtocolError
-from frontends.blkfront.negotiate import (
+from frontends.blkfront.keys import (
     CONNECT_KEYS,
     Geometry,
     Wishes,

@@ -1,7 +1,8 @@
 """One vif in the backend domain: the xenbus driver, its connection, and its data path.
 
 `Vif` implements `xenpv.xenbus.handshake.HandshakeDriver` for the backend role:
-- ADVERTISE / RESET: tear down whatever is left and return the feature keys (features.py);
+- ADVERTISE / RESET: tear down whatever is left and return the feature keys (keys.py; a
+  malformed `xenpv-*` key is refused as below);
 - CONNECT: read and validate the frontend's keys, map each queue's tx and rx ring (one page
   each, attached at the shared `rsp_prod` and refused if `req_prod` is more than a ring ahead,
   as `xenvif_map_data_rings`), bind the event channel(s), attach the vif to the switch as
@@ -35,40 +36,37 @@ import functools
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import Any
 
 import structlog
 import trio
 
-from backends.netback.features import (
-    DEFAULT_MAX_QUEUES,
+from backends.netback.keys import (
     FRONTEND_FLAGS,
-    MAX_GRANULE_CONFIG_KEY,
-    MAX_QUEUES_KEY,
     QUEUE_KEYS,
     FrontendConfig,
     NetbackConfigError,
     advertise_keys,
     max_granule_order,
+    max_queues,
     parse_frontend,
     parse_num_queues,
     queue_dirs,
-    unsigned,
 )
 from backends.netback.queue import NetbackQueue
 from backends.netback.rx import RxCore, RxFatal
 from backends.netback.tx import FATAL_SKB_SLOTS_DEFAULT, TxCore, TxFatal
 from backends.switch import Frame, LiveSwitch, SwitchError, SwitchPort
-from backends.tap import VirtioNetHdr
 from xenpv import granule
 from xenpv.abi.errors import RingError
 from xenpv.abi.netif import NETIF_RX_RING, NETIF_TX_RING
 from xenpv.abi.ring import BackRing
+from xenpv.abi.virtio_net import VirtioNetHdr
 from xenpv.ethernet import flow_hash
 from xenpv.hv import XEN_PAGE_SIZE, Domain, EventChannel, EventChannelClosed, GrantMapping, HvError
 from xenpv.xenbus import core as xenbus
 from xenpv.xenbus.core import Action, Closing, DeviceId
 from xenpv.xenbus.handshake import KeyValues, publish, read_keys, run_handshake
+from xenpv.xenbus.keys import XENPV_MAX_GRANULE_ORDER, XENPV_MAX_QUEUES
 from xenpv.xenstore.client import XenstoreClient
 from xenpv.xenstore.wire import XsError
 
@@ -119,7 +117,7 @@ class Vif:
         dom: Domain,
         xs: XenstoreClient,
         device: DeviceId,
-        switch: LiveSwitch[Any],
+        switch: LiveSwitch[VirtioNetHdr],
         *,
         max_queues: int | None = None,
         fatal_skb_slots: int = FATAL_SKB_SLOTS_DEFAULT,
@@ -229,8 +227,12 @@ class Vif:
             for name in stale:
                 with suppress(XsError):
                     await self.xs.rm(f"{self.device.backend}/{name}")
-            self._advertised_granule = (True, await self._max_granule_order())
-            return advertise_keys(await self._max_queues(), self._advertised_granule[1])
+            try:
+                self._advertised_granule = (True, await self._max_granule_order())
+                return advertise_keys(await self._max_queues(), self._advertised_granule[1])
+            except NetbackConfigError as exc:  # the toolstack must fix its keys
+                await self._refuse(f"bad toolstack configuration: {exc}")
+                return None
         if action is Action.CLOSE:
             await self._disconnect()
             return {}
@@ -261,15 +263,14 @@ class Vif:
             return None
         if self.max_granule_order is not None:
             return max(0, min(self.max_granule_order, granule.MAX_GRANULE_ORDER))
-        raw = await self.xs.try_read(f"{self.device.backend}/{MAX_GRANULE_CONFIG_KEY}")
-        return max_granule_order(None if raw is None else raw.decode("ascii", "replace"))
+        return max_granule_order(
+            await self.xs.try_read(f"{self.device.backend}/{XENPV_MAX_GRANULE_ORDER}")
+        )
 
     async def _max_queues(self) -> int:
         if self.max_queues is not None:
             return self.max_queues
-        raw = await self.xs.try_read(f"{self.device.backend}/{MAX_QUEUES_KEY}")
-        value = unsigned(None if raw is None else raw.decode("ascii", "replace"), 0)
-        return value if value > 0 else DEFAULT_MAX_QUEUES
+        return max_queues(await self.xs.try_read(f"{self.device.backend}/{XENPV_MAX_QUEUES}"))
 
     async def _refuse(self, reason: str) -> None:
         """xenbus_dev_fatal: record the reason, switch to Closing."""
@@ -490,7 +491,9 @@ async def _release(mappings: list[GrantMapping], channels: list[EventChannel]) -
             await mapping.unmap()
 
 
-async def serve(dom: Domain, xs: XenstoreClient, device: DeviceId, switch: LiveSwitch[Any]) -> None:
+async def serve(
+    dom: Domain, xs: XenstoreClient, device: DeviceId, switch: LiveSwitch[VirtioNetHdr]
+) -> None:
     """Serve one vif for its whole life (handshake, reconnects, backend restarts); return when
     the device directories are removed; cancel to stop. Frontend misbehaviour never raises."""
     await Vif(dom, xs, device, switch).run()

@@ -7,13 +7,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backends.blkback.config import BackendConfig, ConfigError, parse_config
-from backends.blkback.negotiate import (
+from backends.blkback.keys import (
+    BackendConfig,
+    ConfigError,
     NegotiationError,
     advertise_keys,
     connect_keys,
     device_features,
     frontend_key_names,
+    parse_config,
     parse_frontend,
 )
 from backends.storage import StorageInfo

@@ -1,9 +1,18 @@
-"""The vbd handshake's xenstore keys, backend side, as pure functions.
+"""blkback's xenstore keys, as pure functions: the toolstack's, the handshake's.
 
-ADVERTISE (backend → InitWait), in xen_blkbk_probe's order: `feature-max-indirect-segments`
-(only when indirect requests are offered: blkif.h says a backend that does not recognise
-BLKIF_OP_INDIRECT must not create it), `multi-queue-max-queues`, `max-ring-page-order`, and
-`feature-persistent` (recent Linux writes it again at connect; we write it at both steps).
+Toolstack keys, read from the backend directory: `params`, `type`, `mode` as xl writes them,
+and the `xenpv-*` keys of `xenpv.xenbus.keys` that stand in for Linux blkback's module
+parameters (`max_ring_page_order`, `max_queues`, `max_indirect_segments`, `feature_persistent`)
+and `xenpv-max-grant-granule-order` (the granule extension, docs/granule-extension.md: default
+4, 0 = a baseline-only backend), one set per device so that frontends can meet every
+combination. A missing `xenpv-*` key means Linux's default; a malformed one is a `ConfigError`
+(the device cannot be served until the toolstack fixes it).
+
+Handshake keys. ADVERTISE (backend → InitWait), in xen_blkbk_probe's order:
+`feature-max-indirect-segments` (only when indirect requests are offered: blkif.h says a
+backend that does not recognise BLKIF_OP_INDIRECT must not create it),
+`multi-queue-max-queues`, `max-ring-page-order`, and `feature-persistent` (recent Linux
+writes it again at connect; we write it at both steps).
 
 CONNECT reads the frontend's keys as `connect_ring` / `read_per_ring_refs` do:
 - `protocol`: missing → native (x86_64-abi); unknown → fatal;
@@ -39,22 +48,145 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Final, Literal
 
-from backends.blkback.config import BackendConfig
 from backends.storage import StorageInfo
-from xenpv.abi.blkif import BlkifProtocol, VdiskInfo, blkif_protocol
+from xenpv.abi.blkif import (
+    BlkifProtocol,
+    VdiskInfo,
+    blkif_protocol,
+    max_indirect_segments_limit,
+)
+from xenpv.abi.buffer import XEN_PAGE_SIZE
 from xenpv.abi.errors import BlkifError
 from xenpv.errors import XenpvError
 from xenpv.granule import (
     BACKEND_MAX_KEY,
     FRONTEND_KEY,
+    MAX_GRANULE_ORDER,
     GranuleError,
     backend_accept,
     blk_max_ring_page_order,
     parse_order,
 )
+from xenpv.xenbus import keys as xk
+from xenpv.xenbus.keys import KeyValueError, parse_flag, parse_uint
 
-FrontendKeys = Mapping[str, str | None]
+# -- toolstack keys -----------------------------------------------------------------------
+
+# xen_blkif_max_pgrants: persistently mapped grants per ring before falling back to copies.
+MAX_PERSISTENT_GRANTS: Final = 1056
+
+CONFIG_KEYS: Final = (
+    "params",
+    "type",
+    "mode",
+    xk.XENPV_SIZE,
+    xk.XENPV_SECTOR_SIZE,
+    xk.XENPV_MAX_RING_PAGE_ORDER,
+    xk.XENPV_MAX_QUEUES,
+    xk.XENPV_MAX_INDIRECT_SEGMENTS,
+    xk.XENPV_PERSISTENT,
+    xk.XENPV_FLUSH,
+    xk.XENPV_BARRIER,
+    xk.XENPV_DISCARD,
+    xk.XENPV_MAX_GRANULE_ORDER,
+)
+MAX_DISK_SIZE: Final = 1 << 62  # bytes: `xenpv-size` above this is a typo, not a disk
+
+Keys = Mapping[str, str | None]
+
+
+class ConfigError(XenpvError):
+    """The toolstack's keys for a vbd cannot be served as written."""
+
+
+@dataclass(frozen=True, slots=True)
+class BackendConfig:
+    """One vbd's storage and offered features (the toolstack's choice, not negotiated yet)."""
+
+    kind: Literal["file", "memory"] = "memory"
+    path: str = ""  # `params` for a file
+    size: int | None = None  # `xenpv-size` in bytes: creation size of a missing image
+    sector_size: int = 512
+    read_only: bool = False
+    max_ring_page_order: int = xk.MAX_RING_PAGE_ORDER
+    max_queues: int = xk.BLK_MAX_QUEUES
+    max_indirect_segments: int = xk.BLK_MAX_INDIRECT_SEGMENTS
+    persistent: bool = True
+    flush: bool = True
+    barrier: bool = True
+    discard: bool = True
+    max_granule_order: int = MAX_GRANULE_ORDER  # max-grant-granule-order we advertise
+
+
+def _setting(keys: Keys, name: str, default: int, lo: int, hi: int) -> int:
+    """A numeric `xenpv-*` key: absent = `default`, unreadable or outside lo..hi = ConfigError."""
+    try:
+        return parse_uint(
+            keys.get(name), name, default=default, strict=True, minimum=lo, maximum=hi
+        )
+    except KeyValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _switch(keys: Keys, name: str) -> bool:
+    """An on/off `xenpv-*` key: absent = on (Linux's default), unreadable = ConfigError."""
+    try:
+        return parse_flag(keys.get(name), name, default=True, strict=True)
+    except KeyValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def parse_config(keys: Keys, granule: int = XEN_PAGE_SIZE) -> BackendConfig:
+    """Build the configuration from the backend directory's keys (missing key = None)."""
+    kind_raw = (keys.get("type") or "").strip()
+    path = (keys.get("params") or "").strip()
+    if kind_raw in ("", "file", "phy", "raw") and path:
+        kind: Literal["file", "memory"] = "file"
+    elif kind_raw == "memory" or (kind_raw == "" and not path):
+        kind = "memory"
+    else:
+        raise ConfigError(f"type={kind_raw!r} with params={path!r}: want a file or memory")
+    mode = (keys.get("mode") or "w").strip()
+    sector_size = _setting(keys, xk.XENPV_SECTOR_SIZE, 512, 512, 4096)
+    if sector_size not in (512, 4096):
+        raise ConfigError(f"{xk.XENPV_SECTOR_SIZE}={sector_size}: want 512 or 4096")
+    size: int | None = None
+    if keys.get(xk.XENPV_SIZE) is not None:
+        size = _setting(keys, xk.XENPV_SIZE, 0, 0, MAX_DISK_SIZE)
+        if size % sector_size:
+            raise ConfigError(f"{xk.XENPV_SIZE}={size} is not a multiple of {sector_size}")
+    if kind == "memory" and size is None:
+        raise ConfigError(f"a memory disk needs {xk.XENPV_SIZE}")
+    max_order = xk.MAX_RING_PAGE_ORDER
+    return BackendConfig(
+        kind=kind,
+        path=path,
+        size=size,
+        sector_size=sector_size,
+        read_only="w" not in mode,
+        max_ring_page_order=_setting(keys, xk.XENPV_MAX_RING_PAGE_ORDER, max_order, 0, max_order),
+        max_queues=_setting(keys, xk.XENPV_MAX_QUEUES, xk.BLK_MAX_QUEUES, 1, xk.BLK_MAX_QUEUES),
+        max_indirect_segments=_setting(
+            keys,
+            xk.XENPV_MAX_INDIRECT_SEGMENTS,
+            xk.BLK_MAX_INDIRECT_SEGMENTS,
+            0,
+            max_indirect_segments_limit(granule),
+        ),
+        persistent=_switch(keys, xk.XENPV_PERSISTENT),
+        flush=_switch(keys, xk.XENPV_FLUSH),
+        barrier=_switch(keys, xk.XENPV_BARRIER),
+        discard=_switch(keys, xk.XENPV_DISCARD),
+        max_granule_order=_setting(
+            keys, xk.XENPV_MAX_GRANULE_ORDER, MAX_GRANULE_ORDER, 0, MAX_GRANULE_ORDER
+        ),
+    )
+
+
+# -- handshake keys -----------------------------------------------------------------------
+
 KeyValues = dict[str, str | int | bytes]
 
 
@@ -144,22 +276,12 @@ def connect_keys(
     return keys
 
 
-def _uint(raw: str | None, what: str) -> int:
-    """`%u` as xenbus_scanf reads it, but strict: decimal digits fitting 32 bits."""
-    if raw is None:
-        raise NegotiationError(f"reading {what}: missing")
-    text = raw.strip()
-    if not text.isdigit() or int(text) > 0xFFFFFFFF:
-        raise NegotiationError(f"reading {what}: {raw[:40]!r} is not a 32-bit unsigned integer")
-    return int(text)
-
-
-def _read_unsigned(raw: str | None, default: int) -> int:
-    """xenbus_read_unsigned: missing or unparsable → the default."""
-    if raw is None:
-        return default
-    text = raw.strip()
-    return int(text) if text.isdigit() and int(text) <= 0xFFFFFFFF else default
+def _scan(raw: str | None, name: str) -> int:
+    """A key the backend cannot do without (xenbus_scanf "%u"): missing or junk is fatal."""
+    try:
+        return parse_uint(raw, name)
+    except KeyValueError as exc:
+        raise NegotiationError(str(exc)) from None
 
 
 def queue_dirs(num_queues: int) -> list[str]:
@@ -167,9 +289,9 @@ def queue_dirs(num_queues: int) -> list[str]:
     return [""] if num_queues == 1 else [f"queue-{i}/" for i in range(num_queues)]
 
 
-def requested_queues(keys: FrontendKeys, config: BackendConfig) -> int:
+def requested_queues(keys: Keys, config: BackendConfig) -> int:
     """`multi-queue-num-queues` (default 1), checked against what we offered."""
-    n = _read_unsigned(keys.get("multi-queue-num-queues"), 1)
+    n = parse_uint(keys.get("multi-queue-num-queues"), "multi-queue-num-queues", default=1)
     if n == 0 or n > config.max_queues:
         raise NegotiationError(
             f"guest requested {n} queues, exceeding the maximum of {config.max_queues}"
@@ -199,7 +321,7 @@ def frontend_key_names(
     return names
 
 
-def requested_granule(keys: FrontendKeys, config: BackendConfig) -> int:
+def requested_granule(keys: Keys, config: BackendConfig) -> int:
     """`grant-granule-order` (absent → 0), checked against our `max-grant-granule-order`."""
     try:
         return backend_accept(
@@ -209,9 +331,7 @@ def requested_granule(keys: FrontendKeys, config: BackendConfig) -> int:
         raise NegotiationError(str(exc)) from None
 
 
-def requested_order(
-    keys: FrontendKeys, config: BackendConfig, granule_order: int = 0
-) -> int | None:
+def requested_order(keys: Keys, config: BackendConfig, granule_order: int = 0) -> int | None:
     """`ring-page-order` (None when absent: a single `ring-ref`), checked against our offer
     (widened to the granule order) and against the granule (a ring holds whole granules)."""
     raw = keys.get("ring-page-order")
@@ -223,7 +343,7 @@ def requested_order(
                 "a ring is at least one granule"
             )
         return None
-    order = _uint(raw, "ring-page-order")
+    order = _scan(raw, "ring-page-order")
     if order > limit:
         raise NegotiationError(f"requested ring page order {order} exceeds max:{limit}")
     if order < granule_order:
@@ -233,22 +353,22 @@ def requested_order(
     return order
 
 
-def parse_frontend(keys: FrontendKeys, config: BackendConfig) -> FrontendParams:
+def parse_frontend(keys: Keys, config: BackendConfig) -> FrontendParams:
     """Validate the frontend's keys (as read from its directory) into connection parameters."""
     raw_protocol = keys.get("protocol")
     try:
         protocol = blkif_protocol((raw_protocol or "").strip() or None)
     except BlkifError:
         raise NegotiationError(f"unknown fe protocol {raw_protocol!r:.60}") from None
-    persistent = _read_unsigned(keys.get("feature-persistent"), 0) != 0
+    persistent = parse_flag(keys.get("feature-persistent"), "feature-persistent")
     num_queues = requested_queues(keys, config)
     granule_order = requested_granule(keys, config)
     order = requested_order(keys, config, granule_order)
     queues = []
     for prefix in queue_dirs(num_queues):
-        evtchn = _uint(keys.get(f"{prefix}event-channel"), f"{prefix}event-channel")
+        evtchn = _scan(keys.get(f"{prefix}event-channel"), f"{prefix}event-channel")
         refs = tuple(
-            _uint(keys.get(name), name) for name in ring_ref_names(prefix, order, granule_order)
+            _scan(keys.get(name), name) for name in ring_ref_names(prefix, order, granule_order)
         )
         queues.append(QueueParams(refs, evtchn))
     return FrontendParams(
