@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from backends.blkback.config import BackendConfig
 from backends.blkback.device import BlkbackDevice
+from backends.blkback.keys import BackendConfig
 from backends.storage import Storage
 from xenpv.hv import Domain
 from xenpv.xenbus.core import DeviceId
