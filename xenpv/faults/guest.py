@@ -111,6 +111,14 @@ async def _attached(ctx: WorkloadContext, table: dict[DeviceId, Any], device: De
     return table.get(device)
 
 
+def sector_size_of(front: Any, default: int) -> int:
+    """The blkfront's negotiated sector size (`default` before its first connection)."""
+    try:
+        return int(front.info.sector_size)
+    except XenpvError:
+        return default
+
+
 @dataclass
 class FrontDisk:
     """A guest's vbd as the `Storage` calls a `BlockWorker` makes (the blkfront behind it may
@@ -127,7 +135,7 @@ class FrontDisk:
         front = await _attached(self.ctx, self.ctx.blk, self.device)
         if front is None:
             raise StorageError(StorageErrorKind.CLOSED, f"{self.device} is not attached")
-        self.sector_size = int(front.info.get("sector_size", self.sector_size))
+        self.sector_size = sector_size_of(front, self.sector_size)
         return front
 
     async def _io(self, call: Callable[[Any], Awaitable[Any]]) -> Any:
@@ -455,7 +463,7 @@ async def _probe(
                 if device.cls == "vbd":
                     front = await _attached(rt.ctx, rt.ctx.blk, did)
                     if front is not None:
-                        sector = int(front.info.get("sector_size", 512))
+                        sector = sector_size_of(front, 512)
                         await front.read(0, sector)
                         ok = True
                 else:
