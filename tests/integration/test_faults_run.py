@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -216,3 +218,43 @@ def test_broken_disk_fails_the_run_with_the_block_checker(
     # The same plan and seed: the same schedule, whatever the execution did.
     assert verdict["schedule_hash"] == _verdict(mixed_run[0])["schedule_hash"]
     assert _processes_using(state) == []
+
+
+def _wait_for_line(path: Path, text: str, proc: subprocess.Popen[str], timeout: float) -> None:
+    """Until `path` holds `text` (the run wrote it), the process ended, or the timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.exists() and text in path.read_text():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} never appeared in {path}")
+
+
+def test_ctrl_c_heals_every_fault_and_stops_every_process(tmp_path: Path) -> None:
+    plan = tmp_path / "mixed.toml"
+    plan.write_text(MIXED)
+    state = Path(tempfile.mkdtemp(prefix="xf-int-", dir="/tmp"))
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "xenpv", "faults", "run", str(plan), "--state-dir", str(state)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, PYTHONPATH=str(REPO)),
+        )
+        runner_log = state / "history" / "runner.jsonl"
+        try:
+            _wait_for_line(runner_log, '"fault-start"', proc, RUN_TIMEOUT)
+            proc.send_signal(signal.SIGINT)
+            _out, err = proc.communicate(timeout=RUN_TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 130, err[-3000:]
+        assert err.strip().splitlines()[-1] == "xenpv: interrupted"
+        lines = runner_log.read_text()
+        assert lines.count('"fault-start"') == lines.count('"fault-stop"') >= 1
+        assert _processes_using(state) == []
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
