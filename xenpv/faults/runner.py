@@ -31,7 +31,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -371,6 +371,9 @@ async def _run(
 
     everyone = [*sorted(domids), XENSTORED]
 
+    async def republish(name: str) -> None:
+        await write_all([name])
+
     async def publisher() -> None:
         nonlocal publish
         while True:
@@ -411,7 +414,7 @@ async def _run(
                         await trio.sleep(0.5)
 
                 nursery.start_soon(ticker)
-                await _follow(schedule, injection, origin, xs, domids)
+                await _follow(schedule, injection, origin, xs, domids, republish)
             faults_started[0] = len(schedule.faults)
             phase[0] = "probe"
             await write_all(everyone)
@@ -440,14 +443,49 @@ async def _ready_value(xs: XenstoreClient, domid: int) -> bytes | None:
     return None
 
 
-async def _back(xs: XenstoreClient, domid: int, before: bytes | None) -> None:
-    """Until the domain's restarted agent is ready again (its ready node changed)."""
-    path = f"{domain_path(domid)}/{READY_NODE}"
+async def _back(
+    xs: XenstoreClient,
+    schedule: Schedule,
+    domids: dict[str, int],
+    name: str,
+    before: bytes | None,
+    republish: Callable[[str], Awaitable[None]],
+) -> None:
+    """Until a killed domain is back: re-created by the supervisor (its control node is then
+    written again: xenstored drops a destroyed domain's permissions), its restarted agent
+    ready (the ready node changed), and every device it is an end of Connected on both."""
+    domid = domids[name]
+    base = domain_path(domid)
+    stale = True  # it may have been re-created already, before this watch
+    async with xs.watch(base) as events:
+        async for _event in events:
+            with contextlib.suppress(XsError, XenstoreConnectionError):
+                exists = await xs.try_read(f"{base}/domid") is not None
+                if not exists:
+                    stale = True
+                elif stale:
+                    stale = False
+                    await republish(name)
+                value = await _ready_value(xs, domid)
+                if value is not None and value != before:
+                    break
+    for device in schedule.topology.devices:
+        if name in (device.guest, device.backend):
+            fe, be = domids[device.guest], domids[device.backend]
+            for path in (
+                f"{domain_path(fe)}/device/{device.cls}/{device.devid}/state",
+                f"{domain_path(be)}/backend/{device.cls}/{fe}/{device.devid}/state",
+            ):
+                await _until_connected(xs, path)
+
+
+async def _until_connected(xs: XenstoreClient, path: str) -> None:
     async with xs.watch(path) as events:
         async for _event in events:
-            value = await _ready_value(xs, domid)
-            if value is not None and value != before:
-                return
+            with contextlib.suppress(XsError, XenstoreConnectionError):
+                raw = await xs.try_read(path)
+                if raw is not None and raw.strip() == b"4":
+                    return
 
 
 async def _follow(
@@ -456,10 +494,11 @@ async def _follow(
     origin: float,
     xs: XenstoreClient,
     domids: dict[str, int],
+    republish: Callable[[str], Awaitable[None]],
 ) -> None:
     """`injectors.follow`, except that a killed domain's fault window lasts until the domain
-    is back (restarted by the supervisor, its agent ready): what it lost while down is the
-    fault's doing, and the history says so. Later events wait for it (bounded)."""
+    is back (`_back`): what it lost while down is the fault's doing, and the history says
+    so. Later events wait for it (bounded by BACK_WAIT)."""
     before: dict[str, bytes | None] = {}
     for offset, action, fault in schedule.events():
         await trio.sleep_until(origin + offset)
@@ -472,7 +511,7 @@ async def _follow(
             continue
         if restarts:
             with trio.move_on_after(BACK_WAIT):
-                await _back(xs, domids[name], before.get(fault.id))
+                await _back(xs, schedule, domids, name, before.get(fault.id), republish)
         injection.stop(fault)
 
 
