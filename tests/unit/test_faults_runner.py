@@ -3,6 +3,8 @@ apply each fault, and the injector that keeps every control node's fault list.""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.unit.faults_helpers import fault
@@ -12,6 +14,7 @@ from xenpv.faults.runner import (
     AGENT_KINDS,
     INJECTABLE,
     ControlInjector,
+    LineCounter,
     RunError,
     blocked_kinds,
     check_injectable,
@@ -81,3 +84,13 @@ def test_control_injector_keeps_each_recipients_list_and_wakes_the_publisher() -
     assert {k for k in AGENT_KINDS if k.startswith("storage.")} == {
         k.id for k in KINDS if k.family.value == "storage"
     }
+
+
+def test_progress_counts_only_appended_lines(tmp_path: Path) -> None:
+    counter = LineCounter(tmp_path)
+    (tmp_path / "guest4k.jsonl").write_text("a\nb\n")
+    assert counter.count() == 2
+    with (tmp_path / "guest4k.jsonl").open("a") as f:
+        f.write("c\n")
+    (tmp_path / "runner.jsonl").write_text("d\n")
+    assert counter.count() == 4

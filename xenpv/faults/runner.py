@@ -315,11 +315,10 @@ async def run_plan(
     shutil.rmtree(history_dir, ignore_errors=True)
     history_dir.mkdir(parents=True, exist_ok=True)
     os.environ["XENPV_FAULTS"] = "1"  # the domain processes inherit it (storage wrapping)
-    faults_started = [0]
     async with cluster_mod.launch(
         topo, state_dir, sup=sup, log_level=log_level, on_exit="record", progress=progress
     ) as cluster:
-        await _run(cluster, schedule, history_dir, progress, faults_started)
+        await _run(cluster, schedule, history_dir, progress)
     paths = sorted(history_dir.glob("*.jsonl"))
     out = history_path or (state_dir / "history.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -334,7 +333,6 @@ async def _run(
     schedule: Schedule,
     history_dir: Path,
     progress: Progress,
-    faults_started: list[int],
 ) -> None:
     xs = cluster.xs
     domids = dict(cluster.domids)
@@ -402,20 +400,21 @@ async def _run(
             phase[0] = "run"
             await write_all(everyone)
             with Injection([controls, processes], runner_log) as injection:
+                lines = LineCounter(history_dir)
 
                 async def ticker() -> None:
                     while True:
                         elapsed = trio.current_time() - origin
-                        started = len(injection.active)
+                        started = sum(1 for f in schedule.faults if f.start <= elapsed)
                         progress.show(
                             f"{phase[0]}: {elapsed:5.1f}/{schedule.duration:g} s, "
-                            f"{started} fault(s) active"
+                            f"~{lines.count() // 2} ops, faults {started}/{len(schedule.faults)}"
+                            f" started, {len(injection.active)} active"
                         )
                         await trio.sleep(0.5)
 
                 nursery.start_soon(ticker)
                 await _follow(schedule, injection, origin, xs, domids, republish)
-            faults_started[0] = len(schedule.faults)
             phase[0] = "probe"
             await write_all(everyone)
             await trio.sleep_until(origin + max(schedule.duration, schedule.last_heal))
@@ -435,6 +434,29 @@ async def _run(
                 for who in everyone:
                     with contextlib.suppress(XsError, XenstoreConnectionError):
                         await xs.rm(node(who)[0])
+
+
+class LineCounter:
+    """Lines written so far to the history files (the progress display's operation count:
+    about two lines per operation), reading only what was appended since the last call."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.offsets: dict[Path, int] = {}
+        self.total = 0
+
+    def count(self) -> int:
+        for path in self.directory.glob("*.jsonl"):
+            start = self.offsets.get(path, 0)
+            try:
+                with path.open("rb") as f:
+                    f.seek(start)
+                    chunk = f.read()
+            except OSError:
+                continue
+            self.offsets[path] = start + len(chunk)
+            self.total += chunk.count(b"\n")
+        return self.total
 
 
 async def _ready_value(xs: XenstoreClient, domid: int) -> bytes | None:
