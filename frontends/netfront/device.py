@@ -77,7 +77,7 @@ from xenpv.hv import (
 from xenpv.hv.errors import HvError
 from xenpv.tap import Tap
 from xenpv.xenbus.core import Action, Closed, Closing, Connected, DeviceId, Role, Unknown
-from xenpv.xenbus.handshake import KeyValues, read_keys, read_state
+from xenpv.xenbus.handshake import KeyValues, is_online, read_keys, read_state
 from xenpv.xenbus.keys import NET_MAX_QUEUES
 from xenpv.xenstore.client import XenstoreClient
 from xenpv.xenstore.wire import XsError
@@ -318,7 +318,14 @@ class Netfront:
         if action is Action.SETUP:
             return await self._setup()
         if action is Action.CLOSE:
+            unplugged = not await is_online(self.xs, self.device)
             self._teardown("backend closed the device")
+            if unplugged:
+                # The toolstack is removing the device: never start over, and senders
+                # waiting for a connection fail now rather than when the task is cancelled.
+                self._wanted = False
+                self._closed = True
+                self._set_changed()
             return {}
         if action is Action.REINIT:
             if not self._wanted:
