@@ -10,16 +10,16 @@ key page), GET/SET_HASH_MAPPING_SIZE, SET_HASH_MAPPING (a granted (sub-)table of
 numbers), SET_HASH_ALGORITHM (NONE or TOEPLITZ). The gref-mapping requests are answered
 NOT_SUPPORTED, as Linux netback does.
 
-`HashSettings` is the backend's state and request handling, sans-IO (it reads granted pages
-through a callback), as Linux xen-netback/hash.c and xenvif_ctrl_action; `steer(frame)` is the
-rx queue a frame goes to: Toeplitz hash of the fields the flags select, looked up in the
-mapping (Linux `xenvif_select_queue`). With no algorithm the caller keeps its own choice.
+`HashSettings` is the backend's state and request handling, sans-IO (`grant_needed` names
+the granted key or table page for the caller to copy), as Linux xen-netback/hash.c and
+`xenvif_ctrl_action`; `steer(frame)` is the rx queue a frame goes to: Toeplitz hash of the
+fields the flags select, looked up in the mapping (Linux `xenvif_select_queue`). With no
+algorithm set the caller keeps its own choice.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
 from typing import Final
@@ -178,9 +178,6 @@ def hash_input(frame: bytes | memoryview, flags: HashFlags) -> tuple[bytes, Hash
     return None
 
 
-ReadGrant = Callable[[int, int], bytes]  # (gref, length) → the granted page's first bytes
-
-
 @dataclass
 class HashSettings:
     """A backend's hash state, set through the control ring (Linux `struct xenvif_hash`)."""
@@ -191,8 +188,20 @@ class HashSettings:
     key: bytes = b""
     mapping: list[int] = field(default_factory=list)  # empty: hash % num_queues
 
-    def handle(self, request: CtrlRequest, read_grant: ReadGrant) -> CtrlResponse:
-        """Carry out one control request (Linux `xenvif_ctrl_action`)."""
+    def grant_needed(self, request: CtrlRequest) -> tuple[int, int] | None:
+        """(gref, bytes) of the frontend's page `request` carries data in (a key or a mapping
+        (sub-)table, from the start of the grant), for the caller to copy; None if none or
+        if the size is refused anyway."""
+        d0, d1, d2 = request.data
+        if request.type == CtrlType.SET_HASH_KEY and 0 < d1 <= MAX_HASH_KEY_SIZE:
+            return d0, d1
+        if request.type == CtrlType.SET_HASH_MAPPING and 0 < d1 <= len(self.mapping) - d2:
+            return d0, d1 * 4
+        return None
+
+    def handle(self, request: CtrlRequest, granted: bytes | None = None) -> CtrlResponse:
+        """Carry out one control request (Linux `xenvif_ctrl_action`). `granted`: the bytes
+        `grant_needed(request)` names, None if it names none or the copy failed."""
         status, data = CtrlStatus.NOT_SUPPORTED, 0
         d0, d1, d2 = request.data
         try:
@@ -206,13 +215,13 @@ class HashSettings:
         elif kind is CtrlType.SET_HASH_FLAGS:
             status = self._set_flags(d0)
         elif kind is CtrlType.SET_HASH_KEY:
-            status = self._set_key(d0, d1, read_grant)
+            status = self._set_key(d1, granted)
         elif kind is CtrlType.GET_HASH_MAPPING_SIZE:
             status, data = CtrlStatus.SUCCESS, MAX_HASH_MAPPING_SIZE
         elif kind is CtrlType.SET_HASH_MAPPING_SIZE:
             status = self._set_mapping_size(d0)
         elif kind is CtrlType.SET_HASH_MAPPING:
-            status = self._set_mapping(d0, d1, d2, read_grant)
+            status = self._set_mapping(d1, d2, granted)
         return CtrlResponse(request.id, request.type, int(status), data)
 
     def _set_algorithm(self, value: int) -> CtrlStatus:
@@ -229,13 +238,12 @@ class HashSettings:
         self.flags = HashFlags(value)
         return CtrlStatus.SUCCESS
 
-    def _set_key(self, gref: int, size: int, read_grant: ReadGrant) -> CtrlStatus:
+    def _set_key(self, size: int, granted: bytes | None) -> CtrlStatus:
         if size > MAX_HASH_KEY_SIZE:
             return CtrlStatus.BUFFER_OVERFLOW
-        try:
-            self.key = read_grant(gref, size) if size else b""
-        except (OSError, ValueError, LookupError):
-            return CtrlStatus.INVALID_PARAMETER
+        if size and (granted is None or len(granted) != size):
+            return CtrlStatus.INVALID_PARAMETER  # the grant could not be read
+        self.key = granted if size and granted is not None else b""
         return CtrlStatus.SUCCESS
 
     def _set_mapping_size(self, size: int) -> CtrlStatus:
@@ -244,16 +252,12 @@ class HashSettings:
         self.mapping = [0] * size
         return CtrlStatus.SUCCESS
 
-    def _set_mapping(
-        self, gref: int, length: int, offset: int, read_grant: ReadGrant
-    ) -> CtrlStatus:
+    def _set_mapping(self, length: int, offset: int, granted: bytes | None) -> CtrlStatus:
         if offset > len(self.mapping) or length > len(self.mapping) - offset:
             return CtrlStatus.INVALID_PARAMETER
-        try:
-            raw = read_grant(gref, length * 4) if length else b""
-        except (OSError, ValueError, LookupError):
-            return CtrlStatus.INVALID_PARAMETER
-        entries = list(struct.unpack(f"<{length}I", raw))
+        if length and (granted is None or len(granted) != length * 4):
+            return CtrlStatus.INVALID_PARAMETER  # the grant could not be read
+        entries = list(struct.unpack(f"<{length}I", granted or b""))
         if any(queue >= self.num_queues for queue in entries):
             return CtrlStatus.INVALID_PARAMETER
         self.mapping[offset : offset + length] = entries
