@@ -144,7 +144,9 @@ _ETHERTYPE_IPV6 = 0x86DD
 _IPPROTO_TCP = 6
 
 
-def hash_input(frame: bytes | memoryview, flags: HashFlags) -> tuple[bytes, HashFlags] | None:
+def hash_input(
+    frame: bytes | bytearray | memoryview, flags: HashFlags
+) -> tuple[bytes, HashFlags] | None:
     """The bytes a hash is taken over for an Ethernet `frame` (io/netif.h's Buffer[] per hash
     type, the TCP variant first when both apply) and the type used; None if no enabled type
     applies. Fragmented IPv4 packets hash without ports, as Linux does."""
@@ -263,7 +265,7 @@ class HashSettings:
         self.mapping[offset : offset + length] = entries
         return CtrlStatus.SUCCESS
 
-    def hash(self, frame: bytes | memoryview) -> tuple[int, HashFlags] | None:
+    def hash(self, frame: bytes | bytearray | memoryview) -> tuple[int, HashFlags] | None:
         """The frame's hash and its type, or None (no algorithm, or no enabled type applies)."""
         if self.algorithm is HashAlgorithm.NONE:
             return None
@@ -273,7 +275,7 @@ class HashSettings:
         data, kind = found
         return toeplitz_hash(self.key, data), kind
 
-    def steer(self, frame: bytes | memoryview) -> int | None:
+    def steer(self, frame: bytes | bytearray | memoryview) -> int | None:
         """The rx queue for `frame` (Linux `xenvif_select_queue`): None while no algorithm is
         set (the caller picks); else the hash (0 when no enabled type applies) looked up in
         the mapping, or modulo the queue count without one."""
