@@ -3,14 +3,17 @@
 Tests that need something from the machine carry a marker:
 - `tools`: Debian's xenstore-utils (xenstore-read, ...);
 - `headers`: gcc and the Xen public headers from libxen-dev;
-- `root`: root privileges plus iproute2 (network namespaces, TAP).
+- `root`: root privileges plus iproute2 (network namespaces, TAP);
+- `engine`: a running container engine and Docker Compose v2.20+ (`docker compose wait`).
 Without the requirement they skip with a reason; with XENPV_REQUIRE_SYSTEM=1 (CI) they fail.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -57,10 +60,38 @@ def _missing_root() -> list[str]:
     return missing
 
 
+COMPOSE_MIN = (2, 20)
+
+
+def _missing_engine() -> list[str]:
+    if shutil.which("docker") is None:
+        return ["docker CLI"]
+    probes = {
+        "a running docker daemon": ["docker", "info", "--format", "{{.ServerVersion}}"],
+        "Docker Compose v2": ["docker", "compose", "version", "--short"],
+    }
+    out: dict[str, str] = {}
+    for what, command in probes.items():
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return [what]
+        if done.returncode != 0:
+            return [what]
+        out[what] = done.stdout.strip()
+    match = re.match(r"v?(\d+)\.(\d+)", out["Docker Compose v2"])
+    if match is None or (int(match[1]), int(match[2])) < COMPOSE_MIN:
+        return [
+            f"Docker Compose >= {COMPOSE_MIN[0]}.{COMPOSE_MIN[1]} (have {out['Docker Compose v2']})"
+        ]
+    return []
+
+
 _REQUIREMENTS = {
     "tools": (_missing_tools, "apt-get install xenstore-utils"),
     "headers": (_missing_headers, "apt-get install gcc libxen-dev"),
     "root": (_missing_root, "run as root with iproute2 installed"),
+    "engine": (_missing_engine, "see README: docker.io, dockerd running, a Compose v2 CLI plugin"),
 }
 
 

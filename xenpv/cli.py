@@ -41,6 +41,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "xenpv.commands.faults",
     "xenpv.commands.topology",
     "xenpv.commands.device",
+    "xenpv.commands.k8s",
+    "xenpv.commands.nbd",
 )
 
 

@@ -101,6 +101,9 @@ def _opt(args: Any, name: str) -> Any:
     return getattr(args, name, None)
 
 
+RESTARTING = ("always", "unless-stopped", "on-failure")
+
+
 def compose_problems(doc: dict[str, Any]) -> list[str]:
     problems: list[str] = []
     services: dict[str, Any] = doc.get("services", {})
@@ -136,6 +139,9 @@ def compose_problems(doc: dict[str, Any]) -> list[str]:
                 problems.append(f"{name}: command is not a valid xenpv invocation: {why}")
             parsed[name] = args
         check = healthcheck_argv(svc)
+        # A long-running service (it has a healthcheck) comes back after a crash.
+        if check is not None and svc.get("restart", "no") not in RESTARTING:
+            problems.append(f"{name}: a long-running service needs a restart policy")
         if check is not None:
             args, why = parse_xenpv(check)
             if args is None or args.command != "probe":
@@ -261,6 +267,15 @@ def test_compose_runs_three_page_sizes_and_a_check() -> None:
     assert set(depends(doc["services"]["check"])) == {g.name for g in topo.guests}
 
 
+def test_documented_one_liner_gives_checks_exit_status() -> None:
+    # `up --abort-on-container-exit`/`--exit-code-from check` stop at the toolstack's exit.
+    root = Path(__file__).resolve().parents[2]
+    for doc in ("docs/compose.md", "README.md", "docker-compose.yml"):
+        text = (root / doc).read_text()
+        assert "docker compose up -d --build && docker compose wait check" in text, doc
+        assert "--exit-code-from" not in text.replace("`--exit-code-from check`", ""), doc
+
+
 def _mutate(path: list[Any], value: Any = None, *, delete: bool = False) -> dict[str, Any]:
     doc = copy.deepcopy(load_compose())
     node: Any = doc
@@ -291,6 +306,7 @@ MUTATIONS = {
     "wrong xenstore": (["services", "guest4k", "command", 3], "--xenstore=tcp:xenstored:1"),
     "cycle": (["services", "xenstored", "depends_on"], {"check": {}}),
     "guest not --connected": (["services", "guest16k", "healthcheck", "test"], None),
+    "no restart after a crash": (["services", "backend", "restart"], "no"),
 }
 
 

@@ -12,10 +12,14 @@ result has the CPU time per I/O of the guest process and of the backend process
 (`guest_cpu_us`, `backend_cpu_us`): on a shared machine they vary much less than IOPS.
 
 In the same run, fio with its nbd engine drives nbdkit's file plugin serving the same image
-(same block sizes and depths). `ratio_vs_nbdkit` = xenpv / nbdkit for the shared-memory
-transport with 4 KiB guest pages (the block drivers' goals: 4k QD32 IOPS at least half of
-nbdkit's, 1 MiB sequential read at least half). The bench installs nothing: without
-fio/nbdkit it says which Debian packages to add and records the comparison as unavailable.
+(same block sizes and depths), and, next to it, the PV path through an NBD export
+(`xenpv nbd`, docs/nbd.md: fio → NBD → the guest's blkfront → ring → blkback → image) for
+4 KiB and 64 KiB guests, on the NBD_WORKLOADS; `ratio_nbd_vs_nbdkit` = that / nbdkit for
+the 4 KiB guest: the same client, the same protocol, only the server's path differs.
+`ratio_vs_nbdkit` = xenpv / nbdkit for the shared-memory transport with 4 KiB guest pages
+(the block drivers' goals: 4k QD32 IOPS at least half of nbdkit's, 1 MiB sequential read at
+least half). The bench installs nothing: without fio/nbdkit it says which Debian packages to
+add and records the comparison as unavailable.
 """
 
 from __future__ import annotations
@@ -66,6 +70,15 @@ WORKLOADS = [
     Workload("write_1m", "write", MiB, 4),
 ]
 RATIOS = ("randread_4k_qd32", "randread_4k_qd1", "read_1m")
+NBD_WORKLOADS = [
+    w
+    for w in WORKLOADS
+    if w.name in ("randread_4k_qd1", "randread_4k_qd32", "randwrite_4k_qd32", "read_1m", "write_1m")
+]
+NBD_PAGE_SIZES = (4096, 65536)
+NBD_RATIOS = ("randread_4k_qd1", "randread_4k_qd32", "read_1m")
+NBD_HEADLINE = "nbd/4k"
+NBD_START_TIMEOUT = 90.0
 INSTALL_HINT = "apt-get install fio nbdkit"
 
 
@@ -97,8 +110,9 @@ def run(args: argparse.Namespace) -> int:
             xenpv = trio.run(
                 _bench_xenpv, workdir, xs_address, image, page_sizes, transports, seconds
             )
+        via_nbd = _bench_xenpv_nbd(workdir, image, seconds)
         nbdkit = _bench_nbdkit(workdir, image, seconds)
-    return _report(xenpv, nbdkit, seconds, image_mib)
+    return _report(xenpv, nbdkit, seconds, image_mib, via_nbd)
 
 
 def _report(
@@ -106,6 +120,7 @@ def _report(
     nbdkit: dict[str, dict[str, float]] | None,
     seconds: float,
     image_mib: int,
+    via_nbd: dict[str, dict[str, dict[str, float]]] | None = None,
 ) -> int:
     rows = []
     summary: dict[str, dict[str, float]] = {}
@@ -126,9 +141,22 @@ def _report(
                 ]
             )
             summary.setdefault(name, {})[config] = round(r["iops"], 1)
+    for config, results in (via_nbd or {}).items():
+        for name, r in results.items():
+            ref = nbdkit.get(name) if nbdkit else None
+            ratio = r["iops"] / ref["iops"] if ref and ref["iops"] else None
+            rows.append([config, name, r["iops"], r["mbps"], r["lat_us"], "-", "-"])
+            rows[-1].append(ratio or "-")
     if nbdkit:
         for name, r in nbdkit.items():
             rows.append(["fio+nbdkit", name, r["iops"], r["mbps"], r["lat_us"], "-", "-", 1.0])
+    nbd_ratios: dict[str, float | None] = {}
+    for name in NBD_RATIOS:
+        ours = (via_nbd or {}).get(NBD_HEADLINE, {}).get(name)
+        ref = nbdkit.get(name) if nbdkit else None
+        nbd_ratios[name] = (
+            round(ours["iops"] / ref["iops"], 3) if ours and ref and ref["iops"] else None
+        )
     headline = "4k/shm"
     ratios: dict[str, float | None] = {}
     for name in RATIOS:
@@ -140,7 +168,8 @@ def _report(
     notes = [
         f"image {image_mib} MiB (filled), {seconds:.1f} s per workload; guest / backend µs = "
         "CPU time of the guest (bench) / backend process per I/O, warm-up included for the "
-        "backend; /nbdkit = xenpv IOPS / fio+nbdkit IOPS"
+        "backend; /nbdkit = xenpv IOPS / fio+nbdkit IOPS; nbd/<page> = fio through "
+        "`xenpv nbd` (NBD → blkfront → blkback) with that guest page size"
     ]
     if nbdkit is None:
         notes.append(f"fio+nbdkit comparison unavailable: install them with `{INSTALL_HINT}`")
@@ -153,6 +182,11 @@ def _report(
             else {"available": False, "install": INSTALL_HINT},
             "ratio_vs_nbdkit": ratios,
             "ratio_config": headline,
+            "xenpv_nbd": via_nbd
+            if via_nbd is not None
+            else {"available": False, "install": INSTALL_HINT},
+            "ratio_nbd_vs_nbdkit": nbd_ratios,
+            "ratio_nbd_config": NBD_HEADLINE,
             "seconds": seconds,
         },
         title="blkfront ↔ blkback (IOPS; MB/s; mean latency µs)",
@@ -369,6 +403,66 @@ async def _measure(front: Any, w: Workload, seconds: float) -> dict[str, float]:
                 "ops": total_ops,
             }
     raise AssertionError("unreachable")
+
+
+# -- fio through `xenpv nbd` -----------------------------------------------------------------------
+
+
+def _bench_xenpv_nbd(
+    workdir: Path, image: Path, seconds: float
+) -> dict[str, dict[str, dict[str, float]]] | None:
+    """fio's nbd engine against `xenpv nbd IMAGE` (a guest exporting its vbd), per page size."""
+    fio = shutil.which("fio")
+    if fio is None:
+        print(f"fio not found: `{INSTALL_HINT}` to drive the NBD export", file=sys.stderr)
+        return None
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for page_size in NBD_PAGE_SIZES:
+        config = f"nbd/{page_size // 1024}k"
+        with _xenpv_nbd(workdir, image, page_size) as sock:
+            if sock is None:
+                return None
+            out[config] = {}
+            for w in NBD_WORKLOADS:
+                os.sync()
+                result = _fio(fio, sock, w, seconds)
+                if result is None:
+                    return None
+                out[config][w.name] = result
+    return out
+
+
+@contextmanager
+def _xenpv_nbd(workdir: Path, image: Path, page_size: int) -> Iterator[Path | None]:
+    """`xenpv nbd` serving `image` from a guest of `page_size`; its socket once ready."""
+    sock = workdir / f"pv{page_size // 1024}k.sock"
+    read_fd, write_fd = os.pipe()
+    args = [sys.executable, "-m", "xenpv", "--log-level", "warning", "nbd", str(image)]
+    args += ["--page-size", str(page_size), "--socket", str(sock), "--ready-fd", str(write_fd)]
+    args += ["--state-dir", str(workdir / f"nbd{page_size // 1024}k")]
+    proc = subprocess.Popen(
+        args, pass_fds=(write_fd,), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env()
+    )
+    os.close(write_fd)
+    try:
+        ready, _, _ = select.select([read_fd], [], [], NBD_START_TIMEOUT)
+        line = os.read(read_fd, 4096) if ready else b""
+        if not line.startswith(b"READY"):
+            proc.kill()
+            _, err = proc.communicate()
+            print(f"xenpv nbd did not start: {err.decode()[-300:]}", file=sys.stderr)
+            yield None
+            return
+        yield sock
+    finally:
+        os.close(read_fd)
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
 
 
 # -- fio + nbdkit --------------------------------------------------------------------------------

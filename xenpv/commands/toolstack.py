@@ -7,9 +7,11 @@ run elsewhere (docker compose, one container or host per domain; see docs/compos
 
 `apply` creates the topology's domains and devices (`xenpv.toolstack.provision.apply_topology`; FILE
 defaults to the embedded demo topology) and writes each domain's key file
-`DIR/<name>.key` (0600) for its domain process. `--endpoint` is the link endpoint every
-domain publishes, `{name}` replaced by the domain's name: with one container per domain,
-named after it, `tcp:{name}:7100` is where its peers dial it.
+`DIR/<name>.key` (0600) for its domain process. It is idempotent: against a store that
+already holds the same topology (and matching key files) it changes nothing and exits 0;
+against a store holding anything else it exits 1 naming the differences. `--endpoint` is the
+link endpoint every domain publishes, `{name}` replaced by the domain's name: with one
+container per domain, named after it, `tcp:{name}:7100` is where its peers dial it.
 
 `check` runs one self-test round in every guest (what `xenpv demo` does: verified block I/O
 on each vbd, a verified echo with every other guest over the vifs), waits for every guest to
@@ -122,10 +124,13 @@ def run_apply(args: argparse.Namespace) -> int:
     args.keys_dir.mkdir(parents=True, exist_ok=True)
     done = trio.run(main)
     if args.json:
-        sys.stdout.write(json.dumps({"domains": done.domids}, sort_keys=True) + "\n")
+        sys.stdout.write(
+            json.dumps({"domains": done.domids, "created": done.created}, sort_keys=True) + "\n"
+        )
     names = ", ".join(f"{n} ({d})" for n, d in done.domids.items())
+    verb = "created" if done.created else "unchanged (the store already holds this topology):"
     print(
-        f"xenpv: created {names}; {len(done.devices)} devices; keys in {args.keys_dir}",
+        f"xenpv: {verb} {names}; {len(done.devices)} devices; keys in {args.keys_dir}",
         file=sys.stderr,
     )
     return 0

@@ -236,12 +236,17 @@ class Domain:
     def _on_update(self, link: Link, update: Update) -> None:
         link.updates_received += 1
         held = self._held[link]
+        changed = False
         for whose, gref, offset, data in update.entries:
-            if whose == Whose.SENDER:
-                held.apply_granter_write(gref, offset, data)  # the peer's memory we replicate
+            if whose == Whose.SENDER:  # the peer's memory we replicate
+                changed = held.apply_granter_write(gref, offset, data) or changed
             else:
-                self.granter.on_mapper_write(link, held, gref, offset, data)
-        if self.coherence_events:
+                changed = self.granter.on_mapper_write(link, held, gref, offset, data) or changed
+        if self.coherence_events and changed:
+            # The Dekker rule: new shared bytes from the peer may be an index we decided not
+            # to wait for; every port bound to the peer re-checks (a spurious event). An
+            # UPDATE that changed no byte carries nothing to re-check: raising on it lets two
+            # idle ends wake each other forever (each wake rewrites its event index).
             self.ports.raise_all(link.peer)
 
     def link_died(self, link: Link) -> None:

@@ -120,9 +120,10 @@ class Granter:
 
     def on_mapper_write(
         self, link: Link, held: PeerGrants, gref: int, offset: int, data: bytes
-    ) -> None:
+    ) -> bool:
         """A replica write from the peer to our grant `gref` (an UPDATE entry): the peer must
-        hold a writable pin on it, and the bytes must lie inside the granule."""
+        hold a writable pin on it, and the bytes must lie inside the granule. False if our
+        memory already held those bytes."""
         pins = held.pins.get(gref)
         if pins is None or pins[1] == 0:
             raise ProtocolViolation(f"update of grant {gref} not mapped writable")
@@ -131,8 +132,11 @@ class Granter:
             raise ProtocolViolation(f"update outside grant {gref}")
         start = (entry.frame << 12) + offset
         memory = self.memory
+        if memory.view[start : start + len(data)] == data:
+            return False  # a rewrite of what we hold: nothing new for anyone
         memory.view[start : start + len(data)] = data
         memory.written(start, len(data), exclude=link)
+        return True
 
     def drop_pins(self, link: Link, held: PeerGrants) -> None:
         """The peer is gone: every pin it held on our grants goes, so end_access succeeds."""

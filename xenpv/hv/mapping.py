@@ -148,11 +148,16 @@ class GrantMapping:
         if release is not None:
             release(self)
 
-    def apply(self, base: int, offset: int, data: bytes) -> None:
-        """Apply the granter's write to the replica (socket transport)."""
+    def apply(self, base: int, offset: int, data: bytes) -> bool:
+        """Apply the granter's write to the replica (socket transport); False if the replica
+        already held those bytes."""
         start = base + offset
+        target = self._writable[start : start + len(data)]
+        if target == data:
+            return False
         # Writable underlying buffer even for a read-only mapping: the replica must follow.
-        self._writable[start : start + len(data)] = data
+        target[:] = data
+        return True
 
     def __repr__(self) -> str:
         return f"GrantMapping(domid={self.domid}, grefs={self.grefs}, readonly={self.readonly})"

@@ -40,10 +40,13 @@ class PeerGrants:
                 if not entries:
                     del self.replicas[gref]
 
-    def apply_granter_write(self, gref: int, offset: int, data: bytes) -> None:
-        """The granter changed memory under its grant `gref`: update every replica of it."""
+    def apply_granter_write(self, gref: int, offset: int, data: bytes) -> bool:
+        """The granter changed memory under its grant `gref`: update every replica of it;
+        False if every replica already held those bytes."""
+        changed = False
         for mapping, base in self.replicas.get(gref, ()):
-            mapping.apply(base, offset, data)
+            changed = mapping.apply(base, offset, data) or changed
+        return changed
 
     def kill_mappings(self, reason: str) -> None:
         """The peer is gone: every mapping of its grants dies."""

@@ -48,6 +48,7 @@ from xenpv.errors import XenpvError
 from xenpv.hv import Domain
 from xenpv.identity import TOOL_DOMAIN_ROOT, DomainKey, link_path
 from xenpv.runtime.lifecycle import open_published_domain
+from xenpv.runtime.nbd_export import NbdExports
 from xenpv.runtime.selftest import CHECKS as CHECKS  # re-exported: the launcher's keys
 from xenpv.runtime.selftest import CONTROL_SELFTEST as CONTROL_SELFTEST
 from xenpv.runtime.selftest import SELFTEST_DONE as SELFTEST_DONE
@@ -383,7 +384,8 @@ async def run_domain(
 ) -> None:
     """Run domain `key.domid` until it is destroyed, `DomainRuntime.stop()` is called (a
     graceful stop: devices close while the links still work) or the caller cancels.
-    `workloads` run in the guest for the domain's life; None: the demo's (`demo_workloads`)."""
+    `workloads` run in the guest for the domain's life; None: the demo's (`demo_workloads`)
+    and the NBD exports a vbd asks for (`NbdExports`, docs/nbd.md)."""
     info = await read_domain_info(xs, key.domid)
     with structlog.contextvars.bound_contextvars(domid=info.domid, domain=info.name):
         async with open_published_domain(
@@ -408,7 +410,8 @@ async def run_domain(
                         all_tasks.append(tasks)
                         rt.device_tasks[(subtree, cls)] = tasks
                         await nursery.start(_watch_devices, rt, subtree, cls, tasks)
-                for workload in demo_workloads() if workloads is None else workloads:
+                default = [*demo_workloads(), NbdExports()]
+                for workload in default if workloads is None else workloads:
                     nursery.start_soon(_run_workload, rt, workload)
                 await rt.write_own(READY, str(os.getpid()))
                 log.info(

@@ -537,11 +537,13 @@ async def _restart(cluster: Cluster, child: Child, spec: DomainSpec, log_level: 
             domid=child.domid,
         )
         created.key.save(cluster.state_dir / "keys" / f"{spec.name}.key")
-        for device, config in provision.plan_devices(
-            cluster.topology, cluster.domids, cluster.state_dir
-        ):
-            if child.domid in (device.frontend_domid, device.backend_domid):
-                await provision.create_device(cluster.xs, device, config)
+        # Only the devices are wanted: no endpoints (`_endpoint` would unlink live sockets).
+        plan = provision.plan_topology(
+            cluster.topology, endpoint=lambda _spec: "", image_dir=cluster.state_dir
+        )
+        for ident, device in provision.plan_devices(plan, cluster.domids):
+            if child.domid in (ident.frontend_domid, ident.backend_domid):
+                await provision.create_device(cluster.xs, ident, device)
         restarted = await _start_domain(cluster, spec, log_level)
     return restarted
 

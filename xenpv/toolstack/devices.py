@@ -32,6 +32,7 @@ class VbdConfig:
     read_only: bool = False
     sector_size: int = 512
     features: VbdFeatures = field(default_factory=VbdFeatures)
+    nbd: str | None = None  # unix:PATH | tcp:HOST:PORT: the guest exports this disk there
 
 
 async def _write_all(tx: Transaction, directory: str, values: Mapping[str, str | int]) -> None:
@@ -83,50 +84,57 @@ async def _create(
     await xs.transact(body)
 
 
+DeviceKeys = tuple[dict[str, str | int], dict[str, str | int]]
+
+
+def vbd_keys(device: DeviceId, config: VbdConfig) -> DeviceKeys:
+    """A vbd's configuration keys (backend, frontend), beyond the ends and `state`: as xl
+    writes them (backend `mode`, `params`, `type`; frontend `virtual-device`) plus xenpv's."""
+    f = config.features
+    backend: dict[str, str | int] = {
+        "mode": "r" if config.read_only else "w",
+        "params": config.image or "",
+        "type": "file" if config.image else "memory",
+        "device-type": "disk",
+        keys.XENPV_SIZE: config.size,
+        keys.XENPV_SECTOR_SIZE: config.sector_size,
+        keys.XENPV_MAX_RING_PAGE_ORDER: f.ring_page_order,
+        keys.XENPV_MAX_QUEUES: f.queues,
+        keys.XENPV_MAX_INDIRECT_SEGMENTS: f.indirect_segments,
+        keys.XENPV_PERSISTENT: keys.flag(f.persistent),
+        keys.XENPV_FLUSH: keys.flag(f.flush),
+        keys.XENPV_BARRIER: keys.flag(f.barrier),
+        keys.XENPV_DISCARD: keys.flag(f.discard),
+        keys.XENPV_MAX_GRANULE_ORDER: f.max_granule_order,
+    }
+    frontend: dict[str, str | int] = {"virtual-device": device.devid, "device-type": "disk"}
+    if config.nbd:
+        frontend[keys.XENPV_NBD] = config.nbd
+    return backend, frontend
+
+
+def vif_keys(device: DeviceId, *, mac: str, tap: str | None = None) -> DeviceKeys:
+    """A vif's configuration keys (backend, frontend): `mac`, `handle`, and the TAP if any."""
+    frontend: dict[str, str | int] = {"handle": device.devid, "mac": mac}
+    if tap is not None:
+        frontend[keys.XENPV_TAP] = tap
+    return {"handle": device.devid, "mac": mac, "type": "vif", "bridge": "xenpv"}, frontend
+
+
 async def create_vbd(xs: XenstoreClient, device: DeviceId, config: VbdConfig) -> None:
-    """Write a vbd's first keys (as xl writes them: backend `mode`, `params`, `type`; frontend
-    `virtual-device`)."""
+    """Write a vbd's first keys (`vbd_keys`)."""
     if device.cls != "vbd":
         raise ValueError(f"not a vbd: {device}")
-    f = config.features
-    await _create(
-        xs,
-        device,
-        {
-            "mode": "r" if config.read_only else "w",
-            "params": config.image or "",
-            "type": "file" if config.image else "memory",
-            "device-type": "disk",
-            keys.XENPV_SIZE: config.size,
-            keys.XENPV_SECTOR_SIZE: config.sector_size,
-            keys.XENPV_MAX_RING_PAGE_ORDER: f.ring_page_order,
-            keys.XENPV_MAX_QUEUES: f.queues,
-            keys.XENPV_MAX_INDIRECT_SEGMENTS: f.indirect_segments,
-            keys.XENPV_PERSISTENT: keys.flag(f.persistent),
-            keys.XENPV_FLUSH: keys.flag(f.flush),
-            keys.XENPV_BARRIER: keys.flag(f.barrier),
-            keys.XENPV_DISCARD: keys.flag(f.discard),
-            keys.XENPV_MAX_GRANULE_ORDER: f.max_granule_order,
-        },
-        {"virtual-device": device.devid, "device-type": "disk"},
-    )
+    await _create(xs, device, *vbd_keys(device, config))
 
 
 async def create_vif(
     xs: XenstoreClient, device: DeviceId, *, mac: str, tap: str | None = None
 ) -> None:
-    """Write a vif's first keys (backend and frontend `mac`, `handle`)."""
+    """Write a vif's first keys (`vif_keys`)."""
     if device.cls != "vif":
         raise ValueError(f"not a vif: {device}")
-    frontend_keys: dict[str, str | int] = {"handle": device.devid, "mac": mac}
-    if tap is not None:
-        frontend_keys[keys.XENPV_TAP] = tap
-    await _create(
-        xs,
-        device,
-        {"handle": device.devid, "mac": mac, "type": "vif", "bridge": "xenpv"},
-        frontend_keys,
-    )
+    await _create(xs, device, *vif_keys(device, mac=mac, tap=tap))
 
 
 async def destroy_device(xs: XenstoreClient, device: DeviceId) -> None:

@@ -25,6 +25,7 @@ image = "guest4k.img"         # relative paths are under the cluster's state dir
 size = "64M"
 read_only = false
 sector_size = 512             # 512 | 4096
+nbd = "unix:/tmp/g4k.sock"    # optional: the guest exports this disk over NBD (docs/nbd.md)
 [vbd.features]                # all on by default; switch any off
 ring_page_order = 4           # max-ring-page-order offered, 0..4
 queues = 4                    # multi-queue-max-queues, 1..4
@@ -101,6 +102,7 @@ class VbdSpec:
     read_only: bool = False
     sector_size: int = 512
     features: VbdFeatures = field(default_factory=VbdFeatures)
+    nbd: str | None = None  # "unix:PATH" | "tcp:HOST:PORT": the guest serves the disk there
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +141,7 @@ _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 _TAP_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # IFNAMSIZ - 1
+_NBD_RE = re.compile(r"^(unix:.+|tcp:.+:\d{1,5})$")
 
 
 def parse_size(value: object, where: str) -> int:
@@ -286,6 +289,9 @@ def _vbd(raw: object, where: str, domains: Mapping[str, DomainSpec]) -> VbdSpec:
     if size % sector_size:
         raise TopologyError(t.at("size"), f"must be a multiple of sector_size {sector_size}")
     features = _vbd_features(t._get("features", {}), t.at("features"))
+    nbd = t.opt_string("nbd")
+    if nbd is not None and not _NBD_RE.match(nbd):
+        raise TopologyError(t.at("nbd"), f"expected 'unix:PATH' or 'tcp:HOST:PORT', got {nbd!r}")
     spec = VbdSpec(
         frontend=frontend,
         backend=backend,
@@ -294,6 +300,7 @@ def _vbd(raw: object, where: str, domains: Mapping[str, DomainSpec]) -> VbdSpec:
         read_only=t.flag("read_only", False),
         sector_size=sector_size,
         features=features,
+        nbd=nbd,
     )
     t.done()
     return spec

@@ -63,6 +63,7 @@ XENPV_TAP: Final = "xenpv-tap"  # vif, frontend directory: attach this host TAP 
 XENPV_INSTANCE: Final = "xenpv-instance"
 # backend directory, written by the toolstack: "0" once it asked the device to go (hot-unplug)
 ONLINE: Final = "online"
+XENPV_NBD: Final = "xenpv-nbd"  # vbd, frontend directory: export this disk over NBD there
 
 # Leading white space as the kernel's isspace() sees it, then the digits `%u` takes.
 _UINT = re.compile(r"[ \t\n\v\f\r]*([0-9]+)")
