@@ -43,7 +43,6 @@ def test_attach_list_detach_reattach() -> None:
             vbd = xenpv("device", "attach", "vbd", *sd, "g", "--image", "d.img", "--size", "4M")
             assert vbd.returncode == 0, vbd.stderr
             assert "attached xvda to g" in vbd.stdout
-            assert (state / "d.img").stat().st_size == 4 << 20  # under the state directory
             vif = xenpv("device", "attach", "vif", *sd, "g", "--mac", "00:16:3e:00:00:42")
             assert vif.returncode == 0, vif.stderr
             listed = xenpv("device", "list", *sd, "--json")
@@ -60,6 +59,8 @@ def test_attach_list_detach_reattach() -> None:
                 assert out.returncode == 0, out.stderr
                 assert "closed through xenbus (frontend Closed, backend Closed)" in out.stdout
             assert json.loads(xenpv("device", "list", *sd, "--json").stdout) == []
+            # the backend created the image under the state directory when it connected
+            assert (state / "d.img").stat().st_size == 4 << 20
 
             vbd = xenpv("device", "attach", "vbd", *sd, "g", "--image", "d.img", "--vdev", "xvda")
             assert vbd.returncode == 0, vbd.stderr

@@ -34,7 +34,7 @@ from xenpv.commands.cluster import state_dir_arg
 from xenpv.errors import EXIT_OK, UsageError
 from xenpv.toolstack import cluster, hotplug
 from xenpv.toolstack.devices import VbdConfig
-from xenpv.toolstack.provision import existing_names, image_path
+from xenpv.toolstack.provision import image_path
 from xenpv.toolstack.status import device_label, read_status
 from xenpv.toolstack.topology import SECTOR_SIZES, VbdFeatures
 from xenpv.xenbus import keys
@@ -165,6 +165,17 @@ def _with_xenstore(state_dir: Path, job: Callable[[XenstoreClient], Awaitable[T]
             raise cluster.ClusterError(f"cannot reach xenstored at {address}: {exc}") from None
 
     return trio.run(main)
+
+
+async def existing_names(xs: XenstoreClient) -> dict[str, int]:
+    """The running domains by name (dom0 excluded), from `/local/domain/<id>/name`."""
+    names: dict[str, int] = {}
+    for entry in await xs.try_directory("/local/domain"):
+        if entry.isdigit() and entry != "0":
+            raw = await xs.try_read(f"/local/domain/{entry}/name")
+            if raw is not None:
+                names[raw.decode("utf-8", "replace")] = int(entry)
+    return names
 
 
 async def _domid(names: dict[str, int], name: str) -> int:
