@@ -479,6 +479,12 @@ class Vif:
     async def _serve_ctrl(self, conn: _Connection) -> None:
         """Answer control requests in order (Linux `xenvif_ctrl_irq_fn`); a key or mapping
         page is copied from the frontend's grant (GNTTABOP_copy, as netback does)."""
+        try:
+            await self._serve_ctrl_ring(conn)
+        except RingError as exc:  # a broken control ring stops only the control ring
+            self.log.warning("netback.ctrl_ring_broken", error=str(exc))
+
+    async def _serve_ctrl_ring(self, conn: _Connection) -> None:
         assert conn.ctrl is not None and conn.hash is not None
         ring, channel = conn.ctrl
         fe = self.device.frontend_domid
