@@ -74,6 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.configure(args.log_level, json=json_logs)
     interrupted = False
     errors: list[BaseException] = []
+    notes: list[str] = []
     internal: list[BaseException] = []
     code = EXIT_FAILURE
     try:
@@ -82,6 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         interrupted = True
     except* XenpvError as group:
         errors = _leaves(group)
+        notes = _notes(group)
     except* Exception as group:
         internal = _leaves(group)
     if interrupted or code == EXIT_INTERRUPTED:
@@ -89,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     if errors:
         print(f"xenpv: error: {errors[0]}", file=sys.stderr)
+        for note in notes:  # e.g. where the logs of a failed run were kept
+            print(note, file=sys.stderr)
         return EXIT_USAGE if isinstance(errors[0], UsageError) else EXIT_FAILURE
     if internal:  # last resort: one line for the user, the details in the log
         exc = internal[0]
@@ -96,6 +100,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"xenpv: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_INTERNAL
     return code
+
+
+def _notes(exc: BaseException) -> list[str]:
+    """The notes on `exc` and, for a group, on everything inside it."""
+    found = list(getattr(exc, "__notes__", ()))
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found += _notes(inner)
+    return found
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:

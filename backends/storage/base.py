@@ -19,9 +19,11 @@ under requests in flight makes those that end past the new size fail with an I/O
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+import trio
 
 from xenpv.errors import XenpvError
 
@@ -184,3 +186,25 @@ def buffer_lengths(buffers: Sequence[WriteBuffer], sector_size: int, *, writable
             )
         total += n
     return total
+
+
+def check_writable(read_only: bool, op: StorageOp) -> None:
+    # Linux blkback refuses every non-read operation (flush included) on a read-only vbd.
+    if read_only:
+        raise StorageError(StorageErrorKind.READ_ONLY, f"{op.value} on a read-only disk")
+
+
+async def enter_call(
+    faults: StorageFaults | None,
+    op: StorageOp,
+    offset: int,
+    length: int,
+    check_open: Callable[[], None],
+) -> None:
+    """The start of every validated storage call: a cancellation point (trio's contract: one
+    before the operation starts, none after), then the fault seam, after which the disk must
+    still be open (a fault may have delayed the call past `close`)."""
+    await trio.lowlevel.checkpoint_if_cancelled()
+    if faults is not None:
+        await faults.before(op, offset, length)
+        check_open()

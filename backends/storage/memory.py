@@ -22,6 +22,8 @@ from backends.storage.base import (
     check_range,
     check_sector_size,
     check_size,
+    check_writable,
+    enter_call,
 )
 from backends.storage.vectored import as_views
 
@@ -103,7 +105,7 @@ class MemoryDisk:
         self._check_open()
         length = buffer_lengths(buffers, self._sector_size, writable=False)
         check_range(offset, length, len(self._data), self._sector_size)
-        self._check_writable(StorageOp.WRITE)
+        check_writable(self._read_only, StorageOp.WRITE)
         self._copy_in(offset, buffers)
         return True
 
@@ -111,21 +113,21 @@ class MemoryDisk:
         self._check_open()
         length = buffer_lengths(buffers, self._sector_size, writable=False)
         check_range(offset, length, len(self._data), self._sector_size)
-        self._check_writable(StorageOp.WRITE)
+        check_writable(self._read_only, StorageOp.WRITE)
         await self._enter(StorageOp.WRITE, offset, length)
         self._copy_in(offset, buffers)
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def flush(self) -> None:
         self._check_open()
-        self._check_writable(StorageOp.FLUSH)
+        check_writable(self._read_only, StorageOp.FLUSH)
         await self._enter(StorageOp.FLUSH, 0, 0)
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def discard(self, offset: int, length: int, *, secure: bool = False) -> None:
         self._check_open()
         check_range(offset, length, len(self._data), self._sector_size)
-        self._check_writable(StorageOp.DISCARD)
+        check_writable(self._read_only, StorageOp.DISCARD)
         await self._enter(StorageOp.DISCARD, offset, length)
         self._data[offset : offset + length] = bytes(length)
         await trio.lowlevel.cancel_shielded_checkpoint()
@@ -133,7 +135,7 @@ class MemoryDisk:
     async def resize(self, new_size: int) -> None:
         self._check_open()
         check_size(new_size, self._sector_size)
-        self._check_writable(StorageOp.RESIZE)
+        check_writable(self._read_only, StorageOp.RESIZE)
         await self._enter(StorageOp.RESIZE, new_size, 0)
         if new_size < len(self._data):
             del self._data[new_size:]
@@ -163,12 +165,5 @@ class MemoryDisk:
         if self._closed:
             raise StorageError(StorageErrorKind.CLOSED, "memory disk is closed")
 
-    def _check_writable(self, op: StorageOp) -> None:
-        if self._read_only:
-            raise StorageError(StorageErrorKind.READ_ONLY, f"{op.value} on a read-only disk")
-
     async def _enter(self, op: StorageOp, offset: int, length: int) -> None:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        if self._faults is not None:
-            await self._faults.before(op, offset, length)
-            self._check_open()
+        await enter_call(self._faults, op, offset, length, self._check_open)

@@ -55,6 +55,8 @@ from backends.storage.base import (
     check_range,
     check_sector_size,
     check_size,
+    check_writable,
+    enter_call,
 )
 from backends.storage.fallocate import punch_hole
 from backends.storage.vectored import IOV_MAX, as_views, preadv_all, pwritev_all
@@ -248,7 +250,7 @@ class RawImage:
             return False
         length = buffer_lengths(buffers, self._sector_size, writable=False)
         check_range(offset, length, self._size, self._sector_size)
-        self._check_writable(StorageOp.WRITE)
+        check_writable(self._read_only, StorageOp.WRITE)
         if self._policy.mode == "auto" and length > self._policy.inline_write_max:
             return False
         if not length or len(buffers) > IOV_MAX:
@@ -270,7 +272,7 @@ class RawImage:
         self._check_open()
         length = buffer_lengths(buffers, self._sector_size, writable=False)
         check_range(offset, length, self._size, self._sector_size)
-        self._check_writable(StorageOp.WRITE)
+        check_writable(self._read_only, StorageOp.WRITE)
         await self._enter(StorageOp.WRITE, offset, length)
         try:
             views = as_views(buffers)
@@ -298,7 +300,7 @@ class RawImage:
 
     async def flush(self) -> None:
         self._check_open()
-        self._check_writable(StorageOp.FLUSH)
+        check_writable(self._read_only, StorageOp.FLUSH)
         await self._enter(StorageOp.FLUSH, 0, 0)
         try:
             await trio.to_thread.run_sync(os.fdatasync, self._fd)
@@ -310,7 +312,7 @@ class RawImage:
     async def discard(self, offset: int, length: int, *, secure: bool = False) -> None:
         self._check_open()
         check_range(offset, length, self._size, self._sector_size)
-        self._check_writable(StorageOp.DISCARD)
+        check_writable(self._read_only, StorageOp.DISCARD)
         if not self._discard:
             raise StorageError(StorageErrorKind.UNSUPPORTED, "the image cannot punch holes")
         if secure:
@@ -332,7 +334,7 @@ class RawImage:
     async def resize(self, new_size: int) -> None:
         self._check_open()
         check_size(new_size, self._sector_size)
-        self._check_writable(StorageOp.RESIZE)
+        check_writable(self._read_only, StorageOp.RESIZE)
         await self._enter(StorageOp.RESIZE, new_size, 0)
         try:
             await trio.to_thread.run_sync(os.ftruncate, self._fd, new_size)
@@ -371,17 +373,8 @@ class RawImage:
         if self._closed:
             raise StorageError(StorageErrorKind.CLOSED, f"image {str(self.path)!r} is closed")
 
-    def _check_writable(self, op: StorageOp) -> None:
-        # Linux blkback refuses every non-read operation (flush included) on a read-only vbd.
-        if self._read_only:
-            raise StorageError(StorageErrorKind.READ_ONLY, f"{op.value} on a read-only disk")
-
     async def _enter(self, op: StorageOp, offset: int, length: int) -> None:
-        # Trio's contract: a cancellation point before the operation starts, none after.
-        await trio.lowlevel.checkpoint_if_cancelled()
-        if self._faults is not None:
-            await self._faults.before(op, offset, length)
-            self._check_open()
+        await enter_call(self._faults, op, offset, length, self._check_open)
         self._inflight += 1
 
     async def _leave(self) -> None:

@@ -8,7 +8,7 @@ loop until everything moved, resuming mid-buffer where the previous call stopped
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
@@ -36,23 +36,36 @@ def skip(views: list[memoryview], done: int) -> list[memoryview]:
 
 def preadv_all(fd: int, views: list[memoryview], offset: int, done: int = 0) -> None:
     """Fill `views` from `fd` at `offset`, starting `done` bytes in. EOF is an OSError."""
-    rest = skip(views, done)
-    offset += done
-    while rest:
-        n = os.preadv(fd, rest[:IOV_MAX], offset)
-        if n == 0:
-            raise OSError(0, "short read: the image ends before the disk does (truncated?)")
-        offset += n
-        rest = skip(rest, n)
+    _transfer_all(
+        os.preadv,
+        fd,
+        views,
+        offset,
+        done,
+        "short read: the image ends before the disk does (truncated?)",
+    )
 
 
 def pwritev_all(fd: int, views: list[memoryview], offset: int, done: int = 0) -> None:
     """Write all of `views` to `fd` at `offset`, starting `done` bytes in."""
+    _transfer_all(os.pwritev, fd, views, offset, done, "write made no progress")
+
+
+def _transfer_all(
+    call: Callable[[int, list[memoryview], int], int],
+    fd: int,
+    views: list[memoryview],
+    offset: int,
+    done: int,
+    stalled: str,
+) -> None:
+    """Repeat `call` (preadv or pwritev, IOV_MAX buffers at a time) until every byte of
+    `views` past the first `done` is moved; a call that moves nothing is `stalled`."""
     rest = skip(views, done)
     offset += done
     while rest:
-        n = os.pwritev(fd, rest[:IOV_MAX], offset)
+        n = call(fd, rest[:IOV_MAX], offset)
         if n == 0:
-            raise OSError(0, "write made no progress")
+            raise OSError(0, stalled)
         offset += n
         rest = skip(rest, n)

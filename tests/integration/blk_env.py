@@ -1,4 +1,6 @@
-"""Helpers for the blk integration tests: two domains, a vbd, and a backend to serve it."""
+"""Helpers for the blk integration tests: two domains, a vbd, and a backend to serve it.
+
+`pair` (a backend domain, a guest and a xenstore connection) serves the net tests too."""
 
 from __future__ import annotations
 

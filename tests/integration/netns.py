@@ -26,7 +26,6 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 ETC_NETNS = Path("/etc/netns")
 
@@ -64,13 +63,8 @@ class NetnsLab:
             raise
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()  # whatever happened in the block
 
     def _add_ns(self, ns: str) -> None:
         ip("netns", "add", ns)

@@ -130,31 +130,28 @@ async def test_backend_restart_reissues_unfinished_requests(
                 nursery.cancel_scope.cancel()
 
 
-async def test_bogus_response_id_closes_and_recovers(tmp_path: Path, xenstored: Xenstored) -> None:
+@pytest.mark.parametrize(
+    ("transport", "fault", "offset", "connections"),
+    [
+        ("shm", "bogus_id", 0, 2),  # the first answer is bogus: the write is re-issued
+        ("socket", "bad_sectors", 4096, 1),  # the write waits for the second connection
+    ],
+    ids=["bogus-response-id", "unusable-device-keys"],
+)
+async def test_misbehaving_backend_closes_and_recovers(
+    tmp_path: Path, xenstored: Xenstored, transport: str, fault: str, offset: int, connections: int
+) -> None:
+    data = b"\x42" * 4096
     with trio.fail_after(30):
-        async with pair(tmp_path, xenstored.unix, "shm", 4096) as p:
+        async with pair(tmp_path, xenstored.unix, transport, 4096) as p:
             await create_vbd(p.xs, DEVICE, VbdConfig(image=None, size=DISK))
             disk = bytearray(DISK)
             async with trio.open_nursery() as nursery:
-                stub = StubBackend(p.backend, p.xs, DEVICE, disk, bogus_id=True)
+                stub = StubBackend(p.backend, p.xs, DEVICE, disk, **{fault: True})
                 await start_stub(nursery, stub)
                 async with attach(p.guest, p.xs, DEVICE) as front:
-                    await front.write(0, b"\x42" * 4096)  # first answer is bogus: re-issued
-                    assert disk[:4096] == b"\x42" * 4096
-                    assert front.connections == 2
-                nursery.cancel_scope.cancel()
-
-
-async def test_unusable_device_keys_close_and_recover(tmp_path: Path, xenstored: Xenstored) -> None:
-    with trio.fail_after(30):
-        async with pair(tmp_path, xenstored.unix, "socket", 4096) as p:
-            await create_vbd(p.xs, DEVICE, VbdConfig(image=None, size=DISK))
-            disk = bytearray(DISK)
-            async with trio.open_nursery() as nursery:
-                stub = StubBackend(p.backend, p.xs, DEVICE, disk, bad_sectors=True)
-                await start_stub(nursery, stub)
-                async with attach(p.guest, p.xs, DEVICE) as front:
-                    await front.write(4096, b"\x17" * 4096)  # waits for the second connection
-                    assert disk[4096:8192] == b"\x17" * 4096
-                    assert front.connections == 1 and front.info.sectors == DISK // 512
+                    await front.write(offset, data)
+                    assert disk[offset : offset + 4096] == data
+                    assert front.connections == connections
+                    assert front.info.sectors == DISK // 512
                 nursery.cancel_scope.cancel()

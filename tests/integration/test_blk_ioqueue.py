@@ -6,18 +6,36 @@ restart."""
 from __future__ import annotations
 
 import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
 
 from frontends.blkfront import BlkError, attach
-from tests.integration.blk_env import DEVICE, make_vbd, pair, start_backend
+from tests.integration.blk_env import DEVICE, Pair, make_vbd, pair, start_backend
 from tests.integration.conftest import Xenstored
 from tests.integration.test_blkback import read_image
 from xenpv.toolstack.topology import VbdFeatures
 
 SIZE = 4 << 20
+
+
+@asynccontextmanager
+async def zeroed_disk_served(
+    xenstored: Xenstored, workdir: Path
+) -> AsyncIterator[tuple[Pair, trio.CancelScope]]:
+    """Two domains over shm, a SIZE-byte zeroed image as DEVICE and blkback serving it: the
+    pair, and the backend's own cancel scope (the backend stops on exit anyway)."""
+    image = workdir / "disk.img"
+    image.write_bytes(bytes(SIZE))
+    async with pair(workdir, xenstored.unix, "shm", 4096) as p:
+        await make_vbd(p.xs, image=str(image), size=SIZE)
+        async with trio.open_nursery() as nursery:
+            backend = start_backend(nursery, p)
+            yield p, backend
+            nursery.cancel_scope.cancel()
 
 
 @pytest.mark.parametrize(
@@ -84,63 +102,53 @@ async def test_many_ios_in_flight_from_one_task(
 
 
 async def test_errors_and_checks_per_io(xenstored: Xenstored, xs_workdir: Path) -> None:
-    image = xs_workdir / "disk.img"
-    image.write_bytes(bytes(SIZE))
     with trio.fail_after(30):
-        async with pair(xs_workdir, xenstored.unix, "shm", 4096) as p:
-            await make_vbd(p.xs, image=str(image), size=SIZE)
-            async with trio.open_nursery() as nursery:
-                start_backend(nursery, p)
-                async with attach(p.guest, p.xs, DEVICE, queue_depth=4) as front:
-                    queue = front.io_queue()
-                    with pytest.raises(BlkError, match="not connected"):
-                        queue.read(0, 512)  # before the first connection
-                    await front.wait_connected()
-                    with pytest.raises(BlkError):
-                        queue.read(SIZE, 512)  # past the end: refused before the ring
-                    with pytest.raises(BlkError):
-                        queue.write(100, b"x" * 512)  # misaligned
-                    with pytest.raises(ValueError):
-                        queue.readinto(0, b"\0" * 512)  # type: ignore[arg-type]
-                    assert queue.in_flight == 0
-                    queue.write(0, b"\1" * 4096, tag="w")
-                    (done,) = await queue.wait()
-                    assert done == ("w", None, None)
-                    for i in range(4):
-                        queue.read(0, 512, tag=i)
-                    with pytest.raises(trio.WouldBlock):  # queue_depth=4
-                        queue.read(0, 512)
-                    got = []
-                    while queue.in_flight:
-                        got += await queue.wait()
-                    assert sorted(d.tag for d in got) == [0, 1, 2, 3]
-                    assert all(bytes(d.data or b"") == b"\1" * 512 and d.error is None for d in got)
-                    # the permits came back: read() shares the same queue depth
-                    assert await front.read(0, 512) == b"\1" * 512
-                nursery.cancel_scope.cancel()
+        async with (
+            zeroed_disk_served(xenstored, xs_workdir) as (p, _backend),
+            attach(p.guest, p.xs, DEVICE, queue_depth=4) as front,
+        ):
+            queue = front.io_queue()
+            with pytest.raises(BlkError, match="not connected"):
+                queue.read(0, 512)  # before the first connection
+            await front.wait_connected()
+            with pytest.raises(BlkError):
+                queue.read(SIZE, 512)  # past the end: refused before the ring
+            with pytest.raises(BlkError):
+                queue.write(100, b"x" * 512)  # misaligned
+            with pytest.raises(ValueError):
+                queue.readinto(0, b"\0" * 512)  # type: ignore[arg-type]
+            assert queue.in_flight == 0
+            queue.write(0, b"\1" * 4096, tag="w")
+            (done,) = await queue.wait()
+            assert done == ("w", None, None)
+            for i in range(4):
+                queue.read(0, 512, tag=i)
+            with pytest.raises(trio.WouldBlock):  # queue_depth=4
+                queue.read(0, 512)
+            got = []
+            while queue.in_flight:
+                got += await queue.wait()
+            assert sorted(d.tag for d in got) == [0, 1, 2, 3]
+            assert all(bytes(d.data or b"") == b"\1" * 512 and d.error is None for d in got)
+            # the permits came back: read() shares the same queue depth
+            assert await front.read(0, 512) == b"\1" * 512
 
 
 async def test_detach_fails_what_never_completed(xenstored: Xenstored, xs_workdir: Path) -> None:
     """I/Os submitted while no backend serves the device fail at detach, once each."""
-    image = xs_workdir / "disk.img"
-    image.write_bytes(bytes(SIZE))
     with trio.fail_after(30):
-        async with pair(xs_workdir, xenstored.unix, "shm", 4096) as p:
-            await make_vbd(p.xs, image=str(image), size=SIZE)
-            async with trio.open_nursery() as nursery:
-                backend = start_backend(nursery, p)
-                async with attach(p.guest, p.xs, DEVICE) as front:
-                    await front.wait_connected()
-                    queue = front.io_queue()
-                    backend.cancel()  # the backend goes away before it can take them
-                    for i in range(5):
-                        queue.read(i * 4096, 4096, tag=i)
-                    queue.submit()
-                results: list[tuple[object, object]] = []
-                while queue.in_flight:
-                    results += [(d.tag, type(d.error)) for d in await queue.wait()]
-                assert sorted(results, key=str) == [(i, BlkError) for i in range(5)]
-                nursery.cancel_scope.cancel()
+        async with zeroed_disk_served(xenstored, xs_workdir) as (p, backend):
+            async with attach(p.guest, p.xs, DEVICE) as front:
+                await front.wait_connected()
+                queue = front.io_queue()
+                backend.cancel()  # the backend goes away before it can take them
+                for i in range(5):
+                    queue.read(i * 4096, 4096, tag=i)
+                queue.submit()
+            results: list[tuple[object, object]] = []
+            while queue.in_flight:
+                results += [(d.tag, type(d.error)) for d in await queue.wait()]
+            assert sorted(results, key=str) == [(i, BlkError) for i in range(5)]
 
 
 @pytest.mark.parametrize("transport", ["shm", "socket"])

@@ -311,6 +311,33 @@ async def setup(
         yield xs, doms
 
 
+@dataclass
+class Served:
+    """Domains 0 and 1, xenstore, vbd(1), and the blkback device serving it."""
+
+    xs: XenstoreClient
+    dom0: Domain
+    dom1: Domain
+    device: DeviceId
+    dev: BlkbackDevice
+
+
+@asynccontextmanager
+async def served(
+    xenstored: Xenstored,
+    workdir: Path,
+    transport: str,
+    config: VbdConfig,
+    open_storage: Callable[[BackendConfig], Storage] | None = None,
+) -> AsyncIterator[Served]:
+    """`setup` with domains 0 and 1, and blkback serving vbd(1) (on the disk `open_storage`
+    makes, if given) until the block ends; the test brings the frontend (`MiniFront`)."""
+    async with setup(xenstored, workdir, transport, config) as (xs, (dom0, dom1)):
+        device = vbd(1)
+        async with backend(xs, dom0, device, open_storage) as dev:
+            yield Served(xs, dom0, dom1, device, dev)
+
+
 pytestmark = pytest.mark.parametrize(("transport", "kind"), TRANSPORTS, ids=TRANSPORT_IDS)
 
 
@@ -366,41 +393,34 @@ async def test_flush_barrier_discard(
 ) -> None:
     image = xs_workdir / "disk.img"
     with trio.fail_after(30):
-        async with setup(xenstored, xs_workdir, transport, VbdConfig(str(image), 4 * MiB)) as (
-            xs,
-            (dom0, dom1),
-        ):
-            device = vbd(1)
-            async with backend(xs, dom0, device):
-                front = MiniFront(dom1, xs, device)
-                await front.start()
-                data = pattern(2, 64 * 1024)
-                assert await front.write(0, data) == BLKIF_RSP_OKAY
-                flush = BlkifRequest(BLKIF_OP_FLUSH_DISKCACHE, front.next_id())
-                assert await front.one(flush) == BLKIF_RSP_OKAY
-                # a barrier with data, behind a queue of writes
-                front.put_data(50, pattern(3, 8192))
-                writes: list[BlkifRequest] = [
-                    BlkifRequest(
-                        BLKIF_OP_WRITE, front.next_id(), 256 + 8 * i, front.segments(i, 4096)
-                    )
-                    for i in range(8)
-                ]
-                barrier = BlkifRequest(
-                    BLKIF_OP_WRITE_BARRIER, front.next_id(), 1024, front.segments(50, 8192)
-                )
-                responses = await front.run([*writes, barrier])
-                assert [r.status for r in responses] == [BLKIF_RSP_OKAY] * 9
-                assert responses[-1].operation == BLKIF_OP_WRITE_BARRIER
-                assert read_image(image, 1024 * 512, 8192) == pattern(3, 8192)
-                # discard: punched, reads back as zeroes; the secure flag is honoured or ignored
-                discard = BlkifDiscardRequest(front.next_id(), 8, 64, flag=1)
-                assert await front.one(discard) == BLKIF_RSP_OKAY
-                got = await front.read(0, 64 * 1024, page=100)
-                assert got[4096 : 4096 + 32768] == bytes(32768)
-                assert got[:4096] == data[:4096] and got[36864:] == data[36864:]
-                beyond = BlkifDiscardRequest(front.next_id(), 8192 - 8, 16)
-                assert await front.one(beyond) == BLKIF_RSP_ERROR
+        async with served(xenstored, xs_workdir, transport, VbdConfig(str(image), 4 * MiB)) as s:
+            front = MiniFront(s.dom1, s.xs, s.device)
+            await front.start()
+            data = pattern(2, 64 * 1024)
+            assert await front.write(0, data) == BLKIF_RSP_OKAY
+            flush = BlkifRequest(BLKIF_OP_FLUSH_DISKCACHE, front.next_id())
+            assert await front.one(flush) == BLKIF_RSP_OKAY
+            # a barrier with data, behind a queue of writes
+            front.put_data(50, pattern(3, 8192))
+            writes: list[BlkifRequest] = [
+                BlkifRequest(BLKIF_OP_WRITE, front.next_id(), 256 + 8 * i, front.segments(i, 4096))
+                for i in range(8)
+            ]
+            barrier = BlkifRequest(
+                BLKIF_OP_WRITE_BARRIER, front.next_id(), 1024, front.segments(50, 8192)
+            )
+            responses = await front.run([*writes, barrier])
+            assert [r.status for r in responses] == [BLKIF_RSP_OKAY] * 9
+            assert responses[-1].operation == BLKIF_OP_WRITE_BARRIER
+            assert read_image(image, 1024 * 512, 8192) == pattern(3, 8192)
+            # discard: punched, reads back as zeroes; the secure flag is honoured or ignored
+            discard = BlkifDiscardRequest(front.next_id(), 8, 64, flag=1)
+            assert await front.one(discard) == BLKIF_RSP_OKAY
+            got = await front.read(0, 64 * 1024, page=100)
+            assert got[4096 : 4096 + 32768] == bytes(32768)
+            assert got[:4096] == data[:4096] and got[36864:] == data[36864:]
+            beyond = BlkifDiscardRequest(front.next_id(), 8192 - 8, 16)
+            assert await front.one(beyond) == BLKIF_RSP_ERROR
 
 
 async def test_features_switched_off(
@@ -450,44 +470,39 @@ async def test_multiqueue_ring_order_persistent_indirect(
     xenstored: Xenstored, xs_workdir: Path, transport: str, kind: str
 ) -> None:
     with trio.fail_after(40):
-        async with setup(xenstored, xs_workdir, transport, VbdConfig(None, 8 * MiB)) as (
-            xs,
-            (dom0, dom1),
-        ):
-            device = vbd(1)
-            async with backend(xs, dom0, device) as dev:
-                front = MiniFront(dom1, xs, device, order=2, queues=4, persistent=True)
-                keys = await front.start()
-                assert keys["feature-persistent"] == "1"
-                assert all(q.ring.nr_ents == 128 for q in front.queues)
-                for q in range(4):  # each queue, a 40 KiB direct write at queue depth 2
-                    data = pattern(10 + q, 40960)
-                    assert await front.write(q * MiB, data, page=q * 10, queue=q) == 0
-                    assert await front.read(q * MiB, 40960, page=200, queue=q) == data
-                conn = dev.connection
-                assert conn is not None and all(len(g) > 0 for g in conn.grants)
-                # one indirect request of 256 segments (1 MiB), written then read back
-                data = pattern(20, MiB)
-                front.put_data(0, data[: 256 * 4096])
-                pages = encode_indirect_pages(front.segments(0, MiB))
-                indirect = dom1.alloc_pages(1)[0]
-                indirect.view[:4096] = pages[0]
-                indirect.written(0, 4096)
-                iref = dom1.grants.grant_access(0, indirect.frame, readonly=True)
-                write = BlkifIndirectRequest(BLKIF_OP_WRITE, front.next_id(), 4096, 256, (iref,))
-                (response,) = await front.run([write], queue=1)
-                assert (response.status, response.operation) == (BLKIF_RSP_OKAY, BLKIF_OP_WRITE)
-                for p in range(256):
-                    front.pages[p].view[:4096] = bytes(4096)
-                    front.pages[p].written(0, 4096)
-                read = BlkifIndirectRequest(BLKIF_OP_READ, front.next_id(), 4096, 256, (iref,))
-                assert await front.one(read) == BLKIF_RSP_OKAY
-                assert front.get_data(0, MiB) == data
-                storage = dev.storage
-                assert storage is not None
-                assert await storage.read(4096 * 512, MiB) == data  # the independent reader
-                too_many = BlkifIndirectRequest(BLKIF_OP_READ, front.next_id(), 0, 257, (iref,))
-                assert await front.one(too_many) == BLKIF_RSP_ERROR
+        async with served(xenstored, xs_workdir, transport, VbdConfig(None, 8 * MiB)) as s:
+            front = MiniFront(s.dom1, s.xs, s.device, order=2, queues=4, persistent=True)
+            keys = await front.start()
+            assert keys["feature-persistent"] == "1"
+            assert all(q.ring.nr_ents == 128 for q in front.queues)
+            for q in range(4):  # each queue, a 40 KiB direct write at queue depth 2
+                data = pattern(10 + q, 40960)
+                assert await front.write(q * MiB, data, page=q * 10, queue=q) == 0
+                assert await front.read(q * MiB, 40960, page=200, queue=q) == data
+            conn = s.dev.connection
+            assert conn is not None and all(len(g) > 0 for g in conn.grants)
+            # one indirect request of 256 segments (1 MiB), written then read back
+            data = pattern(20, MiB)
+            front.put_data(0, data[: 256 * 4096])
+            pages = encode_indirect_pages(front.segments(0, MiB))
+            indirect = s.dom1.alloc_pages(1)[0]
+            indirect.view[:4096] = pages[0]
+            indirect.written(0, 4096)
+            iref = s.dom1.grants.grant_access(0, indirect.frame, readonly=True)
+            write = BlkifIndirectRequest(BLKIF_OP_WRITE, front.next_id(), 4096, 256, (iref,))
+            (response,) = await front.run([write], queue=1)
+            assert (response.status, response.operation) == (BLKIF_RSP_OKAY, BLKIF_OP_WRITE)
+            for p in range(256):
+                front.pages[p].view[:4096] = bytes(4096)
+                front.pages[p].written(0, 4096)
+            read = BlkifIndirectRequest(BLKIF_OP_READ, front.next_id(), 4096, 256, (iref,))
+            assert await front.one(read) == BLKIF_RSP_OKAY
+            assert front.get_data(0, MiB) == data
+            storage = s.dev.storage
+            assert storage is not None
+            assert await storage.read(4096 * 512, MiB) == data  # the independent reader
+            too_many = BlkifIndirectRequest(BLKIF_OP_READ, front.next_id(), 0, 257, (iref,))
+            assert await front.one(too_many) == BLKIF_RSP_ERROR
 
 
 async def test_read_only_large_sectors_and_resize(
@@ -619,68 +634,62 @@ async def test_out_of_order_completion_and_barrier_drain(
 ) -> None:
     gate = Gate()
     with trio.fail_after(30):
-        async with setup(xenstored, xs_workdir, transport, VbdConfig(None, MiB)) as (
-            xs,
-            (dom0, dom1),
-        ):
-            device = vbd(1)
-            async with backend(
-                xs, dom0, device, open_storage=lambda c: MemoryDisk(c.size or 0, faults=gate)
-            ):
-                front = MiniFront(dom1, xs, device)
-                await front.start()
-                slow = BlkifRequest(BLKIF_OP_READ, 1001, 0, front.segments(0, 4096))
-                fast = BlkifRequest(BLKIF_OP_READ, 1002, 8, front.segments(1, 4096))
-                push(front, slow, fast)
-                assert await arrivals(front, 1) == [1002]  # overtakes the held read
-                gate.release.set()
-                assert await arrivals(front, 1) == [1001]
+        async with served(
+            xenstored,
+            xs_workdir,
+            transport,
+            VbdConfig(None, MiB),
+            open_storage=lambda c: MemoryDisk(c.size or 0, faults=gate),
+        ) as s:
+            front = MiniFront(s.dom1, s.xs, s.device)
+            await front.start()
+            slow = BlkifRequest(BLKIF_OP_READ, 1001, 0, front.segments(0, 4096))
+            fast = BlkifRequest(BLKIF_OP_READ, 1002, 8, front.segments(1, 4096))
+            push(front, slow, fast)
+            assert await arrivals(front, 1) == [1002]  # overtakes the held read
+            gate.release.set()
+            assert await arrivals(front, 1) == [1001]
 
-                # A barrier waits for the writes before it, and the reads after it wait too.
-                gate.release = trio.Event()
-                gate.started = trio.Event()
-                write = BlkifRequest(BLKIF_OP_WRITE, 2001, 0, front.segments(2, 4096))
-                barrier = BlkifRequest(BLKIF_OP_WRITE_BARRIER, 2002)
-                read = BlkifRequest(BLKIF_OP_READ, 2003, 8, front.segments(3, 4096))
-                push(front, write, barrier, read)
-                await gate.started.wait()
-                await trio.testing.wait_all_tasks_blocked()
-                gate.release.set()
-                assert await arrivals(front, 3) == [2001, 2002, 2003]
+            # A barrier waits for the writes before it, and the reads after it wait too.
+            gate.release = trio.Event()
+            gate.started = trio.Event()
+            write = BlkifRequest(BLKIF_OP_WRITE, 2001, 0, front.segments(2, 4096))
+            barrier = BlkifRequest(BLKIF_OP_WRITE_BARRIER, 2002)
+            read = BlkifRequest(BLKIF_OP_READ, 2003, 8, front.segments(3, 4096))
+            push(front, write, barrier, read)
+            await gate.started.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            gate.release.set()
+            assert await arrivals(front, 3) == [2001, 2002, 2003]
 
 
 async def test_close_reconnect_releases_grants(
     xenstored: Xenstored, xs_workdir: Path, transport: str, kind: str
 ) -> None:
     with trio.fail_after(30):
-        async with setup(xenstored, xs_workdir, transport, VbdConfig(None, MiB)) as (
-            xs,
-            (dom0, dom1),
-        ):
-            device = vbd(1)
-            async with backend(xs, dom0, device) as dev:
-                front = MiniFront(dom1, xs, device, persistent=True, npages=40, order=1)
-                await front.start()
-                assert await front.write(0, pattern(50, 16 * 4096)) == BLKIF_RSP_OKAY
-                conn = dev.connection
-                assert conn is not None and len(conn.grants[0]) == 16
-                # Linux order: frontend Closing → backend Closing; frontend Closed → Closed
-                await publish(xs, device.frontend, {}, state=Closing)
-                assert await wait_backend(xs, device, Closing) == Closing
-                await publish(xs, device.frontend, {}, state=Closed)
-                assert await wait_backend(xs, device, Closed) == Closed
-                assert dev.connection is None
-                # nothing stays mapped: every grant (data and ring pages) can be revoked
-                for gref in front.grefs + front.queues[0].refs:
-                    dom1.grants.end_access(gref)
-                # reconnect (the x86_32 ABI this time): the memory disk kept its data
-                await publish(xs, device.frontend, {}, state=XenbusState.XenbusStateInitialising)
-                again = MiniFront(dom1, xs, device, protocol=BLKIF_X86_32, npages=40, order=1)
-                await again.start()
-                assert dev.connections == 2
-                assert await again.read(0, 16 * 4096) == pattern(50, 16 * 4096)
-                assert await again.write(4096, pattern(51, 8192), page=20) == BLKIF_RSP_OKAY
-                assert await again.read(4096, 8192, page=30) == pattern(51, 8192)
+        async with served(xenstored, xs_workdir, transport, VbdConfig(None, MiB)) as s:
+            front = MiniFront(s.dom1, s.xs, s.device, persistent=True, npages=40, order=1)
+            await front.start()
+            assert await front.write(0, pattern(50, 16 * 4096)) == BLKIF_RSP_OKAY
+            conn = s.dev.connection
+            assert conn is not None and len(conn.grants[0]) == 16
+            # Linux order: frontend Closing → backend Closing; frontend Closed → Closed
+            await publish(s.xs, s.device.frontend, {}, state=Closing)
+            assert await wait_backend(s.xs, s.device, Closing) == Closing
+            await publish(s.xs, s.device.frontend, {}, state=Closed)
+            assert await wait_backend(s.xs, s.device, Closed) == Closed
+            assert s.dev.connection is None
+            # nothing stays mapped: every grant (data and ring pages) can be revoked
+            for gref in front.grefs + front.queues[0].refs:
+                s.dom1.grants.end_access(gref)
+            # reconnect (the x86_32 ABI this time): the memory disk kept its data
+            await publish(s.xs, s.device.frontend, {}, state=XenbusState.XenbusStateInitialising)
+            again = MiniFront(s.dom1, s.xs, s.device, protocol=BLKIF_X86_32, npages=40, order=1)
+            await again.start()
+            assert s.dev.connections == 2
+            assert await again.read(0, 16 * 4096) == pattern(50, 16 * 4096)
+            assert await again.write(4096, pattern(51, 8192), page=20) == BLKIF_RSP_OKAY
+            assert await again.read(4096, 8192, page=30) == pattern(51, 8192)
 
 
 async def test_persistent_grants_leave_maptrack_for_other_devices(
@@ -714,25 +723,20 @@ async def test_xenstored_restart_while_serving(
     """xenstored dies and comes back (kill -9, journal replay): the rings never noticed, and the
     next close/reconnect handshake runs on the restored store."""
     with trio.fail_after(40):
-        async with setup(xenstored, xs_workdir, transport, VbdConfig(None, MiB)) as (
-            xs,
-            (dom0, dom1),
-        ):
-            device = vbd(1)
-            async with backend(xs, dom0, device) as dev:
-                front = MiniFront(dom1, xs, device)
-                await front.start()
-                assert await front.write(0, pattern(70, 8192)) == BLKIF_RSP_OKAY
-                xenstored.kill()
-                assert await front.read(0, 8192) == pattern(70, 8192)  # no xenstore needed
-                await trio.to_thread.run_sync(xenstored.start)
-                await publish(xs, device.frontend, {}, state=Closed)
-                assert await wait_backend(xs, device, Closed) == Closed
-                await publish(xs, device.frontend, {}, state=XenbusState.XenbusStateInitialising)
-                again = MiniFront(dom1, xs, device, npages=8)
-                await again.start()
-                assert dev.connections == 2
-                assert await again.read(0, 8192) == pattern(70, 8192)
+        async with served(xenstored, xs_workdir, transport, VbdConfig(None, MiB)) as s:
+            front = MiniFront(s.dom1, s.xs, s.device)
+            await front.start()
+            assert await front.write(0, pattern(70, 8192)) == BLKIF_RSP_OKAY
+            xenstored.kill()
+            assert await front.read(0, 8192) == pattern(70, 8192)  # no xenstore needed
+            await trio.to_thread.run_sync(xenstored.start)
+            await publish(s.xs, s.device.frontend, {}, state=Closed)
+            assert await wait_backend(s.xs, s.device, Closed) == Closed
+            await publish(s.xs, s.device.frontend, {}, state=XenbusState.XenbusStateInitialising)
+            again = MiniFront(s.dom1, s.xs, s.device, npages=8)
+            await again.start()
+            assert s.dev.connections == 2
+            assert await again.read(0, 8192) == pattern(70, 8192)
 
 
 class Failing:
@@ -750,21 +754,20 @@ async def test_storage_errors_become_status_codes(
     xenstored: Xenstored, xs_workdir: Path, transport: str, kind: str
 ) -> None:
     with trio.fail_after(30):
-        async with setup(xenstored, xs_workdir, transport, VbdConfig(None, MiB)) as (
-            xs,
-            (dom0, dom1),
-        ):
-            device = vbd(1)
-            async with backend(
-                xs, dom0, device, open_storage=lambda c: MemoryDisk(c.size or 0, faults=Failing())
-            ):
-                front = MiniFront(dom1, xs, device)
-                await front.start()
-                bad = BlkifRequest(BLKIF_OP_READ, front.next_id(), 0, front.segments(0, 4096))
-                good = BlkifRequest(BLKIF_OP_READ, front.next_id(), 8, front.segments(1, 4096))
-                discard = BlkifDiscardRequest(front.next_id(), 0, 8)
-                statuses = [r.status for r in await front.run([bad, good, discard])]
-                assert statuses == [BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, BLKIF_RSP_EOPNOTSUPP]
+        async with served(
+            xenstored,
+            xs_workdir,
+            transport,
+            VbdConfig(None, MiB),
+            open_storage=lambda c: MemoryDisk(c.size or 0, faults=Failing()),
+        ) as s:
+            front = MiniFront(s.dom1, s.xs, s.device)
+            await front.start()
+            bad = BlkifRequest(BLKIF_OP_READ, front.next_id(), 0, front.segments(0, 4096))
+            good = BlkifRequest(BLKIF_OP_READ, front.next_id(), 8, front.segments(1, 4096))
+            discard = BlkifDiscardRequest(front.next_id(), 0, 8)
+            statuses = [r.status for r in await front.run([bad, good, discard])]
+            assert statuses == [BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, BLKIF_RSP_EOPNOTSUPP]
 
 
 class FailingNow(MemoryDisk):
@@ -791,33 +794,34 @@ async def test_requests_served_in_the_ring_loop_answer_storage_errors(
     """Requests on cached persistent grants are served inside the ring loop; what the disk
     raises there becomes a status code as on the task path, and the ring keeps going."""
     with trio.fail_after(30):
-        async with setup(xenstored, xs_workdir, transport, VbdConfig(None, MiB)) as (
-            xs,
-            (dom0, dom1),
-        ):
-            device = vbd(1)
-            async with backend(xs, dom0, device, open_storage=lambda c: FailingNow(c.size or 0)):
-                front = MiniFront(dom1, xs, device, persistent=True)
-                await front.start()
+        async with served(
+            xenstored,
+            xs_workdir,
+            transport,
+            VbdConfig(None, MiB),
+            open_storage=lambda c: FailingNow(c.size or 0),
+        ) as s:
+            front = MiniFront(s.dom1, s.xs, s.device, persistent=True)
+            await front.start()
 
-                def requests() -> list[BlkifRequest]:
-                    return [
-                        BlkifRequest(BLKIF_OP_READ, front.next_id(), 0, front.segments(0, 4096)),
-                        BlkifRequest(BLKIF_OP_READ, front.next_id(), 8, front.segments(1, 4096)),
-                        BlkifRequest(BLKIF_OP_READ, front.next_id(), 16, front.segments(2, 4096)),
-                        BlkifRequest(BLKIF_OP_WRITE, front.next_id(), 24, front.segments(3, 4096)),
-                    ]
-
-                # first use of each grant: mapped on the task path, whose async calls work
-                statuses = [r.status for r in await front.run(requests())]
-                assert statuses == [BLKIF_RSP_OKAY] * 4
-                # now cached: served in the loop, where the disk fails
-                statuses = [r.status for r in await front.run(requests())]
-                assert statuses == [
-                    BLKIF_RSP_ERROR,
-                    BLKIF_RSP_ERROR,
-                    BLKIF_RSP_OKAY,
-                    BLKIF_RSP_EOPNOTSUPP,
+            def requests() -> list[BlkifRequest]:
+                return [
+                    BlkifRequest(BLKIF_OP_READ, front.next_id(), 0, front.segments(0, 4096)),
+                    BlkifRequest(BLKIF_OP_READ, front.next_id(), 8, front.segments(1, 4096)),
+                    BlkifRequest(BLKIF_OP_READ, front.next_id(), 16, front.segments(2, 4096)),
+                    BlkifRequest(BLKIF_OP_WRITE, front.next_id(), 24, front.segments(3, 4096)),
                 ]
-                statuses = [r.status for r in await front.run(requests()[2:3])]
-                assert statuses == [BLKIF_RSP_OKAY]  # the ring still serves
+
+            # first use of each grant: mapped on the task path, whose async calls work
+            statuses = [r.status for r in await front.run(requests())]
+            assert statuses == [BLKIF_RSP_OKAY] * 4
+            # now cached: served in the loop, where the disk fails
+            statuses = [r.status for r in await front.run(requests())]
+            assert statuses == [
+                BLKIF_RSP_ERROR,
+                BLKIF_RSP_ERROR,
+                BLKIF_RSP_OKAY,
+                BLKIF_RSP_EOPNOTSUPP,
+            ]
+            statuses = [r.status for r in await front.run(requests()[2:3])]
+            assert statuses == [BLKIF_RSP_OKAY]  # the ring still serves

@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -38,7 +39,7 @@ from xenpv.runtime.domain_process import (
     DomainRuntime,
     run_domain,
 )
-from xenpv.runtime.workload import WorkloadContext
+from xenpv.runtime.workload import Workload, WorkloadContext
 from xenpv.toolstack.devices import VbdConfig, create_vbd, create_vif, destroy_device
 from xenpv.toolstack.domains import create_domain, destroy_domain
 from xenpv.xenbus.core import DeviceId, XenbusState, parse_state, xvd_number
@@ -75,26 +76,43 @@ async def _make(
     return created.key
 
 
+async def _backend_and_guest(
+    dom0: XenstoreClient, tmp: Path, guest_page_size: int, mac_suffix: str
+) -> tuple[DomainKey, DomainKey, DeviceId, DeviceId]:
+    """A backend domain and a guest with one vbd (8 MiB in memory) and one vif on it."""
+    be_key = await _make(dom0, tmp, "backend", 4096, f"unix:{tmp}/be.sock")
+    fe_key = await _make(dom0, tmp, "guest", guest_page_size, f"unix:{tmp}/fe.sock")
+    vbd = DeviceId("vbd", fe_key.domid, be_key.domid, xvd_number(0))
+    vif = DeviceId("vif", fe_key.domid, be_key.domid, 0)
+    await create_vbd(dom0, vbd, VbdConfig(image=None, size=8 << 20))
+    await create_vif(dom0, vif, mac=f"00:16:3e:00:00:{mac_suffix}")
+    return be_key, fe_key, vbd, vif
+
+
+async def _start(
+    nursery: trio.Nursery,
+    xs: XenstoreClient,
+    key: DomainKey,
+    workloads: Sequence[Workload] | None = None,
+) -> DomainRuntime:
+    """Run the domain `key` in `nursery`, once it has started."""
+    runtime: DomainRuntime = await nursery.start(
+        lambda task_status: run_domain(xs, key, workloads=workloads, task_status=task_status)
+    )
+    return runtime
+
+
 async def test_two_domains_in_one_process(xenstored: Xenstored, tmp_path: Path) -> None:
     with trio.fail_after(60):
         async with connect(xenstored.unix) as dom0:
-            be_key = await _make(dom0, tmp_path, "backend", 4096, f"unix:{tmp_path}/be.sock")
-            fe_key = await _make(dom0, tmp_path, "guest", 16384, f"unix:{tmp_path}/fe.sock")
-            vbd = DeviceId("vbd", fe_key.domid, be_key.domid, xvd_number(0))
-            vif = DeviceId("vif", fe_key.domid, be_key.domid, 0)
-            await create_vbd(dom0, vbd, VbdConfig(image=None, size=8 << 20))
-            await create_vif(dom0, vif, mac="00:16:3e:00:00:0a")
+            be_key, fe_key, vbd, vif = await _backend_and_guest(dom0, tmp_path, 16384, "0a")
             async with (
                 connect(xenstored.tcp, key=be_key) as be_xs,
                 connect(xenstored.tcp, key=fe_key) as fe_xs,
                 trio.open_nursery() as nursery,
             ):
-                backend: DomainRuntime = await nursery.start(
-                    lambda task_status: run_domain(be_xs, be_key, task_status=task_status)
-                )
-                guest: DomainRuntime = await nursery.start(
-                    lambda task_status: run_domain(fe_xs, fe_key, task_status=task_status)
-                )
+                backend = await _start(nursery, be_xs, be_key)
+                guest = await _start(nursery, fe_xs, fe_key)
                 assert guest.info.page_size == 16384 and guest.dom.page_size == 16384
                 assert await dom0.read_text(f"/local/domain/{fe_key.domid}/{READY}") == str(
                     os.getpid()
@@ -163,26 +181,15 @@ class _Broken:
 async def test_workloads_of_ones_own(xenstored: Xenstored, tmp_path: Path) -> None:
     with trio.fail_after(60):
         async with connect(xenstored.unix) as dom0:
-            be_key = await _make(dom0, tmp_path, "backend", 4096, f"unix:{tmp_path}/be.sock")
-            fe_key = await _make(dom0, tmp_path, "guest", 65536, f"unix:{tmp_path}/fe.sock")
-            vbd = DeviceId("vbd", fe_key.domid, be_key.domid, xvd_number(0))
-            vif = DeviceId("vif", fe_key.domid, be_key.domid, 0)
-            await create_vbd(dom0, vbd, VbdConfig(image=None, size=8 << 20))
-            await create_vif(dom0, vif, mac="00:16:3e:00:00:0b")
+            be_key, fe_key, _vbd, vif = await _backend_and_guest(dom0, tmp_path, 65536, "0b")
             verify = _Verify()
             async with (
                 connect(xenstored.tcp, key=be_key) as be_xs,
                 connect(xenstored.tcp, key=fe_key) as fe_xs,
                 trio.open_nursery() as nursery,
             ):
-                backend: DomainRuntime = await nursery.start(
-                    lambda task_status: run_domain(be_xs, be_key, task_status=task_status)
-                )
-                guest: DomainRuntime = await nursery.start(
-                    lambda task_status: run_domain(
-                        fe_xs, fe_key, workloads=[_Broken(), verify], task_status=task_status
-                    )
-                )
+                backend = await _start(nursery, be_xs, be_key)
+                guest = await _start(nursery, fe_xs, fe_key, workloads=[_Broken(), verify])
                 await _wait_states(dom0, vif, XenbusState.XenbusStateConnected)
                 await destroy_device(dom0, vif)
                 await verify.vif_gone.wait()

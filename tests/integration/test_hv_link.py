@@ -16,6 +16,7 @@ from xenpv.hv import (
     GNTST,
     CopyDirection,
     CopyOp,
+    Domain,
     EventChannelClosed,
     LinkError,
     Message,
@@ -159,6 +160,22 @@ async def test_fault_seam_drop_duplicate_delay_fail(tmp_path: Path) -> None:
             assert Msg.EVENT in double.seen and Msg.BIND in double.seen
 
 
+async def dial_past_handshake(tmp_path: Path, dialer: Domain, peer: Domain) -> trio.SocketStream:
+    """A socket-transport link from `dialer` to `peer`, authenticated, as a raw stream: the
+    test speaks (or stops speaking) the link protocol itself."""
+    stream = await trio.open_unix_socket(str(tmp_path / f"dom{peer.domid}.sock"))
+    await handshake.dial(
+        stream,
+        key=dialer.key,
+        peer=peer.domid,
+        peer_pubkey=peer.key.public_hex(),
+        transport="socket",
+        memory_fd=dialer.memory.fd,
+        layout=handshake.Layout(dialer.memory.nr_frames, 16, dialer.memory.size),
+    )
+    return stream
+
+
 @pytest.mark.parametrize(
     "garbage",
     [
@@ -176,16 +193,7 @@ async def test_authenticated_peer_sending_garbage_loses_its_link(
     with trio.fail_after(20):
         async with domains(tmp_path, "socket", "unix", (0, 1, 2)) as (back, front, hostile):
             front.grants.grant_access(2, front.alloc_pages(1)[0].frame)
-            stream = await trio.open_unix_socket(str(tmp_path / "dom1.sock"))
-            await handshake.dial(
-                stream,
-                key=hostile.key,
-                peer=1,
-                peer_pubkey=front.key.public_hex(),
-                transport="socket",
-                memory_fd=hostile.memory.fd,
-                layout=handshake.Layout(hostile.memory.nr_frames, 16, hostile.memory.size),
-            )
+            stream = await dial_past_handshake(tmp_path, hostile, front)
             await stream.send_all(garbage)
             with contextlib.suppress(trio.BrokenResourceError):
                 while await stream.receive_some(65536):
@@ -205,16 +213,7 @@ async def test_peer_that_stops_reading_is_dropped(
         async with domains(tmp_path, "socket", "unix", (1, 2)) as (front, hostile):
             pages = front.alloc_buffer(16)
             grefs = [front.grants.grant_access(2, f) for f in pages.frames()]
-            stream = await trio.open_unix_socket(str(tmp_path / "dom1.sock"))
-            await handshake.dial(
-                stream,
-                key=hostile.key,
-                peer=1,
-                peer_pubkey=front.key.public_hex(),
-                transport="socket",
-                memory_fd=hostile.memory.fd,
-                layout=handshake.Layout(hostile.memory.nr_frames, 16, hostile.memory.size),
-            )
+            stream = await dial_past_handshake(tmp_path, hostile, front)
             died: list[str] = []
             gone = trio.Event()
             original = front.link_died

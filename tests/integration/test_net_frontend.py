@@ -18,8 +18,8 @@ import pytest
 import trio
 
 from frontends.netfront import Netfront, NetfrontError, RxFrame, attach
+from tests.integration.blk_env import pair
 from tests.integration.conftest import Xenstored
-from tests.integration.hv_pair import open_unix_domains
 from xenpv.abi.netif import (
     NETIF_RSP_NULL,
     NETIF_RSP_OKAY,
@@ -50,12 +50,11 @@ from xenpv.hv import (
     EventChannelClosed,
     GrantMapping,
     PeerGone,
-    StaticDirectory,
 )
 from xenpv.toolstack.devices import create_vif
 from xenpv.xenbus.core import Action, Connected, DeviceId, Initialising, Role
 from xenpv.xenbus.handshake import KeyValues, read_keys, read_state, run_handshake
-from xenpv.xenstore.client import XenstoreClient, connect
+from xenpv.xenstore.client import XenstoreClient
 
 TRANSPORTS = ["socket", "shm"]
 MAC = "00:16:3e:00:00:01"
@@ -319,21 +318,23 @@ async def setup(
     split: bool = True,
     echo: bool = True,
 ) -> AsyncIterator[Setup]:
-    directory = StaticDirectory()
     async with AsyncExitStack() as stack:
-        doms = await open_unix_domains(
-            stack,
-            directory,
-            tmp,
-            transport,
-            [(0, XEN_PAGE_SIZE, 16 << 20), (1, page_size, 64 << 20)],
+        p = await stack.enter_async_context(
+            pair(
+                tmp,
+                xenstored.unix,
+                transport,
+                page_size,
+                guest_memory=64 << 20,
+                backend_memory=16 << 20,
+            )
         )
-        xs = await stack.enter_async_context(connect(xenstored.unix))
+        xs = p.xs
         device = DeviceId("vif", 1, 0, 0)
         await create_vif(xs, device, mac=MAC)
         nursery = await stack.enter_async_context(trio.open_nursery())
         stub = StubBackend(
-            doms[0], xs, device, nursery, split=split, max_queues=max_queues, echo=echo
+            p.backend, xs, device, nursery, split=split, max_queues=max_queues, echo=echo
         )
         scope = trio.CancelScope()
 
@@ -343,7 +344,7 @@ async def setup(
 
         nursery.start_soon(backend)
         try:
-            yield Setup(xs, doms[0], doms[1], device, stub, nursery, scope)
+            yield Setup(xs, p.backend, p.guest, device, stub, nursery, scope)
         finally:
             nursery.cancel_scope.cancel()
 

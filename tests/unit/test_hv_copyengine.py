@@ -4,7 +4,7 @@ same statuses and bytes as the shared-memory form."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -135,39 +135,50 @@ def realise(
     ]
 
 
-@settings(max_examples=200, deadline=None)
-@given(copy_groups())
-def test_copy_runs_shared_matches_segment_by_segment_model(spec: Any) -> None:
+Groups = list[tuple[memoryview, list[Any]]]
+
+
+def check_against_model(spec: Any, copy: Callable[[Granted, Groups], list[int]]) -> None:
+    """`copy` the realised `spec` one way: the same statuses, granter RAM and local bytes as
+    the segment-by-segment model."""
     with granted() as g:
         expected_locals = realise(g, spec)
         expected, expected_ram = model(g, expected_locals)
         groups = realise(g, spec)
-        statuses = copy_runs_shared(
-            g.shared(), ME, [(memoryview(local), segs) for local, segs in groups]
-        )
+        statuses = copy(g, [(memoryview(local), segs) for local, segs in groups])
         assert statuses == expected
         assert g.ram() == expected_ram
         assert [bytes(b) for b, _ in groups] == [bytes(b) for b, _ in expected_locals]
+
+
+def copy_as_ops(groups: Groups, run: Callable[[list[CopyOp], list[int]], None]) -> list[int]:
+    """The groups as CopyOps (`ops_from_groups`), copied by `run` (which sets the statuses
+    in its second argument); the statuses per segment."""
+    results, ops, indexes = ops_from_groups(GRANTER, groups)
+    copied = [OK] * len(ops)
+    run(ops, copied)
+    for index, status in zip(indexes, copied, strict=True):
+        results[index] = status
+    return results
+
+
+@settings(max_examples=200, deadline=None)
+@given(copy_groups())
+def test_copy_runs_shared_matches_segment_by_segment_model(spec: Any) -> None:
+    check_against_model(spec, lambda g, groups: copy_runs_shared(g.shared(), ME, groups))
 
 
 @settings(max_examples=200, deadline=None)
 @given(copy_groups())
 def test_copy_shared_of_equivalent_ops_matches_copy_runs_shared(spec: Any) -> None:
     """`grant_copy` (CopyOps, copy_shared) and `grant_copy_runs` agree segment for segment."""
-    with granted() as g:
-        expected_locals = realise(g, spec)
-        expected, expected_ram = model(g, expected_locals)
-        groups = realise(g, spec)
-        results, ops, indexes = ops_from_groups(
-            GRANTER, [(memoryview(local), segs) for local, segs in groups]
+
+    def copy(g: Granted, groups: Groups) -> list[int]:
+        return copy_as_ops(
+            groups, lambda ops, copied: copy_shared(g.shared(), ME, ops, range(len(ops)), copied)
         )
-        copied = [OK] * len(ops)
-        copy_shared(g.shared(), ME, ops, range(len(ops)), copied)
-        for index, status in zip(indexes, copied, strict=True):
-            results[index] = status
-        assert results == expected
-        assert g.ram() == expected_ram
-        assert [bytes(b) for b, _ in groups] == [bytes(b) for b, _ in expected_locals]
+
+    check_against_model(spec, copy)
 
 
 def reads_then_writes_local_bytes(spec: Any) -> bool:
@@ -210,14 +221,8 @@ def test_socket_form_matches_shared_form(spec: Any) -> None:
     """COPY request → the granter's handler → reply applied: same statuses and bytes as the
     shared-memory copy (the transports are one behaviour)."""
     assume(not reads_then_writes_local_bytes(spec))
-    with granted() as g:
-        expected_locals = realise(g, spec)
-        expected, expected_ram = model(g, expected_locals)
-        groups = realise(g, spec)
-        results, ops, indexes = ops_from_groups(
-            GRANTER, [(memoryview(local), segs) for local, segs in groups]
-        )
-        copied = [OK] * len(ops)
+
+    def over_the_wire(g: Granted, ops: list[CopyOp], copied: list[int]) -> None:
         segments, sent = wire_segments(ops, range(len(ops)), copied)
         if segments:
             request = decode(wire(CopyRequest(7, segments)))
@@ -226,11 +231,11 @@ def test_socket_form_matches_shared_form(spec: Any) -> None:
             Granter(g.grants, g.memory).on_copy(link, request)  # type: ignore[arg-type]
             (reply,) = link.replies
             apply_copy_reply(decode_reply(wire(reply), CopyReply), ops, sent, copied)
-        for index, status in zip(indexes, copied, strict=True):
-            results[index] = status
-        assert results == expected
-        assert g.ram() == expected_ram
-        assert [bytes(b) for b, _ in groups] == [bytes(b) for b, _ in expected_locals]
+
+    check_against_model(
+        spec,
+        lambda g, groups: copy_as_ops(groups, lambda ops, copied: over_the_wire(g, ops, copied)),
+    )
 
 
 def test_ops_from_groups_refuses_segments_outside_the_local_buffer() -> None:

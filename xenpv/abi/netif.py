@@ -26,7 +26,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
-from typing import Final
+from typing import Any, Final
 
 from xenpv.abi.buffer import XEN_PAGE_SIZE
 from xenpv.abi.errors import NetifError
@@ -216,6 +216,12 @@ def _pack(s: struct.Struct, what: str, *values: object) -> bytes:
         raise NetifError(f"cannot encode {what} {values!r}: {exc}") from None
 
 
+def _unpack(s: struct.Struct, what: str, data: bytes) -> tuple[Any, ...]:
+    if len(data) < s.size:
+        raise _short(what, data, s.size)
+    return s.unpack_from(data)
+
+
 # -- tx ----------------------------------------------------------------------------------
 
 
@@ -226,9 +232,7 @@ def encode_tx_request(request: NetifTxRequest) -> bytes:
 
 def decode_tx_request(data: bytes) -> NetifTxRequest:
     """The slot's fields; whether its extent fits its frame needs the packet (see below)."""
-    if len(data) < TX_REQUEST.size:
-        raise _short("tx request", data, TX_REQUEST.size)
-    return NetifTxRequest(*TX_REQUEST.unpack_from(data))
+    return NetifTxRequest(*_unpack(TX_REQUEST, "tx request", data))
 
 
 def encode_tx_response(response: NetifTxResponse) -> bytes:
@@ -236,9 +240,7 @@ def encode_tx_response(response: NetifTxResponse) -> bytes:
 
 
 def decode_tx_response(data: bytes) -> NetifTxResponse:
-    if len(data) < TX_RESPONSE.size:
-        raise _short("tx response", data, TX_RESPONSE.size)
-    return NetifTxResponse(*TX_RESPONSE.unpack_from(data))
+    return NetifTxResponse(*_unpack(TX_RESPONSE, "tx response", data))
 
 
 def tx_fragment_sizes(
@@ -339,9 +341,7 @@ def encode_rx_request(request: NetifRxRequest) -> bytes:
 
 
 def decode_rx_request(data: bytes) -> NetifRxRequest:
-    if len(data) < RX_REQUEST.size:
-        raise _short("rx request", data, RX_REQUEST.size)
-    return NetifRxRequest(*RX_REQUEST.unpack_from(data))
+    return NetifRxRequest(*_unpack(RX_REQUEST, "rx request", data))
 
 
 def encode_rx_response(response: NetifRxResponse) -> bytes:
@@ -351,9 +351,7 @@ def encode_rx_response(response: NetifRxResponse) -> bytes:
 
 def decode_rx_response(data: bytes, granule: int = XEN_PAGE_SIZE) -> NetifRxResponse:
     """An rx response; a fragment (status > 0) must lie inside its `granule`-byte frame."""
-    if len(data) < RX_RESPONSE.size:
-        raise _short("rx response", data, RX_RESPONSE.size)
-    response = NetifRxResponse(*RX_RESPONSE.unpack_from(data))
+    response = NetifRxResponse(*_unpack(RX_RESPONSE, "rx response", data))
     if response.status > 0 and response.offset + response.status > granule:
         raise NetifError(
             f"rx response (id {response.id}) crosses its frame: offset {response.offset} "

@@ -35,8 +35,8 @@ from typing import Any
 
 import trio
 
+from xenpv.bench.cli import add_bench
 from xenpv.bench.report import emit
-from xenpv.commands import args as types
 from xenpv.hv import CopyDirection, CopyOp, Domain, EventChannel, StaticDirectory, open_domain
 from xenpv.hv.busypoll import DEFAULT_MAX_US, AdaptivePoll
 from xenpv.identity import DomainKey
@@ -50,15 +50,13 @@ SHM_COPY_GOAL = 1500.0
 
 
 def register(benches: Any) -> None:
-    parser: argparse.ArgumentParser = benches.add_parser(
-        "link", help="domain link: notify round trip and grant-copy throughput per transport"
+    add_bench(
+        benches,
+        "link",
+        help="domain link: notify round trip and grant-copy throughput per transport",
+        run=run,
+        seconds=1.5,
     )
-    parser.add_argument("--quick", action="store_true", help="short runs (CI smoke test)")
-    parser.add_argument("--json", action="store_true", help="accepted; JSON is always last")
-    parser.add_argument(
-        "--seconds", type=types.positive_float, default=1.5, help="time per measurement"
-    )
-    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

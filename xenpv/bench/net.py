@@ -40,6 +40,7 @@ from backends import netback
 from backends.switch import LiveSwitch
 from frontends.netfront import Netfront, attach
 from xenpv.abi.netif import XEN_NETIF_GSO_TYPE_TCPV4, NetifGsoExtra
+from xenpv.bench.cli import add_bench, chosen_transports
 from xenpv.bench.report import emit
 from xenpv.bench.xenstore import _xenstored
 from xenpv.commands import args as types
@@ -49,26 +50,23 @@ from xenpv.toolstack.devices import create_vif
 from xenpv.xenbus.core import DeviceId
 from xenpv.xenstore.client import connect
 
-TRANSPORTS = ("socket", "shm")
 SIZES = (64, 1500, 9000, 65535)
 GUESTS = (1, 2)
 IPERF_PACKAGE = "iperf3"
 
 
 def register(benches: Any) -> None:
-    parser: argparse.ArgumentParser = benches.add_parser(
-        "net", help="guest-to-guest frames/s and Mbit/s over netfront/netback; iperf3 TAP vs veth"
-    )
-    parser.add_argument("--quick", action="store_true", help="short runs (CI smoke test)")
-    parser.add_argument("--json", action="store_true", help="accepted; JSON is always last")
-    parser.add_argument(
-        "--seconds", type=types.positive_float, default=2.0, help="time per frame size"
+    parser = add_bench(
+        benches,
+        "net",
+        help="guest-to-guest frames/s and Mbit/s over netfront/netback; iperf3 TAP vs veth",
+        run=run,
+        seconds=2.0,
+        seconds_help="time per frame size",
+        transport=True,
     )
     parser.add_argument(
         "--iperf-seconds", type=types.positive_float, default=5.0, help="time per iperf3 run"
-    )
-    parser.add_argument(
-        "--transport", choices=[*TRANSPORTS, "all"], default="all", help="domain link transport"
     )
     parser.add_argument(
         "--queues", type=types.int_range(1, 4), default=1, help="netfront queues per vif"
@@ -80,13 +78,12 @@ def register(benches: Any) -> None:
         help="guests in a process of their own, the backend in this one (default); "
         "--no-processes runs every domain in this process",
     )
-    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     seconds = 0.3 if args.quick else args.seconds
     iperf_seconds = 1.0 if args.quick else args.iperf_seconds
-    transports = TRANSPORTS if args.transport == "all" else (args.transport,)
+    transports = chosen_transports(args)
     missing = _iperf_missing()
     results: dict[str, Any] = {"guest_to_guest": {}, "tap_iperf3": {}}
     rows: list[list[Any]] = []

@@ -30,6 +30,7 @@ import trio
 from backends.netback import Vif
 from backends.switch import LiveSwitch
 from frontends.netfront import Netfront, attach
+from xenpv.bench.cli import add_bench, chosen_transports
 from xenpv.bench.net import _stream
 from xenpv.bench.report import emit
 from xenpv.bench.xenstore import _xenstored
@@ -40,27 +41,23 @@ from xenpv.toolstack.devices import create_vif
 from xenpv.xenbus.core import DeviceId
 from xenpv.xenstore.client import connect
 
-TRANSPORTS = ("socket", "shm")
 SIZES = (9000, 65535)
 GUEST_PAGE = 65536
 MODES = {"4k_split": 0, "64k_granule": None}  # attach(granule_order=...)
 
 
 def register(benches: Any) -> None:
-    parser: argparse.ArgumentParser = benches.add_parser(
+    parser = add_bench(
+        benches,
         "net-granule",
         help="64 KiB guest vif throughput: 64 KiB grant granules vs 4 KiB splitting",
-    )
-    parser.add_argument("--quick", action="store_true", help="short runs (CI smoke test)")
-    parser.add_argument("--json", action="store_true", help="accepted; JSON is always last")
-    parser.add_argument(
-        "--seconds", type=types.positive_float, default=2.0, help="time per frame size"
+        run=run,
+        seconds=2.0,
+        seconds_help="time per frame size",
+        transport=True,
     )
     parser.add_argument(
         "--repeat", type=types.positive_int, default=1, help="runs per mode (best is kept)"
-    )
-    parser.add_argument(
-        "--transport", choices=[*TRANSPORTS, "all"], default="all", help="domain link transport"
     )
     parser.add_argument(
         "--backend-page",
@@ -69,12 +66,11 @@ def register(benches: Any) -> None:
         default=4096,
         help="the backend domain's page size",
     )
-    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     seconds = 0.3 if args.quick else args.seconds
-    transports = TRANSPORTS if args.transport == "all" else (args.transport,)
+    transports = chosen_transports(args)
     results: dict[str, Any] = {}
     speedup: dict[str, dict[str, float]] = {}
     speedup_cpu: dict[str, dict[str, float]] = {}

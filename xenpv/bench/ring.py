@@ -31,6 +31,7 @@ from xenpv.abi.blkif import (
 )
 from xenpv.abi.buffer import XEN_PAGE_SIZE
 from xenpv.abi.ring import BackRing, FrontRing
+from xenpv.bench.cli import add_bench
 from xenpv.bench.report import emit
 from xenpv.commands import args as types
 
@@ -55,13 +56,13 @@ class _CountingBuffer:
 
 
 def register(benches: Any) -> None:
-    parser: argparse.ArgumentParser = benches.add_parser(
-        "ring", help="blkif 4K read request/response cycles per second through a shared ring"
-    )
-    parser.add_argument("--quick", action="store_true", help="short runs (CI smoke test)")
-    parser.add_argument("--json", action="store_true", help="accepted; JSON is always last")
-    parser.add_argument(
-        "--seconds", type=types.positive_float, default=2.0, help="time per scenario"
+    parser = add_bench(
+        benches,
+        "ring",
+        help="blkif 4K read request/response cycles per second through a shared ring",
+        run=run,
+        seconds=2.0,
+        seconds_help="time per scenario",
     )
     parser.add_argument(
         "--batch",
@@ -75,7 +76,6 @@ def register(benches: Any) -> None:
         default=1,
         help="ring size in 4 KiB pages (1 page = 32 slots)",
     )
-    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ from typing import Any
 import trio
 
 from backends.storage import IoPolicy, RawImage
+from xenpv.bench.cli import add_bench
 from xenpv.bench.report import emit
 from xenpv.commands import args as types
 
@@ -29,15 +30,12 @@ MODES = ("thread", "inline", "auto")
 
 
 def register(benches: Any) -> None:
-    parser: argparse.ArgumentParser = benches.add_parser(
-        "storage", help="RawImage I/O: inline fast path vs worker threads"
+    parser = add_bench(
+        benches, "storage", help="RawImage I/O: inline fast path vs worker threads", run=run
     )
-    parser.add_argument("--quick", action="store_true", help="short runs (CI smoke test)")
-    parser.add_argument("--json", action="store_true", help="accepted; JSON is always last")
     parser.add_argument(
         "--dir", type=types.existing_dir, default=None, help="directory for the scratch image"
     )
-    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -33,6 +33,7 @@ from typing import Any
 
 import trio
 
+from xenpv.bench.cli import add_bench
 from xenpv.bench.report import emit
 from xenpv.commands import args as types
 from xenpv.xenstore.client import Transaction, XenstoreClient, connect
@@ -46,15 +47,15 @@ FANOUT_PER_CONNECTION = 20
 
 
 def register(benches: Any) -> None:
-    parser: argparse.ArgumentParser = benches.add_parser(
-        "xenstore", help="xenstored round trips vs a do-nothing server, watch fan-out, scale"
+    parser = add_bench(
+        benches,
+        "xenstore",
+        help="xenstored round trips vs a do-nothing server, watch fan-out, scale",
+        run=run,
     )
-    parser.add_argument("--quick", action="store_true", help="short runs (CI smoke test)")
-    parser.add_argument("--json", action="store_true", help="accepted; JSON is always last")
     parser.add_argument(
         "--dir", type=types.existing_dir, default=None, help="directory for the data dir"
     )
-    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

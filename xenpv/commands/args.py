@@ -24,12 +24,13 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]?)(?:i?B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 MAX_PORT = 65535
 _LOCAL_PATHS = contextvars.ContextVar("local_paths", default=True)
+_N = TypeVar("_N", int, float)
 
 
 @contextlib.contextmanager
@@ -70,34 +71,6 @@ def _integer(text: str, what: str) -> int:
         _fail(what, text)
 
 
-def positive_int(text: str) -> int:
-    value = _integer(text, "a positive integer")
-    if value <= 0:
-        _fail("a positive integer", text)
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = _integer(text, "an integer >= 0")
-    if value < 0:
-        _fail("an integer >= 0", text)
-    return value
-
-
-def int_range(low: int, high: int) -> Callable[[str], int]:
-    """An integer in `low..high` (inclusive)."""
-    what = f"an integer from {low} to {high}"
-
-    def parse(text: str) -> int:
-        value = _integer(text, what)
-        if not low <= value <= high:
-            _fail(what, text)
-        return value
-
-    parse.__name__ = f"int_{low}_{high}"  # argparse names the type in some messages
-    return parse
-
-
 def _number(text: str, what: str) -> float:
     try:
         value = float(text)
@@ -108,19 +81,33 @@ def _number(text: str, what: str) -> float:
     return value
 
 
-def positive_float(text: str) -> float:
-    """Seconds and the like: finite and > 0."""
-    value = _number(text, "a number > 0")
-    if value <= 0:
-        _fail("a number > 0", text)
-    return value
+def _checked(
+    convert: Callable[[str, str], _N], what: str, ok: Callable[[_N], bool], name: str
+) -> Callable[[str], _N]:
+    """An argparse type: `convert` the text, then refuse a value that is not `ok`; named for
+    argparse's messages."""
+
+    def parse(text: str) -> _N:
+        value = convert(text, what)
+        if not ok(value):
+            _fail(what, text)
+        return value
+
+    parse.__name__ = name
+    return parse
 
 
-def non_negative_float(text: str) -> float:
-    value = _number(text, "a number >= 0")
-    if value < 0:
-        _fail("a number >= 0", text)
-    return value
+positive_int = _checked(_integer, "a positive integer", lambda v: v > 0, "positive_int")
+non_negative_int = _checked(_integer, "an integer >= 0", lambda v: v >= 0, "non_negative_int")
+# Seconds and the like: finite and > 0.
+positive_float = _checked(_number, "a number > 0", lambda v: v > 0, "positive_float")
+non_negative_float = _checked(_number, "a number >= 0", lambda v: v >= 0, "non_negative_float")
+
+
+def int_range(low: int, high: int) -> Callable[[str], int]:
+    """An integer in `low..high` (inclusive)."""
+    what = f"an integer from {low} to {high}"
+    return _checked(_integer, what, lambda v: low <= v <= high, f"int_{low}_{high}")
 
 
 def byte_size(text: str) -> int:

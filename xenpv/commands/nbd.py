@@ -14,21 +14,19 @@ the pid; Ctrl-C or SIGTERM stops everything. See docs/nbd.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
-import shutil
-import signal
 import stat
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from xenpv.errors import UsageError, XenpvError
+from xenpv.errors import EXIT_FAILURE, UsageError, XenpvError
 from xenpv.nbd.server import parse_address, uri_of
 from xenpv.runtime.nbd_export import status_path
-from xenpv.toolstack import cluster
+from xenpv.toolstack import cluster, supervisor
+from xenpv.toolstack.supervisor import Supervisor
 from xenpv.toolstack.topology import (
     PAGE_SIZES,
     DomainSpec,
@@ -110,16 +108,6 @@ def build_topology(
     )
 
 
-def _first_xenpv_error(group: BaseExceptionGroup[BaseException]) -> XenpvError | None:
-    """The error to report from a trio exception group (one line, no traceback)."""
-    for exc in group.exceptions:
-        if isinstance(exc, XenpvError):
-            return exc
-        if isinstance(exc, BaseExceptionGroup) and (found := _first_xenpv_error(exc)):
-            return found
-    return None
-
-
 def _image_size(image: Path) -> int:
     try:
         info = image.stat()
@@ -141,64 +129,42 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     if page_size not in PAGE_SIZES:
         raise UsageError(f"--page-size {args.page_size}: expected 4K, 16K or 64K")
-    temporary = args.state_dir is None
-    state_dir = (
-        Path(tempfile.mkdtemp(prefix="xenpv-nbd-", dir="/tmp"))
-        if temporary
-        else args.state_dir.resolve()
-    )
+    address: str | None = None  # None: the state directory's nbd.sock, once there is one
     if args.tcp is not None:
         address = f"tcp:{args.tcp}"
+        parse_address(address)  # a bad --tcp value is a usage error before anything starts
     elif args.socket is not None:
         address = f"unix:{args.socket.resolve()}"
-    else:
-        address = f"unix:{state_dir / 'nbd.sock'}"
-    parse_address(address)  # a bad --tcp value is a usage error before anything starts
-    topo = build_topology(
-        image,
-        size,
-        page_size=page_size,
-        address=address,
-        granule=args.granule == "on",
-        read_only=args.read_only,
-        transport=args.transport,
-    )
+
+    async def main(sup: Supervisor, state_dir: Path) -> int:
+        topo = build_topology(
+            image,
+            size,
+            page_size=page_size,
+            address=address or f"unix:{state_dir / 'nbd.sock'}",
+            granule=args.granule == "on",
+            read_only=args.read_only,
+            transport=args.transport,
+        )
+        await _serve(topo, state_dir, args, sup)
+        return EXIT_FAILURE  # _serve returns only if the cluster ended on its own
+
     try:
-        return trio.run(_main, topo, state_dir, args)
-    except BaseExceptionGroup as group:
-        first = _first_xenpv_error(group)
-        if first is None:
-            raise
-        raise first from None
+        if args.state_dir is not None:
+            return supervisor.run(
+                functools.partial(main, state_dir=args.state_dir.resolve()), Supervisor()
+            )
+        return supervisor.run_in_temp_dir("xenpv-nbd-", main, Supervisor())
     finally:
         if args.pid_file is not None:
             args.pid_file.unlink(missing_ok=True)
-        if temporary:
-            shutil.rmtree(state_dir, ignore_errors=True)
 
 
-async def _main(topo: Topology, state_dir: Path, args: argparse.Namespace) -> int:
-    stopped = False
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-
-            async def stop_on_signal() -> None:
-                nonlocal stopped
-                async for _ in signals:
-                    stopped = True
-                    print("xenpv: stopping the NBD export", file=sys.stderr)
-                    nursery.cancel_scope.cancel()
-                    return
-
-            nursery.start_soon(stop_on_signal)
-            await _serve(topo, state_dir, args)
-            nursery.cancel_scope.cancel()
-    return 0 if stopped else 1
-
-
-async def _serve(topo: Topology, state_dir: Path, args: argparse.Namespace) -> None:
+async def _serve(
+    topo: Topology, state_dir: Path, args: argparse.Namespace, sup: Supervisor
+) -> None:
     async with cluster.launch(
-        topo, state_dir, ready_timeout_s=args.timeout, log_level=args.log_level
+        topo, state_dir, sup=sup, ready_timeout_s=args.timeout, log_level=args.log_level
     ) as running:
         device = running.devices[0]
         with trio.move_on_after(args.timeout) as scope:
@@ -211,6 +177,7 @@ async def _serve(topo: Topology, state_dir: Path, args: argparse.Namespace) -> N
         if bound.startswith("error:"):
             raise NbdCommandError(f"the guest cannot export the disk: {bound[6:].strip()}")
         uri = uri_of(bound)
+        sup.signal_is_normal_stop = True  # from now on Ctrl-C or SIGTERM is how it ends: 0
         print(uri, flush=True)
         if args.pid_file is not None:
             args.pid_file.write_text(f"{os.getpid()}\n")

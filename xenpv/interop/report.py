@@ -37,59 +37,47 @@ def _orders(record: dict[str, Any]) -> str:
     return f"{'-' if fe is None else fe}/{'-' if be is None else be}"
 
 
-def _features(record: dict[str, Any]) -> str:
+# Each device's features as (label, terminal label, key of record["features"]).
+_FEATURE_LABELS: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "vbd": (
+        ("ind", "i", "indirect_segments"),
+        ("ring", "r", "ring_page_order"),
+        ("pers", "p", "persistent"),
+        ("q", "q", "queues"),
+    ),
+    "vif": (("q", "q", "queues"), ("sg/gso", "sg", "sg_gso")),
+}
+
+
+def _features(record: dict[str, Any], *, short: bool = False) -> str:
+    """`max: ind 256, ring 4, pers 1, q 4`, or for a terminal `max i256 r4 p1 q4`."""
     f = record["features"]
-    if record["device"] == "vbd":
-        return (
-            f"{f['profile']}: ind {f['indirect_segments']}, ring {f['ring_page_order']}, "
-            f"pers {int(f['persistent'])}, q {f['queues']}"
-        )
-    return f"{f['profile']}: q {f['queues']}, sg/gso {int(f['sg_gso'])}"
+    labels = _FEATURE_LABELS[record["device"]]
+    if short:
+        return " ".join([f["profile"], *(f"{tag}{int(f[key])}" for _, tag, key in labels)])
+    return f"{f['profile']}: " + ", ".join(f"{label} {int(f[key])}" for label, _, key in labels)
 
 
-def _features_short(record: dict[str, Any]) -> str:
-    f = record["features"]
-    if record["device"] == "vbd":
-        return (
-            f"{f['profile']} i{f['indirect_segments']} r{f['ring_page_order']} "
-            f"p{int(f['persistent'])} q{f['queues']}"
-        )
-    return f"{f['profile']} q{f['queues']} sg{int(f['sg_gso'])}"
-
-
-def terminal_rows(records: list[dict[str, Any]]) -> list[list[str]]:
-    """`rows` for an 80-column terminal (see TERMINAL_LEGEND)."""
-    return [
-        [
-            r["device"],
-            _kib(r["frontend_page"]),
-            _kib(r["backend_page"]),
-            r["extension"],
-            _features_short(r),
-            _orders(r),
-            "ok" if r["ok"] else "FAIL",
-            "-" if r.get("mbps") is None else f"{r['mbps']:,.1f}",
-        ]
-        for r in records
-    ]
-
-
-def _throughput(record: dict[str, Any]) -> str:
+def _throughput(record: dict[str, Any], *, unit: bool = True) -> str:
     value = record.get("mbps")
-    return "-" if value is None else f"{value:,.1f} {record.get('unit', '')}"
+    if value is None:
+        return "-"
+    return f"{value:,.1f} {record.get('unit', '')}" if unit else f"{value:,.1f}"
 
 
-def rows(records: list[dict[str, Any]]) -> list[list[str]]:
+def rows(records: list[dict[str, Any]], *, terminal: bool = False) -> list[list[str]]:
+    """A row a cell; `terminal`: short enough for an 80-column terminal (see
+    TERMINAL_LEGEND)."""
     return [
         [
             r["device"],
             _kib(r["frontend_page"]),
             _kib(r["backend_page"]),
             r["extension"],
-            _features(r),
+            _features(r, short=terminal),
             _orders(r),
             "ok" if r["ok"] else "FAIL",
-            _throughput(r),
+            _throughput(r, unit=not terminal),
         ]
         for r in records
     ]
@@ -134,7 +122,7 @@ def print_table(result: dict[str, Any], file: TextIO | None = None) -> None:
     table = Table(title="xenpv interop: mixed page sizes x grant granules")
     for column in TERMINAL_COLUMNS:
         table.add_column(column, overflow="fold")  # wrap, never an ellipsis
-    for row in terminal_rows(result["cells"]):
+    for row in rows(result["cells"], terminal=True):
         style = None if row[6] == "ok" else "red"
         table.add_row(*row, style=style)
     out = file or sys.stderr

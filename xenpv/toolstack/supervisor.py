@@ -400,20 +400,27 @@ def run_in_temp_dir(
     happens; on a failure (not an interruption) its `logs/` stay and their place is printed."""
     state_dir = Path(tempfile.mkdtemp(prefix=prefix))  # $TMPDIR, else /tmp
     failed = True
+    error: BaseException | None = None
     try:
         code = run(functools.partial(_with_dir, main, state_dir), sup)
         failed = code == EXIT_FAILURE
         return code
-    except BaseException:
-        failed = not sup.interrupted
+    except BaseException as exc:
+        failed, error = not sup.interrupted, exc
         raise
     finally:
         # A Ctrl-C now would stop the removal half-way: it waits until the removal is done.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
-            remove_temp_dir(state_dir, keep_logs=failed and not sup.interrupted)
+            kept = remove_temp_dir(state_dir, keep_logs=failed and not sup.interrupted)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        if kept is not None:
+            note = f"xenpv: logs kept in {kept}"
+            if error is not None:
+                error.add_note(note)  # the CLI prints it under the error line
+            else:
+                print(note, file=sys.stderr)
 
 
 async def _with_dir(
@@ -422,17 +429,17 @@ async def _with_dir(
     return await main(sup, state_dir)
 
 
-def remove_temp_dir(state_dir: Path, *, keep_logs: bool) -> None:
+def remove_temp_dir(state_dir: Path, *, keep_logs: bool) -> Path | None:
     """Remove a temporary state directory; after a failure keep its `logs/` (the domains'
-    own account of what went wrong) and say where they are."""
+    own account of what went wrong) and return where they are."""
     logs = state_dir / "logs"
     if not keep_logs or not logs.is_dir() or not any(logs.iterdir()):
         shutil.rmtree(state_dir, ignore_errors=True)
-        return
+        return None
     for entry in state_dir.iterdir():
         if entry != logs:
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 entry.unlink(missing_ok=True)
-    print(f"xenpv: logs kept in {logs}", file=sys.stderr)
+    return logs

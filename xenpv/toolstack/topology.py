@@ -365,10 +365,26 @@ def load(path: Path) -> Topology:
     return loads(text, str(path))
 
 
+# The demo's topology; `xenpv topology example` writes it out, so every setting is explained.
 DEFAULT_TOPOLOGY_TOML = """\
-# xenpv demo: one backend domain, three guests with 4 KiB, 16 KiB and 64 KiB pages.
-# 64M each: a 64 KiB-page guest spends one page per netfront rx slot (256 slots = 16 MiB).
+# A xenpv topology: the demo's (`xenpv demo`), with every setting spelled out.
+# Run it with:   xenpv cluster up THIS_FILE [--detach]
+# Check it with: xenpv topology check THIS_FILE
+# One backend domain and three guests with 4 KiB, 16 KiB and 64 KiB pages, each with a
+# vbd (a sparse image file) and a vif on the backend's switch.
+
+# How domains share memory and notify each other:
+# auto | shm (shared memory) | socket (copies over a Unix socket) | tcp (copies over TCP)
 transport = "auto"
+
+# The TCP listener xenstored opens for the domains (default: 127.0.0.1, a free port):
+# [xenstore]
+# tcp = "127.0.0.1:0"
+
+# -- domains ---------------------------------------------------------------------------
+# name: letters, digits, '-' and '_'; role: backend | guest (default guest);
+# page_size: 4K | 16K | 64K (default 4K); memory: a multiple of the page size (default 64M;
+# a 64 KiB-page guest spends one page per netfront receive slot: 256 slots = 16 MiB).
 
 [[domain]]
 name = "backend"
@@ -378,24 +394,42 @@ memory = "64M"
 
 [[domain]]
 name = "guest4k"
+role = "guest"
 page_size = "4K"
 memory = "64M"
 
 [[domain]]
 name = "guest16k"
+role = "guest"
 page_size = "16K"
 memory = "64M"
 
 [[domain]]
 name = "guest64k"
+role = "guest"
 page_size = "64K"
 memory = "64M"
+
+# -- block devices (blkif) ---------------------------------------------------------------
+# image: relative to the state directory, created sparse if missing (omit it for a disk
+# in memory); read_only = true needs an existing image. sector_size: 512 | 4096.
+# [vbd.features] is what the backend offers; the frontend picks within it.
 
 [[vbd]]
 frontend = "guest4k"
 backend = "backend"
 image = "guest4k.img"
 size = "16M"
+read_only = false
+sector_size = 512
+[vbd.features]
+ring_page_order = 4           # largest ring the backend accepts: 2^order pages, 0..4
+queues = 4                    # multi-queue-max-queues, 1..4
+indirect_segments = 256       # feature-max-indirect-segments, 0 = off
+persistent = true             # persistent grants
+flush = true                  # flush-cache
+barrier = true                # write barriers
+discard = true                # trim
 
 [[vbd]]
 frontend = "guest16k"
@@ -408,6 +442,10 @@ frontend = "guest64k"
 backend = "backend"
 image = "guest64k.img"
 size = "16M"
+
+# -- network devices (netif) -------------------------------------------------------------
+# mac: unicast (default 00:16:3e:00:00:<n>); tap = "NAME" also attaches a host TAP device
+# to the guest's netfront (root; see docs/net.md).
 
 [[vif]]
 frontend = "guest4k"

@@ -239,6 +239,16 @@ class Store:
             raise XsError(errno, path)
         raise XsError("EACCES", path)
 
+    def _lookup_writable(self, c: _Conn, t: Table, path: str) -> Node | None:
+        """`_lookup` for WRITE, but None where the node is missing (ENOENT): WRITE and MKDIR
+        create it, RM finds it already gone."""
+        try:
+            return self._lookup(c, t, path, WRITE)
+        except XsError as exc:
+            if exc.errno_name != "ENOENT":
+                raise
+            return None
+
     def _missing_chain(self, t: Table, path: str) -> tuple[list[str], Node]:
         """Paths to create for `path` (deepest first) and the existing ancestor."""
         missing = [path]
@@ -411,11 +421,8 @@ class Store:
             raise XsError("EINVAL", "WRITE without path")
         path = canonicalize(_ascii(msg.payload[:cut]), c.domid)
         value = msg.payload[cut + 1 :]
-        try:
-            node = self._lookup(c, t, path, WRITE)
-        except XsError as exc:
-            if exc.errno_name != "ENOENT":
-                raise
+        node = self._lookup_writable(c, t, path)
+        if node is None:
             self._check_create(c, t, path, value)
         else:
             self._check_size(c, node, value, len(node.perms))
@@ -424,25 +431,17 @@ class Store:
 
     def _mkdir(self, c: _Conn, t: Table, msg: Message) -> bytes:
         path = canonicalize(_onearg(msg), c.domid)
-        try:
-            self._lookup(c, t, path, WRITE)
-        except XsError as exc:
-            if exc.errno_name != "ENOENT":
-                raise
+        if self._lookup_writable(c, t, path) is None:
             self._check_create(c, t, path, b"")
             self._apply_write(c, t, path, b"")
         return b"OK\0"
 
     def _rm(self, c: _Conn, t: Table, msg: Message) -> bytes:
         path = canonicalize(_onearg(msg), c.domid)
-        try:
-            self._lookup(c, t, path, WRITE)
-        except XsError as exc:
-            if exc.errno_name != "ENOENT":
-                raise
+        if self._lookup_writable(c, t, path) is None:
             if t.get(parent(path)) is not None:
                 return b"OK\0"  # already gone, fine
-            raise
+            raise XsError("ENOENT", path)
         if path == ROOT:
             raise XsError("EINVAL", "cannot remove /")
         if t.get(parent(path)) is None:
