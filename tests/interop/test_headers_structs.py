@@ -555,9 +555,6 @@ def test_hash_settings_steer_by_the_headers_toeplitz(
     pages = {7: key, 8: struct.pack(f"<{len(mapping)}I", *mapping)}
     settings_ = netif_ctrl.HashSettings(num_queues=4)
 
-    def read(gref: int, length: int) -> bytes:
-        return pages[gref][:length]
-
     T = netif_ctrl.CtrlType
     for id_, (kind, data) in enumerate(
         [
@@ -568,7 +565,10 @@ def test_hash_settings_steer_by_the_headers_toeplitz(
             (T.SET_HASH_MAPPING, (8, len(mapping), 0)),
         ]
     ):
-        response = settings_.handle(netif_ctrl.CtrlRequest(id_, kind, data), read)
+        request = netif_ctrl.CtrlRequest(id_, kind, data)
+        needed = settings_.grant_needed(request)
+        granted = None if needed is None else pages[needed[0]][: needed[1]]
+        response = settings_.handle(request, granted)
         assert response == netif_ctrl.CtrlResponse(id_, kind, netif_ctrl.CtrlStatus.SUCCESS, 0)
 
     frames = [
