@@ -20,7 +20,7 @@ import trio
 from frontends.blkfront import attach
 from tests.integration.blk_env import DEVICE, TRANSPORTS, make_vbd, read_image
 from tests.integration.conftest import Xenstored
-from tests.integration.hv_pair import reaped_on_exit
+from tests.integration.hv_pair import first_line, reaped_on_exit
 from xenpv.hv import StaticDirectory, open_domain
 from xenpv.identity import DomainKey
 from xenpv.toolstack.topology import VbdFeatures
@@ -64,13 +64,7 @@ async def backend_process(
     finally:
         log_file.close()
     async with reaped_on_exit(process):
-        assert process.stdout is not None
-        line = b""
-        while not line.endswith(b"\n"):
-            chunk = await process.stdout.receive_some(4096)
-            assert chunk, f"backend process exited (rc={process.poll()})"
-            line += chunk
-        assert "ready" in json.loads(line)
+        assert "ready" in json.loads(await first_line(process, "backend process"))
         yield process
 
 
