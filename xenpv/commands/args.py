@@ -258,3 +258,51 @@ def non_empty(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("expected a non-empty text")
     return text
+
+
+# -- option groups several commands share ------------------------------------------------------
+
+
+def add_xenstore(
+    parser: argparse.ArgumentParser, *, help: str | None = None, repeatable: bool = False
+) -> None:
+    """`--xenstore ADDR` (required): the xenstored the command talks to; `repeatable` collects
+    a list."""
+    parser.add_argument(
+        "--xenstore",
+        action="append" if repeatable else "store",
+        required=True,
+        type=xenstore_address,
+        metavar="ADDR",
+        help=help,
+    )
+
+
+def add_ready_fd(parser: argparse.ArgumentParser) -> None:
+    """`--ready-fd N`: the pipe a daemon writes its READY line to once it serves."""
+    parser.add_argument(
+        "--ready-fd",
+        type=fd_number,
+        default=None,
+        metavar="N",
+        help="write a READY line to fd N",
+    )
+
+
+def add_state_dir(parser: argparse.ArgumentParser, *, help: str) -> None:
+    """`--state-dir DIR`, optional: where a run keeps its files (else a temporary directory)."""
+    parser.add_argument("--state-dir", type=directory, default=None, metavar="DIR", help=help)
+
+
+def add_round_options(
+    parser: argparse.ArgumentParser, *, timeout_help: str, block_help: str
+) -> None:
+    """`--timeout`, `--block-bytes`, `--frames`: the sizes of a self-test round (the demo's
+    check and `toolstack check`)."""
+    parser.add_argument("--timeout", type=positive_float, default=60.0, help=timeout_help)
+    parser.add_argument(
+        "--block-bytes", type=byte_size, default=4 << 20, metavar="SIZE", help=block_help
+    )
+    parser.add_argument(
+        "--frames", type=positive_int, default=24, help="echo frames per guest pair"
+    )
