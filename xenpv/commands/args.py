@@ -24,7 +24,7 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]?)(?:i?B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -306,3 +306,12 @@ def add_round_options(
     parser.add_argument(
         "--frames", type=positive_int, default=24, help="echo frames per guest pair"
     )
+
+
+def add_actions(
+    sub: Any, name: str, *, help: str, dest: str = "action", metavar: str = "ACTION"
+) -> Any:
+    """`xenpv NAME ACTION ...`: a command whose first argument picks one of its actions; the
+    returned object's `add_parser` adds each action."""
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=help)
+    return parser.add_subparsers(dest=dest, metavar=metavar, required=True)

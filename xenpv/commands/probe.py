@@ -46,10 +46,13 @@ class ProbeError(XenpvError):
 
 
 def register(sub: Any) -> None:
-    parser: argparse.ArgumentParser = sub.add_parser(
-        "probe", help="health checks: is xenstored answering, is a domain ready and connected"
+    kinds = types.add_actions(
+        sub,
+        "probe",
+        help="health checks: is xenstored answering, is a domain ready and connected",
+        dest="kind",
+        metavar="WHAT",
     )
-    kinds = parser.add_subparsers(dest="kind", metavar="WHAT", required=True)
     xsd = kinds.add_parser("xenstored", help="xenstored answers on every address given")
     types.add_xenstore(xsd, help="unix:PATH or tcp:HOST:PORT (repeatable)", repeatable=True)
     xsd.add_argument(

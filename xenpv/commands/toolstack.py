@@ -48,10 +48,9 @@ class CheckError(XenpvError):
 
 
 def register(sub: Any) -> None:
-    parser: argparse.ArgumentParser = sub.add_parser(
-        "toolstack", help="dom0 jobs: create a topology's domains and devices, run checks"
+    actions = types.add_actions(
+        sub, "toolstack", help="dom0 jobs: create a topology's domains and devices, run checks"
     )
-    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     apply = actions.add_parser("apply", help="create the domains and devices of a topology")
     apply.add_argument(
         "file",
