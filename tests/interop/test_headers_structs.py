@@ -23,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.abi_strategies import i16, segment_lists, u8, u16, u32, u64
 from xenpv.abi import netif, netif_ctrl
 from xenpv.abi.blkif import (
     BLKIF_X86_32,
@@ -262,9 +263,6 @@ def test_sizes_and_offsets_match_the_headers(
 
 # -- (b) encodings --------------------------------------------------------------------------
 
-u8, u16, u32, u64 = (st.integers(0, 2**bits - 1) for bits in (8, 16, 32, 64))
-i16 = st.integers(-(2**15), 2**15 - 1)
-
 
 @dataclass
 class Sample:
@@ -277,20 +275,11 @@ class Sample:
 
 
 @st.composite
-def segments(draw: st.DrawFn, min_size: int, max_size: int) -> tuple[BlkifSegment, ...]:
-    out = []
-    for _ in range(draw(st.integers(min_size, max_size))):
-        first = draw(st.integers(0, 7))
-        out.append(BlkifSegment(draw(u32), first, draw(st.integers(first, 7))))
-    return tuple(out)
-
-
-@st.composite
 def blkif_samples(draw: st.DrawFn, p: BlkifProtocol) -> Sample:
     kind = draw(st.sampled_from(["rw", "discard", "indirect", "segment", "rsp"]))
     if kind == "rw":
         op = draw(st.integers(0, 3))
-        segs = draw(segments(1 if op < 2 else 0, 11))
+        segs = draw(segment_lists(1 if op < 2 else 0, 11))
         req = BlkifRequest(op, draw(u64), draw(u64), segs, draw(u16))
         fields = [op, len(segs), req.handle, req.id, req.sector_number]
         for seg in segs:
@@ -317,7 +306,7 @@ def blkif_samples(draw: st.DrawFn, p: BlkifProtocol) -> Sample:
             lambda data: p.decode_request(data, max_indirect_segments=4096),
         )
     if kind == "segment":
-        seg = draw(segments(1, 1))[0]
+        seg = draw(segment_lists(1, 1))[0]
 
         def decode_segment(data: bytes) -> BlkifSegment:
             req = BlkifIndirectRequest(0, 0, 0, 1, (0,))
