@@ -56,13 +56,7 @@ def register(sub: Any) -> None:
         default=None,
         help="also serve authenticated domains on TCP",
     )
-    parser.add_argument(
-        "--ready-fd",
-        type=types.fd_number,
-        default=None,
-        metavar="N",
-        help="write a READY line to fd N",
-    )
+    types.add_ready_fd(parser)
     parser.add_argument(
         "--compact-bytes",
         type=types.positive_int,

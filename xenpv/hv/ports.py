@@ -38,6 +38,10 @@ class PortTable:
         self._by_peer: dict[int, set[EventChannel]] = {}
         self.faults: EventFaults | None = None
 
+    def open_count(self) -> int:
+        """Ports open (allocated or bound), for leak checks."""
+        return len(self._ports)
+
     def _alloc_port(self) -> int:
         for port in range(1, MAX_PORTS):
             if port not in self._ports:

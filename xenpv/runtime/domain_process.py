@@ -40,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +59,7 @@ from xenpv.runtime.selftest import SELFTEST_DONE as SELFTEST_DONE
 from xenpv.runtime.selftest import demo_workloads
 from xenpv.runtime.workload import Workload, WorkloadContext, pump_frames
 from xenpv.xenbus.core import DEVICE_CLASSES, DeviceClass, DeviceId, domain_path
+from xenpv.xenbus.keys import XENPV_INSTANCE
 from xenpv.xenstore.client import UNREADABLE, XenstoreClient, XenstoreConnectionError
 from xenpv.xenstore.wire import XsError
 
@@ -131,6 +132,8 @@ class DomainRuntime:
     wrap_storage: Callable[[DeviceId, Any], Any] | None = None
     stopping: trio.Event = field(default_factory=trio.Event)
     destroyed: bool = False
+    # ("backend" | "device", cls) → that watch's device tasks (hot-unplug tests wait on them)
+    device_tasks: dict[tuple[str, DeviceClass], DeviceTasks] = field(default_factory=dict)
 
     @property
     def blk(self) -> dict[DeviceId, Blkfront]:
@@ -169,6 +172,7 @@ class DeviceTasks:
         self._nursery = nursery
         self._runner = runner
         self._scopes: dict[DeviceId, trio.CancelScope] = {}
+        self._instances: dict[DeviceId, str | None] = {}
         self.running = 0
         self.ended = trio.Event()
 
@@ -176,13 +180,21 @@ class DeviceTasks:
     def devices(self) -> set[DeviceId]:
         return set(self._scopes)
 
-    def sync(self, present: set[DeviceId]) -> None:
-        for device in present - set(self._scopes):
+    def sync(self, present: Mapping[DeviceId, str | None]) -> None:
+        """Start a task for every new device, cancel those of devices gone. `present` maps
+        each device to its instance token: a device detached and attached again under the
+        same id between two scans (watches coalesce) has a new token, and a new task."""
+        for device, instance in self._instances.items():
+            if device in present and present[device] != instance:
+                self._scopes.pop(device).cancel()
+        for device in set(self._scopes) - set(present):
+            self._scopes.pop(device).cancel()
+        self._instances = {d: i for d, i in self._instances.items() if d in self._scopes}
+        for device in set(present) - set(self._scopes):
             scope = trio.CancelScope()
             self._scopes[device] = scope
+            self._instances[device] = present[device]
             self._nursery.start_soon(self._run, device, scope)
-        for device in set(self._scopes) - present:
-            self._scopes.pop(device).cancel()
 
     async def _run(self, device: DeviceId, scope: trio.CancelScope) -> None:
         self.running += 1
@@ -209,25 +221,38 @@ class DeviceTasks:
         # so that a failing device is not restarted in a loop on every watch event.
 
 
-async def scan_backend(xs: XenstoreClient, domid: int, cls: DeviceClass) -> set[DeviceId]:
+async def _instance(xs: XenstoreClient, directory: str) -> str | None:
+    raw = await xs.try_read(f"{directory}/{XENPV_INSTANCE}")
+    return None if raw is None else raw.decode("ascii", "replace")
+
+
+async def scan_backend(
+    xs: XenstoreClient, domid: int, cls: DeviceClass
+) -> dict[DeviceId, str | None]:
+    """The devices this domain serves, each with its instance token."""
     base = f"{domain_path(domid)}/backend/{cls}"
-    found: set[DeviceId] = set()
+    found: dict[DeviceId, str | None] = {}
     for fe in await xs.try_directory(base, ignore=UNREADABLE):
         for devid in await xs.try_directory(f"{base}/{fe}", ignore=UNREADABLE):
             if fe.isdigit() and devid.isdigit():
-                found.add(DeviceId(cls, int(fe), domid, int(devid)))
+                device = DeviceId(cls, int(fe), domid, int(devid))
+                found[device] = await _instance(xs, device.backend)
     return found
 
 
-async def scan_frontend(xs: XenstoreClient, domid: int, cls: DeviceClass) -> set[DeviceId]:
+async def scan_frontend(
+    xs: XenstoreClient, domid: int, cls: DeviceClass
+) -> dict[DeviceId, str | None]:
+    """The devices this domain is a guest of, each with its instance token."""
     base = f"{domain_path(domid)}/device/{cls}"
-    found: set[DeviceId] = set()
+    found: dict[DeviceId, str | None] = {}
     for devid in await xs.try_directory(base, ignore=UNREADABLE):
         if not devid.isdigit():
             continue
         raw = await xs.try_read(f"{base}/{devid}/backend-id")
         if raw is not None and raw.strip().isdigit():
-            found.add(DeviceId(cls, domid, int(raw), int(devid)))
+            device = DeviceId(cls, domid, int(raw), int(devid))
+            found[device] = await _instance(xs, device.frontend)
     return found
 
 
@@ -408,6 +433,7 @@ async def run_domain(
                     for cls in DEVICE_CLASSES:
                         tasks = DeviceTasks(nursery, _bind(runner, rt))
                         all_tasks.append(tasks)
+                        rt.device_tasks[(subtree, cls)] = tasks
                         await nursery.start(_watch_devices, rt, subtree, cls, tasks)
                 default = [*demo_workloads(), NbdExports()]
                 for workload in default if workloads is None else workloads:
