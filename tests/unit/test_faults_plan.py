@@ -144,7 +144,8 @@ def test_builtin_plans_load_and_schedule() -> None:
     smoke = plan.builtin("smoke")
     assert smoke.run.duration < 60
     families = {f.kind.split(".")[0] for f in smoke.faults}
-    assert families == {"event", "grant", "ring", "xenstore", "process", "link", "storage"}
+    # Every family `faults run` can inject; ring and device have no seam yet.
+    assert families == {"event", "grant", "xenstore", "process", "link", "storage"}
 
 
 def test_unknown_builtin() -> None:

@@ -18,7 +18,10 @@ What it does, in order:
    `frontends.blkfront.attach` / `frontends.netfront.attach` open for every device, in
    `DomainRuntime.blk` / `.net` (the workloads' `WorkloadContext`), and pumps every vif's
    received frames into the context's frame sinks;
-4. runs its workloads (`xenpv.runtime.workload`; by default the demo's: the echo responder
+4. starts its fault agent (`xenpv.faults.agent`: idle, one watch, until `xenpv faults run`
+   publishes the domain's control node; with XENPV_FAULTS=1 in the environment, which the
+   runner sets, it also wraps each served disk for storage faults) and
+   runs its workloads (`xenpv.runtime.workload`; by default the demo's: the echo responder
    and the self-test, whose rounds the launcher asks for under `xenpv/control/selftest`,
    results in `xenpv/checks/<name>`), then writes `/local/domain/<id>/xenpv/ready` = its pid
    once all the above is watching (the launcher watches that key: readiness without sleeps);
@@ -45,6 +48,7 @@ import structlog
 import trio
 
 from xenpv.errors import XenpvError
+from xenpv.faults.agent import FaultAgent, wants_storage_faults
 from xenpv.hv import Domain
 from xenpv.identity import TOOL_DOMAIN_ROOT, DomainKey, link_path
 from xenpv.runtime.lifecycle import open_published_domain
@@ -124,6 +128,8 @@ class DomainRuntime:
     info: DomainInfo
     ctx: WorkloadContext
     switch: LiveSwitch[Any] | None = None  # the backend's switch, created with the first vif
+    # The fault agent's storage hook (`xenpv.faults.agent`): wraps each disk served here.
+    wrap_storage: Callable[[DeviceId, Any], Any] | None = None
     stopping: trio.Event = field(default_factory=trio.Event)
     destroyed: bool = False
     # ("backend" | "device", cls) → that watch's device tasks (hot-unplug tests wait on them)
@@ -267,7 +273,10 @@ async def _serve_backend(rt: DomainRuntime, device: DeviceId) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_stop, rt, nursery.cancel_scope)
             if device.cls == "vbd":
-                await module.serve(rt.dom, rt.xs, device)
+                if rt.wrap_storage is None:
+                    await module.serve(rt.dom, rt.xs, device)
+                else:
+                    await module.serve(rt.dom, rt.xs, device, open_storage=_wrapped(rt, device))
             else:
                 if rt.switch is None:
                     from backends.switch import LiveSwitch
@@ -278,6 +287,18 @@ async def _serve_backend(rt: DomainRuntime, device: DeviceId) -> None:
             nursery.cancel_scope.cancel()
     except Exception as exc:  # one device never kills the process
         await rt.device_failed(device, f"{type(exc).__name__}: {exc}")
+
+
+def _wrapped(rt: DomainRuntime, device: DeviceId) -> Callable[[Any], Any]:
+    from backends.blkback.device import open_storage_from
+
+    wrap = rt.wrap_storage
+    assert wrap is not None
+
+    def open_storage(config: Any) -> Any:
+        return wrap(device, open_storage_from(config))
+
+    return open_storage
 
 
 async def _attach_frontend(rt: DomainRuntime, device: DeviceId) -> None:
@@ -400,7 +421,11 @@ async def run_domain(
         ) as dom:
             rt = DomainRuntime(dom, xs, info, WorkloadContext(dom, xs, info.name))
             all_tasks: list[DeviceTasks] = []
+            agent = FaultAgent(rt)  # idle (one watch) until a fault run publishes its node
+            if wants_storage_faults():  # only then: a wrapped disk loses the in-task fast path
+                rt.wrap_storage = agent.open_storage
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(agent.run)
                 for subtree, runner in (
                     ("backend", _serve_backend),
                     ("device", _attach_frontend),
