@@ -13,9 +13,65 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+import trio
+
+from tests.integration.conftest import Xenstored
+from xenpv.toolstack import devices, hotplug
+from xenpv.toolstack.devices import VbdConfig
+from xenpv.toolstack.topology import VbdFeatures
+from xenpv.xenbus import keys
+from xenpv.xenbus.core import DeviceId
+from xenpv.xenstore.client import XenstoreClient, connect
+
 REPO = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT = 90.0  # the plan lasts 20 s plus a 6 s quiet tail; start-up and teardown more
 DETACHED = ("state:guest4k:vbd:xvda", "state:guest16k:vif:0")
+
+
+async def _keys(xs: XenstoreClient, directory: str) -> dict[str, bytes]:
+    out = {}
+    for name in await xs.try_directory(directory):
+        raw = await xs.try_read(f"{directory}/{name}")
+        if raw is not None:
+            out[name] = raw
+    return out
+
+
+async def test_reattach_writes_back_the_saved_configuration(xenstored: Xenstored) -> None:
+    """`save_config` then `reattach` re-creates both directories with the same configuration
+    keys (a vbd with non-default features, a vif with a TAP) and a new attach instance."""
+    vbd = DeviceId("vbd", 7, 3, 51728)
+    vif = DeviceId("vif", 7, 3, 1)
+    config = VbdConfig(
+        image="/nonexistent/d.img",
+        size=1 << 20,
+        read_only=True,
+        sector_size=4096,
+        features=VbdFeatures(queues=2, persistent=False),
+        nbd="unix:/tmp/x.sock",
+    )
+    with trio.fail_after(20):
+        async with connect(xenstored.unix) as xs:
+            await devices.create_vbd(xs, vbd, config)
+            await devices.create_vif(xs, vif, mac="00:16:3e:00:00:07", tap="tap7")
+            for device in (vbd, vif):
+                before = (await _keys(xs, device.backend), await _keys(xs, device.frontend))
+                saved = await hotplug.save_config(xs, device)
+                with pytest.raises(hotplug.HotplugError, match="already exists"):
+                    await hotplug.reattach(xs, saved)
+                await devices.destroy_device(xs, device)
+                assert not await hotplug.device_exists(xs, device)
+                with pytest.raises(hotplug.HotplugError, match="no device"):
+                    await hotplug.save_config(xs, device)
+                await hotplug.reattach(xs, saved)
+                after = (await _keys(xs, device.backend), await _keys(xs, device.frontend))
+                for old, new in zip(before, after, strict=True):
+                    assert old[keys.XENPV_INSTANCE] != new[keys.XENPV_INSTANCE]
+                    old.pop(keys.XENPV_INSTANCE)
+                    new.pop(keys.XENPV_INSTANCE)
+                    assert old == new
+            assert saved.frontend_keys[keys.XENPV_TAP] == "tap7"
 
 
 def test_hotplug_plan_detaches_and_reattaches_under_load(tmp_path: Path) -> None:
