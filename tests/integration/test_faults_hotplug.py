@@ -17,6 +17,10 @@ import pytest
 import trio
 
 from tests.integration.conftest import Xenstored
+from xenpv.faults import plan, schedule
+from xenpv.faults.device import KIND as DEVICE_KIND
+from xenpv.faults.device import DeviceInjector
+from xenpv.faults.schedule import ScheduledFault
 from xenpv.toolstack import devices, hotplug
 from xenpv.toolstack.devices import VbdConfig
 from xenpv.toolstack.topology import VbdFeatures
@@ -132,3 +136,40 @@ def test_hotplug_plan_detaches_and_reattaches_under_load(tmp_path: Path) -> None
         # The close handshake, not a bare removal: backend Closing, then Closed, then removed.
         gone = backend.index(0)
         assert backend[gone - 2 : gone] == [5, 6], backend
+
+
+def _fault(target: str, **params: bool | float) -> ScheduledFault:
+    return ScheduledFault(
+        "f0.0", 0, DEVICE_KIND, target, 0.0, 1.0, None, None, tuple(sorted(params.items()))
+    )
+
+
+async def test_injector_forces_after_grace_or_leaves_the_device_closing(
+    xenstored: Xenstored,
+) -> None:
+    """With nobody serving the device the close handshake never finishes: without `force` the
+    device is left offline and Closing and nothing is re-attached; with `force` it is removed
+    after `grace` and re-attached at the stop."""
+    targets = schedule.build(plan.builtin("hotplug")).topology
+    domids = {"backend": 3, "guest4k": 7, "guest16k": 8, "guest64k": 9}
+    target = "device:guest4k:vbd:xvda"
+    with trio.fail_after(20):
+        async with connect(xenstored.unix) as xs:
+            injector = DeviceInjector(xs, targets, domids)
+            device = injector.device(_fault(target))
+            await devices.create_vbd(xs, device, VbdConfig(image=None, size=1 << 20))
+            gentle = _fault(target, grace=0.1, force=False)
+            assert injector.handles(gentle)
+            await injector.detach(gentle)
+            assert await xs.try_read(f"{device.backend}/state") == b"5"  # Closing
+            assert await xs.try_read(f"{device.backend}/{keys.ONLINE}") == b"0"
+            await injector.reattach(gentle, wait=0.1)  # nothing saved: nothing to do
+            assert await xs.try_read(f"{device.backend}/state") == b"5"
+
+            forced = _fault(target, grace=0.1)  # force: the catalogue's default, true
+            await injector.detach(forced)
+            assert not await hotplug.device_exists(xs, device)
+            await injector.detach(forced)  # already gone: logged, not raised
+            await injector.reattach(forced, wait=0.1)  # nobody connects it: bounded wait
+            assert await xs.try_read(f"{device.backend}/state") == b"1"  # Initialising
+            assert await xs.try_read(f"{device.backend}/{keys.ONLINE}") == b"1"

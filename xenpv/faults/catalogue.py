@@ -454,7 +454,7 @@ KINDS: tuple[FaultKind, ...] = (
         "detach a vbd or vif through the xenbus close handshake, re-attach it under the same"
         " id with the same configuration when the fault stops",
         (
-            _seconds("grace", 2.0, "seconds the close handshake has before `force` applies"),
+            _seconds("grace", 2.0, "seconds the close handshake has before `force` applies", 20.0),
             Param("force", bool, True, "remove the device after `grace` even if not Closed"),
         ),
         (V,),

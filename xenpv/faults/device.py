@@ -28,7 +28,8 @@ from xenpv.faults.schedule import ScheduledFault
 from xenpv.faults.targets import DeviceTarget, Targets
 from xenpv.toolstack import hotplug
 from xenpv.xenbus.core import DeviceId, domain_path
-from xenpv.xenstore.client import XenstoreClient
+from xenpv.xenstore.client import XenstoreClient, XenstoreConnectionError
+from xenpv.xenstore.wire import XsError
 
 log = structlog.get_logger()
 
@@ -91,11 +92,12 @@ class DeviceInjector:
                 grace=float(param(fault, "grace")),
                 force=bool(param(fault, "force")),
             )
-        except hotplug.HotplugError as exc:  # it stays as it was (offline if not forced)
+        except (hotplug.HotplugError, XsError, XenstoreConnectionError) as exc:
+            # Not there (an overlapping fault detached it), or not Closed in time without
+            # `force`: then it stays offline and Closing, as xl leaves it, and the liveness
+            # checker reports it. Nothing is re-attached at the stop.
             log.warning("detach failed", fault=fault.id, device=str(device), error=str(exc))
-            if await hotplug.device_exists(self.xs, device):
-                return
-            raise
+            return
         self.saved[fault.id] = saved
         log.info("device detached", fault=fault.id, device=str(device), outcome=result.outcome)
 
@@ -104,7 +106,13 @@ class DeviceInjector:
         saved = self.saved.pop(fault.id, None)
         if saved is None:
             return  # never detached (the detach timed out without force)
-        await hotplug.reattach(self.xs, saved)
+        try:
+            await hotplug.reattach(self.xs, saved)
+        except (hotplug.HotplugError, XsError, XenstoreConnectionError) as exc:
+            log.warning(
+                "re-attach failed", fault=fault.id, device=str(saved.device), error=str(exc)
+            )
+            return
         log.info("device re-attached", fault=fault.id, device=str(saved.device))
         with trio.move_on_after(wait):
             for path in state_paths(saved.device):
