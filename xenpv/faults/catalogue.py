@@ -106,11 +106,11 @@ _INJECTORS = {
     "xenstore.commit-eagain": "xenpv.faults.xsagent",
     "xenstore.conn-reset": "xenpv.faults.xsagent",
     "xenstore.xenstored-kill": "xenpv.faults.process",
+    "device.detach-reattach": "xenpv.faults.device",
 }
 # Kinds with no injector in a fault run yet, and why (`xenpv faults list` says it).
 NOT_YET = {
     "ring": "needs a hostile peer inside the drivers",
-    "device": "needs hot-unplug in the toolstack",
     "grant.revoke-while-mapped": "needs a seam in the granter",
     "xenstore.watch-delay": "xenstored has no seam on the watch events it sends",
     "xenstore.watch-duplicate": "xenstored has no seam on the watch events it sends",
@@ -451,8 +451,12 @@ KINDS: tuple[FaultKind, ...] = (
     FaultKind(
         Family.DEVICE,
         "detach-reattach",
-        "hot-unplug a device and plug it back when the fault stops",
-        (),
+        "detach a vbd or vif through the xenbus close handshake, re-attach it under the same"
+        " id with the same configuration when the fault stops",
+        (
+            _seconds("grace", 2.0, "seconds the close handshake has before `force` applies", 20.0),
+            Param("force", bool, True, "remove the device after `grace` even if not Closed"),
+        ),
         (V,),
         may_lose=True,
     ),

@@ -12,7 +12,9 @@
    guests' workloads and history files;
 4. follows the schedule (`injectors.follow`): a fault is started by rewriting the control
    nodes of the domains that apply it (`recipients`) or, for `process.*`, by a signal to the
-   domain's process (`ProcessInjector`; the supervisor restarts what was killed);
+   domain's process (`ProcessInjector`; the supervisor restarts what was killed), or, for
+   `device.detach-reattach`, by the runner itself (dom0 has the toolstack: `DeviceInjector`
+   detaches the device through the xenbus close handshake and re-attaches it at the stop);
 5. after the last heal: the `probe` phase (every guest runs a probe I/O on each device until
    one works), the quiet tail, then `drain` (senders stop, frames in flight arrive) and
    `stop` (agents close their history files and say so);
@@ -40,6 +42,7 @@ import structlog
 import trio
 
 from xenpv.errors import XenpvError
+from xenpv.faults import device as device_faults
 from xenpv.faults.catalogue import CATALOGUE
 from xenpv.faults.checkers import CHECKERS, Violation, check_all
 from xenpv.faults.control import (
@@ -92,7 +95,8 @@ AGENT_KINDS = frozenset(
 )
 XENSTORED_KINDS = frozenset({"xenstore.commit-eagain", "xenstore.conn-reset"})
 PROCESS_KINDS = frozenset({"process.kill", "process.stop", "process.restart"})
-INJECTABLE = AGENT_KINDS | XENSTORED_KINDS | PROCESS_KINDS
+DEVICE_KINDS = frozenset({device_faults.KIND})
+INJECTABLE = AGENT_KINDS | XENSTORED_KINDS | PROCESS_KINDS | DEVICE_KINDS
 DRAIN = 1.0  # seconds between the senders' stop and the agents' stop
 READY_WAIT = 15.0  # seconds every agent has to set its workloads up
 STOP_WAIT = 5.0  # seconds agents have to close their history files
@@ -388,6 +392,7 @@ async def _run(
         return None
 
     processes = ProcessInjector(pid_of, restart=lambda name: None)  # on-failure restarts it
+    hotplugs = device_faults.DeviceInjector(xs, schedule.topology, domids)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_record_states, xs, schedule, domids, runner_log)
@@ -399,7 +404,7 @@ async def _run(
             origin = trio.current_time()
             phase[0] = "run"
             await write_all(everyone)
-            with Injection([controls, processes], runner_log) as injection:
+            with Injection([controls, processes, hotplugs], runner_log) as injection:
                 lines = LineCounter(history_dir)
 
                 async def ticker() -> None:
@@ -414,7 +419,7 @@ async def _run(
                         await trio.sleep(0.5)
 
                 nursery.start_soon(ticker)
-                await _follow(schedule, injection, origin, xs, domids, republish)
+                await _follow(schedule, injection, origin, xs, domids, republish, hotplugs)
             phase[0] = "probe"
             await write_all(everyone)
             await trio.sleep_until(origin + max(schedule.duration, schedule.last_heal))
@@ -517,20 +522,28 @@ async def _follow(
     xs: XenstoreClient,
     domids: dict[str, int],
     republish: Callable[[str], Awaitable[None]],
+    hotplugs: device_faults.DeviceInjector | None = None,
 ) -> None:
     """`injectors.follow`, except that a killed domain's fault window lasts until the domain
     is back (`_back`): what it lost while down is the fault's doing, and the history says
-    so. Later events wait for it (bounded by BACK_WAIT)."""
+    so. Likewise a detached device's window runs from before the detach until it is
+    re-attached and Connected again. Later events wait for them (bounded by BACK_WAIT)."""
     before: dict[str, bytes | None] = {}
     for offset, action, fault in schedule.events():
         await trio.sleep_until(origin + offset)
         name = fault.target.removeprefix("domain:")
         restarts = fault.kind in RESTARTING and name in domids
+        hotplug = hotplugs is not None and hotplugs.handles(fault)
         if action == "start":
             if restarts:
                 before[fault.id] = await _ready_value(xs, domids[name])
             injection.start(fault)
+            if hotplugs is not None and hotplug:
+                with trio.move_on_after(BACK_WAIT):
+                    await hotplugs.detach(fault)
             continue
+        if hotplugs is not None and hotplug:
+            await hotplugs.reattach(fault, wait=BACK_WAIT)
         if restarts:
             with trio.move_on_after(BACK_WAIT):
                 await _back(xs, schedule, domids, name, before.get(fault.id), republish)

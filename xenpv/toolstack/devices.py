@@ -87,6 +87,16 @@ async def _create(
 DeviceKeys = tuple[dict[str, str | int], dict[str, str | int]]
 
 
+async def create_device(
+    xs: XenstoreClient,
+    device: DeviceId,
+    backend_keys: Mapping[str, str | int],
+    frontend_keys: Mapping[str, str | int],
+) -> None:
+    """Write a device's first keys from configuration keys already built (a re-attach)."""
+    await _create(xs, device, backend_keys, frontend_keys)
+
+
 def vbd_keys(device: DeviceId, config: VbdConfig) -> DeviceKeys:
     """A vbd's configuration keys (backend, frontend), beyond the ends and `state`: as xl
     writes them (backend `mode`, `params`, `type`; frontend `virtual-device`) plus xenpv's."""

@@ -130,3 +130,54 @@ async def detach(
         )
     await devices.destroy_device(xs, device)
     return DetachResult(device, "closed" if closed else "forced", backend, frontend)
+
+
+# -- detach and re-attach under the same id, with the same configuration ------------------
+
+# Keys that belong to one attach or to the handshake, not to the device's configuration.
+_NOT_CONFIG = frozenset(
+    {"frontend", "frontend-id", "backend", "backend-id", "state", keys.ONLINE, keys.XENPV_INSTANCE}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SavedDevice:
+    """A device's configuration keys (as `devices.vbd_keys` / `vif_keys` wrote them), read
+    before a detach so that `reattach` can plug the same device back."""
+
+    device: DeviceId
+    backend_keys: dict[str, str | int]
+    frontend_keys: dict[str, str | int]
+
+
+def _config_names(device: DeviceId) -> tuple[frozenset[str], frozenset[str]]:
+    if device.cls == "vbd":
+        backend, frontend = devices.vbd_keys(device, VbdConfig(image=None, size=0))
+        extra_front = {keys.XENPV_NBD}
+    else:
+        backend, frontend = devices.vif_keys(device, mac="00:00:00:00:00:00")
+        extra_front = {keys.XENPV_TAP}
+    return frozenset(backend), frozenset(frontend) | extra_front
+
+
+async def save_config(xs: XenstoreClient, device: DeviceId) -> SavedDevice:
+    """The configuration keys of an attached device; HotplugError if it is not attached."""
+    if not await device_exists(xs, device):
+        raise HotplugError(f"no device {device}")
+    backend_names, frontend_names = _config_names(device)
+    saved: list[dict[str, str | int]] = []
+    for directory, names in ((device.backend, backend_names), (device.frontend, frontend_names)):
+        values: dict[str, str | int] = {}
+        for name in sorted(names - _NOT_CONFIG):
+            raw = await xs.try_read(f"{directory}/{name}")
+            if raw is not None:
+                values[name] = raw.decode("utf-8", "replace")
+        saved.append(values)
+    return SavedDevice(device, saved[0], saved[1])
+
+
+async def reattach(xs: XenstoreClient, saved: SavedDevice) -> None:
+    """Attach a detached device again under its id, with the keys `save_config` read (a new
+    `xenpv-instance`, so the drivers tell it apart from the old attach)."""
+    await _refuse_existing(xs, saved.device)
+    await devices.create_device(xs, saved.device, saved.backend_keys, saved.frontend_keys)
