@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -99,8 +100,13 @@ def require(marker: str) -> None:
     """Skip (or, under XENPV_REQUIRE_SYSTEM=1, fail) unless the marker's requirement is met."""
     check, hint = _REQUIREMENTS[marker]
     missing = check()
-    if not missing:
-        return
+    if missing:
+        skip_or_fail(marker, missing, hint)
+
+
+def skip_or_fail(marker: str, missing: list[str], hint: str) -> NoReturn:
+    """Skip the test, or fail it under XENPV_REQUIRE_SYSTEM=1: `missing` things (of the
+    `marker` kind) are not on this machine; `hint` says how to get them."""
     reason = f"[{marker}] missing {', '.join(missing)} ({hint})"
     if REQUIRE_SYSTEM:
         pytest.fail(f"{reason}; XENPV_REQUIRE_SYSTEM=1 forbids skipping", pytrace=False)

@@ -40,6 +40,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "xenpv.commands.toolstack",
     "xenpv.commands.faults",
     "xenpv.commands.topology",
+    "xenpv.commands.device",
     "xenpv.commands.k8s",
     "xenpv.commands.nbd",
 )

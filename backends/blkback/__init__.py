@@ -14,7 +14,11 @@ docs/blk.md (## Backend) explains the choices where Linux and the headers leave 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from backends.blkback.device import BlkbackDevice
+from backends.blkback.keys import BackendConfig
+from backends.storage import Storage
 from xenpv.hv import Domain
 from xenpv.xenbus.core import DeviceId
 from xenpv.xenstore.client import XenstoreClient
@@ -22,8 +26,15 @@ from xenpv.xenstore.client import XenstoreClient
 __all__ = ["BlkbackDevice", "serve"]
 
 
-async def serve(dom: Domain, xs: XenstoreClient, device: DeviceId) -> None:
+async def serve(
+    dom: Domain,
+    xs: XenstoreClient,
+    device: DeviceId,
+    *,
+    open_storage: Callable[[BackendConfig], Storage] | None = None,
+) -> None:
     """Serve one vbd for its whole life (handshake, reconnects, restarts); return when the
     device's backend directory is removed; cancel to stop. Frontend misbehaviour never
-    raises out of here (bad requests get error responses, bad rings close the device)."""
-    await BlkbackDevice(dom, xs, device).run()
+    raises out of here (bad requests get error responses, bad rings close the device).
+    `open_storage` replaces how the disk is opened (a fault run wraps it)."""
+    await BlkbackDevice(dom, xs, device, open_storage=open_storage).run()

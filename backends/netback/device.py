@@ -11,6 +11,11 @@
   and the backend switches to Closing (the frontend then closes and may start over);
 - CLOSE: tear the data path down.
 
+Control ring (io/netif.h; `xenpv.abi.netif_ctrl`): `feature-ctrl-ring` = 1 is advertised; a
+frontend that writes `ctrl-ring-ref` and `event-channel-ctrl` gets its page mapped at CONNECT
+and its hash requests answered; once it set an algorithm, frames to the guest are steered to
+the rx queue its hash and mapping table pick instead of the flow hash.
+
 Grant granules (docs/granule-extension.md, docs/net.md "Grant granules"): ADVERTISE also writes
 `max-grant-granule-order` (`max_granule_order`, else the toolstack's
 `xenpv-max-grant-granule-order`, else 4); CONNECT accepts the frontend's `grant-granule-order`
@@ -59,14 +64,28 @@ from backends.switch import Frame, LiveSwitch, SwitchError, SwitchPort
 from xenpv import granule
 from xenpv.abi.errors import RingError
 from xenpv.abi.netif import NETIF_RX_RING, NETIF_TX_RING
+from xenpv.abi.netif_ctrl import (
+    CTRL_RING_REF,
+    EVENT_CHANNEL_CTRL,
+    NETIF_CTRL_RING,
+    HashSettings,
+    decode_request,
+    encode_response,
+)
 from xenpv.abi.ring import BackRing
 from xenpv.abi.virtio_net import VirtioNetHdr
 from xenpv.ethernet import flow_hash
 from xenpv.hv import XEN_PAGE_SIZE, Domain, EventChannel, EventChannelClosed, GrantMapping, HvError
+from xenpv.hv.copyengine import CopyDirection, CopyOp
 from xenpv.xenbus import core as xenbus
 from xenpv.xenbus.core import Action, Closing, DeviceId
 from xenpv.xenbus.handshake import KeyValues, publish, read_keys, run_handshake
-from xenpv.xenbus.keys import XENPV_MAX_GRANULE_ORDER, XENPV_MAX_QUEUES
+from xenpv.xenbus.keys import (
+    XENPV_MAX_GRANULE_ORDER,
+    XENPV_MAX_QUEUES,
+    KeyValueError,
+    parse_uint,
+)
 from xenpv.xenstore.client import XenstoreClient
 from xenpv.xenstore.wire import XsError
 
@@ -105,6 +124,9 @@ class _Connection:
     held: int = 0  # frames the switch reader took from the port and has not enqueued yet
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     done: trio.Event = field(default_factory=trio.Event)
+    # the control ring, if the frontend set one up: its ring, port, and the hash it sets
+    ctrl: tuple[BackRing, EventChannel] | None = None
+    hash: HashSettings | None = None
 
 
 class Vif:
@@ -320,6 +342,7 @@ class Vif:
                     rx_channel = await self.dom.bind_interdomain(fe, q.evtchn_rx)
                     channels.append(rx_channel)
                 rings.append((tx_ring, rx_ring, tx_channel, rx_channel))
+            ctrl = await self._map_ctrl_ring(mappings, channels)
         except (HvError, RingError) as exc:
             await _release(mappings, channels)
             raise NetbackConfigError(f"mapping the rings: {exc}") from None
@@ -354,7 +377,9 @@ class Vif:
             )
             for n, (tx_ring, rx_ring, tx_channel, rx_channel) in enumerate(rings)
         ]
-        conn = _Connection(config, mappings, channels, queues, port)
+        conn = _Connection(config, mappings, channels, queues, port, ctrl=ctrl)
+        if ctrl is not None:
+            conn.hash = HashSettings(num_queues=len(queues))
         port.set_direct(functools.partial(self._deliver_direct, conn))
         self._conn = conn
         self.fatal = None
@@ -381,6 +406,8 @@ class Vif:
                         for queue in conn.queues:
                             nursery.start_soon(queue.run)
                         nursery.start_soon(self._switch_reader, conn)
+                        if conn.ctrl is not None:
+                            nursery.start_soon(self._serve_ctrl, conn)
                 except* (TxFatal, RxFatal) as group:
                     reason, fatal = str(_leaf(group)), True
                 except* (EventChannelClosed, HvError) as group:
@@ -404,7 +431,7 @@ class Vif:
                 batch = await port.receive_batch(64)
                 conn.held += len(batch)
                 for frame, meta in batch:
-                    queue = queues[flow_hash(frame) % count] if count > 1 else queues[0]
+                    queue = queues[_rx_queue(conn, frame)] if count > 1 else queues[0]
                     await queue.wait_room()  # netif_tx_stop_queue: the switch queues, then drops
                     queue.enqueue(frame, meta)
                     conn.held -= 1
@@ -419,12 +446,70 @@ class Vif:
         if conn.held:
             return False
         queues = conn.queues
-        queue = queues[flow_hash(frame) % len(queues)] if len(queues) > 1 else queues[0]
+        queue = queues[_rx_queue(conn, frame)] if len(queues) > 1 else queues[0]
         if not queue.has_room():
             return False
         queue.enqueue(frame, meta)
         self._notify()
         return True
+
+    async def _map_ctrl_ring(
+        self, mappings: list[GrantMapping], channels: list[EventChannel]
+    ) -> tuple[BackRing, EventChannel] | None:
+        """Map the frontend's control ring, if it set one up (Linux `connect_ctrl_ring`: both
+        keys or neither; junk is fatal). What is mapped goes into `mappings`/`channels`."""
+        fe = self.device.frontend_domid
+        keys = await read_keys(self.xs, self.device.frontend, [CTRL_RING_REF, EVENT_CHANNEL_CTRL])
+        if keys[CTRL_RING_REF] is None or keys[EVENT_CHANNEL_CTRL] is None:
+            return None
+        try:
+            gref = parse_uint(keys[CTRL_RING_REF], CTRL_RING_REF)
+            port = parse_uint(keys[EVENT_CHANNEL_CTRL], EVENT_CHANNEL_CTRL)
+        except KeyValueError as exc:
+            raise NetbackConfigError(str(exc)) from None
+        mapping = await self.dom.map_grants(fe, [gref])
+        mappings.append(mapping)
+        if len(mapping.view) != XEN_PAGE_SIZE:
+            raise NetbackConfigError(f"{CTRL_RING_REF} grants {len(mapping.view)} bytes, not 4096")
+        ring = BackRing(mapping, NETIF_CTRL_RING, attach=True)
+        channel = await self.dom.bind_interdomain(fe, port)
+        channels.append(channel)
+        return ring, channel
+
+    async def _serve_ctrl(self, conn: _Connection) -> None:
+        """Answer control requests in order (Linux `xenvif_ctrl_irq_fn`); a key or mapping
+        page is copied from the frontend's grant (GNTTABOP_copy, as netback does)."""
+        try:
+            await self._serve_ctrl_ring(conn)
+        except RingError as exc:  # a broken control ring stops only the control ring
+            self.log.warning("netback.ctrl_ring_broken", error=str(exc))
+
+    async def _serve_ctrl_ring(self, conn: _Connection) -> None:
+        assert conn.ctrl is not None and conn.hash is not None
+        ring, channel = conn.ctrl
+        fe = self.device.frontend_domid
+        while True:
+            while (raw := ring.take_request()) is not None:
+                request = decode_request(raw)
+                granted = None
+                needed = conn.hash.grant_needed(request)
+                if needed is not None:
+                    buffer = bytearray(needed[1])
+                    op = CopyOp(
+                        CopyDirection.FROM_REMOTE, fe, needed[0], 0, needed[1], memoryview(buffer)
+                    )
+                    (status,) = await self.dom.grant_copy([op])
+                    granted = bytes(buffer) if status == 0 else None
+                response = conn.hash.handle(request, granted)
+                self.log.info(
+                    "netback.ctrl", type=request.type, status=response.status, data=response.data
+                )
+                ring.put_response(encode_response(response))
+                if ring.push_responses():
+                    channel.notify()
+            if ring.final_check_for_requests():
+                continue
+            await channel.wait()
 
     def _carrier_off(self, conn: _Connection, reason: str, *, fatal: bool) -> None:
         """xenvif_fatal_tx_err / carrier off: the data path stops, the vif leaves the switch."""
@@ -456,6 +541,14 @@ class Vif:
         _add_queue_stats(self._retired, conn.queues)
         self._retired.rx_dropped_no_buffers += conn.switch_drops
         self._retired.warnings = self._retired.warnings[-16:]
+
+
+def _rx_queue(conn: _Connection, frame: Frame) -> int:
+    """The queue a frame to the guest goes to: by the control ring's hash settings if the
+    frontend set an algorithm (Linux `xenvif_select_queue`), else by flow hash."""
+    if conn.hash is not None and (queue := conn.hash.steer(frame)) is not None:
+        return queue
+    return flow_hash(frame) % len(conn.queues)
 
 
 def _leaf(exc: BaseException) -> BaseException:

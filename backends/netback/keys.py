@@ -2,9 +2,9 @@
 
 Advertise (Linux `netback_probe`, same keys and order): `feature-sg`, `feature-gso-tcpv4`,
 `feature-gso-tcpv6`, `feature-ipv6-csum-offload`, `feature-rx-copy`, `feature-rx-flip`=0,
-`feature-split-event-channels`, `multi-queue-max-queues`, `feature-ctrl-ring`. xenpv does not
-implement the control ring (hash / indirection table configuration), so it advertises
-`feature-ctrl-ring` = 0, nor multicast control (`feature-multicast-control` is not written;
+`feature-split-event-channels`, `multi-queue-max-queues`, `feature-ctrl-ring` = 1 (the
+control ring's hash requests, `xenpv.abi.netif_ctrl`). xenpv does not implement multicast
+control (`feature-multicast-control` is not written;
 MCAST_ADD/DEL extras are still accepted and recorded, as netback does). With the grant-granule
 extension (docs/granule-extension.md) it also advertises `max-grant-granule-order` (the toolstack
 may lower it per device with `xenpv-max-grant-granule-order` in the backend directory, and set
@@ -85,7 +85,7 @@ def advertise_keys(
         "feature-rx-flip": 0,
         "feature-split-event-channels": 1,
         "multi-queue-max-queues": max_queues,
-        "feature-ctrl-ring": 0,
+        "feature-ctrl-ring": 1,
     }
     if max_granule_order is not None:
         keys[granule.BACKEND_MAX_KEY] = max_granule_order

@@ -765,6 +765,12 @@ class Engine:
         issued.pool.extend(reversed(issued.pooled))
         issued.grefs = issued.scratch = issued.pooled = _NONE
 
+    def release_stuck(self) -> int:
+        """Retry ending the grants a backend still mapped (it may have unmapped since: at a
+        toolstack unplug the backend unmaps only after we are Closed); how many are left."""
+        self._retry_stuck()
+        return len(self._stuck_grefs)
+
     def _retry_stuck(self) -> None:
         if not self._stuck_grefs:
             return

@@ -50,7 +50,7 @@ from xenpv.hv import Domain, EventChannel, GrantError, HvError, Page
 from xenpv.hv.errors import EventChannelClosed, PeerGone
 from xenpv.xenbus import core as xenbus
 from xenpv.xenbus.core import Action, DeviceId
-from xenpv.xenbus.handshake import KeyValues, read_keys, read_state, run_handshake
+from xenpv.xenbus.handshake import KeyValues, is_online, read_keys, read_state, run_handshake
 from xenpv.xenbus.keys import ULLONG_MAX
 from xenpv.xenstore.client import XenstoreClient, XenstoreConnectionError
 from xenpv.xenstore.wire import XsError
@@ -58,6 +58,8 @@ from xenpv.xenstore.wire import XsError
 log = structlog.get_logger()
 
 DETACH_TIMEOUT = 5.0
+UNPLUG_DRAIN_TIMEOUT = 5.0  # seconds requests on the rings may take to finish at an unplug
+UNPLUGGED = "the device was unplugged"
 
 
 @dataclass(eq=False)
@@ -244,7 +246,10 @@ class Blkfront:
         self._connected = trio.Event()
         self._resized = trio.Event()
         self._closed = trio.Event()
+        self._progress = trio.Event()  # set (and renewed) whenever I/Os complete
         self._conn: _Connection | None = None
+        # ring grants (and their pages) the backend still mapped at a teardown
+        self._stuck_rings: list[tuple[list[int], list[Page]]] = []
         self._wanted = True
         self._nursery: trio.Nursery | None = None
         self._log = log.bind(device=str(device), domid=dom.domid)
@@ -354,6 +359,9 @@ class Blkfront:
         for io in ios:
             if io.waiter is not None:
                 io.waiter.completed(io)
+        if ios:
+            self._progress.set()
+            self._progress = trio.Event()
 
     def _kick(self) -> None:
         """Put what fits on the rings and notify the backend."""
@@ -419,6 +427,7 @@ class Blkfront:
     # -- xenbus actions -------------------------------------------------------------------
 
     async def perform(self, action: Action) -> KeyValues | None:
+        self._release_stuck()  # the backend's state moved: it may have unmapped since
         if action is Action.SETUP:
             if not self._wanted:
                 return None
@@ -429,7 +438,11 @@ class Blkfront:
             await self._capacity()
             return {}
         if action is Action.CLOSE:
+            if self._wanted and not await is_online(self.xs, self.device):
+                await self._unplugged()
             self._teardown("closed through xenbus")
+            if not self._wanted:  # unplugged: nothing will reconnect, fail what is left
+                self._wake(self.engine.fail_pending(int(BLKIF_RSP_ERROR), UNPLUGGED))
             self._closed.set()
             return {}
         if action is Action.REINIT:
@@ -438,6 +451,19 @@ class Blkfront:
             self._closed = trio.Event()
             return {}
         return {}
+
+    async def _unplugged(self) -> None:
+        """The toolstack is removing the device (backend `online` = 0, state Closing): take
+        no new I/O, fail what is not on a ring yet, and let the backend (still serving until
+        we are Closed) answer what is, for up to UNPLUG_DRAIN_TIMEOUT; `CLOSE` then fails the
+        rest. Linux blkfront_closing likewise stops the queues before switching to Closed."""
+        self._wanted = False
+        self._log.info("device unplugged by the toolstack", unfinished=self.engine.unfinished())
+        self._wake(self.engine.fail_pending(int(BLKIF_RSP_ERROR), UNPLUGGED))
+        conn = self._conn
+        with trio.move_on_after(UNPLUG_DRAIN_TIMEOUT):
+            while self.engine.unfinished() and conn is not None and conn.live:
+                await self._progress.wait()
 
     async def _setup(self) -> KeyValues | None:
         self._teardown("new handshake")
@@ -549,18 +575,31 @@ class Blkfront:
         conn.scope.cancel()
         for channel in conn.channels:
             channel.close()
-        stuck = False
-        for grefs in conn.grefs:
+        self._stuck_rings.append(([g for grefs in conn.grefs for g in grefs], conn.pages))
+        self._conn = None
+        if self._release_stuck():
+            # The backend still maps a ring page: it is not reused until the backend unmaps
+            # (Linux gnttab_end_foreign_access defers the same way). Normal at an unplug, where
+            # the backend unmaps once we are Closed.
+            self._log.info("backend still maps the ring; freed once it unmaps")
+
+    def _release_stuck(self) -> int:
+        """End what a backend mapped when we tore down, now that it may have unmapped; free
+        the ring pages whose grants all ended. Returns how many grants are still mapped."""
+        left_rings: list[tuple[list[int], list[Page]]] = []
+        for grefs, pages in self._stuck_rings:
+            left = []
             for gref in grefs:
                 try:
                     self.dom.grants.end_access(gref)
                 except (GrantError, HvError):
-                    stuck = True
-        if stuck:  # the backend still maps a ring page: never reuse it
-            self._log.warning("backend still maps the ring; ring pages leaked")
-        else:
-            self.dom.free_pages(conn.pages)
-        self._conn = None
+                    left.append(gref)
+            if left:
+                left_rings.append((left, pages))
+            else:
+                self.dom.free_pages(pages)
+        self._stuck_rings = left_rings
+        return sum(len(g) for g, _ in left_rings) + self.engine.release_stuck()
 
     async def run_handshake(self) -> None:
         """Drive the xenbus handshake for the device's life. A xenstore that refuses us (the
@@ -598,6 +637,8 @@ class Blkfront:
         finally:
             self._teardown("detached")
             self._wake(self.engine.fail_pending(int(BLKIF_RSP_ERROR), "the device is detached"))
+            if left := self._release_stuck():
+                self._log.warning("backend still maps grants at detach; pages leaked", grants=left)
 
     async def _close_through_xenbus(self) -> None:
         state = await read_state(self.xs, self.device.frontend)

@@ -25,7 +25,8 @@ next connection. Frames already received stay readable through `receive()`.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 
@@ -62,6 +63,20 @@ from xenpv.abi.netif import (
     XEN_NETIF_GSO_TYPE_TCPV4,
     NetifGsoExtra,
 )
+from xenpv.abi.netif_ctrl import (
+    CTRL_RING_REF,
+    EVENT_CHANNEL_CTRL,
+    FEATURE_CTRL_RING,
+    NETIF_CTRL_RING,
+    CtrlRequest,
+    CtrlResponse,
+    CtrlStatus,
+    CtrlType,
+    HashAlgorithm,
+    HashFlags,
+    decode_response,
+    encode_request,
+)
 from xenpv.abi.ring import RING_IDX_MASK, FrontRing
 from xenpv.errors import XenpvError
 from xenpv.granule import FRONTEND_KEY, MAX_GRANULE_ORDER
@@ -77,7 +92,7 @@ from xenpv.hv import (
 from xenpv.hv.errors import HvError
 from xenpv.tap import Tap
 from xenpv.xenbus.core import Action, Closed, Closing, Connected, DeviceId, Role, Unknown
-from xenpv.xenbus.handshake import KeyValues, read_keys, read_state
+from xenpv.xenbus.handshake import KeyValues, is_online, read_keys, read_state
 from xenpv.xenbus.keys import NET_MAX_QUEUES
 from xenpv.xenstore.client import XenstoreClient
 from xenpv.xenstore.wire import XsError
@@ -132,6 +147,19 @@ class _Connection:
     backend_connected: bool = False
     granule: int = XEN_PAGE_SIZE  # the negotiated grant size of this connection
     unpushed: list[_Queue] = field(default_factory=list)  # queues with unpushed requests
+    ctrl: _CtrlRing | None = None  # the control ring, if the backend offers one
+
+
+@dataclass(eq=False)
+class _CtrlRing:
+    """The control ring (io/netif.h): one page, one port, one request in flight at a time."""
+
+    page: Page
+    gref: int
+    channel: EventChannel
+    ring: FrontRing
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    next_id: int = 0
 
 
 @dataclass(eq=False)
@@ -318,7 +346,14 @@ class Netfront:
         if action is Action.SETUP:
             return await self._setup()
         if action is Action.CLOSE:
+            unplugged = not await is_online(self.xs, self.device)
             self._teardown("backend closed the device")
+            if unplugged:
+                # The toolstack is removing the device: never start over, and senders
+                # waiting for a connection fail now rather than when the task is cancelled.
+                self._wanted = False
+                self._closed = True
+                self._set_changed()
             return {}
         if action is Action.REINIT:
             if not self._wanted:
@@ -360,12 +395,18 @@ class Netfront:
             for queue in queues:
                 self._release_queue(queue)
             return None
-        for name in stale_keys(NET_MAX_QUEUES):
+        ctrl = None
+        if (await read_keys(xs, device.backend, [FEATURE_CTRL_RING]))[FEATURE_CTRL_RING] == "1":
+            try:
+                ctrl = await self._make_ctrl_ring()
+            except HvError as exc:  # no control ring is no reason to refuse the device
+                log.warning("netfront.no_ctrl_ring", device=str(device), error=str(exc))
+        for name in [*stale_keys(NET_MAX_QUEUES), CTRL_RING_REF, EVENT_CHANNEL_CTRL]:
             with suppress(XsError):
                 await xs.rm(f"{device.frontend}/{name}")
         self._generation += 1
         self.setup_error = None
-        conn = _Connection(self._generation, features, queues, granule=self.granule)
+        conn = _Connection(self._generation, features, queues, granule=self.granule, ctrl=ctrl)
         for queue in queues:
             queue.rx.post()  # the backend sees them when it connects; nobody to notify yet
         assert self._nursery is not None
@@ -394,11 +435,112 @@ class Netfront:
             QueueKeys(q.tx_ring_gref, q.rx_ring_gref, q.evtchn_tx.port, q.evtchn_rx.port)
             for q in queues
         ]
-        return frontend_keys(
-            keys,
-            split_event_channels=features.split_event_channels,
-            granule_order=None if features.max_granule_order is None else self.granule_order,
+        published: dict[str, str | int | bytes] = dict(
+            frontend_keys(
+                keys,
+                split_event_channels=features.split_event_channels,
+                granule_order=None if features.max_granule_order is None else self.granule_order,
+            )
         )
+        if ctrl is not None:
+            published[CTRL_RING_REF] = ctrl.gref
+            published[EVENT_CHANNEL_CTRL] = ctrl.channel.port
+        return published
+
+    async def _make_ctrl_ring(self) -> _CtrlRing:
+        backend = self.device.backend_domid
+        page = self.dom.alloc_buffer(1)
+        try:
+            ring = FrontRing(page, NETIF_CTRL_RING)
+            gref = self.dom.grants.grant_access(backend, page.frame)
+        except HvError:
+            self.dom.free_pages([page])
+            raise
+        try:
+            channel = await self.dom.alloc_unbound(backend)
+        except HvError:
+            self._end_grants([gref], [page])
+            raise
+        return _CtrlRing(page, gref, channel, ring)
+
+    # -- the control ring ---------------------------------------------------------------------
+
+    async def control(self, kind: CtrlType, data: tuple[int, int, int] = (0, 0, 0)) -> CtrlResponse:
+        """Send one control request once connected and return the backend's response.
+        NetfrontError if the backend offers no control ring or the connection ends."""
+        await self.wait_connected()
+        conn = self._conn
+        if conn is None or conn.ctrl is None:
+            raise NetfrontError("the backend offers no control ring (feature-ctrl-ring)")
+        ctrl = conn.ctrl
+        async with ctrl.lock:
+            request_id = ctrl.next_id
+            ctrl.next_id = (request_id + 1) & 0xFFFF
+            try:
+                ctrl.ring.put_request(encode_request(CtrlRequest(request_id, kind, data)))
+                if ctrl.ring.push_requests():
+                    ctrl.channel.notify()
+                while True:
+                    raw = ctrl.ring.take_response()
+                    if raw is not None:
+                        response = decode_response(raw)
+                        if response.id != request_id:
+                            raise NetfrontError(
+                                f"control ring: response id {response.id}, expected {request_id}"
+                            )
+                        return response
+                    if not ctrl.ring.final_check_for_responses():
+                        await ctrl.channel.wait()
+            except (EventChannelClosed, RingError) as exc:
+                raise NetfrontError(f"control ring: {exc}") from None
+
+    async def set_hash(
+        self,
+        *,
+        key: bytes,
+        flags: HashFlags,
+        mapping: Sequence[int] | None = None,
+        algorithm: HashAlgorithm = HashAlgorithm.TOEPLITZ,
+    ) -> None:
+        """Configure the backend's rx hash through the control ring, in the order io/netif.h
+        and Linux netback expect: algorithm, flags, key (in a granted page), mapping size and
+        table (granted). `mapping` None: hash modulo the queue count. NetfrontError names the
+        request the backend refused and its status."""
+        steps: list[tuple[CtrlType, tuple[int, int, int], bytes | None]] = [
+            (CtrlType.SET_HASH_ALGORITHM, (int(algorithm), 0, 0), None),
+            (CtrlType.SET_HASH_FLAGS, (int(flags), 0, 0), None),
+            (CtrlType.SET_HASH_KEY, (0, len(key), 0), key),
+            (CtrlType.SET_HASH_MAPPING_SIZE, (len(mapping or ()), 0, 0), None),
+        ]
+        if mapping:
+            table = struct.pack(f"<{len(mapping)}I", *mapping)
+            steps.append((CtrlType.SET_HASH_MAPPING, (0, len(mapping), 0), table))
+        for kind, data, page_data in steps:
+            if not page_data:
+                response = await self.control(kind, data)
+            else:
+                response = await self._control_with_page(kind, data, page_data)
+            if response.status != CtrlStatus.SUCCESS:
+                try:
+                    why = CtrlStatus(response.status).name
+                except ValueError:
+                    why = f"status {response.status}"
+                raise NetfrontError(f"control ring: {kind.name} refused: {why}")
+
+    async def _control_with_page(
+        self, kind: CtrlType, data: tuple[int, int, int], content: bytes
+    ) -> CtrlResponse:
+        """A request whose data[0] is a read-only grant of a page holding `content`."""
+        if len(content) > XEN_PAGE_SIZE:
+            raise NetfrontError(f"control ring: {len(content)} bytes do not fit one page")
+        page = self.dom.alloc_buffer(1)
+        page.view[: len(content)] = content
+        page.written(0, len(content))
+        gref = self.dom.grants.grant_access(self.device.backend_domid, page.frame, readonly=True)
+        try:
+            return await self.control(kind, (gref, data[1], data[2]))
+        finally:
+            self._end_grants([gref], [page])
 
     async def _make_queue(self, index: int, features: BackendFeatures) -> _Queue:
         dom = self.dom
@@ -659,6 +801,9 @@ class Netfront:
             _add(self._totals, queue.tx.counters)
             _add(self._totals, queue.rx.counters)
             queue.space.unpark_all()
+        if conn.ctrl is not None:
+            conn.ctrl.channel.close()
+            self._end_grants([conn.ctrl.gref], [conn.ctrl.page])
         self._set_changed()
         log.info("netfront.teardown", device=str(self.device), reason=reason)
 

@@ -172,6 +172,19 @@ async def reaped_on_exit(process: trio.Process) -> AsyncIterator[trio.Process]:
                 await process.stdout.aclose()
 
 
+async def first_line(process: trio.Process, what: str) -> bytes:
+    """The first line `process` writes to its stdout (a child's ready report, after which it
+    writes nothing), without its newline; fails the test, naming `what` and its exit code, if
+    the child exits first."""
+    assert process.stdout is not None
+    line = b""
+    while b"\n" not in line:
+        chunk = await process.stdout.receive_some()
+        assert chunk, f"{what} exited (rc={process.poll()})"
+        line += chunk
+    return line.partition(b"\n")[0]
+
+
 @asynccontextmanager
 async def registered_peer(
     role: str,

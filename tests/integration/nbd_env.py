@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REQUIRE_SYSTEM
+from tests.conftest import skip_or_fail
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 90.0
@@ -26,12 +26,8 @@ INSTALL_HINT = "apt-get install qemu-utils libnbd-bin fio nbdkit"
 def need_tools(*tools: str) -> None:
     """Skip (fail under XENPV_REQUIRE_SYSTEM=1) unless every tool is on PATH."""
     missing = [t for t in tools if shutil.which(t) is None]
-    if not missing:
-        return
-    reason = f"[tools] missing {', '.join(missing)} ({INSTALL_HINT})"
-    if REQUIRE_SYSTEM:
-        pytest.fail(f"{reason}; XENPV_REQUIRE_SYSTEM=1 forbids skipping", pytrace=False)
-    pytest.skip(reason)
+    if missing:
+        skip_or_fail("tools", missing, INSTALL_HINT)
 
 
 @dataclass
@@ -79,7 +75,7 @@ def xenpv_nbd(image: Path, *args: str) -> Iterator[NbdExport]:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
         try:
-            code = process.wait(timeout=60)
+            code: int | None = process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()

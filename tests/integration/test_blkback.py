@@ -338,6 +338,28 @@ async def served(
             yield Served(xs, dom0, dom1, device, dev)
 
 
+@asynccontextmanager
+async def front_on_ram_disk(
+    xenstored: Xenstored,
+    workdir: Path,
+    transport: str,
+    disk: Callable[[int], Storage],
+    *,
+    persistent: bool = False,
+) -> AsyncIterator[MiniFront]:
+    """`served` on the 1 MiB RAM disk `disk(size)` makes, with a started `MiniFront`."""
+    async with served(
+        xenstored,
+        workdir,
+        transport,
+        VbdConfig(None, MiB),
+        open_storage=lambda c: disk(c.size or 0),
+    ) as s:
+        front = MiniFront(s.dom1, s.xs, s.device, persistent=persistent)
+        await front.start()
+        yield front
+
+
 pytestmark = pytest.mark.parametrize(("transport", "kind"), TRANSPORTS, ids=TRANSPORT_IDS)
 
 
@@ -634,15 +656,9 @@ async def test_out_of_order_completion_and_barrier_drain(
 ) -> None:
     gate = Gate()
     with trio.fail_after(30):
-        async with served(
-            xenstored,
-            xs_workdir,
-            transport,
-            VbdConfig(None, MiB),
-            open_storage=lambda c: MemoryDisk(c.size or 0, faults=gate),
-        ) as s:
-            front = MiniFront(s.dom1, s.xs, s.device)
-            await front.start()
+        async with front_on_ram_disk(
+            xenstored, xs_workdir, transport, lambda size: MemoryDisk(size, faults=gate)
+        ) as front:
             slow = BlkifRequest(BLKIF_OP_READ, 1001, 0, front.segments(0, 4096))
             fast = BlkifRequest(BLKIF_OP_READ, 1002, 8, front.segments(1, 4096))
             push(front, slow, fast)
@@ -754,15 +770,9 @@ async def test_storage_errors_become_status_codes(
     xenstored: Xenstored, xs_workdir: Path, transport: str, kind: str
 ) -> None:
     with trio.fail_after(30):
-        async with served(
-            xenstored,
-            xs_workdir,
-            transport,
-            VbdConfig(None, MiB),
-            open_storage=lambda c: MemoryDisk(c.size or 0, faults=Failing()),
-        ) as s:
-            front = MiniFront(s.dom1, s.xs, s.device)
-            await front.start()
+        async with front_on_ram_disk(
+            xenstored, xs_workdir, transport, lambda size: MemoryDisk(size, faults=Failing())
+        ) as front:
             bad = BlkifRequest(BLKIF_OP_READ, front.next_id(), 0, front.segments(0, 4096))
             good = BlkifRequest(BLKIF_OP_READ, front.next_id(), 8, front.segments(1, 4096))
             discard = BlkifDiscardRequest(front.next_id(), 0, 8)
@@ -794,15 +804,9 @@ async def test_requests_served_in_the_ring_loop_answer_storage_errors(
     """Requests on cached persistent grants are served inside the ring loop; what the disk
     raises there becomes a status code as on the task path, and the ring keeps going."""
     with trio.fail_after(30):
-        async with served(
-            xenstored,
-            xs_workdir,
-            transport,
-            VbdConfig(None, MiB),
-            open_storage=lambda c: FailingNow(c.size or 0),
-        ) as s:
-            front = MiniFront(s.dom1, s.xs, s.device, persistent=True)
-            await front.start()
+        async with front_on_ram_disk(
+            xenstored, xs_workdir, transport, FailingNow, persistent=True
+        ) as front:
 
             def requests() -> list[BlkifRequest]:
                 return [

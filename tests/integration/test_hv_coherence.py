@@ -12,13 +12,23 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import trio
 
 from tests.integration.hv_pair import domains
-from xenpv.hv import CopyDirection, CopyOp, Message, Msg, Verdict
+from xenpv.hv import (
+    CopyDirection,
+    CopyOp,
+    Domain,
+    EventChannel,
+    GrantMapping,
+    Message,
+    Msg,
+    Page,
+    Verdict,
+)
 
 PROD, EVENT = 0, 4
 
@@ -33,6 +43,26 @@ def get(buf: object, off: int) -> int:
     return int(struct.unpack_from("<I", buf.view, off)[0])  # type: ignore[attr-defined]
 
 
+class OnePageRing(NamedTuple):
+    """Domain 1 (the producer) grants `page` and offers `producer_port`; domain 0 (the
+    consumer) maps it as `ring` and binds `consumer_port` to it."""
+
+    page: Page
+    gref: int
+    producer_port: EventChannel
+    ring: GrantMapping
+    consumer_port: EventChannel
+
+
+async def one_page_ring(back: Domain, front: Domain) -> OnePageRing:
+    page = front.alloc_pages(1)[0]  # producer (frontend) owns the page
+    gref = front.grants.grant_access(0, page.frame)
+    producer_port = await front.alloc_unbound(0)
+    ring = await back.map_grants(1, [gref])  # consumer (backend) maps it
+    consumer_port = await back.bind_interdomain(1, producer_port.port)
+    return OnePageRing(page, gref, producer_port, ring, consumer_port)
+
+
 @pytest.mark.parametrize("coherence_events", [True, False], ids=["rule", "without-rule"])
 async def test_dekker_race_needs_update_events(tmp_path: Path, coherence_events: bool) -> None:
     with trio.fail_after(20):
@@ -40,11 +70,7 @@ async def test_dekker_race_needs_update_events(tmp_path: Path, coherence_events:
             back,
             front,
         ):
-            page = front.alloc_pages(1)[0]  # producer (frontend) owns the page
-            gref = front.grants.grant_access(0, page.frame)
-            producer_port = await front.alloc_unbound(0)
-            ring = await back.map_grants(1, [gref])  # consumer (backend) maps it
-            consumer_port = await back.bind_interdomain(1, producer_port.port)
+            page, gref, _, ring, consumer_port = await one_page_ring(back, front)
 
             # No checkpoint between these lines: every read below sees a stale replica.
             put(ring, EVENT, 1)  # consumer: wake me when prod reaches 1
@@ -71,11 +97,7 @@ async def test_dekker_race_needs_update_events(tmp_path: Path, coherence_events:
 async def test_writes_arrive_in_order_before_notify(tmp_path: Path) -> None:
     with trio.fail_after(20):
         async with domains(tmp_path, "socket", "unix") as (back, front):
-            page = front.alloc_pages(1)[0]
-            gref = front.grants.grant_access(0, page.frame)
-            port = await front.alloc_unbound(0)
-            ring = await back.map_grants(1, [gref])
-            channel = await back.bind_interdomain(1, port.port)
+            page, _, port, ring, channel = await one_page_ring(back, front)
             for value in range(1, 200):
                 put(page, 100, value)  # payload first
                 put(page, PROD, value)  # then the index

@@ -14,18 +14,14 @@ from pathlib import Path
 import trio
 
 from tests.integration.hv_pair import domains
-from tests.integration.test_hv_coherence import PROD, get, put
+from tests.integration.test_hv_coherence import PROD, get, one_page_ring, put
 from xenpv.hv import CopyDirection, CopyOp
 
 
 async def test_unchanged_rewrite_is_not_an_event_a_change_is(tmp_path: Path) -> None:
     with trio.fail_after(20):
         async with domains(tmp_path, "socket", "unix") as (back, front):
-            page = front.alloc_pages(1)[0]
-            gref = front.grants.grant_access(0, page.frame)
-            producer_port = await front.alloc_unbound(0)
-            ring = await back.map_grants(1, [gref])
-            consumer_port = await back.bind_interdomain(1, producer_port.port)
+            page, gref, _, ring, consumer_port = await one_page_ring(back, front)
             buf = bytearray(4)
             fence = [CopyOp(CopyDirection.FROM_REMOTE, 1, gref, 0, 4, memoryview(buf))]
 

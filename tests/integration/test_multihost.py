@@ -112,6 +112,8 @@ class ComposeRun:
         self.lab = lab
         self.services: dict[str, Service] = {}
         for name, spec in doc["services"].items():
+            if spec.get("profiles"):
+                continue  # as `docker compose up`: a profile's services only when asked
             mounts: dict[str, Path] = {"/tmp": workdir / "private" / name}
             for entry in spec.get("volumes", []):
                 source, _, rest = str(entry).partition(":")

@@ -14,19 +14,16 @@ from pathlib import Path
 import trio
 
 from frontends.blkfront import attach
-from tests.integration.blk_env import DEVICE, make_vbd, read_image
+from tests.integration.blk_env import DEVICE, read_image
 from tests.integration.conftest import Xenstored
 from tests.integration.nbd_env import REPO, xenpv_nbd
-from tests.integration.test_blk_crash import backend_process
+from tests.integration.test_blk_crash import restartable_backend
 from tests.unit.nbd_client import NbdClient
-from xenpv.hv import StaticDirectory, open_domain
-from xenpv.identity import DomainKey
 from xenpv.nbd import protocol as p
 from xenpv.nbd.blkfront import BlkfrontDisk
 from xenpv.nbd.protocol import Cmd
 from xenpv.nbd.server import serve_nbd
 from xenpv.toolstack.topology import VbdFeatures
-from xenpv.xenstore.client import connect
 
 DISK = 4 << 20
 CLIENTS = 3
@@ -39,37 +36,14 @@ async def test_backend_restart_is_only_latency_for_nbd_clients(
     (SIGKILL) and started again: every request succeeds, every acknowledged write is read
     back through NBD and is in the image file."""
     image = tmp_path / "disk.img"
-    keys = {0: DomainKey.generate(0), 1: DomainKey.generate(1)}
-    backend_endpoint = f"unix:{tmp_path}/d0.sock"
-    directory = StaticDirectory()
-    directory.register(0, backend_endpoint, keys[0].public_hex())
     model = bytearray(DISK)
     acked = 0
     errors: list[int] = []
     with trio.fail_after(90):
-        async with (
-            open_domain(
-                domid=1,
-                key=keys[1],
-                directory=directory,
-                endpoint=f"unix:{tmp_path}/d1.sock",
-                transport="shm",
-                page_size=16384,
-                memory_bytes=64 << 20,
-            ) as guest,
-            connect(xenstored.unix) as xs,
-        ):
-            await make_vbd(xs, image=str(image), size=DISK, features=VbdFeatures(queues=2))
-            args = (
-                xenstored.unix,
-                keys[0],
-                backend_endpoint,
-                "shm",
-                keys[1],
-                guest.endpoint,
-                tmp_path / "backend.log",
-            )
-            async with attach(guest, xs, DEVICE) as front, trio.open_nursery() as nursery:
+        async with restartable_backend(
+            tmp_path, xenstored.unix, "shm", 16384, image, DISK, VbdFeatures(queues=2)
+        ) as rig:
+            async with attach(rig.guest, rig.xs, DEVICE) as front, trio.open_nursery() as nursery:
                 bound = await nursery.start(
                     serve_nbd, BlkfrontDisk(front), f"unix:{tmp_path}/n.sock"
                 )
@@ -118,14 +92,14 @@ async def test_backend_restart_is_only_latency_for_nbd_clients(
                     if not running:
                         finished.set()
 
-                async with backend_process(*args) as first, trio.open_nursery() as clients:
+                async with rig.backend() as first, trio.open_nursery() as clients:
                     await front.wait_connected()
                     for index in range(CLIENTS):
                         clients.start_soon(client, index)
                     await milestones[30].wait()
                     first.send_signal(signal.SIGKILL)  # requests are in flight
                     await first.wait()
-                    async with backend_process(*args):
+                    async with rig.backend():
                         await milestones[90].wait()
                         stop.set()
                         await finished.wait()  # the read-back runs on this backend

@@ -10,11 +10,7 @@ Each cell checks what both ends state in xenstore (`max-grant-granule-order`, th
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -29,6 +25,7 @@ from backends.netback import Vif
 from backends.switch import LiveSwitch
 from frontends.netfront import Netfront, RxFrame, attach
 from frontends.netfront.keys import frontend_keys
+from tests.integration.bench_run import run_quick_bench
 from tests.integration.conftest import Xenstored
 from tests.integration.hv_pair import open_unix_domains
 from tests.integration.test_net_integrity import mac_of, mac_text, opaque_frame, tcp_frame
@@ -44,7 +41,6 @@ from xenpv.xenstore.client import XenstoreClient, connect
 TRANSPORTS = ["socket", "shm"]
 SIZES = [60, 61, 1514, 4095, 4096, 4097, 9000, 16383, 16384, 16385, 32767, 32768, 65535]
 TIMEOUT = 60
-QUICK = ["--quick", "--json", "--transport", "shm"]
 
 
 @dataclass(frozen=True)
@@ -351,17 +347,7 @@ async def test_order_above_backend_max_is_fatal(
 
 def test_bench_net_granule_quick_json() -> None:
     """`xenpv bench net-granule --quick` runs and reports both modes and the speed-up."""
-    repo = Path(__file__).resolve().parents[2]
-    result = subprocess.run(
-        [sys.executable, "-m", "xenpv", "--log-level", "warning", "bench", "net-granule", *QUICK],
-        capture_output=True,
-        timeout=300,
-        cwd=repo,
-        env=dict(os.environ, PYTHONPATH=str(repo)),
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr.decode()[-2000:]
-    data = json.loads(result.stdout.decode().strip().splitlines()[-1])
+    data, _table = run_quick_bench("net-granule", "--transport", "shm")
     modes = data["results"]["shm"]
     assert (modes["4k_split"]["granule"], modes["64k_granule"]["granule"]) == (4096, 65536)
     for mode in modes.values():

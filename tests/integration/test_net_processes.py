@@ -25,7 +25,7 @@ from backends import netback
 from backends.switch import LiveSwitch
 from frontends.netfront import attach
 from tests.integration.conftest import Xenstored
-from tests.integration.hv_pair import open_unix_domains, reaped_on_exit
+from tests.integration.hv_pair import first_line, open_unix_domains, reaped_on_exit
 from tests.integration.test_net_integrity import mac_of, mac_text, tcp_frame
 from xenpv.abi.netif import XEN_NETIF_GSO_TYPE_TCPV4, NetifGsoExtra
 from xenpv.hv import XEN_PAGE_SIZE, StaticDirectory, open_domain
@@ -72,12 +72,7 @@ async def echo_process(config: dict[str, Any]) -> AsyncIterator[trio.Process]:
     command = [sys.executable, "-m", "tests.integration.test_net_processes", json.dumps(config)]
     process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE, env=env)
     async with reaped_on_exit(process):
-        assert process.stdout is not None
-        line = b""
-        while b"READY\n" not in line:
-            chunk = await process.stdout.receive_some()
-            assert chunk, f"echo guest exited (rc={process.poll()})"
-            line += chunk
+        assert await first_line(process, "echo guest") == b"READY"
         yield process
 
 

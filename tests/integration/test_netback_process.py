@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from backends.netback import serve
 from backends.switch import LiveSwitch
 from tests.integration.conftest import Xenstored
-from tests.integration.hv_pair import reaped_on_exit
+from tests.integration.hv_pair import first_line, reaped_on_exit
 from tests.integration.test_netback import TRANSPORTS, StubFront, frame, mac, wait_state, world
 from xenpv.abi.virtio_net import VirtioNetHdr
 from xenpv.hv import Domain, StaticDirectory, open_domain
@@ -75,13 +75,7 @@ async def backend_process(
     ]
     process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE, cwd=REPO)
     async with reaped_on_exit(process):
-        assert process.stdout is not None
-        line = b""
-        while not line.endswith(b"\n"):
-            chunk = await process.stdout.receive_some(100)
-            assert chunk, f"backend exited (rc={process.poll()})"
-            line += chunk
-        assert line.startswith(b"READY")
+        assert (await first_line(process, "backend")).startswith(b"READY")
         yield process
 
 

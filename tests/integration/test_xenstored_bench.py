@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
+from tests.integration.bench_run import run_quick_bench
 
 
 def test_bench_xenstore_quick_reports_all_figures() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "xenpv", "bench", "xenstore", "--quick", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    data = json.loads(result.stdout.strip().splitlines()[-1])
+    data, table = run_quick_bench("xenstore")
     for op in ("read", "write", "transaction"):
         for clients in ("1", "32"):
             row = data["round_trips"][op][clients]
@@ -26,4 +17,4 @@ def test_bench_xenstore_quick_reports_all_figures() -> None:
         scale = data["scale"][level]
         assert scale["read_us_big"] > 0 and scale["write_us_big"] > 0
     assert data["fsync_us"] > 0
-    assert "ratio" in result.stderr  # the human table
+    assert "ratio" in table  # the human table

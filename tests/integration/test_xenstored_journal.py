@@ -19,6 +19,13 @@ from xenpv.xenstore.journal import (
 )
 
 
+def flip_bits(path: Path, index: int, mask: int) -> None:
+    """Corrupt the file at `path`: XOR its byte at `index` with `mask`."""
+    data = bytearray(path.read_bytes())
+    data[index] ^= mask
+    path.write_bytes(bytes(data))
+
+
 def test_append_then_recover(tmp_path: Path) -> None:
     journal, recovered = Journal.open(tmp_path)
     assert recovered.snapshot is None and recovered.records == []
@@ -63,10 +70,7 @@ def test_corrupt_crc_stops_replay(tmp_path: Path) -> None:
     journal.append(b"good")
     journal.append(b"flipped")
     journal.close()
-    path = tmp_path / "journal"
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0xFF
-    path.write_bytes(bytes(data))
+    flip_bits(tmp_path / "journal", -1, 0xFF)
     journal, recovered = Journal.open(tmp_path)
     assert recovered.records == [b"good"]
     journal.close()
@@ -111,10 +115,7 @@ def test_corrupt_snapshot_is_refused(tmp_path: Path) -> None:
     journal, _ = Journal.open(tmp_path)
     journal.compact(b"SNAPSHOT")
     journal.close()
-    path = tmp_path / "snapshot"
-    data = bytearray(path.read_bytes())
-    data[-2] ^= 0x01
-    path.write_bytes(bytes(data))
+    flip_bits(tmp_path / "snapshot", -2, 0x01)
     with pytest.raises(JournalError, match="corrupt snapshot"):
         Journal.open(tmp_path)
 

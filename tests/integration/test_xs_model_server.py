@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import settings
 
 from tests.integration.conftest import Xenstored
 from tests.unit.xs_model import DOMIDS, QUOTAS, make_machine
@@ -223,12 +223,7 @@ class ServerMachine(make_machine(ServerDriver)):  # type: ignore[misc]
             super().teardown()
 
 
-ServerMachine.TestCase.settings = settings(
-    max_examples=40,
-    stateful_step_count=40,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+ServerMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=40)
 TestServerMatchesModel = ServerMachine.TestCase
 
 

@@ -12,6 +12,7 @@ structs under #pragma pack(4): the x86_32-abi layout).
 
 from __future__ import annotations
 
+import struct
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +23,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from xenpv.abi import netif
+from tests.abi_strategies import i16, segment_lists, u8, u16, u32, u64
+from xenpv.abi import netif, netif_ctrl
 from xenpv.abi.blkif import (
     BLKIF_X86_32,
     BLKIF_X86_64,
@@ -58,7 +60,7 @@ from xenpv.abi.ring import (
 pytestmark = pytest.mark.headers
 
 C_DIR = Path(__file__).parent / "c"
-PROGRAMS = ("abi_layout", "abi_encode", "ring_ops")
+PROGRAMS = ("abi_layout", "abi_encode", "ring_ops", "netif_ctrl")
 VARIANTS = {"native": BLKIF_X86_64, "x86_32": BLKIF_X86_32}
 
 
@@ -261,9 +263,6 @@ def test_sizes_and_offsets_match_the_headers(
 
 # -- (b) encodings --------------------------------------------------------------------------
 
-u8, u16, u32, u64 = (st.integers(0, 2**bits - 1) for bits in (8, 16, 32, 64))
-i16 = st.integers(-(2**15), 2**15 - 1)
-
 
 @dataclass
 class Sample:
@@ -276,20 +275,11 @@ class Sample:
 
 
 @st.composite
-def segments(draw: st.DrawFn, min_size: int, max_size: int) -> tuple[BlkifSegment, ...]:
-    out = []
-    for _ in range(draw(st.integers(min_size, max_size))):
-        first = draw(st.integers(0, 7))
-        out.append(BlkifSegment(draw(u32), first, draw(st.integers(first, 7))))
-    return tuple(out)
-
-
-@st.composite
 def blkif_samples(draw: st.DrawFn, p: BlkifProtocol) -> Sample:
     kind = draw(st.sampled_from(["rw", "discard", "indirect", "segment", "rsp"]))
     if kind == "rw":
         op = draw(st.integers(0, 3))
-        segs = draw(segments(1 if op < 2 else 0, 11))
+        segs = draw(segment_lists(1 if op < 2 else 0, 11))
         req = BlkifRequest(op, draw(u64), draw(u64), segs, draw(u16))
         fields = [op, len(segs), req.handle, req.id, req.sector_number]
         for seg in segs:
@@ -316,7 +306,7 @@ def blkif_samples(draw: st.DrawFn, p: BlkifProtocol) -> Sample:
             lambda data: p.decode_request(data, max_indirect_segments=4096),
         )
     if kind == "segment":
-        seg = draw(segments(1, 1))[0]
+        seg = draw(segment_lists(1, 1))[0]
 
         def decode_segment(data: bytes) -> BlkifSegment:
             req = BlkifIndirectRequest(0, 0, 0, 1, (0,))
@@ -449,3 +439,145 @@ def test_every_opcode_and_struct_once(
             )
         )
     _check_samples(c_programs["abi_encode", variant], samples, p)
+
+
+# -- (c) the netif control ring -------------------------------------------------------------
+
+
+def _ctrl_c_table(exe: Path, stdin: str) -> tuple[dict[str, int], list[str]]:
+    """netif_ctrl.c's layout/constant lines (up to `end`) and its answers to `stdin`."""
+    lines = run_c(exe, stdin)
+    end = lines.index("end")
+    table = {}
+    for line in lines[:end]:
+        key, value = line.rsplit(" ", 1)
+        table[key] = int(value)
+    return table, lines[end + 1 :]
+
+
+def python_ctrl_layout() -> dict[str, int]:
+    def req(**kw: Any) -> bytes:
+        fields: dict[str, Any] = {"id": 0, "type": 0, "data": (0, 0, 0)} | kw
+        return netif_ctrl.encode_request(netif_ctrl.CtrlRequest(**fields))
+
+    def rsp(**kw: int) -> bytes:
+        fields = {"id": 0, "type": 0, "status": 0, "data": 0} | kw
+        return netif_ctrl.encode_response(netif_ctrl.CtrlResponse(**fields))
+
+    s, o = "sizeof struct ", "offsetof struct "
+    ring = netif_ctrl.NETIF_CTRL_RING
+    table = {
+        s + "xen_netif_ctrl_request": len(req()),
+        o + "xen_netif_ctrl_request id": _diff(lambda v: req(id=v)),
+        o + "xen_netif_ctrl_request type": _diff(lambda v: req(type=v)),
+        o + "xen_netif_ctrl_request data": _diff(lambda v: req(data=(v, 0, 0))),
+        o + "xen_netif_ctrl_request data[1]": _diff(lambda v: req(data=(0, v, 0))),
+        o + "xen_netif_ctrl_request data[2]": _diff(lambda v: req(data=(0, 0, v))),
+        s + "xen_netif_ctrl_response": len(rsp()),
+        o + "xen_netif_ctrl_response id": _diff(lambda v: rsp(id=v)),
+        o + "xen_netif_ctrl_response type": _diff(lambda v: rsp(type=v)),
+        o + "xen_netif_ctrl_response status": _diff(lambda v: rsp(status=v)),
+        o + "xen_netif_ctrl_response data": _diff(lambda v: rsp(data=v)),
+        "sizeof union xen_netif_ctrl_sring_entry": ring.entry_size,
+        o + "xen_netif_ctrl_sring ring": SRING_HEADER_SIZE,
+        "ringsize 4096": ring.nr_ents(4096),
+        "ringsize 16384": ring.nr_ents(16384),
+    }
+    for enum, prefix in (
+        (netif_ctrl.CtrlType, "XEN_NETIF_CTRL_TYPE_"),
+        (netif_ctrl.CtrlStatus, "XEN_NETIF_CTRL_STATUS_"),
+        (netif_ctrl.HashFlags, "XEN_NETIF_CTRL_HASH_TYPE_"),
+        (netif_ctrl.HashAlgorithm, "XEN_NETIF_CTRL_HASH_ALGORITHM_"),
+    ):
+        for member in enum:  # type: ignore[attr-defined]
+            table[f"const {prefix}{member.name}"] = int(member.value)
+    return table
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_ctrl_ring_layout_and_constants_match_the_header(
+    c_programs: dict[tuple[str, str], Path], variant: str
+) -> None:
+    c_table, _ = _ctrl_c_table(c_programs["netif_ctrl", variant], "")
+    assert len(c_table) == 36
+    assert python_ctrl_layout() == c_table
+
+
+ctrl_requests = st.builds(netif_ctrl.CtrlRequest, u16, u16, st.tuples(u32, u32, u32))
+ctrl_responses = st.builds(netif_ctrl.CtrlResponse, u16, u16, u32, u32)
+hash_cases = st.tuples(st.binary(max_size=48), st.binary(max_size=64))
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    requests=st.lists(ctrl_requests, min_size=1, max_size=20),
+    responses=st.lists(ctrl_responses, min_size=1, max_size=20),
+    hashes=st.lists(hash_cases, min_size=1, max_size=20),
+)
+def test_ctrl_messages_and_toeplitz_match_the_header(
+    c_programs: dict[tuple[str, str], Path],
+    requests: list[netif_ctrl.CtrlRequest],
+    responses: list[netif_ctrl.CtrlResponse],
+    hashes: list[tuple[bytes, bytes]],
+) -> None:
+    lines = [f"req {r.id} {r.type} {r.data[0]} {r.data[1]} {r.data[2]}" for r in requests]
+    lines += [f"rsp {r.id} {r.type} {r.status} {r.data}" for r in responses]
+    lines += [f"hash {k.hex() or '-'} {d.hex() or '-'}" for k, d in hashes]
+    _, answers = _ctrl_c_table(c_programs["netif_ctrl", "native"], "\n".join(lines) + "\n")
+    expected = [netif_ctrl.encode_request(r).hex() for r in requests]
+    expected += [netif_ctrl.encode_response(r).hex() for r in responses]
+    expected += [str(netif_ctrl.toeplitz_hash(k, d)) for k, d in hashes]
+    assert answers == expected
+    for request in requests:  # and xenpv decodes C's bytes back
+        assert netif_ctrl.decode_request(bytes.fromhex(answers[requests.index(request)])) == request
+
+
+def test_hash_settings_steer_by_the_headers_toeplitz(
+    c_programs: dict[tuple[str, str], Path],
+) -> None:
+    """Hash settings made through control requests (as a frontend sends them, with the key
+    and mapping in granted pages) steer frames to the queue the header's Toeplitz picks."""
+    key = bytes(range(1, 41))
+    mapping = [3, 1, 2, 0, 1, 1, 2, 3]
+    pages = {7: key, 8: struct.pack(f"<{len(mapping)}I", *mapping)}
+    settings_ = netif_ctrl.HashSettings(num_queues=4)
+
+    T = netif_ctrl.CtrlType
+    for id_, (kind, data) in enumerate(
+        [
+            (T.SET_HASH_ALGORITHM, (netif_ctrl.HashAlgorithm.TOEPLITZ, 0, 0)),
+            (T.SET_HASH_FLAGS, (int(netif_ctrl.ALL_HASH_FLAGS), 0, 0)),
+            (T.SET_HASH_KEY, (7, len(key), 0)),
+            (T.SET_HASH_MAPPING_SIZE, (len(mapping), 0, 0)),
+            (T.SET_HASH_MAPPING, (8, len(mapping), 0)),
+        ]
+    ):
+        request = netif_ctrl.CtrlRequest(id_, kind, data)
+        needed = settings_.grant_needed(request)
+        granted = None if needed is None else pages[needed[0]][: needed[1]]
+        response = settings_.handle(request, granted)
+        assert response == netif_ctrl.CtrlResponse(id_, kind, netif_ctrl.CtrlStatus.SUCCESS, 0)
+
+    frames = [
+        # IPv4/TCP 10.0.0.1:1234 -> 10.0.0.2:80
+        bytes(12) + b"\x08\x00" + bytes.fromhex("4500002800004000400600000a0000010a000002")
+        + (1234).to_bytes(2, "big") + (80).to_bytes(2, "big") + bytes(16),
+        # IPv4/UDP: addresses only
+        bytes(12) + b"\x08\x00" + bytes.fromhex("4500001c00004000401100000a0000010a000003")
+        + bytes(8),
+        # IPv6/TCP
+        bytes(12) + b"\x86\xdd" + bytes.fromhex("60000000001406ff") + bytes(range(32))
+        + (443).to_bytes(2, "big") + (5555).to_bytes(2, "big") + bytes(16),
+    ]  # fmt: skip
+    inputs = [netif_ctrl.hash_input(f, netif_ctrl.ALL_HASH_FLAGS) for f in frames]
+    assert [kind for _, kind in inputs] == [  # type: ignore[misc]
+        netif_ctrl.HashFlags.IPV4_TCP,
+        netif_ctrl.HashFlags.IPV4,
+        netif_ctrl.HashFlags.IPV6_TCP,
+    ]
+    stdin = "".join(f"hash {key.hex()} {data.hex()}\n" for data, _ in inputs)  # type: ignore[misc]
+    _, answers = _ctrl_c_table(c_programs["netif_ctrl", "native"], stdin)
+    for frame, answer in zip(frames, answers, strict=True):
+        assert settings_.steer(frame) == mapping[int(answer) % len(mapping)]

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.abi_strategies import segment_lists, u8, u16, u32, u64
 from xenpv.abi.blkif import (
     BLKIF_ARM,
     BLKIF_NATIVE,
@@ -41,18 +42,7 @@ from xenpv.abi.ring import BackRing, FrontRing
 from xenpv.errors import XenpvError
 
 PROTOCOLS = list(BLKIF_PROTOCOLS.values())
-u8, u16, u32, u64 = (st.integers(0, 2**bits - 1) for bits in (8, 16, 32, 64))
 GRANULES = st.sampled_from([4096, 16384, 65536])
-
-
-@st.composite
-def segment_lists(draw: st.DrawFn, min_size: int, max_size: int, granule: int = 4096) -> list:
-    top = granule // 512 - 1
-    out = []
-    for _ in range(draw(st.integers(min_size, max_size))):
-        first = draw(st.integers(0, top))
-        out.append(BlkifSegment(draw(u32), first, draw(st.integers(first, top))))
-    return out
 
 
 @st.composite
@@ -63,7 +53,7 @@ def direct_requests(draw: st.DrawFn) -> BlkifRequest:
         )
     )
     segs = draw(segment_lists(1 if op in (BLKIF_OP_READ, BLKIF_OP_WRITE) else 0, 11))
-    return BlkifRequest(int(op), draw(u64), draw(u64), tuple(segs), draw(u16))
+    return BlkifRequest(int(op), draw(u64), draw(u64), segs, draw(u16))
 
 
 @pytest.mark.parametrize("p", PROTOCOLS, ids=str)

@@ -50,4 +50,7 @@ def test_named_kinds_from_the_design_exist() -> None:
     assert CATALOGUE["storage.power-cut"].loses_cache
     assert CATALOGUE["link.loss"].may_lose and CATALOGUE["link.duplicate"].may_duplicate
     assert CATALOGUE["link.loss"].injector == "xenpv.faults.link"
-    assert CATALOGUE["event.drop"].injector is None
+    assert CATALOGUE["event.drop"].injector == "xenpv.faults.agent"
+    assert CATALOGUE["ring.double-fetch"].injector is None
+    assert CATALOGUE["ring.double-fetch"].why_not
+    assert CATALOGUE["storage.eio"].why_not is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import trio
+import trio.testing
 
 from backends.storage import MemoryDisk, StorageError, StorageOp
 from tests.unit.faults_helpers import fault
@@ -120,3 +121,40 @@ async def test_count_limits_hits_and_injector_dispatches() -> None:
                 await disk.write(0, [b"1" * SECTOR])
         await disk.write(0, [b"1" * SECTOR])  # the count is spent
         injector.stop(limited)
+
+
+class _ReadsThenWaits:
+    """A disk whose reads take their data first and return after other tasks ran (a flush
+    can write back meanwhile): the order a slow real read can see."""
+
+    def __init__(self, inner: MemoryDisk, let_run: trio.Event) -> None:
+        self.inner = inner
+        self.let_run = let_run
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    async def readinto(self, offset: int, buffers: list[bytearray]) -> None:
+        await self.inner.readinto(offset, buffers)
+        await self.let_run.wait()
+
+
+async def test_a_read_racing_a_flush_sees_the_cached_write_whole() -> None:
+    with trio.fail_after(5):
+        let_run = trio.Event()
+        inner = MemoryDisk(16 * SECTOR)
+        disk = FaultyStorage(_ReadsThenWaits(inner, let_run), write_cache=True)  # type: ignore[arg-type]
+        await disk.write(0, [b"A" * (8 * SECTOR)])
+        await disk.flush()
+        await disk.write(0, [b"B" * (8 * SECTOR)])  # in the volatile cache
+        got: list[bytes] = []
+
+        async def read() -> None:
+            got.append(await disk.read(0, 8 * SECTOR))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()  # the read has the old data
+            await disk.flush()  # writes B back and empties the caches
+            let_run.set()
+        assert got == [b"B" * (8 * SECTOR)]

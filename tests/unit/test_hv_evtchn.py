@@ -89,3 +89,6 @@ async def test_notify_close_and_peer_close() -> None:
     assert owner.closed == [3]
     unbound.close()  # idempotent
     assert owner.closed == [3]
+    bound.close()  # closed by the peer: the port is still ours to release, once
+    bound.close()
+    assert owner.closed == [3, 4]

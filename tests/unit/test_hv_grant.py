@@ -164,4 +164,4 @@ class GrantModel(RuleBasedStateMachine):
 
 
 TestGrantModel = GrantModel.TestCase
-TestGrantModel.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+TestGrantModel.settings = settings(max_examples=60, stateful_step_count=40)

@@ -30,7 +30,7 @@ def test_advertised_keys_in_netback_order() -> None:
         "multi-queue-max-queues",
         "feature-ctrl-ring",
     ]
-    assert keys["feature-rx-flip"] == 0 and keys["feature-ctrl-ring"] == 0
+    assert keys["feature-rx-flip"] == 0 and keys["feature-ctrl-ring"] == 1
     assert keys["multi-queue-max-queues"] == 4
 
 

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.abi_strategies import i16, u8, u16, u32
 from xenpv.abi import netif
 from xenpv.abi.buffer import LocalBuffer
 from xenpv.abi.errors import NetifError
@@ -35,9 +36,6 @@ from xenpv.abi.netif import (
 )
 from xenpv.abi.ring import BackRing, FrontRing
 from xenpv.errors import XenpvError
-
-u8, u16, u32 = (st.integers(0, 2**bits - 1) for bits in (8, 16, 32))
-i16 = st.integers(-(2**15), 2**15 - 1)
 
 extras = st.one_of(
     st.builds(NetifGsoExtra, st.integers(1, 0xFFFF), st.integers(1, 2), u16, u8),

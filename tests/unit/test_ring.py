@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -427,10 +427,5 @@ class RingPair(RuleBasedStateMachine):
         assert self.front.broken is None and self.back.broken is None
 
 
-RingPair.TestCase.settings = settings(
-    max_examples=60,
-    stateful_step_count=40,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+RingPair.TestCase.settings = settings(max_examples=60, stateful_step_count=40)
 TestRingPair = RingPair.TestCase

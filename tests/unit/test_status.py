@@ -22,15 +22,22 @@ from xenpv.xenbus.core import DeviceId, xvd_number
 NAMES = {1: "backend", 2: "guest64k"}
 
 
-def test_connected_vbd_reads_what_was_negotiated() -> None:
-    device = DeviceId("vbd", 2, 1, xvd_number(0))
+def connected_vbd_keys(queues: int) -> tuple[dict[str, str], dict[str, str]]:
+    """The frontend's and backend's keys of a connected vbd: 16-page rings, `queues` queues,
+    persistent grants, 256 indirect segments."""
     frontend = {
         "state": "4",
         "ring-page-order": "4",
-        "multi-queue-num-queues": "2",
+        "multi-queue-num-queues": str(queues),
         "feature-persistent": "1",
     }
     backend = {"state": "4", "feature-max-indirect-segments": "256", "feature-persistent": "1"}
+    return frontend, backend
+
+
+def test_connected_vbd_reads_what_was_negotiated() -> None:
+    device = DeviceId("vbd", 2, 1, xvd_number(0))
+    frontend, backend = connected_vbd_keys(queues=2)
     v = device_status(device, frontend, backend, NAMES)
     assert v.connected
     assert (v.frontend, v.backend) == ("guest64k", "backend")
@@ -137,13 +144,7 @@ def _demo_status(error: str | None = None) -> ClusterStatus:
         status.domains.append(domain_status(domid, keys | {"ready": "4194303"}))
     for domid in (2, 3, 4):
         order = str(pages[domid].bit_length() - 13)
-        front = {
-            "state": "4",
-            "ring-page-order": "4",
-            "multi-queue-num-queues": "4",
-            "feature-persistent": "1",
-        }
-        back = {"state": "4", "feature-max-indirect-segments": "256", "feature-persistent": "1"}
+        front, back = connected_vbd_keys(queues=4)
         back["grant-granule-order"] = order
         vbd = DeviceId("vbd", domid, 1, xvd_number(0))
         status.devices.append(device_status(vbd, front, back, names))

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-from hypothesis import HealthCheck, settings
+from hypothesis import settings
 
 from tests.unit.xs_model import StoreDriver, make_machine
 
 StoreMachine = make_machine(StoreDriver)
-StoreMachine.TestCase.settings = settings(
-    max_examples=300,
-    stateful_step_count=60,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+StoreMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=60)
 TestStoreMatchesModel = StoreMachine.TestCase

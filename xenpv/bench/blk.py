@@ -44,7 +44,9 @@ from typing import Any
 
 import trio
 
+from xenpv.bench.cli import add_bench
 from xenpv.bench.report import emit
+from xenpv.bench.xenstore import child_env, spawned_xenstored
 from xenpv.commands import args as types
 
 MiB = 1 << 20
@@ -83,18 +85,19 @@ INSTALL_HINT = "apt-get install fio nbdkit"
 
 
 def register(benches: Any) -> None:
-    parser: argparse.ArgumentParser = benches.add_parser(
-        "blk", help="blkfront/blkback IOPS and throughput vs fio+nbdkit on the same image"
+    parser = add_bench(
+        benches,
+        "blk",
+        help="blkfront/blkback IOPS and throughput vs fio+nbdkit on the same image",
+        run=run,
+        quick_help="short runs, fewer configurations",
     )
-    parser.add_argument("--quick", action="store_true", help="short runs, fewer configurations")
-    parser.add_argument("--json", action="store_true", help="accepted; JSON is always last")
     parser.add_argument(
         "--dir", type=types.existing_dir, default=None, help="directory for the scratch image"
     )
     parser.add_argument(
         "--seconds", type=types.positive_float, default=None, help="time per workload"
     )
-    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -106,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         workdir = Path(tmp)
         image = workdir / "disk.img"
         _fill_image(image, image_mib * MiB)
-        with _xenstored(workdir) as xs_address:
+        with spawned_xenstored(workdir, "xs") as xs_address:
             xenpv = trio.run(
                 _bench_xenpv, workdir, xs_address, image, page_sizes, transports, seconds
             )
@@ -213,35 +216,6 @@ def _fill_image(path: Path, size: int) -> None:
             f.write(chunk[i % 997 :] + chunk[: i % 997])
 
 
-def _env() -> dict[str, str]:
-    root = str(Path(__file__).resolve().parents[1])
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-
-
-@contextmanager
-def _xenstored(workdir: Path) -> Iterator[str]:
-    sock = str(workdir / "xs.sock")
-    read_fd, write_fd = os.pipe()
-    args = [sys.executable, "-m", "xenpv", "--log-level", "warning", "xenstored"]
-    args += ["--socket", sock, "--data-dir", str(workdir / "xs.data"), "--ready-fd", str(write_fd)]
-    proc = subprocess.Popen(args, pass_fds=(write_fd,), stderr=subprocess.DEVNULL, env=_env())
-    os.close(write_fd)
-    try:
-        ready, _, _ = select.select([read_fd], [], [], 60)
-        line = os.read(read_fd, 4096) if ready else b""
-        if not line.startswith(b"READY"):
-            raise RuntimeError("xenstored did not start")
-        yield f"unix:{sock}"
-    finally:
-        os.close(read_fd)
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 # -- xenpv ---------------------------------------------------------------------------------------
 
 
@@ -306,7 +280,7 @@ async def _guest(
         command = [sys.executable, "-m", "xenpv.bench.blk", "--backend-child", xs_address]
         command += [keys[BACKEND].seed_hex(), backend_endpoint, transport, str(GUEST)]
         command += [dom.endpoint, keys[GUEST].public_hex(), str(DEVID)]
-        process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE, env=_env())
+        process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE, env=child_env())
         try:
             assert process.stdout is not None
             line = b""
@@ -441,7 +415,11 @@ def _xenpv_nbd(workdir: Path, image: Path, page_size: int) -> Iterator[Path | No
     args += ["--page-size", str(page_size), "--socket", str(sock), "--ready-fd", str(write_fd)]
     args += ["--state-dir", str(workdir / f"nbd{page_size // 1024}k")]
     proc = subprocess.Popen(
-        args, pass_fds=(write_fd,), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env()
+        args,
+        pass_fds=(write_fd,),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=child_env(),
     )
     os.close(write_fd)
     try:

@@ -37,6 +37,7 @@ import trio
 
 from xenpv.bench.cli import add_bench
 from xenpv.bench.report import emit
+from xenpv.bench.xenstore import child_env
 from xenpv.hv import CopyDirection, CopyOp, Domain, EventChannel, StaticDirectory, open_domain
 from xenpv.hv.busypoll import DEFAULT_MAX_US, AdaptivePoll
 from xenpv.identity import DomainKey
@@ -138,11 +139,6 @@ def _child(*args: str) -> list[str]:
     return [sys.executable, "-m", "xenpv.bench.link", *args]
 
 
-def _env() -> dict[str, str]:
-    root = str(Path(__file__).resolve().parents[1])
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-
-
 async def _read_line(stream: trio.abc.ReceiveStream, buffer: bytearray) -> dict[str, Any]:
     while b"\n" not in buffer:
         chunk = await stream.receive_some(65536)
@@ -175,7 +171,7 @@ async def _baseline(tmp: Path, *, poll: bool) -> AsyncIterator[Callable[[], Awai
     `poll`, both ends poll before sleeping as a domain's event waiter does."""
     path = str(tmp / f"echo-{int(poll)}.sock")
     process = await trio.lowlevel.open_process(
-        _child("echo", path, str(int(poll))), stdout=subprocess.PIPE, env=_env()
+        _child("echo", path, str(int(poll))), stdout=subprocess.PIPE, env=child_env()
     )
     try:
         assert process.stdout is not None
@@ -280,7 +276,7 @@ async def _pair(tmp: Path, transport: str, *, busy_poll_us: float | None) -> Asy
             key.public_hex(),
             "default" if busy_poll_us is None else str(busy_poll_us),
         )
-        process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE, env=_env())
+        process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE, env=child_env())
         try:
             assert process.stdout is not None
             info = await _read_line(process.stdout, bytearray())

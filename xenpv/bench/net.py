@@ -42,7 +42,7 @@ from frontends.netfront import Netfront, attach
 from xenpv.abi.netif import XEN_NETIF_GSO_TYPE_TCPV4, NetifGsoExtra
 from xenpv.bench.cli import add_bench, chosen_transports
 from xenpv.bench.report import emit
-from xenpv.bench.xenstore import _xenstored
+from xenpv.bench.xenstore import spawned_xenstored
 from xenpv.commands import args as types
 from xenpv.hv import XEN_PAGE_SIZE, StaticDirectory, open_domain
 from xenpv.identity import DomainKey
@@ -273,7 +273,7 @@ async def _guest_to_guest(
 ) -> dict[str, Any]:
     with (
         tempfile.TemporaryDirectory(prefix="xnb", dir="/tmp") as tmp,
-        _xenstored(Path(tmp), "xs") as address,
+        spawned_xenstored(Path(tmp), "xs") as address,
     ):
         async with _backend(Path(tmp), address, transport) as config:
             if not processes:
@@ -433,7 +433,7 @@ async def _tap_iperf(
     with (
         tempfile.TemporaryDirectory(prefix="xnb", dir="/tmp") as tmp,
         spaces as (ns_a, ns_b),
-        _xenstored(Path(tmp), "xs") as address,
+        spawned_xenstored(Path(tmp), "xs") as address,
     ):
         async with (
             _backend(Path(tmp), address, transport, taps) as config,

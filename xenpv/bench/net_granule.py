@@ -33,7 +33,7 @@ from frontends.netfront import Netfront, attach
 from xenpv.bench.cli import add_bench, chosen_transports
 from xenpv.bench.net import _stream
 from xenpv.bench.report import emit
-from xenpv.bench.xenstore import _xenstored
+from xenpv.bench.xenstore import spawned_xenstored
 from xenpv.commands import args as types
 from xenpv.hv import StaticDirectory, open_domain
 from xenpv.identity import DomainKey
@@ -159,7 +159,7 @@ async def _measure(
 ) -> dict[str, Any]:
     with (
         tempfile.TemporaryDirectory(prefix="xng", dir="/tmp") as tmp,
-        _xenstored(Path(tmp), "xs") as address,
+        spawned_xenstored(Path(tmp), "xs") as address,
     ):
         async with _net(Path(tmp), address, transport, order, backend_page) as (a, b, vifs):
             sizes = {}

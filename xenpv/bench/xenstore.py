@@ -118,6 +118,13 @@ def run(args: argparse.Namespace) -> int:
 # -- servers ---------------------------------------------------------------------------------
 
 
+def child_env() -> dict[str, str]:
+    """This environment with this checkout first on PYTHONPATH: a `python -m xenpv` child runs
+    the same code as the bench that starts it."""
+    root = str(Path(__file__).resolve().parents[2])
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+
+
 @contextmanager
 def _spawn(args: list[str], ready_fd_flag: str = "--ready-fd") -> Iterator[subprocess.Popen[bytes]]:
     read_fd, write_fd = os.pipe()
@@ -125,6 +132,7 @@ def _spawn(args: list[str], ready_fd_flag: str = "--ready-fd") -> Iterator[subpr
         [sys.executable, "-m", *args, ready_fd_flag, str(write_fd)],
         pass_fds=(write_fd,),
         stderr=subprocess.DEVNULL,
+        env=child_env(),
     )
     os.close(write_fd)
     try:
@@ -144,7 +152,9 @@ def _spawn(args: list[str], ready_fd_flag: str = "--ready-fd") -> Iterator[subpr
 
 
 @contextmanager
-def _xenstored(workdir: Path, name: str) -> Iterator[str]:
+def spawned_xenstored(workdir: Path, name: str) -> Iterator[str]:
+    """`xenpv xenstored` on `workdir/NAME.sock` (data in `workdir/NAME.data`) until the block
+    ends; its address once it reports ready."""
     sock = str(workdir / f"{name}.sock")
     data = workdir / f"{name}.data"
     with _spawn(
@@ -215,7 +225,7 @@ async def _bench_all(
     workdir: Path, seconds: float, rounds: int, nodes: int, watches: int, fanout_rounds: int
 ) -> dict[str, Any]:
     round_trips: dict[str, dict[str, dict[str, float]]] = {}
-    with _xenstored(workdir, "main") as real, _null_server(workdir) as null:
+    with spawned_xenstored(workdir, "main") as real, _null_server(workdir) as null:
         for op in ("read", "write", "transaction"):
             round_trips[op] = {}
             for clients in CLIENT_COUNTS:
@@ -240,7 +250,7 @@ async def _bench_all(
                 }
         fanout = await _fanout(real, fanout_rounds)
     store_scale = _store_scale(nodes, watches)
-    with _xenstored(workdir, "empty") as empty, _xenstored(workdir, "big") as big:
+    with spawned_xenstored(workdir, "empty") as empty, spawned_xenstored(workdir, "big") as big:
         times = await _populate_and_compare(empty, big, nodes, watches, seconds, rounds)
     ratios = [r["ratio"] for by in round_trips.values() for r in by.values()]
     fsync_us = _fsync_latency_us(workdir)

@@ -24,7 +24,7 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]?)(?:i?B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -258,3 +258,60 @@ def non_empty(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("expected a non-empty text")
     return text
+
+
+# -- option groups several commands share ------------------------------------------------------
+
+
+def add_xenstore(
+    parser: argparse.ArgumentParser, *, help: str | None = None, repeatable: bool = False
+) -> None:
+    """`--xenstore ADDR` (required): the xenstored the command talks to; `repeatable` collects
+    a list."""
+    parser.add_argument(
+        "--xenstore",
+        action="append" if repeatable else "store",
+        required=True,
+        type=xenstore_address,
+        metavar="ADDR",
+        help=help,
+    )
+
+
+def add_ready_fd(parser: argparse.ArgumentParser) -> None:
+    """`--ready-fd N`: the pipe a daemon writes its READY line to once it serves."""
+    parser.add_argument(
+        "--ready-fd",
+        type=fd_number,
+        default=None,
+        metavar="N",
+        help="write a READY line to fd N",
+    )
+
+
+def add_state_dir(parser: argparse.ArgumentParser, *, help: str) -> None:
+    """`--state-dir DIR`, optional: where a run keeps its files (else a temporary directory)."""
+    parser.add_argument("--state-dir", type=directory, default=None, metavar="DIR", help=help)
+
+
+def add_round_options(
+    parser: argparse.ArgumentParser, *, timeout_help: str, block_help: str
+) -> None:
+    """`--timeout`, `--block-bytes`, `--frames`: the sizes of a self-test round (the demo's
+    check and `toolstack check`)."""
+    parser.add_argument("--timeout", type=positive_float, default=60.0, help=timeout_help)
+    parser.add_argument(
+        "--block-bytes", type=byte_size, default=4 << 20, metavar="SIZE", help=block_help
+    )
+    parser.add_argument(
+        "--frames", type=positive_int, default=24, help="echo frames per guest pair"
+    )
+
+
+def add_actions(
+    sub: Any, name: str, *, help: str, dest: str = "action", metavar: str = "ACTION"
+) -> Any:
+    """`xenpv NAME ACTION ...`: a command whose first argument picks one of its actions; the
+    returned object's `add_parser` adds each action."""
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=help)
+    return parser.add_subparsers(dest=dest, metavar=metavar, required=True)

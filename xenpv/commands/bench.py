@@ -6,9 +6,10 @@ JSON object as the last line of stdout (see `xenpv.bench.report`).
 
 from __future__ import annotations
 
-import argparse
 import importlib
 from typing import Any
+
+from xenpv.commands import args as types
 
 BENCH_MODULES: tuple[str, ...] = (
     "xenpv.bench.xenstore",
@@ -23,10 +24,13 @@ BENCH_MODULES: tuple[str, ...] = (
 
 
 def register(sub: Any) -> None:
-    parser: argparse.ArgumentParser = sub.add_parser(
-        "bench", help="run a benchmark (table on stderr, JSON on the last line of stdout)"
+    benches = types.add_actions(
+        sub,
+        "bench",
+        help="run a benchmark (table on stderr, JSON on the last line of stdout)",
+        dest="bench",
+        metavar="BENCH",
     )
-    benches = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
     for name in BENCH_MODULES:
         try:
             module = importlib.import_module(name)

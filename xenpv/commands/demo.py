@@ -35,25 +35,13 @@ def register(sub: Any) -> None:
         "demo", help="run the default cluster (4K/16K/64K guests) and check it end to end"
     )
     parser.add_argument("--json", action="store_true", help="JSON summary on stdout")
-    parser.add_argument(
-        "--state-dir",
-        type=types.directory,
-        default=None,
-        metavar="DIR",
-        help="keep sockets, logs, images here (default: a temporary directory)",
+    types.add_state_dir(
+        parser, help="keep sockets, logs, images here (default: a temporary directory)"
     )
-    parser.add_argument(
-        "--timeout", type=types.positive_float, default=60.0, help="seconds for each phase"
-    )
-    parser.add_argument(
-        "--block-bytes",
-        type=types.byte_size,
-        default=4 << 20,
-        metavar="SIZE",
-        help="bulk bytes each guest writes (4194304, 4M, ...)",
-    )
-    parser.add_argument(
-        "--frames", type=types.positive_int, default=24, help="echo frames per guest pair"
+    types.add_round_options(
+        parser,
+        timeout_help="seconds for each phase",
+        block_help="bulk bytes each guest writes (4194304, 4M, ...)",
     )
     parser.set_defaults(run=run)
 

@@ -40,13 +40,7 @@ def register(sub: Any) -> None:
     parser: argparse.ArgumentParser = sub.add_parser(
         "domain", help="run one domain process (serves its backends, attaches its frontends)"
     )
-    parser.add_argument(
-        "--xenstore",
-        required=True,
-        type=types.xenstore_address,
-        metavar="ADDR",
-        help="tcp:HOST:PORT (or unix:PATH)",
-    )
+    types.add_xenstore(parser, help="tcp:HOST:PORT (or unix:PATH)")
     parser.add_argument(
         "--key-file", required=True, type=types.existing_file, help="the domain's key file"
     )
@@ -66,7 +60,7 @@ def register(sub: Any) -> None:
         metavar="EP",
         help="link endpoint, unix:PATH or tcp:HOST:PORT (default: the published one)",
     )
-    parser.add_argument("--ready-fd", type=types.fd_number, default=None, metavar="N")
+    types.add_ready_fd(parser)
     parser.set_defaults(run=run)
 
 

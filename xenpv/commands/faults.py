@@ -5,7 +5,10 @@
   a built-in name) and its hash;
 - `xenpv faults check HISTORY.jsonl [--json] [--report FILE]`: verify the history's digest
   chain, re-run every checker and give the verdict; exit 1 on a violation or an altered
-  history. See docs/faults.md.
+  history;
+- `xenpv faults run PLAN [--seed N] [--json] [--report FILE] [--history FILE] [--state-dir DIR]`:
+  run the plan against a real cluster (`xenpv.faults.runner`), print the verdict table; exit 1
+  on a violation. See docs/faults.md.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 
 from xenpv.faults import history as history_mod
 from xenpv.faults import plan as plan_mod
-from xenpv.faults import report, schedule
+from xenpv.faults import report, runner, schedule
 from xenpv.faults.catalogue import KINDS
 from xenpv.faults.checkers import check_all
 
@@ -47,9 +50,27 @@ def register(sub: Any) -> None:
     p.add_argument("--report", type=Path, default=None, metavar="FILE", help="HTML timeline")
     p.set_defaults(run=run_check)
 
+    p = verbs.add_parser("run", help="run a plan against a real cluster and check it")
+    p.add_argument("plan", metavar="PLAN", help="a plan file, or a built-in plan's name")
+    p.add_argument("--seed", type=int, default=None, help="root seed (default: the plan's)")
+    p.add_argument("--json", action="store_true", help="a JSON verdict as the last stdout line")
+    p.add_argument("--report", type=Path, default=None, metavar="FILE", help="HTML timeline")
+    p.add_argument(
+        "--history", type=Path, default=None, metavar="FILE", help="keep the history (.jsonl)"
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="the cluster's state directory (default: a temporary one, removed at the end)",
+    )
+    p.set_defaults(run=run_run)
+
 
 def run_list(args: argparse.Namespace) -> int:
     plans = [(name, plan_mod.builtin(name).description) for name in plan_mod.builtin_names()]
+    blocked = {name: runner.blocked_kinds(plan_mod.builtin(name)) for name, _ in plans}
     if args.json:
         out = {
             "kinds": [
@@ -68,19 +89,26 @@ def run_list(args: argparse.Namespace) -> int:
                         for p in k.params
                     ],
                     "injector": k.injector,
+                    "injectable": k.why_not is None,
+                    "why_not": k.why_not,
                 }
                 for k in KINDS
             ],
-            "plans": [{"name": n, "description": d} for n, d in plans],
+            "plans": [
+                {"name": n, "description": d, "runnable": not blocked[n], "blocked": blocked[n]}
+                for n, d in plans
+            ],
         }
         print(json.dumps(out, sort_keys=True))
         return 0
     width = max(len(k.id) for k in KINDS)
     for k in KINDS:
-        note = "" if k.injector else " [no injector yet]"
+        note = f" [not injectable yet: {k.why_not}]" if k.why_not else ""
         targets = ",".join(t.value for t in k.targets)
         print(f"kind  {k.id:<{width}}  {targets:<22} {k.description}{note}")
     for name, description in plans:
+        if blocked[name]:
+            description += f" [cannot run yet: {', '.join(blocked[name])}]"
         print(f"plan  {name:<{width}}  {description}")
     return 0
 
@@ -162,3 +190,67 @@ def run_check(args: argparse.Namespace) -> int:
         if violations:
             print(f"rerun: {report.rerun_command(hist)}")
     return 0 if not violations and unfinished is None else 1
+
+
+def run_run(args: argparse.Namespace) -> int:
+    import functools
+
+    from xenpv.toolstack import supervisor
+    from xenpv.toolstack.progress import Progress
+    from xenpv.toolstack.supervisor import Supervisor
+
+    plan = plan_mod.load_any(args.plan)
+    if args.seed is not None and not 0 <= args.seed <= plan_mod.MAX_SEED:
+        raise plan_mod.PlanError("--seed", f"must be between 0 and {plan_mod.MAX_SEED}")
+    runner.check_injectable(schedule.build(plan, args.seed))  # before starting anything
+    history = args.history.resolve() if args.history is not None else None
+    results: list[runner.RunResult] = []
+
+    async def main(sup: Supervisor, state_dir: Path) -> int:
+        result = await runner.run_plan(
+            plan,
+            args.seed,
+            state_dir,
+            sup,
+            history_path=history,
+            progress=Progress.for_terminal(quiet=args.json),
+            log_level=getattr(args, "log_level", "info") or "info",
+        )
+        results.append(result)
+        return 0 if result.ok else 1
+
+    if args.state_dir is not None:
+        code = supervisor.run(
+            functools.partial(main, state_dir=args.state_dir.resolve()), Supervisor()
+        )
+    else:
+        code = supervisor.run_in_temp_dir("xenpv-faults-", main, Supervisor())
+    if not results:
+        return code
+    result = results[0]
+    if args.report is not None:
+        args.report.write_text(report.render_html(result.history, result.violations))
+        print(f"xenpv: report written to {args.report}", file=sys.stderr)
+    _print_verdict(result)
+    if args.json:
+        print(runner.save_json(result))
+    return 0 if result.ok else 1
+
+
+def _print_verdict(result: runner.RunResult) -> None:
+    s = result.schedule
+    counts = result.per_checker()
+    print(
+        f"plan {s.plan}, seed {s.seed}: {result.faults_injected} fault(s) injected, "
+        f"{result.ops} operations"
+    )
+    print(f"  {'checker':<10} {'violations':>10}  verdict")
+    for name, n in counts.items():
+        print(f"  {name:<10} {n:>10}  {'PASS' if n == 0 else 'FAIL'}")
+    if not result.history.finished:
+        print("  history unfinished: the run stopped early")
+    for v in result.violations[:MAX_LISTED]:
+        print(v.line())
+    print(f"schedule hash {s.hash}")
+    verdict = "PASS" if result.ok else "FAIL"
+    print(f"{verdict}: plan {s.plan}, seed {s.seed}")

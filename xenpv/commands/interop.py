@@ -47,13 +47,7 @@ def register(sub: Any) -> None:
         help="run only cells whose key contains TEXT, e.g. vbd-f64k or -on- (repeatable; "
         "for debugging a driver: the full matrix is the default)",
     )
-    parser.add_argument(
-        "--state-dir",
-        type=types.directory,
-        default=None,
-        metavar="DIR",
-        help="keep sockets, logs, results here",
-    )
+    types.add_state_dir(parser, help="keep sockets, logs, results here")
     parser.set_defaults(run=run)
 
 

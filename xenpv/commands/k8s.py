@@ -14,16 +14,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from xenpv.commands import args as types
 from xenpv.errors import UsageError
 from xenpv.k8s import render, yamlout
 from xenpv.toolstack import topology
 
 
 def register(sub: Any) -> None:
-    parser: argparse.ArgumentParser = sub.add_parser(
-        "k8s", help="Kubernetes: render manifests for a topology"
-    )
-    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    actions = types.add_actions(sub, "k8s", help="Kubernetes: render manifests for a topology")
     run = actions.add_parser("render", help="write a Kustomize base for a topology")
     run.add_argument(
         "file", type=Path, nargs="?", default=None, help="topology (default: the demo's)"

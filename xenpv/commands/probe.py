@@ -46,19 +46,15 @@ class ProbeError(XenpvError):
 
 
 def register(sub: Any) -> None:
-    parser: argparse.ArgumentParser = sub.add_parser(
-        "probe", help="health checks: is xenstored answering, is a domain ready and connected"
+    kinds = types.add_actions(
+        sub,
+        "probe",
+        help="health checks: is xenstored answering, is a domain ready and connected",
+        dest="kind",
+        metavar="WHAT",
     )
-    kinds = parser.add_subparsers(dest="kind", metavar="WHAT", required=True)
     xsd = kinds.add_parser("xenstored", help="xenstored answers on every address given")
-    xsd.add_argument(
-        "--xenstore",
-        action="append",
-        required=True,
-        type=types.xenstore_address,
-        metavar="ADDR",
-        help="unix:PATH or tcp:HOST:PORT (repeatable)",
-    )
+    types.add_xenstore(xsd, help="unix:PATH or tcp:HOST:PORT (repeatable)", repeatable=True)
     xsd.add_argument(
         "--key-file", type=types.existing_file, default=None, help="authenticate on TCP"
     )
@@ -66,7 +62,7 @@ def register(sub: Any) -> None:
     xsd.set_defaults(run=run_xenstored)
     dom = kinds.add_parser("domain", help="the domain's process is ready (and connected)")
     dom.add_argument("name", help="the domain's name")
-    dom.add_argument("--xenstore", required=True, type=types.xenstore_address, metavar="ADDR")
+    types.add_xenstore(dom)
     dom.add_argument(
         "--key-file", type=types.existing_file, default=None, help="the domain's key (TCP)"
     )

@@ -48,10 +48,9 @@ class CheckError(XenpvError):
 
 
 def register(sub: Any) -> None:
-    parser: argparse.ArgumentParser = sub.add_parser(
-        "toolstack", help="dom0 jobs: create a topology's domains and devices, run checks"
+    actions = types.add_actions(
+        sub, "toolstack", help="dom0 jobs: create a topology's domains and devices, run checks"
     )
-    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     apply = actions.add_parser("apply", help="create the domains and devices of a topology")
     apply.add_argument(
         "file",
@@ -60,13 +59,7 @@ def register(sub: Any) -> None:
         default=None,
         help="topology (default: the demo's)",
     )
-    apply.add_argument(
-        "--xenstore",
-        required=True,
-        type=types.xenstore_address,
-        metavar="ADDR",
-        help="unix:PATH (dom0)",
-    )
+    types.add_xenstore(apply, help="unix:PATH (dom0)")
     apply.add_argument("--keys-dir", required=True, type=types.directory, help="where key files go")
     apply.add_argument(
         "--image-dir", type=types.directory, default=Path("."), help="base of relative image paths"
@@ -81,22 +74,8 @@ def register(sub: Any) -> None:
     apply.add_argument("--json", action="store_true", help="print the domids as JSON")
     apply.set_defaults(run=run_apply)
     check = actions.add_parser("check", help="run a self-test round in every guest")
-    check.add_argument(
-        "--xenstore",
-        required=True,
-        type=types.xenstore_address,
-        metavar="ADDR",
-        help="unix:PATH (dom0)",
-    )
-    check.add_argument(
-        "--timeout", type=types.positive_float, default=60.0, help="seconds for the round"
-    )
-    check.add_argument(
-        "--block-bytes", type=types.byte_size, default=4 << 20, metavar="SIZE", help="per vbd"
-    )
-    check.add_argument(
-        "--frames", type=types.positive_int, default=24, help="echo frames per guest pair"
-    )
+    types.add_xenstore(check, help="unix:PATH (dom0)")
+    types.add_round_options(check, timeout_help="seconds for the round", block_help="per vbd")
     check.add_argument("--json", action="store_true", help="JSON summary on stdout")
     check.set_defaults(run=run_check)
 

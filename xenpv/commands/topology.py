@@ -24,10 +24,9 @@ EXAMPLE_TOML = topology.DEFAULT_TOPOLOGY_TOML
 
 
 def register(sub: Any) -> None:
-    parser: argparse.ArgumentParser = sub.add_parser(
-        "topology", help="write an example topology file, check topology files"
+    actions = types.add_actions(
+        sub, "topology", help="write an example topology file, check topology files"
     )
-    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     example = actions.add_parser("example", help="the demo's topology as a commented TOML file")
     example.add_argument(
         "-o",

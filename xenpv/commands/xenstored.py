@@ -19,6 +19,7 @@ import trio
 
 from xenpv.commands import args as types
 from xenpv.errors import UsageError
+from xenpv.faults.xsagent import serve_control
 from xenpv.xenstore.quotas import QUOTA_FIELDS, build_quotas
 from xenpv.xenstore.server import (
     DEFAULT_COMPACT_BYTES,
@@ -56,13 +57,7 @@ def register(sub: Any) -> None:
         default=None,
         help="also serve authenticated domains on TCP",
     )
-    parser.add_argument(
-        "--ready-fd",
-        type=types.fd_number,
-        default=None,
-        metavar="N",
-        help="write a READY line to fd N",
-    )
+    types.add_ready_fd(parser)
     parser.add_argument(
         "--compact-bytes",
         type=types.positive_int,
@@ -146,6 +141,8 @@ async def _main(config: ServerConfig, ready_fd: int | None) -> None:
     try:
         async with trio.open_nursery() as nursery:
             bound: Bound = await nursery.start(server.serve)
+            # The fault-run control node (`xenpv faults run`): idle, one watch, until used.
+            nursery.start_soon(serve_control, config, bound.socket_path)
             tcp = f"tcp:{bound.tcp[0]}:{bound.tcp[1]}" if bound.tcp else None
             log.info("xenstored ready", socket=bound.socket_path, tcp=tcp, pid=os.getpid())
             if ready_fd is not None:

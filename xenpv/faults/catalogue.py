@@ -81,6 +81,11 @@ class FaultKind:
         return _INJECTORS.get(self.id, _INJECTORS.get(self.family.value))
 
     @property
+    def why_not(self) -> str | None:
+        """Why a fault run cannot inject this kind yet (None: it can)."""
+        return NOT_YET.get(self.id, NOT_YET.get(self.family.value))
+
+    @property
     def id(self) -> str:
         return f"{self.family.value}.{self.name}"
 
@@ -95,7 +100,23 @@ _INJECTORS = {
     "link": "xenpv.faults.link",
     "storage": "xenpv.faults.storage",
     "process": "xenpv.faults.process",
+    "event": "xenpv.faults.agent",
+    "grant.map-fail": "xenpv.faults.agent",
+    "grant.batch-element-fail": "xenpv.faults.agent",
+    "xenstore.commit-eagain": "xenpv.faults.xsagent",
+    "xenstore.conn-reset": "xenpv.faults.xsagent",
     "xenstore.xenstored-kill": "xenpv.faults.process",
+    "device.detach-reattach": "xenpv.faults.device",
+}
+# Kinds with no injector in a fault run yet, and why (`xenpv faults list` says it).
+NOT_YET = {
+    "ring": "needs a hostile peer inside the drivers",
+    "grant.revoke-while-mapped": "needs a seam in the granter",
+    "xenstore.watch-delay": "xenstored has no seam on the watch events it sends",
+    "xenstore.watch-duplicate": "xenstored has no seam on the watch events it sends",
+    "xenstore.watch-drop": "xenstored has no seam on the watch events it sends",
+    "xenstore.watch-flood": "xenstored has no seam on the watch events it sends",
+    "xenstore.xenstored-kill": "the supervisor does not restart xenstored yet",
 }
 
 D, V, Q, L, X = (
@@ -178,6 +199,7 @@ KINDS: tuple[FaultKind, ...] = (
             Param("one_in", int, 1, "fail one operation in every N", 1, 1e6),
         ),
         (D, V, Q),
+        may_lose=True,  # a frame whose grant copy fails is dropped, as netback does
     ),
     FaultKind(
         Family.GRANT,
@@ -188,6 +210,7 @@ KINDS: tuple[FaultKind, ...] = (
             Param("status", str, "GNTST_general_error", "status", choices=GNTST_NAMES),
         ),
         (D, V, Q),
+        may_lose=True,
     ),
     FaultKind(
         Family.GRANT,
@@ -428,8 +451,12 @@ KINDS: tuple[FaultKind, ...] = (
     FaultKind(
         Family.DEVICE,
         "detach-reattach",
-        "hot-unplug a device and plug it back when the fault stops",
-        (),
+        "detach a vbd or vif through the xenbus close handshake, re-attach it under the same"
+        " id with the same configuration when the fault stops",
+        (
+            _seconds("grace", 2.0, "seconds the close handshake has before `force` applies", 20.0),
+            Param("force", bool, True, "remove the device after `grace` even if not Closed"),
+        ),
         (V,),
         may_lose=True,
     ),
@@ -454,6 +481,6 @@ def markdown_table() -> str:
             f"`{p.name}` ({p.type.__name__}, {p.default!r}, {p.describe_range()})" for p in k.params
         )
         targets = ", ".join(t.value for t in k.targets)
-        note = "" if k.injector else " (no injector yet)"
+        note = f" (not injectable yet: {k.why_not})" if k.why_not else ""
         lines.append(f"| `{k.id}` | {targets} | {params or '-'} | {k.description}{note} |")
     return "\n".join(lines) + "\n"

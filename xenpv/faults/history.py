@@ -27,7 +27,7 @@ import time as _time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from xenpv.errors import XenpvError
 from xenpv.faults.schedule import Schedule, canonical_json
@@ -131,6 +131,22 @@ class HistoryChain:
 
 def encode(op: Op) -> str:
     return canonical_json({**op.body(), "digest": op.digest}) + "\n"
+
+
+class Recorder(Protocol):
+    """What workloads and injections record through: a `HistoryWriter`, or a fault run's
+    per-process `xenpv.faults.control.ProcessLog`."""
+
+    def append(
+        self,
+        process: str,
+        type: str,
+        f: str,
+        key: str,
+        value: Any = None,
+        *,
+        time: float | None = None,
+    ) -> Any: ...
 
 
 @dataclass

@@ -20,7 +20,7 @@ import trio
 
 from xenpv.errors import XenpvError
 from xenpv.faults.catalogue import CATALOGUE
-from xenpv.faults.history import HistoryWriter
+from xenpv.faults.history import Recorder
 from xenpv.faults.schedule import Schedule, ScheduledFault
 
 log = structlog.get_logger()
@@ -54,7 +54,7 @@ def injected(injector: Injector, fault: ScheduledFault) -> Iterator[ScheduledFau
 class Injection:
     """Dispatches faults to the injector that handles them and heals all on exit."""
 
-    def __init__(self, injectors: Sequence[Injector], history: HistoryWriter | None = None):
+    def __init__(self, injectors: Sequence[Injector], history: Recorder | None = None):
         self.injectors = list(injectors)
         self.history = history
         self.active: dict[str, tuple[Injector, ScheduledFault]] = {}

@@ -192,17 +192,32 @@ class FaultyStorage:
     async def readinto(self, offset: int, buffers: Sequence[ReadBuffer]) -> None:
         length = sum(memoryview(b).nbytes for b in buffers)
         await self._enter(StorageOp.READ, offset, length)
+        # What the caches hold for the range, taken before the inner read: a flush running
+        # meanwhile may write a sector back and drop it from `_flushing` after the inner
+        # read saw the old data; the snapshot still covers it (no torn blocks).
+        overlay = self._snapshot(offset, length) if self._cache or self._flushing else None
         await self.inner.readinto(offset, buffers)
-        if self._cache or self._flushing:
-            self._overlay(offset, buffers)
+        if overlay:
+            self._overlay(offset, buffers, overlay)
 
-    def _overlay(self, offset: int, buffers: Sequence[ReadBuffer]) -> None:
+    def _snapshot(self, offset: int, length: int) -> dict[int, bytes]:
+        first = offset // self._sector
+        end = (offset + length + self._sector - 1) // self._sector
+        out: dict[int, bytes] = {}
+        for sector in range(first, end):
+            data = self._cache.get(sector, self._flushing.get(sector))
+            if data is not None:
+                out[sector] = data
+        return out
+
+    def _overlay(
+        self, offset: int, buffers: Sequence[ReadBuffer], overlay: dict[int, bytes]
+    ) -> None:
         size = self._sector
         for buf in buffers:
             view = memoryview(buf).cast("B")
             for i in range(0, view.nbytes, size):
-                sector = (offset + i) // size
-                data = self._cache.get(sector, self._flushing.get(sector))
+                data = overlay.get((offset + i) // size)
                 if data is not None:
                     view[i : i + size] = data
             offset += view.nbytes

@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass, field
 
 from backends.storage.base import Storage, StorageError
-from xenpv.faults.history import HistoryWriter
+from xenpv.faults.history import Recorder
 from xenpv.faults.tags import (
     BlockTag,
     FrameTag,
@@ -27,7 +27,7 @@ from xenpv.faults.tags import (
 @dataclass
 class BlockWorker:
     storage: Storage
-    history: HistoryWriter
+    history: Recorder
     process: str  # e.g. guest4k/blk0; also the writer name in tags (at most 16 bytes)
     device_key: str  # e.g. vbd:guest4k:51712
     blocks: int = 16
@@ -39,7 +39,8 @@ class BlockWorker:
     _writes_since_flush: int = 0
 
     def key(self, block: int) -> str:
-        return f"{self.device_key}:block={block}"
+        """The block's key on the device (workers sharing a disk have disjoint keys)."""
+        return f"{self.device_key}:block={self.first_block + block}"
 
     @property
     def writer(self) -> str:
@@ -109,7 +110,7 @@ class FrameFlow:
     completed (or failed); the receiver calls `received(payload)` for every payload it gets.
     Sequence numbers start at 0 and increase by one."""
 
-    history: HistoryWriter
+    history: Recorder
     key: str  # vif:GUEST:DEVID:flow=N
     flow: int
     sender: str  # history process names

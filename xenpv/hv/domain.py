@@ -154,6 +154,11 @@ class Domain:
 
     # -- links ---------------------------------------------------------------------------------
 
+    def set_link_faults(self, faults: LinkFaults | None) -> None:
+        """Install (None: remove) the link fault seam at run time, on every link."""
+        self.faults = faults
+        self.links.set_faults(faults)
+
     def link_to(self, peer: int) -> Link | None:
         """The live link to `peer`, if any (for inspection: transport, counters)."""
         return self.links.link_to(peer)

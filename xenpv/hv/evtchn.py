@@ -41,6 +41,7 @@ class EventChannel:
         "_lot",
         "_owner",
         "_receiving",
+        "_released",
         "masked",
         "pending",
         "port",
@@ -58,6 +59,7 @@ class EventChannel:
         self.pending = False
         self.masked = False
         self._closed: str | None = None
+        self._released = False  # the owner's port table let go of the port (EVTCHNOP_close)
         self._lot = trio.lowlevel.ParkingLot()
         self._receiving: EventSource | None = None  # our waiter is receiving from it
 
@@ -123,10 +125,12 @@ class EventChannel:
             self._wake()
 
     def close(self) -> None:
-        """EVTCHNOP_close: release the port; the peer's port learns it."""
-        if self._closed is None:
-            self._owner.close_port(self)
-            self._set_closed("closed locally")
+        """EVTCHNOP_close: release the port; the peer's port learns it. Also after the peer
+        closed its end: as in Xen, the port stays allocated until closed locally."""
+        if not self._released:
+            self._released = True
+            self._owner.close_port(self)  # tells the peer only while the channel is open
+        self._set_closed("closed locally")
 
     # -- used by the domain runtime ---------------------------------------------------------
 

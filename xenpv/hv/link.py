@@ -180,6 +180,13 @@ class Link:
         if self._out:
             self._wake_writer()
 
+    def set_faults(self, faults: LinkFaults | None) -> None:
+        """Install or remove the fault seam at run time; removing it releases held delays
+        (the output path without a seam takes bytes only)."""
+        if faults is None and any(type(i) is float for i in self._out):
+            self._out = [i for i in self._out if type(i) is not float]
+        self._faults = faults
+
     def _wake_writer(self) -> None:
         idle = self._idle
         if idle is not None:

@@ -9,7 +9,7 @@ none on shared memory (copyengine.py does the copying).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -64,6 +64,16 @@ def check_map_reply(reply: MapReply, count: int, shared: SharedPeerMemory | None
                 raise ValueError("frames outside the granter's memory")
 
 
+class GrantFaults(Protocol):
+    """The fault seam of grant operations this domain performs on its peers' grants (a fault
+    run's agent implements it; None, the default, costs one check per operation)."""
+
+    def fail(self, op: str, remote: int, count: int) -> Sequence[int] | None:
+        """For `op` ("map" or "copy") of `count` elements on `remote`'s grants: a GNTST
+        status per element to report instead (OK: that element is left alone), or None."""
+        ...
+
+
 class GrantMapper:
     """One domain's mappings of, and copies to and from, its peers' grants."""
 
@@ -79,6 +89,7 @@ class GrantMapper:
         self._held = held
         self.max_maps = max_maps
         self.maps_in_use = 0  # maptrack entries
+        self.faults: GrantFaults | None = None
 
     # -- mapping -------------------------------------------------------------------------------
 
@@ -95,6 +106,11 @@ class GrantMapper:
             raise GrantError(GNTST.GNTST_general_error, "no grant references to map")
         if self.maps_in_use + len(grefs) > self.max_maps:
             raise GrantError(GNTST.GNTST_no_space, f"maptrack full ({self.max_maps} entries)")
+        if self.faults is not None:
+            injected = self.faults.fail("map", remote, len(grefs))
+            for gref, status in zip(grefs, injected or (), strict=False):
+                if status != OK:  # all or nothing, as a real failing element
+                    raise GrantError(status, f"map of domain {remote} grant {gref} (injected)")
         link = await self._links.connect(remote)
 
         def on_reply(reply: MapReply) -> GrantMapping:
@@ -182,6 +198,11 @@ class GrantMapper:
 
     async def grant_copy(self, ops: Sequence[CopyOp]) -> list[int]:
         """GNTTABOP_copy: a GNTST status per segment; one link round trip per remote domain."""
+        if self.faults is not None and ops:
+            return _inject(self.faults, ops[0].remote, await self._grant_copy(ops))
+        return await self._grant_copy(ops)
+
+    async def _grant_copy(self, ops: Sequence[CopyOp]) -> list[int]:
         results = [OK] * len(ops)
         remotes = {op.remote for op in ops}
         if len(remotes) == 1:
@@ -202,6 +223,11 @@ class GrantMapper:
         equivalent CopyOps (which is what the socket transport does). On shared memory,
         segments that are back to back on both sides are copied as one run.
         """
+        if self.faults is not None:
+            return _inject(self.faults, remote, await self._grant_copy_runs(remote, groups))
+        return await self._grant_copy_runs(remote, groups)
+
+    async def _grant_copy_runs(self, remote: int, groups: Sequence[CopyGroup]) -> list[int]:
         link = await self._links.connect(remote)
         shared = link.shared
         if shared is not None:
@@ -234,3 +260,14 @@ class GrantMapper:
             apply_copy_reply(reply, ops, sent, results)
         except (ValueError, TypeError) as exc:
             raise link.violation(f"malformed copy reply: {exc}") from None
+
+
+def _inject(faults: GrantFaults, remote: int, statuses: list[int]) -> list[int]:
+    """A copy was done; report the injected failures instead of its statuses (a failed
+    element may have been copied, as after a real error the caller cannot know)."""
+    injected = faults.fail("copy", remote, len(statuses))
+    if injected is None:
+        return statuses
+    return [s if i == OK else i for s, i in zip(statuses, injected, strict=False)] + statuses[
+        len(injected) :
+    ]

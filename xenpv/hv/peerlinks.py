@@ -101,6 +101,12 @@ class PeerLinks:
         self.endpoint = ""
         self._unix_path: str | None = None
 
+    def set_faults(self, faults: LinkFaults | None) -> None:
+        """Install (or, with None, remove) the fault seam on every link, now and later."""
+        self.faults = faults
+        for link in self._links.values():
+            link.set_faults(faults)
+
     def link_to(self, peer: int) -> Link | None:
         """The live link to `peer`, if any."""
         link = self._links.get(peer)

@@ -5,6 +5,9 @@ EVENT, BIND and CLOSE messages. The port itself (pending bit, mask, wait) is evt
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Protocol
+
 from xenpv.hv.errors import EventChannelClosed, HvError, PeerGone
 from xenpv.hv.evtchn import EventChannel
 from xenpv.hv.link import Link
@@ -14,6 +17,16 @@ from xenpv.hv.peerlinks import PeerLinks
 MAX_PORTS = 4096  # the 2-level event channel ABI on 64-bit guests
 FIFO_MAX_PORTS = 1 << 17  # the FIFO ABI (EVTCHN_FIFO_NR_CHANNELS): what a driver domain gets
 _EINVAL = -22
+
+
+class EventFaults(Protocol):
+    """The fault seam of outgoing event notifications (a fault run's agent implements it;
+    None, the default, costs one check per notification)."""
+
+    def on_event(self, channel: EventChannel, send: Callable[[], None]) -> bool:
+        """False: send normally. True: the seam took it (dropped it, or calls `send` itself,
+        later or more than once)."""
+        ...
 
 
 class PortTable:
@@ -26,6 +39,11 @@ class PortTable:
         self._ports: dict[int, EventChannel] = {}
         self._by_peer: dict[int, set[EventChannel]] = {}
         self._lowest_free = 1  # no port below it is free: allocation stays O(1) amortised
+        self.faults: EventFaults | None = None
+
+    def open_count(self) -> int:
+        """Ports open (allocated or bound), for leak checks."""
+        return len(self._ports)
 
     def _alloc_port(self) -> int:
         for port in range(self._lowest_free, self.max_ports):
@@ -82,7 +100,15 @@ class PortTable:
             channel.peer_closed(f"no link to domain {channel.remote_domid}")
             raise EventChannelClosed(f"port {channel.port}: domain {channel.remote_domid} is gone")
         assert channel.remote_port is not None  # notify() sends on bound ports only
+        if self.faults is not None:
+            event = Event(channel.remote_port)
+            if self.faults.on_event(channel, lambda: link.send_now(event)):
+                return
         link.send_now(Event(channel.remote_port))
+
+    def channels_to(self, peer: int) -> list[EventChannel]:
+        """The bound channels to `peer` (a fault run's storm sends on them)."""
+        return list(self._by_peer.get(peer, ()))
 
     def event_source(self, channel: EventChannel) -> Link | None:
         """The link a waiter on `channel` may receive from itself (evtchn.EventChannel.wait)."""

@@ -18,7 +18,10 @@ What it does, in order:
    `frontends.blkfront.attach` / `frontends.netfront.attach` open for every device, in
    `DomainRuntime.blk` / `.net` (the workloads' `WorkloadContext`), and pumps every vif's
    received frames into the context's frame sinks;
-4. runs its workloads (`xenpv.runtime.workload`; by default the demo's: the echo responder
+4. starts its fault agent (`xenpv.faults.agent`: idle, one watch, until `xenpv faults run`
+   publishes the domain's control node; with XENPV_FAULTS=1 in the environment, which the
+   runner sets, it also wraps each served disk for storage faults) and
+   runs its workloads (`xenpv.runtime.workload`; by default the demo's: the echo responder
    and the self-test, whose rounds the launcher asks for under `xenpv/control/selftest`,
    results in `xenpv/checks/<name>`), then writes `/local/domain/<id>/xenpv/ready` = its pid
    once all the above is watching (the launcher watches that key: readiness without sleeps);
@@ -44,7 +47,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +55,7 @@ import structlog
 import trio
 
 from xenpv.errors import XenpvError
+from xenpv.faults.agent import FaultAgent, wants_storage_faults
 from xenpv.hv import Domain
 from xenpv.identity import TOOL_DOMAIN_ROOT, DomainKey, link_path
 from xenpv.runtime.lifecycle import open_published_domain
@@ -63,6 +67,7 @@ from xenpv.runtime.selftest import demo_workloads
 from xenpv.runtime.workload import Workload, WorkloadContext, pump_frames
 from xenpv.xenbus.core import DEVICE_CLASSES, Closing, DeviceClass, DeviceId, domain_path
 from xenpv.xenbus.handshake import publish
+from xenpv.xenbus.keys import XENPV_INSTANCE
 from xenpv.xenstore.client import UNREADABLE, XenstoreClient, XenstoreConnectionError
 from xenpv.xenstore.wire import XsError
 
@@ -146,8 +151,12 @@ class DomainRuntime:
     info: DomainInfo
     ctx: WorkloadContext
     switch: LiveSwitch[Any] | None = None  # the backend's switch, created with the first vif
+    # The fault agent's storage hook (`xenpv.faults.agent`): wraps each disk served here.
+    wrap_storage: Callable[[DeviceId, Any], Any] | None = None
     stopping: trio.Event = field(default_factory=trio.Event)
     destroyed: bool = False
+    # ("backend" | "device", cls) → that watch's device tasks (hot-unplug tests wait on them)
+    device_tasks: dict[tuple[str, DeviceClass], DeviceTasks] = field(default_factory=dict)
 
     @property
     def blk(self) -> dict[DeviceId, Blkfront]:
@@ -196,6 +205,7 @@ class DeviceTasks:
         self._runner = runner
         self._on_failure = on_failure
         self._scopes: dict[DeviceId, trio.CancelScope] = {}
+        self._instances: dict[DeviceId, str | None] = {}
         self.running = 0
         self.ended = trio.Event()
 
@@ -203,13 +213,21 @@ class DeviceTasks:
     def devices(self) -> set[DeviceId]:
         return set(self._scopes)
 
-    def sync(self, present: set[DeviceId]) -> None:
-        for device in present - set(self._scopes):
+    def sync(self, present: Mapping[DeviceId, str | None]) -> None:
+        """Start a task for every new device, cancel those of devices gone. `present` maps
+        each device to its instance token: a device detached and attached again under the
+        same id between two scans (watches coalesce) has a new token, and a new task."""
+        for device, instance in self._instances.items():
+            if device in present and present[device] != instance:
+                self._scopes.pop(device).cancel()
+        for device in set(self._scopes) - set(present):
+            self._scopes.pop(device).cancel()
+        self._instances = {d: i for d, i in self._instances.items() if d in self._scopes}
+        for device in set(present) - set(self._scopes):
             scope = trio.CancelScope()
             self._scopes[device] = scope
+            self._instances[device] = present[device]
             self._nursery.start_soon(self._run, device, scope)
-        for device in set(self._scopes) - present:
-            self._scopes.pop(device).cancel()
 
     async def _run(self, device: DeviceId, scope: trio.CancelScope) -> None:
         self.running += 1
@@ -248,25 +266,38 @@ def describe_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-async def scan_backend(xs: XenstoreClient, domid: int, cls: DeviceClass) -> set[DeviceId]:
+async def _instance(xs: XenstoreClient, directory: str) -> str | None:
+    raw = await xs.try_read(f"{directory}/{XENPV_INSTANCE}")
+    return None if raw is None else raw.decode("ascii", "replace")
+
+
+async def scan_backend(
+    xs: XenstoreClient, domid: int, cls: DeviceClass
+) -> dict[DeviceId, str | None]:
+    """The devices this domain serves, each with its instance token."""
     base = f"{domain_path(domid)}/backend/{cls}"
-    found: set[DeviceId] = set()
+    found: dict[DeviceId, str | None] = {}
     for fe in await xs.try_directory(base, ignore=UNREADABLE):
         for devid in await xs.try_directory(f"{base}/{fe}", ignore=UNREADABLE):
             if fe.isdigit() and devid.isdigit():
-                found.add(DeviceId(cls, int(fe), domid, int(devid)))
+                device = DeviceId(cls, int(fe), domid, int(devid))
+                found[device] = await _instance(xs, device.backend)
     return found
 
 
-async def scan_frontend(xs: XenstoreClient, domid: int, cls: DeviceClass) -> set[DeviceId]:
+async def scan_frontend(
+    xs: XenstoreClient, domid: int, cls: DeviceClass
+) -> dict[DeviceId, str | None]:
+    """The devices this domain is a guest of, each with its instance token."""
     base = f"{domain_path(domid)}/device/{cls}"
-    found: set[DeviceId] = set()
+    found: dict[DeviceId, str | None] = {}
     for devid in await xs.try_directory(base, ignore=UNREADABLE):
         if not devid.isdigit():
             continue
         raw = await xs.try_read(f"{base}/{devid}/backend-id")
         if raw is not None and raw.strip().isdigit():
-            found.add(DeviceId(cls, domid, int(raw), int(devid)))
+            device = DeviceId(cls, domid, int(raw), int(devid))
+            found[device] = await _instance(xs, device.frontend)
     return found
 
 
@@ -287,7 +318,10 @@ async def _serve_backend(rt: DomainRuntime, device: DeviceId) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_stop, rt, nursery.cancel_scope)
             if device.cls == "vbd":
-                await module.serve(rt.dom, rt.xs, device)
+                if rt.wrap_storage is None:
+                    await module.serve(rt.dom, rt.xs, device)
+                else:
+                    await module.serve(rt.dom, rt.xs, device, open_storage=_wrapped(rt, device))
             else:
                 if rt.switch is None:
                     from backends.switch import LiveSwitch
@@ -298,6 +332,18 @@ async def _serve_backend(rt: DomainRuntime, device: DeviceId) -> None:
             nursery.cancel_scope.cancel()
     except Exception as exc:  # one device never kills the process
         await rt.device_failed(device, describe_failure(exc))
+
+
+def _wrapped(rt: DomainRuntime, device: DeviceId) -> Callable[[Any], Any]:
+    from backends.blkback.device import open_storage_from
+
+    wrap = rt.wrap_storage
+    assert wrap is not None
+
+    def open_storage(config: Any) -> Any:
+        return wrap(device, open_storage_from(config))
+
+    return open_storage
 
 
 async def _attach_frontend(rt: DomainRuntime, device: DeviceId) -> None:
@@ -427,9 +473,13 @@ async def run_domain(
         ) as dom:
             rt = DomainRuntime(dom, xs, info, WorkloadContext(dom, xs, info.name))
             all_tasks: list[DeviceTasks] = []
+            agent = FaultAgent(rt)  # idle (one watch) until a fault run publishes its node
+            if wants_storage_faults():  # only then: a wrapped disk loses the in-task fast path
+                rt.wrap_storage = agent.open_storage
             async with trio.open_nursery() as nursery:
                 # The domain's own watch first: no device can use up the quota it needs.
                 await nursery.start(_stop_when_destroyed, rt)
+                nursery.start_soon(agent.run)
                 for subtree, runner in (
                     ("backend", _serve_backend),
                     ("device", _attach_frontend),
@@ -437,6 +487,7 @@ async def run_domain(
                     for cls in DEVICE_CLASSES:
                         tasks = DeviceTasks(nursery, _bind(runner, rt), rt.device_failed)
                         all_tasks.append(tasks)
+                        rt.device_tasks[(subtree, cls)] = tasks
                         await nursery.start(_watch_devices, rt, subtree, cls, tasks)
                 default = [*demo_workloads(), NbdExports()]
                 for workload in default if workloads is None else workloads:

@@ -12,6 +12,7 @@ connection.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -46,6 +47,7 @@ async def _create(
     frontend_keys: Mapping[str, str | int],
 ) -> None:
     be, fe = device.backend_domid, device.frontend_domid
+    instance = secrets.token_hex(8)  # this attach, told apart from an earlier one of the id
 
     async def body(tx: Transaction) -> None:
         for directory, owner, reader in (
@@ -61,8 +63,9 @@ async def _create(
             {
                 "frontend": device.frontend,
                 "frontend-id": fe,
-                "online": 1,
+                keys.ONLINE: 1,
                 "state": int(Initialising),
+                keys.XENPV_INSTANCE: instance,
                 **backend_keys,
             },
         )
@@ -73,6 +76,7 @@ async def _create(
                 "backend": device.backend,
                 "backend-id": be,
                 "state": int(Initialising),
+                keys.XENPV_INSTANCE: instance,
                 **frontend_keys,
             },
         )
@@ -81,6 +85,16 @@ async def _create(
 
 
 DeviceKeys = tuple[dict[str, str | int], dict[str, str | int]]
+
+
+async def create_device(
+    xs: XenstoreClient,
+    device: DeviceId,
+    backend_keys: Mapping[str, str | int],
+    frontend_keys: Mapping[str, str | int],
+) -> None:
+    """Write a device's first keys from configuration keys already built (a re-attach)."""
+    await _create(xs, device, backend_keys, frontend_keys)
 
 
 def vbd_keys(device: DeviceId, config: VbdConfig) -> DeviceKeys:
@@ -134,11 +148,25 @@ async def create_vif(
 
 
 async def destroy_device(xs: XenstoreClient, device: DeviceId) -> None:
-    """Remove both directories (xl does this once the backend reached Closed)."""
+    """Remove both directories (xl does this once the backend reached Closed; the graceful
+    path, key by key, is `xenpv.toolstack.hotplug.detach`)."""
 
     async def body(tx: Transaction) -> None:
         await _rm_missing_ok(tx, device.frontend)
         await _rm_missing_ok(tx, device.backend)
+        # and the parents left empty (libxl__xs_path_cleanup): `device/<cls>`,
+        # `backend/<cls>/<fe-domid>` and `backend/<cls>`
+        for parent in (
+            device.frontend.rsplit("/", 1)[0],
+            device.backend.rsplit("/", 1)[0],
+            device.backend.rsplit("/", 2)[0],
+        ):
+            try:
+                if not await tx.directory(parent):
+                    await tx.rm(parent)
+            except XsError as exc:
+                if exc.errno_name != "ENOENT":
+                    raise
 
     await xs.transact(body)
 

@@ -16,6 +16,10 @@ vbd:  backend InitWait → frontend SETUP → Initialised → backend CONNECT �
       → frontend CONNECT → Connected. A later backend re-write of Connected: CAPACITY.
 vif:  backend InitWait → frontend SETUP → straight to Connected → backend CONNECT → Connected.
 close: frontend Closing → backend Closing → frontend Closed → backend Closed.
+unplug (the toolstack's, as libxl does it): backend `online` = 0 and backend state Closing
+      (written by the toolstack) → frontend Closed → backend Closed → the toolstack removes
+      both directories. A backend whose `online` is 0 never RESETs (Linux `frontend_changed`
+      unregisters an offline device at Closed instead).
 reconnect after a close: frontend Initialising (once the backend is Closed) → backend InitWait.
 
 Linux never restarts a driver process, so where xenpv needs that it uses only the transitions
@@ -129,9 +133,24 @@ def backend_start(frontend: XenbusState) -> Reaction:
     return Reaction(Action.CLOSE, Closed)
 
 
-def backend_reaction(me: XenbusState, frontend: XenbusState) -> Reaction | None:
-    """What a backend does when it sees the frontend in `frontend` while itself in `me`."""
-    return _BACKEND.get((me, frontend))
+def backend_reaction(
+    me: XenbusState, frontend: XenbusState, *, online: bool = True
+) -> Reaction | None:
+    """What a backend does when it sees the frontend in `frontend` while itself in `me`.
+    A device the toolstack took offline (`online` = 0: it is being unplugged) is not set up
+    again: the toolstack removes it once the backend is Closed."""
+    reaction = _BACKEND.get((me, frontend))
+    if reaction is not None and reaction.action is Action.RESET and not online:
+        return None
+    return reaction
+
+
+def parse_online(raw: bytes | str | None) -> bool:
+    """A backend's `online` node: missing means online (the toolstack writes 0 to unplug)."""
+    if raw is None:
+        return True
+    text = raw.decode("ascii", "replace") if isinstance(raw, bytes) else raw
+    return text.strip() != "0"
 
 
 def frontend_reaction(cls: DeviceClass, me: XenbusState, backend: XenbusState) -> Reaction | None:

@@ -17,6 +17,7 @@ import structlog
 
 from xenpv.xenbus import core as xenbus
 from xenpv.xenbus.core import Action, DeviceId, Reaction, XenbusState
+from xenpv.xenbus.keys import ONLINE
 from xenpv.xenstore.client import Transaction, XenstoreClient
 
 log = structlog.get_logger()
@@ -87,10 +88,20 @@ def _dirs(driver: HandshakeDriver) -> tuple[str, str]:
     return driver.device.backend, driver.device.frontend
 
 
-def _react(driver: HandshakeDriver, me: XenbusState, other: XenbusState) -> Reaction | None:
+async def is_online(xs: XenstoreClient, device: DeviceId) -> bool:
+    """False once the toolstack asked the device to go (backend `online` = 0)."""
+    return xenbus.parse_online(await xs.try_read(f"{device.backend}/{ONLINE}"))
+
+
+async def _react(
+    xs: XenstoreClient, driver: HandshakeDriver, me: XenbusState, other: XenbusState
+) -> Reaction | None:
     if driver.role == "frontend":
         return xenbus.frontend_reaction(driver.device.cls, me, other)
-    return xenbus.backend_reaction(me, other)
+    reaction = xenbus.backend_reaction(me, other)
+    if reaction is not None and reaction.action is Action.RESET:
+        reaction = xenbus.backend_reaction(me, other, online=await is_online(xs, driver.device))
+    return reaction
 
 
 async def step(xs: XenstoreClient, driver: HandshakeDriver) -> Reaction | None:
@@ -98,7 +109,7 @@ async def step(xs: XenstoreClient, driver: HandshakeDriver) -> Reaction | None:
     mine, other = _dirs(driver)
     me = await read_state(xs, mine)
     peer = await read_state(xs, other)
-    reaction = _react(driver, me, peer)
+    reaction = await _react(xs, driver, me, peer)
     if reaction is None:
         return None
     return await _take(xs, driver, mine, me, peer, reaction)

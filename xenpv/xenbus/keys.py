@@ -58,6 +58,11 @@ XENPV_DISCARD: Final = "xenpv-discard"  # vbd flag
 # vbd and vif: the largest max-grant-granule-order to advertise (docs/granule-extension.md)
 XENPV_MAX_GRANULE_ORDER: Final = "xenpv-max-grant-granule-order"
 XENPV_TAP: Final = "xenpv-tap"  # vif, frontend directory: attach this host TAP to netfront
+# both directories: a token new with every attach, so that a device detached and attached
+# again under the same id is a new device to the domain runtime (watches coalesce)
+XENPV_INSTANCE: Final = "xenpv-instance"
+# backend directory, written by the toolstack: "0" once it asked the device to go (hot-unplug)
+ONLINE: Final = "online"
 XENPV_NBD: Final = "xenpv-nbd"  # vbd, frontend directory: export this disk over NBD there
 
 # Leading white space as the kernel's isspace() sees it, then the digits `%u` takes.

@@ -322,6 +322,11 @@ class XenstoreServer:
                                 continue
                             if verdict.error is not None:
                                 conn.outstanding += 1
+                                if msg.type == XsType.XS_TRANSACTION_END:
+                                    # An error answered to a commit ends the transaction,
+                                    # as a real EAGAIN does (else it would stay open).
+                                    abort = Message(msg.type, msg.req_id, msg.tx_id, b"F\0")
+                                    self.store.handle(conn.cid, abort)
                                 self._submit([(conn.cid, msg.error(verdict.error))], [], [])
                                 continue
                     self._handle(conn, msg, clog)

@@ -9,7 +9,8 @@ sequence number parsed from the frame's tag, or `corrupt: ...` when the tag did 
   the second receipt;
 - per-flow order is strict: the ring keeps order whatever the transport does;
 - a frame sent but skipped (a later one arrived first, or none arrived by the end) needs a
-  loss fault touching the device between its send and that moment.
+  loss fault touching the sending device, or the receiving guest (named by the process of the
+  flow's `recv` ops), between its send and that moment.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class _Flow:
     highest: int = -1
     # sent seqs above `highest`, in send order (a flow has one sender, seqs increase)
     unresolved: deque[int] = field(default_factory=deque)
+    receiver: str | None = None  # the receiving guest (from its `recv` ops' process)
 
 
 def check(history: History) -> list[Violation]:
@@ -50,6 +52,8 @@ def check(history: History) -> list[Violation]:
                     flow.failed.add(invoke.value)
         elif op.f == "recv" and op.type in ("ok", "info"):
             flow = flows.setdefault(op.key, _Flow())
+            if flow.receiver is None:
+                flow.receiver = receiving_guest(op.process)
             out += _receive(ctx, flow, op)
     end = len(history) - 1
     for key, flow in flows.items():
@@ -57,7 +61,7 @@ def check(history: History) -> list[Violation]:
             if seq in flow.received or seq in flow.failed or seq <= flow.highest:
                 continue
             sent = flow.sent[seq]
-            if not ctx.touching(key, sent, end, may_lose):
+            if not _lost(ctx, key, flow, sent, end):
                 out.append(
                     Violation(
                         "net",
@@ -69,6 +73,22 @@ def check(history: History) -> list[Violation]:
                     )
                 )
     return out
+
+
+def receiving_guest(process: str) -> str:
+    """`guest4k/recv0` → `guest4k`; a restarted guest's `guest4k.1/recv0` → `guest4k`."""
+    name = process.split("/")[0]
+    base, dot, incarnation = name.rpartition(".")
+    return base if dot and incarnation.isdigit() else name
+
+
+def _lost(ctx: Context, key: str, flow: _Flow, first: int, last: int) -> bool:
+    """A loss fault touching the sending device or the receiving guest explains a gap."""
+    if ctx.touching(key, first, last, may_lose):
+        return True
+    return flow.receiver is not None and bool(
+        ctx.touching(f"vif:{flow.receiver}", first, last, may_lose)
+    )
 
 
 def _receive(ctx: Context, flow: _Flow, op: Op) -> list[Violation]:
@@ -91,7 +111,7 @@ def _receive(ctx: Context, flow: _Flow, op: Op) -> list[Violation]:
         seq = flow.unresolved.popleft()
         if seq == value or seq in flow.received or seq in flow.failed:
             continue
-        if not ctx.touching(op.key, flow.sent[seq], op.index, may_lose):
+        if not _lost(ctx, op.key, flow, flow.sent[seq], op.index):
             out.append(
                 Violation(
                     "net",

@@ -1,0 +1,554 @@
+"""`xenpv faults run`: a plan's schedule against a real cluster, end to end.
+
+    result = await run_plan(plan, seed, state_dir, sup)      # under supervisor.run
+
+1. builds the schedule and refuses, before starting anything, a fault kind the run cannot
+   inject (`injectable`); every domain gets `restart = "on-failure"`, so a killed domain
+   comes back as a crashed guest would be restarted by its toolstack;
+2. starts the topology's cluster under the supervisor (`toolstack.cluster.launch`, with
+   `XENPV_FAULTS=1` so that backends wrap their disks for storage faults);
+3. publishes the run on every control node (`xenpv.faults.control`): the agents
+   (`xenpv.faults.agent`, one per domain; `xenpv.faults.xsagent` in xenstored) start their
+   guests' workloads and history files;
+4. follows the schedule (`injectors.follow`): a fault is started by rewriting the control
+   nodes of the domains that apply it (`recipients`) or, for `process.*`, by a signal to the
+   domain's process (`ProcessInjector`; the supervisor restarts what was killed), or, for
+   `device.detach-reattach`, by the runner itself (dom0 has the toolstack: `DeviceInjector`
+   detaches the device through the xenbus close handshake and re-attaches it at the stop);
+5. after the last heal: the `probe` phase (every guest runs a probe I/O on each device until
+   one works), the quiet tail, then `drain` (senders stop, frames in flight arrive) and
+   `stop` (agents close their history files and say so);
+6. clears every control node (shielded, whatever ended the run), stops the cluster, merges
+   the history files into one history and runs the checkers.
+
+Device states (`state` lines) are recorded by the runner, which watches both ends of every
+device as dom0 does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+
+from xenpv.errors import XenpvError
+from xenpv.faults import device as device_faults
+from xenpv.faults.catalogue import CATALOGUE
+from xenpv.faults.checkers import CHECKERS, Violation, check_all
+from xenpv.faults.control import (
+    XENSTORED,
+    Control,
+    ProcessLog,
+    RunConfig,
+    control_path,
+    history_file,
+    merge,
+)
+from xenpv.faults.history import History, read
+from xenpv.faults.injectors import Injection
+from xenpv.faults.plan import Plan, resolve_topology
+from xenpv.faults.process import ProcessInjector
+from xenpv.faults.schedule import Schedule, ScheduledFault, build
+from xenpv.faults.targets import DeviceTarget
+from xenpv.toolstack import cluster as cluster_mod
+from xenpv.toolstack.progress import NO_PROGRESS, Progress
+from xenpv.toolstack.supervisor import Supervisor
+from xenpv.toolstack.topology import Topology
+from xenpv.xenbus.core import domain_path
+from xenpv.xenstore.client import XenstoreClient, XenstoreConnectionError
+from xenpv.xenstore.wire import XsError
+
+log = structlog.get_logger()
+
+AGENT_KINDS = frozenset(
+    {
+        "event.delay",
+        "event.drop",
+        "event.duplicate",
+        "event.spurious",
+        "event.storm",
+        "grant.map-fail",
+        "grant.batch-element-fail",
+        "link.delay",
+        "link.loss",
+        "link.duplicate",
+        "link.reorder",
+        "link.corrupt",
+        "link.bandwidth",
+        "link.partition",
+        "storage.eio",
+        "storage.latency",
+        "storage.enospc",
+        "storage.drop-writes",
+        "storage.power-cut",
+    }
+)
+XENSTORED_KINDS = frozenset({"xenstore.commit-eagain", "xenstore.conn-reset"})
+PROCESS_KINDS = frozenset({"process.kill", "process.stop", "process.restart"})
+DEVICE_KINDS = frozenset({device_faults.KIND})
+INJECTABLE = AGENT_KINDS | XENSTORED_KINDS | PROCESS_KINDS | DEVICE_KINDS
+DRAIN = 1.0  # seconds between the senders' stop and the agents' stop
+READY_WAIT = 15.0  # seconds every agent has to set its workloads up
+STOP_WAIT = 5.0  # seconds agents have to close their history files
+CLEAR_TIMEOUT = 5.0
+BACK_WAIT = 30.0  # seconds a killed domain may take to come back before its fault stops
+RESTARTING = frozenset({"process.kill", "process.restart"})
+READY_NODE = "xenpv/faults/ready"  # an agent's incarnation, written once its workloads are set
+
+
+class RunError(XenpvError):
+    """The plan cannot be run (a fault kind that cannot be injected, ...)."""
+
+
+def injectable(kind: str) -> bool:
+    """A kind `faults run` applies (the catalogue says why the others cannot be yet)."""
+    info = CATALOGUE.get(kind)
+    return kind in INJECTABLE and info is not None and info.why_not is None
+
+
+def why_not(kind: str) -> str:
+    info = CATALOGUE.get(kind)
+    return (info.why_not if info is not None else None) or "unknown kind"
+
+
+def blocked_kinds(plan: Plan) -> list[str]:
+    """The plan's fault kinds `faults run` cannot inject yet (empty: it can run)."""
+    return sorted({f.kind for f in plan.faults if not injectable(f.kind)})
+
+
+def check_injectable(schedule: Schedule) -> None:
+    for fault in schedule.faults:
+        if not injectable(fault.kind):
+            raise RunError(
+                f"{fault.id}: {fault.kind} cannot be injected by `faults run` yet: "
+                f"{why_not(fault.kind)}"
+            )
+
+
+def _device(schedule: Schedule, target: str) -> DeviceTarget | None:
+    if target.startswith("queue:"):
+        target = "device:" + ":".join(target.split(":")[1:4])
+    if not target.startswith("device:"):
+        return None
+    return schedule.topology.device(target)
+
+
+def recipients(fault: ScheduledFault, schedule: Schedule) -> list[str]:
+    """The domains (by name) or `xenstored` whose agents apply `fault` (see the module doc of
+    `xenpv.faults.agent`); [] for the kinds the runner applies itself."""
+    family = fault.kind.split(".")[0]
+    domains = sorted(schedule.topology.roles)
+    if fault.kind in XENSTORED_KINDS:
+        return [XENSTORED]
+    if family == "link":
+        return domains  # each end filters by (source, destination)
+    device = _device(schedule, fault.target)
+    if family == "storage":
+        return [device.backend] if device else []
+    if family in ("event", "grant"):
+        if device is None:
+            return [fault.target.removeprefix("domain:")]
+        return [device.guest if family == "event" else device.backend]
+    return []
+
+
+@dataclass
+class ControlInjector:
+    """The `Injector` for faults applied by agents: keeps every recipient's active list and
+    wakes the publisher, which rewrites the control nodes (start/stop must not block)."""
+
+    schedule: Schedule
+    active: dict[str, dict[str, ScheduledFault]] = field(default_factory=dict)
+    dirty: set[str] = field(default_factory=set)
+    wake: Callable[[], None] = lambda: None
+
+    def handles(self, fault: ScheduledFault) -> bool:
+        return fault.kind in AGENT_KINDS or fault.kind in XENSTORED_KINDS
+
+    def start(self, fault: ScheduledFault) -> None:
+        for who in recipients(fault, self.schedule):
+            self.active.setdefault(who, {})[fault.id] = fault
+            self.dirty.add(who)
+        self.wake()
+
+    def stop(self, fault: ScheduledFault) -> None:
+        for who in recipients(fault, self.schedule):
+            if self.active.get(who, {}).pop(fault.id, None) is not None:
+                self.dirty.add(who)
+        self.wake()
+
+    def faults_of(self, who: str) -> tuple[ScheduledFault, ...]:
+        return tuple(self.active.get(who, {}).values())
+
+
+@dataclass
+class RunResult:
+    schedule: Schedule
+    history: History
+    violations: list[Violation]
+    history_path: Path
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations and self.history.finished
+
+    @property
+    def faults_injected(self) -> int:
+        return sum(1 for op in self.history if op.f == "fault-start")
+
+    @property
+    def ops(self) -> int:
+        """Completed workload operations (ok, fail or unknown), probes excluded."""
+        return sum(
+            1
+            for op in self.history
+            if op.type != "invoke"
+            and op.f in ("write", "read", "flush", "send", "recv", "xs-write", "xs-read")
+        )
+
+    def per_checker(self) -> dict[str, int]:
+        out = dict.fromkeys(CHECKERS, 0)
+        for v in self.violations:
+            out[v.checker] = out.get(v.checker, 0) + 1
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "plan": self.schedule.plan,
+            "seed": self.schedule.seed,
+            "schedule_hash": self.schedule.hash,
+            "faults_injected": self.faults_injected,
+            "faults_scheduled": len(self.schedule.faults),
+            "ops": self.ops,
+            "operations": len(self.history),
+            "finished": self.history.finished,
+            "checkers": self.per_checker(),
+            "violations": [v.to_json() for v in self.violations],
+            "history": str(self.history_path),
+        }
+
+
+def run_topology(plan: Plan, schedule: Schedule) -> Topology:
+    """The plan's topology with every domain restarted on failure (a killed domain comes
+    back, as its toolstack would bring a crashed guest back)."""
+    topo = resolve_topology(plan)
+    domains = tuple(dataclasses.replace(d, restart="on-failure") for d in topo.domains)
+    return dataclasses.replace(topo, domains=domains)
+
+
+async def _write_node(xs: XenstoreClient, path: str, text: str, reader: int | None) -> None:
+    await xs.write(path, text)
+    await xs.set_perms(path, ["n0"] if reader is None else ["n0", f"r{reader}"])
+
+
+async def _macs(xs: XenstoreClient, schedule: Schedule, domids: dict[str, int]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for device in schedule.topology.devices:
+        if device.cls == "vif":
+            path = f"{domain_path(domids[device.guest])}/device/vif/{device.devid}/mac"
+            raw = await xs.try_read(path)
+            if raw:
+                out[device.id] = raw.decode().strip()
+    return out
+
+
+async def _record_states(
+    xs: XenstoreClient, schedule: Schedule, domids: dict[str, int], history: ProcessLog
+) -> None:
+    """`state` lines for both ends of every device, as the runner (dom0) sees them."""
+
+    async def follow_end(device: DeviceTarget, end: str, path: str) -> None:
+        key = f"state:{device.guest}:{device.cls}:{device.name}:{end}"
+        last: int | None = None
+        async with xs.watch(path) as events:
+            async for _event in events:
+                try:
+                    raw = await xs.try_read(path)
+                except (XsError, XenstoreConnectionError):
+                    continue
+                value = int(raw) if raw and raw.strip().isdigit() else 0
+                if value != last:
+                    history.append("runner", "info", "state", key, value)
+                    last = value
+
+    async with trio.open_nursery() as nursery:
+        for device in schedule.topology.devices:
+            fe, be = domids[device.guest], domids[device.backend]
+            front = f"{domain_path(fe)}/device/{device.cls}/{device.devid}/state"
+            back = f"{domain_path(be)}/backend/{device.cls}/{fe}/{device.devid}/state"
+            nursery.start_soon(follow_end, device, "frontend", front)
+            nursery.start_soon(follow_end, device, "backend", back)
+
+
+async def _wait_for(xs: XenstoreClient, domids: dict[str, int], what: str) -> None:
+    """Until every agent wrote `xenpv/faults/<what>` (bounded by the caller)."""
+    for domid in domids.values():
+        path = f"{domain_path(domid)}/xenpv/faults/{what}"
+        async with xs.watch(path) as events:
+            async for _event in events:
+                with contextlib.suppress(XsError, XenstoreConnectionError):
+                    if await xs.try_read(path) is not None:
+                        break
+
+
+async def run_plan(
+    plan: Plan,
+    seed: int | None,
+    state_dir: Path,
+    sup: Supervisor,
+    *,
+    history_path: Path | None = None,
+    progress: Progress = NO_PROGRESS,
+    log_level: str = "info",
+) -> RunResult:
+    schedule = build(plan, seed)
+    check_injectable(schedule)
+    topo = run_topology(plan, schedule)
+    history_dir = state_dir / "history"
+    shutil.rmtree(history_dir, ignore_errors=True)
+    history_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["XENPV_FAULTS"] = "1"  # the domain processes inherit it (storage wrapping)
+    async with cluster_mod.launch(
+        topo, state_dir, sup=sup, log_level=log_level, on_exit="record", progress=progress
+    ) as cluster:
+        await _run(cluster, schedule, history_dir, progress)
+    paths = sorted(history_dir.glob("*.jsonl"))
+    out = history_path or (state_dir / "history.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", encoding="utf-8") as stream:
+        merge(paths, schedule, stream)
+    hist = read(out)
+    return RunResult(schedule, hist, check_all(hist), out)
+
+
+async def _run(
+    cluster: cluster_mod.Cluster,
+    schedule: Schedule,
+    history_dir: Path,
+    progress: Progress,
+) -> None:
+    xs = cluster.xs
+    domids = dict(cluster.domids)
+    epoch = time.monotonic()
+    origin = trio.current_time()  # the schedule's time 0, set again when every guest is ready
+    runner_log = ProcessLog(history_file(history_dir, "runner"), epoch)
+    config = RunConfig(
+        epoch,
+        str(history_dir),
+        schedule.seed,
+        domids,
+        schedule.to_json(),
+        await _macs(xs, schedule, domids),
+    )
+    controls = ControlInjector(schedule)
+    publish = trio.Event()
+
+    def wake() -> None:
+        publish.set()
+
+    controls.wake = wake
+    phase = ["setup"]
+
+    def node(who: str) -> tuple[str, int | None]:
+        if who == XENSTORED:
+            return control_path(XENSTORED), None
+        return control_path(domids[who]), domids[who]
+
+    async def write_all(names: list[str]) -> None:
+        for who in names:
+            path, reader = node(who)
+            text = Control(config, controls.faults_of(who), phase[0]).encode()
+            await _write_node(xs, path, text, reader)
+
+    everyone = [*sorted(domids), XENSTORED]
+
+    async def republish(name: str) -> None:
+        await write_all([name])
+
+    async def publisher() -> None:
+        nonlocal publish
+        while True:
+            await publish.wait()
+            publish = trio.Event()
+            dirty = sorted(controls.dirty)
+            controls.dirty.clear()
+            await write_all(dirty)
+
+    def pid_of(name: str) -> int | None:
+        for child in cluster.children:
+            if child.name == name and child.running:
+                return child.pid
+        return None
+
+    processes = ProcessInjector(pid_of, restart=lambda name: None)  # on-failure restarts it
+    hotplugs = device_faults.DeviceInjector(xs, schedule.topology, domids)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_record_states, xs, schedule, domids, runner_log)
+            nursery.start_soon(publisher)
+            await write_all(everyone)
+            progress.show("setup: waiting for every guest's workloads")
+            with trio.move_on_after(READY_WAIT):
+                await _wait_for(xs, domids, "ready")
+            origin = trio.current_time()
+            phase[0] = "run"
+            await write_all(everyone)
+            with Injection([controls, processes, hotplugs], runner_log) as injection:
+                lines = LineCounter(history_dir)
+
+                async def ticker() -> None:
+                    while True:
+                        elapsed = trio.current_time() - origin
+                        started = sum(1 for f in schedule.faults if f.start <= elapsed)
+                        progress.show(
+                            f"{phase[0]}: {elapsed:5.1f}/{schedule.duration:g} s, "
+                            f"~{lines.count() // 2} ops, faults {started}/{len(schedule.faults)}"
+                            f" started, {len(injection.active)} active"
+                        )
+                        await trio.sleep(0.5)
+
+                nursery.start_soon(ticker)
+                await _follow(schedule, injection, origin, xs, domids, republish, hotplugs)
+            phase[0] = "probe"
+            await write_all(everyone)
+            await trio.sleep_until(origin + max(schedule.duration, schedule.last_heal))
+            phase[0] = "drain"
+            await write_all(everyone)
+            await trio.sleep(DRAIN)
+            phase[0] = "stop"
+            await write_all(everyone)
+            with trio.move_on_after(STOP_WAIT):
+                await _wait_for(xs, domids, "stopped")
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            progress.close()
+            runner_log.close()
+            with trio.move_on_after(CLEAR_TIMEOUT):
+                for who in everyone:
+                    with contextlib.suppress(XsError, XenstoreConnectionError):
+                        await xs.rm(node(who)[0])
+
+
+class LineCounter:
+    """Lines written so far to the history files (the progress display's operation count:
+    about two lines per operation), reading only what was appended since the last call."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.offsets: dict[Path, int] = {}
+        self.total = 0
+
+    def count(self) -> int:
+        for path in self.directory.glob("*.jsonl"):
+            start = self.offsets.get(path, 0)
+            try:
+                with path.open("rb") as f:
+                    f.seek(start)
+                    chunk = f.read()
+            except OSError:
+                continue
+            self.offsets[path] = start + len(chunk)
+            self.total += chunk.count(b"\n")
+        return self.total
+
+
+async def _ready_value(xs: XenstoreClient, domid: int) -> bytes | None:
+    with contextlib.suppress(XsError, XenstoreConnectionError):
+        return await xs.try_read(f"{domain_path(domid)}/{READY_NODE}")
+    return None
+
+
+async def _back(
+    xs: XenstoreClient,
+    schedule: Schedule,
+    domids: dict[str, int],
+    name: str,
+    before: bytes | None,
+    republish: Callable[[str], Awaitable[None]],
+) -> None:
+    """Until a killed domain is back: re-created by the supervisor (its control node is then
+    written again: xenstored drops a destroyed domain's permissions), its restarted agent
+    ready (the ready node changed), and every device it is an end of Connected on both."""
+    domid = domids[name]
+    base = domain_path(domid)
+    stale = True  # it may have been re-created already, before this watch
+    async with xs.watch(base) as events:
+        async for _event in events:
+            with contextlib.suppress(XsError, XenstoreConnectionError):
+                exists = await xs.try_read(f"{base}/domid") is not None
+                if not exists:
+                    stale = True
+                elif stale:
+                    stale = False
+                    await republish(name)
+                value = await _ready_value(xs, domid)
+                if value is not None and value != before:
+                    break
+    for device in schedule.topology.devices:
+        if name in (device.guest, device.backend):
+            fe, be = domids[device.guest], domids[device.backend]
+            for path in (
+                f"{domain_path(fe)}/device/{device.cls}/{device.devid}/state",
+                f"{domain_path(be)}/backend/{device.cls}/{fe}/{device.devid}/state",
+            ):
+                await _until_connected(xs, path)
+
+
+async def _until_connected(xs: XenstoreClient, path: str) -> None:
+    async with xs.watch(path) as events:
+        async for _event in events:
+            with contextlib.suppress(XsError, XenstoreConnectionError):
+                raw = await xs.try_read(path)
+                if raw is not None and raw.strip() == b"4":
+                    return
+
+
+async def _follow(
+    schedule: Schedule,
+    injection: Injection,
+    origin: float,
+    xs: XenstoreClient,
+    domids: dict[str, int],
+    republish: Callable[[str], Awaitable[None]],
+    hotplugs: device_faults.DeviceInjector | None = None,
+) -> None:
+    """`injectors.follow`, except that a killed domain's fault window lasts until the domain
+    is back (`_back`): what it lost while down is the fault's doing, and the history says
+    so. Likewise a detached device's window runs from before the detach until it is
+    re-attached and Connected again. Later events wait for them (bounded by BACK_WAIT)."""
+    before: dict[str, bytes | None] = {}
+    for offset, action, fault in schedule.events():
+        await trio.sleep_until(origin + offset)
+        name = fault.target.removeprefix("domain:")
+        restarts = fault.kind in RESTARTING and name in domids
+        hotplug = hotplugs is not None and hotplugs.handles(fault)
+        if action == "start":
+            if restarts:
+                before[fault.id] = await _ready_value(xs, domids[name])
+            injection.start(fault)
+            if hotplugs is not None and hotplug:
+                with trio.move_on_after(BACK_WAIT):
+                    await hotplugs.detach(fault)
+            continue
+        if hotplugs is not None and hotplug:
+            await hotplugs.reattach(fault, wait=BACK_WAIT)
+        if restarts:
+            with trio.move_on_after(BACK_WAIT):
+                await _back(xs, schedule, domids, name, before.get(fault.id), republish)
+        injection.stop(fault)
+
+
+def save_json(result: RunResult) -> str:
+    return json.dumps(result.to_json(), sort_keys=True)
