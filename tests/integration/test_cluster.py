@@ -130,8 +130,9 @@ def test_foreground_up_stops_everything_on_sigint() -> None:
             line = proc.stdout.readline()  # the status, printed once everything is Connected
             shown = json.loads(line)
             assert all(d["connected"] for d in shown["devices"])
-            children = _children(proc.pid)
-            assert len(children) == 3  # xenstored and two domain processes
+            children = _descendants(proc.pid)
+            # xenstored, the fork server and the two domain processes it forked
+            assert len(children) == 4
             proc.send_signal(signal.SIGINT)
             assert proc.wait(timeout=60) == 0
             assert not any(_alive(pid) for pid in children)
@@ -139,6 +140,13 @@ def test_foreground_up_stops_everything_on_sigint() -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def _descendants(pid: int) -> list[int]:
+    found = []
+    for child in _children(pid):
+        found += [child, *_descendants(child)]
+    return found
 
 
 def _children(pid: int) -> list[int]:

@@ -171,7 +171,9 @@ START_UP_POINTS: dict[str, Callable[[Path], Callable[[], bool]]] = {
     "xenstored spawned": lambda st: (st / "logs" / "xenstored.log").exists,
     "xenstored ready": lambda st: state_has(st, lambda s: "xenstore" in s),
     "domains created": lambda st: state_has(st, lambda s: bool(s.get("domains"))),
-    "guest spawned": lambda st: state_has(st, lambda s: len(s.get("processes", [])) == 3),
+    "guest spawned": lambda st: state_has(
+        st, lambda s: any(p.get("name") == "g16" for p in s.get("processes", []))
+    ),
     "backend ready": lambda st: log_has(st / "logs" / "be.log", "domain ready"),
 }
 

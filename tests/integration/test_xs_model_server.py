@@ -25,7 +25,7 @@ from tests.unit.xs_model import DOMIDS, QUOTAS, make_machine
 from xenpv import identity
 from xenpv.identity import DomainKey
 from xenpv.xenstore import auth
-from xenpv.xenstore.quotas import Quotas
+from xenpv.xenstore.quotas import QUOTA_FIELDS, Quotas
 from xenpv.xenstore.wire import FrameReader, Message, XsType, split_strings
 
 IO_TIMEOUT = 10.0
@@ -113,7 +113,7 @@ def _server() -> Xenstored:
     if _SERVER is None:
         workdir = Path(tempfile.mkdtemp(prefix="xsm", dir="/tmp"))
         flags: list[str] = []
-        for name in Quotas.__dataclass_fields__:
+        for name in QUOTA_FIELDS:  # not the per-domain overrides
             flags += [f"--quota-{name.replace('_', '-')}", str(getattr(QUOTAS, name))]
         _SERVER = Xenstored(workdir, extra=tuple(flags))
         _SERVER.start()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.unit.xs_helpers import Client, setup_guest_homes
-from xenpv.xenstore.quotas import Quotas
+from xenpv.xenstore.quotas import Quotas, build_quotas
 from xenpv.xenstore.store import Store
 from xenpv.xenstore.wire import XsType
 
@@ -79,3 +81,24 @@ def test_perms_per_node() -> None:
     g1.set_perms("p", "n1", "r2", "r3", "r4", "r5")
     assert g1.err(SP, b"p\0n1\0r2\0r3\0r4\0r5\0r6\0") == "ENOSPC"
     dom0.set_perms("/local/domain/1/p", "n1", *[f"r{d}" for d in range(2, 12)])
+
+
+def test_per_domain_quota_replaces_the_global_one_for_that_domain_only() -> None:
+    quotas = build_quotas(Quotas(), ["nodes=4"], ["2:nodes=50"])
+    store = Store(quotas)
+    dom0, g1, g2 = Client(store, 0), Client(store, 1), Client(store, 2)
+    setup_guest_homes(dom0, 1)
+    setup_guest_homes(dom0, 2)
+    g1.write("a", b"")
+    assert g1.err(W, b"b/c/d\0") == "ENOSPC"  # the global 4
+    g2.write("b/c/d/e/f", b"")  # its own 50
+
+
+def test_quota_settings_use_c_names_and_fail_in_one_line() -> None:
+    quotas = build_quotas(Quotas(), ["watches=300", "transactions=20"], [])
+    assert (quotas.watches_per_domain, quotas.transactions_per_domain) == (300, 20)
+    for bad in ("watch=3", "watches", "watches=0", "watches=x"):
+        with pytest.raises(ValueError, match="watch"):
+            build_quotas(Quotas(), [bad], [])
+    with pytest.raises(ValueError, match="DOMID:NAME=N"):
+        build_quotas(Quotas(), [], ["x:watches=3"])

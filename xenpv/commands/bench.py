@@ -19,6 +19,7 @@ BENCH_MODULES: tuple[str, ...] = (
     "xenpv.bench.blk",
     "xenpv.bench.net",
     "xenpv.bench.net_granule",
+    "xenpv.bench.scale",
 )
 
 

@@ -4,6 +4,10 @@
     xenpv domain --xenstore tcp:127.0.0.1:PORT --key-file d1.key [--transport auto|shm|socket]
                  [--listen unix:PATH|tcp:HOST:PORT] [--ready-fd N]
 
+`--also-key-file` (repeatable) runs more domains in the same process (a topology's `group`:
+each domain keeps its own xenstore connection, hypervisor slice and devices; the process ends
+when the last one does).
+
 Readiness: `/local/domain/<id>/xenpv/ready` is written (the launcher watches it); with
 `--ready-fd N` a line `READY <domid> <endpoint>` is also written to fd N. SIGTERM/SIGINT stop
 it: frontends close through xenbus (bounded), links close, the process exits 0.
@@ -21,9 +25,10 @@ import structlog
 import trio
 
 from xenpv.commands import args as types
+from xenpv.errors import UsageError
 from xenpv.identity import DomainKey
 from xenpv.runtime.domain_process import DomainRuntime, run_domain
-from xenpv.xenstore.client import XenstoreClient, connect
+from xenpv.xenstore.client import connect
 
 log = structlog.get_logger()
 TRANSPORTS = ("auto", "shm", "socket")
@@ -39,6 +44,14 @@ def register(sub: Any) -> None:
     parser.add_argument(
         "--key-file", required=True, type=types.existing_file, help="the domain's key file"
     )
+    parser.add_argument(
+        "--also-key-file",
+        action="append",
+        default=[],
+        type=types.existing_file,
+        metavar="KEY_FILE",
+        help="another domain to run in this process (repeatable: a group of guests)",
+    )
     parser.add_argument("--transport", choices=TRANSPORTS, default="auto")
     parser.add_argument(
         "--listen",
@@ -52,18 +65,28 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    key = DomainKey.load(args.key_file)
-    trio.run(_main, args.xenstore, key, args.transport, args.listen, args.ready_fd)
+    keys = [DomainKey.load(path) for path in (args.key_file, *args.also_key_file)]
+    if len(keys) > 1 and args.listen is not None:
+        raise UsageError("--listen names one domain's endpoint: give one --key-file with it")
+    trio.run(_main, args.xenstore, keys, args.transport, args.listen, args.ready_fd)
     return 0
 
 
 async def _main(
-    address: str, key: DomainKey, transport: str, listen: str | None, ready_fd: int | None
+    address: str,
+    keys: list[DomainKey],
+    transport: str,
+    listen: str | None,
+    ready_fd: int | None,
 ) -> None:
-    async with connect(address, key=key) as xs, trio.open_nursery() as nursery:
-        rt: DomainRuntime = await nursery.start(_domain, xs, key, transport, listen, nursery)
-        nursery.start_soon(_stop_on_signal, rt, nursery.cancel_scope)
-        nursery.start_soon(_watchdog, rt)
+    async with trio.open_nursery() as nursery:
+        running = _Running(len(keys), nursery.cancel_scope)
+        rts: list[DomainRuntime] = []
+        for key in keys:
+            rts.append(await nursery.start(_domain, address, key, transport, listen, running))
+        nursery.start_soon(_stop_on_signal, rts, nursery.cancel_scope)
+        nursery.start_soon(_watchdog, rts)
+        rt = rts[0]
         if ready_fd is not None:
             try:
                 os.write(ready_fd, f"READY {rt.info.domid} {rt.dom.endpoint}\n".encode())
@@ -72,15 +95,17 @@ async def _main(
                 log.warning("cannot write readiness line", fd=ready_fd, error=exc.strerror)
 
 
-async def _watchdog(rt: DomainRuntime) -> None:
+async def _watchdog(rts: list[DomainRuntime]) -> None:
     """Once stopping, the process ends within STOP_GRACE seconds whatever happens: drivers
     close devices in shielded scopes, and a xenstore call made after xenstored dropped a
-    destroyed domain would wait for the client's reconnect timeout."""
-    await rt.stopping.wait()
+    destroyed domain would wait for the client's reconnect timeout. In a group, once all
+    its domains are stopping (one destroyed domain leaves the others running)."""
+    for each in rts:
+        await each.stopping.wait()
 
     def expire() -> None:
         log.warning("stop took too long; exiting", seconds=STOP_GRACE)
-        os._exit(0 if rt.destroyed else 1)
+        os._exit(0 if all(r.destroyed for r in rts) else 1)
 
     timer = threading.Timer(STOP_GRACE, expire)
     timer.daemon = True
@@ -88,32 +113,49 @@ async def _watchdog(rt: DomainRuntime) -> None:
     # Without xenstored nothing can close through xenbus: every such step would wait for
     # the client's reconnect timeout, then the timer. Its memory is a memfd and its link
     # sockets are the launcher's to remove: nothing is left behind by leaving now.
-    while rt.xs.connected:  # noqa: ASYNC110 - the client has no event for a lost link
+    while any(r.xs.connected for r in rts):  # noqa: ASYNC110 - no event for a lost link
         await trio.sleep(XENSTORE_POLL)
     log.warning("xenstore is unreachable while stopping; exiting now")
-    os._exit(0 if rt.destroyed else 1)
+    os._exit(0 if all(r.destroyed for r in rts) else 1)
 
 
-async def _stop_on_signal(rt: DomainRuntime, scope: trio.CancelScope) -> None:
+async def _stop_on_signal(rts: list[DomainRuntime], scope: trio.CancelScope) -> None:
     """First signal: graceful stop (devices close through xenbus, bounded by the watchdog);
     a second signal: cancel everything."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info("domain stopping", signal=signal.Signals(signum).name)
-            rt.stop()
+            for rt in rts:
+                rt.stop()
             break
         async for _signum in signals:
             break  # a second signal: stop at once
     scope.cancel()
 
 
+class _Running:
+    """How many of the process's domains still run; the process ends with the last."""
+
+    def __init__(self, count: int, scope: trio.CancelScope) -> None:
+        self.count = count
+        self.scope = scope
+
+    def ended(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self.scope.cancel()
+
+
 async def _domain(
-    xs: XenstoreClient,
+    address: str,
     key: DomainKey,
     transport: str,
     listen: str | None,
-    nursery: trio.Nursery,
+    running: _Running,
     task_status: trio.TaskStatus[DomainRuntime] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    await run_domain(xs, key, transport=transport, listen=listen, task_status=task_status)
-    nursery.cancel_scope.cancel()  # stopped or destroyed: the process ends
+    try:
+        async with connect(address, key=key) as xs:
+            await run_domain(xs, key, transport=transport, listen=listen, task_status=task_status)
+    finally:
+        running.ended()  # stopped or destroyed

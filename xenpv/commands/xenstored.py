@@ -20,6 +20,7 @@ import trio
 from xenpv.commands import args as types
 from xenpv.errors import UsageError
 from xenpv.faults.xsagent import serve_control
+from xenpv.xenstore.quotas import QUOTA_FIELDS, build_quotas
 from xenpv.xenstore.server import (
     DEFAULT_COMPACT_BYTES,
     Bound,
@@ -86,6 +87,22 @@ def register(sub: Any) -> None:
             metavar="N",
             help=f"quota for unprivileged domains (default {getattr(defaults, name)})",
         )
+    parser.add_argument(
+        "-Q",
+        "--quota",
+        action="append",
+        default=[],
+        metavar="NAME=N",
+        help="global quota by C xenstored's name (nodes, node-size, watches, transactions, "
+        "permissions, transaction-nodes), as xenstored -Q / xenstore-control quota set",
+    )
+    parser.add_argument(
+        "--quota-domain",
+        action="append",
+        default=[],
+        metavar="DOMID:NAME=N",
+        help="a quota for one domain only (replaces the global one for it)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -98,10 +115,14 @@ def parse_hostport(text: str) -> tuple[str, int]:
 
 def run(args: argparse.Namespace) -> int:
     quotas = Quotas()
-    for name in Quotas.__dataclass_fields__:
+    for name in QUOTA_FIELDS:
         value = getattr(args, f"quota_{name}", None)
         if value is not None:
             setattr(quotas, name, value)
+    try:
+        quotas = build_quotas(quotas, args.quota, args.quota_domain)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     config = ServerConfig(
         socket_path=args.socket or default_socket_path(),
         data_dir=args.data_dir,

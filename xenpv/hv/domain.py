@@ -95,6 +95,7 @@ class Domain:
         max_maps: int = DEFAULT_MAX_MAPS,
         coherence_events: bool = True,
         busy_poll_us: float | None = None,
+        max_ports: int = MAX_PORTS,
     ) -> None:
         if key.domid != domid:
             raise HvError(f"key is for domain {key.domid}, not {domid}")
@@ -124,7 +125,7 @@ class Domain:
             faults=faults,
             busy_poll=self.busy_poll,
         )
-        self.ports = PortTable(domid, self.links)
+        self.ports = PortTable(domid, self.links, max_ports)
         self.granter = Granter(self.grants, self.memory)
         self.mapper = GrantMapper(domid, self.links, self.peer_grants, max_maps)
         # Per live link rather than per peer: a link that is dying may still be torn down
@@ -282,6 +283,7 @@ async def open_domain(
     max_maps: int = DEFAULT_MAX_MAPS,
     coherence_events: bool = True,
     busy_poll_us: float | None = None,
+    max_ports: int = MAX_PORTS,
 ) -> AsyncIterator[Domain]:
     """Run a domain: listen on `endpoint` (`unix:PATH` or `tcp:HOST:PORT`, port 0 = any;
     `domain.endpoint` is the bound address). Leaving the block closes every link.
@@ -301,6 +303,7 @@ async def open_domain(
         max_maps=max_maps,
         coherence_events=coherence_events,
         busy_poll_us=busy_poll_us,
+        max_ports=max_ports,
     )
     try:
         try:

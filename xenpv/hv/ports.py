@@ -15,6 +15,7 @@ from xenpv.hv.messages import Bind, BindReply, Close, Event
 from xenpv.hv.peerlinks import PeerLinks
 
 MAX_PORTS = 4096  # the 2-level event channel ABI on 64-bit guests
+FIFO_MAX_PORTS = 1 << 17  # the FIFO ABI (EVTCHN_FIFO_NR_CHANNELS): what a driver domain gets
 _EINVAL = -22
 
 
@@ -31,11 +32,13 @@ class EventFaults(Protocol):
 class PortTable:
     """One domain's event-channel ports (the `PortOwner` of its `EventChannel`s)."""
 
-    def __init__(self, domid: int, links: PeerLinks) -> None:
+    def __init__(self, domid: int, links: PeerLinks, max_ports: int = MAX_PORTS) -> None:
         self.domid = domid
+        self.max_ports = max_ports
         self._links = links
         self._ports: dict[int, EventChannel] = {}
         self._by_peer: dict[int, set[EventChannel]] = {}
+        self._lowest_free = 1  # no port below it is free: allocation stays O(1) amortised
         self.faults: EventFaults | None = None
 
     def open_count(self) -> int:
@@ -43,10 +46,15 @@ class PortTable:
         return len(self._ports)
 
     def _alloc_port(self) -> int:
-        for port in range(1, MAX_PORTS):
+        for port in range(self._lowest_free, self.max_ports):
             if port not in self._ports:
+                self._lowest_free = port + 1
                 return port
-        raise HvError(f"domain {self.domid}: all {MAX_PORTS} event channel ports in use")
+        raise HvError(f"domain {self.domid}: all {self.max_ports} event channel ports in use")
+
+    def _release(self, port: int) -> None:
+        if self._ports.pop(port, None) is not None:
+            self._lowest_free = min(self._lowest_free, port)
 
     def _add(self, channel: EventChannel) -> EventChannel:
         self._ports[channel.port] = channel
@@ -70,16 +78,16 @@ class PortTable:
             if type(reply.status) is not int:
                 raise link.violation("malformed bind reply")
         except BaseException:
-            self._ports.pop(port, None)
+            self._release(port)
             raise
         if reply.status != 0:
-            self._ports.pop(port, None)
+            self._release(port)
             raise HvError(
                 f"domain {remote} port {remote_port} is not an unbound port for domain "
                 f"{self.domid} (status {reply.status})"
             )
         if link.dead is not None:
-            self._ports.pop(port, None)
+            self._release(port)
             raise PeerGone(f"domain {remote}: {link.dead}")
         channel.remote_port = remote_port
         return self._add(channel)
@@ -108,7 +116,7 @@ class PortTable:
 
     def close_port(self, channel: EventChannel) -> None:
         if self._ports.get(channel.port) is channel:
-            del self._ports[channel.port]
+            self._release(channel.port)
         peers = self._by_peer.get(channel.remote_domid)
         if peers is not None:
             peers.discard(channel)

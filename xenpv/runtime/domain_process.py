@@ -30,9 +30,16 @@ What it does, in order:
    the domain's links still work, so backends can unmap and frontends see Closed.
 
 A domain does both roles at once when it has both kinds of directories: the role is a property
-of the devices, not of the process. A device's failure is logged and written to
-`xenpv/device-errors/<cls>-<frontend>-<devid>`; it never stops the other devices or the
-process. Drivers are imported lazily: a missing one is reported as "driver not available".
+of the devices, not of the process.
+
+Device isolation, as Linux's `xenbus_dev_fatal`: whatever a device's task raises (a xenstore
+error such as a quota refusal, a bad frontend, a storage error, a driver bug) ends that device
+only. Its reason is logged, written to `error/<device path>/error` under this domain (where
+Linux writes it, and where the launcher looks) and to `xenpv/device-errors/<cls>-<fe>-<devid>`,
+and this end's `state` switches to Closing; every other device and the process go on. The
+domain's own watches (destruction, device directories) are registered before any device
+starts, so a device that exhausts a quota cannot take them. Drivers are imported lazily: a
+missing one is reported as "driver not available".
 """
 
 from __future__ import annotations
@@ -58,7 +65,8 @@ from xenpv.runtime.selftest import CONTROL_SELFTEST as CONTROL_SELFTEST
 from xenpv.runtime.selftest import SELFTEST_DONE as SELFTEST_DONE
 from xenpv.runtime.selftest import demo_workloads
 from xenpv.runtime.workload import Workload, WorkloadContext, pump_frames
-from xenpv.xenbus.core import DEVICE_CLASSES, DeviceClass, DeviceId, domain_path
+from xenpv.xenbus.core import DEVICE_CLASSES, Closing, DeviceClass, DeviceId, domain_path
+from xenpv.xenbus.handshake import publish
 from xenpv.xenbus.keys import XENPV_INSTANCE
 from xenpv.xenstore.client import UNREADABLE, XenstoreClient, XenstoreConnectionError
 from xenpv.xenstore.wire import XsError
@@ -75,6 +83,7 @@ READY = "xenpv/ready"
 DEVICE_ERRORS = "xenpv/device-errors"
 DESTROY_READ_TIMEOUT = 2.0
 STOP_DEVICES_TIMEOUT = 6.0  # seconds devices may take to close on a graceful stop
+FAILURE_REPORT_TIMEOUT = 2.0  # seconds to record a failed device (xenstored may be gone)
 
 
 class DomainProcessError(XenpvError):
@@ -90,6 +99,8 @@ class DomainInfo:
     page_size: int
     memory: int
     endpoint: str
+    max_maps: int | None = None  # maptrack entries the toolstack allows (None: the default)
+    max_ports: int | None = None  # event channel ports the toolstack allows (None: default)
 
 
 async def read_domain_info(xs: XenstoreClient, domid: int) -> DomainInfo:
@@ -109,13 +120,25 @@ async def read_domain_info(xs: XenstoreClient, domid: int) -> DomainInfo:
         values[key] = raw.decode("utf-8", "replace")
     try:
         page_size, memory = int(values["page-size"]), int(values["memory"])
+        raw = await xs.try_read(f"{tool}/max-maptrack")
+        max_maps = int(raw) if raw is not None else None
+        raw = await xs.try_read(f"{tool}/max-event-channels")
+        max_ports = int(raw) if raw is not None else None
     except ValueError:
-        raise DomainProcessError(f"domain {domid}: malformed page-size or memory") from None
-    return DomainInfo(domid, values["name"], page_size, memory, values["link"])
+        raise DomainProcessError(
+            f"domain {domid}: malformed page-size, memory, max-maptrack or max-event-channels"
+        ) from None
+    return DomainInfo(domid, values["name"], page_size, memory, values["link"], max_maps, max_ports)
 
 
 def device_error_key(device: DeviceId) -> str:
     return f"{DEVICE_ERRORS}/{device.cls}-{device.frontend_domid}-{device.devid}"
+
+
+def fatal_error_path(domain: str, own: str) -> str:
+    """Where `xenbus_dev_fatal` records a device's failure: `<domain>/error/<own path
+    relative to the domain>/error`."""
+    return f"{domain}/error/{own.removeprefix(domain + '/')}/error"
 
 
 @dataclass(eq=False)
@@ -158,19 +181,29 @@ class DomainRuntime:
         await self.xs.write(f"{self.base}/{key}", value)
 
     async def device_failed(self, device: DeviceId, message: str) -> None:
+        """`xenbus_dev_fatal` for one of this domain's ends of `device` (see module doc)."""
         log.error("device failed", device=str(device), error=message)
-        with contextlib.suppress(XsError, XenpvError):
+        own = device.backend if device.backend_domid == self.info.domid else device.frontend
+        with contextlib.suppress(XsError, XenpvError, XenstoreConnectionError):
+            await self.xs.write(fatal_error_path(self.base, own), message)
+        with contextlib.suppress(XsError, XenpvError, XenstoreConnectionError):
             await self.write_own(device_error_key(device), message)
+        with contextlib.suppress(XsError, XenpvError, XenstoreConnectionError):
+            await publish(self.xs, own, {}, state=Closing)  # not if the device was removed
 
 
 class DeviceTasks:
     """One task per device, started when its directory appears, cancelled when it goes."""
 
     def __init__(
-        self, nursery: trio.Nursery, runner: Callable[[DeviceId], Awaitable[None]]
+        self,
+        nursery: trio.Nursery,
+        runner: Callable[[DeviceId], Awaitable[None]],
+        on_failure: Callable[[DeviceId, str], Awaitable[None]] | None = None,
     ) -> None:
         self._nursery = nursery
         self._runner = runner
+        self._on_failure = on_failure
         self._scopes: dict[DeviceId, trio.CancelScope] = {}
         self._instances: dict[DeviceId, str | None] = {}
         self.running = 0
@@ -202,9 +235,13 @@ class DeviceTasks:
             with scope, structlog.contextvars.bound_contextvars(device=str(device)):
                 await self._runner(device)
         except Exception as exc:
-            # What a driver raised while being cancelled (the cancel scope strips Cancelled
-            # from the group, the rest lands here): this device is done, the others go on.
+            # What a driver raised (also while being cancelled: the cancel scope strips
+            # Cancelled from the group, the rest lands here): this device is done, the
+            # others go on.
             log.error("device task failed", device=str(device), error=repr(exc))
+            if self._on_failure is not None and not scope.cancel_called:
+                with trio.CancelScope(shield=True), trio.move_on_after(FAILURE_REPORT_TIMEOUT):
+                    await self._on_failure(device, describe_failure(exc))
         except BaseExceptionGroup as group:
             # Cancelled by an enclosing scope (the domain stopping) while a driver raised:
             # report the driver's errors, let only the cancellation through.
@@ -219,6 +256,14 @@ class DeviceTasks:
             self.ended = trio.Event()
         # A device whose task ended by itself stays registered until its directory goes,
         # so that a failing device is not restarted in a loop on every watch event.
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line for a device's failure: the first leaf of an exception group."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 async def _instance(xs: XenstoreClient, directory: str) -> str | None:
@@ -286,7 +331,7 @@ async def _serve_backend(rt: DomainRuntime, device: DeviceId) -> None:
             log.info("backend device removed")
             nursery.cancel_scope.cancel()
     except Exception as exc:  # one device never kills the process
-        await rt.device_failed(device, f"{type(exc).__name__}: {exc}")
+        await rt.device_failed(device, describe_failure(exc))
 
 
 def _wrapped(rt: DomainRuntime, device: DeviceId) -> Callable[[Any], Any]:
@@ -329,7 +374,7 @@ async def _attach_frontend(rt: DomainRuntime, device: DeviceId) -> None:
                     rt.net.pop(device, None)
                     rt.notify()
     except Exception as exc:
-        await rt.device_failed(device, f"{type(exc).__name__}: {exc}")
+        await rt.device_failed(device, describe_failure(exc))
 
 
 async def _cancel_on_stop(rt: DomainRuntime, scope: trio.CancelScope) -> None:
@@ -366,7 +411,11 @@ async def _watch_devices(
                 task_status.started()
 
 
-async def _wait_destroyed(xs: XenstoreClient, domid: int) -> None:
+async def _wait_destroyed(
+    xs: XenstoreClient,
+    domid: int,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Return once the toolstack removed the domain. `destroy_domain` removes the nodes, then
     RELEASEs the domain, which makes xenstored drop this client's connection and refuse it
     back; so a read after the removal event may never be answered: no answer within
@@ -374,6 +423,7 @@ async def _wait_destroyed(xs: XenstoreClient, domid: int) -> None:
     watch's event comes once the client is back, and its read answers at once)."""
     path = f"{domain_path(domid)}/domid"
     async with xs.watch(path) as events:
+        task_status.started()
         async for _event in events:
             with trio.move_on_after(DESTROY_READ_TIMEOUT):
                 try:
@@ -418,6 +468,8 @@ async def run_domain(
             page_size=info.page_size,
             memory_bytes=info.memory,
             transport=transport,
+            **({} if info.max_maps is None else {"max_maps": info.max_maps}),
+            **({} if info.max_ports is None else {"max_ports": info.max_ports}),
         ) as dom:
             rt = DomainRuntime(dom, xs, info, WorkloadContext(dom, xs, info.name))
             all_tasks: list[DeviceTasks] = []
@@ -425,13 +477,15 @@ async def run_domain(
             if wants_storage_faults():  # only then: a wrapped disk loses the in-task fast path
                 rt.wrap_storage = agent.open_storage
             async with trio.open_nursery() as nursery:
+                # The domain's own watch first: no device can use up the quota it needs.
+                await nursery.start(_stop_when_destroyed, rt)
                 nursery.start_soon(agent.run)
                 for subtree, runner in (
                     ("backend", _serve_backend),
                     ("device", _attach_frontend),
                 ):
                     for cls in DEVICE_CLASSES:
-                        tasks = DeviceTasks(nursery, _bind(runner, rt))
+                        tasks = DeviceTasks(nursery, _bind(runner, rt), rt.device_failed)
                         all_tasks.append(tasks)
                         rt.device_tasks[(subtree, cls)] = tasks
                         await nursery.start(_watch_devices, rt, subtree, cls, tasks)
@@ -446,10 +500,7 @@ async def run_domain(
                     transport=transport,
                 )
                 task_status.started(rt)
-                async with trio.open_nursery() as waiter:
-                    waiter.start_soon(_stop_when_destroyed, rt)
-                    await rt.stopping.wait()
-                    waiter.cancel_scope.cancel()
+                await rt.stopping.wait()
                 # Devices close first (frontends through xenbus, bounded in the drivers)
                 # while the domain's links still run; then open_domain closes the links.
                 with trio.move_on_after(0 if rt.destroyed else STOP_DEVICES_TIMEOUT):
@@ -460,8 +511,10 @@ async def run_domain(
             log.info("domain stopped")
 
 
-async def _stop_when_destroyed(rt: DomainRuntime) -> None:
-    await _wait_destroyed(rt.xs, rt.info.domid)
+async def _stop_when_destroyed(
+    rt: DomainRuntime, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    await _wait_destroyed(rt.xs, rt.info.domid, task_status)
     log.info("domain destroyed by the toolstack")
     rt.destroyed = True  # its devices are gone and xenstored drops it: no graceful close
     rt.stop()

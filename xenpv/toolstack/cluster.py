@@ -59,6 +59,7 @@ from xenpv.errors import XenpvError
 from xenpv.toolstack import devices, logs, provision
 from xenpv.toolstack import domains as toolstack
 from xenpv.toolstack.progress import NO_PROGRESS, Progress
+from xenpv.toolstack.quotas import plan_quotas
 from xenpv.toolstack.supervisor import (
     SUPERVISOR,
     Child,
@@ -84,6 +85,7 @@ DOMAIN_TRANSPORT = {"auto": "auto", "shm": "shm", "socket": "socket", "tcp": "so
 DEAD_ROOT = "/tool/xenpv/dead"  # <name> = JSON {domid, pid, status, reason} of a dead domain
 MAX_RESTARTS = 5  # per domain: a process that keeps dying is recorded dead after that
 SUPERVISOR_LOG = "supervisor.log"
+RESYNC_S = 5.0  # start-up re-checks what is still pending this often (lost events)
 DOWN_TIMEOUT = 60.0  # how long `down` waits for a supervisor to stop its cluster
 
 OnExit = Literal["fail", "record"]
@@ -105,6 +107,7 @@ class Cluster:
     devices: list[DeviceId] = field(default_factory=list)
     dead: dict[str, dict[str, Any]] = field(default_factory=dict)
     restarts: dict[str, int] = field(default_factory=dict)
+    forkserver: Path | None = None  # its socket: domain processes are forked from it
 
     @property
     def children(self) -> list[Child]:
@@ -201,7 +204,7 @@ def _check_no_stale_processes(state_dir: Path) -> None:
 
 
 async def _start_xenstored(
-    sup: Supervisor, state_dir: Path, tcp: str, log_level: str
+    sup: Supervisor, state_dir: Path, tcp: str, log_level: str, quota_args: Sequence[str] = ()
 ) -> tuple[Child, str, str]:
     sock = state_dir / "xenstored.sock"
     sock.unlink(missing_ok=True)
@@ -223,6 +226,7 @@ async def _start_xenstored(
         tcp,
         "--ready-fd",
         str(write_fd),
+        *quota_args,
     ]
     log_path = state_dir / "logs" / "xenstored.log"
     try:
@@ -267,9 +271,40 @@ async def _create(cluster: Cluster) -> None:
     cluster.sup.save()
 
 
+async def _start_forkserver(sup: Supervisor, state_dir: Path) -> Path:
+    """The fork server the domain processes come from (xenpv.toolstack.forkserver)."""
+    sock = state_dir / "forkserver.sock"
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    args = [sys.executable, "-m", "xenpv.toolstack.forkserver", "--socket", str(sock)]
+    args += ["--ready-fd", str(write_fd)]
+    log_path = state_dir / "logs" / "forkserver.log"
+    try:
+        child = await sup.spawn("forkserver", "forkserver", args, log_path, pass_fds=(write_fd,))
+    finally:
+        os.close(write_fd)
+    line = b""
+    async with trio.lowlevel.FdStream(read_fd) as stream:
+        with trio.move_on_after(XENSTORED_READY_TIMEOUT):
+            while not line.endswith(b"\n"):
+                chunk = await stream.receive_some(64)
+                if not chunk:
+                    break
+                line += chunk
+    if line.strip() != b"READY":
+        raise ClusterError(f"the fork server did not start: {logs.failure_summary(child.tail())}")
+    return sock
+
+
 async def _start_domain(cluster: Cluster, spec: DomainSpec, log_level: str) -> Child:
+    return await _start_process(cluster, spec.name, spec.role, [spec], log_level)
+
+
+async def _start_process(
+    cluster: Cluster, name: str, kind: str, specs: Sequence[DomainSpec], log_level: str
+) -> Child:
+    """One `xenpv domain` process running the domains `specs` (several: a group)."""
     args = [
-        *_python(),
+        *([] if cluster.forkserver is not None else _python()),
         "--log-level",
         log_level,
         "--log-format",
@@ -277,21 +312,32 @@ async def _start_domain(cluster: Cluster, spec: DomainSpec, log_level: str) -> C
         "domain",
         "--xenstore",
         cluster.xenstore_tcp,
-        "--key-file",
-        str(cluster.state_dir / "keys" / f"{spec.name}.key"),
-        "--transport",
-        DOMAIN_TRANSPORT[cluster.topology.transport],
     ]
-    log_path = cluster.state_dir / "logs" / f"{spec.name}.log"
+    for index, spec in enumerate(specs):
+        flag = "--key-file" if index == 0 else "--also-key-file"
+        args += [flag, str(cluster.state_dir / "keys" / f"{spec.name}.key")]
+    args += ["--transport", DOMAIN_TRANSPORT[cluster.topology.transport]]
+    log_path = cluster.state_dir / "logs" / f"{name}.log"
     return await cluster.sup.spawn(
-        spec.name, spec.role, args, log_path, domid=cluster.domids[spec.name]
+        name,
+        kind,
+        args,
+        log_path,
+        domid=cluster.domids[specs[0].name] if len(specs) == 1 else None,
+        forkserver=cluster.forkserver,
     )
 
 
 async def _start_domains(cluster: Cluster, log_level: str) -> None:
     # Backends first: nothing depends on it (watches), but their logs then read in order.
+    groups: dict[str, list[DomainSpec]] = {}
     for spec in sorted(cluster.topology.domains, key=lambda d: d.role != "backend"):
-        await _start_domain(cluster, spec, log_level)
+        if spec.group is None:
+            await _start_domain(cluster, spec, log_level)
+        else:
+            groups.setdefault(spec.group, []).append(spec)
+    for group, specs in groups.items():  # only guests are grouped
+        await _start_process(cluster, f"group-{group}", "guest", specs, log_level)
 
 
 async def _states(xs: XenstoreClient, device: DeviceId) -> tuple[str, str]:
@@ -325,58 +371,90 @@ async def _fatal(xs: XenstoreClient, device: DeviceId) -> str | None:
     return None
 
 
-async def _watch_into(
-    xs: XenstoreClient,
-    path: str,
-    changed: trio.MemorySendChannel[None],
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    async with xs.watch(path) as events:
-        task_status.started()
-        async for _event in events:
-            with contextlib.suppress(trio.WouldBlock):
-                changed.send_nowait(None)
+class _Readiness:
+    """What start-up still waits for, re-checked only where xenstore changed: each event's
+    path leads (through its ancestors) to the one domain or device it concerns, so waiting
+    costs O(changes), not O(devices) reads per change (see module doc)."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.pending: set[int | DeviceId] = set(cluster.domids.values()) | set(cluster.devices)
+        self._owner: dict[str, int | DeviceId] = {}
+        for domid in cluster.domids.values():
+            self._owner[_ready_path(domid)] = domid
+        for device in cluster.devices:
+            for path in (device.frontend, device.backend, *_error_paths(device)):
+                self._owner[path] = device
+
+    def concerned(self, path: str) -> int | DeviceId | None:
+        while path.count("/") > 2:
+            owner = self._owner.get(path)
+            if owner is not None:
+                return owner
+            path = path.rpartition("/")[0]
+        return None
+
+    async def check(self, item: int | DeviceId) -> None:
+        """Drop `item` from `pending` once ready; raise ClusterError when an end gave a
+        device up."""
+        xs = self.cluster.xs
+        if isinstance(item, int):
+            if await xs.try_read(_ready_path(item)) is not None:
+                self.pending.discard(item)
+            return
+        fe, be = await _states(xs, item)
+        if fe == "Connected" and be == "Connected":
+            self.pending.discard(item)
+            return
+        reason = await _fatal(xs, item)
+        if reason is not None:
+            who = f"{self.cluster.name_of(item.frontend_domid)}/{item.cls}{item.devid}"
+            why = _device_complaint(self.cluster, item) or reason
+            raise ClusterError(f"{who} failed (frontend {fe}, backend {be}): {why}")
+
+    def summary(self) -> str:
+        domains = sum(isinstance(p, int) for p in self.pending)
+        devices = len(self.pending) - domains
+        total_domains, total_devices = len(self.cluster.domids), len(self.cluster.devices)
+        return (
+            f"waiting: {total_domains - domains}/{total_domains} domains ready, "
+            f"{total_devices - devices}/{total_devices} devices Connected"
+        )
+
+
+def _ready_path(domid: int) -> str:
+    return f"/local/domain/{domid}/xenpv/ready"
 
 
 async def wait_connected(
     cluster: Cluster, limit_s: float, progress: Progress = NO_PROGRESS
 ) -> None:
     """Return once every domain is ready and every device is Connected on both ends; fail
-    at once when an end gives a device up (see module doc)."""
-    xs = cluster.xs
-    send, recv = trio.open_memory_channel[None](1)
-    paths = [f"/local/domain/{d}/xenpv/ready" for d in cluster.domids.values()]
-    for device in cluster.devices:
-        paths += [f"{device.frontend}/state", f"{device.backend}/state", *_error_paths(device)]
-    pending: list[str] = []
+    at once when an end gives a device up (see module doc). One watch on `/local/domain`."""
+    readiness = _Readiness(cluster)
     with trio.move_on_after(limit_s) as scope:
-        async with trio.open_nursery() as nursery:
-            for path in paths:
-                await nursery.start(_watch_into, xs, path, send)
-            while True:
-                pending = await _not_ready(cluster, fail_fast=True)
-                if not pending:
-                    break
-                progress.show(_summary(cluster, pending))
-                await recv.receive()
-            nursery.cancel_scope.cancel()
+        async with cluster.xs.watch("/local/domain") as events:
+            while readiness.pending:
+                for each in list(readiness.pending):  # all once; then only what changes
+                    await readiness.check(each)
+                # xenstored drops events a slow reader lets pile up (server.py): every
+                # RESYNC_S, what is still pending is re-checked.
+                with trio.move_on_after(RESYNC_S):
+                    async for path, _token in events:
+                        if not readiness.pending:
+                            break
+                        progress.show(readiness.summary())
+                        item = readiness.concerned(path)
+                        if item is not None and item in readiness.pending:
+                            await readiness.check(item)
+                        if not readiness.pending:
+                            break
     if scope.cancelled_caught:
         pending = await _not_ready(cluster, explain=True)
         raise ClusterError(f"not ready after {limit_s:g} s: " + "; ".join(pending))
 
 
-def _summary(cluster: Cluster, pending: list[str]) -> str:
-    domains = len(cluster.domids) - sum(p.startswith("domain ") for p in pending)
-    devices = len(cluster.devices) - sum(not p.startswith("domain ") for p in pending)
-    return (
-        f"waiting: {domains}/{len(cluster.domids)} domains ready, "
-        f"{devices}/{len(cluster.devices)} devices Connected"
-    )
-
-
-async def _not_ready(
-    cluster: Cluster, *, explain: bool = False, fail_fast: bool = False
-) -> list[str]:
+async def _not_ready(cluster: Cluster, *, explain: bool = False) -> list[str]:
     out: list[str] = []
     for name, domid in cluster.domids.items():
         if await cluster.xs.try_read(f"/local/domain/{domid}/xenpv/ready") is None:
@@ -386,11 +464,6 @@ async def _not_ready(
         if fe == "Connected" and be == "Connected":
             continue
         who = f"{cluster.name_of(device.frontend_domid)}/{device.cls}{device.devid}"
-        if fail_fast:
-            reason = await _fatal(cluster.xs, device)
-            if reason is not None:
-                why = _device_complaint(cluster, device) or reason
-                raise ClusterError(f"{who} failed (frontend {fe}, backend {be}): {why}")
         why = _device_complaint(cluster, device) if explain else ""
         out.append(f"{who} frontend {fe}, backend {be}" + (f" ({why})" if why else ""))
     return out
@@ -535,6 +608,10 @@ async def _restart(cluster: Cluster, child: Child, spec: DomainSpec, log_level: 
             memory_bytes=spec.memory,
             endpoint=_endpoint(cluster.state_dir, spec.name, cluster.topology.transport),
             domid=child.domid,
+            max_maptrack=toolstack.BACKEND_MAX_MAPTRACK if spec.role == "backend" else None,
+            max_event_channels=(
+                toolstack.BACKEND_MAX_EVENT_CHANNELS if spec.role == "backend" else None
+            ),
         )
         created.key.save(cluster.state_dir / "keys" / f"{spec.name}.key")
         # Only the devices are wanted: no endpoints (`_endpoint` would unlink live sockets).
@@ -578,6 +655,7 @@ def _remove_files(state_dir: Path) -> None:
     for path in (state_dir / "links").glob("*.sock"):
         path.unlink(missing_ok=True)
     (state_dir / "xenstored.sock").unlink(missing_ok=True)
+    (state_dir / "forkserver.sock").unlink(missing_ok=True)
     (state_dir / STATE_FILE).unlink(missing_ok=True)
     (state_dir / (STATE_FILE + ".tmp")).unlink(missing_ok=True)
 
@@ -627,6 +705,7 @@ async def launch(
     try:
         _check_no_stale_processes(state_dir)
         _check_images(topology, state_dir)
+        quota_plan = plan_quotas(topology)  # fails before anything starts
     except BaseException:
         unlock_state_dir(state_dir, lock)  # and touch nothing: the files may be in use
         raise
@@ -635,7 +714,9 @@ async def launch(
         tcp = topology.xenstore_tcp or "127.0.0.1:0"
         started = time.monotonic()
         progress.show("starting xenstored")
-        _xenstored, unix, tcp_addr = await _start_xenstored(sup, state_dir, tcp, log_level)
+        _xenstored, unix, tcp_addr = await _start_xenstored(
+            sup, state_dir, tcp, log_level, quota_plan.xenstored_args()
+        )
         async with connect(unix) as xs:
             cluster = Cluster(topology, state_dir, xs, unix, tcp_addr, sup)
             sup.describe = cluster.describe
@@ -643,6 +724,8 @@ async def launch(
             progress.show("creating the domains and their devices in xenstore")
             await _create(cluster)
             progress.show("starting the domain processes")
+            if topology.start == "fork":
+                cluster.forkserver = await _start_forkserver(sup, state_dir)
             await _start_domains(cluster, log_level)
             try:
                 async with trio.open_nursery() as nursery:

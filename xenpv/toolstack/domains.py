@@ -80,6 +80,15 @@ async def publish_link(xs: XenstoreClient, domid: int, pubkey_hex: str, endpoint
     await xs.transact(publish)
 
 
+MAX_MAPTRACK = "max-maptrack"  # under /tool/xenpv/domain/<id>/
+# A backend domain maps its frontends' rings and buffers: Xen's default maptrack for a
+# domain is gnttab_max_maptrack_frames (1024) frames of 512 entries.
+BACKEND_MAX_MAPTRACK = 1024 * 512
+MAX_EVENT_CHANNELS = "max-event-channels"  # under /tool/xenpv/domain/<id>/
+# ... and binds a port per ring: the FIFO event channel ABI's 2^17 ports.
+BACKEND_MAX_EVENT_CHANNELS = 1 << 17
+
+
 async def create_domain(
     xs: XenstoreClient,
     *,
@@ -88,8 +97,13 @@ async def create_domain(
     memory_bytes: int,
     endpoint: str,
     domid: int | None = None,
+    max_maptrack: int | None = None,
+    max_event_channels: int | None = None,
 ) -> CreatedDomain:
-    """Create a domain's xenstore presence and secret; returns its domid and key."""
+    """Create a domain's xenstore presence and secret; returns its domid and key.
+    `max_maptrack`: how many grants it may map at once (xl's `max_maptrack_frames`, in
+    entries; None: the hypervisor's default, `xenpv.hv.domain.DEFAULT_MAX_MAPS`);
+    `max_event_channels`: its ports (xl's `max_event_channels`; None: `hv.ports.MAX_PORTS`)."""
     if page_size not in PAGE_SIZES:
         raise ToolstackError(f"page size {page_size} not one of {PAGE_SIZES}")
     if memory_bytes <= 0 or memory_bytes % page_size:
@@ -116,7 +130,12 @@ async def create_domain(
             await tx.set_perms(f"{base}/{node}", ["n0", f"r{chosen}"])
         await _publish(tx, chosen, key.public_hex(), endpoint)
         tool = f"{TOOL_DOMAIN_ROOT}/{chosen}"
-        for leaf, number in (("page-size", page_size), ("memory", memory_bytes)):
+        numbers = [("page-size", page_size), ("memory", memory_bytes)]
+        if max_maptrack is not None:
+            numbers.append((MAX_MAPTRACK, max_maptrack))
+        if max_event_channels is not None:
+            numbers.append((MAX_EVENT_CHANNELS, max_event_channels))
+        for leaf, number in numbers:
             await tx.write(f"{tool}/{leaf}", str(number))
             await tx.set_perms(f"{tool}/{leaf}", ["r0"])
         return CreatedDomain(chosen, key)

@@ -91,6 +91,8 @@ class DomainPlan:
     page_size: int
     memory: int
     endpoint: str
+    max_maptrack: int | None = None  # create_domain's (larger for backends)
+    max_event_channels: int | None = None  # create_domain's (larger for backends)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +132,15 @@ def plan_topology(
     """The store contents `topo` asks for (pure). Device keys need no domids: a device's
     configuration keys depend only on its devid and configuration."""
     domains = tuple(
-        DomainPlan(spec.name, spec.page_size, spec.memory, endpoint(spec)) for spec in topo.domains
+        DomainPlan(
+            spec.name,
+            spec.page_size,
+            spec.memory,
+            endpoint(spec),
+            toolstack.BACKEND_MAX_MAPTRACK if spec.role == "backend" else None,
+            toolstack.BACKEND_MAX_EVENT_CHANNELS if spec.role == "backend" else None,
+        )
+        for spec in topo.domains
     )
     planned: list[DevicePlan] = []
     per_guest: dict[tuple[str, str], int] = {}
@@ -355,6 +365,8 @@ async def _create(xs: XenstoreClient, plan: Plan, keys_dir: Path) -> Provisioned
             page_size=domain.page_size,
             memory_bytes=domain.memory,
             endpoint=domain.endpoint,
+            max_maptrack=domain.max_maptrack,
+            max_event_channels=domain.max_event_channels,
         )
         created.key.save(keys_dir / f"{domain.name}.key")
         done.domids[domain.name] = created.domid

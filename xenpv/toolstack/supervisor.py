@@ -38,6 +38,8 @@ import structlog
 import trio
 
 from xenpv.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, XenpvError
+from xenpv.toolstack.forkserver import ForkedProcess
+from xenpv.toolstack.forkserver import fork as forked
 
 log = structlog.get_logger()
 
@@ -46,7 +48,8 @@ REAP_TIMEOUT = 5.0  # after SIGKILL: only a process stuck in the kernel takes lo
 LOG_TAIL = 1500
 # Stop order: whatever uses a device first (guests, workers), then what serves it, then the
 # store everything talks through.
-STOP_ORDER = ("guest", "backend", "xenstored")
+# The fork server (xenpv.toolstack.forkserver) reports its children's exits: it goes after them.
+STOP_ORDER = ("guest", "backend", "forkserver", "xenstored")
 SUPERVISOR = "supervisor"  # the kind of a child that is itself a supervisor (stopped first)
 SUPERVISOR_GRACE = 4 * STOP_GRACE  # it stops its own children, each group with STOP_GRACE
 
@@ -60,7 +63,7 @@ class Child:
     pid: int
     log: Path
     domid: int | None = None
-    proc: trio.Process | None = None
+    proc: trio.Process | ForkedProcess | None = None
 
     def tail(self) -> str:
         try:
@@ -144,20 +147,18 @@ class Supervisor:
         domid: int | None = None,
         pass_fds: Sequence[int] = (),
         env: dict[str, str] | None = None,
+        forkserver: Path | None = None,
     ) -> Child:
-        """Start a child in its own session (output to `log_path`) and record it."""
+        """Start a child in its own session (output to `log_path`) and record it. With
+        `forkserver` (its socket), `args` are `xenpv`'s and the fork server forks the child
+        (`xenpv.toolstack.forkserver`); it is recorded, signalled and reaped the same way."""
         # Shielded: the fork and the record happen together or not at all.
         with trio.CancelScope(shield=True):
-            with _open_log(log_path) as logf:
-                proc = await trio.lowlevel.open_process(
-                    list(args),
-                    stdin=subprocess.DEVNULL,
-                    stdout=logf,
-                    stderr=logf,
-                    pass_fds=tuple(pass_fds),
-                    start_new_session=True,
-                    env=env,
-                )
+            proc: trio.Process | ForkedProcess
+            if forkserver is not None:
+                proc = await forked(forkserver, args, log_path, env, name)
+            else:
+                proc = await _open_process(args, log_path, pass_fds, env)
             child = Child(name, kind, proc.pid, log_path, domid, proc)
             self.children.append(child)
             self.save()
@@ -236,6 +237,21 @@ class Supervisor:
                 _signal(child, signal.SIGKILL)
         with trio.move_on_after(REAP_TIMEOUT):
             await _reap_all(children)
+
+
+async def _open_process(
+    args: Sequence[str], log_path: Path, pass_fds: Sequence[int], env: dict[str, str] | None
+) -> trio.Process:
+    with _open_log(log_path) as logf:
+        return await trio.lowlevel.open_process(
+            list(args),
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=logf,
+            pass_fds=tuple(pass_fds),
+            start_new_session=True,
+            env=env,
+        )
 
 
 def _kill(child: Child) -> None:

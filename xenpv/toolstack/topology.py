@@ -7,9 +7,15 @@ each with a vbd and a vif.
 
 ```toml
 transport = "auto"            # auto | shm | socket | tcp (socket copy over TCP, any host)
+start = "fork"                # fork (from a pre-imported fork server) | spawn (a new python)
 
 [xenstore]
 tcp = "127.0.0.1:0"           # optional TCP listener for domains (port 0: pick one)
+[xenstore.quota]              # optional: C xenstored's quotas for every unprivileged domain
+watches = 128                 # nodes, node-size, watches, transactions, permissions,
+                              # transaction-nodes (left out: sized for each domain's devices)
+[xenstore.quota.domain.backend]
+watches = 1024                # one domain's own limit (xenpv/toolstack/quotas.py)
 
 [[domain]]
 name = "backend"
@@ -17,6 +23,7 @@ role = "backend"              # backend | guest
 page_size = "4K"              # 4K | 16K | 64K (or bytes)
 memory = "64M"
 restart = "no"                # no | on-failure: restart its process if it dies with an error
+group = "g0"                  # optional, guests only: guests of one group share a process
 
 [[vbd]]
 frontend = "guest4k"
@@ -54,6 +61,7 @@ from typing import Any, Literal
 
 from xenpv.errors import UsageError
 from xenpv.xenbus import keys
+from xenpv.xenstore.quotas import C_NAMES
 
 Transport = Literal["auto", "shm", "socket", "tcp"]
 TRANSPORTS: tuple[Transport, ...] = ("auto", "shm", "socket", "tcp")
@@ -78,6 +86,7 @@ class DomainSpec:
     page_size: int
     memory: int
     restart: Literal["no", "on-failure"] = "no"  # what the launcher does when its process dies
+    group: str | None = None  # guests of one group run in one process (`xenpv domain`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +129,10 @@ class Topology:
     vifs: tuple[VifSpec, ...] = ()
     transport: Transport = "auto"
     xenstore_tcp: str | None = None
+    # quota field -> limit, for every domain / for the named domain (toolstack/quotas.py)
+    xenstore_quota: Mapping[str, int] = field(default_factory=dict)
+    xenstore_domain_quota: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    start: Literal["fork", "spawn"] = "fork"  # how domain processes start (toolstack/forkserver)
 
     def domain(self, name: str) -> DomainSpec:
         for spec in self.domains:
@@ -248,8 +261,16 @@ def _domain(raw: object, where: str) -> DomainSpec:
     if memory % page_size:
         raise TopologyError(t.at("memory"), f"must be a multiple of the page size {page_size}")
     restart = t.choice("restart", "no", RESTART_POLICIES)
+    group = t.opt_string("group")
+    if group is not None:
+        if not _NAME_RE.match(group):
+            raise TopologyError(t.at("group"), "use letters, digits, '-' and '_' (at most 64)")
+        if role != "guest":
+            raise TopologyError(t.at("group"), "only guests share a process")
+        if restart != "no":
+            raise TopologyError(t.at("restart"), "a grouped guest's process is not restarted")
     t.done()
-    return DomainSpec(name, role, page_size, memory, restart)
+    return DomainSpec(name, role, page_size, memory, restart, group)
 
 
 def _vbd_features(raw: object, where: str) -> VbdFeatures:
@@ -325,8 +346,10 @@ def parse(raw: Mapping[str, Any]) -> Topology:
     """Validate a decoded TOML document."""
     top = _Table(raw, "topology")
     transport = top.choice("transport", "auto", TRANSPORTS)
+    start = top.choice("start", "fork", ("fork", "spawn"))
     xs = _Table(top._get("xenstore", {}), "xenstore")
     xenstore_tcp = xs.opt_string("tcp")
+    quota, domain_quota = _quotas(xs._get("quota", {}))
     xs.done()
     domains_raw = _list(raw, "domain")
     top.used.add("domain")
@@ -346,7 +369,40 @@ def parse(raw: Mapping[str, Any]) -> Topology:
         if mac in macs[:i]:
             raise TopologyError(f"vif[{i}].mac", f"duplicate MAC {mac}")
     top.done()
-    return Topology(tuple(domains.values()), vbds, vifs, transport, xenstore_tcp)
+    for name in domain_quota:
+        if name not in domains:
+            raise TopologyError(f"xenstore.quota.domain.{name}", f"no domain named {name!r}")
+    return Topology(
+        tuple(domains.values()), vbds, vifs, transport, xenstore_tcp, quota, domain_quota, start
+    )
+
+
+def _quotas(raw: object) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    if not isinstance(raw, Mapping):
+        raise TopologyError("xenstore.quota", "expected a table")
+    raw = dict(raw)
+    per_domain = raw.pop("domain", {})
+    if not isinstance(per_domain, Mapping):
+        raise TopologyError("xenstore.quota.domain", "expected a table of domain names")
+    domain_quota = {}
+    for name, table in per_domain.items():
+        where = f"xenstore.quota.domain.{name}"
+        if not isinstance(table, Mapping):
+            raise TopologyError(where, "expected a table")
+        domain_quota[name] = parse_quota_table(table, where)
+    return parse_quota_table(raw, "xenstore.quota"), domain_quota
+
+
+def parse_quota_table(raw: Mapping[str, object], where: str) -> dict[str, int]:
+    """`{C xenstored quota name: N}` -> {our `Quotas` field: N}."""
+    out: dict[str, int] = {}
+    for name, value in raw.items():
+        if name not in C_NAMES:
+            raise TopologyError(f"{where}.{name}", f"unknown quota (known: {', '.join(C_NAMES)})")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise TopologyError(f"{where}.{name}", f"expected a positive integer, got {value!r}")
+        out[C_NAMES[name]] = value
+    return out
 
 
 def loads(text: str, source: str = "<topology>") -> Topology:

@@ -21,8 +21,9 @@ stops rather than acknowledge something it could not make durable.
 
 Flow control and hostile clients (the XSA-349 approach of C xenstored):
 - watch events queued for one connection and not yet written are bounded
-  (`max_queued_events`, default 1024); events beyond the bound are dropped for that connection
-  only, counted and logged;
+  (`max_queued_events`, default 1024; for a domain, at least EVENTS_PER_WATCH per watch its
+  quota allows: a backend the toolstack sized for 1000 devices gets their events' worth);
+  events beyond the bound are dropped for that connection only, counted and logged;
 - replies are never dropped. A connection with `max_outstanding` requests whose replies are
   not yet written is not read from until its writer catches up (backpressure), so a client
   that does not read its replies only stalls itself; if a write stays blocked for
@@ -65,6 +66,9 @@ INLINE_FSYNC_MAX = 0.0005  # seconds: journal appends faster than this run on th
 def default_socket_path() -> str:
     """`$XENSTORED_PATH`, else C xenstored's default socket path."""
     return os.environ.get("XENSTORED_PATH") or DEFAULT_SOCKET
+
+
+EVENTS_PER_WATCH = 8  # queued, unwritten events a connection may have per allowed watch
 
 
 @dataclass(slots=True)
@@ -453,14 +457,19 @@ class XenstoreServer:
             elapsed = await trio.to_thread.run_sync(_timed_append, self.journal, payload)
         self._fsync_ewma += 0.2 * (elapsed - self._fsync_ewma)
 
+    def _event_limit(self, domid: int) -> int:
+        base = self.config.max_queued_events
+        if domid == 0:
+            return base
+        return max(base, EVENTS_PER_WATCH * self.store.quotas.of(domid).watches_per_domain)
+
     def _deliver(self, replies: Replies, drop: list[ConnId]) -> None:
-        limit = self.config.max_queued_events
         for cid, msg in replies:
             conn = self._conns.get(cid)
             if conn is None:
                 continue
             if msg.type == XsType.XS_WATCH_EVENT:
-                if conn.queued_events >= limit:
+                if conn.queued_events >= self._event_limit(conn.domid):
                     if not conn.dropped_events:
                         log.warning("watch event queue full, dropping events", conn=cid)
                     conn.dropped_events += 1

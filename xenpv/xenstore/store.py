@@ -270,7 +270,7 @@ class Store:
     def _check_create(self, c: _Conn, t: Table, path: str, value: bytes) -> None:
         if c.privileged:
             return
-        quotas = self.quotas
+        quotas = self.quotas.of(c.domid)
         missing, top = self._missing_chain(t, path)
         if t.count(c.domid) + len(missing) > quotas.nodes_per_domain:
             raise XsError("ENOSPC", "node quota")
@@ -287,7 +287,7 @@ class Store:
         if c.privileged:
             return
         size = NODE_HEADER_SIZE + PERM_ENTRY_SIZE * nperms + len(value) + node.childlen
-        if size > self.quotas.node_size:
+        if size > self.quotas.of(c.domid).node_size:
             raise XsError("ENOSPC", "node size quota")
 
     # -- mutations shared by direct requests and transaction commits ----------------------------
@@ -455,7 +455,7 @@ class Store:
         count = msg.payload.count(b"\0")
         if count < 2:
             raise XsError("EINVAL", "SET_PERMS wants a path and permissions")
-        if not c.privileged and count - 1 > self.quotas.perms_per_node:
+        if not c.privileged and count - 1 > self.quotas.of(c.domid).perms_per_node:
             raise XsError("ENOSPC", "permission quota")
         strings = [_ascii(s) for s in _strings(msg)]
         raw, perms = strings[0], parse_perms(strings[1:count])
@@ -502,7 +502,7 @@ class Store:
             raise XsError("EEXIST", path)
         if (
             not c.privileged
-            and self._watch_counts.get(c.domid, 0) >= self.quotas.watches_per_domain
+            and self._watch_counts.get(c.domid, 0) >= self.quotas.of(c.domid).watches_per_domain
         ):
             raise XsError("E2BIG", "watch quota")
         watch = self._watches.add(c.id, path, token, prefix_len)
@@ -529,14 +529,14 @@ class Store:
             raise XsError("EBUSY", "nested transaction")
         if (
             not c.privileged
-            and self._tx_counts.get(c.domid, 0) >= self.quotas.transactions_per_domain
+            and self._tx_counts.get(c.domid, 0) >= self.quotas.of(c.domid).transactions_per_domain
         ):
             raise XsError("ENOSPC", "transaction quota")
         tx_id = c.next_tx
         while tx_id == 0 or tx_id in c.transactions:
             tx_id = (tx_id + 1) & _TX_ID_MAX
         c.next_tx = (tx_id + 1) & _TX_ID_MAX
-        limit = None if c.privileged else self.quotas.transaction_nodes
+        limit = None if c.privileged else self.quotas.of(c.domid).transaction_nodes
         c.transactions[tx_id] = Transaction(tx_id, self._tree, limit)
         _adjust(self._tx_counts, c.domid, 1)
         return f"{tx_id}\0".encode()
@@ -561,7 +561,8 @@ class Store:
             raise XsError("EAGAIN", "transaction conflict")
         if not c.privileged:
             for domid, delta in tx.delta.items():
-                if delta > 0 and self._tree.count(domid) + delta > self.quotas.nodes_per_domain:
+                limit = self.quotas.of(domid).nodes_per_domain
+                if delta > 0 and self._tree.count(domid) + delta > limit:
                     raise XsError("ENOSPC", "node quota at commit")
         tree = self._tree
         for op in tx.log:
