@@ -144,15 +144,17 @@ class Supervisor:
         domid: int | None = None,
         pass_fds: Sequence[int] = (),
         env: dict[str, str] | None = None,
+        stdout: int | None = None,
     ) -> Child:
-        """Start a child in its own session (output to `log_path`) and record it."""
+        """Start a child in its own session (output to `log_path`) and record it;
+        `stdout=subprocess.PIPE` gives the caller its stdout (`child.proc.stdout`) instead."""
         # Shielded: the fork and the record happen together or not at all.
         with trio.CancelScope(shield=True):
             with _open_log(log_path) as logf:
                 proc = await trio.lowlevel.open_process(
                     list(args),
                     stdin=subprocess.DEVNULL,
-                    stdout=logf,
+                    stdout=logf if stdout is None else stdout,
                     stderr=logf,
                     pass_fds=tuple(pass_fds),
                     start_new_session=True,
@@ -164,6 +166,17 @@ class Supervisor:
             if self.killed:  # a second signal came while it started
                 _kill(child)
         log.debug("process started", process=name, pid=proc.pid)
+        return child
+
+    def record(self, name: str, kind: str, pid: int, log_path: Path) -> Child:
+        """Record a child that synchronous code started (`subprocess.Popen`, in its own
+        session) right after its start; `stop` signals it by pid and waits on a pidfd, so
+        its starter must still reap it (`Popen.wait`)."""
+        child = Child(name, kind, pid, log_path)
+        self.children.append(child)
+        self.save()
+        if self.killed:
+            _kill(child)
         return child
 
     def state(self) -> dict[str, Any]:
