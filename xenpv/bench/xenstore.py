@@ -36,6 +36,8 @@ import trio
 from xenpv.bench.cli import add_bench
 from xenpv.bench.report import emit
 from xenpv.commands import args as types
+from xenpv.errors import XenpvError
+from xenpv.toolstack.supervisor import Supervisor
 from xenpv.xenstore.client import Transaction, XenstoreClient, connect
 from xenpv.xenstore.store import Store
 from xenpv.xenstore.wire import FrameReader, Message, XsType, join_strings
@@ -162,6 +164,36 @@ def spawned_xenstored(workdir: Path, name: str) -> Iterator[str]:
     ) as proc:
         _PIDS[f"unix:{sock}"] = proc.pid
         yield f"unix:{sock}"
+
+
+async def supervised_xenstored(sup: Supervisor, workdir: Path, name: str) -> str:
+    """`spawned_xenstored` for an async bench: the supervisor starts and records it (and
+    stops it with the rest); its address once it reports ready."""
+    sock = str(workdir / f"{name}.sock")
+    data = workdir / f"{name}.data"
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    args = [sys.executable, "-m", "xenpv", "--log-level", "warning", "xenstored"]
+    args += ["--socket", sock, "--data-dir", str(data), "--ready-fd", str(write_fd)]
+    (workdir / "logs").mkdir(exist_ok=True)
+    log_path = workdir / "logs" / f"{name}.log"
+    try:
+        child = await sup.spawn(
+            name, "xenstored", args, log_path, pass_fds=(write_fd,), env=child_env()
+        )
+    finally:
+        os.close(write_fd)
+    line = b""
+    async with trio.lowlevel.FdStream(read_fd) as stream:
+        with trio.move_on_after(60):
+            while not line.endswith(b"\n"):
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    break
+                line += chunk
+    if not line.startswith(b"READY"):
+        raise XenpvError(f"xenstored did not start: {child.tail()[-300:]}")
+    _PIDS[f"unix:{sock}"] = child.pid
+    return f"unix:{sock}"
 
 
 @contextmanager

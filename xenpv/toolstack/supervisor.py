@@ -179,6 +179,12 @@ class Supervisor:
             _kill(child)
         return child
 
+    def forget(self, child: Child) -> None:
+        """Drop a `record`ed child its starter has reaped: its pid may be reused."""
+        with contextlib.suppress(ValueError):
+            self.children.remove(child)
+        self.save()
+
     def state(self) -> dict[str, Any]:
         return self.describe() | {
             "supervisor": os.getpid(),
@@ -407,11 +413,16 @@ def _read_pid(fd: int) -> int | None:
 
 
 def run_in_temp_dir(
-    prefix: str, main: Callable[[Supervisor, Path], Awaitable[int]], sup: Supervisor
+    prefix: str,
+    main: Callable[[Supervisor, Path], Awaitable[int]],
+    sup: Supervisor,
+    *,
+    parent: Path | None = None,
 ) -> int:
-    """`run(main)` with a fresh state directory under /tmp, removed at the end whatever
-    happens; on a failure (not an interruption) its `logs/` stay and their place is printed."""
-    state_dir = Path(tempfile.mkdtemp(prefix=prefix))  # $TMPDIR, else /tmp
+    """`run(main)` with a fresh state directory under /tmp (or `parent`), removed at the end
+    whatever happens; on a failure (not an interruption) its `logs/` stay and their place is
+    printed."""
+    state_dir = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))  # $TMPDIR, else /tmp
     failed = True
     error: BaseException | None = None
     try:
