@@ -50,6 +50,7 @@ from xenpv.commands import args as types
 from xenpv.toolstack import supervisor
 from xenpv.toolstack.supervisor import SUPERVISOR, Supervisor
 
+CLEANUP_TIMEOUT = 5.0
 MiB = 1 << 20
 GUEST, BACKEND, DEVID = 1, 0, 51712
 
@@ -323,7 +324,9 @@ async def _guest(
                 await process.wait()
                 if process.stdout is not None:
                     await process.stdout.aclose()
-                await destroy_device(xs, device)
+                # Bounded: after a Ctrl-C the store client's own reader is cancelled too.
+                with trio.move_on_after(CLEANUP_TIMEOUT):
+                    await destroy_device(xs, device)
 
 
 def _process_cpu(pid: int) -> float:
