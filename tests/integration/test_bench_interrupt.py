@@ -99,3 +99,10 @@ def test_ctrl_c_stops_bench_blk(scratch: Path, point: str) -> None:
     proc = _start(["bench", "blk", "--quick", "--dir", str(scratch)], scratch)
     _wait_for_file(scratch, point, proc)
     _interrupt_and_check(proc, scratch)
+
+
+@pytest.mark.parametrize("point", ["*/null.sock", "*/big.sock"])
+def test_ctrl_c_stops_bench_xenstore(scratch: Path, point: str) -> None:
+    proc = _start(["bench", "xenstore", "--quick", "--dir", str(scratch)], scratch)
+    _wait_for_file(scratch, point, proc)
+    _interrupt_and_check(proc, scratch)
