@@ -34,7 +34,6 @@ import select
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -46,9 +45,12 @@ import trio
 
 from xenpv.bench.cli import add_bench
 from xenpv.bench.report import emit
-from xenpv.bench.xenstore import child_env, spawned_xenstored
+from xenpv.bench.xenstore import child_env, supervised_xenstored
 from xenpv.commands import args as types
+from xenpv.toolstack import supervisor
+from xenpv.toolstack.supervisor import SUPERVISOR, Supervisor
 
+CLEANUP_TIMEOUT = 5.0
 MiB = 1 << 20
 GUEST, BACKEND, DEVID = 1, 0, 51712
 
@@ -105,17 +107,31 @@ def run(args: argparse.Namespace) -> int:
     image_mib = 64 if args.quick else 256
     page_sizes = (4096, 65536) if args.quick else (4096, 16384, 65536)
     transports = ("shm", "socket")
-    with tempfile.TemporaryDirectory(prefix="xb", dir=args.dir) as tmp:
-        workdir = Path(tmp)
+    measured: dict[str, Any] = {}
+
+    async def main(sup: Supervisor, workdir: Path) -> int:
+        (workdir / "logs").mkdir()
         image = workdir / "disk.img"
         _fill_image(image, image_mib * MiB)
-        with spawned_xenstored(workdir, "xs") as xs_address:
-            xenpv = trio.run(
-                _bench_xenpv, workdir, xs_address, image, page_sizes, transports, seconds
-            )
-        via_nbd = _bench_xenpv_nbd(workdir, image, seconds)
-        nbdkit = _bench_nbdkit(workdir, image, seconds)
-    return _report(xenpv, nbdkit, seconds, image_mib, via_nbd)
+        xs_address = await supervised_xenstored(sup, workdir, "xs")
+        measured["xenpv"] = await _bench_xenpv(
+            sup, workdir, xs_address, image, page_sizes, transports, seconds
+        )
+        await sup.stop()  # xenstored: the NBD runs below start their own
+        # The fio runs are synchronous: in a thread, their processes recorded by `sup`, which
+        # stops them on a Ctrl-C (and so ends the thread's waits).
+        measured["via_nbd"] = await trio.to_thread.run_sync(
+            _bench_xenpv_nbd, sup, workdir, image, seconds, abandon_on_cancel=True
+        )
+        measured["nbdkit"] = await trio.to_thread.run_sync(
+            _bench_nbdkit, sup, workdir, image, seconds, abandon_on_cancel=True
+        )
+        return 0
+
+    code = supervisor.run_in_temp_dir("xb", main, Supervisor(), parent=args.dir)
+    if code != 0:
+        return code
+    return _report(measured["xenpv"], measured["nbdkit"], seconds, image_mib, measured["via_nbd"])
 
 
 def _report(
@@ -220,6 +236,7 @@ def _fill_image(path: Path, size: int) -> None:
 
 
 async def _bench_xenpv(
+    sup: Supervisor,
     workdir: Path,
     xs_address: str,
     image: Path,
@@ -231,7 +248,10 @@ async def _bench_xenpv(
     for transport in transports:
         for page_size in page_sizes:
             config = f"{page_size // 1024}k/{transport}"
-            async with _guest(workdir, xs_address, image, transport, page_size) as (front, pid):
+            async with _guest(sup, workdir, xs_address, image, transport, page_size) as (
+                front,
+                pid,
+            ):
                 out[config] = {}
                 for w in WORKLOADS:
                     os.sync()  # blocks the loop briefly: between workloads, nothing runs
@@ -247,7 +267,7 @@ async def _bench_xenpv(
 
 @asynccontextmanager
 async def _guest(
-    workdir: Path, xs_address: str, image: Path, transport: str, page_size: int
+    sup: Supervisor, workdir: Path, xs_address: str, image: Path, transport: str, page_size: int
 ) -> AsyncIterator[tuple[Any, int]]:
     """The attached frontend, and the backend child's pid (for its CPU time)."""
     from frontends.blkfront import attach
@@ -280,7 +300,12 @@ async def _guest(
         command = [sys.executable, "-m", "xenpv.bench.blk", "--backend-child", xs_address]
         command += [keys[BACKEND].seed_hex(), backend_endpoint, transport, str(GUEST)]
         command += [dom.endpoint, keys[GUEST].public_hex(), str(DEVID)]
-        process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE, env=child_env())
+        log_path = workdir / "logs" / f"backend-{tag}.log"
+        child = await sup.spawn(
+            f"backend-{tag}", "backend", command, log_path, env=child_env(), stdout=subprocess.PIPE
+        )
+        assert isinstance(child.proc, trio.Process)  # spawned, not forked: it has a stdout
+        process = child.proc
         try:
             assert process.stdout is not None
             line = b""
@@ -299,7 +324,9 @@ async def _guest(
                 await process.wait()
                 if process.stdout is not None:
                     await process.stdout.aclose()
-                await destroy_device(xs, device)
+                # Bounded: after a Ctrl-C the store client's own reader is cancelled too.
+                with trio.move_on_after(CLEANUP_TIMEOUT):
+                    await destroy_device(xs, device)
 
 
 def _process_cpu(pid: int) -> float:
@@ -383,7 +410,7 @@ async def _measure(front: Any, w: Workload, seconds: float) -> dict[str, float]:
 
 
 def _bench_xenpv_nbd(
-    workdir: Path, image: Path, seconds: float
+    sup: Supervisor, workdir: Path, image: Path, seconds: float
 ) -> dict[str, dict[str, dict[str, float]]] | None:
     """fio's nbd engine against `xenpv nbd IMAGE` (a guest exporting its vbd), per page size."""
     fio = shutil.which("fio")
@@ -393,13 +420,13 @@ def _bench_xenpv_nbd(
     out: dict[str, dict[str, dict[str, float]]] = {}
     for page_size in NBD_PAGE_SIZES:
         config = f"nbd/{page_size // 1024}k"
-        with _xenpv_nbd(workdir, image, page_size) as sock:
+        with _xenpv_nbd(sup, workdir, image, page_size) as sock:
             if sock is None:
                 return None
             out[config] = {}
             for w in NBD_WORKLOADS:
                 os.sync()
-                result = _fio(fio, sock, w, seconds)
+                result = _fio(sup, fio, sock, w, seconds)
                 if result is None:
                     return None
                 out[config][w.name] = result
@@ -407,7 +434,9 @@ def _bench_xenpv_nbd(
 
 
 @contextmanager
-def _xenpv_nbd(workdir: Path, image: Path, page_size: int) -> Iterator[Path | None]:
+def _xenpv_nbd(
+    sup: Supervisor, workdir: Path, image: Path, page_size: int
+) -> Iterator[Path | None]:
     """`xenpv nbd` serving `image` from a guest of `page_size`; its socket once ready."""
     sock = workdir / f"pv{page_size // 1024}k.sock"
     read_fd, write_fd = os.pipe()
@@ -420,7 +449,11 @@ def _xenpv_nbd(workdir: Path, image: Path, page_size: int) -> Iterator[Path | No
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         env=child_env(),
+        start_new_session=True,
     )
+    # `xenpv nbd` supervises its own guest: a SIGTERM lets it stop that first.
+    log_path = workdir / "logs" / "nbd.log"
+    recorded = sup.record(f"nbd-{page_size // 1024}k", SUPERVISOR, proc.pid, log_path)
     os.close(write_fd)
     try:
         ready, _, _ = select.select([read_fd], [], [], NBD_START_TIMEOUT)
@@ -428,7 +461,8 @@ def _xenpv_nbd(workdir: Path, image: Path, page_size: int) -> Iterator[Path | No
         if not line.startswith(b"READY"):
             proc.kill()
             _, err = proc.communicate()
-            print(f"xenpv nbd did not start: {err.decode()[-300:]}", file=sys.stderr)
+            if not sup.interrupted:  # else the supervisor stopped it
+                print(f"xenpv nbd did not start: {err.decode()[-300:]}", file=sys.stderr)
             yield None
             return
         yield sock
@@ -441,12 +475,15 @@ def _xenpv_nbd(workdir: Path, image: Path, page_size: int) -> Iterator[Path | No
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.communicate()
+        sup.forget(recorded)
 
 
 # -- fio + nbdkit --------------------------------------------------------------------------------
 
 
-def _bench_nbdkit(workdir: Path, image: Path, seconds: float) -> dict[str, dict[str, float]] | None:
+def _bench_nbdkit(
+    sup: Supervisor, workdir: Path, image: Path, seconds: float
+) -> dict[str, dict[str, float]] | None:
     fio, nbdkit = shutil.which("fio"), shutil.which("nbdkit")
     if fio is None or nbdkit is None:
         print(
@@ -458,7 +495,9 @@ def _bench_nbdkit(workdir: Path, image: Path, seconds: float) -> dict[str, dict[
     server = subprocess.Popen(
         [nbdkit, "--foreground", "--unix", str(sock), "file", f"file={image}"],
         stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
+    recorded = sup.record("nbdkit", "backend", server.pid, workdir / "logs" / "nbdkit.log")
     try:
         for _ in range(200):
             if sock.exists():
@@ -470,7 +509,7 @@ def _bench_nbdkit(workdir: Path, image: Path, seconds: float) -> dict[str, dict[
         out = {}
         for w in WORKLOADS:
             os.sync()
-            result = _fio(fio, sock, w, seconds)
+            result = _fio(sup, fio, sock, w, seconds)
             if result is None:
                 return None
             out[w.name] = result
@@ -482,9 +521,12 @@ def _bench_nbdkit(workdir: Path, image: Path, seconds: float) -> dict[str, dict[
         if server.poll() is None:
             server.kill()
             server.wait()
+        sup.forget(recorded)
 
 
-def _fio(fio: str, sock: Path, w: Workload, seconds: float) -> dict[str, float] | None:
+def _fio(
+    sup: Supervisor, fio: str, sock: Path, w: Workload, seconds: float
+) -> dict[str, float] | None:
     command = [
         fio,
         "--name=bench",
@@ -498,11 +540,29 @@ def _fio(fio: str, sock: Path, w: Workload, seconds: float) -> dict[str, float] 
         f"--ramp_time={0.2 if seconds < 1 else 0.5}",
         "--output-format=json",
     ]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
-    if proc.returncode != 0:
-        print(f"fio failed ({w.name}): {proc.stderr.strip()[:300]}", file=sys.stderr)
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    recorded = sup.record(f"fio-{w.name}", "guest", proc.pid, Path(os.devnull))
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        print(f"fio timed out ({w.name})", file=sys.stderr)
         return None
-    job = json.loads(proc.stdout[proc.stdout.index("{") :])["jobs"][0]
+    finally:
+        sup.forget(recorded)
+    if proc.returncode != 0:
+        if sup.interrupted:  # the supervisor stopped it
+            return None
+        print(f"fio failed ({w.name}): {stderr.strip()[:300]}", file=sys.stderr)
+        return None
+    job = json.loads(stdout[stdout.index("{") :])["jobs"][0]
     side = job["write"] if "write" in w.rw else job["read"]
     iops = float(side["iops"])
     return {

@@ -4,10 +4,14 @@ and `--transport`."""
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from xenpv.commands import args as types
+from xenpv.toolstack import supervisor
+from xenpv.toolstack.supervisor import Supervisor
+
+T = TypeVar("T")
 
 TRANSPORTS = ("socket", "shm")  # the domain link transports a bench compares
 
@@ -44,3 +48,19 @@ def add_bench(
 def chosen_transports(args: argparse.Namespace) -> tuple[str, ...]:
     """The transports `--transport` asks for: one, or all of them."""
     return TRANSPORTS if args.transport == "all" else (args.transport,)
+
+
+def run_supervised(
+    measure: Callable[[Supervisor], Awaitable[T]],
+) -> tuple[int, T | None]:
+    """`trio.run` of `measure(sup)` under a supervisor, which records every process the
+    measurement starts and stops them all on a Ctrl-C. Its exit code (0, or 130 after a
+    Ctrl-C), and the result if the code is 0."""
+    results: list[T] = []
+
+    async def main(sup: Supervisor) -> int:
+        results.append(await measure(sup))
+        return 0
+
+    code = supervisor.run(main, Supervisor())
+    return code, (results[0] if code == 0 and results else None)

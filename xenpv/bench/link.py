@@ -27,7 +27,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -41,6 +40,8 @@ from xenpv.bench.xenstore import child_env
 from xenpv.hv import CopyDirection, CopyOp, Domain, EventChannel, StaticDirectory, open_domain
 from xenpv.hv.busypoll import DEFAULT_MAX_US, AdaptivePoll
 from xenpv.identity import DomainKey
+from xenpv.toolstack import supervisor
+from xenpv.toolstack.supervisor import Supervisor
 
 BATCHES = (4096, 65536, 1048576)
 FRAME = 4096
@@ -62,7 +63,17 @@ def register(benches: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     seconds = 0.3 if args.quick else float(args.seconds)
-    result = trio.run(_measure_all, seconds)
+    measured: dict[str, Any] = {}
+
+    async def main(sup: Supervisor, tmp: Path) -> int:
+        measured.update(await _measure_all(sup, tmp, seconds))
+        return 0
+
+    # Every child recorded by the supervisor: a Ctrl-C stops them all and removes `tmp`.
+    code = supervisor.run_in_temp_dir("xenpv-bench-link-", main, Supervisor())
+    if code != 0:
+        return code
+    result = measured
     base = result["baseline_rtt_us"]
     polled = result["baseline_polled_rtt_us"]
     rows: list[list[Any]] = [
@@ -92,46 +103,44 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _measure_all(seconds: float) -> dict[str, Any]:
+async def _measure_all(sup: Supervisor, tmp: Path, seconds: float) -> dict[str, Any]:
     """Round-trip figures alternate in short slices (each configuration in turn, repeated)
     and the median slice is kept, so load from other processes hits all of them alike."""
     rounds = 7
-    with tempfile.TemporaryDirectory(prefix="xenpv-bench-link-") as tmp:
-        async with contextlib.AsyncExitStack() as stack:
-            steps: dict[str, Callable[[], Awaitable[None]]] = {
-                "baseline": await stack.enter_async_context(_baseline(Path(tmp), poll=False)),
-                "baseline_polled": await stack.enter_async_context(_baseline(Path(tmp), poll=True)),
-            }
-            pairs = {}
-            for transport in ("socket", "shm"):
-                pairs[transport] = await stack.enter_async_context(
-                    _pair(Path(tmp), transport, busy_poll_us=None)
-                )
-                no_poll = await stack.enter_async_context(
-                    _pair(Path(tmp), transport, busy_poll_us=0.0)
-                )
-                steps[transport] = pairs[transport].ping
-                steps[f"{transport}_no_poll"] = no_poll.ping
-            slices: dict[str, list[float]] = {name: [] for name in steps}
-            for _ in range(rounds):
-                for name, step in steps.items():
-                    count, elapsed = await _timed_loop(seconds / rounds, step)
-                    slices[name].append(elapsed / count * 1e6)
+    (tmp / "logs").mkdir()
+    async with contextlib.AsyncExitStack() as stack:
+        steps: dict[str, Callable[[], Awaitable[None]]] = {
+            "baseline": await stack.enter_async_context(_baseline(sup, tmp, poll=False)),
+            "baseline_polled": await stack.enter_async_context(_baseline(sup, tmp, poll=True)),
+        }
+        pairs = {}
+        for transport in ("socket", "shm"):
+            pairs[transport] = await stack.enter_async_context(
+                _pair(sup, tmp, transport, busy_poll_us=None)
+            )
+            no_poll = await stack.enter_async_context(_pair(sup, tmp, transport, busy_poll_us=0.0))
+            steps[transport] = pairs[transport].ping
+            steps[f"{transport}_no_poll"] = no_poll.ping
+        slices: dict[str, list[float]] = {name: [] for name in steps}
+        for _ in range(rounds):
+            for name, step in steps.items():
+                count, elapsed = await _timed_loop(seconds / rounds, step)
+                slices[name].append(elapsed / count * 1e6)
 
-            def median(name: str) -> float:
-                return round(statistics.median(slices[name]), 2)
+        def median(name: str) -> float:
+            return round(statistics.median(slices[name]), 2)
 
-            result: dict[str, Any] = {
-                "baseline_rtt_us": median("baseline"),
-                "baseline_polled_rtt_us": median("baseline_polled"),
-                "busy_poll_max_us": DEFAULT_MAX_US,
+        result: dict[str, Any] = {
+            "baseline_rtt_us": median("baseline"),
+            "baseline_polled_rtt_us": median("baseline_polled"),
+            "busy_poll_max_us": DEFAULT_MAX_US,
+        }
+        for transport, pair in pairs.items():
+            result[transport] = {
+                "notify_rtt_us": median(transport),
+                "notify_rtt_no_poll_us": median(f"{transport}_no_poll"),
+                "copy_MBps": await pair.copy_rates(seconds),
             }
-            for transport, pair in pairs.items():
-                result[transport] = {
-                    "notify_rtt_us": median(transport),
-                    "notify_rtt_no_poll_us": median(f"{transport}_no_poll"),
-                    "copy_MBps": await pair.copy_rates(seconds),
-                }
     return result
 
 
@@ -166,13 +175,23 @@ async def _timed_loop(seconds: float, step: Any, minimum: int = 100) -> tuple[in
 
 
 @contextlib.asynccontextmanager
-async def _baseline(tmp: Path, *, poll: bool) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+async def _baseline(
+    sup: Supervisor, tmp: Path, *, poll: bool
+) -> AsyncIterator[Callable[[], Awaitable[None]]]:
     """A bare trio round trip: 1 byte to an echo process and back over a Unix socket; with
     `poll`, both ends poll before sleeping as a domain's event waiter does."""
     path = str(tmp / f"echo-{int(poll)}.sock")
-    process = await trio.lowlevel.open_process(
-        _child("echo", path, str(int(poll))), stdout=subprocess.PIPE, env=child_env()
+    name = f"echo-{int(poll)}"
+    child = await sup.spawn(
+        name,
+        "guest",
+        _child("echo", path, str(int(poll))),
+        tmp / "logs" / f"{name}.log",
+        env=child_env(),
+        stdout=subprocess.PIPE,
     )
+    assert isinstance(child.proc, trio.Process)  # spawned, not forked: it has a stdout
+    process = child.proc
     try:
         assert process.stdout is not None
         await _read_line(process.stdout, bytearray())
@@ -251,7 +270,9 @@ class _Pair:
 
 
 @contextlib.asynccontextmanager
-async def _pair(tmp: Path, transport: str, *, busy_poll_us: float | None) -> AsyncIterator[_Pair]:
+async def _pair(
+    sup: Supervisor, tmp: Path, transport: str, *, busy_poll_us: float | None
+) -> AsyncIterator[_Pair]:
     """This process's domain linked to a domain in a child process that echoes events."""
     tag = f"{transport}-{'default' if busy_poll_us is None else int(busy_poll_us)}"
     directory = StaticDirectory()
@@ -276,7 +297,12 @@ async def _pair(tmp: Path, transport: str, *, busy_poll_us: float | None) -> Asy
             key.public_hex(),
             "default" if busy_poll_us is None else str(busy_poll_us),
         )
-        process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE, env=child_env())
+        log_path = tmp / "logs" / f"domain-{tag}.log"
+        child = await sup.spawn(
+            f"domain-{tag}", "guest", command, log_path, env=child_env(), stdout=subprocess.PIPE
+        )
+        assert isinstance(child.proc, trio.Process)  # spawned, not forked: it has a stdout
+        process = child.proc
         try:
             assert process.stdout is not None
             info = await _read_line(process.stdout, bytearray())

@@ -20,6 +20,7 @@ reported as "unavailable" with the reason (the bench installs nothing).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -40,13 +41,14 @@ from backends import netback
 from backends.switch import LiveSwitch
 from frontends.netfront import Netfront, attach
 from xenpv.abi.netif import XEN_NETIF_GSO_TYPE_TCPV4, NetifGsoExtra
-from xenpv.bench.cli import add_bench, chosen_transports
+from xenpv.bench.cli import add_bench, chosen_transports, run_supervised
 from xenpv.bench.report import emit
 from xenpv.bench.xenstore import spawned_xenstored
 from xenpv.commands import args as types
 from xenpv.hv import XEN_PAGE_SIZE, StaticDirectory, open_domain
 from xenpv.identity import DomainKey
 from xenpv.toolstack.devices import create_vif
+from xenpv.toolstack.supervisor import Supervisor
 from xenpv.xenbus.core import DeviceId
 from xenpv.xenstore.client import connect
 
@@ -88,18 +90,41 @@ def run(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {"guest_to_guest": {}, "tap_iperf3": {}}
     rows: list[list[Any]] = []
     for transport in transports:
-        g2g = trio.run(_guest_to_guest, transport, seconds, args.queues, args.processes)
+        code, measured = run_supervised(
+            functools.partial(
+                _guest_to_guest,
+                transport=transport,
+                seconds=seconds,
+                queues=args.queues,
+                processes=args.processes,
+            )
+        )
+        if measured is None:
+            return code
+        g2g = measured
         results["guest_to_guest"][transport] = g2g
         for size, r in g2g.items():
             rows.append([transport, f"guest→guest {size} B", r["frames_per_s"], r["mbps"]])
-        tap = (
-            _unavailable(missing)
-            if missing
-            else trio.run(_tap_iperf, transport, iperf_seconds, args.queues, args.processes)
-        )
+        if missing:
+            tap = _unavailable(missing)
+        else:
+            code, measured = run_supervised(
+                functools.partial(
+                    _tap_iperf,
+                    transport=transport,
+                    seconds=iperf_seconds,
+                    queues=args.queues,
+                    processes=args.processes,
+                )
+            )
+            if measured is None:
+                return code
+            tap = measured
         results["tap_iperf3"][transport] = tap
         rows.append([transport, "iperf3 over TAP + PV path", "", tap.get("mbps", tap["status"])])
     veth = _unavailable(missing) if missing else _veth_iperf(iperf_seconds)
+    if veth.get("status") == "interrupted":
+        return int(veth["code"])
     rows.append(["kernel", "iperf3 over veth", "", veth.get("mbps", veth["status"])])
     best = "shm" if "shm" in results["guest_to_guest"] else transports[0]
     results["guest_to_guest_mbps"] = {
@@ -208,13 +233,21 @@ async def _guests(config: dict[str, Any], queues: int) -> AsyncIterator[list[Net
 
 
 @asynccontextmanager
-async def _guest_process(config: dict[str, Any]) -> AsyncIterator[trio.Process]:
-    """`python -m xenpv.bench.net CONFIG`: the guests in a process of their own; it prints
-    READY once connected (and, for "g2g", one JSON line of results)."""
-    process = await trio.lowlevel.open_process(
+async def _guest_process(
+    sup: Supervisor, tmp: Path, config: dict[str, Any]
+) -> AsyncIterator[trio.Process]:
+    """`python -m xenpv.bench.net CONFIG`: the guests in a process of their own, recorded
+    by `sup`; it prints READY once connected (and, for "g2g", one JSON line of results)."""
+    (tmp / "logs").mkdir(exist_ok=True)
+    child = await sup.spawn(
+        "guests",
+        "guest",
         [sys.executable, "-m", "xenpv.bench.net", json.dumps(config)],
+        tmp / "logs" / "guests.log",
         stdout=subprocess.PIPE,
     )
+    assert isinstance(child.proc, trio.Process)  # spawned, not forked: it has a stdout
+    process = child.proc
     try:
         yield process
     finally:
@@ -269,18 +302,18 @@ def _frame(dst: bytes, src: bytes, size: int) -> bytes:
 
 
 async def _guest_to_guest(
-    transport: str, seconds: float, queues: int, processes: bool
+    sup: Supervisor, transport: str, seconds: float, queues: int, processes: bool
 ) -> dict[str, Any]:
     with (
         tempfile.TemporaryDirectory(prefix="xnb", dir="/tmp") as tmp,
-        spawned_xenstored(Path(tmp), "xs") as address,
+        spawned_xenstored(Path(tmp), "xs", sup=sup) as address,
     ):
         async with _backend(Path(tmp), address, transport) as config:
             if not processes:
                 async with _guests(config, queues) as (a, b):
                     return {str(size): await _stream(a, b, size, seconds) for size in SIZES}
             config.update(mode="g2g", seconds=seconds, queues=queues)
-            async with _guest_process(config) as process:
+            async with _guest_process(sup, Path(tmp), config) as process:
                 lines = _lines(process)
                 async for line in lines:
                     if line.startswith("{"):
@@ -384,13 +417,12 @@ def _iperf_result(raw: bytes) -> dict[str, Any]:
 
 
 async def _iperf_between(
-    ns_server: str, ns_client: str, address: str, seconds: float
+    sup: Supervisor, ns_server: str, ns_client: str, address: str, seconds: float
 ) -> dict[str, Any]:
-    server = await trio.lowlevel.open_process(
-        ["ip", "netns", "exec", ns_server, IPERF_PACKAGE, "-s", "-1", "-B", address],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    iperf_server = ["ip", "netns", "exec", ns_server, IPERF_PACKAGE, "-s", "-1", "-B", address]
+    child = await sup.spawn("iperf3-server", "backend", iperf_server, Path(os.devnull))
+    assert isinstance(child.proc, trio.Process)  # spawned, not forked: it has a stdout
+    server = child.proc
     try:
         for _ in range(100):  # wait for the server socket (iperf3 has no readiness signal)
             probe = await trio.run_process(
@@ -401,23 +433,18 @@ async def _iperf_between(
             if probe.stdout.strip():
                 break
             await trio.sleep(0.05)
-        client = await trio.run_process(
-            [
-                "ip",
-                "netns",
-                "exec",
-                ns_client,
-                IPERF_PACKAGE,
-                "-c",
-                address,
-                "-t",
-                str(seconds),
-                "-J",
-            ],
-            capture_stdout=True,
-            check=False,
+        iperf_client = ["ip", "netns", "exec", ns_client, IPERF_PACKAGE]
+        iperf_client += ["-c", address, "-t", str(seconds), "-J"]
+        client = await sup.spawn(
+            "iperf3-client", "guest", iperf_client, Path(os.devnull), stdout=subprocess.PIPE
         )
-        return _iperf_result(client.stdout)
+        assert isinstance(client.proc, trio.Process) and client.proc.stdout is not None
+        output = bytearray()
+        while chunk := await client.proc.stdout.receive_some():
+            output += chunk
+        await client.proc.wait()
+        await client.proc.stdout.aclose()
+        return _iperf_result(bytes(output))
     finally:
         if server.returncode is None:
             server.kill()
@@ -426,14 +453,14 @@ async def _iperf_between(
 
 
 async def _tap_iperf(
-    transport: str, seconds: float, queues: int, processes: bool
+    sup: Supervisor, transport: str, seconds: float, queues: int, processes: bool
 ) -> dict[str, Any]:
     spaces = _Namespaces("xnb")
     taps = {1: f"xnba{spaces.tag}", 2: f"xnbb{spaces.tag}"}
     with (
         tempfile.TemporaryDirectory(prefix="xnb", dir="/tmp") as tmp,
         spaces as (ns_a, ns_b),
-        spawned_xenstored(Path(tmp), "xs") as address,
+        spawned_xenstored(Path(tmp), "xs", sup=sup) as address,
     ):
         async with (
             _backend(Path(tmp), address, transport, taps) as config,
@@ -441,7 +468,7 @@ async def _tap_iperf(
         ):
             if processes:
                 config.update(mode="tap", seconds=seconds, queues=queues)
-                process = await stack.enter_async_context(_guest_process(config))
+                process = await stack.enter_async_context(_guest_process(sup, Path(tmp), config))
                 async for line in _lines(process):
                     if line == "READY":
                         break
@@ -452,7 +479,7 @@ async def _tap_iperf(
                 _ip("-n", ns, "addr", "add", f"10.203.0.{n + 1}/24", "dev", tap)
                 _ip("-n", ns, "link", "set", "lo", "up")
                 _ip("-n", ns, "link", "set", tap, "up")
-            return await _iperf_between(ns_b, ns_a, "10.203.0.2", seconds)
+            return await _iperf_between(sup, ns_b, ns_a, "10.203.0.2", seconds)
 
 
 def _veth_iperf(seconds: float) -> dict[str, Any]:
@@ -464,7 +491,16 @@ def _veth_iperf(seconds: float) -> dict[str, Any]:
             _ip("-n", ns, "addr", "add", f"10.204.0.{n + 1}/24", "dev", dev)
             _ip("-n", ns, "link", "set", "lo", "up")
             _ip("-n", ns, "link", "set", dev, "up")
-        return trio.run(_iperf_between, ns_b, ns_a, "10.204.0.2", seconds)
+        code, measured = run_supervised(
+            functools.partial(
+                _iperf_between,
+                ns_server=ns_b,
+                ns_client=ns_a,
+                address="10.204.0.2",
+                seconds=seconds,
+            )
+        )
+        return measured if measured is not None else {"status": "interrupted", "code": code}
 
 
 if __name__ == "__main__":

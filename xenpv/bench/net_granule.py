@@ -37,7 +37,9 @@ from xenpv.bench.xenstore import spawned_xenstored
 from xenpv.commands import args as types
 from xenpv.hv import StaticDirectory, open_domain
 from xenpv.identity import DomainKey
+from xenpv.toolstack import supervisor
 from xenpv.toolstack.devices import create_vif
+from xenpv.toolstack.supervisor import Supervisor
 from xenpv.xenbus.core import DeviceId
 from xenpv.xenstore.client import connect
 
@@ -79,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
         per_mode: dict[str, Any] = {}
         for _ in range(max(1, args.repeat)):
             for mode, order in MODES.items():
-                run_ = trio.run(_measure, transport, order, args.backend_page, seconds)
+                code, run_ = _supervised_measure(transport, order, args.backend_page, seconds)
+                if code != 0:
+                    return code
                 per_mode[mode] = _best(per_mode.get(mode), run_)
         for mode in MODES:
             for size, r in per_mode[mode]["sizes"].items():
@@ -154,12 +158,26 @@ def _name(size: str) -> str:
     return "64k_gso" if size == "65535" else size
 
 
-async def _measure(
+def _supervised_measure(
     transport: str, order: int | None, backend_page: int, seconds: float
+) -> tuple[int, dict[str, Any]]:
+    """`_measure` under the supervisor, which records its xenstored: a Ctrl-C stops it
+    (exit code 130). The exit code, and the figures if it is 0."""
+    measured: dict[str, Any] = {}
+
+    async def main(sup: Supervisor) -> int:
+        measured.update(await _measure(sup, transport, order, backend_page, seconds))
+        return 0
+
+    return supervisor.run(main, Supervisor()), measured
+
+
+async def _measure(
+    sup: Supervisor, transport: str, order: int | None, backend_page: int, seconds: float
 ) -> dict[str, Any]:
     with (
         tempfile.TemporaryDirectory(prefix="xng", dir="/tmp") as tmp,
-        spawned_xenstored(Path(tmp), "xs") as address,
+        spawned_xenstored(Path(tmp), "xs", sup=sup) as address,
     ):
         async with _net(Path(tmp), address, transport, order, backend_page) as (a, b, vifs):
             sizes = {}

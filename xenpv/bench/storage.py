@@ -21,7 +21,7 @@ from typing import Any
 import trio
 
 from backends.storage import IoPolicy, RawImage
-from xenpv.bench.cli import add_bench
+from xenpv.bench.cli import add_bench, run_supervised
 from xenpv.bench.report import emit
 from xenpv.commands import args as types
 
@@ -42,7 +42,13 @@ def run(args: argparse.Namespace) -> int:
     seconds = 0.3 if args.quick else 1.5
     image_mib = 64 if args.quick else 256
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        results = trio.run(_bench_all, Path(tmp) / "bench.img", image_mib * MiB, seconds)
+        # No child processes; the supervisor makes a Ctrl-C exit 130 as every bench does.
+        code, measured = run_supervised(
+            lambda _sup: _bench_all(Path(tmp) / "bench.img", image_mib * MiB, seconds)
+        )
+    if measured is None:
+        return code
+    results = measured
     rows = []
     for mode, scenarios in results.items():
         for name, r in scenarios.items():

@@ -24,7 +24,6 @@ import select
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -36,6 +35,9 @@ import trio
 from xenpv.bench.cli import add_bench
 from xenpv.bench.report import emit
 from xenpv.commands import args as types
+from xenpv.errors import XenpvError
+from xenpv.toolstack import supervisor
+from xenpv.toolstack.supervisor import Supervisor
 from xenpv.xenstore.client import Transaction, XenstoreClient, connect
 from xenpv.xenstore.store import Store
 from xenpv.xenstore.wire import FrameReader, Message, XsType, join_strings
@@ -63,8 +65,18 @@ def run(args: argparse.Namespace) -> int:
     rounds = 1 if args.quick else 3
     nodes, watches = (10_000, 1_000) if args.quick else (100_000, 10_000)
     fanout_rounds = 5 if args.quick else 30
-    with tempfile.TemporaryDirectory(dir=args.dir, prefix="xsbench") as tmp:
-        result = trio.run(_bench_all, Path(tmp), seconds, rounds, nodes, watches, fanout_rounds)
+    measured: dict[str, Any] = {}
+
+    async def main(sup: Supervisor, workdir: Path) -> int:
+        measured.update(
+            await _bench_all(sup, workdir, seconds, rounds, nodes, watches, fanout_rounds)
+        )
+        return 0
+
+    code = supervisor.run_in_temp_dir("xsbench", main, Supervisor(), parent=args.dir)
+    if code != 0:
+        return code
+    result = measured
     rows: list[list[Any]] = []
     for op, by_clients in result["round_trips"].items():
         for clients, r in by_clients.items():
@@ -126,14 +138,20 @@ def child_env() -> dict[str, str]:
 
 
 @contextmanager
-def _spawn(args: list[str], ready_fd_flag: str = "--ready-fd") -> Iterator[subprocess.Popen[bytes]]:
+def _spawn(
+    args: list[str], ready_fd_flag: str = "--ready-fd", *, sup: Supervisor | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A server child until the block ends; with `sup`, recorded by it (which stops it on a
+    Ctrl-C) and started in its own session, as the supervisor's children are."""
     read_fd, write_fd = os.pipe()
     proc = subprocess.Popen(
         [sys.executable, "-m", *args, ready_fd_flag, str(write_fd)],
         pass_fds=(write_fd,),
         stderr=subprocess.DEVNULL,
         env=child_env(),
+        start_new_session=sup is not None,
     )
+    recorded = None if sup is None else sup.record(args[0], "xenstored", proc.pid, Path(os.devnull))
     os.close(write_fd)
     try:
         ready, _, _ = select.select([read_fd], [], [], 60)
@@ -149,25 +167,58 @@ def _spawn(args: list[str], ready_fd_flag: str = "--ready-fd") -> Iterator[subpr
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if recorded is not None and sup is not None:
+            sup.forget(recorded)
 
 
 @contextmanager
-def spawned_xenstored(workdir: Path, name: str) -> Iterator[str]:
+def spawned_xenstored(workdir: Path, name: str, *, sup: Supervisor | None = None) -> Iterator[str]:
     """`xenpv xenstored` on `workdir/NAME.sock` (data in `workdir/NAME.data`) until the block
     ends; its address once it reports ready."""
     sock = str(workdir / f"{name}.sock")
     data = workdir / f"{name}.data"
     with _spawn(
-        ["xenpv", "--log-level", "warning", "xenstored", "--socket", sock, "--data-dir", str(data)]
+        ["xenpv", "--log-level", "warning", "xenstored", "--socket", sock, "--data-dir", str(data)],
+        sup=sup,
     ) as proc:
         _PIDS[f"unix:{sock}"] = proc.pid
         yield f"unix:{sock}"
 
 
+async def supervised_xenstored(sup: Supervisor, workdir: Path, name: str) -> str:
+    """`spawned_xenstored` for an async bench: the supervisor starts and records it (and
+    stops it with the rest); its address once it reports ready."""
+    sock = str(workdir / f"{name}.sock")
+    data = workdir / f"{name}.data"
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    args = [sys.executable, "-m", "xenpv", "--log-level", "warning", "xenstored"]
+    args += ["--socket", sock, "--data-dir", str(data), "--ready-fd", str(write_fd)]
+    (workdir / "logs").mkdir(exist_ok=True)
+    log_path = workdir / "logs" / f"{name}.log"
+    try:
+        child = await sup.spawn(
+            name, "xenstored", args, log_path, pass_fds=(write_fd,), env=child_env()
+        )
+    finally:
+        os.close(write_fd)
+    line = b""
+    async with trio.lowlevel.FdStream(read_fd) as stream:
+        with trio.move_on_after(60):
+            while not line.endswith(b"\n"):
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    break
+                line += chunk
+    if not line.startswith(b"READY"):
+        raise XenpvError(f"xenstored did not start: {child.tail()[-300:]}")
+    _PIDS[f"unix:{sock}"] = child.pid
+    return f"unix:{sock}"
+
+
 @contextmanager
-def _null_server(workdir: Path) -> Iterator[str]:
+def _null_server(workdir: Path, sup: Supervisor) -> Iterator[str]:
     sock = str(workdir / "null.sock")
-    with _spawn(["xenpv.bench.xenstore", "--null-server", sock]) as proc:
+    with _spawn(["xenpv.bench.xenstore", "--null-server", sock], sup=sup) as proc:
         _PIDS[f"unix:{sock}"] = proc.pid
         yield f"unix:{sock}"
 
@@ -222,10 +273,19 @@ async def _null_main(path: str, ready_fd: int) -> None:
 
 
 async def _bench_all(
-    workdir: Path, seconds: float, rounds: int, nodes: int, watches: int, fanout_rounds: int
+    sup: Supervisor,
+    workdir: Path,
+    seconds: float,
+    rounds: int,
+    nodes: int,
+    watches: int,
+    fanout_rounds: int,
 ) -> dict[str, Any]:
     round_trips: dict[str, dict[str, dict[str, float]]] = {}
-    with spawned_xenstored(workdir, "main") as real, _null_server(workdir) as null:
+    with (
+        spawned_xenstored(workdir, "main", sup=sup) as real,
+        _null_server(workdir, sup) as null,
+    ):
         for op in ("read", "write", "transaction"):
             round_trips[op] = {}
             for clients in CLIENT_COUNTS:
@@ -250,7 +310,10 @@ async def _bench_all(
                 }
         fanout = await _fanout(real, fanout_rounds)
     store_scale = _store_scale(nodes, watches)
-    with spawned_xenstored(workdir, "empty") as empty, spawned_xenstored(workdir, "big") as big:
+    with (
+        spawned_xenstored(workdir, "empty", sup=sup) as empty,
+        spawned_xenstored(workdir, "big", sup=sup) as big,
+    ):
         times = await _populate_and_compare(empty, big, nodes, watches, seconds, rounds)
     ratios = [r["ratio"] for by in round_trips.values() for r in by.values()]
     fsync_us = _fsync_latency_us(workdir)

@@ -148,17 +148,22 @@ class Supervisor:
         pass_fds: Sequence[int] = (),
         env: dict[str, str] | None = None,
         forkserver: Path | None = None,
+        stdout: int | None = None,
     ) -> Child:
         """Start a child in its own session (output to `log_path`) and record it. With
         `forkserver` (its socket), `args` are `xenpv`'s and the fork server forks the child
-        (`xenpv.toolstack.forkserver`); it is recorded, signalled and reaped the same way."""
+        (`xenpv.toolstack.forkserver`); it is recorded, signalled and reaped the same way.
+        `stdout=subprocess.PIPE` gives the caller its stdout (`child.proc.stdout`) instead
+        (spawned children only)."""
+        if forkserver is not None and stdout is not None:
+            raise ValueError("a forked child's stdout goes to its log")
         # Shielded: the fork and the record happen together or not at all.
         with trio.CancelScope(shield=True):
             proc: trio.Process | ForkedProcess
             if forkserver is not None:
                 proc = await forked(forkserver, args, log_path, env, name)
             else:
-                proc = await _open_process(args, log_path, pass_fds, env)
+                proc = await _open_process(args, log_path, pass_fds, env, stdout)
             child = Child(name, kind, proc.pid, log_path, domid, proc)
             self.children.append(child)
             self.save()
@@ -166,6 +171,23 @@ class Supervisor:
                 _kill(child)
         log.debug("process started", process=name, pid=proc.pid)
         return child
+
+    def record(self, name: str, kind: str, pid: int, log_path: Path) -> Child:
+        """Record a child that synchronous code started (`subprocess.Popen`, in its own
+        session) right after its start; `stop` signals it by pid and waits on a pidfd, so
+        its starter must still reap it (`Popen.wait`)."""
+        child = Child(name, kind, pid, log_path)
+        self.children.append(child)
+        self.save()
+        if self.killed:
+            _kill(child)
+        return child
+
+    def forget(self, child: Child) -> None:
+        """Drop a `record`ed child its starter has reaped: its pid may be reused."""
+        with contextlib.suppress(ValueError):
+            self.children.remove(child)
+        self.save()
 
     def state(self) -> dict[str, Any]:
         return self.describe() | {
@@ -240,13 +262,17 @@ class Supervisor:
 
 
 async def _open_process(
-    args: Sequence[str], log_path: Path, pass_fds: Sequence[int], env: dict[str, str] | None
+    args: Sequence[str],
+    log_path: Path,
+    pass_fds: Sequence[int],
+    env: dict[str, str] | None,
+    stdout: int | None = None,
 ) -> trio.Process:
     with _open_log(log_path) as logf:
         return await trio.lowlevel.open_process(
             list(args),
             stdin=subprocess.DEVNULL,
-            stdout=logf,
+            stdout=logf if stdout is None else stdout,
             stderr=logf,
             pass_fds=tuple(pass_fds),
             start_new_session=True,
@@ -410,11 +436,16 @@ def _read_pid(fd: int) -> int | None:
 
 
 def run_in_temp_dir(
-    prefix: str, main: Callable[[Supervisor, Path], Awaitable[int]], sup: Supervisor
+    prefix: str,
+    main: Callable[[Supervisor, Path], Awaitable[int]],
+    sup: Supervisor,
+    *,
+    parent: Path | None = None,
 ) -> int:
-    """`run(main)` with a fresh state directory under /tmp, removed at the end whatever
-    happens; on a failure (not an interruption) its `logs/` stay and their place is printed."""
-    state_dir = Path(tempfile.mkdtemp(prefix=prefix))  # $TMPDIR, else /tmp
+    """`run(main)` with a fresh state directory under /tmp (or `parent`), removed at the end
+    whatever happens; on a failure (not an interruption) its `logs/` stay and their place is
+    printed."""
+    state_dir = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))  # $TMPDIR, else /tmp
     failed = True
     error: BaseException | None = None
     try:
