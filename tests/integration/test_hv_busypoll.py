@@ -18,6 +18,7 @@ import trio
 
 from xenpv.bench.link import CHILD_DOMID, _pair
 from xenpv.hv.busypoll import AdaptivePoll
+from xenpv.toolstack.supervisor import Supervisor
 
 T = TypeVar("T")
 ROUND_TRIPS = 200
@@ -38,15 +39,20 @@ class CountingPoll(AdaptivePoll):
 
 
 async def test_a_waiter_polls_before_sleeping_on_a_notify_round_trip(tmp_path: Path) -> None:
-    with trio.fail_after(60):
-        async with _pair(tmp_path, "socket", busy_poll_us=50.0) as pair:
-            await pair.ping()  # the link is up
-            link = pair.dom.link_to(CHILD_DOMID)
-            assert link is not None
-            poll = CountingPoll(50e-6)
-            link._poll = poll
-            for _ in range(ROUND_TRIPS):
-                await pair.ping()
-            # Each wait polls unless the echo was already there on its first look (rare: the
-            # peer is another process); generous, so that a slow machine cannot fail it.
-            assert poll.spins >= ROUND_TRIPS // 2, poll.spins
+    (tmp_path / "logs").mkdir()
+    sup = Supervisor()
+    try:
+        with trio.fail_after(60):
+            async with _pair(sup, tmp_path, "socket", busy_poll_us=50.0) as pair:
+                await pair.ping()  # the link is up
+                link = pair.dom.link_to(CHILD_DOMID)
+                assert link is not None
+                poll = CountingPoll(50e-6)
+                link._poll = poll
+                for _ in range(ROUND_TRIPS):
+                    await pair.ping()
+                # Each wait polls unless the echo was already there on its first look (rare: the
+                # peer is another process); generous, so that a slow machine cannot fail it.
+                assert poll.spins >= ROUND_TRIPS // 2, poll.spins
+    finally:
+        await sup.stop()  # the echoing child, whatever happened
