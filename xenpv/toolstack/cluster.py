@@ -229,8 +229,22 @@ async def _start_xenstored(
         *quota_args,
     ]
     log_path = state_dir / "logs" / "xenstored.log"
+    child, line = await _spawn_until_ready(sup, "xenstored", args, log_path, read_fd, write_fd)
+    words = line.decode(errors="replace").split()
+    if not words or words[0] != "READY":
+        raise ClusterError(f"xenstored did not start: {logs.failure_summary(child.tail())}")
+    unix = next(w for w in words if w.startswith("unix:"))
+    tcp_addr = next((w for w in words if w.startswith("tcp:")), "")
+    return child, unix, tcp_addr
+
+
+async def _spawn_until_ready(
+    sup: Supervisor, kind: str, args: list[str], log_path: Path, read_fd: int, write_fd: int
+) -> tuple[Child, bytes]:
+    """Spawn `kind` (named as its kind) with the write end of its ready pipe, and return it
+    with the first line it writes there (b"" if it wrote none in time)."""
     try:
-        child = await sup.spawn("xenstored", "xenstored", args, log_path, pass_fds=(write_fd,))
+        child = await sup.spawn(kind, kind, args, log_path, pass_fds=(write_fd,))
     finally:
         os.close(write_fd)
     line = b""
@@ -241,12 +255,7 @@ async def _start_xenstored(
                 if not chunk:
                     break
                 line += chunk
-    words = line.decode(errors="replace").split()
-    if not words or words[0] != "READY":
-        raise ClusterError(f"xenstored did not start: {logs.failure_summary(child.tail())}")
-    unix = next(w for w in words if w.startswith("unix:"))
-    tcp_addr = next((w for w in words if w.startswith("tcp:")), "")
-    return child, unix, tcp_addr
+    return child, line
 
 
 def _endpoint(state_dir: Path, name: str, transport: str) -> str:
@@ -278,18 +287,7 @@ async def _start_forkserver(sup: Supervisor, state_dir: Path) -> Path:
     args = [sys.executable, "-m", "xenpv.toolstack.forkserver", "--socket", str(sock)]
     args += ["--ready-fd", str(write_fd)]
     log_path = state_dir / "logs" / "forkserver.log"
-    try:
-        child = await sup.spawn("forkserver", "forkserver", args, log_path, pass_fds=(write_fd,))
-    finally:
-        os.close(write_fd)
-    line = b""
-    async with trio.lowlevel.FdStream(read_fd) as stream:
-        with trio.move_on_after(XENSTORED_READY_TIMEOUT):
-            while not line.endswith(b"\n"):
-                chunk = await stream.receive_some(64)
-                if not chunk:
-                    break
-                line += chunk
+    child, line = await _spawn_until_ready(sup, "forkserver", args, log_path, read_fd, write_fd)
     if line.strip() != b"READY":
         raise ClusterError(f"the fork server did not start: {logs.failure_summary(child.tail())}")
     return sock
