@@ -67,9 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    """Run `xenpv ARGV`. `parser`: one built earlier (the fork server builds it once, before
+    forking, so that a domain process does not import and register every command again)."""
+    args = (parser or build_parser()).parse_args(argv)
     json_logs = {"auto": None, "json": True, "console": False}[args.log_format]
     log.configure(args.log_level, json=json_logs)
     interrupted = False

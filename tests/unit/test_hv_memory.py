@@ -47,6 +47,20 @@ def test_fresh_pages_are_zeroed() -> None:
     assert again.frame == page.frame and bytes(again.view) == bytes(4096)
 
 
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+def test_a_run_over_reused_and_untouched_pages_is_all_zero(page_size: int) -> None:
+    memory = DomainMemory(1, 8 * page_size, page_size, 8)
+    first, second = memory.alloc_pages(2)
+    for page in (first, second):
+        page.view[:] = b"\xff" * page_size
+    memory.free_pages([second])
+    # A buffer of three pages: the freed (dirty) one, then two never handed out.
+    ring = memory.alloc_buffer(3 * page_size // 4096)
+    assert ring.frame == second.frame
+    assert bytes(ring.view) == bytes(3 * page_size)
+    assert bytes(first.view) == b"\xff" * page_size  # a live page is left alone
+
+
 class Recorder:
     def __init__(self) -> None:
         self.calls: list[tuple[int, int, int, bytes]] = []

@@ -116,6 +116,9 @@ class DomainMemory:
         self.table = self.view[self.table_offset : self.table_offset + nr_grants * GRANT_ENTRY_SIZE]
         self._used = bytearray(self.nr_frames // self.frames_per_page)
         self._hint = 0
+        # Pages from here on were never handed out: still the zeros of the new memfd, so
+        # allocating them needs no zeroing (which would also make them resident).
+        self._untouched = 0
         # frame -> [(watcher, gref, first frame of the granule)]: socket-transport replicas.
         self._watch: dict[int, list[tuple[FrameWatcher, int, int]]] = {}
         self.shm_peers = 0  # links on the shared-memory transport: written() is then a barrier
@@ -165,7 +168,10 @@ class DomainMemory:
         self._hint = index + count
         frame = index * self.frames_per_page
         page = Page(self, frame, count * self.frames_per_page)
-        page.view[:] = bytes(len(page.view))
+        if index < self._untouched:
+            reused = min(index + count, self._untouched) - index
+            page.view[: reused * self.page_size] = bytes(reused * self.page_size)
+        self._untouched = max(self._untouched, index + count)
         return page
 
     def frame_view(self, frame: int, nframes: int = 1) -> memoryview:

@@ -50,7 +50,11 @@ REQUEST_MAX = 1 << 20
 # -- the server (synchronous: it must fork from a process that runs no event loop) ----------
 
 
-def _child(request: Mapping[str, object], inherited: Sequence[socket.socket | int]) -> None:
+def _child(
+    request: Mapping[str, object],
+    inherited: Sequence[socket.socket | int],
+    parser: argparse.ArgumentParser,
+) -> None:
     """In the forked child: become `xenpv ARGS` in its own session; never returns."""
     code = 70
     try:
@@ -78,7 +82,7 @@ def _child(request: Mapping[str, object], inherited: Sequence[socket.socket | in
             os.environ.update({str(k): str(v) for k, v in env.items()})
         args = [str(a) for a in request["args"]]  # type: ignore[attr-defined]
         sys.argv = ["xenpv", *args]
-        code = importlib.import_module("xenpv.cli").main(args)  # preloaded; no import edge
+        code = importlib.import_module("xenpv.cli").main(args, parser)  # preloaded
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:  # the child's own failure: its log says why
@@ -112,6 +116,11 @@ def serve(socket_path: Path, ready_fd: int | None) -> int:
     """Preload, listen, fork on request, report exits; until SIGTERM (default action)."""
     for module in PRELOAD:
         importlib.import_module(module)
+    # The whole command line, built once: building it imports every command module and
+    # registers a few hundred arguments (about 0.1 s of CPU a child otherwise pays).
+    parser: argparse.ArgumentParser = importlib.import_module("xenpv.cli").build_parser()
+    # OpenSSL initialises itself on first use (tens of ms): pay that once, here.
+    importlib.import_module("xenpv.identity").DomainKey.generate(0)
     # Keep the preloaded objects out of the children's collections: a collection touches
     # every tracked object's header, which would copy each shared page into every child.
     gc.collect()
@@ -142,7 +151,7 @@ def serve(socket_path: Path, ready_fd: int | None) -> int:
                     continue
                 pid = os.fork()
                 if pid == 0:
-                    _child(request, [listener, conn, wake_r, wake_w, *waiting.values()])
+                    _child(request, [listener, conn, wake_r, wake_w, *waiting.values()], parser)
                 conn.sendall(f"pid {pid}\n".encode())
                 waiting[pid] = conn
             else:
