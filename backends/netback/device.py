@@ -234,9 +234,12 @@ class Vif:
                 await trio.sleep(HANDSHAKE_RETRY)
 
     async def _wait_removed(self) -> None:
-        async with self.xs.watch(self.device.backend) as events:
-            async for _event in events:
-                if await self.xs.try_read(self.device.backend) is None:
+        backend = self.device.backend
+        async with self.xs.watch(backend) as events:
+            async for path, _token in events:
+                # Only the directory's own event can mean it went (a removal fires the
+                # watch with its path); the keys this backend writes below it cannot.
+                if path == backend and await self.xs.try_read(backend) is None:
                     self.log.info("netback.device_removed")
                     return
 
