@@ -16,7 +16,7 @@ RUN pip install . && rm -rf /src
 # The mount points of the compose volumes exist in the image, owned by xenpv, so that fresh
 # named volumes are created with that owner (docker copies the ownership of the mount point).
 RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/xenpv xenpv \
-    && mkdir -p /run/xenpv /var/lib/xenpv/keys /var/lib/xenpv/images \
+    && mkdir -p /run/xenpv /var/lib/xenpv/keys /var/lib/xenpv/images /var/lib/xenpv/faults \
     && chown -R xenpv:xenpv /run/xenpv /var/lib/xenpv
 
 USER xenpv

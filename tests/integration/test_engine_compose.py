@@ -6,7 +6,8 @@ its own: `up -d` then `wait check` (its JSON verdict: every check passed, three 
 `run --rm check` again (Compose re-runs the one-shot toolstack: `apply` is idempotent), the
 backend's process killed and brought back by its restart policy, healthy, with the guests
 reconnected (another passing check round), a second `up`, then `down -v` and nothing of the
-project left: containers, networks, volumes.
+project left: containers, networks, volumes. The `chaos` profile runs the smoke fault plan
+against the compose domains and passes.
 """
 
 from __future__ import annotations
@@ -155,3 +156,18 @@ def test_compose_cluster_on_a_real_engine(cluster: None) -> None:
     runs = verdicts(ok(compose("logs", "--no-log-prefix", "check")))
     assert len(runs) == 2, runs
     assert_passed(runs[-1])
+
+
+def test_chaos_profile_runs_a_plan_against_the_compose_domains(cluster: None) -> None:
+    """`docker compose --profile chaos run --rm chaos`: the smoke plan against the domains of
+    the compose services (an attached run: faults through xenstore, histories through the
+    shared `faults` volume), after which the cluster still passes a check round."""
+    ok(compose("up", "-d", "--no-build"))
+    assert compose("wait", "check").stdout.strip().endswith("0")
+    chaos = compose("--profile", "chaos", "run", "--rm", "chaos", timeout=600)
+    assert chaos.returncode == 0, (chaos.stdout[-3000:], chaos.stderr[-3000:])
+    result = json.loads(chaos.stdout.strip().splitlines()[-1])
+    assert result["ok"] is True and result["plan"] == "smoke"
+    assert result["faults_injected"] == result["faults_scheduled"] >= 8
+    assert result["history"] == "/var/lib/xenpv/faults/history.jsonl"
+    assert_passed(verdict(ok(compose("run", "--rm", "check"))))

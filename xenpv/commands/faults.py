@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from xenpv.errors import UsageError
 from xenpv.faults import history as history_mod
 from xenpv.faults import plan as plan_mod
 from xenpv.faults import report, runner, schedule
@@ -64,6 +65,21 @@ def register(sub: Any) -> None:
         default=None,
         metavar="DIR",
         help="the cluster's state directory (default: a temporary one, removed at the end)",
+    )
+    p.add_argument(
+        "--attach",
+        default=None,
+        metavar="XENSTORE",
+        help="run against a running cluster (e.g. compose's) through its xenstored at "
+        "unix:PATH (dom0's socket) instead of starting one; needs --history-dir",
+    )
+    p.add_argument(
+        "--history-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="with --attach: a directory every domain process writes its history to "
+        "(a volume they share)",
     )
     p.set_defaults(run=run_run)
 
@@ -195,6 +211,8 @@ def run_check(args: argparse.Namespace) -> int:
 def run_run(args: argparse.Namespace) -> int:
     import functools
 
+    import trio
+
     from xenpv.toolstack import supervisor
     from xenpv.toolstack.progress import Progress
     from xenpv.toolstack.supervisor import Supervisor
@@ -202,9 +220,37 @@ def run_run(args: argparse.Namespace) -> int:
     plan = plan_mod.load_any(args.plan)
     if args.seed is not None and not 0 <= args.seed <= plan_mod.MAX_SEED:
         raise plan_mod.PlanError("--seed", f"must be between 0 and {plan_mod.MAX_SEED}")
-    runner.check_injectable(schedule.build(plan, args.seed))  # before starting anything
+    attached = args.attach is not None
+    if attached and args.history_dir is None:
+        raise UsageError("--attach needs --history-dir DIR: a directory every domain writes to")
+    if not attached and args.history_dir is not None:
+        raise UsageError(
+            "--history-dir goes with --attach (otherwise the run's state dir holds it)"
+        )
+    if attached and args.state_dir is not None:
+        raise UsageError(
+            "--state-dir and --attach exclude each other: an attached run starts nothing"
+        )
+    # Before starting anything:
+    runner.check_injectable(schedule.build(plan, args.seed), attached=attached)
     history = args.history.resolve() if args.history is not None else None
     results: list[runner.RunResult] = []
+
+    if attached:
+        results.append(
+            trio.run(
+                functools.partial(
+                    runner.attach_plan,
+                    plan,
+                    args.seed,
+                    args.attach,
+                    args.history_dir.resolve(),
+                    history_path=history,
+                    progress=Progress.for_terminal(quiet=args.json),
+                )
+            )
+        )
+        return _finish_run(args, results[0])
 
     async def main(sup: Supervisor, state_dir: Path) -> int:
         result = await runner.run_plan(
@@ -227,7 +273,10 @@ def run_run(args: argparse.Namespace) -> int:
         code = supervisor.run_in_temp_dir("xenpv-faults-", main, Supervisor())
     if not results:
         return code
-    result = results[0]
+    return _finish_run(args, results[0])
+
+
+def _finish_run(args: argparse.Namespace, result: runner.RunResult) -> int:
     if args.report is not None:
         args.report.write_text(report.render_html(result.history, result.violations))
         print(f"xenpv: report written to {args.report}", file=sys.stderr)

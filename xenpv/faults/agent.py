@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import trio
 
+from xenpv.faults import selfprocess
 from xenpv.faults.control import (
     Control,
     Hits,
@@ -428,6 +429,14 @@ class FaultAgent:
                 self._grants = GrantInjector(self.config.seed)
             self._grants.start(fault, self._peer(fault, from_backend=True), self._device_str(fault))
             dom.mapper.faults = self._grants
+        elif family == "process":  # only an attached run lists these here (selfprocess)
+            self._apply_to_self(fault)
+
+    def _apply_to_self(self, fault: ScheduledFault) -> None:
+        assert self.config is not None
+        selfprocess.apply_to_self(
+            fault, selfprocess.applied_file(self.config.history_dir, self.rt.info.name)
+        )
 
     def _storage_start(self, disk: FaultyStorage, fault: ScheduledFault) -> None:
         disk.start(fault)

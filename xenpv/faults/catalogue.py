@@ -346,6 +346,9 @@ KINDS: tuple[FaultKind, ...] = (
         "pause a domain's process with SIGSTOP, SIGCONT when the fault stops",
         (),
         (D,),
+        # A stopped guest posts no rx buffers: its backend tail-drops frames for it once the
+        # rx backlog is full, as Linux netback does (backends/netback/queue.py).
+        may_lose=True,
     ),
     FaultKind(
         Family.PROCESS,

@@ -221,6 +221,10 @@ async def run_workloads(
                             _xenstore, rt, config, recorder, w.rate, w.blocks, t, who
                         )
                     )
+        if incarnation == 0:
+            await _format_block_regions(rt, schedule, config)
+        else:
+            await _all_attached(rt, schedule, config)
         task_status.started()
         await go.wait()
         for step, rate in xs_workers:
@@ -257,6 +261,47 @@ async def run_workloads(
                     flow + FLOW_INCARNATION * incarnation,
                     drain,
                 )
+
+
+FORMAT_CHUNK = 1 << 16
+FORMAT_WAIT = 10.0  # seconds a guest's vbd has to attach for the format step
+
+
+async def _format_block_regions(rt: DomainRuntime, schedule: Schedule, config: RunConfig) -> None:
+    """Zero (and flush) the blocks this guest's block workloads will use, before the run:
+    the checker reads zeroes as a block's initial value, and a disk that outlives runs (a
+    compose volume, an image a self-test wrote) must not show an earlier run's data as
+    "data no write produced". Not after a restart: by then the region holds this run's
+    acknowledged writes."""
+    for device, w in _mine(schedule, rt.info.name, "block"):
+        disk = FrontDisk(rt.ctx, device_id(config, device))
+        end = int(w.threads) * int(w.blocks) * int(w.size)
+        with trio.move_on_after(FORMAT_WAIT) as scope:
+            while True:
+                try:
+                    for offset in range(0, end, FORMAT_CHUNK):
+                        await disk.write(offset, [bytes(min(FORMAT_CHUNK, end - offset))])
+                    await disk.flush()
+                    break
+                except StorageError as exc:  # not attached yet, or a transient error
+                    log.info("format of the block region waits", device=device.id, error=str(exc))
+                    await trio.sleep(ATTACH_WAIT)  # a retry pace, not synchronisation
+        if scope.cancelled_caught:
+            log.error("block region not formatted: reads may find older data", device=device.id)
+
+
+async def _all_attached(rt: DomainRuntime, schedule: Schedule, config: RunConfig) -> None:
+    """A restarted guest is ready for the run once every device it is the frontend of is
+    attached again (bounded): the runner ends a kill's fault window when this guest says it
+    is ready, and a device whose records survived the restart still reads Connected."""
+    mine = [
+        (rt.ctx.blk if d.cls == "vbd" else rt.ctx.net, device_id(config, d))
+        for d in schedule.topology.devices
+        if d.guest == rt.info.name
+    ]
+    with trio.move_on_after(FORMAT_WAIT):
+        while any(device not in table for table, device in mine):
+            await rt.ctx.wait_devices_changed()
 
 
 def _net_ring(schedule: Schedule, w: Any) -> list[DeviceTarget]:

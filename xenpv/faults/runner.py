@@ -31,7 +31,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ import trio
 
 from xenpv.errors import XenpvError
 from xenpv.faults import device as device_faults
+from xenpv.faults import selfprocess
 from xenpv.faults.catalogue import CATALOGUE
 from xenpv.faults.checkers import CHECKERS, Violation, check_all
 from xenpv.faults.control import (
@@ -55,7 +55,7 @@ from xenpv.faults.control import (
     merge,
 )
 from xenpv.faults.history import History, read
-from xenpv.faults.injectors import Injection
+from xenpv.faults.injectors import Injection, Injector
 from xenpv.faults.plan import Plan, resolve_topology
 from xenpv.faults.process import ProcessInjector
 from xenpv.faults.schedule import Schedule, ScheduledFault, build
@@ -66,6 +66,7 @@ from xenpv.toolstack.supervisor import Supervisor
 from xenpv.toolstack.topology import Topology
 from xenpv.xenbus.core import domain_path
 from xenpv.xenstore.client import XenstoreClient, XenstoreConnectionError
+from xenpv.xenstore.client import connect as connect_xenstore
 from xenpv.xenstore.wire import XsError
 
 log = structlog.get_logger()
@@ -103,6 +104,11 @@ STOP_WAIT = 5.0  # seconds agents have to close their history files
 CLEAR_TIMEOUT = 5.0
 BACK_WAIT = 30.0  # seconds a killed domain may take to come back before its fault stops
 RESTARTING = frozenset({"process.kill", "process.restart"})
+# Kinds that need the runner's own supervisor, hence not `--attach` (the run's cluster is
+# someone else's: compose's, another host's).
+SUPERVISED_ONLY = {
+    "xenstore.xenstored-kill": "xenstored's restart is up to the cluster's supervisor",
+}
 READY_NODE = "xenpv/faults/ready"  # an agent's incarnation, written once its workloads are set
 
 
@@ -126,12 +132,17 @@ def blocked_kinds(plan: Plan) -> list[str]:
     return sorted({f.kind for f in plan.faults if not injectable(f.kind)})
 
 
-def check_injectable(schedule: Schedule) -> None:
+def check_injectable(schedule: Schedule, *, attached: bool = False) -> None:
     for fault in schedule.faults:
         if not injectable(fault.kind):
             raise RunError(
                 f"{fault.id}: {fault.kind} cannot be injected by `faults run` yet: "
                 f"{why_not(fault.kind)}"
+            )
+        if attached and fault.kind in SUPERVISED_ONLY:
+            raise RunError(
+                f"{fault.id}: {fault.kind} cannot be injected with --attach: "
+                f"{SUPERVISED_ONLY[fault.kind]}"
             )
 
 
@@ -143,13 +154,16 @@ def _device(schedule: Schedule, target: str) -> DeviceTarget | None:
     return schedule.topology.device(target)
 
 
-def recipients(fault: ScheduledFault, schedule: Schedule) -> list[str]:
+def recipients(fault: ScheduledFault, schedule: Schedule, *, attached: bool = False) -> list[str]:
     """The domains (by name) or `xenstored` whose agents apply `fault` (see the module doc of
-    `xenpv.faults.agent`); [] for the kinds the runner applies itself."""
+    `xenpv.faults.agent`); [] for the kinds the runner applies itself. In an attached run a
+    domain applies process faults to itself (`xenpv.faults.selfprocess`)."""
     family = fault.kind.split(".")[0]
     domains = sorted(schedule.topology.roles)
     if fault.kind in XENSTORED_KINDS:
         return [XENSTORED]
+    if attached and fault.kind in selfprocess.KINDS:
+        return [fault.target.removeprefix("domain:")]
     if family == "link":
         return domains  # each end filters by (source, destination)
     device = _device(schedule, fault.target)
@@ -168,21 +182,24 @@ class ControlInjector:
     wakes the publisher, which rewrites the control nodes (start/stop must not block)."""
 
     schedule: Schedule
+    attached: bool = False  # process faults go to the domains' agents too
     active: dict[str, dict[str, ScheduledFault]] = field(default_factory=dict)
     dirty: set[str] = field(default_factory=set)
     wake: Callable[[], None] = lambda: None
 
     def handles(self, fault: ScheduledFault) -> bool:
+        if self.attached and fault.kind in selfprocess.KINDS:
+            return True
         return fault.kind in AGENT_KINDS or fault.kind in XENSTORED_KINDS
 
     def start(self, fault: ScheduledFault) -> None:
-        for who in recipients(fault, self.schedule):
+        for who in recipients(fault, self.schedule, attached=self.attached):
             self.active.setdefault(who, {})[fault.id] = fault
             self.dirty.add(who)
         self.wake()
 
     def stop(self, fault: ScheduledFault) -> None:
-        for who in recipients(fault, self.schedule):
+        for who in recipients(fault, self.schedule, attached=self.attached):
             if self.active.get(who, {}).pop(fault.id, None) is not None:
                 self.dirty.add(who)
         self.wake()
@@ -316,15 +333,76 @@ async def run_plan(
     check_injectable(schedule)
     topo = run_topology(plan, schedule)
     history_dir = state_dir / "history"
-    shutil.rmtree(history_dir, ignore_errors=True)
-    history_dir.mkdir(parents=True, exist_ok=True)
+    _fresh_history_dir(history_dir)
     os.environ["XENPV_FAULTS"] = "1"  # the domain processes inherit it (storage wrapping)
     async with cluster_mod.launch(
         topo, state_dir, sup=sup, log_level=log_level, on_exit="record", progress=progress
     ) as cluster:
-        await _run(cluster, schedule, history_dir, progress)
+
+        def pid_of(name: str) -> int | None:
+            for child in cluster.children:
+                if child.name == name and child.running:
+                    return child.pid
+            return None
+
+        processes = ProcessInjector(pid_of, restart=lambda name: None)  # on-failure restarts
+        await _run(cluster.xs, dict(cluster.domids), processes, schedule, history_dir, progress)
+    return _result(schedule, history_dir, history_path or (state_dir / "history.jsonl"))
+
+
+async def attach_plan(
+    plan: Plan,
+    seed: int | None,
+    xenstore: str,
+    history_dir: Path,
+    *,
+    history_path: Path | None = None,
+    progress: Progress = NO_PROGRESS,
+) -> RunResult:
+    """Run `plan` against a cluster that is already running (compose's, another launcher's):
+    xenstore at `xenstore` (dom0's Unix socket), `history_dir` a directory every domain
+    process can write too (a shared volume). Nothing is started or stopped here: faults go
+    through the control nodes only (process faults too, `xenpv.faults.selfprocess`), and a
+    killed domain comes back by the cluster's own restart policy. Backends wrap their disks
+    for storage faults only when started with XENPV_FAULTS=1."""
+    schedule = build(plan, seed)
+    check_injectable(schedule, attached=True)
+    _fresh_history_dir(history_dir)
+    async with connect_xenstore(xenstore) as xs:
+        domids = await _domids_by_name(xs, sorted(schedule.topology.roles))
+        await _run(xs, domids, None, schedule, history_dir, progress)
+    return _result(schedule, history_dir, history_path or (history_dir.parent / "history.jsonl"))
+
+
+def _fresh_history_dir(history_dir: Path) -> None:
+    """An empty `history_dir` (the agents append to their files; a shared volume may hold a
+    previous run's, so its files are removed, not the directory)."""
+    history_dir.mkdir(parents=True, exist_ok=True)
+    stale_files = ("*.jsonl", "*.incarnation", "*.applied")
+    for stale in [path for pattern in stale_files for path in history_dir.glob(pattern)]:
+        stale.unlink(missing_ok=True)
+
+
+async def _domids_by_name(xs: XenstoreClient, names: list[str]) -> dict[str, int]:
+    """The running domains' ids, by the names the plan's topology gives them."""
+    found: dict[str, int] = {}
+    for entry in await xs.try_directory("/local/domain"):
+        if entry.isdigit():
+            raw = await xs.try_read(f"/local/domain/{entry}/name")
+            if raw is not None:
+                found[raw.decode("utf-8", "replace")] = int(entry)
+    missing = [name for name in names if name not in found]
+    if missing:
+        raise RunError(
+            f"the cluster has no domain named {', '.join(missing)} (it has: "
+            f"{', '.join(sorted(found)) or 'none'}); the plan's topology must be the cluster's"
+        )
+    return {name: found[name] for name in names}
+
+
+def _result(schedule: Schedule, history_dir: Path, out: Path) -> RunResult:
+    """Merge the run's history files into `out` and check it."""
     paths = sorted(history_dir.glob("*.jsonl"))
-    out = history_path or (state_dir / "history.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", encoding="utf-8") as stream:
         merge(paths, schedule, stream)
@@ -333,13 +411,14 @@ async def run_plan(
 
 
 async def _run(
-    cluster: cluster_mod.Cluster,
+    xs: XenstoreClient,
+    domids: dict[str, int],
+    processes: ProcessInjector | None,
     schedule: Schedule,
     history_dir: Path,
     progress: Progress,
 ) -> None:
-    xs = cluster.xs
-    domids = dict(cluster.domids)
+    """The run itself; `processes` None: an attached run (process faults by the agents)."""
     epoch = time.monotonic()
     origin = trio.current_time()  # the schedule's time 0, set again when every guest is ready
     runner_log = ProcessLog(history_file(history_dir, "runner"), epoch)
@@ -351,7 +430,7 @@ async def _run(
         schedule.to_json(),
         await _macs(xs, schedule, domids),
     )
-    controls = ControlInjector(schedule)
+    controls = ControlInjector(schedule, attached=processes is None)
     publish = trio.Event()
 
     def wake() -> None:
@@ -385,13 +464,6 @@ async def _run(
             controls.dirty.clear()
             await write_all(dirty)
 
-    def pid_of(name: str) -> int | None:
-        for child in cluster.children:
-            if child.name == name and child.running:
-                return child.pid
-        return None
-
-    processes = ProcessInjector(pid_of, restart=lambda name: None)  # on-failure restarts it
     hotplugs = device_faults.DeviceInjector(xs, schedule.topology, domids)
     try:
         async with trio.open_nursery() as nursery:
@@ -404,7 +476,10 @@ async def _run(
             origin = trio.current_time()
             phase[0] = "run"
             await write_all(everyone)
-            with Injection([controls, processes, hotplugs], runner_log) as injection:
+            injectors: list[Injector] = [controls, hotplugs]
+            if processes is not None:
+                injectors.append(processes)
+            with Injection(injectors, runner_log) as injection:
                 lines = LineCounter(history_dir)
 
                 async def ticker() -> None:

@@ -169,7 +169,10 @@ class SelftestWorkload:
     async def run(self, ctx: WorkloadContext) -> None:
         base = domain_path(ctx.dom.domid)
         path = f"{base}/{CONTROL_SELFTEST}"
-        done = -1
+        # A round is answered once: a restarted domain whose records survived (compose's
+        # restart policy keeps them) must not run the last round again over its disk.
+        answered = await ctx.xs.try_read(f"{base}/{SELFTEST_DONE}")
+        done = int(answered) if answered is not None and answered.isdigit() else -1
         async with ctx.xs.watch(path) as events:
             async for _event in events:
                 try:
