@@ -20,33 +20,19 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.test_faults_run import MIXED
+
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 120.0
 
-PLAN = """
-name = "attached"
-description = "a short plan for an attached run: a self-applied kill among agent faults"
-
-[run]
-seed = 3
-duration = 9.0
-quiet = 4.0
-topology = "demo"
-
-[[workload]]
-kind = "block"
-targets = ["all"]
-rate = 40.0
-threads = 1
-flush_every = 8
-blocks = 16
-
-[[workload]]
-kind = "net"
-targets = ["all"]
-rate = 40.0
-size = 256
-
+# The mixed plan's run and its block and net workloads, with faults of its own: a
+# self-applied kill and hold. Not its xenstore workload: this launcher restarts a killed
+# domain by re-creating it, which drops the domain's xenstore data (compose's restart keeps
+# the records), and the xenstore checker would rightly see acknowledged writes gone.
+_WORKLOADS = [w for w in MIXED.split("[[fault]]")[0].split("[[workload]]") if "xenstore" not in w]
+PLAN = (
+    "[[workload]]".join(_WORKLOADS)
+    + """
 [[fault]]
 kind = "storage.latency"
 target = "device:guest4k:vbd:xvda"
@@ -69,6 +55,7 @@ duration = 1.0
 [checks]
 liveness = 6.0
 """
+)
 
 
 def xenpv(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
