@@ -1,0 +1,51 @@
+"""Counter records, one per object that does the work. Plain ints incremented in place.
+
+No locks: a domain process is one trio thread; the metrics HTTP thread only reads ints (a
+torn read is impossible for a Python int attribute). No per-op allocation, no lookups by
+string: the owner holds its record and does `record.field += n`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(slots=True, weakref_slot=True)
+class PeerStats:
+    """The hypercall-equivalents one domain issued towards one peer (mapper side), and the
+    events exchanged with it. Kept per peer domain across links to it."""
+
+    map_calls: int = 0  # GNTTABOP_map_grant_ref batches
+    map_segments: int = 0  # grant references mapped
+    unmap_calls: int = 0  # GNTTABOP_unmap_grant_ref batches
+    unmap_segments: int = 0
+    copy_calls: int = 0  # GNTTABOP_copy batches
+    copy_segments: int = 0
+    copy_bytes: int = 0
+    events_sent: int = 0  # EVTCHNOP_send to the peer
+    events_received: int = 0  # events from the peer (a port bound to it raised)
+
+
+@dataclass(slots=True, weakref_slot=True)
+class GrantTableStats:
+    """The granter side of one domain's grant table (gnttab_grant_foreign_access and
+    gnttab_end_foreign_access)."""
+
+    grants_issued: int = 0
+    grants_ended: int = 0
+    end_refused: int = 0  # end_access while the peer still maps it (GNTST_eagain)
+
+
+@dataclass(slots=True, weakref_slot=True)
+class RingStats:
+    """One shared ring end (RING_PUSH_*_AND_CHECK_NOTIFY): entries produced, and whether the
+    peer's event index asked for a notification."""
+
+    produced: int = 0  # requests (front end) or responses (back end) put on the ring
+    pushes: int = 0
+    notify_needed: int = 0  # the push crossed the peer's event index: notify
+    notify_avoided: int = 0  # it did not: the peer is still consuming
+
+
+def as_dict(record: PeerStats | GrantTableStats | RingStats) -> dict[str, int]:
+    return asdict(record)
