@@ -60,6 +60,7 @@ def register(sub: Any) -> None:
         metavar="EP",
         help="link endpoint, unix:PATH or tcp:HOST:PORT (default: the published one)",
     )
+    types.add_metrics(parser)
     types.add_ready_fd(parser)
     parser.set_defaults(run=run)
 
@@ -68,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     keys = [DomainKey.load(path) for path in (args.key_file, *args.also_key_file)]
     if len(keys) > 1 and args.listen is not None:
         raise UsageError("--listen names one domain's endpoint: give one --key-file with it")
+    types.start_metrics(args.metrics)
     trio.run(_main, args.xenstore, keys, args.transport, args.listen, args.ready_fd)
     return 0
 

@@ -49,3 +49,36 @@ class RingStats:
 
 def as_dict(record: PeerStats | GrantTableStats | RingStats) -> dict[str, int]:
     return asdict(record)
+
+
+XS_TYPES = 23  # xsd_sockmsg_type values 0..22; anything else counts as "other"
+
+
+@dataclass(slots=True)
+class XenstoredStats:
+    """xenstored's work: requests by xsd_sockmsg_type (a list indexed by type: no lookup by
+    name), watch events queued and dropped, error replies, transactions told to retry."""
+
+    ops: list[int]
+    other_ops: int = 0
+    watch_events_fired: int = 0
+    watch_events_dropped: int = 0
+    errors: int = 0
+    transactions_retried: int = 0  # XS_TRANSACTION_END answered EAGAIN
+
+    @classmethod
+    def new(cls) -> XenstoredStats:
+        return cls([0] * XS_TYPES)
+
+    def as_dict(self, names: dict[int, str]) -> dict[str, object]:
+        """Plain dict; `names` maps type numbers to names (types never seen are left out)."""
+        ops = {names.get(t, str(t)): n for t, n in enumerate(self.ops) if n}
+        if self.other_ops:
+            ops["other"] = self.other_ops
+        return {
+            "ops": ops,
+            "watch_events_fired": self.watch_events_fired,
+            "watch_events_dropped": self.watch_events_dropped,
+            "errors": self.errors,
+            "transactions_retried": self.transactions_retried,
+        }
