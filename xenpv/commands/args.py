@@ -310,12 +310,13 @@ def start_metrics(listen: str | None) -> None:
     from xenpv.metrics.prometheus import serve
 
     try:
-        host, port = serve(listen)
+        server = serve(listen)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     except OSError as exc:
         raise UsageError(f"--metrics {listen}: {exc.strerror or exc}") from None
-    structlog.get_logger().info("metrics serving", host=host, port=port)
+    host, port = server.server_address[:2]
+    structlog.get_logger().info("metrics serving", host=str(host), port=int(port))
 
 
 def add_state_dir(parser: argparse.ArgumentParser, *, help: str) -> None:

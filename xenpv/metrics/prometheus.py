@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import start_http_server
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, Metric
@@ -113,12 +114,12 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def serve(listen: str) -> tuple[str, int]:
-    """Serve this process's counters on `listen` (HOST:PORT) in a daemon thread; returns the
-    bound (host, port). OSError if the address is taken."""
+def serve(listen: str) -> WSGIServer:
+    """Serve this process's counters on `listen` (HOST:PORT, port 0: any) in a daemon thread;
+    `server.server_address` is the bound address, `server.shutdown()` stops it. OSError if
+    the address is taken, ValueError if it is not HOST:PORT."""
     host, port = parse_listen(listen)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotCollector())
     server, _thread = start_http_server(port, addr=host, registry=registry)
-    bound = server.server_address
-    return str(bound[0]), int(bound[1])
+    return server

@@ -1,0 +1,83 @@
+"""The read side of the counters (docs/metrics.md): snapshot() and its Prometheus exposition,
+scraped over HTTP and parsed with prometheus_client's own parser."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from xenpv.metrics.counters import XenstoredStats
+from xenpv.metrics.prometheus import families, parse_listen, serve
+from xenpv.metrics.registry import Registry, snapshot
+
+
+def filled_registry() -> Registry:
+    registry = Registry()
+    dom = registry.domain(1, "guest")
+    dom.grants.grants_issued += 20
+    peer = dom.peer(0)
+    peer.copy_calls += 2
+    peer.copy_segments += 16
+    peer.copy_bytes += 1 << 20
+    peer.events_sent += 3
+    ring = registry.ring("blkif[native]", "front")
+    ring.produced += 2
+    ring.notify_avoided += 1
+    xs = XenstoredStats.new()
+    xs.ops[2] += 5
+    registry.sections["xenstored"] = lambda: xs.as_dict({2: "read"})
+    return registry
+
+
+def test_a_snapshot_is_a_plain_nested_dict() -> None:
+    snap = snapshot(filled_registry())
+    assert json.loads(json.dumps(snap)) == snap
+    assert snap["domains"]["1"]["peers"]["0"]["copy_segments"] == 16
+    assert snap["domains"]["1"]["grants"]["grants_issued"] == 20
+    assert snap["rings"]["blkif[native]"]["front"]["produced"] == 2
+    assert snap["xenstored"]["ops"] == {"read": 5}
+
+
+def test_the_metrics_port_serves_valid_exposition_text() -> None:
+    registry = filled_registry()
+    server = serve("127.0.0.1:0")
+    try:
+        from xenpv.metrics import registry as module
+
+        # The server reads the process registry; point it at ours for the scrape.
+        saved = module.REGISTRY.domains.copy()
+        module.REGISTRY.domains[1] = registry.domains[1]
+        try:
+            port = server.server_address[1]
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+                text = r.read().decode()
+        finally:
+            module.REGISTRY.domains.clear()
+            module.REGISTRY.domains.update(saved)
+    finally:
+        server.shutdown()
+        server.server_close()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    key = ("xenpv_grant_copy_segments_total", (("domain", "1"), ("peer", "0")))
+    assert samples[key] == 16
+    assert samples[("xenpv_grants_issued_total", (("domain", "1"),))] == 20
+
+
+def test_families_name_counters_the_prometheus_way() -> None:
+    names = {family.name for family in families(snapshot(filled_registry()))}
+    assert "xenpv_grant_copy_segments" in names  # exposed with the _total suffix
+    assert "xenpv_xenstore_ops" in names
+    assert all(name.startswith("xenpv_") for name in names)
+
+
+@pytest.mark.parametrize("bad", ["nope", "host:", "1.2.3.4:99999", ":x"])
+def test_a_bad_metrics_address_is_one_line(bad: str) -> None:
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        parse_listen(bad)
