@@ -79,10 +79,7 @@ def rows(
                         peer=peer_id,
                         state=state,
                         iops=iops,
-                        mb_per_s=rate(
-                            peer["copy_bytes"], None if was is None else was["copy_bytes"]
-                        )
-                        / 1e6,
+                        mb_per_s=rate(peer["copy_bytes"], copied) / 1e6,
                         events_per_s=rate(_events(peer), None if was is None else _events(was)),
                         grant_ops_per_s=rate(
                             _grant_ops(peer), None if was is None else _grant_ops(was)
