@@ -81,3 +81,41 @@ def test_families_name_counters_the_prometheus_way() -> None:
 def test_a_bad_metrics_address_is_one_line(bad: str) -> None:
     with pytest.raises(ValueError, match="HOST:PORT"):
         parse_listen(bad)
+
+
+def test_workload_counts_are_per_mib_and_per_request() -> None:
+    from xenpv.metrics.counts import workload_counts
+
+    before = snapshot(filled_registry())
+    registry = filled_registry()
+    dom = registry.domains[1]
+    dom.grants.grants_issued += 256  # 1 MiB in 4 KiB grants, each issued and ended
+    dom.grants.grants_ended += 256
+    dom.peer(0).events_sent += 24
+    registry.rings["blkif[native]", "front"].produced += 24
+    counts = workload_counts(before, snapshot(registry), 1, 1 << 20)
+    assert counts["grant_ops_per_mib"] == 512
+    assert counts["segments_per_mib"] == 256
+    assert counts["ring_slots_per_mib"] == 24
+    assert counts["notifications_per_mib"] == 24
+    assert counts["notifications_per_request"] == 1
+    assert "notifications" in counts["timing"] and "segments" in counts["exact"]
+
+
+def test_the_report_charts_counts_per_mib() -> None:
+    from xenpv.interop.matrix import enumerate_cells
+    from xenpv.interop.report import render_html
+    from xenpv.interop.verdict import judge
+
+    records = []
+    for cell in enumerate_cells():
+        if cell.device == "vbd" and (cell.frontend_page, cell.backend_page) == (65536, 4096):
+            grant_ops = 32.0 if cell.extension else 512.0
+            counts = {"grant_ops_per_mib": grant_ops, "notifications_per_mib": 3.0}
+            result = {"key": cell.key, "ok": True, "detail": "", "mbps": 1.0, "counts": counts}
+            records.append(judge(cell, result))
+    assert records
+    page = render_html({"cells": records})
+    assert "grant ops / MiB (exact)" in page
+    assert "notifications / MiB (timing-dependent)" in page
+    assert ": 512.0 grant ops / MiB" in page and ": 32.0 grant ops / MiB" in page
