@@ -18,7 +18,7 @@ from backends.blkback import serve
 from frontends.blkfront import attach
 from tests.integration.blk_env import DEVICE, make_vbd, pair
 from tests.integration.conftest import Xenstored
-from xenpv.metrics.counters import PeerStats, RingStats
+from xenpv.metrics.counters import BlkbackStats, PeerStats, RingStats
 from xenpv.metrics.registry import REGISTRY, snapshot
 from xenpv.toolstack.topology import VbdFeatures
 
@@ -32,6 +32,20 @@ def grant_ops(stats: PeerStats) -> dict[str, int]:
         "copy_bytes": stats.copy_bytes,
         "map_calls": stats.map_calls,
         "copy_calls": stats.copy_calls,
+    }
+
+
+def blkback(device: tuple[int, int, int]) -> dict[str, int]:
+    """The backend device's statistics summed over its queues (Linux blkback's rd_req,
+    rd_sect, ...)."""
+    queues: list[BlkbackStats] = [
+        stats for key, stats in REGISTRY.blkback.items() if key[:3] == device
+    ]
+    return {
+        "rd_req": sum(q.rd_req for q in queues),
+        "rd_sect": sum(q.rd_sect for q in queues),
+        "blkback_segments": sum(q.segments for q in queues),
+        "errors": sum(q.errors for q in queues),
     }
 
 
@@ -60,9 +74,10 @@ async def read_counts(tmp: Path, xs_address: str, cap: int | None) -> tuple[dict
                 await front.wait_connected()
                 await front.read(0, MIB)  # warm: the first request may differ (none does today)
                 stats = p.backend.stats.peer(p.guest.domid)
-                before, produced = grant_ops(stats), blk_requests()
+                queues = (p.backend.domid, p.guest.domid, DEVICE.devid)
+                before, produced = grant_ops(stats) | blkback(queues), blk_requests()
                 await front.read(0, MIB)
-                counts = minus(grant_ops(stats), before)
+                counts = minus(grant_ops(stats) | blkback(queues), before)
                 requests = blk_requests() - produced
             nursery.cancel_scope.cancel()
     return counts, requests
@@ -84,6 +99,8 @@ async def test_a_1mib_read_counts_the_arithmetic_every_run(
     assert first == second
     counts, produced = first
     assert counts["segments"] == segments
+    assert counts["blkback_segments"] == segments
+    assert (counts["rd_req"], counts["rd_sect"], counts["errors"]) == (requests, 2048, 0)
     assert counts["copy_bytes"] in (0, MIB)  # copied (all of it) or mapped
     assert produced == requests
 

@@ -47,7 +47,7 @@ class RingStats:
     notify_avoided: int = 0  # it did not: the peer is still consuming
 
 
-def as_dict(record: PeerStats | GrantTableStats | RingStats) -> dict[str, int]:
+def as_dict(record: PeerStats | GrantTableStats | RingStats | BlkbackStats) -> dict[str, int]:
     return asdict(record)
 
 
@@ -82,3 +82,20 @@ class XenstoredStats:
             "errors": self.errors,
             "transactions_retried": self.transactions_retried,
         }
+
+
+@dataclass(slots=True)
+class BlkbackStats:
+    """One blkback queue's requests, as Linux blkback's /sys/.../statistics (oo_req is not
+    counted: a request never waits for a free slot here)."""
+
+    rd_req: int = 0
+    wr_req: int = 0
+    f_req: int = 0  # FLUSH_DISKCACHE and WRITE_BARRIER
+    ds_req: int = 0
+    rd_sect: int = 0  # 512-byte sectors read
+    wr_sect: int = 0
+    segments: int = 0  # data segments (granted references) of READ/WRITE requests
+    indirect_req: int = 0
+    indirect_pages: int = 0
+    errors: int = 0  # requests answered with an error status (rejected or failed)

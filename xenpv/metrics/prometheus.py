@@ -70,10 +70,28 @@ def families(snap: Mapping[str, Any]) -> list[Metric]:
     result.extend(table.values())
     result.extend(peer.values())
     result.extend(ring.values())
+    blkback = snap.get("blkback")
+    if blkback:
+        result.extend(_blkback_families(blkback))
     xenstore = snap.get("xenstored")
     if xenstore is not None:
         result.extend(_xenstore_families(xenstore))
     return result
+
+
+BLKBACK_LABELS = ("domain", "frontend", "devid", "queue")
+
+
+def _blkback_families(queues: list[dict[str, int]]) -> Iterator[Metric]:
+    """xenpv_blkback_<field>_total{domain,frontend,devid,queue}: Linux blkback's statistics."""
+    fields = [key for key in queues[0] if key not in BLKBACK_LABELS]
+    for key in fields:
+        family = CounterMetricFamily(
+            f"xenpv_blkback_{key}", f"blkback {key} per queue", labels=list(BLKBACK_LABELS)
+        )
+        for queue in queues:
+            family.add_metric([str(queue[label]) for label in BLKBACK_LABELS], queue[key])
+        yield family
 
 
 def _xenstore_families(counts: Mapping[str, Any]) -> Iterator[Metric]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from xenpv.metrics.counters import GrantTableStats, PeerStats, RingStats, as_dict
+from xenpv.metrics.counters import BlkbackStats, GrantTableStats, PeerStats, RingStats, as_dict
 
 
 @dataclass(slots=True)
@@ -36,11 +36,21 @@ class DomainStats:
 class Registry:
     domains: dict[int, DomainStats] = field(default_factory=dict)
     rings: dict[tuple[str, str], RingStats] = field(default_factory=dict)
+    # (backend domid, frontend domid, devid, queue) -> that blkback queue's record
+    blkback: dict[tuple[int, int, int, int], BlkbackStats] = field(default_factory=dict)
     # Other sections (xenstored's operations, ...) register a function returning a plain dict.
     sections: dict[str, Any] = field(default_factory=dict)
 
     def domain(self, domid: int, name: str) -> DomainStats:
         stats = self.domains[domid] = DomainStats(domid, name)
+        return stats
+
+    def blkback_queue(self, domid: int, frontend: int, devid: int, queue: int) -> BlkbackStats:
+        """The record of one blkback queue: shared by its reconnections (monotonic)."""
+        key = (domid, frontend, devid, queue)
+        stats = self.blkback.get(key)
+        if stats is None:
+            stats = self.blkback[key] = BlkbackStats()
         return stats
 
     def ring(self, protocol: str, end: str) -> RingStats:
@@ -72,6 +82,11 @@ def snapshot(registry: Registry = REGISTRY) -> dict[str, Any]:
     for (protocol, end), ring in sorted(registry.rings.items()):
         rings.setdefault(protocol, {})[end] = as_dict(ring)
     result: dict[str, Any] = {"domains": domains, "rings": rings}
+    if registry.blkback:
+        result["blkback"] = [
+            {"domain": d, "frontend": f, "devid": dev, "queue": q} | as_dict(stats)
+            for (d, f, dev, q), stats in sorted(registry.blkback.items())
+        ]
     for name, read in sorted(registry.sections.items()):
         result[name] = read()
     return result
