@@ -119,3 +119,21 @@ def test_the_report_charts_counts_per_mib() -> None:
     assert "grant ops / MiB (exact)" in page
     assert "notifications / MiB (timing-dependent)" in page
     assert ": 512.0 grant ops / MiB" in page and ": 32.0 grant ops / MiB" in page
+
+
+def test_top_rows_are_rates_between_snapshots() -> None:
+    from xenpv.metrics.top import rows
+
+    before = snapshot(filled_registry()) | {"at": 100.0}
+    registry = filled_registry()
+    peer = registry.domains[1].peer(0)
+    peer.copy_segments += 32  # 16 + 32 over 2 s: 16 grant ops/s more than before
+    peer.copy_bytes += 2_000_000
+    peer.events_received += 4
+    registry.rings["blkif[native]", "front"].produced += 20
+    after = snapshot(registry) | {"at": 102.0}
+    (row,) = rows({"g": before}, {"g": after}, now=102.5)
+    assert (row.process, row.domain, row.peer, row.state) == ("g", "guest(1)", "0", "live")
+    assert (row.grant_ops_per_s, row.mb_per_s, row.events_per_s, row.iops) == (16, 1, 2, 10)
+    (stale,) = rows({}, {"g": after}, now=110.0)
+    assert stale.state == "stale" and stale.grant_ops_per_s == 0  # no earlier sample: no rate
