@@ -43,6 +43,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "xenpv.commands.device",
     "xenpv.commands.k8s",
     "xenpv.commands.nbd",
+    "xenpv.commands.top",
 )
 
 

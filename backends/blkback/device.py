@@ -65,6 +65,7 @@ from xenpv.abi.ring import BackRing
 from xenpv.errors import XenpvError
 from xenpv.granule import FRONTEND_KEY, granule_size
 from xenpv.hv import XEN_PAGE_SIZE, Domain, EventChannel, GrantMapping
+from xenpv.metrics.registry import REGISTRY
 from xenpv.xenbus import core as xenbus
 from xenpv.xenbus.core import Action, Closing, Connected, DeviceId
 from xenpv.xenbus.handshake import read_keys, read_state, run_handshake
@@ -290,6 +291,9 @@ class BlkbackDevice:
                 storage=storage,
                 persistent=persistent,
                 on_broken=functools.partial(self._ring_broken, conn),
+            )
+            worker.counters = REGISTRY.blkback_queue(
+                self.dom.domid, remote, self.device.devid, index
             )
             conn.workers.append(worker)
             self._nursery.start_soon(worker.run)

@@ -32,6 +32,7 @@ import trio
 
 from backends.blkback.persistent import PersistentGrants
 from backends.blkback.request import (
+    Decoded,
     IoKind,
     IoRequest,
     NeedIndirect,
@@ -39,7 +40,12 @@ from backends.blkback.request import (
     RequestCore,
 )
 from backends.storage import Storage, StorageError, StorageErrorKind
-from xenpv.abi.blkif import BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY
+from xenpv.abi.blkif import (
+    BLKIF_OP_READ,
+    BLKIF_RSP_EOPNOTSUPP,
+    BLKIF_RSP_ERROR,
+    BLKIF_RSP_OKAY,
+)
 from xenpv.abi.errors import AbiError, RingError
 from xenpv.abi.ring import BackRing
 from xenpv.hv import (
@@ -52,6 +58,7 @@ from xenpv.hv import (
     HvError,
     PeerGone,
 )
+from xenpv.metrics.counters import BlkbackStats
 
 log = structlog.get_logger()
 
@@ -94,6 +101,7 @@ class QueueWorker:
         self.inflight = 0
         self.done = trio.Event()
         self.stats = {"requests": 0, "errors": 0}
+        self.counters = BlkbackStats()  # the device swaps in its registered record
         self._idle = trio.lowlevel.ParkingLot()
         self._dispatch_scope = trio.CancelScope()
         self._requests_scope: trio.CancelScope | None = None
@@ -144,6 +152,7 @@ class QueueWorker:
             while (data := ring.take_request()) is not None:
                 decoded = core.decode(data)
                 self.stats["requests"] += 1
+                _count(self.counters, decoded)
                 if isinstance(decoded, Rejected):
                     self._reject(decoded, push=False)
                 elif isinstance(decoded, IoRequest) and decoded.kind is IoKind.BARRIER:
@@ -290,6 +299,8 @@ class QueueWorker:
     def _respond(self, id: int, operation: int, status: int, *, push: bool = True) -> None:
         """make_response: put, push, notify if the frontend asked to be notified (the ring
         loop puts without pushing and pushes once per pass)."""
+        if status != BLKIF_RSP_OKAY:
+            self.counters.errors += 1
         try:
             self.ring.put_response(self.core.response(id, operation, status))
             if push and self.ring.push_responses():
@@ -411,6 +422,35 @@ class QueueWorker:
                 return BLKIF_RSP_ERROR
         await self.storage.write(request.offset, buffers)
         return BLKIF_RSP_OKAY
+
+
+def _count(counters: BlkbackStats, decoded: Decoded) -> None:
+    """Count a decoded request in blkback's statistics (docs/metrics.md)."""
+    if type(decoded) is IoRequest:
+        kind = decoded.kind
+        if kind is IoKind.READ:
+            counters.rd_req += 1
+            counters.rd_sect += decoded.length >> 9
+            counters.segments += len(decoded.segments)
+        elif kind is IoKind.WRITE:
+            counters.wr_req += 1
+            counters.wr_sect += decoded.length >> 9
+            counters.segments += len(decoded.segments)
+        elif kind is IoKind.DISCARD:
+            counters.ds_req += 1
+        else:  # FLUSH, BARRIER (with data: its sectors are written too)
+            counters.f_req += 1
+            counters.wr_sect += decoded.length >> 9
+            counters.segments += len(decoded.segments)
+    elif type(decoded) is NeedIndirect:
+        request = decoded.request
+        counters.indirect_req += 1
+        counters.indirect_pages += len(request.indirect_grefs)
+        counters.segments += request.nr_segments
+        if request.indirect_op == BLKIF_OP_READ:
+            counters.rd_req += 1
+        else:
+            counters.wr_req += 1
 
 
 def _announce(mapped: list[tuple[GrantMapping, int, int]]) -> None:

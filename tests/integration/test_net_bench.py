@@ -17,3 +17,9 @@ def test_bench_net_quick_json() -> None:
     assert tap["status"] == "ok" or (tap["status"] == "unavailable" and tap["install"])
     if tap["status"] == "ok":
         assert data["tap_iperf3_mbps"] > 0 and data["veth_iperf3_mbps"] > 0
+    # operation counts per MiB for every frame size (docs/metrics.md)
+    for r in data["guest_to_guest"]["shm"].values():
+        assert {"grant_ops_per_mib", "ring_slots_per_mib", "notifications_per_mib"} <= set(
+            r["counts"]
+        )
+        assert r["counts"]["ring_slots_per_mib"] > 0

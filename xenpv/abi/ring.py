@@ -54,6 +54,7 @@ from typing import Final
 
 from xenpv.abi.buffer import SharedBuffer
 from xenpv.abi.errors import RingError, RingUsageError
+from xenpv.metrics.registry import REGISTRY
 
 RING_IDX_MASK: Final = 0xFFFFFFFF
 SRING_HEADER_SIZE: Final = 64  # offsetof(struct <name>_sring, ring)
@@ -133,7 +134,10 @@ class _Ring:
         "entry_size",
         "layout",
         "nr_ents",
+        "stats",
     )
+
+    _END = ""  # "front" or "back": which record of the registry this end counts in
 
     def __init__(self, buffer: SharedBuffer, layout: RingLayout) -> None:
         view = buffer.view
@@ -150,6 +154,7 @@ class _Ring:
         self.nr_ents = layout.nr_ents(len(view))  # RING_SIZE
         self._mask = self.nr_ents - 1
         self.broken: str | None = None  # why the peer broke the ring, once it has
+        self.stats = REGISTRY.ring(layout.name, self._END)  # shared per protocol and end
 
     def _break(self, reason: str) -> RingError:
         self.broken = reason
@@ -217,7 +222,15 @@ class _Ring:
         old = idx[prod]
         idx[prod] = new
         self._written(4 * prod, 4)
-        return (new - idx[event]) & RING_IDX_MASK < (new - old) & RING_IDX_MASK
+        stats = self.stats
+        stats.pushes += 1
+        stats.produced += (new - old) & RING_IDX_MASK
+        if (new - idx[event]) & RING_IDX_MASK < (new - old) & RING_IDX_MASK:
+            stats.notify_needed += 1
+            return True
+        if new != old:
+            stats.notify_avoided += 1
+        return False
 
 
 class FrontRing(_Ring):
@@ -230,6 +243,7 @@ class FrontRing(_Ring):
     """
 
     __slots__ = ("_rsp_prod_seen", "req_prod_pvt", "rsp_cons")
+    _END = "front"
 
     def __init__(
         self,
@@ -363,6 +377,7 @@ class BackRing(_Ring):
     """
 
     __slots__ = ("_req_prod_seen", "req_cons", "rsp_prod_pvt")
+    _END = "back"
 
     def __init__(
         self,

@@ -47,6 +47,8 @@ from xenpv.bench.cli import add_bench
 from xenpv.bench.report import emit
 from xenpv.bench.xenstore import child_env, supervised_xenstored
 from xenpv.commands import args as types
+from xenpv.metrics.counts import workload_counts
+from xenpv.metrics.registry import snapshot
 from xenpv.toolstack import supervisor
 from xenpv.toolstack.supervisor import SUPERVISOR, Supervisor
 
@@ -339,6 +341,15 @@ def _process_cpu(pid: int) -> float:
         return float("-inf")
 
 
+def _per_mib(counts: dict[str, Any]) -> dict[str, float]:
+    """The guest's counts per MiB and per request, flat (JSON figures of each workload)."""
+    return {
+        key: float(value)
+        for key, value in counts.items()
+        if key.endswith(("_per_mib", "_per_request")) and isinstance(value, int | float)
+    }
+
+
 async def _measure(front: Any, w: Workload, seconds: float) -> dict[str, float]:
     """Keep `w.depth` I/Os in flight from one task through the frontend's submission /
     completion queue (`Blkfront.io_queue()`), as fio keeps its iodepth with an async
@@ -371,6 +382,7 @@ async def _measure(front: Any, w: Workload, seconds: float) -> dict[str, float]:
     # a short warm-up (grants, persistent pool, page cache), then the measured run
     for span, measured in ((min(0.2, seconds / 4), False), (seconds, True)):
         ops, latency = 0, 0.0
+        counted = snapshot()  # the guest's operation counts (docs/metrics.md)
         cpu = time.process_time()
         began = time.perf_counter()
         deadline = began + span
@@ -402,6 +414,7 @@ async def _measure(front: Any, w: Workload, seconds: float) -> dict[str, float]:
                 # the guest process's CPU per I/O (blkfront + its share of the hypervisor)
                 "guest_cpu_us": round(cpu / max(ops, 1) * 1e6, 1),
                 "ops": total_ops,
+                **_per_mib(workload_counts(counted, snapshot(), GUEST, ops * w.bs)),
             }
     raise AssertionError("unreachable")
 

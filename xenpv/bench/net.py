@@ -47,6 +47,8 @@ from xenpv.bench.xenstore import spawned_xenstored
 from xenpv.commands import args as types
 from xenpv.hv import XEN_PAGE_SIZE, StaticDirectory, open_domain
 from xenpv.identity import DomainKey
+from xenpv.metrics.counts import workload_counts
+from xenpv.metrics.registry import snapshot
 from xenpv.toolstack.devices import create_vif
 from xenpv.toolstack.supervisor import Supervisor
 from xenpv.xenbus.core import DeviceId
@@ -331,6 +333,7 @@ async def _stream(a: Netfront, b: Netfront, size: int, seconds: float) -> dict[s
     sent = 0
     target: int | None = None
     tail = trio.Event()
+    counted = snapshot()  # the guests' operation counts (docs/metrics.md)
     start = time.perf_counter()
     deadline = start + seconds
 
@@ -363,6 +366,8 @@ async def _stream(a: Netfront, b: Netfront, size: int, seconds: float) -> dict[s
         "mbps": received * size * 8 / elapsed / 1e6,
         "sent": sent,
         "received": received,
+        # the sending guest's grants and events; ring slots of both guests (one process)
+        "counts": workload_counts(counted, snapshot(), GUESTS[0], received * size),
     }
 
 

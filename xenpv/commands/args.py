@@ -26,6 +26,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
+import structlog
+
+from xenpv.errors import UsageError
+
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]?)(?:i?B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 MAX_PORT = 65535
@@ -287,6 +291,32 @@ def add_ready_fd(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="write a READY line to fd N",
     )
+
+
+def add_metrics(parser: argparse.ArgumentParser) -> None:
+    """`--metrics HOST:PORT`: serve the process's counters for Prometheus (docs/metrics.md)."""
+    parser.add_argument(
+        "--metrics",
+        default=None,
+        metavar="HOST:PORT",
+        help="serve operation counters in the Prometheus text format on HOST:PORT",
+    )
+
+
+def start_metrics(listen: str | None) -> None:
+    """Start the `--metrics` endpoint (a daemon thread reading the counters), if asked."""
+    if listen is None:
+        return
+    from xenpv.metrics.prometheus import serve
+
+    try:
+        server = serve(listen)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise UsageError(f"--metrics {listen}: {exc.strerror or exc}") from None
+    host, port = server.server_address[:2]
+    structlog.get_logger().info("metrics serving", host=str(host), port=int(port))
 
 
 def add_state_dir(parser: argparse.ArgumentParser, *, help: str) -> None:

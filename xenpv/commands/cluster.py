@@ -32,6 +32,7 @@ import trio
 
 from xenpv.commands import args as types
 from xenpv.errors import EXIT_FAILURE, EXIT_OK, UsageError
+from xenpv.metrics.files import read_all
 from xenpv.toolstack import cluster, supervisor, topology
 from xenpv.toolstack import logs as cluster_logs
 from xenpv.toolstack.cluster import ClusterError
@@ -183,7 +184,10 @@ def run_status(args: argparse.Namespace) -> int:
             raise ClusterError(f"cannot reach xenstored at {address}: {exc}") from None
 
     status, dead = trio.run(main)
-    print_status(status, as_json=args.json, extra={"dead": dead} if dead else None)
+    extra: dict[str, Any] = {"dead": dead} if dead else {}
+    if args.json:  # each domain process's last counter snapshot (docs/metrics.md)
+        extra["counters"] = read_all(args.state_dir)
+    print_status(status, as_json=args.json, extra=extra or None)
     for name, record in sorted(dead.items()):
         print(f"xenpv: domain {name} is dead: {record.get('reason')}", file=sys.stderr)
     return EXIT_FAILURE if dead else EXIT_OK

@@ -19,6 +19,7 @@ import argparse
 import os
 import signal
 import threading
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -27,6 +28,7 @@ import trio
 from xenpv.commands import args as types
 from xenpv.errors import UsageError
 from xenpv.identity import DomainKey
+from xenpv.metrics.files import write_periodically
 from xenpv.runtime.domain_process import DomainRuntime, run_domain
 from xenpv.xenstore.client import connect
 
@@ -60,6 +62,14 @@ def register(sub: Any) -> None:
         metavar="EP",
         help="link endpoint, unix:PATH or tcp:HOST:PORT (default: the published one)",
     )
+    types.add_metrics(parser)
+    parser.add_argument(
+        "--metrics-file",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="write the counters as JSON to PATH every second (xenpv top reads them)",
+    )
     types.add_ready_fd(parser)
     parser.set_defaults(run=run)
 
@@ -68,7 +78,10 @@ def run(args: argparse.Namespace) -> int:
     keys = [DomainKey.load(path) for path in (args.key_file, *args.also_key_file)]
     if len(keys) > 1 and args.listen is not None:
         raise UsageError("--listen names one domain's endpoint: give one --key-file with it")
-    trio.run(_main, args.xenstore, keys, args.transport, args.listen, args.ready_fd)
+    types.start_metrics(args.metrics)
+    trio.run(
+        _main, args.xenstore, keys, args.transport, args.listen, args.ready_fd, args.metrics_file
+    )
     return 0
 
 
@@ -78,8 +91,11 @@ async def _main(
     transport: str,
     listen: str | None,
     ready_fd: int | None,
+    metrics_file: Path | None = None,
 ) -> None:
     async with trio.open_nursery() as nursery:
+        if metrics_file is not None:
+            nursery.start_soon(write_periodically, metrics_file)
         running = _Running(len(keys), nursery.cancel_scope)
         rts: list[DomainRuntime] = []
         for key in keys:

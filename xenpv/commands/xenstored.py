@@ -103,6 +103,7 @@ def register(sub: Any) -> None:
         metavar="DOMID:NAME=N",
         help="a quota for one domain only (replaces the global one for it)",
     )
+    types.add_metrics(parser)
     parser.set_defaults(run=run)
 
 
@@ -131,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
         compact_min_bytes=args.compact_bytes,
         write_stall_timeout=args.write_stall_timeout,
     )
+    types.start_metrics(args.metrics)
     trio.run(_main, config, args.ready_fd)
     return 0
 

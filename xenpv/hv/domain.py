@@ -53,6 +53,7 @@ from xenpv.hv.peergrants import PeerGrants
 from xenpv.hv.peerlinks import DIAL_TIMEOUT, TRANSPORTS, PeerLinks, parse_endpoint
 from xenpv.hv.ports import MAX_PORTS, PortTable
 from xenpv.identity import DomainKey
+from xenpv.metrics.registry import REGISTRY
 
 __all__ = [
     "DEFAULT_MAX_GRANTS",
@@ -115,6 +116,8 @@ class Domain:
         self.busy_poll = max_window_from_env() if busy_poll_us is None else busy_poll_us * 1e-6
         self.memory = DomainMemory(domid, memory_bytes, page_size, max_grants)
         self.grants = GrantTable(domid, self.memory.table, max_grants, self.memory.nr_frames)
+        self.stats = REGISTRY.domain(domid, self.name)  # docs/metrics.md
+        self.grants.stats = self.stats.grants
         self.links = PeerLinks(
             owner=self,
             key=key,
@@ -216,11 +219,13 @@ class Domain:
 
     def link_up(self, link: Link) -> None:
         self._held[link] = PeerGrants()
+        link.stats = self.stats.peer(link.peer)
 
     def handle_message(self, link: Link, message: Message) -> None:
         """A message from the peer of `link` (not a reply), in link order."""
         try:
             if type(message) is Event:
+                link.stats.events_received += 1
                 self.ports.on_event(link.peer, message)
             elif type(message) is Update:
                 self._on_update(link, message)

@@ -31,6 +31,7 @@ from xenpv.hv.gntst import (
     XENPV_GTF_ORDER_MASK,
     XENPV_GTF_ORDER_SHIFT,
 )
+from xenpv.metrics.counters import GrantTableStats
 
 GRANT_ENTRY = struct.Struct("<HHI")  # struct grant_entry_v1
 GRANT_ENTRY_SIZE = GRANT_ENTRY.size
@@ -79,7 +80,7 @@ def check_entry(
 class GrantTable:
     """The granting side: issue and end grants, pin entries while peers map them."""
 
-    __slots__ = ("_active", "_free", "_nr_frames", "_table", "domid", "nr_entries")
+    __slots__ = ("_active", "_free", "_nr_frames", "_table", "domid", "nr_entries", "stats")
 
     def __init__(self, domid: int, table: memoryview, nr_entries: int, nr_frames: int) -> None:
         """`table` views `nr_entries` grant entries; grants may name frames `< nr_frames`."""
@@ -91,6 +92,7 @@ class GrantTable:
         # keeps using a stale reference fails instead of silently reaching a new page.
         self._free = collections.deque(range(GNTTAB_NR_RESERVED_ENTRIES, nr_entries))
         self._active: dict[int, list[int]] = {}  # gref -> [read pins, write pins]
+        self.stats = GrantTableStats()  # the owning Domain swaps in its registered record
 
     def grant_access(
         self, remote: int, frame: int, *, readonly: bool = False, order: int = 0
@@ -114,6 +116,7 @@ class GrantTable:
         # domid and frame first, flags last: the entry becomes valid atomically for readers.
         struct.pack_into("<HI", self._table, offset + 2, remote, frame)
         struct.pack_into("<H", self._table, offset, flags)
+        self.stats.grants_issued += 1
         return gref
 
     def end_access(self, gref: int) -> None:
@@ -122,9 +125,11 @@ class GrantTable:
         if entry.flags & _TYPE_MASK != _PERMIT:
             raise GrantError(GNTST.GNTST_bad_gntref, f"grant {gref} is not in use")
         if entry.flags & (_READING | _WRITING):
+            self.stats.end_refused += 1
             raise GrantError(GNTST.GNTST_eagain, f"grant {gref} is still mapped by the peer")
         struct.pack_into("<H", self._table, gref * GRANT_ENTRY_SIZE, 0)
         self._free.append(gref)
+        self.stats.grants_ended += 1
 
     def entry(self, gref: int) -> GrantEntry:
         if not 0 <= gref < self.nr_entries:

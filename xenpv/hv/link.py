@@ -41,6 +41,7 @@ from xenpv.hv.messages import (
     decode,
     decode_reply,
 )
+from xenpv.metrics.counters import PeerStats
 
 __all__ = ["Link", "LinkHost", "ProtocolViolation", "SharedPeerMemory"]
 
@@ -103,6 +104,7 @@ class Link:
         self.peer = peer
         self.shared = shared
         self.dead: str | None = None
+        self.stats = PeerStats()  # the host swaps in its per-peer record (docs/metrics.md)
         self._stream = stream
         self._fd = stream.socket.fileno()
         self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_MESSAGE)

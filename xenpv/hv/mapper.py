@@ -112,6 +112,8 @@ class GrantMapper:
                 if status != OK:  # all or nothing, as a real failing element
                     raise GrantError(status, f"map of domain {remote} grant {gref} (injected)")
         link = await self._links.connect(remote)
+        link.stats.map_calls += 1
+        link.stats.map_segments += len(grefs)
 
         def on_reply(reply: MapReply) -> GrantMapping:
             # Runs in the receiving task: the mapping exists before the next UPDATE is applied.
@@ -160,6 +162,8 @@ class GrantMapper:
         held = self._held(link)
 
         def release(mapping: GrantMapping) -> None:
+            link.stats.unmap_calls += 1
+            link.stats.unmap_segments += len(mapping.grefs)
             held.remove_mapping(mapping)
             self.maps_in_use -= len(mapping.grefs)
 
@@ -231,6 +235,12 @@ class GrantMapper:
         link = await self._links.connect(remote)
         shared = link.shared
         if shared is not None:
+            stats = link.stats  # the socket path counts in _copy_with
+            stats.copy_calls += 1
+            for _local, segments in groups:
+                stats.copy_segments += len(segments)
+                for segment in segments:
+                    stats.copy_bytes += segment[3]  # (direction, gref, offset, length, at)
             statuses = copy_runs_shared(shared, self.domid, groups)
             if link.dead is not None:
                 raise PeerGone(f"domain {remote}: {link.dead}")
@@ -246,6 +256,11 @@ class GrantMapper:
         self, remote: int, ops: Sequence[CopyOp], indexes: Sequence[int], results: list[int]
     ) -> None:
         link = await self._links.connect(remote)
+        stats = link.stats
+        stats.copy_calls += 1
+        stats.copy_segments += len(indexes)
+        for index in indexes:
+            stats.copy_bytes += ops[index].length
         shared = link.shared
         if shared is not None:
             copy_shared(shared, self.domid, ops, indexes, results)

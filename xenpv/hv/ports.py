@@ -100,6 +100,7 @@ class PortTable:
             channel.peer_closed(f"no link to domain {channel.remote_domid}")
             raise EventChannelClosed(f"port {channel.port}: domain {channel.remote_domid} is gone")
         assert channel.remote_port is not None  # notify() sends on bound ports only
+        link.stats.events_sent += 1
         if self.faults is not None:
             event = Event(channel.remote_port)
             if self.faults.on_event(channel, lambda: link.send_now(event)):

@@ -256,6 +256,98 @@ def _chart(records: list[dict[str, Any]], device: str) -> str:
     return "".join(out)
 
 
+COUNT_KEYS = ("grant_ops_per_mib", "notifications_per_mib")
+COUNT_LABELS = {
+    "grant_ops_per_mib": "grant ops / MiB (exact)",
+    "notifications_per_mib": "notifications / MiB (timing-dependent)",
+}
+
+
+def _count(record: dict[str, Any], key: str) -> float | None:
+    value = (record.get("counts") or {}).get(key)
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _count_chart(records: list[dict[str, Any]], device: str, key: str) -> str:
+    """Bars of one count per MiB, off (4 KiB grants) next to on (the granule), per group."""
+    groups: dict[tuple[int, int, str], dict[str, dict[str, Any]]] = {}
+    for r in records:
+        if r["device"] == device:
+            group = (r["frontend_page"], r["backend_page"], r["features"]["profile"])
+            groups.setdefault(group, {})[r["extension"]] = r
+    values = [v for g in groups.values() for r in g.values() if (v := _count(r, key))]
+    if not values:
+        return ""
+    top = max(values)
+    bar, gap, left, height, bottom = 14, 14, 56, 160, 46
+    width = left + len(groups) * (2 * bar + gap) + 10
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + bottom + 10}"'
+        f' role="img" aria-label="{device} {html.escape(COUNT_LABELS[key])} per cell">'
+    ]
+    for i in range(5):
+        y = 10 + height - height * i / 4
+        out.append(
+            f'<line x1="{left - 4}" y1="{y:.1f}" x2="{width}" y2="{y:.1f}" stroke="#e3e3ea"/>'
+        )
+        out.append(
+            f'<text x="{left - 6}" y="{y + 3:.1f}" text-anchor="end">{top * i / 4:,.0f}</text>'
+        )
+    x = left
+    for (fe, be, profile), pair in groups.items():
+        for j, ext in enumerate(("off", "on")):
+            rec = pair.get(ext)
+            value = _count(rec, key) if rec is not None else None
+            if rec is None or value is None:
+                continue
+            h = height * value / top
+            colour = ON_COLOUR if ext == "on" else OFF_COLOUR
+            title = html.escape(f"{rec['key']}: {value:,.1f} {COUNT_LABELS[key]}")
+            out.append(
+                f'<rect x="{x + j * bar}" y="{10 + height - h:.1f}" width="{bar - 2}"'
+                f' height="{h:.1f}" fill="{colour}"><title>{title}</title></rect>'
+            )
+        cx = x + bar
+        for row, text in enumerate((f"g{fe >> 10}k", f"b{be >> 10}k", profile)):
+            out.append(
+                f'<text x="{cx}" y="{10 + height + 12 * (row + 1)}" text-anchor="middle">'
+                f"{html.escape(text)}</text>"
+            )
+        x += 2 * bar + gap
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _counts_table(records: list[dict[str, Any]]) -> list[str]:
+    """Per cell: the counts per MiB and per request; exact ones marked as such."""
+    counted = [r for r in records if r.get("counts")]
+    if not counted:
+        return []
+    columns = (
+        ("grant_ops_per_mib", "grant ops / MiB"),
+        ("segments_per_mib", "segments / MiB"),
+        ("ring_slots_per_mib", "ring slots / MiB"),
+        ("grant_ops_per_request", "grant ops / request"),
+        ("segments_per_request", "segments / request"),
+        ("notifications_per_mib", "notifications / MiB"),
+        ("notifications_per_request", "notifications / request"),
+    )
+    parts = ["<table><tr><th>cell</th>"]
+    for key, label in columns:
+        timing = key.startswith("notifications")
+        parts.append(f"<th>{html.escape(label)}<br>{'timing' if timing else 'exact'}</th>")
+    parts.append("</tr>")
+    for r in counted:
+        parts.append(f"<tr><td>{html.escape(r['key'])}</td>")
+        for key, _label in columns:
+            value = r["counts"].get(key)
+            shown = "" if value is None else f"{value:,.2f}"
+            parts.append(f"<td class='num'>{shown}</td>")
+        parts.append("</tr>")
+    parts.append("</table>")
+    return parts
+
+
 def _negotiated_text(record: dict[str, Any], end: str) -> str:
     seen = (record.get("negotiated") or {}).get(end) or {}
     return ", ".join(f"{k}={v}" for k, v in seen.items() if v is not None)
@@ -306,6 +398,22 @@ def render_html(result: dict[str, Any]) -> str:
             " question.</div>"
         )
         parts.append(_chart(cells, device))
+    parts.append(
+        "<h2>Operation counts: what each design costs the protocol</h2><p>Counted in the"
+        " guest's process while the cell's workload ran (docs/metrics.md), per MiB moved:"
+        " grant operations (grants issued and ended, and grant map/unmap/copy segments the"
+        " guest issued) and notifications (events sent and received). Grant operations,"
+        " segments and ring slots are <b>exact</b>: the same workload counts the same on any"
+        " host. Notifications are <b>timing-dependent</b>: req_event/rsp_event suppress them"
+        " while the other end is still busy. <i>off</i>: 4 KiB splitting; <i>on</i>: the"
+        " negotiated granule.</p>"
+    )
+    for device in ("vbd", "vif"):
+        for key in COUNT_KEYS:
+            chart = _count_chart(cells, device, key)
+            if chart:
+                parts.append(f"<h3>{device}: {html.escape(COUNT_LABELS[key])}</h3>{chart}")
+    parts += _counts_table(cells)
     parts.append("<h2>All cells</h2><table><tr>")
     parts += [
         f"<th>{html.escape(c)}</th>"

@@ -116,6 +116,9 @@ def judge(cell: Cell, result: dict[str, Any] | None) -> dict[str, Any]:
         "negotiated": seen,
         "bytes": result.get("bytes"),
         "seconds": result.get("seconds"),
+        # grant ops, segments, ring slots, notifications per MiB and per request
+        # (xenpv.metrics.counts; docs/metrics.md)
+        "counts": result.get("counts"),
     }
     return record
 

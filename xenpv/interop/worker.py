@@ -45,6 +45,8 @@ from xenpv.abi.netif import XEN_NETIF_GSO_TYPE_TCPV4, NetifGsoExtra
 from xenpv.errors import XenpvError
 from xenpv.granule import BACKEND_MAX_KEY, FRONTEND_KEY
 from xenpv.identity import DomainKey
+from xenpv.metrics.counts import workload_counts
+from xenpv.metrics.registry import snapshot
 from xenpv.runtime.blockcheck import BlockCheckPlan, awkward_extents, check_block
 from xenpv.runtime.domain_process import read_domain_info
 from xenpv.runtime.echo import OPAQUE_HEADER, TCP_HEADER, EchoPort, EchoRequest
@@ -230,6 +232,14 @@ class VbdCellWorkload:
         )
 
 
+def with_counts(result: dict[str, Any], before: dict[str, Any], domid: int) -> dict[str, Any]:
+    """The cell's result with the operation counts of its workload (docs/metrics.md)."""
+    moved = result.get("bytes")
+    if isinstance(moved, int) and moved > 0:
+        result["counts"] = workload_counts(before, snapshot(), domid, moved)
+    return result
+
+
 async def run_vbd(dom: Domain, xs: XenstoreClient, cell: dict[str, Any]) -> dict[str, Any]:
     from frontends import blkfront
 
@@ -248,8 +258,9 @@ async def run_vbd(dom: Domain, xs: XenstoreClient, cell: dict[str, Any]) -> dict
         await connected(xs, [(disk, device)], float(cell["attach_timeout"]))
         ctx = WorkloadContext(dom, xs, str(cell["key"]), blk={device: disk})
         workload = VbdCellWorkload(cell)
+        before = snapshot()
         await workload.run(ctx)
-        return workload.result
+        return with_counts(workload.result, before, dom.domid)
 
 
 # -- vif ------------------------------------------------------------------------------------
@@ -352,9 +363,11 @@ async def run_vif(dom: Domain, xs: XenstoreClient, cell: dict[str, Any]) -> dict
         nursery.start_soon(pump_frames, a, ctx.frames)
         nursery.start_soon(pump_frames, b, ctx.frames)
         workload = VifCellWorkload(cell, a_id, b_id)
+        before = snapshot()
         await workload.run(ctx)
+        result = with_counts(workload.result, before, dom.domid)
         nursery.cancel_scope.cancel()
-    return workload.result
+    return result
 
 
 # -- the process ----------------------------------------------------------------------------

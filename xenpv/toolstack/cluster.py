@@ -315,6 +315,7 @@ async def _start_process(
         flag = "--key-file" if index == 0 else "--also-key-file"
         args += [flag, str(cluster.state_dir / "keys" / f"{spec.name}.key")]
     args += ["--transport", DOMAIN_TRANSPORT[cluster.topology.transport]]
+    args += ["--metrics-file", str(cluster.state_dir / "metrics" / f"{name}.json")]
     log_path = cluster.state_dir / "logs" / f"{name}.log"
     return await cluster.sup.spawn(
         name,

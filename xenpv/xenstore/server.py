@@ -50,6 +50,8 @@ import trio
 
 from xenpv import identity
 from xenpv.errors import XenpvError
+from xenpv.metrics.counters import XenstoredStats
+from xenpv.metrics.registry import REGISTRY
 from xenpv.xenstore import auth
 from xenpv.xenstore.journal import Journal, JournalError
 from xenpv.xenstore.store import Change, ConnId, Quotas, Store
@@ -188,6 +190,8 @@ class XenstoreServer:
         self._commit_wake = trio.Event()
         self._compact_threshold = config.compact_min_bytes
         self.dropped_events = 0
+        self.stats = XenstoredStats.new()  # docs/metrics.md
+        REGISTRY.sections["xenstored"] = lambda: self.stats.as_dict(_TYPE_NAMES)
         self._fsync_ewma = 0.0
         self._handshaking = 0
 
@@ -348,6 +352,11 @@ class XenstoreServer:
         self, conn: _Conn, msg: Message, clog: structlog.typing.FilteringBoundLogger
     ) -> None:
         conn.outstanding += 1
+        ops = self.stats.ops
+        if 0 <= msg.type < len(ops):
+            ops[msg.type] += 1
+        else:
+            self.stats.other_ops += 1
         try:
             outcome = self.store.handle(conn.cid, msg)
         except Exception:
@@ -474,10 +483,16 @@ class XenstoreServer:
                         log.warning("watch event queue full, dropping events", conn=cid)
                     conn.dropped_events += 1
                     self.dropped_events += 1
+                    self.stats.watch_events_dropped += 1
                     continue
                 conn.queued_events += 1
+                self.stats.watch_events_fired += 1
             else:
                 conn.queued_replies += 1
+                if msg.type == XsType.XS_ERROR:
+                    self.stats.errors += 1
+                    if msg.payload == b"EAGAIN\0":  # a transaction to retry
+                        self.stats.transactions_retried += 1
             conn.queue.append(msg.encode())
             conn.wake.set()
         for cid in drop:
@@ -486,6 +501,9 @@ class XenstoreServer:
                 conn.closing = True
                 conn.wake.set()
                 conn.space.set()
+
+
+_TYPE_NAMES = {int(t): t.name.removeprefix("XS_").lower() for t in XsType}
 
 
 def _timed_append(journal: Journal, payload: bytes) -> float:

@@ -1,0 +1,139 @@
+"""The read side of the counters (docs/metrics.md): snapshot() and its Prometheus exposition,
+scraped over HTTP and parsed with prometheus_client's own parser."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from xenpv.metrics.counters import XenstoredStats
+from xenpv.metrics.prometheus import families, parse_listen, serve
+from xenpv.metrics.registry import Registry, snapshot
+
+
+def filled_registry() -> Registry:
+    registry = Registry()
+    dom = registry.domain(1, "guest")
+    dom.grants.grants_issued += 20
+    peer = dom.peer(0)
+    peer.copy_calls += 2
+    peer.copy_segments += 16
+    peer.copy_bytes += 1 << 20
+    peer.events_sent += 3
+    ring = registry.ring("blkif[native]", "front")
+    ring.produced += 2
+    ring.notify_avoided += 1
+    xs = XenstoredStats.new()
+    xs.ops[2] += 5
+    registry.sections["xenstored"] = lambda: xs.as_dict({2: "read"})
+    return registry
+
+
+def test_a_snapshot_is_a_plain_nested_dict() -> None:
+    snap = snapshot(filled_registry())
+    assert json.loads(json.dumps(snap)) == snap
+    assert snap["domains"]["1"]["peers"]["0"]["copy_segments"] == 16
+    assert snap["domains"]["1"]["grants"]["grants_issued"] == 20
+    assert snap["rings"]["blkif[native]"]["front"]["produced"] == 2
+    assert snap["xenstored"]["ops"] == {"read": 5}
+
+
+def test_the_metrics_port_serves_valid_exposition_text() -> None:
+    registry = filled_registry()
+    server = serve("127.0.0.1:0")
+    try:
+        from xenpv.metrics import registry as module
+
+        # The server reads the process registry; point it at ours for the scrape.
+        saved = module.REGISTRY.domains.copy()
+        module.REGISTRY.domains[1] = registry.domains[1]
+        try:
+            port = server.server_address[1]
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+                text = r.read().decode()
+        finally:
+            module.REGISTRY.domains.clear()
+            module.REGISTRY.domains.update(saved)
+    finally:
+        server.shutdown()
+        server.server_close()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    key = ("xenpv_grant_copy_segments_total", (("domain", "1"), ("peer", "0")))
+    assert samples[key] == 16
+    assert samples[("xenpv_grants_issued_total", (("domain", "1"),))] == 20
+
+
+def test_families_name_counters_the_prometheus_way() -> None:
+    names = {family.name for family in families(snapshot(filled_registry()))}
+    assert "xenpv_grant_copy_segments" in names  # exposed with the _total suffix
+    assert "xenpv_xenstore_ops" in names
+    assert all(name.startswith("xenpv_") for name in names)
+
+
+@pytest.mark.parametrize("bad", ["nope", "host:", "1.2.3.4:99999", ":x"])
+def test_a_bad_metrics_address_is_one_line(bad: str) -> None:
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        parse_listen(bad)
+
+
+def test_workload_counts_are_per_mib_and_per_request() -> None:
+    from xenpv.metrics.counts import workload_counts
+
+    before = snapshot(filled_registry())
+    registry = filled_registry()
+    dom = registry.domains[1]
+    dom.grants.grants_issued += 256  # 1 MiB in 4 KiB grants, each issued and ended
+    dom.grants.grants_ended += 256
+    dom.peer(0).events_sent += 24
+    registry.rings["blkif[native]", "front"].produced += 24
+    counts = workload_counts(before, snapshot(registry), 1, 1 << 20)
+    assert counts["grant_ops_per_mib"] == 512
+    assert counts["segments_per_mib"] == 256
+    assert counts["ring_slots_per_mib"] == 24
+    assert counts["notifications_per_mib"] == 24
+    assert counts["notifications_per_request"] == 1
+    assert "notifications" in counts["timing"] and "segments" in counts["exact"]
+
+
+def test_the_report_charts_counts_per_mib() -> None:
+    from xenpv.interop.matrix import enumerate_cells
+    from xenpv.interop.report import render_html
+    from xenpv.interop.verdict import judge
+
+    records = []
+    for cell in enumerate_cells():
+        if cell.device == "vbd" and (cell.frontend_page, cell.backend_page) == (65536, 4096):
+            grant_ops = 32.0 if cell.extension else 512.0
+            counts = {"grant_ops_per_mib": grant_ops, "notifications_per_mib": 3.0}
+            result = {"key": cell.key, "ok": True, "detail": "", "mbps": 1.0, "counts": counts}
+            records.append(judge(cell, result))
+    assert records
+    page = render_html({"cells": records})
+    assert "grant ops / MiB (exact)" in page
+    assert "notifications / MiB (timing-dependent)" in page
+    assert ": 512.0 grant ops / MiB" in page and ": 32.0 grant ops / MiB" in page
+
+
+def test_top_rows_are_rates_between_snapshots() -> None:
+    from xenpv.metrics.top import rows
+
+    before = snapshot(filled_registry()) | {"at": 100.0}
+    registry = filled_registry()
+    peer = registry.domains[1].peer(0)
+    peer.copy_segments += 32  # 16 + 32 over 2 s: 16 grant ops/s more than before
+    peer.copy_bytes += 2_000_000
+    peer.events_received += 4
+    registry.rings["blkif[native]", "front"].produced += 20
+    after = snapshot(registry) | {"at": 102.0}
+    (row,) = rows({"g": before}, {"g": after}, now=102.5)
+    assert (row.process, row.domain, row.peer, row.state) == ("g", "guest(1)", "0", "live")
+    assert (row.grant_ops_per_s, row.mb_per_s, row.events_per_s, row.iops) == (16, 1, 2, 10)
+    (stale,) = rows({}, {"g": after}, now=110.0)
+    assert stale.state == "stale" and stale.grant_ops_per_s == 0  # no earlier sample: no rate
