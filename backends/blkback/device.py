@@ -23,6 +23,14 @@ switches to Closing (Linux halts the ring and leaves the state alone; writing Cl
 well-behaved frontend notice and reconnect, and leaves the device dead for one that ignores
 it). Other devices of the same backend are separate `serve` tasks and never notice.
 
+A lost link to the frontend (its process died, or the domain link failed: docs/faults.md,
+"Link faults") ends the queues as a dead frontend does; if the link is still down and the
+backend still Connected, it closes as a restarted backend does (`backend_start`): tear down,
+write Closed; the frontend closes, starts over at Initialising and re-issues its unfinished
+requests on the new connection. A CONNECT that fails because the frontend is unreachable
+waits `UNREACHABLE_BACKOFF` before switching to Closing, so a partition does not spin the
+handshake.
+
 Capacity change: `resize(new_size)`, or the toolstack re-writing `xenpv-size`, resizes the
 storage and re-writes `sectors` with Connected in one transaction (Linux `vbd_resize`).
 An existing image file keeps its own size when opened (`xenpv-size` is the creation size).
@@ -64,9 +72,9 @@ from backends.storage import MemoryDisk, RawImage, Storage
 from xenpv.abi.ring import BackRing
 from xenpv.errors import XenpvError
 from xenpv.granule import FRONTEND_KEY, granule_size
-from xenpv.hv import XEN_PAGE_SIZE, Domain, EventChannel, GrantMapping
+from xenpv.hv import XEN_PAGE_SIZE, Domain, EventChannel, GrantMapping, PeerGone
 from xenpv.xenbus import core as xenbus
-from xenpv.xenbus.core import Action, Closing, Connected, DeviceId
+from xenpv.xenbus.core import Action, Closed, Closing, Connected, DeviceId
 from xenpv.xenbus.handshake import read_keys, read_state, run_handshake
 from xenpv.xenbus.keys import XENPV_SIZE, KeyValueError, parse_uint
 from xenpv.xenstore.client import Transaction, XenstoreClient, XenstoreConnectionError
@@ -77,6 +85,7 @@ log = structlog.get_logger()
 DRAIN_TIMEOUT = 10.0  # seconds to let requests in flight finish at disconnect
 UNMAP_TIMEOUT = 5.0
 HANDSHAKE_RETRY = 0.5
+UNREACHABLE_BACKOFF = 0.25  # seconds before refusing a CONNECT the frontend's link failed
 
 
 def open_storage_from(config: BackendConfig) -> Storage:
@@ -234,6 +243,8 @@ class BlkbackDevice:
                 await self._setup_rings(conn, limits, self.storage)
             except (XenpvError, OSError, ValueError) as exc:
                 self._log.warning("connect failed (xenbus_dev_fatal)", error=str(exc))
+                if isinstance(exc, PeerGone):
+                    await trio.sleep(UNREACHABLE_BACKOFF)
                 await self._teardown_locked()
                 await self._record_error(str(exc))
                 await self._switch_state(Closing)
@@ -290,6 +301,7 @@ class BlkbackDevice:
                 storage=storage,
                 persistent=persistent,
                 on_broken=functools.partial(self._ring_broken, conn),
+                on_gone=functools.partial(self._frontend_gone, conn),
             )
             conn.workers.append(worker)
             self._nursery.start_soon(worker.run)
@@ -299,6 +311,25 @@ class BlkbackDevice:
     def _ring_broken(self, conn: Connection, reason: str) -> None:
         if self._nursery is not None:
             self._nursery.start_soon(self._disconnect_broken, conn, reason)
+
+    def _frontend_gone(self, conn: Connection, reason: str) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(self._link_lost, conn)
+
+    async def _link_lost(self, conn: Connection) -> None:
+        """A queue found the frontend gone: if the link to it is down (the frontend may be
+        alive), close as a restarted backend does so that the frontend starts over."""
+        async with self._lock:
+            if self.connection is not conn or self.dom.link_to(self.device.frontend_domid):
+                return  # already torn down, or the frontend closed its port on a live link
+            try:
+                if await read_state(self.xs, self.device.backend) != Connected:
+                    return
+                await self._teardown_locked()
+                self._log.info("link to the frontend lost: closing so that it reconnects")
+                await self._switch_state(Closed)
+            except XsError as exc:
+                self._log.warning("cannot close after a lost link", error=str(exc))
 
     async def _disconnect_broken(self, conn: Connection, reason: str) -> None:
         async with self._lock:

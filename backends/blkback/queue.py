@@ -74,6 +74,7 @@ class QueueWorker:
         storage: Storage,
         persistent: PersistentGrants | None,
         on_broken: Callable[[str], None],
+        on_gone: Callable[[str], None] | None = None,
     ) -> None:
         self.dom = dom
         self.remote = remote
@@ -84,6 +85,7 @@ class QueueWorker:
         self.storage = storage
         self.persistent = persistent
         self.on_broken = on_broken
+        self.on_gone = on_gone  # the frontend's port closed or its link died
         # The disk's in-task calls, when it has them (`ImmediateStorage`).
         self._read_now: Callable[[int, list[memoryview]], bool] | None = getattr(
             storage, "readinto_now", None
@@ -113,6 +115,8 @@ class QueueWorker:
                         self.on_broken(str(exc))
                     except HvError as exc:  # the frontend closed its port or died
                         self._log.info("frontend gone", reason=str(exc))
+                        if self.on_gone is not None:
+                            self.on_gone(str(exc))
                     except Exception as exc:  # a bug: this device goes, the backend stays
                         self._log.exception("ring loop failed")
                         self.on_broken(f"internal error: {exc!r}")

@@ -47,8 +47,10 @@ def test_it_is_a_link_faults_seam_and_passes_when_idle() -> None:
 def test_loss_duplicate_and_scope() -> None:
     inj = _injector()
     with injected(inj, fault("link.loss", LINK)):
-        assert inj.on_send(BE, G4, ["m"]) == Verdict(send=[], delay=0.0)
-        assert inj.on_send(G4, BE, ["m"]) == Verdict(send=[], delay=0.0)
+        # A reliable link cannot lose one message: it fails (docs/faults.md, "Link faults").
+        for src, dst in ((BE, G4), (G4, BE)):
+            verdict = inj.on_send(src, dst, ["m"])
+            assert verdict is not None and verdict.fail and "lost" in verdict.fail
         assert inj.on_send(BE, G16, ["m"]) is None  # another link
     assert inj.on_send(BE, G4, ["m"]) is None  # healed on leaving the block
     with injected(inj, fault("link.duplicate", "domain:guest16k")):
@@ -60,7 +62,8 @@ def test_partition_one_way_drop_and_fail() -> None:
     inj = _injector()
     one_way = fault("link.partition", LINK, direction="one-way", mode="drop")
     inj.start(one_way)
-    assert inj.on_send(BE, G4, ["m"]) == Verdict(send=[], delay=0.0)
+    verdict = inj.on_send(BE, G4, ["m"])
+    assert verdict is not None and verdict.fail and "partition" in verdict.fail
     assert inj.on_send(G4, BE, ["m"]) is None
     inj.stop(one_way)
     inj.start(fault("link.partition", LINK, "f1.0", direction="both", mode="fail"))
@@ -128,10 +131,11 @@ def test_bandwidth_token_bucket() -> None:
     assert inj.on_send(BE, G4, [4]) is None
 
 
-def test_corrupt_uses_the_corrupter_or_drops() -> None:
+def test_corrupt_uses_the_corrupter_or_fails_the_link() -> None:
     inj = _injector()
     inj.start(fault("link.corrupt", LINK))
-    assert inj.on_send(BE, G4, ["m"]) == Verdict(send=[], delay=0.0)
+    verdict = inj.on_send(BE, G4, ["m"])
+    assert verdict is not None and verdict.fail and "corrupt" in verdict.fail
 
     def flip(message: list[Any], rng: random.Random) -> list[Any]:
         return [*message, "flipped"]

@@ -366,7 +366,14 @@ KINDS: tuple[FaultKind, ...] = (
         ),
         (L, D),
     ),
-    FaultKind(Family.LINK, "loss", "drop link messages", (), (L, D), may_lose=True),
+    FaultKind(
+        Family.LINK,
+        "loss",
+        "lose link messages: the reliable link fails at the first loss and is redialled",
+        (),
+        (L, D),
+        may_lose=True,
+    ),
     FaultKind(Family.LINK, "duplicate", "send link messages twice", (), (L, D), may_duplicate=True),
     FaultKind(
         Family.LINK,
@@ -378,8 +385,8 @@ KINDS: tuple[FaultKind, ...] = (
     FaultKind(
         Family.LINK,
         "corrupt",
-        "alter link messages (a corrupter may be supplied; otherwise dropped as if a"
-        " checksum had caught it)",
+        "alter link messages (a corrupter may be supplied; otherwise caught as by a"
+        " checksum: the link fails)",
         (),
         (L, D),
         may_lose=True,
@@ -397,7 +404,7 @@ KINDS: tuple[FaultKind, ...] = (
     FaultKind(
         Family.LINK,
         "partition",
-        "cut a link one way or both ways (drop messages, or break the link)",
+        "cut a link one way or both ways: it fails at each message across the cut until healed",
         (
             Param(
                 "direction",

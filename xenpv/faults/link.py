@@ -1,13 +1,25 @@
 """`LinkInjector`: the `LinkFaults` seam of domain links (xenpv.hv.faults), driven by a schedule.
 
 Messages are opaque: the injector never looks inside one. It decides per message, from the
-faults active on that direction, in this order: partition (drop, or fail the link), loss,
-corrupt (a supplied corrupter, else dropped as a checksum would), duplicate, reorder (hold the
+faults active on that direction, in this order: partition, loss, corrupt (a supplied
+corrupter, else the message is lost), duplicate, reorder (hold the
 message; release it after `hold` later ones), delay + jitter, bandwidth (a token bucket over
 an estimated size: `size_of(message)`, a constant by default, because typed messages have no
 byte length until encoded). Random choices come from a stream per fault
 (`stream(seed, "inject/<fault id>")`), so the decisions for a given sequence of messages are
 reproducible; which messages a real run sends, and when, is not.
+
+A lost message breaks the link (`Verdict.fail`): a domain link is an ordered, reliable path
+(a hypercall, or a connection between hosts), and the shared-memory model above it has no
+way to notice one missing message: a lost event leaves both ends asleep on a ring with work
+on it, a lost UPDATE leaves a replica silently stale, a lost request or reply hangs a call
+for the link's call timeout. Real transports do not lose messages out of a stream either:
+they retransmit (`link.delay` stands for that) or the connection fails. So `link.loss`,
+`link.partition` (either mode) and an uncorruptable `link.corrupt` make the link die as a
+connection would: both ends see the peer gone (PeerGone, ports closed, mappings dead), the
+next operation redials, and the drivers reconnect through xenbus as after a backend
+restart (docs/faults.md, "Link faults"). While a partition lasts, every redialled link dies
+at its first message, so the peers stay apart until the heal.
 
 Held messages (reorder) can only leave with a later message on the same direction: the seam
 is called on sends only. Stopping the fault releases them with the next message; a direction
@@ -126,15 +138,16 @@ class LinkInjector:
             if not out or not self._fires(entry):
                 continue
             if kind == "link.partition":
-                if entry.fault.param("mode") == "fail":
-                    return Verdict(fail=f"{entry.fault.id}: partition of {entry.fault.target}")
-                out = []
-            elif kind == "link.loss":
-                out = []
-            elif kind == "link.corrupt":
-                # With no corrupter the message is dropped, as a checksum would have caught it.
+                return Verdict(fail=f"{entry.fault.id}: partition of {entry.fault.target}")
+            if kind == "link.loss":
+                return Verdict(fail=f"{entry.fault.id}: a message lost on {entry.fault.target}")
+            if kind == "link.corrupt":
                 corrupt = self.corrupter
-                out = [] if corrupt is None else [corrupt(m, entry.rng) for m in out]
+                if corrupt is None:  # caught by a checksum: lost, so the link fails
+                    return Verdict(
+                        fail=f"{entry.fault.id}: a corrupt message on {entry.fault.target}"
+                    )
+                out = [corrupt(m, entry.rng) for m in out]
             elif kind == "link.duplicate":
                 out = out + out
             elif kind == "link.reorder":

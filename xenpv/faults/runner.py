@@ -103,6 +103,10 @@ STOP_WAIT = 5.0  # seconds agents have to close their history files
 CLEAR_TIMEOUT = 5.0
 BACK_WAIT = 30.0  # seconds a killed domain may take to come back before its fault stops
 RESTARTING = frozenset({"process.kill", "process.restart"})
+# Faults that make domain links fail (xenpv/faults/link.py): the devices across the link
+# reconnect after the heal, and the fault window lasts until they have.
+LINK_BREAKING = frozenset({"link.loss", "link.partition", "link.corrupt"})
+LINK_SETTLE = 0.5  # seconds for a link's death to show in the xenbus states after a heal
 READY_NODE = "xenpv/faults/ready"  # an agent's incarnation, written once its workloads are set
 
 
@@ -547,7 +551,48 @@ async def _follow(
         if restarts:
             with trio.move_on_after(BACK_WAIT):
                 await _back(xs, schedule, domids, name, before.get(fault.id), republish)
+        if fault.kind in LINK_BREAKING:
+            injection.injector_for(fault).stop(fault)  # heal now; the window lasts until
+            with trio.move_on_after(BACK_WAIT):  # the devices across it reconnected
+                await _until_reconnected(xs, _link_state_paths(schedule, domids, fault.target))
         injection.stop(fault)
+
+
+def _link_state_paths(schedule: Schedule, domids: dict[str, int], target: str) -> list[str]:
+    """Both ends' state nodes of every device whose frontend and backend a link fault's
+    target (`link:A-B` or `domain:X`) separates."""
+    paths = []
+    for device in schedule.topology.devices:
+        ends = {device.guest, device.backend}
+        if target.startswith("domain:"):
+            hit = target.removeprefix("domain:") in ends
+        else:
+            hit = any(f"link:{a}-{b}" == target for a in ends for b in ends if a != b)
+        if hit:
+            fe, be = domids[device.guest], domids[device.backend]
+            paths.append(f"{domain_path(fe)}/device/{device.cls}/{device.devid}/state")
+            paths.append(f"{domain_path(be)}/backend/{device.cls}/{fe}/{device.devid}/state")
+    return paths
+
+
+async def _until_reconnected(xs: XenstoreClient, paths: list[str]) -> None:
+    """Until every node of `paths` reads Connected, and again `LINK_SETTLE` later (a link
+    that died just before the heal takes a moment to show in the states)."""
+    while True:
+        await trio.sleep(LINK_SETTLE)
+        for path in paths:
+            await _until_connected(xs, path)
+        await trio.sleep(LINK_SETTLE)
+        connected = [await _is_connected(xs, path) for path in paths]
+        if all(connected):
+            return
+
+
+async def _is_connected(xs: XenstoreClient, path: str) -> bool:
+    with contextlib.suppress(XsError, XenstoreConnectionError):
+        raw = await xs.try_read(path)
+        return raw is not None and raw.strip() == b"4"
+    return False
 
 
 def save_json(result: RunResult) -> str:
