@@ -12,6 +12,7 @@ from xenpv.faults.injectors import Injection, NoInjector, injected
 from xenpv.faults.link import LinkInjector
 from xenpv.faults.schedule import ScheduledFault
 from xenpv.hv.faults import LinkFaults, Verdict
+from xenpv.hv.messages import Event, MapRequest
 
 DOMIDS = {"backend": 1, "guest4k": 2, "guest16k": 3}
 LINK = "link:backend-guest4k"
@@ -53,9 +54,12 @@ def test_loss_duplicate_and_scope() -> None:
             assert verdict is not None and verdict.fail and "lost" in verdict.fail
         assert inj.on_send(BE, G16, ["m"]) is None  # another link
     assert inj.on_send(BE, G4, ["m"]) is None  # healed on leaving the block
+    event = Event(3)
     with injected(inj, fault("link.duplicate", "domain:guest16k")):
-        assert inj.on_send(G16, BE, ["m"]) == Verdict(send=[["m"], ["m"]], delay=0.0)
-        assert inj.on_send(BE, G4, ["m"]) is None
+        assert inj.on_send(G16, BE, event) == Verdict(send=[event, event], delay=0.0)
+        assert inj.on_send(BE, G4, event) is None
+        # A request is carried out once: a reliable receiver drops a retransmitted copy.
+        assert inj.on_send(G16, BE, MapRequest(7, [1], readonly=False)) is None
 
 
 def test_partition_one_way_drop_and_fail() -> None:

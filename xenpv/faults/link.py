@@ -21,6 +21,12 @@ next operation redials, and the drivers reconnect through xenbus as after a back
 restart (docs/faults.md, "Link faults"). While a partition lasts, every redialled link dies
 at its first message, so the peers stay apart until the heal.
 
+`link.duplicate` repeats only what a peer may see twice: events (a spurious notification),
+replica UPDATEs (the same bytes again) and replies (a late duplicate is ignored). A hypercall
+request is carried out once, as a reliable transport's receiver discards a retransmitted
+copy: a second MAP would leave a pin nobody unmaps, a second UNMAP would drop another
+mapping's pin, a second BIND or CLOSE could hit a port reused since.
+
 Held messages (reorder) can only leave with a later message on the same direction: the seam
 is called on sends only. Stopping the fault releases them with the next message; a direction
 that never sends again keeps them (a reorder at the very end of a conversation is a loss).
@@ -35,6 +41,7 @@ from dataclasses import dataclass, field
 
 from xenpv.faults.schedule import ScheduledFault, stream
 from xenpv.hv.faults import Message, Verdict
+from xenpv.hv.messages import Event, Reply, Update
 
 DEFAULT_MESSAGE_SIZE = 256  # bytes: a typical small link message, for the bandwidth fault
 
@@ -149,7 +156,8 @@ class LinkInjector:
                     )
                 out = [corrupt(m, entry.rng) for m in out]
             elif kind == "link.duplicate":
-                out = out + out
+                if _repeatable(message):
+                    out = out + out
             elif kind == "link.reorder":
                 hold = int(entry.fault.param("hold"))
                 out = []
@@ -200,3 +208,8 @@ class LinkInjector:
         # adds only the part of its own cost the bucket cannot cover.
         uncovered = min(cost, max(0.0, cost - max(before, 0.0)))
         return uncovered / rate
+
+
+def _repeatable(message: Message) -> bool:
+    """A message whose second copy changes nothing (see the module docstring)."""
+    return type(message) in (Event, Update) or isinstance(message, Reply)

@@ -358,6 +358,12 @@ async def _run(
     controls = ControlInjector(schedule)
     publish = trio.Event()
 
+    def domain_event(name: str, event: str) -> None:
+        # The report's domain lanes and the isolation checker read these.
+        runner_log.append("runner", "info", "state", f"domain:{name}", event)
+
+    cluster.on_domain = domain_event
+
     def wake() -> None:
         publish.set()
 
@@ -438,6 +444,7 @@ async def _run(
     finally:
         with trio.CancelScope(shield=True):
             progress.close()
+            cluster.on_domain = None
             runner_log.close()
             with trio.move_on_after(CLEAR_TIMEOUT):
                 for who in everyone:

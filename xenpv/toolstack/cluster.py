@@ -46,7 +46,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +108,13 @@ class Cluster:
     dead: dict[str, dict[str, Any]] = field(default_factory=dict)
     restarts: dict[str, int] = field(default_factory=dict)
     forkserver: Path | None = None  # its socket: domain processes are forked from it
+    # Told `(name, "down")` when a domain's process exits and `(name, "up")` when the restart
+    # policy started it again (a fault run records both in its history).
+    on_domain: Callable[[str, str], None] | None = None
+
+    def domain_event(self, name: str, event: str) -> None:
+        if self.on_domain is not None:
+            self.on_domain(name, event)
 
     @property
     def children(self) -> list[Child]:
@@ -546,6 +553,7 @@ async def _on_death(cluster: Cluster, child: Child, on_exit: OnExit, log_level: 
         message = _exit_message(child, code)
         if child.kind == "xenstored" or child.name not in cluster.domids:
             raise ClusterError(message)
+        cluster.domain_event(child.name, "down")
         spec = cluster.topology.domain(child.name)
         failed = code is None or code != 0
         restarts = cluster.restarts.get(child.name, 0)
@@ -553,6 +561,7 @@ async def _on_death(cluster: Cluster, child: Child, on_exit: OnExit, log_level: 
             log.warning("domain process died; restarting it", domain=child.name, why=message)
             try:
                 child = await _restart(cluster, child, spec, log_level)
+                cluster.domain_event(child.name, "up")
                 continue
             except (XenpvError, OSError) as exc:
                 message += f"; restarting it failed: {exc}"
