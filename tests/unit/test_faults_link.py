@@ -130,7 +130,7 @@ def test_bandwidth_token_bucket() -> None:
     v = inj.on_send(BE, G4, [2])
     assert v is not None and v.delay == pytest.approx(0.1)  # 1000 bytes at 10 kB/s
     v = inj.on_send(BE, G4, [3])
-    assert v is not None and v.delay == pytest.approx(0.1)  # only its own share
+    assert v is not None and v.delay == pytest.approx(0.2)  # after the previous one
     clock.tick(1.0)  # the bucket refills (to its burst)
     assert inj.on_send(BE, G4, [4]) is None
 

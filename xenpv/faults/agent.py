@@ -46,6 +46,8 @@ from xenpv.faults.guest import DomainRuntime
 from xenpv.faults.link import LinkInjector
 from xenpv.faults.schedule import Schedule, ScheduledFault, stream
 from xenpv.faults.storage import FaultyStorage
+from xenpv.hv.errors import PeerGone
+from xenpv.hv.messages import Update
 from xenpv.xenbus.core import DeviceId
 from xenpv.xenstore.client import XenstoreConnectionError
 from xenpv.xenstore.wire import XsError
@@ -437,6 +439,13 @@ class FaultAgent:
         log.info("fault healed", fault=fault.id, kind=fault.kind, target=fault.target)
         if family == "link" and self._link is not None:
             self._link.stop(fault)
+            for peer in self._link.holding_for():
+                # Held (reordered) messages leave with the next one: send an empty UPDATE,
+                # which changes nothing, so an idle direction does not keep them for good.
+                link = self.rt.dom.link_to(peer)
+                if link is not None:
+                    with contextlib.suppress(PeerGone):
+                        link.send(Update([]))
         elif family == "storage":
             disk = self._disk_of(fault)
             if disk is not None:

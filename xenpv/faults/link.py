@@ -28,8 +28,9 @@ copy: a second MAP would leave a pin nobody unmaps, a second UNMAP would drop an
 mapping's pin, a second BIND or CLOSE could hit a port reused since.
 
 Held messages (reorder) can only leave with a later message on the same direction: the seam
-is called on sends only. Stopping the fault releases them with the next message; a direction
-that never sends again keeps them (a reorder at the very end of a conversation is a loss).
+is called on sends only. Stopping the fault releases them with the next message, which the
+agent sends at once (an empty UPDATE, `holding_for`): an idle direction would keep them for
+good, and a held event is then a lost one (both ends asleep).
 """
 
 from __future__ import annotations
@@ -94,6 +95,11 @@ class LinkInjector:
 
     def stop(self, fault: ScheduledFault) -> None:
         self._active.pop(fault.id, None)
+
+    def holding_for(self) -> list[int]:
+        """The peers some held (reordered) message is for: it leaves with the next message
+        to that peer (the agent sends one when the fault stops)."""
+        return sorted({dst for (_src, dst), held in self._held.items() if held})
 
     @property
     def active(self) -> list[ScheduledFault]:
@@ -201,13 +207,10 @@ class LinkInjector:
         now = self.clock()
         entry.tokens = min(burst, entry.tokens + (now - entry.refilled) * rate)
         entry.refilled = now
-        cost = float(self.size_of(message))
-        before = entry.tokens
-        entry.tokens -= cost
-        # Earlier debt is already being waited for (the link holds its output): this message
-        # adds only the part of its own cost the bucket cannot cover.
-        uncovered = min(cost, max(0.0, cost - max(before, 0.0)))
-        return uncovered / rate
+        entry.tokens -= float(self.size_of(message))
+        # The message leaves once the bucket has paid for it, debt of earlier ones included
+        # (a link delay counts from now: Verdict).
+        return max(0.0, -entry.tokens) / rate
 
 
 def _repeatable(message: Message) -> bool:
