@@ -116,7 +116,6 @@ NOT_YET = {
     "xenstore.watch-duplicate": "xenstored has no seam on the watch events it sends",
     "xenstore.watch-drop": "xenstored has no seam on the watch events it sends",
     "xenstore.watch-flood": "xenstored has no seam on the watch events it sends",
-    "xenstore.xenstored-kill": "the supervisor does not restart xenstored yet",
 }
 
 D, V, Q, L, X = (
@@ -326,7 +325,7 @@ KINDS: tuple[FaultKind, ...] = (
     FaultKind(
         Family.XENSTORE,
         "xenstored-kill",
-        "kill xenstored, optionally restarting it from its persisted store",
+        "kill -9 xenstored; restart it from its persisted store on the same addresses at the stop",
         (Param("restart", bool, True, "restart xenstored when the fault stops"),),
         (X,),
         may_lose=True,

@@ -94,7 +94,10 @@ AGENT_KINDS = frozenset(
     }
 )
 XENSTORED_KINDS = frozenset({"xenstore.commit-eagain", "xenstore.conn-reset"})
-PROCESS_KINDS = frozenset({"process.kill", "process.stop", "process.restart"})
+PROCESS_KINDS = frozenset(
+    {"process.kill", "process.stop", "process.restart", "xenstore.xenstored-kill"}
+)
+XENSTORED_KILL = "xenstore.xenstored-kill"
 DEVICE_KINDS = frozenset({device_faults.KIND})
 INJECTABLE = AGENT_KINDS | XENSTORED_KINDS | PROCESS_KINDS | DEVICE_KINDS
 DRAIN = 1.0  # seconds between the senders' stop and the agents' stop
@@ -132,6 +135,11 @@ def blocked_kinds(plan: Plan) -> list[str]:
 
 def check_injectable(schedule: Schedule) -> None:
     for fault in schedule.faults:
+        if fault.kind == XENSTORED_KILL and not fault.param("restart"):
+            raise RunError(
+                f"{fault.id}: {XENSTORED_KILL} with restart = false would end the run (every"
+                " domain needs xenstore): use restart = true"
+            )
         if not injectable(fault.kind):
             raise RunError(
                 f"{fault.id}: {fault.kind} cannot be injected by `faults run` yet: "
@@ -429,7 +437,7 @@ async def _run(
                         await trio.sleep(0.5)
 
                 nursery.start_soon(ticker)
-                await _follow(schedule, injection, origin, xs, domids, republish, hotplugs)
+                await _follow(schedule, injection, origin, xs, domids, republish, hotplugs, cluster)
             phase[0] = "probe"
             await write_all(everyone)
             await trio.sleep_until(origin + max(schedule.duration, schedule.last_heal))
@@ -534,18 +542,24 @@ async def _follow(
     domids: dict[str, int],
     republish: Callable[[str], Awaitable[None]],
     hotplugs: device_faults.DeviceInjector | None = None,
+    cluster: cluster_mod.Cluster | None = None,
 ) -> None:
     """`injectors.follow`, except that a killed domain's fault window lasts until the domain
     is back (`_back`): what it lost while down is the fault's doing, and the history says
     so. Likewise a detached device's window runs from before the detach until it is
-    re-attached and Connected again. Later events wait for them (bounded by BACK_WAIT)."""
+    re-attached and Connected again, a killed xenstored's until it is restarted (from its
+    persisted store, on the same addresses) and answers, and a link fault's until the devices
+    across the link are Connected again. Later events wait for them (bounded by BACK_WAIT)."""
     before: dict[str, bytes | None] = {}
     for offset, action, fault in schedule.events():
         await trio.sleep_until(origin + offset)
         name = fault.target.removeprefix("domain:")
         restarts = fault.kind in RESTARTING and name in domids
         hotplug = hotplugs is not None and hotplugs.handles(fault)
+        xenstored = fault.kind == XENSTORED_KILL and cluster is not None
         if action == "start":
+            if cluster is not None and xenstored:
+                cluster_mod.expect_xenstored_exit(cluster)  # before the signal
             if restarts:
                 before[fault.id] = await _ready_value(xs, domids[name])
             injection.start(fault)
@@ -558,11 +572,24 @@ async def _follow(
         if restarts:
             with trio.move_on_after(BACK_WAIT):
                 await _back(xs, schedule, domids, name, before.get(fault.id), republish)
+        if cluster is not None and xenstored:
+            await _restart_xenstored(cluster, xs)
         if fault.kind in LINK_BREAKING:
             injection.injector_for(fault).stop(fault)  # heal now; the window lasts until
             with trio.move_on_after(BACK_WAIT):  # the devices across it reconnected
                 await _until_reconnected(xs, _link_state_paths(schedule, domids, fault.target))
         injection.stop(fault)
+
+
+async def _restart_xenstored(cluster: cluster_mod.Cluster, xs: XenstoreClient) -> None:
+    """Start the killed xenstored again and wait (bounded) until it answers our client."""
+    try:
+        await cluster_mod.restart_xenstored(cluster)
+    except XenpvError as exc:  # the cluster's death watcher ends the run with the reason
+        log.error("cannot restart xenstored", error=str(exc))
+        return
+    with trio.move_on_after(BACK_WAIT), contextlib.suppress(XsError, XenstoreConnectionError):
+        await xs.try_read("/local")
 
 
 def _link_state_paths(schedule: Schedule, domids: dict[str, int], target: str) -> list[str]:
