@@ -73,8 +73,9 @@ from xenpv.abi.ring import BackRing
 from xenpv.errors import XenpvError
 from xenpv.granule import FRONTEND_KEY, granule_size
 from xenpv.hv import XEN_PAGE_SIZE, Domain, EventChannel, GrantMapping, PeerGone
+from xenpv.hv.link import Link
 from xenpv.xenbus import core as xenbus
-from xenpv.xenbus.core import Action, Closed, Closing, Connected, DeviceId
+from xenpv.xenbus.core import Action, Closed, Closing, Connected, DeviceId, InitWait
 from xenpv.xenbus.handshake import read_keys, read_state, run_handshake
 from xenpv.xenbus.keys import XENPV_SIZE, KeyValueError, parse_uint
 from xenpv.xenstore.client import Transaction, XenstoreClient, XenstoreConnectionError
@@ -138,6 +139,7 @@ class BlkbackDevice:
         self.storage: Storage | None = None
         self.limits: DeviceLimits | None = None
         self.connection: Connection | None = None
+        self._conn_link: Link | None = None  # the domain link the connection was set up on
         self.connections = 0  # successful CONNECTs, for tests and stats
         self.broken: str | None = None  # why the last connection was cut, if it was
         self._open = open_storage or open_storage_from
@@ -241,6 +243,7 @@ class BlkbackDevice:
                 )
                 conn = self.connection = Connection(params)
                 await self._setup_rings(conn, limits, self.storage)
+                self._conn_link = self.dom.link_to(self.device.frontend_domid)
             except (XenpvError, OSError, ValueError) as exc:
                 self._log.warning("connect failed (xenbus_dev_fatal)", error=str(exc))
                 if isinstance(exc, PeerGone):
@@ -318,18 +321,27 @@ class BlkbackDevice:
 
     async def _link_lost(self, conn: Connection) -> None:
         """A queue found the frontend gone: if the link to it is down (the frontend may be
-        alive), close as a restarted backend does so that the frontend starts over."""
-        async with self._lock:
-            if self.connection is not conn or self.dom.link_to(self.device.frontend_domid):
-                return  # already torn down, or the frontend closed its port on a live link
-            try:
-                if await read_state(self.xs, self.device.backend) != Connected:
-                    return
-                await self._teardown_locked()
-                self._log.info("link to the frontend lost: closing so that it reconnects")
-                await self._switch_state(Closed)
-            except XsError as exc:
-                self._log.warning("cannot close after a lost link", error=str(exc))
+        alive), close as a restarted backend does so that the frontend starts over. A
+        CONNECT whose Connected is not published yet (InitWait) is waited for: Closed
+        written first would be overwritten."""
+        try:
+            async with self.xs.watch(f"{self.device.backend}/state") as events:
+                async for _event in events:
+                    async with self._lock:
+                        link = self._conn_link
+                        if self.connection is not conn or (link is not None and link.dead is None):
+                            return  # torn down, or the frontend closed its port on a live link
+                        state = await read_state(self.xs, self.device.backend)
+                        if state == InitWait:
+                            continue
+                        if state != Connected:
+                            return
+                        await self._teardown_locked()
+                        self._log.info("link to the frontend lost: closing so that it reconnects")
+                        await self._switch_state(Closed)
+                        return
+        except XsError as exc:
+            self._log.warning("cannot close after a lost link", error=str(exc))
 
     async def _disconnect_broken(self, conn: Connection, reason: str) -> None:
         async with self._lock:

@@ -93,8 +93,9 @@ from xenpv.hv import (
     PeerGone,
 )
 from xenpv.hv.copyengine import CopyDirection, CopyOp
+from xenpv.hv.link import Link
 from xenpv.xenbus import core as xenbus
-from xenpv.xenbus.core import Action, Closed, Closing, Connected, DeviceId
+from xenpv.xenbus.core import Action, Closed, Closing, Connected, DeviceId, InitWait
 from xenpv.xenbus.handshake import KeyValues, publish, read_keys, read_state, run_handshake
 from xenpv.xenbus.keys import (
     XENPV_MAX_GRANULE_ORDER,
@@ -181,6 +182,7 @@ class Vif:
         self.connections = 0  # successful CONNECTs so far
         self.mcast: set[bytes] = set()
         self._conn: _Connection | None = None
+        self._conn_link: Link | None = None  # the domain link the connection was set up on
         self._nursery: trio.Nursery | None = None
         self._changed = trio.Event()
         self._xenbus_lock = trio.Lock()  # our xenbus reactions and a lost link's close
@@ -406,6 +408,7 @@ class Vif:
             conn.hash = HashSettings(num_queues=len(queues))
         port.set_direct(functools.partial(self._deliver_direct, conn))
         self._conn = conn
+        self._conn_link = self.dom.link_to(fe)
         self.fatal = None
         self.connections += 1
         assert self._nursery is not None
@@ -449,18 +452,26 @@ class Vif:
     async def _link_lost(self, conn: _Connection) -> None:
         """The data path ended because the frontend went away: if only the link to it died
         (the frontend may well be alive), close as a restarted backend does, so that the
-        frontend starts over (see the module docstring)."""
-        async with self._xenbus_lock:
-            if conn is not self._conn or self.dom.link_to(self.device.frontend_domid):
-                return  # already reacted to, or the frontend closed its ports on a live link
-            try:
-                if await read_state(self.xs, self.device.backend) != Connected:
-                    return
-                await self._disconnect()
-                self.log.info("netback.link_lost: closing so the frontend reconnects")
-                await publish(self.xs, self.device.backend, {}, state=Closed)
-            except XsError as exc:
-                self.log.warning("netback.xenstore_refused", error=str(exc))
+        frontend starts over (see the module docstring). A CONNECT whose Connected is not
+        published yet (InitWait) is waited for: Closed written first would be overwritten."""
+        try:
+            async with self.xs.watch(f"{self.device.backend}/state") as events:
+                async for _event in events:
+                    async with self._xenbus_lock:
+                        link = self._conn_link
+                        if conn is not self._conn or (link is not None and link.dead is None):
+                            return  # reacted to, or the frontend closed its ports on a live link
+                        state = await read_state(self.xs, self.device.backend)
+                        if state == InitWait:
+                            continue
+                        if state != Connected:
+                            return
+                        await self._disconnect()
+                        self.log.info("netback.link_lost: closing so the frontend reconnects")
+                        await publish(self.xs, self.device.backend, {}, state=Closed)
+                        return
+        except XsError as exc:
+            self.log.warning("netback.xenstore_refused", error=str(exc))
 
     async def _switch_reader(self, conn: _Connection) -> None:
         """Spread frames the switch sends to this vif over its queues (by flow hash)."""
