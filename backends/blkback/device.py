@@ -340,7 +340,7 @@ class BlkbackDevice:
                         self._log.info("link to the frontend lost: closing so that it reconnects")
                         await self._switch_state(Closed)
                         return
-        except XsError as exc:
+        except (XsError, XenstoreConnectionError) as exc:
             self._log.warning("cannot close after a lost link", error=str(exc))
 
     async def _disconnect_broken(self, conn: Connection, reason: str) -> None:

@@ -103,7 +103,7 @@ from xenpv.xenbus.keys import (
     KeyValueError,
     parse_uint,
 )
-from xenpv.xenstore.client import XenstoreClient
+from xenpv.xenstore.client import XenstoreClient, XenstoreConnectionError
 from xenpv.xenstore.wire import XsError
 
 log = structlog.get_logger()
@@ -470,7 +470,7 @@ class Vif:
                         self.log.info("netback.link_lost: closing so the frontend reconnects")
                         await publish(self.xs, self.device.backend, {}, state=Closed)
                         return
-        except XsError as exc:
+        except (XsError, XenstoreConnectionError) as exc:
             self.log.warning("netback.xenstore_refused", error=str(exc))
 
     async def _switch_reader(self, conn: _Connection) -> None:
