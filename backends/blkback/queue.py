@@ -48,6 +48,7 @@ from xenpv.hv import (
     Domain,
     EventChannel,
     EventChannelClosed,
+    GrantError,
     GrantMapping,
     HvError,
     PeerGone,
@@ -196,6 +197,9 @@ class QueueWorker:
         except (PeerGone, EventChannelClosed) as exc:  # a mapping died with the frontend
             self._log.info("request abandoned", reason=str(exc))
             return True
+        except GrantError as exc:  # e.g. a grant revoked under its mapping
+            self._log.warning("request failed: grant access faulted", error=str(exc))
+            status = int(BLKIF_RSP_ERROR)
         except Exception:  # as in `_serve`: never let one request take the backend down
             self._log.exception("request failed unexpectedly")
             status = int(BLKIF_RSP_ERROR)
@@ -273,9 +277,12 @@ class QueueWorker:
             self._respond(request.id, request.operation, status)
         except (PeerGone, EventChannelClosed) as exc:  # the frontend died: nobody to answer
             self._log.info("request abandoned", reason=str(exc))
-        except Exception:
+        except Exception as exc:
             # Never let one request take the backend down; the frontend gets an error.
-            self._log.exception("request failed unexpectedly")
+            if isinstance(exc, GrantError):  # e.g. a grant revoked under its mapping
+                self._log.warning("request failed: grant access faulted", error=str(exc))
+            else:
+                self._log.exception("request failed unexpectedly")
             if isinstance(work, IoRequest):
                 self._respond(work.id, work.operation, BLKIF_RSP_ERROR)
             else:

@@ -156,6 +156,11 @@ class GrantTable:
             struct.pack_into("<H", self._table, gref * GRANT_ENTRY_SIZE, flags)
 
     @property
+    def mapped(self) -> list[int]:
+        """The grants some peer maps now (pinned)."""
+        return sorted(self._active)
+
+    @property
     def revoked(self) -> list[int]:
         return sorted(self._revoked)
 
