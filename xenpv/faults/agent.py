@@ -64,6 +64,7 @@ FAULTS_ENV = "XENPV_FAULTS"  # "1": wrap every disk a domain serves (storage fau
 # Test-only: "drop-writes" makes every wrapped disk acknowledge writes without keeping them,
 # "corrupt" flips a byte of every write: a broken backend the block checker must catch.
 BROKEN_ENV = "XENPV_FAULTS_BROKEN_STORAGE"
+REVOKE_KIND = "grant.revoke-while-mapped"  # applied by the guest: the granter
 STORM_TICK = 0.01  # seconds between bursts of a storm or spurious notifications
 STORM_MAX_PER_TICK = 200  # keep a storm from starving the domain's own work entirely
 _OK = 0
@@ -208,6 +209,7 @@ class FaultAgent:
         self._link: LinkInjector | None = None
         self._events: EventInjector | None = None
         self._grants: GrantInjector | None = None
+        self._revoked: dict[str, list[int]] = {}  # fault id -> grefs it revoked (granter)
         self._storms: dict[str, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
         self._workloads: trio.CancelScope | None = None
@@ -425,11 +427,55 @@ class FaultAgent:
                 scope = trio.CancelScope()
                 self._storms[fault.id] = scope
                 self._spawn(self._storm, fault, peer, scope)
+        elif fault.kind == REVOKE_KIND:
+            self._revoked[fault.id] = []
+            self._spawn(self._revoke, fault)
         elif family == "grant":
             if self._grants is None:
                 self._grants = GrantInjector(self.config.seed)
             self._grants.start(fault, self._peer(fault, from_backend=True), self._device_str(fault))
             dom.mapper.faults = self._grants
+
+    async def _revoke(self, fault: ScheduledFault) -> None:
+        """grant.revoke-while-mapped, in the guest (the granter): end by force every data
+        grant the target's backend maps now. Ring grants are spared (a revoked ring only
+        halts the device, which the plan would then have to expect): they are the
+        `*ring-ref*` keys of this guest's device directories."""
+        assert self.config is not None and self.schedule is not None
+        dom = self.rt.dom
+        name = self.rt.info.name
+        backends = {
+            self.config.domids[d.backend]
+            for d in self.schedule.topology.devices
+            if d.guest == name and (fault.target in (f"domain:{name}", d.id))
+        }
+        rings = await self._ring_refs()
+        revoked = self._revoked.get(fault.id)
+        if revoked is None:
+            return  # healed meanwhile
+        for gref in dom.grants.mapped:
+            if gref in rings or dom.grants.entry(gref).domid not in backends:
+                continue
+            if dom.revoke_access(gref):
+                revoked.append(gref)
+        log.info("grants revoked while mapped", fault=fault.id, grefs=len(revoked))
+
+    async def _ring_refs(self) -> set[int]:
+        xs, base = self.rt.xs, f"{self.rt.base}/device"
+        refs: set[int] = set()
+
+        async def scan(path: str, depth: int) -> None:
+            for child in await xs.try_directory(path):
+                where = f"{path}/{child}"
+                if "ring-ref" in child:
+                    raw = await xs.try_read(where)
+                    if raw is not None and raw.strip().isdigit():
+                        refs.add(int(raw))
+                elif depth:
+                    await scan(where, depth - 1)
+
+        await scan(base, 3)  # device/<class>/<devid>/[queue-N/]ring-ref*
+        return refs
 
     def _storage_start(self, disk: FaultyStorage, fault: ScheduledFault) -> None:
         disk.start(fault)
@@ -457,6 +503,9 @@ class FaultAgent:
                 scope.cancel()
             if not self._events.active:
                 self.rt.dom.ports.faults = None
+        elif fault.kind == REVOKE_KIND:
+            for gref in self._revoked.pop(fault.id, []):  # granted again, same references
+                self.rt.dom.grants.restore(gref)
         elif family == "grant" and self._grants is not None:
             self._grants.stop(fault)
             if not self._grants.active:

@@ -103,6 +103,7 @@ _INJECTORS = {
     "event": "xenpv.faults.agent",
     "grant.map-fail": "xenpv.faults.agent",
     "grant.batch-element-fail": "xenpv.faults.agent",
+    "grant.revoke-while-mapped": "xenpv.faults.agent",
     "xenstore.commit-eagain": "xenpv.faults.xsagent",
     "xenstore.conn-reset": "xenpv.faults.xsagent",
     "xenstore.xenstored-kill": "xenpv.faults.process",
@@ -111,7 +112,6 @@ _INJECTORS = {
 # Kinds with no injector in a fault run yet, and why (`xenpv faults list` says it).
 NOT_YET = {
     "ring": "needs a hostile peer inside the drivers",
-    "grant.revoke-while-mapped": "needs a seam in the granter",
     "xenstore.watch-delay": "xenstored has no seam on the watch events it sends",
     "xenstore.watch-duplicate": "xenstored has no seam on the watch events it sends",
     "xenstore.watch-drop": "xenstored has no seam on the watch events it sends",
@@ -214,7 +214,8 @@ KINDS: tuple[FaultKind, ...] = (
     FaultKind(
         Family.GRANT,
         "revoke-while-mapped",
-        "the granter ends access while the peer still has the page mapped",
+        "a hostile granter ends its mapped data grants by force (Xen refuses: end_access"
+        " fails while mapped); the mapper's next access faults; granted again at the stop",
         (),
         (D, V),
     ),

@@ -79,6 +79,7 @@ AGENT_KINDS = frozenset(
         "event.storm",
         "grant.map-fail",
         "grant.batch-element-fail",
+        "grant.revoke-while-mapped",
         "link.delay",
         "link.loss",
         "link.duplicate",
@@ -170,7 +171,9 @@ def recipients(fault: ScheduledFault, schedule: Schedule) -> list[str]:
     if family in ("event", "grant"):
         if device is None:
             return [fault.target.removeprefix("domain:")]
-        return [device.guest if family == "event" else device.backend]
+        # The guest sends events and grants pages (revoke); the backend maps and copies.
+        granter = family == "event" or fault.kind == "grant.revoke-while-mapped"
+        return [device.guest if granter else device.backend]
     return []
 
 
