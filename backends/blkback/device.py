@@ -23,6 +23,14 @@ switches to Closing (Linux halts the ring and leaves the state alone; writing Cl
 well-behaved frontend notice and reconnect, and leaves the device dead for one that ignores
 it). Other devices of the same backend are separate `serve` tasks and never notice.
 
+A lost link to the frontend (its process died, or the domain link failed: docs/faults.md,
+"Link faults") ends the queues as a dead frontend does; if the link is still down and the
+backend still Connected, it closes as a restarted backend does (`backend_start`): tear down,
+write Closed; the frontend closes, starts over at Initialising and re-issues its unfinished
+requests on the new connection. A CONNECT that fails because the frontend is unreachable
+waits `UNREACHABLE_BACKOFF` before switching to Closing, so a partition does not spin the
+handshake.
+
 Capacity change: `resize(new_size)`, or the toolstack re-writing `xenpv-size`, resizes the
 storage and re-writes `sectors` with Connected in one transaction (Linux `vbd_resize`).
 An existing image file keeps its own size when opened (`xenpv-size` is the creation size).
@@ -64,10 +72,11 @@ from backends.storage import MemoryDisk, RawImage, Storage
 from xenpv.abi.ring import BackRing
 from xenpv.errors import XenpvError
 from xenpv.granule import FRONTEND_KEY, granule_size
-from xenpv.hv import XEN_PAGE_SIZE, Domain, EventChannel, GrantMapping
+from xenpv.hv import XEN_PAGE_SIZE, Domain, EventChannel, GrantMapping, PeerGone
+from xenpv.hv.link import Link
 from xenpv.metrics.registry import REGISTRY
 from xenpv.xenbus import core as xenbus
-from xenpv.xenbus.core import Action, Closing, Connected, DeviceId
+from xenpv.xenbus.core import Action, Closed, Closing, Connected, DeviceId, InitWait
 from xenpv.xenbus.handshake import read_keys, read_state, run_handshake
 from xenpv.xenbus.keys import XENPV_SIZE, KeyValueError, parse_uint
 from xenpv.xenstore.client import Transaction, XenstoreClient, XenstoreConnectionError
@@ -78,6 +87,7 @@ log = structlog.get_logger()
 DRAIN_TIMEOUT = 10.0  # seconds to let requests in flight finish at disconnect
 UNMAP_TIMEOUT = 5.0
 HANDSHAKE_RETRY = 0.5
+UNREACHABLE_BACKOFF = 0.25  # seconds before refusing a CONNECT the frontend's link failed
 
 
 def open_storage_from(config: BackendConfig) -> Storage:
@@ -130,6 +140,7 @@ class BlkbackDevice:
         self.storage: Storage | None = None
         self.limits: DeviceLimits | None = None
         self.connection: Connection | None = None
+        self._conn_link: Link | None = None  # the domain link the connection was set up on
         self.connections = 0  # successful CONNECTs, for tests and stats
         self.broken: str | None = None  # why the last connection was cut, if it was
         self._open = open_storage or open_storage_from
@@ -233,8 +244,11 @@ class BlkbackDevice:
                 )
                 conn = self.connection = Connection(params)
                 await self._setup_rings(conn, limits, self.storage)
+                self._conn_link = self.dom.link_to(self.device.frontend_domid)
             except (XenpvError, OSError, ValueError) as exc:
                 self._log.warning("connect failed (xenbus_dev_fatal)", error=str(exc))
+                if isinstance(exc, PeerGone):
+                    await trio.sleep(UNREACHABLE_BACKOFF)
                 await self._teardown_locked()
                 await self._record_error(str(exc))
                 await self._switch_state(Closing)
@@ -291,6 +305,7 @@ class BlkbackDevice:
                 storage=storage,
                 persistent=persistent,
                 on_broken=functools.partial(self._ring_broken, conn),
+                on_gone=functools.partial(self._frontend_gone, conn),
             )
             worker.counters = REGISTRY.blkback_queue(
                 self.dom.domid, remote, self.device.devid, index
@@ -303,6 +318,34 @@ class BlkbackDevice:
     def _ring_broken(self, conn: Connection, reason: str) -> None:
         if self._nursery is not None:
             self._nursery.start_soon(self._disconnect_broken, conn, reason)
+
+    def _frontend_gone(self, conn: Connection, reason: str) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(self._link_lost, conn)
+
+    async def _link_lost(self, conn: Connection) -> None:
+        """A queue found the frontend gone: if the link to it is down (the frontend may be
+        alive), close as a restarted backend does so that the frontend starts over. A
+        CONNECT whose Connected is not published yet (InitWait) is waited for: Closed
+        written first would be overwritten."""
+        try:
+            async with self.xs.watch(f"{self.device.backend}/state") as events:
+                async for _event in events:
+                    async with self._lock:
+                        link = self._conn_link
+                        if self.connection is not conn or (link is not None and link.dead is None):
+                            return  # torn down, or the frontend closed its port on a live link
+                        state = await read_state(self.xs, self.device.backend)
+                        if state == InitWait:
+                            continue
+                        if state != Connected:
+                            return
+                        await self._teardown_locked()
+                        self._log.info("link to the frontend lost: closing so that it reconnects")
+                        await self._switch_state(Closed)
+                        return
+        except (XsError, XenstoreConnectionError) as exc:
+            self._log.warning("cannot close after a lost link", error=str(exc))
 
     async def _disconnect_broken(self, conn: Connection, reason: str) -> None:
         async with self._lock:

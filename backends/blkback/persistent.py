@@ -56,7 +56,17 @@ class PersistentGrants:
         return len(self._entries)
 
     def lookup(self, gref: int) -> tuple[GrantMapping, int] | None:
-        return self._entries.get(gref)
+        entry = self._entries.get(gref)
+        if entry is not None and entry[0].dead:
+            self._evict(gref)
+            return None
+        return entry
+
+    def _evict(self, gref: int) -> None:
+        """A cached mapping died under us (its grant revoked by the frontend): forget the
+        gref, so that it is mapped or copied again (and fails, while it stays revoked)."""
+        del self._entries[gref]
+        _in_use[self._dom] = _in_use.get(self._dom, 0) - 1
 
     def views(
         self,
@@ -75,6 +85,9 @@ class PersistentGrants:
         run_start = run_length = 0
         for gref, offset, length in segments:
             entry = entries.get(gref)
+            if entry is not None and entry[0].dead:
+                self._evict(gref)
+                entry = None
             if entry is not None:
                 mapping, base = entry
                 start = base + offset

@@ -54,6 +54,7 @@ from xenpv.hv import (
     Domain,
     EventChannel,
     EventChannelClosed,
+    GrantError,
     GrantMapping,
     HvError,
     PeerGone,
@@ -81,6 +82,7 @@ class QueueWorker:
         storage: Storage,
         persistent: PersistentGrants | None,
         on_broken: Callable[[str], None],
+        on_gone: Callable[[str], None] | None = None,
     ) -> None:
         self.dom = dom
         self.remote = remote
@@ -91,6 +93,7 @@ class QueueWorker:
         self.storage = storage
         self.persistent = persistent
         self.on_broken = on_broken
+        self.on_gone = on_gone  # the frontend's port closed or its link died
         # The disk's in-task calls, when it has them (`ImmediateStorage`).
         self._read_now: Callable[[int, list[memoryview]], bool] | None = getattr(
             storage, "readinto_now", None
@@ -121,6 +124,8 @@ class QueueWorker:
                         self.on_broken(str(exc))
                     except HvError as exc:  # the frontend closed its port or died
                         self._log.info("frontend gone", reason=str(exc))
+                        if self.on_gone is not None:
+                            self.on_gone(str(exc))
                     except Exception as exc:  # a bug: this device goes, the backend stays
                         self._log.exception("ring loop failed")
                         self.on_broken(f"internal error: {exc!r}")
@@ -201,6 +206,9 @@ class QueueWorker:
         except (PeerGone, EventChannelClosed) as exc:  # a mapping died with the frontend
             self._log.info("request abandoned", reason=str(exc))
             return True
+        except GrantError as exc:  # e.g. a grant revoked under its mapping
+            self._log.warning("request failed: grant access faulted", error=str(exc))
+            status = int(BLKIF_RSP_ERROR)
         except Exception:  # as in `_serve`: never let one request take the backend down
             self._log.exception("request failed unexpectedly")
             status = int(BLKIF_RSP_ERROR)
@@ -278,9 +286,12 @@ class QueueWorker:
             self._respond(request.id, request.operation, status)
         except (PeerGone, EventChannelClosed) as exc:  # the frontend died: nobody to answer
             self._log.info("request abandoned", reason=str(exc))
-        except Exception:
+        except Exception as exc:
             # Never let one request take the backend down; the frontend gets an error.
-            self._log.exception("request failed unexpectedly")
+            if isinstance(exc, GrantError):  # e.g. a grant revoked under its mapping
+                self._log.warning("request failed: grant access faulted", error=str(exc))
+            else:
+                self._log.exception("request failed unexpectedly")
             if isinstance(work, IoRequest):
                 self._respond(work.id, work.operation, BLKIF_RSP_ERROR)
             else:

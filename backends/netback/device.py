@@ -28,6 +28,14 @@ also removes a `max-grant-granule-order` a predecessor left in the backend direc
 backend started in place of a new one would leave it, and a frontend would then use granules
 the backend does not accept (a gap in the spec: see docs/net.md, "Grant granules").
 
+A lost link to the frontend (its process died, or the domain link failed: docs/faults.md,
+"Link faults") ends the data path as a dead frontend does; if the backend is still Connected
+then, it does what a restarted backend does (`backend_start`): tear down and write Closed.
+The frontend closes, starts over at Initialising, and the handshake runs again; a frontend
+that really died starts at Initialising anyway. A CONNECT whose mappings fail because the
+frontend is unreachable waits `UNREACHABLE_BACKOFF` before refusing, so a partition does not
+spin the handshake.
+
 A fatal frontend error on any queue (`xenvif_fatal_tx_err`: bad slot layout, broken ring...)
 disables the vif: every queue stops, the port leaves the switch (carrier off), the rings stay
 as they are and the xenbus state stays Connected until the frontend reconnects. Nothing the
@@ -75,23 +83,33 @@ from xenpv.abi.netif_ctrl import (
 from xenpv.abi.ring import BackRing
 from xenpv.abi.virtio_net import VirtioNetHdr
 from xenpv.ethernet import flow_hash
-from xenpv.hv import XEN_PAGE_SIZE, Domain, EventChannel, EventChannelClosed, GrantMapping, HvError
+from xenpv.hv import (
+    XEN_PAGE_SIZE,
+    Domain,
+    EventChannel,
+    EventChannelClosed,
+    GrantMapping,
+    HvError,
+    PeerGone,
+)
 from xenpv.hv.copyengine import CopyDirection, CopyOp
+from xenpv.hv.link import Link
 from xenpv.xenbus import core as xenbus
-from xenpv.xenbus.core import Action, Closing, DeviceId
-from xenpv.xenbus.handshake import KeyValues, publish, read_keys, run_handshake
+from xenpv.xenbus.core import Action, Closed, Closing, Connected, DeviceId, InitWait
+from xenpv.xenbus.handshake import KeyValues, publish, read_keys, read_state, run_handshake
 from xenpv.xenbus.keys import (
     XENPV_MAX_GRANULE_ORDER,
     XENPV_MAX_QUEUES,
     KeyValueError,
     parse_uint,
 )
-from xenpv.xenstore.client import XenstoreClient
+from xenpv.xenstore.client import XenstoreClient, XenstoreConnectionError
 from xenpv.xenstore.wire import XsError
 
 log = structlog.get_logger()
 
 HANDSHAKE_RETRY = 1.0  # seconds before retrying a handshake xenstore refused
+UNREACHABLE_BACKOFF = 0.25  # seconds before refusing a CONNECT the frontend's link failed
 
 
 @dataclass(slots=True)
@@ -164,8 +182,10 @@ class Vif:
         self.connections = 0  # successful CONNECTs so far
         self.mcast: set[bytes] = set()
         self._conn: _Connection | None = None
+        self._conn_link: Link | None = None  # the domain link the connection was set up on
         self._nursery: trio.Nursery | None = None
         self._changed = trio.Event()
+        self._xenbus_lock = trio.Lock()  # our xenbus reactions and a lost link's close
         self._retired = VifStats()  # counters of earlier connections
         self.log = log.bind(device=str(device), vif=self.port_name)
 
@@ -244,6 +264,10 @@ class Vif:
                     return
 
     async def perform(self, action: Action) -> KeyValues | None:
+        async with self._xenbus_lock:
+            return await self._perform(action)
+
+    async def _perform(self, action: Action) -> KeyValues | None:
         if action in (Action.ADVERTISE, Action.RESET):
             await self._disconnect()
             stale = [granule.FRONTEND_KEY]  # the last connection's echo no longer holds
@@ -348,6 +372,8 @@ class Vif:
             ctrl = await self._map_ctrl_ring(mappings, channels)
         except (HvError, RingError) as exc:
             await _release(mappings, channels)
+            if isinstance(exc, PeerGone):
+                await trio.sleep(UNREACHABLE_BACKOFF)
             raise NetbackConfigError(f"mapping the rings: {exc}") from None
         except NetbackConfigError:
             await _release(mappings, channels)
@@ -385,6 +411,7 @@ class Vif:
             conn.hash = HashSettings(num_queues=len(queues))
         port.set_direct(functools.partial(self._deliver_direct, conn))
         self._conn = conn
+        self._conn_link = self.dom.link_to(fe)
         self.fatal = None
         self.connections += 1
         assert self._nursery is not None
@@ -422,6 +449,32 @@ class Vif:
             conn.done.set()
         if reason is not None:
             self._carrier_off(conn, reason, fatal=fatal)
+            if not fatal and self._nursery is not None:
+                self._nursery.start_soon(self._link_lost, conn)
+
+    async def _link_lost(self, conn: _Connection) -> None:
+        """The data path ended because the frontend went away: if only the link to it died
+        (the frontend may well be alive), close as a restarted backend does, so that the
+        frontend starts over (see the module docstring). A CONNECT whose Connected is not
+        published yet (InitWait) is waited for: Closed written first would be overwritten."""
+        try:
+            async with self.xs.watch(f"{self.device.backend}/state") as events:
+                async for _event in events:
+                    async with self._xenbus_lock:
+                        link = self._conn_link
+                        if conn is not self._conn or (link is not None and link.dead is None):
+                            return  # reacted to, or the frontend closed its ports on a live link
+                        state = await read_state(self.xs, self.device.backend)
+                        if state == InitWait:
+                            continue
+                        if state != Connected:
+                            return
+                        await self._disconnect()
+                        self.log.info("netback.link_lost: closing so the frontend reconnects")
+                        await publish(self.xs, self.device.backend, {}, state=Closed)
+                        return
+        except (XsError, XenstoreConnectionError) as exc:
+            self.log.warning("netback.xenstore_refused", error=str(exc))
 
     async def _switch_reader(self, conn: _Connection) -> None:
         """Spread frames the switch sends to this vif over its queues (by flow hash)."""

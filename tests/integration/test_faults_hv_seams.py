@@ -13,7 +13,7 @@ from tests.integration.hv_pair import domains
 from tests.unit.faults_helpers import fault
 from xenpv.faults.agent import EventInjector, GrantInjector
 from xenpv.faults.link import LinkInjector
-from xenpv.hv import CopyDirection, CopyOp, GrantError
+from xenpv.hv import CopyDirection, CopyOp, EventChannelClosed, GrantError
 from xenpv.hv.gntst import GNTST
 
 
@@ -69,14 +69,18 @@ async def test_link_faults_installed_and_removed_at_run_time(tmp_path: Path) -> 
             offered = await back.alloc_unbound(front.domid)
             bound = await front.bind_interdomain(back.domid, offered.port)
             marker_offered = await back.alloc_unbound(front.domid)
-            marker = await front.bind_interdomain(back.domid, marker_offered.port)
+            await front.bind_interdomain(back.domid, marker_offered.port)
             link = LinkInjector({"back": back.domid, "front": front.domid}, seed=1)
             partition = fault("link.partition", "link:back-front", direction="both", mode="drop")
             link.start(partition)
             front.set_link_faults(link)  # on the live link, not only on later ones
-            bound.notify()  # dropped on the link
+            bound.notify()  # the partition fails the live link (never a silent drop)
+            with pytest.raises(EventChannelClosed):
+                await marker_offered.wait()
+            assert not offered.pending
             link.stop(partition)
             front.set_link_faults(None)
-            marker.notify()
-            await marker_offered.wait()
-            assert not offered.pending
+            again = await back.alloc_unbound(front.domid)  # a new link, with no seam
+            rebound = await front.bind_interdomain(back.domid, again.port)
+            rebound.notify()
+            await again.wait()

@@ -340,3 +340,15 @@ def test_checkers_never_crash_on_a_well_formed_history(ops: list[tuple[Any, ...]
         rec(process, type_, f, key, value)
     for v in check_all(rec.history()):
         assert v.checker in CHECKERS and isinstance(v.line(), str)
+
+
+def test_the_report_draws_a_process_lane_for_a_domain_that_went_down() -> None:
+    from xenpv.faults.report import render_html
+
+    rec = Recorder()
+    rec.fault("fault-start", "f0.0", "process.kill", "domain:guest4k")
+    rec("runner", "info", "state", "domain:guest4k", "down")
+    rec("runner", "info", "state", "domain:guest4k", "up")
+    page = render_html(rec.history(), [])
+    assert "guest4k process" in page
+    assert "guest16k process" not in page  # only domains that went down get a lane

@@ -12,6 +12,7 @@ from xenpv.faults.injectors import Injection, NoInjector, injected
 from xenpv.faults.link import LinkInjector
 from xenpv.faults.schedule import ScheduledFault
 from xenpv.hv.faults import LinkFaults, Verdict
+from xenpv.hv.messages import Event, MapRequest
 
 DOMIDS = {"backend": 1, "guest4k": 2, "guest16k": 3}
 LINK = "link:backend-guest4k"
@@ -47,20 +48,26 @@ def test_it_is_a_link_faults_seam_and_passes_when_idle() -> None:
 def test_loss_duplicate_and_scope() -> None:
     inj = _injector()
     with injected(inj, fault("link.loss", LINK)):
-        assert inj.on_send(BE, G4, ["m"]) == Verdict(send=[], delay=0.0)
-        assert inj.on_send(G4, BE, ["m"]) == Verdict(send=[], delay=0.0)
+        # A reliable link cannot lose one message: it fails (docs/faults.md, "Link faults").
+        for src, dst in ((BE, G4), (G4, BE)):
+            verdict = inj.on_send(src, dst, ["m"])
+            assert verdict is not None and verdict.fail and "lost" in verdict.fail
         assert inj.on_send(BE, G16, ["m"]) is None  # another link
     assert inj.on_send(BE, G4, ["m"]) is None  # healed on leaving the block
+    event = Event(3)
     with injected(inj, fault("link.duplicate", "domain:guest16k")):
-        assert inj.on_send(G16, BE, ["m"]) == Verdict(send=[["m"], ["m"]], delay=0.0)
-        assert inj.on_send(BE, G4, ["m"]) is None
+        assert inj.on_send(G16, BE, event) == Verdict(send=[event, event], delay=0.0)
+        assert inj.on_send(BE, G4, event) is None
+        # A request is carried out once: a reliable receiver drops a retransmitted copy.
+        assert inj.on_send(G16, BE, MapRequest(7, [1], readonly=False)) is None
 
 
 def test_partition_one_way_drop_and_fail() -> None:
     inj = _injector()
     one_way = fault("link.partition", LINK, direction="one-way", mode="drop")
     inj.start(one_way)
-    assert inj.on_send(BE, G4, ["m"]) == Verdict(send=[], delay=0.0)
+    verdict = inj.on_send(BE, G4, ["m"])
+    assert verdict is not None and verdict.fail and "partition" in verdict.fail
     assert inj.on_send(G4, BE, ["m"]) is None
     inj.stop(one_way)
     inj.start(fault("link.partition", LINK, "f1.0", direction="both", mode="fail"))
@@ -123,15 +130,16 @@ def test_bandwidth_token_bucket() -> None:
     v = inj.on_send(BE, G4, [2])
     assert v is not None and v.delay == pytest.approx(0.1)  # 1000 bytes at 10 kB/s
     v = inj.on_send(BE, G4, [3])
-    assert v is not None and v.delay == pytest.approx(0.1)  # only its own share
+    assert v is not None and v.delay == pytest.approx(0.2)  # after the previous one
     clock.tick(1.0)  # the bucket refills (to its burst)
     assert inj.on_send(BE, G4, [4]) is None
 
 
-def test_corrupt_uses_the_corrupter_or_drops() -> None:
+def test_corrupt_uses_the_corrupter_or_fails_the_link() -> None:
     inj = _injector()
     inj.start(fault("link.corrupt", LINK))
-    assert inj.on_send(BE, G4, ["m"]) == Verdict(send=[], delay=0.0)
+    verdict = inj.on_send(BE, G4, ["m"])
+    assert verdict is not None and verdict.fail and "corrupt" in verdict.fail
 
     def flip(message: list[Any], rng: random.Random) -> list[Any]:
         return [*message, "flipped"]

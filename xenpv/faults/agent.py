@@ -47,6 +47,8 @@ from xenpv.faults.guest import DomainRuntime
 from xenpv.faults.link import LinkInjector
 from xenpv.faults.schedule import Schedule, ScheduledFault, stream
 from xenpv.faults.storage import FaultyStorage
+from xenpv.hv.errors import PeerGone
+from xenpv.hv.messages import Update
 from xenpv.xenbus.core import DeviceId
 from xenpv.xenstore.client import XenstoreConnectionError
 from xenpv.xenstore.wire import XsError
@@ -63,6 +65,7 @@ FAULTS_ENV = "XENPV_FAULTS"  # "1": wrap every disk a domain serves (storage fau
 # Test-only: "drop-writes" makes every wrapped disk acknowledge writes without keeping them,
 # "corrupt" flips a byte of every write: a broken backend the block checker must catch.
 BROKEN_ENV = "XENPV_FAULTS_BROKEN_STORAGE"
+REVOKE_KIND = "grant.revoke-while-mapped"  # applied by the guest: the granter
 STORM_TICK = 0.01  # seconds between bursts of a storm or spurious notifications
 STORM_MAX_PER_TICK = 200  # keep a storm from starving the domain's own work entirely
 _OK = 0
@@ -207,6 +210,7 @@ class FaultAgent:
         self._link: LinkInjector | None = None
         self._events: EventInjector | None = None
         self._grants: GrantInjector | None = None
+        self._revoked: dict[str, list[int]] = {}  # fault id -> grefs it revoked (granter)
         self._storms: dict[str, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
         self._workloads: trio.CancelScope | None = None
@@ -424,6 +428,9 @@ class FaultAgent:
                 scope = trio.CancelScope()
                 self._storms[fault.id] = scope
                 self._spawn(self._storm, fault, peer, scope)
+        elif fault.kind == REVOKE_KIND:
+            self._revoked[fault.id] = []
+            self._spawn(self._revoke, fault)
         elif family == "grant":
             if self._grants is None:
                 self._grants = GrantInjector(self.config.seed)
@@ -438,6 +445,47 @@ class FaultAgent:
             fault, selfprocess.applied_file(self.config.history_dir, self.rt.info.name)
         )
 
+    async def _revoke(self, fault: ScheduledFault) -> None:
+        """grant.revoke-while-mapped, in the guest (the granter): end by force every data
+        grant the target's backend maps now. Ring grants are spared (a revoked ring only
+        halts the device, which the plan would then have to expect): they are the
+        `*ring-ref*` keys of this guest's device directories."""
+        assert self.config is not None and self.schedule is not None
+        dom = self.rt.dom
+        name = self.rt.info.name
+        backends = {
+            self.config.domids[d.backend]
+            for d in self.schedule.topology.devices
+            if d.guest == name and (fault.target in (f"domain:{name}", d.id))
+        }
+        rings = await self._ring_refs()
+        revoked = self._revoked.get(fault.id)
+        if revoked is None:
+            return  # healed meanwhile
+        for gref in dom.grants.mapped:
+            if gref in rings or dom.grants.entry(gref).domid not in backends:
+                continue
+            if dom.revoke_access(gref):
+                revoked.append(gref)
+        log.info("grants revoked while mapped", fault=fault.id, grefs=len(revoked))
+
+    async def _ring_refs(self) -> set[int]:
+        xs, base = self.rt.xs, f"{self.rt.base}/device"
+        refs: set[int] = set()
+
+        async def scan(path: str, depth: int) -> None:
+            for child in await xs.try_directory(path):
+                where = f"{path}/{child}"
+                if "ring-ref" in child:
+                    raw = await xs.try_read(where)
+                    if raw is not None and raw.strip().isdigit():
+                        refs.add(int(raw))
+                elif depth:
+                    await scan(where, depth - 1)
+
+        await scan(base, 3)  # device/<class>/<devid>/[queue-N/]ring-ref*
+        return refs
+
     def _storage_start(self, disk: FaultyStorage, fault: ScheduledFault) -> None:
         disk.start(fault)
 
@@ -446,6 +494,13 @@ class FaultAgent:
         log.info("fault healed", fault=fault.id, kind=fault.kind, target=fault.target)
         if family == "link" and self._link is not None:
             self._link.stop(fault)
+            for peer in self._link.holding_for():
+                # Held (reordered) messages leave with the next one: send an empty UPDATE,
+                # which changes nothing, so an idle direction does not keep them for good.
+                link = self.rt.dom.link_to(peer)
+                if link is not None:
+                    with contextlib.suppress(PeerGone):
+                        link.send(Update([]))
         elif family == "storage":
             disk = self._disk_of(fault)
             if disk is not None:
@@ -457,6 +512,9 @@ class FaultAgent:
                 scope.cancel()
             if not self._events.active:
                 self.rt.dom.ports.faults = None
+        elif fault.kind == REVOKE_KIND:
+            for gref in self._revoked.pop(fault.id, []):  # granted again, same references
+                self.rt.dom.grants.restore(gref)
         elif family == "grant" and self._grants is not None:
             self._grants.stop(fault)
             if not self._grants.active:

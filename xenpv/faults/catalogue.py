@@ -103,6 +103,7 @@ _INJECTORS = {
     "event": "xenpv.faults.agent",
     "grant.map-fail": "xenpv.faults.agent",
     "grant.batch-element-fail": "xenpv.faults.agent",
+    "grant.revoke-while-mapped": "xenpv.faults.agent",
     "xenstore.commit-eagain": "xenpv.faults.xsagent",
     "xenstore.conn-reset": "xenpv.faults.xsagent",
     "xenstore.xenstored-kill": "xenpv.faults.process",
@@ -111,12 +112,10 @@ _INJECTORS = {
 # Kinds with no injector in a fault run yet, and why (`xenpv faults list` says it).
 NOT_YET = {
     "ring": "needs a hostile peer inside the drivers",
-    "grant.revoke-while-mapped": "needs a seam in the granter",
     "xenstore.watch-delay": "xenstored has no seam on the watch events it sends",
     "xenstore.watch-duplicate": "xenstored has no seam on the watch events it sends",
     "xenstore.watch-drop": "xenstored has no seam on the watch events it sends",
     "xenstore.watch-flood": "xenstored has no seam on the watch events it sends",
-    "xenstore.xenstored-kill": "the supervisor does not restart xenstored yet",
 }
 
 D, V, Q, L, X = (
@@ -215,7 +214,8 @@ KINDS: tuple[FaultKind, ...] = (
     FaultKind(
         Family.GRANT,
         "revoke-while-mapped",
-        "the granter ends access while the peer still has the page mapped",
+        "a hostile granter ends its mapped data grants by force (Xen refuses: end_access"
+        " fails while mapped); the mapper's next access faults; granted again at the stop",
         (),
         (D, V),
     ),
@@ -326,7 +326,7 @@ KINDS: tuple[FaultKind, ...] = (
     FaultKind(
         Family.XENSTORE,
         "xenstored-kill",
-        "kill xenstored, optionally restarting it from its persisted store",
+        "kill -9 xenstored; restart it from its persisted store on the same addresses at the stop",
         (Param("restart", bool, True, "restart xenstored when the fault stops"),),
         (X,),
         may_lose=True,
@@ -369,7 +369,14 @@ KINDS: tuple[FaultKind, ...] = (
         ),
         (L, D),
     ),
-    FaultKind(Family.LINK, "loss", "drop link messages", (), (L, D), may_lose=True),
+    FaultKind(
+        Family.LINK,
+        "loss",
+        "lose link messages: the reliable link fails at the first loss and is redialled",
+        (),
+        (L, D),
+        may_lose=True,
+    ),
     FaultKind(Family.LINK, "duplicate", "send link messages twice", (), (L, D), may_duplicate=True),
     FaultKind(
         Family.LINK,
@@ -381,8 +388,8 @@ KINDS: tuple[FaultKind, ...] = (
     FaultKind(
         Family.LINK,
         "corrupt",
-        "alter link messages (a corrupter may be supplied; otherwise dropped as if a"
-        " checksum had caught it)",
+        "alter link messages (a corrupter may be supplied; otherwise caught as by a"
+        " checksum: the link fails)",
         (),
         (L, D),
         may_lose=True,
@@ -400,7 +407,7 @@ KINDS: tuple[FaultKind, ...] = (
     FaultKind(
         Family.LINK,
         "partition",
-        "cut a link one way or both ways (drop messages, or break the link)",
+        "cut a link one way or both ways: it fails at each message across the cut until healed",
         (
             Param(
                 "direction",

@@ -1,17 +1,36 @@
 """`LinkInjector`: the `LinkFaults` seam of domain links (xenpv.hv.faults), driven by a schedule.
 
 Messages are opaque: the injector never looks inside one. It decides per message, from the
-faults active on that direction, in this order: partition (drop, or fail the link), loss,
-corrupt (a supplied corrupter, else dropped as a checksum would), duplicate, reorder (hold the
+faults active on that direction, in this order: partition, loss, corrupt (a supplied
+corrupter, else the message is lost), duplicate, reorder (hold the
 message; release it after `hold` later ones), delay + jitter, bandwidth (a token bucket over
 an estimated size: `size_of(message)`, a constant by default, because typed messages have no
 byte length until encoded). Random choices come from a stream per fault
 (`stream(seed, "inject/<fault id>")`), so the decisions for a given sequence of messages are
 reproducible; which messages a real run sends, and when, is not.
 
+A lost message breaks the link (`Verdict.fail`): a domain link is an ordered, reliable path
+(a hypercall, or a connection between hosts), and the shared-memory model above it has no
+way to notice one missing message: a lost event leaves both ends asleep on a ring with work
+on it, a lost UPDATE leaves a replica silently stale, a lost request or reply hangs a call
+for the link's call timeout. Real transports do not lose messages out of a stream either:
+they retransmit (`link.delay` stands for that) or the connection fails. So `link.loss`,
+`link.partition` (either mode) and an uncorruptable `link.corrupt` make the link die as a
+connection would: both ends see the peer gone (PeerGone, ports closed, mappings dead), the
+next operation redials, and the drivers reconnect through xenbus as after a backend
+restart (docs/faults.md, "Link faults"). While a partition lasts, every redialled link dies
+at its first message, so the peers stay apart until the heal.
+
+`link.duplicate` repeats only what a peer may see twice: events (a spurious notification),
+replica UPDATEs (the same bytes again) and replies (a late duplicate is ignored). A hypercall
+request is carried out once, as a reliable transport's receiver discards a retransmitted
+copy: a second MAP would leave a pin nobody unmaps, a second UNMAP would drop another
+mapping's pin, a second BIND or CLOSE could hit a port reused since.
+
 Held messages (reorder) can only leave with a later message on the same direction: the seam
-is called on sends only. Stopping the fault releases them with the next message; a direction
-that never sends again keeps them (a reorder at the very end of a conversation is a loss).
+is called on sends only. Stopping the fault releases them with the next message, which the
+agent sends at once (an empty UPDATE, `holding_for`): an idle direction would keep them for
+good, and a held event is then a lost one (both ends asleep).
 """
 
 from __future__ import annotations
@@ -23,6 +42,7 @@ from dataclasses import dataclass, field
 
 from xenpv.faults.schedule import ScheduledFault, stream
 from xenpv.hv.faults import Message, Verdict
+from xenpv.hv.messages import Event, Reply, Update
 
 DEFAULT_MESSAGE_SIZE = 256  # bytes: a typical small link message, for the bandwidth fault
 
@@ -76,6 +96,11 @@ class LinkInjector:
     def stop(self, fault: ScheduledFault) -> None:
         self._active.pop(fault.id, None)
 
+    def holding_for(self) -> list[int]:
+        """The peers some held (reordered) message is for: it leaves with the next message
+        to that peer (the agent sends one when the fault stops)."""
+        return sorted({dst for (_src, dst), held in self._held.items() if held})
+
     @property
     def active(self) -> list[ScheduledFault]:
         return [a.fault for a in self._active.values()]
@@ -126,17 +151,19 @@ class LinkInjector:
             if not out or not self._fires(entry):
                 continue
             if kind == "link.partition":
-                if entry.fault.param("mode") == "fail":
-                    return Verdict(fail=f"{entry.fault.id}: partition of {entry.fault.target}")
-                out = []
-            elif kind == "link.loss":
-                out = []
-            elif kind == "link.corrupt":
-                # With no corrupter the message is dropped, as a checksum would have caught it.
+                return Verdict(fail=f"{entry.fault.id}: partition of {entry.fault.target}")
+            if kind == "link.loss":
+                return Verdict(fail=f"{entry.fault.id}: a message lost on {entry.fault.target}")
+            if kind == "link.corrupt":
                 corrupt = self.corrupter
-                out = [] if corrupt is None else [corrupt(m, entry.rng) for m in out]
+                if corrupt is None:  # caught by a checksum: lost, so the link fails
+                    return Verdict(
+                        fail=f"{entry.fault.id}: a corrupt message on {entry.fault.target}"
+                    )
+                out = [corrupt(m, entry.rng) for m in out]
             elif kind == "link.duplicate":
-                out = out + out
+                if _repeatable(message):
+                    out = out + out
             elif kind == "link.reorder":
                 hold = int(entry.fault.param("hold"))
                 out = []
@@ -180,10 +207,12 @@ class LinkInjector:
         now = self.clock()
         entry.tokens = min(burst, entry.tokens + (now - entry.refilled) * rate)
         entry.refilled = now
-        cost = float(self.size_of(message))
-        before = entry.tokens
-        entry.tokens -= cost
-        # Earlier debt is already being waited for (the link holds its output): this message
-        # adds only the part of its own cost the bucket cannot cover.
-        uncovered = min(cost, max(0.0, cost - max(before, 0.0)))
-        return uncovered / rate
+        entry.tokens -= float(self.size_of(message))
+        # The message leaves once the bucket has paid for it, debt of earlier ones included
+        # (a link delay counts from now: Verdict).
+        return max(0.0, -entry.tokens) / rate
+
+
+def _repeatable(message: Message) -> bool:
+    """A message whose second copy changes nothing (see the module docstring)."""
+    return type(message) in (Event, Update) or isinstance(message, Reply)

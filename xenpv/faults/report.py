@@ -58,6 +58,7 @@ STATE_NAMES = {
     7: "Reconfiguring",
     8: "Reconfigured",
 }
+DOMAIN_STATES = {"up": 4, "down": 6}  # a domain process lane, in the xenbus colours
 LEFT, WIDTH, LANE = 190, 900, 18
 
 
@@ -141,10 +142,18 @@ def _states(history: History, scale: _Scale) -> str:
         for d in targets.devices
         for end in ("frontend", "backend")
     ]
+    # A domain's process lane: shown once it went down (up: Connected's colour, down: Closed's).
+    downs = {op.key for op in history if op.f == "state" and op.key.startswith("domain:")}
+    rows += [(key, f"{key.removeprefix('domain:')} process") for key in sorted(downs)]
     changes: dict[str, list[tuple[float, int]]] = {key: [] for key, _ in rows}
+    for key in downs:
+        changes[key].append((0.0, DOMAIN_STATES["up"]))
     for op in history:
         if op.f == "state" and op.key in changes:
-            changes[op.key].append((op.time, _state_number(op.value)))
+            number = (
+                DOMAIN_STATES.get(str(op.value), 0) if op.key in downs else _state_number(op.value)
+            )
+            changes[op.key].append((op.time, number))
     end = max(scale.end, history.end_time)
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{LEFT + WIDTH + 20}"'

@@ -80,6 +80,7 @@ AGENT_KINDS = frozenset(
         "event.storm",
         "grant.map-fail",
         "grant.batch-element-fail",
+        "grant.revoke-while-mapped",
         "link.delay",
         "link.loss",
         "link.duplicate",
@@ -95,7 +96,10 @@ AGENT_KINDS = frozenset(
     }
 )
 XENSTORED_KINDS = frozenset({"xenstore.commit-eagain", "xenstore.conn-reset"})
-PROCESS_KINDS = frozenset({"process.kill", "process.stop", "process.restart"})
+PROCESS_KINDS = frozenset(
+    {"process.kill", "process.stop", "process.restart", "xenstore.xenstored-kill"}
+)
+XENSTORED_KILL = "xenstore.xenstored-kill"
 DEVICE_KINDS = frozenset({device_faults.KIND})
 INJECTABLE = AGENT_KINDS | XENSTORED_KINDS | PROCESS_KINDS | DEVICE_KINDS
 DRAIN = 1.0  # seconds between the senders' stop and the agents' stop
@@ -109,6 +113,10 @@ RESTARTING = frozenset({"process.kill", "process.restart"})
 SUPERVISED_ONLY = {
     "xenstore.xenstored-kill": "xenstored's restart is up to the cluster's supervisor",
 }
+# Faults that make domain links fail (xenpv/faults/link.py): the devices across the link
+# reconnect after the heal, and the fault window lasts until they have.
+LINK_BREAKING = frozenset({"link.loss", "link.partition", "link.corrupt"})
+LINK_SETTLE = 0.5  # seconds for a link's death to show in the xenbus states after a heal
 READY_NODE = "xenpv/faults/ready"  # an agent's incarnation, written once its workloads are set
 
 
@@ -134,6 +142,11 @@ def blocked_kinds(plan: Plan) -> list[str]:
 
 def check_injectable(schedule: Schedule, *, attached: bool = False) -> None:
     for fault in schedule.faults:
+        if fault.kind == XENSTORED_KILL and not fault.param("restart"):
+            raise RunError(
+                f"{fault.id}: {XENSTORED_KILL} with restart = false would end the run (every"
+                " domain needs xenstore): use restart = true"
+            )
         if not injectable(fault.kind):
             raise RunError(
                 f"{fault.id}: {fault.kind} cannot be injected by `faults run` yet: "
@@ -172,7 +185,9 @@ def recipients(fault: ScheduledFault, schedule: Schedule, *, attached: bool = Fa
     if family in ("event", "grant"):
         if device is None:
             return [fault.target.removeprefix("domain:")]
-        return [device.guest if family == "event" else device.backend]
+        # The guest sends events and grants pages (revoke); the backend maps and copies.
+        granter = family == "event" or fault.kind == "grant.revoke-while-mapped"
+        return [device.guest if granter else device.backend]
     return []
 
 
@@ -346,7 +361,9 @@ async def run_plan(
             return None
 
         processes = ProcessInjector(pid_of, restart=lambda name: None)  # on-failure restarts
-        await _run(cluster.xs, dict(cluster.domids), processes, schedule, history_dir, progress)
+        await _run(
+            cluster.xs, dict(cluster.domids), processes, schedule, history_dir, progress, cluster
+        )
     return _result(schedule, history_dir, history_path or (state_dir / "history.jsonl"))
 
 
@@ -417,8 +434,11 @@ async def _run(
     schedule: Schedule,
     history_dir: Path,
     progress: Progress,
+    cluster: cluster_mod.Cluster | None = None,
 ) -> None:
-    """The run itself; `processes` None: an attached run (process faults by the agents)."""
+    """The run itself; `processes` None: an attached run (process faults by the agents);
+    `cluster`: the run's own cluster (None when attached), told to report domains going
+    down and up, and asked to restart xenstored."""
     epoch = time.monotonic()
     origin = trio.current_time()  # the schedule's time 0, set again when every guest is ready
     runner_log = ProcessLog(history_file(history_dir, "runner"), epoch)
@@ -432,6 +452,13 @@ async def _run(
     )
     controls = ControlInjector(schedule, attached=processes is None)
     publish = trio.Event()
+
+    def domain_event(name: str, event: str) -> None:
+        # The report's domain lanes and the isolation checker read these.
+        runner_log.append("runner", "info", "state", f"domain:{name}", event)
+
+    if cluster is not None:
+        cluster.on_domain = domain_event
 
     def wake() -> None:
         publish.set()
@@ -494,7 +521,7 @@ async def _run(
                         await trio.sleep(0.5)
 
                 nursery.start_soon(ticker)
-                await _follow(schedule, injection, origin, xs, domids, republish, hotplugs)
+                await _follow(schedule, injection, origin, xs, domids, republish, hotplugs, cluster)
             phase[0] = "probe"
             await write_all(everyone)
             await trio.sleep_until(origin + max(schedule.duration, schedule.last_heal))
@@ -509,6 +536,8 @@ async def _run(
     finally:
         with trio.CancelScope(shield=True):
             progress.close()
+            if cluster is not None:
+                cluster.on_domain = None
             runner_log.close()
             with trio.move_on_after(CLEAR_TIMEOUT):
                 for who in everyone:
@@ -598,18 +627,24 @@ async def _follow(
     domids: dict[str, int],
     republish: Callable[[str], Awaitable[None]],
     hotplugs: device_faults.DeviceInjector | None = None,
+    cluster: cluster_mod.Cluster | None = None,
 ) -> None:
     """`injectors.follow`, except that a killed domain's fault window lasts until the domain
     is back (`_back`): what it lost while down is the fault's doing, and the history says
     so. Likewise a detached device's window runs from before the detach until it is
-    re-attached and Connected again. Later events wait for them (bounded by BACK_WAIT)."""
+    re-attached and Connected again, a killed xenstored's until it is restarted (from its
+    persisted store, on the same addresses) and answers, and a link fault's until the devices
+    across the link are Connected again. Later events wait for them (bounded by BACK_WAIT)."""
     before: dict[str, bytes | None] = {}
     for offset, action, fault in schedule.events():
         await trio.sleep_until(origin + offset)
         name = fault.target.removeprefix("domain:")
         restarts = fault.kind in RESTARTING and name in domids
         hotplug = hotplugs is not None and hotplugs.handles(fault)
+        xenstored = fault.kind == XENSTORED_KILL and cluster is not None
         if action == "start":
+            if cluster is not None and xenstored:
+                cluster_mod.expect_xenstored_exit(cluster)  # before the signal
             if restarts:
                 before[fault.id] = await _ready_value(xs, domids[name])
             injection.start(fault)
@@ -622,7 +657,61 @@ async def _follow(
         if restarts:
             with trio.move_on_after(BACK_WAIT):
                 await _back(xs, schedule, domids, name, before.get(fault.id), republish)
+        if cluster is not None and xenstored:
+            await _restart_xenstored(cluster, xs)
+        if fault.kind in LINK_BREAKING:
+            injection.injector_for(fault).stop(fault)  # heal now; the window lasts until
+            with trio.move_on_after(BACK_WAIT):  # the devices across it reconnected
+                await _until_reconnected(xs, _link_state_paths(schedule, domids, fault.target))
         injection.stop(fault)
+
+
+async def _restart_xenstored(cluster: cluster_mod.Cluster, xs: XenstoreClient) -> None:
+    """Start the killed xenstored again and wait (bounded) until it answers our client."""
+    try:
+        await cluster_mod.restart_xenstored(cluster)
+    except XenpvError as exc:  # the cluster's death watcher ends the run with the reason
+        log.error("cannot restart xenstored", error=str(exc))
+        return
+    with trio.move_on_after(BACK_WAIT), contextlib.suppress(XsError, XenstoreConnectionError):
+        await xs.try_read("/local")
+
+
+def _link_state_paths(schedule: Schedule, domids: dict[str, int], target: str) -> list[str]:
+    """Both ends' state nodes of every device whose frontend and backend a link fault's
+    target (`link:A-B` or `domain:X`) separates."""
+    paths = []
+    for device in schedule.topology.devices:
+        ends = {device.guest, device.backend}
+        if target.startswith("domain:"):
+            hit = target.removeprefix("domain:") in ends
+        else:
+            hit = any(f"link:{a}-{b}" == target for a in ends for b in ends if a != b)
+        if hit:
+            fe, be = domids[device.guest], domids[device.backend]
+            paths.append(f"{domain_path(fe)}/device/{device.cls}/{device.devid}/state")
+            paths.append(f"{domain_path(be)}/backend/{device.cls}/{fe}/{device.devid}/state")
+    return paths
+
+
+async def _until_reconnected(xs: XenstoreClient, paths: list[str]) -> None:
+    """Until every node of `paths` reads Connected, and again `LINK_SETTLE` later (a link
+    that died just before the heal takes a moment to show in the states)."""
+    while True:
+        await trio.sleep(LINK_SETTLE)
+        for path in paths:
+            await _until_connected(xs, path)
+        await trio.sleep(LINK_SETTLE)
+        connected = [await _is_connected(xs, path) for path in paths]
+        if all(connected):
+            return
+
+
+async def _is_connected(xs: XenstoreClient, path: str) -> bool:
+    with contextlib.suppress(XsError, XenstoreConnectionError):
+        raw = await xs.try_read(path)
+        return raw is not None and raw.strip() == b"4"
+    return False
 
 
 def save_json(result: RunResult) -> str:

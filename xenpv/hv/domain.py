@@ -31,6 +31,7 @@ from xenpv.hv.directory import PeerDirectory
 from xenpv.hv.errors import HvError, PeerGone
 from xenpv.hv.evtchn import EventChannel
 from xenpv.hv.faults import LinkFaults
+from xenpv.hv.gntst import GTF
 from xenpv.hv.grant import GrantTable
 from xenpv.hv.granter import Granter
 from xenpv.hv.link import Link
@@ -45,6 +46,7 @@ from xenpv.hv.messages import (
     MapRequest,
     Message,
     ProtocolViolation,
+    Revoke,
     UnmapRequest,
     Update,
     Whose,
@@ -71,6 +73,7 @@ __all__ = [
     "parse_endpoint",
 ]
 
+_MAPPED = int(GTF.GTF_reading) | int(GTF.GTF_writing)
 log = structlog.get_logger()
 
 DEFAULT_MEMORY = 64 << 20
@@ -208,6 +211,25 @@ class Domain:
         `GrantMapper.grant_copy_runs`)."""
         return await self.mapper.grant_copy_runs(remote, groups)
 
+    # -- grants (granter side) ------------------------------------------------------------
+
+    def revoke_access(self, gref: int) -> bool:
+        """What a hostile granter does and Xen refuses (`grants.end_access` fails while
+        mapped): end `gref` by force while a peer maps it (`GrantTable.revoke`). Each peer
+        holding it loses its pins and is told (REVOKE): its mappings of it die, and its next
+        access faults with GrantError. False if the grant was not mapped."""
+        if not self.grants.entry(gref).flags & _MAPPED:
+            return False
+        holders = [(link, held) for link, held in self._held.items() if gref in held.pins]
+        for link, held in holders:
+            self.granter.forget_pins(link, held, gref)  # reads the entry: before revoke
+        if not self.grants.revoke(gref):
+            return False
+        for link, _held in holders:
+            if link.dead is None:
+                link.send(Revoke([gref]))
+        return True
+
     # -- the links' host -----------------------------------------------------------------------
 
     def peer_grants(self, link: Link) -> PeerGrants:
@@ -239,6 +261,9 @@ class Domain:
                 self.ports.on_bind(link, message)
             elif type(message) is Close:
                 self.ports.on_close(link.peer, message)
+            elif type(message) is Revoke:
+                reason = f"grant revoked by domain {link.peer} while mapped"
+                self._held[link].revoke_mappings({int(g) for g in message.grefs}, reason)
             else:
                 raise ProtocolViolation(f"unexpected message {message!r:.80}")
         except (IndexError, TypeError, ValueError, KeyError) as exc:

@@ -26,7 +26,8 @@ class Verdict:
 
     `send`: the messages to transmit instead (`[]` drops, `[m, m]` duplicates, a changed copy
     corrupts, holding a message and releasing it with a later one reorders); `delay`: seconds
-    to hold the link's output before sending them (later messages wait too: order is kept);
+    from now before they leave (later messages wait too: order is kept; messages delayed
+    one after the other are in flight together, as on a link with latency);
     `fail`: a reason to break the link, as if the peer had died.
     """
 

@@ -13,6 +13,13 @@ entry"); a copy outside the granule is `GNTST_bad_copy_arg`; a full maptrack is
 `GNTST_no_space`. Mapping sets `GTF_reading` (and `GTF_writing` unless read-only) in the
 entry while any pin is held, which is what makes `end_access` refuse (Linux
 `gnttab_end_foreign_access_ref` checks those two bits).
+
+`revoke` is what a hostile granter does that Xen does not let a guest do: end a grant its
+peer still maps (Xen leaves a mapped page mapped until the mapper unmaps it; Linux defers
+the free). The entry becomes invalid at once (new maps and copies of it fail with
+GNTST_general_error), the peer's pins are forgotten, and the domain tells the mapper, whose
+mappings of it die (`Domain.revoke_access`). The owner's later `end_access` of a revoked
+reference succeeds; `restore` grants it again under the same reference (a fault's heal).
 """
 
 from __future__ import annotations
@@ -80,7 +87,16 @@ def check_entry(
 class GrantTable:
     """The granting side: issue and end grants, pin entries while peers map them."""
 
-    __slots__ = ("_active", "_free", "_nr_frames", "_table", "domid", "nr_entries", "stats")
+    __slots__ = (
+        "_active",
+        "_free",
+        "_nr_frames",
+        "_revoked",
+        "_table",
+        "domid",
+        "nr_entries",
+        "stats",
+    )
 
     def __init__(self, domid: int, table: memoryview, nr_entries: int, nr_frames: int) -> None:
         """`table` views `nr_entries` grant entries; grants may name frames `< nr_frames`."""
@@ -93,6 +109,7 @@ class GrantTable:
         self._free = collections.deque(range(GNTTAB_NR_RESERVED_ENTRIES, nr_entries))
         self._active: dict[int, list[int]] = {}  # gref -> [read pins, write pins]
         self.stats = GrantTableStats()  # the owning Domain swaps in its registered record
+        self._revoked: dict[int, int] = {}  # gref -> its flags before a forced revoke
 
     def grant_access(
         self, remote: int, frame: int, *, readonly: bool = False, order: int = 0
@@ -121,6 +138,9 @@ class GrantTable:
 
     def end_access(self, gref: int) -> None:
         """Revoke a grant. Refused with GNTST_eagain while a peer still maps it."""
+        if self._revoked.pop(gref, None) is not None:  # its owner ends what was taken
+            self._free.append(gref)
+            return
         entry = self.entry(gref)
         if entry.flags & _TYPE_MASK != _PERMIT:
             raise GrantError(GNTST.GNTST_bad_gntref, f"grant {gref} is not in use")
@@ -130,6 +150,33 @@ class GrantTable:
         struct.pack_into("<H", self._table, gref * GRANT_ENTRY_SIZE, 0)
         self._free.append(gref)
         self.stats.grants_ended += 1
+
+    def revoke(self, gref: int) -> bool:
+        """A hostile granter's forced end of a grant a peer maps (see the module docstring).
+        False (nothing done) if the grant is not in use or not mapped."""
+        entry = self.entry(gref)
+        if entry.flags & _TYPE_MASK != _PERMIT or not entry.flags & (_READING | _WRITING):
+            return False
+        self._revoked[gref] = entry.flags & ~(_READING | _WRITING)
+        self._active.pop(gref, None)
+        struct.pack_into("<H", self._table, gref * GRANT_ENTRY_SIZE, 0)
+        return True
+
+    def restore(self, gref: int) -> None:
+        """Grant again, under the same reference, what `revoke` took (unless its owner has
+        ended it since)."""
+        flags = self._revoked.pop(gref, None)
+        if flags is not None:
+            struct.pack_into("<H", self._table, gref * GRANT_ENTRY_SIZE, flags)
+
+    @property
+    def mapped(self) -> list[int]:
+        """The grants some peer maps now (pinned)."""
+        return sorted(self._active)
+
+    @property
+    def revoked(self) -> list[int]:
+        return sorted(self._revoked)
 
     def entry(self, gref: int) -> GrantEntry:
         if not 0 <= gref < self.nr_entries:

@@ -138,6 +138,16 @@ class Granter:
         memory.written(start, len(data), exclude=link)
         return True
 
+    def forget_pins(self, link: Link, held: PeerGrants, gref: int) -> bool:
+        """`gref` was revoked by force: the peer's pins on it are gone (the table's were
+        cleared by `GrantTable.revoke`). True if the peer held any."""
+        if held.pins.pop(gref, None) is None:
+            return False
+        if link.shared is None:
+            entry = self.grants.entry(gref)
+            self.memory.unwatch(entry.frame, 1 << entry.order, link, gref)
+        return True
+
     def drop_pins(self, link: Link, held: PeerGrants) -> None:
         """The peer is gone: every pin it held on our grants goes, so end_access succeeds."""
         for gref, (reads, writes) in list(held.pins.items()):

@@ -207,7 +207,9 @@ class Link:
             self.close(f"injected fault: {verdict.fail}")
             return
         if verdict.delay > 0:
-            self._out.append(float(verdict.delay))
+            # When it may leave (trio's clock), not a sleep: delayed messages are in flight
+            # together, and a late wake-up of the writer does not add up over messages.
+            self._out.append(trio.current_time() + verdict.delay)
         for m in verdict.send:
             self._push(self._pack(m.encode()))
 
@@ -363,7 +365,7 @@ class Link:
                         if chunk:
                             await self._send_chunk(b"".join(chunk))
                             chunk = []
-                        await trio.sleep(item)
+                        await trio.sleep_until(item)
                     else:
                         chunk.append(item)
                 if chunk:

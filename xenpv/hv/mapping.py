@@ -9,8 +9,11 @@ or the peer's death replaces them with private zero pages, so the granter's memo
 reachable through old views (on hosts with pages larger than 4 KiB: a slice of the granter's
 memory file, consecutive frames only, not revocable).
 
-After `unmap()` or the peer's death the mapping is dead: `view` and `written` raise. A view
-obtained earlier stays safe to touch (it never points at freed memory) but is no longer shared.
+After `unmap()` or the peer's death the mapping is dead: `view` and `written` raise
+(`PeerGone`). A mapping whose granter revoked a grant of it by force (`revoke`) dies the same
+way but raises `GrantError(GNTST_general_error)`: the peer is still there, the access faulted.
+A view obtained earlier stays safe to touch (it never points at freed memory) but is no
+longer shared.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class GrantMapping:
         "_fixed",
         "_link",
         "_release",
+        "_revoked",
         "_sizes",
         "_view",
         "_writable",
@@ -78,6 +82,7 @@ class GrantMapping:
         self.readonly = readonly
         self._fixed = fixed
         self._dead: str | None = None
+        self._revoked = False
 
     @property
     def shared(self) -> bool:
@@ -91,12 +96,18 @@ class GrantMapping:
     @property
     def view(self) -> memoryview:
         if self._dead is not None:
-            raise PeerGone(f"mapping of domain {self.domid} grants {self.grefs}: {self._dead}")
+            raise self._death()
         return self._view
+
+    def _death(self) -> HvError:
+        what = f"mapping of domain {self.domid} grants {self.grefs}: {self._dead}"
+        if self._revoked:
+            return GrantError(GNTST.GNTST_general_error, what)
+        return PeerGone(what)
 
     def written(self, offset: int, length: int) -> None:
         if self._dead is not None:
-            raise PeerGone(f"mapping of domain {self.domid} grants {self.grefs}: {self._dead}")
+            raise self._death()
         if self.readonly:
             raise GrantError(GNTST.GNTST_general_error, "write to a read-only mapping")
         if self._link.shared is not None:
@@ -134,6 +145,13 @@ class GrantMapping:
         if self._fixed is not None:
             self._fixed.retire()
         return True
+
+    def revoke(self, reason: str) -> None:
+        """The granter ended a grant of this mapping by force: it dies, and later accesses
+        fault with a GNTST error."""
+        if self._dead is None:
+            self._revoked = True
+            self.kill(reason)
 
     def kill(self, reason: str) -> None:
         """The peer is gone: the mapping dies (its memory stays readable, no longer shared)."""

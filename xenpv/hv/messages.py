@@ -16,6 +16,8 @@ type the pending request expects, since a REPLY does not name its request's kind
                                                whose = 0: the sender's grant, 1: the receiver's
     [REPLY, req, result...]                    `BindReply`, `MapReply`, `CopyReply`,
                                                `UnmapReply`: the answer to request `req`
+    [REVOKE, [gref...]]                        `Revoke`: the sender ended its grants by
+                                               force; the receiver's mappings of them die
 
 Decoding checks the type and the number of fields; the handlers check the field values (a
 peer that sends anything malformed loses its link either way).
@@ -50,6 +52,7 @@ class Msg(enum.IntEnum):
     COPY = 6
     UPDATE = 7
     REPLY = 8
+    REVOKE = 9
 
 
 class Whose(enum.IntEnum):
@@ -62,7 +65,8 @@ class ProtocolViolation(Exception):
 
 
 # Plain ints in the wire lists: msgpack packs an IntEnum member more slowly.
-_EVENT, _BIND, _CLOSE, _MAP, _UNMAP, _COPY, _UPDATE, REPLY = (int(m) for m in Msg)  # REPLY: link.py
+_EVENT, _BIND, _CLOSE, _MAP, _UNMAP, _COPY, _UPDATE, REPLY, _REVOKE = (int(m) for m in Msg)
+# (REPLY: link.py)
 
 # One grant-copy segment on the wire: (to_granter, gref, offset, length, data or None).
 WireCopySegment = tuple[bool, int, int, int, bytes | None]
@@ -280,8 +284,25 @@ class CopyReply(Reply):
         return CopyReply(raw[1], raw[2], raw[3])
 
 
+@dataclass(slots=True)
+class Revoke:
+    """The sender (a hostile granter) ended `grefs` while the receiver maps them."""
+
+    kind: ClassVar[Msg] = Msg.REVOKE
+    grefs: Sequence[int]
+
+    def encode(self) -> list[Any]:
+        return [_REVOKE, self.grefs]
+
+    @staticmethod
+    def decode(raw: list[Any]) -> Revoke:
+        if len(raw) != 2:
+            _wrong_arity(raw, 2)
+        return Revoke(raw[1])
+
+
 Request = Bind | MapRequest | UnmapRequest | CopyRequest
-Message = Event | Bind | Close | MapRequest | UnmapRequest | CopyRequest | Update | Reply
+Message = Event | Bind | Close | MapRequest | UnmapRequest | CopyRequest | Update | Reply | Revoke
 R = TypeVar("R", bound=Reply)
 
 _DECODERS: dict[int, Callable[[list[Any]], Message]] = {
@@ -292,6 +313,7 @@ _DECODERS: dict[int, Callable[[list[Any]], Message]] = {
     _UNMAP: UnmapRequest.decode,
     _COPY: CopyRequest.decode,
     _UPDATE: Update.decode,
+    _REVOKE: Revoke.decode,
 }
 
 

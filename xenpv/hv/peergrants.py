@@ -48,6 +48,13 @@ class PeerGrants:
             changed = mapping.apply(base, offset, data) or changed
         return changed
 
+    def revoke_mappings(self, grefs: set[int], reason: str) -> None:
+        """The granter revoked `grefs` by force: every mapping holding one of them dies."""
+        for mapping in list(self.mappings):
+            if grefs.intersection(mapping.grefs):
+                mapping.revoke(reason)
+                self.remove_mapping(mapping)
+
     def kill_mappings(self, reason: str) -> None:
         """The peer is gone: every mapping of its grants dies."""
         for mapping in list(self.mappings):

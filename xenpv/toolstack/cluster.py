@@ -31,6 +31,12 @@ domain in xenstore, with the same domid and devices, and starts its process agai
 so its backends close its devices, and recorded as dead with its exit status in `cluster.json`
 and in xenstore under DEAD_ROOT, which `cluster status` and `probe domain` read).
 
+xenstored can be killed and restarted while the block runs (`kill_xenstored`, then
+`restart_xenstored`; a fault run's `xenstore.xenstored-kill`): the new process opens the same
+data directory (its snapshot and journal: every acknowledged write is there), listens on the
+same Unix socket and TCP address, and every client reconnects and re-registers its watches
+(xenpv/xenstore/client.py). Between the two, xenstored's exit is expected, not a failure.
+
 Detached (`xenpv cluster up --detach`), the foreground command starts a supervisor process
 (`xenpv cluster up --ready-fd N`, its own session) which runs `launch` with "record" and
 writes READY once the cluster is; `down` sends it SIGTERM and it tears everything down.
@@ -46,7 +52,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +114,17 @@ class Cluster:
     dead: dict[str, dict[str, Any]] = field(default_factory=dict)
     restarts: dict[str, int] = field(default_factory=dict)
     forkserver: Path | None = None  # its socket: domain processes are forked from it
+    # Told `(name, "down")` when a domain's process exits and `(name, "up")` when the restart
+    # policy started it again (a fault run records both in its history).
+    on_domain: Callable[[str, str], None] | None = None
+    # How xenstored was started (without its ready fd), to start it again in place.
+    xenstored_args: list[str] = field(default_factory=list)
+    # Set while xenstored is down on purpose; set (the event) once it is back or not coming.
+    xenstored_restart: trio.Event | None = None
+
+    def domain_event(self, name: str, event: str) -> None:
+        if self.on_domain is not None:
+            self.on_domain(name, event)
 
     @property
     def children(self) -> list[Child]:
@@ -205,12 +222,13 @@ def _check_no_stale_processes(state_dir: Path) -> None:
 
 async def _start_xenstored(
     sup: Supervisor, state_dir: Path, tcp: str, log_level: str, quota_args: Sequence[str] = ()
-) -> tuple[Child, str, str]:
+) -> tuple[Child, str, str, list[str]]:
+    """Start xenstored on an empty store: (child, unix address, tcp address, its arguments
+    with the bound TCP address, for a restart)."""
     sock = state_dir / "xenstored.sock"
     sock.unlink(missing_ok=True)
     data = state_dir / "xenstore"
     shutil.rmtree(data, ignore_errors=True)  # a new cluster starts from an empty store
-    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     args = [
         *_python(),
         "--log-level",
@@ -222,20 +240,74 @@ async def _start_xenstored(
         str(sock),
         "--data-dir",
         str(data),
+        *quota_args,
         "--tcp",
         tcp,
-        "--ready-fd",
-        str(write_fd),
-        *quota_args,
     ]
+    child, unix, tcp_addr = await _spawn_xenstored(sup, state_dir, args)
+    if tcp_addr:
+        args[-1] = tcp_addr.removeprefix("tcp:")  # a restart listens where clients look
+    return child, unix, tcp_addr, args
+
+
+async def _spawn_xenstored(
+    sup: Supervisor, state_dir: Path, args: list[str]
+) -> tuple[Child, str, str]:
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     log_path = state_dir / "logs" / "xenstored.log"
-    child, line = await _spawn_until_ready(sup, "xenstored", args, log_path, read_fd, write_fd)
+    child, line = await _spawn_until_ready(
+        sup, "xenstored", [*args, "--ready-fd", str(write_fd)], log_path, read_fd, write_fd
+    )
     words = line.decode(errors="replace").split()
     if not words or words[0] != "READY":
         raise ClusterError(f"xenstored did not start: {logs.failure_summary(child.tail())}")
     unix = next(w for w in words if w.startswith("unix:"))
     tcp_addr = next((w for w in words if w.startswith("tcp:")), "")
     return child, unix, tcp_addr
+
+
+def _xenstored(cluster: Cluster) -> Child | None:
+    return next((c for c in cluster.children if c.kind == "xenstored"), None)
+
+
+def expect_xenstored_exit(cluster: Cluster) -> None:
+    """xenstored is about to be killed on purpose: its exit does not end the cluster, whose
+    death watcher waits for `restart_xenstored` instead."""
+    if cluster.xenstored_restart is None:
+        cluster.xenstored_restart = trio.Event()
+
+
+async def kill_xenstored(cluster: Cluster, sig: int = signal.SIGKILL) -> None:
+    """Kill xenstored (kill -9 by default) and wait for it to exit; `restart_xenstored`
+    brings it back. Its clients keep reconnecting meanwhile (for their reconnect timeout)."""
+    child = _xenstored(cluster)
+    if child is None or not child.running:
+        raise ClusterError("xenstored is not running")
+    expect_xenstored_exit(cluster)
+    log.warning("killing xenstored", pid=child.pid, signal=signal.Signals(sig).name)
+    os.kill(child.pid, sig)
+    await wait_exit(child)
+
+
+async def restart_xenstored(cluster: Cluster) -> Child:
+    """Start xenstored again on the same data directory, socket and TCP address."""
+    old = _xenstored(cluster)
+    event = cluster.xenstored_restart
+    try:
+        if old is not None:
+            if old.running:
+                raise ClusterError("xenstored is still running")
+            cluster.sup.forget(old)
+        (cluster.state_dir / "xenstored.sock").unlink(missing_ok=True)
+        child, _unix, _tcp = await _spawn_xenstored(
+            cluster.sup, cluster.state_dir, cluster.xenstored_args
+        )
+        log.info("xenstored restarted", pid=child.pid)
+        return child
+    finally:
+        cluster.xenstored_restart = None
+        if event is not None:
+            event.set()
 
 
 async def _spawn_until_ready(
@@ -545,8 +617,18 @@ async def _on_death(cluster: Cluster, child: Child, on_exit: OnExit, log_level: 
     while True:
         code = await wait_exit(child)
         message = _exit_message(child, code)
-        if child.kind == "xenstored" or child.name not in cluster.domids:
+        if child.kind == "xenstored":
+            restart = cluster.xenstored_restart
+            if restart is not None:  # killed on purpose: follow the new one, if any
+                await restart.wait()
+                new = _xenstored(cluster)
+                if new is not None and new is not child and new.running:
+                    child = new
+                    continue
             raise ClusterError(message)
+        if child.name not in cluster.domids:
+            raise ClusterError(message)
+        cluster.domain_event(child.name, "down")
         spec = cluster.topology.domain(child.name)
         failed = code is None or code != 0
         restarts = cluster.restarts.get(child.name, 0)
@@ -554,6 +636,7 @@ async def _on_death(cluster: Cluster, child: Child, on_exit: OnExit, log_level: 
             log.warning("domain process died; restarting it", domain=child.name, why=message)
             try:
                 child = await _restart(cluster, child, spec, log_level)
+                cluster.domain_event(child.name, "up")
                 continue
             except (XenpvError, OSError) as exc:
                 message += f"; restarting it failed: {exc}"
@@ -713,11 +796,12 @@ async def launch(
         tcp = topology.xenstore_tcp or "127.0.0.1:0"
         started = time.monotonic()
         progress.show("starting xenstored")
-        _xenstored, unix, tcp_addr = await _start_xenstored(
+        _child, unix, tcp_addr, xenstored_args = await _start_xenstored(
             sup, state_dir, tcp, log_level, quota_plan.xenstored_args()
         )
         async with connect(unix) as xs:
             cluster = Cluster(topology, state_dir, xs, unix, tcp_addr, sup)
+            cluster.xenstored_args = xenstored_args
             sup.describe = cluster.describe
             sup.save()
             progress.show("creating the domains and their devices in xenstore")
