@@ -22,7 +22,6 @@ from xenpv.toolstack.topology import VbdFeatures
 from xenpv.xenbus.core import DeviceId, xvd_number
 from xenpv.xenstore.client import XenstoreClient, connect
 
-TRANSPORTS = ["socket", "shm"]
 DEVICE = DeviceId("vbd", frontend_domid=1, backend_domid=0, devid=xvd_number(0))
 # Every optional blkif feature switched off: one page, one queue, direct requests only.
 FEATURES_OFF = VbdFeatures(

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 READY_TIMEOUT = 30.0
+LINK_TRANSPORTS = ("socket", "shm")  # how domains' links carry grants and events
 
 
 class Xenstored:
@@ -148,3 +149,11 @@ def xs_workdir() -> Iterator[Path]:
 def xenstored(xs_workdir: Path) -> Iterator[Xenstored]:
     with running_xenstored(xs_workdir) as server:
         yield server
+
+
+@pytest.fixture(params=LINK_TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> str:
+    """Each link transport in turn, for a test that takes `transport` (a test's own
+    `parametrize("transport", ...)` overrides it)."""
+    value: str = request.param
+    return value

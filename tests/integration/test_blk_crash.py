@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from frontends.blkfront import attach
-from tests.integration.blk_env import DEVICE, TRANSPORTS, make_vbd, read_image
+from tests.integration.blk_env import DEVICE, make_vbd, read_image
 from tests.integration.conftest import Xenstored
 from tests.integration.hv_pair import first_line, reaped_on_exit
 from xenpv.hv import Domain, StaticDirectory, open_domain
@@ -122,7 +122,6 @@ async def restartable_backend(
         yield RestartableBackend(guest, xs, args)
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("page_size", [4096, 65536])
 async def test_kill_backend_during_write_stream(
     tmp_path: Path, xenstored: Xenstored, transport: str, page_size: int

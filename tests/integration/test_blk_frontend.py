@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from frontends.blkfront import BlkError, attach
-from tests.integration.blk_env import DEVICE, TRANSPORTS, pair
+from tests.integration.blk_env import DEVICE, pair
 from tests.integration.blk_stub import StubBackend
 from tests.integration.conftest import Xenstored
 from xenpv.toolstack.devices import VbdConfig, create_vbd
@@ -32,7 +32,6 @@ async def start_stub(nursery: trio.Nursery, stub: StubBackend) -> trio.CancelSco
     return scope
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("page_size", [4096, 65536])
 async def test_io_against_stub(
     tmp_path: Path, xenstored: Xenstored, transport: str, page_size: int
@@ -73,7 +72,6 @@ async def test_io_against_stub(
                 nursery.cancel_scope.cancel()
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_backend_restart_reissues_unfinished_requests(
     tmp_path: Path, xenstored: Xenstored, transport: str
 ) -> None:

@@ -22,7 +22,6 @@ from backends.blkback import serve
 from frontends.blkfront import attach
 from tests.integration.blk_env import (
     DEVICE,
-    TRANSPORTS,
     Pair,
     QuarterWriters,
     make_vbd,
@@ -85,7 +84,6 @@ MIX_IDS = [
 ]
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("mix", MIXES, ids=MIX_IDS)
 async def test_every_mix_agrees_and_keeps_data(
     tmp_path: Path,
@@ -132,7 +130,6 @@ async def test_every_mix_agrees_and_keeps_data(
     assert read_image(image)[: 3 << 20] == bytes(model[: 3 << 20])
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_order_above_the_backends_maximum_is_fatal(
     tmp_path: Path, xenstored: Xenstored, transport: str
 ) -> None:
@@ -167,7 +164,6 @@ async def test_order_above_the_backends_maximum_is_fatal(
                 nursery.cancel_scope.cancel()
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_backend_restart_reissues_with_the_new_granule(
     tmp_path: Path, xenstored: Xenstored, transport: str
 ) -> None:

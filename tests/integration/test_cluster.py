@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 
 from tests.integration.conftest import short_tempdir
 from tests.integration.hv_pair import REPO
+from tests.integration.xenpv_cli import PREFIX, xenpv
 from xenpv.toolstack import cluster
 
 SMALL = """
@@ -42,20 +42,6 @@ persistent = false
 frontend = "g16"
 backend = "be"
 """
-
-
-PREFIX = [sys.executable, "-m", "xenpv", "--log-level", "warning"]
-
-
-def xenpv(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*PREFIX, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
-        cwd=REPO,
-    )
 
 
 def _alive(pid: int) -> bool:

@@ -18,7 +18,6 @@ import pty
 import select
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,6 +28,7 @@ import pytest
 
 from tests.integration.conftest import short_tempdir
 from tests.integration.hv_pair import REPO
+from tests.integration.xenpv_cli import ENV, PREFIX, xenpv
 from xenpv.toolstack.supervisor import alive
 
 SMALL = """
@@ -52,16 +52,8 @@ frontend = "g16"
 backend = "be"
 """
 
-PREFIX = [sys.executable, "-m", "xenpv", "--log-level", "warning"]
-ENV = dict(os.environ, PYTHONPATH=str(REPO))
 WAIT = 60.0  # seconds any awaited condition may take on a loaded machine
 EXIT_WAIT = 60.0  # seconds an interrupted command may take to stop everything
-
-
-def xenpv(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*PREFIX, *args], capture_output=True, text=True, timeout=timeout, env=ENV, cwd=REPO
-    )
 
 
 def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:

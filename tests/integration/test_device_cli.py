@@ -5,13 +5,10 @@ attached to a running guest, listed with both xenbus states, detached through th
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from tests.integration.hv_pair import REPO
+from tests.integration.xenpv_cli import xenpv
 
 TOPOLOGY = """
 [[domain]]
@@ -22,14 +19,6 @@ role = "backend"
 name = "g"
 role = "guest"
 """
-PREFIX = [sys.executable, "-m", "xenpv", "--log-level", "warning"]
-ENV = dict(os.environ, PYTHONPATH=str(REPO))
-
-
-def xenpv(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*PREFIX, *args], capture_output=True, text=True, timeout=90, env=ENV, cwd=REPO
-    )
 
 
 def test_attach_list_detach_reattach() -> None:

@@ -6,10 +6,7 @@ detached device Connected again on both ends at the end."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -17,6 +14,7 @@ import pytest
 import trio
 
 from tests.integration.conftest import Xenstored
+from tests.integration.faults_cli import run_faults, run_verdict
 from xenpv.faults import plan, schedule
 from xenpv.faults.device import KIND as DEVICE_KIND
 from xenpv.faults.device import DeviceInjector
@@ -83,33 +81,14 @@ def test_hotplug_plan_detaches_and_reattaches_under_load(tmp_path: Path) -> None
     state = Path(tempfile.mkdtemp(prefix="xf-hotplug-", dir="/tmp"))
     history = tmp_path / "hotplug.jsonl"
     try:
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "xenpv",
-                "faults",
-                "run",
-                "hotplug",
-                "--json",
-                "--state-dir",
-                str(state),
-                "--history",
-                str(history),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=RUN_TIMEOUT,
-            env=dict(os.environ, PYTHONPATH=str(REPO)),
-            check=False,
-        )
+        result = run_faults("hotplug", state, history, RUN_TIMEOUT)
     finally:
         shutil.rmtree(state, ignore_errors=True)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
-    verdict = json.loads(result.stdout.strip().splitlines()[-1])
-    assert verdict["ok"] is True
-    assert verdict["violations"] == []
-    assert verdict["faults_injected"] == 2
+    summary = run_verdict(result)
+    assert summary["ok"] is True
+    assert summary["violations"] == []
+    assert summary["faults_injected"] == 2
 
     ops = [json.loads(line) for line in history.read_text().splitlines()]
     windows = [

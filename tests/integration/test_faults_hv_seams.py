@@ -14,16 +14,22 @@ from tests.unit.faults_helpers import fault
 from xenpv.faults.agent import EventInjector, GrantInjector
 from xenpv.faults.link import LinkInjector
 from xenpv.hv import CopyDirection, CopyOp, EventChannelClosed, GrantError
+from xenpv.hv.domain import Domain
+from xenpv.hv.evtchn import EventChannel
 from xenpv.hv.gntst import GNTST
+
+
+async def _channel(back: Domain, front: Domain) -> tuple[EventChannel, EventChannel]:
+    """An event channel from `front` to `back`: (back's end, front's end)."""
+    offered = await back.alloc_unbound(front.domid)
+    return offered, await front.bind_interdomain(back.domid, offered.port)
 
 
 async def test_event_drop_and_duplicate_through_the_port_table(tmp_path: Path) -> None:
     with trio.fail_after(20):
         async with domains(tmp_path, "socket", "unix") as (back, front):
-            offered = await back.alloc_unbound(front.domid)
-            bound = await front.bind_interdomain(back.domid, offered.port)
-            marker_offered = await back.alloc_unbound(front.domid)
-            marker = await front.bind_interdomain(back.domid, marker_offered.port)
+            offered, bound = await _channel(back, front)
+            marker_offered, marker = await _channel(back, front)
             events = EventInjector(1, spawn=lambda *a: None)
             drop = fault("event.drop", "domain:front")
             events.start(drop, back.domid, None)
@@ -66,10 +72,8 @@ async def test_grant_map_and_copy_fail_while_the_fault_is_active(tmp_path: Path)
 async def test_link_faults_installed_and_removed_at_run_time(tmp_path: Path) -> None:
     with trio.fail_after(20):
         async with domains(tmp_path, "socket", "unix") as (back, front):
-            offered = await back.alloc_unbound(front.domid)
-            bound = await front.bind_interdomain(back.domid, offered.port)
-            marker_offered = await back.alloc_unbound(front.domid)
-            await front.bind_interdomain(back.domid, marker_offered.port)
+            offered, bound = await _channel(back, front)
+            marker_offered, _marker = await _channel(back, front)
             link = LinkInjector({"back": back.domid, "front": front.domid}, seed=1)
             partition = fault("link.partition", "link:back-front", direction="both", mode="drop")
             link.start(partition)
@@ -80,7 +84,6 @@ async def test_link_faults_installed_and_removed_at_run_time(tmp_path: Path) -> 
             assert not offered.pending
             link.stop(partition)
             front.set_link_faults(None)
-            again = await back.alloc_unbound(front.domid)  # a new link, with no seam
-            rebound = await front.bind_interdomain(back.domid, again.port)
+            again, rebound = await _channel(back, front)  # a new link, with no seam
             rebound.notify()
             await again.wait()

@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from tests.integration.faults_cli import run_faults, run_verdict
+
 REPO = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT = 90.0  # the plan lasts 10 s; start-up and teardown a few more
 
@@ -99,36 +101,10 @@ def _run(
     # Short: the state directory holds Unix sockets (pytest's tmp paths can be too long).
     state = Path(tempfile.mkdtemp(prefix=f"xf-{name}-", dir="/tmp"))
     history = tmp_path / f"{name}.jsonl"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "xenpv",
-            "faults",
-            "run",
-            str(plan),
-            "--json",
-            "--state-dir",
-            str(state),
-            "--history",
-            str(history),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT,
-        env=dict(os.environ, PYTHONPATH=str(REPO), **(env or {})),
-        check=False,
-    )
+    result = run_faults(str(plan), state, history, RUN_TIMEOUT, env)
     left = (state / "cluster.json").exists()
     shutil.rmtree(state, ignore_errors=True)  # the run stopped everything it started
     return result, state, history, left
-
-
-def _verdict(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
-    last = result.stdout.strip().splitlines()[-1]
-    value = json.loads(last)
-    assert isinstance(value, dict)
-    return value
 
 
 def _processes_using(path: Path) -> list[int]:
@@ -165,7 +141,7 @@ def mixed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path, Path
 def test_mixed_plan_passes_end_to_end(mixed_run: tuple[Any, Path, Path, bool]) -> None:
     result, state, history, cluster_state_left = mixed_run
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
-    verdict = _verdict(result)
+    verdict = run_verdict(result)
     assert verdict["ok"] is True
     assert verdict["violations"] == []
     assert verdict["faults_injected"] == 5
@@ -210,13 +186,13 @@ def test_broken_disk_fails_the_run_with_the_block_checker(
         tmp_path, "broken", env={"XENPV_FAULTS_BROKEN_STORAGE": "drop-writes"}
     )
     assert result.returncode == 1, result.stdout + result.stderr[-3000:]
-    verdict = _verdict(result)
+    verdict = run_verdict(result)
     assert verdict["ok"] is False
     assert verdict["checkers"]["block"] > 0
     assert any(v["checker"] == "block" for v in verdict["violations"])
     assert "FAIL" in result.stdout
     # The same plan and seed: the same schedule, whatever the execution did.
-    assert verdict["schedule_hash"] == _verdict(mixed_run[0])["schedule_hash"]
+    assert verdict["schedule_hash"] == run_verdict(mixed_run[0])["schedule_hash"]
     assert _processes_using(state) == []
 
 

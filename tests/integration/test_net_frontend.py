@@ -56,7 +56,6 @@ from xenpv.xenbus.core import Action, Connected, DeviceId, Initialising, Role
 from xenpv.xenbus.handshake import KeyValues, read_keys, read_state, run_handshake
 from xenpv.xenstore.client import XenstoreClient
 
-TRANSPORTS = ["socket", "shm"]
 MAC = "00:16:3e:00:00:01"
 
 
@@ -387,7 +386,6 @@ def frame_of(size: int, seq: int, rng: random.Random, sport: int = 1000) -> byte
     return (head + ip + tcp + body)[:size]
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize(("queues", "split"), [(1, False), (1, True), (2, True)])
 async def test_handshake_keys_and_echo(
     tmp_path: Path, xenstored: Xenstored, transport: str, queues: int, split: bool
@@ -466,7 +464,6 @@ async def test_large_page_guest(tmp_path: Path, xenstored: Xenstored, page_size:
             assert front.info.page_size == page_size and front.info.grant_size == 4096
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_backpressure_waits_for_ring_space(
     tmp_path: Path, xenstored: Xenstored, transport: str
 ) -> None:
@@ -494,7 +491,6 @@ async def test_backpressure_waits_for_ring_space(
             assert [w.frame for w in wire] == frames
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_reconnect_drops_in_flight_and_resumes(
     tmp_path: Path, xenstored: Xenstored, transport: str
 ) -> None:
@@ -524,7 +520,6 @@ async def test_reconnect_drops_in_flight_and_resumes(
             assert not front._deferred
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_hostile_backend_breaks_only_until_reconnect(
     tmp_path: Path, xenstored: Xenstored, transport: str
 ) -> None:
@@ -575,7 +570,6 @@ async def test_backend_without_rx_copy_is_refused(tmp_path: Path, xenstored: Xen
                     front.info  # noqa: B018
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_send_more_defers_the_push_until_a_send_without_it(
     tmp_path: Path, xenstored: Xenstored, transport: str
 ) -> None:
@@ -602,7 +596,6 @@ async def test_send_more_defers_the_push_until_a_send_without_it(
                 assert [w.frame for w in wire if w.frame[34:36] == mine[0][34:36]] == mine
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_send_more_pushes_before_waiting_for_space_and_flush_ends_a_burst(
     tmp_path: Path, xenstored: Xenstored, transport: str
 ) -> None:
@@ -664,7 +657,6 @@ async def test_rx_sink_takes_frames_in_order_and_the_channel_keeps_the_rest(
             assert (await front.receive()).frame == frames[0]
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_every_tx_answer_is_collected_without_further_sends(
     tmp_path: Path, xenstored: Xenstored, transport: str
 ) -> None:

@@ -38,7 +38,6 @@ from xenpv.xenbus.handshake import KeyValues, read_state
 from xenpv.xenbus.keys import XENPV_MAX_GRANULE_ORDER
 from xenpv.xenstore.client import XenstoreClient, connect
 
-TRANSPORTS = ["socket", "shm"]
 SIZES = [60, 61, 1514, 4095, 4096, 4097, 9000, 16383, 16384, 16385, 32767, 32768, 65535]
 TIMEOUT = 60
 
@@ -178,7 +177,6 @@ async def collect(front: Netfront, want: int, into: list[RxFrame]) -> None:
         into.append(await front.receive())
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("mix", MIXES, ids=[m.name for m in MIXES])
 async def test_mix_negotiates_and_frames_arrive_intact(
     tmp_path: Path,
@@ -270,7 +268,6 @@ async def exchange(net: Net, rng: random.Random, sizes: list[int]) -> None:
         assert [f.frame for f in got[i]] == sent[i]
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_renegotiated_after_backend_restart(
     tmp_path: Path, xenstored: Xenstored, transport: str
 ) -> None:
@@ -308,7 +305,6 @@ async def test_renegotiated_after_backend_restart(
                 await exchange(net, rng, sizes)
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_order_above_backend_max_is_fatal(
     tmp_path: Path, xenstored: Xenstored, transport: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -369,7 +365,6 @@ class StaleOldVif(Vif):
         return keys
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_backend_without_echo_gets_4k_grants(
     tmp_path: Path, xenstored: Xenstored, transport: str
 ) -> None:

@@ -30,7 +30,6 @@ from xenpv.toolstack.devices import create_vif
 from xenpv.xenbus.core import DeviceId
 from xenpv.xenstore.client import XenstoreClient, connect
 
-TRANSPORTS = ["socket", "shm"]
 BROADCAST = b"\xff" * 6
 ETH_P_TEST = 0x88B5  # IEEE local experimental: an opaque payload nobody parses
 SIZES = [60, 61, 1514, 4095, 4096, 4097, 9000, 16384, 32768, 65535]
@@ -128,7 +127,6 @@ async def collect(front: Netfront, want: int, into: list[RxFrame]) -> None:
         into.append(await front.receive())
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_all_page_size_pairs_intact_and_in_order(
     tmp_path: Path, xenstored: Xenstored, transport: str
 ) -> None:
@@ -195,7 +193,6 @@ async def test_all_page_size_pairs_intact_and_in_order(
                 assert stats["rx_errors"] == 0 and stats["tx_errors"] == 0
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_flooding_and_mac_learning(
     tmp_path: Path, xenstored: Xenstored, transport: str
 ) -> None:

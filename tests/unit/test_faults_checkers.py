@@ -73,13 +73,18 @@ async def test_block_checker_catches_a_disk_that_acknowledges_without_keeping() 
         assert first.active == ()  # and no fault excuses it
 
 
+def _unflushed_worker(disk: FaultyStorage, rec: Recorder) -> BlockWorker:
+    """Four 1 KiB blocks on the guest's first disk; flushes only when the test says."""
+    return BlockWorker(
+        disk, rec.writer, "guest4k/blk0", DISK_KEY, blocks=4, block_size=1024, flush_every=0
+    )
+
+
 async def test_power_cut_may_lose_unflushed_writes_but_not_flushed_ones() -> None:
     with trio.fail_after(10):
         rec = Recorder()
         disk = FaultyStorage(MemoryDisk(64 * SECTOR), write_cache=True)
-        worker = BlockWorker(
-            disk, rec.writer, "guest4k/blk0", DISK_KEY, blocks=4, block_size=1024, flush_every=0
-        )
+        worker = _unflushed_worker(disk, rec)
         await worker.write(0)
         await worker.flush()
         await worker.write(1)  # never flushed
@@ -97,9 +102,7 @@ async def test_power_cut_may_lose_unflushed_writes_but_not_flushed_ones() -> Non
 
         # The same loss with no power cut recorded is a violation...
         rec2 = Recorder()
-        w2 = BlockWorker(
-            disk, rec2.writer, "guest4k/blk0", DISK_KEY, blocks=4, block_size=1024, flush_every=0
-        )
+        w2 = _unflushed_worker(disk, rec2)
         await w2.write(2)
         disk.power_cut()  # ...silently, as a buggy cache would
         await w2.read(2)
@@ -109,9 +112,7 @@ async def test_power_cut_may_lose_unflushed_writes_but_not_flushed_ones() -> Non
         # ...and so is losing a flushed write in a power cut.
         rec3 = Recorder()
         lying = FaultyStorage(MemoryDisk(64 * SECTOR), write_cache=True)
-        w3 = BlockWorker(
-            lying, rec3.writer, "guest4k/blk0", DISK_KEY, blocks=4, block_size=1024, flush_every=0
-        )
+        w3 = _unflushed_worker(lying, rec3)
         await w3.write(3)
         await w3.flush()
         lying.inner.data[3 * 1024 : 4 * 1024] = bytes(1024)  # type: ignore[attr-defined]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.unit.xs_helpers import Client, events, setup_guest_homes
+from tests.unit.xs_helpers import Client, dom0_pair, events, setup_guest_homes
 from xenpv.xenstore.quotas import Quotas
 from xenpv.xenstore.store import Store
 from xenpv.xenstore.wire import XsType, error_name
@@ -11,16 +11,14 @@ R, W, END = XsType.XS_READ, XsType.XS_WRITE, XsType.XS_TRANSACTION_END
 
 
 def test_ids_start_at_one_per_connection() -> None:
-    store = Store()
-    a, b = Client(store, 0), Client(store, 0)
+    a, b = dom0_pair()
     assert [a.start(), a.start(), b.start()] == [1, 2, 1]
     assert a.end(1).payload == b"OK\0"
     assert a.start() == 3
 
 
 def test_own_writes_visible_others_isolated() -> None:
-    store = Store()
-    a, b = Client(store, 0), Client(store, 0)
+    a, b = dom0_pair()
     a.write("/k", b"old")
     tx = a.start()
     a.write("/k", b"new", tx=tx)
@@ -35,8 +33,7 @@ def test_own_writes_visible_others_isolated() -> None:
 
 
 def test_conflict_on_read_node() -> None:
-    store = Store()
-    a, b = Client(store, 0), Client(store, 0)
+    a, b = dom0_pair()
     a.write("/x", b"1")
     tx = a.start()
     a.read("/x", tx=tx)
@@ -49,8 +46,7 @@ def test_conflict_on_read_node() -> None:
 
 
 def test_unrelated_write_is_no_conflict() -> None:
-    store = Store()
-    a, b = Client(store, 0), Client(store, 0)
+    a, b = dom0_pair()
     a.write("/x", b"1")
     a.write("/other", b"1")
     tx = a.start()
@@ -62,8 +58,7 @@ def test_unrelated_write_is_no_conflict() -> None:
 
 def test_write_after_start_but_before_first_read_is_no_conflict() -> None:
     # C ≥ 4.9 compares with the generation seen at first access, not at start.
-    store = Store()
-    a, b = Client(store, 0), Client(store, 0)
+    a, b = dom0_pair()
     a.write("/x", b"1")
     tx = a.start()
     b.write("/x", b"2")
@@ -72,8 +67,7 @@ def test_write_after_start_but_before_first_read_is_no_conflict() -> None:
 
 
 def test_repeatable_read_then_conflict() -> None:
-    store = Store()
-    a, b = Client(store, 0), Client(store, 0)
+    a, b = dom0_pair()
     a.write("/d/one", b"")
     tx = a.start()
     assert a.ls("/d", tx=tx) == ["one"]
@@ -83,8 +77,7 @@ def test_repeatable_read_then_conflict() -> None:
 
 
 def test_concurrent_creation_conflicts_via_missing_node() -> None:
-    store = Store()
-    a, b = Client(store, 0), Client(store, 0)
+    a, b = dom0_pair()
     tx = a.start()
     assert a.err(R, b"/new\0", tx=tx) == "ENOENT"
     b.write("/new", b"b")
@@ -94,8 +87,7 @@ def test_concurrent_creation_conflicts_via_missing_node() -> None:
 
 def test_implicit_reads_count() -> None:
     # Writing /p/q/r inside the transaction reads /p (missing) and / (its parent).
-    store = Store()
-    a, b = Client(store, 0), Client(store, 0)
+    a, b = dom0_pair()
     tx = a.start()
     a.write("/p/q/r", b"", tx=tx)
     b.write("/zzz", b"")  # rewrites / (new child): / was read implicitly
@@ -150,8 +142,7 @@ def test_nested_start_is_ebusy_and_unknown_id_enoent() -> None:
 
 
 def test_transaction_of_other_connection_is_unknown() -> None:
-    store = Store()
-    a, b = Client(store, 0), Client(store, 0)
+    a, b = dom0_pair()
     tx = a.start()
     b.start()
     assert b.err(R, b"/nope\0", tx=tx + 1) == "ENOENT"
@@ -245,8 +236,7 @@ def test_directory_part_generation_changes() -> None:
 
 
 def test_stale_view_rm_with_parent_seen_missing() -> None:
-    store = Store()
-    a, b = Client(store, 0), Client(store, 0)
+    a, b = dom0_pair()
     tx = a.start()
     assert a.err(R, b"/p\0", tx=tx) == "ENOENT"  # /p seen missing
     b.write("/p/c", b"")
@@ -255,8 +245,7 @@ def test_stale_view_rm_with_parent_seen_missing() -> None:
 
 
 def test_stale_view_rm_with_listed_child_gone() -> None:
-    store = Store()
-    a, b = Client(store, 0), Client(store, 0)
+    a, b = dom0_pair()
     a.write("/q/c", b"")
     tx = a.start()
     assert a.ls("/q", tx=tx) == ["c"]
@@ -266,8 +255,7 @@ def test_stale_view_rm_with_listed_child_gone() -> None:
 
 
 def test_stale_view_rm_of_child_unknown_to_parent_snapshot() -> None:
-    store = Store()
-    a, b = Client(store, 0), Client(store, 0)
+    a, b = dom0_pair()
     a.write("/u", b"")
     tx = a.start()
     assert a.ls("/u", tx=tx) == []  # /u snapshot: no children

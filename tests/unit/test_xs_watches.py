@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.unit.xs_helpers import Client, events, setup_guest_homes
+from tests.unit.xs_helpers import Client, dom0_pair, events, setup_guest_homes
 from xenpv.xenstore.quotas import Quotas
 from xenpv.xenstore.store import Store
 from xenpv.xenstore.wire import Message, XsType
@@ -29,8 +29,7 @@ def test_initial_event_follows_the_reply() -> None:
 
 
 def test_events_precede_the_reply_and_cover_the_subtree() -> None:
-    store = Store()
-    dom0, other = Client(store, 0), Client(store, 0)
+    dom0, other = dom0_pair()
     other.watch("/a", "sub")
     other.watch("/", "root")
     other.watch("/a/b/c/d", "below")
@@ -42,8 +41,7 @@ def test_events_precede_the_reply_and_cover_the_subtree() -> None:
 
 
 def test_write_fires_only_on_the_written_path_not_created_parents() -> None:
-    store = Store()
-    dom0, w = Client(store, 0), Client(store, 0)
+    dom0, w = dom0_pair()
     w.watch("/p", "t")
     dom0.write("/p/q/r", b"")
     assert events(dom0.last, w.conn) == [("/p/q/r", "t")]
@@ -92,8 +90,7 @@ def test_watches_are_per_connection() -> None:
 
 
 def test_rm_subtree_rules() -> None:
-    store = Store()
-    dom0, w = Client(store, 0), Client(store, 0)
+    dom0, w = dom0_pair()
     for path in ("/t/a/x", "/t/a/y/z", "/t/b"):
         dom0.write(path, b"")
     w.watch("/", "root")
@@ -197,8 +194,7 @@ def test_watch_ignores_transaction_id() -> None:
 
 
 def test_many_watches_do_not_all_get_scanned() -> None:
-    store = Store()
-    dom0, w = Client(store, 0), Client(store, 0)
+    dom0, w = dom0_pair()
     for i in range(2000):
         w.watch(f"/many/{i}", "t")
     dom0.write("/many/5/x", b"")

@@ -81,6 +81,12 @@ class Client:
         return self.send(XsType.XS_TRANSACTION_END, b"T\0" if commit else b"F\0", tx)
 
 
+def dom0_pair() -> tuple[Client, Client]:
+    """Two dom0 connections to one new store."""
+    store = Store()
+    return Client(store, 0), Client(store, 0)
+
+
 def events(outcome: Outcome | None, conn: ConnId) -> list[tuple[str, str]]:
     """(path, token) of the watch events `outcome` sends to `conn`."""
     assert outcome is not None

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from xenpv.faults.history import OPS, TYPES, HistoryWriter
+from xenpv.faults.records import record_json
 from xenpv.faults.schedule import Schedule, ScheduledFault
 
 CONTROL_ROOT = "/tool/xenpv/faults"
@@ -53,14 +54,7 @@ class RunConfig:
     macs: dict[str, str] = field(default_factory=dict)  # vif device id -> its MAC (xx:xx:..)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "epoch": self.epoch,
-            "history_dir": self.history_dir,
-            "seed": self.seed,
-            "domids": self.domids,
-            "schedule": self.schedule,
-            "macs": self.macs,
-        }
+        return record_json(self)
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> RunConfig:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from xenpv.errors import XenpvError
+from xenpv.faults.records import record_json
 from xenpv.faults.schedule import Schedule, canonical_json
 
 TYPES = ("invoke", "ok", "fail", "info")
@@ -69,15 +70,7 @@ class Op:
     digest: str = ""
 
     def body(self) -> dict[str, Any]:
-        return {
-            "index": self.index,
-            "time": self.time,
-            "process": self.process,
-            "type": self.type,
-            "f": self.f,
-            "key": self.key,
-            "value": self.value,
-        }
+        return record_json(self, omit=("digest",))  # the digest chains over the body
 
 
 def chain(previous: str, body: dict[str, Any]) -> str:

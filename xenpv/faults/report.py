@@ -82,6 +82,13 @@ class _Scale:
     def x(self, t: float) -> float:
         return LEFT + WIDTH * min(max(t, 0.0), self.end) / self.end
 
+    def window(self, w: FaultWindow) -> tuple[float, float]:
+        """Where a fault window's bar starts and how wide it is (an open window runs to the
+        end; a short one still shows)."""
+        x0 = self.x(w.start_time)
+        x1 = self.x(w.stop_time if w.stop_time is not None else self.end)
+        return x0, max(x1 - x0, 2)
+
 
 def _axis(scale: _Scale, y: float) -> list[str]:
     out = [f'<line x1="{LEFT}" y1="{y}" x2="{LEFT + WIDTH}" y2="{y}" stroke="#889"/>']
@@ -122,10 +129,9 @@ def _lanes(history: History, windows: Sequence[FaultWindow], scale: _Scale) -> s
                     hit = False
             if not hit:
                 continue
-            x0 = scale.x(w.start_time)
-            x1 = scale.x(w.stop_time if w.stop_time is not None else scale.end)
+            x0, width = scale.window(w)
             out.append(
-                f'<rect x="{x0:.1f}" y="{y + 2}" width="{max(x1 - x0, 2):.1f}" height="{LANE - 4}"'
+                f'<rect x="{x0:.1f}" y="{y + 2}" width="{width:.1f}" height="{LANE - 4}"'
                 f' fill="{_colour(w.kind)}" opacity="0.85"><title>{html.escape(w.label())}'
                 f" {w.start_time:.3f}-{'' if w.stop_time is None else f'{w.stop_time:.3f}'}s"
                 "</title></rect>"
@@ -196,10 +202,9 @@ def _latency(history: History, windows: Sequence[FaultWindow], scale: _Scale) ->
         f' height="{height + 40}">'
     ]
     for w in windows:
-        x0 = scale.x(w.start_time)
-        x1 = scale.x(w.stop_time if w.stop_time is not None else scale.end)
+        x0, width = scale.window(w)
         out.append(
-            f'<rect x="{x0:.1f}" y="0" width="{max(x1 - x0, 2):.1f}" height="{height}"'
+            f'<rect x="{x0:.1f}" y="0" width="{width:.1f}" height="{height}"'
             f' fill="{_colour(w.kind)}" opacity="0.18">'
             f"<title>{html.escape(w.label())}</title></rect>"
         )

@@ -17,6 +17,7 @@ from typing import Any
 
 from xenpv.faults.catalogue import CATALOGUE, Scalar
 from xenpv.faults.plan import Draw, FaultSpec, Plan, Value, check_targets, resolve_topology
+from xenpv.faults.records import record_json
 from xenpv.faults.targets import Targets
 from xenpv.toolstack.topology import Topology
 
@@ -55,17 +56,7 @@ class ScheduledFault:
         raise KeyError(name)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "spec": self.spec,
-            "kind": self.kind,
-            "target": self.target,
-            "start": self.start,
-            "stop": self.stop,
-            "probability": self.probability,
-            "count": self.count,
-            "params": dict(self.params),
-        }
+        return record_json(self, omit=("params",)) | {"params": dict(self.params)}
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> ScheduledFault:
@@ -94,16 +85,7 @@ class ScheduledWorkload:
     size: int
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "index": self.index,
-            "kind": self.kind,
-            "targets": list(self.targets),
-            "rate": self.rate,
-            "threads": self.threads,
-            "flush_every": self.flush_every,
-            "blocks": self.blocks,
-            "size": self.size,
-        }
+        return record_json(self)
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> ScheduledWorkload:

@@ -25,6 +25,7 @@ import hashlib
 import struct
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 BLOCK_MAGIC = b"XPVB"
 FRAME_MAGIC = b"XPVF"
@@ -33,6 +34,9 @@ _BLOCK_HEADER = struct.Struct(">4sB3xQQ16sI4x")  # 48 bytes
 _FRAME_HEADER = struct.Struct(">4sB3xIQII")  # 28 bytes
 BLOCK_HEADER_SIZE = _BLOCK_HEADER.size
 FRAME_HEADER_SIZE = _FRAME_HEADER.size
+# What each CRC covers first: the header up to the CRC (block: CRC + 4 pad bytes; frame: CRC).
+_BLOCK_HEAD = BLOCK_HEADER_SIZE - 8
+_FRAME_HEAD = FRAME_HEADER_SIZE - 4
 WRITER_MAX = 16
 INITIAL = "initial"  # the history value of a read that found zeroes
 
@@ -58,16 +62,22 @@ class BlockTag:
         return f"{self.writer}/{self.block}/{self.seq}"
 
 
+def _sealed(header: struct.Struct, head_size: int, fields: tuple[Any, ...], length: int) -> bytes:
+    """`length` bytes: `header` packed from `fields` and a CRC-32 of its first `head_size`
+    bytes and of the fill that follows it (derived from those bytes)."""
+    head = header.pack(*fields, 0)[:head_size]
+    fill = _fill(head, length - header.size)
+    return header.pack(*fields, zlib.crc32(head + fill)) + fill
+
+
 def pack_sector(tag: BlockTag, sector_size: int = 512) -> bytes:
     writer = tag.writer.encode()
     if not 0 < len(writer) <= WRITER_MAX or b"\0" in writer:
         raise ValueError(f"writer name must be 1..{WRITER_MAX} bytes without NUL: {tag.writer!r}")
     if sector_size < BLOCK_HEADER_SIZE:
         raise ValueError(f"a sector of {sector_size} bytes cannot hold a tag")
-    head = struct.pack(">4sB3xQQ16s", BLOCK_MAGIC, VERSION, tag.block, tag.seq, writer)
-    fill = _fill(head, sector_size - BLOCK_HEADER_SIZE)
-    crc = zlib.crc32(head + fill)
-    return _BLOCK_HEADER.pack(BLOCK_MAGIC, VERSION, tag.block, tag.seq, writer, crc) + fill
+    fields = (BLOCK_MAGIC, VERSION, tag.block, tag.seq, writer)
+    return _sealed(_BLOCK_HEADER, _BLOCK_HEAD, fields, sector_size)
 
 
 def pack_block(tag: BlockTag, size: int, sector_size: int = 512) -> bytes:
@@ -86,7 +96,7 @@ def parse_sector(data: bytes | bytearray | memoryview) -> BlockTag | None:
     magic, version, block, seq, writer, crc = _BLOCK_HEADER.unpack_from(data)
     if magic != BLOCK_MAGIC or version != VERSION:
         raise TagError(f"no block tag (starts {data[:8].hex()})")
-    head = data[: BLOCK_HEADER_SIZE - 8]
+    head = data[:_BLOCK_HEAD]
     if zlib.crc32(head + data[BLOCK_HEADER_SIZE:]) != crc:
         raise TagError(f"checksum mismatch in the sector of block {block} seq {seq}")
     tag = BlockTag(writer.rstrip(b"\0").decode(errors="replace"), block, seq)
@@ -130,10 +140,9 @@ def pack_frame(tag: FrameTag, size: int) -> bytes:
     """A frame payload of `size` bytes (at least the header) carrying `tag`."""
     if size < FRAME_HEADER_SIZE:
         raise ValueError(f"a frame payload needs at least {FRAME_HEADER_SIZE} bytes")
-    head = struct.pack(">4sB3xIQI", FRAME_MAGIC, VERSION, tag.flow, tag.seq, size)
-    fill = _fill(head, size - FRAME_HEADER_SIZE)
-    crc = zlib.crc32(head + fill)
-    return _FRAME_HEADER.pack(FRAME_MAGIC, VERSION, tag.flow, tag.seq, size, crc) + fill
+    return _sealed(
+        _FRAME_HEADER, _FRAME_HEAD, (FRAME_MAGIC, VERSION, tag.flow, tag.seq, size), size
+    )
 
 
 def parse_frame(data: bytes | bytearray | memoryview) -> FrameTag:
@@ -145,7 +154,7 @@ def parse_frame(data: bytes | bytearray | memoryview) -> FrameTag:
         raise TagError(f"no frame tag (starts {data[:8].hex()})")
     if size != len(data):
         raise TagError(f"flow {flow} seq {seq}: {len(data)} bytes, the tag says {size}")
-    head = data[: FRAME_HEADER_SIZE - 4]
+    head = data[:_FRAME_HEAD]
     if zlib.crc32(head + data[FRAME_HEADER_SIZE:]) != crc:
         raise TagError(f"checksum mismatch in flow {flow} seq {seq}")
     if pack_frame(FrameTag(flow, seq), size) != data:

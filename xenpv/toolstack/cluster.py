@@ -172,6 +172,12 @@ def _python() -> list[str]:
     return [sys.executable, "-m", "xenpv"]
 
 
+def _log_options(log_level: str) -> list[str]:
+    """The global options of every child the cluster starts: JSON log lines at the cluster's
+    level."""
+    return ["--log-level", log_level, "--log-format", "json"]
+
+
 _alive = alive  # the name tests and older callers use
 
 
@@ -231,10 +237,7 @@ async def _start_xenstored(
     shutil.rmtree(data, ignore_errors=True)  # a new cluster starts from an empty store
     args = [
         *_python(),
-        "--log-level",
-        log_level,
-        "--log-format",
-        "json",
+        *_log_options(log_level),
         "xenstored",
         "--socket",
         str(sock),
@@ -375,10 +378,7 @@ async def _start_process(
     """One `xenpv domain` process running the domains `specs` (several: a group)."""
     args = [
         *([] if cluster.forkserver is not None else _python()),
-        "--log-level",
-        log_level,
-        "--log-format",
-        "json",
+        *_log_options(log_level),
         "domain",
         "--xenstore",
         cluster.xenstore_tcp,
@@ -863,10 +863,7 @@ async def start_detached(
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     args = [
         *_python(),
-        "--log-level",
-        log_level,
-        "--log-format",
-        "json",
+        *_log_options(log_level),
         "cluster",
         "up",
         str(topology_file),

@@ -8,6 +8,7 @@ from typing import Any
 
 from xenpv.faults.catalogue import CATALOGUE, FaultKind
 from xenpv.faults.history import History, Op
+from xenpv.faults.records import record_json
 from xenpv.faults.targets import DeviceTarget, Targets
 
 NEVER = 1 << 62  # the stop index of a fault that was never stopped
@@ -47,14 +48,7 @@ class Violation:
     active: tuple[str, ...] = ()  # faults active at that op (labels)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "checker": self.checker,
-            "index": self.index,
-            "key": self.key,
-            "value": self.value,
-            "message": self.message,
-            "active": list(self.active),
-        }
+        return record_json(self)
 
     def line(self) -> str:
         faults = ", ".join(self.active) if self.active else "no fault active"
