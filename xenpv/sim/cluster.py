@@ -14,6 +14,7 @@ import os
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import Final
 
 import trio
 
@@ -25,7 +26,7 @@ from xenpv.toolstack import provision
 from xenpv.toolstack.topology import Topology
 from xenpv.xenstore.client import XenstoreClient
 
-SIM_TRANSPORT = "socket"
+SIM_TRANSPORT: Final = "socket"
 
 
 @dataclasses.dataclass(eq=False)
