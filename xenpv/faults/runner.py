@@ -32,7 +32,6 @@ import dataclasses
 import json
 import os
 import shutil
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ from typing import Any
 import structlog
 import trio
 
+from xenpv import clock
 from xenpv.errors import XenpvError
 from xenpv.faults import device as device_faults
 from xenpv.faults.catalogue import CATALOGUE
@@ -340,7 +340,7 @@ async def _run(
 ) -> None:
     xs = cluster.xs
     domids = dict(cluster.domids)
-    epoch = time.monotonic()
+    epoch = clock.monotonic()
     origin = trio.current_time()  # the schedule's time 0, set again when every guest is ready
     runner_log = ProcessLog(history_file(history_dir, "runner"), epoch)
     config = RunConfig(
