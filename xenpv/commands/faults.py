@@ -65,6 +65,18 @@ def register(sub: Any) -> None:
         metavar="DIR",
         help="the cluster's state directory (default: a temporary one, removed at the end)",
     )
+    p.add_argument(
+        "--mode",
+        choices=("real", "sim"),
+        default="real",
+        help="real: one process per domain; sim: every domain in one deterministic, "
+        "virtual-time run (docs/faults.md, Simulation)",
+    )
+    p.add_argument(
+        "--check-determinism",
+        action="store_true",
+        help="(--mode sim) run the seed twice and compare the history hashes",
+    )
     p.set_defaults(run=run_run)
 
 
@@ -204,6 +216,10 @@ def run_run(args: argparse.Namespace) -> int:
         raise plan_mod.PlanError("--seed", f"must be between 0 and {plan_mod.MAX_SEED}")
     runner.check_injectable(schedule.build(plan, args.seed))  # before starting anything
     history = args.history.resolve() if args.history is not None else None
+    if getattr(args, "mode", "real") == "sim":
+        return _run_sim(args, plan, history)
+    if getattr(args, "check_determinism", False):
+        raise plan_mod.PlanError("--check-determinism", "needs --mode sim")
     results: list[runner.RunResult] = []
 
     async def main(sup: Supervisor, state_dir: Path) -> int:
@@ -235,6 +251,37 @@ def run_run(args: argparse.Namespace) -> int:
     if args.json:
         print(runner.save_json(result))
     return 0 if result.ok else 1
+
+
+def _run_sim(args: argparse.Namespace, plan: plan_mod.Plan, history: Path | None) -> int:
+    import json
+
+    from xenpv.sim import faults as sim_faults
+
+    if args.state_dir is not None:
+        raise plan_mod.PlanError("--state-dir", "a simulated run keeps no state directory")
+    sim_faults.check_simulable(schedule.build(plan, args.seed))
+    result, sim, digest = sim_faults.run_in_temp_dir(plan, args.seed, history)
+    deterministic: bool | None = None
+    if args.check_determinism:
+        _again, _sim, digest_again = sim_faults.run_in_temp_dir(plan, args.seed)
+        deterministic = digest_again == digest
+    if args.report is not None:
+        args.report.write_text(report.render_html(result.history, result.violations))
+        print(f"xenpv: report written to {args.report}", file=sys.stderr)
+    _print_verdict(result)
+    print(
+        f"simulated {sim.simulated_seconds:.1f} s in {sim.wall_seconds:.1f} s wall; "
+        f"history hash {digest}"
+    )
+    if deterministic is not None:
+        print("deterministic: " + ("yes" if deterministic else "NO, the rerun's history differs"))
+    if args.json:
+        out = json.loads(runner.save_json(result))
+        out.update(mode="sim", history_hash=digest, deterministic=deterministic)
+        out.update(simulated_seconds=round(sim.simulated_seconds, 3))
+        print(json.dumps(out, sort_keys=True))
+    return 0 if result.ok and deterministic is not False else 1
 
 
 def _print_verdict(result: runner.RunResult) -> None:

@@ -323,6 +323,12 @@ async def run_plan(
         topo, state_dir, sup=sup, log_level=log_level, on_exit="record", progress=progress
     ) as cluster:
         await _run(cluster, schedule, history_dir, progress)
+    return collect(schedule, state_dir, history_path)
+
+
+def collect(schedule: Schedule, state_dir: Path, history_path: Path | None) -> RunResult:
+    """Merge the run's history files into one history and check it (also xenpv/sim/)."""
+    history_dir = state_dir / "history"
     paths = sorted(history_dir.glob("*.jsonl"))
     out = history_path or (state_dir / "history.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ import os
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import trio
 
@@ -31,9 +31,13 @@ SIM_TRANSPORT: Final = "socket"
 
 @dataclasses.dataclass(eq=False)
 class SimCluster:
+    """What the fault runner needs of a cluster (`xs`, `domids`, `children`) and more."""
+
     xenstored: SimXenstored
+    xs: XenstoreClient  # dom0's
     domids: dict[str, int]
     runtimes: dict[str, DomainRuntime]
+    children: list[Any] = dataclasses.field(default_factory=list)  # no processes in a sim
 
 
 def sim_topology(topo: Topology) -> Topology:
@@ -63,7 +67,8 @@ async def run_cluster(
     workloads: dict[str, Sequence[Workload]] | None = None,
 ) -> AsyncIterator[SimCluster]:
     """Provision `topo` (as `sim_topology`) into a fresh simulated xenstored and run every
-    domain until the block ends; `workloads` by domain name (default: none)."""
+    domain until the block ends; `workloads` by domain name (None: each domain runs the
+    default workloads a `xenpv domain` process runs)."""
     topo = sim_topology(topo)
     for sub in ("xenstore", "keys", "links"):
         (state_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -89,15 +94,19 @@ async def run_cluster(
                 xs = await stack.enter_async_context(xenstored.connect(domid))
                 ended[spec.name] = trio.Event()
                 runtimes[spec.name] = await nursery.start(
-                    _run_domain, xs, key, (workloads or {}).get(spec.name, ()), ended[spec.name]
+                    _run_domain,
+                    xs,
+                    key,
+                    None if workloads is None else workloads.get(spec.name, ()),
+                    ended[spec.name],
                 )
-            yield SimCluster(xenstored, done.domids, runtimes)
+            yield SimCluster(xenstored, dom0, done.domids, runtimes)
 
 
 async def _run_domain(
     xs: XenstoreClient,
     key: DomainKey,
-    workloads: Sequence[Workload],
+    workloads: Sequence[Workload] | None,
     ended: trio.Event,
     *,
     task_status: trio.TaskStatus[DomainRuntime] = trio.TASK_STATUS_IGNORED,
