@@ -3,8 +3,8 @@
 Each domain is `xenpv.runtime.domain_process.run_domain`, the same coroutine a `xenpv domain`
 process runs (the real blk/net drivers, xenbus handshakes and fault agent), here with its own
 xenstore connection to the simulated xenstored (xenpv/sim/xenstore.py) as its own domid.
-What the sim changes: every disk is a memory disk (the raw-image backend does its I/O in
-worker threads), the link transport is the socket-copy kind, busy polling is off.
+What the sim changes: image disks live in memory (xenpv/sim/storage.py), the link
+transport is the socket-copy kind, busy polling is off.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import trio
 from xenpv.identity import DomainKey
 from xenpv.runtime.domain_process import DomainRuntime, run_domain
 from xenpv.runtime.workload import Workload
+from xenpv.sim.storage import images_in_memory
 from xenpv.sim.xenstore import SimXenstored, run_xenstored
 from xenpv.toolstack import provision
 from xenpv.toolstack.topology import Topology
@@ -41,9 +42,9 @@ class SimCluster:
 
 
 def sim_topology(topo: Topology) -> Topology:
-    """`topo` as the sim runs it: memory disks, socket transport."""
-    vbds = tuple(dataclasses.replace(vbd, image=None) for vbd in topo.vbds)
-    return dataclasses.replace(topo, vbds=vbds, transport=SIM_TRANSPORT)
+    """`topo` as the sim runs it: socket transport (images are served from memory:
+    xenpv/sim/storage.py)."""
+    return dataclasses.replace(topo, transport=SIM_TRANSPORT)
 
 
 @contextmanager
@@ -72,7 +73,7 @@ async def run_cluster(
     topo = sim_topology(topo)
     for sub in ("xenstore", "keys", "links"):
         (state_dir / sub).mkdir(parents=True, exist_ok=True)
-    with _no_busy_poll():
+    with _no_busy_poll(), images_in_memory():
         async with AsyncExitStack() as stack:
             xenstored = await stack.enter_async_context(run_xenstored(state_dir / "xenstore"))
             dom0 = await stack.enter_async_context(xenstored.connect(0))
