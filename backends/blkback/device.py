@@ -90,9 +90,15 @@ HANDSHAKE_RETRY = 0.5
 UNREACHABLE_BACKOFF = 0.25  # seconds before refusing a CONNECT the frontend's link failed
 
 
+# A simulated run (xenpv/sim/storage.py) opens image disks itself: in memory, no threads.
+image_opener: Callable[[BackendConfig], Storage] | None = None
+
+
 def open_storage_from(config: BackendConfig) -> Storage:
     """The disk the toolstack configured: a memory disk, or a raw image (created sparse at
     `xenpv-size` if missing; an existing image keeps its size)."""
+    if config.kind == "file" and image_opener is not None:
+        return image_opener(config)
     if config.kind == "memory":
         assert config.size is not None  # parse_config requires it
         return MemoryDisk(config.size, sector_size=config.sector_size, read_only=config.read_only)

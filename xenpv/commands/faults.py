@@ -81,6 +81,18 @@ def register(sub: Any) -> None:
         help="with --attach: a directory every domain process writes its history to "
         "(a volume they share)",
     )
+    p.add_argument(
+        "--mode",
+        choices=("real", "sim"),
+        default="real",
+        help="real: one process per domain; sim: every domain in one deterministic, "
+        "virtual-time run (docs/faults.md, Simulation)",
+    )
+    p.add_argument(
+        "--check-determinism",
+        action="store_true",
+        help="(--mode sim) run the seed twice and compare the history hashes",
+    )
     p.set_defaults(run=run_run)
 
 
@@ -234,6 +246,12 @@ def run_run(args: argparse.Namespace) -> int:
     # Before starting anything:
     runner.check_injectable(schedule.build(plan, args.seed), attached=attached)
     history = args.history.resolve() if args.history is not None else None
+    if getattr(args, "mode", "real") == "sim":
+        if attached:
+            raise UsageError("--attach and --mode sim exclude each other")
+        return _run_sim(args, plan, history)
+    if getattr(args, "check_determinism", False):
+        raise plan_mod.PlanError("--check-determinism", "needs --mode sim")
     results: list[runner.RunResult] = []
 
     if attached:
@@ -284,6 +302,37 @@ def _finish_run(args: argparse.Namespace, result: runner.RunResult) -> int:
     if args.json:
         print(runner.save_json(result))
     return 0 if result.ok else 1
+
+
+def _run_sim(args: argparse.Namespace, plan: plan_mod.Plan, history: Path | None) -> int:
+    import json
+
+    from xenpv.sim import faults as sim_faults
+
+    if args.state_dir is not None:
+        raise plan_mod.PlanError("--state-dir", "a simulated run keeps no state directory")
+    sim_faults.check_simulable(schedule.build(plan, args.seed))
+    result, sim, digest = sim_faults.run_in_temp_dir(plan, args.seed, history)
+    deterministic: bool | None = None
+    if args.check_determinism:
+        _again, _sim, digest_again = sim_faults.run_in_temp_dir(plan, args.seed)
+        deterministic = digest_again == digest
+    if args.report is not None:
+        args.report.write_text(report.render_html(result.history, result.violations))
+        print(f"xenpv: report written to {args.report}", file=sys.stderr)
+    _print_verdict(result)
+    print(
+        f"simulated {sim.simulated_seconds:.1f} s in {sim.wall_seconds:.1f} s wall; "
+        f"history hash {digest}"
+    )
+    if deterministic is not None:
+        print("deterministic: " + ("yes" if deterministic else "NO, the rerun's history differs"))
+    if args.json:
+        out = json.loads(runner.save_json(result))
+        out.update(mode="sim", history_hash=digest, deterministic=deterministic)
+        out.update(simulated_seconds=round(sim.simulated_seconds, 3))
+        print(json.dumps(out, sort_keys=True))
+    return 0 if result.ok and deterministic is not False else 1
 
 
 def _print_verdict(result: runner.RunResult) -> None:

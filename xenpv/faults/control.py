@@ -23,12 +23,12 @@ from __future__ import annotations
 import json
 import random
 import threading
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from xenpv import clock
 from xenpv.faults.history import OPS, TYPES, HistoryWriter
 from xenpv.faults.records import record_json
 from xenpv.faults.schedule import Schedule, ScheduledFault
@@ -149,7 +149,7 @@ class ProcessLog:
         self.lines = 0
 
     def now(self) -> float:
-        return max(0.0, time.monotonic() - self.epoch)
+        return max(0.0, clock.monotonic() - self.epoch)
 
     def append(
         self,

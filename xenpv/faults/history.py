@@ -23,12 +23,12 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-import time as _time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+from xenpv import clock as clock_mod
 from xenpv.errors import XenpvError
 from xenpv.faults.records import record_json
 from xenpv.faults.schedule import Schedule, canonical_json
@@ -149,7 +149,7 @@ class HistoryWriter:
 
     stream: IO[str]
     schedule: Schedule
-    clock: Callable[[], float] = _time.monotonic
+    clock: Callable[[], float] = clock_mod.monotonic
     _chain: HistoryChain = field(default_factory=HistoryChain)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _start: float = 0.0

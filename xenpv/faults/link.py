@@ -36,10 +36,10 @@ good, and a held event is then a lost one (both ends asleep).
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from xenpv import clock as clock_mod
 from xenpv.faults.schedule import ScheduledFault, stream
 from xenpv.hv.faults import Message, Verdict
 from xenpv.hv.messages import Event, Reply, Update
@@ -73,7 +73,7 @@ class LinkInjector:
 
     domids: Mapping[str, int]
     seed: int
-    clock: Callable[[], float] = time.monotonic
+    clock: Callable[[], float] = clock_mod.monotonic
     size_of: Callable[[Message], int] = lambda message: DEFAULT_MESSAGE_SIZE
     corrupter: Corrupter | None = None
     _active: dict[str, _Active] = field(default_factory=dict)

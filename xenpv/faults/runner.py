@@ -31,7 +31,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from typing import Any
 import structlog
 import trio
 
+from xenpv import clock
 from xenpv.errors import XenpvError
 from xenpv.faults import device as device_faults
 from xenpv.faults import selfprocess
@@ -348,7 +348,7 @@ async def run_plan(
     check_injectable(schedule)
     topo = run_topology(plan, schedule)
     history_dir = state_dir / "history"
-    _fresh_history_dir(history_dir)
+    fresh_history_dir(history_dir)
     os.environ["XENPV_FAULTS"] = "1"  # the domain processes inherit it (storage wrapping)
     async with cluster_mod.launch(
         topo, state_dir, sup=sup, log_level=log_level, on_exit="record", progress=progress
@@ -364,7 +364,7 @@ async def run_plan(
         await _run(
             cluster.xs, dict(cluster.domids), processes, schedule, history_dir, progress, cluster
         )
-    return _result(schedule, history_dir, history_path or (state_dir / "history.jsonl"))
+    return collect(schedule, history_dir, history_path or (state_dir / "history.jsonl"))
 
 
 async def attach_plan(
@@ -384,14 +384,14 @@ async def attach_plan(
     for storage faults only when started with XENPV_FAULTS=1."""
     schedule = build(plan, seed)
     check_injectable(schedule, attached=True)
-    _fresh_history_dir(history_dir)
+    fresh_history_dir(history_dir)
     async with connect_xenstore(xenstore) as xs:
         domids = await _domids_by_name(xs, sorted(schedule.topology.roles))
         await _run(xs, domids, None, schedule, history_dir, progress)
-    return _result(schedule, history_dir, history_path or (history_dir.parent / "history.jsonl"))
+    return collect(schedule, history_dir, history_path or (history_dir.parent / "history.jsonl"))
 
 
-def _fresh_history_dir(history_dir: Path) -> None:
+def fresh_history_dir(history_dir: Path) -> None:
     """An empty `history_dir` (the agents append to their files; a shared volume may hold a
     previous run's, so its files are removed, not the directory)."""
     history_dir.mkdir(parents=True, exist_ok=True)
@@ -417,8 +417,8 @@ async def _domids_by_name(xs: XenstoreClient, names: list[str]) -> dict[str, int
     return {name: found[name] for name in names}
 
 
-def _result(schedule: Schedule, history_dir: Path, out: Path) -> RunResult:
-    """Merge the run's history files into `out` and check it."""
+def collect(schedule: Schedule, history_dir: Path, out: Path) -> RunResult:
+    """Merge the run's history files into `out` and check it (also xenpv/sim/)."""
     paths = sorted(history_dir.glob("*.jsonl"))
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", encoding="utf-8") as stream:
@@ -439,7 +439,7 @@ async def _run(
     """The run itself; `processes` None: an attached run (process faults by the agents);
     `cluster`: the run's own cluster (None when attached), told to report domains going
     down and up, and asked to restart xenstored."""
-    epoch = time.monotonic()
+    epoch = clock.monotonic()
     origin = trio.current_time()  # the schedule's time 0, set again when every guest is ready
     runner_log = ProcessLog(history_file(history_dir, "runner"), epoch)
     config = RunConfig(

@@ -8,6 +8,7 @@ dies is forgotten (`forget`) and the next operation towards its peer dials again
 from __future__ import annotations
 
 import os
+import socket
 from contextlib import suppress
 from typing import Protocol
 
@@ -229,8 +230,16 @@ class PeerLinks:
         if kind == "unix":
             with suppress(FileNotFoundError):
                 os.unlink(where)
-            sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-            await sock.bind(where)
+            # Bound synchronously: trio's `bind` of a Unix path hops to a worker thread, which
+            # a simulated run (xenpv/sim/) cannot have; binding a local path is quick anyway.
+            plain = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                plain.bind(where)
+            except BaseException:
+                plain.close()
+                raise
+            sock = trio.socket.from_stdlib_socket(plain)
+            await trio.lowlevel.checkpoint()
             os.chmod(where, 0o600)
             sock.listen(128)
             self._unix_path = where

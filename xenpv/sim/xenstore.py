@@ -1,0 +1,86 @@
+"""xenstored in a simulation: the real server core, connections over in-memory streams.
+
+The server is `XenstoreServer` itself (store, transactions, watches, quotas, group commit,
+journal); only its edges change: connections come from `connect` below instead of a
+listener, and the journal append always runs inline (the real server may hop to a worker
+thread when fsync is slow, and a simulation runs no threads).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+import trio.testing
+
+from xenpv.xenstore.client import Address, XenstoreClient
+from xenpv.xenstore.server import ServerConfig, XenstoreServer, _timed_append, open_store
+
+# Compaction encodes the snapshot in a worker thread: a simulated run never grows its
+# journal near this, so it never compacts.
+_NEVER_COMPACT = 1 << 62
+
+
+class SimXenstoreServer(XenstoreServer):
+    async def _append(self, payload: bytes) -> None:
+        _timed_append(self.journal, payload)
+        await trio.lowlevel.checkpoint()
+
+
+class SimXenstored:
+    """A running simulated xenstored; `connect(domid)` opens a client connection to it."""
+
+    def __init__(self, server: SimXenstoreServer, nursery: trio.Nursery) -> None:
+        self.server = server
+        self._nursery = nursery
+
+    def open_stream(self, domid: int) -> trio.abc.Stream:
+        client_side, server_side = trio.testing.memory_stream_pair()
+        self._nursery.start_soon(self.server._serve_conn, server_side, domid, b"")
+        return client_side
+
+    @asynccontextmanager
+    async def connect(self, domid: int = 0) -> AsyncIterator[XenstoreClient]:
+        client = _SimClient(self, domid)
+        stream = await client._open_stream()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client._run, stream)
+            try:
+                yield client
+            finally:
+                client._closed = True
+                nursery.cancel_scope.cancel()
+
+
+class _SimClient(XenstoreClient):
+    """The real client (requests, transactions, watches, reconnect and resend); its stream
+    comes from the simulated server instead of a socket."""
+
+    def __init__(self, xenstored: SimXenstored, domid: int) -> None:
+        super().__init__(Address("unix", f"sim:{domid}"), None, reconnect_timeout=30.0)
+        self.domid = domid
+        self._xenstored = xenstored
+
+    async def _open_stream(self) -> trio.abc.Stream:
+        await trio.lowlevel.checkpoint()
+        return self._xenstored.open_stream(self.domid)
+
+
+@asynccontextmanager
+async def run_xenstored(data_dir: Path) -> AsyncIterator[SimXenstored]:
+    """Run a simulated xenstored whose journal lives in `data_dir` until the block ends."""
+    store, journal = open_store(data_dir)
+    config = ServerConfig(socket_path="", data_dir=data_dir, compact_min_bytes=_NEVER_COMPACT)
+    server = SimXenstoreServer(store, journal, config)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server._committer)
+            nursery.start_soon(server._stall_watchdog)
+            try:
+                yield SimXenstored(server, nursery)
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        journal.close()
