@@ -41,7 +41,7 @@ async def test_one_small_frame_costs_few_link_messages_and_task_steps(
 ) -> None:
     with trio.fail_after(60):
         async with (
-            netback(xenstored, transport, {1: 4096, 2: 4096}) as (xs, doms, vifs, sw),
+            netback(xenstored, transport, {1: 4096, 2: 4096}) as (xs, doms, _vifs, _sw),
             AsyncExitStack() as stack,
             netfronts(stack, doms, xs, (1, 2)) as (a, b),
         ):
