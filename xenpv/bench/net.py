@@ -25,6 +25,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import struct
 import subprocess
 import sys
@@ -89,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     missing = _iperf_missing()
     results: dict[str, Any] = {"guest_to_guest": {}, "tap_iperf3": {}}
     rows: list[list[Any]] = []
+    rtt_by_transport: dict[str, dict[str, float]] = {}
     for transport in transports:
         code, measured = run_supervised(
             functools.partial(
@@ -102,6 +104,15 @@ def run(args: argparse.Namespace) -> int:
         if measured is None:
             return code
         g2g = measured
+        rtt_by_transport[transport] = g2g.pop("rtt_us")
+        rows.append(
+            [
+                transport,
+                "guest→guest round trip 64 B, µs (median / p99)",
+                "",
+                f"{rtt_by_transport[transport]['median']} / {rtt_by_transport[transport]['p99']}",
+            ]
+        )
         results["guest_to_guest"][transport] = g2g
         for size, r in g2g.items():
             rows.append([transport, f"guest→guest {size} B", r["frames_per_s"], r["mbps"]])
@@ -135,6 +146,13 @@ def run(args: argparse.Namespace) -> int:
     results["tap_iperf3_mbps"] = results["tap_iperf3"][best].get("mbps")
     results["veth_iperf3_mbps"] = veth.get("mbps")
     results["veth_iperf3"] = veth
+    results["rtt_us"] = {
+        "guest_to_guest": rtt_by_transport[best],
+        "guest_to_guest_by_transport": rtt_by_transport,
+        # TAP and veth round trips (ping between namespaces) are not measured yet.
+        "tap": {"status": "not measured"},
+        "veth": {"status": "not measured"},
+    }
     where = "guests and backend in two processes" if args.processes else "one process"
     notes = [
         f"top-level figures are for the {best} transport; queues per vif: {args.queues}; {where}"
@@ -276,7 +294,10 @@ async def _child(config: dict[str, Any]) -> None:
     async with _guests(config, config["queues"]) as (a, b):
         print("READY", flush=True)
         if config["mode"] == "g2g":
-            out = {str(size): await _stream(a, b, size, config["seconds"]) for size in SIZES}
+            out: dict[str, Any] = {
+                str(size): await _stream(a, b, size, config["seconds"]) for size in SIZES
+            }
+            out["rtt_us"] = await _ping_pong(a, b, config["seconds"])
             print(json.dumps(out), flush=True)
         await trio.sleep_forever()  # until the parent kills us
 
@@ -311,7 +332,11 @@ async def _guest_to_guest(
         async with _backend(Path(tmp), address, transport) as config:
             if not processes:
                 async with _guests(config, queues) as (a, b):
-                    return {str(size): await _stream(a, b, size, seconds) for size in SIZES}
+                    out: dict[str, Any] = {
+                        str(size): await _stream(a, b, size, seconds) for size in SIZES
+                    }
+                    out["rtt_us"] = await _ping_pong(a, b, seconds)
+                    return out
             config.update(mode="g2g", seconds=seconds, queues=queues)
             async with _guest_process(sup, Path(tmp), config) as process:
                 lines = _lines(process)
@@ -364,6 +389,40 @@ async def _stream(a: Netfront, b: Netfront, size: int, seconds: float) -> dict[s
         "sent": sent,
         "received": received,
     }
+
+
+PING_SIZE = 64
+PING_MIN_ROUND_TRIPS = 20
+
+
+async def _ping_pong(a: Netfront, b: Netfront, seconds: float) -> dict[str, float]:
+    """Ping-style round trips of one 64-byte frame a -> b -> a, one in flight: median and p99
+    in µs (the latency path, nothing amortised over a batch)."""
+    there = _frame(b.mac, a.mac, PING_SIZE)
+    back = _frame(a.mac, b.mac, PING_SIZE)
+    samples: list[float] = []
+
+    async def one() -> None:
+        await a.send(there)
+        while len((await b.receive()).frame) != PING_SIZE:
+            pass  # the tail of the streams before
+        await b.send(back)
+        while len((await a.receive()).frame) != PING_SIZE:
+            pass
+
+    deadline = time.perf_counter() + seconds
+    with trio.fail_after(max(10.0, 4 * seconds)):  # a lost frame fails the run, never hangs it
+        while time.perf_counter() < deadline or len(samples) < PING_MIN_ROUND_TRIPS:
+            started = time.perf_counter()
+            await one()
+            samples.append((time.perf_counter() - started) * 1e6)
+    return _percentiles(samples)
+
+
+def _percentiles(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return {"median": round(statistics.median(ordered), 1), "p99": round(p99, 1)}
 
 
 # --- iperf3 ---------------------------------------------------------------------------------
