@@ -350,8 +350,10 @@ class Link:
                 if not self._out and not self._dirty:
                     idle = self._idle = trio.Event()
                     await idle.wait()
-                if self._dirty:
-                    self._queue_update()
+                # One non-blocking write first, as send_now does: send_all would add its own
+                # checkpoints (task steps) to every eager UPDATE. What the socket does not take
+                # (or an injected delay) goes the awaited way below, in order.
+                self._flush()
                 out, self._out = self._out, []
                 if not out:
                     continue
