@@ -543,21 +543,21 @@ s.connect((sys.argv[1], {_ECHO_PORT}))
 payload = bytes(64 - 42)  # a 64-byte frame: Ethernet, IPv4 and UDP headers are 42
 s.settimeout(0.1)
 for _ in range(100):  # until the server answers (it has no readiness signal)
-    s.send(payload)
-    try:
+    try:  # not bound yet: an ICMP port unreachable makes send or recv refuse
+        s.send(payload)
         s.recv(2048)
         break
-    except TimeoutError:
-        pass
+    except OSError:
+        time.sleep(0.02)  # refused at once: give the server time to bind
 s.settimeout(1.0)
 samples, lost = [], 0
 deadline = time.perf_counter() + float(sys.argv[2])
 while time.perf_counter() < deadline or len(samples) < {PING_MIN_ROUND_TRIPS}:
     started = time.perf_counter()
-    s.send(payload)
     try:
+        s.send(payload)
         s.recv(2048)
-    except TimeoutError:
+    except OSError:
         lost += 1
         if lost > 10:
             break
