@@ -23,3 +23,12 @@ def test_bench_net_quick_json() -> None:
             r["counts"]
         )
         assert r["counts"]["ring_slots_per_mib"] > 0
+    rtt = data["rtt_us"]
+    assert 0 < rtt["guest_to_guest"]["median"] <= rtt["guest_to_guest"]["p99"]
+    for path in ("tap", "veth"):
+        # measured (median ≤ p99), or unavailable with the reason, as the iperf3 rows
+        assert rtt[path]["status"] in ("ok", "unavailable")
+        if rtt[path]["status"] == "ok":
+            assert 0 < rtt[path]["median"] <= rtt[path]["p99"]
+        udp = data["udp_64_iperf3"][path]
+        assert udp["status"] == "ok" or (udp["status"] == "unavailable" and udp["install"])

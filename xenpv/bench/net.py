@@ -25,6 +25,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import struct
 import subprocess
 import sys
@@ -91,6 +92,9 @@ def run(args: argparse.Namespace) -> int:
     missing = _iperf_missing()
     results: dict[str, Any] = {"guest_to_guest": {}, "tap_iperf3": {}}
     rows: list[list[Any]] = []
+    rtt_by_transport: dict[str, dict[str, float]] = {}
+    tap_udp: dict[str, dict[str, Any]] = {}
+    tap_rtt: dict[str, dict[str, Any]] = {}
     for transport in transports:
         code, measured = run_supervised(
             functools.partial(
@@ -104,6 +108,15 @@ def run(args: argparse.Namespace) -> int:
         if measured is None:
             return code
         g2g = measured
+        rtt_by_transport[transport] = g2g.pop("rtt_us")
+        rows.append(
+            [
+                transport,
+                "guest→guest round trip 64 B, µs (median / p99)",
+                "",
+                f"{rtt_by_transport[transport]['median']} / {rtt_by_transport[transport]['p99']}",
+            ]
+        )
         results["guest_to_guest"][transport] = g2g
         for size, r in g2g.items():
             rows.append([transport, f"guest→guest {size} B", r["frames_per_s"], r["mbps"]])
@@ -122,12 +135,21 @@ def run(args: argparse.Namespace) -> int:
             if measured is None:
                 return code
             tap = measured
+        tap_udp[transport] = tap.pop("udp_64", _unavailable(missing))
+        tap_rtt[transport] = tap.pop("rtt_us", _unavailable(missing))
         results["tap_iperf3"][transport] = tap
         rows.append([transport, "iperf3 over TAP + PV path", "", tap.get("mbps", tap["status"])])
+        udp = tap_udp[transport]
+        rows.append([transport, "iperf3 UDP 64 B over TAP + PV path", *_udp_cells(udp)])
+        rows.append([transport, "round trip 64 B over TAP, µs", "", _rtt_cell(tap_rtt[transport])])
     veth = _unavailable(missing) if missing else _veth_iperf(iperf_seconds)
     if veth.get("status") == "interrupted":
         return int(veth["code"])
+    veth_udp = veth.pop("udp_64", _unavailable(missing))
+    veth_rtt = veth.pop("rtt_us", _unavailable(missing))
     rows.append(["kernel", "iperf3 over veth", "", veth.get("mbps", veth["status"])])
+    rows.append(["kernel", "iperf3 UDP 64 B over veth", *_udp_cells(veth_udp)])
+    rows.append(["kernel", "round trip 64 B over veth, µs", "", _rtt_cell(veth_rtt)])
     best = "shm" if "shm" in results["guest_to_guest"] else transports[0]
     results["guest_to_guest_mbps"] = {
         ("64k_gso" if size == "65535" else size): r["mbps"]
@@ -137,6 +159,14 @@ def run(args: argparse.Namespace) -> int:
     results["tap_iperf3_mbps"] = results["tap_iperf3"][best].get("mbps")
     results["veth_iperf3_mbps"] = veth.get("mbps")
     results["veth_iperf3"] = veth
+    results["rtt_us"] = {
+        "guest_to_guest": rtt_by_transport[best],
+        "guest_to_guest_by_transport": rtt_by_transport,
+        "tap": tap_rtt[best],
+        "tap_by_transport": tap_rtt,
+        "veth": veth_rtt,
+    }
+    results["udp_64_iperf3"] = {"tap": tap_udp[best], "tap_by_transport": tap_udp, "veth": veth_udp}
     where = "guests and backend in two processes" if args.processes else "one process"
     notes = [
         f"top-level figures are for the {best} transport; queues per vif: {args.queues}; {where}"
@@ -278,7 +308,10 @@ async def _child(config: dict[str, Any]) -> None:
     async with _guests(config, config["queues"]) as (a, b):
         print("READY", flush=True)
         if config["mode"] == "g2g":
-            out = {str(size): await _stream(a, b, size, config["seconds"]) for size in SIZES}
+            out: dict[str, Any] = {
+                str(size): await _stream(a, b, size, config["seconds"]) for size in SIZES
+            }
+            out["rtt_us"] = await _ping_pong(a, b, config["seconds"])
             print(json.dumps(out), flush=True)
         await trio.sleep_forever()  # until the parent kills us
 
@@ -313,7 +346,11 @@ async def _guest_to_guest(
         async with _backend(Path(tmp), address, transport) as config:
             if not processes:
                 async with _guests(config, queues) as (a, b):
-                    return {str(size): await _stream(a, b, size, seconds) for size in SIZES}
+                    out: dict[str, Any] = {
+                        str(size): await _stream(a, b, size, seconds) for size in SIZES
+                    }
+                    out["rtt_us"] = await _ping_pong(a, b, seconds)
+                    return out
             config.update(mode="g2g", seconds=seconds, queues=queues)
             async with _guest_process(sup, Path(tmp), config) as process:
                 lines = _lines(process)
@@ -371,6 +408,52 @@ async def _stream(a: Netfront, b: Netfront, size: int, seconds: float) -> dict[s
     }
 
 
+PING_SIZE = 64
+PING_MIN_ROUND_TRIPS = 20
+
+
+async def _ping_pong(a: Netfront, b: Netfront, seconds: float) -> dict[str, float]:
+    """Ping-style round trips of one 64-byte frame a -> b -> a, one in flight: median and p99
+    in µs (the latency path, nothing amortised over a batch)."""
+    there = _frame(b.mac, a.mac, PING_SIZE)
+    back = _frame(a.mac, b.mac, PING_SIZE)
+    samples: list[float] = []
+
+    async def one() -> None:
+        await a.send(there)
+        while len((await b.receive()).frame) != PING_SIZE:
+            pass  # the tail of the streams before
+        await b.send(back)
+        while len((await a.receive()).frame) != PING_SIZE:
+            pass
+
+    deadline = time.perf_counter() + seconds
+    with trio.fail_after(max(10.0, 4 * seconds)):  # a lost frame fails the run, never hangs it
+        while time.perf_counter() < deadline or len(samples) < PING_MIN_ROUND_TRIPS:
+            started = time.perf_counter()
+            await one()
+            samples.append((time.perf_counter() - started) * 1e6)
+    return _percentiles(samples)
+
+
+def _rtt_cell(rtt: dict[str, Any]) -> str:
+    if "median" not in rtt:
+        return str(rtt.get("status"))
+    return f"{rtt['median']} / {rtt['p99']} (median / p99)"
+
+
+def _udp_cells(udp: dict[str, Any]) -> list[Any]:
+    if "mbps" not in udp:
+        return ["", udp.get("status")]
+    return [round(udp["packets_per_s"]), round(udp["mbps"], 1)]
+
+
+def _percentiles(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return {"median": round(statistics.median(ordered), 1), "p99": round(p99, 1)}
+
+
 # --- iperf3 ---------------------------------------------------------------------------------
 
 
@@ -421,8 +504,116 @@ def _iperf_result(raw: bytes) -> dict[str, Any]:
         return {"status": "failed", "output": raw[-300:].decode(errors="replace")}
 
 
-async def _iperf_between(
+def _iperf_udp_result(raw: bytes) -> dict[str, Any]:
+    """A UDP run's figures: what arrived (sent rate less the loss the server reported)."""
+    try:
+        total = json.loads(raw)["end"]["sum"]
+        delivered = 1.0 - float(total.get("lost_percent", 0.0)) / 100.0
+        return {
+            "status": "ok",
+            "mbps": total["bits_per_second"] * delivered / 1e6,
+            "packets_per_s": total["packets"] * delivered / max(total["seconds"], 1e-9),
+            "lost_percent": total.get("lost_percent"),
+        }
+    except (ValueError, KeyError, TypeError):
+        return {"status": "failed", "output": raw[-300:].decode(errors="replace")}
+
+
+async def _measure_between(
     sup: Supervisor, ns_server: str, ns_client: str, address: str, seconds: float
+) -> dict[str, Any]:
+    """iperf3 TCP (its figures at the top level, as before), then iperf3 UDP with 64-byte
+    datagrams (`udp_64`), then a ping-style UDP round trip (`rtt_us`), client -> server."""
+    result = await _iperf_between(sup, ns_server, ns_client, address, seconds)
+    result["udp_64"] = await _iperf_between(sup, ns_server, ns_client, address, seconds, udp=True)
+    result["rtt_us"] = await _udp_round_trips(sup, ns_server, ns_client, address, seconds)
+    return result
+
+
+# The round trip between namespaces: a UDP echo, the same Python on both paths (TAP + PV and
+# veth), so the two rows differ only by the path. (ping(8) is not on every host.)
+_ECHO_PORT = 7007
+_ECHO_SERVER = f"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], {_ECHO_PORT}))
+while True:
+    data, peer = s.recvfrom(2048)
+    s.sendto(data, peer)
+"""
+_ECHO_CLIENT = f"""
+import json, socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((sys.argv[1], {_ECHO_PORT}))
+payload = bytes(64 - 42)  # a 64-byte frame: Ethernet, IPv4 and UDP headers are 42
+s.settimeout(0.1)
+for _ in range(100):  # until the server answers (it has no readiness signal)
+    try:  # not bound yet: an ICMP port unreachable makes send or recv refuse
+        s.send(payload)
+        s.recv(2048)
+        break
+    except OSError:
+        time.sleep(0.02)  # refused at once: give the server time to bind
+s.settimeout(1.0)
+samples, lost = [], 0
+deadline = time.perf_counter() + float(sys.argv[2])
+while time.perf_counter() < deadline or len(samples) < {PING_MIN_ROUND_TRIPS}:
+    started = time.perf_counter()
+    try:
+        s.send(payload)
+        s.recv(2048)
+    except OSError:
+        lost += 1
+        if lost > 10:
+            break
+        continue
+    samples.append((time.perf_counter() - started) * 1e6)
+print(json.dumps({{"samples": samples, "lost": lost}}), flush=True)
+"""
+
+
+async def _udp_round_trips(
+    sup: Supervisor, ns_server: str, ns_client: str, address: str, seconds: float
+) -> dict[str, Any]:
+    server_cmd = ["ip", "netns", "exec", ns_server, sys.executable, "-c", _ECHO_SERVER, address]
+    child = await sup.spawn("udp-echo-server", "backend", server_cmd, Path(os.devnull))
+    assert isinstance(child.proc, trio.Process)
+    server = child.proc
+    try:
+        client_cmd = ["ip", "netns", "exec", ns_client, sys.executable, "-c", _ECHO_CLIENT]
+        client_cmd += [address, str(seconds)]
+        client = await sup.spawn(
+            "udp-echo-client", "guest", client_cmd, Path(os.devnull), stdout=subprocess.PIPE
+        )
+        assert isinstance(client.proc, trio.Process) and client.proc.stdout is not None
+        output = bytearray()
+        while chunk := await client.proc.stdout.receive_some():
+            output += chunk
+        await client.proc.wait()
+        await client.proc.stdout.aclose()
+        try:
+            measured = json.loads(bytes(output))
+            samples = [float(x) for x in measured["samples"]]
+        except (ValueError, KeyError, TypeError):
+            return {"status": "failed", "output": bytes(output[-300:]).decode(errors="replace")}
+        if not samples:
+            return {"status": "failed", "output": "no datagram came back"}
+        return {"status": "ok", **_percentiles(samples), "lost": measured.get("lost", 0)}
+    finally:
+        if server.returncode is None:
+            server.kill()
+        with trio.CancelScope(shield=True):
+            await server.wait()
+
+
+async def _iperf_between(
+    sup: Supervisor,
+    ns_server: str,
+    ns_client: str,
+    address: str,
+    seconds: float,
+    *,
+    udp: bool = False,
 ) -> dict[str, Any]:
     iperf_server = ["ip", "netns", "exec", ns_server, IPERF_PACKAGE, "-s", "-1", "-B", address]
     child = await sup.spawn("iperf3-server", "backend", iperf_server, Path(os.devnull))
@@ -440,6 +631,8 @@ async def _iperf_between(
             await trio.sleep(0.05)
         iperf_client = ["ip", "netns", "exec", ns_client, IPERF_PACKAGE]
         iperf_client += ["-c", address, "-t", str(seconds), "-J"]
+        if udp:  # small packets as fast as they go: the per-packet cost, not the bytes
+            iperf_client += ["-u", "-l", "64", "-b", "0"]
         client = await sup.spawn(
             "iperf3-client", "guest", iperf_client, Path(os.devnull), stdout=subprocess.PIPE
         )
@@ -449,7 +642,7 @@ async def _iperf_between(
             output += chunk
         await client.proc.wait()
         await client.proc.stdout.aclose()
-        return _iperf_result(bytes(output))
+        return _iperf_udp_result(bytes(output)) if udp else _iperf_result(bytes(output))
     finally:
         if server.returncode is None:
             server.kill()
@@ -484,7 +677,7 @@ async def _tap_iperf(
                 _ip("-n", ns, "addr", "add", f"10.203.0.{n + 1}/24", "dev", tap)
                 _ip("-n", ns, "link", "set", "lo", "up")
                 _ip("-n", ns, "link", "set", tap, "up")
-            return await _iperf_between(sup, ns_b, ns_a, "10.203.0.2", seconds)
+            return await _measure_between(sup, ns_b, ns_a, "10.203.0.2", seconds)
 
 
 def _veth_iperf(seconds: float) -> dict[str, Any]:
@@ -498,7 +691,7 @@ def _veth_iperf(seconds: float) -> dict[str, Any]:
             _ip("-n", ns, "link", "set", dev, "up")
         code, measured = run_supervised(
             functools.partial(
-                _iperf_between,
+                _measure_between,
                 ns_server=ns_b,
                 ns_client=ns_a,
                 address="10.204.0.2",

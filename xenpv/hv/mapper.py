@@ -202,21 +202,28 @@ class GrantMapper:
 
     async def grant_copy(self, ops: Sequence[CopyOp]) -> list[int]:
         """GNTTABOP_copy: a GNTST status per segment; one link round trip per remote domain."""
-        if self.faults is not None and ops:
-            return _inject(self.faults, ops[0].remote, await self._grant_copy(ops))
-        return await self._grant_copy(ops)
-
-    async def _grant_copy(self, ops: Sequence[CopyOp]) -> list[int]:
+        # One function layer and no comprehension on the common one-remote path: a 4 KiB
+        # copy over shared memory costs about as much as a dozen Python calls.
+        faults = self.faults
         results = [OK] * len(ops)
-        remotes = {op.remote for op in ops}
-        if len(remotes) == 1:
-            await self._copy_with(remotes.pop(), ops, range(len(ops)), results)
-        elif remotes:
-            async with trio.open_nursery() as nursery:
-                for remote in remotes:
-                    indexes = [i for i, op in enumerate(ops) if op.remote == remote]
-                    nursery.start_soon(self._copy_with, remote, ops, indexes, results)
+        if ops:
+            remote = ops[0].remote
+            for op in ops:
+                if op.remote != remote:
+                    await self._copy_with_each(ops, results)
+                    break
+            else:
+                await self._copy_with(remote, ops, range(len(ops)), results)
+            if faults is not None:
+                return _inject(faults, remote, results)
         return results
+
+    async def _copy_with_each(self, ops: Sequence[CopyOp], results: list[int]) -> None:
+        """One concurrent round trip per remote domain of `ops`."""
+        async with trio.open_nursery() as nursery:
+            for remote in {op.remote for op in ops}:
+                indexes = [i for i, op in enumerate(ops) if op.remote == remote]
+                nursery.start_soon(self._copy_with, remote, ops, indexes, results)
 
     async def grant_copy_runs(self, remote: int, groups: Sequence[CopyGroup]) -> list[int]:
         """GNTTABOP_copy with one remote domain, segments grouped by local buffer.

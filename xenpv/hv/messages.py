@@ -305,7 +305,8 @@ Request = Bind | MapRequest | UnmapRequest | CopyRequest
 Message = Event | Bind | Close | MapRequest | UnmapRequest | CopyRequest | Update | Reply | Revoke
 R = TypeVar("R", bound=Reply)
 
-_DECODERS: dict[int, Callable[[list[Any]], Message]] = {
+# Message type -> decoder of every kind but REPLY (link.py dispatches through it inline).
+DECODERS: dict[int, Callable[[list[Any]], Message]] = {
     _EVENT: Event.decode,
     _BIND: Bind.decode,
     _CLOSE: Close.decode,
@@ -321,7 +322,7 @@ def decode(raw: list[Any]) -> Message:
     """A received non-empty array other than a REPLY as its record (ProtocolViolation if
     malformed)."""
     kind = raw[0]
-    decoder = _DECODERS.get(kind) if type(kind) is int else None
+    decoder = DECODERS.get(kind) if type(kind) is int else None
     if decoder is None:
         raise ProtocolViolation(f"unknown message type {kind!r:.20}")
     return decoder(raw)
