@@ -553,6 +553,8 @@ def _fio(
         f"--ramp_time={0.2 if seconds < 1 else 0.5}",
         "--output-format=json",
     ]
+    if sup.interrupted:  # this thread outlived the bench's cancellation: start nothing
+        return None
     proc = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,

@@ -179,7 +179,9 @@ class Supervisor:
         child = Child(name, kind, pid, log_path)
         self.children.append(child)
         self.save()
-        if self.killed:
+        # Started after an interrupt (a bench's worker thread between its check and its
+        # Popen): `stop` may already have passed, so it goes now.
+        if self.killed or self.interrupted:
             _kill(child)
         return child
 
