@@ -43,6 +43,7 @@ import trio
 
 from xenpv.errors import XenpvError
 from xenpv.faults import device as device_faults
+from xenpv.faults import xsagent
 from xenpv.faults.catalogue import CATALOGUE
 from xenpv.faults.checkers import CHECKERS, Violation, check_all
 from xenpv.faults.control import (
@@ -93,7 +94,7 @@ AGENT_KINDS = frozenset(
         "storage.power-cut",
     }
 )
-XENSTORED_KINDS = frozenset({"xenstore.commit-eagain", "xenstore.conn-reset"})
+XENSTORED_KINDS = xsagent.KINDS
 PROCESS_KINDS = frozenset({"process.kill", "process.stop", "process.restart"})
 DEVICE_KINDS = frozenset({device_faults.KIND})
 INJECTABLE = AGENT_KINDS | XENSTORED_KINDS | PROCESS_KINDS | DEVICE_KINDS
