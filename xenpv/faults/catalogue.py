@@ -101,6 +101,7 @@ _INJECTORS = {
     "storage": "xenpv.faults.storage",
     "process": "xenpv.faults.process",
     "event": "xenpv.faults.agent",
+    "ring": "xenpv.faults.hostile",
     "grant.map-fail": "xenpv.faults.agent",
     "grant.batch-element-fail": "xenpv.faults.agent",
     "xenstore.commit-eagain": "xenpv.faults.xsagent",
@@ -114,7 +115,6 @@ _INJECTORS = {
 }
 # Kinds with no injector in a fault run yet, and why (`xenpv faults list` says it).
 NOT_YET = {
-    "ring": "needs a hostile peer inside the drivers",
     "grant.revoke-while-mapped": "needs a seam in the granter",
     "xenstore.xenstored-kill": "the supervisor does not restart xenstored yet",
 }

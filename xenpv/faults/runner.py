@@ -43,7 +43,7 @@ import trio
 
 from xenpv.errors import XenpvError
 from xenpv.faults import device as device_faults
-from xenpv.faults import xsagent
+from xenpv.faults import hostile, xsagent
 from xenpv.faults.catalogue import CATALOGUE
 from xenpv.faults.checkers import CHECKERS, Violation, check_all
 from xenpv.faults.control import (
@@ -94,6 +94,7 @@ AGENT_KINDS = frozenset(
         "storage.power-cut",
     }
 )
+AGENT_KINDS |= hostile.KINDS
 XENSTORED_KINDS = xsagent.KINDS
 PROCESS_KINDS = frozenset({"process.kill", "process.stop", "process.restart"})
 DEVICE_KINDS = frozenset({device_faults.KIND})
@@ -156,6 +157,10 @@ def recipients(fault: ScheduledFault, schedule: Schedule) -> list[str]:
     device = _device(schedule, fault.target)
     if family == "storage":
         return [device.backend] if device else []
+    if family == "ring":  # the misbehaving end: see xenpv.faults.hostile
+        if device is None:
+            return []
+        return [device.guest if fault.kind in hostile.FRONT_KINDS else device.backend]
     if family in ("event", "grant"):
         if device is None:
             return [fault.target.removeprefix("domain:")]

@@ -518,7 +518,6 @@ class XenstoreServer:
                 conn.wake.set()
                 conn.space.set()
 
-
     def _queue_event(self, conn: _Conn) -> bool:
         """Count one more event queued to `conn`; False (and counted as dropped) when full."""
         if conn.queued_events + conn.held_events >= self._event_limit(conn.domid):
