@@ -144,7 +144,7 @@ def _states(ops: list[dict[str, Any]], guest: str) -> list[int]:
 
 def test_hostile_ring_peers_are_contained(tmp_path: Path) -> None:
     verdict, ops = _run(tmp_path, "ring", RING)
-    assert verdict["ok"] and verdict["violations"] == 0 and verdict["faults_injected"] == 6
+    assert verdict["ok"] and not verdict["violations"] and verdict["faults_injected"] == 4
     for guest in ("guest4k", "guest16k"):  # a broken ring: closed, then reconnected
         states = _states(ops, guest)
         assert 5 in states or 6 in states, (guest, states)
@@ -155,7 +155,7 @@ def test_hostile_ring_peers_are_contained(tmp_path: Path) -> None:
 
 def test_watch_event_faults_and_a_flood_are_tolerated(tmp_path: Path) -> None:
     verdict, ops = _run(tmp_path, "watch", WATCH)
-    assert verdict["ok"] and verdict["violations"] == 0 and verdict["faults_injected"] == 4
+    assert verdict["ok"] and not verdict["violations"] and verdict["faults_injected"] == 4
     fired = [op for op in ops if op["f"] == "xs-watch" and op["type"] == "info"]
     flooded = [op for op in fired if op["key"].startswith("xs:guest64k:")]
     others = [op for op in fired if not op["key"].startswith("xs:guest64k:")]

@@ -78,6 +78,9 @@ class _Active:
     hits: Hits
     device: str | None
     held: bool = False  # duplicate-id: a lone response held back once
+    # prod/cons-corrupt: rings whose index was corrupted; every later push re-publishes the
+    # bogus index (a hostile peer keeps it there), so the other end cannot miss it in a race
+    corrupted: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -115,7 +118,8 @@ class HostileRings:
         for act in self._mine(FRONT_KINDS):
             kind = act.hits.fault.kind
             if kind == "ring.prod-corrupt":
-                if act.hits.fires():
+                if id(ring) in act.corrupted or act.hits.fires():
+                    act.corrupted.add(id(ring))
                     ring.corrupt_prod(int(param(act.hits.fault, "offset", 1000)))
                     return True  # notify: the backend must see the bogus index
                 continue
@@ -143,7 +147,8 @@ class HostileRings:
         for act in acts:
             kind = act.hits.fault.kind
             if kind == "ring.cons-corrupt":
-                if new and act.hits.fires():
+                if id(ring) in act.corrupted or (new and act.hits.fires()):
+                    act.corrupted.add(id(ring))
                     ring.corrupt_rsp_prod(int(param(act.hits.fault, "offset", 1000)))
                     verdict = True
             elif kind == "ring.bad-id":
