@@ -80,7 +80,12 @@ class _Active:
     held: bool = False  # duplicate-id: a lone response held back once
     # prod/cons-corrupt: rings whose index was corrupted; every later push re-publishes the
     # bogus index (a hostile peer keeps it there), so the other end cannot miss it in a race
-    corrupted: set[int] = field(default_factory=set)
+    # (the ring objects themselves, until the fault stops: an id() could be reused by the
+    # ring of the next connection, which must be left alone once count is reached)
+    corrupted: list[FrontRing | BackRing] = field(default_factory=list)
+
+    def is_corrupted(self, ring: FrontRing | BackRing) -> bool:
+        return any(r is ring for r in self.corrupted)
 
 
 @dataclass
@@ -118,8 +123,9 @@ class HostileRings:
         for act in self._mine(FRONT_KINDS):
             kind = act.hits.fault.kind
             if kind == "ring.prod-corrupt":
-                if id(ring) in act.corrupted or act.hits.fires():
-                    act.corrupted.add(id(ring))
+                if act.is_corrupted(ring) or act.hits.fires():
+                    if not act.is_corrupted(ring):
+                        act.corrupted.append(ring)
                     ring.corrupt_prod(int(param(act.hits.fault, "offset", 1000)))
                     return True  # notify: the backend must see the bogus index
                 continue
@@ -147,8 +153,9 @@ class HostileRings:
         for act in acts:
             kind = act.hits.fault.kind
             if kind == "ring.cons-corrupt":
-                if id(ring) in act.corrupted or (new and act.hits.fires()):
-                    act.corrupted.add(id(ring))
+                if act.is_corrupted(ring) or (new and act.hits.fires()):
+                    if not act.is_corrupted(ring):
+                        act.corrupted.append(ring)
                     ring.corrupt_rsp_prod(int(param(act.hits.fault, "offset", 1000)))
                     verdict = True
             elif kind == "ring.bad-id":
