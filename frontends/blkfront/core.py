@@ -42,6 +42,7 @@ from xenpv.abi.blkif import (
     BLKIF_MAX_SEGMENTS_PER_REQUEST,
     BLKIF_OP_DISCARD,
     BLKIF_OP_FLUSH_DISKCACHE,
+    BLKIF_OP_INDIRECT,
     BLKIF_OP_READ,
     BLKIF_OP_WRITE,
     BLKIF_OP_WRITE_BARRIER,
@@ -629,8 +630,8 @@ class Engine:
         try:
             while True:
                 for raw in ring.take_responses():  # every available one, copied in one go
-                    request_id, _, status = fields(raw)
-                    io = complete(queue, request_id, status)
+                    request_id, operation, status = fields(raw)
+                    io = complete(queue, request_id, status, operation)
                     if io is not None:
                         completed.append(io)
                 if not ring.final_check_for_responses():
@@ -639,13 +640,24 @@ class Engine:
             raise BlkfrontProtocolError(f"queue {index}: {exc}") from None
         return completed
 
-    def _complete(self, queue: _Queue, request_id: int, status: int) -> BlkIo | None:
+    def _complete(
+        self, queue: _Queue, request_id: int, status: int, operation: int
+    ) -> BlkIo | None:
         if not 0 <= request_id < len(queue.shadow):
             queue.ring.broken = f"response has incorrect id ({request_id})"
             raise BlkfrontProtocolError(f"queue {queue.index}: {queue.ring.broken}")
         issued = queue.shadow[request_id]
         if issued is None:
             queue.ring.broken = f"response {request_id} references no pending request"
+            raise BlkfrontProtocolError(f"queue {queue.index}: {queue.ring.broken}")
+        if operation != issued.operation and operation != BLKIF_OP_INDIRECT:
+            # Linux: "response has incorrect operation" (a stale or forged id that names a
+            # request in flight). INDIRECT is accepted for the inner operation, as some
+            # backends echo the outer one.
+            queue.ring.broken = (
+                f"response {request_id} has incorrect operation "
+                f"({operation} instead of {issued.operation})"
+            )
             raise BlkfrontProtocolError(f"queue {queue.index}: {queue.ring.broken}")
         queue.shadow[request_id] = None
         queue.free.append(request_id)

@@ -51,6 +51,8 @@ def test_named_kinds_from_the_design_exist() -> None:
     assert CATALOGUE["link.loss"].may_lose and CATALOGUE["link.duplicate"].may_duplicate
     assert CATALOGUE["link.loss"].injector == "xenpv.faults.link"
     assert CATALOGUE["event.drop"].injector == "xenpv.faults.agent"
-    assert CATALOGUE["ring.double-fetch"].injector is None
-    assert CATALOGUE["ring.double-fetch"].why_not
+    assert CATALOGUE["ring.double-fetch"].injector == "xenpv.faults.hostile"
+    assert CATALOGUE["ring.double-fetch"].why_not is None
+    assert CATALOGUE["grant.revoke-while-mapped"].injector is None
+    assert CATALOGUE["grant.revoke-while-mapped"].why_not
     assert CATALOGUE["storage.eio"].why_not is None

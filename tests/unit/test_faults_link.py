@@ -165,7 +165,7 @@ def test_injection_heals_everything_on_error_and_records_it() -> None:
     with pytest.raises(NoInjector, match=r"storage\.eio"):
         Injection([inj]).check([fault("storage.eio", "device:guest4k:vbd:xvda")])
     with pytest.raises(NoInjector, match="no injector yet"):
-        Injection([inj]).check([fault("ring.bad-id", "device:guest4k:vbd:xvda")])
+        Injection([inj]).check([fault("grant.revoke-while-mapped", "device:guest4k:vbd:xvda")])
 
 
 async def test_follow_starts_and_stops_on_schedule(autojump_clock: object) -> None:

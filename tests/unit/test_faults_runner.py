@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.faults_helpers import fault
+from tests.unit.faults_helpers import QUIET_PLAN, fault
 from xenpv.faults import plan, schedule
 from xenpv.faults.catalogue import KINDS
 from xenpv.faults.runner import (
@@ -35,9 +35,17 @@ def test_injectable_kinds_are_exactly_those_the_catalogue_does_not_excuse() -> N
 
 def test_plans_that_cannot_run_are_refused_before_anything_starts() -> None:
     assert blocked_kinds(plan.builtin("smoke")) == []
-    assert blocked_kinds(plan.builtin("double-fetch")) == ["ring.double-fetch"]
-    with pytest.raises(RunError, match=r"ring\.double-fetch cannot be injected.*hostile peer"):
-        check_injectable(schedule.build(plan.builtin("double-fetch")))
+    for name in ("ring", "double-fetch", "watch-flood", "xenstore"):
+        assert blocked_kinds(plan.builtin(name)) == [], name
+    revoke = plan.loads(
+        QUIET_PLAN
+        + '[[fault]]\nkind = "grant.revoke-while-mapped"\ntarget = "any-vbd"\nat = 1.0\n'
+        + "duration = 1.0\n",
+        "revoke",
+    )
+    assert blocked_kinds(revoke) == ["grant.revoke-while-mapped"]
+    with pytest.raises(RunError, match=r"grant\.revoke-while-mapped cannot be injected.*granter"):
+        check_injectable(schedule.build(revoke))
     check_injectable(DEMO)
 
 

@@ -42,6 +42,13 @@ What we add to the macros (C leaves these to each driver):
   implies RING_RESPONSE_PROD_OVERFLOW, Linux blkfront's "illegal number of responses");
 - putting onto a full ring, or responding to a request not yet consumed, raises
   `RingUsageError` instead of silently overwriting a slot.
+
+The hostile-peer seam (`set_tamper`): fault runs make one end of a ring misbehave on purpose,
+to check the OTHER end's defences (docs/faults.md, "ring"). A `RingTamper` is called where a
+driver publishes its producer index (`FrontRing.push_requests`, `BackRing.push_responses`) and
+right after a backend copied requests out (`BackRing.take_request(s)`); it may rewrite slots
+and indexes in the shared page as a hostile peer would. It is one per process (one domain
+per process) and None outside a fault run: one `is None` check on each of those calls.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ import struct
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import ClassVar, Final, Protocol
 
 from xenpv.abi.buffer import SharedBuffer
 from xenpv.abi.errors import RingError, RingUsageError
@@ -115,6 +122,32 @@ def shared_indexes(buffer: SharedBuffer) -> tuple[int, int, int, int]:
     return values
 
 
+class RingTamper(Protocol):
+    """A hostile peer at one end of the rings of this process (see the module doc)."""
+
+    def front_push(self, ring: FrontRing) -> bool | None:
+        """Called before a front publishes `req_prod_pvt` (a hostile frontend): it may rewrite
+        the requests about to be published. None: publish as usual; a bool: the tamper
+        published itself (a bogus `req_prod`, `FrontRing.corrupt_prod`), and whether to
+        notify."""
+        ...
+
+    def back_push(self, ring: BackRing) -> bool | None:
+        """Called before a back publishes `rsp_prod_pvt` (a hostile backend). None: publish
+        as usual; a bool: the tamper published (or held back) itself, and whether to notify."""
+        ...
+
+    def back_taken(self, ring: BackRing, first: int, count: int) -> None:
+        """Called right after a back copied `count` requests from index `first` out of the
+        shared page (a frontend rewriting them now is the double fetch of XSA-155)."""
+        ...
+
+
+def set_tamper(tamper: RingTamper | None) -> None:
+    """Install (or with None remove) this process's hostile-peer seam on every ring."""
+    _Ring.tamper = tamper
+
+
 class _Ring:
     """State and checks common to both ends.
 
@@ -136,6 +169,7 @@ class _Ring:
         "nr_ents",
         "stats",
     )
+    tamper: ClassVar[RingTamper | None] = None  # the hostile-peer seam, see set_tamper
 
     _END = ""  # "front" or "back": which record of the registry this end counts in
 
@@ -215,6 +249,15 @@ class _Ring:
             run_start, run_end = offset, offset + size
         if run_start >= 0:
             written(run_start, run_end - run_start)
+
+    def slot(self, index: int) -> memoryview:
+        """The shared bytes of slot `index` (for a hostile peer; drivers copy entries out)."""
+        offset = SRING_HEADER_SIZE + (index & self._mask) * self.entry_size
+        return self._view[offset : offset + self.entry_size]
+
+    def publish(self, offset: int, length: int) -> None:
+        """Report bytes a hostile peer rewrote in the shared page (`SharedBuffer.written`)."""
+        self._written(offset, length)
 
     def _push(self, prod: int, event: int, new: int) -> bool:
         """RING_PUSH_*_AND_CHECK_NOTIFY on the header's `prod` / `event` uint32 fields."""
@@ -314,7 +357,20 @@ class FrontRing(_Ring):
         """RING_PUSH_REQUESTS_AND_CHECK_NOTIFY: publish req_prod; True = notify the back."""
         if self.broken is not None:
             raise RingError(self.broken)
+        if self.tamper is not None:
+            verdict = self.tamper.front_push(self)
+            if verdict is not None:
+                return verdict
         return self._push(_REQ_PROD, _REQ_EVENT, self.req_prod_pvt)
+
+    def published_requests(self) -> int:
+        """The shared `req_prod` (what the back sees; a hostile frontend compares it)."""
+        return int(self._idx[_REQ_PROD])
+
+    def corrupt_prod(self, offset: int) -> None:
+        """A hostile frontend: publish a `req_prod` `offset` past `req_prod_pvt` (then notify)."""
+        self._idx[_REQ_PROD] = (self.req_prod_pvt + offset) & RING_IDX_MASK
+        self._written(OFF_REQ_PROD, 4)
 
     def unconsumed_responses(self) -> int:
         """RING_HAS_UNCONSUMED_RESPONSES (the count), validating the back's rsp_prod."""
@@ -437,6 +493,8 @@ class BackRing(_Ring):
         offset = SRING_HEADER_SIZE + (cons & self._mask) * self.entry_size
         data = bytes(self._view[offset : offset + self._req_size])
         self.req_cons = (cons + 1) & RING_IDX_MASK
+        if self.tamper is not None:
+            self.tamper.back_taken(self, cons, 1)
         return data
 
     def take_requests(self, limit: int | None = None) -> list[bytes]:
@@ -444,8 +502,11 @@ class BackRing(_Ring):
         count = self.unconsumed_requests()
         if limit is not None:
             count = min(count, limit)
-        taken = self._copy_out(self.req_cons, count, self._req_size)
-        self.req_cons = (self.req_cons + count) & RING_IDX_MASK
+        first = self.req_cons
+        taken = self._copy_out(first, count, self._req_size)
+        self.req_cons = (first + count) & RING_IDX_MASK
+        if self.tamper is not None and count:
+            self.tamper.back_taken(self, first, count)
         return taken
 
     def peek_requests(self, count: int) -> list[bytes]:
@@ -504,7 +565,22 @@ class BackRing(_Ring):
         """RING_PUSH_RESPONSES_AND_CHECK_NOTIFY: publish rsp_prod; True = notify the front."""
         if self.broken is not None:
             raise RingError(self.broken)
+        if self.tamper is not None:
+            verdict = self.tamper.back_push(self)
+            if verdict is not None:
+                return verdict
         return self._push(_RSP_PROD, _RSP_EVENT, self.rsp_prod_pvt)
+
+    def published_responses(self) -> int:
+        """The shared `rsp_prod` (what the front sees; a hostile backend compares it)."""
+        return int(self._idx[_RSP_PROD])
+
+    def corrupt_rsp_prod(self, offset: int) -> None:
+        """A hostile backend: publish an `rsp_prod` `offset` past its private one, i.e.
+        responses for requests it never consumed (its consumer index run past the front's
+        producer index)."""
+        self._idx[_RSP_PROD] = (self.rsp_prod_pvt + offset) & RING_IDX_MASK
+        self._written(OFF_RSP_PROD, 4)
 
     def final_check_for_requests(self) -> bool:
         """RING_FINAL_CHECK_FOR_REQUESTS: re-arm req_event, re-check; True = more work."""

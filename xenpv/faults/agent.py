@@ -8,7 +8,8 @@
   on the `FaultyStorage` the agent puts in front of every disk this domain serves
   (`open_storage`, the blkback hook), `event.*` on the port table's `EventFaults` and
   `grant.*` on the grant mapper's `GrantFaults` (both None, i.e. free, unless a fault of
-  that family is active);
+  that family is active); `ring.*` on the rings' hostile-peer seam (`xenpv.faults.hostile`,
+  `xenpv.abi.ring.set_tamper`, likewise None unless a ring fault is active);
 - runs this guest's part of the plan's workloads (`xenpv.faults.guest`), recording into
   `<history_dir>/<domain>.jsonl`;
 - in the `probe` phase, runs probe I/Os on each of its devices until one succeeds; in the
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import trio
 
+from xenpv.abi.ring import set_tamper
 from xenpv.faults import selfprocess
 from xenpv.faults.control import (
     Control,
@@ -44,6 +46,7 @@ from xenpv.faults.control import (
     param,
 )
 from xenpv.faults.guest import DomainRuntime
+from xenpv.faults.hostile import HostileRings
 from xenpv.faults.link import LinkInjector
 from xenpv.faults.schedule import Schedule, ScheduledFault, stream
 from xenpv.faults.storage import FaultyStorage
@@ -211,6 +214,7 @@ class FaultAgent:
         self._events: EventInjector | None = None
         self._grants: GrantInjector | None = None
         self._revoked: dict[str, list[int]] = {}  # fault id -> grefs it revoked (granter)
+        self._rings: HostileRings | None = None
         self._storms: dict[str, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
         self._workloads: trio.CancelScope | None = None
@@ -436,6 +440,11 @@ class FaultAgent:
                 self._grants = GrantInjector(self.config.seed)
             self._grants.start(fault, self._peer(fault, from_backend=True), self._device_str(fault))
             dom.mapper.faults = self._grants
+        elif family == "ring":
+            if self._rings is None:
+                self._rings = HostileRings(self.config.seed, current_device)
+            self._rings.start(fault, self._device_str(fault))
+            set_tamper(self._rings)
         elif family == "process":  # only an attached run lists these here (selfprocess)
             self._apply_to_self(fault)
 
@@ -519,6 +528,10 @@ class FaultAgent:
             self._grants.stop(fault)
             if not self._grants.active:
                 self.rt.dom.mapper.faults = None
+        elif family == "ring" and self._rings is not None:
+            self._rings.stop(fault.id)
+            if not self._rings.active:
+                set_tamper(None)
 
     async def _storm(
         self, fault: ScheduledFault, peer: int | None, scope: trio.CancelScope

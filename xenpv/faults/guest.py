@@ -141,7 +141,9 @@ class FrontDisk:
     async def _io(self, call: Callable[[Any], Awaitable[Any]]) -> Any:
         front = await self._front()
         try:
-            return await call(front)
+            # The device's own I/O: device-targeted seams (ring, event) recognise it.
+            with structlog.contextvars.bound_contextvars(device=str(self.device)):
+                return await call(front)
         except IO_ERRORS as exc:
             raise StorageError(StorageErrorKind.IO, str(exc)) from None
 

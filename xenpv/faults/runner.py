@@ -42,7 +42,7 @@ import trio
 from xenpv import clock
 from xenpv.errors import XenpvError
 from xenpv.faults import device as device_faults
-from xenpv.faults import selfprocess
+from xenpv.faults import hostile, selfprocess, xsagent
 from xenpv.faults.catalogue import CATALOGUE
 from xenpv.faults.checkers import CHECKERS, Violation, check_all
 from xenpv.faults.control import (
@@ -95,7 +95,8 @@ AGENT_KINDS = frozenset(
         "storage.power-cut",
     }
 )
-XENSTORED_KINDS = frozenset({"xenstore.commit-eagain", "xenstore.conn-reset"})
+AGENT_KINDS |= hostile.KINDS
+XENSTORED_KINDS = xsagent.KINDS
 PROCESS_KINDS = frozenset(
     {"process.kill", "process.stop", "process.restart", "xenstore.xenstored-kill"}
 )
@@ -182,6 +183,10 @@ def recipients(fault: ScheduledFault, schedule: Schedule, *, attached: bool = Fa
     device = _device(schedule, fault.target)
     if family == "storage":
         return [device.backend] if device else []
+    if family == "ring":  # the misbehaving end: see xenpv.faults.hostile
+        if device is None:
+            return []
+        return [device.guest if fault.kind in hostile.FRONT_KINDS else device.backend]
     if family in ("event", "grant"):
         if device is None:
             return [fault.target.removeprefix("domain:")]

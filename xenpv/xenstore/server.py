@@ -27,7 +27,10 @@ Flow control and hostile clients (the XSA-349 approach of C xenstored):
 - replies are never dropped. A connection with `max_outstanding` requests whose replies are
   not yet written is not read from until its writer catches up (backpressure), so a client
   that does not read its replies only stalls itself; if a write stays blocked for
-  `write_stall_timeout` seconds, the connection is closed.
+  `write_stall_timeout` seconds, the connection is closed;
+- watch events an `XsEventFaults` seam holds back (delay) count against the same bound, and
+  copies it asks for (duplicate, flood) are queued one by one under it: a flood aimed at one
+  connection costs at most its bound in memory and never delays another connection's replies.
 Errors inside one connection's tasks are caught and logged; they never end the server.
 """
 
@@ -100,6 +103,31 @@ class XsFaults(Protocol):
 
 
 @dataclass(slots=True)
+class EventVerdict:
+    """What the watch-event seam decides for one event queued to one connection.
+
+    `drop`: never send it; `copies`: send it this many times (2 = duplicate; a flood asks for
+    many); `delay`: seconds to hold it (and its copies) before queueing. Every copy, held or
+    not, counts against the connection's queued-event bound.
+    """
+
+    delay: float = 0.0
+    drop: bool = False
+    copies: int = 1
+
+
+class XsEventFaults(Protocol):
+    """The interposition point of every watch event xenstored queues to a connection.
+
+    A fault plan implements it; `None` (the default) costs one check per event.
+    """
+
+    def on_event(self, domid: int, msg: Message) -> EventVerdict | None:
+        """Decide the fate of watch event `msg` for a connection of `domid`; None: send it."""
+        ...
+
+
+@dataclass(slots=True)
 class ServerConfig:
     socket_path: str
     data_dir: Path
@@ -112,6 +140,7 @@ class ServerConfig:
     max_handshakes: int = 256  # TCP connections still proving their domid; more are closed
     compact_min_bytes: int = DEFAULT_COMPACT_BYTES
     faults: XsFaults | None = None
+    event_faults: XsEventFaults | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +162,7 @@ class _Conn:
     queue: list[bytes] = field(default_factory=list)
     queued_replies: int = 0
     queued_events: int = 0
+    held_events: int = 0  # events the watch-event seam delays, not yet queued
     outstanding: int = 0
     dropped_events: int = 0
     closing: bool = False
@@ -194,6 +224,7 @@ class XenstoreServer:
         REGISTRY.sections["xenstored"] = lambda: self.stats.as_dict(_TYPE_NAMES)
         self._fsync_ewma = 0.0
         self._handshaking = 0
+        self._nursery: trio.Nursery | None = None
 
     # -- listeners ---------------------------------------------------------------------------
 
@@ -215,6 +246,7 @@ class XenstoreServer:
                 name = listeners[0].socket.getsockname()
                 tcp_bound = (host, int(name[1]))
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery  # delayed watch events are held by tasks in it
                 nursery.start_soon(self._committer)
                 nursery.start_soon(self._stall_watchdog)
                 nursery.start_soon(trio.serve_listeners, self._serve_unix, [unix])
@@ -478,15 +510,12 @@ class XenstoreServer:
             if conn is None:
                 continue
             if msg.type == XsType.XS_WATCH_EVENT:
-                if conn.queued_events >= self._event_limit(conn.domid):
-                    if not conn.dropped_events:
-                        log.warning("watch event queue full, dropping events", conn=cid)
-                    conn.dropped_events += 1
-                    self.dropped_events += 1
-                    self.stats.watch_events_dropped += 1
+                event_faults = self.config.event_faults
+                if event_faults is not None and conn.domid != 0:
+                    self._fault_event(conn, msg, event_faults.on_event(conn.domid, msg))
                     continue
-                conn.queued_events += 1
-                self.stats.watch_events_fired += 1
+                if not self._queue_event(conn):
+                    continue
             else:
                 conn.queued_replies += 1
                 if msg.type == XsType.XS_ERROR:
@@ -501,6 +530,56 @@ class XenstoreServer:
                 conn.closing = True
                 conn.wake.set()
                 conn.space.set()
+
+    def _queue_event(self, conn: _Conn) -> bool:
+        """Count one more event queued to `conn`; False (and counted as dropped) when full."""
+        if conn.queued_events + conn.held_events >= self._event_limit(conn.domid):
+            if not conn.dropped_events:
+                log.warning("watch event queue full, dropping events", conn=conn.cid)
+            conn.dropped_events += 1
+            self.dropped_events += 1
+            self.stats.watch_events_dropped += 1
+            return False
+        conn.queued_events += 1
+        self.stats.watch_events_fired += 1
+        return True
+
+    def _fault_event(self, conn: _Conn, msg: Message, verdict: EventVerdict | None) -> None:
+        """Queue a watch event as the seam decided (dom0's events never come here)."""
+        if verdict is None:
+            verdict = EventVerdict()
+        if verdict.drop or verdict.copies <= 0:
+            return
+        if verdict.delay > 0 and self._nursery is not None:
+            room = self._event_limit(conn.domid) - conn.queued_events - conn.held_events
+            held = min(verdict.copies, room)
+            self.dropped_events += verdict.copies - held
+            if held > 0:
+                conn.held_events += held
+                self._nursery.start_soon(self._release_held, conn, msg, held, verdict.delay)
+            return
+        self._queue_copies(conn, msg, verdict.copies)
+
+    async def _release_held(self, conn: _Conn, msg: Message, copies: int, delay: float) -> None:
+        await trio.sleep(delay)  # the injected delay itself
+        conn.held_events -= copies
+        if conn.closing or self._conns.get(conn.cid) is not conn:
+            return
+        self._queue_copies(conn, msg, copies)
+
+    def _queue_copies(self, conn: _Conn, msg: Message, copies: int) -> None:
+        # The bound holds for copies too: what a flood asks for past it is dropped, counted.
+        room = max(0, self._event_limit(conn.domid) - conn.queued_events - conn.held_events)
+        queued = min(copies, room)
+        if queued < copies:
+            if not conn.dropped_events:
+                log.warning("watch event queue full, dropping events", conn=conn.cid)
+            conn.dropped_events += copies - queued
+            self.dropped_events += copies - queued
+        if queued:
+            conn.queued_events += queued
+            conn.queue.extend([msg.encode()] * queued)
+            conn.wake.set()
 
 
 _TYPE_NAMES = {int(t): t.name.removeprefix("XS_").lower() for t in XsType}
