@@ -573,13 +573,9 @@ def _last_error(child: Child) -> str:
         lines = child.log.read_text(errors="replace").splitlines()
     except OSError:
         return "no log"
-    for line in reversed(lines):
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and entry.get("level") in ("error", "critical"):
-            return str(entry.get("event")) + (f": {entry['error']}" if "error" in entry else "")
+    last = logs.last_logged_error(lines)
+    if last is not None:
+        return last
     if lines and not lines[-1].startswith("{"):
         return lines[-1][-300:]  # not one of its JSON log lines: e.g. Python's last words
     return f"no error logged (see {child.log})"

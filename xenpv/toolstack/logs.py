@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,6 +152,19 @@ def follow_lines(
                 yield line.text
 
 
+def last_logged_error(lines: Sequence[str]) -> str | None:
+    """`event: error` of the last error-level JSON entry among `lines`, if there is one."""
+    for line in reversed(lines):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("level") in ("error", "critical"):
+            error = entry.get("error")
+            return str(entry.get("event", "")) + (f": {error}" if error else "")
+    return None
+
+
 def failure_summary(text: str) -> str:
     """One readable line saying why a process that wrote the log `text` stopped: its last
     one-line CLI error (`xenpv ...: error: MESSAGE`), else its last error-level JSON entry
@@ -161,14 +174,9 @@ def failure_summary(text: str) -> str:
         prefix, sep, message = line.partition(": error: ")
         if sep and prefix.startswith("xenpv"):
             return message.strip()
-    for line in reversed(lines):
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and entry.get("level") in ("error", "critical"):
-            error = entry.get("error")
-            return str(entry.get("event", "")) + (f": {error}" if error else "")
+    last = last_logged_error(lines)
+    if last is not None:
+        return last
     if not lines:
         return "no output"
     return " ".join(format_entry("", lines[-1]).text.split())
