@@ -18,7 +18,7 @@ from tests.integration.blk_env import DEVICE, read_image
 from tests.integration.conftest import Xenstored
 from tests.integration.nbd_env import REPO, xenpv_nbd
 from tests.integration.test_blk_crash import restartable_backend
-from tests.unit.nbd_client import NbdClient
+from tests.unit.nbd_client import nbd_client
 from xenpv.nbd import protocol as p
 from xenpv.nbd.blkfront import BlkfrontDisk
 from xenpv.nbd.protocol import Cmd
@@ -56,10 +56,7 @@ async def test_backend_restart_is_only_latency_for_nbd_clients(
                     nonlocal acked
                     rng = random.Random(index)
                     region = DISK // CLIENTS // (4 * 4096) * 4 * 4096
-                    stream = await trio.open_unix_socket(bound.removeprefix("unix:"))
-                    async with stream:
-                        c = NbdClient(stream)
-                        await c.handshake()
+                    async with nbd_client(bound.removeprefix("unix:")) as c:
                         while not stop.is_set():
                             # four writes in flight per connection, then their replies
                             batch = {}
@@ -117,10 +114,7 @@ def test_read_only_export_and_request_errors(tmp_path: Path) -> None:
 
         async def main() -> None:
             with trio.fail_after(60):
-                stream = await trio.open_unix_socket(str(export.socket))
-                async with stream:
-                    c = NbdClient(stream)
-                    await c.handshake()
+                async with nbd_client(str(export.socket)) as c:
                     assert c.negotiated.flags & p.FLAG_READ_ONLY
                     assert c.negotiated.size == 2 << 20
                     write = await c.call(Cmd.WRITE, 0, 512, payload=bytes(512))

@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from tests.integration.nbd_env import NbdExport, need_tools, run_tool, xenpv_nbd
-from tests.unit.nbd_client import NbdClient
+from tests.unit.nbd_client import nbd_client
 from xenpv.nbd import protocol as p
 from xenpv.nbd.protocol import Cmd
 
@@ -110,16 +110,10 @@ def test_bad_clients_get_errors_while_another_keeps_working(export64k: NbdExport
 
     async def main() -> None:
         with trio.fail_after(60):
-            good_stream = await trio.open_unix_socket(str(export64k.socket))
-            async with good_stream:
-                good = NbdClient(good_stream)
-                await good.handshake()
+            async with nbd_client(str(export64k.socket)) as good:
                 # a broken handshake: the server hangs up on that client alone
-                bad_stream = await trio.open_unix_socket(str(export64k.socket))
-                async with bad_stream:
-                    bad = NbdClient(bad_stream)
-                    await bad.greeting()
-                    await bad_stream.send_all(b"not an option header at all")
+                async with nbd_client(str(export64k.socket), negotiate=False) as bad:
+                    await bad.stream.send_all(b"not an option header at all")
                     assert await bad.at_eof()
                 # out-of-range and misaligned requests get the spec's errors
                 size = good.negotiated.size

@@ -4,6 +4,8 @@ drive the handshake and send raw requests, including malformed ones."""
 from __future__ import annotations
 
 import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import trio
@@ -145,3 +147,19 @@ class NbdClient:
         reply = await self.reply({cookie: length} if cmd == p.Cmd.READ else None)
         assert reply.cookie == cookie
         return reply
+
+
+@asynccontextmanager
+async def nbd_client(
+    path: str, *, negotiate: bool = True, structured: bool = True
+) -> AsyncIterator[NbdClient]:
+    """A client on the unix socket `path`, through the handshake, or with `negotiate=False`
+    only past the server's greeting; closed on exit."""
+    stream = await trio.open_unix_socket(path)
+    async with stream:
+        client = NbdClient(stream)
+        if negotiate:
+            await client.handshake(structured=structured)
+        else:
+            await client.greeting()
+        yield client

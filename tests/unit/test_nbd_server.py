@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 
-from tests.unit.nbd_client import NbdClient
+from tests.unit.nbd_client import NbdClient, nbd_client
 from xenpv.errors import UsageError
 from xenpv.nbd import protocol as p
 from xenpv.nbd.protocol import Cmd
@@ -107,20 +107,11 @@ async def served(disk: MemoryDisk, tmp_path: Path, **kw: object) -> AsyncIterato
             nursery.cancel_scope.cancel()
 
 
-@asynccontextmanager
-async def client(path: str, **kw: bool) -> AsyncIterator[NbdClient]:
-    stream = await trio.open_unix_socket(path)
-    async with stream:
-        c = NbdClient(stream)
-        await c.handshake(**kw)
-        yield c
-
-
 @pytest.mark.parametrize("make_disk", DISKS)
 async def test_write_read_flush_trim_zeroes(tmp_path: Path, make_disk: type[MemoryDisk]) -> None:
     disk = make_disk(SIZE)
     with trio.fail_after(10):
-        async with served(disk, tmp_path) as path, client(path) as c:
+        async with served(disk, tmp_path) as path, nbd_client(path) as c:
             assert c.negotiated.size == SIZE and c.negotiated.block_sizes == (512, 4096, 4 << 20)
             assert c.negotiated.flags & p.FLAG_CAN_MULTI_CONN
             data = os.urandom(8192)
@@ -145,7 +136,7 @@ async def test_simple_replies_without_structured(
     disk = make_disk(SIZE)
     disk.data[:512] = b"a" * 512
     with trio.fail_after(10):
-        async with served(disk, tmp_path) as path, client(path, structured=False) as c:
+        async with served(disk, tmp_path) as path, nbd_client(path, structured=False) as c:
             assert not c.negotiated.flags & p.FLAG_SEND_DF
             assert (await c.call(Cmd.READ, 0, 512)).data == b"a" * 512
             assert (await c.call(Cmd.READ, 1, 512)).error == p.EINVAL
@@ -156,7 +147,7 @@ async def test_errors_named_by_the_spec(tmp_path: Path, make_disk: type[MemoryDi
     disk = make_disk(SIZE)
     disk.fail_at = 64 << 10
     with trio.fail_after(10):
-        async with served(disk, tmp_path) as path, client(path) as c:
+        async with served(disk, tmp_path) as path, nbd_client(path) as c:
             assert (await c.call(Cmd.READ, SIZE, 512)).error == p.EINVAL
             assert (await c.call(Cmd.WRITE, SIZE, 512, payload=bytes(512))).error == p.ENOSPC
             assert (await c.call(Cmd.READ, 100, 512)).error == p.EINVAL
@@ -171,7 +162,7 @@ async def test_errors_named_by_the_spec(tmp_path: Path, make_disk: type[MemoryDi
 async def test_read_only_export_refuses_writes(tmp_path: Path, make_disk: type[MemoryDisk]) -> None:
     disk = make_disk(SIZE)
     with trio.fail_after(10):
-        async with served(disk, tmp_path, read_only=True) as path, client(path) as c:
+        async with served(disk, tmp_path, read_only=True) as path, nbd_client(path) as c:
             assert c.negotiated.flags & p.FLAG_READ_ONLY
             assert not c.negotiated.flags & p.FLAG_SEND_TRIM
             assert (await c.call(Cmd.WRITE, 0, 512, payload=bytes(512))).error == p.EPERM
@@ -195,7 +186,7 @@ class SlowDisk(MemoryDisk):
 async def test_requests_run_concurrently_and_replies_come_out_of_order(tmp_path: Path) -> None:
     disk = SlowDisk()
     with trio.fail_after(10):
-        async with served(disk, tmp_path) as path, client(path) as c:
+        async with served(disk, tmp_path) as path, nbd_client(path) as c:
             await c.send(Cmd.READ, 0, 512, cookie=1)
             for cookie in range(2, 10):
                 await c.send(Cmd.READ, cookie * 512, 512, cookie=cookie)
@@ -208,7 +199,7 @@ async def test_requests_run_concurrently_and_replies_come_out_of_order(tmp_path:
 async def test_disconnect_waits_for_requests_in_flight(tmp_path: Path) -> None:
     disk = SlowDisk()
     with trio.fail_after(10):
-        async with served(disk, tmp_path) as path, client(path) as c:
+        async with served(disk, tmp_path) as path, nbd_client(path) as c:
             await c.send(Cmd.READ, 0, 512, cookie=5)
             await c.send(Cmd.DISC)
             disk.gate.set()
@@ -222,22 +213,17 @@ async def test_broken_client_does_not_disturb_another(
 ) -> None:
     disk = make_disk(SIZE)
     with trio.fail_after(10):
-        async with served(disk, tmp_path) as path, client(path) as good:
-            bad_stream = await trio.open_unix_socket(path)
-            async with bad_stream:
-                bad = NbdClient(bad_stream)
-                await bad.greeting()
-                await bad_stream.send_all(b"GARBAGE!" * 4)  # not an option header
+        async with served(disk, tmp_path) as path, nbd_client(path) as good:
+            async with nbd_client(path, negotiate=False) as bad:
+                await bad.stream.send_all(b"GARBAGE!" * 4)  # not an option header
                 assert await bad.at_eof()
             # a client that breaks transmission is cut off too
-            async with client(path) as rude:
+            async with nbd_client(path) as rude:
                 await rude.stream.send_all(b"\xff" * 28)
                 assert await rude.at_eof()
             # one that vanishes mid-request
-            half = await trio.open_unix_socket(path)
-            async with half:
-                await NbdClient(half).handshake()
-                await half.send_all(p.pack_request(Cmd.WRITE, length=4096)[:20])
+            async with nbd_client(path) as half:
+                await half.stream.send_all(p.pack_request(Cmd.WRITE, length=4096)[:20])
             assert (await good.call(Cmd.WRITE, 0, 512, payload=b"z" * 512)).error == 0
             assert (await good.call(Cmd.READ, 0, 512)).data == b"z" * 512
 
@@ -246,17 +232,11 @@ async def test_abort_and_export_name(tmp_path: Path) -> None:
     disk = MemoryDisk(SIZE)
     with trio.fail_after(10):
         async with served(disk, tmp_path) as path:
-            stream = await trio.open_unix_socket(path)
-            async with stream:
-                c = NbdClient(stream)
-                await c.greeting()
+            async with nbd_client(path, negotiate=False) as c:
                 await c.option(p.Opt.ABORT)
                 assert (await c.option_reply())[1] == p.REP_ACK
                 assert await c.at_eof()
-            stream = await trio.open_unix_socket(path)
-            async with stream:
-                c = NbdClient(stream)
-                await c.greeting()
+            async with nbd_client(path, negotiate=False) as c:
                 await c.option(p.Opt.EXPORT_NAME, b"")
                 size, _flags = struct.unpack(">QH", await c.receive_exactly(10))
                 assert size == SIZE
@@ -330,7 +310,7 @@ async def test_a_full_queue_falls_back_to_tasks(tmp_path: Path) -> None:
     disk = QueuedMemoryDisk(SIZE, depth=2)
     disk.data[:] = os.urandom(SIZE)
     with trio.fail_after(10):
-        async with served(disk, tmp_path) as path, client(path) as c:
+        async with served(disk, tmp_path) as path, nbd_client(path) as c:
             for cookie in range(20):
                 await c.send(Cmd.READ, cookie * 4096, 4096, cookie=cookie)
             replies = [await c.reply() for _ in range(20)]
