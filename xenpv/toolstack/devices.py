@@ -40,12 +40,14 @@ async def _write_all(tx: Transaction, directory: str, values: Mapping[str, str |
         await tx.write(f"{directory}/{name}", str(value))
 
 
-async def _create(
+async def create_device(
     xs: XenstoreClient,
     device: DeviceId,
     backend_keys: Mapping[str, str | int],
     frontend_keys: Mapping[str, str | int],
 ) -> None:
+    """Write a device's first keys (both ends' directories, in one transaction) from its
+    configuration keys, as `vbd_keys`/`vif_keys` build them or as a re-attach saved them."""
     be, fe = device.backend_domid, device.frontend_domid
     instance = secrets.token_hex(8)  # this attach, told apart from an earlier one of the id
 
@@ -87,16 +89,6 @@ async def _create(
 DeviceKeys = tuple[dict[str, str | int], dict[str, str | int]]
 
 
-async def create_device(
-    xs: XenstoreClient,
-    device: DeviceId,
-    backend_keys: Mapping[str, str | int],
-    frontend_keys: Mapping[str, str | int],
-) -> None:
-    """Write a device's first keys from configuration keys already built (a re-attach)."""
-    await _create(xs, device, backend_keys, frontend_keys)
-
-
 def vbd_keys(device: DeviceId, config: VbdConfig) -> DeviceKeys:
     """A vbd's configuration keys (backend, frontend), beyond the ends and `state`: as xl
     writes them (backend `mode`, `params`, `type`; frontend `virtual-device`) plus xenpv's."""
@@ -135,7 +127,7 @@ async def create_vbd(xs: XenstoreClient, device: DeviceId, config: VbdConfig) ->
     """Write a vbd's first keys (`vbd_keys`)."""
     if device.cls != "vbd":
         raise ValueError(f"not a vbd: {device}")
-    await _create(xs, device, *vbd_keys(device, config))
+    await create_device(xs, device, *vbd_keys(device, config))
 
 
 async def create_vif(
@@ -144,7 +136,7 @@ async def create_vif(
     """Write a vif's first keys (`vif_keys`)."""
     if device.cls != "vif":
         raise ValueError(f"not a vif: {device}")
-    await _create(xs, device, *vif_keys(device, mac=mac, tap=tap))
+    await create_device(xs, device, *vif_keys(device, mac=mac, tap=tap))
 
 
 async def destroy_device(xs: XenstoreClient, device: DeviceId) -> None:
