@@ -51,7 +51,7 @@ from typing import Any, Literal
 
 from xenpv.faults.catalogue import CATALOGUE, FaultKind, Param, Scalar, TargetKind
 from xenpv.faults.targets import SelectorError, Targets, selector_kind
-from xenpv.toolstack.topology import Topology, TopologyError, default_topology
+from xenpv.toolstack.topology import TomlTable, Topology, TopologyError, default_topology
 from xenpv.toolstack.topology import load as load_topology
 
 WorkloadKind = Literal["block", "net", "xenstore"]
@@ -142,29 +142,10 @@ class Plan:
     source: str = ""  # how to name it again: a file path, or a built-in plan's name
 
 
-class _Table:
-    """Typed access to one TOML table that reports unknown and mistyped keys by name."""
+class _Table(TomlTable):
+    """A plan table's typed reads; its errors are `PlanError`s."""
 
-    def __init__(self, raw: object, where: str) -> None:
-        if not isinstance(raw, Mapping):
-            raise PlanError(where, "expected a table")
-        self.raw: Mapping[str, Any] = raw
-        self.where = where
-        self.used: set[str] = set()
-
-    def at(self, key: str) -> str:
-        return f"{self.where}.{key}" if self.where else key
-
-    def has(self, key: str) -> bool:
-        return key in self.raw
-
-    def get(self, key: str, default: object = None, *, required: bool = False) -> object:
-        self.used.add(key)
-        if key not in self.raw:
-            if required:
-                raise PlanError(self.at(key), "missing")
-            return default
-        return self.raw[key]
+    error = PlanError
 
     def string(self, key: str, default: str | None = None, *, required: bool = False) -> str:
         value = self.get(key, default, required=required)
@@ -183,11 +164,6 @@ class _Table:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise PlanError(self.at(key), f"expected an array of strings, got {value!r}")
         return tuple(value)
-
-    def done(self) -> None:
-        unknown = sorted(set(self.raw) - self.used)
-        if unknown:
-            raise PlanError(self.at(unknown[0]), "unknown key")
 
 
 def _integer(value: object, where: str, lo: float, hi: float) -> int:

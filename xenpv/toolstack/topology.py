@@ -173,26 +173,45 @@ def parse_size(value: object, where: str) -> int:
     raise TopologyError(where, f"expected a size like 4096, '16K' or '64M', got {value!r}")
 
 
-class _Table:
-    """Typed access to one TOML table that reports unknown and mistyped keys by name."""
+class TomlTable:
+    """One TOML table read key by key, each key marked used; `done` reports the first key
+    never read. Errors are `error` (a topology's; a fault plan's table raises its own) and
+    name the key by its dotted path."""
+
+    error: type[TopologyError] = TopologyError
 
     def __init__(self, raw: object, where: str) -> None:
         if not isinstance(raw, Mapping):
-            raise TopologyError(where, "expected a table")
+            raise self.error(where, "expected a table")
         self.raw: Mapping[str, Any] = raw
         self.where = where
         self.used: set[str] = set()
 
-    def _get(self, key: str, default: object) -> object:
+    def at(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def has(self, key: str) -> bool:
+        return key in self.raw
+
+    def get(self, key: str, default: object = None, *, required: bool = False) -> object:
         self.used.add(key)
         if key not in self.raw:
-            if default is _REQUIRED:
-                raise TopologyError(f"{self.where}.{key}", "missing")
+            if required:
+                raise self.error(self.at(key), "missing")
             return default
         return self.raw[key]
 
-    def at(self, key: str) -> str:
-        return f"{self.where}.{key}"
+    def done(self) -> None:
+        unknown = sorted(set(self.raw) - self.used)
+        if unknown:
+            raise self.error(self.at(unknown[0]), "unknown key")
+
+
+class _Table(TomlTable):
+    """A topology table's typed reads (`_REQUIRED` as the default: the key must be there)."""
+
+    def _get(self, key: str, default: object) -> object:
+        return self.get(key, default, required=default is _REQUIRED)
 
     def string(self, key: str, default: object = None) -> str:
         value = self._get(key, default)
@@ -231,11 +250,6 @@ class _Table:
             listed = ", ".join(repr(c) for c in choices)
             raise TopologyError(self.at(key), f"must be one of {listed}, got {value!r}")
         return value
-
-    def done(self) -> None:
-        unknown = sorted(set(self.raw) - self.used)
-        if unknown:
-            raise TopologyError(f"{self.where}.{unknown[0]}", "unknown key")
 
 
 _REQUIRED = object()
