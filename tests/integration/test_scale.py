@@ -21,13 +21,14 @@ import trio
 
 from tests.integration.hv_pair import REPO
 from xenpv.toolstack import cluster
-from xenpv.toolstack.supervisor import Supervisor, wait_exit
+from xenpv.toolstack.supervisor import Child, Supervisor, wait_exit
 
 
-def _until_signalled(tmp: Path) -> list[str]:
-    """`xenpv` arguments of a process that runs until signalled: a xenstored."""
+async def _spawn_until_signalled(sup: Supervisor, tmp: Path, name: str, forkserver: Path) -> Child:
+    """A forked child that runs until signalled (a xenstored), logging to logs/NAME.log."""
     (tmp / "data").mkdir(exist_ok=True)
-    return ["xenstored", "--socket", str(tmp / "xs.sock"), "--data-dir", str(tmp / "data")]
+    args = ["xenstored", "--socket", str(tmp / "xs.sock"), "--data-dir", str(tmp / "data")]
+    return await sup.spawn(name, "guest", args, tmp / "logs" / f"{name}.log", forkserver=forkserver)
 
 
 def _bench(*args: str, limit_s: float) -> dict[str, object]:
@@ -72,13 +73,7 @@ async def test_forked_children_are_recorded_reaped_and_signalled(tmp_path: Path)
             )
             assert await wait_exit(done) == 0
             assert "xenpv" in (tmp_path / "logs" / "v.log").read_text()
-            waiting = await sup.spawn(
-                "waiting",
-                "guest",
-                _until_signalled(tmp_path),
-                tmp_path / "logs" / "w.log",
-                forkserver=sock,
-            )
+            waiting = await _spawn_until_signalled(sup, tmp_path, "waiting", sock)
             state = json.loads((tmp_path / "cluster.json").read_text())
             assert {p["pid"] for p in state["processes"]} >= {done.pid, waiting.pid}
             await sup.terminate([waiting])
@@ -96,13 +91,7 @@ async def test_a_killed_forked_child_reports_the_signal(tmp_path: Path, sig: int
     with trio.fail_after(60):
         try:
             sock = await cluster._start_forkserver(sup, tmp_path)
-            child = await sup.spawn(
-                "sleeper",
-                "guest",
-                _until_signalled(tmp_path),
-                tmp_path / "logs" / "s.log",
-                forkserver=sock,
-            )
+            child = await _spawn_until_signalled(sup, tmp_path, "sleeper", sock)
             assert child.proc is not None
             child.proc.send_signal(sig)
             assert await wait_exit(child) == -sig
