@@ -4,8 +4,13 @@ and `--transport`."""
 from __future__ import annotations
 
 import argparse
-from collections.abc import Awaitable, Callable
+import os
+import subprocess
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
+
+import trio
 
 from xenpv.commands import args as types
 from xenpv.toolstack import supervisor
@@ -43,6 +48,23 @@ def add_bench(
         )
     parser.set_defaults(run=run)
     return parser
+
+
+def child_env() -> dict[str, str]:
+    """This environment with this checkout first on PYTHONPATH: a `python -m xenpv` child runs
+    the same code as the bench that starts it."""
+    root = str(Path(__file__).resolve().parents[2])
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+
+
+async def spawn_reporting(
+    sup: Supervisor, name: str, kind: str, command: Sequence[str], log_path: Path
+) -> trio.Process:
+    """Start a child on this checkout's code that reports to the bench on its stdout; its
+    process (the caller kills and reaps it)."""
+    child = await sup.spawn(name, kind, command, log_path, env=child_env(), stdout=subprocess.PIPE)
+    assert isinstance(child.proc, trio.Process)  # spawned, not forked: it has a stdout
+    return child.proc
 
 
 def chosen_transports(args: argparse.Namespace) -> tuple[str, ...]:

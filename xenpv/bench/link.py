@@ -25,7 +25,6 @@ import contextlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -34,9 +33,8 @@ from typing import Any
 
 import trio
 
-from xenpv.bench.cli import add_bench
+from xenpv.bench.cli import add_bench, spawn_reporting
 from xenpv.bench.report import emit
-from xenpv.bench.xenstore import child_env
 from xenpv.hv import CopyDirection, CopyOp, Domain, EventChannel, StaticDirectory, open_domain
 from xenpv.hv.busypoll import DEFAULT_MAX_US, AdaptivePoll
 from xenpv.identity import DomainKey
@@ -182,16 +180,8 @@ async def _baseline(
     `poll`, both ends poll before sleeping as a domain's event waiter does."""
     path = str(tmp / f"echo-{int(poll)}.sock")
     name = f"echo-{int(poll)}"
-    child = await sup.spawn(
-        name,
-        "guest",
-        _child("echo", path, str(int(poll))),
-        tmp / "logs" / f"{name}.log",
-        env=child_env(),
-        stdout=subprocess.PIPE,
-    )
-    assert isinstance(child.proc, trio.Process)  # spawned, not forked: it has a stdout
-    process = child.proc
+    command = _child("echo", path, str(int(poll)))
+    process = await spawn_reporting(sup, name, "guest", command, tmp / "logs" / f"{name}.log")
     try:
         assert process.stdout is not None
         await _read_line(process.stdout, bytearray())
@@ -298,11 +288,7 @@ async def _pair(
             "default" if busy_poll_us is None else str(busy_poll_us),
         )
         log_path = tmp / "logs" / f"domain-{tag}.log"
-        child = await sup.spawn(
-            f"domain-{tag}", "guest", command, log_path, env=child_env(), stdout=subprocess.PIPE
-        )
-        assert isinstance(child.proc, trio.Process)  # spawned, not forked: it has a stdout
-        process = child.proc
+        process = await spawn_reporting(sup, f"domain-{tag}", "guest", command, log_path)
         try:
             assert process.stdout is not None
             info = await _read_line(process.stdout, bytearray())

@@ -33,6 +33,7 @@ from typing import Any
 import trio
 
 from xenpv.bench.cli import add_bench
+from xenpv.bench.cli import child_env as child_env  # also imported from here
 from xenpv.bench.report import emit
 from xenpv.commands import args as types
 from xenpv.errors import XenpvError
@@ -128,13 +129,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 # -- servers ---------------------------------------------------------------------------------
-
-
-def child_env() -> dict[str, str]:
-    """This environment with this checkout first on PYTHONPATH: a `python -m xenpv` child runs
-    the same code as the bench that starts it."""
-    root = str(Path(__file__).resolve().parents[2])
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
 
 
 @contextmanager
