@@ -15,7 +15,7 @@ from pathlib import Path
 import trio
 import trio.testing
 
-from xenpv.xenstore.client import Address, XenstoreClient
+from xenpv.xenstore.client import Address, XenstoreClient, running
 from xenpv.xenstore.server import ServerConfig, XenstoreServer, _timed_append, open_store
 
 # Compaction encodes the snapshot in a worker thread: a simulated run never grows its
@@ -43,15 +43,8 @@ class SimXenstored:
 
     @asynccontextmanager
     async def connect(self, domid: int = 0) -> AsyncIterator[XenstoreClient]:
-        client = _SimClient(self, domid)
-        stream = await client._open_stream()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(client._run, stream)
-            try:
-                yield client
-            finally:
-                client._closed = True
-                nursery.cancel_scope.cancel()
+        async with running(_SimClient(self, domid)) as client:
+            yield client
 
 
 class _SimClient(XenstoreClient):

@@ -604,7 +604,14 @@ async def connect(
     Raises XenstoreConnectionError if the server cannot be reached, AuthError if it refuses
     the key. See the module docstring for what happens when the connection drops later.
     """
-    client = XenstoreClient(parse_address(address), key, reconnect_timeout)
+    async with running(XenstoreClient(parse_address(address), key, reconnect_timeout)) as client:
+        yield client
+
+
+@asynccontextmanager
+async def running(client: XenstoreClient) -> AsyncIterator[XenstoreClient]:
+    """Open `client`'s connection and serve it for the block (`connect`, and clients whose
+    stream comes from elsewhere: xenpv/sim/)."""
     stream = await client._open_stream()
     try:
         async with trio.open_nursery() as nursery:
