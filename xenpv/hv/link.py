@@ -120,7 +120,8 @@ class Link:
         self._reader_lot = trio.lowlevel.ParkingLot()
         self._poll = AdaptivePoll(busy_poll)
         self._faults = faults
-        self._out: list[bytes | float] = []
+        # Packed messages, a partly written one's rest (a view, not a copy), delay deadlines.
+        self._out: list[bytes | memoryview | float] = []
         self._dirty: list[list[Any]] = []  # [whose, gref, offset, length, source, start]
         self._idle: trio.Event | None = None
         self._sending = False
@@ -170,14 +171,16 @@ class Link:
         if self._sending or (self._faults is not None and any(type(i) is float for i in out)):
             self._wake_writer()
             return
-        first = out[0]
         # No floats past the check above.
-        data = first if len(out) == 1 and type(first) is bytes else b"".join(out)  # type: ignore[arg-type]
+        data: bytes | memoryview = out[0] if len(out) == 1 else b"".join(out)  # type: ignore[assignment,arg-type]
         try:
             sent = os.write(self._fd, data)
         except OSError:  # would block, or broken (the writer will report it)
             sent = 0
-        self._out = [] if sent == len(data) else [data[sent:]]
+        if sent == len(data):
+            self._out = []
+        else:  # the rest as a view: slicing a large message's bytes would copy it
+            self._out = [memoryview(data)[sent:] if sent else data]
         self._out_bytes -= sent
         if self._out:
             self._wake_writer()
@@ -362,7 +365,7 @@ class Link:
                 if not out:
                     continue
                 self._sending = True
-                chunk: list[bytes] = []
+                chunk: list[bytes | memoryview] = []
                 for item in out:
                     if isinstance(item, float):
                         if chunk:
@@ -377,7 +380,7 @@ class Link:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.close(f"send failed: {exc}")
 
-    async def _send_chunk(self, data: bytes) -> None:
+    async def _send_chunk(self, data: bytes | memoryview) -> None:
         await self._stream.send_all(data)
         self._out_bytes -= len(data)  # the backlog counts bytes the kernel has not taken yet
 
