@@ -226,20 +226,25 @@ class Shrinker:
             if self.fails(trial):
                 current = trial
         for i in range(len(current.workloads)):
-            w = current.workloads[i]
-            for smaller in (
-                dataclasses.replace(w, threads=1),
-                dataclasses.replace(w, rate=max(MIN_RATE, w.rate / 2)),
-            ):
-                if smaller == current.workloads[i]:
+            for smaller in (_one_thread, _half_rate):
+                w = current.workloads[i]
+                if smaller(w) == w:
                     continue
                 trial = dataclasses.replace(
                     current,
-                    workloads=(*current.workloads[:i], smaller, *current.workloads[i + 1 :]),
+                    workloads=(*current.workloads[:i], smaller(w), *current.workloads[i + 1 :]),
                 )
                 if self.fails(trial):
                     current = trial
         return ShrinkResult(self.checker, before, current, self.text(current), self.attempts)
+
+
+def _one_thread(w: WorkloadSpec) -> WorkloadSpec:
+    return dataclasses.replace(w, threads=1)
+
+
+def _half_rate(w: WorkloadSpec) -> WorkloadSpec:
+    return dataclasses.replace(w, rate=max(MIN_RATE, w.rate / 2))
 
 
 def relocated(text: str, topology: str) -> str:
