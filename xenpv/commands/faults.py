@@ -372,9 +372,14 @@ def _run_sim(args: argparse.Namespace, plan: plan_mod.Plan, history: Path | None
     )
     if deterministic is not None:
         print("deterministic: " + ("yes" if deterministic else "NO, the rerun's history differs"))
+    if getattr(args, "swarm", False):
+        on = dict.fromkeys(f.kind.split(".")[0] for f in plan.faults)
+        print(f"swarm: fault families on for this seed: {', '.join(on) or 'none'}")
     if args.json:
         out = json.loads(runner.save_json(result))
         out.update(mode="sim", history_hash=digest, deterministic=deterministic)
+        if getattr(args, "swarm", False):
+            out.update(families=list(dict.fromkeys(f.kind.split(".")[0] for f in plan.faults)))
         out.update(simulated_seconds=round(sim.simulated_seconds, 3))
         print(json.dumps(out, sort_keys=True))
     return 0 if result.ok and deterministic is not False else 1
