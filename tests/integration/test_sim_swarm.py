@@ -14,6 +14,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,8 +32,17 @@ PLAN = REPO / "tests" / "data" / "sim" / "reissue.toml"
 SEEDS = (5, 4)  # --first-seed, --seeds: seeds 5..8, of which 6 and 7 lose a write
 
 
-def _xenpv(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(REPO), **{PLANT_BUG_ENV: PLANTED_LOST_REISSUE})
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A temporary directory for the children's TMPDIR (a failing swarm keeps its seeds'
+    logs there), with a short path: a simulated cluster binds Unix sockets inside it."""
+    with tempfile.TemporaryDirectory(prefix="xenpv-t-") as tmp:
+        yield Path(tmp)
+
+
+def _xenpv(*args: str, tmp: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO), TMPDIR=str(tmp))
+    env[PLANT_BUG_ENV] = PLANTED_LOST_REISSUE
     return subprocess.run(
         [sys.executable, "-m", "xenpv", "--log-level", "warning", *args],
         capture_output=True,
@@ -51,18 +62,19 @@ def _last_json(result: subprocess.CompletedProcess[str]) -> dict[str, object]:
 
 @pytest.mark.timeout(300)  # a swarm, three reruns and a shrink of about ten runs
 def test_swarm_finds_the_planted_bug_and_shrink_keeps_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, short_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     first, count = SEEDS
     swarm = _xenpv(
         "faults", "swarm", str(PLAN), "--first-seed", str(first), "--seeds", str(count),
-        "--jobs", "2", "--json",
+        "--jobs", "2", "--json", tmp=short_tmp,
     )  # fmt: skip
     summary = _last_json(swarm)
     assert swarm.returncode == 1, swarm.stdout + swarm.stderr
     assert summary["seeds"] == list(range(first, first + count))
     failed = summary["failed"]
     assert isinstance(failed, list) and failed
+    assert summary["failures"] == dict.fromkeys((str(s) for s in failed), "block")
     seed = failed[0]
     assert isinstance(seed, int)
     assert f"xenpv faults run {PLAN} --mode sim --seed {seed} --swarm" in swarm.stdout
@@ -79,7 +91,16 @@ def test_swarm_finds_the_planted_bug_and_shrink_keeps_it(
 
     out = tmp_path / "shrunk"
     shrink = _xenpv(
-        "faults", "shrink", str(PLAN), "--seed", str(seed), "--swarm", "--out", str(out), "--json"
+        "faults",
+        "shrink",
+        str(PLAN),
+        "--seed",
+        str(seed),
+        "--swarm",
+        "--out",
+        str(out),
+        "--json",
+        tmp=short_tmp,
     )
     assert shrink.returncode == 0, shrink.stdout + shrink.stderr
     shrunk = _last_json(shrink)
@@ -101,8 +122,8 @@ def test_swarm_finds_the_planted_bug_and_shrink_keeps_it(
     assert fixed_small.ok, [v.line() for v in fixed_small.violations]
 
 
-def test_swarm_without_the_bug_passes_every_seed() -> None:
-    env_free = dict(os.environ, PYTHONPATH=str(REPO))
+def test_swarm_without_the_bug_passes_every_seed(short_tmp: Path) -> None:
+    env_free = dict(os.environ, PYTHONPATH=str(REPO), TMPDIR=str(short_tmp))
     env_free.pop(PLANT_BUG_ENV, None)
     result = subprocess.run(
         [

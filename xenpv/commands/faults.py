@@ -480,8 +480,10 @@ def run_swarm(args: argparse.Namespace) -> int:
         elif verdict:
             bad = [name for name, n in verdict.get("checkers", {}).items() if n]
             failed[seed] = ", ".join(bad) or "unfinished history"
-        else:
-            failed[seed] = f"error (exit status {code}, log {log_path})"
+        else:  # it did not run to a verdict: its error is the log's last line
+            text = log_path.read_text(errors="replace") if log_path.exists() else ""
+            last = (text.strip().splitlines() or ["no output"])[-1]
+            failed[seed] = f"error, exit status {code}: {last}"
         done += 1
         progress.show(f"swarm: {done}/{len(seeds)} seeds, {len(failed)} failed")
 
