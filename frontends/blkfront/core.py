@@ -244,6 +244,7 @@ class Engine:
         *,
         grant_size: int = 4096,
         queue_depth: int = 32,
+        planted_lost_reissue: bool = False,
     ) -> None:
         self.memory = memory
         self.grants = grants
@@ -274,6 +275,9 @@ class Engine:
         self.discard = False
         self.requests_issued = 0
         self.reissued = 0  # I/Os that a connection ended before they completed
+        # Test-only planted bug (docs/faults.md, "Simulation"): `disconnect` acknowledges the
+        # newest unfinished write instead of re-issuing it, so the checkers must find it.
+        self._planted_lost_reissue = planted_lost_reissue
 
     # -- the user side ----------------------------------------------------------------------
 
@@ -319,10 +323,22 @@ class Engine:
             key=lambda io: io.seq,
         )
         self.reissued += len(self.active)
+        writes = [
+            io
+            for io in back
+            if self._planted_lost_reissue
+            and io.seq in self.active
+            and io.operation == BLKIF_OP_WRITE
+        ]
         self.active.clear()
         for io in back:
             self._drop_bio(io)
             io.reset()
+        if writes:
+            forgotten = writes[-1]
+            back.remove(forgotten)
+            forgotten.status, forgotten.reason = int(BLKIF_RSP_OKAY), ""
+            self._finished.append(forgotten)
         self.pending = collections.deque(back)
         self._drop_pool()
         self._retry_stuck()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -60,6 +61,11 @@ log = structlog.get_logger()
 DETACH_TIMEOUT = 5.0
 UNPLUG_DRAIN_TIMEOUT = 5.0  # seconds requests on the rings may take to finish at an unplug
 UNPLUGGED = "the device was unplugged"
+# Test-only (docs/faults.md, "Simulation"): XENPV_PLANT_BUG=blkfront-reissue, read when a
+# device is made, plants a lost write: at each reconnect one unfinished write is acknowledged
+# instead of re-issued. The fault checkers must catch it; nothing else sets it.
+PLANT_BUG_ENV = "XENPV_PLANT_BUG"
+PLANTED_LOST_REISSUE = "blkfront-reissue"
 
 
 @dataclass(eq=False)
@@ -239,6 +245,7 @@ class Blkfront:
             device.backend_domid,
             grant_size=grant_size,
             queue_depth=queue_depth,
+            planted_lost_reissue=os.environ.get(PLANT_BUG_ENV) == PLANTED_LOST_REISSUE,
         )
         self._info: Negotiated | None = None  # the last connection's parameters
         self.connections = 0  # handshakes completed (1 + reconnects)

@@ -246,6 +246,26 @@ def test_unknown_or_stale_response_id_is_a_protocol_error_and_recovery_reissues(
     assert run(g, backend) == [w] and w.status == 0 and disk[:4096] == b"\x55" * 4096
 
 
+def test_planted_lost_reissue_acknowledges_the_newest_unfinished_write_unwritten() -> None:
+    """The test-only planted bug (docs/faults.md, "Simulation"): at a disconnect the newest
+    unfinished write completes OKAY without reaching the disk; the others are re-issued."""
+    memory = DomainMemory(GUEST, 16 << 20, 4096, 8192)
+    grants = GrantTable(GUEST, memory.table, 8192, memory.nr_frames)
+    g = Guest(memory, grants, Engine(memory, grants, BACKEND, planted_lost_reissue=True))
+    disk = bytearray(1 << 16)
+    backend = g.connect(disk=disk)
+    first = io(BLKIF_OP_WRITE, 0, 4096, 4096, b"\x11" * 4096)
+    second = io(BLKIF_OP_WRITE, 4096, 4096, 4096, b"\x22" * 4096)
+    g.engine.submit(first)
+    g.engine.submit(second)
+    g.engine.dispatch()
+    g.drop()  # the backend never served the ring
+    assert g.engine.take_finished() == [second] and second.status == 0
+    backend = g.connect(disk=disk)
+    assert run(g, backend) == [first] and first.status == 0
+    assert disk[:4096] == b"\x11" * 4096 and disk[4096:8192] == bytes(4096)
+
+
 CONFIGS = st.fixed_dictionaries(
     {
         "page_size": st.sampled_from([4096, 16384, 65536]),

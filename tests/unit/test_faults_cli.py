@@ -135,3 +135,22 @@ def test_report_is_well_formed_with_faults_and_states() -> None:
         ET.fromstring("<svg" + chunk.split("</svg>")[0] + "</svg>")  # well-formed XML
     assert "First violation" in page and "xenpv faults run test --seed 1" in page
     assert history.schedule.hash in page
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "message"),
+    [
+        (["faults", "swarm", "smoke", "--seeds", "0"], 2, "--seeds must be at least 1"),
+        (["faults", "swarm", "smoke", "--seeds", "2", "--jobs", "0"], 2, "--jobs must be"),
+        (["faults", "swarm", "smoke", "--seeds", "2", "--first-seed", "-1"], 2, "--first-seed"),
+        (["faults", "run", "smoke", "--swarm"], 2, "--swarm needs --mode sim"),
+        (["faults", "swarm", "process", "--seeds", "2"], 1, "cannot inject process."),
+        (["faults", "shrink", "process", "--seed", "1"], 1, "cannot inject process."),
+    ],
+)
+def test_swarm_and_shrink_refuse_in_one_line(
+    argv: list[str], code: int, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err

@@ -8,7 +8,11 @@
   history;
 - `xenpv faults run PLAN [--seed N] [--json] [--report FILE] [--history FILE] [--state-dir DIR]`:
   run the plan against a real cluster (`xenpv.faults.runner`), print the verdict table; exit 1
-  on a violation. See docs/faults.md.
+  on a violation;
+- `xenpv faults swarm PLAN --seeds N [--jobs J] [--first-seed S] [--json]`: N seeds in sim mode,
+  each with its own choice of fault families, one child process per seed; exit 1 if any failed;
+- `xenpv faults shrink PLAN --seed N [--out DIR]`: the smallest plan (pinned faults) that still
+  fails the same checker for that seed. See docs/faults.md.
 """
 
 from __future__ import annotations
@@ -93,7 +97,42 @@ def register(sub: Any) -> None:
         action="store_true",
         help="(--mode sim) run the seed twice and compare the history hashes",
     )
+    p.add_argument(
+        "--swarm",
+        action="store_true",
+        help="(--mode sim) the seed also chooses which fault families are on, as "
+        "`faults swarm` does",
+    )
     p.set_defaults(run=run_run)
+
+    p = verbs.add_parser("swarm", help="run many seeds of a plan in sim mode (swarm testing)")
+    p.add_argument("plan", metavar="PLAN", help="a plan file, or a built-in plan's name")
+    p.add_argument("--seeds", type=int, required=True, metavar="N", help="how many seeds")
+    p.add_argument("--first-seed", type=int, default=1, metavar="S", help="the first seed (1)")
+    p.add_argument("--jobs", type=int, default=1, metavar="J", help="seeds run at once (1)")
+    p.add_argument(
+        "--all-families",
+        action="store_true",
+        help="every seed runs every fault family of the plan (no swarm choice)",
+    )
+    p.add_argument("--json", action="store_true", help="a JSON summary as the last stdout line")
+    p.set_defaults(run=run_swarm)
+
+    p = verbs.add_parser("shrink", help="shrink a failing sim seed to a small plan")
+    p.add_argument("plan", metavar="PLAN", help="a plan file, or a built-in plan's name")
+    p.add_argument("--seed", type=int, required=True, metavar="N", help="the failing seed")
+    p.add_argument(
+        "--swarm", action="store_true", help="the seed failed under `faults swarm`'s choice"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("shrunk"),
+        metavar="DIR",
+        help="where the plan, its history and report go (default: ./shrunk)",
+    )
+    p.add_argument("--json", action="store_true", help="a JSON summary as the last stdout line")
+    p.set_defaults(run=run_shrink)
 
 
 def run_list(args: argparse.Namespace) -> int:
@@ -232,6 +271,12 @@ def run_run(args: argparse.Namespace) -> int:
     plan = plan_mod.load_any(args.plan)
     if args.seed is not None and not 0 <= args.seed <= plan_mod.MAX_SEED:
         raise plan_mod.PlanError("--seed", f"must be between 0 and {plan_mod.MAX_SEED}")
+    if getattr(args, "swarm", False):
+        if getattr(args, "mode", "real") != "sim":
+            raise UsageError("--swarm needs --mode sim")
+        from xenpv.sim.swarm import swarm_plan
+
+        plan = swarm_plan(plan, plan.run.seed if args.seed is None else args.seed)
     attached = args.attach is not None
     if attached and args.history_dir is None:
         raise UsageError("--attach needs --history-dir DIR: a directory every domain writes to")
@@ -327,9 +372,14 @@ def _run_sim(args: argparse.Namespace, plan: plan_mod.Plan, history: Path | None
     )
     if deterministic is not None:
         print("deterministic: " + ("yes" if deterministic else "NO, the rerun's history differs"))
+    if getattr(args, "swarm", False):
+        on = dict.fromkeys(f.kind.split(".")[0] for f in plan.faults)
+        print(f"swarm: fault families on for this seed: {', '.join(on) or 'none'}")
     if args.json:
         out = json.loads(runner.save_json(result))
         out.update(mode="sim", history_hash=digest, deterministic=deterministic)
+        if getattr(args, "swarm", False):
+            out.update(families=list(dict.fromkeys(f.kind.split(".")[0] for f in plan.faults)))
         out.update(simulated_seconds=round(sim.simulated_seconds, 3))
         print(json.dumps(out, sort_keys=True))
     return 0 if result.ok and deterministic is not False else 1
@@ -352,3 +402,210 @@ def _print_verdict(result: runner.RunResult) -> None:
     print(f"schedule hash {s.hash}")
     verdict = "PASS" if result.ok else "FAIL"
     print(f"{verdict}: plan {s.plan}, seed {s.seed}")
+
+
+# -- swarm and shrink (sim mode; docs/faults.md, "Simulation") --------------------------------
+
+
+def _seed_range(first: int, count: int) -> range:
+    if count < 1:
+        raise UsageError("--seeds must be at least 1")
+    if first < 0 or first + count - 1 > plan_mod.MAX_SEED:
+        raise plan_mod.PlanError("--first-seed", f"seeds must be between 0 and {plan_mod.MAX_SEED}")
+    return range(first, first + count)
+
+
+def _repro(plan_arg: str, seed: int, swarm: bool) -> str:
+    return f"xenpv faults run {plan_arg} --mode sim --seed {seed}" + (" --swarm" if swarm else "")
+
+
+def run_swarm(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+    import time
+
+    import trio
+
+    from xenpv.sim import faults as sim_faults
+    from xenpv.sim.swarm import chosen_families
+    from xenpv.toolstack import supervisor
+    from xenpv.toolstack.progress import Progress
+    from xenpv.toolstack.supervisor import Supervisor
+
+    plan = plan_mod.load_any(args.plan)
+    seeds = _seed_range(args.first_seed, args.seeds)
+    if args.jobs < 1:
+        raise UsageError("--jobs must be at least 1")
+    full = schedule.build(plan, seeds[0])  # every family: refuse what the sim cannot inject
+    runner.check_injectable(full)
+    sim_faults.check_simulable(full)
+    swarm = not args.all_families
+    # Each seed runs as its own repro command, in a child: a built-in plan by name, a file by
+    # its absolute path (the children may not share our working directory's meaning).
+    plan_spec = str(Path(args.plan).resolve()) if plan.base_dir is not None else args.plan
+    progress = Progress.for_terminal(quiet=args.json)
+    failed: dict[int, str] = {}  # seed -> what failed
+    done = 0
+    started = time.monotonic()
+
+    async def one(
+        sup: Supervisor, state_dir: Path, limiter: trio.CapacityLimiter, seed: int
+    ) -> None:
+        nonlocal done
+        async with limiter:
+            log_path = state_dir / "logs" / f"seed-{seed}.log"
+            command = [sys.executable, "-m", "xenpv", "--log-level", "warning", "faults", "run"]
+            command += [plan_spec, "--mode", "sim", "--seed", str(seed), "--json"]
+            command += ["--swarm"] if swarm else []
+            # The child's temporary directories live in ours: removed whatever happens.
+            env = dict(os.environ, TMPDIR=str(state_dir))
+            child = await sup.spawn(
+                f"seed-{seed}", "worker", command, log_path, env=env, stdout=subprocess.PIPE
+            )
+            assert isinstance(child.proc, trio.Process) and child.proc.stdout is not None
+            chunks = []
+            async for chunk in child.proc.stdout:
+                chunks.append(chunk)
+            code = await child.proc.wait()
+            sup.forget(child)
+        lines = b"".join(chunks).decode(errors="replace").strip().splitlines()
+        verdict: dict[str, Any] = {}
+        if lines:
+            try:
+                verdict = json.loads(lines[-1])
+            except ValueError:
+                verdict = {}
+        if code == 0 and verdict.get("ok"):
+            log_path.unlink(missing_ok=True)
+        elif verdict:
+            bad = [name for name, n in verdict.get("checkers", {}).items() if n]
+            failed[seed] = ", ".join(bad) or "unfinished history"
+        else:  # it did not run to a verdict: its error is the log's last line
+            text = log_path.read_text(errors="replace") if log_path.exists() else ""
+            last = (text.strip().splitlines() or ["no output"])[-1]
+            failed[seed] = f"error, exit status {code}: {last}"
+        done += 1
+        progress.show(f"swarm: {done}/{len(seeds)} seeds, {len(failed)} failed")
+
+    async def main(sup: Supervisor, state_dir: Path) -> int:
+        (state_dir / "logs").mkdir(exist_ok=True)
+        limiter = trio.CapacityLimiter(args.jobs)
+        progress.show(f"swarm: 0/{len(seeds)} seeds")
+        try:
+            async with trio.open_nursery() as nursery:
+                for seed in seeds:
+                    nursery.start_soon(one, sup, state_dir, limiter, seed)
+        finally:
+            progress.close()
+        return 1 if failed else 0
+
+    code = supervisor.run_in_temp_dir("xenpv-swarm-", main, Supervisor())
+    if code not in (0, 1):
+        return code  # interrupted
+    seconds = time.monotonic() - started
+    rate = len(seeds) / seconds * 60 if seconds > 0 else 0.0
+    print(f"swarm: plan {plan.name}, seeds {seeds[0]}..{seeds[-1]}, jobs {args.jobs}")
+    print(f"  {'seeds':>6} {'passed':>6} {'failed':>6} {'seconds':>8} {'seeds/min':>9}")
+    print(
+        f"  {len(seeds):>6} {len(seeds) - len(failed):>6} {len(failed):>6} "
+        f"{seconds:>8.1f} {rate:>9.1f}"
+    )
+    for seed in sorted(failed):
+        families = ",".join(chosen_families(plan, seed) if swarm else ("all",))
+        print(
+            f"FAIL seed {seed} [{failed[seed]}] families {families}: "
+            + _repro(args.plan, seed, swarm)
+        )
+    print("PASS" if not failed else f"FAIL: {len(failed)} of {len(seeds)} seeds")
+    if args.json:
+        out = {
+            "plan": plan.name,
+            "seeds": list(seeds),
+            "passed": len(seeds) - len(failed),
+            "failed": sorted(failed),
+            "failures": {str(s): failed[s] for s in sorted(failed)},
+            "repro": {str(s): _repro(args.plan, s, swarm) for s in sorted(failed)},
+            "seconds": round(seconds, 3),
+            "seeds_per_minute": round(rate, 2),
+            "jobs": args.jobs,
+        }
+        print(json.dumps(out, sort_keys=True))
+    return 1 if failed else 0
+
+
+def run_shrink(args: argparse.Namespace) -> int:
+    import shutil
+
+    from xenpv.faults.shrink import Shrinker, ShrinkError, relocated, topology_source
+    from xenpv.sim import faults as sim_faults
+    from xenpv.sim.swarm import swarm_plan
+
+    plan = plan_mod.load_any(args.plan)
+    seed = args.seed
+    if not 0 <= seed <= plan_mod.MAX_SEED:
+        raise plan_mod.PlanError("--seed", f"must be between 0 and {plan_mod.MAX_SEED}")
+    if args.swarm:
+        plan = swarm_plan(plan, seed)
+    sched = schedule.build(plan, seed)
+    runner.check_injectable(sched)
+    sim_faults.check_simulable(sched)
+    first, _sim, _digest = sim_faults.run_in_temp_dir(plan, seed)
+    if first.ok:
+        raise ShrinkError(f"plan {plan.name}, seed {seed} passes in sim mode: nothing to shrink")
+    if not first.violations:
+        raise ShrinkError(f"seed {seed}: the run stopped early (unfinished history), no checker")
+    checker = first.violations[0].checker
+    print(
+        f"seed {seed} fails {checker} with {len(sched.faults)} fault(s); shrinking", file=sys.stderr
+    )
+    source = topology_source(plan)
+
+    def attempt(candidate: plan_mod.Plan) -> frozenset[str]:
+        result, _sim, _digest = sim_faults.run_in_temp_dir(candidate, seed)
+        return frozenset(v.checker for v in result.violations)
+
+    shrinker = Shrinker(
+        plan,
+        sched,
+        checker,
+        attempt,
+        "demo" if source is None else str(source),
+        log=lambda line: print(f"xenpv: {line}", file=sys.stderr),
+    )
+    result = shrinker.run()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    text = result.text
+    if source is not None:  # the plan names its topology next to it
+        shutil.copyfile(source, out / source.name)
+        text = relocated(text, source.name)
+    plan_path = out / "plan.toml"
+    plan_path.write_text(text)
+    final, _sim, _digest = sim_faults.run_in_temp_dir(
+        plan_mod.load(plan_path), seed, out / "history.jsonl"
+    )
+    (out / "report.html").write_text(report.render_html(final.history, final.violations))
+    same = any(v.checker == checker for v in final.violations)
+    before, after = result.before, result.after
+    print(f"shrunk plan {plan.name}, seed {seed}, checker {checker} ({result.attempts} runs)")
+    print(f"  faults    {len(before.faults)} -> {len(after.faults)}")
+    print(f"  workloads {len(before.workloads)} -> {len(after.workloads)}")
+    print(f"  duration  {before.duration:g} s -> {after.duration:g} s")
+    for f in after.faults:
+        print(f"  {f.start:9.3f} - {f.stop:9.3f}  {f.kind:<26} {f.target}")
+    print(f"plan {plan_path}, history {out / 'history.jsonl'}, report {out / 'report.html'}")
+    print(f"rerun: xenpv faults run {plan_path} --mode sim --seed {seed}")
+    if not same:
+        print(f"WARNING: the written plan's run did not fail {checker} again")
+    if args.json:
+        summary = {
+            "plan": str(plan_path),
+            "seed": seed,
+            "checker": checker,
+            "faults_before": len(before.faults),
+            "faults_after": len(after.faults),
+            "attempts": result.attempts,
+            "fails_again": same,
+        }
+        print(json.dumps(summary, sort_keys=True))
+    return 0 if same else 1
