@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import urllib.request
+from dataclasses import asdict
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -137,3 +138,39 @@ def test_top_rows_are_rates_between_snapshots() -> None:
     assert (row.grant_ops_per_s, row.mb_per_s, row.events_per_s, row.iops) == (16, 1, 2, 10)
     (stale,) = rows({}, {"g": after}, now=110.0)
     assert stale.state == "stale" and stale.grant_ops_per_s == 0  # no earlier sample: no rate
+
+
+def test_driver_counters_in_the_snapshot_prometheus_and_top() -> None:
+    from xenpv.metrics.counters import BlkfrontStats, NetbackStats, NetfrontStats
+    from xenpv.metrics.top import rows
+
+    registry = filled_registry()
+    blk = registry.register_queue(registry.blkfront, (1, 0, 51712, 0), BlkfrontStats())
+    net = registry.register_queue(registry.netfront, (1, 0, 0, 1), NetfrontStats())
+    back = registry.register_queue(registry.netback, (0, 1, 0, 1), NetbackStats())
+    before = snapshot(registry) | {"at": 100.0}
+    blk.rd_req += 2
+    blk.errors += 1
+    net.tx_packets += 3
+    net.tx_errors += 1
+    net.rx_bad_id += 1
+    net.rx_errors += 1
+    back.rx_dropped_no_buffers += 4
+    snap = snapshot(registry)
+    assert snap["blkfront"] == [
+        {"domain": 1, "backend": 0, "devid": 51712, "queue": 0} | asdict(blk)
+    ]
+    assert snap["netfront"][0]["rx_bad_id"] == 1 and snap["netback"][0]["frontend"] == 1
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in families(snap)
+        for sample in family.samples
+    }
+    labels = (("backend", "0"), ("devid", "51712"), ("domain", "1"), ("queue", "0"))
+    assert samples["xenpv_blkfront_rd_req_total", labels] == 2
+    labels = (("backend", "0"), ("devid", "0"), ("domain", "1"), ("queue", "1"))
+    assert samples["xenpv_netfront_tx_packets_total", labels] == 3
+    labels = (("devid", "0"), ("domain", "0"), ("frontend", "1"), ("queue", "1"))
+    assert samples["xenpv_netback_rx_dropped_no_buffers_total", labels] == 4
+    (row,) = rows({"g": before}, {"g": snap | {"at": 101.0}}, now=101.0)
+    assert (row.domain, row.peer, row.errors, row.drops) == ("guest(1)", "0", 1 + 1, 1)
