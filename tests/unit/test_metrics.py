@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 import urllib.request
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 from xenpv.metrics.counters import XenstoredStats
@@ -112,7 +115,12 @@ def test_the_report_charts_counts_per_mib() -> None:
     for cell in enumerate_cells():
         if cell.device == "vbd" and (cell.frontend_page, cell.backend_page) == (65536, 4096):
             grant_ops = 32.0 if cell.extension else 512.0
-            counts = {"grant_ops_per_mib": grant_ops, "notifications_per_mib": 3.0}
+            backend = {"copy_segments_per_mib": 16.0 if cell.extension else 256.0}
+            counts = {
+                "grant_ops_per_mib": grant_ops,
+                "notifications_per_mib": 3.0,
+                "backend": backend,
+            }
             result = {"key": cell.key, "ok": True, "detail": "", "mbps": 1.0, "counts": counts}
             records.append(judge(cell, result))
     assert records
@@ -120,6 +128,9 @@ def test_the_report_charts_counts_per_mib() -> None:
     assert "grant ops / MiB (exact)" in page
     assert "notifications / MiB (timing-dependent)" in page
     assert ": 512.0 grant ops / MiB" in page and ": 32.0 grant ops / MiB" in page
+    assert "backend copy segments / MiB<br>exact" in page
+    assert "backend copy calls / MiB<br>timing" in page
+    assert "<td class='num'>256.00</td>" in page and "<td class='num'>16.00</td>" in page
 
 
 def test_top_rows_are_rates_between_snapshots() -> None:
@@ -174,3 +185,37 @@ def test_driver_counters_in_the_snapshot_prometheus_and_top() -> None:
     assert samples["xenpv_netback_rx_dropped_no_buffers_total", labels] == 4
     (row,) = rows({"g": before}, {"g": snap | {"at": 101.0}}, now=101.0)
     assert (row.domain, row.peer, row.errors, row.drops) == ("guest(1)", "0", 1 + 1, 1)
+
+
+async def test_a_fresh_snapshot_is_written_on_request(tmp_path: Path) -> None:
+    """The writer writes at once when asked (FRESH_SIGNAL), not only every interval: a
+    reader gets counts up to the moment it asked, stamped after it."""
+    from xenpv.metrics.files import fresh_snapshot, read_snapshot, write_periodically
+
+    path = tmp_path / "metrics" / "backend.json"
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write_periodically, path, 3600.0)
+            await trio.testing.wait_all_tasks_blocked()
+            first = read_snapshot(path)
+            assert first is not None
+            fresh = await fresh_snapshot(path)
+            assert fresh["at"] > first["at"] and fresh["pid"] == first["pid"]
+            nursery.cancel_scope.cancel()
+    assert not path.exists()  # gone with its writer
+
+
+def test_backend_counts_are_the_peer_deltas_per_mib() -> None:
+    from xenpv.metrics.counts import backend_counts
+
+    registry = Registry()
+    backend = registry.domain(0, "backend").peer(1)
+    before = snapshot(registry)
+    backend.copy_calls += 24
+    backend.copy_segments += 256  # 1 MiB read in 4 KiB grants
+    backend.copy_bytes += 1 << 20
+    counts = backend_counts(before, snapshot(registry), 0, 1, 1 << 20)
+    assert counts["totals"]["copy_segments"] == 256 and counts["copy_segments_per_mib"] == 256
+    assert counts["copy_calls_per_mib"] == 24 and counts["map_segments_per_mib"] == 0
+    assert counts["exact"] == ["copy_segments", "copy_bytes"]
+    assert backend_counts(before, before, 0, 2, 1 << 20)["totals"]["copy_segments"] == 0
