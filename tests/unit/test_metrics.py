@@ -46,7 +46,16 @@ def test_a_snapshot_is_a_plain_nested_dict() -> None:
 
 
 def test_the_metrics_port_serves_valid_exposition_text() -> None:
+    from xenpv.metrics.counters import BlkbackStats, BlkfrontStats, NetbackStats, NetfrontStats
+
     registry = filled_registry()
+    key = (1, 0, 7, 0)  # a queue of a device no other test uses (devid 7)
+    drivers = {
+        "blkback": BlkbackStats(rd_req=3),
+        "blkfront": BlkfrontStats(reissued=2),
+        "netback": NetbackStats(tx_malformed=5),
+        "netfront": NetfrontStats(rx_bad_offset=4),
+    }
     server = serve("127.0.0.1:0")
     try:
         from xenpv.metrics import registry as module
@@ -54,6 +63,8 @@ def test_the_metrics_port_serves_valid_exposition_text() -> None:
         # The server reads the process registry; point it at ours for the scrape.
         saved = module.REGISTRY.domains.copy()
         module.REGISTRY.domains[1] = registry.domains[1]
+        for driver, record in drivers.items():
+            getattr(module.REGISTRY, driver)[key] = record
         try:
             port = server.server_address[1]
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
@@ -61,6 +72,8 @@ def test_the_metrics_port_serves_valid_exposition_text() -> None:
         finally:
             module.REGISTRY.domains.clear()
             module.REGISTRY.domains.update(saved)
+            for driver in drivers:
+                del getattr(module.REGISTRY, driver)[key]
     finally:
         server.shutdown()
         server.server_close()
@@ -72,6 +85,12 @@ def test_the_metrics_port_serves_valid_exposition_text() -> None:
     key = ("xenpv_grant_copy_segments_total", (("domain", "1"), ("peer", "0")))
     assert samples[key] == 16
     assert samples[("xenpv_grants_issued_total", (("domain", "1"),))] == 20
+    back = (("devid", "7"), ("domain", "1"), ("frontend", "0"), ("queue", "0"))
+    front = (("backend", "0"), ("devid", "7"), ("domain", "1"), ("queue", "0"))
+    assert samples[("xenpv_blkback_rd_req_total", back)] == 3
+    assert samples[("xenpv_blkfront_reissued_total", front)] == 2
+    assert samples[("xenpv_netback_tx_malformed_total", back)] == 5
+    assert samples[("xenpv_netfront_rx_bad_offset_total", front)] == 4
 
 
 def test_families_name_counters_the_prometheus_way() -> None:
