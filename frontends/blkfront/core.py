@@ -277,10 +277,18 @@ class Engine:
         self._limits = Limits(11)
         self.flush_op: int | None = None
         self.discard = False
-        self.requests_issued = 0
-        self.reissued = 0  # I/Os that a connection ended before they completed
         self._new_counters = counters
         self.counters: list[BlkfrontStats] = []  # by queue index
+
+    @property
+    def requests_issued(self) -> int:
+        """Ring requests put on the rings so far (every connection)."""
+        return sum(c.rd_req + c.wr_req + c.f_req + c.ds_req for c in self.counters)
+
+    @property
+    def reissued(self) -> int:
+        """I/Os that a connection ended before they completed (issued again)."""
+        return sum(c.reissued for c in self.counters)
 
     # -- the user side ----------------------------------------------------------------------
 
@@ -327,10 +335,8 @@ class Engine:
             {io.seq: io for io in (*self.active.values(), *self.pending)}.values(),
             key=lambda io: io.seq,
         )
-        self.reissued += len(self.active)
-        for io in self.active.values():
-            if 0 <= io.queue < len(self.counters):
-                self.counters[io.queue].reissued += 1
+        for io in self.active.values():  # issued: each has its queue
+            self.counters[io.queue].reissued += 1
         self.active.clear()
         for io in back:
             self._drop_bio(io)
@@ -486,7 +492,6 @@ class Engine:
         queue.shadow[request_id] = issued
         queue.out.append(data)
         io.outstanding += 1
-        self.requests_issued += 1
         counters = queue.counters
         if op == BLKIF_OP_READ:
             counters.rd_req += 1
