@@ -26,6 +26,10 @@ vif: the shared echo (`xenpv.runtime.echo`) between two vifs of the same cell on
 backend switch; B answers, A sends frames (lean: 60..1514 bytes; full: 1514, 9000 and 64 KiB
 TCPv4 GSO frames), 4 in flight, and requires each echo to be its frame echoed byte for byte.
 Throughput: echoed bytes one way over the elapsed time (Mbit/s).
+
+Each cell's `counts` (docs/metrics.md) are the guest's own counters around the workload and,
+as `counts["backend"]`, the backend process's grant operations towards this guest, from fresh
+snapshots of its metrics file (`backend_metrics` in the plan) taken just before and after.
 """
 
 from __future__ import annotations
