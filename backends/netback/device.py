@@ -94,6 +94,8 @@ from xenpv.hv import (
 )
 from xenpv.hv.copyengine import CopyDirection, CopyOp
 from xenpv.hv.link import Link
+from xenpv.metrics.counters import NetbackStats
+from xenpv.metrics.registry import REGISTRY
 from xenpv.xenbus import core as xenbus
 from xenpv.xenbus.core import Action, Closed, Closing, Connected, DeviceId, InitWait
 from xenpv.xenbus.handshake import KeyValues, publish, read_keys, read_state, run_handshake
@@ -114,16 +116,21 @@ UNREACHABLE_BACKOFF = 0.25  # seconds before refusing a CONNECT the frontend's l
 
 @dataclass(slots=True)
 class VifStats:
-    """Counters of one vif, summed over its queues (tx = from the guest, rx = to it)."""
+    """Counters of one vif, summed over its queues (tx = from the guest, rx = to it): the
+    queues' `NetbackStats` (docs/metrics.md), plus the switch's egress drops for the vif in
+    `rx_dropped_no_buffers`, and the last tx warnings."""
 
     tx_packets: int = 0
     tx_bytes: int = 0
+    tx_slots: int = 0
     tx_errors: int = 0  # packets answered NETIF_RSP_ERROR
+    tx_malformed: int = 0
     tx_too_many_slots: int = 0
     tx_copy_errors: int = 0
     tx_dropped_offload: int = 0
     rx_packets: int = 0
     rx_bytes: int = 0
+    rx_slots: int = 0
     rx_dropped_no_buffers: int = 0  # the guest posted too few buffers: switch egress drops
     rx_dropped_too_big: int = 0
     rx_dropped_offload: int = 0
@@ -186,7 +193,10 @@ class Vif:
         self._nursery: trio.Nursery | None = None
         self._changed = trio.Event()
         self._xenbus_lock = trio.Lock()  # our xenbus reactions and a lost link's close
-        self._retired = VifStats()  # counters of earlier connections
+        # Per queue index, for the vif's life (every connection counts into them).
+        self._counters: list[NetbackStats] = []
+        self._retired_switch_drops = 0  # the switch's drops of earlier connections
+        self._retired_warnings: list[str] = []
         self.log = log.bind(device=str(device), vif=self.port_name)
 
     # --- observing -------------------------------------------------------------------------
@@ -197,12 +207,24 @@ class Vif:
         return self._conn is not None and self._conn.port is not None
 
     def stats(self) -> VifStats:
-        out = VifStats(**{name: getattr(self._retired, name) for name in VifStats.__slots__})
-        out.warnings = list(self._retired.warnings)
+        out = VifStats(warnings=list(self._retired_warnings))
+        for counters in self._counters:
+            for name in NetbackStats.__slots__:
+                setattr(out, name, getattr(out, name) + getattr(counters, name))
+        out.rx_dropped_no_buffers += self._retired_switch_drops
         if self._conn is not None:
-            _add_queue_stats(out, self._conn.queues)
+            for queue in self._conn.queues:
+                out.warnings.extend(queue.tx.warnings)
             out.rx_dropped_no_buffers += self._switch_drops(self._conn)
         return out
+
+    def _queue_counters(self, index: int) -> NetbackStats:
+        """Queue `index`'s record, registered when a connection first has that queue."""
+        while len(self._counters) <= index:
+            device = self.device
+            key = (self.dom.domid, device.frontend_domid, device.devid, len(self._counters))
+            self._counters.append(REGISTRY.register_queue(REGISTRY.netback, key, NetbackStats()))
+        return self._counters[index]
 
     def _switch_drops(self, conn: _Connection) -> int:
         if conn.port is None:
@@ -395,8 +417,14 @@ class Vif:
                     granule=self.granule,
                     fatal_skb_slots=self.fatal_skb_slots,
                     mcast=self.mcast,
+                    counters=self._queue_counters(n),
                 ),
-                rx=RxCore(rx_ring, can_sg=config.can_sg, granule=self.granule),
+                rx=RxCore(
+                    rx_ring,
+                    can_sg=config.can_sg,
+                    granule=self.granule,
+                    counters=self._queue_counters(n),
+                ),
                 tx_channel=tx_channel,
                 rx_channel=rx_channel,
                 port=port,
@@ -594,9 +622,10 @@ class Vif:
         self._notify()
 
     def _retire(self, conn: _Connection) -> None:
-        _add_queue_stats(self._retired, conn.queues)
-        self._retired.rx_dropped_no_buffers += conn.switch_drops
-        self._retired.warnings = self._retired.warnings[-16:]
+        self._retired_switch_drops += conn.switch_drops
+        for queue in conn.queues:
+            self._retired_warnings.extend(queue.tx.warnings)
+        del self._retired_warnings[:-16]
 
 
 def _rx_queue(conn: _Connection, frame: Frame) -> int:
@@ -611,24 +640,6 @@ def _leaf(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
     return exc
-
-
-def _add_queue_stats(out: VifStats, queues: list[NetbackQueue]) -> None:
-    for queue in queues:
-        tx, rx = queue.tx.stats, queue.rx.stats
-        out.tx_packets += tx.packets
-        out.tx_bytes += tx.bytes
-        out.tx_errors += tx.errors
-        out.tx_too_many_slots += tx.too_many_slots
-        out.tx_copy_errors += tx.copy_errors
-        out.tx_dropped_offload += queue.tx_dropped_offload
-        out.rx_packets += rx.packets
-        out.rx_bytes += rx.bytes
-        out.rx_dropped_no_buffers += rx.dropped_no_buffers
-        out.rx_dropped_too_big += rx.dropped_too_big
-        out.rx_dropped_offload += rx.dropped_offload
-        out.rx_copy_errors += rx.copy_errors
-        out.warnings.extend(tx.warnings)
 
 
 async def _release(mappings: list[GrantMapping], channels: list[EventChannel]) -> None:

@@ -100,23 +100,22 @@ class NetbackQueue:
         self.backlog_bytes = 0
         self._room = trio.Event()  # set while the backlog has room
         self._room.set()
-        self.tx_dropped_offload = 0  # answered OKAY but dropped: checksum setup impossible
 
     # --- rx backlog (called by the vif's switch reader) ------------------------------------
 
     def enqueue(self, frame: Frame, meta: VirtioNetHdr | None) -> None:
-        stats = self.rx.stats
+        counters = self.rx.counters
         try:
             data, flags, gso = rx_metadata(frame, meta, self.offload)
         except OffloadError:
-            stats.dropped_offload += 1
+            counters.rx_dropped_offload += 1
             return
         item = RxFrame(data, flags, gso)
         if not self.rx.fits_ever(item):
-            stats.dropped_too_big += 1
+            counters.rx_dropped_too_big += 1
             return
         if self.backlog_bytes >= RX_QUEUE_MAX:  # callers wait_room() first; count if not
-            stats.dropped_no_buffers += 1
+            counters.rx_dropped_no_buffers += 1
             return
         self.backlog.append(item)
         self.backlog_bytes += len(data)
@@ -210,7 +209,7 @@ class NetbackQueue:
             try:
                 meta = tx_metadata(frame, packet.flags, packet.gso)
             except OffloadError:
-                self.tx_dropped_offload += 1  # "Can't setup checksum in net_tx_action"
+                self.tx.counters.tx_dropped_offload += 1  # "Can't setup checksum in net_tx_action"
                 continue
             try:
                 self.port.send(frame, meta)  # no copy: nothing writes the frame after this

@@ -34,6 +34,7 @@ from xenpv.abi.netif import (
 from xenpv.abi.ring import BackRing
 from xenpv.errors import XenpvError
 from xenpv.granule import NETIF_RX_STATUS_MAX
+from xenpv.metrics.counters import NetbackStats
 
 # Plain ints on the per-slot path: IntFlag `|` costs about a microsecond per operation.
 _RXF_EXTRA_INFO: Final = int(NETRXF_extra_info)
@@ -73,25 +74,23 @@ class RxPlacement:
     segments: list[RxSegment]
 
 
-@dataclass(slots=True)
-class RxStats:
-    packets: int = 0
-    bytes: int = 0
-    dropped_no_buffers: int = 0  # backlog full while the frontend posted no buffers
-    dropped_too_big: int = 0  # needs more slots than the frontend can ever give
-    dropped_offload: int = 0  # offload state this frontend cannot take
-    copy_errors: int = 0  # slots whose grant copy failed (bad gref...)
-
-
 class RxCore:
     """The rx ring of one queue. Single-threaded: the trio layer owns it."""
 
-    def __init__(self, ring: BackRing, *, can_sg: bool, granule: int = XEN_PAGE_SIZE) -> None:
+    def __init__(
+        self,
+        ring: BackRing,
+        *,
+        can_sg: bool,
+        granule: int = XEN_PAGE_SIZE,
+        counters: NetbackStats | None = None,
+    ) -> None:
+        """`counters`: the queue's record, shared with its TxCore (docs/metrics.md)."""
         self.ring = ring
         self.can_sg = can_sg
         self.granule = granule  # the negotiated grant size (4 KiB baseline)
         self.capacity = min(granule, NETIF_RX_STATUS_MAX)  # bytes per data slot
-        self.stats = RxStats()
+        self.counters = counters if counters is not None else NetbackStats()
 
     def slots_needed(self, frame: RxFrame) -> int:
         data = max(1, -(-len(frame.data) // self.capacity))
@@ -153,13 +152,15 @@ class RxCore:
         for segment, status in zip(placement.segments, statuses, strict=True):
             if status != _GNTST_OKAY:
                 ok = False
-                self.stats.copy_errors += 1
+                self.counters.rx_copy_errors += 1
                 slot_id, offset, flags, _ = RX_RESPONSE.unpack(responses[segment.slot])
                 responses[segment.slot] = RX_RESPONSE.pack(slot_id, offset, flags, status)
         self.ring.put_responses(responses)
         if ok:
-            self.stats.packets += 1
-            self.stats.bytes += len(placement.frame.data)
+            counters = self.counters
+            counters.rx_packets += 1
+            counters.rx_bytes += len(placement.frame.data)
+            counters.rx_slots += len(responses)
 
     def push(self) -> bool:
         """Publish the responses put so far; True = notify the frontend."""

@@ -33,7 +33,7 @@ failed: the packet is dropped, as netback does for a failed grant operation).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
 
 from xenpv.abi.buffer import XEN_PAGE_SIZE
@@ -59,6 +59,7 @@ from xenpv.abi.netif import (
 )
 from xenpv.abi.ring import SRING_HEADER_SIZE, BackRing
 from xenpv.errors import XenpvError
+from xenpv.metrics.counters import NetbackStats
 
 XEN_NETBK_LEGACY_SLOTS_MAX: Final = XEN_NETIF_NR_SLOTS_MIN
 FATAL_SKB_SLOTS_DEFAULT: Final = 20  # netback's fatal_skb_slots module parameter
@@ -97,20 +98,6 @@ class TxPacket:
     segments: list[TxSegment]
 
 
-@dataclass(slots=True)
-class TxStats:
-    packets: int = 0  # accepted (copied and handed on)
-    bytes: int = 0
-    errors: int = 0  # packets answered NETIF_RSP_ERROR
-    too_many_slots: int = 0  # dropped for using 19-20 slots after the first
-    copy_errors: int = 0  # packets dropped because a grant copy failed
-    warnings: list[str] = field(default_factory=list)  # the last few, newest last
-
-    def warn(self, message: str) -> None:
-        self.warnings.append(message)
-        del self.warnings[:-16]
-
-
 class TxCore:
     """The tx ring of one queue. Single-threaded: the trio layer owns it."""
 
@@ -121,12 +108,16 @@ class TxCore:
         granule: int = XEN_PAGE_SIZE,
         fatal_skb_slots: int = FATAL_SKB_SLOTS_DEFAULT,
         mcast: set[bytes] | None = None,
+        counters: NetbackStats | None = None,
     ) -> None:
+        """`counters`: the queue's record, shared with its RxCore and kept across
+        connections (docs/metrics.md)."""
         self.ring = ring
         self.granule = granule  # the negotiated grant size (4 KiB baseline)
         self.fatal_skb_slots = fatal_skb_slots
         self.mcast: set[bytes] = mcast if mcast is not None else set()  # shared per vif
-        self.stats = TxStats()
+        self.counters = counters if counters is not None else NetbackStats()
+        self.warnings: list[str] = []  # the last few, newest last
         self._slots: list[bytes] = []  # requests copied out by take(), being parsed
         self._read = 0  # of those, slots parsed
         self._consumed = 0  # of those, slots req_cons has passed
@@ -202,7 +193,7 @@ class TxCore:
             addr = bytes(add[2 : 2 + ETH_ALEN])
             full = addr not in self.mcast and len(self.mcast) >= XEN_NETBK_MCAST_MAX
             if full:
-                self.stats.warn("Too many multicast addresses")
+                self.warn("Too many multicast addresses")
             else:
                 self.mcast.add(addr)
             self._respond(first, extra_count, NETIF_RSP_ERROR if full else NETIF_RSP_OKAY)
@@ -230,10 +221,11 @@ class TxCore:
                         f"Too many slots ({slots}) exceeding limit "
                         f"({XEN_NETBK_LEGACY_SLOTS_MAX}), dropping packet"
                     )
-                    self.stats.too_many_slots += 1
+                    self.counters.tx_too_many_slots += 1
                 txp = next_request()
                 if drop is None and txp.size > remaining:
                     drop = f"Invalid tx request, slot size {txp.size} > remaining size {remaining}"
+                    self.counters.tx_malformed += 1
                 remaining = (remaining - txp.size) & 0xFFFF
                 slots += 1
                 if txp.offset + txp.size > self.granule:
@@ -248,6 +240,7 @@ class TxCore:
                 return None
 
         if remaining < ETH_HLEN:
+            self.counters.tx_malformed += 1
             self._error(requests, extra_count, f"Bad packet size: {remaining}")
             return None
         if first.offset + remaining > self.granule:
@@ -273,13 +266,15 @@ class TxCore:
 
     def complete(self, packet: TxPacket, ok: bool) -> None:
         """The packet's copies are done: answer each slot OKAY, or ERROR if a copy failed."""
+        counters = self.counters
         if ok:
-            self.stats.packets += 1
-            self.stats.bytes += packet.size
+            counters.tx_packets += 1
+            counters.tx_bytes += packet.size
+            counters.tx_slots += len(packet.requests) + packet.extra_count
             status = NETIF_RSP_OKAY
         else:
-            self.stats.copy_errors += 1
-            self.stats.errors += 1
+            counters.tx_copy_errors += 1
+            counters.tx_errors += 1
             status = NETIF_RSP_ERROR
         requests = packet.requests
         self._respond(requests[0], packet.extra_count, status, requests[1:])
@@ -290,9 +285,13 @@ class TxCore:
 
     def _error(self, requests: list[NetifTxRequest], extra_count: int, why: str) -> None:
         """xenvif_tx_err: every slot of the packet answered ERROR."""
-        self.stats.errors += 1
-        self.stats.warn(why)
+        self.counters.tx_errors += 1
+        self.warn(why)
         self._respond(requests[0], extra_count, NETIF_RSP_ERROR, requests[1:])
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        del self.warnings[:-16]
 
     def _respond(
         self,

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import collections
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -62,6 +62,7 @@ from xenpv.abi.ring import FrontRing
 from xenpv.hv.errors import GrantError
 from xenpv.hv.gntst import GNTST
 from xenpv.hv.memory import OutOfMemory, Page
+from xenpv.metrics.counters import BlkfrontStats
 
 log = structlog.get_logger()
 
@@ -217,11 +218,12 @@ class _Issued:
 
 
 class _Queue:
-    __slots__ = ("free", "index", "out", "pool", "ring", "shadow")
+    __slots__ = ("counters", "free", "index", "out", "pool", "ring", "shadow")
 
-    def __init__(self, index: int, ring: FrontRing) -> None:
+    def __init__(self, index: int, ring: FrontRing, counters: BlkfrontStats) -> None:
         self.index = index
         self.ring = ring
+        self.counters = counters  # this queue's record, kept by the engine across connections
         self.shadow: list[_Issued | None] = [None] * ring.nr_ents
         # Free request ids: one per ring slot, so "no free id" is RING_FULL.
         self.free = list(range(ring.nr_ents - 1, -1, -1))
@@ -245,7 +247,10 @@ class Engine:
         grant_size: int = 4096,
         queue_depth: int = 32,
         planted_lost_reissue: bool = False,
+        counters: Callable[[int], BlkfrontStats] = lambda _queue: BlkfrontStats(),
     ) -> None:
+        """`counters(q)`: the record for queue `q`, asked once per queue index for the
+        engine's life (docs/metrics.md)."""
         self.memory = memory
         self.grants = grants
         self.backend = backend_domid
@@ -273,11 +278,21 @@ class Engine:
         self._limits = Limits(11)
         self.flush_op: int | None = None
         self.discard = False
-        self.requests_issued = 0
-        self.reissued = 0  # I/Os that a connection ended before they completed
         # Test-only planted bug (docs/faults.md, "Simulation"): `disconnect` acknowledges the
         # newest unfinished write instead of re-issuing it, so the checkers must find it.
         self._planted_lost_reissue = planted_lost_reissue
+        self._new_counters = counters
+        self.counters: list[BlkfrontStats] = []  # by queue index
+
+    @property
+    def requests_issued(self) -> int:
+        """Ring requests put on the rings so far (every connection)."""
+        return sum(c.rd_req + c.wr_req + c.f_req + c.ds_req for c in self.counters)
+
+    @property
+    def reissued(self) -> int:
+        """I/Os that a connection ended before they completed (issued again)."""
+        return sum(c.reissued for c in self.counters)
 
     # -- the user side ----------------------------------------------------------------------
 
@@ -305,7 +320,9 @@ class Engine:
             self._regranulate(negotiated.grant_size)
         self._limits = negotiated.limits
         self._shapes.clear()
-        self.queues = [_Queue(i, ring) for i, ring in enumerate(rings)]
+        while len(self.counters) < len(rings):
+            self.counters.append(self._new_counters(len(self.counters)))
+        self.queues = [_Queue(i, ring, self.counters[i]) for i, ring in enumerate(rings)]
         self.flush_op = negotiated.flush_op
         self.discard = negotiated.discard
         self._rr = 0
@@ -322,7 +339,8 @@ class Engine:
             {io.seq: io for io in (*self.active.values(), *self.pending)}.values(),
             key=lambda io: io.seq,
         )
-        self.reissued += len(self.active)
+        for io in self.active.values():  # issued: each has its queue
+            self.counters[io.queue].reissued += 1
         writes = [
             io
             for io in back
@@ -475,6 +493,10 @@ class Engine:
         if op in FLUSH_OPS:
             op = self.flush_op if self.flush_op is not None else op
         issued = _Issued(io, part, op, queue.pool)
+        # Persistent grants: the data segments the pool has granted already, and those it
+        # must grant for this request (`_build` grows it by the difference).
+        pooled = part.count if neg.persistent and op <= BLKIF_OP_WRITE else 0
+        misses = pooled - len(queue.pool) if pooled > len(queue.pool) else 0
         request_id = queue.free.pop()
         try:
             request = self._build(issued, neg, request_id)
@@ -486,7 +508,23 @@ class Engine:
         queue.shadow[request_id] = issued
         queue.out.append(data)
         io.outstanding += 1
-        self.requests_issued += 1
+        counters = queue.counters
+        if op == BLKIF_OP_READ:
+            counters.rd_req += 1
+            counters.rd_bytes += part.length
+        elif op == BLKIF_OP_WRITE:
+            counters.wr_req += 1
+            counters.wr_bytes += part.length
+        elif op == BLKIF_OP_DISCARD:
+            counters.ds_req += 1
+        else:
+            counters.f_req += 1
+        counters.segments += part.count
+        counters.persistent_hits += pooled - misses
+        counters.persistent_misses += misses
+        if part.indirect:
+            counters.indirect_req += 1
+            counters.indirect_pages += indirect_pages(part.count, self.grant_size)
 
     def _build(
         self, issued: _Issued, neg: Negotiated, id: int
@@ -682,6 +720,7 @@ class Engine:
             self._copy_out(issued)
         self._release(issued)
         if status != BLKIF_RSP_OKAY:
+            queue.counters.errors += 1
             if status == BLKIF_RSP_EOPNOTSUPP and issued.operation in FLUSH_OPS:
                 log.warning("backend refused flush: flush disabled", op=issued.operation)
                 self.flush_op = None

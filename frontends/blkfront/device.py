@@ -49,6 +49,8 @@ from xenpv.abi.blkif import (
 from xenpv.abi.ring import FrontRing
 from xenpv.hv import Domain, EventChannel, GrantError, HvError, Page
 from xenpv.hv.errors import EventChannelClosed, PeerGone
+from xenpv.metrics.counters import BlkfrontStats
+from xenpv.metrics.registry import REGISTRY
 from xenpv.xenbus import core as xenbus
 from xenpv.xenbus.core import Action, DeviceId
 from xenpv.xenbus.handshake import KeyValues, is_online, read_keys, read_state, run_handshake
@@ -246,6 +248,7 @@ class Blkfront:
             grant_size=grant_size,
             queue_depth=queue_depth,
             planted_lost_reissue=os.environ.get(PLANT_BUG_ENV) == PLANTED_LOST_REISSUE,
+            counters=self._register_queue,
         )
         self._info: Negotiated | None = None  # the last connection's parameters
         self.connections = 0  # handshakes completed (1 + reconnects)
@@ -260,6 +263,11 @@ class Blkfront:
         self._wanted = True
         self._nursery: trio.Nursery | None = None
         self._log = log.bind(device=str(device), domid=dom.domid)
+
+    def _register_queue(self, queue: int) -> BlkfrontStats:
+        """The counters of queue `queue`, exposed (docs/metrics.md)."""
+        key = (self.dom.domid, self.device.backend_domid, self.device.devid, queue)
+        return REGISTRY.register_queue(REGISTRY.blkfront, key, BlkfrontStats())
 
     # -- the API ------------------------------------------------------------------------------
 

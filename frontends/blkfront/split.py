@@ -62,6 +62,7 @@ class Part:
     count: int
     sector: int
     indirect: bool
+    length: int = 0  # bytes
 
 
 def chunks(start: int, length: int, grant_size: int) -> list[Chunk]:
@@ -93,7 +94,7 @@ def plan(pieces: list[Chunk], sector: int, limits: Limits) -> list[Part]:
             size -= pieces[index + count].length
         if size % block:
             raise ValueError(f"{size} bytes at chunk {index} cannot form whole {block}-byte blocks")
-        parts.append(Part(index, count, sector, count > BLKIF_MAX_SEGMENTS_PER_REQUEST))
+        parts.append(Part(index, count, sector, count > BLKIF_MAX_SEGMENTS_PER_REQUEST, size))
         sector += size // SECTOR_SIZE
         index += count
     return parts

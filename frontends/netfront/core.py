@@ -26,7 +26,7 @@ Ring-level violations (more responses than requests, an unknown tx id) raise `Ri
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 from xenpv.abi.errors import NetifError, RingUsageError
@@ -56,6 +56,7 @@ from xenpv.abi.netif import (
 )
 from xenpv.abi.ring import FrontRing
 from xenpv.errors import XenpvError
+from xenpv.metrics.counters import NetfrontStats
 
 # Plain ints on the hot paths: IntFlag arithmetic costs a few microseconds per operation.
 _TXF_CSUM_BLANK: Final = int(NETTXF_csum_blank)
@@ -120,21 +121,12 @@ class RxFrame:
     queue: int = 0
 
 
-@dataclass(slots=True)
-class Counters:
-    """Per-queue statistics (Linux's netfront_stats plus the error counters)."""
-
-    tx_packets: int = 0
-    tx_bytes: int = 0
-    tx_errors: int = 0  # tx responses with a status other than OKAY
-    tx_dropped: int = 0  # packets lost in flight at a reconnect
-    rx_packets: int = 0
-    rx_bytes: int = 0
-    rx_errors: int = 0  # rx packets dropped for breaking a rule
-    reasons: dict[str, int] = field(default_factory=dict)
-
-    def error(self, reason: str) -> None:
-        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+# Why an rx packet is dropped (the first rule it broke): which counter it goes to.
+_BAD_EXTRA: Final = 1
+_BAD_OFFSET: Final = 2
+_BAD_ID: Final = 3
+_BAD_STATUS: Final = 4
+_TOO_MANY_SLOTS: Final = 5
 
 
 def split(offset: int, length: int, granule: int) -> list[tuple[int, int, int]]:
@@ -173,9 +165,16 @@ class TxCore:
 
     __slots__ = ("_free", "_grefs", "_heads", "counters", "granule", "nr_ids", "ring")
 
-    def __init__(self, ring: FrontRing, granule: int, nr_ids: int | None = None) -> None:
+    def __init__(
+        self,
+        ring: FrontRing,
+        granule: int,
+        nr_ids: int | None = None,
+        counters: NetfrontStats | None = None,
+    ) -> None:
         """`nr_ids`: how many tx ids (arena granules) to use, at most the ring size (default);
-        fewer bounds the tx arena when granules are large (docs/net.md, "Grant granules")."""
+        fewer bounds the tx arena when granules are large (docs/net.md, "Grant granules").
+        `counters`: the queue's record, kept across connections (docs/metrics.md)."""
         if nr_ids is None:
             nr_ids = ring.nr_ents
         if not MAX_TX_SLOTS <= nr_ids <= ring.nr_ents:
@@ -186,7 +185,7 @@ class TxCore:
         self._free = list(range(nr_ids - 1, -1, -1))  # a stack: low ids first
         self._grefs: list[int | None] = [None] * ring.nr_ents
         self._heads = bytearray(ring.nr_ents)  # 1: the id of a packet's first slot
-        self.counters = Counters()
+        self.counters = counters if counters is not None else NetfrontStats()
 
     def plan(self, length: int, gso: NetifGsoExtra | None) -> list[tuple[int, int, int]]:
         """The fragments (granule index, offset, size) of a `length`-byte frame, validated."""
@@ -259,8 +258,10 @@ class TxCore:
             if i == 0 and gso is not None:
                 put(encode_extra(NetifGsoExtra(gso.size, gso.gso_type, gso.features, 0)))
         self.ring.put_requests(entries)  # the whole packet in one ring write
-        self.counters.tx_packets += 1
-        self.counters.tx_bytes += total
+        counters = self.counters
+        counters.tx_packets += 1
+        counters.tx_bytes += total
+        counters.tx_slots += len(entries)
 
     def push(self) -> bool:
         """Publish the slots put so far; True = notify the backend."""
@@ -288,7 +289,6 @@ class TxCore:
             freed.append(slot_id)
             if status != _RSP_OKAY:
                 self.counters.tx_errors += 1
-                self.counters.error(f"tx status {status}")
             done.append(gref)
         # Reversed onto the stack, so ids freed in order are handed out again in the same
         # order: a packet gets consecutive ids, i.e. one contiguous stretch of the tx arena.
@@ -311,6 +311,7 @@ class RxCore:
     __slots__ = (
         "_buffers",
         "_ended",
+        "_extra_slots",
         "_extras",
         "_failed",
         "_flags",
@@ -332,6 +333,7 @@ class RxCore:
         grefs: Sequence[int],
         granule: int,
         queue: int = 0,
+        counters: NetfrontStats | None = None,
     ) -> None:
         if len(buffers) != ring.nr_ents or len(grefs) != ring.nr_ents:
             raise RingUsageError(f"need {ring.nr_ents} rx buffers and grants")
@@ -340,7 +342,7 @@ class RxCore:
         self._grefs = list(grefs)
         self.granule = granule
         self.queue = queue
-        self.counters = Counters()
+        self.counters = counters if counters is not None else NetfrontStats()
         self._reset_packet()
 
     def _reset_packet(self) -> None:
@@ -352,8 +354,9 @@ class RxCore:
         self._fragments: list[bytes | memoryview] = []
         self._flags = 0
         self._gso: NetifGsoExtra | None = None
-        self._failed: str | None = None
+        self._failed = 0  # why the packet is dropped (_BAD_*), 0: it is not
         self._slots = 0
+        self._extra_slots = 0
 
     def post(self) -> bool:
         """Fill every free ring slot with its buffer and push; True = notify the backend."""
@@ -386,16 +389,17 @@ class RxCore:
             self._fragments = [bytes(f) for f in self._fragments]
         return len(responses)
 
-    def _fail(self, reason: str) -> None:
-        if self._failed is None:
+    def _fail(self, reason: int) -> None:
+        if not self._failed:
             self._failed = reason
 
     def _one(self, slot: int, data: bytes, emit: Callable[[RxFrame], None]) -> None:
         if self._extras:
+            self._extra_slots += 1
             try:
                 extra = decode_extra(data)
-            except NetifError as exc:
-                self._fail(f"bad extra: {exc}")
+            except NetifError:
+                self._fail(_BAD_EXTRA)
                 self._extras = False  # cannot trust its MORE flag: the chain decides
                 if self._ended:
                     self._finish(emit)
@@ -409,7 +413,7 @@ class RxCore:
         first = not self._in_packet
         slot_id, offset, flags, status = RX_RESPONSE.unpack_from(data)
         if status > 0 and offset + status > self.granule:
-            self._fail(f"rx response (id {slot_id}) crosses its granule: {offset} + {status}")
+            self._fail(_BAD_OFFSET)  # the fragment crosses its granule
         self._in_packet = True
         self._slots += 1
         if first:
@@ -417,12 +421,12 @@ class RxCore:
             if flags & _RXF_EXTRA_INFO:
                 self._extras = True
         if slot_id != slot:
-            self._fail(f"rx response id {slot_id} in slot {slot}")
+            self._fail(_BAD_ID)
         elif status < 0:
-            self._fail(f"rx status {status}")
+            self._fail(_BAD_STATUS)
         elif self._slots > MAX_RX_SLOTS:
-            self._fail(f"more than {MAX_RX_SLOTS} rx slots")
-        elif self._failed is None and status:
+            self._fail(_TOO_MANY_SLOTS)
+        elif not self._failed and status:
             self._fragments.append(self._buffers[slot][offset : offset + status])
         if flags & _RXF_MORE_DATA:
             return
@@ -432,18 +436,29 @@ class RxCore:
 
     def _finish(self, emit: Callable[[RxFrame], None]) -> None:
         counters = self.counters
-        if self._failed is not None:
+        failed = self._failed
+        if failed:
             counters.rx_errors += 1
-            counters.error(self._failed)
+            if failed == _BAD_EXTRA:
+                counters.rx_bad_extra += 1
+            elif failed == _BAD_OFFSET:
+                counters.rx_bad_offset += 1
+            elif failed == _BAD_ID:
+                counters.rx_bad_id += 1
+            elif failed == _BAD_STATUS:
+                counters.rx_bad_status += 1
+            else:
+                counters.rx_too_many_slots += 1
         else:
             fragments = self._fragments
             frame = bytes(fragments[0]) if len(fragments) == 1 else b"".join(fragments)
             if not frame:
                 counters.rx_errors += 1
-                counters.error("empty rx packet")
+                counters.rx_empty += 1
             else:
                 counters.rx_packets += 1
                 counters.rx_bytes += len(frame)
+                counters.rx_slots += self._slots + self._extra_slots
                 flags = self._flags
                 emit(
                     RxFrame(

@@ -35,7 +35,6 @@ import trio
 
 from frontends.netfront.core import (
     MAX_TX_SLOTS,
-    Counters,
     Negotiated,
     NetfrontError,
     NetfrontProtocolError,
@@ -90,6 +89,8 @@ from xenpv.hv import (
     Page,
 )
 from xenpv.hv.errors import HvError
+from xenpv.metrics.counters import NetfrontStats
+from xenpv.metrics.registry import REGISTRY
 from xenpv.tap import Tap
 from xenpv.xenbus.core import Action, Closed, Closing, Connected, DeviceId, Role, Unknown
 from xenpv.xenbus.handshake import KeyValues, is_online, read_keys, read_state
@@ -208,7 +209,8 @@ class Netfront:
         self._deferred: list[_Deferred] = []
         self._wanted = True
         self._closed = False
-        self._totals = Counters()
+        # Per queue index, for the device's life (every connection counts into them).
+        self._counters: list[NetfrontStats] = []
         self.tap: Tap | None = None  # the attached TAP device (`xenpv-tap`), if any
         self.setup_error: str | None = None  # why the last SETUP refused to connect
 
@@ -331,14 +333,24 @@ class Netfront:
         return self._info
 
     def stats(self) -> dict[str, int]:
-        """Counters summed over every queue of every connection so far."""
-        totals = Counters(**{k: getattr(self._totals, k) for k in _COUNTER_FIELDS})
-        conn = self._conn
-        if conn is not None:
-            for queue in conn.queues:
-                _add(totals, queue.tx.counters)
-                _add(totals, queue.rx.counters)
-        return {k: getattr(totals, k) for k in _COUNTER_FIELDS}
+        """Counters (docs/metrics.md) summed over every queue of every connection so far."""
+        totals: dict[str, int] = dict.fromkeys(NetfrontStats.__slots__, 0)
+        for counters in self._counters:
+            for name in totals:
+                totals[name] += getattr(counters, name)
+        return totals
+
+    def _queue_counters(self, index: int) -> NetfrontStats:
+        """Queue `index`'s record, registered when a connection first has that queue."""
+        while len(self._counters) <= index:
+            key = (
+                self.dom.domid,
+                self.device.backend_domid,
+                self.device.devid,
+                len(self._counters),
+            )
+            self._counters.append(REGISTRY.register_queue(REGISTRY.netfront, key, NetfrontStats()))
+        return self._counters[index]
 
     # -- handshake driver (xenpv.xenbus.handshake.HandshakeDriver) ---------------------------
 
@@ -592,10 +604,13 @@ class Netfront:
                 channel.close()
             self._end_grants(granted, pages)
             raise
+        counters = self._queue_counters(index)
         return _Queue(
             index,
-            TxCore(tx_ring, self.granule, nr_ids),
-            RxCore(rx_ring, [p.view[:granule] for p in buffers], rx_grefs, granule, index),
+            TxCore(tx_ring, self.granule, nr_ids, counters),
+            RxCore(
+                rx_ring, [p.view[:granule] for p in buffers], rx_grefs, granule, index, counters
+            ),
             arena,
             [tx_page, rx_page],
             buffers,
@@ -798,8 +813,6 @@ class Netfront:
         conn.scope.cancel()
         for queue in conn.queues:
             self._release_queue(queue)
-            _add(self._totals, queue.tx.counters)
-            _add(self._totals, queue.rx.counters)
             queue.space.unpark_all()
         if conn.ctrl is not None:
             conn.ctrl.channel.close()
@@ -903,21 +916,3 @@ class Netfront:
         self._closed = True
         self._set_changed()
         self._rx_send.close()
-
-
-_COUNTER_FIELDS = (
-    "tx_packets",
-    "tx_bytes",
-    "tx_errors",
-    "tx_dropped",
-    "rx_packets",
-    "rx_bytes",
-    "rx_errors",
-)
-
-
-def _add(total: Counters, part: Counters) -> None:
-    for name in _COUNTER_FIELDS:
-        setattr(total, name, getattr(total, name) + getattr(part, name))
-    for reason, count in part.reasons.items():
-        total.reasons[reason] = total.reasons.get(reason, 0) + count

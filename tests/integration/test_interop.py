@@ -112,3 +112,27 @@ def test_every_cell_carries_its_counts(matrix: dict[str, Any]) -> None:
             off_segments = cell["counts"]["segments_per_mib"]
             on_segments = on["counts"]["segments_per_mib"]
             assert off_segments >= 8 * on_segments, (key, off_segments, on_segments)
+
+
+def test_every_cell_carries_the_backends_counts(matrix: dict[str, Any]) -> None:
+    """The backend's grant operations towards the guest (docs/metrics.md): without persistent
+    grants blkback copies (or maps) every data segment the guest granted, once; a 64K guest's
+    backend copies at least 8 times more segments per MiB with 4 KiB splitting than with 64
+    KiB granules (16 times for the bulk data); netback copies every echoed byte four times
+    (in from A, out to B, in from B, out to A)."""
+    by_key = {c["key"]: c for c in matrix["cells"]}
+    for key, cell in by_key.items():
+        guest, backend = cell["counts"]["totals"], cell["counts"]["backend"]
+        assert backend["exact"] == ["copy_segments", "copy_bytes"], key
+        copied = backend["totals"]
+        if cell["device"] == "vif":
+            assert copied["copy_bytes"] >= 4 * cell["counts"]["bytes"], key
+        elif not cell["features"]["persistent"]:  # each granted segment copied or mapped
+            assert copied["copy_segments"] + copied["map_segments"] == guest["segments"], key
+        if key.startswith("vbd-f64k-") and cell["extension"] == "off":
+            on = by_key[key.replace("-off-", "-on-")]
+            if cell["features"]["persistent"] or on["granule"] != 65536:
+                continue
+            off_copies = backend["copy_segments_per_mib"]
+            on_copies = on["counts"]["backend"]["copy_segments_per_mib"]
+            assert off_copies >= 8 * on_copies, (key, off_copies, on_copies)

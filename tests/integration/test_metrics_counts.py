@@ -18,7 +18,7 @@ from backends.blkback import serve
 from frontends.blkfront import attach
 from tests.integration.blk_env import DEVICE, make_vbd, pair
 from tests.integration.conftest import Xenstored
-from xenpv.metrics.counters import BlkbackStats, PeerStats, RingStats
+from xenpv.metrics.counters import BlkbackStats, BlkfrontStats, PeerStats, RingStats
 from xenpv.metrics.registry import REGISTRY, snapshot
 from xenpv.toolstack.topology import VbdFeatures
 
@@ -49,6 +49,20 @@ def blkback(device: tuple[int, int, int]) -> dict[str, int]:
     }
 
 
+def blkfront(device: tuple[int, int, int]) -> dict[str, int]:
+    """The frontend device's counters summed over its queues (the same requests, seen from
+    the guest)."""
+    queues: list[BlkfrontStats] = [
+        stats for key, stats in REGISTRY.blkfront.items() if key[:3] == device
+    ]
+    return {
+        "front_rd_req": sum(q.rd_req for q in queues),
+        "front_rd_bytes": sum(q.rd_bytes for q in queues),
+        "front_segments": sum(q.segments for q in queues),
+        "front_errors": sum(q.errors for q in queues),
+    }
+
+
 def blk_requests() -> int:
     """Requests put on blkif front rings (of any ABI: "blkif[native]", ...) so far."""
     fronts: list[RingStats] = [
@@ -75,9 +89,11 @@ async def read_counts(tmp: Path, xs_address: str, cap: int | None) -> tuple[dict
                 await front.read(0, MIB)  # warm: the first request may differ (none does today)
                 stats = p.backend.stats.peer(p.guest.domid)
                 queues = (p.backend.domid, p.guest.domid, DEVICE.devid)
-                before, produced = grant_ops(stats) | blkback(queues), blk_requests()
+                fronts = (p.guest.domid, p.backend.domid, DEVICE.devid)
+                before = grant_ops(stats) | blkback(queues) | blkfront(fronts)
+                produced = blk_requests()
                 await front.read(0, MIB)
-                counts = minus(grant_ops(stats) | blkback(queues), before)
+                counts = minus(grant_ops(stats) | blkback(queues) | blkfront(fronts), before)
                 requests = blk_requests() - produced
             nursery.cancel_scope.cancel()
     return counts, requests
@@ -102,6 +118,9 @@ async def test_a_1mib_read_counts_the_arithmetic_every_run(
     assert counts["blkback_segments"] == segments
     assert (counts["rd_req"], counts["rd_sect"], counts["errors"]) == (requests, 2048, 0)
     assert counts["copy_bytes"] in (0, MIB)  # copied (all of it) or mapped
+    # blkfront counts the same requests and segments on its side
+    assert (counts["front_rd_req"], counts["front_segments"]) == (requests, segments)
+    assert (counts["front_rd_bytes"], counts["front_errors"]) == (MIB, 0)
     assert produced == requests
 
 

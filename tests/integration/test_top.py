@@ -16,6 +16,7 @@ from pathlib import Path
 from tests.integration.conftest import short_tempdir
 from tests.integration.hv_pair import REPO
 from tests.integration.test_cluster import PREFIX, SMALL, xenpv
+from xenpv.metrics.files import read_all
 
 
 def wait_for_counters(state: Path, names: set[str], timeout: float = 20) -> None:
@@ -23,6 +24,15 @@ def wait_for_counters(state: Path, names: set[str], timeout: float = 20) -> None
     while {p.stem for p in (state / "metrics").glob("*.json")} < names:
         assert time.monotonic() < deadline, "no counter files from the domain processes"
         time.sleep(0.1)  # polling a directory another process writes: no event to wait on
+
+
+def wait_for_drivers(state: Path, name: str, drivers: set[str], timeout: float = 20) -> None:
+    """Until process `name`'s snapshot has a section for each of `drivers` (their queues
+    register when the devices connect)."""
+    deadline = time.monotonic() + timeout
+    while not drivers <= set(read_all(state).get(name, {})):
+        assert time.monotonic() < deadline, f"no {drivers} counters from {name}"
+        time.sleep(0.1)  # polling a file another process writes: no event to wait on
 
 
 def live_top(state: Path, leave: str) -> tuple[int, bool]:
@@ -74,7 +84,7 @@ def test_top_and_status_show_the_counters_of_a_running_cluster() -> None:
             be, guest_id = str(domids["be"]), str(domids["g16"])
             pairs = {(r["process"], r["peer"]) for r in found}
             assert {("be", guest_id), ("g16", be)} <= pairs, found
-            assert all(r["state"] == "live" for r in found)
+            assert all(r["state"] == "live" and r["drops"] >= 0 for r in found)
 
             once = xenpv("top", "--state-dir", str(state), "--once", "--interval", "0.2")
             assert once.returncode == 0 and "IOPS" in once.stdout, once.stderr
@@ -86,6 +96,16 @@ def test_top_and_status_show_the_counters_of_a_running_cluster() -> None:
             assert guest["grants"]["grants_issued"] > 0
             backend = counters["be"]["domains"][be]["peers"][guest_id]
             assert backend["map_segments"] + backend["copy_segments"] > 0
+            # The driver queues' counters travel the same path (docs/metrics.md).
+            wait_for_drivers(state, "be", {"blkback", "netback"})
+            wait_for_drivers(state, "g16", {"blkfront", "netfront"})
+            status = xenpv("cluster", "status", "--state-dir", str(state), "--json")
+            counters = json.loads(status.stdout.splitlines()[-1])["counters"]
+            blkfront = counters["g16"]["blkfront"]
+            assert {q["queue"] for q in blkfront} == {0, 1}  # queues = 2
+            assert {(q["domain"], q["backend"]) for q in blkfront} == {(int(guest_id), int(be))}
+            (netback,) = {(q["domain"], q["frontend"]) for q in counters["be"]["netback"]}
+            assert netback == (int(be), int(guest_id))
 
             for leave in ("q", "ctrl-c"):
                 code, restored = live_top(state, leave)

@@ -7,6 +7,7 @@ engine builds is decoded by the real codec and checked against the guest's grant
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -379,3 +380,89 @@ def test_new_ios_go_to_rings_in_runs_of_half_the_queue_depth(depth: int, per_rin
     assert all(
         x.status == 0 and x.data == disk[i * 4096 : (i + 1) * 4096] for i, x in enumerate(ios)
     )
+
+
+# -- counters (docs/metrics.md, "blkfront") ------------------------------------------------
+
+
+def _counted_workload(page_size: int, persistent: bool) -> dict[str, int]:
+    """A 64 KiB write (16 chunks of 4 KiB: requests of 11 and 5), an 8 KiB read at 512 bytes
+    into a page (3 chunks), a flush and a discard; the queue's counters after them."""
+    g = guest(page_size)
+    backend = g.connect(disk=bytearray(1 << 20), persistent=persistent)
+    for x in (
+        io(BLKIF_OP_WRITE, 65536, 65536, page_size, bytes(65536)),
+        io(BLKIF_OP_READ, 65536 + 512, 8192, page_size),
+        BlkIo(BLKIF_OP_FLUSH_DISKCACHE, 0, 0),
+        BlkIo(BLKIF_OP_DISCARD, 8, 4096),
+    ):
+        g.engine.submit(x)
+        run(g, backend)
+    (counters,) = g.engine.counters
+    return dataclasses.asdict(counters)
+
+
+@pytest.mark.parametrize("page_size", [4096, 16384, 65536])
+@pytest.mark.parametrize("persistent", [False, True])
+def test_counters_of_a_fixed_workload_are_its_arithmetic(page_size: int, persistent: bool) -> None:
+    counts = _counted_workload(page_size, persistent)
+    assert counts == _counted_workload(page_size, persistent)  # exact: the same every run
+    if persistent:
+        # The pool grows by whole guest pages: the 11 segments of the first request are
+        # granted anew, the second request finds what the last page left over, the read
+        # finds the pool full again.
+        leftover = -11 % (page_size // 4096)
+        hits = min(5, leftover)
+        pool = {"persistent_hits": hits + 3, "persistent_misses": 16 - hits}
+    else:
+        pool = {"persistent_hits": 0, "persistent_misses": 0}
+    assert (
+        counts
+        == {
+            "rd_req": 1,
+            "wr_req": 2,
+            "f_req": 1,
+            "ds_req": 1,
+            "rd_bytes": 8192,
+            "wr_bytes": 65536,
+            "segments": 16 + 3,
+            "indirect_req": 0,
+            "indirect_pages": 0,
+            "reissued": 0,
+            "errors": 0,
+        }
+        | pool
+    )
+
+
+def test_counters_of_indirect_requests_retries_and_errors() -> None:
+    g = guest(4096)
+    disk = bytearray(2 << 20)
+    backend = g.connect(disk=disk, indirect=256)
+    g.engine.submit(io(BLKIF_OP_WRITE, 0, 1 << 20, 4096, bytes(1 << 20)))
+    run(g, backend)
+    (counters,) = g.engine.counters
+    # 256 segments of 4 KiB in one indirect request: 256 * 8 bytes of descriptors, one page.
+    assert (counters.wr_req, counters.indirect_req, counters.indirect_pages) == (1, 1, 1)
+    assert (counters.segments, counters.wr_bytes) == (256, 1 << 20)
+    # Two writes on the ring when the connection ends: both are issued again.
+    w = [io(BLKIF_OP_WRITE, n * 4096, 4096, 4096, b"\x01" * 4096) for n in (0, 1)]
+    for x in w:
+        g.engine.submit(x)
+    g.engine.dispatch()
+    g.drop()
+    backend = g.connect(disk=disk, indirect=256)
+    assert g.engine.counters == [counters]  # the same record across connections
+    assert run(g, backend) == w and counters.reissued == 2 and counters.wr_req == 1 + 2 + 2
+    # A response with an error status.
+    g.engine.submit(io(BLKIF_OP_READ, 0, 4096, 4096))
+    g.engine.dispatch()
+    raw = backend.rings[0].take_request()
+    assert raw is not None
+    request = BLKIF_ARM.decode_request(raw)
+    backend.rings[0].put_response(
+        BLKIF_ARM.encode_response(BlkifResponse(request.id, BLKIF_OP_READ, -1))
+    )
+    backend.rings[0].push_responses()
+    (failed,) = g.engine.poll(0)
+    assert failed.status == -1 and counters.errors == 1 and counters.rd_req == 1

@@ -95,7 +95,7 @@ def test_failed_copy_overwrites_status_with_gntst() -> None:
     p = Pair()
     raw = p.deliver(RxFrame(bytes(5000), 0), statuses=[0, -3])
     assert struct.unpack_from("<h", raw[1], 6)[0] == -3
-    assert p.core.stats.copy_errors == 1 and p.core.stats.packets == 0
+    assert p.core.counters.rx_copy_errors == 1 and p.core.counters.rx_packets == 0
 
 
 def test_without_sg_only_single_slot_frames_fit() -> None:

@@ -32,6 +32,7 @@ from xenpv.abi.netif import (
     encode_tx_request,
 )
 from xenpv.abi.ring import BackRing, FrontRing
+from xenpv.metrics.counters import NetbackStats
 
 
 class Pair:
@@ -104,7 +105,7 @@ def test_single_slot_packet() -> None:
     assert p.responses() == []  # nothing answered before the copy
     p.complete_all([packet])
     assert p.responses() == [(0, NETIF_RSP_OKAY)]
-    assert p.core.stats.packets == 1 and p.core.stats.bytes == 60
+    assert p.core.counters.tx_packets == 1 and p.core.counters.tx_bytes == 60
 
 
 def test_multi_slot_packet_segments() -> None:
@@ -145,7 +146,7 @@ def test_up_to_19_slots_accepted(slots: int) -> None:
     p.put(p.packet([100] * slots))
     (packet,) = p.core.take()
     assert len(packet.segments) == slots
-    assert p.core.stats.warnings == []
+    assert p.core.warnings == []
 
 
 @pytest.mark.parametrize("slots", [20, 21])
@@ -157,8 +158,8 @@ def test_20_and_21_slots_dropped_with_errors(slots: int) -> None:
     assert packet.size == 60
     responses = p.responses()
     assert responses == [(i, NETIF_RSP_ERROR) for i in range(slots)]
-    assert p.core.stats.too_many_slots == 1 and p.core.stats.errors == 1
-    assert "Too many slots" in p.core.stats.warnings[-1]
+    assert p.core.counters.tx_too_many_slots == 1 and p.core.counters.tx_errors == 1
+    assert "Too many slots" in p.core.warnings[-1]
 
 
 @pytest.mark.parametrize("slots", [22, 40])
@@ -216,7 +217,7 @@ def test_slot_larger_than_remaining_dropped() -> None:
     p.put(slots)
     assert p.core.take() == []
     assert p.responses() == [(0, NETIF_RSP_ERROR), (1, NETIF_RSP_ERROR), (2, NETIF_RSP_ERROR)]
-    assert "Invalid tx request" in p.core.stats.warnings[-1]
+    assert "Invalid tx request" in p.core.warnings[-1]
 
 
 def test_chain_past_req_prod_is_fatal() -> None:
@@ -287,7 +288,7 @@ def test_failed_copy_answers_error() -> None:
     packets = p.core.take()
     p.complete_all(packets, ok=False)
     assert p.responses() == [(0, NETIF_RSP_ERROR), (1, NETIF_RSP_ERROR)]
-    assert p.core.stats.copy_errors == 1
+    assert p.core.counters.tx_copy_errors == 1
 
 
 def test_budget_limits_a_round() -> None:
@@ -369,3 +370,33 @@ def test_valid_packets_map_to_exact_segments(
     statuses = [s for _i, s in p.responses()]
     assert statuses.count(NETIF_RSP_NULL) == (len(packets) if gso else 0)
     assert all(s in (NETIF_RSP_OKAY, NETIF_RSP_NULL) for s in statuses)
+
+
+def _counted_tx() -> NetbackStats:
+    """A 1-slot packet, a 3-slot GSO packet (and its extra slot), a runt, a chain whose
+    slots outgrow the first slot's size, a 20-slot packet and a packet whose copy fails."""
+    p = Pair()
+    p.put(p.packet([60]))
+    gso = NetifGsoExtra(1448, XEN_NETIF_GSO_TYPE_TCPV4, 0)
+    p.put(p.packet([4096, 4096, 808], extras=[gso]))
+    p.put(p.packet([10]))
+    bad = p.packet([100, 100, 100])
+    assert isinstance(bad[0], NetifTxRequest)
+    bad[0].size = 150
+    p.put(bad)
+    p.put(p.packet([100] * 20))
+    p.put(p.packet([1514]))
+    good_60, good_gso, failing = p.core.take()
+    p.complete_all([good_60, good_gso])
+    p.core.complete(failing, ok=False)
+    p.responses()
+    return p.core.counters
+
+
+def test_counters_of_fixed_tx_traffic_are_their_arithmetic() -> None:
+    counts = _counted_tx()
+    assert counts == _counted_tx()  # exact: the same every run
+    assert (counts.tx_packets, counts.tx_bytes, counts.tx_slots) == (2, 60 + 9000, 1 + 3 + 1)
+    assert counts.tx_errors == 4  # the runt, the chain, the 20 slots, the failed copy
+    assert (counts.tx_malformed, counts.tx_too_many_slots, counts.tx_copy_errors) == (2, 1, 1)
+    assert counts.rx_packets == counts.rx_slots == 0

@@ -48,6 +48,7 @@ from xenpv.abi.netif import (
 )
 from xenpv.abi.ring import BackRing, FrontRing
 from xenpv.hv import XEN_PAGE_SIZE, LocalBuffer
+from xenpv.metrics.counters import NetfrontStats
 
 GRANULE = XEN_PAGE_SIZE
 
@@ -399,6 +400,15 @@ def test_rx_bad_packets_are_dropped_whole_and_traffic_continues(bad: str) -> Non
     pair.pump()
     assert pair.got == [] and not pair.core.pending_partial()
     assert pair.core.counters.rx_errors == 1
+    reason = {
+        "error status": "rx_bad_status",
+        "outside granule": "rx_bad_offset",
+        "wrong id": "rx_bad_id",
+        "bad extra": "rx_bad_extra",
+        "too many slots": "rx_too_many_slots",
+    }[bad]
+    drops = {name: getattr(pair.core.counters, name) for name in DROP_REASONS}
+    assert drops == dict.fromkeys(DROP_REASONS, 0) | {reason: 1}
     pair.deliver(b"good frame" * 10)
     pair.pump()
     assert [f.frame for f in pair.got] == [b"good frame" * 10]
@@ -428,6 +438,54 @@ def test_rx_empty_packet_is_an_error() -> None:
     _respond(pair, NetifRxResponse(base, 0, 0, 0))
     pair.pump()
     assert pair.got == [] and pair.core.counters.rx_errors == 1
+    assert pair.core.counters.rx_empty == 1
+
+
+DROP_REASONS = (
+    "rx_bad_status",
+    "rx_bad_offset",
+    "rx_bad_id",
+    "rx_bad_extra",
+    "rx_too_many_slots",
+    "rx_empty",
+)
+
+
+def _counted_traffic() -> NetfrontStats:
+    """Frames of 60, 1514, 4096 and 9000 bytes sent (1, 1, 1 and 3 slots of 4 KiB, the last
+    with a GSO extra slot), then received (a 2-slot chain with an extra, a 1-slot frame)."""
+    counters = NetfrontStats()
+    tx = TxPair()
+    tx.core.counters = counters
+    tx.send(b"a" * 60)
+    tx.send(b"b" * 1514)
+    tx.send(b"c" * 4096)
+    tx.send(b"d" * 9000, gso=NetifGsoExtra(1448, XEN_NETIF_GSO_TYPE_TCPV6, 0))
+    tx.backend_take()
+    tx.core.collect()
+    rx = RxPair()
+    rx.core.counters = counters
+    base = rx.core.ring.rsp_cons & 255
+    gso = NetifGsoExtra(1448, XEN_NETIF_GSO_TYPE_TCPV6, 0)
+    _respond(
+        rx,
+        NetifRxResponse(base, 0, NETRXF_extra_info | NETRXF_more_data, 4096),
+        encode_extra(gso),
+        NetifRxResponse(base + 2, 0, 0, 904),
+    )
+    rx.pump()
+    rx.deliver(b"e" * 100)
+    rx.pump()
+    return counters
+
+
+def test_tx_and_rx_counters_of_fixed_traffic_are_their_arithmetic() -> None:
+    counts = _counted_traffic()
+    assert counts == _counted_traffic()  # exact: the same every run
+    assert (counts.tx_packets, counts.tx_bytes) == (4, 60 + 1514 + 4096 + 9000)
+    assert counts.tx_slots == 1 + 1 + 1 + (3 + 1)
+    assert (counts.rx_packets, counts.rx_bytes, counts.rx_slots) == (2, 5000 + 100, 3 + 1)
+    assert counts.tx_errors == counts.tx_dropped == counts.rx_errors == 0
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -48,6 +48,7 @@ def table(found: list[Row]) -> Table:
         view.add_column(column, justify="right" if column[0].isupper() else "left")
     view.add_column("grant ops/s", justify="right")
     view.add_column("errors", justify="right")
+    view.add_column("drops", justify="right")
     for row in found:
         view.add_row(
             row.process,
@@ -59,6 +60,7 @@ def table(found: list[Row]) -> Table:
             f"{row.events_per_s:.0f}",
             f"{row.grant_ops_per_s:.0f}",
             str(row.errors),
+            str(row.drops),
         )
     if not found:
         view.caption = "no domain process has written counters yet"

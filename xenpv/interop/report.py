@@ -15,6 +15,8 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.table import Table
 
+from xenpv.metrics.counts import BACKEND_TIMING
+
 COLUMNS = ("device", "guest", "backend", "ext", "features", "granule fe/be", "ok", "throughput")
 # The terminal table fits 80 columns: short headers and features, units in the legend.
 TERMINAL_COLUMNS = ("dev", "guest", "back", "ext", "features", "gran", "ok", "rate")
@@ -318,29 +320,39 @@ def _count_chart(records: list[dict[str, Any]], device: str, key: str) -> str:
     return "".join(out)
 
 
+# (where in `counts`: None for the guest's, "backend" for the backend's; key; label)
+COUNT_COLUMNS: tuple[tuple[str | None, str, str], ...] = (
+    (None, "grant_ops_per_mib", "grant ops / MiB"),
+    (None, "segments_per_mib", "segments / MiB"),
+    (None, "ring_slots_per_mib", "ring slots / MiB"),
+    (None, "grant_ops_per_request", "grant ops / request"),
+    (None, "segments_per_request", "segments / request"),
+    (None, "notifications_per_mib", "notifications / MiB"),
+    (None, "notifications_per_request", "notifications / request"),
+    ("backend", "copy_calls_per_mib", "backend copy calls / MiB"),
+    ("backend", "copy_segments_per_mib", "backend copy segments / MiB"),
+    ("backend", "map_segments_per_mib", "backend map segments / MiB"),
+    ("backend", "unmap_segments_per_mib", "backend unmap segments / MiB"),
+)
+
+
 def _counts_table(records: list[dict[str, Any]]) -> list[str]:
-    """Per cell: the counts per MiB and per request; exact ones marked as such."""
+    """Per cell: the guest's counts per MiB and per request and the backend's per MiB;
+    exact ones marked as such."""
     counted = [r for r in records if r.get("counts")]
     if not counted:
         return []
-    columns = (
-        ("grant_ops_per_mib", "grant ops / MiB"),
-        ("segments_per_mib", "segments / MiB"),
-        ("ring_slots_per_mib", "ring slots / MiB"),
-        ("grant_ops_per_request", "grant ops / request"),
-        ("segments_per_request", "segments / request"),
-        ("notifications_per_mib", "notifications / MiB"),
-        ("notifications_per_request", "notifications / request"),
-    )
     parts = ["<table><tr><th>cell</th>"]
-    for key, label in columns:
-        timing = key.startswith("notifications")
+    for where, key, label in COUNT_COLUMNS:
+        name = key.removesuffix("_per_mib")
+        timing = key.startswith("notifications") or (where == "backend" and name in BACKEND_TIMING)
         parts.append(f"<th>{html.escape(label)}<br>{'timing' if timing else 'exact'}</th>")
     parts.append("</tr>")
     for r in counted:
         parts.append(f"<tr><td>{html.escape(r['key'])}</td>")
-        for key, _label in columns:
-            value = r["counts"].get(key)
+        for where, key, _label in COUNT_COLUMNS:
+            counts = r["counts"] if where is None else r["counts"].get(where) or {}
+            value = counts.get(key)
             shown = "" if value is None else f"{value:,.2f}"
             parts.append(f"<td class='num'>{shown}</td>")
         parts.append("</tr>")
@@ -406,7 +418,11 @@ def render_html(result: dict[str, Any]) -> str:
         " segments and ring slots are <b>exact</b>: the same workload counts the same on any"
         " host. Notifications are <b>timing-dependent</b>: req_event/rsp_event suppress them"
         " while the other end is still busy. <i>off</i>: 4 KiB splitting; <i>on</i>: the"
-        " negotiated granule.</p>"
+        " negotiated granule. The <i>backend</i> columns are the grant copies, maps and"
+        " unmaps the backend domain issued towards the guest over the same workload, read"
+        " from the backend process's counters just before and after it: copy segments and"
+        " bytes are exact; copy batches and persistent-grant maps depend on timing (exact for"
+        " a vbd without persistent grants).</p>"
     )
     for device in ("vbd", "vif"):
         for key in COUNT_KEYS:

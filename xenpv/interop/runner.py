@@ -36,6 +36,7 @@ import trio
 from xenpv.interop.matrix import Cell, VbdProfile, VifProfile, enumerate_cells
 from xenpv.interop.verdict import judge, speedups
 from xenpv.interop.worker import DONE_KEY, backend_error_path
+from xenpv.metrics.files import metrics_path
 from xenpv.toolstack import cluster, devices
 from xenpv.toolstack import domains as toolstack
 from xenpv.toolstack.devices import VbdConfig
@@ -289,6 +290,10 @@ async def run(
                     "key": cell.key,
                     "device": cell.device,
                     "backend_domid": backends[cell.backend_page],
+                    # the backend process's counters (docs/metrics.md, counts per MiB)
+                    "backend_metrics": str(
+                        metrics_path(state_dir, f"backend{_page_name(cell.backend_page)}")
+                    ),
                     "devids": [d.devid for d in made],
                     "granule_order": cell.frontend_granule_order,
                     "features": cell.features(),

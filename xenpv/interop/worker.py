@@ -26,6 +26,10 @@ vif: the shared echo (`xenpv.runtime.echo`) between two vifs of the same cell on
 backend switch; B answers, A sends frames (lean: 60..1514 bytes; full: 1514, 9000 and 64 KiB
 TCPv4 GSO frames), 4 in flight, and requires each echo to be its frame echoed byte for byte.
 Throughput: echoed bytes one way over the elapsed time (Mbit/s).
+
+Each cell's `counts` (docs/metrics.md) are the guest's own counters around the workload and,
+as `counts["backend"]`, the backend process's grant operations towards this guest, from fresh
+snapshots of its metrics file (`backend_metrics` in the plan) taken just before and after.
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ from xenpv.abi.netif import XEN_NETIF_GSO_TYPE_TCPV4, NetifGsoExtra
 from xenpv.errors import XenpvError
 from xenpv.granule import BACKEND_MAX_KEY, FRONTEND_KEY
 from xenpv.identity import DomainKey
-from xenpv.metrics.counts import workload_counts
+from xenpv.metrics.counts import backend_counts, workload_counts
+from xenpv.metrics.files import fresh_snapshot
 from xenpv.metrics.registry import snapshot
 from xenpv.runtime.blockcheck import BlockCheckPlan, awkward_extents, check_block
 from xenpv.runtime.domain_process import read_domain_info
@@ -232,11 +237,49 @@ class VbdCellWorkload:
         )
 
 
-def with_counts(result: dict[str, Any], before: dict[str, Any], domid: int) -> dict[str, Any]:
-    """The cell's result with the operation counts of its workload (docs/metrics.md)."""
+BACKEND_SNAPSHOT_WAIT = 5.0  # seconds for the backend's process to write a fresh snapshot
+
+
+@dataclass(slots=True)
+class Before:
+    """The counters before a cell's workload: the guest's, and the backend process's
+    (None: the plan names no metrics file, or none came)."""
+
+    guest: dict[str, Any]
+    backend: dict[str, Any] | None
+
+
+async def backend_snapshot(cell: dict[str, Any]) -> dict[str, Any] | None:
+    """A snapshot of the cell's backend process holding every count up to now (the
+    metrics file the runner names in the plan, written on request; docs/metrics.md)."""
+    path = cell.get("backend_metrics")
+    if not path:
+        return None
+    with trio.move_on_after(BACKEND_SNAPSHOT_WAIT):
+        return await fresh_snapshot(Path(path))
+    log.warning("no fresh backend counters", path=path)
+    return None
+
+
+async def counters_before(cell: dict[str, Any]) -> Before:
+    backend = await backend_snapshot(cell)
+    return Before(snapshot(), backend)
+
+
+async def with_counts(
+    result: dict[str, Any], before: Before, domid: int, cell: dict[str, Any]
+) -> dict[str, Any]:
+    """The cell's result with the operation counts of its workload (docs/metrics.md): the
+    guest's, and the backend's towards this guest as `counts["backend"]`."""
     moved = result.get("bytes")
     if isinstance(moved, int) and moved > 0:
-        result["counts"] = workload_counts(before, snapshot(), domid, moved)
+        counts = workload_counts(before.guest, snapshot(), domid, moved)
+        if before.backend is not None:
+            after = await backend_snapshot(cell)
+            if after is not None:
+                backend = int(cell["backend_domid"])
+                counts["backend"] = backend_counts(before.backend, after, backend, domid, moved)
+        result["counts"] = counts
     return result
 
 
@@ -258,9 +301,9 @@ async def run_vbd(dom: Domain, xs: XenstoreClient, cell: dict[str, Any]) -> dict
         await connected(xs, [(disk, device)], float(cell["attach_timeout"]))
         ctx = WorkloadContext(dom, xs, str(cell["key"]), blk={device: disk})
         workload = VbdCellWorkload(cell)
-        before = snapshot()
+        before = await counters_before(cell)
         await workload.run(ctx)
-        return with_counts(workload.result, before, dom.domid)
+        return await with_counts(workload.result, before, dom.domid, cell)
 
 
 # -- vif ------------------------------------------------------------------------------------
@@ -363,9 +406,9 @@ async def run_vif(dom: Domain, xs: XenstoreClient, cell: dict[str, Any]) -> dict
         nursery.start_soon(pump_frames, a, ctx.frames)
         nursery.start_soon(pump_frames, b, ctx.frames)
         workload = VifCellWorkload(cell, a_id, b_id)
-        before = snapshot()
+        before = await counters_before(cell)
         await workload.run(ctx)
-        result = with_counts(workload.result, before, dom.domid)
+        result = await with_counts(workload.result, before, dom.domid, cell)
         nursery.cancel_scope.cancel()
     return result
 

@@ -47,7 +47,9 @@ class RingStats:
     notify_avoided: int = 0  # it did not: the peer is still consuming
 
 
-def as_dict(record: PeerStats | GrantTableStats | RingStats | BlkbackStats) -> dict[str, int]:
+def as_dict(
+    record: PeerStats | GrantTableStats | RingStats | BlkbackStats | DriverStats,
+) -> dict[str, int]:
     return asdict(record)
 
 
@@ -99,3 +101,70 @@ class BlkbackStats:
     indirect_req: int = 0
     indirect_pages: int = 0
     errors: int = 0  # requests answered with an error status (rejected or failed)
+
+
+@dataclass(slots=True)
+class BlkfrontStats:
+    """One blkfront queue's ring requests and responses (the guest's view of blkback's
+    statistics, plus what only the frontend sees: persistent-grant reuse, re-issued I/Os)."""
+
+    rd_req: int = 0  # READ requests put on the ring (direct and indirect)
+    wr_req: int = 0
+    f_req: int = 0  # FLUSH_DISKCACHE and WRITE_BARRIER
+    ds_req: int = 0
+    rd_bytes: int = 0  # bytes the READ requests ask for
+    wr_bytes: int = 0
+    segments: int = 0  # data segments (granted references) of READ/WRITE requests
+    indirect_req: int = 0
+    indirect_pages: int = 0
+    persistent_hits: int = 0  # data segments on a pool grant granted before the request
+    persistent_misses: int = 0  # data segments for which the pool had to grant anew
+    reissued: int = 0  # I/Os a connection ended before they completed (issued again)
+    errors: int = 0  # responses with a status other than BLKIF_RSP_OKAY
+
+
+@dataclass(slots=True)
+class NetfrontStats:
+    """One netfront queue (Linux netfront_stats, and the drops by reason that
+    xennet_get_responses only logs)."""
+
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    tx_slots: int = 0  # data and extra-info slots of the packets put on the tx ring
+    tx_errors: int = 0  # tx responses with a status other than NETIF_RSP_OKAY
+    tx_dropped: int = 0  # packets lost at a reconnect or on a broken queue
+    rx_packets: int = 0
+    rx_bytes: int = 0
+    rx_slots: int = 0  # rx responses (data and extra-info) of the packets delivered
+    rx_errors: int = 0  # rx packets dropped, the sum of the reasons below
+    rx_bad_status: int = 0  # a response with a negative status
+    rx_bad_id: int = 0  # a response id that is not its slot's
+    rx_bad_offset: int = 0  # a fragment crossing its granule
+    rx_too_many_slots: int = 0  # more than MAX_RX_SLOTS fragments
+    rx_bad_extra: int = 0  # an extra-info slot that does not decode
+    rx_empty: int = 0  # a packet of 0 bytes
+
+
+@dataclass(slots=True)
+class NetbackStats:
+    """One netback queue, tx = from the guest, rx = to it (the ring names; Linux's vif
+    net_device counts the other way round)."""
+
+    tx_packets: int = 0  # packets copied from the guest and handed on
+    tx_bytes: int = 0
+    tx_slots: int = 0  # their data and extra-info slots
+    tx_errors: int = 0  # packets answered NETIF_RSP_ERROR
+    tx_malformed: int = 0  # of those: a bad size or slot chain (xenvif_tx_err)
+    tx_too_many_slots: int = 0  # of those: more than XEN_NETBK_LEGACY_SLOTS_MAX slots
+    tx_copy_errors: int = 0  # of those: a grant copy failed
+    tx_dropped_offload: int = 0  # answered OKAY but dropped: checksum setup impossible
+    rx_packets: int = 0
+    rx_bytes: int = 0
+    rx_slots: int = 0  # responses (data and extra-info) of the packets delivered
+    rx_dropped_no_buffers: int = 0  # the queue's backlog was full: no rx slots posted
+    rx_dropped_too_big: int = 0  # needs more slots than the frontend can ever give
+    rx_dropped_offload: int = 0  # offload state this frontend cannot take
+    rx_copy_errors: int = 0  # slots whose grant copy failed
+
+
+DriverStats = BlkbackStats | BlkfrontStats | NetfrontStats | NetbackStats

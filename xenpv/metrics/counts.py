@@ -6,6 +6,11 @@ a grant issued, and ended when the request completes, unless persistent grants r
 grant operations it issues itself, its front rings' requests, and the events it exchanges.
 EXACT counts are the same for the same workload on any host; TIMING counts depend on how
 far the other end had got (event suppression by req_event/rsp_event).
+
+`backend_counts` gives the backend's side of the same workload, from two snapshots of the
+backend domain's process taken around it: the grant operations it issued towards the guest
+(blkback and netback copy, or map persistent grants), where 4 KiB splitting and a larger
+granule differ most.
 """
 
 from __future__ import annotations
@@ -16,6 +21,14 @@ from typing import Any
 MIB = 1 << 20
 EXACT = ("grant_ops", "segments", "ring_slots")
 TIMING = ("notifications", "notifications_avoided")
+# The backend's PeerStats fields towards the guest that `backend_counts` reports. Copy
+# segments and bytes follow from the request layout alone; batches (netback copies what one
+# pass took off the ring) and persistent-grant maps (once per ring that first sees a grant,
+# and which ring takes an I/O depends on timing) need not: exact only for a vbd without
+# persistent grants (docs/metrics.md).
+BACKEND_EXACT = ("copy_segments", "copy_bytes")
+BACKEND_TIMING = ("copy_calls", "map_calls", "map_segments", "unmap_calls", "unmap_segments")
+BACKEND = BACKEND_EXACT + BACKEND_TIMING
 
 
 def totals(snap: Mapping[str, Any], domid: int) -> dict[str, int]:
@@ -54,4 +67,29 @@ def workload_counts(
             result[f"{key}_per_request"] = round(delta[key] / requests, 3) if requests else None
     result["exact"] = list(EXACT)
     result["timing"] = list(TIMING)
+    return result
+
+
+def backend_counts(
+    before: Mapping[str, Any],
+    after: Mapping[str, Any],
+    backend: int,
+    guest: int,
+    moved_bytes: int,
+) -> dict[str, Any]:
+    """What domain `backend` issued towards domain `guest` between two snapshots of its
+    process: the totals of its PeerStats fields (BACKEND) and each per MiB of `moved_bytes`."""
+
+    def peer(snap: Mapping[str, Any]) -> Mapping[str, int]:
+        domain = snap.get("domains", {}).get(str(backend))
+        return {} if domain is None else domain["peers"].get(str(guest), {})
+
+    start, end = peer(before), peer(after)
+    delta = {key: int(end.get(key, 0)) - int(start.get(key, 0)) for key in BACKEND}
+    mib = moved_bytes / MIB
+    result: dict[str, Any] = {"totals": delta, "bytes": moved_bytes, "domain": backend}
+    for key, value in delta.items():
+        result[f"{key}_per_mib"] = round(value / mib, 2) if mib > 0 else None
+    result["exact"] = list(BACKEND_EXACT)
+    result["timing"] = list(BACKEND_TIMING)
     return result

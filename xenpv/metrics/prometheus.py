@@ -15,7 +15,7 @@ from prometheus_client import start_http_server
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from xenpv.metrics.registry import snapshot
+from xenpv.metrics.registry import DRIVERS, snapshot
 
 # snapshot field -> (metric name without _total, help)
 PEER_COUNTERS: Mapping[str, tuple[str, str]] = {
@@ -70,27 +70,28 @@ def families(snap: Mapping[str, Any]) -> list[Metric]:
     result.extend(table.values())
     result.extend(peer.values())
     result.extend(ring.values())
-    blkback = snap.get("blkback")
-    if blkback:
-        result.extend(_blkback_families(blkback))
+    for driver, labels in DRIVERS.items():
+        queues = snap.get(driver)
+        if queues:
+            result.extend(_driver_families(driver, labels, queues))
     xenstore = snap.get("xenstored")
     if xenstore is not None:
         result.extend(_xenstore_families(xenstore))
     return result
 
 
-BLKBACK_LABELS = ("domain", "frontend", "devid", "queue")
-
-
-def _blkback_families(queues: list[dict[str, int]]) -> Iterator[Metric]:
-    """xenpv_blkback_<field>_total{domain,frontend,devid,queue}: Linux blkback's statistics."""
-    fields = [key for key in queues[0] if key not in BLKBACK_LABELS]
+def _driver_families(
+    driver: str, labels: tuple[str, ...], queues: list[dict[str, int]]
+) -> Iterator[Metric]:
+    """xenpv_<driver>_<field>_total{domain,<peer>,devid,queue}, e.g. Linux blkback's
+    statistics as xenpv_blkback_rd_req_total{domain,frontend,devid,queue}."""
+    fields = [key for key in queues[0] if key not in labels]
     for key in fields:
         family = CounterMetricFamily(
-            f"xenpv_blkback_{key}", f"blkback {key} per queue", labels=list(BLKBACK_LABELS)
+            f"xenpv_{driver}_{key}", f"{driver} {key} per queue", labels=list(labels)
         )
         for queue in queues:
-            family.add_metric([str(queue[label]) for label in BLKBACK_LABELS], queue[key])
+            family.add_metric([str(queue[label]) for label in labels], queue[key])
         yield family
 
 

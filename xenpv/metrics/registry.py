@@ -4,14 +4,38 @@ Owners register a record once, at construction (a dict lookup then, never per op
 A domain registers a fresh `DomainStats` (a domain process hosts one domain; a test hosting
 several sees the newest per domid). Rings share one record per (protocol, end), so counts
 survive a ring being rebuilt on reconnection and stay monotonic, as Prometheus counters must.
+Driver queues have one record each, keyed by (domain, peer domain, devid, queue): blkback's
+is shared by every connection of the key; the frontends' and netback's records belong to the
+device object (`register_queue`), which keeps them across its reconnections, so a device's
+own totals and the exposed counters are the same books.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from xenpv.metrics.counters import BlkbackStats, GrantTableStats, PeerStats, RingStats, as_dict
+from xenpv.metrics.counters import (
+    BlkbackStats,
+    BlkfrontStats,
+    DriverStats,
+    GrantTableStats,
+    NetbackStats,
+    NetfrontStats,
+    PeerStats,
+    RingStats,
+    as_dict,
+)
+
+QueueKey = tuple[int, int, int, int]  # (domain, peer domain, devid, queue)
+# Each driver's section of the snapshot, and the labels of its key.
+DRIVERS: dict[str, tuple[str, str, str, str]] = {
+    "blkback": ("domain", "frontend", "devid", "queue"),
+    "blkfront": ("domain", "backend", "devid", "queue"),
+    "netback": ("domain", "frontend", "devid", "queue"),
+    "netfront": ("domain", "backend", "devid", "queue"),
+}
+S = TypeVar("S", BlkfrontStats, NetfrontStats, NetbackStats)
 
 
 @dataclass(slots=True)
@@ -37,7 +61,10 @@ class Registry:
     domains: dict[int, DomainStats] = field(default_factory=dict)
     rings: dict[tuple[str, str], RingStats] = field(default_factory=dict)
     # (backend domid, frontend domid, devid, queue) -> that blkback queue's record
-    blkback: dict[tuple[int, int, int, int], BlkbackStats] = field(default_factory=dict)
+    blkback: dict[QueueKey, BlkbackStats] = field(default_factory=dict)
+    blkfront: dict[QueueKey, BlkfrontStats] = field(default_factory=dict)
+    netback: dict[QueueKey, NetbackStats] = field(default_factory=dict)
+    netfront: dict[QueueKey, NetfrontStats] = field(default_factory=dict)
     # Other sections (xenstored's operations, ...) register a function returning a plain dict.
     sections: dict[str, Any] = field(default_factory=dict)
 
@@ -52,6 +79,12 @@ class Registry:
         if stats is None:
             stats = self.blkback[key] = BlkbackStats()
         return stats
+
+    def register_queue(self, section: dict[QueueKey, S], key: QueueKey, record: S) -> S:
+        """Expose a device's `record` for one of its queues (`section`: `self.blkfront`,
+        `self.netfront` or `self.netback`); a newer device with the same key replaces it."""
+        section[key] = record
+        return record
 
     def ring(self, protocol: str, end: str) -> RingStats:
         key = (protocol, end)
@@ -68,7 +101,9 @@ def snapshot(registry: Registry = REGISTRY) -> dict[str, Any]:
     """Every counter of this process as a nested plain dict (JSON- and msgpack-ready).
 
     {"domains": {"<domid>": {"name", "grants": {...}, "peers": {"<peer>": {...}}}},
-     "rings": {"<protocol>": {"front": {...}, "back": {...}}}, "<section>": {...}}
+     "rings": {"<protocol>": {"front": {...}, "back": {...}}},
+     "<driver>": [{"domain", "<peer>", "devid", "queue", <counters>...}, ...],
+     "<section>": {...}}
     Keys are strings so that the dict survives a JSON round trip unchanged.
     """
     domains: dict[str, Any] = {}
@@ -82,11 +117,13 @@ def snapshot(registry: Registry = REGISTRY) -> dict[str, Any]:
     for (protocol, end), ring in sorted(registry.rings.items()):
         rings.setdefault(protocol, {})[end] = as_dict(ring)
     result: dict[str, Any] = {"domains": domains, "rings": rings}
-    if registry.blkback:
-        result["blkback"] = [
-            {"domain": d, "frontend": f, "devid": dev, "queue": q} | as_dict(stats)
-            for (d, f, dev, q), stats in sorted(registry.blkback.items())
-        ]
+    for driver, labels in DRIVERS.items():
+        queues: dict[QueueKey, DriverStats] = getattr(registry, driver)
+        if queues:
+            result[driver] = [
+                dict(zip(labels, key, strict=True)) | as_dict(stats)
+                for key, stats in sorted(queues.items())
+            ]
     for name, read in sorted(registry.sections.items()):
         result[name] = read()
     return result

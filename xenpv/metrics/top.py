@@ -5,7 +5,9 @@ A row is one domain's traffic with one peer, from the snapshots its process wrot
 the hypercall-equivalents' segments), MB/s moved by grant copy, events per second (sent and
 received), and the process's ring requests per second (IOPS: requests put on its front rings;
 rings are counted per process and protocol, so the figure is the process's, on each of its
-rows).
+rows). Errors and drops are totals since the process started: the grant ends refused while
+mapped, and the driver queues' error responses and dropped frames (docs/metrics.md), summed
+over the queues this domain serves for, or uses from, the peer.
 """
 
 from __future__ import annotations
@@ -14,7 +16,25 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from xenpv.metrics.registry import DRIVERS
+
 STALE_AFTER = 3.0  # seconds without a new snapshot: the process is stopped or stuck
+# Per driver: its fields that count error responses, and those that count dropped frames.
+ERROR_FIELDS: Mapping[str, tuple[str, ...]] = {
+    "blkback": ("errors",),
+    "blkfront": ("errors",),
+    "netback": ("tx_errors",),
+    "netfront": ("tx_errors",),
+}
+DROP_FIELDS: Mapping[str, tuple[str, ...]] = {
+    "netback": (
+        "tx_dropped_offload",
+        "rx_dropped_no_buffers",
+        "rx_dropped_too_big",
+        "rx_dropped_offload",
+    ),
+    "netfront": ("tx_dropped", "rx_errors"),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +47,8 @@ class Row:
     mb_per_s: float
     events_per_s: float
     grant_ops_per_s: float
-    errors: int  # grant ends refused while mapped, rings' notify-needed is not an error
+    errors: int  # grant ends refused while mapped, and the drivers' error responses
+    drops: int = 0  # frames the network drivers dropped
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -43,6 +64,19 @@ def _events(peer: Mapping[str, int]) -> int:
 
 def _ring_requests(snap: Mapping[str, Any]) -> int:
     return sum(ends.get("front", {}).get("produced", 0) for ends in snap.get("rings", {}).values())
+
+
+def _driver_totals(
+    snap: Mapping[str, Any], fields: Mapping[str, tuple[str, ...]]
+) -> dict[tuple[str, str], int]:
+    """(domain, peer) -> the sum of `fields` over every driver queue between them."""
+    totals: dict[tuple[str, str], int] = {}
+    for driver, names in fields.items():
+        _domain, peer_label, _devid, _queue = DRIVERS[driver]
+        for queue in snap.get(driver, ()):
+            key = (str(queue["domain"]), str(queue[peer_label]))
+            totals[key] = totals.get(key, 0) + sum(int(queue.get(n, 0)) for n in names)
+    return totals
 
 
 def rows(
@@ -66,6 +100,8 @@ def rows(
 
         old_domains = old.get("domains", {}) if old is not None else {}
         iops = rate(_ring_requests(snap), None if old is None else _ring_requests(old))
+        driver_errors = _driver_totals(snap, ERROR_FIELDS)
+        drops = _driver_totals(snap, DROP_FIELDS)
         for domid, domain in sorted(snap.get("domains", {}).items(), key=lambda kv: int(kv[0])):
             old_peers = old_domains.get(domid, {}).get("peers", {})
             errors = int(domain["grants"]["end_refused"])
@@ -84,7 +120,8 @@ def rows(
                         grant_ops_per_s=rate(
                             _grant_ops(peer), None if was is None else _grant_ops(was)
                         ),
-                        errors=errors,
+                        errors=errors + driver_errors.get((domid, peer_id), 0),
+                        drops=drops.get((domid, peer_id), 0),
                     )
                 )
     return result
