@@ -639,36 +639,62 @@ async def _follow(
     so. Likewise a detached device's window runs from before the detach until it is
     re-attached and Connected again, a killed xenstored's until it is restarted (from its
     persisted store, on the same addresses) and answers, and a link fault's until the devices
-    across the link are Connected again. Later events wait for them (bounded by BACK_WAIT)."""
+    across the link are Connected again. Each recovery is awaited in its own task (bounded by
+    BACK_WAIT), so every other heal still happens at its scheduled time: a recovery may need
+    another fault healed first (a device re-attached while a grant fault fails every
+    connect). Later starts wait only for a domain or xenstored to be back (nothing can be
+    injected into a process that is not there yet)."""
     before: dict[str, bytes | None] = {}
-    for offset, action, fault in schedule.events():
-        await trio.sleep_until(origin + offset)
-        name = fault.target.removeprefix("domain:")
-        restarts = fault.kind in RESTARTING and name in domids
-        hotplug = hotplugs is not None and hotplugs.handles(fault)
-        xenstored = fault.kind == XENSTORED_KILL and cluster is not None
-        if action == "start":
-            if cluster is not None and xenstored:
-                cluster_mod.expect_xenstored_exit(cluster)  # before the signal
-            if restarts:
-                before[fault.id] = await _ready_value(xs, domids[name])
-            injection.start(fault)
+    recovering = 0
+    recovered = trio.Event()
+    recovered.set()
+
+    async def heal(
+        fault: ScheduledFault, name: str, restarts: bool, hotplug: bool, xenstored: bool
+    ) -> None:
+        nonlocal recovering
+        try:
             if hotplugs is not None and hotplug:
+                await hotplugs.reattach(fault, wait=BACK_WAIT)
+            if restarts:
                 with trio.move_on_after(BACK_WAIT):
-                    await hotplugs.detach(fault)
-            continue
-        if hotplugs is not None and hotplug:
-            await hotplugs.reattach(fault, wait=BACK_WAIT)
-        if restarts:
-            with trio.move_on_after(BACK_WAIT):
-                await _back(xs, schedule, domids, name, before.get(fault.id), republish)
-        if cluster is not None and xenstored:
-            await _restart_xenstored(cluster, xs)
-        if fault.kind in LINK_BREAKING:
-            injection.injector_for(fault).stop(fault)  # heal now; the window lasts until
-            with trio.move_on_after(BACK_WAIT):  # the devices across it reconnected
-                await _until_reconnected(xs, _link_state_paths(schedule, domids, fault.target))
-        injection.stop(fault)
+                    await _back(xs, schedule, domids, name, before.get(fault.id), republish)
+            if cluster is not None and xenstored:
+                await _restart_xenstored(cluster, xs)
+            if fault.kind in LINK_BREAKING:
+                injection.injector_for(fault).stop(fault)  # heal now; the window lasts until
+                with trio.move_on_after(BACK_WAIT):  # the devices across it reconnected
+                    await _until_reconnected(xs, _link_state_paths(schedule, domids, fault.target))
+            injection.stop(fault)
+        finally:
+            if restarts or xenstored:
+                recovering -= 1
+                if not recovering:
+                    recovered.set()
+
+    async with trio.open_nursery() as nursery:
+        for offset, action, fault in schedule.events():
+            await trio.sleep_until(origin + offset)
+            name = fault.target.removeprefix("domain:")
+            restarts = fault.kind in RESTARTING and name in domids
+            hotplug = hotplugs is not None and hotplugs.handles(fault)
+            xenstored = fault.kind == XENSTORED_KILL and cluster is not None
+            if action == "start":
+                await recovered.wait()
+                if cluster is not None and xenstored:
+                    cluster_mod.expect_xenstored_exit(cluster)  # before the signal
+                if restarts:
+                    before[fault.id] = await _ready_value(xs, domids[name])
+                injection.start(fault)
+                if hotplugs is not None and hotplug:
+                    with trio.move_on_after(BACK_WAIT):
+                        await hotplugs.detach(fault)
+                continue
+            if restarts or xenstored:
+                if not recovering:
+                    recovered = trio.Event()
+                recovering += 1
+            nursery.start_soon(heal, fault, name, restarts, hotplug, xenstored)
 
 
 async def _restart_xenstored(cluster: cluster_mod.Cluster, xs: XenstoreClient) -> None:
