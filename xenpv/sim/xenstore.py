@@ -4,6 +4,12 @@ The server is `XenstoreServer` itself (store, transactions, watches, quotas, gro
 journal); only its edges change: connections come from `connect` below instead of a
 listener, and the journal append always runs inline (the real server may hop to a worker
 thread when fsync is slow, and a simulation runs no threads).
+
+A commit costs virtual time (`COMMIT_SECONDS`, a fast disk's fdatasync) instead of a real
+sync. Without it, work that goes round through xenstore and nothing else costs no virtual
+time at all: a xenbus handshake failing and restarting at once (a connect refused while a
+grant fault lasts) would loop forever at one virtual instant, its fault window never ending,
+where a real cluster spends real time on every turn.
 """
 
 from __future__ import annotations
@@ -16,17 +22,20 @@ import trio
 import trio.testing
 
 from xenpv.xenstore.client import Address, XenstoreClient, running
-from xenpv.xenstore.server import ServerConfig, XenstoreServer, _timed_append, open_store
+from xenpv.xenstore.server import ServerConfig, XenstoreServer, open_store
 
 # Compaction encodes the snapshot in a worker thread: a simulated run never grows its
 # journal near this, so it never compacts.
 _NEVER_COMPACT = 1 << 62
 
 
+COMMIT_SECONDS = 100e-6
+
+
 class SimXenstoreServer(XenstoreServer):
     async def _append(self, payload: bytes) -> None:
-        _timed_append(self.journal, payload)
-        await trio.lowlevel.checkpoint()
+        self.journal.append(payload, durable=False)
+        await trio.sleep(COMMIT_SECONDS)
 
 
 class SimXenstored:
