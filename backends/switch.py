@@ -25,7 +25,6 @@ travel with an opaque `meta` value (e.g. GSO and checksum state) that the switch
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from typing import Generic, TypeVar
 import structlog
 import trio
 
+from xenpv.clock import monotonic
 from xenpv.errors import XenpvError
 
 log = structlog.get_logger()
@@ -100,7 +100,7 @@ class Switch(Generic[P]):
     def __init__(
         self,
         *,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = monotonic,  # the simulation's seam (xenpv/clock.py)
         ageing_time: float = DEFAULT_AGEING_TIME,
         max_entries: int = DEFAULT_MAX_ENTRIES,
     ) -> None:
