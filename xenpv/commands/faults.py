@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -115,8 +116,20 @@ def register(sub: Any) -> None:
         action="store_true",
         help="every seed runs every fault family of the plan (no swarm choice)",
     )
+    p.add_argument(
+        "--check-determinism",
+        action="store_true",
+        help="run each seed twice; a seed whose history hashes differ fails",
+    )
     p.add_argument("--json", action="store_true", help="a JSON summary as the last stdout line")
     p.set_defaults(run=run_swarm)
+
+    # What `faults swarm` runs in each of its children (not for users: no help line).
+    p = verbs.add_parser("swarm-worker")
+    p.add_argument("plan", metavar="PLAN")
+    p.add_argument("--swarm", action="store_true")
+    p.add_argument("--check-determinism", action="store_true")
+    p.set_defaults(run=run_swarm_worker)
 
     p = verbs.add_parser("shrink", help="shrink a failing sim seed to a small plan")
     p.add_argument("plan", metavar="PLAN", help="a plan file, or a built-in plan's name")
@@ -415,8 +428,22 @@ def _seed_range(first: int, count: int) -> range:
     return range(first, first + count)
 
 
-def _repro(plan_arg: str, seed: int, swarm: bool) -> str:
-    return f"xenpv faults run {plan_arg} --mode sim --seed {seed}" + (" --swarm" if swarm else "")
+def _repro(plan_arg: str, seed: int, swarm: bool, check_determinism: bool = False) -> str:
+    flags = (" --swarm" if swarm else "") + (" --check-determinism" if check_determinism else "")
+    return f"xenpv faults run {plan_arg} --mode sim --seed {seed}{flags}"
+
+
+async def _lines(stream: Any) -> AsyncIterator[bytes]:
+    """The lines of a child's stdout (a trio ReceiveStream), without their newlines."""
+    buffer = b""
+    while True:
+        while b"\n" not in buffer:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                return
+            buffer += chunk
+        line, _, buffer = buffer.partition(b"\n")
+        yield line
 
 
 def run_swarm(args: argparse.Namespace) -> int:
@@ -440,61 +467,71 @@ def run_swarm(args: argparse.Namespace) -> int:
     runner.check_injectable(full)
     sim_faults.check_simulable(full)
     swarm = not args.all_families
-    # Each seed runs as its own repro command, in a child: a built-in plan by name, a file by
-    # its absolute path (the children may not share our working directory's meaning).
+    # Each worker is a child running seeds one after another (`faults swarm-worker`): a
+    # built-in plan by name, a file by its absolute path.
     plan_spec = str(Path(args.plan).resolve()) if plan.base_dir is not None else args.plan
     progress = Progress.for_terminal(quiet=args.json)
     failed: dict[int, str] = {}  # seed -> what failed
+    simulated: list[float] = []  # each seed's simulated seconds (once, if run twice)
     done = 0
     started = time.monotonic()
+    todo = iter(seeds)
 
-    async def one(
-        sup: Supervisor, state_dir: Path, limiter: trio.CapacityLimiter, seed: int
-    ) -> None:
-        nonlocal done
-        async with limiter:
-            log_path = state_dir / "logs" / f"seed-{seed}.log"
-            command = [sys.executable, "-m", "xenpv", "--log-level", "warning", "faults", "run"]
-            command += [plan_spec, "--mode", "sim", "--seed", str(seed), "--json"]
-            command += ["--swarm"] if swarm else []
-            # The child's temporary directories live in ours: removed whatever happens.
-            env = dict(os.environ, TMPDIR=str(state_dir))
-            child = await sup.spawn(
-                f"seed-{seed}", "worker", command, log_path, env=env, stdout=subprocess.PIPE
-            )
-            assert isinstance(child.proc, trio.Process) and child.proc.stdout is not None
-            chunks = []
-            async for chunk in child.proc.stdout:
-                chunks.append(chunk)
-            code = await child.proc.wait()
-            sup.forget(child)
-        lines = b"".join(chunks).decode(errors="replace").strip().splitlines()
-        verdict: dict[str, Any] = {}
-        if lines:
-            try:
-                verdict = json.loads(lines[-1])
-            except ValueError:
-                verdict = {}
-        if code == 0 and verdict.get("ok"):
-            log_path.unlink(missing_ok=True)
-        elif verdict:
-            bad = [name for name, n in verdict.get("checkers", {}).items() if n]
+    def judge(record: dict[str, Any]) -> None:
+        seed = int(record["seed"])
+        if "error" in record:
+            failed[seed] = f"error: {record['error']}"
+            return
+        simulated.append(float(record.get("simulated_seconds", 0.0)))
+        bad = [name for name, n in record.get("checkers", {}).items() if n]
+        if record.get("deterministic") is False:
+            bad.append("nondeterministic")
+        if bad or not record.get("ok"):
             failed[seed] = ", ".join(bad) or "unfinished history"
-        else:  # it did not run to a verdict: its error is the log's last line
-            text = log_path.read_text(errors="replace") if log_path.exists() else ""
-            last = (text.strip().splitlines() or ["no output"])[-1]
-            failed[seed] = f"error, exit status {code}: {last}"
-        done += 1
-        progress.show(f"swarm: {done}/{len(seeds)} seeds, {len(failed)} failed")
+
+    async def worker(sup: Supervisor, state_dir: Path, index: int) -> None:
+        nonlocal done
+        log_path = state_dir / "logs" / f"worker-{index}.log"
+        command = [sys.executable, "-m", "xenpv", "--log-level", "warning", "faults"]
+        command += ["swarm-worker", plan_spec] + (["--swarm"] if swarm else [])
+        command += ["--check-determinism"] if args.check_determinism else []
+        # The sims' temporary directories live in ours: removed whatever happens.
+        env = dict(os.environ, TMPDIR=str(state_dir))
+        child = await sup.spawn(
+            f"worker-{index}",
+            "worker",
+            command,
+            log_path,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        proc = child.proc
+        assert isinstance(proc, trio.Process) and proc.stdin and proc.stdout
+        lines = _lines(proc.stdout)
+        for seed in todo:  # shared by the workers: whoever is free takes the next seed
+            await proc.stdin.send_all(b"%d\n" % seed)
+            line = await anext(lines, None)
+            if line is None:  # the worker died: this seed's error is its log's last line
+                text = log_path.read_text(errors="replace") if log_path.exists() else ""
+                last = (text.strip().splitlines() or ["no output"])[-1]
+                failed[seed] = f"error, worker exit status {await proc.wait()}: {last}"
+                done += 1
+                return
+            judge(json.loads(line))
+            done += 1
+            progress.show(f"swarm: {done}/{len(seeds)} seeds, {len(failed)} failed")
+        await proc.stdin.aclose()
+        await proc.wait()
+        sup.forget(child)
 
     async def main(sup: Supervisor, state_dir: Path) -> int:
         (state_dir / "logs").mkdir(exist_ok=True)
-        limiter = trio.CapacityLimiter(args.jobs)
         progress.show(f"swarm: 0/{len(seeds)} seeds")
         try:
             async with trio.open_nursery() as nursery:
-                for seed in seeds:
-                    nursery.start_soon(one, sup, state_dir, limiter, seed)
+                for index in range(min(args.jobs, len(seeds))):
+                    nursery.start_soon(worker, sup, state_dir, index)
         finally:
             progress.close()
         return 1 if failed else 0
@@ -504,17 +541,23 @@ def run_swarm(args: argparse.Namespace) -> int:
         return code  # interrupted
     seconds = time.monotonic() - started
     rate = len(seeds) / seconds * 60 if seconds > 0 else 0.0
-    print(f"swarm: plan {plan.name}, seeds {seeds[0]}..{seeds[-1]}, jobs {args.jobs}")
-    print(f"  {'seeds':>6} {'passed':>6} {'failed':>6} {'seconds':>8} {'seeds/min':>9}")
+    runs = 2 if args.check_determinism else 1
+    sim_rate = sum(simulated) * runs / seconds if seconds > 0 else 0.0
+    checked = ", each run twice (determinism)" if args.check_determinism else ""
+    print(f"swarm: plan {plan.name}, seeds {seeds[0]}..{seeds[-1]}, jobs {args.jobs}{checked}")
+    print(
+        f"  {'seeds':>6} {'passed':>6} {'failed':>6} {'seconds':>8} {'seeds/min':>9} "
+        f"{'sim s/wall s':>12}"
+    )
     print(
         f"  {len(seeds):>6} {len(seeds) - len(failed):>6} {len(failed):>6} "
-        f"{seconds:>8.1f} {rate:>9.1f}"
+        f"{seconds:>8.1f} {rate:>9.1f} {sim_rate:>12.2f}"
     )
     for seed in sorted(failed):
         families = ",".join(chosen_families(plan, seed) if swarm else ("all",))
         print(
             f"FAIL seed {seed} [{failed[seed]}] families {families}: "
-            + _repro(args.plan, seed, swarm)
+            + _repro(args.plan, seed, swarm, args.check_determinism)
         )
     print("PASS" if not failed else f"FAIL: {len(failed)} of {len(seeds)} seeds")
     if args.json:
@@ -524,13 +567,26 @@ def run_swarm(args: argparse.Namespace) -> int:
             "passed": len(seeds) - len(failed),
             "failed": sorted(failed),
             "failures": {str(s): failed[s] for s in sorted(failed)},
-            "repro": {str(s): _repro(args.plan, s, swarm) for s in sorted(failed)},
+            "repro": {
+                str(s): _repro(args.plan, s, swarm, args.check_determinism) for s in sorted(failed)
+            },
             "seconds": round(seconds, 3),
             "seeds_per_minute": round(rate, 2),
+            "simulated_seconds_per_wall_second": round(sim_rate, 3),
+            "check_determinism": args.check_determinism,
             "jobs": args.jobs,
         }
         print(json.dumps(out, sort_keys=True))
     return 1 if failed else 0
+
+
+def run_swarm_worker(args: argparse.Namespace) -> int:
+    """Seeds on stdin, one verdict record per stdout line (xenpv/sim/swarm.py)."""
+    from xenpv.sim.swarm import serve_seeds
+
+    plan = plan_mod.load_any(args.plan)
+    serve_seeds(plan, swarm=args.swarm, check_determinism=args.check_determinism)
+    return 0
 
 
 def run_shrink(args: argparse.Namespace) -> int:

@@ -149,21 +149,23 @@ class Supervisor:
         env: dict[str, str] | None = None,
         forkserver: Path | None = None,
         stdout: int | None = None,
+        stdin: int | None = None,
     ) -> Child:
         """Start a child in its own session (output to `log_path`) and record it. With
         `forkserver` (its socket), `args` are `xenpv`'s and the fork server forks the child
         (`xenpv.toolstack.forkserver`); it is recorded, signalled and reaped the same way.
-        `stdout=subprocess.PIPE` gives the caller its stdout (`child.proc.stdout`) instead
-        (spawned children only)."""
-        if forkserver is not None and stdout is not None:
-            raise ValueError("a forked child's stdout goes to its log")
+        `stdout=subprocess.PIPE` gives the caller its stdout (`child.proc.stdout`) instead,
+        `stdin=subprocess.PIPE` a pipe to its stdin (spawned children only; otherwise
+        stdin is /dev/null)."""
+        if forkserver is not None and (stdout is not None or stdin is not None):
+            raise ValueError("a forked child's stdout goes to its log, its stdin is /dev/null")
         # Shielded: the fork and the record happen together or not at all.
         with trio.CancelScope(shield=True):
             proc: trio.Process | ForkedProcess
             if forkserver is not None:
                 proc = await forked(forkserver, args, log_path, env, name)
             else:
-                proc = await _open_process(args, log_path, pass_fds, env, stdout)
+                proc = await _open_process(args, log_path, pass_fds, env, stdout, stdin)
             child = Child(name, kind, proc.pid, log_path, domid, proc)
             self.children.append(child)
             self.save()
@@ -269,11 +271,12 @@ async def _open_process(
     pass_fds: Sequence[int],
     env: dict[str, str] | None,
     stdout: int | None = None,
+    stdin: int | None = None,
 ) -> trio.Process:
     with _open_log(log_path) as logf:
         return await trio.lowlevel.open_process(
             list(args),
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if stdin is None else stdin,
             stdout=logf if stdout is None else stdout,
             stderr=logf,
             pass_fds=tuple(pass_fds),
