@@ -42,7 +42,7 @@ from backends import netback
 from backends.switch import LiveSwitch
 from frontends.netfront import Netfront, attach
 from xenpv.abi.netif import XEN_NETIF_GSO_TYPE_TCPV4, NetifGsoExtra
-from xenpv.bench.cli import add_bench, chosen_transports, run_supervised
+from xenpv.bench.cli import Bench, chosen_transports, option, run_supervised
 from xenpv.bench.report import emit
 from xenpv.bench.xenstore import spawned_xenstored
 from xenpv.commands import args as types
@@ -60,29 +60,26 @@ GUESTS = (1, 2)
 IPERF_PACKAGE = "iperf3"
 
 
-def register(benches: Any) -> None:
-    parser = add_bench(
-        benches,
-        "net",
-        help="guest-to-guest frames/s and Mbit/s over netfront/netback; iperf3 TAP vs veth",
-        run=run,
-        seconds=2.0,
-        seconds_help="time per frame size",
-        transport=True,
-    )
-    parser.add_argument(
-        "--iperf-seconds", type=types.positive_float, default=5.0, help="time per iperf3 run"
-    )
-    parser.add_argument(
-        "--queues", type=types.int_range(1, 4), default=1, help="netfront queues per vif"
-    )
-    parser.add_argument(
-        "--processes",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="guests in a process of their own, the backend in this one (default); "
-        "--no-processes runs every domain in this process",
-    )
+BENCH = Bench(
+    "net",
+    help="guest-to-guest frames/s and Mbit/s over netfront/netback; iperf3 TAP vs veth",
+    seconds=2.0,
+    seconds_help="time per frame size",
+    transport=True,
+    options=(
+        option(
+            "--iperf-seconds", type=types.positive_float, default=5.0, help="time per iperf3 run"
+        ),
+        option("--queues", type=types.int_range(1, 4), default=1, help="netfront queues per vif"),
+        option(
+            "--processes",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="guests in a process of their own, the backend in this one (default); "
+            "--no-processes runs every domain in this process",
+        ),
+    ),
+)
 
 
 def run(args: argparse.Namespace) -> int:
