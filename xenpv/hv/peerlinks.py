@@ -15,6 +15,7 @@ from typing import Protocol
 import structlog
 import trio
 
+from xenpv.address import split_address
 from xenpv.hv import handshake
 from xenpv.hv.directory import PeerDirectory
 from xenpv.hv.errors import HvError, LinkError, PeerGone
@@ -37,13 +38,9 @@ class LinkOwner(LinkHost, Protocol):
 
 def parse_endpoint(endpoint: str) -> tuple[str, str, int]:
     """`unix:PATH` → ("unix", PATH, 0); `tcp:HOST:PORT` → ("tcp", HOST, PORT)."""
-    kind, _, rest = endpoint.partition(":")
-    if kind == "unix" and rest:
-        return "unix", rest, 0
-    if kind == "tcp":
-        host, _, port = rest.rpartition(":")
-        if host and port.isdigit():
-            return "tcp", host.strip("[]"), int(port)
+    parsed = split_address(endpoint)
+    if parsed is not None:
+        return parsed
     raise HvError(f"bad link endpoint {endpoint!r} (want unix:PATH or tcp:HOST:PORT)")
 
 
