@@ -476,13 +476,7 @@ def _xenpv_nbd(
         yield sock
     finally:
         os.close(read_fd)
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.communicate()
+        supervisor.stop_popen(proc, 30)
         sup.forget(recorded)
 
 
@@ -523,12 +517,7 @@ def _bench_nbdkit(
             out[w.name] = result
         return out
     finally:
-        server.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            server.wait(timeout=10)
-        if server.poll() is None:
-            server.kill()
-            server.wait()
+        supervisor.stop_popen(server, 10)
         sup.forget(recorded)
 
 

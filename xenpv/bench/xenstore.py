@@ -152,12 +152,7 @@ def _spawn(
             raise RuntimeError(f"server {args[0]} did not start")
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        supervisor.stop_popen(proc, 30)
         if recorded is not None and sup is not None:
             sup.forget(recorded)
 
