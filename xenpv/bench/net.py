@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -92,16 +92,23 @@ def run(args: argparse.Namespace) -> int:
     rtt_by_transport: dict[str, dict[str, float]] = {}
     tap_udp: dict[str, dict[str, Any]] = {}
     tap_rtt: dict[str, dict[str, Any]] = {}
-    for transport in transports:
-        code, measured = run_supervised(
+
+    def measure(
+        pair: Callable[..., Awaitable[dict[str, Any]]], transport: str, seconds: float
+    ) -> tuple[int, dict[str, Any] | None]:
+        """`pair` (a two-guest measurement) under a supervisor, with the bench's options."""
+        return run_supervised(
             functools.partial(
-                _guest_to_guest,
+                pair,
                 transport=transport,
                 seconds=seconds,
                 queues=args.queues,
                 processes=args.processes,
             )
         )
+
+    for transport in transports:
+        code, measured = measure(_guest_to_guest, transport, seconds)
         if measured is None:
             return code
         g2g = measured
@@ -120,15 +127,7 @@ def run(args: argparse.Namespace) -> int:
         if missing:
             tap = _unavailable(missing)
         else:
-            code, measured = run_supervised(
-                functools.partial(
-                    _tap_iperf,
-                    transport=transport,
-                    seconds=iperf_seconds,
-                    queues=args.queues,
-                    processes=args.processes,
-                )
-            )
+            code, measured = measure(_tap_iperf, transport, iperf_seconds)
             if measured is None:
                 return code
             tap = measured
