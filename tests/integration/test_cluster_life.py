@@ -120,6 +120,15 @@ def state_has(state: Path, test: Callable[[dict[str, Any]], bool]) -> Callable[[
     return check
 
 
+def up_ready(topo: Path, state: Path) -> tuple[subprocess.Popen[str], set[int]]:
+    """`cluster up --json` in the foreground, once ready (its JSON line is out), and the pids
+    it has recorded."""
+    proc = start("cluster", "up", str(topo), "--state-dir", str(state), "--json")
+    assert proc.stdout is not None
+    assert json.loads(proc.stdout.readline())["devices"]
+    return proc, recorded_pids(state)
+
+
 def finish(proc: subprocess.Popen[str], pids: set[int], state: Path) -> tuple[int, str]:
     """Wait for the command, collecting the pids it records meanwhile; kill it on timeout."""
     deadline = time.monotonic() + EXIT_WAIT
@@ -212,10 +221,7 @@ def test_ctrl_c_at_any_moment_of_up_leaves_nothing(delay: float) -> None:
 
 def test_ctrl_c_during_teardown_and_twice_kills_at_once() -> None:
     with topology_dir() as (topo, state):
-        proc = start("cluster", "up", str(topo), "--state-dir", str(state), "--json")
-        assert proc.stdout is not None
-        assert json.loads(proc.stdout.readline())["devices"]  # ready
-        pids = recorded_pids(state)
+        proc, pids = up_ready(topo, state)
         ctrl_c(proc)  # the normal stop of a foreground cluster...
         wait_for("the guest stopping", log_has(state / "logs" / "g16.log", "stopping"), proc)
         ctrl_c(proc)  # ...and a second Ctrl-C during it: SIGKILL, no grace
@@ -240,10 +246,7 @@ def test_double_ctrl_c_during_start_up() -> None:
 
 def test_foreground_sigint_after_ready_is_a_normal_stop() -> None:
     with topology_dir() as (topo, state):
-        proc = start("cluster", "up", str(topo), "--state-dir", str(state), "--json")
-        assert proc.stdout is not None
-        assert json.loads(proc.stdout.readline())["devices"]
-        pids = recorded_pids(state)
+        proc, pids = up_ready(topo, state)
         ctrl_c(proc)
         code, err = finish(proc, pids, state)
         assert code == 0, err
@@ -405,10 +408,7 @@ def test_ctrl_c_while_a_detached_cluster_starts_leaves_nothing(presses: int) -> 
 
 def test_live_foreground_state_dir_is_not_clobbered() -> None:
     with topology_dir() as (topo, state):
-        proc = start("cluster", "up", str(topo), "--state-dir", str(state), "--json")
-        assert proc.stdout is not None
-        assert json.loads(proc.stdout.readline())["devices"]
-        pids = recorded_pids(state)
+        proc, pids = up_ready(topo, state)
         try:
             sock = state / "xenstored.sock"
             inode = sock.stat().st_ino
