@@ -35,8 +35,7 @@ from xenpv.bench.net import _stream
 from xenpv.bench.report import emit
 from xenpv.bench.xenstore import spawned_xenstored
 from xenpv.commands import args as types
-from xenpv.hv import StaticDirectory, open_domain
-from xenpv.identity import DomainKey
+from xenpv.hv import StaticDirectory, open_registered
 from xenpv.toolstack import supervisor
 from xenpv.toolstack.devices import create_vif
 from xenpv.toolstack.supervisor import Supervisor
@@ -198,19 +197,15 @@ async def _net(
     async with AsyncExitStack() as stack:
         doms = []
         for domid, page in enumerate([backend_page, GUEST_PAGE, GUEST_PAGE]):
-            key = DomainKey.generate(domid)
-            dom = await stack.enter_async_context(
-                open_domain(
-                    domid=domid,
-                    key=key,
-                    directory=directory,
-                    endpoint=f"unix:{tmp}/d{domid}.sock",
-                    transport=transport,
-                    page_size=page,
-                    memory_bytes=(32 << 20) if domid == 0 else (64 << 20),
-                )
+            dom = await open_registered(
+                stack,
+                directory,
+                domid,
+                f"unix:{tmp}/d{domid}.sock",
+                transport=transport,
+                page_size=page,
+                memory_bytes=(32 << 20) if domid == 0 else (64 << 20),
             )
-            directory.register(domid, dom.endpoint, key.public_hex())
             doms.append(dom)
         xs = await stack.enter_async_context(connect(address))
         switch: LiveSwitch[Any] = LiveSwitch(queue_depth=1024)

@@ -18,7 +18,8 @@ so a message's effects are atomic with respect to this domain's tasks.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
 import structlog
 import trio
@@ -27,7 +28,7 @@ from xenpv.abi.buffer import XEN_PAGE_SIZE
 from xenpv.hv import handshake
 from xenpv.hv.busypoll import max_window_from_env
 from xenpv.hv.copyengine import CopyDirection, CopyGroup, CopyOp, CopySegment
-from xenpv.hv.directory import PeerDirectory
+from xenpv.hv.directory import PeerDirectory, StaticDirectory
 from xenpv.hv.errors import HvError, PeerGone
 from xenpv.hv.evtchn import EventChannel
 from xenpv.hv.faults import LinkFaults
@@ -352,3 +353,16 @@ async def open_domain(
     finally:
         domain.memory.close()
         domain.links.remove_socket()
+
+
+async def open_registered(
+    stack: AsyncExitStack, directory: StaticDirectory, domid: int, endpoint: str, **options: Any
+) -> Domain:
+    """`open_domain` with a fresh key for the life of `stack`, registered in `directory` at its
+    bound endpoint (`options` go to `open_domain`: transport, page_size, memory_bytes, ...)."""
+    key = DomainKey.generate(domid)
+    domain = await stack.enter_async_context(
+        open_domain(domid=domid, key=key, directory=directory, endpoint=endpoint, **options)
+    )
+    directory.register(domid, domain.endpoint, key.public_hex())
+    return domain
