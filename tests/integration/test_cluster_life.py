@@ -120,6 +120,14 @@ def state_has(state: Path, test: Callable[[dict[str, Any]], bool]) -> Callable[[
     return check
 
 
+def up_until(topo: Path, state: Path, point: str) -> tuple[subprocess.Popen[str], set[int]]:
+    """`cluster up` in the foreground, once its start-up reached `point` (one of
+    START_UP_POINTS), and the pids it has recorded."""
+    proc = start("cluster", "up", str(topo), "--state-dir", str(state))
+    wait_for(point, START_UP_POINTS[point](state), proc)
+    return proc, recorded_pids(state)
+
+
 def up_ready(topo: Path, state: Path) -> tuple[subprocess.Popen[str], set[int]]:
     """`cluster up --json` in the foreground, once ready (its JSON line is out), and the pids
     it has recorded."""
@@ -182,9 +190,7 @@ START_UP_POINTS: dict[str, Callable[[Path], Callable[[], bool]]] = {
 @pytest.mark.parametrize("point", list(START_UP_POINTS))
 def test_ctrl_c_during_up_start_up_leaves_nothing(point: str) -> None:
     with topology_dir() as (topo, state):
-        proc = start("cluster", "up", str(topo), "--state-dir", str(state))
-        wait_for(point, START_UP_POINTS[point](state), proc)
-        pids = recorded_pids(state)
+        proc, pids = up_until(topo, state, point)
         ctrl_c(proc)
         code, err = finish(proc, pids, state)
         assert code == 130, err
@@ -194,9 +200,7 @@ def test_ctrl_c_during_up_start_up_leaves_nothing(point: str) -> None:
 
 def test_sigterm_during_start_up_is_an_interruption_too() -> None:
     with topology_dir() as (topo, state):
-        proc = start("cluster", "up", str(topo), "--state-dir", str(state))
-        wait_for("guest spawned", START_UP_POINTS["guest spawned"](state), proc)
-        pids = recorded_pids(state)
+        proc, pids = up_until(topo, state, "guest spawned")
         proc.terminate()  # SIGTERM to the command alone, as a service manager sends it
         code, err = finish(proc, pids, state)
         assert code == 130, err
@@ -232,9 +236,7 @@ def test_ctrl_c_during_teardown_and_twice_kills_at_once() -> None:
 
 def test_double_ctrl_c_during_start_up() -> None:
     with topology_dir() as (topo, state):
-        proc = start("cluster", "up", str(topo), "--state-dir", str(state))
-        wait_for("guest spawned", START_UP_POINTS["guest spawned"](state), proc)
-        pids = recorded_pids(state)
+        proc, pids = up_until(topo, state, "guest spawned")
         ctrl_c(proc)
         ctrl_c(proc)
         started = time.monotonic()
