@@ -28,29 +28,8 @@ import pytest
 
 from tests.integration.conftest import short_tempdir
 from tests.integration.hv_pair import REPO
-from tests.integration.xenpv_cli import ENV, PREFIX, xenpv
+from tests.integration.xenpv_cli import ENV, PREFIX, small_topology, xenpv
 from xenpv.toolstack.supervisor import alive
-
-SMALL = """
-[[domain]]
-name = "be"
-role = "backend"
-
-[[domain]]
-name = "g16"
-page_size = "16K"
-restart = "{restart}"
-
-[[vbd]]
-frontend = "g16"
-backend = "be"
-image = "disk.img"
-size = "4M"
-
-[[vif]]
-frontend = "g16"
-backend = "be"
-"""
 
 WAIT = 60.0  # seconds any awaited condition may take on a loaded machine
 EXIT_WAIT = 60.0  # seconds an interrupted command may take to stop everything
@@ -165,7 +144,7 @@ def assert_nothing_left(state: Path, pids: set[int], err: str) -> None:
 def topology_dir(restart: str = "no") -> Iterator[tuple[Path, Path]]:
     with short_tempdir() as tmp:
         topo = tmp / "small.toml"
-        topo.write_text(SMALL.format(restart=restart))
+        topo.write_text(small_topology(restart=restart))
         try:
             yield topo, tmp / "st"
         finally:
