@@ -152,6 +152,9 @@ class PeerLinks:
                 del self.dialing[peer]
                 done.set()
 
+    def _terms(self) -> handshake.Terms:
+        return handshake.Terms(self.key, self.transport, self._memory.fd, self._layout)
+
     async def _dial(self, peer: int) -> Link:
         endpoint, pubkey = await self.directory.lookup(peer)
         kind, where, port = parse_endpoint(endpoint)
@@ -164,15 +167,7 @@ class PeerLinks:
         except (OSError, trio.TooSlowError) as exc:
             raise PeerGone(f"cannot reach domain {peer} at {endpoint}: {exc}") from None
         try:
-            established = await handshake.dial(
-                stream,
-                key=self.key,
-                peer=peer,
-                peer_pubkey=pubkey,
-                transport=self.transport,
-                memory_fd=self._memory.fd,
-                layout=self._layout,
-            )
+            established = await handshake.dial(stream, self._terms(), peer=peer, peer_pubkey=pubkey)
         except handshake.Duplicate:
             await stream.aclose()
             return await self._await_accepted(peer)
@@ -278,14 +273,7 @@ class PeerLinks:
     async def _accept(self, stream: trio.SocketStream) -> None:
         policy = _AcceptPolicy(self)
         try:
-            est = await handshake.accept(
-                stream,
-                key=self.key,
-                policy=policy,
-                transport=self.transport,
-                memory_fd=self._memory.fd,
-                layout=self._layout,
-            )
+            est = await handshake.accept(stream, self._terms(), policy=policy)
         except handshake.Duplicate:
             await stream.aclose()
             return
