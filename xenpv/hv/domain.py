@@ -32,7 +32,7 @@ from xenpv.hv.directory import PeerDirectory, StaticDirectory
 from xenpv.hv.errors import HvError, PeerGone
 from xenpv.hv.evtchn import EventChannel
 from xenpv.hv.faults import LinkFaults
-from xenpv.hv.gntst import GTF
+from xenpv.hv.gntst import READING, WRITING
 from xenpv.hv.grant import GrantTable
 from xenpv.hv.granter import Granter
 from xenpv.hv.link import Link
@@ -74,7 +74,7 @@ __all__ = [
     "parse_endpoint",
 ]
 
-_MAPPED = int(GTF.GTF_reading) | int(GTF.GTF_writing)
+_MAPPED = READING | WRITING
 log = structlog.get_logger()
 
 DEFAULT_MEMORY = 64 << 20
