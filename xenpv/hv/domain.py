@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any
+from typing import TypedDict, Unpack
 
 import structlog
 import trio
@@ -298,6 +298,21 @@ class Domain:
         log.info("link down", domid=self.domid, peer=link.peer, reason=link.dead)
 
 
+class DomainOptions(TypedDict, total=False):
+    """The optional settings of a `Domain`; their defaults are those of `Domain`."""
+
+    name: str
+    page_size: int
+    memory_bytes: int
+    transport: str
+    faults: LinkFaults | None
+    max_grants: int
+    max_maps: int
+    coherence_events: bool
+    busy_poll_us: float | None
+    max_ports: int
+
+
 @asynccontextmanager
 async def open_domain(
     *,
@@ -305,37 +320,14 @@ async def open_domain(
     key: DomainKey,
     directory: PeerDirectory,
     endpoint: str,
-    name: str = "",
-    page_size: int = XEN_PAGE_SIZE,
-    memory_bytes: int = DEFAULT_MEMORY,
-    transport: str = "auto",
-    faults: LinkFaults | None = None,
-    max_grants: int = DEFAULT_MAX_GRANTS,
-    max_maps: int = DEFAULT_MAX_MAPS,
-    coherence_events: bool = True,
-    busy_poll_us: float | None = None,
-    max_ports: int = MAX_PORTS,
+    **options: Unpack[DomainOptions],
 ) -> AsyncIterator[Domain]:
     """Run a domain: listen on `endpoint` (`unix:PATH` or `tcp:HOST:PORT`, port 0 = any;
     `domain.endpoint` is the bound address). Leaving the block closes every link.
 
     Peers released by the toolstack are the runtime's business
     (`xenpv.runtime.lifecycle.open_published_domain`): the hypervisor knows no xenstore."""
-    domain = Domain(
-        domid=domid,
-        key=key,
-        directory=directory,
-        name=name,
-        page_size=page_size,
-        memory_bytes=memory_bytes,
-        transport=transport,
-        faults=faults,
-        max_grants=max_grants,
-        max_maps=max_maps,
-        coherence_events=coherence_events,
-        busy_poll_us=busy_poll_us,
-        max_ports=max_ports,
-    )
+    domain = Domain(domid=domid, key=key, directory=directory, **options)
     try:
         try:
             listener = await domain.links.listen(endpoint)
@@ -356,7 +348,11 @@ async def open_domain(
 
 
 async def open_registered(
-    stack: AsyncExitStack, directory: StaticDirectory, domid: int, endpoint: str, **options: Any
+    stack: AsyncExitStack,
+    directory: StaticDirectory,
+    domid: int,
+    endpoint: str,
+    **options: Unpack[DomainOptions],
 ) -> Domain:
     """`open_domain` with a fresh key for the life of `stack`, registered in `directory` at its
     bound endpoint (`options` go to `open_domain`: transport, page_size, memory_bytes, ...)."""
