@@ -14,7 +14,7 @@ from typing import Any
 
 import trio
 
-from xenpv.hv import Domain, LinkFaults, StaticDirectory, open_domain
+from xenpv.hv import Domain, LinkFaults, StaticDirectory, open_registered
 from xenpv.identity import DomainKey
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,7 +48,7 @@ async def domains(
                 directory,
                 domid,
                 endpoint_for(tmp, domid, kind),
-                transport,
+                transport=transport,
                 faults=faults,
                 memory_bytes=8 << 20,
                 **options,
@@ -72,37 +72,12 @@ async def open_unix_domains(
             directory,
             domid,
             f"unix:{tmp}/d{domid}.sock",
-            transport,
+            transport=transport,
             page_size=page_size,
             memory_bytes=memory_bytes,
         )
         for domid, page_size, memory_bytes in specs
     ]
-
-
-async def open_registered(
-    stack: AsyncExitStack,
-    directory: StaticDirectory,
-    domid: int,
-    endpoint: str,
-    transport: str,
-    **options: Any,
-) -> Domain:
-    """Open a domain with a fresh key for the life of `stack` and register it in `directory`
-    (`options` go to `open_domain`: page_size, memory_bytes, faults, ...)."""
-    key = DomainKey.generate(domid)
-    dom = await stack.enter_async_context(
-        open_domain(
-            domid=domid,
-            key=key,
-            directory=directory,
-            endpoint=endpoint,
-            transport=transport,
-            **options,
-        )
-    )
-    directory.register(domid, dom.endpoint, key.public_hex())
-    return dom
 
 
 class PeerProcess:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import select
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import skip_or_fail
+from xenpv.toolstack.supervisor import stop_popen
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 90.0
@@ -72,16 +72,7 @@ def xenpv_nbd(image: Path, *args: str) -> Iterator[NbdExport]:
         yield export
     finally:
         os.close(read_fd)
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            code: int | None = process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            code = None
-        if process.stdout is not None:
-            process.stdout.close()
+        code = stop_popen(process, 60)  # reads its stdout to the end and closes it
         shutil.rmtree(state_dir, ignore_errors=True)
     assert code == 0, f"xenpv nbd exited with {code}"
 

@@ -16,6 +16,7 @@ import trio.testing
 from frontends.blkfront import attach
 from tests.integration.blk_env import DEVICE, FEATURES_OFF, make_vbd, pair, start_backend
 from tests.integration.conftest import Xenstored
+from tests.integration.task_steps import counting_task_steps
 
 READS = 100
 # Measured (docs/blk.md, "Per-request budget"): socket 9.5 link messages (2 EVENTs, the
@@ -23,14 +24,6 @@ READS = 100
 # two EVENTs) and ~8.3 task steps. The bounds are those counts with a little room.
 MAX_LINK_MESSAGES_PER_READ = {"socket": 10.5, "shm": 2.5}
 MAX_TASK_STEPS_PER_READ = {"socket": 25.0, "shm": 11.0}
-
-
-class TaskSteps(trio.abc.Instrument):
-    def __init__(self) -> None:
-        self.steps = 0
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        self.steps += 1
 
 
 @pytest.mark.parametrize("transport", ["socket", "shm"])
@@ -51,13 +44,9 @@ async def test_a_qd1_read_costs_few_link_messages_and_task_steps(
                     links = [p.backend.link_to(1), p.guest.link_to(0)]
                     assert all(link is not None for link in links)
                     before = sum(link.messages_received for link in links if link is not None)
-                    steps = TaskSteps()
-                    trio.lowlevel.add_instrument(steps)
-                    try:
+                    with counting_task_steps() as steps:
                         for i in range(READS):
                             assert await front.read((i % 64) * 4096, 4096) == bytes(4096)
-                    finally:
-                        trio.lowlevel.remove_instrument(steps)
                     after = sum(link.messages_received for link in links if link is not None)
                     messages = (after - before) / READS
                     per_read = steps.steps / READS

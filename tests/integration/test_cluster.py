@@ -13,35 +13,8 @@ import pytest
 
 from tests.integration.conftest import short_tempdir
 from tests.integration.hv_pair import REPO
-from tests.integration.xenpv_cli import PREFIX, xenpv
+from tests.integration.xenpv_cli import PREFIX, SMALL_VBD_FEATURES, small_topology, xenpv
 from xenpv.toolstack import cluster
-
-SMALL = """
-transport = "{transport}"
-
-[[domain]]
-name = "be"
-role = "backend"
-
-[[domain]]
-name = "g16"
-page_size = "16K"
-
-[[vbd]]
-frontend = "g16"
-backend = "be"
-image = "disk.img"
-size = "4M"
-[vbd.features]
-queues = 2
-ring_page_order = 1
-indirect_segments = 0
-persistent = false
-
-[[vif]]
-frontend = "g16"
-backend = "be"
-"""
 
 
 def _alive(pid: int) -> bool:
@@ -52,7 +25,7 @@ def _alive(pid: int) -> bool:
 def test_up_detached_status_down(transport: str) -> None:
     with short_tempdir() as tmp:
         topo = tmp / "small.toml"
-        topo.write_text(SMALL.format(transport=transport))
+        topo.write_text(small_topology(transport, vbd_features=SMALL_VBD_FEATURES))
         state = tmp / "st"
         up = xenpv("cluster", "up", str(topo), "--state-dir", str(state), "--detach", "--json")
         assert up.returncode == 0, up.stderr
@@ -102,7 +75,7 @@ def test_up_detached_status_down(transport: str) -> None:
 def test_foreground_up_stops_everything_on_sigint() -> None:
     with short_tempdir() as tmp:
         topo = tmp / "small.toml"
-        topo.write_text(SMALL.format(transport="auto"))
+        topo.write_text(small_topology(vbd_features=SMALL_VBD_FEATURES))
         state = tmp / "st"
         proc = subprocess.Popen(
             [*PREFIX, "cluster", "up", str(topo), "--state-dir", str(state), "--json"],

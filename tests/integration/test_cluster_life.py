@@ -28,29 +28,8 @@ import pytest
 
 from tests.integration.conftest import short_tempdir
 from tests.integration.hv_pair import REPO
-from tests.integration.xenpv_cli import ENV, PREFIX, xenpv
+from tests.integration.xenpv_cli import ENV, PREFIX, small_topology, xenpv
 from xenpv.toolstack.supervisor import alive
-
-SMALL = """
-[[domain]]
-name = "be"
-role = "backend"
-
-[[domain]]
-name = "g16"
-page_size = "16K"
-restart = "{restart}"
-
-[[vbd]]
-frontend = "g16"
-backend = "be"
-image = "disk.img"
-size = "4M"
-
-[[vif]]
-frontend = "g16"
-backend = "be"
-"""
 
 WAIT = 60.0  # seconds any awaited condition may take on a loaded machine
 EXIT_WAIT = 60.0  # seconds an interrupted command may take to stop everything
@@ -120,6 +99,23 @@ def state_has(state: Path, test: Callable[[dict[str, Any]], bool]) -> Callable[[
     return check
 
 
+def up_until(topo: Path, state: Path, point: str) -> tuple[subprocess.Popen[str], set[int]]:
+    """`cluster up` in the foreground, once its start-up reached `point` (one of
+    START_UP_POINTS), and the pids it has recorded."""
+    proc = start("cluster", "up", str(topo), "--state-dir", str(state))
+    wait_for(point, START_UP_POINTS[point](state), proc)
+    return proc, recorded_pids(state)
+
+
+def up_ready(topo: Path, state: Path) -> tuple[subprocess.Popen[str], set[int]]:
+    """`cluster up --json` in the foreground, once ready (its JSON line is out), and the pids
+    it has recorded."""
+    proc = start("cluster", "up", str(topo), "--state-dir", str(state), "--json")
+    assert proc.stdout is not None
+    assert json.loads(proc.stdout.readline())["devices"]
+    return proc, recorded_pids(state)
+
+
 def finish(proc: subprocess.Popen[str], pids: set[int], state: Path) -> tuple[int, str]:
     """Wait for the command, collecting the pids it records meanwhile; kill it on timeout."""
     deadline = time.monotonic() + EXIT_WAIT
@@ -148,7 +144,7 @@ def assert_nothing_left(state: Path, pids: set[int], err: str) -> None:
 def topology_dir(restart: str = "no") -> Iterator[tuple[Path, Path]]:
     with short_tempdir() as tmp:
         topo = tmp / "small.toml"
-        topo.write_text(SMALL.format(restart=restart))
+        topo.write_text(small_topology(restart=restart))
         try:
             yield topo, tmp / "st"
         finally:
@@ -173,9 +169,7 @@ START_UP_POINTS: dict[str, Callable[[Path], Callable[[], bool]]] = {
 @pytest.mark.parametrize("point", list(START_UP_POINTS))
 def test_ctrl_c_during_up_start_up_leaves_nothing(point: str) -> None:
     with topology_dir() as (topo, state):
-        proc = start("cluster", "up", str(topo), "--state-dir", str(state))
-        wait_for(point, START_UP_POINTS[point](state), proc)
-        pids = recorded_pids(state)
+        proc, pids = up_until(topo, state, point)
         ctrl_c(proc)
         code, err = finish(proc, pids, state)
         assert code == 130, err
@@ -185,9 +179,7 @@ def test_ctrl_c_during_up_start_up_leaves_nothing(point: str) -> None:
 
 def test_sigterm_during_start_up_is_an_interruption_too() -> None:
     with topology_dir() as (topo, state):
-        proc = start("cluster", "up", str(topo), "--state-dir", str(state))
-        wait_for("guest spawned", START_UP_POINTS["guest spawned"](state), proc)
-        pids = recorded_pids(state)
+        proc, pids = up_until(topo, state, "guest spawned")
         proc.terminate()  # SIGTERM to the command alone, as a service manager sends it
         code, err = finish(proc, pids, state)
         assert code == 130, err
@@ -212,10 +204,7 @@ def test_ctrl_c_at_any_moment_of_up_leaves_nothing(delay: float) -> None:
 
 def test_ctrl_c_during_teardown_and_twice_kills_at_once() -> None:
     with topology_dir() as (topo, state):
-        proc = start("cluster", "up", str(topo), "--state-dir", str(state), "--json")
-        assert proc.stdout is not None
-        assert json.loads(proc.stdout.readline())["devices"]  # ready
-        pids = recorded_pids(state)
+        proc, pids = up_ready(topo, state)
         ctrl_c(proc)  # the normal stop of a foreground cluster...
         wait_for("the guest stopping", log_has(state / "logs" / "g16.log", "stopping"), proc)
         ctrl_c(proc)  # ...and a second Ctrl-C during it: SIGKILL, no grace
@@ -226,9 +215,7 @@ def test_ctrl_c_during_teardown_and_twice_kills_at_once() -> None:
 
 def test_double_ctrl_c_during_start_up() -> None:
     with topology_dir() as (topo, state):
-        proc = start("cluster", "up", str(topo), "--state-dir", str(state))
-        wait_for("guest spawned", START_UP_POINTS["guest spawned"](state), proc)
-        pids = recorded_pids(state)
+        proc, pids = up_until(topo, state, "guest spawned")
         ctrl_c(proc)
         ctrl_c(proc)
         started = time.monotonic()
@@ -240,10 +227,7 @@ def test_double_ctrl_c_during_start_up() -> None:
 
 def test_foreground_sigint_after_ready_is_a_normal_stop() -> None:
     with topology_dir() as (topo, state):
-        proc = start("cluster", "up", str(topo), "--state-dir", str(state), "--json")
-        assert proc.stdout is not None
-        assert json.loads(proc.stdout.readline())["devices"]
-        pids = recorded_pids(state)
+        proc, pids = up_ready(topo, state)
         ctrl_c(proc)
         code, err = finish(proc, pids, state)
         assert code == 0, err
@@ -405,10 +389,7 @@ def test_ctrl_c_while_a_detached_cluster_starts_leaves_nothing(presses: int) -> 
 
 def test_live_foreground_state_dir_is_not_clobbered() -> None:
     with topology_dir() as (topo, state):
-        proc = start("cluster", "up", str(topo), "--state-dir", str(state), "--json")
-        assert proc.stdout is not None
-        assert json.loads(proc.stdout.readline())["devices"]
-        pids = recorded_pids(state)
+        proc, pids = up_ready(topo, state)
         try:
             sock = state / "xenstored.sock"
             inode = sock.stat().st_ino

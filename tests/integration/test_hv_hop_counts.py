@@ -13,6 +13,7 @@ import trio
 import trio.testing
 
 from tests.integration.hv_pair import TRANSPORT_IDS, TRANSPORTS, domains
+from tests.integration.task_steps import counting_task_steps
 from xenpv.hv import GNTST, CopyDirection, CopyOp
 
 pytestmark = pytest.mark.parametrize(("transport", "kind"), TRANSPORTS, ids=TRANSPORT_IDS)
@@ -22,14 +23,6 @@ COPIES = 50
 # receive_until) and the peer's reader (wake, handle, park). Measured 2-6 per copy; the bound
 # leaves room for the adaptive poll's yields but fails if a hand-off task joins the path.
 MAX_TASK_STEPS_PER_COPY = 12
-
-
-class TaskSteps(trio.abc.Instrument):
-    def __init__(self) -> None:
-        self.steps = 0
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        self.steps += 1
 
 
 async def test_a_grant_copy_costs_one_message_each_way_and_few_task_steps(
@@ -49,13 +42,9 @@ async def test_a_grant_copy_costs_one_message_each_way_and_few_task_steps(
             to_front, to_back = back.link_to(1), front.link_to(0)
             assert to_front is not None and to_back is not None
             sent_before, received_before = to_back.messages_received, to_front.messages_received
-            steps = TaskSteps()
-            trio.lowlevel.add_instrument(steps)
-            try:
+            with counting_task_steps() as steps:
                 for _ in range(COPIES):
                     assert await back.grant_copy([read]) == [GNTST.GNTST_okay]
-            finally:
-                trio.lowlevel.remove_instrument(steps)
             assert bytes(out[:4]) == b"ping"
             # Socket: one COPY request and one REPLY per copy, nothing else crosses the link.
             # Shared memory: the copy is a memcpy in the caller; nothing crosses the link.

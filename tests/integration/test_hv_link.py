@@ -164,15 +164,9 @@ async def dial_past_handshake(tmp_path: Path, dialer: Domain, peer: Domain) -> t
     """A socket-transport link from `dialer` to `peer`, authenticated, as a raw stream: the
     test speaks (or stops speaking) the link protocol itself."""
     stream = await trio.open_unix_socket(str(tmp_path / f"dom{peer.domid}.sock"))
-    await handshake.dial(
-        stream,
-        key=dialer.key,
-        peer=peer.domid,
-        peer_pubkey=peer.key.public_hex(),
-        transport="socket",
-        memory_fd=dialer.memory.fd,
-        layout=handshake.Layout(dialer.memory.nr_frames, 16, dialer.memory.size),
-    )
+    layout = handshake.Layout(dialer.memory.nr_frames, 16, dialer.memory.size)
+    terms = handshake.Terms(dialer.key, "socket", dialer.memory.fd, layout)
+    await handshake.dial(stream, terms, peer=peer.domid, peer_pubkey=peer.key.public_hex())
     return stream
 
 

@@ -19,7 +19,6 @@ from tests.integration.hv_pair import (
     TRANSPORTS,
     PeerProcess,
     endpoint_for,
-    open_registered,
     registered_peer,
 )
 from xenpv.hv import (
@@ -29,6 +28,7 @@ from xenpv.hv import (
     EventChannelClosed,
     PeerGone,
     StaticDirectory,
+    open_registered,
 )
 
 pytestmark = pytest.mark.parametrize(("transport", "kind"), TRANSPORTS, ids=TRANSPORT_IDS)
@@ -42,7 +42,9 @@ async def stalling_peer(
     replies and then stalls every later one; with the grant and port the peer offered."""
     async with AsyncExitStack() as stack:
         directory = StaticDirectory()
-        back = await open_registered(stack, directory, 0, endpoint_for(tmp, 0, kind), transport)
+        back = await open_registered(
+            stack, directory, 0, endpoint_for(tmp, 0, kind), transport=transport
+        )
         async with registered_peer(
             "stall", 1, tmp, kind, transport, back, directory, replies
         ) as peer:
@@ -116,7 +118,7 @@ async def test_ring_of_records_between_processes(seed: int, transport: str, kind
         async with AsyncExitStack() as stack:
             directory = StaticDirectory()
             front = await open_registered(
-                stack, directory, 1, endpoint_for(tmp_path, 1, kind), transport
+                stack, directory, 1, endpoint_for(tmp_path, 1, kind), transport=transport
             )
             page = front.alloc_pages(1)[0]
             hv_ring.init(page)

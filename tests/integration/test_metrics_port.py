@@ -13,6 +13,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.hv_pair import REPO
+from xenpv.toolstack.supervisor import stop_popen
 
 
 def free_port() -> int:
@@ -53,12 +54,7 @@ def test_xenstored_metrics_port_serves_parseable_counters(tmp_path: Path) -> Non
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
             text = reply.read().decode()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_popen(proc, 15)
     families = {f.name: f for f in text_string_to_metric_families(text)}
     ops = {s.labels["op"]: s.value for s in families["xenpv_xenstore_ops"].samples}
     assert ops.get("read", 0) >= 1  # the probe read the tree

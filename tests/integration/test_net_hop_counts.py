@@ -15,6 +15,7 @@ import trio
 import trio.testing
 
 from tests.integration.conftest import Xenstored
+from tests.integration.task_steps import counting_task_steps
 from tests.integration.test_netback import TRANSPORTS, frame, netback
 from tests.integration.test_netback_netfront import netfronts
 
@@ -25,14 +26,6 @@ FRAMES = 100
 # a little room.
 MAX_LINK_MESSAGES_PER_FRAME = {"socket": 24.5, "shm": 3.5}
 MAX_TASK_STEPS_PER_FRAME = {"socket": 84.0, "shm": 15.0}
-
-
-class TaskSteps(trio.abc.Instrument):
-    def __init__(self) -> None:
-        self.steps = 0
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        self.steps += 1
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -56,15 +49,11 @@ async def test_one_small_frame_costs_few_link_messages_and_task_steps(
             ]
             assert len(links) == 4
             before = sum(link.messages_received for link in links)
-            steps = TaskSteps()
-            trio.lowlevel.add_instrument(steps)
-            try:
+            with counting_task_steps() as steps:
                 for seq in range(1, FRAMES + 1):
                     sent = frame(1, 2, 64, seq)
                     await a.send(sent)
                     assert (await b.receive()).frame == sent
-            finally:
-                trio.lowlevel.remove_instrument(steps)
             messages = (sum(link.messages_received for link in links) - before) / FRAMES
             per_frame = steps.steps / FRAMES
             print(f"{transport}: {messages:.2f} link messages, {per_frame:.2f} task steps")

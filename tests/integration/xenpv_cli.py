@@ -17,3 +17,38 @@ def xenpv(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*PREFIX, *args], capture_output=True, text=True, timeout=timeout, env=ENV, cwd=REPO
     )
+
+
+SMALL_VBD_FEATURES = """[vbd.features]
+queues = 2
+ring_page_order = 1
+indirect_segments = 0
+persistent = false
+"""
+
+
+def small_topology(transport: str = "auto", restart: str = "no", vbd_features: str = "") -> str:
+    """The command-line tests' cluster: backend `be`, 16K guest `g16` (its `restart` policy)
+    with a 4M vbd on disk.img (`vbd_features`: a [vbd.features] table) and a vif."""
+    return f"""
+transport = "{transport}"
+
+[[domain]]
+name = "be"
+role = "backend"
+
+[[domain]]
+name = "g16"
+page_size = "16K"
+restart = "{restart}"
+
+[[vbd]]
+frontend = "g16"
+backend = "be"
+image = "disk.img"
+size = "4M"
+{vbd_features}
+[[vif]]
+frontend = "g16"
+backend = "be"
+"""

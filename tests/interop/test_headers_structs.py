@@ -104,6 +104,14 @@ def _diff(encode: Callable[[int], bytes]) -> int:
     return next(i for i in range(len(a)) if a[i] != b[i])
 
 
+def _setting(build: Callable[..., bytes], keyword: str) -> Callable[[int], bytes]:
+    """`build` with one field, `keyword`, set to the value."""
+    return lambda v: build(**{keyword: v})
+
+
+Table = dict[str, int]
+
+
 def _first_nonzero(data: bytes) -> int:
     return next(i for i, byte in enumerate(data) if byte)
 
@@ -151,6 +159,12 @@ def python_layout(p: BlkifProtocol) -> dict[str, int]:
         fields = {"gref": 0, "offset": 0, "flags": 0, "id": 0, "size": 0} | kw
         return netif.encode_tx_request(NetifTxRequest(**fields))
 
+    def tx_rsp(**kw: int) -> bytes:
+        return netif.encode_tx_response(NetifTxResponse(**({"id": 0, "status": 0} | kw)))
+
+    def rx_req(**kw: int) -> bytes:
+        return netif.encode_rx_request(NetifRxRequest(**({"id": 0, "gref": 0} | kw)))
+
     def rx_rsp(**kw: int) -> bytes:
         fields = {"id": 0, "offset": 0, "flags": 0, "status": 0} | kw
         return netif.encode_rx_response(NetifRxResponse(**fields))
@@ -159,17 +173,21 @@ def python_layout(p: BlkifProtocol) -> dict[str, int]:
         return netif.encode_extra(NetifMcastExtra(2, bytes([v]) + bytes(5)))
 
     s, o = "sizeof struct ", "offsetof struct "
+
+    def offsets(struct: str, build: Callable[..., bytes], *fields: str, **named: str) -> Table:
+        """offsetof `struct` for each field `build` sets by keyword: `fields` have the
+        header's name, `named` maps a keyword to the header's name."""
+        return {
+            f"{o}{struct} {name}": _diff(_setting(build, keyword))
+            for keyword, name in ({f: f for f in fields} | named).items()
+        }
+
     table = {
         s + "blkif_request_segment": len(segment()),
-        o + "blkif_request_segment gref": _diff(lambda v: segment(gref=v)),
-        o + "blkif_request_segment first_sect": _diff(lambda v: segment(first_sect=v)),
-        o + "blkif_request_segment last_sect": _diff(lambda v: segment(last_sect=v)),
+        **offsets("blkif_request_segment", segment, "gref", "first_sect", "last_sect"),
         s + "blkif_request": len(rw()),
-        o + "blkif_request operation": _diff(lambda v: rw(operation=v)),
+        **offsets("blkif_request", rw, "operation", "handle", "id", "sector_number"),
         o + "blkif_request nr_segments": _diff(lambda v: rw(segments=(z,) * v)),
-        o + "blkif_request handle": _diff(lambda v: rw(handle=v)),
-        o + "blkif_request id": _diff(lambda v: rw(id=v)),
-        o + "blkif_request sector_number": _diff(lambda v: rw(sector_number=v)),
         o + "blkif_request seg": _diff(lambda v: rw(segments=(BlkifSegment(v, 0, 0),))),
         o + "blkif_request seg[1]": _diff(lambda v: rw(segments=(z, BlkifSegment(v, 0, 0)))),
         o + "blkif_request seg[10].last_sect": _diff(
@@ -179,57 +197,52 @@ def python_layout(p: BlkifProtocol) -> dict[str, int]:
         # under pack(4) does not see; xenpv encodes the real i386 size, with the pad zeroed
         s + "blkif_request_discard": len(discard()),
         o + "blkif_request_discard operation": _first_nonzero(discard()),
-        o + "blkif_request_discard flag": _diff(lambda v: discard(flag=v)),
-        o + "blkif_request_discard handle": _diff(lambda v: discard(handle=v)),
-        o + "blkif_request_discard id": _diff(lambda v: discard(id=v)),
-        o + "blkif_request_discard sector_number": _diff(lambda v: discard(sector_number=v)),
-        o + "blkif_request_discard nr_sectors": _diff(lambda v: discard(nr_sectors=v)),
+        **offsets(
+            "blkif_request_discard", discard, "flag", "handle", "id", "sector_number", "nr_sectors"
+        ),
         s + "blkif_request_indirect": len(indirect()) - (8 if p is BLKIF_X86_32 else 0),
         o + "blkif_request_indirect operation": _first_nonzero(indirect()),
-        o + "blkif_request_indirect indirect_op": _diff(lambda v: indirect(indirect_op=v)),
-        o + "blkif_request_indirect nr_segments": _diff(lambda v: indirect(nr_segments=v)),
-        o + "blkif_request_indirect id": _diff(lambda v: indirect(id=v)),
-        o + "blkif_request_indirect sector_number": _diff(lambda v: indirect(sector_number=v)),
-        o + "blkif_request_indirect handle": _diff(lambda v: indirect(handle=v)),
+        **offsets(
+            "blkif_request_indirect",
+            indirect,
+            "indirect_op",
+            "nr_segments",
+            "id",
+            "sector_number",
+            "handle",
+        ),
         o + "blkif_request_indirect indirect_grefs": _diff(lambda v: indirect(indirect_grefs=(v,))),
         o + "blkif_request_indirect indirect_grefs[7]": _diff(
             lambda v: indirect(indirect_grefs=(0,) * 7 + (v,))
         ),
         s + "blkif_response": len(response()),
-        o + "blkif_response id": _diff(lambda v: response(id=v)),
-        o + "blkif_response operation": _diff(lambda v: response(operation=v)),
-        o + "blkif_response status": _diff(lambda v: response(status=v)),
+        **offsets("blkif_response", response, "id", "operation", "status"),
         s + "netif_tx_request": len(tx()),
-        o + "netif_tx_request gref": _diff(lambda v: tx(gref=v)),
-        o + "netif_tx_request offset": _diff(lambda v: tx(offset=v)),
-        o + "netif_tx_request flags": _diff(lambda v: tx(flags=v)),
-        o + "netif_tx_request id": _diff(lambda v: tx(id=v)),
-        o + "netif_tx_request size": _diff(lambda v: tx(size=v)),
-        s + "netif_tx_response": len(netif.encode_tx_response(NetifTxResponse(0, 0))),
-        o + "netif_tx_response id": _diff(
-            lambda v: netif.encode_tx_response(NetifTxResponse(v, 0))
-        ),
-        o + "netif_tx_response status": _diff(
-            lambda v: netif.encode_tx_response(NetifTxResponse(0, v))
-        ),
-        s + "netif_rx_request": len(netif.encode_rx_request(NetifRxRequest(0, 0))),
-        o + "netif_rx_request id": _diff(lambda v: netif.encode_rx_request(NetifRxRequest(v, 0))),
-        o + "netif_rx_request gref": _diff(lambda v: netif.encode_rx_request(NetifRxRequest(0, v))),
+        **offsets("netif_tx_request", tx, "gref", "offset", "flags", "id", "size"),
+        s + "netif_tx_response": len(tx_rsp()),
+        **offsets("netif_tx_response", tx_rsp, "id", "status"),
+        s + "netif_rx_request": len(rx_req()),
+        **offsets("netif_rx_request", rx_req, "id", "gref"),
         s + "netif_rx_response": len(rx_rsp()),
-        o + "netif_rx_response id": _diff(lambda v: rx_rsp(id=v)),
-        o + "netif_rx_response offset": _diff(lambda v: rx_rsp(offset=v)),
-        o + "netif_rx_response flags": _diff(lambda v: rx_rsp(flags=v)),
-        o + "netif_rx_response status": _diff(lambda v: rx_rsp(status=v)),
+        **offsets("netif_rx_response", rx_rsp, "id", "offset", "flags", "status"),
         s + "netif_extra_info": len(gso()),
         o + "netif_extra_info type": _first_nonzero(gso()),
-        o + "netif_extra_info flags": _diff(lambda v: gso(flags=v)),
-        o + "netif_extra_info u.gso.size": _diff(lambda v: gso(size=v)),
-        o + "netif_extra_info u.gso.type": _diff(lambda v: gso(gso_type=v)),
-        o + "netif_extra_info u.gso.features": _diff(lambda v: gso(features=v)),
+        **offsets(
+            "netif_extra_info",
+            gso,
+            "flags",
+            size="u.gso.size",
+            gso_type="u.gso.type",
+            features="u.gso.features",
+        ),
         o + "netif_extra_info u.mcast.addr": _diff(mcast),
-        o + "netif_extra_info u.hash.type": _diff(lambda v: hash_(hash_type=v)),
-        o + "netif_extra_info u.hash.algorithm": _diff(lambda v: hash_(algorithm=v)),
-        o + "netif_extra_info u.hash.value": _diff(lambda v: hash_(value=v)),
+        **offsets(
+            "netif_extra_info",
+            hash_,
+            hash_type="u.hash.type",
+            algorithm="u.hash.algorithm",
+            value="u.hash.value",
+        ),
         "sizeof union blkif_sring_entry": p.ring_layout.entry_size,
         "sizeof union netif_tx_sring_entry": NETIF_TX_RING.entry_size,
         "sizeof union netif_rx_sring_entry": NETIF_RX_RING.entry_size,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -226,25 +227,36 @@ def test_flush_without_support_completes_and_eopnotsupp_disables_it() -> None:
     assert g.engine.flush_op is None
 
 
-def test_unknown_or_stale_response_id_is_a_protocol_error_and_recovery_reissues() -> None:
+def forged_answer_breaks_then_reissues(
+    fill: bytes, forge: Callable[[BlkifRequest], BlkifResponse], error: str
+) -> None:
+    """A 4 KiB write of `fill` in flight, answered with `forge(its request)`: the poll raises
+    a protocol error matching `error` and acknowledges nothing; after a reconnect the write
+    is reissued and lands."""
     g = guest(4096)
     disk = bytearray(1 << 16)
     backend = g.connect(disk=disk)
-    w = io(BLKIF_OP_WRITE, 0, 4096, 4096, b"\x55" * 4096)
+    w = io(BLKIF_OP_WRITE, 0, 4096, 4096, fill * 4096)
     g.engine.submit(w)
     g.engine.dispatch()
     raw = backend.rings[0].take_request()
     assert raw is not None
     request = BLKIF_ARM.decode_request(raw)
     assert isinstance(request, BlkifRequest)
-    backend.rings[0].put_response(BLKIF_ARM.encode_response(BlkifResponse(request.id + 1, 1, 0)))
+    backend.rings[0].put_response(BLKIF_ARM.encode_response(forge(request)))
     backend.rings[0].push_responses()
-    with pytest.raises(BlkfrontProtocolError, match="no pending request"):
+    with pytest.raises(BlkfrontProtocolError, match=error):
         g.engine.poll(0)
-    assert not w.done
+    assert not w.done  # nothing acknowledged that the backend did not do
     g.drop()
     backend = g.connect(disk=disk)
-    assert run(g, backend) == [w] and w.status == 0 and disk[:4096] == b"\x55" * 4096
+    assert run(g, backend) == [w] and w.status == 0 and disk[:4096] == fill * 4096
+
+
+def test_unknown_or_stale_response_id_is_a_protocol_error_and_recovery_reissues() -> None:
+    forged_answer_breaks_then_reissues(
+        b"\x55", lambda request: BlkifResponse(request.id + 1, 1, 0), "no pending request"
+    )
 
 
 def test_planted_lost_reissue_acknowledges_the_newest_unfinished_write_unwritten() -> None:

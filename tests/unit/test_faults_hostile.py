@@ -13,7 +13,7 @@ from backends.blkback.request import IoKind, IoRequest, Rejected
 from frontends.blkfront.errors import BlkfrontProtocolError
 from tests.unit.faults_helpers import fault
 from tests.unit.test_blkback_request import core, enc, seg
-from tests.unit.test_blkfront_core import guest, io, run
+from tests.unit.test_blkfront_core import forged_answer_breaks_then_reissues, guest, io, run
 from xenpv.abi.blkif import (
     BLKIF_NATIVE,
     BLKIF_OP_READ,
@@ -188,23 +188,7 @@ def test_other_devices_are_left_alone(hostile: HostileRings) -> None:
 def test_an_id_in_flight_answered_with_another_operation_breaks_the_ring() -> None:
     from xenpv.abi.blkif import BlkifResponse
 
-    g = guest(4096)
-    disk = bytearray(1 << 16)
-    backend = g.connect(disk=disk)
-    w = io(BLKIF_OP_WRITE, 0, 4096, 4096, b"\x09" * 4096)
-    g.engine.submit(w)
-    g.engine.dispatch()
-    raw = backend.rings[0].take_request()
-    assert raw is not None
-    request = BLKIF_NATIVE.decode_request(raw)
-    assert isinstance(request, BlkifRequest)
     # The right id, the wrong operation: Linux "response has incorrect operation".
-    forged = BlkifResponse(request.id, BLKIF_OP_READ, 0)
-    backend.rings[0].put_response(BLKIF_NATIVE.encode_response(forged))
-    backend.rings[0].push_responses()
-    with pytest.raises(BlkfrontProtocolError, match="incorrect operation"):
-        g.engine.poll(0)
-    assert not w.done  # nothing acknowledged that the backend did not do
-    g.drop()
-    backend = g.connect(disk=disk)
-    assert run(g, backend) == [w] and disk[:4096] == b"\x09" * 4096
+    forged_answer_breaks_then_reissues(
+        b"\x09", lambda request: BlkifResponse(request.id, BLKIF_OP_READ, 0), "incorrect operation"
+    )

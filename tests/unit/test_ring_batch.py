@@ -6,6 +6,7 @@ of it."""
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable, Sequence
 
 import pytest
 from hypothesis import given, settings
@@ -35,6 +36,21 @@ def _entries(count: int, size: int, seed: int) -> list[bytes]:
     return [bytes((seed + n + k) & 0xFF for k in range(size)) for n in range(count)]
 
 
+def _put_both_ways(
+    one: tuple[LocalBuffer, Callable[[bytes], None]],
+    batch: tuple[LocalBuffer, Callable[[Sequence[bytes]], None]],
+    entries: list[bytes],
+) -> None:
+    """Put `entries` one call each into one ring and in one batch into the other: the same
+    bytes land, and the same bytes are reported written."""
+    (one_buffer, put_one), (batch_buffer, put_batch) = one, batch
+    for entry in entries:
+        put_one(entry)
+    put_batch(entries)
+    assert bytes(batch_buffer.view) == bytes(one_buffer.view)
+    assert _covered(batch_buffer.dirty) == _covered(one_buffer.dirty)
+
+
 # The batch-equals-one-by-one properties share their cases: both ring layouts; start indexes
 # at 0, mid-ring, near the ring's end (batches cross it) and just before the 32-bit wrap.
 batch_cases = given(
@@ -55,12 +71,10 @@ def test_put_requests_equals_one_by_one(
     batch_buffer, batch_front, _ = _ring_at(layout, start)
     one_buffer.dirty.clear()
     batch_buffer.dirty.clear()
-    for entry in entries:
-        one_front.put_request(entry)
-    batch_front.put_requests(entries)
-    assert bytes(batch_buffer.view) == bytes(one_buffer.view)
+    _put_both_ways(
+        (one_buffer, one_front.put_request), (batch_buffer, batch_front.put_requests), entries
+    )
     assert batch_front.req_prod_pvt == one_front.req_prod_pvt == (start + count) & MASK
-    assert _covered(batch_buffer.dirty) == _covered(one_buffer.dirty)
     assert len(batch_buffer.dirty) <= 2  # whole slots: one run, two across the wrap
     assert batch_front.push_requests() == one_front.push_requests()
 
@@ -81,13 +95,11 @@ def test_put_responses_equals_one_by_one(
         buffer.dirty.clear()
         rings.append((buffer, front, back))
     (one_buffer, _, one_back), (batch_buffer, _, batch_back) = rings
-    for response in responses:
-        one_back.put_response(response)
-    batch_back.put_responses(responses)
-    assert bytes(batch_buffer.view) == bytes(one_buffer.view)
-    assert batch_back.rsp_prod_pvt == one_back.rsp_prod_pvt == (start + count) & MASK
     # Only the bytes of each response are reported (a tx response is 4 of a 12-byte slot).
-    assert _covered(batch_buffer.dirty) == _covered(one_buffer.dirty)
+    _put_both_ways(
+        (one_buffer, one_back.put_response), (batch_buffer, batch_back.put_responses), responses
+    )
+    assert batch_back.rsp_prod_pvt == one_back.rsp_prod_pvt == (start + count) & MASK
     assert batch_back.push_responses() == one_back.push_responses()
 
 

@@ -24,7 +24,7 @@ def test_cycles_run_through_the_public_api() -> None:
 
 def test_bench_prints_json_last(capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
-    ring.register(parser.add_subparsers())
+    ring.BENCH.add_parser(parser.add_subparsers(), ring.run)
     args = parser.parse_args(["ring", "--quick", "--json", "--seconds", "0.01"])
     assert args.run(args) == 0
     out = capsys.readouterr()

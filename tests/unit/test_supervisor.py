@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from xenpv.toolstack.supervisor import (
     describe_status,
     lock_holder,
     lock_state_dir,
+    stop_popen,
     unlock_state_dir,
 )
 from xenpv.toolstack.topology import TopologyError, loads
@@ -156,3 +158,20 @@ def test_cli_interrupt_in_an_exception_group_is_130(
     _cli_with(monkeypatch, run)
     assert cli.main([]) == 130
     assert capsys.readouterr().err == "xenpv: interrupted\n"
+
+
+def test_stop_popen_terminates_then_kills_a_child_that_ignores_sigterm() -> None:
+    polite = subprocess.Popen(SLEEPER)
+    assert stop_popen(polite, 30) == -signal.SIGTERM
+    assert stop_popen(polite, 30) == -signal.SIGTERM  # already stopped: its status again
+    read_fd, write_fd = os.pipe()
+    stubborn = subprocess.Popen(
+        [sys.executable, "-c", STUBBORN, str(write_fd)], pass_fds=(write_fd,)
+    )
+    os.close(write_fd)
+    try:
+        assert os.read(read_fd, 5) == b"ready"
+    finally:
+        os.close(read_fd)
+    assert stop_popen(stubborn, 0.2) is None
+    assert stubborn.returncode == -signal.SIGKILL

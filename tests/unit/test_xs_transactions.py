@@ -94,12 +94,17 @@ def test_implicit_reads_count() -> None:
     assert error_name(a.end(tx)) == "EAGAIN"
 
 
-def test_events_and_journal_only_at_commit() -> None:
-    store = Store()
-    a, w = Client(store, 0), Client(store, 0)
+def _watched_write() -> tuple[Client, Client, int]:
+    """`a` has written /t/a in transaction `tx` (not yet ended) while `w` watches /t."""
+    a, w = dom0_pair()
     w.watch("/t", "tok")
     tx = a.start()
     a.write("/t/a", b"1", tx=tx)
+    return a, w, tx
+
+
+def test_events_and_journal_only_at_commit() -> None:
+    a, w, tx = _watched_write()
     assert events(a.last, w.conn) == [] and a.last is not None and a.last.changes == []
     a.rm("/t/a", tx=tx)
     a.write("/t/b", b"2", tx=tx)
@@ -112,14 +117,10 @@ def test_events_and_journal_only_at_commit() -> None:
 
 
 def test_abort_discards() -> None:
-    store = Store()
-    a, w = Client(store, 0), Client(store, 0)
-    w.watch("/t", "tok")
-    tx = a.start()
-    a.write("/t/a", b"1", tx=tx)
+    a, w, tx = _watched_write()
     assert a.end(tx, commit=False).payload == b"OK\0"
     assert events(a.last, w.conn) == [] and a.last is not None and a.last.changes == []
-    assert store.get("/t/a") is None
+    assert a.store.get("/t/a") is None
 
 
 def test_end_errors() -> None:

@@ -43,7 +43,7 @@ from typing import Any
 
 import trio
 
-from xenpv.bench.cli import add_bench
+from xenpv.bench.cli import SCRATCH_DIR, Bench, option
 from xenpv.bench.report import emit
 from xenpv.bench.xenstore import child_env, supervised_xenstored
 from xenpv.commands import args as types
@@ -88,20 +88,15 @@ NBD_START_TIMEOUT = 90.0
 INSTALL_HINT = "apt-get install fio nbdkit"
 
 
-def register(benches: Any) -> None:
-    parser = add_bench(
-        benches,
-        "blk",
-        help="blkfront/blkback IOPS and throughput vs fio+nbdkit on the same image",
-        run=run,
-        quick_help="short runs, fewer configurations",
-    )
-    parser.add_argument(
-        "--dir", type=types.existing_dir, default=None, help="directory for the scratch image"
-    )
-    parser.add_argument(
-        "--seconds", type=types.positive_float, default=None, help="time per workload"
-    )
+BENCH = Bench(
+    "blk",
+    help="blkfront/blkback IOPS and throughput vs fio+nbdkit on the same image",
+    quick_help="short runs, fewer configurations",
+    options=(
+        SCRATCH_DIR,
+        option("--seconds", type=types.positive_float, default=None, help="time per workload"),
+    ),
+)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -481,13 +476,7 @@ def _xenpv_nbd(
         yield sock
     finally:
         os.close(read_fd)
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.communicate()
+        supervisor.stop_popen(proc, 30)
         sup.forget(recorded)
 
 
@@ -528,12 +517,7 @@ def _bench_nbdkit(
             out[w.name] = result
         return out
     finally:
-        server.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            server.wait(timeout=10)
-        if server.poll() is None:
-            server.kill()
-            server.wait()
+        supervisor.stop_popen(server, 10)
         sup.forget(recorded)
 
 

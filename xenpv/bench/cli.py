@@ -7,6 +7,7 @@ import argparse
 import os
 import subprocess
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,33 +22,60 @@ T = TypeVar("T")
 TRANSPORTS = ("socket", "shm")  # the domain link transports a bench compares
 
 
-def add_bench(
-    benches: Any,
-    name: str,
-    *,
-    help: str,
-    run: Callable[[argparse.Namespace], int],
-    seconds: float | None = None,
-    seconds_help: str = "time per measurement",
-    quick_help: str = "short runs (CI smoke test)",
-    transport: bool = False,
-) -> argparse.ArgumentParser:
-    """Add `xenpv bench NAME` running `run`, with the shared options; `seconds` (the default
-    of `--seconds`) adds that option too, `transport` adds `--transport` (see
-    `chosen_transports`). Returns the parser for the bench's own options."""
-    parser: argparse.ArgumentParser = benches.add_parser(name, help=help)
-    parser.add_argument("--quick", action="store_true", help=quick_help)
-    parser.add_argument("--json", action="store_true", help="accepted; JSON is always last")
-    if seconds is not None:
-        parser.add_argument(
-            "--seconds", type=types.positive_float, default=seconds, help=seconds_help
-        )
-    if transport:
-        parser.add_argument(
-            "--transport", choices=[*TRANSPORTS, "all"], default="all", help="domain link transport"
-        )
-    parser.set_defaults(run=run)
-    return parser
+@dataclass(frozen=True)
+class Option:
+    """One of a bench's own options: the arguments of `parser.add_argument`."""
+
+    flags: tuple[str, ...]
+    kwargs: dict[str, Any]
+
+
+def option(*flags: str, **kwargs: Any) -> Option:
+    """A bench's own option, written as the `parser.add_argument` call it stands for."""
+    return Option(flags, kwargs)
+
+
+SCRATCH_DIR = option(
+    "--dir", type=types.existing_dir, default=None, help="directory for the scratch image"
+)
+
+
+@dataclass(frozen=True)
+class Bench:
+    """What `xenpv bench NAME` shows and takes: the shared options, `--seconds` when
+    `seconds` (its default) is set, `--transport` when `transport` (see `chosen_transports`),
+    then the bench's own `options`."""
+
+    name: str
+    help: str
+    seconds: float | None = None
+    seconds_help: str = "time per measurement"
+    quick_help: str = "short runs (CI smoke test)"
+    transport: bool = False
+    options: tuple[Option, ...] = ()
+
+    def add_parser(
+        self, benches: Any, run: Callable[[argparse.Namespace], int]
+    ) -> argparse.ArgumentParser:
+        """Add `xenpv bench NAME` running `run`, with the options this bench lists."""
+        parser: argparse.ArgumentParser = benches.add_parser(self.name, help=self.help)
+        parser.add_argument("--quick", action="store_true", help=self.quick_help)
+        parser.add_argument("--json", action="store_true", help="accepted; JSON is always last")
+        if self.seconds is not None:
+            parser.add_argument(
+                "--seconds", type=types.positive_float, default=self.seconds, help=self.seconds_help
+            )
+        if self.transport:
+            parser.add_argument(
+                "--transport",
+                choices=[*TRANSPORTS, "all"],
+                default="all",
+                help="domain link transport",
+            )
+        for opt in self.options:
+            parser.add_argument(*opt.flags, **opt.kwargs)
+        parser.set_defaults(run=run)
+        return parser
 
 
 def child_env() -> dict[str, str]:

@@ -33,7 +33,7 @@ from typing import Any
 
 import trio
 
-from xenpv.bench.cli import add_bench, spawn_reporting
+from xenpv.bench.cli import Bench, spawn_reporting
 from xenpv.bench.report import emit
 from xenpv.hv import CopyDirection, CopyOp, Domain, EventChannel, StaticDirectory, open_domain
 from xenpv.hv.busypoll import DEFAULT_MAX_US, AdaptivePoll
@@ -49,14 +49,11 @@ RTT_GOAL = 1.5
 SHM_COPY_GOAL = 1500.0
 
 
-def register(benches: Any) -> None:
-    add_bench(
-        benches,
-        "link",
-        help="domain link: notify round trip and grant-copy throughput per transport",
-        run=run,
-        seconds=1.5,
-    )
+BENCH = Bench(
+    "link",
+    help="domain link: notify round trip and grant-copy throughput per transport",
+    seconds=1.5,
+)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ from backends import netback
 from backends.switch import LiveSwitch
 from frontends.netfront import Netfront, attach
 from xenpv.abi.netif import XEN_NETIF_GSO_TYPE_TCPV4, NetifGsoExtra
-from xenpv.bench.cli import add_bench, chosen_transports, run_supervised
+from xenpv.bench.cli import Bench, chosen_transports, option, run_supervised
 from xenpv.bench.report import emit
 from xenpv.bench.xenstore import spawned_xenstored
 from xenpv.commands import args as types
@@ -60,29 +60,26 @@ GUESTS = (1, 2)
 IPERF_PACKAGE = "iperf3"
 
 
-def register(benches: Any) -> None:
-    parser = add_bench(
-        benches,
-        "net",
-        help="guest-to-guest frames/s and Mbit/s over netfront/netback; iperf3 TAP vs veth",
-        run=run,
-        seconds=2.0,
-        seconds_help="time per frame size",
-        transport=True,
-    )
-    parser.add_argument(
-        "--iperf-seconds", type=types.positive_float, default=5.0, help="time per iperf3 run"
-    )
-    parser.add_argument(
-        "--queues", type=types.int_range(1, 4), default=1, help="netfront queues per vif"
-    )
-    parser.add_argument(
-        "--processes",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="guests in a process of their own, the backend in this one (default); "
-        "--no-processes runs every domain in this process",
-    )
+BENCH = Bench(
+    "net",
+    help="guest-to-guest frames/s and Mbit/s over netfront/netback; iperf3 TAP vs veth",
+    seconds=2.0,
+    seconds_help="time per frame size",
+    transport=True,
+    options=(
+        option(
+            "--iperf-seconds", type=types.positive_float, default=5.0, help="time per iperf3 run"
+        ),
+        option("--queues", type=types.int_range(1, 4), default=1, help="netfront queues per vif"),
+        option(
+            "--processes",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="guests in a process of their own, the backend in this one (default); "
+            "--no-processes runs every domain in this process",
+        ),
+    ),
+)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,16 +92,23 @@ def run(args: argparse.Namespace) -> int:
     rtt_by_transport: dict[str, dict[str, float]] = {}
     tap_udp: dict[str, dict[str, Any]] = {}
     tap_rtt: dict[str, dict[str, Any]] = {}
-    for transport in transports:
-        code, measured = run_supervised(
+
+    def measure(
+        pair: Callable[..., Awaitable[dict[str, Any]]], transport: str, seconds: float
+    ) -> tuple[int, dict[str, Any] | None]:
+        """`pair` (a two-guest measurement) under a supervisor, with the bench's options."""
+        return run_supervised(
             functools.partial(
-                _guest_to_guest,
+                pair,
                 transport=transport,
                 seconds=seconds,
                 queues=args.queues,
                 processes=args.processes,
             )
         )
+
+    for transport in transports:
+        code, measured = measure(_guest_to_guest, transport, seconds)
         if measured is None:
             return code
         g2g = measured
@@ -123,15 +127,7 @@ def run(args: argparse.Namespace) -> int:
         if missing:
             tap = _unavailable(missing)
         else:
-            code, measured = run_supervised(
-                functools.partial(
-                    _tap_iperf,
-                    transport=transport,
-                    seconds=iperf_seconds,
-                    queues=args.queues,
-                    processes=args.processes,
-                )
-            )
+            code, measured = measure(_tap_iperf, transport, iperf_seconds)
             if measured is None:
                 return code
             tap = measured
@@ -576,34 +572,45 @@ async def _udp_round_trips(
     sup: Supervisor, ns_server: str, ns_client: str, address: str, seconds: float
 ) -> dict[str, Any]:
     server_cmd = ["ip", "netns", "exec", ns_server, sys.executable, "-c", _ECHO_SERVER, address]
-    child = await sup.spawn("udp-echo-server", "backend", server_cmd, Path(os.devnull))
-    assert isinstance(child.proc, trio.Process)
-    server = child.proc
-    try:
+    async with _server_child(sup, "udp-echo-server", server_cmd):
         client_cmd = ["ip", "netns", "exec", ns_client, sys.executable, "-c", _ECHO_CLIENT]
         client_cmd += [address, str(seconds)]
-        client = await sup.spawn(
-            "udp-echo-client", "guest", client_cmd, Path(os.devnull), stdout=subprocess.PIPE
-        )
-        assert isinstance(client.proc, trio.Process) and client.proc.stdout is not None
-        output = bytearray()
-        while chunk := await client.proc.stdout.receive_some():
-            output += chunk
-        await client.proc.wait()
-        await client.proc.stdout.aclose()
+        output = await _client_output(sup, "udp-echo-client", client_cmd)
         try:
-            measured = json.loads(bytes(output))
+            measured = json.loads(output)
             samples = [float(x) for x in measured["samples"]]
         except (ValueError, KeyError, TypeError):
-            return {"status": "failed", "output": bytes(output[-300:]).decode(errors="replace")}
+            return {"status": "failed", "output": output[-300:].decode(errors="replace")}
         if not samples:
             return {"status": "failed", "output": "no datagram came back"}
         return {"status": "ok", **_percentiles(samples), "lost": measured.get("lost", 0)}
+
+
+@asynccontextmanager
+async def _server_child(sup: Supervisor, name: str, command: list[str]) -> AsyncIterator[None]:
+    """A server child (`ip netns exec ...`) for the length of the block, killed at its end."""
+    child = await sup.spawn(name, "backend", command, Path(os.devnull))
+    assert isinstance(child.proc, trio.Process)  # spawned, not forked
+    server = child.proc
+    try:
+        yield
     finally:
         if server.returncode is None:
             server.kill()
         with trio.CancelScope(shield=True):
             await server.wait()
+
+
+async def _client_output(sup: Supervisor, name: str, command: list[str]) -> bytes:
+    """Run a client child (`ip netns exec ...`) to its end; what it wrote on its stdout."""
+    client = await sup.spawn(name, "guest", command, Path(os.devnull), stdout=subprocess.PIPE)
+    assert isinstance(client.proc, trio.Process) and client.proc.stdout is not None
+    output = bytearray()
+    while chunk := await client.proc.stdout.receive_some():
+        output += chunk
+    await client.proc.wait()
+    await client.proc.stdout.aclose()
+    return bytes(output)
 
 
 async def _iperf_between(
@@ -616,10 +623,7 @@ async def _iperf_between(
     udp: bool = False,
 ) -> dict[str, Any]:
     iperf_server = ["ip", "netns", "exec", ns_server, IPERF_PACKAGE, "-s", "-1", "-B", address]
-    child = await sup.spawn("iperf3-server", "backend", iperf_server, Path(os.devnull))
-    assert isinstance(child.proc, trio.Process)  # spawned, not forked: it has a stdout
-    server = child.proc
-    try:
+    async with _server_child(sup, "iperf3-server", iperf_server):
         for _ in range(100):  # wait for the server socket (iperf3 has no readiness signal)
             probe = await trio.run_process(
                 ["ip", "netns", "exec", ns_server, "ss", "-ltnH", "sport", "= :5201"],
@@ -633,21 +637,8 @@ async def _iperf_between(
         iperf_client += ["-c", address, "-t", str(seconds), "-J"]
         if udp:  # small packets as fast as they go: the per-packet cost, not the bytes
             iperf_client += ["-u", "-l", "64", "-b", "0"]
-        client = await sup.spawn(
-            "iperf3-client", "guest", iperf_client, Path(os.devnull), stdout=subprocess.PIPE
-        )
-        assert isinstance(client.proc, trio.Process) and client.proc.stdout is not None
-        output = bytearray()
-        while chunk := await client.proc.stdout.receive_some():
-            output += chunk
-        await client.proc.wait()
-        await client.proc.stdout.aclose()
-        return _iperf_udp_result(bytes(output)) if udp else _iperf_result(bytes(output))
-    finally:
-        if server.returncode is None:
-            server.kill()
-        with trio.CancelScope(shield=True):
-            await server.wait()
+        output = await _client_output(sup, "iperf3-client", iperf_client)
+        return _iperf_udp_result(output) if udp else _iperf_result(output)
 
 
 async def _tap_iperf(

@@ -30,13 +30,12 @@ import trio
 from backends.netback import Vif
 from backends.switch import LiveSwitch
 from frontends.netfront import Netfront, attach
-from xenpv.bench.cli import add_bench, chosen_transports
+from xenpv.bench.cli import Bench, chosen_transports, option
 from xenpv.bench.net import _stream
 from xenpv.bench.report import emit
 from xenpv.bench.xenstore import spawned_xenstored
 from xenpv.commands import args as types
-from xenpv.hv import StaticDirectory, open_domain
-from xenpv.identity import DomainKey
+from xenpv.hv import StaticDirectory, open_registered
 from xenpv.toolstack import supervisor
 from xenpv.toolstack.devices import create_vif
 from xenpv.toolstack.supervisor import Supervisor
@@ -48,26 +47,23 @@ GUEST_PAGE = 65536
 MODES = {"4k_split": 0, "64k_granule": None}  # attach(granule_order=...)
 
 
-def register(benches: Any) -> None:
-    parser = add_bench(
-        benches,
-        "net-granule",
-        help="64 KiB guest vif throughput: 64 KiB grant granules vs 4 KiB splitting",
-        run=run,
-        seconds=2.0,
-        seconds_help="time per frame size",
-        transport=True,
-    )
-    parser.add_argument(
-        "--repeat", type=types.positive_int, default=1, help="runs per mode (best is kept)"
-    )
-    parser.add_argument(
-        "--backend-page",
-        type=int,
-        choices=[4096, 16384, 65536],
-        default=4096,
-        help="the backend domain's page size",
-    )
+BENCH = Bench(
+    "net-granule",
+    help="64 KiB guest vif throughput: 64 KiB grant granules vs 4 KiB splitting",
+    seconds=2.0,
+    seconds_help="time per frame size",
+    transport=True,
+    options=(
+        option("--repeat", type=types.positive_int, default=1, help="runs per mode (best is kept)"),
+        option(
+            "--backend-page",
+            type=int,
+            choices=[4096, 16384, 65536],
+            default=4096,
+            help="the backend domain's page size",
+        ),
+    ),
+)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -201,19 +197,15 @@ async def _net(
     async with AsyncExitStack() as stack:
         doms = []
         for domid, page in enumerate([backend_page, GUEST_PAGE, GUEST_PAGE]):
-            key = DomainKey.generate(domid)
-            dom = await stack.enter_async_context(
-                open_domain(
-                    domid=domid,
-                    key=key,
-                    directory=directory,
-                    endpoint=f"unix:{tmp}/d{domid}.sock",
-                    transport=transport,
-                    page_size=page,
-                    memory_bytes=(32 << 20) if domid == 0 else (64 << 20),
-                )
+            dom = await open_registered(
+                stack,
+                directory,
+                domid,
+                f"unix:{tmp}/d{domid}.sock",
+                transport=transport,
+                page_size=page,
+                memory_bytes=(32 << 20) if domid == 0 else (64 << 20),
             )
-            directory.register(domid, dom.endpoint, key.public_hex())
             doms.append(dom)
         xs = await stack.enter_async_context(connect(address))
         switch: LiveSwitch[Any] = LiveSwitch(queue_depth=1024)

@@ -31,7 +31,7 @@ from xenpv.abi.blkif import (
 )
 from xenpv.abi.buffer import XEN_PAGE_SIZE
 from xenpv.abi.ring import BackRing, FrontRing
-from xenpv.bench.cli import add_bench
+from xenpv.bench.cli import Bench, option
 from xenpv.bench.report import emit
 from xenpv.commands import args as types
 
@@ -55,27 +55,26 @@ class _CountingBuffer:
         self.writes += 1
 
 
-def register(benches: Any) -> None:
-    parser = add_bench(
-        benches,
-        "ring",
-        help="blkif 4K read request/response cycles per second through a shared ring",
-        run=run,
-        seconds=2.0,
-        seconds_help="time per scenario",
-    )
-    parser.add_argument(
-        "--batch",
-        type=types.positive_int,
-        default=32,
-        help="requests in flight in the batched scenario",
-    )
-    parser.add_argument(
-        "--pages",
-        type=types.int_range(1, 16),
-        default=1,
-        help="ring size in 4 KiB pages (1 page = 32 slots)",
-    )
+BENCH = Bench(
+    "ring",
+    help="blkif 4K read request/response cycles per second through a shared ring",
+    seconds=2.0,
+    seconds_help="time per scenario",
+    options=(
+        option(
+            "--batch",
+            type=types.positive_int,
+            default=32,
+            help="requests in flight in the batched scenario",
+        ),
+        option(
+            "--pages",
+            type=types.int_range(1, 16),
+            default=1,
+            help="ring size in 4 KiB pages (1 page = 32 slots)",
+        ),
+    ),
+)
 
 
 def run(args: argparse.Namespace) -> int:

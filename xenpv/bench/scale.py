@@ -27,7 +27,7 @@ from typing import Any
 
 import trio
 
-from xenpv.bench.cli import add_bench
+from xenpv.bench.cli import Bench, option
 from xenpv.bench.report import emit
 from xenpv.commands import args as types
 from xenpv.errors import UsageError
@@ -48,39 +48,34 @@ PAGE_SIZES = (4096, 16384, 65536)
 MiB = 1 << 20
 
 
-def register(benches: Any) -> None:
-    parser = add_bench(
-        benches,
-        "scale",
-        help="N guests (vbd + vif each) on one backend: start, verify, stop",
-        run=run,
-        quick_help="accepted (the size is --guests)",
-    )
-    parser.add_argument("--guests", type=types.positive_int, default=32, help="default 32")
-    parser.add_argument(
-        "--start", choices=("fork", "spawn"), default="fork", help="how domains start"
-    )
-    parser.add_argument(
-        "--timeout", type=types.positive_float, default=120.0, help="seconds to Connected"
-    )
-    parser.add_argument(
-        "--page-sizes",
-        default="4K,16K,64K",
-        help="guest page sizes, used in turn (default 4K,16K,64K; a guest's drivers touch "
-        "buffers in proportion: 4K alone for the largest runs)",
-    )
-    parser.add_argument(
-        "--small-rings",
-        action="store_true",
-        help="one queue, one-page rings, no indirect or persistent grants: less guest memory",
-    )
-    parser.add_argument(
-        "--group-size",
-        type=types.positive_int,
-        default=1,
-        metavar="K",
-        help="guests per process (topology `group`; default 1: one process per guest)",
-    )
+BENCH = Bench(
+    "scale",
+    help="N guests (vbd + vif each) on one backend: start, verify, stop",
+    quick_help="accepted (the size is --guests)",
+    options=(
+        option("--guests", type=types.positive_int, default=32, help="default 32"),
+        option("--start", choices=("fork", "spawn"), default="fork", help="how domains start"),
+        option("--timeout", type=types.positive_float, default=120.0, help="seconds to Connected"),
+        option(
+            "--page-sizes",
+            default="4K,16K,64K",
+            help="guest page sizes, used in turn (default 4K,16K,64K; a guest's drivers touch "
+            "buffers in proportion: 4K alone for the largest runs)",
+        ),
+        option(
+            "--small-rings",
+            action="store_true",
+            help="one queue, one-page rings, no indirect or persistent grants: less guest memory",
+        ),
+        option(
+            "--group-size",
+            type=types.positive_int,
+            default=1,
+            metavar="K",
+            help="guests per process (topology `group`; default 1: one process per guest)",
+        ),
+    ),
+)
 
 
 def scale_topology(

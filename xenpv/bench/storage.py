@@ -21,21 +21,16 @@ from typing import Any
 import trio
 
 from backends.storage import IoPolicy, RawImage
-from xenpv.bench.cli import add_bench, run_supervised
+from xenpv.bench.cli import SCRATCH_DIR, Bench, run_supervised
 from xenpv.bench.report import emit
-from xenpv.commands import args as types
 
 MiB = 1 << 20
 MODES = ("thread", "inline", "auto")
 
 
-def register(benches: Any) -> None:
-    parser = add_bench(
-        benches, "storage", help="RawImage I/O: inline fast path vs worker threads", run=run
-    )
-    parser.add_argument(
-        "--dir", type=types.existing_dir, default=None, help="directory for the scratch image"
-    )
+BENCH = Bench(
+    "storage", help="RawImage I/O: inline fast path vs worker threads", options=(SCRATCH_DIR,)
+)
 
 
 def run(args: argparse.Namespace) -> int:

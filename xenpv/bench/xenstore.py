@@ -32,7 +32,7 @@ from typing import Any
 
 import trio
 
-from xenpv.bench.cli import add_bench
+from xenpv.bench.cli import Bench, option
 from xenpv.bench.cli import child_env as child_env  # also imported from here
 from xenpv.bench.report import emit
 from xenpv.commands import args as types
@@ -49,16 +49,13 @@ FANOUT_WATCHERS = 1000
 FANOUT_PER_CONNECTION = 20
 
 
-def register(benches: Any) -> None:
-    parser = add_bench(
-        benches,
-        "xenstore",
-        help="xenstored round trips vs a do-nothing server, watch fan-out, scale",
-        run=run,
-    )
-    parser.add_argument(
-        "--dir", type=types.existing_dir, default=None, help="directory for the data dir"
-    )
+BENCH = Bench(
+    "xenstore",
+    help="xenstored round trips vs a do-nothing server, watch fan-out, scale",
+    options=(
+        option("--dir", type=types.existing_dir, default=None, help="directory for the data dir"),
+    ),
+)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -155,12 +152,7 @@ def _spawn(
             raise RuntimeError(f"server {args[0]} did not start")
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        supervisor.stop_popen(proc, 30)
         if recorded is not None and sup is not None:
             sup.forget(recorded)
 

@@ -1,7 +1,8 @@
 """`xenpv bench NAME`: run one benchmark from the `benchmarks` package.
 
-Each benchmark module exposes `register(subparsers)`; it prints a table on stderr and one
-JSON object as the last line of stdout (see `xenpv.bench.report`).
+Each benchmark module exposes `BENCH` (its name and options, a `xenpv.bench.cli.Bench`) and
+`run(args)`; it prints a table on stderr and one JSON object as the last line of stdout (see
+`xenpv.bench.report`).
 """
 
 from __future__ import annotations
@@ -38,4 +39,4 @@ def register(sub: Any) -> None:
             if exc.name != name:
                 raise
             continue  # not written yet
-        module.register(benches)
+        module.BENCH.add_parser(benches, module.run)

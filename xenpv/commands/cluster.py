@@ -25,6 +25,7 @@ import json
 import os
 import sys
 import time
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -128,20 +129,40 @@ def run_up(args: argparse.Namespace) -> int:
     return code
 
 
+def launch(
+    topo: topology.Topology,
+    state_dir: Path,
+    args: argparse.Namespace,
+    sup: Supervisor,
+    *,
+    progress: Progress,
+    on_exit: cluster.OnExit = "fail",
+) -> AbstractAsyncContextManager[cluster.Cluster]:
+    """`cluster.launch` as `--timeout` and `--log-level` ask (`cluster up`, `demo`)."""
+    return cluster.launch(
+        topo,
+        state_dir,
+        sup=sup,
+        ready_timeout_s=args.timeout,
+        log_level=args.log_level,
+        on_exit=on_exit,
+        progress=progress,
+    )
+
+
 async def _up(
     topo: topology.Topology, state_dir: Path, args: argparse.Namespace, sup: Supervisor
 ) -> int:
     # The supervisor receives SIGINT/SIGTERM from the start: a signal during start-up or
     # after it stops the cluster through `launch`'s exit (guests, backends, xenstored).
     detached = args.ready_fd is not None  # this process is a detached cluster's supervisor
-    async with cluster.launch(
+    async with launch(
         topo,
         state_dir,
-        sup=sup,
-        ready_timeout_s=args.timeout,
-        log_level=args.log_level,
-        on_exit="record" if detached else "fail",
+        args,
+        sup,
         progress=Progress.for_terminal(quiet=args.json or detached),
+        on_exit="record" if detached else "fail",
     ) as running:
         sup.signal_is_normal_stop = True  # from now on a signal is how it ends
         if detached:

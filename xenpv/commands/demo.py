@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from xenpv.commands import args as types
-from xenpv.commands.cluster import print_status
+from xenpv.commands.cluster import launch, print_status
 from xenpv.commands.toolstack import request_round, summarize
 from xenpv.toolstack import cluster, supervisor, topology
 from xenpv.toolstack.progress import Progress
@@ -124,14 +124,7 @@ async def _demo(
     start = time.monotonic()
     progress = Progress.for_terminal(quiet=args.json)
     try:
-        async with cluster.launch(
-            topo,
-            state_dir,
-            sup=sup,
-            ready_timeout_s=args.timeout,
-            log_level=args.log_level,
-            progress=progress,
-        ) as running:
+        async with launch(topo, state_dir, args, sup, progress=progress) as running:
             progress.show("self-test round: block I/O on every vbd, echo between the guests")
             await _selftest(running.xs, running, 1, args)
             status = await read_status(running.xs)

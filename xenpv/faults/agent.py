@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -75,12 +75,11 @@ _OK = 0
 
 
 @dataclass
-class EventInjector:
-    """`event.*` on this domain's outgoing notifications (the port table's seam); `peer`
-    None means every channel, else only channels to that domain."""
+class _PeerInjector:
+    """The faults of one family active on this domain, each limited to work with one peer
+    domain and to one device's tasks (None: any)."""
 
     seed: int
-    spawn: Callable[..., None]
     active: dict[str, tuple[Hits, int | None, str | None]] = field(default_factory=dict)
 
     def start(self, fault: ScheduledFault, peer: int | None, device: str | None) -> None:
@@ -90,14 +89,27 @@ class EventInjector:
     def stop(self, fault: ScheduledFault) -> None:
         self.active.pop(fault.id, None)
 
-    def on_event(self, channel: EventChannel, send: Callable[[], None]) -> bool:
+    def hitting(self, remote: int) -> Iterator[Hits]:
+        """The active faults that apply to work with domain `remote` by the running task."""
         for hits, peer, device in self.active.values():
-            kind = hits.fault.kind
-            if kind not in ("event.delay", "event.drop", "event.duplicate"):
-                continue
-            if peer is not None and channel.remote_domid != peer:
+            if peer is not None and remote != peer:
                 continue
             if device is not None and current_device() != device:
+                continue
+            yield hits
+
+
+@dataclass
+class EventInjector(_PeerInjector):
+    """`event.*` on this domain's outgoing notifications (the port table's seam); `peer`
+    None means every channel, else only channels to that domain."""
+
+    spawn: Callable[..., None] = field(kw_only=True)
+
+    def on_event(self, channel: EventChannel, send: Callable[[], None]) -> bool:
+        for hits in self.hitting(channel.remote_domid):
+            kind = hits.fault.kind
+            if kind not in ("event.delay", "event.drop", "event.duplicate"):
                 continue
             if not hits.fires():
                 continue
@@ -165,28 +177,14 @@ async def _later(delay: float, send: Callable[[], None]) -> None:
 
 
 @dataclass
-class GrantInjector:
+class GrantInjector(_PeerInjector):
     """`grant.map-fail` and `grant.batch-element-fail` on this domain's grant operations
     (the grant mapper's seam); `peer` None: on every domain's grants."""
-
-    seed: int
-    active: dict[str, tuple[Hits, int | None, str | None]] = field(default_factory=dict)
-
-    def start(self, fault: ScheduledFault, peer: int | None, device: str | None) -> None:
-        hits = Hits(fault, stream(self.seed, f"inject/{fault.id}"))
-        self.active[fault.id] = (hits, peer, device)
-
-    def stop(self, fault: ScheduledFault) -> None:
-        self.active.pop(fault.id, None)
 
     def fail(self, op: str, remote: int, count: int) -> Sequence[int] | None:
         from xenpv.hv.gntst import GNTST
 
-        for hits, peer, device in self.active.values():
-            if peer is not None and remote != peer:
-                continue
-            if device is not None and current_device() != device:
-                continue
+        for hits in self.hitting(remote):
             f = hits.fault
             status = int(GNTST[str(param(f, "status", "GNTST_general_error"))])
             if f.kind == "grant.map-fail":
@@ -424,7 +422,7 @@ class FaultAgent:
                 self._storage_start(disk, fault)
         elif family == "event":
             if self._events is None:
-                self._events = EventInjector(self.config.seed, self._spawn)
+                self._events = EventInjector(self.config.seed, spawn=self._spawn)
             peer = self._peer(fault, from_backend=False)
             self._events.start(fault, peer, self._device_str(fault))
             dom.ports.faults = self._events

@@ -30,7 +30,7 @@ from typing import IO, Any
 
 from xenpv import clock
 from xenpv.faults.history import OPS, TYPES, HistoryWriter
-from xenpv.faults.records import record_json
+from xenpv.faults.records import JsonRecord
 from xenpv.faults.schedule import Schedule, ScheduledFault
 
 CONTROL_ROOT = "/tool/xenpv/faults"
@@ -43,7 +43,7 @@ def control_path(who: int | str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class RunConfig:
+class RunConfig(JsonRecord):
     """What the runner tells every participant (the same for all; each picks its part)."""
 
     epoch: float  # time.monotonic() of the run's time 0 (the runner's clock, one host)
@@ -52,20 +52,6 @@ class RunConfig:
     domids: dict[str, int]
     schedule: dict[str, Any]  # the schedule's JSON (its workloads, topology and faults)
     macs: dict[str, str] = field(default_factory=dict)  # vif device id -> its MAC (xx:xx:..)
-
-    def to_json(self) -> dict[str, Any]:
-        return record_json(self)
-
-    @classmethod
-    def from_json(cls, raw: dict[str, Any]) -> RunConfig:
-        return cls(
-            float(raw["epoch"]),
-            str(raw["history_dir"]),
-            int(raw["seed"]),
-            {str(k): int(v) for k, v in dict(raw["domids"]).items()},
-            dict(raw["schedule"]),
-            {str(k): str(v) for k, v in dict(raw.get("macs") or {}).items()},
-        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ from typing import Any
 
 from xenpv.faults.catalogue import CATALOGUE, Scalar
 from xenpv.faults.plan import Draw, FaultSpec, Plan, Value, check_targets, resolve_topology
-from xenpv.faults.records import record_json
+from xenpv.faults.records import JsonRecord, by_id, record_from_json, record_json
 from xenpv.faults.targets import Targets
 from xenpv.toolstack.topology import Topology
 
@@ -60,21 +60,12 @@ class ScheduledFault:
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> ScheduledFault:
-        return cls(
-            str(raw["id"]),
-            int(raw["spec"]),
-            str(raw["kind"]),
-            str(raw["target"]),
-            float(raw["start"]),
-            float(raw["stop"]),
-            None if raw.get("probability") is None else float(raw["probability"]),
-            None if raw.get("count") is None else int(raw["count"]),
-            tuple(sorted(dict(raw.get("params") or {}).items())),
-        )
+        params = tuple(sorted(dict(raw.get("params") or {}).items()))
+        return record_from_json(cls, raw, params=params)
 
 
 @dataclass(frozen=True, slots=True)
-class ScheduledWorkload:
+class ScheduledWorkload(JsonRecord):
     index: int
     kind: str
     targets: tuple[str, ...]  # concrete devices (block, net) or domains (xenstore)
@@ -83,22 +74,6 @@ class ScheduledWorkload:
     flush_every: int
     blocks: int
     size: int
-
-    def to_json(self) -> dict[str, Any]:
-        return record_json(self)
-
-    @classmethod
-    def from_json(cls, raw: dict[str, Any]) -> ScheduledWorkload:
-        return cls(
-            int(raw["index"]),
-            str(raw["kind"]),
-            tuple(str(t) for t in raw["targets"]),
-            float(raw["rate"]),
-            int(raw["threads"]),
-            int(raw["flush_every"]),
-            int(raw["blocks"]),
-            int(raw["size"]),
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,10 +102,7 @@ class Schedule:
         return out
 
     def fault(self, fault_id: str) -> ScheduledFault:
-        for f in self.faults:
-            if f.id == fault_id:
-                return f
-        raise KeyError(fault_id)
+        return by_id(self.faults, fault_id)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -151,18 +123,7 @@ class Schedule:
     def from_json(cls, raw: dict[str, Any]) -> Schedule:
         if raw.get("format") != SCHEDULE_FORMAT:
             raise ValueError(f"schedule format {raw.get('format')!r}, expected {SCHEDULE_FORMAT}")
-        return cls(
-            str(raw["plan"]),
-            int(raw["seed"]),
-            float(raw["duration"]),
-            float(raw["quiet"]),
-            float(raw["liveness"]),
-            tuple(str(g) for g in raw["unaffected"]),
-            Targets.from_json(raw["topology"]),
-            tuple(ScheduledWorkload.from_json(w) for w in raw["workloads"]),
-            tuple(ScheduledFault.from_json(f) for f in raw["faults"]),
-            str(raw.get("source", "")),
-        )
+        return record_from_json(cls, raw)
 
     def canonical(self) -> str:
         """The canonical JSON the hash covers (everything but `source`)."""

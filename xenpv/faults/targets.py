@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass, field
 
 from xenpv.faults.catalogue import TargetKind
+from xenpv.faults.records import JsonRecord, by_id
 from xenpv.toolstack.topology import Topology
 
 XVD_MAJOR = 202
@@ -77,7 +78,7 @@ def vbd_devid(index: int) -> int:
 
 
 @dataclass(frozen=True, slots=True)
-class DeviceTarget:
+class DeviceTarget(JsonRecord):
     id: str  # device:GUEST:vbd:xvda
     cls: str  # vbd | vif
     guest: str
@@ -138,26 +139,12 @@ class Targets:
         return cls(roles, tuple(devices), tuple(links))
 
     def device(self, device_id: str) -> DeviceTarget:
-        for d in self.devices:
-            if d.id == device_id:
-                return d
-        raise KeyError(device_id)
+        return by_id(self.devices, device_id)
 
     def to_json(self) -> dict[str, object]:
         return {
             "domains": dict(sorted(self.roles.items())),
-            "devices": [
-                {
-                    "id": d.id,
-                    "cls": d.cls,
-                    "guest": d.guest,
-                    "backend": d.backend,
-                    "name": d.name,
-                    "devid": d.devid,
-                    "queues": d.queues,
-                }
-                for d in self.devices
-            ],
+            "devices": [d.to_json() for d in self.devices],
             "links": list(self.links),
         }
 
@@ -170,18 +157,7 @@ class Targets:
         assert isinstance(links, list)
         return cls(
             {str(k): str(v) for k, v in domains.items()},
-            tuple(
-                DeviceTarget(
-                    str(d["id"]),
-                    str(d["cls"]),
-                    str(d["guest"]),
-                    str(d["backend"]),
-                    str(d["name"]),
-                    int(d["devid"]),
-                    int(d["queues"]),
-                )
-                for d in devices
-            ),
+            tuple(DeviceTarget.from_json(d) for d in devices),
             tuple(str(x) for x in links),
         )
 

@@ -22,7 +22,7 @@ EventChannelClosed, LinkError (cannot set up a link), all HvError → XenpvError
 from xenpv.abi.buffer import XEN_PAGE_SIZE, LocalBuffer, SharedBuffer
 from xenpv.hv.copyengine import CopyDirection, CopyGroup, CopyOp, CopySegment
 from xenpv.hv.directory import PeerDirectory, StaticDirectory
-from xenpv.hv.domain import Domain, open_domain
+from xenpv.hv.domain import Domain, open_domain, open_registered
 from xenpv.hv.errors import EventChannelClosed, GrantError, HvError, LinkError, PeerGone
 from xenpv.hv.evtchn import EventChannel
 from xenpv.hv.faults import LinkFaults, Verdict
@@ -62,4 +62,5 @@ __all__ = [
     "StaticDirectory",
     "Verdict",
     "open_domain",
+    "open_registered",
 ]

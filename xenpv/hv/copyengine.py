@@ -13,18 +13,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from xenpv.hv.gntst import GNTST, GTF, XENPV_GTF_ORDER_MASK, XENPV_GTF_ORDER_SHIFT
+from xenpv.hv.gntst import (
+    BAD_COPY,
+    BAD_GNTREF,
+    GENERAL,
+    GNTST,
+    OK,
+    PERMIT,
+    READONLY,
+    TYPE_MASK,
+    XENPV_GTF_ORDER_MASK,
+    XENPV_GTF_ORDER_SHIFT,
+)
 from xenpv.hv.grant import GRANT_ENTRY
 from xenpv.hv.memory import SharedPeerMemory
 from xenpv.hv.messages import CopyReply, WireCopySegment
-
-OK = int(GNTST.GNTST_okay)
-BAD_COPY = int(GNTST.GNTST_bad_copy_arg)
-_BAD_GNTREF = int(GNTST.GNTST_bad_gntref)
-_GENERAL = int(GNTST.GNTST_general_error)
-_PERMIT = int(GTF.GTF_permit_access)
-_TYPE_MASK = int(GTF.GTF_type_mask)
-_READONLY = int(GTF.GTF_readonly)
 
 GNTST_VALUES = frozenset(int(s) for s in GNTST)
 
@@ -83,12 +86,12 @@ def copy_shared(
             results[index] = BAD_COPY
             continue
         if not 0 <= gref < nr:
-            results[index] = _BAD_GNTREF
+            results[index] = BAD_GNTREF
             continue
         flags, domid, frame = unpack(table, gref << 3)
         write = op.direction  # TO_REMOTE is 1
-        if flags & _TYPE_MASK != _PERMIT or domid != me or (write and flags & _READONLY):
-            results[index] = _GENERAL
+        if flags & TYPE_MASK != PERMIT or domid != me or (write and flags & READONLY):
+            results[index] = GENERAL
             continue
         nframes = 1 << ((flags & XENPV_GTF_ORDER_MASK) >> XENPV_GTF_ORDER_SHIFT)
         if offset + length > nframes << 12 or frame + nframes > nr_frames:
@@ -119,11 +122,11 @@ def copy_runs_shared(shared: SharedPeerMemory, me: int, groups: Sequence[CopyGro
                 status(BAD_COPY)
                 continue
             if not 0 <= gref < nr:
-                status(_BAD_GNTREF)
+                status(BAD_GNTREF)
                 continue
             flags, domid, frame = unpack(table, gref << 3)
-            if flags & _TYPE_MASK != _PERMIT or domid != me or (write and flags & _READONLY):
-                status(_GENERAL)
+            if flags & TYPE_MASK != PERMIT or domid != me or (write and flags & READONLY):
+                status(GENERAL)
                 continue
             nframes = 1 << ((flags & XENPV_GTF_ORDER_MASK) >> XENPV_GTF_ORDER_SHIFT)
             if offset + length > nframes << 12 or frame + nframes > nr_frames:

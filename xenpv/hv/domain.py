@@ -18,7 +18,8 @@ so a message's effects are atomic with respect to this domain's tasks.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import TypedDict, Unpack
 
 import structlog
 import trio
@@ -27,11 +28,11 @@ from xenpv.abi.buffer import XEN_PAGE_SIZE
 from xenpv.hv import handshake
 from xenpv.hv.busypoll import max_window_from_env
 from xenpv.hv.copyengine import CopyDirection, CopyGroup, CopyOp, CopySegment
-from xenpv.hv.directory import PeerDirectory
+from xenpv.hv.directory import PeerDirectory, StaticDirectory
 from xenpv.hv.errors import HvError, PeerGone
 from xenpv.hv.evtchn import EventChannel
 from xenpv.hv.faults import LinkFaults
-from xenpv.hv.gntst import GTF
+from xenpv.hv.gntst import READING, WRITING
 from xenpv.hv.grant import GrantTable
 from xenpv.hv.granter import Granter
 from xenpv.hv.link import Link
@@ -73,7 +74,7 @@ __all__ = [
     "parse_endpoint",
 ]
 
-_MAPPED = int(GTF.GTF_reading) | int(GTF.GTF_writing)
+_MAPPED = READING | WRITING
 log = structlog.get_logger()
 
 DEFAULT_MEMORY = 64 << 20
@@ -297,6 +298,21 @@ class Domain:
         log.info("link down", domid=self.domid, peer=link.peer, reason=link.dead)
 
 
+class DomainOptions(TypedDict, total=False):
+    """The optional settings of a `Domain`; their defaults are those of `Domain`."""
+
+    name: str
+    page_size: int
+    memory_bytes: int
+    transport: str
+    faults: LinkFaults | None
+    max_grants: int
+    max_maps: int
+    coherence_events: bool
+    busy_poll_us: float | None
+    max_ports: int
+
+
 @asynccontextmanager
 async def open_domain(
     *,
@@ -304,37 +320,14 @@ async def open_domain(
     key: DomainKey,
     directory: PeerDirectory,
     endpoint: str,
-    name: str = "",
-    page_size: int = XEN_PAGE_SIZE,
-    memory_bytes: int = DEFAULT_MEMORY,
-    transport: str = "auto",
-    faults: LinkFaults | None = None,
-    max_grants: int = DEFAULT_MAX_GRANTS,
-    max_maps: int = DEFAULT_MAX_MAPS,
-    coherence_events: bool = True,
-    busy_poll_us: float | None = None,
-    max_ports: int = MAX_PORTS,
+    **options: Unpack[DomainOptions],
 ) -> AsyncIterator[Domain]:
     """Run a domain: listen on `endpoint` (`unix:PATH` or `tcp:HOST:PORT`, port 0 = any;
     `domain.endpoint` is the bound address). Leaving the block closes every link.
 
     Peers released by the toolstack are the runtime's business
     (`xenpv.runtime.lifecycle.open_published_domain`): the hypervisor knows no xenstore."""
-    domain = Domain(
-        domid=domid,
-        key=key,
-        directory=directory,
-        name=name,
-        page_size=page_size,
-        memory_bytes=memory_bytes,
-        transport=transport,
-        faults=faults,
-        max_grants=max_grants,
-        max_maps=max_maps,
-        coherence_events=coherence_events,
-        busy_poll_us=busy_poll_us,
-        max_ports=max_ports,
-    )
+    domain = Domain(domid=domid, key=key, directory=directory, **options)
     try:
         try:
             listener = await domain.links.listen(endpoint)
@@ -352,3 +345,20 @@ async def open_domain(
     finally:
         domain.memory.close()
         domain.links.remove_socket()
+
+
+async def open_registered(
+    stack: AsyncExitStack,
+    directory: StaticDirectory,
+    domid: int,
+    endpoint: str,
+    **options: Unpack[DomainOptions],
+) -> Domain:
+    """`open_domain` with a fresh key for the life of `stack`, registered in `directory` at its
+    bound endpoint (`options` go to `open_domain`: transport, page_size, memory_bytes, ...)."""
+    key = DomainKey.generate(domid)
+    domain = await stack.enter_async_context(
+        open_domain(domid=domid, key=key, directory=directory, endpoint=endpoint, **options)
+    )
+    directory.register(domid, domain.endpoint, key.public_hex())
+    return domain

@@ -41,6 +41,17 @@ class GTF(enum.IntFlag):
     GTF_sub_page = 1 << 8
 
 
+# The codes the hot paths compare, as plain ints (cheaper to compare than enum members).
+OK = int(GNTST.GNTST_okay)
+GENERAL = int(GNTST.GNTST_general_error)
+BAD_GNTREF = int(GNTST.GNTST_bad_gntref)
+BAD_COPY = int(GNTST.GNTST_bad_copy_arg)
+PERMIT = int(GTF.GTF_permit_access)
+TYPE_MASK = int(GTF.GTF_type_mask)
+READONLY = int(GTF.GTF_readonly)
+READING = int(GTF.GTF_reading)
+WRITING = int(GTF.GTF_writing)
+
 # xenpv extension (docs/granule-extension.md): the granule order of a grant (2**order
 # contiguous 4 KiB frames) lives in bits 12..14 of `flags`, which v1 leaves unused. Order 0
 # (the only order Xen knows) leaves the entry byte-exact with grant_entry_v1.

@@ -30,11 +30,18 @@ from dataclasses import dataclass
 
 from xenpv.hv.errors import GrantError
 from xenpv.hv.gntst import (
+    BAD_GNTREF,
     DOMID_FIRST_RESERVED,
+    GENERAL,
     GNTST,
     GNTTAB_NR_RESERVED_ENTRIES,
-    GTF,
     MAX_GRANULE_ORDER,
+    OK,
+    PERMIT,
+    READING,
+    READONLY,
+    TYPE_MASK,
+    WRITING,
     XENPV_GTF_ORDER_MASK,
     XENPV_GTF_ORDER_SHIFT,
 )
@@ -42,15 +49,6 @@ from xenpv.metrics.counters import GrantTableStats
 
 GRANT_ENTRY = struct.Struct("<HHI")  # struct grant_entry_v1
 GRANT_ENTRY_SIZE = GRANT_ENTRY.size
-
-_PERMIT = int(GTF.GTF_permit_access)
-_TYPE_MASK = int(GTF.GTF_type_mask)
-_READONLY = int(GTF.GTF_readonly)
-_READING = int(GTF.GTF_reading)
-_WRITING = int(GTF.GTF_writing)
-_OK = int(GNTST.GNTST_okay)
-_GENERAL = int(GNTST.GNTST_general_error)
-_BAD_GNTREF = int(GNTST.GNTST_bad_gntref)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,13 +73,13 @@ def check_entry(
     granter's table through shared memory.
     """
     if not 0 <= gref < nr_entries:
-        return _BAD_GNTREF, 0, 0
+        return BAD_GNTREF, 0, 0
     flags, domid, frame = GRANT_ENTRY.unpack_from(table, gref * GRANT_ENTRY_SIZE)
-    if (flags & _TYPE_MASK) != _PERMIT or domid != requester:
-        return _GENERAL, 0, 0
-    if write and flags & _READONLY:
-        return _GENERAL, 0, 0
-    return _OK, frame, 1 << ((flags & XENPV_GTF_ORDER_MASK) >> XENPV_GTF_ORDER_SHIFT)
+    if (flags & TYPE_MASK) != PERMIT or domid != requester:
+        return GENERAL, 0, 0
+    if write and flags & READONLY:
+        return GENERAL, 0, 0
+    return OK, frame, 1 << ((flags & XENPV_GTF_ORDER_MASK) >> XENPV_GTF_ORDER_SHIFT)
 
 
 class GrantTable:
@@ -128,7 +126,7 @@ class GrantTable:
         if not self._free:
             raise GrantError(GNTST.GNTST_no_space, f"all {self.nr_entries} grant entries in use")
         gref = self._free.popleft()
-        flags = _PERMIT | (_READONLY if readonly else 0) | (order << XENPV_GTF_ORDER_SHIFT)
+        flags = PERMIT | (READONLY if readonly else 0) | (order << XENPV_GTF_ORDER_SHIFT)
         offset = gref * GRANT_ENTRY_SIZE
         # domid and frame first, flags last: the entry becomes valid atomically for readers.
         struct.pack_into("<HI", self._table, offset + 2, remote, frame)
@@ -142,9 +140,9 @@ class GrantTable:
             self._free.append(gref)
             return
         entry = self.entry(gref)
-        if entry.flags & _TYPE_MASK != _PERMIT:
+        if entry.flags & TYPE_MASK != PERMIT:
             raise GrantError(GNTST.GNTST_bad_gntref, f"grant {gref} is not in use")
-        if entry.flags & (_READING | _WRITING):
+        if entry.flags & (READING | WRITING):
             self.stats.end_refused += 1
             raise GrantError(GNTST.GNTST_eagain, f"grant {gref} is still mapped by the peer")
         struct.pack_into("<H", self._table, gref * GRANT_ENTRY_SIZE, 0)
@@ -155,9 +153,9 @@ class GrantTable:
         """A hostile granter's forced end of a grant a peer maps (see the module docstring).
         False (nothing done) if the grant is not in use or not mapped."""
         entry = self.entry(gref)
-        if entry.flags & _TYPE_MASK != _PERMIT or not entry.flags & (_READING | _WRITING):
+        if entry.flags & TYPE_MASK != PERMIT or not entry.flags & (READING | WRITING):
             return False
-        self._revoked[gref] = entry.flags & ~(_READING | _WRITING)
+        self._revoked[gref] = entry.flags & ~(READING | WRITING)
         self._active.pop(gref, None)
         struct.pack_into("<H", self._table, gref * GRANT_ENTRY_SIZE, 0)
         return True
@@ -192,7 +190,7 @@ class GrantTable:
     def pin(self, gref: int, requester: int, readonly: bool) -> tuple[int, int, int]:
         """Validate and pin for a mapping: sets GTF_reading / GTF_writing like Xen."""
         status, frame, nframes = self.check(gref, requester, not readonly)
-        if status != _OK:
+        if status != OK:
             return status, frame, nframes
         pins = self._active.setdefault(gref, [0, 0])
         pins[0 if readonly else 1] += 1
@@ -213,9 +211,9 @@ class GrantTable:
     def _sync_flags(self, gref: int, pins: list[int]) -> None:
         offset = gref * GRANT_ENTRY_SIZE
         (flags,) = struct.unpack_from("<H", self._table, offset)
-        flags &= ~(_READING | _WRITING)
+        flags &= ~(READING | WRITING)
         if pins[0] or pins[1]:
-            flags |= _READING
+            flags |= READING
         if pins[1]:
-            flags |= _WRITING
+            flags |= WRITING
         struct.pack_into("<H", self._table, offset, flags)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from xenpv.hv.gntst import GNTST
+from xenpv.hv.gntst import BAD_COPY, OK
 from xenpv.hv.grant import GrantTable
 from xenpv.hv.link import Link
 from xenpv.hv.memory import DomainMemory
@@ -25,9 +25,6 @@ from xenpv.hv.messages import (
     UnmapRequest,
 )
 from xenpv.hv.peergrants import PeerGrants
-
-_OK = int(GNTST.GNTST_okay)
-_BAD_COPY = int(GNTST.GNTST_bad_copy_arg)
 
 
 class Granter:
@@ -50,7 +47,7 @@ class Granter:
         for gref in grefs:
             status, frame, nframes = self.grants.pin(gref, link.peer, readonly)
             statuses.append(status)
-            if status != _OK:
+            if status != OK:
                 continue
             pinned.append(gref)
             if link.shared is not None:
@@ -98,15 +95,15 @@ class Granter:
         peer = link.peer
         for to_granter, gref, offset, length, data in request.segments:
             status, frame, nframes = check(int(gref), peer, bool(to_granter))
-            if status == _OK and (
+            if status == OK and (
                 offset < 0
                 or length < 0
                 or offset + length > nframes << 12
                 or (to_granter and (not isinstance(data, bytes) or len(data) != length))
             ):
-                status = _BAD_COPY
+                status = BAD_COPY
             statuses.append(status)
-            if status != _OK:
+            if status != OK:
                 datas.append(None)
                 continue
             start = (frame << 12) + offset

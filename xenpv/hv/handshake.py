@@ -126,20 +126,25 @@ class Duplicate(LinkError):
     """The acceptor already has (or is getting) a link to us: use that one."""
 
 
+@dataclass(frozen=True, slots=True)
+class Terms:
+    """What this end brings to every link it sets up: the key that proves its domid, the
+    transport it asks for, and its memory file (descriptor and layout) for shared memory."""
+
+    key: DomainKey
+    transport: str
+    memory_fd: int
+    layout: Layout
+
+
 def _wants_shm(transport: str, is_unix: bool) -> bool:
     return is_unix and transport != "socket"
 
 
 async def dial(
-    stream: trio.SocketStream,
-    *,
-    key: DomainKey,
-    peer: int,
-    peer_pubkey: str,
-    transport: str,
-    memory_fd: int,
-    layout: Layout,
+    stream: trio.SocketStream, terms: Terms, *, peer: int, peer_pubkey: str
 ) -> Established:
+    key, transport = terms.key, terms.transport
     sock = stream.socket
     is_unix = sock.family == socket.AF_UNIX
     if transport == "shm" and not is_unix:
@@ -154,7 +159,7 @@ async def dial(
                     "to": peer,
                     "challenge": mine,
                     "shm": _wants_shm(transport, is_unix),
-                    "layout": layout.wire(),
+                    "layout": terms.layout.wire(),
                 }
             )
         )
@@ -178,7 +183,7 @@ async def dial(
             raise LinkError(f"domain {peer} refused the link: {reason}")
         shared = None
         if verdict.get("shm"):
-            await _send_fd(sock, memory_fd)
+            await _send_fd(sock, terms.memory_fd)
             fd = await _recv_fd(sock)
             shared = map_peer_memory(fd, peer_layout)
         elif transport == "shm":
@@ -197,15 +202,8 @@ class AcceptPolicy:
         raise NotImplementedError
 
 
-async def accept(
-    stream: trio.SocketStream,
-    *,
-    key: DomainKey,
-    policy: AcceptPolicy,
-    transport: str,
-    memory_fd: int,
-    layout: Layout,
-) -> Established:
+async def accept(stream: trio.SocketStream, terms: Terms, *, policy: AcceptPolicy) -> Established:
+    key, transport = terms.key, terms.transport
     sock = stream.socket
     is_unix = sock.family == socket.AF_UNIX
     with trio.fail_after(HANDSHAKE_TIMEOUT):
@@ -231,7 +229,7 @@ async def accept(
                     "from": key.domid,
                     "challenge": mine,
                     "sig": key.sign(b"link-accept", _signed(theirs, peer)),
-                    "layout": layout.wire(),
+                    "layout": terms.layout.wire(),
                 }
             )
         )
@@ -250,6 +248,6 @@ async def accept(
         shared = None
         if shm:
             fd = await _recv_fd(sock)
-            await _send_fd(sock, memory_fd)
+            await _send_fd(sock, terms.memory_fd)
             shared = map_peer_memory(fd, peer_layout)
     return Established(peer, shared)

@@ -16,7 +16,6 @@ import trio
 from xenpv.abi.buffer import XEN_PAGE_SIZE
 from xenpv.hv.copyengine import (
     GNTST_VALUES,
-    OK,
     CopyGroup,
     CopyOp,
     apply_copy_reply,
@@ -26,7 +25,7 @@ from xenpv.hv.copyengine import (
     wire_segments,
 )
 from xenpv.hv.errors import GrantError, HvError, PeerGone
-from xenpv.hv.gntst import GNTST
+from xenpv.hv.gntst import GNTST, OK
 from xenpv.hv.link import Link
 from xenpv.hv.mapping import FixedRegion, GrantMapping
 from xenpv.hv.memory import SharedPeerMemory

@@ -15,6 +15,7 @@ from typing import Protocol
 import structlog
 import trio
 
+from xenpv.address import split_address
 from xenpv.hv import handshake
 from xenpv.hv.directory import PeerDirectory
 from xenpv.hv.errors import HvError, LinkError, PeerGone
@@ -37,13 +38,9 @@ class LinkOwner(LinkHost, Protocol):
 
 def parse_endpoint(endpoint: str) -> tuple[str, str, int]:
     """`unix:PATH` → ("unix", PATH, 0); `tcp:HOST:PORT` → ("tcp", HOST, PORT)."""
-    kind, _, rest = endpoint.partition(":")
-    if kind == "unix" and rest:
-        return "unix", rest, 0
-    if kind == "tcp":
-        host, _, port = rest.rpartition(":")
-        if host and port.isdigit():
-            return "tcp", host.strip("[]"), int(port)
+    parsed = split_address(endpoint)
+    if parsed is not None:
+        return parsed
     raise HvError(f"bad link endpoint {endpoint!r} (want unix:PATH or tcp:HOST:PORT)")
 
 
@@ -155,6 +152,9 @@ class PeerLinks:
                 del self.dialing[peer]
                 done.set()
 
+    def _terms(self) -> handshake.Terms:
+        return handshake.Terms(self.key, self.transport, self._memory.fd, self._layout)
+
     async def _dial(self, peer: int) -> Link:
         endpoint, pubkey = await self.directory.lookup(peer)
         kind, where, port = parse_endpoint(endpoint)
@@ -167,15 +167,7 @@ class PeerLinks:
         except (OSError, trio.TooSlowError) as exc:
             raise PeerGone(f"cannot reach domain {peer} at {endpoint}: {exc}") from None
         try:
-            established = await handshake.dial(
-                stream,
-                key=self.key,
-                peer=peer,
-                peer_pubkey=pubkey,
-                transport=self.transport,
-                memory_fd=self._memory.fd,
-                layout=self._layout,
-            )
+            established = await handshake.dial(stream, self._terms(), peer=peer, peer_pubkey=pubkey)
         except handshake.Duplicate:
             await stream.aclose()
             return await self._await_accepted(peer)
@@ -281,14 +273,7 @@ class PeerLinks:
     async def _accept(self, stream: trio.SocketStream) -> None:
         policy = _AcceptPolicy(self)
         try:
-            est = await handshake.accept(
-                stream,
-                key=self.key,
-                policy=policy,
-                transport=self.transport,
-                memory_fd=self._memory.fd,
-                layout=self._layout,
-            )
+            est = await handshake.accept(stream, self._terms(), policy=policy)
         except handshake.Duplicate:
             await stream.aclose()
             return

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import structlog
 import trio
 
+from xenpv.address import split_address
 from xenpv.errors import UsageError
 from xenpv.nbd import protocol
 from xenpv.nbd.protocol import Cmd, Export, Ready, Request, ServerConnection, Violation
@@ -437,13 +438,9 @@ async def _receive(stream: trio.abc.Stream) -> bytes:
 
 def parse_address(address: str) -> tuple[str, str, int]:
     """`unix:PATH` → ("unix", PATH, 0); `tcp:HOST:PORT` → ("tcp", HOST, PORT)."""
-    kind, _, rest = address.partition(":")
-    if kind == "unix" and rest:
-        return "unix", rest, 0
-    if kind == "tcp":
-        host, _, port = rest.rpartition(":")
-        if host and port.isdigit() and int(port) < 65536:
-            return "tcp", host.strip("[]"), int(port)
+    parsed = split_address(address)
+    if parsed is not None and parsed[2] < 65536:
+        return parsed
     raise UsageError(f"NBD address {address!r}: expected unix:PATH or tcp:HOST:PORT")
 
 

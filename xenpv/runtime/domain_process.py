@@ -301,20 +301,29 @@ async def scan_frontend(
     return found
 
 
-def _load(module: str) -> Any | None:
+async def _with_driver(
+    rt: DomainRuntime,
+    device: DeviceId,
+    modules: tuple[str, str],
+    use: Callable[[Any], Awaitable[None]],
+) -> None:
+    """`use` the driver module of `device` (`modules`: the vbd one, the vif one). A module
+    that cannot be imported, or an exception out of `use`, fails this device alone."""
+    name = modules[0] if device.cls == "vbd" else modules[1]
     try:
-        return importlib.import_module(module)
+        module = importlib.import_module(name)
     except ImportError as exc:
-        log.error("driver not available", module=module, error=str(exc))
-        return None
-
-
-async def _serve_backend(rt: DomainRuntime, device: DeviceId) -> None:
-    module = _load("backends.blkback" if device.cls == "vbd" else "backends.netback")
-    if module is None:
+        log.error("driver not available", module=name, error=str(exc))
         await rt.device_failed(device, "driver not available")
         return
     try:
+        await use(module)
+    except Exception as exc:  # one device never kills the process
+        await rt.device_failed(device, describe_failure(exc))
+
+
+async def _serve_backend(rt: DomainRuntime, device: DeviceId) -> None:
+    async def serve(module: Any) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_stop, rt, nursery.cancel_scope)
             if device.cls == "vbd":
@@ -330,8 +339,8 @@ async def _serve_backend(rt: DomainRuntime, device: DeviceId) -> None:
                 await module.serve(rt.dom, rt.xs, device, rt.switch)
             log.info("backend device removed")
             nursery.cancel_scope.cancel()
-    except Exception as exc:  # one device never kills the process
-        await rt.device_failed(device, describe_failure(exc))
+
+    await _with_driver(rt, device, ("backends.blkback", "backends.netback"), serve)
 
 
 def _wrapped(rt: DomainRuntime, device: DeviceId) -> Callable[[Any], Any]:
@@ -347,11 +356,7 @@ def _wrapped(rt: DomainRuntime, device: DeviceId) -> Callable[[Any], Any]:
 
 
 async def _attach_frontend(rt: DomainRuntime, device: DeviceId) -> None:
-    module = _load("frontends.blkfront" if device.cls == "vbd" else "frontends.netfront")
-    if module is None:
-        await rt.device_failed(device, "driver not available")
-        return
-    try:
+    async def run(module: Any) -> None:
         async with module.attach(rt.dom, rt.xs, device) as front:
             # On stop, leave the block normally (not by cancellation): the driver's
             # handshake task must still run while it closes the device through xenbus.
@@ -373,8 +378,8 @@ async def _attach_frontend(rt: DomainRuntime, device: DeviceId) -> None:
                 finally:
                     rt.net.pop(device, None)
                     rt.notify()
-    except Exception as exc:
-        await rt.device_failed(device, describe_failure(exc))
+
+    await _with_driver(rt, device, ("frontends.blkfront", "frontends.netfront"), run)
 
 
 async def _cancel_on_stop(rt: DomainRuntime, scope: trio.CancelScope) -> None:

@@ -115,6 +115,21 @@ def describe_status(code: int) -> str:
     return f"exited with status {code}"
 
 
+def stop_popen(proc: subprocess.Popen[Any], timeout: float) -> int | None:
+    """Stop a child started with `subprocess.Popen`: SIGTERM if it still runs, up to `timeout`
+    seconds to exit (its pipes drained meanwhile), then SIGKILL. Its exit status, or None when
+    it had to be killed."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return None
+    return proc.returncode
+
+
 def write_json_atomically(path: Path, value: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(value, indent=2) + "\n")

@@ -46,6 +46,7 @@ from typing import TypeVar
 import structlog
 import trio
 
+from xenpv.address import split_address
 from xenpv.errors import XenpvError
 from xenpv.identity import DomainKey
 from xenpv.xenstore import auth
@@ -98,13 +99,13 @@ def default_address() -> str:
 
 def parse_address(address: str) -> Address:
     """Parse `unix:/path` or `tcp:HOST:PORT` (HOST may be `[v6]`)."""
-    kind, sep, rest = address.partition(":")
-    if sep and kind == "unix" and rest:
-        return Address("unix", path=rest)
-    if sep and kind == "tcp":
-        host, sep2, port = rest.rpartition(":")
-        if sep2 and host and port.isdigit() and 0 < int(port) < 65536:
-            return Address("tcp", host=host.strip("[]"), port=int(port))
+    parsed = split_address(address)
+    if parsed is not None:
+        kind, where, port = parsed
+        if kind == "unix":
+            return Address("unix", path=where)
+        if 0 < port < 65536:
+            return Address("tcp", host=where, port=port)
     raise XenpvError(f"bad xenstore address {address!r}: expected unix:/path or tcp:HOST:PORT")
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from xenpv.faults.catalogue import CATALOGUE, FaultKind
 from xenpv.faults.history import History, Op
-from xenpv.faults.records import record_json
+from xenpv.faults.records import JsonRecord
 from xenpv.faults.targets import DeviceTarget, Targets
 
 NEVER = 1 << 62  # the stop index of a fault that was never stopped
@@ -39,16 +39,13 @@ class FaultWindow:
 
 
 @dataclass(frozen=True, slots=True)
-class Violation:
+class Violation(JsonRecord):
     checker: str
     index: int  # the op that shows it
     key: str
     value: Any
     message: str
     active: tuple[str, ...] = ()  # faults active at that op (labels)
-
-    def to_json(self) -> dict[str, Any]:
-        return record_json(self)
 
     def line(self) -> str:
         faults = ", ".join(self.active) if self.active else "no fault active"
