@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
+from tests.integration import xenpv_cli
 from tests.integration.conftest import Xenstored
 from xenpv.toolstack.topology import default_topology
 
@@ -16,13 +16,7 @@ TIMEOUT = 60
 
 
 def xenpv(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "xenpv", "--log-level", "warning", *args],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=False,
-    )
+    return xenpv_cli.xenpv(*args, timeout=TIMEOUT)
 
 
 def one_error_line(result: subprocess.CompletedProcess[str]) -> str:

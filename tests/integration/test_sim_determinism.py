@@ -9,16 +9,13 @@ and be deterministic. The run's wall time is a figure for the notes, never asser
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import tempfile
 
 import pytest
 
 from frontends.blkfront.device import PLANT_BUG_ENV
 from tests.integration.hv_pair import REPO
+from tests.integration.xenpv_cli import last_json, xenpv
 
 pytestmark = pytest.mark.slow  # about two minutes on a quiet 2-core machine
 
@@ -30,22 +27,13 @@ SEEDS = 200
 def test_two_hundred_seeds_of_a_mixed_plan_are_deterministic_and_pass() -> None:
     # A short TMPDIR: each simulated cluster binds Unix sockets inside it.
     with tempfile.TemporaryDirectory(prefix="xenpv-t-") as tmp:
-        env = dict(os.environ, PYTHONPATH=str(REPO), TMPDIR=tmp)
-        env.pop(PLANT_BUG_ENV, None)
-        result = subprocess.run(
-            [
-                *(sys.executable, "-m", "xenpv", "--log-level", "warning", "faults", "swarm"),
-                *(str(PLAN), "--seeds", str(SEEDS), "--jobs", "2", "--check-determinism"),
-                "--json",
-            ],
-            capture_output=True,
-            text=True,
+        result = xenpv(
+            *("faults", "swarm", str(PLAN), "--seeds", str(SEEDS), "--jobs", "2"),
+            *("--check-determinism", "--json"),
             timeout=840,
-            env=env,
-            cwd=REPO,
-            check=False,
+            env={"TMPDIR": tmp, PLANT_BUG_ENV: None},
         )
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    summary = last_json(result)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert summary["failed"] == [], summary["failures"]
     assert summary["seeds"] == list(range(1, SEEDS + 1))

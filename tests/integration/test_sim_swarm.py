@@ -10,10 +10,7 @@ the same seed passes.
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +19,7 @@ import pytest
 
 from frontends.blkfront.device import PLANT_BUG_ENV, PLANTED_LOST_REISSUE
 from tests.integration.hv_pair import REPO
+from tests.integration.xenpv_cli import last_json, xenpv
 from xenpv.faults import plan as plan_mod
 from xenpv.sim import faults as sim_faults
 from xenpv.sim.swarm import swarm_plan
@@ -40,24 +38,11 @@ def short_tmp() -> Iterator[Path]:
         yield Path(tmp)
 
 
-def _xenpv(*args: str, tmp: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(REPO), TMPDIR=str(tmp))
-    env[PLANT_BUG_ENV] = PLANTED_LOST_REISSUE
-    return subprocess.run(
-        [sys.executable, "-m", "xenpv", "--log-level", "warning", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=REPO,
-        check=False,
-    )
-
-
-def _last_json(result: subprocess.CompletedProcess[str]) -> dict[str, object]:
-    value = json.loads(result.stdout.strip().splitlines()[-1])
-    assert isinstance(value, dict)
-    return value
+def _xenpv(
+    *args: str, tmp: Path, timeout: float = 240, planted: bool = True
+) -> subprocess.CompletedProcess[str]:
+    bug = PLANTED_LOST_REISSUE if planted else None
+    return xenpv(*args, timeout=timeout, env={"TMPDIR": str(tmp), PLANT_BUG_ENV: bug})
 
 
 @pytest.mark.timeout(300)  # a swarm, three reruns and a shrink of about ten runs
@@ -69,7 +54,7 @@ def test_swarm_finds_the_planted_bug_and_shrink_keeps_it(
         "faults", "swarm", str(PLAN), "--first-seed", str(first), "--seeds", str(count),
         "--jobs", "2", "--json", tmp=short_tmp,
     )  # fmt: skip
-    summary = _last_json(swarm)
+    summary = last_json(swarm)
     assert swarm.returncode == 1, swarm.stdout + swarm.stderr
     assert summary["seeds"] == list(range(first, first + count))
     failed = summary["failed"]
@@ -103,7 +88,7 @@ def test_swarm_finds_the_planted_bug_and_shrink_keeps_it(
         tmp=short_tmp,
     )
     assert shrink.returncode == 0, shrink.stdout + shrink.stderr
-    shrunk = _last_json(shrink)
+    shrunk = last_json(shrink)
     assert shrunk["checker"] == "block" and shrunk["fails_again"] is True
     faults_after = shrunk["faults_after"]
     assert isinstance(faults_after, int) and faults_after <= 2
@@ -123,20 +108,12 @@ def test_swarm_finds_the_planted_bug_and_shrink_keeps_it(
 
 
 def test_swarm_without_the_bug_passes_every_seed(short_tmp: Path) -> None:
-    env_free = dict(os.environ, PYTHONPATH=str(REPO), TMPDIR=str(short_tmp))
-    env_free.pop(PLANT_BUG_ENV, None)
-    result = subprocess.run(
-        [
-            *(sys.executable, "-m", "xenpv", "--log-level", "warning", "faults", "swarm"),
-            *(str(PLAN), "--first-seed", "6", "--seeds", "2", "--jobs", "2", "--json"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env_free,
-        cwd=REPO,
-        check=False,
+    result = _xenpv(
+        *("faults", "swarm", str(PLAN), "--first-seed", "6", "--seeds", "2", "--jobs", "2"),
+        "--json",
+        tmp=short_tmp,
+        planted=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    summary = _last_json(result)
+    summary = last_json(result)
     assert summary["failed"] == [] and summary["passed"] == 2
