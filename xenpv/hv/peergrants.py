@@ -20,18 +20,20 @@ class PeerGrants:
         self.pins: dict[int, list[int]] = {}
         # Mapper side: our mappings of the peer's grants, and for the socket transport the
         # replicas to update when the granter writes, gref -> [(mapping, offset in view)].
-        self.mappings: set[GrantMapping] = set()
+        # In mapping order (a dict as an ordered set: a set of objects iterates in address
+        # order, which a simulated run could not reproduce).
+        self.mappings: dict[GrantMapping, None] = {}
         self.replicas: dict[int, list[tuple[GrantMapping, int]]] = {}
 
     def add_mapping(self, mapping: GrantMapping, replica: bool) -> None:
         """Track a new mapping; a `replica` (socket transport) follows the granter's writes."""
-        self.mappings.add(mapping)
+        self.mappings[mapping] = None
         if replica:
             for gref, base in zip(mapping.grefs, mapping.bases, strict=True):
                 self.replicas.setdefault(gref, []).append((mapping, base))
 
     def remove_mapping(self, mapping: GrantMapping) -> None:
-        self.mappings.discard(mapping)
+        self.mappings.pop(mapping, None)
         for gref, base in zip(mapping.grefs, mapping.bases, strict=True):
             entries = self.replicas.get(gref)
             if entries is not None:

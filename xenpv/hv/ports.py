@@ -37,7 +37,9 @@ class PortTable:
         self.max_ports = max_ports
         self._links = links
         self._ports: dict[int, EventChannel] = {}
-        self._by_peer: dict[int, set[EventChannel]] = {}
+        # Per peer, in binding order (a dict as an ordered set: a set of objects iterates in
+        # address order, which a simulated run could not reproduce).
+        self._by_peer: dict[int, dict[EventChannel, None]] = {}
         self._lowest_free = 1  # no port below it is free: allocation stays O(1) amortised
         self.faults: EventFaults | None = None
 
@@ -58,7 +60,7 @@ class PortTable:
 
     def _add(self, channel: EventChannel) -> EventChannel:
         self._ports[channel.port] = channel
-        self._by_peer.setdefault(channel.remote_domid, set()).add(channel)
+        self._by_peer.setdefault(channel.remote_domid, {})[channel] = None
         return channel
 
     def alloc_unbound(self, remote: int) -> EventChannel:
@@ -120,7 +122,7 @@ class PortTable:
             self._release(channel.port)
         peers = self._by_peer.get(channel.remote_domid)
         if peers is not None:
-            peers.discard(channel)
+            peers.pop(channel, None)
         if channel.remote_port is not None and not channel.closed:
             link = self._links.link_to(channel.remote_domid)
             if link is not None:
