@@ -366,10 +366,12 @@ def _run_sim(args: argparse.Namespace, plan: plan_mod.Plan, history: Path | None
     import json
 
     from xenpv.sim import faults as sim_faults
+    from xenpv.sim.kernel import with_fixed_hash_seed
 
     if args.state_dir is not None:
         raise plan_mod.PlanError("--state-dir", "a simulated run keeps no state directory")
     sim_faults.check_simulable(schedule.build(plan, args.seed))
+    with_fixed_hash_seed()
     result, sim, digest = sim_faults.run_in_temp_dir(plan, args.seed, history)
     deterministic: bool | None = None
     if args.check_determinism:
@@ -454,6 +456,7 @@ def run_swarm(args: argparse.Namespace) -> int:
     import trio
 
     from xenpv.sim import faults as sim_faults
+    from xenpv.sim.kernel import HASH_SEED
     from xenpv.sim.swarm import chosen_families
     from xenpv.toolstack import supervisor
     from xenpv.toolstack.progress import Progress
@@ -496,7 +499,7 @@ def run_swarm(args: argparse.Namespace) -> int:
         command += ["swarm-worker", plan_spec] + (["--swarm"] if swarm else [])
         command += ["--check-determinism"] if args.check_determinism else []
         # The sims' temporary directories live in ours: removed whatever happens.
-        env = dict(os.environ, TMPDIR=str(state_dir))
+        env = dict(os.environ, TMPDIR=str(state_dir), PYTHONHASHSEED=HASH_SEED)
         child = await sup.spawn(
             f"worker-{index}",
             "worker",
@@ -582,8 +585,10 @@ def run_swarm(args: argparse.Namespace) -> int:
 
 def run_swarm_worker(args: argparse.Namespace) -> int:
     """Seeds on stdin, one verdict record per stdout line (xenpv/sim/swarm.py)."""
+    from xenpv.sim.kernel import with_fixed_hash_seed
     from xenpv.sim.swarm import serve_seeds
 
+    with_fixed_hash_seed()  # the swarm sets it already: a no-op
     plan = plan_mod.load_any(args.plan)
     serve_seeds(plan, swarm=args.swarm, check_determinism=args.check_determinism)
     return 0
@@ -594,6 +599,7 @@ def run_shrink(args: argparse.Namespace) -> int:
 
     from xenpv.faults.shrink import Shrinker, ShrinkError, relocated, topology_source
     from xenpv.sim import faults as sim_faults
+    from xenpv.sim.kernel import with_fixed_hash_seed
     from xenpv.sim.swarm import swarm_plan
 
     plan = plan_mod.load_any(args.plan)
@@ -605,6 +611,7 @@ def run_shrink(args: argparse.Namespace) -> int:
     sched = schedule.build(plan, seed)
     runner.check_injectable(sched)
     sim_faults.check_simulable(sched)
+    with_fixed_hash_seed()
     first, _sim, _digest = sim_faults.run_in_temp_dir(plan, seed)
     if first.ok:
         raise ShrinkError(f"plan {plan.name}, seed {seed} passes in sim mode: nothing to shrink")

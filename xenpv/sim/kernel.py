@@ -7,6 +7,8 @@ finishes as fast as its computation allows, and the same seed gives the same tim
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -19,6 +21,25 @@ from xenpv.sim.entropy import Entropy
 from xenpv.sim.scheduling import deterministic_scheduling
 
 T = TypeVar("T")
+
+# str hashes are salted per process: a set of strings (or of records holding one) iterates in
+# an order that changes from process to process, and with it whatever a run does in that
+# order. A seed must reproduce its run in any process, so simulated runs use one salt.
+HASH_SEED = "0"
+
+
+def with_fixed_hash_seed() -> None:
+    """Make sure this `xenpv` command runs with PYTHONHASHSEED=HASH_SEED: if it does not,
+    re-execute it (same arguments) with it set. Only from the command line's own process
+    (`xenpv ...` or `python -m xenpv ...`), never from a host such as pytest."""
+    if os.environ.get("PYTHONHASHSEED") == HASH_SEED:
+        return
+    if os.path.basename(sys.argv[0]) not in ("xenpv", "__main__.py"):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    env = dict(os.environ, PYTHONHASHSEED=HASH_SEED)
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
 @dataclass(frozen=True)
