@@ -19,7 +19,7 @@ import trio
 
 from xenpv.commands import args as types
 from xenpv.errors import UsageError
-from xenpv.faults.xsagent import serve_control
+from xenpv.faults.xsagent import serve_control, unix_client
 from xenpv.xenstore.quotas import QUOTA_FIELDS, build_quotas
 from xenpv.xenstore.server import (
     DEFAULT_COMPACT_BYTES,
@@ -144,7 +144,7 @@ async def _main(config: ServerConfig, ready_fd: int | None) -> None:
         async with trio.open_nursery() as nursery:
             bound: Bound = await nursery.start(server.serve)
             # The fault-run control node (`xenpv faults run`): idle, one watch, until used.
-            nursery.start_soon(serve_control, config, bound.socket_path)
+            nursery.start_soon(serve_control, config, unix_client(bound.socket_path))
             tcp = f"tcp:{bound.tcp[0]}:{bound.tcp[1]}" if bound.tcp else None
             log.info("xenstored ready", socket=bound.socket_path, tcp=tcp, pid=os.getpid())
             if ready_fd is not None:

@@ -1,7 +1,8 @@
 """The fault agent inside xenstored: its control node drives the server's `XsFaults` seam.
 
-`xenpv xenstored` runs `serve_control(config, socket)`: a dom0 client of its own socket that
-watches `/tool/xenpv/faults/xenstored` (`xenpv.faults.control`). While the node lists faults,
+`xenpv xenstored` runs `serve_control(config, open_client)`: a dom0 client of its own socket
+(a simulated xenstored: of its in-memory connections) that watches
+`/tool/xenpv/faults/xenstored` (`xenpv.faults.control`). While the node lists faults,
 `config.faults` is an `XsFaultSet`; when it lists none (or is removed) the seam is None again,
 so a xenstored outside a fault run pays nothing.
 
@@ -27,16 +28,17 @@ plane must keep working during a run.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 
 import structlog
 import trio
 
+from xenpv.clock import monotonic
 from xenpv.faults.control import XENSTORED, Control, Hits, control_path, param
 from xenpv.faults.schedule import ScheduledFault, stream
-from xenpv.xenstore.client import XenstoreConnectionError, connect
+from xenpv.xenstore.client import XenstoreClient, XenstoreConnectionError, connect
 from xenpv.xenstore.server import EventVerdict, ServerConfig, XsVerdict
 from xenpv.xenstore.wire import Message, XsError, XsType
 
@@ -69,7 +71,7 @@ class XsFaultSet:
     seed: int
     domids: dict[str, int]
     active: dict[str, tuple[Hits, int | None]] = field(default_factory=dict)
-    clock: Callable[[], float] = time.monotonic
+    clock: Callable[[], float] = monotonic  # the simulation's seam (xenpv/clock.py)
     buckets: dict[str, tuple[float, float]] = field(default_factory=dict)  # flood: tokens, at
 
     @property
@@ -165,12 +167,20 @@ def apply(config: ServerConfig, current: XsFaultSet | None, control: Control) ->
     return faults
 
 
-async def serve_control(config: ServerConfig, socket_path: str) -> None:
-    """Follow the control node for as long as xenstored runs."""
+def unix_client(socket_path: str) -> Callable[[], AbstractAsyncContextManager[XenstoreClient]]:
+    """`serve_control`'s client of a xenstored listening on `socket_path`."""
+    return lambda: connect(f"unix:{socket_path}")
+
+
+async def serve_control(
+    config: ServerConfig, open_client: Callable[[], AbstractAsyncContextManager[XenstoreClient]]
+) -> None:
+    """Follow the control node for as long as xenstored runs (`open_client()`: a dom0
+    connection to this xenstored)."""
     path = control_path(XENSTORED)
     current: XsFaultSet | None = None
     try:
-        async with connect(f"unix:{socket_path}") as xs, xs.watch(path) as events:
+        async with open_client() as xs, xs.watch(path) as events:
             async for _event in events:
                 try:
                     raw = await xs.try_read(path)

@@ -23,9 +23,9 @@ from xenpv.sim.cluster import run_cluster
 from xenpv.sim.entropy import Entropy
 from xenpv.toolstack.progress import NO_PROGRESS
 
-# Not simulated yet: process faults (the sim would cancel or freeze a domain's tasks) and
-# faults injected by xenstored's agent (it runs only in the xenstored process).
-UNSIMULATED = runner.PROCESS_KINDS | runner.XENSTORED_KINDS
+# Not simulated yet: process faults (the sim would cancel or freeze a domain's tasks, or
+# xenstored's). xenstored's own agent runs inside the simulated xenstored.
+UNSIMULATED = runner.PROCESS_KINDS
 # History fields that are not a function of the seed (none today: every time is virtual).
 _UNHASHED: frozenset[str] = frozenset()
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import trio
 import trio.testing
 
+from xenpv.faults.xsagent import serve_control
 from xenpv.xenstore.client import Address, XenstoreClient, running
 from xenpv.xenstore.server import ServerConfig, XenstoreServer, open_store
 
@@ -80,8 +81,11 @@ async def run_xenstored(data_dir: Path) -> AsyncIterator[SimXenstored]:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(server._committer)
             nursery.start_soon(server._stall_watchdog)
+            sim = SimXenstored(server, nursery)
+            # xenstored's fault agent, as `xenpv xenstored` runs it (xenpv/faults/xsagent.py).
+            nursery.start_soon(serve_control, config, sim.connect)
             try:
-                yield SimXenstored(server, nursery)
+                yield sim
             finally:
                 nursery.cancel_scope.cancel()
     finally:
