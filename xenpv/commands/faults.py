@@ -366,12 +366,13 @@ def _run_sim(args: argparse.Namespace, plan: plan_mod.Plan, history: Path | None
     import json
 
     from xenpv.sim import faults as sim_faults
-    from xenpv.sim.kernel import with_fixed_hash_seed
+    from xenpv.sim.kernel import term_as_interrupt, with_fixed_hash_seed
 
     if args.state_dir is not None:
         raise plan_mod.PlanError("--state-dir", "a simulated run keeps no state directory")
     sim_faults.check_simulable(schedule.build(plan, args.seed))
     with_fixed_hash_seed()
+    term_as_interrupt()
     result, sim, digest = sim_faults.run_in_temp_dir(plan, args.seed, history)
     deterministic: bool | None = None
     if args.check_determinism:
@@ -599,7 +600,7 @@ def run_shrink(args: argparse.Namespace) -> int:
 
     from xenpv.faults.shrink import Shrinker, ShrinkError, relocated, topology_source
     from xenpv.sim import faults as sim_faults
-    from xenpv.sim.kernel import with_fixed_hash_seed
+    from xenpv.sim.kernel import term_as_interrupt, with_fixed_hash_seed
     from xenpv.sim.swarm import swarm_plan
 
     plan = plan_mod.load_any(args.plan)
@@ -612,6 +613,7 @@ def run_shrink(args: argparse.Namespace) -> int:
     runner.check_injectable(sched)
     sim_faults.check_simulable(sched)
     with_fixed_hash_seed()
+    term_as_interrupt()
     first, _sim, _digest = sim_faults.run_in_temp_dir(plan, seed)
     if first.ok:
         raise ShrinkError(f"plan {plan.name}, seed {seed} passes in sim mode: nothing to shrink")

@@ -8,6 +8,7 @@ finishes as fast as its computation allows, and the same seed gives the same tim
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -26,6 +27,14 @@ T = TypeVar("T")
 # an order that changes from process to process, and with it whatever a run does in that
 # order. A seed must reproduce its run in any process, so simulated runs use one salt.
 HASH_SEED = "0"
+
+
+def term_as_interrupt() -> None:
+    """From now on SIGTERM ends this command as Ctrl-C does (KeyboardInterrupt), so a
+    simulated run's temporary directory is removed either way. Only for a command's own
+    process (see `with_fixed_hash_seed`)."""
+    if os.path.basename(sys.argv[0]) in ("xenpv", "__main__.py"):
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def with_fixed_hash_seed() -> None:
