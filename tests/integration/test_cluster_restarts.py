@@ -13,7 +13,7 @@ import tomllib
 import trio
 
 from tests.integration.conftest import short_tempdir
-from tests.integration.test_cluster import SMALL
+from tests.integration.xenpv_cli import SMALL_VBD_FEATURES, small_topology
 from xenpv.toolstack import cluster
 from xenpv.toolstack.supervisor import Supervisor
 from xenpv.toolstack.topology import parse
@@ -25,7 +25,7 @@ def _xenstored_pid(c: cluster.Cluster) -> int:
 
 
 async def test_kill_9_and_restart_keeps_writes_watches_and_devices() -> None:
-    topology = parse(tomllib.loads(SMALL.format(transport="auto")))
+    topology = parse(tomllib.loads(small_topology(vbd_features=SMALL_VBD_FEATURES)))
     sup = Supervisor()
     with short_tempdir() as state_dir, trio.fail_after(120):
         try:
@@ -56,9 +56,7 @@ async def test_kill_9_and_restart_keeps_writes_watches_and_devices() -> None:
 
 
 async def test_a_killed_domain_is_reported_down_then_up() -> None:
-    text = SMALL.format(transport="auto").replace(
-        'name = "g16"\n', 'name = "g16"\nrestart = "on-failure"\n'
-    )
+    text = small_topology(restart="on-failure", vbd_features=SMALL_VBD_FEATURES)
     topology = parse(tomllib.loads(text))
     sup = Supervisor()
     events: list[tuple[str, str]] = []

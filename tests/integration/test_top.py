@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tests.integration.conftest import short_tempdir
 from tests.integration.hv_pair import REPO
-from tests.integration.test_cluster import PREFIX, SMALL, xenpv
+from tests.integration.xenpv_cli import PREFIX, SMALL_VBD_FEATURES, small_topology, xenpv
 from xenpv.metrics.files import read_all
 
 
@@ -71,7 +71,7 @@ def live_top(state: Path, leave: str) -> tuple[int, bool]:
 def test_top_and_status_show_the_counters_of_a_running_cluster() -> None:
     with short_tempdir() as tmp:
         topo = tmp / "small.toml"
-        topo.write_text(SMALL.format(transport="auto"))
+        topo.write_text(small_topology(vbd_features=SMALL_VBD_FEATURES))
         state = tmp / "st"
         up = xenpv("cluster", "up", str(topo), "--state-dir", str(state), "--detach")
         assert up.returncode == 0, up.stderr
