@@ -12,6 +12,7 @@ from xenpv.sim import faults as sim_faults
 pytestmark = pytest.mark.slow  # ~1-2 min of wall time per run on a loaded 2-core machine
 
 
+@pytest.mark.timeout(600)  # two runs of about 70 s each on a quiet 2-core machine
 def test_smoke_plan_in_sim_is_deterministic() -> None:
     plan = plan_mod.load_any("smoke")
     simulable = tuple(f for f in plan.faults if f.kind not in sim_faults.UNSIMULATED)
