@@ -9,7 +9,9 @@ granule), 256.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -18,7 +20,7 @@ from backends.blkback import serve
 from frontends.blkfront import attach
 from tests.integration.blk_env import DEVICE, make_vbd, pair
 from tests.integration.conftest import Xenstored
-from xenpv.metrics.counters import BlkbackStats, BlkfrontStats, PeerStats, RingStats
+from xenpv.metrics.counters import PeerStats, RingStats
 from xenpv.metrics.registry import REGISTRY, snapshot
 from xenpv.toolstack.topology import VbdFeatures
 
@@ -35,32 +37,29 @@ def grant_ops(stats: PeerStats) -> dict[str, int]:
     }
 
 
+def _summed(
+    records: Mapping[tuple[int, int, int, int], Any],
+    device: tuple[int, int, int],
+    fields: dict[str, str],
+) -> dict[str, int]:
+    """`fields` (name in the result -> counter) summed over the device's queue records."""
+    queues = [stats for key, stats in records.items() if key[:3] == device]
+    return {name: sum(getattr(q, field) for q in queues) for name, field in fields.items()}
+
+
 def blkback(device: tuple[int, int, int]) -> dict[str, int]:
     """The backend device's statistics summed over its queues (Linux blkback's rd_req,
     rd_sect, ...)."""
-    queues: list[BlkbackStats] = [
-        stats for key, stats in REGISTRY.blkback.items() if key[:3] == device
-    ]
-    return {
-        "rd_req": sum(q.rd_req for q in queues),
-        "rd_sect": sum(q.rd_sect for q in queues),
-        "blkback_segments": sum(q.segments for q in queues),
-        "errors": sum(q.errors for q in queues),
-    }
+    fields = {"rd_req": "rd_req", "rd_sect": "rd_sect", "blkback_segments": "segments"}
+    return _summed(REGISTRY.blkback, device, fields | {"errors": "errors"})
 
 
 def blkfront(device: tuple[int, int, int]) -> dict[str, int]:
     """The frontend device's counters summed over its queues (the same requests, seen from
     the guest)."""
-    queues: list[BlkfrontStats] = [
-        stats for key, stats in REGISTRY.blkfront.items() if key[:3] == device
-    ]
-    return {
-        "front_rd_req": sum(q.rd_req for q in queues),
-        "front_rd_bytes": sum(q.rd_bytes for q in queues),
-        "front_segments": sum(q.segments for q in queues),
-        "front_errors": sum(q.errors for q in queues),
-    }
+    fields = {"front_rd_req": "rd_req", "front_rd_bytes": "rd_bytes"}
+    fields |= {"front_segments": "segments", "front_errors": "errors"}
+    return _summed(REGISTRY.blkfront, device, fields)
 
 
 def blk_requests() -> int:
